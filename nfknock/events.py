@@ -1,0 +1,95 @@
+"""What the engine reports. Callers act on the type; logging and counters are consumers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Sequence(str, Enum):
+    """Which of a door's two sequences an attempt belongs to."""
+
+    OPEN = "open"
+    CLOSE = "close"
+
+
+@dataclass(frozen=True, slots=True)
+class KnockAdvanced:
+    """A knock matched the next step; `stage` steps of `sequence` are now done."""
+
+    src: str
+    door: str
+    sequence: Sequence
+    stage: int
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceReset:
+    """A knock on another port of the door ended the attempt that had reached `stage`."""
+
+    src: str
+    door: str
+    sequence: Sequence
+    stage: int
+    port: str
+
+
+@dataclass(frozen=True, slots=True)
+class SequenceTimeout:
+    """The attempt did not finish within the door's seq_timeout."""
+
+    src: str
+    door: str
+    sequence: Sequence
+    stage: int
+
+
+@dataclass(frozen=True, slots=True)
+class DoorOpened:
+    """The open sequence completed: `src` may make NEW connections until `until` (engine time)."""
+
+    src: str
+    door: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class DoorClosed:
+    """The close sequence completed; `was_open` says whether a grant was revoked."""
+
+    src: str
+    door: str
+    was_open: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GrantExpired:
+    """open_for ran out; connections already established are not affected."""
+
+    src: str
+    door: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionAccepted:
+    src: str
+    door: str
+    port: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRefused:
+    src: str
+    port: str
+
+
+Event = (
+    KnockAdvanced
+    | SequenceReset
+    | SequenceTimeout
+    | DoorOpened
+    | DoorClosed
+    | GrantExpired
+    | ConnectionAccepted
+    | ConnectionRefused
+)

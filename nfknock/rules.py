@@ -1,0 +1,317 @@
+"""Door definitions: YAML in, validated frozen models out.
+
+The engine only ever sees what `load_rules` returns, so every check a door needs lives here,
+once, and every error names the file, the door and the field on one line.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import RulesError
+
+Proto = Literal["tcp", "udp"]
+
+DEFAULT_SEQ_TIMEOUT = 15.0
+DEFAULT_OPEN_FOR = 30.0
+MAX_SEQUENCE = 32  # knockd's limit; longer sequences only cost the user typing
+
+
+class Port(BaseModel):
+    """A port and its protocol; written `22/tcp`, `40000` (tcp is the default) or `53/udp`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int = Field(ge=1, le=65535)
+    proto: Proto = "tcp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+        if isinstance(value, int):
+            port, proto = value, "tcp"
+        elif isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([A-Za-z]+)\s*)?", value)
+            if not match:
+                raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+            port, proto = int(match.group(1)), (match.group(2) or "tcp").lower()
+            if proto not in ("tcp", "udp"):
+                raise ValueError(f"protocol must be tcp or udp, got {match.group(2)!r}")
+        else:
+            return value
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1..65535")
+        return {"port": port, "proto": proto}
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """The (proto, port) pair the engine indexes on."""
+        return (self.proto, self.port)
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.proto}"
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from `10s`, `2m`, `1h`, `500ms` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+        if not match:
+            raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+        unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
+        seconds = float(match.group(1)) * unit
+    else:
+        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+    if not 0 < seconds <= 86400:
+        raise ValueError(f"duration {value!r} must be more than 0 and at most 24h")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)}m"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(format_duration)]
+
+TCP_FLAG_BITS = {"fin": 0x01, "syn": 0x02, "rst": 0x04, "psh": 0x08, "ack": 0x10, "urg": 0x20}
+
+
+class TcpFlags(NamedTuple):
+    """Bits that must be set and bits that must be clear, in knockd's `syn,!ack` notation."""
+
+    required: int
+    forbidden: int
+
+    def matches(self, flags: int) -> bool:
+        return flags & self.required == self.required and not flags & self.forbidden
+
+    def __str__(self) -> str:
+        names = [n for n, b in TCP_FLAG_BITS.items() if self.required & b]
+        names += ["!" + n for n, b in TCP_FLAG_BITS.items() if self.forbidden & b]
+        return ",".join(names)
+
+
+def parse_tcp_flags(value: Any) -> TcpFlags:
+    if isinstance(value, TcpFlags):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected flags like 'syn,!ack', got {value!r}")
+    required = forbidden = 0
+    for word in filter(None, (w.strip().lower() for w in value.split(","))):
+        negated = word.startswith("!")
+        bit = TCP_FLAG_BITS.get(word.lstrip("!"))
+        if bit is None:
+            raise ValueError(f"unknown TCP flag {word!r} (known: {', '.join(TCP_FLAG_BITS)})")
+        if negated:
+            forbidden |= bit
+        else:
+            required |= bit
+    if required & forbidden:
+        raise ValueError(f"flags {value!r} require and forbid the same flag")
+    return TcpFlags(required, forbidden)
+
+
+Flags = Annotated[TcpFlags, BeforeValidator(parse_tcp_flags), PlainSerializer(str)]
+
+
+def _ipv4_network(value: Any) -> ipaddress.IPv4Network:
+    try:
+        network = ipaddress.ip_network(str(value), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid network {value!r}: {exc}") from None
+    if network.version != 4:
+        raise ValueError(f"{value!r} is IPv6; only IPv4 sources are supported so far")
+    return network
+
+
+Source = Annotated[ipaddress.IPv4Network, BeforeValidator(_ipv4_network), PlainSerializer(str)]
+
+
+class Door(BaseModel):
+    """One door: a knock sequence that grants its source NEW connections to `protect`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    sequence: tuple[Port, ...] = Field(min_length=1, max_length=MAX_SEQUENCE)
+    close_sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
+    protect: tuple[Port, ...] = Field(min_length=1)
+    seq_timeout: Duration = DEFAULT_SEQ_TIMEOUT
+    open_for: Duration = DEFAULT_OPEN_FOR
+    tcp_flags: Flags = TcpFlags(TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"])
+    sources: tuple[Source, ...] = ()
+
+    @field_validator("sequence", "close_sequence")
+    @classmethod
+    def _advanceable(cls, steps):
+        # The engine ignores a repeat of the step just matched (retransmits), so a step
+        # equal to the one before it could never advance: the door would never open.
+        for i in range(1, len(steps or ())):
+            if steps[i] == steps[i - 1]:
+                raise ValueError(
+                    f"step {i + 1} ({steps[i]}) repeats step {i}; repeated knocks are ignored "
+                    "as retransmits, so consecutive steps must differ"
+                )
+        return steps
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.close_sequence == self.sequence:
+            raise ValueError("close_sequence equals sequence; the door could never stay open")
+        protected = set(self.protect)
+        for step in self.knock_ports:
+            if step in protected:
+                raise ValueError(f"{step} is both a knock port and a protected port")
+        if len(protected) != len(self.protect):
+            raise ValueError("protect lists a port twice")
+        return self
+
+    @property
+    def knock_ports(self) -> tuple[Port, ...]:
+        """Every port of the door's sequences, without repeats, in first-seen order."""
+        return tuple(dict.fromkeys(self.sequence + (self.close_sequence or ())))
+
+
+class RuleFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    doors: list[Door] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    """Every door from every file, with the file each came from (for messages)."""
+
+    doors: tuple[Door, ...]
+    origin: dict[str, Path]
+
+    def door(self, name: str) -> Door:
+        for door in self.doors:
+            if door.name == name:
+                return door
+        raise RulesError([f"no door named {name!r} (doors: {', '.join(d.name for d in self.doors)})"])
+
+
+def rule_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        if not files:
+            raise RulesError([f"{path}: no rule files (*.yaml) in this directory"])
+        return files
+    if not path.exists():
+        raise RulesError([f"{path}: no such file or directory"])
+    return [path]
+
+
+def load_rules(path: str | Path) -> Ruleset:
+    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem."""
+    errors: list[str] = []
+    doors: list[Door] = []
+    origin: dict[str, Path] = {}
+    for file in rule_files(Path(path)):
+        for door in _load_file(file, errors):
+            errors.extend(_conflicts(door, file, doors, origin))
+            doors.append(door)
+            origin.setdefault(door.name, file)
+    if errors:
+        raise RulesError(errors)
+    return Ruleset(tuple(doors), origin)
+
+
+def _load_file(file: Path, errors: list[str]) -> list[Door]:
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        errors.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        return []
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        errors.append(f"{file}: invalid YAML: {_yaml_reason(exc)}")
+        return []
+    if not isinstance(data, dict):
+        errors.append(f"{file}: expected a mapping with a 'doors:' list, got {type(data).__name__}")
+        return []
+    try:
+        return RuleFile.model_validate(data).doors
+    except ValidationError as exc:
+        errors.extend(_describe(file, data, exc))
+        return []
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return " ".join(f"{where}{problem}".split())
+
+
+def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = []
+        if len(loc) >= 2 and loc[0] == "doors" and isinstance(loc[1], int):
+            raw = data.get("doors") or []
+            raw_door = raw[loc[1]] if loc[1] < len(raw) else None
+            name = raw_door.get("name") if isinstance(raw_door, dict) else None
+            where.append(f"door {name!r}" if isinstance(name, str) else f"door #{loc[1] + 1}")
+            loc = loc[2:]
+        field = ""
+        for part in loc:
+            if isinstance(part, int):
+                field += f"[{part + 1}]"
+            elif not part.startswith(("function-", "tagged-")):
+                field += f".{part}" if field else part
+        if field:
+            where.append(field)
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required"
+        lines.append(": ".join([str(file), *where, message]))
+    return lines
+
+
+def _conflicts(door: Door, file: Path, seen: list[Door], origin: dict[str, Path]) -> list[str]:
+    """Checks that need every door at once: names, sequences and ports shared between doors."""
+    out = []
+    here = f"{file}: door {door.name!r}"
+    for other in seen:
+        there = f"door {other.name!r} in {origin[other.name]}"
+        if other.name == door.name:
+            out.append(f"{here}: name: duplicate door name (also {there})")
+        if other.sequence == door.sequence:
+            out.append(f"{here}: sequence: same open sequence as {there}")
+        for port in door.knock_ports:
+            if port in other.protect:
+                out.append(f"{here}: sequence: {port} is a protected port of {there}")
+        for port in door.protect:
+            if port in other.knock_ports:
+                out.append(f"{here}: protect: {port} is a knock port of {there}")
+    return out

@@ -1,0 +1,271 @@
+"""Engine behaviour with time written into each test (no sleeps, no I/O)."""
+
+import pytest
+
+from nfknock.engine import TRANSITIONS, Action, Engine, Match, Phase, Verdict, classify
+from nfknock.events import (
+    ConnectionAccepted,
+    ConnectionRefused,
+    DoorClosed,
+    DoorOpened,
+    GrantExpired,
+    KnockAdvanced,
+    Sequence,
+    SequenceReset,
+    SequenceTimeout,
+)
+from nfknock.packet import Packet
+from nfknock.rules import Door
+
+ALICE, BOB = "10.0.0.2", "10.0.0.3"
+SYN, SYNACK, ACK = 0x02, 0x12, 0x10
+
+
+def seed(**overrides):
+    fields = dict(
+        name="openSSH",
+        sequence=[40000, 50000, 60000],
+        close_sequence=[60000, 50000, 40000],
+        protect=["22/tcp"],
+        seq_timeout="10s",
+        open_for="30s",
+    )
+    fields.update(overrides)
+    return Door.model_validate(fields)
+
+
+def knock(port, src=ALICE, proto="tcp", flags=SYN):
+    return Packet(src=src, dst="10.0.0.1", proto=proto, sport=33333, dport=port,
+                  flags=flags if proto == "tcp" else 0)
+
+
+def ssh(src=ALICE):
+    return knock(22, src=src)
+
+
+class Clock:
+    def __init__(self, engine):
+        self.engine, self.now = engine, 1000.0
+
+    def send(self, *ports, src=ALICE, proto="tcp", flags=SYN, gap=0.1):
+        events = []
+        for port in ports:
+            self.now += gap
+            decision = self.engine.handle(knock(port, src, proto, flags), self.now)
+            events.extend(decision.events)
+        return events
+
+    def connect(self, src=ALICE):
+        self.now += 0.01
+        return self.engine.handle(ssh(src), self.now)
+
+
+@pytest.fixture
+def clock():
+    return Clock(Engine((seed(),)))
+
+
+def test_transition_table_covers_every_reachable_pair():
+    reachable = {(Phase.IDLE, Match.EXPECTED), (Phase.IDLE, Match.OTHER)} | {
+        (Phase.STARTED, m) for m in Match
+    }
+    assert set(TRANSITIONS) == reachable
+
+
+def test_classify_names_each_relation():
+    steps = (("tcp", 1), ("tcp", 2), ("tcp", 3))
+    assert classify(steps, 0, ("tcp", 1)) is Match.EXPECTED
+    assert classify(steps, 1, ("tcp", 2)) is Match.EXPECTED
+    assert classify(steps, 1, ("tcp", 1)) is Match.REPEAT
+    assert classify(steps, 2, ("tcp", 1)) is Match.FIRST
+    assert classify(steps, 2, ("tcp", 3)) is Match.EXPECTED
+    assert classify(steps, 0, ("tcp", 3)) is Match.OTHER
+
+
+def test_protected_port_is_dropped_before_any_knock(clock):
+    decision = clock.connect()
+    assert decision.verdict is Verdict.DROP
+    assert decision.events == (ConnectionRefused(ALICE, "22/tcp"),)
+
+
+def test_seed_sequence_opens_for_the_knocker_only(clock):
+    events = clock.send(40000, 50000, 60000)
+    assert [type(e) for e in events] == [KnockAdvanced, KnockAdvanced, DoorOpened]
+    assert [e.stage for e in events[:2]] == [1, 2]
+    decision = clock.connect()
+    assert decision.verdict is Verdict.ACCEPT
+    assert decision.events == (ConnectionAccepted(ALICE, "openSSH", "22/tcp"),)
+    assert clock.connect(src=BOB).verdict is Verdict.DROP
+
+
+def test_knock_packets_are_always_dropped(clock):
+    for port in (40000, 50000, 60000, 60000, 50000, 40000):
+        clock.now += 0.1
+        assert clock.engine.handle(knock(port), clock.now).verdict is Verdict.DROP
+
+
+def test_last_open_step_does_not_start_the_close_sequence(clock):
+    clock.send(40000, 50000, 60000)
+    assert clock.engine.tracked == 0
+
+
+def test_reverse_sequence_closes(clock):
+    clock.send(40000, 50000, 60000)
+    events = clock.send(60000, 50000, 40000)
+    assert events[-1] == DoorClosed(ALICE, "openSSH", was_open=True)
+    assert [e.sequence for e in events[:-1]] == [Sequence.CLOSE, Sequence.CLOSE]
+    assert clock.connect().verdict is Verdict.DROP
+
+
+def test_close_without_grant_is_reported_as_such(clock):
+    events = clock.send(60000, 50000, 40000)
+    assert events[-1] == DoorClosed(ALICE, "openSSH", was_open=False)
+
+
+def test_wrong_port_of_the_door_resets(clock):
+    events = clock.send(40000, 60000, 50000, 60000)
+    assert SequenceReset(ALICE, "openSSH", Sequence.OPEN, 1, "60000/tcp") in events
+    assert not any(isinstance(e, DoorOpened) for e in events)
+    assert clock.connect().verdict is Verdict.DROP
+
+
+def test_first_step_restarts_at_once(clock):
+    # 40000 50000 (stray) 40000 50000 60000: the second 40000 begins a new attempt.
+    events = clock.send(40000, 50000, 40000, 50000, 60000)
+    assert isinstance(events[-1], DoorOpened)
+    assert clock.connect().verdict is Verdict.ACCEPT
+
+
+def test_duplicated_knocks_are_tolerated(clock):
+    events = clock.send(40000, 40000, 50000, 50000, 60000)
+    assert not any(isinstance(e, SequenceReset) for e in events)
+    assert isinstance(events[-1], DoorOpened)
+
+
+def test_knocks_of_two_sources_do_not_mix(clock):
+    clock.send(40000, src=ALICE)
+    clock.send(50000, src=BOB)  # resets nothing of Alice's
+    events = clock.send(50000, 60000, src=ALICE)
+    assert isinstance(events[-1], DoorOpened)
+    assert clock.connect(src=BOB).verdict is Verdict.DROP
+
+
+def test_unrelated_port_is_dropped_without_touching_state(clock):
+    clock.send(40000)
+    decision = clock.engine.handle(knock(12345), clock.now)
+    assert decision.verdict is Verdict.DROP and decision.events == ()
+    assert isinstance(clock.send(50000, 60000)[-1], DoorOpened)
+
+
+def test_sequence_timeout_counts_from_the_first_knock(clock):
+    clock.send(40000, 50000, gap=4.0)  # first knock at +4, second at +8
+    clock.now += 6.0  # +14: 10 s after the first knock
+    events = clock.send(60000, gap=0)
+    assert events[0] == SequenceTimeout(ALICE, "openSSH", Sequence.OPEN, 2)
+    assert clock.connect().verdict is Verdict.DROP
+
+
+def test_expire_reports_timeouts_and_forgets_them(clock):
+    clock.send(40000)
+    assert clock.engine.next_deadline() == pytest.approx(clock.now + 10)
+    assert clock.engine.expire(clock.now + 9.9) == []
+    assert clock.engine.expire(clock.now + 10) == [SequenceTimeout(ALICE, "openSSH", Sequence.OPEN, 1)]
+    assert clock.engine.tracked == 0 and clock.engine.next_deadline() is None
+
+
+def test_grant_expires_after_open_for(clock):
+    clock.send(40000, 50000, 60000)
+    opened = clock.now
+    clock.now = opened + 29.9
+    assert clock.connect().verdict is Verdict.ACCEPT
+    assert clock.engine.expire(opened + 30) == [GrantExpired(ALICE, "openSSH")]
+    clock.now = opened + 30
+    assert clock.connect().verdict is Verdict.DROP
+
+
+def test_expired_grant_refuses_even_before_expire_runs(clock):
+    clock.send(40000, 50000, 60000)
+    clock.now += 31
+    assert clock.connect().verdict is Verdict.DROP
+
+
+def test_knocking_again_extends_the_grant(clock):
+    clock.send(40000, 50000, 60000)
+    clock.now += 20
+    clock.send(40000, 50000, 60000)
+    clock.now += 20
+    assert clock.connect().verdict is Verdict.ACCEPT
+    assert len(clock.engine.grants(clock.now)) == 1
+
+
+def test_tcp_knock_without_syn_is_ignored_not_reset(clock):
+    clock.send(40000, 50000)
+    assert clock.send(40000, flags=ACK) == []
+    assert clock.send(60000, flags=SYNACK) == []
+    assert isinstance(clock.send(60000)[-1], DoorOpened)
+
+
+def test_udp_steps_need_udp_packets():
+    clock = Clock(Engine((seed(sequence=["1000/udp", "2000/tcp", "3000/udp"], close_sequence=None),)))
+    assert clock.send(1000, proto="tcp") == []  # 1000/tcp is not a port of this door
+    clock.send(1000, proto="udp")
+    clock.send(2000, proto="tcp")
+    assert isinstance(clock.send(3000, proto="udp")[-1], DoorOpened)
+
+
+def test_sources_limit_who_may_knock():
+    clock = Clock(Engine((seed(sources=["10.0.0.0/30"]),)))
+    assert clock.send(40000, 50000, 60000, src="10.0.0.9") == []
+    assert clock.connect(src="10.0.0.9").verdict is Verdict.DROP
+    assert isinstance(clock.send(40000, 50000, 60000, src=ALICE)[-1], DoorOpened)
+
+
+def test_two_doors_sharing_ports_progress_independently():
+    a = seed(name="a", sequence=[1000, 2000], close_sequence=None, protect=["22/tcp"])
+    b = seed(name="b", sequence=[2000, 1000], close_sequence=None, protect=["80/tcp"])
+    clock = Clock(Engine((a, b)))
+    events = clock.send(1000, 2000)
+    assert DoorOpened(ALICE, "a", clock.now + 30) in events
+    assert not any(isinstance(e, DoorOpened) and e.door == "b" for e in events)
+    assert clock.engine.handle(knock(80), clock.now).verdict is Verdict.DROP
+    assert clock.connect().verdict is Verdict.ACCEPT
+
+
+def test_attempts_are_bounded_and_the_oldest_goes():
+    clock = Clock(Engine((seed(),), max_sources=3))
+    for i in range(5):
+        clock.send(40000, src=f"10.1.0.{i}")
+    assert clock.engine.tracked == 3
+    assert clock.engine.evicted == 2
+    evicted_source = clock.send(50000, 60000, src="10.1.0.0")  # its 40000 was forgotten
+    assert not any(isinstance(e, DoorOpened) for e in evicted_source)
+    assert isinstance(clock.send(50000, 60000, src="10.1.0.4")[-1], DoorOpened)
+
+
+def test_spoofed_first_knocks_do_not_evict_grants():
+    clock = Clock(Engine((seed(),), max_sources=10))
+    clock.send(40000, 50000, 60000)
+    for i in range(1000):
+        clock.send(40000, src=f"10.2.{i // 250}.{i % 250}", gap=0.001)
+    assert clock.connect().verdict is Verdict.ACCEPT
+    assert clock.engine.tracked == 10
+
+
+def test_reload_keeps_state_of_unchanged_doors_only():
+    keep, change = seed(name="keep"), seed(name="change", sequence=[1, 2], close_sequence=None,
+                                            protect=["80/tcp"])
+    clock = Clock(Engine((keep, change)))
+    clock.send(40000, 50000, 60000)
+    clock.send(1, 2)
+    dropped = clock.engine.reload((keep, change.model_copy(update={"open_for": 5.0})))
+    assert dropped == ["change"]
+    assert clock.connect().verdict is Verdict.ACCEPT
+    assert clock.engine.handle(knock(80), clock.now).verdict is Verdict.DROP
+
+
+def test_reload_that_removes_a_door_forgets_its_grants(clock):
+    clock.send(40000, 50000, 60000)
+    other = seed(name="other", sequence=[1, 2], close_sequence=None, protect=["80/tcp"])
+    assert clock.engine.reload((other,)) == ["openSSH"]
+    assert clock.connect().verdict is Verdict.DROP
+    assert clock.engine.grants(clock.now) == []
