@@ -272,7 +272,11 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
 
 def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    item_locs = {err["loc"][:-1] for err in errors if isinstance(err["loc"][-1], int)}
+    for err in errors:
+        if err["type"] == "too_short" and err["loc"] in item_locs:
+            continue  # an echo of an item error that has its own line
         loc = list(err["loc"])
         where = []
         if len(loc) >= 2 and loc[0] == "doors" and isinstance(loc[1], int):

@@ -1,0 +1,95 @@
+"""packet.parse: real headers in, a Packet or one PacketError out, never anything else."""
+
+import socket
+
+import dpkt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nfknock.errors import PacketError
+from nfknock.packet import Packet, parse
+
+
+def ipv4(l4, p, src="10.0.0.2", dst="10.0.0.1", **kw):
+    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton(dst), p=p, data=l4, **kw)
+    ip.hl = 5 + len(ip.opts) // 4
+    ip.len = len(ip)
+    return bytes(ip)
+
+
+def tcp(dport, flags=dpkt.tcp.TH_SYN, sport=40001, data=b""):
+    return ipv4(dpkt.tcp.TCP(sport=sport, dport=dport, flags=flags, data=data), dpkt.ip.IP_PROTO_TCP)
+
+
+def udp(dport, data=b"x"):
+    u = dpkt.udp.UDP(sport=5000, dport=dport, data=data)
+    u.ulen = len(u)
+    return ipv4(u, dpkt.ip.IP_PROTO_UDP)
+
+
+def test_tcp_syn():
+    assert parse(tcp(40000)) == Packet("10.0.0.2", "10.0.0.1", "tcp", 40001, 40000, dpkt.tcp.TH_SYN)
+
+
+def test_udp_datagram_keeps_payload():
+    packet = parse(udp(62201, b"hello"))
+    assert (packet.proto, packet.dport, packet.flags, packet.payload) == ("udp", 62201, 0, b"hello")
+
+
+def test_tcp_options_and_ip_options_are_read_past():
+    seg = dpkt.tcp.TCP(sport=1, dport=40000, flags=dpkt.tcp.TH_SYN, opts=b"\x02\x04\x05\xb4\x01\x01\x04\x02")
+    seg.off = (20 + len(seg.opts)) // 4
+    data = ipv4(seg, dpkt.ip.IP_PROTO_TCP, opts=b"\x01\x01\x01\x00")
+    assert parse(data).dport == 40000
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty"),
+    (b"\x60" + bytes(39), "not ipv4"),
+    (b"\x45\x00\x00", "bad ipv4 header"),
+    (b"\x44" + bytes(19), "bad ipv4 header"),  # header length 16 < 20
+    (tcp(40000)[:25], "bad transport header"),  # TCP header cut short
+    (ipv4(dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo()), dpkt.ip.IP_PROTO_ICMP), "not tcp or udp"),
+    (ipv4(b"\x00" * 8, 132), "not tcp or udp"),  # SCTP
+])
+def test_unusable_packets_raise_one_named_error(data, reason):
+    with pytest.raises(PacketError) as info:
+        parse(data)
+    assert info.value.reason == reason
+
+
+def test_non_first_fragment_never_counts():
+    data = bytearray(tcp(40000))
+    data[6:8] = (0x0010).to_bytes(2, "big")  # fragment offset 16*8 bytes
+    data[10:12] = b"\0\0"
+    with pytest.raises(PacketError, match="non-first fragment"):
+        parse(bytes(data))
+
+
+def test_first_fragment_is_marked():
+    data = bytearray(tcp(40000))
+    data[6] |= 0x20  # more fragments
+    assert parse(bytes(data)).fragment is True
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=120))
+def test_arbitrary_bytes_give_a_packet_or_packet_error(data):
+    try:
+        result = parse(data)
+    except PacketError as exc:
+        assert exc.reason
+    else:
+        assert result.proto in ("tcp", "udp") and 0 <= result.dport <= 65535
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(min_size=1, max_size=60), st.integers(0, 59))
+def test_corrupted_real_packets_give_a_packet_or_packet_error(noise, at):
+    data = bytearray(tcp(40000, data=b"payload"))
+    data[at:at + len(noise)] = noise
+    try:
+        parse(bytes(data))
+    except PacketError:
+        pass

@@ -1,0 +1,153 @@
+"""Rules validation: every rejection names the file, the door and the field on one line."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nfknock.errors import RulesError
+from nfknock.rules import Port, load_rules, parse_duration
+
+REPO_RULES = Path(__file__).resolve().parents[2] / "rules"
+
+GOOD_DOOR = """\
+  - name: openSSH
+    sequence: [40000, 50000, 60000]
+    close_sequence: [60000, 50000, 40000]
+    protect: [22/tcp]
+"""
+
+
+def write(tmp_path, text, name="doors.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors_for(path):
+    with pytest.raises(RulesError) as info:
+        load_rules(path)
+    assert info.value.exit_code == 2
+    for line in info.value.lines:
+        assert "\n" not in line
+    return list(info.value.lines)
+
+
+def test_shipped_seed_door_is_the_one_the_issue_describes():
+    ruleset = load_rules(REPO_RULES)
+    (door,) = ruleset.doors
+    assert [str(p) for p in door.sequence] == ["40000/tcp", "50000/tcp", "60000/tcp"]
+    assert [str(p) for p in door.close_sequence] == ["60000/tcp", "50000/tcp", "40000/tcp"]
+    assert [str(p) for p in door.protect] == ["22/tcp"]
+    assert str(door.tcp_flags) == "syn,!ack"
+
+
+def test_defaults_and_durations(tmp_path):
+    path = write(tmp_path, """\
+        doors:
+          - name: web
+            sequence: [1000/udp, "2000 / TCP", 3000]
+            protect: [443, 8443/tcp]
+            seq_timeout: 2m
+            open_for: 500ms
+            sources: [192.0.2.0/24]
+        """)
+    (door,) = load_rules(path).doors
+    assert [p.key for p in door.sequence] == [("udp", 1000), ("tcp", 2000), ("tcp", 3000)]
+    assert door.seq_timeout == 120 and door.open_for == 0.5
+    assert door.close_sequence is None
+    assert str(door.sources[0]) == "192.0.2.0/24"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("10s", 10), ("2m", 120), ("1h", 3600), ("1.5s", 1.5), (7, 7), ("250ms", 0.25),
+])
+def test_duration_forms(text, expected):
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("door_fields,field,reason", [
+    ("sequence: [40000, 70000]\n    protect: [22]", "sequence[2]", "outside 1..65535"),
+    ("sequence: [0, 50000]\n    protect: [22]", "sequence[1]", "outside 1..65535"),
+    ("sequence: [40000]\n    protect: [65536/tcp]", "protect[1]", "outside 1..65535"),
+    ("sequence: []\n    protect: [22]", "sequence", "at least 1"),
+    ("sequence: [1, 2]\n    protect: []", "protect", "at least 1"),
+    ("sequence: [1, 2]\n    close_sequence: []\n    protect: [22]", "close_sequence", "at least 1"),
+    ("sequence: [1, 22, 3]\n    protect: [22]", "openSSH'", "both a knock port and a protected port"),
+    ("sequence: [1, 2]\n    close_sequence: [1, 2]\n    protect: [22]", "openSSH'", "close_sequence equals sequence"),
+    ("sequence: [1, 1, 2]\n    protect: [22]", "sequence", "repeats step 1"),
+    ("sequence: [1, 2/icmp]\n    protect: [22]", "sequence[2]", "tcp or udp"),
+    ("sequence: [1, 2]\n    protect: [22]\n    open_for: soon", "open_for", "invalid duration"),
+    ("sequence: [1, 2]\n    protect: [22]\n    seq_timeout: 0s", "seq_timeout", "more than 0"),
+    ("sequence: [1, 2]\n    protect: [22]\n    tcp_flags: syn,bogus", "tcp_flags", "unknown TCP flag"),
+    ("sequence: [1, 2]\n    protect: [22]\n    sources: [10.0.0.1/8]", "sources[1]", "host bits"),
+    ("sequence: [1, 2]\n    protect: [22]\n    colour: red", "colour", "unknown key"),
+    ("sequence: [1, 2]\n    protect: [22, 22]", "openSSH'", "protect lists a port twice"),
+])
+def test_each_bad_field_is_named(tmp_path, door_fields, field, reason):
+    path = write(tmp_path, f"doors:\n  - name: openSSH\n    {door_fields}\n")
+    (line,) = errors_for(path)
+    assert line.startswith(f"{path}: door 'openSSH'")
+    assert field in line and reason in line
+
+
+def test_door_without_name_is_named_by_position(tmp_path):
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR + "  - sequence: [1, 2]\n    protect: [80]\n")
+    assert errors_for(path) == [f"{path}: door #2: name: required"]
+
+
+def test_duplicate_door_names_across_files(tmp_path):
+    write(tmp_path, "doors:\n" + GOOD_DOOR, "a.yaml")
+    b = write(tmp_path, "doors:\n  - name: openSSH\n    sequence: [1, 2]\n    protect: [80]\n", "b.yaml")
+    (line,) = errors_for(tmp_path)
+    assert line.startswith(f"{b}: door 'openSSH': name: duplicate door name")
+    assert "a.yaml" in line
+
+
+def test_two_doors_with_the_same_open_sequence(tmp_path):
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR
+                 + "  - name: web\n    sequence: [40000, 50000, 60000]\n    protect: [80]\n")
+    (line,) = errors_for(path)
+    assert "door 'web': sequence: same open sequence as door 'openSSH'" in line
+
+
+def test_knock_port_of_one_door_protected_by_another(tmp_path):
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR + "  - name: web\n    sequence: [1, 2]\n    protect: [50000]\n")
+    (line,) = errors_for(path)
+    assert "door 'web': protect: 50000/tcp is a knock port of door 'openSSH'" in line
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path):
+    path = write(tmp_path, "doors:\n  - name: a\n    sequence: [70000]\n    protect: [22]\n    open_for: x\n")
+    assert len(errors_for(path)) == 2
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("doors: [\n", "invalid YAML: line"),
+    ("- just a list\n", "expected a mapping with a 'doors:' list"),
+    ("doors: []\n", "doors: List should have at least 1 item"),
+    ("door:\n" + GOOD_DOOR, "door: unknown key"),
+])
+def test_file_level_problems(tmp_path, text, reason):
+    path = write(tmp_path, text)
+    lines = errors_for(path)
+    assert any(line.startswith(str(path)) and reason in line for line in lines), lines
+
+
+def test_missing_and_empty_locations(tmp_path):
+    assert errors_for(tmp_path / "nope.yaml") == [f"{tmp_path / 'nope.yaml'}: no such file or directory"]
+    assert "no rule files" in errors_for(tmp_path)[0]
+
+
+def test_unreadable_file(tmp_path):
+    path = write(tmp_path, "\xff\xfe")
+    path.write_bytes(b"\xff\xfe\x00bad")
+    (line,) = errors_for(path)
+    assert line.startswith(f"{path}: cannot read")
+
+
+def test_port_text_forms():
+    assert Port.model_validate("53/UDP").key == ("udp", 53)
+    assert Port.model_validate(22).key == ("tcp", 22)
+    with pytest.raises(ValueError):
+        Port.model_validate(True)
