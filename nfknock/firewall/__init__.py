@@ -1,0 +1,79 @@
+"""The fixed scaffolding nfknock installs, and the backends that install it.
+
+`scaffolding()` is the whole plan, as data: per protected port, established traffic is accepted
+before the queue (bulk traffic never reaches Python), NEW connections are queued, anything else
+is dropped; every knock port is queued. There is never a per-client rule, and no rule uses
+`--queue-bypass`: with no daemon bound to the queue the kernel drops, so a dead daemon means
+closed. Backends turn the plan into kernel rules in one atomic step.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..rules import Door
+
+CHAIN = "NFKNOCK"
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    proto: str
+    dport: int
+    target: str  # ACCEPT, NFQUEUE or DROP
+    ctstate: str | None = None
+    queue_num: int | None = None
+
+    def __str__(self) -> str:
+        text = f"-A {CHAIN} -p {self.proto} -m {self.proto} --dport {self.dport}"
+        if self.ctstate:
+            text += f" -m conntrack --ctstate {self.ctstate}"
+        text += f" -j {self.target}"
+        if self.queue_num is not None:
+            text += f" --queue-num {self.queue_num}"
+        return text
+
+
+def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
+    protected = dict.fromkeys(p.key for door in doors for p in door.protect)
+    knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
+    specs: list[RuleSpec] = []
+    for proto, port in protected:
+        specs += [
+            RuleSpec(proto, port, "ACCEPT", ctstate="RELATED,ESTABLISHED"),
+            RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num),
+            RuleSpec(proto, port, "DROP"),
+        ]
+    for proto, port in knocks:
+        specs.append(RuleSpec(proto, port, "NFQUEUE", queue_num=queue_num))
+    return specs
+
+
+class Firewall(Protocol):
+    """What the daemon needs from a backend. `apply` replaces whatever scaffolding is there
+    (a killed run's leftovers included) in one step; `remove` takes all of it away."""
+
+    name: str
+
+    def apply(self, specs: list[RuleSpec]) -> None: ...
+
+    def remove(self) -> bool: ...
+
+    def installed(self) -> list[str]: ...
+
+
+def iptables_flavour() -> str | None:
+    """'nf_tables' or 'legacy' for the host's `iptables` command, None if there is none."""
+    binary = shutil.which("iptables")
+    if binary is None:
+        return None
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"\((nf_tables|legacy)\)", out)
+    return match.group(1) if match else "legacy"

@@ -1,0 +1,105 @@
+"""Scaffolding in the legacy iptables tables, through python-iptables.
+
+Legacy tables are replaced whole by the kernel on commit, so each `apply`/`remove` is one
+transaction: the chain's old content, any number of leftover jumps and the new rules change
+together, and there is no moment in which a protected port is open or a knock port unqueued.
+iptc is not thread-safe: call from one thread only.
+"""
+
+from __future__ import annotations
+
+from ..errors import FirewallError
+from . import CHAIN, RuleSpec
+
+
+def _iptc():
+    try:
+        import iptc
+    except Exception as exc:  # missing libxtables/libip4tc raises assorted errors
+        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
+    return iptc
+
+
+class LegacyFirewall:
+    name = "legacy"
+
+    def apply(self, specs: list[RuleSpec]) -> None:
+        self._transaction(specs)
+
+    def remove(self) -> bool:
+        """Remove the chain and every jump to it; True if there was anything to remove."""
+        present = bool(self.installed()) or self._jumps() > 0
+        self._transaction(None)
+        return present
+
+    def installed(self) -> list[str]:
+        """Our rules as the kernel has them, in `iptables -S` style (jumps counted separately)."""
+        iptc = _iptc()
+        table = iptc.Table(iptc.Table.FILTER)
+        table.refresh()
+        if not table.is_chain(CHAIN):
+            return []
+        return [str(_spec_of(rule)) for rule in iptc.Chain(table, CHAIN).rules]
+
+    def _jumps(self) -> int:
+        iptc = _iptc()
+        table = iptc.Table(iptc.Table.FILTER)
+        table.refresh()
+        return sum(1 for rule in iptc.Chain(table, "INPUT").rules if rule.target.name == CHAIN)
+
+    def _transaction(self, specs: list[RuleSpec] | None) -> None:
+        iptc = _iptc()
+        table = iptc.Table(iptc.Table.FILTER)
+        table.autocommit = False
+        try:
+            table.refresh()
+            builtin_input = iptc.Chain(table, "INPUT")
+            for rule in [r for r in builtin_input.rules if r.target.name == CHAIN]:
+                builtin_input.delete_rule(rule)
+            if table.is_chain(CHAIN):
+                chain = iptc.Chain(table, CHAIN)
+                chain.flush()
+            else:
+                chain = table.create_chain(CHAIN) if specs is not None else None
+            if specs is None:
+                if chain is not None:
+                    chain.delete()
+            else:
+                for spec in specs:
+                    chain.append_rule(_rule_of(iptc, spec))
+                jump = iptc.Rule()
+                jump.create_target(CHAIN)
+                builtin_input.insert_rule(jump, 0)
+            table.commit()
+        except (iptc.IPTCError, ValueError) as exc:
+            raise FirewallError(f"iptables (legacy): {exc}") from None
+        finally:
+            table.autocommit = True
+            table.refresh()
+
+
+def _rule_of(iptc, spec: RuleSpec):
+    rule = iptc.Rule()
+    rule.protocol = spec.proto
+    match = rule.create_match(spec.proto)
+    match.dport = str(spec.dport)
+    if spec.ctstate:
+        rule.create_match("conntrack").ctstate = spec.ctstate
+    target = rule.create_target(spec.target)
+    if spec.queue_num is not None:
+        target.queue_num = str(spec.queue_num)
+    return rule
+
+
+def _spec_of(rule) -> RuleSpec:
+    params = {m.name: m.get_all_parameters() for m in rule.matches}
+    target = rule.target.get_all_parameters()
+    ctstate = params.get("conntrack", {}).get("ctstate")
+    queue = target.get("queue-num")
+    return RuleSpec(
+        proto=rule.protocol,
+        dport=int(params[rule.protocol]["dport"][0]),
+        target=rule.target.name,
+        ctstate=ctstate[0] if ctstate else None,
+        queue_num=int(queue[0]) if queue else None,
+    )
