@@ -1,0 +1,167 @@
+"""Command-line entry points. Errors become one line on stderr and an exit code here only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import NfknockError, UsageError
+from .rules import Port, load_rules
+
+DEFAULT_RULES = "/etc/nfknock/rules"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except NfknockError as exc:
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"nfknock: {line}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nfknock",
+        description="Inline port knocking: knock ports and new connections to protected ports go "
+        "through an NFQUEUE; no per-client firewall rule is ever written.",
+    )
+    parser.add_argument("--version", action="version", version=f"nfknock {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="run the daemon in the foreground (SIGHUP reloads the rules)")
+    run.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory of *.yaml (default: %(default)s)")
+    run.add_argument("--queue-num", type=_queue_num, default=0, help="NFQUEUE number, 0-65535 (default: %(default)s)")
+    run.add_argument("--max-sources", type=_positive, default=65536,
+                     help="most knock attempts (and, separately, grants) tracked at once; the oldest "
+                     "is dropped when full (default: %(default)s)")
+    run.add_argument("--log-file", help="append log lines to this file instead of stderr")
+    run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
+    run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
+    run.set_defaults(func=cmd_run)
+
+    check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
+    check.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
+    check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
+    check.set_defaults(func=cmd_check)
+
+    knock = verbs.add_parser("knock", help="knock on a host: PORT[/tcp|/udp]... or a door's sequence")
+    knock.add_argument("host")
+    knock.add_argument("ports", nargs="*", metavar="PORT[/PROTO]")
+    knock.add_argument("--delay", type=_non_negative, default=0, metavar="MS", help="pause between knocks")
+    knock.add_argument("--door", help="knock this door's sequence (needs --rules)")
+    knock.add_argument("--rules", help="rules file or directory holding --door")
+    knock.add_argument("--close", action="store_true", help="with --door: knock the close sequence")
+    knock.add_argument("-u", "--udp", action="store_true", help="send every PORT without /proto as UDP")
+    knock.set_defaults(func=cmd_knock)
+
+    down = verbs.add_parser("down", help="remove nfknock's firewall rules (after a daemon was killed)")
+    down.set_defaults(func=cmd_down)
+    return parser
+
+
+def _int_in(low: int, high: int, what: str):
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be in {low}..{high}, got {value}")
+        return value
+    return convert
+
+
+_queue_num = _int_in(0, 65535, "queue number")
+_positive = _int_in(1, 100_000_000, "value")
+_non_negative = _int_in(0, 3_600_000, "delay")
+
+
+def cmd_run(args) -> int:
+    from .daemon import Daemon
+    from .firewall.legacy import LegacyFirewall
+    from .logs import setup_logging
+
+    try:
+        logger = setup_logging(args.log_file, args.syslog, args.verbose)
+    except OSError as exc:
+        raise UsageError(f"cannot open the log: {exc}") from None
+    daemon = Daemon(args.rules, LegacyFirewall(), args.queue_num, args.max_sources, logger)
+    daemon.run()
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .firewall import scaffolding
+
+    ruleset = load_rules(args.rules)
+    for door in ruleset.doors:
+        print(f"door {door.name} ({ruleset.origin[door.name]})")
+        print(f"  sequence       {' '.join(map(str, door.sequence))}")
+        if door.close_sequence:
+            print(f"  close_sequence {' '.join(map(str, door.close_sequence))}")
+        print(f"  protect        {' '.join(map(str, door.protect))}")
+        print(f"  seq_timeout    {door.seq_timeout:g}s   open_for {door.open_for:g}s   tcp_flags {door.tcp_flags}")
+        print(f"  sources        {' '.join(map(str, door.sources)) or 'any'}")
+    print("firewall rules (legacy filter table, jumped to from INPUT position 1):")
+    for spec in scaffolding(ruleset.doors, args.queue_num):
+        print(f"  {spec}")
+    return 0
+
+
+def cmd_knock(args) -> int:
+    from .client import knock
+
+    steps = _knock_steps(args)
+    results = knock(args.host, steps, args.delay)
+    failed = [r for r in results if not r.sent]
+    for result in failed:
+        print(f"nfknock: knock on {result.step} not sent: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _knock_steps(args) -> list[Port]:
+    if args.door:
+        if args.ports:
+            raise UsageError("give either PORTs or --door, not both")
+        if not args.rules:
+            raise UsageError("--door needs --rules DIR to find the door")
+        door = load_rules(args.rules).door(args.door)
+        if args.close:
+            if not door.close_sequence:
+                raise UsageError(f"door {door.name!r} has no close_sequence")
+            return list(door.close_sequence)
+        return list(door.sequence)
+    if args.close:
+        raise UsageError("--close needs --door")
+    if not args.ports:
+        raise UsageError("nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR")
+    steps = []
+    for text in args.ports:
+        if args.udp and "/" not in text:
+            text += "/udp"
+        try:
+            steps.append(Port.model_validate(text))
+        except ValueError as exc:
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else exc
+            raise UsageError(f"port {text!r}: {reason}") from None
+    return steps
+
+
+def cmd_down(args) -> int:
+    from .firewall.legacy import LegacyFirewall
+
+    if LegacyFirewall().remove():
+        print("nfknock: scaffolding removed; protected ports now follow the rest of your firewall")
+    else:
+        print("nfknock: no nfknock rules were installed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

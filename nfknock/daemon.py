@@ -1,0 +1,217 @@
+"""The I/O shell: the only place that touches netfilterqueue, signals and the clock.
+
+Start order matters for a security tool: rules are validated before anything changes; the queue
+is bound before the scaffolding sends packets to it; the scaffolding goes away in `finally`.
+Every queued packet gets exactly one verdict, drop unless the engine said accept.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from pathlib import Path
+
+from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
+from .errors import NfknockError, PacketError, QueueError
+from .firewall import Firewall, iptables_flavour, scaffolding
+from .logs import log_events
+from .packet import parse
+from .rules import Ruleset, load_rules
+
+BATCH = 256  # packets handled before signals and timers are looked at again
+MAX_SLEEP = 1.0
+QUEUE_MAXLEN = 4096
+
+
+class _Batch:
+    """A recv() for NetfilterQueue.run_socket that stops after a batch (or on shutdown), so a
+    flood cannot starve signal handling and expiry: run_socket returns on EAGAIN."""
+
+    def __init__(self, sock: socket.socket, daemon: "Daemon"):
+        self.sock, self.daemon, self.left = sock, daemon, 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0 or self.daemon.stopping:
+            raise BlockingIOError(errno.EAGAIN, "batch done")
+        self.left -= 1
+        return self.sock.recv(size)
+
+
+class Daemon:
+    def __init__(
+        self,
+        rules_path: str | Path,
+        firewall: Firewall,
+        queue_num: int = 0,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        logger: logging.Logger | None = None,
+        clock=time.monotonic,
+    ):
+        self.rules_path = Path(rules_path)
+        self.firewall = firewall
+        self.queue_num = queue_num
+        self.log = logger or logging.getLogger("nfknock")
+        self.clock = clock
+        self.ruleset: Ruleset = load_rules(self.rules_path)  # RulesError: nothing touched yet
+        self.engine = Engine(self.ruleset.doors, max_sources)
+        self.stopping = False
+        self._reload_requested = False
+        self.unparsable: dict[str, int] = {}
+        self.errors = 0
+
+    # -- the packet path -----------------------------------------------------------------
+
+    def on_packet(self, queued) -> None:
+        verdict = Verdict.DROP
+        try:
+            packet = parse(queued.get_payload())
+            decision = self.engine.handle(packet, self.clock())
+            verdict = decision.verdict
+            if decision.events:
+                log_events(self.log, decision.events)
+        except PacketError as exc:
+            self.unparsable[exc.reason] = self.unparsable.get(exc.reason, 0) + 1
+        except Exception:  # never let a packet kill the loop; drop it instead
+            self.errors += 1
+            if self.errors <= 10 or self.errors % 1000 == 0:
+                self.log.exception("internal error on a packet (dropped; %d so far)", self.errors)
+        finally:
+            try:
+                if verdict is Verdict.ACCEPT:
+                    queued.accept()
+                else:
+                    queued.drop()
+            except Exception:
+                self.errors += 1
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def run(self, ready=None) -> None:
+        from netfilterqueue import NetfilterQueue
+
+        queue = NetfilterQueue()
+        try:
+            queue.bind(self.queue_num, self.on_packet, max_len=QUEUE_MAXLEN)
+        except OSError as exc:
+            raise QueueError(
+                f"cannot bind NFQUEUE {self.queue_num}: {exc} "
+                "(is another nfknock or NFQUEUE listener using it? pick another with --queue-num)"
+            ) from None
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        previous = self._install_signals(wake_w)
+        try:
+            self._warn_about_flavour()
+            self.firewall.apply(scaffolding(self.ruleset.doors, self.queue_num))
+            self._log_ready()
+            if ready is not None:
+                ready()
+            self._loop(queue, wake_r)
+        finally:
+            self._teardown(queue, previous)
+            wake_r.close()
+            wake_w.close()
+
+    def _loop(self, queue, wake_r: socket.socket) -> None:
+        nl = socket.fromfd(queue.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
+        nl.setblocking(False)
+        batch = _Batch(nl, self)
+        try:
+            while not self.stopping:
+                deadline = self.engine.next_deadline()
+                sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
+                readable, _, _ = select.select([nl, wake_r], [], [], sleep)
+                if nl in readable:
+                    batch.left = BATCH
+                    queue.run_socket(batch)
+                if wake_r in readable:
+                    _drain(wake_r)
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
+                now = self.clock()
+                if deadline is not None and now >= deadline:
+                    log_events(self.log, self.engine.expire(now))
+        finally:
+            nl.close()
+
+    def reload(self) -> bool:
+        """Apply the rules on disk; on any problem keep the old rules and say why."""
+        try:
+            ruleset = load_rules(self.rules_path)
+            self.firewall.apply(scaffolding(ruleset.doors, self.queue_num))
+        except NfknockError as exc:
+            for line in str(exc).splitlines():
+                self.log.error("reload refused, keeping the current rules: %s", line)
+            return False
+        dropped = self.engine.reload(ruleset.doors)
+        self.ruleset = ruleset
+        self.log.info(
+            "reloaded %s: %d door(s)%s", self.rules_path, len(ruleset.doors),
+            f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
+        )
+        return True
+
+    def _teardown(self, queue, previous) -> None:
+        for signum, handler in previous.items():
+            try:
+                signal.signal(signum, handler)
+            except (ValueError, OSError):
+                pass
+        try:
+            signal.set_wakeup_fd(-1)
+        except ValueError:
+            pass
+        try:
+            self.firewall.remove()
+            self.log.info("scaffolding removed; nfknock stopped")
+        except NfknockError as exc:
+            self.log.error("could not remove the scaffolding: %s; run 'nfknock down'", exc)
+        try:
+            queue.unbind()
+        except Exception:
+            pass
+
+    def _install_signals(self, wake_w: socket.socket) -> dict:
+        def stop(signum, frame):
+            self.stopping = True
+
+        def reload(signum, frame):
+            self._reload_requested = True
+
+        previous = {}
+        for signum, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
+            previous[signum] = signal.signal(signum, handler)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        return previous
+
+    def _warn_about_flavour(self) -> None:
+        if self.firewall.name == "legacy" and iptables_flavour() == "nf_tables":
+            self.log.warning(
+                "this host's 'iptables' is the nf_tables flavour; nfknock's rules live in the legacy "
+                "tables: list them with 'iptables-legacy -S %s' (the kernel applies both)", "NFKNOCK"
+            )
+
+    def _log_ready(self) -> None:
+        for door in self.ruleset.doors:
+            self.log.info(
+                "door %s: sequence %s%s protects %s (seq_timeout %gs, open_for %gs)",
+                door.name, " ".join(map(str, door.sequence)),
+                f", close {' '.join(map(str, door.close_sequence))}," if door.close_sequence else "",
+                " ".join(map(str, door.protect)), door.seq_timeout, door.open_for,
+            )
+        self.log.info("ready: pid %d, queue %d, firewall %s", os.getpid(), self.queue_num, self.firewall.name)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass

@@ -1,0 +1,137 @@
+"""Throwaway test hosts on one machine: a server namespace and client namespaces on veth links.
+
+Used by the demo and the real-kernel tests. Nothing here sends a packet anywhere but inside the
+namespaces it created, and `close()` deletes them (with their iptables rules and processes'
+sockets) even after a failure. Sockets made inside `entered(ns)` live in that namespace for good,
+so a test can connect from a client namespace without a subprocess.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@contextmanager
+def entered(namespace: str):
+    """Run the body with this thread in `namespace`; always come back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{namespace}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Client:
+    namespace: str
+    address: str
+    server_address: str  # the server's address on this client's link
+
+
+@dataclass
+class Sandbox:
+    """A server namespace linked to `clients` client namespaces (10.199.<i>.0/24 each)."""
+
+    clients_wanted: int = 2
+    token: str = field(default_factory=lambda: secrets.token_hex(3))
+    clients: list[Client] = field(default_factory=list)
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def server(self) -> str:
+        return f"nfk-{self.token}-srv"
+
+    def __enter__(self) -> "Sandbox":
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        ip("netns", "add", self.server)
+        ip("-n", self.server, "link", "set", "lo", "up")
+        for i in range(1, self.clients_wanted + 1):
+            name = f"nfk-{self.token}-c{i}"
+            ip("netns", "add", name)
+            self.clients.append(Client(name, f"10.199.{i}.2", f"10.199.{i}.1"))
+            near, far = f"nk{self.token}{i}s", f"nk{self.token}{i}c"
+            ip("link", "add", near, "netns", self.server, "type", "veth", "peer", "name", far, "netns", name)
+            ip("-n", self.server, "addr", "add", f"10.199.{i}.1/24", "dev", near)
+            ip("-n", name, "addr", "add", f"10.199.{i}.2/24", "dev", far)
+            for ns, dev in ((self.server, near), (name, far), (name, "lo")):
+                ip("-n", ns, "link", "set", dev, "up")
+
+    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start a process inside a namespace; it is killed by close()."""
+        process = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        self.processes.append(process)
+        return process
+
+    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for name in [self.server, *(c.namespace for c in self.clients)]:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def nfknock_argv(*args: str) -> list[str]:
+    """The nfknock CLI of this very interpreter, so a venv never needs to be on PATH."""
+    return [sys.executable, "-m", "nfknock", *args]
+
+
+def wait_for_line(path: Path, text: str, process: subprocess.Popen | None = None, timeout: float = 20) -> str:
+    """Wait until a log file holds a line containing `text`; fail early if the process died."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        content = path.read_text() if path.exists() else ""
+        for line in content.splitlines():
+            if text in line:
+                return line
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before logging {text!r}:\n{content}")
+        time.sleep(0.02)
+    raise TimeoutError(f"no line with {text!r} in {path} after {timeout}s")
