@@ -2,7 +2,12 @@
 
 `scaffolding()` is the whole plan, as data: per protected port, established traffic is accepted
 before the queue (bulk traffic never reaches Python), NEW connections are queued, anything else
-is dropped; every knock port is queued. There is never a per-client rule, and no rule uses
+is dropped; every knock port is queued.
+
+For TCP, only a SYN is a new connection. A mid-stream ACK that conntrack sees as NEW is a
+connection that existed before conntrack tracked this namespace (an admin's SSH session when
+nfknock first starts); it is accepted so that session survives. It cannot open a connection:
+without a socket the host answers it with a RST. There is never a per-client rule, and no rule uses
 `--queue-bypass`: with no daemon bound to the queue the kernel drops, so a dead daemon means
 closed. Backends turn the plan into kernel rules in one atomic step.
 """
@@ -18,6 +23,8 @@ from typing import Protocol
 from ..rules import Door
 
 CHAIN = "NFKNOCK"
+SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
+MID_STREAM = ("SYN,ACK", "ACK")
 
 
 @dataclass(frozen=True)
@@ -27,9 +34,12 @@ class RuleSpec:
     target: str  # ACCEPT, NFQUEUE or DROP
     ctstate: str | None = None
     queue_num: int | None = None
+    tcp_flags: tuple[str, str] | None = None  # (mask, set), as iptables --tcp-flags
 
     def __str__(self) -> str:
         text = f"-A {CHAIN} -p {self.proto} -m {self.proto} --dport {self.dport}"
+        if self.tcp_flags:
+            text += f" --tcp-flags {' '.join(self.tcp_flags)}"
         if self.ctstate:
             text += f" -m conntrack --ctstate {self.ctstate}"
         text += f" -j {self.target}"
@@ -43,11 +53,15 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     specs: list[RuleSpec] = []
     for proto, port in protected:
-        specs += [
-            RuleSpec(proto, port, "ACCEPT", ctstate="RELATED,ESTABLISHED"),
-            RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num),
-            RuleSpec(proto, port, "DROP"),
-        ]
+        specs.append(RuleSpec(proto, port, "ACCEPT", ctstate="RELATED,ESTABLISHED"))
+        if proto == "tcp":
+            specs += [
+                RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num, tcp_flags=SYN_ONLY),
+                RuleSpec(proto, port, "ACCEPT", ctstate="NEW", tcp_flags=MID_STREAM),
+            ]
+        else:
+            specs.append(RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num))
+        specs.append(RuleSpec(proto, port, "DROP"))
     for proto, port in knocks:
         specs.append(RuleSpec(proto, port, "NFQUEUE", queue_num=queue_num))
     return specs

@@ -83,6 +83,8 @@ def _rule_of(iptc, spec: RuleSpec):
     rule.protocol = spec.proto
     match = rule.create_match(spec.proto)
     match.dport = str(spec.dport)
+    if spec.tcp_flags:
+        match.tcp_flags = list(spec.tcp_flags)
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
     target = rule.create_target(spec.target)
@@ -96,10 +98,12 @@ def _spec_of(rule) -> RuleSpec:
     target = rule.target.get_all_parameters()
     ctstate = params.get("conntrack", {}).get("ctstate")
     queue = target.get("queue-num")
+    flags = params[rule.protocol].get("tcp-flags")
     return RuleSpec(
         proto=rule.protocol,
         dport=int(params[rule.protocol]["dport"][0]),
         target=rule.target.name,
         ctstate=ctstate[0] if ctstate else None,
         queue_num=int(queue[0]) if queue else None,
+        tcp_flags=tuple(flags) if flags else None,
     )

@@ -1,0 +1,210 @@
+"""Real-kernel fixtures: namespaces on veth, a TCP service, and nfknock run as users run it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from nfknock.sandbox import Sandbox, entered, nfknock_argv
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = ("ip", "iptables-legacy", "knock")
+SERVICE_PORT = 22
+
+
+def _unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, iptables, NFQUEUE)"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"missing commands: {', '.join(missing)}"
+    try:
+        import iptc  # noqa: F401
+        import netfilterqueue  # noqa: F401
+    except Exception as exc:
+        return f"cannot import the kernel bindings: {exc}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real-kernel tests cannot run under CI=true: {reason}")
+        pytest.skip(reason)
+
+
+class EchoService:
+    """A TCP service on the protected port: greets, then echoes lines."""
+
+    def __init__(self, namespace: str, port: int = SERVICE_PORT):
+        with entered(namespace):
+            self.listener = socket.create_server(("0.0.0.0", port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn):
+        with conn:
+            conn.sendall(b"hello\n")
+            while data := conn.recv(1024):
+                conn.sendall(data)
+
+    def close(self):
+        self.listener.close()
+
+
+@dataclass
+class Attempt:
+    connected: bool
+    seconds: float
+    greeting: bytes = b""
+
+
+def connect(client, port: int = SERVICE_PORT, timeout: float = 1.5) -> Attempt:
+    with entered(client.namespace):
+        sock = socket.socket()
+    sock.settimeout(timeout)
+    start = time.monotonic()
+    try:
+        sock.connect((client.server_address, port))
+        elapsed = time.monotonic() - start
+        return Attempt(True, elapsed, sock.recv(16))
+    except OSError:
+        return Attempt(False, time.monotonic() - start)
+    finally:
+        sock.close()
+
+
+def hold(client, port: int = SERVICE_PORT) -> socket.socket:
+    """An established connection that the test keeps open."""
+    with entered(client.namespace):
+        sock = socket.socket()
+    sock.settimeout(3)
+    sock.connect((client.server_address, port))
+    assert sock.recv(16) == b"hello\n"
+    return sock
+
+
+def echoes(sock: socket.socket, text: bytes = b"ping\n") -> bool:
+    try:
+        sock.sendall(text)
+        return sock.recv(64) == text
+    except OSError:
+        return False
+
+
+class Server:
+    """nfknock run in the server namespace, as an administrator would start it."""
+
+    def __init__(self, sandbox: Sandbox, workdir: Path):
+        self.sandbox = sandbox
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+        self.log = workdir / "nfknock.log"
+        self.rules = workdir / "rules"
+        self.rules.mkdir(exist_ok=True)
+        self.queue_num = 7
+
+    def write_rules(self, text: str, name: str = "doors.yaml") -> Path:
+        path = self.rules / name
+        path.write_text(text)
+        return path
+
+    def start(self, *extra: str, expect_ready: bool = True) -> subprocess.Popen:
+        argv = nfknock_argv("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num),
+                            "--log-file", str(self.log), *extra)
+        self.process = self.sandbox.spawn(self.sandbox.server, argv, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if expect_ready:
+            self.wait_log("ready:", after=self._ready_count())
+        return self.process
+
+    def _ready_count(self) -> int:
+        return 0 if not self.log.exists() else self.log.read_text().count("ready:")
+
+    def wait_log(self, text: str, after: int = 0, timeout: float = 20) -> str:
+        """Wait for the (after+1)-th line containing `text`."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            lines = [l for l in self.log.read_text().splitlines() if text in l] if self.log.exists() else []
+            if len(lines) > after:
+                return lines[after]
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"nfknock exited ({self.process.returncode}): "
+                                   f"{self.process.stderr.read()}\n{self.log_text()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"no log line with {text!r}:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 10) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def iptables(self) -> list[str]:
+        out = self.sandbox.run(self.sandbox.server, ["iptables-legacy", "-S"], check=True).stdout
+        return [line for line in out.splitlines() if "NFKNOCK" in line]
+
+    def nfknock(self, *args: str) -> subprocess.CompletedProcess:
+        return self.sandbox.run(self.sandbox.server, nfknock_argv(*args), cwd=REPO)
+
+
+SEED = (REPO / "rules" / "ssh.yaml").read_text()
+
+
+@pytest.fixture
+def sandbox(kernel):
+    with Sandbox(clients_wanted=2) as box:
+        service = EchoService(box.server)
+        try:
+            yield box
+        finally:
+            service.close()
+
+
+@pytest.fixture
+def server(sandbox, tmp_path):
+    srv = Server(sandbox, tmp_path)
+    srv.write_rules(SEED)
+    yield srv
+    if srv.process is not None and srv.process.poll() is None:
+        srv.stop()
+
+
+@pytest.fixture
+def alice(sandbox):
+    return sandbox.clients[0]
+
+
+@pytest.fixture
+def bob(sandbox):
+    return sandbox.clients[1]
+
+
+def knock(sandbox, client, *ports: str) -> None:
+    """The stock knockd client, from the client's namespace."""
+    result = sandbox.run(client.namespace, ["knock", client.server_address, *ports])
+    assert result.returncode == 0, result.stderr
+
+
+def our_knock(sandbox, client, *args: str) -> subprocess.CompletedProcess:
+    return sandbox.run(client.namespace, nfknock_argv("knock", client.server_address, *args), cwd=REPO)

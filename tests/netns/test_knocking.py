@@ -1,0 +1,144 @@
+"""Knocks on a real kernel: stock and own clients, closing, resets, timeouts, other clients."""
+
+import time
+
+from conftest import connect, echoes, hold, knock, our_knock
+
+SHORT = """\
+doors:
+  - name: openSSH
+    sequence: [40000, 50000, 60000]
+    close_sequence: [60000, 50000, 40000]
+    protect: [22/tcp]
+    seq_timeout: {seq_timeout}
+    open_for: {open_for}
+"""
+
+
+def test_protected_port_gives_no_answer_before_a_knock(server, alice):
+    server.start()
+    attempt = connect(alice, timeout=1.5)
+    assert not attempt.connected
+    assert attempt.seconds >= 1.4  # silently dropped: no RST, no ICMP, just nothing
+
+
+def test_stock_knock_client_opens_and_the_first_syn_gets_through(server, alice):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    attempt = connect(alice, timeout=3)
+    assert attempt.connected and attempt.greeting == b"hello\n"
+    assert attempt.seconds < 0.5, f"connect took {attempt.seconds:.3f}s: the first SYN was dropped"
+    log = server.log_text()
+    for line in ("10.199.1.2: openSSH: Stage 1", "10.199.1.2: openSSH: Stage 2",
+                 "10.199.1.2: openSSH: OPEN SESAME", "10.199.1.2: openSSH: accepted new connection to 22/tcp"):
+        assert line in log
+
+
+def test_a_client_that_did_not_knock_stays_out_while_another_is_in(server, alice, bob):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    assert not connect(bob, timeout=1).connected
+    assert connect(alice).connected
+
+
+def test_own_client_with_tcp_and_udp_steps(server, alice, bob):
+    server.write_rules("""\
+doors:
+  - name: mixed
+    sequence: [7000/udp, 8000/tcp, 9000/udp]
+    protect: [22/tcp]
+""")
+    server.start()
+    result = our_knock(server.sandbox, alice, "--door", "mixed", "--rules", str(server.rules))
+    assert result.returncode == 0, result.stderr
+    attempt = connect(alice)
+    assert attempt.connected and attempt.seconds < 0.5
+    # The same ports all over TCP are not the door's steps.
+    assert our_knock(server.sandbox, bob, "7000", "8000", "9000").returncode == 0
+    assert not connect(bob, timeout=1).connected
+
+
+def test_own_client_with_explicit_ports(server, alice):
+    server.start()
+    result = our_knock(server.sandbox, alice, "40000/tcp", "50000", "60000", "--delay", "20")
+    assert result.returncode == 0, result.stderr
+    assert connect(alice).connected
+
+
+def test_reverse_sequence_closes(server, alice):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    knock(server.sandbox, alice, "60000", "50000", "40000")
+    assert not connect(alice, timeout=1).connected
+    assert "10.199.1.2: openSSH: closed" in server.log_text()
+
+
+def test_own_client_closes_with_the_close_sequence(server, alice):
+    server.start()
+    assert our_knock(server.sandbox, alice, "--door", "openSSH", "--rules", str(server.rules)).returncode == 0
+    assert connect(alice).connected
+    assert our_knock(server.sandbox, alice, "--door", "openSSH", "--rules", str(server.rules),
+                     "--close").returncode == 0
+    assert not connect(alice, timeout=1).connected
+
+
+def test_wrong_port_resets_the_attempt(server, alice):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "40001", "60000")  # 40001: not a door port
+    assert connect(alice, timeout=3).connected  # an unrelated port changes nothing
+    knock(server.sandbox, alice, "60000", "50000", "40000")  # close again
+    knock(server.sandbox, alice, "40000", "60000", "50000", "60000")  # 60000 out of order
+    assert not connect(alice, timeout=1).connected
+    assert "openSSH: sequence reset at stage 1 by a knock on 60000/tcp" in server.log_text()
+
+
+def test_duplicated_knocks_are_tolerated(server, alice):
+    server.start()
+    knock(server.sandbox, alice, "40000", "40000", "50000", "50000", "60000", "60000")
+    assert connect(alice).connected
+    assert "sequence reset" not in server.log_text()
+
+
+def test_sequence_times_out_from_the_first_knock(server, alice):
+    server.write_rules(SHORT.format(seq_timeout="1s", open_for="30s"))
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000")
+    time.sleep(1.3)
+    knock(server.sandbox, alice, "60000")
+    assert not connect(alice, timeout=1).connected
+    assert "10.199.1.2: openSSH: sequence timeout (stage 2)" in server.log_text()
+
+
+def test_grant_expires_after_open_for(server, alice):
+    server.write_rules(SHORT.format(seq_timeout="10s", open_for="1s"))
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    server.wait_log("openSSH: command timeout", timeout=5)
+    assert not connect(alice, timeout=1).connected
+
+
+def test_established_connection_survives_close_and_expiry(server, alice):
+    server.write_rules(SHORT.format(seq_timeout="10s", open_for="2s"))
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    closed_by_knock = hold(alice)
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    outlives_expiry = hold(alice)
+    knock(server.sandbox, alice, "60000", "50000", "40000")
+    assert "openSSH: closed" in server.wait_log("openSSH: closed")
+    assert echoes(closed_by_knock)
+    assert not connect(alice, timeout=1).connected
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    server.wait_log("openSSH: command timeout", timeout=5)
+    assert echoes(outlives_expiry) and echoes(closed_by_knock)
+    assert not connect(alice, timeout=1).connected
+
+
+def test_knock_ports_give_no_answer(server, alice):
+    server.start()
+    for port in (40000, 50000, 60000):
+        assert not connect(alice, port=port, timeout=0.5).connected
+    assert not connect(alice, timeout=1).connected  # and knocking by connecting opens nothing

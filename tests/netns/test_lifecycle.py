@@ -1,0 +1,120 @@
+"""Start, stop, crash, restart, reload and down on a real kernel: never open, never duplicated."""
+
+import signal
+import time
+
+from conftest import connect, echoes, hold, knock
+
+SCAFFOLDING = [
+    "-N NFKNOCK",
+    "-A INPUT -j NFKNOCK",
+    "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+    "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
+    "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+    "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
+    "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
+    "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
+    "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
+]
+
+
+def test_running_daemon_installs_exactly_the_scaffolding(server):
+    server.start()
+    assert server.iptables() == SCAFFOLDING
+
+
+def test_sigterm_removes_every_rule_and_exits_cleanly(server, alice):
+    server.start()
+    assert server.stop(signal.SIGTERM) == 0
+    assert server.iptables() == []
+    assert connect(alice).connected  # nothing of ours is left between the client and the service
+
+
+def test_sigint_removes_every_rule(server):
+    server.start()
+    assert server.stop(signal.SIGINT) == 0
+    assert server.iptables() == []
+
+
+def test_sigkill_leaves_protected_ports_closed_and_restart_is_clean(server, alice):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    session = hold(alice)
+    server.stop(signal.SIGKILL)
+    assert server.iptables() == SCAFFOLDING  # leftovers of the killed run
+    assert not connect(alice, timeout=1).connected  # no listener on the queue: dropped
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert not connect(alice, timeout=1).connected
+    assert echoes(session)  # the admin's established session survived the crash
+    server.start()
+    assert server.iptables() == SCAFFOLDING  # exactly one copy
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    assert echoes(session)
+
+
+def test_down_removes_what_a_killed_daemon_left(server):
+    server.start()
+    server.stop(signal.SIGKILL)
+    result = server.nfknock("down")
+    assert result.returncode == 0 and "removed" in result.stdout
+    assert server.iptables() == []
+    again = server.nfknock("down")
+    assert again.returncode == 0 and "no nfknock rules" in again.stdout
+
+
+def test_established_session_survives_start_and_stop(server, alice):
+    session = hold(alice)  # made before nfknock ran
+    server.start()
+    assert echoes(session)
+    server.stop()
+    assert echoes(session)
+
+
+def test_bad_rules_refuse_to_start_and_touch_nothing(server):
+    server.write_rules("doors:\n  - name: bad\n    sequence: [70000]\n    protect: [22]\n")
+    process = server.start(expect_ready=False)
+    assert process.wait(20) == 2
+    stderr = process.stderr.read()
+    assert "door 'bad': sequence[1]: port 70000 is outside 1..65535" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert server.iptables() == []
+
+
+def test_second_daemon_on_the_same_queue_is_refused(server):
+    first = server.start()
+    second = server.sandbox.spawn(server.sandbox.server, first.args[4:-2] + ["--log-file", str(server.workdir / "2.log")],
+                                  stdout=-1, stderr=-1, text=True)
+    assert second.wait(20) == 1
+    assert "cannot bind NFQUEUE 7" in second.stderr.read()
+    assert first.poll() is None
+    assert server.iptables() == SCAFFOLDING
+
+
+def test_sighup_with_a_bad_file_keeps_the_old_rules(server, alice):
+    server.start()
+    good = (server.rules / "doors.yaml").read_text()
+    server.write_rules(good.replace("40000, 50000, 60000]", "40000, 50000, 99999]"))
+    server.process.send_signal(signal.SIGHUP)
+    line = server.wait_log("reload refused")
+    assert "port 99999 is outside 1..65535" in line
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    assert server.iptables() == SCAFFOLDING
+
+
+def test_sighup_applies_new_rules_and_keeps_unchanged_grants(server, alice, bob):
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    extra = "doors:\n  - name: web\n    sequence: [1111, 2222]\n    protect: [8080/tcp]\n"
+    server.write_rules(extra, name="web.yaml")
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_log("reloaded")
+    assert connect(alice).connected  # openSSH did not change: Alice's grant lives on
+    rules = server.iptables()
+    assert "-A NFKNOCK -p tcp -m tcp --dport 1111 -j NFQUEUE --queue-num 7" in rules
+    assert rules.count("-A INPUT -j NFKNOCK") == 1
+    assert not connect(bob, port=8080, timeout=1).connected
+    knock(server.sandbox, bob, "1111", "2222")
+    time.sleep(0.1)
+    assert not connect(bob, timeout=1).connected  # web opens 8080, not ssh
