@@ -14,7 +14,7 @@ DEFAULT_RULES = "/etc/nfknock/rules"
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     try:
         return args.func(args) or 0
     except NfknockError as exc:
@@ -23,6 +23,18 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    # argparse stops filling `knock`'s PORT list at the first option (`knock HOST -u 1 2`);
+    # ports after an option come back as extras and are put where they belong.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.verb == "knock" and not any(e.startswith("-") for e in extra):
+            args.ports += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,114 @@
+"""The verdict callback: exactly one verdict per packet, drop unless the engine accepts."""
+
+import logging
+import socket
+
+import dpkt
+import pytest
+
+from nfknock.daemon import Daemon
+from nfknock.firewall import RuleSpec
+from nfknock.rules import load_rules
+
+SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
+
+
+class FakeFirewall:
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, specs):
+        self.calls.append(("apply", list(specs)))
+
+    def remove(self):
+        self.calls.append(("remove",))
+        return True
+
+    def installed(self):
+        return []
+
+
+class Queued:
+    """Stands in for netfilterqueue.Packet; records verdicts."""
+
+    def __init__(self, payload):
+        self.payload, self.verdicts = payload, []
+
+    def get_payload(self):
+        return self.payload
+
+    def accept(self):
+        self.verdicts.append("accept")
+
+    def drop(self):
+        self.verdicts.append("drop")
+
+
+def syn(dport, src="10.0.0.2"):
+    seg = dpkt.tcp.TCP(sport=40000, dport=dport, flags=dpkt.tcp.TH_SYN)
+    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton("10.0.0.1"), p=6, data=seg)
+    ip.len = len(ip)
+    return bytes(ip)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
+    clock = iter(range(1000, 100000)).__next__
+    return Daemon(tmp_path, FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: float(clock()))
+
+
+def verdicts(daemon, payload):
+    queued = Queued(payload)
+    daemon.on_packet(queued)
+    return queued.verdicts
+
+
+def test_knock_then_connect(daemon):
+    assert verdicts(daemon, syn(22)) == ["drop"]
+    for port in (40000, 50000, 60000):
+        assert verdicts(daemon, syn(port)) == ["drop"]
+    assert verdicts(daemon, syn(22)) == ["accept"]
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x45", b"garbage" * 10, syn(22)[:22]])
+def test_garbage_gets_one_drop_and_is_counted(daemon, payload):
+    assert verdicts(daemon, payload) == ["drop"]
+    assert sum(daemon.unparsable.values()) == 1
+
+
+def test_an_engine_crash_drops_the_packet_and_the_loop_goes_on(daemon, monkeypatch):
+    def explode(packet, now):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(daemon.engine, "handle", explode)
+    assert verdicts(daemon, syn(22)) == ["drop"]
+    assert daemon.errors == 1
+
+
+def test_a_failing_verdict_call_is_swallowed(daemon):
+    class Broken(Queued):
+        def drop(self):
+            raise OSError("netlink gone")
+
+    daemon.on_packet(Broken(syn(22)))
+    assert daemon.errors == 1
+
+
+def test_reload_with_bad_rules_keeps_old_rules_and_firewall(daemon, caplog):
+    (daemon.rules_path / "ssh.yaml").write_text("doors: [\n")
+    with caplog.at_level(logging.ERROR, logger="test-nfknock"):
+        assert daemon.reload() is False
+    assert "reload refused, keeping the current rules" in caplog.text
+    assert daemon.firewall.calls == []
+    assert [d.name for d in daemon.ruleset.doors] == ["openSSH"]
+
+
+def test_reload_installs_the_new_scaffolding(daemon):
+    text = (daemon.rules_path / "ssh.yaml").read_text().replace("22/tcp", "2222/tcp")
+    (daemon.rules_path / "ssh.yaml").write_text(text)
+    assert daemon.reload() is True
+    (call,) = daemon.firewall.calls
+    assert RuleSpec("tcp", 2222, "DROP") in call[1]

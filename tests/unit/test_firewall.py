@@ -1,0 +1,43 @@
+"""The scaffolding plan: what goes into the kernel, as data (no root needed)."""
+
+from nfknock.firewall import CHAIN, RuleSpec, scaffolding
+from nfknock.rules import Door
+
+
+def door(**fields):
+    base = dict(name="d", sequence=[40000, "50000/udp"], protect=["22/tcp"])
+    base.update(fields)
+    return Door.model_validate(base)
+
+
+def test_plan_for_one_door():
+    plan = [str(s) for s in scaffolding((door(),), 3)]
+    assert plan == [
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
+        f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -j NFQUEUE --queue-num 3",
+    ]
+
+
+def test_no_rule_bypasses_the_queue_and_none_names_a_client():
+    plan = scaffolding((door(), door(name="e", sequence=[1, 2], protect=["53/udp"])), 0)
+    for spec in plan:
+        assert "bypass" not in str(spec)
+        assert " -s " not in str(spec)
+
+
+def test_udp_protected_port_queues_every_new_flow():
+    plan = scaffolding((door(protect=["53/udp"]),), 0)
+    assert RuleSpec("udp", 53, "NFQUEUE", ctstate="NEW", queue_num=0) in plan
+    assert plan[-3] == RuleSpec("udp", 53, "DROP")
+
+
+def test_shared_ports_appear_once():
+    a = door(name="a", sequence=[1, 2], close_sequence=[2, 1])
+    b = door(name="b", sequence=[2, 3], protect=["22/tcp"])
+    plan = scaffolding((a, b), 0)
+    assert sum(1 for s in plan if s.dport == 2) == 1
+    assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1

@@ -1,0 +1,57 @@
+"""Log lines keep knockd's wording where knockd has one."""
+
+import logging
+
+from nfknock.events import (
+    ConnectionAccepted,
+    ConnectionRefused,
+    DoorClosed,
+    DoorOpened,
+    GrantExpired,
+    KnockAdvanced,
+    Sequence,
+    SequenceReset,
+    SequenceTimeout,
+)
+from nfknock.logs import RENDERERS, log_events, render, setup_logging
+
+
+def test_knockd_compatible_lines():
+    assert render(KnockAdvanced("10.0.0.2", "openSSH", Sequence.OPEN, 1)) == "10.0.0.2: openSSH: Stage 1"
+    assert render(DoorOpened("10.0.0.2", "openSSH", 5.0)) == "10.0.0.2: openSSH: OPEN SESAME"
+    assert render(SequenceTimeout("10.0.0.2", "openSSH", Sequence.OPEN, 2)) == \
+        "10.0.0.2: openSSH: sequence timeout (stage 2)"
+    assert render(GrantExpired("10.0.0.2", "openSSH")).startswith("10.0.0.2: openSSH: command timeout")
+
+
+def test_close_sequence_lines_are_told_apart():
+    assert render(KnockAdvanced("1.2.3.4", "d", Sequence.CLOSE, 2)) == "1.2.3.4: d: close Stage 2"
+    assert render(DoorClosed("1.2.3.4", "d", True)) == "1.2.3.4: d: closed"
+    assert render(DoorClosed("1.2.3.4", "d", False)) == "1.2.3.4: d: closed (was not open)"
+    assert render(SequenceReset("1.2.3.4", "d", Sequence.OPEN, 1, "60000/tcp")) == \
+        "1.2.3.4: d: sequence reset at stage 1 by a knock on 60000/tcp"
+
+
+def test_every_event_type_has_a_line():
+    from nfknock import events
+    assert set(RENDERERS) == set(events.Event.__args__)
+
+
+def test_file_lines_carry_a_knockd_timestamp(tmp_path):
+    path = tmp_path / "log"
+    logger = setup_logging(str(path))
+    log_events(logger, [DoorOpened("10.0.0.2", "openSSH", 1.0), ConnectionRefused("10.0.0.3", "22/tcp")])
+    for handler in logger.handlers:
+        handler.flush()
+    (line,) = path.read_text().splitlines()  # refused connections only with --verbose
+    assert line[0] == "[" and line[17:] == "] 10.0.0.2: openSSH: OPEN SESAME"
+    logger.handlers.clear()
+
+
+def test_verbose_logs_refused_connections(tmp_path):
+    path = tmp_path / "log"
+    logger = setup_logging(str(path), verbose=True)
+    log_events(logger, [ConnectionRefused("10.0.0.3", "22/tcp"), ConnectionAccepted("10.0.0.2", "d", "22/tcp")])
+    assert len(path.read_text().splitlines()) == 2
+    logger.handlers.clear()
+    logging.getLogger("nfknock").setLevel(logging.INFO)
