@@ -13,7 +13,9 @@ import os
 import secrets
 import signal
 import subprocess
+import socket
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -135,3 +137,52 @@ def wait_for_line(path: Path, text: str, process: subprocess.Popen | None = None
             raise RuntimeError(f"process exited with {process.returncode} before logging {text!r}:\n{content}")
         time.sleep(0.02)
     raise TimeoutError(f"no line with {text!r} in {path} after {timeout}s")
+
+
+class EchoService:
+    """A TCP service on the protected port: greets, then echoes lines."""
+
+    def __init__(self, namespace: str, port: int = 22):
+        with entered(namespace):
+            self.listener = socket.create_server(("0.0.0.0", port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn):
+        with conn:
+            conn.sendall(b"hello\n")
+            while data := conn.recv(1024):
+                conn.sendall(data)
+
+    def close(self):
+        self.listener.close()
+
+
+@dataclass
+class Attempt:
+    connected: bool
+    seconds: float
+    greeting: bytes = b""
+
+
+def connect(client, port: int = 22, timeout: float = 1.5) -> Attempt:
+    with entered(client.namespace):
+        sock = socket.socket()
+    sock.settimeout(timeout)
+    start = time.monotonic()
+    try:
+        sock.connect((client.server_address, port))
+        elapsed = time.monotonic() - start
+        return Attempt(True, elapsed, sock.recv(16))
+    except OSError:
+        return Attempt(False, time.monotonic() - start)
+    finally:
+        sock.close()

@@ -7,14 +7,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from nfknock.sandbox import Sandbox, entered, nfknock_argv
+from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "iptables-legacy", "knock")
@@ -42,55 +40,6 @@ def kernel():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"real-kernel tests cannot run under CI=true: {reason}")
         pytest.skip(reason)
-
-
-class EchoService:
-    """A TCP service on the protected port: greets, then echoes lines."""
-
-    def __init__(self, namespace: str, port: int = SERVICE_PORT):
-        with entered(namespace):
-            self.listener = socket.create_server(("0.0.0.0", port))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn):
-        with conn:
-            conn.sendall(b"hello\n")
-            while data := conn.recv(1024):
-                conn.sendall(data)
-
-    def close(self):
-        self.listener.close()
-
-
-@dataclass
-class Attempt:
-    connected: bool
-    seconds: float
-    greeting: bytes = b""
-
-
-def connect(client, port: int = SERVICE_PORT, timeout: float = 1.5) -> Attempt:
-    with entered(client.namespace):
-        sock = socket.socket()
-    sock.settimeout(timeout)
-    start = time.monotonic()
-    try:
-        sock.connect((client.server_address, port))
-        elapsed = time.monotonic() - start
-        return Attempt(True, elapsed, sock.recv(16))
-    except OSError:
-        return Attempt(False, time.monotonic() - start)
-    finally:
-        sock.close()
 
 
 def hold(client, port: int = SERVICE_PORT) -> socket.socket:

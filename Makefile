@@ -1,0 +1,10 @@
+# Shortcuts; the scripts work without make (a fresh machine may not have it).
+.PHONY: setup demo test check
+setup:
+	bash scripts/setup.sh
+demo:
+	bash scripts/demo.sh
+test:
+	bash scripts/test.sh
+check: setup
+	.venv/bin/nfknock check --rules rules

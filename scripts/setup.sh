@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent set-up on Debian/Ubuntu: the system packages nfknock and its tests need, then a
+# virtualenv in .venv with nfknock (editable) and the test tools. Safe to run again and again:
+# apt runs only when a package is missing, pip only when the package metadata changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  python3 python3-venv python3-dev gcc libc6-dev   # building netfilterqueue
+  libnetfilter-queue-dev                           # netfilterqueue links against it
+  iptables                                         # libip4tc/libxtables for python-iptables
+  iproute2                                         # ip netns for the demo and the tests
+  knockd                                           # the stock 'knock' client the tests use
+)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null; then sudo "$@"
+  else echo "setup: need root to run: $*" >&2; exit 1
+  fi
+}
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing system packages: ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  # Debian installs the knockd daemon disabled (START_KNOCKD=0); only its 'knock' client is used.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+
+pick_python() {
+  for candidate in ${PYTHON:-} /usr/bin/python3 python3; do
+    command -v "$candidate" >/dev/null 2>&1 || continue
+    if "$candidate" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$candidate"; return
+    fi
+  done
+  echo "setup: nfknock needs Python >= 3.11 with venv (set PYTHON=/path/to/python3.11+)" >&2
+  exit 1
+}
+
+stamp=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; then
+  rm -rf .venv
+  "$(pick_python)" -m venv .venv
+fi
+if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc' 2>/dev/null; then
+  echo "setup: installing Python packages into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  echo "$stamp" > .venv/.nfknock-stamp
+fi
