@@ -139,6 +139,6 @@ def test_established_connection_survives_close_and_expiry(server, alice):
 
 def test_knock_ports_give_no_answer(server, alice):
     server.start()
-    for port in (40000, 50000, 60000):
+    for port in (50000, 40000, 60000):  # not the door's order: this opens nothing
         assert not connect(alice, port=port, timeout=0.5).connected
-    assert not connect(alice, timeout=1).connected  # and knocking by connecting opens nothing
+    assert not connect(alice, timeout=1).connected
