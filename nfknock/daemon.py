@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError
-from .firewall import Firewall, iptables_flavour, scaffolding
+from .firewall import PASS_MARK, Firewall, iptables_flavour, scaffolding
 from .logs import log_events
 from .packet import parse
 from .rules import Ruleset, load_rules
@@ -84,6 +84,9 @@ class Daemon:
             try:
                 if verdict is Verdict.ACCEPT:
                     queued.accept()
+                elif verdict is Verdict.PASS:
+                    queued.set_mark(queued.get_mark() | PASS_MARK)
+                    queued.repeat()  # back to the top of INPUT; our chain returns marked packets
                 else:
                     queued.drop()
             except Exception:

@@ -22,15 +22,21 @@ until now + open_for (again: extends); completing the close sequence revokes the
 Grants are per exact source address. Established connections never come here: the firewall
 scaffolding accepts them before the queue.
 
-State is bounded: at most `max_sources` attempts and `max_sources` grants; when full, the oldest
-is dropped. Attempts and grants are kept in insertion order per sequence/door; their timeouts are
-constant per door, so that order is also deadline order and expiry only looks at the front.
+Scanners: every port within `tripwire` of a step (not a step itself) is a tripwire. A knock
+client never touches one; a scanner walking the ports in any order does, between the steps. A
+tripwire hit resets the door's attempts for that source and counts as a failed attempt, like a
+reset; `lockout.failures` failures within `lockout.window` lock the source out of that door for
+`lockout.lock_for`: its knocks are ignored (grants it already has keep working). Tripwire
+packets get the PASS verdict: nfknock only watches them; the rest of the firewall decides.
+
+State is bounded (`state.Pool`): at most `max_sources` attempts, as many grants, and as many
+failure/lock records; when a pool is full its oldest entry goes, and a flood of first knocks
+can evict only attempts, never a grant.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -43,12 +49,15 @@ from .events import (
     Event,
     GrantExpired,
     KnockAdvanced,
+    LockedOut,
+    LockReleased,
     Sequence,
     SequenceReset,
     SequenceTimeout,
 )
 from .packet import Packet
 from .rules import Door
+from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
 
@@ -56,6 +65,7 @@ DEFAULT_MAX_SOURCES = 65536
 class Verdict(Enum):
     ACCEPT = "accept"
     DROP = "drop"
+    PASS = "pass"  # not ours to decide: hand the packet back to the rest of the firewall
 
 
 class Decision(NamedTuple):
@@ -109,221 +119,233 @@ class Attempt:
     started: float
 
 
-class _CompiledSequence:
-    """A door's sequence with everything the hot path needs precomputed."""
+class _Sequence:
+    """One of a door's sequences, precompiled, with its attempts."""
 
-    __slots__ = ("door", "kind", "steps", "timeout")
+    __slots__ = ("name", "kind", "steps", "timeout", "attempts")
 
-    def __init__(self, door: Door, kind: Sequence, steps):
-        self.door = door
+    def __init__(self, door: Door, kind: Sequence, steps, attempts: Table):
+        self.name = door.name
         self.kind = kind
         self.steps = tuple(step.key for step in steps)
         self.timeout = door.seq_timeout
+        self.attempts = attempts
+
+
+class _DoorState:
+    """A door and every table that belongs to it."""
+
+    __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks")
+
+    def __init__(self, door: Door, attempts: Pool, grants: Pool, records: Pool):
+        self.door = door
+        self.sequences = [_Sequence(door, Sequence.OPEN, door.sequence, attempts.table())]
+        if door.close_sequence:
+            self.sequences.append(_Sequence(door, Sequence.CLOSE, door.close_sequence, attempts.table()))
+        self.grants = grants.table()
+        self.failures = records.table()
+        self.locks = records.table()
+        self.networks = tuple(door.sources)
+
+    def tables(self):
+        return [s.attempts for s in self.sequences] + [self.grants, self.failures, self.locks]
 
 
 class Engine:
-    """Per-source knock progress and grants for a set of doors."""
+    """Per-source knock progress, grants and lockouts for a set of doors."""
 
     def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES):
-        if max_sources < 1:
-            raise ValueError("max_sources must be at least 1")
         self.max_sources = max_sources
-        self.evicted = 0  # attempts and grants dropped because the tables were full
-        self._attempts: dict[tuple[str, Sequence], OrderedDict[str, Attempt]] = {}
-        self._grants: dict[str, OrderedDict[str, float]] = {}
-        self._attempt_count = 0
-        self._grant_count = 0
+        self._attempt_pool = Pool(max_sources)
+        self._grant_pool = Pool(max_sources)
+        self._record_pool = Pool(max_sources)
+        self._doors: dict[str, _DoorState] = {}
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
 
     def _compile(self, doors: tuple[Door, ...]) -> None:
-        self.doors = {door.name: door for door in doors}
-        by_port: dict[tuple[str, int], list[list[_CompiledSequence]]] = {}
-        protected: dict[tuple[str, int], list[Door]] = {}
+        states = {}
         for door in doors:
-            sequences = [_CompiledSequence(door, Sequence.OPEN, door.sequence)]
-            if door.close_sequence:
-                sequences.append(_CompiledSequence(door, Sequence.CLOSE, door.close_sequence))
-            for seq in sequences:
-                self._attempts.setdefault((door.name, seq.kind), OrderedDict())
-            for port in door.knock_ports:
-                by_port.setdefault(port.key, []).append(sequences)
-            for port in door.protect:
-                protected.setdefault(port.key, []).append(door)
-            self._grants.setdefault(door.name, OrderedDict())
-        self._knock_index = {key: tuple(tuple(s) for s in groups) for key, groups in by_port.items()}
-        self._protect_index = {key: tuple(group) for key, group in protected.items()}
-        self._sources = {
-            door.name: tuple(door.sources) for door in doors if door.sources
-        }
+            old = self._doors.get(door.name)
+            if old is not None and old.door == door:
+                states[door.name] = old
+            else:
+                states[door.name] = _DoorState(door, self._attempt_pool, self._grant_pool, self._record_pool)
+        self._doors = states
+        knock: dict[tuple[str, int], list[_DoorState]] = {}
+        trip: dict[tuple[str, int], list[_DoorState]] = {}
+        protect: dict[tuple[str, int], list[_DoorState]] = {}
+        for state in states.values():
+            for port in state.door.knock_ports:
+                knock.setdefault(port.key, []).append(state)
+            for key in state.door.tripwire_keys:
+                trip.setdefault(key, []).append(state)
+            for port in state.door.protect:
+                protect.setdefault(port.key, []).append(state)
+        self._knock_index = {k: tuple(v) for k, v in knock.items()}
+        self._tripwire_index = {k: tuple(v) for k, v in trip.items()}
+        self._protect_index = {k: tuple(v) for k, v in protect.items()}
 
     def reload(self, doors: tuple[Door, ...]) -> list[str]:
         """Switch to new doors. State of doors that did not change is kept; returns the names
-        of doors whose attempts and grants were dropped (changed or removed)."""
-        keep = {d.name for d in doors if self.doors.get(d.name) == d}
-        dropped = sorted(set(self.doors) - keep)
-        for key in [k for k in self._attempts if k[0] not in keep]:
-            self._attempt_count -= len(self._attempts.pop(key))
-        for name in [n for n in self._grants if n not in keep]:
-            self._grant_count -= len(self._grants.pop(name))
+        of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
+        keep = {d.name for d in doors if d.name in self._doors and self._doors[d.name].door == d}
+        dropped = sorted(set(self._doors) - keep)
+        for name in dropped:
+            for table in self._doors[name].tables():
+                table.pool.forget(table)
         self._compile(doors)
         return dropped
 
-    def is_knock_port(self, key: tuple[str, int]) -> bool:
-        return key in self._knock_index
+    @property
+    def doors(self) -> dict[str, Door]:
+        return {name: state.door for name, state in self._doors.items()}
 
     # -- the packet path -----------------------------------------------------------------
 
     def handle(self, packet: Packet, now: float) -> Decision:
         key = (packet.proto, packet.dport)
-        groups = self._knock_index.get(key)
-        if groups is not None:
-            events: list[Event] = []
-            for sequences in groups:
-                if self._admits(sequences[0].door, packet):
-                    self._knock(sequences, packet.src, key, now, events)
-            return Decision(Verdict.DROP, tuple(events))
-        doors = self._protect_index.get(key)
-        if doors is not None:
-            port = f"{packet.dport}/{packet.proto}"
-            for door in doors:
-                if self._grants[door.name].get(packet.src, 0.0) > now:
-                    return Decision(Verdict.ACCEPT, (ConnectionAccepted(packet.src, door.name, port),))
-            return Decision(Verdict.DROP, (ConnectionRefused(packet.src, port),))
-        return Decision(Verdict.DROP)
+        knock_doors = self._knock_index.get(key)
+        trip_doors = self._tripwire_index.get(key)
+        if knock_doors is None:
+            protect_doors = self._protect_index.get(key)
+            if protect_doors is not None:
+                return self._connect(protect_doors, packet, now)
+            if trip_doors is None:
+                return Decision(Verdict.DROP)
+        events: list[Event] = []
+        src = packet.src
+        for state in knock_doors or ():
+            if self._admits(state, packet, now):
+                self._knock(state, src, key, now, events)
+        for state in trip_doors or ():
+            if self._admits(state, packet, now):
+                self._tripwire(state, src, key, now, events)
+        return Decision(Verdict.DROP if knock_doors else Verdict.PASS, tuple(events))
 
-    def _admits(self, door: Door, packet: Packet) -> bool:
-        if packet.proto == "tcp" and not door.tcp_flags.matches(packet.flags):
+    def _connect(self, doors, packet: Packet, now: float) -> Decision:
+        port = f"{packet.dport}/{packet.proto}"
+        for state in doors:
+            if state.grants.live(packet.src, now):
+                return Decision(Verdict.ACCEPT, (ConnectionAccepted(packet.src, state.door.name, port),))
+        return Decision(Verdict.DROP, (ConnectionRefused(packet.src, port),))
+
+    def _admits(self, state: _DoorState, packet: Packet, now: float) -> bool:
+        if packet.proto == "tcp" and not state.door.tcp_flags.matches(packet.flags):
             return False
-        networks = self._sources.get(door.name)
-        if networks:
+        if state.networks:
             address = ipaddress.IPv4Address(packet.src)
-            return any(address in network for network in networks)
-        return True
+            if not any(address in network for network in state.networks):
+                return False
+        return not state.locks.live(packet.src, now)
 
-    def _knock(self, sequences, src: str, key, now: float, events: list[Event]) -> None:
+    def _knock(self, state: _DoorState, src: str, key, now: float, events: list[Event]) -> None:
         # Attempts in progress see the packet first; the first sequence it advances or
-        # restarts consumes it for the whole door.
-        ordered = sorted(sequences, key=lambda s: src not in self._attempts[(s.door.name, s.kind)])
+        # restarts consumes it for the whole door. A reset that nothing consumed is a failure.
+        ordered = sorted(state.sequences, key=lambda s: src not in s.attempts)
+        reset = False
         for seq in ordered:
-            if self._step(seq, src, key, now, events):
+            action = self._step(seq, state, src, key, now, events)
+            if action in (Action.ADVANCE, Action.RESTART):
                 return
+            reset = reset or action is Action.RESET
+        if reset:
+            self._failed(state, src, now, events)
 
-    def _step(self, seq: _CompiledSequence, src: str, key, now: float, events: list[Event]) -> bool:
-        table = self._attempts[(seq.door.name, seq.kind)]
-        attempt = table.get(src)
-        if attempt is not None and now >= attempt.started + seq.timeout:
-            self._drop_attempt(table, src)
-            events.append(SequenceTimeout(src, seq.door.name, seq.kind, attempt.stage))
-            attempt = None
+    def _tripwire(self, state: _DoorState, src: str, key, now: float, events: list[Event]) -> None:
+        port = f"{key[1]}/{key[0]}"
+        for seq in state.sequences:
+            entry = seq.attempts.pop(src)
+            if entry is not None:
+                events.append(SequenceReset(src, seq.name, seq.kind, entry[1].stage, port))
+        self._failed(state, src, now, events)
+
+    def _failed(self, state: _DoorState, src: str, now: float, events: list[Event]) -> None:
+        lockout = state.door.lockout
+        if lockout is None:
+            return
+        entry = state.failures.live(src, now)
+        if entry is None:
+            count = 1
+            state.failures.put(src, now + lockout.window, count)
+        else:
+            count = entry[1] + 1
+            state.failures.update(src, count)
+        if count < lockout.failures:
+            return
+        state.failures.pop(src)
+        for seq in state.sequences:
+            seq.attempts.pop(src)
+        until = now + lockout.lock_for
+        state.locks.put(src, until)
+        events.append(LockedOut(src, state.door.name, count, until))
+
+    def _step(self, seq: _Sequence, state: _DoorState, src: str, key, now: float, events) -> Action:
+        entry = seq.attempts.get(src)
+        attempt = None
+        if entry is not None:
+            if entry[0] <= now:
+                seq.attempts.pop(src)
+                events.append(SequenceTimeout(src, seq.name, seq.kind, entry[1].stage))
+            else:
+                attempt = entry[1]
         if attempt is None:
             phase, stage = Phase.IDLE, 0
         else:
             phase, stage = Phase.STARTED, attempt.stage
-        if key not in seq.steps:
-            # A port of the door's other sequence: "any other port of that door".
-            match = Match.OTHER
-        else:
-            match = classify(seq.steps, stage, key)
+        # A port of the door's other sequence is "any other port of that door".
+        match = classify(seq.steps, stage, key) if key in seq.steps else Match.OTHER
         action = TRANSITIONS.get((phase, match), Action.IGNORE)
-        door = seq.door.name
 
         if action is Action.IGNORE:
-            return False
-        if action is Action.RESET:
-            self._drop_attempt(table, src)
-            events.append(SequenceReset(src, door, seq.kind, stage, f"{key[1]}/{key[0]}"))
-            return False
-        if action is Action.RESTART:
-            self._drop_attempt(table, src)
-            events.append(SequenceReset(src, door, seq.kind, stage, f"{key[1]}/{key[0]}"))
-            stage = 0
-            attempt = None
-        # ADVANCE (or the first step of a restart)
+            return action
+        if action in (Action.RESET, Action.RESTART):
+            seq.attempts.pop(src)
+            events.append(SequenceReset(src, seq.name, seq.kind, stage, f"{key[1]}/{key[0]}"))
+            if action is Action.RESET:
+                return action
+            stage, attempt = 0, None
         stage += 1
         if stage < len(seq.steps):
             if attempt is None:
-                self._add_attempt(table, src, Attempt(stage, now))
+                seq.attempts.put(src, now + seq.timeout, Attempt(stage, now))
             else:
                 attempt.stage = stage
-            events.append(KnockAdvanced(src, door, seq.kind, stage))
-            return True
-        if attempt is not None:
-            self._drop_attempt(table, src)
+            events.append(KnockAdvanced(src, seq.name, seq.kind, stage))
+            return action
+        seq.attempts.pop(src)
         if seq.kind is Sequence.OPEN:
-            until = now + seq.door.open_for
-            self._grant(door, src, until)
-            events.append(DoorOpened(src, door, until))
+            until = now + state.door.open_for
+            state.grants.put(src, until)
+            events.append(DoorOpened(src, seq.name, until))
         else:
-            grants = self._grants[door]
-            was_open = grants.pop(src, None) is not None
-            self._grant_count -= was_open
-            events.append(DoorClosed(src, door, was_open))
-        return True
-
-    # -- bounded tables ------------------------------------------------------------------
-
-    def _add_attempt(self, table: OrderedDict, src: str, attempt: Attempt) -> None:
-        if self._attempt_count >= self.max_sources:
-            oldest = min(
-                (t for t in self._attempts.values() if t),
-                key=lambda t: next(iter(t.values())).started,
-            )
-            oldest.popitem(last=False)
-            self._attempt_count -= 1
-            self.evicted += 1
-        table[src] = attempt
-        self._attempt_count += 1
-
-    def _drop_attempt(self, table: OrderedDict, src: str) -> None:
-        del table[src]
-        self._attempt_count -= 1
-
-    def _grant(self, door: str, src: str, until: float) -> None:
-        grants = self._grants[door]
-        if src in grants:
-            grants.move_to_end(src)
-        else:
-            if self._grant_count >= self.max_sources:
-                oldest = min((g for g in self._grants.values() if g), key=lambda g: next(iter(g.values())))
-                oldest.popitem(last=False)
-                self._grant_count -= 1
-                self.evicted += 1
-            self._grant_count += 1
-        grants[src] = until
+            was_open = state.grants.pop(src) is not None
+            events.append(DoorClosed(src, seq.name, was_open))
+        return action
 
     # -- time ----------------------------------------------------------------------------
 
     def expire(self, now: float) -> list[Event]:
-        """Remove attempts and grants whose time is up; report each."""
+        """Remove attempts, grants, failure counts and locks whose time is up; report them."""
         events: list[Event] = []
-        for (door, kind), table in self._attempts.items():
-            timeout = self.doors[door].seq_timeout
-            while table:
-                src, attempt = next(iter(table.items()))
-                if now < attempt.started + timeout:
-                    break
-                self._drop_attempt(table, src)
-                events.append(SequenceTimeout(src, door, kind, attempt.stage))
-        for door, grants in self._grants.items():
-            while grants:
-                src, until = next(iter(grants.items()))
-                if now < until:
-                    break
-                del grants[src]
-                self._grant_count -= 1
-                events.append(GrantExpired(src, door))
+        for name, state in self._doors.items():
+            for seq in state.sequences:
+                events.extend(SequenceTimeout(src, name, seq.kind, a.stage) for src, a in seq.attempts.expire(now))
+            events.extend(GrantExpired(src, name) for src, _ in state.grants.expire(now))
+            for _ in state.failures.expire(now):
+                pass
+            events.extend(LockReleased(src, name) for src, _ in state.locks.expire(now))
         return events
 
     def next_deadline(self) -> float | None:
         """Engine time at which `expire` next has something to do, or None."""
         deadlines = [
-            next(iter(table.values())).started + self.doors[door].seq_timeout
-            for (door, _), table in self._attempts.items()
-            if table
+            deadline
+            for state in self._doors.values()
+            for table in state.tables()
+            if (deadline := table.next_deadline()) is not None
         ]
-        deadlines += [next(iter(g.values())) for g in self._grants.values() if g]
         return min(deadlines, default=None)
 
     # -- inspection ----------------------------------------------------------------------
@@ -331,13 +353,27 @@ class Engine:
     @property
     def tracked(self) -> int:
         """Attempts in progress."""
-        return self._attempt_count
+        return self._attempt_pool.size
+
+    @property
+    def evicted(self) -> int:
+        """Entries dropped because a pool was full."""
+        return self._attempt_pool.evicted + self._grant_pool.evicted + self._record_pool.evicted
 
     def grants(self, now: float) -> list[tuple[str, str, float]]:
         """Live grants as (door, source, seconds left)."""
         return [
-            (door, src, until - now)
-            for door, table in self._grants.items()
-            for src, until in table.items()
+            (name, src, until - now)
+            for name, state in self._doors.items()
+            for src, until, _ in state.grants.items()
+            if until > now
+        ]
+
+    def locked(self, now: float) -> list[tuple[str, str, float]]:
+        """Live lockouts as (door, source, seconds left)."""
+        return [
+            (name, src, until - now)
+            for name, state in self._doors.items()
+            for src, until, _ in state.locks.items()
             if until > now
         ]

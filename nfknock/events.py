@@ -71,6 +71,22 @@ class GrantExpired:
 
 
 @dataclass(frozen=True, slots=True)
+class LockedOut:
+    """`failures` failed attempts within the window: the door ignores `src` until `until`."""
+
+    src: str
+    door: str
+    failures: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class LockReleased:
+    src: str
+    door: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionAccepted:
     src: str
     door: str
@@ -90,6 +106,8 @@ Event = (
     | DoorOpened
     | DoorClosed
     | GrantExpired
+    | LockedOut
+    | LockReleased
     | ConnectionAccepted
     | ConnectionRefused
 )

@@ -19,6 +19,8 @@ from .events import (
     Event,
     GrantExpired,
     KnockAdvanced,
+    LockedOut,
+    LockReleased,
     Sequence,
     SequenceReset,
     SequenceTimeout,
@@ -41,6 +43,8 @@ RENDERERS = {
     ),
     SequenceTimeout: lambda e: f"{e.src}: {e.door}: {_closing(e.sequence)}sequence timeout (stage {e.stage})",
     GrantExpired: lambda e: f"{e.src}: {e.door}: command timeout (open_for over, new connections refused)",
+    LockedOut: lambda e: f"{e.src}: {e.door}: locked out after {e.failures} failed attempts; knocks ignored",
+    LockReleased: lambda e: f"{e.src}: {e.door}: lockout over",
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",
 }

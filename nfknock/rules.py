@@ -151,6 +151,28 @@ def _ipv4_network(value: Any) -> ipaddress.IPv4Network:
 Source = Annotated[ipaddress.IPv4Network, BeforeValidator(_ipv4_network), PlainSerializer(str)]
 
 
+class Lockout(BaseModel):
+    """`failures` failed attempts within `window` make the door ignore that source for `lock_for`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    failures: int = Field(default=5, ge=1, le=1000)
+    window: Duration = 60.0
+    lock_for: Duration = 300.0
+
+
+def _lockout_switch(value: Any) -> Any:
+    # YAML reads `lockout: off` as False.
+    if value is False:
+        return None
+    if value is True:
+        return Lockout()
+    return value
+
+
+DEFAULT_TRIPWIRE = 16
+
+
 class Door(BaseModel):
     """One door: a knock sequence that grants its source NEW connections to `protect`."""
 
@@ -164,6 +186,8 @@ class Door(BaseModel):
     open_for: Duration = DEFAULT_OPEN_FOR
     tcp_flags: Flags = TcpFlags(TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"])
     sources: tuple[Source, ...] = ()
+    tripwire: int = Field(default=DEFAULT_TRIPWIRE, ge=0, le=1024)
+    lockout: Annotated[Lockout | None, BeforeValidator(_lockout_switch)] = Lockout()
 
     @field_validator("sequence", "close_sequence")
     @classmethod
@@ -194,6 +218,36 @@ class Door(BaseModel):
     def knock_ports(self) -> tuple[Port, ...]:
         """Every port of the door's sequences, without repeats, in first-seen order."""
         return tuple(dict.fromkeys(self.sequence + (self.close_sequence or ())))
+
+    @property
+    def tripwire_ranges(self) -> tuple[tuple[str, int, int], ...]:
+        """(proto, first, last) port ranges within `tripwire` of any step, merged.
+
+        A scanner walking the ports in any order touches these between the steps; a knock
+        client never does. They include the steps themselves (the firewall matches steps
+        first); `tripwire_keys` is the set without them.
+        """
+        spans = sorted(
+            (p.proto, max(1, p.port - self.tripwire), min(65535, p.port + self.tripwire))
+            for p in self.knock_ports
+        ) if self.tripwire else []
+        merged: list[tuple[str, int, int]] = []
+        for proto, first, last in spans:
+            if merged and merged[-1][0] == proto and first <= merged[-1][2] + 1:
+                merged[-1] = (proto, merged[-1][1], max(last, merged[-1][2]))
+            else:
+                merged.append((proto, first, last))
+        return tuple(merged)
+
+    @property
+    def tripwire_keys(self) -> frozenset[tuple[str, int]]:
+        steps = {p.key for p in self.knock_ports}
+        return frozenset(
+            (proto, port)
+            for proto, first, last in self.tripwire_ranges
+            for port in range(first, last + 1)
+            if (proto, port) not in steps
+        )
 
 
 class RuleFile(BaseModel):

@@ -4,6 +4,11 @@
 before the queue (bulk traffic never reaches Python), NEW connections are queued, anything else
 is dropped; every knock port is queued.
 
+Ports near the knock steps are tripwires (see engine.py): new connections to them are queued
+too, and nfknock hands each one back with PASS_MARK set (NF_REPEAT); the first rule of the chain
+returns marked packets, so the rest of the host's firewall decides on them as if nfknock were
+not there.
+
 For TCP, only a SYN is a new connection. A mid-stream ACK that conntrack sees as NEW is a
 connection that existed before conntrack tracked this namespace (an admin's SSH session when
 nfknock first starts); it is accepted so that session survives. It cannot open a connection:
@@ -23,23 +28,32 @@ from typing import Protocol
 from ..rules import Door
 
 CHAIN = "NFKNOCK"
+PASS_MARK = 0x20000000  # one bit of the packet mark; other bits are left to the host
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
 
 
 @dataclass(frozen=True)
 class RuleSpec:
-    proto: str
-    dport: int
-    target: str  # ACCEPT, NFQUEUE or DROP
+    target: str  # ACCEPT, NFQUEUE, DROP or RETURN
+    proto: str | None = None
+    dport: int | tuple[int, int] | None = None
     ctstate: str | None = None
     queue_num: int | None = None
     tcp_flags: tuple[str, str] | None = None  # (mask, set), as iptables --tcp-flags
+    mark: int | None = None  # match packets that carry this mark bit
 
     def __str__(self) -> str:
-        text = f"-A {CHAIN} -p {self.proto} -m {self.proto} --dport {self.dport}"
+        text = f"-A {CHAIN}"
+        if self.proto:
+            text += f" -p {self.proto} -m {self.proto}"
+        if self.dport is not None:
+            dport = f"{self.dport[0]}:{self.dport[1]}" if isinstance(self.dport, tuple) else self.dport
+            text += f" --dport {dport}"
         if self.tcp_flags:
             text += f" --tcp-flags {' '.join(self.tcp_flags)}"
+        if self.mark is not None:
+            text += f" -m mark --mark {self.mark:#x}/{self.mark:#x}"
         if self.ctstate:
             text += f" -m conntrack --ctstate {self.ctstate}"
         text += f" -j {self.target}"
@@ -51,19 +65,23 @@ class RuleSpec:
 def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
-    specs: list[RuleSpec] = []
+    tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
+    specs: list[RuleSpec] = [RuleSpec("RETURN", mark=PASS_MARK)] if tripwires else []
     for proto, port in protected:
-        specs.append(RuleSpec(proto, port, "ACCEPT", ctstate="RELATED,ESTABLISHED"))
+        specs.append(RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED"))
         if proto == "tcp":
             specs += [
-                RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num, tcp_flags=SYN_ONLY),
-                RuleSpec(proto, port, "ACCEPT", ctstate="NEW", tcp_flags=MID_STREAM),
+                RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=SYN_ONLY),
+                RuleSpec("ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM),
             ]
         else:
-            specs.append(RuleSpec(proto, port, "NFQUEUE", ctstate="NEW", queue_num=queue_num))
-        specs.append(RuleSpec(proto, port, "DROP"))
+            specs.append(RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num))
+        specs.append(RuleSpec("DROP", proto, port))
     for proto, port in knocks:
-        specs.append(RuleSpec(proto, port, "NFQUEUE", queue_num=queue_num))
+        specs.append(RuleSpec("NFQUEUE", proto, port, queue_num=queue_num))
+    for proto, first, last in tripwires:
+        specs.append(RuleSpec("NFQUEUE", proto, (first, last), ctstate="NEW", queue_num=queue_num,
+                              tcp_flags=SYN_ONLY if proto == "tcp" else None))
     return specs
 
 

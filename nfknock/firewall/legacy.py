@@ -80,11 +80,15 @@ class LegacyFirewall:
 
 def _rule_of(iptc, spec: RuleSpec):
     rule = iptc.Rule()
-    rule.protocol = spec.proto
-    match = rule.create_match(spec.proto)
-    match.dport = str(spec.dport)
-    if spec.tcp_flags:
-        match.tcp_flags = list(spec.tcp_flags)
+    if spec.proto:
+        rule.protocol = spec.proto
+        match = rule.create_match(spec.proto)
+        if spec.dport is not None:
+            match.dport = f"{spec.dport[0]}:{spec.dport[1]}" if isinstance(spec.dport, tuple) else str(spec.dport)
+        if spec.tcp_flags:
+            match.tcp_flags = list(spec.tcp_flags)
+    if spec.mark is not None:
+        rule.create_match("mark").mark = f"{spec.mark:#x}/{spec.mark:#x}"
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
     target = rule.create_target(spec.target)
@@ -94,16 +98,25 @@ def _rule_of(iptc, spec: RuleSpec):
 
 
 def _spec_of(rule) -> RuleSpec:
+    """Read a kernel rule back into a RuleSpec (to show and compare what is installed)."""
     params = {m.name: m.get_all_parameters() for m in rule.matches}
     target = rule.target.get_all_parameters()
+    proto = rule.protocol if rule.protocol in ("tcp", "udp") else None
+    ports = params.get(proto, {}) if proto else {}
+    dport = ports.get("dport", [None])[0]
+    if dport is not None:
+        first, _, last = dport.partition(":")
+        dport = (int(first), int(last)) if last else int(first)
     ctstate = params.get("conntrack", {}).get("ctstate")
     queue = target.get("queue-num")
-    flags = params[rule.protocol].get("tcp-flags")
+    flags = ports.get("tcp-flags")
+    mark = params.get("mark", {}).get("mark")
     return RuleSpec(
-        proto=rule.protocol,
-        dport=int(params[rule.protocol]["dport"][0]),
         target=rule.target.name,
+        proto=proto,
+        dport=dport,
         ctstate=ctstate[0] if ctstate else None,
         queue_num=int(queue[0]) if queue else None,
         tcp_flags=tuple(flags) if flags else None,
+        mark=int(mark[0].split("/")[0], 16) if mark else None,
     )

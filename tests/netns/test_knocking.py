@@ -86,7 +86,7 @@ def test_own_client_closes_with_the_close_sequence(server, alice):
 
 def test_wrong_port_resets_the_attempt(server, alice):
     server.start()
-    knock(server.sandbox, alice, "40000", "50000", "40001", "60000")  # 40001: not a door port
+    knock(server.sandbox, alice, "40000", "50000", "41000", "60000")  # 41000: no door's port
     assert connect(alice, timeout=3).connected  # an unrelated port changes nothing
     knock(server.sandbox, alice, "60000", "50000", "40000")  # close again
     knock(server.sandbox, alice, "40000", "60000", "50000", "60000")  # 60000 out of order

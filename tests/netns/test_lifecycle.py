@@ -8,6 +8,7 @@ from conftest import connect, echoes, hold, knock
 SCAFFOLDING = [
     "-N NFKNOCK",
     "-A INPUT -j NFKNOCK",
+    "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
     "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
     "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
@@ -15,6 +16,10 @@ SCAFFOLDING = [
     "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
+] + [
+    f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
+    "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
+    for step in (40000, 50000, 60000)
 ]
 
 

@@ -111,4 +111,4 @@ def test_reload_installs_the_new_scaffolding(daemon):
     (daemon.rules_path / "ssh.yaml").write_text(text)
     assert daemon.reload() is True
     (call,) = daemon.firewall.calls
-    assert RuleSpec("tcp", 2222, "DROP") in call[1]
+    assert RuleSpec("DROP", "tcp", 2222) in call[1]

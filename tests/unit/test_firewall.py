@@ -1,6 +1,6 @@
 """The scaffolding plan: what goes into the kernel, as data (no root needed)."""
 
-from nfknock.firewall import CHAIN, RuleSpec, scaffolding
+from nfknock.firewall import CHAIN, PASS_MARK, RuleSpec, scaffolding
 from nfknock.rules import Door
 
 
@@ -10,8 +10,8 @@ def door(**fields):
     return Door.model_validate(base)
 
 
-def test_plan_for_one_door():
-    plan = [str(s) for s in scaffolding((door(),), 3)]
+def test_plan_for_one_door_without_tripwires():
+    plan = [str(s) for s in scaffolding((door(tripwire=0),), 3)]
     assert plan == [
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
@@ -22,6 +22,20 @@ def test_plan_for_one_door():
     ]
 
 
+def test_tripwires_are_queued_and_marked_packets_return_first():
+    plan = scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
+    assert plan[0] == RuleSpec("RETURN", mark=PASS_MARK)
+    assert [str(s) for s in plan[-2:]] == [
+        f"-A {CHAIN} -p tcp -m tcp --dport 39992:40018 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p udp -m udp --dport 49992:50008 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
+    ]
+
+
+def test_tripwire_ranges_stay_within_port_numbers():
+    (first, last) = door(sequence=[2, 65534], tripwire=16).tripwire_ranges
+    assert first == ("tcp", 1, 18) and last == ("tcp", 65518, 65535)
+
+
 def test_no_rule_bypasses_the_queue_and_none_names_a_client():
     plan = scaffolding((door(), door(name="e", sequence=[1, 2], protect=["53/udp"])), 0)
     for spec in plan:
@@ -30,9 +44,12 @@ def test_no_rule_bypasses_the_queue_and_none_names_a_client():
 
 
 def test_udp_protected_port_queues_every_new_flow():
-    plan = scaffolding((door(protect=["53/udp"]),), 0)
-    assert RuleSpec("udp", 53, "NFQUEUE", ctstate="NEW", queue_num=0) in plan
-    assert plan[-3] == RuleSpec("udp", 53, "DROP")
+    plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0)
+    assert plan[:3] == [
+        RuleSpec("ACCEPT", "udp", 53, ctstate="RELATED,ESTABLISHED"),
+        RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0),
+        RuleSpec("DROP", "udp", 53),
+    ]
 
 
 def test_shared_ports_appear_once():
@@ -41,3 +58,4 @@ def test_shared_ports_appear_once():
     plan = scaffolding((a, b), 0)
     assert sum(1 for s in plan if s.dport == 2) == 1
     assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1
+    assert sum(1 for s in plan if s.target == "RETURN") == 1
