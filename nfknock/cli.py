@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-sources", type=_positive, default=65536,
                      help="most knock attempts (and, separately, grants) tracked at once; the oldest "
                      "is dropped when full (default: %(default)s)")
+    run.add_argument("--queue-maxlen", type=_int_in(16, 1_000_000, "queue length"), default=4096,
+                     help="packets the kernel holds for nfknock before it drops (default: %(default)s)")
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
@@ -103,7 +105,8 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
-    daemon = Daemon(args.rules, LegacyFirewall(), args.queue_num, args.max_sources, logger)
+    daemon = Daemon(args.rules, LegacyFirewall(), args.queue_num, args.max_sources, logger,
+                    queue_maxlen=args.queue_maxlen)
     daemon.run()
     return 0
 

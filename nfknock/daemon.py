@@ -22,10 +22,12 @@ from .firewall import PASS_MARK, Firewall, iptables_flavour, scaffolding
 from .logs import log_events
 from .packet import parse
 from .rules import Ruleset, load_rules
+from .stats import Reporter, read_queue_drops
 
 BATCH = 256  # packets handled before signals and timers are looked at again
 MAX_SLEEP = 1.0
-QUEUE_MAXLEN = 4096
+STATS_EVERY = 5.0  # seconds between looks at the drop counters
+DEFAULT_QUEUE_MAXLEN = 4096
 
 
 class _Batch:
@@ -51,10 +53,14 @@ class Daemon:
         max_sources: int = DEFAULT_MAX_SOURCES,
         logger: logging.Logger | None = None,
         clock=time.monotonic,
+        queue_maxlen: int = DEFAULT_QUEUE_MAXLEN,
     ):
         self.rules_path = Path(rules_path)
         self.firewall = firewall
         self.queue_num = queue_num
+        self.queue_maxlen = queue_maxlen
+        self.max_sources = max_sources
+        self.reporter = Reporter()
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
         self.ruleset: Ruleset = load_rules(self.rules_path)  # RulesError: nothing touched yet
@@ -99,7 +105,7 @@ class Daemon:
 
         queue = NetfilterQueue()
         try:
-            queue.bind(self.queue_num, self.on_packet, max_len=QUEUE_MAXLEN)
+            queue.bind(self.queue_num, self.on_packet, max_len=self.queue_maxlen)
         except OSError as exc:
             raise QueueError(
                 f"cannot bind NFQUEUE {self.queue_num}: {exc} "
@@ -125,6 +131,7 @@ class Daemon:
         nl = socket.fromfd(queue.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
         nl.setblocking(False)
         batch = _Batch(nl, self)
+        next_stats = self.clock()
         try:
             while not self.stopping:
                 deadline = self.engine.next_deadline()
@@ -141,8 +148,16 @@ class Daemon:
                 now = self.clock()
                 if deadline is not None and now >= deadline:
                     log_events(self.log, self.engine.expire(now))
+                if now >= next_stats:
+                    next_stats = now + STATS_EVERY
+                    self.report_counters()
         finally:
             nl.close()
+
+    def report_counters(self) -> None:
+        for line in self.reporter.report(self.queue_num, read_queue_drops(self.queue_num), self.unparsable,
+                                         self.engine.evicted, self.errors, self.max_sources):
+            self.log.warning("%s", line)
 
     def reload(self) -> bool:
         """Apply the rules on disk; on any problem keep the old rules and say why."""
@@ -171,6 +186,7 @@ class Daemon:
             signal.set_wakeup_fd(-1)
         except ValueError:
             pass
+        self.report_counters()
         try:
             self.firewall.remove()
             self.log.info("scaffolding removed; nfknock stopped")

@@ -10,6 +10,8 @@ from nfknock.events import (
     DoorOpened,
     GrantExpired,
     KnockAdvanced,
+    LockedOut,
+    LockReleased,
     Sequence,
     SequenceReset,
     SequenceTimeout,
@@ -269,3 +271,86 @@ def test_reload_that_removes_a_door_forgets_its_grants(clock):
     assert clock.engine.reload((other,)) == ["openSSH"]
     assert clock.connect().verdict is Verdict.DROP
     assert clock.engine.grants(clock.now) == []
+
+
+# -- tripwires and lockout -------------------------------------------------------------
+
+def test_tripwire_resets_and_the_packet_is_passed_on(clock):
+    clock.send(40000, 50000)
+    clock.now += 0.1
+    decision = clock.engine.handle(knock(50001), clock.now)
+    assert decision.verdict is Verdict.PASS
+    assert decision.events == (SequenceReset(ALICE, "openSSH", Sequence.OPEN, 2, "50001/tcp"),)
+    assert not any(isinstance(e, DoorOpened) for e in clock.send(60000))
+
+
+def test_ports_beyond_the_tripwire_are_not_ours(clock):
+    assert clock.engine.handle(knock(40017), clock.now).verdict is Verdict.DROP
+    assert clock.engine.handle(knock(40016), clock.now).verdict is Verdict.PASS
+
+
+def test_ascending_and_descending_walks_never_open(clock):
+    for ports in (range(39000, 61001), range(61000, 38999, -1)):
+        events = clock.send(*ports, src=BOB, gap=0.0001)
+        assert not any(isinstance(e, DoorOpened) for e in events)
+        assert clock.connect(src=BOB).verdict is Verdict.DROP
+
+
+def test_a_random_scan_of_every_port_opens_nothing():
+    import random
+
+    rng = random.Random(7)
+    clock = Clock(Engine((seed(),)))
+    for trial in range(20):
+        ports = list(range(1, 65536))
+        rng.shuffle(ports)
+        src = f"10.9.0.{trial}"
+        events = clock.send(*ports, src=src, gap=0.00001)
+        assert not any(isinstance(e, DoorOpened) for e in events)
+        assert clock.connect(src=src).verdict is Verdict.DROP
+
+
+def test_failures_lock_the_source_out_and_the_lock_ends():
+    clock = Clock(Engine((seed(lockout={"failures": 3, "window": "60s", "lock_for": "5m"}),)))
+    clock.send(40000, 40001, 40000, 40002)  # two tripwire hits: two failures
+    events = clock.send(39990)
+    locked = [e for e in events if isinstance(e, LockedOut)]
+    assert locked == [LockedOut(ALICE, "openSSH", 3, clock.now + 300)]
+    assert clock.send(40000, 50000, 60000) == []  # ignored while locked
+    assert clock.connect().verdict is Verdict.DROP
+    assert isinstance(clock.send(40000, 50000, 60000, src=BOB)[-1], DoorOpened)  # others unaffected
+    released = clock.engine.expire(clock.now + 301)
+    assert LockReleased(ALICE, "openSSH") in released
+    clock.now += 301
+    assert isinstance(clock.send(40000, 50000, 60000)[-1], DoorOpened)
+
+
+def test_wrong_door_port_counts_as_a_failure_but_restarts_do_not():
+    clock = Clock(Engine((seed(close_sequence=None, lockout={"failures": 2}),)))
+    clock.send(40000, 40000, 50000, 40000, 50000)  # duplicate and restart: no failure
+    assert clock.engine.locked(clock.now) == []
+    clock.send(40000, 60000, 40000, 60000)  # two resets
+    assert [lock[:2] for lock in clock.engine.locked(clock.now)] == [("openSSH", ALICE)]
+
+
+def test_failures_outside_the_window_do_not_add_up():
+    clock = Clock(Engine((seed(lockout={"failures": 2, "window": "10s"}),)))
+    clock.send(40001)
+    clock.now += 11
+    clock.send(40001)
+    assert clock.engine.locked(clock.now) == []
+
+
+def test_a_locked_source_keeps_its_grant(clock):
+    clock.send(40000, 50000, 60000)
+    for port in range(40001, 40007):
+        clock.send(port)
+    assert clock.engine.locked(clock.now)
+    assert clock.connect().verdict is Verdict.ACCEPT
+
+
+def test_lockout_can_be_switched_off():
+    clock = Clock(Engine((seed(lockout=False),)))
+    clock.send(*range(40001, 40016))
+    assert clock.engine.locked(clock.now) == []
+    assert isinstance(clock.send(40000, 50000, 60000)[-1], DoorOpened)
