@@ -9,9 +9,11 @@ so a test can connect from a client namespace without a subprocess.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import secrets
 import signal
+import struct
 import subprocess
 import socket
 import sys
@@ -186,3 +188,47 @@ def connect(client, port: int = 22, timeout: float = 1.5) -> Attempt:
         return Attempt(False, time.monotonic() - start)
     finally:
         sock.close()
+
+
+class SynFlood:
+    """TCP SYNs from many made-up source addresses, built once and patched per packet.
+
+    Raw IPv4 with IP_HDRINCL (the kernel fills in the IP checksum); the TCP checksum is the
+    template's pseudo-header sum adjusted for each source address, so every packet is valid.
+    """
+
+    def __init__(self, namespace: str, dst: str, dport: int):
+        with entered(namespace):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        self.dst = dst
+        dst_bytes = socket.inet_aton(dst)
+        self.tcp = bytearray(struct.pack("!HHIIBBHHH", 33333, dport, 1, 0, 5 << 4, 0x02, 64240, 0, 0))
+        # Sum of everything the TCP checksum covers except the source address.
+        words = self.tcp + dst_bytes + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(self.tcp))
+        self.partial = sum(struct.unpack(f"!{len(words) // 2}H", bytes(words)))
+        self.ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
+                                        b"\0\0\0\0", dst_bytes))
+
+    def send(self, first_source: int, count: int) -> int:
+        """Send `count` SYNs from first_source, first_source+1, ...; return how many went out."""
+        ip, tcp, partial, sock, target = self.ip, self.tcp, self.partial, self.sock, (self.dst, 0)
+        sent = 0
+        for src in range(first_source, first_source + count):
+            total = partial + (src >> 16) + (src & 0xFFFF)
+            total = (total & 0xFFFF) + (total >> 16)
+            total = (total & 0xFFFF) + (total >> 16)
+            struct.pack_into("!I", ip, 12, src)
+            struct.pack_into("!H", tcp, 16, ~total & 0xFFFF)
+            try:
+                sock.sendto(bytes(ip + tcp), target)
+                sent += 1
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()

@@ -43,7 +43,8 @@ class Reporter:
     """Remembers the last values seen and says, in one line each, what grew since."""
 
     def __init__(self):
-        self._drops: QueueDrops | None = None
+        # The kernel creates the queue's counters at zero when the daemon binds it.
+        self._drops = QueueDrops(0, 0)
         self._unparsable: dict[str, int] = {}
         self._evicted = 0
         self._errors = 0
@@ -52,7 +53,7 @@ class Reporter:
                evicted: int, errors: int, max_sources: int) -> list[str]:
         lines = []
         if drops is not None:
-            if self._drops is not None and drops.total > self._drops.total:
+            if drops.total > self._drops.total:
                 lines.append(
                     f"queue {queue_num}: the kernel dropped {drops.total - self._drops.total} packets since the "
                     f"last report (queue full: {drops.queue_full - self._drops.queue_full}, socket buffer: "

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   iptables                                         # libip4tc/libxtables for python-iptables
   iproute2                                         # ip netns for the demo and the tests
   knockd                                           # the stock 'knock' client the tests use
+  nmap                                             # the attacker in the scan tests
 )
 
 as_root() {

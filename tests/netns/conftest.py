@@ -15,7 +15,7 @@ import pytest
 from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ("ip", "iptables-legacy", "knock")
+TOOLS = ("ip", "iptables-legacy", "knock", "nmap")
 SERVICE_PORT = 22
 
 
@@ -122,7 +122,7 @@ SEED = (REPO / "rules" / "ssh.yaml").read_text()
 
 @pytest.fixture
 def sandbox(kernel):
-    with Sandbox(clients_wanted=2) as box:
+    with Sandbox(clients_wanted=3) as box:
         service = EchoService(box.server)
         try:
             yield box
@@ -147,6 +147,19 @@ def alice(sandbox):
 @pytest.fixture
 def bob(sandbox):
     return sandbox.clients[1]
+
+
+@pytest.fixture
+def mallory(sandbox):
+    """The attacker."""
+    return sandbox.clients[2]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def knock(sandbox, client, *ports: str) -> None:

@@ -19,7 +19,8 @@ def test_reads_the_right_queue(tmp_path):
 
 def test_reporter_speaks_only_of_growth():
     reporter = Reporter()
-    assert reporter.report(7, QueueDrops(10, 0), {}, 0, 0, 100) == []  # the first look is the baseline
+    assert reporter.report(7, QueueDrops(0, 0), {}, 0, 0, 100) == []
+    assert "dropped 10 packets" in reporter.report(7, QueueDrops(10, 0), {}, 0, 0, 100)[0]
     assert reporter.report(7, QueueDrops(10, 0), {}, 0, 0, 100) == []
     (line,) = reporter.report(7, QueueDrops(30, 2), {}, 0, 0, 100)
     assert "dropped 22 packets" in line and "queue full: 20" in line and "socket buffer: 2" in line

@@ -1,0 +1,158 @@
+"""Hostile traffic on a real kernel: port scans, tripwires, lockout, floods, queue overflow."""
+
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import SEED, connect, knock, rss_kib
+from nfknock.sandbox import EchoService, SynFlood, entered
+
+UDP_DOOR = """\
+  - name: udpDoor
+    sequence: [7000/udp, 8000/udp, 9000/udp]
+    protect: [22/tcp]
+"""
+
+NMAP = ["nmap", "-n", "-Pn", "-p-", "--max-retries", "0", "--min-rate", "20000", "-T5"]
+
+
+def nmap(sandbox, attacker, *args):
+    result = sandbox.run(attacker.namespace, [*NMAP, *args, attacker.server_address], timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def assert_nothing_opened(server, *clients):
+    assert "OPEN SESAME" not in server.log_text()
+    for client in clients:
+        assert not connect(client, timeout=1).connected
+
+
+@pytest.mark.parametrize("order", [["-r"], []], ids=["ascending", "random"])
+def test_tcp_syn_scan_of_every_port_opens_nothing(server, alice, mallory, order):
+    server.start()
+    nmap(server.sandbox, mallory, "-sS", *order)
+    assert_nothing_opened(server, mallory, alice)
+    assert "10.199.3.2: openSSH: locked out after 5 failed attempts" in server.log_text()
+
+
+def test_descending_syn_walk_opens_nothing(server, alice, mallory):
+    server.start()
+    for port in range(65535, 0, -1):
+        with entered(mallory.namespace):
+            sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex((mallory.server_address, port))
+        sock.close()
+    time.sleep(0.5)
+    assert_nothing_opened(server, mallory, alice)
+
+
+@pytest.mark.parametrize("order", [["-r"], []], ids=["ascending", "random"])
+def test_udp_scan_of_every_port_opens_nothing(server, alice, mallory, order):
+    server.write_rules(SEED + UDP_DOOR)
+    server.start()
+    nmap(server.sandbox, mallory, "-sU", *order)
+    assert_nothing_opened(server, mallory, alice)
+
+
+def test_scanned_doors_still_open_for_the_real_client(server, alice, mallory):
+    server.start()
+    nmap(server.sandbox, mallory, "-sS")
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    assert not connect(mallory, timeout=1).connected
+
+
+def test_tripwire_ports_keep_their_own_behaviour(server, alice):
+    """nfknock watches tripwire ports but leaves the answer to the host: a service there keeps
+    working, a closed port still refuses, and the host's own DROP still drops."""
+    service = EchoService(server.sandbox.server, port=40005)
+    server.sandbox.run(server.sandbox.server, ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport",
+                                               "40006", "-j", "DROP"], check=True)
+    try:
+        server.start()
+        served = connect(alice, port=40005)
+        assert served.connected and served.greeting == b"hello\n"
+        with entered(alice.namespace):
+            sock = socket.socket()
+        sock.settimeout(2)
+        with pytest.raises(ConnectionRefusedError):
+            sock.connect((alice.server_address, 40007))
+        sock.close()
+        assert not connect(alice, port=40006, timeout=1).connected
+    finally:
+        service.close()
+
+
+def test_lockout_ignores_knocks_then_ends(server, mallory):
+    server.write_rules(SEED.replace("    tcp_flags: syn,!ack",
+                                    "    tcp_flags: syn,!ack\n    lockout: {failures: 3, lock_for: 3s}"))
+    server.start()
+    for port in (40001, 40002, 40003):
+        connect(mallory, port=port, timeout=0.2)
+    server.wait_log("10.199.3.2: openSSH: locked out after 3 failed attempts")
+    knock(server.sandbox, mallory, "40000", "50000", "60000")
+    assert not connect(mallory, timeout=1).connected
+    server.wait_log("10.199.3.2: openSSH: lockout over", timeout=10)
+    knock(server.sandbox, mallory, "40000", "50000", "60000")
+    assert connect(mallory).connected
+    assert server.log_text().count("locked out") == 1
+
+
+def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server, alice, mallory):
+    cap = 50_000
+    server.start("--max-sources", str(cap), "--queue-maxlen", "65536")
+    baseline = rss_kib(server.process.pid)
+    flood = SynFlood(mallory.namespace, mallory.server_address, 40000)
+    sent = []
+    def run_flood():
+        sent.append(flood.send(0x0B000000, 1_000_000))
+        sent.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=run_flood)
+    started = time.monotonic()
+    thread.start()
+    try:
+        time.sleep(1)
+        # Knocks and the connect go through the same queue as the flood; a knock the kernel
+        # drops when the queue overflows is simply sent again, as a user would.
+        for attempt in range(10):
+            knock(server.sandbox, alice, "40000", "50000", "60000")
+            if connect(alice, timeout=2).connected:
+                break
+        else:
+            pytest.fail("the client never got in during the flood")
+        during = time.monotonic() - started
+    finally:
+        thread.join()
+        flood.close()
+    assert sent[0] > 900_000
+    time.sleep(2)
+    peak = rss_kib(server.process.pid)
+    growth_mib = (peak - baseline) / 1024
+    assert during < sent[1], "the client only got in after the flood"
+    print(f"\nflood: {sent[0]} spoofed first knocks in {sent[1]:.1f}s; client got in after {during:.1f}s; "
+          f"RSS {baseline // 1024} -> {peak // 1024} MiB (+{growth_mib:.1f} MiB for a cap of {cap}, "
+          f"{(peak - baseline) * 1024 / cap:.0f} bytes per tracked source)")
+    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
+    assert "state full" in server.wait_log("state full", timeout=10)
+
+
+def test_queue_overflow_is_logged(server, alice):
+    server.write_rules(SEED + UDP_DOOR)
+    server.start("--queue-maxlen", "50")
+    subprocess.run(["kill", "-STOP", str(server.process.pid)], check=True)
+    try:
+        with entered(alice.namespace):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for i in range(300):
+            sock.sendto(b"x", (alice.server_address, 7000))
+        sock.close()
+    finally:
+        subprocess.run(["kill", "-CONT", str(server.process.pid)], check=True)
+    line = server.wait_log("the kernel dropped", timeout=15)
+    assert "queue full: 250" in line
