@@ -272,7 +272,8 @@ class Ruleset:
 
 def rule_files(path: Path) -> list[Path]:
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        # Not is_file(): a dangling symlink or a directory named *.yaml must be reported, not skipped.
+        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
         if not files:
             raise RulesError([f"{path}: no rule files (*.yaml) in this directory"])
         return files

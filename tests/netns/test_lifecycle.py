@@ -123,3 +123,40 @@ def test_sighup_applies_new_rules_and_keeps_unchanged_grants(server, alice, bob)
     knock(server.sandbox, bob, "1111", "2222")
     time.sleep(0.1)
     assert not connect(bob, timeout=1).connected  # web opens 8080, not ssh
+
+
+def test_reloads_never_open_a_window_and_keep_sessions(server, alice, bob):
+    """While rules are reloaded again and again, a client without a grant keeps trying to get
+    in and never does; the grant and the session of a client that knocked survive."""
+    import threading
+
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    session = hold(alice)
+    stop, breaches, tries = threading.Event(), [], [0]
+
+    def probe():
+        while not stop.is_set():
+            tries[0] += 1
+            if connect(bob, timeout=0.05).connected:
+                breaches.append(time.monotonic())
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        for i in range(10):
+            extra = f"doors:\n  - name: web\n    sequence: [{1000 + i}, 2000]\n    protect: [8080/tcp]\n"
+            server.write_rules(extra, name="web.yaml")
+            server.process.send_signal(signal.SIGHUP)
+            server.wait_log("reloaded", after=i)
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        prober.join()
+    assert breaches == [] and tries[0] > 5
+    assert echoes(session)
+    assert connect(alice).connected
+    rules = server.iptables()
+    assert rules.count("-A INPUT -j NFKNOCK") == 1
+    assert "-A NFKNOCK -p tcp -m tcp --dport 1009 -j NFQUEUE --queue-num 7" in rules
+    assert not any("--dport 1008 " in rule for rule in rules)
