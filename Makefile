@@ -1,5 +1,5 @@
 # Shortcuts; the scripts work without make (a fresh machine may not have it).
-.PHONY: setup demo test check
+.PHONY: setup demo test check fuzz
 setup:
 	bash scripts/setup.sh
 demo:
@@ -8,3 +8,5 @@ test:
 	bash scripts/test.sh
 check: setup
 	.venv/bin/nfknock check --rules rules
+fuzz:
+	bash scripts/fuzz.sh

@@ -97,6 +97,11 @@ class Daemon:
                     queued.drop()
             except Exception:
                 self.errors += 1
+                if verdict is not Verdict.DROP:
+                    try:
+                        queued.drop()
+                    except Exception:
+                        pass
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import dpkt
 import pytest
 
 from nfknock.daemon import Daemon
-from nfknock.firewall import RuleSpec
+from nfknock.firewall import PASS_MARK, RuleSpec
 from nfknock.rules import load_rules
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -33,11 +33,20 @@ class FakeFirewall:
 class Queued:
     """Stands in for netfilterqueue.Packet; records verdicts."""
 
-    def __init__(self, payload):
-        self.payload, self.verdicts = payload, []
+    def __init__(self, payload, mark=0):
+        self.payload, self.verdicts, self.mark = payload, [], mark
 
     def get_payload(self):
         return self.payload
+
+    def get_mark(self):
+        return self.mark
+
+    def set_mark(self, mark):
+        self.mark = mark
+
+    def repeat(self):
+        self.verdicts.append("repeat")
 
     def accept(self):
         self.verdicts.append("accept")
@@ -88,7 +97,26 @@ def test_an_engine_crash_drops_the_packet_and_the_loop_goes_on(daemon, monkeypat
     assert daemon.errors == 1
 
 
-def test_a_failing_verdict_call_is_swallowed(daemon):
+def test_tripwire_packets_go_back_to_the_firewall_with_our_mark_added(daemon):
+    queued = Queued(syn(40001), mark=0x5)
+    daemon.on_packet(queued)
+    assert queued.verdicts == ["repeat"]
+    assert queued.mark == 0x5 | PASS_MARK
+
+
+def test_a_failing_verdict_call_falls_back_to_drop(daemon):
+    class Broken(Queued):
+        def accept(self):
+            raise OSError("netlink hiccup")
+
+    for port in (40000, 50000, 60000):
+        daemon.on_packet(Queued(syn(port)))
+    broken = Broken(syn(22))
+    daemon.on_packet(broken)
+    assert broken.verdicts == ["drop"] and daemon.errors == 1
+
+
+def test_a_failing_drop_is_swallowed(daemon):
     class Broken(Queued):
         def drop(self):
             raise OSError("netlink gone")
