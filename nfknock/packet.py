@@ -47,6 +47,10 @@ def parse(data: bytes) -> Packet:
         ip = dpkt.ip.IP(data)
     except (dpkt.UnpackError, IndexError, ValueError):
         raise PacketError("bad ipv4 header") from None
+    except Exception:
+        # dpkt decodes inner protocols eagerly and some decoders fail in their own ways
+        # (found by fuzzing: IPv6-in-IPv4 with a bad extension header raises AttributeError).
+        raise PacketError("undecodable inner protocol") from None
     if ip.offset:
         raise PacketError("non-first fragment")
     layer4 = ip.data

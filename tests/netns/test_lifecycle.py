@@ -48,6 +48,8 @@ def test_sigkill_leaves_protected_ports_closed_and_restart_is_clean(server, alic
     server.stop(signal.SIGKILL)
     assert server.iptables() == SCAFFOLDING  # leftovers of the killed run
     assert not connect(alice, timeout=1).connected  # no listener on the queue: dropped
+    knock_port = connect(alice, port=40000, timeout=1)
+    assert not knock_port.connected and knock_port.seconds >= 0.9  # still silent, no RST
     knock(server.sandbox, alice, "40000", "50000", "60000")
     assert not connect(alice, timeout=1).connected
     assert echoes(session)  # the admin's established session survived the crash

@@ -59,6 +59,18 @@ def test_unusable_packets_raise_one_named_error(data, reason):
     assert info.value.reason == reason
 
 
+def test_dpkt_failure_inside_an_inner_protocol_is_a_packet_error():
+    # Found by bench/fuzz.py: IPv4 carrying IPv6 (protocol 41) whose extension headers confuse
+    # dpkt's fragment check, which then raises AttributeError instead of UnpackError.
+    inner = bytes.fromhex(
+        "608a9848f0fc2c54bf583697a54b3f601c2c0a7a14f841299142243c4ec7557d87d5c193ef5cd16933c20b90b39a"
+        "1753259ad47eadcdc7c256fcd7bb573f4652510f"
+    )
+    with pytest.raises(PacketError) as info:
+        parse(ipv4(inner, 41))
+    assert info.value.reason in ("undecodable inner protocol", "not tcp or udp")
+
+
 def test_non_first_fragment_never_counts():
     data = bytearray(tcp(40000))
     data[6:8] = (0x0010).to_bytes(2, "big")  # fragment offset 16*8 bytes
