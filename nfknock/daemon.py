@@ -19,7 +19,7 @@ from pathlib import Path
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError
 from .firewall import PASS_MARK, Firewall, iptables_flavour, scaffolding
-from .logs import log_events
+from .logs import RateLimit, log_events
 from .packet import parse
 from .rules import Ruleset, load_rules
 from .stats import Reporter, read_queue_drops
@@ -61,6 +61,7 @@ class Daemon:
         self.queue_maxlen = queue_maxlen
         self.max_sources = max_sources
         self.reporter = Reporter()
+        self.log_limit = RateLimit()
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
         self.ruleset: Ruleset = load_rules(self.rules_path)  # RulesError: nothing touched yet
@@ -69,6 +70,7 @@ class Daemon:
         self._reload_requested = False
         self.unparsable: dict[str, int] = {}
         self.errors = 0
+        self.handled = dict.fromkeys(Verdict, 0)
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -76,10 +78,11 @@ class Daemon:
         verdict = Verdict.DROP
         try:
             packet = parse(queued.get_payload())
-            decision = self.engine.handle(packet, self.clock())
+            now = self.clock()
+            decision = self.engine.handle(packet, now)
             verdict = decision.verdict
             if decision.events:
-                log_events(self.log, decision.events)
+                log_events(self.log, decision.events, self.log_limit, now)
         except PacketError as exc:
             self.unparsable[exc.reason] = self.unparsable.get(exc.reason, 0) + 1
         except Exception:  # never let a packet kill the loop; drop it instead
@@ -87,6 +90,7 @@ class Daemon:
             if self.errors <= 10 or self.errors % 1000 == 0:
                 self.log.exception("internal error on a packet (dropped; %d so far)", self.errors)
         finally:
+            self.handled[verdict] += 1
             try:
                 if verdict is Verdict.ACCEPT:
                     queued.accept()
@@ -152,7 +156,7 @@ class Daemon:
                     self.reload()
                 now = self.clock()
                 if deadline is not None and now >= deadline:
-                    log_events(self.log, self.engine.expire(now))
+                    log_events(self.log, self.engine.expire(now), self.log_limit, now)
                 if now >= next_stats:
                     next_stats = now + STATS_EVERY
                     self.report_counters()
@@ -160,8 +164,9 @@ class Daemon:
             nl.close()
 
     def report_counters(self) -> None:
-        for line in self.reporter.report(self.queue_num, read_queue_drops(self.queue_num), self.unparsable,
-                                         self.engine.evicted, self.errors, self.max_sources):
+        lines = self.reporter.report(self.queue_num, read_queue_drops(self.queue_num), self.unparsable,
+                                     self.engine.evicted, self.errors, self.max_sources)
+        for line in lines + self.log_limit.held_back():
             self.log.warning("%s", line)
 
     def reload(self) -> bool:
@@ -192,6 +197,11 @@ class Daemon:
         except ValueError:
             pass
         self.report_counters()
+        self.log.info(
+            "handled %d packets: %d accepted, %d dropped, %d passed back; %d attempts and %d grants tracked",
+            sum(self.handled.values()), self.handled[Verdict.ACCEPT], self.handled[Verdict.DROP],
+            self.handled[Verdict.PASS], self.engine.tracked, len(self.engine.grants(self.clock())),
+        )
         try:
             self.firewall.remove()
             self.log.info("scaffolding removed; nfknock stopped")

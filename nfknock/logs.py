@@ -57,10 +57,40 @@ def render(event: Event) -> str:
     return RENDERERS[type(event)](event)
 
 
-def log_events(logger: logging.Logger, events) -> None:
+class RateLimit:
+    """A token bucket per event type, so a flood of spoofed knocks cannot fill the disk while
+    the rare lines (OPEN SESAME among a million `Stage 1`) still get through. What is held back
+    is counted and reported in one line by `held_back()`."""
+
+    def __init__(self, per_second: float = 20.0, burst: int = 200):
+        self.per_second, self.burst = per_second, burst
+        self._buckets: dict[type, list[float]] = {}  # type -> [tokens, last refill]
+        self._held: dict[type, int] = {}
+
+    def allow(self, kind: type, now: float) -> bool:
+        bucket = self._buckets.get(kind)
+        if bucket is None:
+            bucket = self._buckets[kind] = [float(self.burst), now]
+        bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.per_second)
+        bucket[1] = now
+        if bucket[0] >= 1:
+            bucket[0] -= 1
+            return True
+        self._held[kind] = self._held.get(kind, 0) + 1
+        return False
+
+    def held_back(self) -> list[str]:
+        """One line per event type whose lines were held back since the last call."""
+        lines = [f"{count} '{kind.__name__}' log lines held back (more than {self.per_second:g}/s)"
+                 for kind, count in sorted(self._held.items(), key=lambda item: item[0].__name__)]
+        self._held.clear()
+        return lines
+
+
+def log_events(logger: logging.Logger, events, limit: RateLimit | None = None, now: float = 0.0) -> None:
     for event in events:
         level = LEVELS.get(type(event), logging.INFO)
-        if logger.isEnabledFor(level):
+        if logger.isEnabledFor(level) and (limit is None or limit.allow(type(event), now)):
             logger.log(level, render(event))
 
 

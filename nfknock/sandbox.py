@@ -160,9 +160,12 @@ class EchoService:
     @staticmethod
     def _echo(conn):
         with conn:
-            conn.sendall(b"hello\n")
-            while data := conn.recv(1024):
-                conn.sendall(data)
+            try:
+                conn.sendall(b"hello\n")
+                while data := conn.recv(1024):
+                    conn.sendall(data)
+            except OSError:
+                pass  # the client went away (reset): nothing to serve
 
     def close(self):
         self.listener.close()

@@ -12,6 +12,7 @@ APT_PACKAGES=(
   iproute2                                         # ip netns for the demo and the tests
   knockd                                           # the stock 'knock' client the tests use
   nmap                                             # the attacker in the scan tests
+  iperf3                                           # bench: established throughput
 )
 
 as_root() {

@@ -55,3 +55,17 @@ def test_verbose_logs_refused_connections(tmp_path):
     assert len(path.read_text().splitlines()) == 2
     logger.handlers.clear()
     logging.getLogger("nfknock").setLevel(logging.INFO)
+
+
+def test_rate_limit_holds_back_a_flood_per_event_type_and_says_so():
+    from nfknock.logs import RateLimit
+
+    limit = RateLimit(per_second=10, burst=5)
+    stage = KnockAdvanced("10.0.0.2", "d", Sequence.OPEN, 1)
+    allowed = sum(limit.allow(type(stage), now=0.0) for _ in range(100))
+    assert allowed == 5
+    assert limit.allow(DoorOpened, now=0.0)  # another type has its own bucket
+    assert limit.allow(KnockAdvanced, now=0.1)  # refilled: 10/s
+    assert not limit.allow(KnockAdvanced, now=0.1)
+    assert limit.held_back() == ["96 'KnockAdvanced' log lines held back (more than 10/s)"]
+    assert limit.held_back() == []

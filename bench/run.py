@@ -1,0 +1,416 @@
+"""nfknock benchmarks, each figure beside its baseline measured in the same run.
+
+    sudo .venv/bin/python bench/run.py [--smoke] [--repeat N] [--out DIR]
+
+Everything runs in throwaway network namespaces on veth links (nfknock.sandbox). Writes
+DIR/report.json and DIR/report.md: every figure as the median and the spread (min..max) of
+the repeated runs. --smoke runs each measurement once, briefly: it proves the harness works,
+its figures mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv, wait_for_line  # noqa: E402
+
+BENCH = REPO / "bench"
+FLOOD = BENCH / "build" / "flood"
+QUEUE = 3
+
+RULES = """\
+doors:
+  - name: openSSH
+    sequence: [40000, 50000, 60000]
+    close_sequence: [60000, 50000, 40000]
+    protect: [22/tcp]
+    seq_timeout: 10m
+    open_for: 10m
+  - name: udpDoor
+    sequence: [7000/udp, 8000/udp, 9000/udp]
+    protect: [22/tcp]
+    seq_timeout: 10m
+    open_for: 10m
+"""
+
+KNOCKD_CONF = """\
+[options]
+    Interface = {iface}
+    LogFile = {log}
+[openSSH]
+    sequence = 40000,50000,60000
+    seq_timeout = 5
+    tcpflags = syn
+    command = /usr/sbin/iptables-legacy -I INPUT 1 -s %IP% -p tcp --dport 22 -j ACCEPT
+[closeSSH]
+    sequence = 60000,50000,40000
+    seq_timeout = 5
+    tcpflags = syn
+    command = /usr/sbin/iptables-legacy -D INPUT -s %IP% -p tcp --dport 22 -j ACCEPT
+"""
+
+
+def log(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+class Figures:
+    """name -> list of values; summarised as median and spread."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+        self.units: dict[str, str] = {}
+
+    def add(self, name: str, value: float, unit: str) -> None:
+        self.values.setdefault(name, []).append(value)
+        self.units[name] = unit
+
+    def summary(self, name: str) -> dict:
+        runs = self.values[name]
+        return {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
+                "runs": runs, "unit": self.units[name]}
+
+
+class Bench:
+    def __init__(self, box: Sandbox, workdir: Path, smoke: bool, repeat: int):
+        self.box, self.workdir, self.smoke, self.repeat = box, workdir, smoke, repeat
+        self.alice, self.bob = box.clients[0], box.clients[1]
+        self.figures = Figures()
+        self.rules = workdir / "rules"
+        self.rules.mkdir()
+        (self.rules / "doors.yaml").write_text(RULES)
+        self.daemon_log = workdir / "nfknock.log"
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def start_nfknock(self, *extra: str) -> subprocess.Popen:
+        self.daemon_log.unlink(missing_ok=True)
+        process = self.box.spawn(self.box.server, nfknock_argv(
+            "run", "--rules", str(self.rules), "--queue-num", str(QUEUE), "--log-file", str(self.daemon_log),
+            *extra), stderr=subprocess.PIPE, text=True)
+        wait_for_line(self.daemon_log, "ready:", process)
+        return process
+
+    def stop(self, process: subprocess.Popen) -> str:
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=30)
+        return out or ""
+
+    def knock(self, client, *ports: str) -> None:
+        subprocess.run(["ip", "netns", "exec", client.namespace, "knock", client.server_address, *ports],
+                       check=True, capture_output=True)
+
+    def queue_counters(self) -> tuple[int, int, int]:
+        """(ids handed out, socket overruns, queue-full drops) for QUEUE, server side.
+
+        The kernel gives a packet an id only once it fits in the queue; a packet that then
+        overruns the socket buffer is counted in user_dropped. So verdicts = ids - overruns.
+        """
+        with entered(self.box.server):
+            text = Path("/proc/thread-self/net/netfilter/nfnetlink_queue").read_text()
+        for line in text.splitlines():
+            f = line.split()
+            if int(f[0]) == QUEUE:
+                return int(f[7]), int(f[6]), int(f[5])
+        raise RuntimeError("queue not bound")
+
+    def retransmits(self, client) -> int:
+        with entered(client.namespace):
+            lines = Path("/proc/thread-self/net/snmp").read_text().splitlines()
+        tcp = [line.split() for line in lines if line.startswith("Tcp:")]
+        return int(tcp[1][tcp[0].index("RetransSegs")])
+
+    # -- 1. verdict throughput -----------------------------------------------------------
+
+    def throughput(self) -> None:
+        seconds = 1.5 if self.smoke else 4.0
+        for run in range(self.repeat):
+            for proto, port in (("udp", 7000), ("tcp", 40000)):
+                for loop in ("bare", "nfknock"):
+                    rate = self._verdict_rate(loop, proto, port, seconds)
+                    self.figures.add(f"throughput.{proto}.{loop}", rate, "packets/s")
+                    log(f"throughput {proto} {loop} run {run + 1}: {rate:,.0f} verdicts/s")
+
+    def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> float:
+        if loop == "bare":
+            process = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "bare_queue.py"),
+                                                       str(self.rules), str(QUEUE)],
+                                     stdout=subprocess.PIPE, text=True, cwd=REPO)
+            assert process.stdout.readline().strip() == "ready"
+        else:
+            process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
+        flood = self.box.spawn(self.bob.namespace, [str(FLOOD), self.bob.server_address, proto, str(port),
+                                                    str(seconds), "11.0.0.1", "100000"],
+                               stdout=subprocess.PIPE, text=True)
+        time.sleep(seconds * 0.25)
+        t0, (ids0, over0, full0) = time.monotonic(), self.queue_counters()
+        time.sleep(seconds * 0.5)
+        t1, (ids1, over1, full1) = time.monotonic(), self.queue_counters()
+        flood.communicate(timeout=30)
+        self.stop(process)
+        offered = (ids1 - ids0) + (full1 - full0)
+        log(f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue, "
+            f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped because it was full")
+        return ((ids1 - ids0) - (over1 - over0)) / (t1 - t0)
+
+    # -- 2. knock to connect --------------------------------------------------------------
+
+    def knock_to_connect(self) -> None:
+        trials = 5 if self.smoke else 50
+        service = EchoService(self.box.server)
+        try:
+            for name, start, stop in (("nfknock", self.start_nfknock, self.stop),
+                                      ("knockd", self._start_knockd, self._stop_knockd)):
+                self._knock_to_connect(name, start, stop, trials)
+        finally:
+            service.close()
+
+    def _knock_to_connect(self, name, start, stop, trials) -> None:
+        handle = start()
+        try:
+            before = self.retransmits(self.alice)
+            times = []
+            for _ in range(trials):
+                self.knock(self.alice, "40000", "50000", "60000")
+                attempt = connect(self.alice, timeout=5)
+                if not attempt.connected:
+                    raise RuntimeError(f"{name}: connect after knock failed")
+                times.append(attempt.seconds * 1000)
+                self.knock(self.alice, "60000", "50000", "40000")
+                time.sleep(0.05)
+            retrans = self.retransmits(self.alice) - before
+        finally:
+            stop(handle)
+        for value in times:
+            self.figures.add(f"knock_to_connect.{name}", value, "ms")
+        self.figures.add(f"knock_to_connect.{name}.syn_retransmits", retrans, "segments")
+        log(f"knock to connect {name}: median {statistics.median(times):.2f} ms over {trials}, "
+            f"{retrans} retransmitted segments")
+
+    def _start_knockd(self):
+        iface = f"nk{self.box.token}1s"
+        conf = self.workdir / "knockd.conf"
+        knockd_log = self.workdir / "knockd.log"
+        conf.write_text(KNOCKD_CONF.format(iface=iface, log=knockd_log))
+        subprocess.run(["ip", "netns", "exec", self.box.server, "iptables-legacy", "-A", "INPUT", "-p", "tcp",
+                        "--dport", "22", "-j", "DROP"], check=True)
+        process = self.box.spawn(self.box.server, ["knockd", "-c", str(conf), "-i", iface],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_line(knockd_log, "listening on", process, timeout=10)
+        return process
+
+    def _stop_knockd(self, process) -> None:
+        process.terminate()
+        process.wait(10)
+        subprocess.run(["ip", "netns", "exec", self.box.server, "iptables-legacy", "-F", "INPUT"], check=True)
+
+    # -- 3. established throughput ----------------------------------------------------------
+
+    def established(self) -> None:
+        seconds = 1 if self.smoke else 5
+        server = self.box.spawn(self.box.server, ["iperf3", "-s", "-p", "22"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        try:
+            for run in range(self.repeat):
+                for setup in ("none", "nfknock"):
+                    daemon = None
+                    if setup == "nfknock":
+                        daemon = self.start_nfknock()
+                        self.knock(self.alice, "40000", "50000", "60000")
+                    try:
+                        out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, "iperf3", "-c",
+                                              self.alice.server_address, "-p", "22", "-t", str(seconds), "-J"],
+                                             capture_output=True, text=True, timeout=60).stdout
+                    finally:
+                        if daemon:
+                            self.stop(daemon)
+                    result = json.loads(out)
+                    if "error" in result:
+                        raise RuntimeError(f"iperf3 ({setup}): {result['error']}")
+                    gbits = result["end"]["sum_received"]["bits_per_second"] / 1e9
+                    self.figures.add(f"established.{setup}", gbits, "Gbit/s")
+                    log(f"established {setup} run {run + 1}: {gbits:.2f} Gbit/s")
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    # -- 4. new-connection rate -------------------------------------------------------------
+
+    def connection_rate(self) -> None:
+        seconds = 1 if self.smoke else 3
+        server = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "conn_rate.py"), "serve", "22"],
+                                stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "ready"
+        try:
+            for run in range(self.repeat):
+                for setup in ("none", "nfknock"):
+                    daemon = None
+                    if setup == "nfknock":
+                        daemon = self.start_nfknock()
+                        self.knock(self.alice, "40000", "50000", "60000")
+                    try:
+                        out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, sys.executable,
+                                              str(BENCH / "conn_rate.py"), "connect", self.alice.server_address,
+                                              "22", str(seconds)], capture_output=True, text=True, timeout=60,
+                                             check=True).stdout
+                    finally:
+                        if daemon:
+                            self.stop(daemon)
+                    rate = int(out) / seconds
+                    self.figures.add(f"connection_rate.{setup}", rate, "connections/s")
+                    log(f"new connections {setup} run {run + 1}: {rate:,.0f}/s")
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    # -- 5. memory under spoofed sources ----------------------------------------------------
+
+    def memory(self) -> None:
+        sizes = (10_000, 100_000) if self.smoke else (100_000, 1_000_000)
+        for cap in (2_000_000, 65_536):
+            for size in sizes:
+                daemon = self.start_nfknock("--max-sources", str(cap), "--queue-maxlen", "65536")
+                baseline = _rss_kib(daemon.pid)
+                flood = subprocess.run(["ip", "netns", "exec", self.bob.namespace, str(FLOOD),
+                                        self.bob.server_address, "tcp", "40000", "120", "11.0.0.1", str(size),
+                                        "60000", str(size)], capture_output=True, text=True, timeout=300)
+                time.sleep(1.0)
+                rss = _rss_kib(daemon.pid)
+                self.stop(daemon)
+                tracked = _tracked(self.daemon_log)
+                label = "uncapped" if cap > size else f"cap{cap}"
+                self.figures.add(f"memory.{label}.{size}.rss_mib", rss / 1024, "MiB")
+                self.figures.add(f"memory.{label}.{size}.tracked", tracked, "sources")
+                per_source = (rss - baseline) * 1024 / max(tracked, 1)
+                self.figures.add(f"memory.{label}.{size}.bytes_per_source", per_source, "bytes")
+                log(f"memory {label} {size:,} sources sent ({flood.stdout.strip()} packets): RSS {rss / 1024:.1f} "
+                    f"MiB, {tracked:,} tracked, {per_source:.0f} bytes/source")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def _tracked(daemon_log: Path) -> int:
+    for line in daemon_log.read_text().splitlines():
+        if "attempts and" in line:
+            return int(line.split("passed back; ")[1].split()[0])
+    raise RuntimeError("the daemon did not report what it tracked")
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def ratio(report: dict, name: str, over: str, base: str) -> None:
+    figures = report["figures"]
+    runs_over, runs_base = figures[over]["runs"], figures[base]["runs"]
+    pairs = [a / b for a, b in zip(runs_over, runs_base) if b]
+    report["ratios"][name] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
+                              "of": over, "to": base}
+
+
+def render(report: dict) -> str:
+    f, r = report["figures"], report["ratios"]
+
+    def fig(name, fmt="{:,.0f}"):
+        s = f[name]
+        return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}..{fmt.format(s['max'])})"
+
+    def rat(name):
+        s = r[name]
+        return f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
+
+    m = report["machine"]
+    lines = [
+        f"nfknock benchmarks — {m['date']}, {m['cpus']} x {m['cpu']}, kernel {m['kernel']}, "
+        f"Python {m['python']}{', SMOKE RUN (figures not meaningful)' if report['smoke'] else ''}; "
+        f"median (min..max) of {report['repeat']} runs",
+        "",
+        "| measurement | nfknock | baseline | ratio | goal |",
+        "|---|---|---|---|---|",
+    ]
+    for proto in ("udp", "tcp"):
+        lines.append(f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
+                     f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
+                     f"{rat(f'throughput.{proto}')} | >= 0.8 |")
+    lines.append(f"| knock to connect, ms (stock knock client) | {fig('knock_to_connect.nfknock', '{:.2f}')}, "
+                 f"{f['knock_to_connect.nfknock.syn_retransmits']['median']:.0f} retransmits | "
+                 f"{fig('knock_to_connect.knockd', '{:.1f}')} (knockd 0.8), "
+                 f"{f['knock_to_connect.knockd.syn_retransmits']['median']:.0f} retransmits | "
+                 f"{rat('knock_to_connect')} | < 1 ms, no retransmit |")
+    lines.append(f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
+                 f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |")
+    lines.append(f"| new connections/s, granted client | {fig('connection_rate.nfknock')} | "
+                 f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |")
+    for name in sorted(n for n in f if n.startswith("memory.") and n.endswith(".rss_mib")):
+        base = name.removesuffix(".rss_mib")
+        _, label, size, _ = name.split(".")
+        lines.append(f"| RSS after {int(size):,} spoofed first knocks ({label}), MiB | {fig(name, '{:.1f}')} | "
+                     f"{fig(base + '.tracked')} tracked | {fig(base + '.bytes_per_source')} bytes/source | bounded |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="one short run of each measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (default 5)")
+    parser.add_argument("--out", default=str(BENCH / "results"), help="where report.json/.md go")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, iptables, NFQUEUE)")
+    for tool in ("knock", "knockd", "iperf3", "gcc", "iptables-legacy"):
+        if not shutil.which(tool):
+            parser.error(f"missing {tool}: run scripts/setup.sh")
+    repeat = 1 if args.smoke else args.repeat
+    FLOOD.parent.mkdir(exist_ok=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(FLOOD), str(BENCH / "flood.c")], check=True)
+    workdir = Path(tempfile.mkdtemp(prefix="nfknock-bench-"))
+    try:
+        with Sandbox(clients_wanted=2) as box:
+            bench = Bench(box, workdir, args.smoke, repeat)
+            bench.throughput()
+            bench.knock_to_connect()
+            bench.established()
+            bench.connection_rate()
+            bench.memory()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {"machine": machine(), "smoke": args.smoke, "repeat": repeat, "ratios": {},
+              "figures": {name: bench.figures.summary(name) for name in bench.figures.values}}
+    for proto in ("udp", "tcp"):
+        ratio(report, f"throughput.{proto}", f"throughput.{proto}.nfknock", f"throughput.{proto}.bare")
+    ratio(report, "knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd")
+    ratio(report, "established", "established.nfknock", "established.none")
+    ratio(report, "connection_rate", "connection_rate.nfknock", "connection_rate.none")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render(report))
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
