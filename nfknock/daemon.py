@@ -7,7 +7,6 @@ Every queued packet gets exactly one verdict, drop unless the engine said accept
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import select
@@ -28,20 +27,14 @@ BATCH = 256  # packets handled before signals and timers are looked at again
 MAX_SLEEP = 1.0
 STATS_EVERY = 5.0  # seconds between looks at the drop counters
 DEFAULT_QUEUE_MAXLEN = 4096
+_ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS  # enum access is slow per packet
 
 
-class _Batch:
-    """A recv() for NetfilterQueue.run_socket that stops after a batch (or on shutdown), so a
-    flood cannot starve signal handling and expiry: run_socket returns on EAGAIN."""
-
-    def __init__(self, sock: socket.socket, daemon: "Daemon"):
-        self.sock, self.daemon, self.left = sock, daemon, 0
-
-    def recv(self, size: int) -> bytes:
-        if self.left <= 0 or self.daemon.stopping:
-            raise BlockingIOError(errno.EAGAIN, "batch done")
-        self.left -= 1
-        return self.sock.recv(size)
+class _YieldLoop(Exception):
+    """Raised by the queue callback, after the verdict, to leave NetfilterQueue.run() so that a
+    flood cannot starve signals and timers (run() returns only when the socket is empty).
+    netfilterqueue propagates callback exceptions out of run(); one netlink message is one
+    packet, so no other packet is left without a verdict."""
 
 
 class Daemon:
@@ -71,11 +64,12 @@ class Daemon:
         self.unparsable: dict[str, int] = {}
         self.errors = 0
         self.handled = dict.fromkeys(Verdict, 0)
+        self._budget = 0
 
     # -- the packet path -----------------------------------------------------------------
 
     def on_packet(self, queued) -> None:
-        verdict = Verdict.DROP
+        verdict = _DROP
         try:
             packet = parse(queued.get_payload())
             now = self.clock()
@@ -92,20 +86,26 @@ class Daemon:
         finally:
             self.handled[verdict] += 1
             try:
-                if verdict is Verdict.ACCEPT:
+                if verdict is _ACCEPT:
                     queued.accept()
-                elif verdict is Verdict.PASS:
+                elif verdict is _PASS:
                     queued.set_mark(queued.get_mark() | PASS_MARK)
                     queued.repeat()  # back to the top of INPUT; our chain returns marked packets
                 else:
                     queued.drop()
             except Exception:
                 self.errors += 1
-                if verdict is not Verdict.DROP:
+                if verdict is not _DROP:
                     try:
                         queued.drop()
                     except Exception:
                         pass
+
+    def _on_queued(self, queued) -> None:
+        self.on_packet(queued)
+        self._budget -= 1
+        if self._budget <= 0 or self.stopping or self._reload_requested:
+            raise _YieldLoop
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,7 +114,7 @@ class Daemon:
 
         queue = NetfilterQueue()
         try:
-            queue.bind(self.queue_num, self.on_packet, max_len=self.queue_maxlen)
+            queue.bind(self.queue_num, self._on_queued, max_len=self.queue_maxlen)
         except OSError as exc:
             raise QueueError(
                 f"cannot bind NFQUEUE {self.queue_num}: {exc} "
@@ -137,31 +137,29 @@ class Daemon:
             wake_w.close()
 
     def _loop(self, queue, wake_r: socket.socket) -> None:
-        nl = socket.fromfd(queue.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW)
-        nl.setblocking(False)
-        batch = _Batch(nl, self)
+        queue_fd = queue.get_fd()
         next_stats = self.clock()
-        try:
-            while not self.stopping:
-                deadline = self.engine.next_deadline()
-                sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-                readable, _, _ = select.select([nl, wake_r], [], [], sleep)
-                if nl in readable:
-                    batch.left = BATCH
-                    queue.run_socket(batch)
-                if wake_r in readable:
-                    _drain(wake_r)
-                if self._reload_requested:
-                    self._reload_requested = False
-                    self.reload()
-                now = self.clock()
-                if deadline is not None and now >= deadline:
-                    log_events(self.log, self.engine.expire(now), self.log_limit, now)
-                if now >= next_stats:
-                    next_stats = now + STATS_EVERY
-                    self.report_counters()
-        finally:
-            nl.close()
+        while not self.stopping:
+            deadline = self.engine.next_deadline()
+            sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
+            readable, _, _ = select.select([queue_fd, wake_r], [], [], sleep)
+            if queue_fd in readable:
+                self._budget = BATCH
+                try:
+                    queue.run(block=False)
+                except _YieldLoop:
+                    pass
+            if wake_r in readable:
+                _drain(wake_r)
+            if self._reload_requested:
+                self._reload_requested = False
+                self.reload()
+            now = self.clock()
+            if deadline is not None and now >= deadline:
+                log_events(self.log, self.engine.expire(now), self.log_limit, now)
+            if now >= next_stats:
+                next_stats = now + STATS_EVERY
+                self.report_counters()
 
     def report_counters(self) -> None:
         lines = self.reporter.report(self.queue_num, read_queue_drops(self.queue_num), self.unparsable,

@@ -105,3 +105,65 @@ def test_corrupted_real_packets_give_a_packet_or_packet_error(noise, at):
         parse(bytes(data))
     except PacketError:
         pass
+
+
+# -- the fast path must agree with dpkt ---------------------------------------------------
+
+from nfknock.packet import parse_with_dpkt  # noqa: E402
+
+
+def outcome(parser, data):
+    try:
+        return parser(data)
+    except PacketError as exc:
+        return ("error", exc.reason)
+
+
+def well_formed(proto, dport, flags, ip_opts, tcp_opts, payload, frag):
+    if proto == "tcp":
+        seg = dpkt.tcp.TCP(sport=1234, dport=dport, flags=flags, opts=tcp_opts, data=payload)
+        seg.off = (20 + len(tcp_opts)) // 4
+        data = ipv4(seg, dpkt.ip.IP_PROTO_TCP, opts=ip_opts)
+    else:
+        dgram = dpkt.udp.UDP(sport=1234, dport=dport, data=payload)
+        dgram.ulen = len(dgram)
+        data = ipv4(dgram, dpkt.ip.IP_PROTO_UDP, opts=ip_opts)
+    data = bytearray(data)
+    data[6:8] = frag.to_bytes(2, "big")
+    return bytes(data)
+
+
+shapes = st.builds(
+    well_formed,
+    st.sampled_from(["tcp", "udp"]),
+    st.integers(0, 65535),
+    st.integers(0, 0x1FF),
+    st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x94\x04\x00\x00" * 2]),
+    st.sampled_from([b"", b"\x02\x04\x05\xb4", b"\x01" * 12]),
+    st.binary(max_size=24),
+    st.sampled_from([0, 0x2000, 0x4000, 0x0001, 0x2005]),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(shapes)
+def test_fast_path_equals_dpkt_on_well_formed_packets(data):
+    assert outcome(parse, data) == outcome(parse_with_dpkt, data)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(shapes, st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 90))
+def test_fast_path_equals_dpkt_on_mangled_packets(data, changes, cut):
+    mangled = bytearray(data)
+    for at, value in changes:
+        if at < len(mangled):
+            mangled[at] = value
+    mangled = bytes(mangled[:cut] if cut < len(mangled) else mangled)
+    assert outcome(parse, mangled) == outcome(parse_with_dpkt, mangled)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=80))
+def test_fast_path_equals_dpkt_on_random_bytes(data):
+    assert outcome(parse, data) == outcome(parse_with_dpkt, data)
