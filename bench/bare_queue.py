@@ -1,5 +1,6 @@
-"""The baseline for the throughput benchmark: the same rules and queue as nfknock, and a
-netfilterqueue callback that only drops. Runs until SIGTERM; prints how many it dropped."""
+"""A baseline: the same rules and queue as nfknock, and a netfilterqueue callback that gives
+every packet the same verdict (drop: the throughput baseline; accept: what the queue round trip
+alone costs a new connection). Runs until SIGTERM; prints how many packets it saw."""
 
 import signal
 import sys
@@ -12,19 +13,23 @@ from nfknock.firewall.legacy import LegacyFirewall
 from nfknock.rules import load_rules
 
 
-def main(rules: str, queue_num: int) -> None:
+def main(rules: str, queue_num: int, verdict: str) -> None:
     count = [0]
 
     def drop(packet):
         count[0] += 1
         packet.drop()
 
+    def accept(packet):
+        count[0] += 1
+        packet.accept()
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     queue = NetfilterQueue()
-    queue.bind(queue_num, drop, max_len=DEFAULT_QUEUE_MAXLEN)
+    queue.bind(queue_num, accept if verdict == "accept" else drop, max_len=DEFAULT_QUEUE_MAXLEN)
     firewall = LegacyFirewall()
     firewall.apply(scaffolding(load_rules(rules).doors, queue_num))
     print("ready", flush=True)
@@ -39,4 +44,4 @@ def main(rules: str, queue_num: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "drop")

@@ -105,6 +105,12 @@ class Bench:
         wait_for_line(self.daemon_log, "ready:", process)
         return process
 
+    def start_bare(self, verdict: str) -> subprocess.Popen:
+        process = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "bare_queue.py"), str(self.rules),
+                                                   str(QUEUE), verdict], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert process.stdout.readline().strip() == "ready"
+        return process
+
     def stop(self, process: subprocess.Popen) -> str:
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
@@ -147,10 +153,7 @@ class Bench:
 
     def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> float:
         if loop == "bare":
-            process = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "bare_queue.py"),
-                                                       str(self.rules), str(QUEUE)],
-                                     stdout=subprocess.PIPE, text=True, cwd=REPO)
-            assert process.stdout.readline().strip() == "ready"
+            process = self.start_bare("drop")
         else:
             process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
         flood = self.box.spawn(self.bob.namespace, [str(FLOOD), self.bob.server_address, proto, str(port),
@@ -258,11 +261,13 @@ class Bench:
         assert server.stdout.readline().strip() == "ready"
         try:
             for run in range(self.repeat):
-                for setup in ("none", "nfknock"):
+                for setup in ("none", "bare_accept", "nfknock"):
                     daemon = None
                     if setup == "nfknock":
                         daemon = self.start_nfknock()
                         self.knock(self.alice, "40000", "50000", "60000")
+                    elif setup == "bare_accept":
+                        daemon = self.start_bare("accept")
                     try:
                         out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, sys.executable,
                                               str(BENCH / "conn_rate.py"), "connect", self.alice.server_address,
@@ -362,8 +367,11 @@ def render(report: dict) -> str:
                  f"{rat('knock_to_connect')} | < 1 ms, no retransmit |")
     lines.append(f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
                  f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |")
-    lines.append(f"| new connections/s, granted client | {fig('connection_rate.nfknock')} | "
+    lines.append(f"| new connections/s, granted client, one at a time | {fig('connection_rate.nfknock')} | "
                  f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |")
+    lines.append(f"| the same through an accept-only queue loop | {fig('connection_rate.nfknock')} | "
+                 f"{fig('connection_rate.bare_accept')} (queue round trip alone) | "
+                 f"{rat('connection_rate.queue')} | |")
     for name in sorted(n for n in f if n.startswith("memory.") and n.endswith(".rss_mib")):
         base = name.removesuffix(".rss_mib")
         _, label, size, _ = name.split(".")
@@ -404,6 +412,7 @@ def main(argv=None) -> int:
     ratio(report, "knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd")
     ratio(report, "established", "established.nfknock", "established.none")
     ratio(report, "connection_rate", "connection_rate.nfknock", "connection_rate.none")
+    ratio(report, "connection_rate.queue", "connection_rate.nfknock", "connection_rate.bare_accept")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -168,6 +168,12 @@ class EchoService:
                 pass  # the client went away (reset): nothing to serve
 
     def close(self):
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave the socket
+        # listening until that accept returns.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
 
 
