@@ -1,5 +1,5 @@
 # Shortcuts; the scripts work without make (a fresh machine may not have it).
-.PHONY: setup demo test check fuzz
+.PHONY: setup demo test check fuzz bench
 setup:
 	bash scripts/setup.sh
 demo:
@@ -10,3 +10,5 @@ check: setup
 	.venv/bin/nfknock check --rules rules
 fuzz:
 	bash scripts/fuzz.sh
+bench:
+	bash scripts/bench.sh

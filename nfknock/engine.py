@@ -154,7 +154,8 @@ class _Sequence:
 class _DoorState:
     """A door and every table that belongs to it."""
 
-    __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks", "required", "forbidden")
+    __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks", "required", "forbidden",
+                 "families")
 
     def __init__(self, door: Door, attempts: Pool, grants: Pool, records: Pool):
         self.door = door
@@ -166,6 +167,7 @@ class _DoorState:
         self.locks = records.table()
         self.networks = tuple(door.sources)
         self.required, self.forbidden = door.tcp_flags
+        self.families = door.families
 
     def tables(self):
         return [s.attempts for s in self.sequences] + [self.grants, self.failures, self.locks]
@@ -247,17 +249,20 @@ class Engine:
     def _connect(self, doors, packet: Packet, now: float) -> Decision:
         port = f"{packet.dport}/{packet.proto}"
         for state in doors:
+            # Grants are per exact address: a knock over IPv4 opens IPv4 only.
             if state.grants.live(packet.src, now):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.door.name, port),))
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
     def _admits(self, state: _DoorState, packet: Packet, now: float) -> bool:
+        if packet.family not in state.families:
+            return False
         if packet.proto == "tcp":
             flags = packet.flags
             if flags & state.required != state.required or flags & state.forbidden:
                 return False
         if state.networks:
-            address = ipaddress.IPv4Address(packet.src)
+            address = ipaddress.ip_address(packet.src)
             if not any(address in network for network in state.networks):
                 return False
         lock = state.locks.entries.get(packet.src)

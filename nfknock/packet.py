@@ -69,11 +69,14 @@ def parse(data: bytes) -> Packet:
 
 
 def parse_with_dpkt(data: bytes) -> Packet:
-    """The reference parser: every shape, every error, through dpkt."""
+    """The reference parser: every shape, every error, through dpkt (IPv6 always comes here)."""
     if not data:
         raise PacketError("empty")
-    if data[0] >> 4 != 4:
-        raise PacketError("not ipv4")
+    version = data[0] >> 4
+    if version == 6:
+        return _parse_ipv6(data)
+    if version != 4:
+        raise PacketError("not ip")
     try:
         ip = dpkt.ip.IP(data)
     except (dpkt.UnpackError, IndexError, ValueError):
@@ -84,22 +87,38 @@ def parse_with_dpkt(data: bytes) -> Packet:
         raise PacketError("undecodable inner protocol") from None
     if ip.offset:
         raise PacketError("non-first fragment")
-    layer4 = ip.data
+    return _transport(ip.data, ip.p, socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst), bool(ip.mf), 4)
+
+
+def _parse_ipv6(data: bytes) -> Packet:
+    """dpkt walks the extension headers (hop-by-hop, routing, fragment, destination options);
+    `ip6.p` is the protocol after the last of them. Only an unfragmented packet or a first
+    fragment can carry a knock; a later fragment has no transport header to read."""
+    try:
+        ip6 = dpkt.ip6.IP6(data)
+    except (dpkt.UnpackError, IndexError, ValueError):
+        raise PacketError("bad ipv6 header") from None
+    except Exception:
+        raise PacketError("undecodable inner protocol") from None
+    fragment = ip6.extension_hdrs.get(dpkt.ip.IP_PROTO_FRAGMENT)
+    first_fragment = False
+    if fragment is not None:
+        if fragment.frag_off:
+            raise PacketError("non-first fragment")
+        first_fragment = bool(fragment.m_flag)
+    src = socket.inet_ntop(socket.AF_INET6, ip6.src)
+    dst = socket.inet_ntop(socket.AF_INET6, ip6.dst)
+    # dpkt leaves `p` unset when the header chain ends in something without a next-header field.
+    return _transport(ip6.data, getattr(ip6, "p", None), src, dst, first_fragment, 6)
+
+
+def _transport(layer4, proto: int, src: str, dst: str, fragment: bool, family: int) -> Packet:
     if isinstance(layer4, dpkt.tcp.TCP):
-        proto, flags = "tcp", layer4.flags
+        name, flags = "tcp", layer4.flags
     elif isinstance(layer4, dpkt.udp.UDP):
-        proto, flags = "udp", 0
-    elif ip.p in (IPPROTO_TCP, IPPROTO_UDP):
+        name, flags = "udp", 0
+    elif proto in (IPPROTO_TCP, IPPROTO_UDP):
         raise PacketError("bad transport header")
     else:
         raise PacketError("not tcp or udp")
-    return Packet(
-        src=socket.inet_ntoa(ip.src),
-        dst=socket.inet_ntoa(ip.dst),
-        proto=proto,
-        sport=layer4.sport,
-        dport=layer4.dport,
-        flags=flags,
-        payload=bytes(layer4.data),
-        fragment=bool(ip.mf),
-    )
+    return Packet(src, dst, name, layer4.sport, layer4.dport, flags, bytes(layer4.data), fragment, family)

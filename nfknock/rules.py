@@ -138,17 +138,17 @@ def parse_tcp_flags(value: Any) -> TcpFlags:
 Flags = Annotated[TcpFlags, BeforeValidator(parse_tcp_flags), PlainSerializer(str)]
 
 
-def _ipv4_network(value: Any) -> ipaddress.IPv4Network:
+def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        network = ipaddress.ip_network(str(value), strict=True)
+        return ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
         raise ValueError(f"invalid network {value!r}: {exc}") from None
-    if network.version != 4:
-        raise ValueError(f"{value!r} is IPv6; only IPv4 sources are supported so far")
-    return network
 
 
-Source = Annotated[ipaddress.IPv4Network, BeforeValidator(_ipv4_network), PlainSerializer(str)]
+Source = Annotated[
+    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network), PlainSerializer(str)
+]
+Family = Literal["any", "ipv4", "ipv6"]
 
 
 class Lockout(BaseModel):
@@ -186,6 +186,7 @@ class Door(BaseModel):
     open_for: Duration = DEFAULT_OPEN_FOR
     tcp_flags: Flags = TcpFlags(TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"])
     sources: tuple[Source, ...] = ()
+    family: Family = "any"
     tripwire: int = Field(default=DEFAULT_TRIPWIRE, ge=0, le=1024)
     lockout: Annotated[Lockout | None, BeforeValidator(_lockout_switch)] = Lockout()
 
@@ -212,7 +213,15 @@ class Door(BaseModel):
                 raise ValueError(f"{step} is both a knock port and a protected port")
         if len(protected) != len(self.protect):
             raise ValueError("protect lists a port twice")
+        wrong = [str(n) for n in self.sources if self.family != "any" and f"ipv{n.version}" != self.family]
+        if wrong:
+            raise ValueError(f"sources {', '.join(wrong)} cannot match a door of family {self.family}")
         return self
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """IP versions this door listens on."""
+        return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
 
     @property
     def knock_ports(self) -> tuple[Port, ...]:

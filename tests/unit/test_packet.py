@@ -1,6 +1,7 @@
 """packet.parse: real headers in, a Packet or one PacketError out, never anything else."""
 
 import socket
+import struct
 
 import dpkt
 import pytest
@@ -46,7 +47,7 @@ def test_tcp_options_and_ip_options_are_read_past():
 
 @pytest.mark.parametrize("data,reason", [
     (b"", "empty"),
-    (b"\x60" + bytes(39), "not ipv4"),
+    (b"\x50" + bytes(39), "not ip"),
     (b"\x45\x00\x00", "bad ipv4 header"),
     (b"\x44" + bytes(19), "bad ipv4 header"),  # header length 16 < 20
     (tcp(40000)[:25], "bad transport header"),  # TCP header cut short
@@ -167,3 +168,84 @@ def test_fast_path_equals_dpkt_on_mangled_packets(data, changes, cut):
 @given(st.binary(max_size=80))
 def test_fast_path_equals_dpkt_on_random_bytes(data):
     assert outcome(parse, data) == outcome(parse_with_dpkt, data)
+
+
+# -- IPv6 -------------------------------------------------------------------------------
+
+SRC6, DST6 = "2001:db8::2", "2001:db8::1"
+
+
+def ipv6(next_header, body):
+    header = struct.pack("!IHBB", 6 << 28, len(body), next_header, 64)
+    return header + socket.inet_pton(socket.AF_INET6, SRC6) + socket.inet_pton(socket.AF_INET6, DST6) + body
+
+
+def tcp_header(dport, flags=dpkt.tcp.TH_SYN):
+    return struct.pack("!HHIIBBHHH", 5555, dport, 1, 0, 5 << 4, flags, 65535, 0, 0)
+
+
+def options_header(nxt):  # hop-by-hop or destination options: 8 bytes, a PadN
+    return bytes([nxt, 0, 1, 4, 0, 0, 0, 0])
+
+
+def routing_header(nxt):
+    return bytes([nxt, 0, 4, 0, 0, 0, 0, 0])  # type 4 (segment routing), nothing left
+
+
+def fragment_header(nxt, offset=0, more=False):
+    return bytes([nxt, 0]) + struct.pack("!H", offset << 3 | more) + b"\0\0\0\x01"
+
+
+def test_ipv6_tcp_syn():
+    packet = parse(ipv6(6, tcp_header(40000)))
+    assert (packet.family, packet.src, packet.proto, packet.dport, packet.flags) == (6, SRC6, "tcp", 40000, 2)
+
+
+@pytest.mark.parametrize("first,chain", [
+    (0, options_header(6)),                                             # hop-by-hop
+    (0, options_header(43) + routing_header(6)),                        # hop-by-hop, routing
+    (0, options_header(60) + options_header(6)),                        # hop-by-hop, destination options
+    (44, fragment_header(6)),                                           # an atomic fragment
+    (0, options_header(43) + routing_header(44) + fragment_header(60) + options_header(6)),
+], ids=["hbh", "hbh-routing", "hbh-dstopts", "fragment", "all"])
+def test_knock_behind_extension_headers_is_read_at_the_right_place(first, chain):
+    packet = parse(ipv6(first, chain + tcp_header(50000)))
+    assert (packet.proto, packet.dport, packet.sport, packet.fragment) == ("tcp", 50000, 5555, False)
+
+
+def test_udp_behind_hop_by_hop():
+    data = ipv6(0, options_header(17) + struct.pack("!HHHH", 5555, 7000, 9, 0) + b"x")
+    packet = parse(data)
+    assert (packet.proto, packet.dport, packet.payload) == ("udp", 7000, b"x")
+
+
+def test_ipv6_later_fragment_is_refused():
+    with pytest.raises(PacketError, match="non-first fragment"):
+        parse(ipv6(44, fragment_header(6, offset=100) + tcp_header(40000)))
+
+
+def test_ipv6_first_fragment_is_marked():
+    assert parse(ipv6(44, fragment_header(6, more=True) + tcp_header(40000))).fragment is True
+
+
+@pytest.mark.parametrize("data,reason", [
+    (ipv6(0, bytes([6, 5, 1, 4, 0, 0, 0, 0]) + tcp_header(40000)), None),  # length claims 48 bytes
+    (ipv6(6, tcp_header(40000)[:12]), "bad transport header"),
+    (ipv6(58, bytes(8)), "not tcp or udp"),  # ICMPv6
+    (ipv6(6, b"")[:30], "bad ipv6 header"),
+])
+def test_broken_ipv6_is_refused_never_misread(data, reason):
+    with pytest.raises(PacketError) as info:
+        parse(data)
+    if reason:
+        assert info.value.reason == reason
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_ipv6_body_gives_a_packet_or_packet_error(body):
+    try:
+        packet = parse(ipv6(body[0] if body else 59, body[1:]))
+    except PacketError:
+        return
+    assert packet.family == 6 and packet.proto in ("tcp", "udp")
