@@ -8,8 +8,7 @@ import sys
 from netfilterqueue import NetfilterQueue
 
 from nfknock.daemon import DEFAULT_QUEUE_MAXLEN
-from nfknock.firewall import scaffolding
-from nfknock.firewall.legacy import LegacyFirewall
+from nfknock.firewall import make_firewall, plan
 from nfknock.rules import load_rules
 
 
@@ -30,8 +29,8 @@ def main(rules: str, queue_num: int, verdict: str) -> None:
     signal.signal(signal.SIGTERM, stop)
     queue = NetfilterQueue()
     queue.bind(queue_num, accept if verdict == "accept" else drop, max_len=DEFAULT_QUEUE_MAXLEN)
-    firewall = LegacyFirewall()
-    firewall.apply(scaffolding(load_rules(rules).doors, queue_num))
+    firewall = make_firewall("auto")
+    firewall.apply(plan(load_rules(rules).doors, queue_num))
     print("ready", flush=True)
     try:
         queue.run()

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "is dropped when full (default: %(default)s)")
     run.add_argument("--queue-maxlen", type=_int_in(16, 1_000_000, "queue length"), default=4096,
                      help="packets the kernel holds for nfknock before it drops (default: %(default)s)")
+    run.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
+                     help="iptables flavour for the rules: auto follows the host's 'iptables' (default)")
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
@@ -72,9 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     knock.add_argument("--rules", help="rules file or directory holding --door")
     knock.add_argument("--close", action="store_true", help="with --door: knock the close sequence")
     knock.add_argument("-u", "--udp", action="store_true", help="send every PORT without /proto as UDP")
+    family = knock.add_mutually_exclusive_group()
+    family.add_argument("-4", dest="family", action="store_const", const=4, default=0, help="knock over IPv4")
+    family.add_argument("-6", dest="family", action="store_const", const=6, help="knock over IPv6 (a knock "
+                        "opens the door for the address it came from only)")
     knock.set_defaults(func=cmd_knock)
 
-    down = verbs.add_parser("down", help="remove nfknock's firewall rules (after a daemon was killed)")
+    down = verbs.add_parser("down", help="remove nfknock's firewall rules, both iptables flavours, "
+                            "both families (after a daemon was killed)")
     down.set_defaults(func=cmd_down)
     return parser
 
@@ -98,21 +105,21 @@ _non_negative = _int_in(0, 3_600_000, "delay")
 
 def cmd_run(args) -> int:
     from .daemon import Daemon
-    from .firewall.legacy import LegacyFirewall
+    from .firewall import make_firewall
     from .logs import setup_logging
 
     try:
         logger = setup_logging(args.log_file, args.syslog, args.verbose)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
-    daemon = Daemon(args.rules, LegacyFirewall(), args.queue_num, args.max_sources, logger,
+    daemon = Daemon(args.rules, make_firewall(args.firewall), args.queue_num, args.max_sources, logger,
                     queue_maxlen=args.queue_maxlen)
     daemon.run()
     return 0
 
 
 def cmd_check(args) -> int:
-    from .firewall import scaffolding
+    from .firewall import plan
 
     ruleset = load_rules(args.rules)
     for door in ruleset.doors:
@@ -123,9 +130,12 @@ def cmd_check(args) -> int:
         print(f"  protect        {' '.join(map(str, door.protect))}")
         print(f"  seq_timeout    {door.seq_timeout:g}s   open_for {door.open_for:g}s   tcp_flags {door.tcp_flags}")
         print(f"  sources        {' '.join(map(str, door.sources)) or 'any'}")
-    print("firewall rules (legacy filter table, jumped to from INPUT position 1):")
-    for spec in scaffolding(ruleset.doors, args.queue_num):
-        print(f"  {spec}")
+    for family, specs in plan(ruleset.doors, args.queue_num).items():
+        if specs:
+            tool = "iptables" if family == 4 else "ip6tables"
+            print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
+            for spec in specs:
+                print(f"  {spec}")
     return 0
 
 
@@ -133,7 +143,7 @@ def cmd_knock(args) -> int:
     from .client import knock
 
     steps = _knock_steps(args)
-    results = knock(args.host, steps, args.delay)
+    results = knock(args.host, steps, args.delay, args.family)
     failed = [r for r in results if not r.sent]
     for result in failed:
         print(f"nfknock: knock on {result.step} not sent: {result.error}", file=sys.stderr)
@@ -169,10 +179,18 @@ def _knock_steps(args) -> list[Port]:
 
 
 def cmd_down(args) -> int:
-    from .firewall.legacy import LegacyFirewall
+    from .firewall import FLAVOURS, make_firewall
 
-    if LegacyFirewall().remove():
-        print("nfknock: scaffolding removed; protected ports now follow the rest of your firewall")
+    removed = []
+    for flavour in FLAVOURS:
+        try:
+            if make_firewall(flavour).remove():
+                removed.append(flavour)
+        except NfknockError as exc:
+            print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
+    if removed:
+        print(f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of "
+              "your firewall")
     else:
         print("nfknock: no nfknock rules were installed")
     return 0

@@ -18,37 +18,43 @@ class KnockResult:
     error: str = ""
 
 
-def resolve(host: str) -> str:
+FAMILIES = {0: socket.AF_UNSPEC, 4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def resolve(host: str, family: int = 0) -> tuple[int, str]:
+    """(address family, address) for a name or literal; 4 or 6 forces a family. A knock over
+    IPv4 opens the door for the IPv4 address only, so the family matters."""
     try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+        infos = socket.getaddrinfo(host, None, FAMILIES[family], socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise UsageError(f"cannot resolve {host!r}: {exc.strerror}") from None
-    return infos[0][4][0]
+        wanted = f" (IPv{family})" if family else ""
+        raise UsageError(f"cannot resolve {host!r}{wanted}: {exc.strerror}") from None
+    return infos[0][0], infos[0][4][0]
 
 
-def send_knock(address: str, step: Port) -> KnockResult:
+def send_knock(family: int, address: str, step: Port) -> KnockResult:
     """A non-blocking connect puts exactly one SYN on the wire; closing at once means no
     retransmit and no handshake, which is what the door expects."""
     try:
         if step.proto == "tcp":
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
                 sock.setblocking(False)
                 code = sock.connect_ex((address, step.port))
                 if code not in (0, errno.EINPROGRESS):
                     return KnockResult(step, False, errno.errorcode.get(code, str(code)))
         else:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
                 sock.sendto(b"\0", (address, step.port))
     except OSError as exc:
         return KnockResult(step, False, exc.strerror or str(exc))
     return KnockResult(step, True)
 
 
-def knock(host: str, steps: list[Port], delay_ms: int = 0, sleep=time.sleep) -> list[KnockResult]:
-    address = resolve(host)
+def knock(host: str, steps: list[Port], delay_ms: int = 0, family: int = 0, sleep=time.sleep) -> list[KnockResult]:
+    address_family, address = resolve(host, family)
     results = []
     for i, step in enumerate(steps):
         if i and delay_ms:
             sleep(delay_ms / 1000)
-        results.append(send_knock(address, step))
+        results.append(send_knock(address_family, address, step))
     return results

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError
-from .firewall import PASS_MARK, Firewall, iptables_flavour, scaffolding
+from .firewall import PASS_MARK, Firewall, iptables_flavour, plan
 from .logs import RateLimit, log_events
 from .packet import parse
 from .rules import Ruleset, load_rules
@@ -126,7 +126,7 @@ class Daemon:
         previous = self._install_signals(wake_w)
         try:
             self._warn_about_flavour()
-            self.firewall.apply(scaffolding(self.ruleset.doors, self.queue_num))
+            self.firewall.apply(plan(self.ruleset.doors, self.queue_num))
             self._log_ready()
             if ready is not None:
                 ready()
@@ -171,7 +171,7 @@ class Daemon:
         """Apply the rules on disk; on any problem keep the old rules and say why."""
         try:
             ruleset = load_rules(self.rules_path)
-            self.firewall.apply(scaffolding(ruleset.doors, self.queue_num))
+            self.firewall.apply(plan(ruleset.doors, self.queue_num))
         except NfknockError as exc:
             for line in str(exc).splitlines():
                 self.log.error("reload refused, keeping the current rules: %s", line)
@@ -226,8 +226,9 @@ class Daemon:
     def _warn_about_flavour(self) -> None:
         if self.firewall.name == "legacy" and iptables_flavour() == "nf_tables":
             self.log.warning(
-                "this host's 'iptables' is the nf_tables flavour; nfknock's rules live in the legacy "
-                "tables: list them with 'iptables-legacy -S %s' (the kernel applies both)", "NFKNOCK"
+                "this host's 'iptables' is the nf_tables flavour but --firewall legacy was chosen; nfknock's "
+                "rules live in the legacy tables: list them with 'iptables-legacy -S %s' (the kernel applies "
+                "both)", "NFKNOCK"
             )
 
     def _log_ready(self) -> None:

@@ -58,11 +58,17 @@ class Client:
     namespace: str
     address: str
     server_address: str  # the server's address on this client's link
+    address6: str = ""
+    server_address6: str = ""
+
+    def server(self, family: int = 4) -> str:
+        return self.server_address6 if family == 6 else self.server_address
 
 
 @dataclass
 class Sandbox:
-    """A server namespace linked to `clients` client namespaces (10.199.<i>.0/24 each)."""
+    """A server namespace linked to `clients` client namespaces (10.199.<i>.0/24 and
+    fd00:199:<i>::/64 each)."""
 
     clients_wanted: int = 2
     token: str = field(default_factory=lambda: secrets.token_hex(3))
@@ -90,11 +96,14 @@ class Sandbox:
         for i in range(1, self.clients_wanted + 1):
             name = f"nfk-{self.token}-c{i}"
             ip("netns", "add", name)
-            self.clients.append(Client(name, f"10.199.{i}.2", f"10.199.{i}.1"))
+            self.clients.append(Client(name, f"10.199.{i}.2", f"10.199.{i}.1", f"fd00:199:{i}::2",
+                                       f"fd00:199:{i}::1"))
             near, far = f"nk{self.token}{i}s", f"nk{self.token}{i}c"
             ip("link", "add", near, "netns", self.server, "type", "veth", "peer", "name", far, "netns", name)
             ip("-n", self.server, "addr", "add", f"10.199.{i}.1/24", "dev", near)
             ip("-n", name, "addr", "add", f"10.199.{i}.2/24", "dev", far)
+            ip("-n", self.server, "addr", "add", f"fd00:199:{i}::1/64", "dev", near, "nodad")
+            ip("-n", name, "addr", "add", f"fd00:199:{i}::2/64", "dev", far, "nodad")
             for ns, dev in ((self.server, near), (name, far), (name, "lo")):
                 ip("-n", ns, "link", "set", dev, "up")
 
@@ -146,7 +155,7 @@ class EchoService:
 
     def __init__(self, namespace: str, port: int = 22):
         with entered(namespace):
-            self.listener = socket.create_server(("0.0.0.0", port))
+            self.listener = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
@@ -184,13 +193,13 @@ class Attempt:
     greeting: bytes = b""
 
 
-def connect(client, port: int = 22, timeout: float = 1.5) -> Attempt:
+def connect(client, port: int = 22, timeout: float = 1.5, family: int = 4) -> Attempt:
     with entered(client.namespace):
-        sock = socket.socket()
+        sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET)
     sock.settimeout(timeout)
     start = time.monotonic()
     try:
-        sock.connect((client.server_address, port))
+        sock.connect((client.server(family), port))
         elapsed = time.monotonic() - start
         return Attempt(True, elapsed, sock.recv(16))
     except OSError:

@@ -62,7 +62,17 @@ class RuleSpec:
         return text
 
 
+Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
+
+
+def plan(doors: tuple[Door, ...], queue_num: int) -> Plan:
+    """The scaffolding for each address family, from the doors that listen on it."""
+    return {family: scaffolding(tuple(d for d in doors if family in d.families), queue_num) for family in (4, 6)}
+
+
 def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
+    if not doors:
+        return []
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
@@ -87,15 +97,33 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
 
 class Firewall(Protocol):
     """What the daemon needs from a backend. `apply` replaces whatever scaffolding is there
-    (a killed run's leftovers included) in one step; `remove` takes all of it away."""
+    (a killed run's leftovers included) in one step per family; `remove` takes all of it away."""
 
     name: str
 
-    def apply(self, specs: list[RuleSpec]) -> None: ...
+    def apply(self, plan: Plan) -> None: ...
 
     def remove(self) -> bool: ...
 
-    def installed(self) -> list[str]: ...
+    def installed(self) -> dict[int, list[str]]: ...
+
+
+FLAVOURS = ("legacy", "nft")
+
+
+def make_firewall(choice: str = "auto") -> Firewall:
+    """`auto` follows the flavour of the host's `iptables` command (legacy when unknown)."""
+    if choice == "auto":
+        choice = "nft" if iptables_flavour() == "nf_tables" else "legacy"
+    if choice == "legacy":
+        from .legacy import LegacyFirewall
+
+        return LegacyFirewall()
+    if choice == "nft":
+        from .nft import NftFirewall
+
+        return NftFirewall()
+    raise ValueError(f"unknown firewall {choice!r} (auto, legacy or nft)")
 
 
 def iptables_flavour() -> str | None:

@@ -9,7 +9,7 @@ iptc is not thread-safe: call from one thread only.
 from __future__ import annotations
 
 from ..errors import FirewallError
-from . import CHAIN, RuleSpec
+from . import CHAIN, Plan, RuleSpec
 
 
 def _iptc():
@@ -20,36 +20,46 @@ def _iptc():
     return iptc
 
 
+def _classes(family: int):
+    iptc = _iptc()
+    if family == 4:
+        return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
+    return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
+
+
 class LegacyFirewall:
     name = "legacy"
 
-    def apply(self, specs: list[RuleSpec]) -> None:
-        self._transaction(specs)
+    def apply(self, plan: Plan) -> None:
+        for family, specs in plan.items():
+            self._transaction(family, specs or None)
 
     def remove(self) -> bool:
-        """Remove the chain and every jump to it; True if there was anything to remove."""
-        present = bool(self.installed()) or self._jumps() > 0
-        self._transaction(None)
+        """Remove the chains and every jump to them; True if there was anything to remove."""
+        present = False
+        for family in (4, 6):
+            present = present or bool(self._rules(family)) or self._jumps(family) > 0
+            self._transaction(family, None)
         return present
 
-    def installed(self) -> list[str]:
-        """Our rules as the kernel has them, in `iptables -S` style (jumps counted separately)."""
-        iptc = _iptc()
-        table = iptc.Table(iptc.Table.FILTER)
+    def installed(self) -> dict[int, list[str]]:
+        """Our rules as the kernel has them, in `iptables -S` style, per family."""
+        return {family: self._rules(family) for family in (4, 6)}
+
+    def _rules(self, family: int) -> list[str]:
+        iptc, table, _ = _classes(family)
         table.refresh()
         if not table.is_chain(CHAIN):
             return []
         return [str(_spec_of(rule)) for rule in iptc.Chain(table, CHAIN).rules]
 
-    def _jumps(self) -> int:
-        iptc = _iptc()
-        table = iptc.Table(iptc.Table.FILTER)
+    def _jumps(self, family: int) -> int:
+        iptc, table, _ = _classes(family)
         table.refresh()
         return sum(1 for rule in iptc.Chain(table, "INPUT").rules if rule.target.name == CHAIN)
 
-    def _transaction(self, specs: list[RuleSpec] | None) -> None:
-        iptc = _iptc()
-        table = iptc.Table(iptc.Table.FILTER)
+    def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
+        iptc, table, rule_class = _classes(family)
         table.autocommit = False
         try:
             table.refresh()
@@ -66,20 +76,20 @@ class LegacyFirewall:
                     chain.delete()
             else:
                 for spec in specs:
-                    chain.append_rule(_rule_of(iptc, spec))
-                jump = iptc.Rule()
+                    chain.append_rule(_rule_of(rule_class, spec))
+                jump = rule_class()
                 jump.create_target(CHAIN)
                 builtin_input.insert_rule(jump, 0)
             table.commit()
         except (iptc.IPTCError, ValueError) as exc:
-            raise FirewallError(f"iptables (legacy): {exc}") from None
+            raise FirewallError(f"{'ip6tables' if family == 6 else 'iptables'} (legacy): {exc}") from None
         finally:
             table.autocommit = True
             table.refresh()
 
 
-def _rule_of(iptc, spec: RuleSpec):
-    rule = iptc.Rule()
+def _rule_of(rule_class, spec: RuleSpec):
+    rule = rule_class()
     if spec.proto:
         rule.protocol = spec.proto
         match = rule.create_match(spec.proto)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from nfknock.firewall import make_firewall
 from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,8 +64,10 @@ def echoes(sock: socket.socket, text: bytes = b"ping\n") -> bool:
 class Server:
     """nfknock run in the server namespace, as an administrator would start it."""
 
-    def __init__(self, sandbox: Sandbox, workdir: Path):
+    def __init__(self, sandbox: Sandbox, workdir: Path, firewall: str = "auto"):
         self.sandbox = sandbox
+        self.firewall = firewall
+        self.flavour = make_firewall(firewall).name  # which iptables command shows our rules
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
         self.log = workdir / "nfknock.log"
@@ -77,9 +80,12 @@ class Server:
         path.write_text(text)
         return path
 
+    def argv(self, log: Path, *extra: str) -> list[str]:
+        return nfknock_argv("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num),
+                            "--firewall", self.firewall, "--log-file", str(log), *extra)
+
     def start(self, *extra: str, expect_ready: bool = True) -> subprocess.Popen:
-        argv = nfknock_argv("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num),
-                            "--log-file", str(self.log), *extra)
+        argv = self.argv(self.log, *extra)
         self.process = self.sandbox.spawn(self.sandbox.server, argv, cwd=REPO,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if expect_ready:
@@ -109,8 +115,10 @@ class Server:
         self.process.send_signal(sig)
         return self.process.wait(timeout)
 
-    def iptables(self) -> list[str]:
-        out = self.sandbox.run(self.sandbox.server, ["iptables-legacy", "-S"], check=True).stdout
+    def iptables(self, family: int = 4) -> list[str]:
+        """Our rules as `iptables -S` of the flavour in use shows them."""
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{self.flavour}"
+        out = self.sandbox.run(self.sandbox.server, [tool, "-S"], check=True).stdout
         return [line for line in out.splitlines() if "NFKNOCK" in line]
 
     def nfknock(self, *args: str) -> subprocess.CompletedProcess:
@@ -131,8 +139,10 @@ def sandbox(kernel):
 
 
 @pytest.fixture
-def server(sandbox, tmp_path):
-    srv = Server(sandbox, tmp_path)
+def server(request, sandbox, tmp_path):
+    """nfknock with the host's default firewall flavour, or the one a test module asks for with
+    `pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)`."""
+    srv = Server(sandbox, tmp_path, getattr(request, "param", "auto"))
     srv.write_rules(SEED)
     yield srv
     if srv.process is not None and srv.process.poll() is None:

@@ -2,7 +2,11 @@
 
 import time
 
+import pytest
+
 from conftest import connect, echoes, hold, knock, our_knock
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 SHORT = """\
 doors:

@@ -1,9 +1,14 @@
-"""Start, stop, crash, restart, reload and down on a real kernel: never open, never duplicated."""
+"""Start, stop, crash, restart, reload and down on a real kernel: never open, never duplicated.
+Every test runs with both firewall backends."""
 
 import signal
 import time
 
+import pytest
+
 from conftest import connect, echoes, hold, knock
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 SCAFFOLDING = [
     "-N NFKNOCK",
@@ -25,13 +30,17 @@ SCAFFOLDING = [
 
 def test_running_daemon_installs_exactly_the_scaffolding(server):
     server.start()
-    assert server.iptables() == SCAFFOLDING
+    assert server.iptables(4) == SCAFFOLDING
+    assert server.iptables(6) == SCAFFOLDING  # the seed door listens on both families
+    other = "legacy" if server.flavour == "nft" else "nft"
+    leaked = server.sandbox.run(server.sandbox.server, [f"iptables-{other}", "-S"]).stdout
+    assert "NFKNOCK" not in leaked  # one flavour only
 
 
 def test_sigterm_removes_every_rule_and_exits_cleanly(server, alice):
     server.start()
     assert server.stop(signal.SIGTERM) == 0
-    assert server.iptables() == []
+    assert server.iptables(4) == [] and server.iptables(6) == []
     assert connect(alice).connected  # nothing of ours is left between the client and the service
 
 
@@ -64,8 +73,8 @@ def test_down_removes_what_a_killed_daemon_left(server):
     server.start()
     server.stop(signal.SIGKILL)
     result = server.nfknock("down")
-    assert result.returncode == 0 and "removed" in result.stdout
-    assert server.iptables() == []
+    assert result.returncode == 0 and f"removed ({server.flavour})" in result.stdout
+    assert server.iptables(4) == [] and server.iptables(6) == []
     again = server.nfknock("down")
     assert again.returncode == 0 and "no nfknock rules" in again.stdout
 
@@ -90,7 +99,7 @@ def test_bad_rules_refuse_to_start_and_touch_nothing(server):
 
 def test_second_daemon_on_the_same_queue_is_refused(server):
     first = server.start()
-    second = server.sandbox.spawn(server.sandbox.server, first.args[4:-2] + ["--log-file", str(server.workdir / "2.log")],
+    second = server.sandbox.spawn(server.sandbox.server, server.argv(server.workdir / "2.log"),
                                   stdout=-1, stderr=-1, text=True)
     assert second.wait(20) == 1
     assert "cannot bind NFQUEUE 7" in second.stderr.read()

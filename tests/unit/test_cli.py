@@ -33,7 +33,7 @@ def test_run_with_missing_rules_exits_2_before_touching_anything(tmp_path, capsy
     ["run", "--queue-num", "70000"],
     ["run", "--queue-num", "x"],
     ["run", "--max-sources", "0"],
-    ["knock", "h", "1", "--delay", "-5"],
+    ["knock", "h", "1", "--delay=-5"],
     ["check", "extra"],
 ])
 def test_bad_numbers_are_refused_by_argparse(argv, capsys):

@@ -19,8 +19,8 @@ class FakeFirewall:
     def __init__(self):
         self.calls = []
 
-    def apply(self, specs):
-        self.calls.append(("apply", list(specs)))
+    def apply(self, plan):
+        self.calls.append(("apply", plan))
 
     def remove(self):
         self.calls.append(("remove",))
@@ -139,4 +139,4 @@ def test_reload_installs_the_new_scaffolding(daemon):
     (daemon.rules_path / "ssh.yaml").write_text(text)
     assert daemon.reload() is True
     (call,) = daemon.firewall.calls
-    assert RuleSpec("DROP", "tcp", 2222) in call[1]
+    assert RuleSpec("DROP", "tcp", 2222) in call[1][4] and RuleSpec("DROP", "tcp", 2222) in call[1][6]

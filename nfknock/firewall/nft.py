@@ -1,0 +1,82 @@
+"""Scaffolding for hosts whose iptables is the nf_tables flavour, through iptables-nft-restore.
+
+One `iptables-nft-restore --noflush` per family is one nf_tables transaction: declaring our chain
+flushes it, the jumps found in INPUT are deleted and one is inserted at position 1, all at once.
+The rules are the same RuleSpecs the legacy backend installs, in iptables' own syntax, so
+`iptables -S` shows them exactly as `nfknock check` prints them. (Native `nft ... queue` is not
+available on every kernel; iptables-nft's NFQUEUE target is.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from ..errors import FirewallError
+from . import CHAIN, Plan, RuleSpec
+
+TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
+
+
+def restore_script(specs: list[RuleSpec] | None, jumps: int, chain_exists: bool) -> str:
+    """The restore input that replaces our chain with `specs` (None: removes it)."""
+    lines = ["*filter"]
+    if specs is not None:
+        lines.append(f":{CHAIN} - [0:0]")
+    lines += [f"-D INPUT -j {CHAIN}"] * jumps
+    if specs is not None:
+        lines += [str(spec) for spec in specs]
+        lines.append(f"-I INPUT 1 -j {CHAIN}")
+    elif chain_exists:
+        lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+class NftFirewall:
+    name = "nft"
+
+    def apply(self, plan: Plan) -> None:
+        for family, specs in plan.items():
+            self._transaction(family, specs or None)
+
+    def remove(self) -> bool:
+        present = False
+        for family in (4, 6):
+            present = present or bool(self._rules(family)) or self._jumps(family) > 0
+            self._transaction(family, None)
+        return present
+
+    def installed(self) -> dict[int, list[str]]:
+        return {family: self._rules(family) for family in (4, 6)}
+
+    def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
+        exists = self._chain_exists(family)
+        script = restore_script(specs, self._jumps(family), exists)
+        if specs is None and not exists and script.count("\n") == 2:
+            return  # nothing there, nothing to do
+        self._run([TOOLS[family][1], "--noflush"], family, script)
+
+    def _rules(self, family: int) -> list[str]:
+        if not self._chain_exists(family):
+            return []
+        out = self._run([TOOLS[family][0], "-S", CHAIN], family)
+        return [line for line in out.splitlines() if line.startswith("-A ")]
+
+    def _jumps(self, family: int) -> int:
+        out = self._run([TOOLS[family][0], "-S", "INPUT"], family)
+        return sum(1 for line in out.splitlines() if line.split()[-2:] == ["-j", CHAIN])
+
+    def _chain_exists(self, family: int) -> bool:
+        out = self._run([TOOLS[family][0], "-S"], family)
+        return f"-N {CHAIN}" in out.splitlines()
+
+    @staticmethod
+    def _run(argv: list[str], family: int, stdin: str | None = None) -> str:
+        try:
+            result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise FirewallError(f"{argv[0]}: {exc}") from None
+        if result.returncode != 0:
+            reason = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
+            raise FirewallError(f"{argv[0]}: {reason}")
+        return result.stdout
