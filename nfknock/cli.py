@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "opens the door for the address it came from only)")
     knock.set_defaults(func=cmd_knock)
 
+    doctor = verbs.add_parser("doctor", help="check this host for what would make nfknock fail or leak")
+    doctor.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
+    doctor.add_argument("--queue-num", type=_queue_num, default=0, help="the queue nfknock will use")
+    doctor.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
+                        help="the backend nfknock will use")
+    doctor.set_defaults(func=cmd_doctor)
+
     down = verbs.add_parser("down", help="remove nfknock's firewall rules, both iptables flavours, "
                             "both families (after a daemon was killed)")
     down.set_defaults(func=cmd_down)
@@ -176,6 +183,17 @@ def _knock_steps(args) -> list[Port]:
             reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else exc
             raise UsageError(f"port {text!r}: {reason}") from None
     return steps
+
+
+def cmd_doctor(args) -> int:
+    from pathlib import Path
+
+    from .doctor import FAIL, diagnose
+
+    findings = diagnose(Path(args.rules), args.queue_num, args.firewall)
+    for finding in findings:
+        print(finding)
+    return 1 if any(f.level == FAIL for f in findings) else 0
 
 
 def cmd_down(args) -> int:

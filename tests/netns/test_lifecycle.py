@@ -171,3 +171,19 @@ def test_reloads_never_open_a_window_and_keep_sessions(server, alice, bob):
     assert rules.count("-A INPUT -j NFKNOCK") == 1
     assert "-A NFKNOCK -p tcp -m tcp --dport 1009 -j NFQUEUE --queue-num 7" in rules
     assert not any("--dport 1008 " in rule for rule in rules)
+
+
+def test_doctor_sees_the_running_daemon_and_a_rule_that_bypasses_it(server):
+    server.start()
+    args = ("doctor", "--rules", str(server.rules), "--queue-num", "7", "--firewall", server.firewall)
+    result = server.nfknock(*args)
+    assert result.returncode == 1  # the queue is held (by our own daemon)
+    assert "FAIL NFQUEUE 7 is held by netlink port" in result.stdout
+    assert f"ok   nfknock's chain is installed (iptables-{server.flavour})" in result.stdout
+    server.sandbox.run(server.sandbox.server, [f"iptables-{server.flavour}", "-I", "INPUT", "1", "-p", "tcp",
+                                               "--dport", "22", "-j", "ACCEPT"], check=True)
+    result = server.nfknock(*args)
+    assert "FAIL INPUT rule 1 accepts 22/tcp before nfknock's chain (IPv4)" in result.stdout
+    server.stop()
+    result = server.nfknock(*args)
+    assert "ok   NFQUEUE 7 is free" in result.stdout and "ok   no nfknock rules are installed" in result.stdout

@@ -59,3 +59,26 @@ def test_shared_ports_appear_once():
     assert sum(1 for s in plan if s.dport == 2) == 1
     assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1
     assert sum(1 for s in plan if s.target == "RETURN") == 1
+
+
+def test_plan_covers_the_families_each_door_listens_on():
+    from nfknock.firewall import plan
+
+    v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
+    v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["2222/tcp"], tripwire=0)
+    both = plan((v4, v6), 0)
+    assert {s.dport for s in both[4]} == {22, 1000, 2000}
+    assert {s.dport for s in both[6]} == {2222, 3000, 4000}
+    assert plan((v4,), 0)[6] == []  # no IPv6 door: no IPv6 chain at all
+
+
+def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
+    from nfknock.firewall.nft import restore_script
+
+    specs = scaffolding((door(tripwire=0),), 3)
+    script = restore_script(specs, jumps=2, chain_exists=True).splitlines()
+    assert script[:4] == ["*filter", f":{CHAIN} - [0:0]", f"-D INPUT -j {CHAIN}", f"-D INPUT -j {CHAIN}"]
+    assert script[4:-2] == [str(s) for s in specs]
+    assert script[-2:] == [f"-I INPUT 1 -j {CHAIN}", "COMMIT"]
+    assert restore_script(None, 1, True).splitlines() == [
+        "*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
