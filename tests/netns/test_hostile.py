@@ -1,4 +1,5 @@
-"""Hostile traffic on a real kernel: port scans, tripwires, lockout, floods, queue overflow."""
+"""Hostile traffic on a real kernel: port scans, tripwires, lockout, floods, queue overflow.
+Every test runs with both firewall backends."""
 
 import socket
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 
 from conftest import SEED, connect, knock, rss_kib
 from nfknock.sandbox import EchoService, SynFlood, entered
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 UDP_DOOR = """\
   - name: udpDoor
@@ -47,6 +50,18 @@ def test_descending_syn_walk_opens_nothing(server, alice, mallory):
         sock.setblocking(False)
         sock.connect_ex((mallory.server_address, port))
         sock.close()
+    time.sleep(0.5)
+    assert_nothing_opened(server, mallory, alice)
+
+
+def test_descending_udp_walk_opens_nothing(server, alice, mallory):
+    server.write_rules(SEED + UDP_DOOR.replace("[7000/udp, 8000/udp, 9000/udp]", "[9000/udp, 8000/udp, 7000/udp]"))
+    server.start()
+    with entered(mallory.namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for port in range(65535, 0, -1):
+        sock.sendto(b"x", (mallory.server_address, port))
+    sock.close()
     time.sleep(0.5)
     assert_nothing_opened(server, mallory, alice)
 
