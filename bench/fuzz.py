@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -23,9 +22,9 @@ import atheris
 with atheris.instrument_imports():
     import dpkt
 
-    import nfknock.engine
-    import nfknock.packet
-    import nfknock.state
+    import nfknock.engine  # noqa: F401  (imported here so that atheris instruments them)
+    import nfknock.packet  # noqa: F401
+    import nfknock.state  # noqa: F401
     from nfknock.daemon import Daemon
 
 RULES = """\

@@ -331,7 +331,7 @@ def machine() -> dict:
 def ratio(report: dict, name: str, over: str, base: str) -> None:
     figures = report["figures"]
     runs_over, runs_base = figures[over]["runs"], figures[base]["runs"]
-    pairs = [a / b for a, b in zip(runs_over, runs_base) if b]
+    pairs = [a / b for a, b in zip(runs_over, runs_base, strict=True) if b]
     report["ratios"][name] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
                               "of": over, "to": base}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nfknock.firewall import make_firewall
-from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
+from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = ("ip", "iptables-legacy", "knock", "nmap")

@@ -135,7 +135,7 @@ def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server
         time.sleep(1)
         # Knocks and the connect go through the same queue as the flood; a knock the kernel
         # drops when the queue overflows is simply sent again, as a user would.
-        for attempt in range(10):
+        for _ in range(10):
             knock(server.sandbox, alice, "40000", "50000", "60000")
             if connect(alice, timeout=2).connected:
                 break
@@ -164,7 +164,7 @@ def test_queue_overflow_is_logged(server, alice):
     try:
         with entered(alice.namespace):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        for i in range(300):
+        for _ in range(300):
             sock.sendto(b"x", (alice.server_address, 7000))
         sock.close()
     finally:

@@ -3,7 +3,6 @@
 import pytest
 
 from nfknock.cli import _knock_steps, build_parser, main, parse
-from nfknock.errors import UsageError
 from pathlib import Path
 
 RULES = str(Path(__file__).resolve().parents[2] / "rules")

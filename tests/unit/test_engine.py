@@ -2,7 +2,7 @@
 
 import pytest
 
-from nfknock.engine import TRANSITIONS, Action, Engine, Match, Phase, Verdict, classify
+from nfknock.engine import TRANSITIONS, Engine, Match, Phase, Verdict, classify
 from nfknock.events import (
     ConnectionAccepted,
     ConnectionRefused,
