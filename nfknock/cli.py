@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the backend nfknock will use")
     doctor.set_defaults(func=cmd_doctor)
 
+    keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
+    keygen.set_defaults(func=cmd_keygen)
+
     down = verbs.add_parser("down", help="remove nfknock's firewall rules, both iptables flavours, "
                             "both families (after a daemon was killed)")
     down.set_defaults(func=cmd_down)
@@ -194,6 +197,14 @@ def cmd_doctor(args) -> int:
     for finding in findings:
         print(finding)
     return 1 if any(f.level == FAIL for f in findings) else 0
+
+
+def cmd_keygen(args) -> int:
+    from .spa import generate_keys
+
+    encryption, mac = generate_keys()
+    print(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}")
+    return 0
 
 
 def cmd_down(args) -> int:

@@ -37,3 +37,13 @@ class UsageError(NfknockError):
     """Bad command-line input that argparse cannot catch by itself."""
 
     exit_code = 2
+
+
+class SpaError(NfknockError):
+    """An SPA packet refused; `reason` is a short stable label (for counters and rate-limited
+    logs), `detail` says what was wrong without any key material."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")

@@ -13,6 +13,7 @@ APT_PACKAGES=(
   knockd                                           # the stock 'knock' client the tests use
   nmap                                             # the attacker in the scan tests
   iperf3                                           # bench: established throughput
+  fwknop-client fwknop-server                      # SPA: the stock peer the tests compare against
 )
 
 as_root() {

@@ -72,3 +72,15 @@ def test_knock_mistakes_are_named(argv, message):
 def test_unresolvable_host_is_a_usage_error(capsys):
     assert main(["knock", "no-such-host.invalid", "1"]) == 2
     assert "cannot resolve 'no-such-host.invalid'" in capsys.readouterr().err
+
+
+def test_keygen_prints_fwknop_style_keys_that_work(capsys):
+    import base64
+
+    from nfknock.spa import Keys, decode, encode
+
+    assert main(["keygen"]) == 0
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    keys = Keys(base64.b64decode(lines["KEY_BASE64"]), base64.b64decode(lines["HMAC_KEY_BASE64"]))
+    assert len(keys.encryption) == 32 and len(keys.hmac) == 64
+    assert decode(encode(keys, "10.0.0.2", [("tcp", 22)], now=0), keys).ports == (("tcp", 22),)
