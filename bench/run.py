@@ -11,6 +11,7 @@ its figures mean little.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -231,17 +232,10 @@ class Bench:
         try:
             for run in range(self.repeat):
                 for setup in ("none", "nfknock"):
-                    daemon = None
-                    if setup == "nfknock":
-                        daemon = self.start_nfknock()
-                        self.knock(self.alice, "40000", "50000", "60000")
-                    try:
+                    with self.in_front_of_port_22(setup):
                         out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, "iperf3", "-c",
                                               self.alice.server_address, "-p", "22", "-t", str(seconds), "-J"],
                                              capture_output=True, text=True, timeout=60).stdout
-                    finally:
-                        if daemon:
-                            self.stop(daemon)
                     result = json.loads(out)
                     if "error" in result:
                         raise RuntimeError(f"iperf3 ({setup}): {result['error']}")
@@ -251,6 +245,22 @@ class Bench:
         finally:
             server.terminate()
             server.wait(10)
+
+    @contextlib.contextmanager
+    def in_front_of_port_22(self, setup: str):
+        """Nothing ("none"), an accept-only queue loop ("bare_accept"), or nfknock with alice's
+        grant ("nfknock") between the client and the service, for the duration of the block."""
+        daemon = None
+        if setup == "nfknock":
+            daemon = self.start_nfknock()
+            self.knock(self.alice, "40000", "50000", "60000")
+        elif setup == "bare_accept":
+            daemon = self.start_bare("accept")
+        try:
+            yield
+        finally:
+            if daemon:
+                self.stop(daemon)
 
     # -- 4. new-connection rate -------------------------------------------------------------
 
@@ -262,20 +272,11 @@ class Bench:
         try:
             for run in range(self.repeat):
                 for setup in ("none", "bare_accept", "nfknock"):
-                    daemon = None
-                    if setup == "nfknock":
-                        daemon = self.start_nfknock()
-                        self.knock(self.alice, "40000", "50000", "60000")
-                    elif setup == "bare_accept":
-                        daemon = self.start_bare("accept")
-                    try:
+                    with self.in_front_of_port_22(setup):
                         out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, sys.executable,
                                               str(BENCH / "conn_rate.py"), "connect", self.alice.server_address,
                                               "22", str(seconds)], capture_output=True, text=True, timeout=60,
                                              check=True).stdout
-                    finally:
-                        if daemon:
-                            self.stop(daemon)
                     rate = int(out) / seconds
                     self.figures.add(f"connection_rate.{setup}", rate, "connections/s")
                     log(f"new connections {setup} run {run + 1}: {rate:,.0f}/s")

@@ -108,6 +108,38 @@ class Firewall(Protocol):
     def installed(self) -> dict[int, list[str]]: ...
 
 
+class PerFamily:
+    """What both backends share: one transaction per address family. A backend supplies
+    `_transaction(family, specs or None)`, `_rules(family)` and `_jumps(family)`."""
+
+    name = "?"
+
+    def apply(self, plan: Plan) -> None:
+        for family, specs in plan.items():
+            self._transaction(family, specs or None)
+
+    def remove(self) -> bool:
+        """Remove the chains and every jump to them; True if there was anything to remove."""
+        present = False
+        for family in (4, 6):
+            present = present or bool(self._rules(family)) or self._jumps(family) > 0
+            self._transaction(family, None)
+        return present
+
+    def installed(self) -> dict[int, list[str]]:
+        """Our rules as the kernel has them, in `iptables -S` style, per family."""
+        return {family: self._rules(family) for family in (4, 6)}
+
+    def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
+        raise NotImplementedError
+
+    def _rules(self, family: int) -> list[str]:
+        raise NotImplementedError
+
+    def _jumps(self, family: int) -> int:
+        raise NotImplementedError
+
+
 FLAVOURS = ("legacy", "nft")
 
 

@@ -9,7 +9,7 @@ iptc is not thread-safe: call from one thread only.
 from __future__ import annotations
 
 from ..errors import FirewallError
-from . import CHAIN, Plan, RuleSpec
+from . import CHAIN, PerFamily, RuleSpec
 
 
 def _iptc():
@@ -27,24 +27,8 @@ def _classes(family: int):
     return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
 
 
-class LegacyFirewall:
+class LegacyFirewall(PerFamily):
     name = "legacy"
-
-    def apply(self, plan: Plan) -> None:
-        for family, specs in plan.items():
-            self._transaction(family, specs or None)
-
-    def remove(self) -> bool:
-        """Remove the chains and every jump to them; True if there was anything to remove."""
-        present = False
-        for family in (4, 6):
-            present = present or bool(self._rules(family)) or self._jumps(family) > 0
-            self._transaction(family, None)
-        return present
-
-    def installed(self) -> dict[int, list[str]]:
-        """Our rules as the kernel has them, in `iptables -S` style, per family."""
-        return {family: self._rules(family) for family in (4, 6)}
 
     def _rules(self, family: int) -> list[str]:
         iptc, table, _ = _classes(family)

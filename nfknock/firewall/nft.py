@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 
 from ..errors import FirewallError
-from . import CHAIN, Plan, RuleSpec
+from . import CHAIN, PerFamily, RuleSpec
 
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
 
@@ -32,22 +32,8 @@ def restore_script(specs: list[RuleSpec] | None, jumps: int, chain_exists: bool)
     return "\n".join(lines) + "\n"
 
 
-class NftFirewall:
+class NftFirewall(PerFamily):
     name = "nft"
-
-    def apply(self, plan: Plan) -> None:
-        for family, specs in plan.items():
-            self._transaction(family, specs or None)
-
-    def remove(self) -> bool:
-        present = False
-        for family in (4, 6):
-            present = present or bool(self._rules(family)) or self._jumps(family) > 0
-            self._transaction(family, None)
-        return present
-
-    def installed(self) -> dict[int, list[str]]:
-        return {family: self._rules(family) for family in (4, 6)}
 
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
         exists = self._chain_exists(family)
