@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="packets the kernel holds for nfknock before it drops (default: %(default)s)")
     run.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
                      help="iptables flavour for the rules: auto follows the host's 'iptables' (default)")
+    run.add_argument("--state-dir", default="/var/lib/nfknock",
+                     help="where the SPA replay cache is kept across restarts (default: %(default)s)")
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
@@ -86,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
                         help="the backend nfknock will use")
     doctor.set_defaults(func=cmd_doctor)
+
+    spa = verbs.add_parser("spa", help="send one SPA packet (fwknop-compatible) to open an SPA door")
+    spa.add_argument("host")
+    spa.add_argument("--door", required=True, help="the SPA door (keys, port and protected ports come from it)")
+    spa.add_argument("--rules", required=True, help="rules file or directory holding --door")
+    spa.add_argument("--access", nargs="+", metavar="PORT/PROTO", help="ports to ask for (default: all the "
+                     "door protects)")
+    spa.add_argument("--allow-ip", help="address to put inside the packet (default: this host's source "
+                     "address towards HOST)")
+    spa.set_defaults(func=cmd_spa)
 
     keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
     keygen.set_defaults(func=cmd_keygen)
@@ -123,7 +135,7 @@ def cmd_run(args) -> int:
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
     daemon = Daemon(args.rules, make_firewall(args.firewall), args.queue_num, args.max_sources, logger,
-                    queue_maxlen=args.queue_maxlen)
+                    queue_maxlen=args.queue_maxlen, state_dir=args.state_dir)
     daemon.run()
     return 0
 
@@ -134,6 +146,13 @@ def cmd_check(args) -> int:
     ruleset = load_rules(args.rules)
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
+        if door.kind == "spa":
+            print(f"  spa port       {door.port}   hmac {door.hmac_digest}   keys from "
+                  f"{door.keys_file or '$' + door.keys_env + '_*'}")
+            print(f"  protect        {' '.join(map(str, door.protect))}")
+            print(f"  open_for       {door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
+                  f"{str(door.trust_inner_address).lower()}")
+            continue
         print(f"  sequence       {' '.join(map(str, door.sequence))}")
         if door.close_sequence:
             print(f"  close_sequence {' '.join(map(str, door.close_sequence))}")
@@ -197,6 +216,25 @@ def cmd_doctor(args) -> int:
     for finding in findings:
         print(finding)
     return 1 if any(f.level == FAIL for f in findings) else 0
+
+
+def cmd_spa(args) -> int:
+    import socket
+    import time
+
+    from .client import resolve
+    from .spa import encode
+
+    door = load_rules(args.rules).door(args.door)
+    if door.kind != "spa":
+        raise UsageError(f"door {door.name!r} is a knock door; use 'nfknock knock'")
+    family, address = resolve(args.host)
+    ports = [Port.model_validate(p) for p in args.access] if args.access else list(door.protect)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((address, door.port.port))
+        allow = args.allow_ip or sock.getsockname()[0]
+        sock.send(encode(door.keys, allow, [p.key for p in ports], time.time()))
+    return 0
 
 
 def cmd_keygen(args) -> int:

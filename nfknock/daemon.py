@@ -7,6 +7,7 @@ Every queued packet gets exactly one verdict, drop unless the engine said accept
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -47,6 +48,8 @@ class Daemon:
         logger: logging.Logger | None = None,
         clock=time.monotonic,
         queue_maxlen: int = DEFAULT_QUEUE_MAXLEN,
+        state_dir: str | Path | None = None,
+        wall_clock=time.time,
     ):
         self.rules_path = Path(rules_path)
         self.firewall = firewall
@@ -65,6 +68,9 @@ class Daemon:
         self.errors = 0
         self.handled = dict.fromkeys(Verdict, 0)
         self._budget = 0
+        self.wall_clock = wall_clock
+        self.replay_file = Path(state_dir) / "spa-replay.json" if state_dir else None
+        self._load_replays()
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -73,10 +79,12 @@ class Daemon:
         try:
             packet = parse(queued.get_payload())
             now = self.clock()
-            decision = self.engine.handle(packet, now)
+            decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict
             if decision.events:
                 log_events(self.log, decision.events, self.log_limit, now)
+            if self.engine.replays_changed:
+                self._save_replays()
         except PacketError as exc:
             self.unparsable[exc.reason] = self.unparsable.get(exc.reason, 0) + 1
         except Exception:  # never let a packet kill the loop; drop it instead
@@ -100,6 +108,33 @@ class Daemon:
                         queued.drop()
                     except Exception:
                         pass
+
+    # -- the SPA replay cache: on disk, so a restart never re-enables a captured packet ------
+
+    def _load_replays(self) -> None:
+        if self.replay_file is None or not self.replay_file.exists():
+            return
+        try:
+            entries = json.loads(self.replay_file.read_text())
+            self.engine.restore_replays({str(k): float(v) for k, v in entries.items()}, self.wall_clock())
+        except (OSError, ValueError, AttributeError) as exc:
+            raise NfknockError(f"{self.replay_file}: cannot read the SPA replay cache: {exc} (move it away to "
+                               "start with an empty cache; captured packets younger than max_age then work once)")
+
+    def _save_replays(self) -> None:
+        self.engine.replays_changed = False
+        if self.replay_file is None:
+            return
+        try:
+            self.replay_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = self.replay_file.with_suffix(".tmp")
+            with open(tmp, "w") as out:
+                json.dump(dict(self.engine.replays), out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.replay_file)
+        except OSError as exc:
+            self.log.error("cannot write the SPA replay cache %s: %s", self.replay_file, exc)
 
     def _on_queued(self, queued) -> None:
         self.on_packet(queued)

@@ -37,6 +37,7 @@ can evict only attempts, never a grant.
 from __future__ import annotations
 
 import ipaddress
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -51,11 +52,14 @@ from .events import (
     KnockAdvanced,
     LockedOut,
     LockReleased,
+    SpaRefused,
     Sequence,
     SequenceReset,
     SequenceTimeout,
 )
 from .packet import Packet
+from . import spa
+from .errors import SpaError
 from .rules import Door
 from .state import Pool, Table
 
@@ -155,18 +159,19 @@ class _DoorState:
     """A door and every table that belongs to it."""
 
     __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks", "required", "forbidden",
-                 "families")
+                 "families", "spa")
 
     def __init__(self, door: Door, attempts: Pool, grants: Pool, records: Pool):
         self.door = door
-        self.sequences = [_Sequence(door, _OPEN, door.sequence, attempts.table())]
-        if door.close_sequence:
+        self.spa = door.kind == "spa"
+        self.sequences = [] if self.spa else [_Sequence(door, _OPEN, door.sequence, attempts.table())]
+        if getattr(door, "close_sequence", None):
             self.sequences.append(_Sequence(door, Sequence.CLOSE, door.close_sequence, attempts.table()))
         self.grants = grants.table()
         self.failures = records.table()
         self.locks = records.table()
         self.networks = tuple(door.sources)
-        self.required, self.forbidden = door.tcp_flags
+        self.required, self.forbidden = (0, 0) if self.spa else door.tcp_flags
         self.families = door.families
 
     def tables(self):
@@ -182,6 +187,9 @@ class Engine:
         self._grant_pool = Pool(max_sources)
         self._record_pool = Pool(max_sources)
         self._doors: dict[str, _DoorState] = {}
+        # SPA digests seen, with the wall-clock time after which a replay is too old anyway.
+        self.replays: OrderedDict[str, float] = OrderedDict()
+        self.replays_changed = False
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
@@ -228,7 +236,8 @@ class Engine:
 
     # -- the packet path -----------------------------------------------------------------
 
-    def handle(self, packet: Packet, now: float) -> Decision:
+    def handle(self, packet: Packet, now: float, wall: float | None = None) -> Decision:
+        """`now`: monotonic engine time; `wall`: Unix time, needed only to judge SPA timestamps."""
         key = (packet.proto, packet.dport)
         route = self._routes.get(key)
         if route is None:
@@ -240,7 +249,10 @@ class Engine:
         src = packet.src
         for state in knock_doors:
             if self._admits(state, packet, now):
-                self._knock(state, src, key, now, events)
+                if state.spa:
+                    self._spa(state, packet, now, wall, events)
+                else:
+                    self._knock(state, src, key, now, events)
         for state in trip_doors:
             if self._admits(state, packet, now):
                 self._tripwire(state, src, key, now, events)
@@ -249,8 +261,10 @@ class Engine:
     def _connect(self, doors, packet: Packet, now: float) -> Decision:
         port = f"{packet.dport}/{packet.proto}"
         for state in doors:
-            # Grants are per exact address: a knock over IPv4 opens IPv4 only.
-            if state.grants.live(packet.src, now):
+            # Grants are per exact address: a knock over IPv4 opens IPv4 only. An SPA grant
+            # holds the ports the packet asked for; a knock grant (None) all of the door's.
+            grant = state.grants.live(packet.src, now)
+            if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1]):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.door.name, port),))
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
@@ -282,6 +296,51 @@ class Engine:
             reset = reset or action is _RESET
         if reset:
             self._failed(state, src, now, events)
+
+    def _spa(self, state: _DoorState, packet: Packet, now: float, wall: float | None, events) -> None:
+        door, src = state.door, packet.src
+        try:
+            request = spa.decode(packet.payload, door.keys)
+            if wall is None:
+                raise SpaError("no clock", "the engine was not given the wall-clock time")
+            age = wall - request.timestamp
+            if abs(age) > door.max_age:
+                raise SpaError("too old" if age > 0 else "from the future",
+                               f"timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s")
+            self._forget_old_replays(wall)
+            if request.digest in self.replays:
+                raise SpaError("replay", "this packet was seen before")
+            self._remember(request.digest, request.timestamp + door.max_age)
+            if not door.trust_inner_address and request.address != src:
+                raise SpaError("source mismatch", f"the packet asks access for {request.address}")
+            allowed = {p.key for p in door.protect}
+            wanted = frozenset(request.ports)
+            if not wanted <= allowed:
+                refused = ", ".join(f"{port}/{proto}" for proto, port in sorted(wanted - allowed))
+                raise SpaError("port not allowed", f"requested {refused}")
+        except SpaError as exc:
+            events.append(SpaRefused(src, door.name, exc.reason, exc.detail))
+            self._failed(state, src, now, events)
+            return
+        until = now + door.open_for
+        state.grants.put(src, until, wanted)
+        events.append(DoorOpened(src, door.name, until))
+
+    def _remember(self, digest: str, expires: float) -> None:
+        if len(self.replays) >= self.max_sources:
+            self.replays.popitem(last=False)
+        self.replays[digest] = expires
+        self.replays_changed = True
+
+    def _forget_old_replays(self, wall: float) -> None:
+        while self.replays and next(iter(self.replays.values())) < wall:
+            self.replays.popitem(last=False)
+
+    def restore_replays(self, entries: dict[str, float], wall: float) -> None:
+        """Digests saved by an earlier run; those whose packets are too old anyway are dropped."""
+        for digest, expires in sorted(entries.items(), key=lambda item: item[1]):
+            if expires >= wall:
+                self.replays[digest] = expires
 
     def _tripwire(self, state: _DoorState, src: str, key, now: float, events: list[Event]) -> None:
         port = f"{key[1]}/{key[0]}"

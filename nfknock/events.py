@@ -87,6 +87,16 @@ class LockReleased:
 
 
 @dataclass(frozen=True, slots=True)
+class SpaRefused:
+    """An SPA packet was refused; `reason` is a stable label, `detail` never holds key material."""
+
+    src: str
+    door: str
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionAccepted:
     src: str
     door: str
@@ -108,6 +118,7 @@ Event = (
     | GrantExpired
     | LockedOut
     | LockReleased
+    | SpaRefused
     | ConnectionAccepted
     | ConnectionRefused
 )

@@ -21,6 +21,7 @@ from .events import (
     KnockAdvanced,
     LockedOut,
     LockReleased,
+    SpaRefused,
     Sequence,
     SequenceReset,
     SequenceTimeout,
@@ -45,6 +46,7 @@ RENDERERS = {
     GrantExpired: lambda e: f"{e.src}: {e.door}: command timeout (open_for over, new connections refused)",
     LockedOut: lambda e: f"{e.src}: {e.door}: locked out after {e.failures} failed attempts; knocks ignored",
     LockReleased: lambda e: f"{e.src}: {e.door}: lockout over",
+    SpaRefused: lambda e: f"{e.src}: {e.door}: SPA packet refused: {e.reason} ({e.detail})",
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",
 }

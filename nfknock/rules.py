@@ -6,18 +6,24 @@ once, and every error names the file, the door and the field on one line.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    PrivateAttr,
+    Tag,
     PlainSerializer,
     ValidationError,
     field_validator,
@@ -25,6 +31,7 @@ from pydantic import (
 )
 
 from .errors import RulesError
+from .spa import Keys
 
 Proto = Literal["tcp", "udp"]
 
@@ -173,12 +180,16 @@ def _lockout_switch(value: Any) -> Any:
 DEFAULT_TRIPWIRE = 16
 
 
+DoorName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
 class Door(BaseModel):
     """One door: a knock sequence that grants its source NEW connections to `protect`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    kind: Literal["knock"] = "knock"
+    name: DoorName
     sequence: tuple[Port, ...] = Field(min_length=1, max_length=MAX_SEQUENCE)
     close_sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
     protect: tuple[Port, ...] = Field(min_length=1)
@@ -259,10 +270,100 @@ class Door(BaseModel):
         )
 
 
+def _read_keys(text: str, where: str) -> "Keys":
+    """KEY_BASE64 / HMAC_KEY_BASE64 lines, as `nfknock keygen` and `fwknop --key-gen` print them."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":") if ":" in line.split(" ")[0] else line.partition(" ")
+        if sep and name.strip() in ("KEY_BASE64", "HMAC_KEY_BASE64"):
+            values[name.strip()] = value.strip()
+    try:
+        encryption = base64.b64decode(values["KEY_BASE64"], validate=True)
+        mac = base64.b64decode(values["HMAC_KEY_BASE64"], validate=True)
+    except KeyError as exc:
+        raise ValueError(f"{where} has no {exc.args[0]} line") from None
+    except binascii.Error:
+        raise ValueError(f"{where}: a key is not valid base64") from None
+    if len(encryption) < 16 or len(mac) < 32:
+        raise ValueError(f"{where}: keys too short (use 'nfknock keygen')")
+    return Keys(encryption, mac)
+
+
+class SpaDoor(BaseModel):
+    """A door opened by one authenticated UDP packet (fwknop-compatible SPA). The keys come from
+    a root-only file or from the environment, never from the rules file itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["spa"]
+    name: DoorName
+    port: Port = Port(port=62201, proto="udp")
+    keys_file: Path | None = None
+    keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    hmac_digest: Literal["sha1", "sha256", "sha384", "sha512"] = "sha256"
+    protect: tuple[Port, ...] = Field(min_length=1)
+    open_for: Duration = DEFAULT_OPEN_FOR
+    max_age: Duration = 120.0
+    trust_inner_address: bool = False
+    sources: tuple[Source, ...] = ()
+    family: Family = "any"
+    lockout: Annotated[Lockout | None, BeforeValidator(_lockout_switch)] = Lockout()
+    _keys: Any = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _load_keys(self):
+        if (self.keys_file is None) == (self.keys_env is None):
+            raise ValueError("give exactly one of keys_file or keys_env")
+        if self.port in self.protect:
+            raise ValueError(f"{self.port} is both the SPA port and a protected port")
+        if self.keys_file is not None:
+            try:
+                text = self.keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"keys_file {self.keys_file}: cannot read: {exc.strerror}") from None
+            keys = _read_keys(text, f"keys_file {self.keys_file}")
+        else:
+            lines = [f"{name}: {os.environ.get(f'{self.keys_env}_{name}', '')}"
+                     for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
+            keys = _read_keys("\n".join(l for l in lines if not l.endswith(": ")),
+                              f"environment {self.keys_env}_KEY_BASE64/_HMAC_KEY_BASE64")
+        self._keys = Keys(keys.encryption, keys.hmac, self.hmac_digest)
+        return self
+
+    @property
+    def keys(self) -> "Keys":
+        return self._keys
+
+    @property
+    def knock_ports(self) -> tuple[Port, ...]:
+        return (self.port,)
+
+    # SPA has nothing to scan for: one port, and a wrong packet is refused by its HMAC.
+    tripwire_ranges: ClassVar[tuple] = ()
+    tripwire_keys: ClassVar[frozenset] = frozenset()
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
+
+
+def _door_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return value.get("kind", "knock")
+    return getattr(value, "kind", "knock")
+
+
+AnyDoor = Annotated[
+    Annotated[Door, Tag("knock")] | Annotated[SpaDoor, Tag("spa")],
+    Discriminator(_door_kind, custom_error_type="door_kind",
+                  custom_error_message="kind must be knock or spa"),
+]
+
+
 class RuleFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    doors: list[Door] = Field(min_length=1)
+    doors: list[AnyDoor] = Field(min_length=1)
 
 
 @dataclass(frozen=True)
@@ -349,6 +450,8 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             name = raw_door.get("name") if isinstance(raw_door, dict) else None
             where.append(f"door {name!r}" if isinstance(name, str) else f"door #{loc[1] + 1}")
             loc = loc[2:]
+            if loc and loc[0] in ("knock", "spa"):
+                loc = loc[1:]  # the tag of the door kind
         field = ""
         for part in loc:
             if isinstance(part, int):
@@ -374,7 +477,7 @@ def _conflicts(door: Door, file: Path, seen: list[Door], origin: dict[str, Path]
         there = f"door {other.name!r} in {origin[other.name]}"
         if other.name == door.name:
             out.append(f"{here}: name: duplicate door name (also {there})")
-        if other.sequence == door.sequence:
+        if getattr(other, "sequence", None) is not None and getattr(other, "sequence", None) == getattr(door, "sequence", ()):
             out.append(f"{here}: sequence: same open sequence as {there}")
         for port in door.knock_ports:
             if port in other.protect:

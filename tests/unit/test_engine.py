@@ -354,3 +354,90 @@ def test_lockout_can_be_switched_off():
     clock.send(*range(40001, 40016))
     assert clock.engine.locked(clock.now) == []
     assert isinstance(clock.send(40000, 50000, 60000)[-1], DoorOpened)
+
+
+# -- SPA doors --------------------------------------------------------------------------
+
+import base64  # noqa: E402
+
+from nfknock.events import SpaRefused  # noqa: E402
+from nfknock.rules import SpaDoor  # noqa: E402
+from nfknock.spa import Keys, encode, generate_keys  # noqa: E402
+
+WALL = 1_800_000_000.0
+
+
+@pytest.fixture
+def spa_door(tmp_path, monkeypatch):
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("TESTSPA_KEY_BASE64", encryption)
+    monkeypatch.setenv("TESTSPA_HMAC_KEY_BASE64", mac)
+    return SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="TESTSPA",
+                                       protect=["22/tcp", "2222/tcp"], lockout={"failures": 3}))
+
+
+def spa_packet(door, src=ALICE, address=None, ports=(("tcp", 22),), at=WALL, keys=None):
+    payload = encode(keys or door.keys, address or src, list(ports), at)
+    return Packet(src, "10.0.0.1", "udp", 40000, 62201, 0, payload)
+
+
+def refusals(decision):
+    return [(e.reason, e.detail) for e in decision.events if isinstance(e, SpaRefused)]
+
+
+def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
+    engine = Engine((spa_door,))
+    decision = engine.handle(spa_packet(spa_door), 10.0, WALL + 1)
+    assert decision.verdict is Verdict.DROP
+    assert decision.events == (DoorOpened(ALICE, "spaSSH", 40.0),)
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT
+    assert engine.handle(knock(2222), 11.0).verdict is Verdict.DROP  # not requested
+    assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.DROP
+
+
+def test_spa_replay_is_refused_also_after_a_restart(spa_door):
+    engine = Engine((spa_door,))
+    packet = spa_packet(spa_door)
+    engine.handle(packet, 10.0, WALL)
+    assert refusals(engine.handle(packet, 11.0, WALL + 1))[0][0] == "replay"
+    restarted = Engine((spa_door,))
+    restarted.restore_replays(dict(engine.replays), WALL + 2)
+    assert refusals(restarted.handle(packet, 0.0, WALL + 2))[0][0] == "replay"
+    assert restarted.handle(knock(22), 1.0).verdict is Verdict.DROP
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(at=WALL - 121), "too old"),
+    (dict(at=WALL + 121), "from the future"),
+    (dict(address="10.9.9.9"), "source mismatch"),
+    (dict(ports=(("tcp", 80),)), "port not allowed"),
+    (dict(keys="wrong hmac"), "bad hmac"),
+    (dict(keys="wrong key"), "bad key"),
+])
+def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
+    if change.get("keys") == "wrong hmac":
+        change["keys"] = Keys(spa_door.keys.encryption, b"h" * 64)
+    elif change.get("keys") == "wrong key":
+        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+    engine = Engine((spa_door,))
+    decision = engine.handle(spa_packet(spa_door, **change), 10.0, WALL)
+    assert refusals(decision)[0][0] == reason
+    for secret in (spa_door.keys.encryption, spa_door.keys.hmac):
+        assert base64.b64encode(secret).decode() not in str(decision.events)
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
+
+
+def test_trusting_the_inner_address_is_an_option(spa_door):
+    trusting = spa_door.model_copy(update={"trust_inner_address": True})
+    trusting._keys = spa_door.keys
+    engine = Engine((trusting,))
+    engine.handle(spa_packet(trusting, address="0.0.0.0"), 10.0, WALL)
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT  # the grant still goes to the sender
+
+
+def test_junk_spa_packets_count_towards_lockout(spa_door):
+    engine = Engine((spa_door,))
+    junk = Packet(ALICE, "10.0.0.1", "udp", 1, 62201, 0, b"junk" * 40)
+    events = [e for i in range(3) for e in engine.handle(junk, float(i), WALL).events]
+    assert any(isinstance(e, LockedOut) for e in events)
+    assert engine.handle(spa_packet(spa_door), 5.0, WALL).events == ()  # ignored while locked
