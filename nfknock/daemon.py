@@ -119,7 +119,8 @@ class Daemon:
             self.engine.restore_replays({str(k): float(v) for k, v in entries.items()}, self.wall_clock())
         except (OSError, ValueError, AttributeError) as exc:
             raise NfknockError(f"{self.replay_file}: cannot read the SPA replay cache: {exc} (move it away to "
-                               "start with an empty cache; captured packets younger than max_age then work once)")
+                               "start with an empty cache; captured packets younger than max_age then work once)"
+                               ) from None
 
     def _save_replays(self) -> None:
         self.engine.replays_changed = False
@@ -268,6 +269,10 @@ class Daemon:
 
     def _log_ready(self) -> None:
         for door in self.ruleset.doors:
+            if door.kind == "spa":
+                self.log.info("door %s: SPA on %s protects %s (open_for %gs, max_age %gs)", door.name, door.port,
+                              " ".join(map(str, door.protect)), door.open_for, door.max_age)
+                continue
             self.log.info(
                 "door %s: sequence %s%s protects %s (seq_timeout %gs, open_for %gs)",
                 door.name, " ".join(map(str, door.sequence)),

@@ -16,7 +16,7 @@ from nfknock.firewall import make_firewall
 from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ("ip", "iptables-legacy", "knock", "nmap")
+TOOLS = ("ip", "iptables-legacy", "knock", "nmap", "fwknop", "fwknopd")
 SERVICE_PORT = 22
 
 
