@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "address towards HOST)")
     spa.set_defaults(func=cmd_spa)
 
+    otp = verbs.add_parser("otp", help="print a rotating door's current sequence (for any knock client, "
+                           "e.g. knock HOST $(nfknock otp ...))")
+    otp.add_argument("--door", required=True)
+    otp.add_argument("--rules", required=True, help="rules file or directory holding --door")
+    otp.set_defaults(func=cmd_otp)
+
     keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
     keygen.set_defaults(func=cmd_keygen)
 
@@ -153,7 +159,11 @@ def cmd_check(args) -> int:
             print(f"  open_for       {door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
                   f"{str(door.trust_inner_address).lower()}")
             continue
-        print(f"  sequence       {' '.join(map(str, door.sequence))}")
+        if door.rotate is not None:
+            print(f"  rotate         {door.rotate.length} steps from {door.rotate.ports}/{door.rotate.proto}, a new "
+                  f"sequence every {door.rotate.window:g}s (nfknock otp --door {door.name} prints it)")
+        else:
+            print(f"  sequence       {' '.join(map(str, door.sequence))}")
         if door.close_sequence:
             print(f"  close_sequence {' '.join(map(str, door.close_sequence))}")
         print(f"  protect        {' '.join(map(str, door.protect))}")
@@ -179,6 +189,26 @@ def cmd_knock(args) -> int:
     return 1 if failed else 0
 
 
+def current_sequence(door) -> list[Port]:
+    import time
+
+    from .rotation import derive, window_of
+
+    proto, first, last = door.rotate.range
+    index = window_of(time.time(), door.rotate.window)
+    ports = derive(door.rotate.secret, door.name, index, door.rotate.length, first, last)
+    return [Port(port=port, proto=proto) for port in ports]
+
+
+def cmd_otp(args) -> int:
+    door = load_rules(args.rules).door(args.door)
+    if getattr(door, "rotate", None) is None:
+        raise UsageError(f"door {door.name!r} does not rotate")
+    steps = current_sequence(door)
+    print(" ".join(str(s.port) if s.proto == "tcp" else f"{s.port}:udp" for s in steps))
+    return 0
+
+
 def _knock_steps(args) -> list[Port]:
     if args.door:
         if args.ports:
@@ -186,6 +216,12 @@ def _knock_steps(args) -> list[Port]:
         if not args.rules:
             raise UsageError("--door needs --rules DIR to find the door")
         door = load_rules(args.rules).door(args.door)
+        if door.kind == "spa":
+            raise UsageError(f"door {door.name!r} is an SPA door; use 'nfknock spa'")
+        if door.rotate is not None:
+            if args.close:
+                raise UsageError(f"door {door.name!r} rotates and has no close sequence")
+            return current_sequence(door)
         if args.close:
             if not door.close_sequence:
                 raise UsageError(f"door {door.name!r} has no close_sequence")

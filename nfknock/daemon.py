@@ -275,7 +275,8 @@ class Daemon:
                 continue
             self.log.info(
                 "door %s: sequence %s%s protects %s (seq_timeout %gs, open_for %gs)",
-                door.name, " ".join(map(str, door.sequence)),
+                door.name, " ".join(map(str, door.sequence)) if door.sequence else
+                f"rotating in {door.rotate.ports}/{door.rotate.proto} every {door.rotate.window:g}s",
                 f", close {' '.join(map(str, door.close_sequence))}," if door.close_sequence else "",
                 " ".join(map(str, door.protect)), door.seq_timeout, door.open_for,
             )

@@ -52,13 +52,14 @@ from .events import (
     KnockAdvanced,
     LockedOut,
     LockReleased,
+    SequenceReused,
     SpaRefused,
     Sequence,
     SequenceReset,
     SequenceTimeout,
 )
 from .packet import Packet
-from . import spa
+from . import rotation, spa
 from .errors import SpaError
 from .rules import Door
 from .state import Pool, Table
@@ -145,26 +146,30 @@ class Attempt:
 class _Sequence:
     """One of a door's sequences, precompiled, with its attempts."""
 
-    __slots__ = ("name", "kind", "steps", "timeout", "attempts")
+    __slots__ = ("name", "kind", "steps", "timeout", "attempts", "window")
 
-    def __init__(self, door: Door, kind: Sequence, steps, attempts: Table):
+    def __init__(self, door: Door, kind: Sequence, steps, attempts: Table, window: int | None = None):
         self.name = door.name
         self.kind = kind
-        self.steps = tuple(step.key for step in steps)
+        self.steps = tuple(step if isinstance(step, tuple) else step.key for step in steps)
         self.timeout = door.seq_timeout
         self.attempts = attempts
+        self.window = window  # the time window of a rotating door's sequence
 
 
 class _DoorState:
     """A door and every table that belongs to it."""
 
     __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks", "required", "forbidden",
-                 "families", "spa")
+                 "families", "spa", "rotate", "used_windows", "attempt_pool")
 
     def __init__(self, door: Door, attempts: Pool, grants: Pool, records: Pool):
         self.door = door
         self.spa = door.kind == "spa"
-        self.sequences = [] if self.spa else [_Sequence(door, _OPEN, door.sequence, attempts.table())]
+        self.rotate = None if self.spa else door.rotate
+        self.used_windows: set[int] = set()
+        self.attempt_pool = attempts
+        self.sequences = [] if self.spa or self.rotate else [_Sequence(door, _OPEN, door.sequence, attempts.table())]
         if getattr(door, "close_sequence", None):
             self.sequences.append(_Sequence(door, Sequence.CLOSE, door.close_sequence, attempts.table()))
         self.grants = grants.table()
@@ -209,6 +214,9 @@ class Engine:
         for state in states.values():
             for port in state.door.knock_ports:
                 knock.setdefault(port.key, []).append(state)
+            for proto, first, last in state.door.knock_ranges:
+                for port in range(first, last + 1):
+                    knock.setdefault((proto, port), []).append(state)
             for key in state.door.tripwire_keys:
                 trip.setdefault(key, []).append(state)
             for port in state.door.protect:
@@ -251,6 +259,9 @@ class Engine:
             if self._admits(state, packet, now):
                 if state.spa:
                     self._spa(state, packet, now, wall, events)
+                elif state.rotate is not None:
+                    if self._rotate_windows(state, wall):
+                        self._knock(state, src, key, now, events)
                 else:
                     self._knock(state, src, key, now, events)
         for state in trip_doors:
@@ -296,6 +307,30 @@ class Engine:
             reset = reset or action is _RESET
         if reset:
             self._failed(state, src, now, events)
+
+    def _rotate_windows(self, state: _DoorState, wall: float | None) -> bool:
+        """Point the door's sequences at the current and the previous time window."""
+        if wall is None:
+            return False
+        rotate = state.rotate
+        current = rotation.window_of(wall, rotate.window)
+        if state.sequences and state.sequences[0].window == current:
+            return True
+        keep = {seq.window: seq for seq in state.sequences if seq.window in (current, current - 1)}
+        for seq in state.sequences:
+            if seq.window not in keep:
+                seq.attempts.pool.forget(seq.attempts)
+        proto, first, last = rotate.range
+        sequences = []
+        for index in (current, current - 1):
+            if index not in keep:
+                ports = rotation.derive(rotate.secret, state.door.name, index, rotate.length, first, last)
+                keep[index] = _Sequence(state.door, _OPEN, [(proto, port) for port in ports],
+                                        state.attempt_pool.table(), window=index)
+            sequences.append(keep[index])
+        state.sequences = sequences
+        state.used_windows = {w for w in state.used_windows if w >= current - 1}
+        return True
 
     def _spa(self, state: _DoorState, packet: Packet, now: float, wall: float | None, events) -> None:
         door, src = state.door, packet.src
@@ -404,6 +439,12 @@ class Engine:
             events.append(KnockAdvanced(src, seq.name, seq.kind, stage))
             return action
         seq.attempts.pop(src)
+        if seq.window is not None:
+            if seq.window in state.used_windows:
+                events.append(SequenceReused(src, seq.name))
+                self._failed(state, src, now, events)
+                return action
+            state.used_windows.add(seq.window)
         if seq.kind is _OPEN:
             until = now + state.door.open_for
             state.grants.put(src, until)

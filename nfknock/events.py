@@ -87,6 +87,15 @@ class LockReleased:
 
 
 @dataclass(frozen=True, slots=True)
+class SequenceReused:
+    """A rotating door's sequence completed again in a window where it had opened already
+    (a replay of a sniffed sequence, or a user knocking twice): not opened."""
+
+    src: str
+    door: str
+
+
+@dataclass(frozen=True, slots=True)
 class SpaRefused:
     """An SPA packet was refused; `reason` is a stable label, `detail` never holds key material."""
 
@@ -119,6 +128,7 @@ Event = (
     | LockedOut
     | LockReleased
     | SpaRefused
+    | SequenceReused
     | ConnectionAccepted
     | ConnectionRefused
 )

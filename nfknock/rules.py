@@ -180,6 +180,66 @@ def _lockout_switch(value: Any) -> Any:
 DEFAULT_TRIPWIRE = 16
 
 
+def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
+    """A base64 secret from a root-only file or an environment variable, never the rules file."""
+    if (file is None) == (env is None):
+        raise ValueError(f"give exactly one of {what}_file or {what}_env")
+    if file is not None:
+        try:
+            text = file.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{what}_file {file}: cannot read: {exc.strerror}") from None
+        where = f"{what}_file {file}"
+    else:
+        text = os.environ.get(env, "").strip()
+        where = f"environment variable {env}"
+        if not text:
+            raise ValueError(f"{where} is not set")
+    try:
+        secret = base64.b64decode(text.split()[-1], validate=True)
+    except (binascii.Error, IndexError):
+        raise ValueError(f"{where}: not valid base64") from None
+    if len(secret) < 16:
+        raise ValueError(f"{where}: secret too short (16 bytes at least; 'nfknock keygen' makes good ones)")
+    return secret
+
+
+class Rotation(BaseModel):
+    """A sequence that changes every `window`, derived from a shared secret (see rotation.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    secret_file: Path | None = None
+    secret_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    window: Duration = 60.0
+    length: int = Field(default=3, ge=2, le=16)
+    ports: str = "20000-29999"
+    proto: Proto = "tcp"
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _check(self):
+        match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", self.ports)
+        if not match:
+            raise ValueError(f"ports: expected a range like 20000-29999, got {self.ports!r}")
+        first, last = int(match.group(1)), int(match.group(2))
+        if not 1 <= first < last <= 65535:
+            raise ValueError(f"ports: {self.ports!r} is not a range within 1..65535")
+        if last - first + 1 < 10 * self.length:
+            raise ValueError(f"ports: {self.ports!r} is too small for {self.length} steps (10 ports a step at least)")
+        self._secret = _secret_from(self.secret_file, self.secret_env, "secret")
+        return self
+
+    @property
+    def range(self) -> tuple[str, int, int]:
+        first, last = (int(p) for p in self.ports.split("-"))
+        return (self.proto, first, last)
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+
 DoorName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -190,7 +250,8 @@ class Door(BaseModel):
 
     kind: Literal["knock"] = "knock"
     name: DoorName
-    sequence: tuple[Port, ...] = Field(min_length=1, max_length=MAX_SEQUENCE)
+    sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
+    rotate: Rotation | None = None
     close_sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
     protect: tuple[Port, ...] = Field(min_length=1)
     seq_timeout: Duration = DEFAULT_SEQ_TIMEOUT
@@ -216,7 +277,16 @@ class Door(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.close_sequence == self.sequence:
+        if (self.sequence is None) == (self.rotate is None):
+            raise ValueError("give either sequence or rotate")
+        if self.rotate is not None and self.close_sequence is not None:
+            raise ValueError("a rotating door has no close_sequence")
+        if self.rotate is not None:
+            proto, first, last = self.rotate.range
+            for port in self.protect:
+                if port.proto == proto and first <= port.port <= last:
+                    raise ValueError(f"{port} is a protected port inside the rotating range {self.rotate.ports}")
+        if self.close_sequence is not None and self.close_sequence == self.sequence:
             raise ValueError("close_sequence equals sequence; the door could never stay open")
         protected = set(self.protect)
         for step in self.knock_ports:
@@ -237,7 +307,12 @@ class Door(BaseModel):
     @property
     def knock_ports(self) -> tuple[Port, ...]:
         """Every port of the door's sequences, without repeats, in first-seen order."""
-        return tuple(dict.fromkeys(self.sequence + (self.close_sequence or ())))
+        return tuple(dict.fromkeys((self.sequence or ()) + (self.close_sequence or ())))
+
+    @property
+    def knock_ranges(self) -> tuple[tuple[str, int, int], ...]:
+        """Port ranges all of which are knock ports (a rotating door's whole range)."""
+        return (self.rotate.range,) if self.rotate else ()
 
     @property
     def tripwire_ranges(self) -> tuple[tuple[str, int, int], ...]:
@@ -338,6 +413,7 @@ class SpaDoor(BaseModel):
     def knock_ports(self) -> tuple[Port, ...]:
         return (self.port,)
 
+    knock_ranges: ClassVar[tuple] = ()
     # SPA has nothing to scan for: one port, and a wrong packet is refused by its HMAC.
     tripwire_ranges: ClassVar[tuple] = ()
     tripwire_keys: ClassVar[frozenset] = frozenset()
@@ -482,6 +558,14 @@ def _conflicts(door: Door, file: Path, seen: list[Door], origin: dict[str, Path]
         for port in door.knock_ports:
             if port in other.protect:
                 out.append(f"{here}: sequence: {port} is a protected port of {there}")
+        for proto, first, last in door.knock_ranges:
+            for port in other.protect:
+                if port.proto == proto and first <= port.port <= last:
+                    out.append(f"{here}: rotate: {port} is a protected port of {there}")
+        for proto, first, last in other.knock_ranges:
+            for port in door.protect:
+                if port.proto == proto and first <= port.port <= last:
+                    out.append(f"{here}: protect: {port} is in the rotating range of {there}")
         for port in door.protect:
             if port in other.knock_ports:
                 out.append(f"{here}: protect: {port} is a knock port of {there}")

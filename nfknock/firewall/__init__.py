@@ -75,6 +75,7 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
         return []
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
+    knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
     tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
     specs: list[RuleSpec] = [RuleSpec("RETURN", mark=PASS_MARK)] if tripwires else []
     for proto, port in protected:
@@ -89,6 +90,8 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
         specs.append(RuleSpec("DROP", proto, port))
     for proto, port in knocks:
         specs.append(RuleSpec("NFQUEUE", proto, port, queue_num=queue_num))
+    for proto, first, last in knock_ranges:
+        specs.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     for proto, first, last in tripwires:
         specs.append(RuleSpec("NFQUEUE", proto, (first, last), ctstate="NEW", queue_num=queue_num,
                               tcp_flags=SYN_ONLY if proto == "tcp" else None))

@@ -1,0 +1,33 @@
+"""Rotating knock sequences: the sequence of a time window is derived from a shared secret
+(HMAC-SHA256, as TOTP derives its codes), so a sniffed sequence is worthless once its window has
+passed. Pure: secret, door name and window index in, ports out."""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+
+def window_of(wall: float, window: float) -> int:
+    return int(wall // window)
+
+
+def derive(secret: bytes, door: str, index: int, length: int, first: int, last: int) -> tuple[int, ...]:
+    """`length` distinct ports in first..last for window `index`. Ports are drawn from an HMAC
+    stream (counter mode) and rejection-sampled, so every port of the range is equally likely."""
+    span = last - first + 1
+    limit = (1 << 32) - (1 << 32) % span  # reject the top to avoid modulo bias
+    ports: list[int] = []
+    counter = 0
+    while len(ports) < length:
+        mac = hmac.HMAC(secret, hashes.SHA256())
+        mac.update(f"nfknock-rotate:{door}:{index}:{counter}".encode())
+        block = mac.finalize()
+        counter += 1
+        for at in range(0, len(block), 4):
+            value = int.from_bytes(block[at:at + 4], "big")
+            port = first + value % span
+            if value < limit and port not in ports:
+                ports.append(port)
+                if len(ports) == length:
+                    break
+    return tuple(ports)

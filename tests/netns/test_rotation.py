@@ -1,0 +1,59 @@
+"""Rotating sequences on a real kernel with the stock knock client: the sequence `nfknock otp`
+prints opens the door; the same sequence replayed in its window does not; yesterday's does not."""
+
+import base64
+import time
+
+import pytest
+
+from conftest import connect, knock
+from nfknock.rotation import derive, window_of
+from nfknock.sandbox import nfknock_argv
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
+
+
+@pytest.fixture
+def rotating(server, tmp_path):
+    secret = tmp_path / "rot.key"
+    secret.write_text(base64.b64encode(b"r" * 32).decode() + "\n")
+    secret.chmod(0o600)
+    server.write_rules(f"""\
+doors:
+  - name: rotSSH
+    rotate: {{secret_file: {secret}, window: 60s, length: 3, ports: 20000-29999}}
+    protect: [22/tcp]
+""")
+    return server
+
+
+def otp(server, client):
+    result = server.sandbox.run(client.namespace, nfknock_argv("otp", "--door", "rotSSH", "--rules",
+                                                               str(server.rules)))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def test_otp_sequence_opens_once_and_yesterdays_never(rotating, alice, bob):
+    rotating.start()
+    assert any("--dport 20000:29999 -j NFQUEUE" in rule for rule in rotating.iptables())
+    ports = otp(rotating, alice)
+    assert len(ports) == 3
+    knock(rotating.sandbox, alice, *ports)
+    attempt = connect(alice)
+    assert attempt.connected and attempt.seconds < 0.5
+    knock(rotating.sandbox, bob, *ports)  # a sniffed sequence, replayed in its window
+    rotating.wait_log("10.199.2.2: rotSSH: sequence already used in this window")
+    assert not connect(bob, timeout=1).connected
+    yesterday = derive(b"r" * 32, "rotSSH", window_of(time.time() - 86400, 60), 3, 20000, 29999)
+    knock(rotating.sandbox, bob, *map(str, yesterday))
+    assert not connect(bob, timeout=1).connected
+    assert rotating.log_text().count("OPEN SESAME") == 1
+
+
+def test_our_client_knocks_the_current_sequence(rotating, alice):
+    rotating.start()
+    result = rotating.sandbox.run(alice.namespace, nfknock_argv(
+        "knock", alice.server_address, "--door", "rotSSH", "--rules", str(rotating.rules)))
+    assert result.returncode == 0, result.stderr
+    assert connect(alice).connected

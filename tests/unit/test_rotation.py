@@ -1,0 +1,95 @@
+"""Rotating sequences: derivation, and the engine accepting the current and previous window only,
+each sequence once."""
+
+import base64
+
+import pytest
+
+from nfknock.engine import Engine, Verdict
+from nfknock.events import DoorOpened, SequenceReused
+from nfknock.packet import Packet
+from nfknock.rotation import derive, window_of
+from nfknock.rules import Door
+
+SECRET = b"s" * 32
+WALL = 1_800_000_000.0  # a multiple of 60: window 30,000,000 starts here
+
+
+def test_derivation_is_deterministic_distinct_and_in_range():
+    ports = derive(SECRET, "d", 42, 5, 20000, 20099)
+    assert ports == derive(SECRET, "d", 42, 5, 20000, 20099)
+    assert len(set(ports)) == 5 and all(20000 <= p <= 20099 for p in ports)
+    assert ports != derive(SECRET, "d", 43, 5, 20000, 20099)
+    assert ports != derive(SECRET, "e", 42, 5, 20000, 20099)
+    assert ports != derive(b"t" * 32, "d", 42, 5, 20000, 20099)
+
+
+def test_ports_spread_over_the_whole_range():
+    seen = {p for index in range(400) for p in derive(SECRET, "d", index, 3, 1000, 1029)}
+    assert seen == set(range(1000, 1030))
+
+
+def test_window_of():
+    assert window_of(WALL + 59.9, 60) == window_of(WALL, 60) == int(WALL // 60)
+
+
+@pytest.fixture
+def door(monkeypatch):
+    monkeypatch.setenv("ROT_SECRET", base64.b64encode(SECRET).decode())
+    return Door.model_validate(dict(name="rot", protect=["22/tcp"], seq_timeout="10s",
+                                    rotate={"secret_env": "ROT_SECRET", "window": "60s", "ports": "20000-20999"}))
+
+
+def knock_all(engine, ports, at, src="10.0.0.2"):
+    events = []
+    for i, port in enumerate(ports):
+        events += engine.handle(Packet(src, "10.0.0.1", "tcp", 1, port, 0x02), 100.0 + at + i * 0.1,
+                                WALL + at + i * 0.1).events
+    return events
+
+
+def sequence(door, index):
+    return derive(SECRET, "rot", index, 3, 20000, 20999)
+
+
+def test_current_window_opens_once(door):
+    engine = Engine((door,))
+    ports = sequence(door, window_of(WALL, 60))
+    assert isinstance(knock_all(engine, ports, 1)[-1], DoorOpened)
+    assert engine.handle(Packet("10.0.0.2", "10.0.0.1", "tcp", 1, 22, 0x02), 102.0).verdict is Verdict.ACCEPT
+    again = knock_all(engine, ports, 5, src="10.0.0.3")  # a sniffed copy, same window
+    assert again[-1] == SequenceReused("10.0.0.3", "rot")
+    assert engine.handle(Packet("10.0.0.3", "10.0.0.1", "tcp", 1, 22, 0x02), 106.0).verdict is Verdict.DROP
+
+
+def test_previous_window_still_opens_older_ones_do_not(door):
+    engine = Engine((door,))
+    previous = sequence(door, window_of(WALL, 60) - 1)
+    assert isinstance(knock_all(engine, previous, 1)[-1], DoorOpened)
+    yesterday = sequence(door, window_of(WALL - 86400, 60))
+    assert not any(isinstance(e, DoorOpened) for e in knock_all(engine, yesterday, 2, src="10.0.0.4"))
+
+
+def test_next_window_brings_a_fresh_sequence(door):
+    engine = Engine((door,))
+    knock_all(engine, sequence(door, window_of(WALL, 60)), 1)
+    later = sequence(door, window_of(WALL, 60) + 1)
+    assert isinstance(knock_all(engine, later, 61)[-1], DoorOpened)
+
+
+@pytest.mark.parametrize("rotate,message", [
+    ({"secret_env": "ROT_SECRET", "ports": "20000-20010"}, "too small"),
+    ({"secret_env": "ROT_SECRET", "ports": "2-1"}, "not a range"),
+    ({"secret_env": "NOT_SET_ANYWHERE"}, "is not set"),
+    ({"secret_file": "/nonexistent/rot.key"}, "cannot read"),
+    ({"secret_env": "ROT_SECRET", "secret_file": "/x"}, "exactly one"),
+])
+def test_bad_rotation_settings(door, rotate, message):
+    with pytest.raises(ValueError, match=message):
+        Door.model_validate(dict(name="rot", protect=["22/tcp"], rotate=rotate))
+
+
+def test_protected_port_inside_the_range_is_refused(door):
+    with pytest.raises(ValueError, match="inside the rotating range"):
+        Door.model_validate(dict(name="rot", protect=["20500/tcp"],
+                                 rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"}))
