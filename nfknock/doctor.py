@@ -122,8 +122,8 @@ def check_rules(path: Path) -> tuple[list[Finding], tuple[Door, ...]]:
     return [Finding(OK, f"{path}: {len(ruleset.doors)} door(s) valid")], ruleset.doors
 
 
-def check_modes(paths: list[Path], modes: dict[Path, os.stat_result]) -> list[Finding]:
-    """Rules hold secrets (the sequences) and decide who gets in: root's alone."""
+def check_modes(paths: list[Path], modes: dict[Path, os.stat_result], keys: frozenset = frozenset()) -> list[Finding]:
+    """Rules hold secrets (the sequences) and decide who gets in, key files are secrets: root's alone."""
     out = []
     for path in paths:
         mode = modes.get(path)
@@ -134,10 +134,12 @@ def check_modes(paths: list[Path], modes: dict[Path, os.stat_result]) -> list[Fi
         if mode.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             out.append(Finding(FAIL, f"{path} is writable by group or others: anyone who can edit it decides who "
                                      "gets in (chmod go-w)"))
+        elif mode.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path in keys:
+            out.append(Finding(FAIL, f"{path} holds keys and is readable by group or others (chmod 600)"))
         elif mode.st_mode & (stat.S_IRGRP | stat.S_IROTH) and not stat.S_ISDIR(mode.st_mode):
             out.append(Finding(WARN, f"{path} is readable by group or others: the knock sequences are secrets "
                                      "(chmod go-r)"))
-    return out or [Finding(OK, "rules are root's and not readable by others")]
+    return out or [Finding(OK, "rules and key files are root's and not readable by others")]
 
 
 def gather() -> HostState:
@@ -174,6 +176,12 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
         paths = [rules, *rule_files(rules)] if rules.is_dir() else [rules]
     except RulesError:
         paths = []
+    keys = frozenset(
+        path for door in doors
+        for path in (getattr(door, "keys_file", None), getattr(getattr(door, "rotate", None), "secret_file", None))
+        if path is not None
+    )
+    paths += sorted(keys)
     modes = {}
     for path in paths:
         try:
@@ -187,5 +195,5 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
         + check_conntrack(host)
         + check_queue(host, queue_num)
         + rule_findings
-        + check_modes(paths, modes)
+        + check_modes(paths, modes, keys)
     )

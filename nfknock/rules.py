@@ -398,10 +398,12 @@ class SpaDoor(BaseModel):
                 raise ValueError(f"keys_file {self.keys_file}: cannot read: {exc.strerror}") from None
             keys = _read_keys(text, f"keys_file {self.keys_file}")
         else:
-            lines = [f"{name}: {os.environ.get(f'{self.keys_env}_{name}', '')}"
-                     for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
-            keys = _read_keys("\n".join(l for l in lines if not l.endswith(": ")),
-                              f"environment {self.keys_env}_KEY_BASE64/_HMAC_KEY_BASE64")
+            names = [f"{self.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
+            missing = [name for name in names if not os.environ.get(name)]
+            if missing:
+                raise ValueError(f"environment variable {missing[0]} is not set")
+            keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
+                              f"environment variables {names[0]}, {names[1]}")
         self._keys = Keys(keys.encryption, keys.hmac, self.hmac_digest)
         return self
 

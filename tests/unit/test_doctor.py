@@ -66,3 +66,27 @@ def test_diagnose_reports_broken_rules_line_by_line(tmp_path):
     findings = diagnose(tmp_path, 0, "auto", host)
     assert any(f.level == FAIL and "port 70000 is outside 1..65535" in f.text for f in findings)
     assert findings[0].text.endswith("--firewall auto uses the nft backend")
+
+
+def test_key_files_readable_by_others_fail(tmp_path):
+    keys = tmp_path / "spa.keys"
+    keys.write_text("")
+    readable = os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, 0))
+    (finding,) = check_modes([keys], {keys: readable}, frozenset({keys}))
+    assert finding.level == FAIL and "holds keys" in finding.text
+
+
+def test_diagnose_looks_at_the_key_files_the_doors_name(tmp_path):
+    from nfknock.spa import generate_keys
+
+    keys = tmp_path / "spa.keys"
+    encryption, mac = generate_keys()
+    keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
+    keys.chmod(0o644)
+    rules = tmp_path / "rules"
+    rules.mkdir(mode=0o700)
+    (rules / "spa.yaml").write_text(f"doors:\n  - {{name: s, kind: spa, keys_file: {keys}, protect: [22]}}\n")
+    (rules / "spa.yaml").chmod(0o600)
+    findings = diagnose(rules, 0, "auto", HostState("nf_tables", conntrack=True))
+    assert [f.text for f in findings if f.level == FAIL] == [
+        f"{keys} holds keys and is readable by group or others (chmod 600)"]
