@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the SPA replay cache is kept across restarts (default: %(default)s)")
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
+    run.add_argument("--log-format", choices=("text", "json"), default="text",
+                     help="text: knockd-compatible lines (default); json: one JSON object per line")
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
     run.set_defaults(func=cmd_run)
 
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     otp.add_argument("--rules", required=True, help="rules file or directory holding --door")
     otp.set_defaults(func=cmd_otp)
 
+    schema = verbs.add_parser("schema", help="print the JSON Schema of rules files (for editor validation)")
+    schema.set_defaults(func=cmd_schema)
+
     keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
     keygen.set_defaults(func=cmd_keygen)
 
@@ -137,7 +142,7 @@ def cmd_run(args) -> int:
     from .logs import setup_logging
 
     try:
-        logger = setup_logging(args.log_file, args.syslog, args.verbose)
+        logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
     daemon = Daemon(args.rules, make_firewall(args.firewall), args.queue_num, args.max_sources, logger,
@@ -270,6 +275,15 @@ def cmd_spa(args) -> int:
         sock.connect((address, door.port.port))
         allow = args.allow_ip or sock.getsockname()[0]
         sock.send(encode(door.keys, allow, [p.key for p in ports], time.time()))
+    return 0
+
+
+def cmd_schema(args) -> int:
+    import json
+
+    from .rules import RuleFile
+
+    print(json.dumps(RuleFile.model_json_schema(), indent=2))
     return 0
 
 

@@ -31,6 +31,20 @@ DEFAULT_QUEUE_MAXLEN = 4096
 _ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS  # enum access is slow per packet
 
 
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op when not started by systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), path)
+    except OSError:
+        pass
+
+
 class _YieldLoop(Exception):
     """Raised by the queue callback, after the verdict, to leave NetfilterQueue.run() so that a
     flood cannot starve signals and timers (run() returns only when the socket is empty).
@@ -164,6 +178,7 @@ class Daemon:
             self._warn_about_flavour()
             self.firewall.apply(plan(self.ruleset.doors, self.queue_num))
             self._log_ready()
+            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.queue_num}")
             if ready is not None:
                 ready()
             self._loop(queue, wake_r)
@@ -189,7 +204,9 @@ class Daemon:
                 _drain(wake_r)
             if self._reload_requested:
                 self._reload_requested = False
+                sd_notify("RELOADING=1")
                 self.reload()
+                sd_notify("READY=1")
             now = self.clock()
             if deadline is not None and now >= deadline:
                 log_events(self.log, self.engine.expire(now), self.log_limit, now)
@@ -221,6 +238,7 @@ class Daemon:
         return True
 
     def _teardown(self, queue, previous) -> None:
+        sd_notify("STOPPING=1")
         for signum, handler in previous.items():
             try:
                 signal.signal(signum, handler)

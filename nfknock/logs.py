@@ -7,6 +7,7 @@ sequences, accepted connections) follow the same `<ip>: <door>: ...` shape.
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import sys
@@ -95,16 +96,33 @@ def log_events(logger: logging.Logger, events, limit: RateLimit | None = None, n
     for event in events:
         level = LEVELS.get(type(event), logging.INFO)
         if logger.isEnabledFor(level) and (limit is None or limit.allow(type(event), now)):
-            logger.log(level, render(event))
+            logger.log(level, render(event), extra={"event": event})
 
 
-def setup_logging(log_file: str | None = None, syslog: bool = False, verbose: bool = False) -> logging.Logger:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: the event's type and fields (plus the knockd-style text), or
+    the level and message of a daemon line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
+                "message": record.getMessage()}
+        event = getattr(record, "event", None)
+        if event is not None:
+            line["event"] = type(event).__name__
+            for name in event.__dataclass_fields__:
+                value = getattr(event, name)
+                line[name] = value.value if hasattr(value, "value") else value
+        return json.dumps(line)
+
+
+def setup_logging(log_file: str | None = None, syslog: bool = False, verbose: bool = False,
+                  log_format: str = "text") -> logging.Logger:
     """stderr by default; a file and/or syslog when asked. Lines look like knockd's log file."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    stamped = logging.Formatter("[%(asctime)s] %(message)s", TIME_FORMAT)
+    stamped = JsonFormatter() if log_format == "json" else logging.Formatter("[%(asctime)s] %(message)s", TIME_FORMAT)
     handlers: list[logging.Handler] = []
     if log_file:
         handlers.append(logging.FileHandler(log_file))

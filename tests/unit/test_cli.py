@@ -84,3 +84,12 @@ def test_keygen_prints_fwknop_style_keys_that_work(capsys):
     keys = Keys(base64.b64decode(lines["KEY_BASE64"]), base64.b64decode(lines["HMAC_KEY_BASE64"]))
     assert len(keys.encryption) == 32 and len(keys.hmac) == 64
     assert decode(encode(keys, "10.0.0.2", [("tcp", 22)], now=0), keys).ports == (("tcp", 22),)
+
+
+def test_schema_describes_both_door_kinds(capsys):
+    import json
+
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert "doors" in schema["properties"]
+    assert {"Door", "SpaDoor"} <= set(schema["$defs"])

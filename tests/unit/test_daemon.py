@@ -140,3 +140,37 @@ def test_reload_installs_the_new_scaffolding(daemon):
     assert daemon.reload() is True
     (call,) = daemon.firewall.calls
     assert RuleSpec("DROP", "tcp", 2222) in call[1][4] and RuleSpec("DROP", "tcp", 2222) in call[1][6]
+
+
+def test_sd_notify_reaches_the_socket_systemd_names(tmp_path, monkeypatch):
+    import socket as sockets
+
+    from nfknock.daemon import sd_notify
+
+    path = tmp_path / "notify"
+    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+    listener.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    sd_notify("READY=1")
+    assert listener.recv(100) == b"READY=1"
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    sd_notify("READY=1")  # without systemd: nothing, no error
+    listener.close()
+
+
+def test_systemd_unit_verifies(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    repo = Path(__file__).resolve().parents[2]
+    unit = (repo / "deploy" / "nfknock.service").read_text()
+    lines = unit.splitlines()
+    assert "Type=notify" in lines and not any(line.startswith("ExecStopPost") for line in lines)
+    local = tmp_path / "nfknock.service"
+    local.write_text(unit.replace("/usr/local/bin/nfknock", str(Path(sys.executable).parent / "nfknock")))
+    result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -69,3 +69,17 @@ def test_rate_limit_holds_back_a_flood_per_event_type_and_says_so():
     assert not limit.allow(KnockAdvanced, now=0.1)
     assert limit.held_back() == ["96 'KnockAdvanced' log lines held back (more than 10/s)"]
     assert limit.held_back() == []
+
+
+def test_json_lines_carry_the_event_and_its_fields(tmp_path):
+    import json
+
+    path = tmp_path / "log"
+    logger = setup_logging(str(path), log_format="json")
+    log_events(logger, [KnockAdvanced("10.0.0.2", "openSSH", Sequence.OPEN, 2)])
+    logger.info("ready")
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["event"] == "KnockAdvanced" and first["stage"] == 2 and first["sequence"] == "open"
+    assert first["src"] == "10.0.0.2" and first["message"] == "10.0.0.2: openSSH: Stage 2"
+    assert second["message"] == "ready" and "event" not in second
+    logger.handlers.clear()
