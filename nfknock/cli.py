@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     schema = verbs.add_parser("schema", help="print the JSON Schema of rules files (for editor validation)")
     schema.set_defaults(func=cmd_schema)
 
+    importer = verbs.add_parser("import-knockd", help="turn a knockd.conf into nfknock doors (YAML) and list "
+                                "what cannot be carried over")
+    importer.add_argument("config", help="the knockd.conf to read")
+    importer.add_argument("-o", "--output", help="write the doors here (default: standard output)")
+    importer.set_defaults(func=cmd_import_knockd)
+
     keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
     keygen.set_defaults(func=cmd_keygen)
 
@@ -275,6 +281,34 @@ def cmd_spa(args) -> int:
         sock.connect((address, door.port.port))
         allow = args.allow_ip or sock.getsockname()[0]
         sock.send(encode(door.keys, allow, [p.key for p in ports], time.time()))
+    return 0
+
+
+def cmd_import_knockd(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .knockd_import import import_knockd
+
+    try:
+        text = Path(args.config).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{args.config}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    imported = import_knockd(text)
+    for line in imported.notes:
+        print(f"nfknock: {args.config} {line}", file=sys.stderr)
+    for line in imported.unmapped:
+        print(f"nfknock: {args.config} {line} -- NOT IMPORTED", file=sys.stderr)
+    if not imported.doors:
+        raise UsageError(f"{args.config}: no door could be imported")
+    output = imported.yaml()
+    with tempfile.TemporaryDirectory() as check:  # what we write must be valid nfknock rules
+        (Path(check) / "imported.yaml").write_text(output)
+        load_rules(check)
+    if args.output:
+        Path(args.output).write_text(output)
+    else:
+        print(output, end="")
     return 0
 
 
