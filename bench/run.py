@@ -102,6 +102,7 @@ class Bench:
         self.daemon_log.unlink(missing_ok=True)
         process = self.box.spawn(self.box.server, nfknock_argv(
             "run", "--rules", str(self.rules), "--queue-num", str(QUEUE), "--log-file", str(self.daemon_log),
+            "--control-socket", "",
             *extra), stderr=subprocess.PIPE, text=True)
         wait_for_line(self.daemon_log, "ready:", process)
         return process

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="iptables flavour for the rules: auto follows the host's 'iptables' (default)")
     run.add_argument("--state-dir", default="/var/lib/nfknock",
                      help="where the SPA replay cache is kept across restarts (default: %(default)s)")
+    run.add_argument("--control-socket", default="/run/nfknock.sock",
+                     help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)")
+    run.add_argument("--metrics-port", type=_int_in(1, 65535, "port"),
+                     help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)")
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
     run.add_argument("--log-format", choices=("text", "json"), default="text",
@@ -110,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     schema = verbs.add_parser("schema", help="print the JSON Schema of rules files (for editor validation)")
     schema.set_defaults(func=cmd_schema)
 
+    status = verbs.add_parser("status", help="doors, live grants (source, time left), lockouts and counters "
+                              "of the running daemon")
+    revoke = verbs.add_parser("revoke", help="end the grants of an address now (established connections stay)")
+    revoke.add_argument("address")
+    revoke.add_argument("--door", help="only this door (default: all)")
+    grant = verbs.add_parser("grant", help="break-glass: let an address open new connections through a door")
+    grant.add_argument("address")
+    grant.add_argument("--door", required=True)
+    grant.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 10m, 1h")
+    for verb, func in ((status, cmd_status), (revoke, cmd_revoke), (grant, cmd_grant)):
+        verb.add_argument("--socket", default="/run/nfknock.sock", help="the daemon's control socket")
+        verb.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+        verb.set_defaults(func=func)
+
     importer = verbs.add_parser("import-knockd", help="turn a knockd.conf into nfknock doors (YAML) and list "
                                 "what cannot be carried over")
     importer.add_argument("config", help="the knockd.conf to read")
@@ -152,7 +170,8 @@ def cmd_run(args) -> int:
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
     daemon = Daemon(args.rules, make_firewall(args.firewall), args.queue_num, args.max_sources, logger,
-                    queue_maxlen=args.queue_maxlen, state_dir=args.state_dir)
+                    queue_maxlen=args.queue_maxlen, state_dir=args.state_dir,
+                    control_socket=args.control_socket or None, metrics_port=args.metrics_port)
     daemon.run()
     return 0
 
@@ -281,6 +300,55 @@ def cmd_spa(args) -> int:
         sock.connect((address, door.port.port))
         allow = args.allow_ip or sock.getsockname()[0]
         sock.send(encode(door.keys, allow, [p.key for p in ports], time.time()))
+    return 0
+
+
+def _answer(args, request: dict) -> dict:
+    import json
+
+    from .control import call
+
+    answer = call(args.socket, request)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    return answer
+
+
+def cmd_status(args) -> int:
+    answer = _answer(args, {"cmd": "status"})
+    if args.json:
+        return 0
+    print(f"queue {answer['queue']}, firewall {answer['firewall']}, {answer['tracked_attempts']} knock attempts "
+          f"in progress, {answer['kernel_queue_drops']} packets dropped by the kernel")
+    print("doors: " + ", ".join(f"{d['name']} ({d['kind']}, {' '.join(d['protect'])})" for d in answer["doors"]))
+    for title, rows in (("grants", answer["grants"]), ("locked out", answer["locked"])):
+        print(f"{title}:" if rows else f"{title}: none")
+        for row in rows:
+            print(f"  {row['source']:<40} {row['door']:<20} {row['seconds_left']:>8.1f}s left")
+    packets = answer["packets"]
+    print(f"packets: {packets['accept']} accepted, {packets['drop']} dropped, {packets['pass']} passed back; "
+          f"unparsable: {sum(answer['unparsable'].values())}; internal errors: {answer['internal_errors']}")
+    return 0
+
+
+def cmd_revoke(args) -> int:
+    answer = _answer(args, {"cmd": "revoke", "address": args.address, "door": args.door})
+    if not args.json:
+        doors = answer["revoked"]
+        print(f"revoked {args.address} on {', '.join(doors)}" if doors else f"{args.address} had no grant")
+    return 0
+
+
+def cmd_grant(args) -> int:
+    from .rules import parse_duration
+
+    try:
+        seconds = parse_duration(args.duration)
+    except ValueError as exc:
+        raise UsageError(f"--for: {exc}") from None
+    answer = _answer(args, {"cmd": "grant", "address": args.address, "door": args.door, "seconds": seconds})
+    if not args.json:
+        print(f"granted {answer['address']} on {answer['granted']} for {answer['seconds']:g}s")
     return 0
 
 

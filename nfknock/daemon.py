@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 import os
 import select
 import signal
@@ -22,6 +23,9 @@ from .firewall import PASS_MARK, Firewall, iptables_flavour, plan
 from .logs import RateLimit, log_events
 from .packet import parse
 from .rules import Ruleset, load_rules
+from . import metrics
+from .control import ControlServer
+from .metrics import tally
 from .stats import Reporter, read_queue_drops
 
 BATCH = 256  # packets handled before signals and timers are looked at again
@@ -64,6 +68,8 @@ class Daemon:
         queue_maxlen: int = DEFAULT_QUEUE_MAXLEN,
         state_dir: str | Path | None = None,
         wall_clock=time.time,
+        control_socket: str | Path | None = None,
+        metrics_port: int | None = None,
     ):
         self.rules_path = Path(rules_path)
         self.firewall = firewall
@@ -83,6 +89,10 @@ class Daemon:
         self.handled = dict.fromkeys(Verdict, 0)
         self._budget = 0
         self.wall_clock = wall_clock
+        self.control_socket = control_socket
+        self.metrics_port = metrics_port
+        self.control = None
+        self.tallies: Counter = Counter()  # event tallies for the metrics
         self.replay_file = Path(state_dir) / "spa-replay.json" if state_dir else None
         self._load_replays()
 
@@ -97,6 +107,7 @@ class Daemon:
             verdict = decision.verdict
             if decision.events:
                 log_events(self.log, decision.events, self.log_limit, now)
+                tally(self.tallies, decision.events)
             if self.engine.replays_changed:
                 self._save_replays()
         except PacketError as exc:
@@ -177,6 +188,7 @@ class Daemon:
         try:
             self._warn_about_flavour()
             self.firewall.apply(plan(self.ruleset.doors, self.queue_num))
+            self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.queue_num}")
             if ready is not None:
@@ -193,7 +205,10 @@ class Daemon:
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-            readable, _, _ = select.select([queue_fd, wake_r], [], [], sleep)
+            watched = [queue_fd, wake_r] + ([self.control] if self.control else [])
+            readable, _, _ = select.select(watched, [], [], sleep)
+            if self.control is not None and self.control in readable:
+                self.control.serve_one()
             if queue_fd in readable:
                 self._budget = BATCH
                 try:
@@ -239,6 +254,8 @@ class Daemon:
 
     def _teardown(self, queue, previous) -> None:
         sd_notify("STOPPING=1")
+        if self.control is not None:
+            self.control.close()
         for signum, handler in previous.items():
             try:
                 signal.signal(signum, handler)
@@ -263,6 +280,66 @@ class Daemon:
             queue.unbind()
         except Exception:
             pass
+
+    # -- control socket and metrics ----------------------------------------------------------
+
+    def _start_control(self) -> None:
+        if self.control_socket:
+            try:
+                self.control = ControlServer(self.control_socket, self.command)
+            except OSError as exc:
+                self.log.error("no control socket at %s: %s (status/revoke/grant will not work)",
+                               self.control_socket, exc)
+        if self.metrics_port:
+            try:
+                metrics.serve(self, self.metrics_port)
+                self.log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+            except OSError as exc:
+                self.log.error("no metrics on 127.0.0.1:%d: %s", self.metrics_port, exc)
+
+    def command(self, request: dict) -> dict:
+        """One control request (from the loop, never concurrently with a packet)."""
+        now = self.clock()
+        verb = request.get("cmd")
+        if verb == "status":
+            return self.status(now)
+        if verb == "revoke":
+            doors = self.engine.revoke(str(request.get("address")), request.get("door"))
+            self.log.info("%s: revoked by the operator (%s)", request.get("address"), ", ".join(doors) or "no grant")
+            return {"revoked": doors}
+        if verb == "grant":
+            address, door, seconds = request.get("address"), request.get("door"), request.get("seconds")
+            try:
+                import ipaddress
+
+                ipaddress.ip_address(address)
+                until = self.engine.grant(address, door, float(seconds), now)
+            except KeyError:
+                return {"error": f"no door named {door!r}"}
+            except (TypeError, ValueError):
+                return {"error": f"grant needs an IP address and seconds, got {address!r} and {seconds!r}"}
+            self.log.warning("%s: %s: break-glass grant for %gs by the operator", address, door, float(seconds))
+            return {"granted": door, "address": address, "seconds": until - now}
+        return {"error": f"unknown command {verb!r} (status, revoke, grant)"}
+
+    def status(self, now: float) -> dict:
+        drops = read_queue_drops(self.queue_num)
+        return {
+            "queue": self.queue_num,
+            "firewall": self.firewall.name,
+            "doors": [{"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]}
+                      for d in self.ruleset.doors],
+            "grants": [{"door": door, "source": src, "seconds_left": round(left, 1)}
+                       for door, src, left in self.engine.grants(now)],
+            "locked": [{"door": door, "source": src, "seconds_left": round(left, 1)}
+                       for door, src, left in self.engine.locked(now)],
+            "tracked_attempts": self.engine.tracked,
+            "packets": {verdict.value: count for verdict, count in self.handled.items()},
+            "unparsable": dict(self.unparsable),
+            "internal_errors": self.errors,
+            "evicted": self.engine.evicted,
+            "kernel_queue_drops": drops.total if drops else 0,
+        }
 
     def _install_signals(self, wake_w: socket.socket) -> dict:
         def stop(signum, frame):

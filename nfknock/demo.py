@@ -63,7 +63,8 @@ def main() -> int:
         service = EchoService(box.server)
         demo = Demo(box, RULES, log)
         print(f"  server {alice.server_address} runs a TCP service on port 22 and 'nfknock run --rules rules/'")
-        daemon = box.spawn(box.server, nfknock_argv("run", "--rules", str(RULES), "--log-file", str(log)),
+        daemon = box.spawn(box.server, nfknock_argv("run", "--rules", str(RULES), "--log-file", str(log),
+                                                    "--control-socket", str(workdir / "control.sock")),
                            stderr=subprocess.PIPE, text=True)
         try:
             wait_for_line(log, "ready:", daemon)

@@ -478,6 +478,27 @@ class Engine:
         ]
         return min(deadlines, default=None)
 
+    # -- operator actions (the control socket) --------------------------------------------
+
+    def grant(self, src: str, door: str, seconds: float, now: float) -> float:
+        """Break-glass: let `src` open new connections through `door` for `seconds`. Its
+        deadline may come before older grants'; `live()` still ends it on time (only its
+        GrantExpired event may come late)."""
+        state = self._doors.get(door)
+        if state is None:
+            raise KeyError(door)
+        until = now + seconds
+        state.grants.put(src, until)
+        return until
+
+    def revoke(self, src: str, door: str | None = None) -> list[str]:
+        """End the grants of `src` (on one door or all); returns the doors it had a grant on."""
+        revoked = []
+        for name, state in self._doors.items():
+            if door in (None, name) and state.grants.pop(src) is not None:
+                revoked.append(name)
+        return revoked
+
     # -- inspection ----------------------------------------------------------------------
 
     @property

@@ -82,7 +82,8 @@ class Server:
 
     def argv(self, log: Path, *extra: str) -> list[str]:
         return nfknock_argv("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num),
-                            "--firewall", self.firewall, "--log-file", str(log), *extra)
+                            "--firewall", self.firewall, "--log-file", str(log),
+                            "--control-socket", str(self.workdir / f"{log.stem}.sock"), *extra)
 
     def start(self, *extra: str, expect_ready: bool = True) -> subprocess.Popen:
         argv = self.argv(self.log, *extra)
