@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The container harness, end to end: base image (debootstrap when no registry is reachable),
+# wheelhouse, images, then the scenario. Exits non-zero on any failure; cleans up always.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export COMPOSE_PROJECT_NAME=nfknockharness
+bash scripts/setup.sh
+missing=()
+for pkg in docker.io docker-compose debootstrap; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "harness: installing ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+started_dockerd=
+if ! docker info >/dev/null 2>&1; then
+  echo "harness: starting dockerd"
+  dockerd >/tmp/nfknock-dockerd.log 2>&1 &
+  started_dockerd=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "harness: dockerd did not start (see /tmp/nfknock-dockerd.log)" >&2; exit 1; }
+fi
+modprobe -q nfnetlink_queue 2>/dev/null || true   # containers cannot load kernel modules
+modprobe -q xt_NFQUEUE 2>/dev/null || true
+modprobe -q nf_conntrack 2>/dev/null || true
+bash deploy/docker/base-image.sh
+rm -rf deploy/docker/wheels
+.venv/bin/python -m pip wheel -q --disable-pip-version-check -w deploy/docker/wheels . >/dev/null
+generated=deploy/harness/generated
+rm -rf "$generated" && install -d -m 0700 "$generated" "$generated/rules"
+.venv/bin/nfknock keygen > "$generated/spa.keys"
+cp rules/ssh.yaml "$generated/rules/"
+cat > "$generated/rules/spa.yaml" <<YAML
+doors:
+  - name: spaSSH
+    kind: spa
+    keys_file: /etc/nfknock/spa.keys
+    protect: [22/tcp]
+YAML
+docker-compose build -q
+cleanup() { docker-compose logs --no-color server > /tmp/nfknock-harness-server.log 2>&1 || true
+            docker-compose down -v --remove-orphans >/dev/null 2>&1 || true
+            rm -rf "$generated"
+            [ -z "$started_dockerd" ] || kill "$started_dockerd" 2>/dev/null || true; }
+trap cleanup EXIT
+docker-compose up -d server >/dev/null
+for _ in $(seq 60); do docker-compose logs server 2>/dev/null | grep -q "ready:" && break; sleep 1; done
+docker-compose logs server | grep -q "ready:" || { docker-compose logs server; echo "harness: server not ready" >&2; exit 1; }
+docker-compose run --rm client
+docker-compose run --rm attacker
+log=$(docker-compose logs --no-color server)
+echo "$log" | grep -q "172.31.199.20: openSSH: OPEN SESAME" || { echo "$log"; echo "harness: no OPEN SESAME for the client" >&2; exit 1; }
+echo "$log" | grep -q "172.31.199.20: spaSSH: OPEN SESAME" || { echo "$log"; echo "harness: the SPA door did not open" >&2; exit 1; }
+if echo "$log" | grep -q "172.31.199.30: openSSH: OPEN SESAME"; then echo "harness: the attacker opened the door" >&2; exit 1; fi
+echo "harness: all scenarios passed"
