@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="packets the kernel holds for nfknock before it drops (default: %(default)s)")
     run.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
                      help="iptables flavour for the rules: auto follows the host's 'iptables' (default)")
+    run.add_argument("--interface", metavar="IFACE",
+                     help="guard only packets arriving on IFACE (default: every interface); the protected "
+                     "ports on other interfaces then follow the rest of your firewall")
     run.add_argument("--state-dir", default="/var/lib/nfknock",
                      help="where the SPA replay cache is kept across restarts (default: %(default)s)")
     run.add_argument("--control-socket", default="/run/nfknock.sock",
@@ -169,7 +172,7 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
-    daemon = Daemon(args.rules, make_firewall(args.firewall), args.queue_num, args.max_sources, logger,
+    daemon = Daemon(args.rules, make_firewall(args.firewall, args.interface), args.queue_num, args.max_sources, logger,
                     queue_maxlen=args.queue_maxlen, state_dir=args.state_dir,
                     control_socket=args.control_socket or None, metrics_port=args.metrics_port)
     daemon.run()

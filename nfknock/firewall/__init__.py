@@ -117,6 +117,9 @@ class PerFamily:
 
     name = "?"
 
+    def __init__(self, interface: str | None = None):
+        self.interface = interface  # only packets arriving here jump to our chain (None: all)
+
     def apply(self, plan: Plan) -> None:
         for family, specs in plan.items():
             self._transaction(family, specs or None)
@@ -146,18 +149,18 @@ class PerFamily:
 FLAVOURS = ("legacy", "nft")
 
 
-def make_firewall(choice: str = "auto") -> Firewall:
+def make_firewall(choice: str = "auto", interface: str | None = None) -> Firewall:
     """`auto` follows the flavour of the host's `iptables` command (legacy when unknown)."""
     if choice == "auto":
         choice = "nft" if iptables_flavour() == "nf_tables" else "legacy"
     if choice == "legacy":
         from .legacy import LegacyFirewall
 
-        return LegacyFirewall()
+        return LegacyFirewall(interface)
     if choice == "nft":
         from .nft import NftFirewall
 
-        return NftFirewall()
+        return NftFirewall(interface)
     raise ValueError(f"unknown firewall {choice!r} (auto, legacy or nft)")
 
 

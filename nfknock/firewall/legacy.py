@@ -62,6 +62,8 @@ class LegacyFirewall(PerFamily):
                 for spec in specs:
                     chain.append_rule(_rule_of(rule_class, spec))
                 jump = rule_class()
+                if self.interface:
+                    jump.in_interface = self.interface
                 jump.create_target(CHAIN)
                 builtin_input.insert_rule(jump, 0)
             table.commit()

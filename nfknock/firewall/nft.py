@@ -17,15 +17,17 @@ from . import CHAIN, PerFamily, RuleSpec
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
 
 
-def restore_script(specs: list[RuleSpec] | None, jumps: int, chain_exists: bool) -> str:
-    """The restore input that replaces our chain with `specs` (None: removes it)."""
+def restore_script(specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool,
+                   interface: str | None = None) -> str:
+    """The restore input that replaces our chain with `specs` (None: removes it). `jumps` are the
+    `-A INPUT ... -j NFKNOCK` lines there now; each is deleted as it is written."""
     lines = ["*filter"]
     if specs is not None:
         lines.append(f":{CHAIN} - [0:0]")
-    lines += [f"-D INPUT -j {CHAIN}"] * jumps
+    lines += ["-D" + jump[2:] for jump in jumps]
     if specs is not None:
         lines += [str(spec) for spec in specs]
-        lines.append(f"-I INPUT 1 -j {CHAIN}")
+        lines.append(f"-I INPUT 1{f' -i {interface}' if interface else ''} -j {CHAIN}")
     elif chain_exists:
         lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
     lines.append("COMMIT")
@@ -37,7 +39,7 @@ class NftFirewall(PerFamily):
 
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
         exists = self._chain_exists(family)
-        script = restore_script(specs, self._jumps(family), exists)
+        script = restore_script(specs, self._jump_rules(family), exists, self.interface)
         if specs is None and not exists and script.count("\n") == 2:
             return  # nothing there, nothing to do
         self._run([TOOLS[family][1], "--noflush"], family, script)
@@ -49,8 +51,11 @@ class NftFirewall(PerFamily):
         return [line for line in out.splitlines() if line.startswith("-A ")]
 
     def _jumps(self, family: int) -> int:
+        return len(self._jump_rules(family))
+
+    def _jump_rules(self, family: int) -> list[str]:
         out = self._run([TOOLS[family][0], "-S", "INPUT"], family)
-        return sum(1 for line in out.splitlines() if line.split()[-2:] == ["-j", CHAIN])
+        return [line for line in out.splitlines() if line.startswith("-A INPUT") and line.split()[-2:] == ["-j", CHAIN]]
 
     def _chain_exists(self, family: int) -> bool:
         out = self._run([TOOLS[family][0], "-S"], family)

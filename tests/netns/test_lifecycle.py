@@ -187,3 +187,15 @@ def test_doctor_sees_the_running_daemon_and_a_rule_that_bypasses_it(server):
     server.stop()
     result = server.nfknock(*args)
     assert "ok   NFQUEUE 7 is free" in result.stdout and "ok   no nfknock rules are installed" in result.stdout
+
+
+def test_interface_limits_the_guard_to_one_link(server, alice, bob):
+    alice_link = f"nk{server.sandbox.token}1s"
+    server.start("--interface", alice_link)
+    assert f"-A INPUT -i {alice_link} -j NFKNOCK" in server.iptables()
+    assert not connect(alice, timeout=1).connected
+    assert connect(bob).connected  # bob's link is not guarded: the rest of the firewall decides
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    server.stop()
+    assert server.iptables() == []

@@ -76,9 +76,10 @@ def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
     from nfknock.firewall.nft import restore_script
 
     specs = scaffolding((door(tripwire=0),), 3)
-    script = restore_script(specs, jumps=2, chain_exists=True).splitlines()
-    assert script[:4] == ["*filter", f":{CHAIN} - [0:0]", f"-D INPUT -j {CHAIN}", f"-D INPUT -j {CHAIN}"]
+    jumps = [f"-A INPUT -j {CHAIN}", f"-A INPUT -i eth1 -j {CHAIN}"]
+    script = restore_script(specs, jumps, chain_exists=True, interface="eth0").splitlines()
+    assert script[:4] == ["*filter", f":{CHAIN} - [0:0]", f"-D INPUT -j {CHAIN}", f"-D INPUT -i eth1 -j {CHAIN}"]
     assert script[4:-2] == [str(s) for s in specs]
-    assert script[-2:] == [f"-I INPUT 1 -j {CHAIN}", "COMMIT"]
-    assert restore_script(None, 1, True).splitlines() == [
+    assert script[-2:] == [f"-I INPUT 1 -i eth0 -j {CHAIN}", "COMMIT"]
+    assert restore_script(None, jumps[:1], True).splitlines() == [
         "*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
