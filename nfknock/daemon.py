@@ -107,7 +107,8 @@ class Daemon:
             verdict = decision.verdict
             if decision.events:
                 log_events(self.log, decision.events, self.log_limit, now)
-                tally(self.tallies, decision.events)
+                if self.metrics_port:  # metrics are off by default: no per-event cost then
+                    tally(self.tallies, decision.events)
             if self.engine.replays_changed:
                 self._save_replays()
         except PacketError as exc:
