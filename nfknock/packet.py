@@ -77,14 +77,7 @@ def parse_with_dpkt(data: bytes) -> Packet:
         return _parse_ipv6(data)
     if version != 4:
         raise PacketError("not ip")
-    try:
-        ip = dpkt.ip.IP(data)
-    except (dpkt.UnpackError, IndexError, ValueError):
-        raise PacketError("bad ipv4 header") from None
-    except Exception:
-        # dpkt decodes inner protocols eagerly and some decoders fail in their own ways
-        # (found by fuzzing: IPv6-in-IPv4 with a bad extension header raises AttributeError).
-        raise PacketError("undecodable inner protocol") from None
+    ip = _decode(dpkt.ip.IP, data, "bad ipv4 header")
     if ip.offset:
         raise PacketError("non-first fragment")
     return _transport(ip.data, ip.p, socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst), bool(ip.mf), 4)
@@ -94,12 +87,7 @@ def _parse_ipv6(data: bytes) -> Packet:
     """dpkt walks the extension headers (hop-by-hop, routing, fragment, destination options);
     `ip6.p` is the protocol after the last of them. Only an unfragmented packet or a first
     fragment can carry a knock; a later fragment has no transport header to read."""
-    try:
-        ip6 = dpkt.ip6.IP6(data)
-    except (dpkt.UnpackError, IndexError, ValueError):
-        raise PacketError("bad ipv6 header") from None
-    except Exception:
-        raise PacketError("undecodable inner protocol") from None
+    ip6 = _decode(dpkt.ip6.IP6, data, "bad ipv6 header")
     fragment = ip6.extension_hdrs.get(dpkt.ip.IP_PROTO_FRAGMENT)
     first_fragment = False
     if fragment is not None:
@@ -110,6 +98,17 @@ def _parse_ipv6(data: bytes) -> Packet:
     dst = socket.inet_ntop(socket.AF_INET6, ip6.dst)
     # dpkt leaves `p` unset when the header chain ends in something without a next-header field.
     return _transport(ip6.data, getattr(ip6, "p", None), src, dst, first_fragment, 6)
+
+
+def _decode(header, data: bytes, bad: str):
+    try:
+        return header(data)
+    except (dpkt.UnpackError, IndexError, ValueError):
+        raise PacketError(bad) from None
+    except Exception:
+        # dpkt decodes inner protocols eagerly and some decoders fail in their own ways
+        # (found by fuzzing: IPv6-in-IPv4 with a bad extension header raises AttributeError).
+        raise PacketError("undecodable inner protocol") from None
 
 
 def _transport(layer4, proto: int, src: str, dst: str, fragment: bool, family: int) -> Packet:
