@@ -25,7 +25,7 @@ with atheris.instrument_imports():
     import nfknock.engine  # noqa: F401  (imported here so that atheris instruments them)
     import nfknock.packet  # noqa: F401
     import nfknock.state  # noqa: F401
-    from nfknock.daemon import Daemon
+    from nfknock.daemon import Daemon, DaemonConfig
 
 RULES = """\
 doors:
@@ -85,7 +85,7 @@ clock = [0.0]
 logger = logging.getLogger("nfknock-fuzz")
 logger.addHandler(logging.NullHandler())
 logger.propagate = False
-daemon = Daemon(workdir, Firewall(), max_sources=64, logger=logger, clock=lambda: clock[0])
+daemon = Daemon(DaemonConfig(workdir, max_sources=64), Firewall(), logger=logger, clock=lambda: clock[0])
 runs = [0]
 failed: list[bytes] = []
 started = time.monotonic()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__
+from .control import DEFAULT_SOCKET
 from .errors import NfknockError, UsageError
 from .rules import Port, load_rules
 
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "ports on other interfaces then follow the rest of your firewall")
     run.add_argument("--state-dir", default="/var/lib/nfknock",
                      help="where the SPA replay cache is kept across restarts (default: %(default)s)")
-    run.add_argument("--control-socket", default="/run/nfknock.sock",
+    run.add_argument("--control-socket", default=DEFAULT_SOCKET,
                      help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)")
     run.add_argument("--metrics-port", type=_int_in(1, 65535, "port"),
                      help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)")
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--door", required=True)
     grant.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 10m, 1h")
     for verb, func in ((status, cmd_status), (revoke, cmd_revoke), (grant, cmd_grant)):
-        verb.add_argument("--socket", default="/run/nfknock.sock", help="the daemon's control socket")
+        verb.add_argument("--control-socket", default=DEFAULT_SOCKET,
+                          help="the daemon's control socket (default: %(default)s)")
         verb.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
         verb.set_defaults(func=func)
 
@@ -164,7 +166,9 @@ _non_negative = _int_in(0, 3_600_000, "delay")
 
 
 def cmd_run(args) -> int:
-    from .daemon import Daemon
+    from pathlib import Path
+
+    from .daemon import Daemon, DaemonConfig
     from .firewall import make_firewall
     from .logs import setup_logging
 
@@ -172,10 +176,12 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
-    daemon = Daemon(args.rules, make_firewall(args.firewall, args.interface), args.queue_num, args.max_sources, logger,
-                    queue_maxlen=args.queue_maxlen, state_dir=args.state_dir,
-                    control_socket=args.control_socket or None, metrics_port=args.metrics_port)
-    daemon.run()
+    config = DaemonConfig(
+        rules_path=Path(args.rules), queue_num=args.queue_num, max_sources=args.max_sources,
+        queue_maxlen=args.queue_maxlen, state_dir=Path(args.state_dir) if args.state_dir else None,
+        control_socket=Path(args.control_socket) if args.control_socket else None, metrics_port=args.metrics_port,
+    )
+    Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
     return 0
 
 
@@ -311,7 +317,7 @@ def _answer(args, request: dict) -> dict:
 
     from .control import call
 
-    answer = call(args.socket, request)
+    answer = call(args.control_socket, request)
     if args.json:
         print(json.dumps(answer, indent=2))
     return answer

@@ -1,28 +1,94 @@
 """The control socket: a root-only unix socket on which `nfknock status/revoke/grant` talk to the
 running daemon, one JSON request and one JSON answer per connection.
 
-It is served from the daemon's own loop (no thread touches the engine), with short timeouts so
-that a stuck client cannot hold the verdict loop for long.
+Nothing a control client does may delay a verdict. The socket is served by a thread of its own:
+it reads a request (one line, at most MAX_REQUEST bytes, within REQUEST_DEADLINE seconds in all,
+however slowly the client writes), checks its shape, and only then hands it to the daemon's loop,
+which answers it between two batches of packets (the engine is only ever touched by the loop).
+A malformed request gets an error answer and changes nothing.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import os
+import queue
 import socket
 import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import NfknockError, UsageError
 
 DEFAULT_SOCKET = "/run/nfknock.sock"
-CLIENT_TIMEOUT = 0.5
+MAX_REQUEST = 4096  # bytes; a request is a few dozen
+REQUEST_DEADLINE = 1.0  # seconds for a client to send its whole request
+ANSWER_DEADLINE = 5.0  # seconds the thread waits for the loop's answer
+COMMANDS = ("status", "revoke", "grant")
+
+
+def parse_request(raw: bytes) -> dict[str, Any]:
+    """A checked request, or ValueError saying what is wrong with it."""
+    try:
+        request = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise ValueError(f"expected a JSON object, got {type(request).__name__}")
+    verb = request.get("cmd")
+    if verb not in COMMANDS:
+        raise ValueError(f"unknown command {verb!r} ({', '.join(COMMANDS)})")
+    checked: dict[str, Any] = {"cmd": verb}
+    if verb in ("revoke", "grant"):
+        checked["address"] = canonical_address(request.get("address"))
+        door = request.get("door")
+        if door is not None and not isinstance(door, str):
+            raise ValueError(f"door must be a name, got {door!r}")
+        if verb == "grant" and door is None:
+            raise ValueError("grant needs a door")
+        checked["door"] = door
+    if verb == "grant":
+        seconds = request.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
+                or not 0 < seconds <= 86400:
+            raise ValueError(f"seconds must be a number in (0, 86400], got {seconds!r}")
+        checked["seconds"] = float(seconds)
+    return checked
+
+
+def canonical_address(value: Any) -> str:
+    """The one spelling the engine keys on (`FD00:251:2:0:0:0:0:2` is `fd00:251:2::2`)."""
+    if not isinstance(value, str):
+        raise ValueError(f"address must be an IP address, got {value!r}")
+    try:
+        return str(ipaddress.ip_address(value.strip()))
+    except ValueError:
+        raise ValueError(f"address must be an IP address, got {value!r}") from None
+
+
+@dataclass
+class Pending:
+    """A checked request waiting for the loop's answer."""
+
+    request: dict[str, Any]
+    answer: dict[str, Any] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class ControlServer:
-    def __init__(self, path: str | Path, handler):
+    """Reads requests in a thread; `answer_pending(handler)` is called by the daemon's loop."""
+
+    def __init__(self, path: str | Path, wake: Callable[[], None]):
         self.path = Path(path)
-        self.handler = handler  # request dict -> answer dict
+        self.wake = wake  # tells the loop a request is waiting
+        self.pending: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+        self._closed = threading.Event()
         if self.path.is_socket():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 if probe.connect_ex(str(self.path)) == 0:
@@ -36,40 +102,87 @@ class ControlServer:
             os.umask(old_umask)
         os.chmod(self.path, stat.S_IRUSR | stat.S_IWUSR)
         self.sock.listen(8)
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.2)  # so the thread notices close()
+        self._thread = threading.Thread(target=self._serve, name="nfknock-control", daemon=True)
+        self._thread.start()
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def serve_one(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        with conn:
-            conn.settimeout(CLIENT_TIMEOUT)
+    def _serve(self) -> None:
+        while not self._closed.is_set():
             try:
-                request = json.loads(_read_line(conn))
-                answer = self.handler(request)
-            except (OSError, ValueError) as exc:
-                answer = {"error": f"bad request: {exc}"}
-            try:
-                conn.sendall(json.dumps(answer).encode() + b"\n")
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
-                pass
+                return  # closed
+            with conn:
+                self._serve_one(conn)
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            raw = read_request(conn, time.monotonic() + REQUEST_DEADLINE)
+            request = parse_request(raw)
+        except (OSError, ValueError) as exc:
+            answer: dict[str, Any] = {"error": f"bad request: {exc}"}
+        else:
+            pending = Pending(request)
+            self.pending.put(pending)
+            self.wake()
+            if pending.done.wait(ANSWER_DEADLINE) and pending.answer is not None:
+                answer = pending.answer
+            else:
+                answer = {"error": "the daemon did not answer in time"}
+        try:
+            conn.settimeout(REQUEST_DEADLINE)
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError:
+            pass
+
+    def answer_pending(self, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Answer every waiting request (from the loop, between batches of packets)."""
+        while True:
+            try:
+                pending = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                pending.answer = handler(pending.request)
+            finally:
+                pending.done.set()
 
     def close(self) -> None:
+        self._closed.set()
         self.sock.close()
+        self._thread.join(timeout=2 * REQUEST_DEADLINE + ANSWER_DEADLINE)
         try:
             self.path.unlink()
         except OSError:
             pass
 
 
-def _read_line(conn: socket.socket, limit: int = 65536) -> bytes:
+def read_request(conn: socket.socket, deadline: float, limit: int = MAX_REQUEST) -> bytes:
+    """One line, within `deadline` (time.monotonic) in all and `limit` bytes; else ValueError."""
+    data = b""
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"request not complete within {REQUEST_DEADLINE:g}s")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(limit + 1 - len(data))
+        except TimeoutError:
+            raise ValueError(f"request not complete within {REQUEST_DEADLINE:g}s") from None
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"request longer than {limit} bytes")
+    return data
+
+
+def _read_answer(conn: socket.socket, limit: int = 1 << 24) -> bytes:
     data = b""
     while not data.endswith(b"\n") and len(data) < limit:
-        chunk = conn.recv(4096)
+        chunk = conn.recv(65536)
         if not chunk:
             break
         data += chunk
@@ -80,14 +193,59 @@ def call(path: str | Path, request: dict) -> dict:
     """Ask the daemon; raise a one-line error when it cannot be reached or refuses."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(5)
+            sock.settimeout(ANSWER_DEADLINE + 2)
             sock.connect(str(path))
             sock.sendall(json.dumps(request).encode() + b"\n")
-            answer = json.loads(_read_line(sock))
+            answer = json.loads(_read_answer(sock))
     except FileNotFoundError:
-        raise NfknockError(f"no daemon listens on {path} (is nfknock running? --socket names another path)") from None
+        raise NfknockError(f"no daemon listens on {path} (is nfknock running? --control-socket names another "
+                           "path)") from None
     except (OSError, ValueError) as exc:
         raise NfknockError(f"{path}: {exc}") from None
+    if not isinstance(answer, dict):
+        raise NfknockError(f"{path}: unexpected answer {answer!r:.80}")
     if "error" in answer:
         raise UsageError(answer["error"])
     return answer
+
+
+# -- the answers (called by the daemon's loop, never concurrently with a packet) ---------------
+
+def answer(daemon: Any, request: dict[str, Any], now: float) -> dict[str, Any]:
+    """The answer to a request `parse_request` accepted."""
+    verb = request["cmd"]
+    if verb == "status":
+        return status(daemon, now)
+    address, door = request["address"], request["door"]
+    if door is not None and door not in daemon.engine.doors:
+        return {"error": f"no door named {door!r} (doors: {', '.join(daemon.engine.doors)})"}
+    if verb == "revoke":
+        doors = daemon.engine.revoke(address, door)
+        daemon.log.info("%s: revoked by the operator (%s)", address, ", ".join(doors) or "no grant")
+        return {"revoked": doors, "address": address}
+    until = daemon.engine.grant(address, door, request["seconds"], now)
+    daemon.log.warning("%s: %s: break-glass grant for %gs by the operator", address, door, request["seconds"])
+    return {"granted": door, "address": address, "seconds": until - now}
+
+
+def status(daemon: Any, now: float) -> dict[str, Any]:
+    from .stats import read_queue_drops
+
+    engine = daemon.engine
+    drops = read_queue_drops(daemon.config.queue_num)
+    return {
+        "queue": daemon.config.queue_num,
+        "firewall": daemon.firewall.name,
+        "doors": [{"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]}
+                  for d in daemon.ruleset.doors],
+        "grants": [{"door": door, "source": src, "seconds_left": round(left, 1)}
+                   for door, src, left in engine.grants(now)],
+        "locked": [{"door": door, "source": src, "seconds_left": round(left, 1)}
+                   for door, src, left in engine.locked(now)],
+        "tracked_attempts": engine.tracked,
+        "packets": {verdict.value: count for verdict, count in daemon.handled.items()},
+        "unparsable": dict(daemon.unparsable),
+        "internal_errors": daemon.errors,
+        "evicted": engine.evicted,
+        "kernel_queue_drops": drops.total if drops else 0,
+    }

@@ -1,38 +1,70 @@
 """The I/O shell: the only place that touches netfilterqueue, signals and the clock.
 
-Start order matters for a security tool: rules are validated before anything changes; the queue
-is bound before the scaffolding sends packets to it; the scaffolding goes away in `finally`.
-Every queued packet gets exactly one verdict, drop unless the engine said accept.
+Fail closed, on every way out. The scaffolding sends protected-port SYNs to the queue and never
+uses --queue-bypass, so whenever no process is bound to the queue the kernel drops them: the
+daemon never removes the scaffolding itself. A clean stop (SIGTERM, SIGINT) leaves it in place
+and says so; an unexpected error is logged with its traceback and ends the process non-zero with
+the rules in place (exactly as after SIGKILL or the OOM killer); only a deliberate `nfknock down`
+takes them away. A reload never stops the daemon: whatever goes wrong while reading new rules,
+the old ones stay. Bad input (a packet, a control request) never leaves its handler.
+
+Start order: rules are validated before anything changes; the queue is bound before the
+scaffolding sends packets to it. Every queued packet gets exactly one verdict, drop unless the
+engine said accept.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 import os
 import select
 import signal
 import socket
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import control, metrics
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
-from .errors import NfknockError, PacketError, QueueError
-from .firewall import PASS_MARK, Firewall, iptables_flavour, plan
+from .errors import NfknockError, PacketError, QueueError, RulesError
+from .events import Recorded
+from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
 from .logs import RateLimit, log_events
+from .metrics import tally
 from .packet import parse
 from .rules import Ruleset, load_rules
-from . import metrics
-from .control import ControlServer
-from .metrics import tally
 from .stats import Reporter, read_queue_drops
+from .store import ReplayStore
 
-BATCH = 256  # packets handled before signals and timers are looked at again
+BATCH = 256  # packets handled before signals, timers and control requests are looked at again
 MAX_SLEEP = 1.0
 STATS_EVERY = 5.0  # seconds between looks at the drop counters
+SNAPSHOT_EVERY = 1.0  # seconds between metrics snapshots
 DEFAULT_QUEUE_MAXLEN = 4096
 _ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS  # enum access is slow per packet
+CLOSED = "the rules stay in place: protected ports stay closed until nfknock runs again ('nfknock down' removes them)"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What `nfknock run` was asked to do."""
+
+    rules_path: Path
+    queue_num: int = 0
+    max_sources: int = DEFAULT_MAX_SOURCES
+    queue_maxlen: int = DEFAULT_QUEUE_MAXLEN
+    state_dir: Path | None = None
+    control_socket: Path | None = None
+    metrics_port: int | None = None
+    pass_mark: int = PASS_MARK
+
+
+class DaemonFailed(NfknockError):
+    """The loop ended on an unexpected error; the log has the traceback, the rules stay."""
 
 
 def sd_notify(message: str) -> None:
@@ -56,45 +88,62 @@ class _YieldLoop(Exception):
     packet, so no other packet is left without a verdict."""
 
 
+class _Reload:
+    """New rules read and checked in a thread, so a large rules directory never holds up a
+    verdict; the loop applies the result. Any error at all is kept for the loop to report."""
+
+    def __init__(self, config: DaemonConfig, wake: Callable[[], None]):
+        self.config = config
+        self.ruleset: Ruleset | None = None
+        self.plan: Plan | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._wake = wake
+        threading.Thread(target=self._read, name="nfknock-reload", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            self.ruleset = load_rules(self.config.rules_path)
+            self.plan = plan(self.ruleset.doors, self.config.queue_num)
+        except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
+            self.error = exc
+        finally:
+            self.done.set()
+            self._wake()
+
+
 class Daemon:
     def __init__(
         self,
-        rules_path: str | Path,
+        config: DaemonConfig,
         firewall: Firewall,
-        queue_num: int = 0,
-        max_sources: int = DEFAULT_MAX_SOURCES,
         logger: logging.Logger | None = None,
-        clock=time.monotonic,
-        queue_maxlen: int = DEFAULT_QUEUE_MAXLEN,
-        state_dir: str | Path | None = None,
-        wall_clock=time.time,
-        control_socket: str | Path | None = None,
-        metrics_port: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ):
-        self.rules_path = Path(rules_path)
+        self.config = config
         self.firewall = firewall
-        self.queue_num = queue_num
-        self.queue_maxlen = queue_maxlen
-        self.max_sources = max_sources
-        self.reporter = Reporter()
-        self.log_limit = RateLimit()
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
-        self.ruleset: Ruleset = load_rules(self.rules_path)  # RulesError: nothing touched yet
-        self.engine = Engine(self.ruleset.doors, max_sources)
+        self.wall_clock = wall_clock
+        self.ruleset: Ruleset = load_rules(config.rules_path)  # RulesError: nothing touched yet
+        self.engine = Engine(self.ruleset.doors, config.max_sources)
+        self.store = ReplayStore(config.state_dir) if config.state_dir else None
+        if self.store is not None:
+            self.engine.restore_replays(self.store.load(), wall_clock())
+        self.reporter = Reporter()
+        self.log_limit = RateLimit()
         self.stopping = False
-        self._reload_requested = False
         self.unparsable: dict[str, int] = {}
         self.errors = 0
         self.handled = dict.fromkeys(Verdict, 0)
-        self._budget = 0
-        self.wall_clock = wall_clock
-        self.control_socket = control_socket
-        self.metrics_port = metrics_port
-        self.control = None
         self.tallies: Counter = Counter()  # event tallies for the metrics
-        self.replay_file = Path(state_dir) / "spa-replay.json" if state_dir else None
-        self._load_replays()
+        self.snapshot: metrics.Snapshot | None = None
+        self.control: control.ControlServer | None = None
+        self._reload_requested = False
+        self._reload: _Reload | None = None
+        self._budget = 0
+        self._wake_w: socket.socket | None = None
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -106,11 +155,7 @@ class Daemon:
             decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict
             if decision.events:
-                log_events(self.log, decision.events, self.log_limit, now)
-                if self.metrics_port:  # metrics are off by default: no per-event cost then
-                    tally(self.tallies, decision.events)
-            if self.engine.replays_changed:
-                self._save_replays()
+                self._consume(decision.events, now)
         except PacketError as exc:
             self.unparsable[exc.reason] = self.unparsable.get(exc.reason, 0) + 1
         except Exception:  # never let a packet kill the loop; drop it instead
@@ -123,7 +168,7 @@ class Daemon:
                 if verdict is _ACCEPT:
                     queued.accept()
                 elif verdict is _PASS:
-                    queued.set_mark(queued.get_mark() | PASS_MARK)
+                    queued.set_mark(queued.get_mark() | self.config.pass_mark)
                     queued.repeat()  # back to the top of INPUT; our chain returns marked packets
                 else:
                     queued.drop()
@@ -135,33 +180,19 @@ class Daemon:
                     except Exception:
                         pass
 
-    # -- the SPA replay cache: on disk, so a restart never re-enables a captured packet ------
-
-    def _load_replays(self) -> None:
-        if self.replay_file is None or not self.replay_file.exists():
-            return
-        try:
-            entries = json.loads(self.replay_file.read_text())
-            self.engine.restore_replays({str(k): float(v) for k, v in entries.items()}, self.wall_clock())
-        except (OSError, ValueError, AttributeError) as exc:
-            raise NfknockError(f"{self.replay_file}: cannot read the SPA replay cache: {exc} (move it away to "
-                               "start with an empty cache; captured packets younger than max_age then work once)"
-                               ) from None
+    def _consume(self, events, now: float) -> None:
+        log_events(self.log, events, self.log_limit, now)
+        if self.config.metrics_port:  # metrics are off by default: no per-event cost then
+            tally(self.tallies, events)
+        if self.store is not None and any(type(event) is Recorded for event in events):
+            self._save_replays()
 
     def _save_replays(self) -> None:
-        self.engine.replays_changed = False
-        if self.replay_file is None:
-            return
         try:
-            self.replay_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            tmp = self.replay_file.with_suffix(".tmp")
-            with open(tmp, "w") as out:
-                json.dump(dict(self.engine.replays), out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.replay_file)
+            self.store.save(self.engine.replays.snapshot())
         except OSError as exc:
-            self.log.error("cannot write the SPA replay cache %s: %s", self.replay_file, exc)
+            self.log.error("cannot write the replay cache %s: %s (a restart would forget what was used)",
+                           self.store.path, exc)
 
     def _on_queued(self, queued) -> None:
         self.on_packet(queued)
@@ -171,45 +202,48 @@ class Daemon:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    def run(self, ready=None) -> None:
+    def run(self, ready: Callable[[], None] | None = None) -> None:
         from netfilterqueue import NetfilterQueue
 
         queue = NetfilterQueue()
         try:
-            queue.bind(self.queue_num, self._on_queued, max_len=self.queue_maxlen)
+            queue.bind(self.config.queue_num, self._on_queued, max_len=self.config.queue_maxlen)
         except OSError as exc:
             raise QueueError(
-                f"cannot bind NFQUEUE {self.queue_num}: {exc} "
+                f"cannot bind NFQUEUE {self.config.queue_num}: {exc} "
                 "(is another nfknock or NFQUEUE listener using it? pick another with --queue-num)"
             ) from None
-        wake_r, wake_w = socket.socketpair()
+        wake_r, self._wake_w = socket.socketpair()
         wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        previous = self._install_signals(wake_w)
+        self._wake_w.setblocking(False)
+        previous = self._install_signals(self._wake_w)
         try:
             self._warn_about_flavour()
-            self.firewall.apply(plan(self.ruleset.doors, self.queue_num))
+            self.firewall.apply(plan(self.ruleset.doors, self.config.queue_num))
             self._start_control()
             self._log_ready()
-            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.queue_num}")
+            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
             self._loop(queue, wake_r)
+        except NfknockError as exc:
+            self.log.error("nfknock stopped: %s; %s", exc, CLOSED)
+            raise
+        except Exception as exc:
+            self.log.critical("nfknock stopped on an unexpected error; %s", CLOSED, exc_info=True)
+            raise DaemonFailed(f"stopped on an unexpected error ({type(exc).__name__}: {exc}); {CLOSED}") from exc
         finally:
-            self._teardown(queue, previous)
+            self._shutdown(queue, previous)
             wake_r.close()
-            wake_w.close()
+            self._wake_w.close()
 
     def _loop(self, queue, wake_r: socket.socket) -> None:
         queue_fd = queue.get_fd()
-        next_stats = self.clock()
+        next_stats = next_snapshot = self.clock()
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-            watched = [queue_fd, wake_r] + ([self.control] if self.control else [])
-            readable, _, _ = select.select(watched, [], [], sleep)
-            if self.control is not None and self.control in readable:
-                self.control.serve_one()
+            readable, _, _ = select.select([queue_fd, wake_r], [], [], sleep)
             if queue_fd in readable:
                 self._budget = BATCH
                 try:
@@ -218,129 +252,136 @@ class Daemon:
                     pass
             if wake_r in readable:
                 _drain(wake_r)
-            if self._reload_requested:
-                self._reload_requested = False
-                sd_notify("RELOADING=1")
-                self.reload()
-                sd_notify("READY=1")
+            if self.control is not None:
+                self.control.answer_pending(self.answer)
+            self._reload_step()
             now = self.clock()
             if deadline is not None and now >= deadline:
                 log_events(self.log, self.engine.expire(now), self.log_limit, now)
             if now >= next_stats:
                 next_stats = now + STATS_EVERY
                 self.report_counters()
+            if self.config.metrics_port and now >= next_snapshot:
+                next_snapshot = now + SNAPSHOT_EVERY
+                self.snapshot = metrics.take(self, now)
+        self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
     def report_counters(self) -> None:
-        lines = self.reporter.report(self.queue_num, read_queue_drops(self.queue_num), self.unparsable,
-                                     self.engine.evicted, self.errors, self.max_sources)
+        lines = self.reporter.report(self.config.queue_num, read_queue_drops(self.config.queue_num),
+                                     self.unparsable, self.engine.evicted, self.errors, self.config.max_sources)
         for line in lines + self.log_limit.held_back():
             self.log.warning("%s", line)
 
-    def reload(self) -> bool:
-        """Apply the rules on disk; on any problem keep the old rules and say why."""
+    # -- reload --------------------------------------------------------------------------
+
+    def _wake(self) -> None:
         try:
-            ruleset = load_rules(self.rules_path)
-            self.firewall.apply(plan(ruleset.doors, self.queue_num))
-        except NfknockError as exc:
-            for line in str(exc).splitlines():
-                self.log.error("reload refused, keeping the current rules: %s", line)
+            if self._wake_w is not None:
+                self._wake_w.send(b"w")
+        except OSError:
+            pass  # the loop is already awake (buffer full) or gone
+
+    def _reload_step(self) -> None:
+        if self._reload_requested and self._reload is None:
+            self._reload_requested = False
+            sd_notify("RELOADING=1")
+            self._reload = _Reload(self.config, self._wake)
+        if self._reload is not None and self._reload.done.is_set():
+            job, self._reload = self._reload, None
+            self.finish_reload(job.ruleset, job.plan, job.error)
+            sd_notify("READY=1")
+
+    def reload(self) -> bool:
+        """Read and apply the rules on disk now (in the caller's thread)."""
+        try:
+            ruleset = load_rules(self.config.rules_path)
+            return self.finish_reload(ruleset, plan(ruleset.doors, self.config.queue_num), None)
+        except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
+            return self.finish_reload(None, None, exc)
+
+    def finish_reload(self, ruleset: Ruleset | None, new_plan: Plan | None, error: BaseException | None) -> bool:
+        """Switch to rules read by a reload; on any problem keep the old rules and say why."""
+        if error is None and ruleset is not None and new_plan is not None:
+            try:
+                self.firewall.apply(new_plan)
+            except Exception as exc:
+                error = exc
+                self._restore_firewall()
+        if error is not None or ruleset is None:
+            self._refuse_reload(error)
             return False
         dropped = self.engine.reload(ruleset.doors)
         self.ruleset = ruleset
         self.log.info(
-            "reloaded %s: %d door(s)%s", self.rules_path, len(ruleset.doors),
+            "reloaded %s: %d door(s)%s", self.config.rules_path, len(ruleset.doors),
             f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
         )
         return True
 
-    def _teardown(self, queue, previous) -> None:
+    def _refuse_reload(self, error: BaseException | None) -> None:
+        if isinstance(error, RulesError):
+            lines = list(error.lines)
+        elif isinstance(error, NfknockError):
+            lines = str(error).splitlines()
+        else:
+            lines = [f"{self.config.rules_path}: unexpected {type(error).__name__} while reading: {str(error)[:200]}"]
+        for line in lines:
+            self.log.error("reload refused, keeping the current rules: %s", line)
+
+    def _restore_firewall(self) -> None:
+        try:
+            self.firewall.apply(plan(self.ruleset.doors, self.config.queue_num))
+        except Exception as exc:
+            self.log.error("could not put the previous rules back after a failed reload: %s", exc)
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def _shutdown(self, queue, previous: dict) -> None:
+        """Everything but the scaffolding: with no process bound to the queue the kernel drops
+        what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
+        for step in (self._close_control, lambda: self._restore_signals(previous), self._log_totals, queue.unbind):
+            try:
+                step()
+            except Exception:
+                self.log.exception("while stopping (ignored; %s)", CLOSED)
+
+    def _close_control(self) -> None:
         if self.control is not None:
             self.control.close()
-        for signum, handler in previous.items():
-            try:
-                signal.signal(signum, handler)
-            except (ValueError, OSError):
-                pass
-        try:
-            signal.set_wakeup_fd(-1)
-        except ValueError:
-            pass
+
+    def _log_totals(self) -> None:
         self.report_counters()
         self.log.info(
             "handled %d packets: %d accepted, %d dropped, %d passed back; %d attempts and %d grants tracked",
             sum(self.handled.values()), self.handled[Verdict.ACCEPT], self.handled[Verdict.DROP],
             self.handled[Verdict.PASS], self.engine.tracked, len(self.engine.grants(self.clock())),
         )
-        try:
-            self.firewall.remove()
-            self.log.info("scaffolding removed; nfknock stopped")
-        except NfknockError as exc:
-            self.log.error("could not remove the scaffolding: %s; run 'nfknock down'", exc)
-        try:
-            queue.unbind()
-        except Exception:
-            pass
 
     # -- control socket and metrics ----------------------------------------------------------
 
     def _start_control(self) -> None:
-        if self.control_socket:
+        if self.config.control_socket:
             try:
-                self.control = ControlServer(self.control_socket, self.command)
+                self.control = control.ControlServer(self.config.control_socket, self._wake)
             except OSError as exc:
                 self.log.error("no control socket at %s: %s (status/revoke/grant will not work)",
-                               self.control_socket, exc)
-        if self.metrics_port:
+                               self.config.control_socket, exc)
+        if self.config.metrics_port:
+            self.snapshot = metrics.take(self, self.clock())
             try:
-                metrics.serve(self, self.metrics_port)
-                self.log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
+                metrics.serve(lambda: self.snapshot, self.config.metrics_port)
+                self.log.info("metrics on http://127.0.0.1:%d/metrics", self.config.metrics_port)
             except OSError as exc:
-                self.log.error("no metrics on 127.0.0.1:%d: %s", self.metrics_port, exc)
+                self.log.error("no metrics on 127.0.0.1:%d: %s", self.config.metrics_port, exc)
 
-    def command(self, request: dict) -> dict:
-        """One control request (from the loop, never concurrently with a packet)."""
-        now = self.clock()
-        verb = request.get("cmd")
-        if verb == "status":
-            return self.status(now)
-        if verb == "revoke":
-            doors = self.engine.revoke(str(request.get("address")), request.get("door"))
-            self.log.info("%s: revoked by the operator (%s)", request.get("address"), ", ".join(doors) or "no grant")
-            return {"revoked": doors}
-        if verb == "grant":
-            address, door, seconds = request.get("address"), request.get("door"), request.get("seconds")
-            try:
-                import ipaddress
-
-                ipaddress.ip_address(address)
-                until = self.engine.grant(address, door, float(seconds), now)
-            except KeyError:
-                return {"error": f"no door named {door!r}"}
-            except (TypeError, ValueError):
-                return {"error": f"grant needs an IP address and seconds, got {address!r} and {seconds!r}"}
-            self.log.warning("%s: %s: break-glass grant for %gs by the operator", address, door, float(seconds))
-            return {"granted": door, "address": address, "seconds": until - now}
-        return {"error": f"unknown command {verb!r} (status, revoke, grant)"}
-
-    def status(self, now: float) -> dict:
-        drops = read_queue_drops(self.queue_num)
-        return {
-            "queue": self.queue_num,
-            "firewall": self.firewall.name,
-            "doors": [{"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]}
-                      for d in self.ruleset.doors],
-            "grants": [{"door": door, "source": src, "seconds_left": round(left, 1)}
-                       for door, src, left in self.engine.grants(now)],
-            "locked": [{"door": door, "source": src, "seconds_left": round(left, 1)}
-                       for door, src, left in self.engine.locked(now)],
-            "tracked_attempts": self.engine.tracked,
-            "packets": {verdict.value: count for verdict, count in self.handled.items()},
-            "unparsable": dict(self.unparsable),
-            "internal_errors": self.errors,
-            "evicted": self.engine.evicted,
-            "kernel_queue_drops": drops.total if drops else 0,
-        }
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One checked control request, from the loop. A failure is the request's, not the daemon's."""
+        try:
+            return control.answer(self, request, self.clock())
+        except Exception as exc:
+            self.log.exception("control request %s failed", request.get("cmd"))
+            return {"error": f"internal error: {type(exc).__name__}"}
 
     def _install_signals(self, wake_w: socket.socket) -> dict:
         def stop(signum, frame):
@@ -354,6 +395,12 @@ class Daemon:
             previous[signum] = signal.signal(signum, handler)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(-1)
 
     def _warn_about_flavour(self) -> None:
         if self.firewall.name == "legacy" and iptables_flavour() == "nf_tables":
@@ -376,7 +423,7 @@ class Daemon:
                 f", close {' '.join(map(str, door.close_sequence))}," if door.close_sequence else "",
                 " ".join(map(str, door.protect)), door.seq_timeout, door.open_for,
             )
-        self.log.info("ready: pid %d, queue %d, firewall %s", os.getpid(), self.queue_num, self.firewall.name)
+        self.log.info("ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name)
 
 
 def _drain(sock: socket.socket) -> None:

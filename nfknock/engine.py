@@ -37,7 +37,6 @@ can evict only attempts, never a grant.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple
@@ -62,6 +61,7 @@ from .packet import Packet
 from . import rotation, spa
 from .errors import SpaError
 from .rules import Door
+from .replay import ReplayCache
 from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
@@ -161,13 +161,12 @@ class _DoorState:
     """A door and every table that belongs to it."""
 
     __slots__ = ("door", "sequences", "grants", "failures", "locks", "networks", "required", "forbidden",
-                 "families", "spa", "rotate", "used_windows", "attempt_pool")
+                 "families", "spa", "rotate", "attempt_pool")
 
     def __init__(self, door: Door, attempts: Pool, grants: Pool, records: Pool):
         self.door = door
         self.spa = door.kind == "spa"
         self.rotate = None if self.spa else door.rotate
-        self.used_windows: set[int] = set()
         self.attempt_pool = attempts
         self.sequences = [] if self.spa or self.rotate else [_Sequence(door, _OPEN, door.sequence, attempts.table())]
         if getattr(door, "close_sequence", None):
@@ -192,9 +191,8 @@ class Engine:
         self._grant_pool = Pool(max_sources)
         self._record_pool = Pool(max_sources)
         self._doors: dict[str, _DoorState] = {}
-        # SPA digests seen, with the wall-clock time after which a replay is too old anyway.
-        self.replays: OrderedDict[str, float] = OrderedDict()
-        self.replays_changed = False
+        # SPA packets and rotating sequences used, until they would be refused anyway.
+        self.replays = ReplayCache(max_sources)
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
@@ -329,23 +327,31 @@ class Engine:
                                         state.attempt_pool.table(), window=index)
             sequences.append(keep[index])
         state.sequences = sequences
-        state.used_windows = {w for w in state.used_windows if w >= current - 1}
         return True
 
     def _spa(self, state: _DoorState, packet: Packet, now: float, wall: float | None, events) -> None:
         door, src = state.door, packet.src
         try:
-            request = spa.decode(packet.payload, door.keys)
             if wall is None:
                 raise SpaError("no clock", "the engine was not given the wall-clock time")
+            data = spa.authenticate(packet.payload, door.keys)
+            # From here on the packet is genuine: remember it before anything can refuse it
+            # (fwknopd does the same), so a packet refused now as "from the future" cannot be
+            # replayed once its time has come.
+            identity = spa.packet_id(data)
+            self.replays.forget_expired(wall)
+            if identity in self.replays:
+                raise SpaError("replay", "this packet was seen before")
+            try:
+                request = spa.decrypt(data, door.keys)
+            except SpaError:
+                events.append(self.replays.record(identity, wall + door.max_age))
+                raise
+            events.append(self.replays.record(identity, max(wall, request.timestamp) + door.max_age))
             age = wall - request.timestamp
             if abs(age) > door.max_age:
                 raise SpaError("too old" if age > 0 else "from the future",
                                f"timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s")
-            self._forget_old_replays(wall)
-            if request.digest in self.replays:
-                raise SpaError("replay", "this packet was seen before")
-            self._remember(request.digest, request.timestamp + door.max_age)
             if not door.trust_inner_address and request.address != src:
                 raise SpaError("source mismatch", f"the packet asks access for {request.address}")
             allowed = {p.key for p in door.protect}
@@ -361,21 +367,9 @@ class Engine:
         state.grants.put(src, until, wanted)
         events.append(DoorOpened(src, door.name, until))
 
-    def _remember(self, digest: str, expires: float) -> None:
-        if len(self.replays) >= self.max_sources:
-            self.replays.popitem(last=False)
-        self.replays[digest] = expires
-        self.replays_changed = True
-
-    def _forget_old_replays(self, wall: float) -> None:
-        while self.replays and next(iter(self.replays.values())) < wall:
-            self.replays.popitem(last=False)
-
     def restore_replays(self, entries: dict[str, float], wall: float) -> None:
-        """Digests saved by an earlier run; those whose packets are too old anyway are dropped."""
-        for digest, expires in sorted(entries.items(), key=lambda item: item[1]):
-            if expires >= wall:
-                self.replays[digest] = expires
+        """Records saved by an earlier run (see replay.py)."""
+        self.replays.restore(entries, wall)
 
     def _tripwire(self, state: _DoorState, src: str, key, now: float, events: list[Event]) -> None:
         port = f"{key[1]}/{key[0]}"
@@ -440,11 +434,13 @@ class Engine:
             return action
         seq.attempts.pop(src)
         if seq.window is not None:
-            if seq.window in state.used_windows:
+            used = f"rotation:{seq.name}:{seq.window}"
+            if used in self.replays:
                 events.append(SequenceReused(src, seq.name))
                 self._failed(state, src, now, events)
                 return action
-            state.used_windows.add(seq.window)
+            # Accepted in its own window and the next one: useless after that.
+            events.append(self.replays.record(used, (seq.window + 2) * state.rotate.window))
         if seq.kind is _OPEN:
             until = now + state.door.open_for
             state.grants.put(src, until)

@@ -118,6 +118,16 @@ class ConnectionRefused:
     port: str
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """Something that may be used once (an SPA packet, a rotating sequence in its window) was
+    recorded in the replay cache until `expires` (wall-clock seconds). Not logged: the daemon
+    keeps the cache on disk from these."""
+
+    key: str
+    expires: float
+
+
 Event = (
     KnockAdvanced
     | SequenceReset
@@ -131,4 +141,5 @@ Event = (
     | SequenceReused
     | ConnectionAccepted
     | ConnectionRefused
+    | Recorded
 )

@@ -22,6 +22,7 @@ from .events import (
     KnockAdvanced,
     LockedOut,
     LockReleased,
+    Recorded,
     SequenceReused,
     SpaRefused,
     Sequence,
@@ -52,10 +53,11 @@ RENDERERS = {
     SpaRefused: lambda e: f"{e.src}: {e.door}: SPA packet refused: {e.reason} ({e.detail})",
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",
+    Recorded: lambda e: f"replay cache: recorded {e.key}",
 }
 
 # Refused connections are what every scanner produces: kept out of the normal log.
-LEVELS = {ConnectionRefused: logging.DEBUG}
+LEVELS = {ConnectionRefused: logging.DEBUG, Recorded: logging.DEBUG}
 
 
 def render(event: Event) -> str:

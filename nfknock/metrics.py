@@ -2,12 +2,15 @@
 
 Nothing is counted per packet for Prometheus: the daemon already keeps counters (verdicts,
 unparsable packets) and tallies events; a custom collector turns them into metric families at
-scrape time. The scrape runs in prometheus-client's thread and only copies dicts.
+scrape time, from a snapshot the loop takes every second (the scrape runs in prometheus-client's
+thread and never touches the engine).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .events import (
     ConnectionAccepted,
@@ -40,26 +43,54 @@ def tally(counter: Counter, events) -> None:
             counter[(spec[0], spec[3](event))] += 1
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a scrape reports, copied by the daemon's loop: the exporter's thread never iterates
+    the engine's live tables (they change under it)."""
+
+    queue_num: int
+    handled: dict[str, int]
+    unparsable: dict[str, int]
+    tallies: dict[tuple[str, tuple[str, ...]], int]
+    grants_per_door: dict[str, int]
+    tracked: int
+
+
+def take(daemon, now: float) -> Snapshot:
+    """A snapshot of the daemon's counters (from the loop)."""
+    per_door = Counter(door for door, _, _ in daemon.engine.grants(now))
+    return Snapshot(
+        queue_num=daemon.config.queue_num,
+        handled={verdict.value: count for verdict, count in daemon.handled.items()},
+        unparsable=dict(daemon.unparsable),
+        tallies=dict(daemon.tallies),
+        grants_per_door={door: per_door.get(door, 0) for door in daemon.engine.doors},
+        tracked=daemon.engine.tracked,
+    )
+
+
 class Collector:
-    def __init__(self, daemon):
-        self.daemon = daemon
+    def __init__(self, latest: Callable[[], Snapshot | None]):
+        self.latest = latest
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         from .stats import read_queue_drops
 
-        daemon = self.daemon
+        snapshot = self.latest()
+        if snapshot is None:
+            return
         verdicts = CounterMetricFamily("nfknock_packets", "Queued packets by verdict", labels=("verdict",))
-        for verdict, count in dict(daemon.handled).items():
-            verdicts.add_metric((verdict.value,), count)
+        for verdict, count in snapshot.handled.items():
+            verdicts.add_metric((verdict,), count)
         yield verdicts
         unparsable = CounterMetricFamily("nfknock_unparsable_packets", "Packets dropped unparsed", labels=("reason",))
-        for reason, count in dict(daemon.unparsable).items():
+        for reason, count in snapshot.unparsable.items():
             unparsable.add_metric((reason,), count)
         yield unparsable
         families = {}
-        for (name, labels), count in dict(daemon.tallies).items():
+        for (name, labels), count in snapshot.tallies.items():
             spec = next(s for s in TALLIED.values() if s[0] == name)
             family = families.get(name)
             if family is None:
@@ -67,12 +98,11 @@ class Collector:
             family.add_metric(labels, count)
         yield from families.values()
         grants = GaugeMetricFamily("nfknock_active_grants", "Live grants", labels=("door",))
-        per_door = Counter(door for door, _, _ in daemon.engine.grants(daemon.clock()))
-        for door in daemon.engine.doors:
-            grants.add_metric((door,), per_door.get(door, 0))
+        for door, count in snapshot.grants_per_door.items():
+            grants.add_metric((door,), count)
         yield grants
-        yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=daemon.engine.tracked)
-        drops = read_queue_drops(daemon.queue_num)
+        yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
+        drops = read_queue_drops(snapshot.queue_num)
         if drops is not None:
             dropped = CounterMetricFamily("nfknock_queue_dropped", "Packets the kernel dropped before nfknock saw "
                                           "them", labels=("cause",))
@@ -81,11 +111,11 @@ class Collector:
             yield dropped
 
 
-def serve(daemon, port: int):
+def serve(latest: Callable[[], Snapshot | None], port: int):
     """Start the exporter on 127.0.0.1:port (a thread of prometheus-client)."""
     from prometheus_client import start_http_server
     from prometheus_client.core import CollectorRegistry
 
     registry = CollectorRegistry()
-    registry.register(Collector(daemon))
+    registry.register(Collector(latest))
     return start_http_server(port, addr="127.0.0.1", registry=registry)

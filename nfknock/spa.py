@@ -57,7 +57,7 @@ class SpaRequest:
     address: str  # the address inside the packet
     ports: tuple[tuple[str, int], ...]  # (proto, port) requested
     client_timeout: int | None
-    digest: str  # the inner digest, base64: a stable identity for the replay cache
+    digest: str  # the inner digest, base64
 
 
 def _b64decode(text: str) -> bytes:
@@ -88,6 +88,16 @@ def _hmac(keys: Keys) -> hmac.HMAC:
 
 def decode(wire: bytes, keys: Keys) -> SpaRequest:
     """Authenticate, decrypt and parse one SPA datagram. Time and policy checks are the caller's."""
+    return decrypt(authenticate(wire, keys), keys)
+
+
+def authenticate(wire: bytes, keys: Keys) -> str:
+    """The HMAC-authenticated part of a datagram (its base64 ciphertext), or SpaError.
+
+    Everything that passes here must be remembered by the replay cache, whatever is refused
+    after it; `packet_id` names it. The tag is not part of the identity: its base64 can be
+    spelled more than one way, the authenticated text cannot.
+    """
     try:
         text = wire.decode("ascii").strip()
     except UnicodeDecodeError:
@@ -104,6 +114,18 @@ def decode(wire: bytes, keys: Keys) -> SpaRequest:
         check.verify(_b64decode(tag))
     except (InvalidSignature, binascii.Error, ValueError):
         raise SpaError("bad hmac", "HMAC does not match (wrong HMAC key or digest, or a forged packet)") from None
+    return data
+
+
+def packet_id(data: str) -> str:
+    """A stable identity of an authenticated packet, for the replay cache."""
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data.encode())
+    return "spa:" + digest.finalize().hex()
+
+
+def decrypt(data: str, keys: Keys) -> SpaRequest:
+    """Decrypt and parse the authenticated part of a datagram."""
     try:
         raw = _b64decode(SALTED_B64 + data)
     except (binascii.Error, ValueError):

@@ -20,7 +20,7 @@ def controlled(server):
 
 
 def ctl(server, *args):
-    return server.nfknock(*args, "--socket", str(server.socket))
+    return server.nfknock(*args, "--control-socket", str(server.socket))
 
 
 def test_status_shows_grants_and_the_socket_is_root_only(controlled, alice):

@@ -6,7 +6,7 @@ import socket
 import dpkt
 import pytest
 
-from nfknock.daemon import Daemon
+from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.firewall import PASS_MARK, RuleSpec
 from nfknock.rules import load_rules
 
@@ -66,7 +66,8 @@ def syn(dport, src="10.0.0.2"):
 def daemon(tmp_path):
     (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
     clock = iter(range(1000, 100000)).__next__
-    return Daemon(tmp_path, FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: float(clock()))
+    return Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"),
+                  clock=lambda: float(clock()))
 
 
 def verdicts(daemon, payload):
@@ -126,7 +127,7 @@ def test_a_failing_drop_is_swallowed(daemon):
 
 
 def test_reload_with_bad_rules_keeps_old_rules_and_firewall(daemon, caplog):
-    (daemon.rules_path / "ssh.yaml").write_text("doors: [\n")
+    (daemon.config.rules_path / "ssh.yaml").write_text("doors: [\n")
     with caplog.at_level(logging.ERROR, logger="test-nfknock"):
         assert daemon.reload() is False
     assert "reload refused, keeping the current rules" in caplog.text
@@ -135,8 +136,8 @@ def test_reload_with_bad_rules_keeps_old_rules_and_firewall(daemon, caplog):
 
 
 def test_reload_installs_the_new_scaffolding(daemon):
-    text = (daemon.rules_path / "ssh.yaml").read_text().replace("22/tcp", "2222/tcp")
-    (daemon.rules_path / "ssh.yaml").write_text(text)
+    text = (daemon.config.rules_path / "ssh.yaml").read_text().replace("22/tcp", "2222/tcp")
+    (daemon.config.rules_path / "ssh.yaml").write_text(text)
     assert daemon.reload() is True
     (call,) = daemon.firewall.calls
     assert RuleSpec("DROP", "tcp", 2222) in call[1][4] and RuleSpec("DROP", "tcp", 2222) in call[1][6]

@@ -389,7 +389,9 @@ def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
     engine = Engine((spa_door,))
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL + 1)
     assert decision.verdict is Verdict.DROP
-    assert decision.events == (DoorOpened(ALICE, "spaSSH", 40.0),)
+    recorded, opened = decision.events
+    assert opened == DoorOpened(ALICE, "spaSSH", 40.0)
+    assert recorded.key in engine.replays and recorded.expires == WALL + 1 + 120
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT
     assert engine.handle(knock(2222), 11.0).verdict is Verdict.DROP  # not requested
     assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.DROP
@@ -401,9 +403,41 @@ def test_spa_replay_is_refused_also_after_a_restart(spa_door):
     engine.handle(packet, 10.0, WALL)
     assert refusals(engine.handle(packet, 11.0, WALL + 1))[0][0] == "replay"
     restarted = Engine((spa_door,))
-    restarted.restore_replays(dict(engine.replays), WALL + 2)
+    restarted.restore_replays(engine.replays.snapshot(), WALL + 2)
     assert refusals(restarted.handle(packet, 0.0, WALL + 2))[0][0] == "replay"
     assert restarted.handle(knock(22), 1.0).verdict is Verdict.DROP
+
+
+def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
+    """Refused now as 'from the future', it must not open the door once its time has come."""
+    engine = Engine((spa_door,))
+    packet = spa_packet(spa_door, at=WALL + 500)
+    assert refusals(engine.handle(packet, 10.0, WALL))[0][0] == "from the future"
+    for i, later in enumerate((WALL + 400, WALL + 500, WALL + 619)):  # within max_age of its timestamp
+        replayer = packet._replace(src=f"10.0.1.{i}")  # a captured copy, from anywhere
+        assert refusals(engine.handle(replayer, 11.0, later))[0][0] == "replay"
+    assert engine.handle(knock(22), 12.0).verdict is Verdict.DROP
+    restarted = Engine((spa_door,))
+    restarted.restore_replays(engine.replays.snapshot(), WALL + 450)
+    assert refusals(restarted.handle(packet, 0.0, WALL + 450))[0][0] == "replay"
+
+
+@pytest.mark.parametrize("change", [dict(address="10.9.9.9"), dict(ports=(("tcp", 80),)),
+                                    dict(keys="wrong key")])
+def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
+    if change.get("keys") == "wrong key":
+        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+    engine = Engine((spa_door,))
+    packet = spa_packet(spa_door, **change)
+    assert refusals(engine.handle(packet, 10.0, WALL))[0][0] != "replay"
+    assert refusals(engine.handle(packet, 11.0, WALL + 1))[0][0] == "replay"
+
+
+def test_a_forged_packet_is_not_remembered(spa_door):
+    engine = Engine((spa_door,))
+    forged = spa_packet(spa_door, keys=Keys(spa_door.keys.encryption, b"h" * 64))
+    engine.handle(forged, 10.0, WALL)
+    assert len(engine.replays) == 0
 
 
 @pytest.mark.parametrize("change,reason", [

@@ -6,7 +6,7 @@ import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfknock.daemon import Daemon
+from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorClosed, DoorOpened
 from nfknock.packet import Packet
@@ -53,7 +53,7 @@ def daemon(tmp_path_factory):
     (rules / "d.yaml").write_text(
         "doors:\n  - {name: d, sequence: [1000, 2000/udp, 3000], close_sequence: [3000, 1000], protect: [22]}\n"
     )
-    return Daemon(rules, FakeFirewall(), clock=lambda: 0.0)
+    return Daemon(DaemonConfig(rules), FakeFirewall(), clock=lambda: 0.0)
 
 
 @settings(max_examples=300, deadline=None)

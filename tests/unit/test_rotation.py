@@ -62,6 +62,20 @@ def test_current_window_opens_once(door):
     assert engine.handle(Packet("10.0.0.3", "10.0.0.1", "tcp", 1, 22, 0x02), 106.0).verdict is Verdict.DROP
 
 
+def test_a_used_sequence_stays_used_after_a_restart(door):
+    """The record of used sequences goes with the replay cache the daemon keeps on disk."""
+    engine = Engine((door,))
+    ports = sequence(door, window_of(WALL, 60))
+    assert isinstance(knock_all(engine, ports, 1)[-1], DoorOpened)
+    restarted = Engine((door,))
+    restarted.restore_replays(engine.replays.snapshot(), WALL + 2)
+    assert knock_all(restarted, ports, 3, src="10.0.0.3")[-1] == SequenceReused("10.0.0.3", "rot")
+    # Records end once the window can no longer be used: the cache stays bounded.
+    after = Engine((door,))
+    after.restore_replays(engine.replays.snapshot(), (window_of(WALL, 60) + 2) * 60 + 1)
+    assert len(after.replays) == 0
+
+
 def test_previous_window_still_opens_older_ones_do_not(door):
     engine = Engine((door,))
     previous = sequence(door, window_of(WALL, 60) - 1)
