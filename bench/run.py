@@ -114,8 +114,10 @@ class Bench:
         return process
 
     def stop(self, process: subprocess.Popen) -> str:
+        """Stop a daemon or a baseline loop, and take its rules away (nfknock leaves them on stop)."""
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=30)
+        self.box.run(self.box.server, nfknock_argv("down"), cwd=REPO)
         return out or ""
 
     def knock(self, client, *ports: str) -> None:

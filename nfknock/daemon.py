@@ -43,7 +43,7 @@ from .store import ReplayStore
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
 MAX_SLEEP = 1.0
 STATS_EVERY = 5.0  # seconds between looks at the drop counters
-SNAPSHOT_EVERY = 1.0  # seconds between metrics snapshots
+SNAPSHOT_WAIT = 1.0  # seconds a scrape waits for the loop's snapshot before it takes the last one
 DEFAULT_QUEUE_MAXLEN = 4096
 _ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS  # enum access is slow per packet
 CLOSED = "the rules stay in place: protected ports stay closed until nfknock runs again ('nfknock down' removes them)"
@@ -139,6 +139,8 @@ class Daemon:
         self.handled = dict.fromkeys(Verdict, 0)
         self.tallies: Counter = Counter()  # event tallies for the metrics
         self.snapshot: metrics.Snapshot | None = None
+        self._snapshot_wanted = False
+        self._snapshot_taken = threading.Event()
         self.control: control.ControlServer | None = None
         self._reload_requested = False
         self._reload: _Reload | None = None
@@ -239,7 +241,7 @@ class Daemon:
 
     def _loop(self, queue, wake_r: socket.socket) -> None:
         queue_fd = queue.get_fd()
-        next_stats = next_snapshot = self.clock()
+        next_stats = self.clock()
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
@@ -261,9 +263,10 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + STATS_EVERY
                 self.report_counters()
-            if self.config.metrics_port and now >= next_snapshot:
-                next_snapshot = now + SNAPSHOT_EVERY
+            if self._snapshot_wanted:
+                self._snapshot_wanted = False
                 self.snapshot = metrics.take(self, now)
+                self._snapshot_taken.set()
         self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
     def report_counters(self) -> None:
@@ -282,6 +285,13 @@ class Daemon:
             pass  # the loop is already awake (buffer full) or gone
 
     def _reload_step(self) -> None:
+        try:
+            self._advance_reload()
+        except Exception as exc:  # a reload never stops the daemon
+            self._reload = None
+            self._refuse_reload(exc)
+
+    def _advance_reload(self) -> None:
         if self._reload_requested and self._reload is None:
             self._reload_requested = False
             sd_notify("RELOADING=1")
@@ -370,10 +380,18 @@ class Daemon:
         if self.config.metrics_port:
             self.snapshot = metrics.take(self, self.clock())
             try:
-                metrics.serve(lambda: self.snapshot, self.config.metrics_port)
+                metrics.serve(self._fresh_snapshot, self.config.metrics_port)
                 self.log.info("metrics on http://127.0.0.1:%d/metrics", self.config.metrics_port)
             except OSError as exc:
                 self.log.error("no metrics on 127.0.0.1:%d: %s", self.config.metrics_port, exc)
+
+    def _fresh_snapshot(self) -> metrics.Snapshot | None:
+        """For the exporter's thread: ask the loop for a snapshot and wait a moment for it."""
+        self._snapshot_taken.clear()
+        self._snapshot_wanted = True
+        self._wake()
+        self._snapshot_taken.wait(SNAPSHOT_WAIT)
+        return self.snapshot
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""

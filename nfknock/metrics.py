@@ -2,8 +2,8 @@
 
 Nothing is counted per packet for Prometheus: the daemon already keeps counters (verdicts,
 unparsable packets) and tallies events; a custom collector turns them into metric families at
-scrape time, from a snapshot the loop takes every second (the scrape runs in prometheus-client's
-thread and never touches the engine).
+scrape time, from a snapshot the loop takes when a scrape asks for one (the scrape runs in
+prometheus-client's thread and never touches the engine).
 """
 
 from __future__ import annotations

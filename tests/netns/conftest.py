@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,13 +81,15 @@ class Server:
         path.write_text(text)
         return path
 
-    def argv(self, log: Path, *extra: str) -> list[str]:
-        return nfknock_argv("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num),
-                            "--firewall", self.firewall, "--log-file", str(log),
-                            "--control-socket", str(self.workdir / f"{log.stem}.sock"), *extra)
+    def argv(self, log: Path, *extra: str, fault: tuple[str, int] | None = None) -> list[str]:
+        args = ("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num), "--firewall", self.firewall,
+                "--log-file", str(log), "--control-socket", str(self.workdir / f"{log.stem}.sock"), *extra)
+        if fault is not None:  # tests/support/faulty.py breaks one function of this run
+            return [sys.executable, str(REPO / "tests" / "support" / "faulty.py"), fault[0], str(fault[1]), *args]
+        return nfknock_argv(*args)
 
-    def start(self, *extra: str, expect_ready: bool = True) -> subprocess.Popen:
-        argv = self.argv(self.log, *extra)
+    def start(self, *extra: str, expect_ready: bool = True, fault: tuple[str, int] | None = None) -> subprocess.Popen:
+        argv = self.argv(self.log, *extra, fault=fault)
         self.process = self.sandbox.spawn(self.sandbox.server, argv, cwd=REPO,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if expect_ready:
