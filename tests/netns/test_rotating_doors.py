@@ -57,3 +57,17 @@ def test_our_client_knocks_the_current_sequence(rotating, alice):
         "knock", alice.server_address, "--door", "rotSSH", "--rules", str(rotating.rules)))
     assert result.returncode == 0, result.stderr
     assert connect(alice).connected
+
+
+def test_a_used_sequence_stays_used_across_a_restart(rotating, alice, bob, tmp_path):
+    """The record of used sequences is kept in --state-dir with the SPA replay cache."""
+    state = tmp_path / "state"
+    rotating.start("--state-dir", str(state))
+    ports = otp(rotating, alice)
+    knock(rotating.sandbox, alice, *ports)
+    assert connect(alice).connected
+    assert rotating.stop() == 0
+    rotating.start("--state-dir", str(state))
+    knock(rotating.sandbox, bob, *ports)  # sniffed before the restart, replayed after it
+    rotating.wait_log("10.199.2.2: rotSSH: sequence already used in this window")
+    assert not connect(bob, timeout=1).connected

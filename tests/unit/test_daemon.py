@@ -175,3 +175,62 @@ def test_systemd_unit_verifies(tmp_path):
     local.write_text(unit.replace("/usr/local/bin/nfknock", str(Path(sys.executable).parent / "nfknock")))
     result = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"), ValueError("day is out of range"),
+                                   MemoryError(), RuntimeError("a bug")])
+def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkeypatch, error):
+    def broken(path):
+        raise error
+
+    monkeypatch.setattr("nfknock.daemon.load_rules", broken)
+    with caplog.at_level(logging.ERROR, logger="test-nfknock"):
+        assert daemon.reload() is False
+    assert f"reload refused, keeping the current rules: {daemon.config.rules_path}: unexpected " \
+           f"{type(error).__name__}" in caplog.text
+    assert daemon.firewall.calls == []
+    for port in (40000, 50000, 60000):
+        daemon.on_packet(Queued(syn(port)))
+    assert verdicts(daemon, syn(22)) == ["accept"]  # the old door still works
+
+
+def test_a_firewall_failure_on_reload_puts_the_old_rules_back(daemon, caplog):
+    from nfknock.errors import FirewallError
+
+    calls = daemon.firewall.calls
+
+    def apply(plan):
+        calls.append(("apply", plan))
+        if len(calls) == 1:
+            raise FirewallError("iptables-nft-restore exited with status 4")
+
+    daemon.firewall.apply = apply
+    text = (daemon.config.rules_path / "ssh.yaml").read_text().replace("22/tcp", "2222/tcp")
+    (daemon.config.rules_path / "ssh.yaml").write_text(text)
+    with caplog.at_level(logging.ERROR, logger="test-nfknock"):
+        assert daemon.reload() is False
+    assert "exited with status 4" in caplog.text
+    assert len(calls) == 2 and RuleSpec("DROP", "tcp", 22) in calls[1][1][4]  # the old plan, again
+    assert [p.port for p in daemon.ruleset.doors[0].protect] == [22]
+
+
+def test_the_replay_cache_is_kept_in_the_state_dir(tmp_path):
+    from nfknock.store import ReplayStore
+
+    store = ReplayStore(tmp_path / "state")
+    assert store.load() == {}
+    store.save({"spa:ab": 12.5, "rotation:rot:7": 99.0})
+    assert ReplayStore(tmp_path / "state").load() == {"spa:ab": 12.5, "rotation:rot:7": 99.0}
+    assert not (tmp_path / "state" / "replay.tmp").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"spa:ab": "soon"}'])
+def test_an_unreadable_replay_cache_stops_the_start(tmp_path, content):
+    from nfknock.errors import NfknockError
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "ssh.yaml").write_text(SEED.origin["openSSH"].read_text())
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "replay.json").write_text(content)
+    with pytest.raises(NfknockError, match="cannot read the replay cache"):
+        Daemon(DaemonConfig(tmp_path / "rules", state_dir=tmp_path / "state"), FakeFirewall())

@@ -1,0 +1,86 @@
+"""The control protocol: requests are checked before the loop sees them; a slow or oversized
+client is cut off by a whole-request deadline, not per read."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from nfknock import control
+from nfknock.control import canonical_address, parse_request, read_request
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"[]", "expected a JSON object, got list"),
+    (b"{", "not JSON"),
+    (b"\xff", "not JSON"),
+    (b'{"cmd": "reboot"}', "unknown command 'reboot'"),
+    (b'{"cmd": "revoke", "address": []}', "address must be an IP address"),
+    (b'{"cmd": "revoke", "address": "10.0.0.300"}', "address must be an IP address"),
+    (b'{"cmd": "revoke", "address": "10.0.0.1", "door": 5}', "door must be a name"),
+    (b'{"cmd": "grant", "address": "10.0.0.1", "seconds": 5}', "grant needs a door"),
+    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": 1e999}', "seconds must be a number"),
+    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": true}', "seconds must be a number"),
+    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": -1}', "seconds must be a number"),
+])
+def test_malformed_requests_are_refused_with_the_reason(raw, message):
+    with pytest.raises(ValueError, match=message):
+        parse_request(raw)
+
+
+def test_requests_are_checked_and_addresses_canonical():
+    assert parse_request(b'{"cmd": "status"}') == {"cmd": "status"}
+    assert parse_request(b'{"cmd": "grant", "address": "FD00:251:2:0:0:0:0:2", "door": "d", "seconds": 60}') == \
+        {"cmd": "grant", "address": "fd00:251:2::2", "door": "d", "seconds": 60.0}
+    assert canonical_address(" 10.0.0.1 ") == "10.0.0.1"
+
+
+def test_a_slow_client_gets_a_deadline_for_the_whole_request():
+    server, client = socket.socketpair()
+    stop = threading.Event()
+
+    def dribble():
+        while not stop.is_set():
+            try:
+                client.send(b" ")
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=dribble)
+    sender.start()
+    try:  # a byte every 0.1 s never lets a per-read timeout fire: only a whole-request deadline can
+        with pytest.raises(ValueError, match="not complete within"):
+            read_request(server, time.monotonic() + 0.5)
+    finally:
+        stop.set()
+        sender.join()
+        server.close()
+        client.close()
+
+
+def test_an_oversized_request_is_refused():
+    server, client = socket.socketpair()
+    client.sendall(b"x" * (control.MAX_REQUEST + 10))
+    with pytest.raises(ValueError, match="longer than"):
+        read_request(server, time.monotonic() + 1)
+    server.close()
+    client.close()
+
+
+def test_requests_wait_for_the_loop_and_get_its_answer(tmp_path):
+    woken = threading.Event()
+    server = control.ControlServer(tmp_path / "ctl.sock", woken.set)
+    try:
+        answers = []
+        caller = threading.Thread(target=lambda: answers.append(control.call(tmp_path / "ctl.sock",
+                                                                             {"cmd": "status"})))
+        caller.start()
+        assert woken.wait(5)
+        server.answer_pending(lambda request: {"seen": request["cmd"]})
+        caller.join(5)
+        assert answers == [{"seen": "status"}]
+    finally:
+        server.close()
+    assert not (tmp_path / "ctl.sock").exists()
