@@ -31,3 +31,16 @@ def derive(secret: bytes, door: str, index: int, length: int, first: int, last: 
                 if len(ports) == length:
                     break
     return tuple(ports)
+
+
+def accepted_windows(wall: float, window: float) -> tuple[int, int]:
+    """The windows whose sequences open the door now: the current one and the one before it
+    (a client whose clock is a little behind, or who knocked just before the change)."""
+    current = window_of(wall, window)
+    return current, current - 1
+
+
+def steps_of(secret: bytes, door: str, index: int, length: int, proto: str, first: int, last: int
+             ) -> tuple[tuple[str, int], ...]:
+    """Window `index`'s sequence as (proto, port) steps."""
+    return tuple((proto, port) for port in derive(secret, door, index, length, first, last))
