@@ -403,19 +403,20 @@ def cmd_keygen(args) -> int:
 def cmd_down(args) -> int:
     from .firewall import FLAVOURS, make_firewall
 
-    removed = []
-    for flavour in FLAVOURS:
+    removed, failed = [], False
+    for flavour in FLAVOURS:  # both flavours, even when one fails
         try:
             if make_firewall(flavour).remove():
                 removed.append(flavour)
         except NfknockError as exc:
+            failed = True
             print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
     if removed:
         print(f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of "
               "your firewall")
-    else:
+    elif not failed:
         print("nfknock: no nfknock rules were installed")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

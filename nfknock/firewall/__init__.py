@@ -34,6 +34,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import FirewallError
 from ..rules import Door
 
 CHAIN = "NFKNOCK"
@@ -138,11 +139,20 @@ class PerFamily:
             self._transaction(family, specs or None)
 
     def remove(self) -> bool:
-        """Remove the chains and every jump to them; True if there was anything to remove."""
+        """Remove the chains and every jump to them; True if there was anything to remove.
+
+        Each family is one transaction (all of it goes, or none); a failure in one family does
+        not stop the other, and one FirewallError names every family that failed."""
         present = False
+        failures = []
         for family in (4, 6):
-            present = present or bool(self._rules(family)) or self._jumps(family) > 0
-            self._transaction(family, None)
+            try:
+                present = bool(self._rules(family)) or self._jumps(family) > 0 or present
+                self._transaction(family, None)
+            except FirewallError as exc:
+                failures.append(f"IPv{family}: {exc}")
+        if failures:
+            raise FirewallError(f"{self.name} rules not removed: {'; '.join(failures)}")
         return present
 
     def installed(self) -> dict[int, list[str]]:

@@ -93,3 +93,27 @@ def test_schema_describes_both_door_kinds(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert "doors" in schema["properties"]
     assert {"Door", "SpaDoor"} <= set(schema["$defs"])
+
+
+def test_down_tries_both_flavours_and_fails_loudly_if_one_fails(monkeypatch, capsys):
+    from nfknock import firewall
+    from nfknock.errors import FirewallError
+
+    tried = []
+
+    class Fake:
+        def __init__(self, flavour):
+            self.flavour = flavour
+
+        def remove(self):
+            tried.append(self.flavour)
+            if self.flavour == "legacy":
+                raise FirewallError("legacy rules not removed: IPv6: ip6tables (legacy): Permission denied")
+            return True
+
+    monkeypatch.setattr(firewall, "make_firewall", lambda flavour: Fake(flavour))
+    assert main(["down"]) == 1
+    assert tried == ["legacy", "nft"]
+    captured = capsys.readouterr()
+    assert captured.err == "nfknock: legacy: legacy rules not removed: IPv6: ip6tables (legacy): Permission denied\n"
+    assert "scaffolding removed (nft)" in captured.out

@@ -114,3 +114,106 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
 
 def test_no_knock_rules_means_no_established_return():
     assert scaffolding((), 0) == []
+
+
+class FakeIptablesNft:
+    """A stand-in for subprocess.run: answers `-S` as a host with our chain in both families, and
+    fails the restore of the families named in `fail` with (returncode, stderr)."""
+
+    INSTALLED = f"-P INPUT ACCEPT\n-N {CHAIN}\n-A INPUT -j {CHAIN}\n-A {CHAIN} -p tcp -m tcp --dport 40000 -j DROP\n"
+
+    def __init__(self, fail=None):
+        self.fail = fail or {}
+        self.calls = []
+
+    def __call__(self, argv, input=None, **kwargs):
+        import subprocess
+
+        self.calls.append((argv, input))
+        tool = argv[0]
+        if tool.endswith("-restore"):
+            returncode, stderr = self.fail.get(tool, (0, ""))
+            return subprocess.CompletedProcess(argv, returncode, "", stderr)
+        chain = argv[2] if len(argv) > 2 else None
+        lines = [line for line in self.INSTALLED.splitlines()
+                 if chain is None or line.startswith(f"-A {chain} ") or line.startswith(f"-P {chain} ")]
+        return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+
+    def restores(self):
+        return [argv[0] for argv, _ in self.calls if argv[0].endswith("-restore")]
+
+
+LEGACY_WARNING = "# Warning: iptables-legacy tables present, use iptables-legacy to see them\n"
+
+
+def test_nft_errors_say_the_signal_that_killed_the_tool():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (-15, LEGACY_WARNING)})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+    assert str(info.value).startswith("iptables-nft-restore was killed by signal 15 (SIGTERM)")
+
+
+def test_nft_errors_say_the_exit_status_and_what_the_tool_said():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (4, "iptables-nft-restore: line 3 failed\n")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+    assert str(info.value) == "iptables-nft-restore exited with status 4: iptables-nft-restore: line 3 failed"
+    fake = FakeIptablesNft({"iptables-nft-restore": (1, "")})
+    with pytest.raises(FirewallError, match="^iptables-nft-restore exited with status 1$"):
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+
+
+def test_nft_tool_that_cannot_start_or_hangs_is_named():
+    import subprocess
+
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    def missing(argv, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    def hangs(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs["timeout"])
+
+    with pytest.raises(FirewallError, match="^iptables-nft: cannot run: No such file or directory$"):
+        NftFirewall(runner=missing).installed()
+    with pytest.raises(FirewallError, match="^iptables-nft did not finish within 30 s$"):
+        NftFirewall(runner=hangs).installed()
+
+
+def test_remove_tries_both_families_and_reports_every_failure():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (-9, "")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).remove()
+    assert fake.restores() == ["iptables-nft-restore", "ip6tables-nft-restore"]  # IPv6 still went
+    assert str(info.value) == "nft rules not removed: IPv4: iptables-nft-restore was killed by signal 9 (SIGKILL)"
+    ipv6_script = [stdin for argv, stdin in fake.calls if argv[0] == "ip6tables-nft-restore"][0]
+    assert ipv6_script.splitlines() == ["*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (1, "a\n"), "ip6tables-nft-restore": (2, "b\n")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).remove()
+    assert str(info.value) == ("nft rules not removed: IPv4: iptables-nft-restore exited with status 1: a; "
+                               "IPv6: ip6tables-nft-restore exited with status 2: b")
+    assert str(info.value).count("\n") == 0  # one line, for the log and the CLI
+
+    fake = FakeIptablesNft()
+    assert NftFirewall(runner=fake).remove() is True
+    assert fake.restores() == ["iptables-nft-restore", "ip6tables-nft-restore"]
