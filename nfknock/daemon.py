@@ -70,10 +70,12 @@ class Daemon:
         wall_clock=time.time,
         control_socket: str | Path | None = None,
         metrics_port: int | None = None,
+        pass_mark: int = PASS_MARK,
     ):
         self.rules_path = Path(rules_path)
         self.firewall = firewall
         self.queue_num = queue_num
+        self.pass_mark = pass_mark  # the mark bit on packets handed back; the chain returns them
         self.queue_maxlen = queue_maxlen
         self.max_sources = max_sources
         self.reporter = Reporter()
@@ -123,7 +125,7 @@ class Daemon:
                 if verdict is _ACCEPT:
                     queued.accept()
                 elif verdict is _PASS:
-                    queued.set_mark(queued.get_mark() | PASS_MARK)
+                    queued.set_mark(queued.get_mark() | self.pass_mark)
                     queued.repeat()  # back to the top of INPUT; our chain returns marked packets
                 else:
                     queued.drop()
@@ -188,7 +190,7 @@ class Daemon:
         previous = self._install_signals(wake_w)
         try:
             self._warn_about_flavour()
-            self.firewall.apply(plan(self.ruleset.doors, self.queue_num))
+            self.firewall.apply(plan(self.ruleset.doors, self.queue_num, self.pass_mark))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.queue_num}")
@@ -240,7 +242,7 @@ class Daemon:
         """Apply the rules on disk; on any problem keep the old rules and say why."""
         try:
             ruleset = load_rules(self.rules_path)
-            self.firewall.apply(plan(ruleset.doors, self.queue_num))
+            self.firewall.apply(plan(ruleset.doors, self.queue_num, self.pass_mark))
         except NfknockError as exc:
             for line in str(exc).splitlines():
                 self.log.error("reload refused, keeping the current rules: %s", line)

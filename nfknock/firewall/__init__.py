@@ -39,6 +39,19 @@ from ..rules import Door
 
 CHAIN = "NFKNOCK"
 PASS_MARK = 0x20000000  # default bit of the packet mark (--pass-mark); other bits are left to the host
+
+
+def parse_pass_mark(text: str) -> int:
+    """A --pass-mark value: one bit of the 32-bit packet mark, 0xHEX (or decimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if not 0 < value < 1 << 32 or value & (value - 1):
+        raise ValueError(f"must be a single bit of the 32-bit packet mark, such as {PASS_MARK:#x}; got {text!r}")
+    return value
+
+
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
 

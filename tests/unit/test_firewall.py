@@ -217,3 +217,20 @@ def test_remove_tries_both_families_and_reports_every_failure():
     fake = FakeIptablesNft()
     assert NftFirewall(runner=fake).remove() is True
     assert fake.restores() == ["iptables-nft-restore", "ip6tables-nft-restore"]
+
+
+def test_the_pass_mark_bit_is_the_one_chosen():
+    from nfknock.firewall import parse_pass_mark, plan
+
+    chosen = plan((door(tripwire=8),), 0, pass_mark=0x100)
+    for family in (4, 6):
+        assert str(chosen[family][0]) == f"-A {CHAIN} -m mark --mark 0x100/0x100 -j RETURN"
+    assert plan((door(tripwire=8),), 0)[4][0].mark == PASS_MARK == 0x20000000
+    assert parse_pass_mark("0x80000000") == 1 << 31 and parse_pass_mark("256") == 0x100
+    for bad in ("0x3", "0", "0x100000000", "x"):
+        try:
+            parse_pass_mark(bad)
+        except ValueError as exc:
+            assert "single bit" in str(exc)
+        else:
+            raise AssertionError(bad)
