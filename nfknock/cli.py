@@ -71,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default="text",
                      help="text: knockd-compatible lines (default); json: one JSON object per line")
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
+    _add_pass_mark(run)
     run.set_defaults(func=cmd_run)
 
     check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
     check.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
     check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
+    _add_pass_mark(check)
     check.set_defaults(func=cmd_check)
 
     knock = verbs.add_parser("knock", help="knock on a host: PORT[/tcp|/udp]... or a door's sequence")
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--queue-num", type=_queue_num, default=0, help="the queue nfknock will use")
     doctor.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
                         help="the backend nfknock will use")
+    _add_pass_mark(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
     spa = verbs.add_parser("spa", help="send one SPA packet (fwknop-compatible) to open an SPA door")
@@ -148,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_pass_mark(verb: argparse.ArgumentParser) -> None:
+    from .firewall import PASS_MARK
+
+    verb.add_argument("--pass-mark", type=_pass_mark, default=PASS_MARK, metavar="0xHEX",
+                      help="the packet-mark bit nfknock sets on tripwire packets it hands back (its chain "
+                      f"returns packets carrying it); pick one no other rule of this host uses (default: {PASS_MARK:#x})")
+
+
+def _pass_mark(text: str) -> int:
+    from .firewall import parse_pass_mark
+
+    try:
+        return parse_pass_mark(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"pass mark {exc}") from None
+
+
 def _int_in(low: int, high: int, what: str):
     def convert(text: str) -> int:
         try:
@@ -180,6 +200,7 @@ def cmd_run(args) -> int:
         rules_path=Path(args.rules), queue_num=args.queue_num, max_sources=args.max_sources,
         queue_maxlen=args.queue_maxlen, state_dir=Path(args.state_dir) if args.state_dir else None,
         control_socket=Path(args.control_socket) if args.control_socket else None, metrics_port=args.metrics_port,
+        pass_mark=args.pass_mark,
     )
     Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
     return 0
@@ -208,12 +229,17 @@ def cmd_check(args) -> int:
         print(f"  protect        {' '.join(map(str, door.protect))}")
         print(f"  seq_timeout    {door.seq_timeout:g}s   open_for {door.open_for:g}s   tcp_flags {door.tcp_flags}")
         print(f"  sources        {' '.join(map(str, door.sources)) or 'any'}")
-    for family, specs in plan(ruleset.doors, args.queue_num).items():
+    for family, specs in plan(ruleset.doors, args.queue_num, args.pass_mark).items():
         if specs:
             tool = "iptables" if family == 4 else "ip6tables"
             print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
             for spec in specs:
                 print(f"  {spec}")
+    from .doctor import WARN, check_local_ports, read_local_ports
+
+    for finding in check_local_ports(ruleset.doors, *read_local_ports()):
+        if finding.level == WARN:
+            print(f"nfknock: warning: {finding.text}", file=sys.stderr)
     return 0
 
 
@@ -287,7 +313,7 @@ def cmd_doctor(args) -> int:
 
     from .doctor import FAIL, diagnose
 
-    findings = diagnose(Path(args.rules), args.queue_num, args.firewall)
+    findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark)
     for finding in findings:
         print(finding)
     return 1 if any(f.level == FAIL for f in findings) else 0
@@ -409,19 +435,20 @@ def cmd_keygen(args) -> int:
 def cmd_down(args) -> int:
     from .firewall import FLAVOURS, make_firewall
 
-    removed = []
-    for flavour in FLAVOURS:
+    removed, failed = [], False
+    for flavour in FLAVOURS:  # both flavours, even when one fails
         try:
             if make_firewall(flavour).remove():
                 removed.append(flavour)
         except NfknockError as exc:
+            failed = True
             print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
     if removed:
         print(f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of "
               "your firewall")
-    else:
+    elif not failed:
         print("nfknock: no nfknock rules were installed")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

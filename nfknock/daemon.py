@@ -62,6 +62,10 @@ class DaemonConfig:
     metrics_port: int | None = None
     pass_mark: int = PASS_MARK
 
+    def plan(self, doors) -> Plan:
+        """The scaffolding these doors need, on this queue, with this pass mark."""
+        return plan(doors, self.queue_num, self.pass_mark)
+
 
 class DaemonFailed(NfknockError):
     """The loop ended on an unexpected error; the log has the traceback, the rules stay."""
@@ -104,7 +108,7 @@ class _Reload:
     def _read(self) -> None:
         try:
             self.ruleset = load_rules(self.config.rules_path)
-            self.plan = plan(self.ruleset.doors, self.config.queue_num)
+            self.plan = self.config.plan(self.ruleset.doors)
         except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
             self.error = exc
         finally:
@@ -221,7 +225,7 @@ class Daemon:
         previous = self._install_signals(self._wake_w)
         try:
             self._warn_about_flavour()
-            self.firewall.apply(plan(self.ruleset.doors, self.config.queue_num))
+            self.firewall.apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
@@ -305,7 +309,7 @@ class Daemon:
         """Read and apply the rules on disk now (in the caller's thread)."""
         try:
             ruleset = load_rules(self.config.rules_path)
-            return self.finish_reload(ruleset, plan(ruleset.doors, self.config.queue_num), None)
+            return self.finish_reload(ruleset, self.config.plan(ruleset.doors), None)
         except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
             return self.finish_reload(None, None, exc)
 
@@ -340,7 +344,7 @@ class Daemon:
 
     def _restore_firewall(self) -> None:
         try:
-            self.firewall.apply(plan(self.ruleset.doors, self.config.queue_num))
+            self.firewall.apply(self.config.plan(self.ruleset.doors))
         except Exception as exc:
             self.log.error("could not put the previous rules back after a failed reload: %s", exc)
 

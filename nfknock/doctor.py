@@ -2,6 +2,11 @@
 
 The checks are pure functions over what `gather()` reads from the host (commands' output,
 /proc, file modes), so each can be tested with made-up inputs.
+
+A diagnosis changes nothing: the rules are read with `iptables-*-save`, which dumps only the
+tables that exist, and the legacy tools are not run at all in a namespace without legacy tables
+(`iptables-legacy -S` would create the filter table, and every iptables-nft command would warn
+"iptables-legacy tables present" from then on).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RulesError
-from .firewall import CHAIN, FLAVOURS, iptables_flavour
+from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
+from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -33,9 +39,28 @@ class Finding:
 @dataclass
 class HostState:
     flavour: str | None  # of the host's `iptables` command
-    rules_s: dict[tuple[str, int], str] = field(default_factory=dict)  # (flavour, family) -> `-S` output
+    rules_s: dict[tuple[str, int], str] = field(default_factory=dict)  # (flavour, family) -> filter, `-S` style
     conntrack: bool = False
     queues: str = ""  # /proc/net/netfilter/nfnetlink_queue
+    saved: dict[tuple[str, int], str] = field(default_factory=dict)  # (flavour, family) -> `-save`, all tables
+    local_ports: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range
+    reserved_ports: str = ""  # net.ipv4.ip_local_reserved_ports
+
+
+def filter_rules(saved: str) -> str:
+    """The filter table of `iptables-save` output, as `iptables -S` prints it."""
+    out, table = [], None
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table != "filter" or line.startswith("#"):
+            continue
+        elif line.startswith(":"):
+            name, policy = (line[1:].split() + ["-"])[:2]
+            out.append(f"-P {name} {policy}" if policy != "-" else f"-N {name}")
+        elif line.startswith("-A "):
+            out.append(line)
+    return "".join(f"{line}\n" for line in out)
 
 
 def check_flavour(host: HostState, chosen: str) -> list[Finding]:
@@ -99,6 +124,94 @@ def check_earlier_accepts(host: HostState, chosen: str, doors: tuple[Door, ...])
     return out or [Finding(OK, "no INPUT rule ahead of nfknock's chain accepts a protected port")]
 
 
+def _intervals(text: str) -> list[tuple[int, int]]:
+    """`1000,2000-2010` (ip_local_reserved_ports) as [(1000, 1000), (2000, 2010)]."""
+    out = []
+    for part in text.replace(",", " ").split():
+        first, _, last = part.partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            out.append((int(first), int(last or first)))
+    return out
+
+
+def check_local_ports(doors: tuple[Door, ...], local_ports: tuple[int, int] | None,
+                      reserved: str = "") -> list[Finding]:
+    """Knock, rotating and tripwire ports in the kernel's ephemeral range are ports the host's own
+    connections and services may be given (40000-60000 are in Linux's default 32768-60999)."""
+    if local_ports is None:
+        return []
+    low, high = local_ports
+    taken = _intervals(reserved)
+
+    def clash(first: int, last: int) -> bool:
+        first, last = max(first, low), min(last, high)
+        return first <= last and not any(a <= first and last <= b for a, b in taken)
+
+    out = []
+    for door in doors:
+        what, spans = [], []
+        for label, ranges in (
+            ("knock port", [(p.proto, p.port, p.port) for p in door.knock_ports]),
+            ("rotating range", list(door.knock_ranges)),
+            ("tripwire ports", list(door.tripwire_ranges)),
+        ):
+            hit = [(proto, a, b) for proto, a, b in ranges if clash(a, b)]
+            if hit:
+                what.append(f"{label}{'s' if label == 'knock port' and len(hit) > 1 else ''} "
+                            + " ".join(f"{a}/{proto}" if a == b else f"{a}-{b}/{proto}" for proto, a, b in hit))
+                spans += [(max(a, low), min(b, high)) for _, a, b in hit]
+        if what:
+            merged: list[list[int]] = []
+            for a, b in sorted(spans):
+                if merged and a <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], b)
+                else:
+                    merged.append([a, b])
+            ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in merged)
+            out.append(Finding(WARN, f"door {door.name}: {'; '.join(what)} in the local port range {low}-{high} "
+                                     "(net.ipv4.ip_local_port_range): the kernel gives these ports to the host's own "
+                                     "connections and services, whose new inbound connections there nfknock would "
+                                     f"queue; add {ports} to net.ipv4.ip_local_reserved_ports, or move the door"))
+    return out or [Finding(OK, f"no knock or tripwire port is in the local port range {low}-{high}")]
+
+
+_MARK_OPTION = re.compile(r"(?<!\S)--(set-xmark|set-mark|mark|tproxy-mark|nfmask|ctmask|or-mark|xor-mark|and-mark)"
+                          r"\s+(\S+)")
+
+
+def _covers(option: str, value: str, bit: int) -> bool:
+    try:
+        if option in ("nfmask", "ctmask", "or-mark", "xor-mark"):
+            return bool(int(value, 0) & bit)
+        if option == "and-mark":
+            return not int(value, 0) & bit
+        _, _, mask = value.partition("/")
+        return bool((int(mask, 0) if mask else 0xFFFFFFFF) & bit)
+    except ValueError:
+        return False
+
+
+def check_pass_mark(host: HostState, bit: int = PASS_MARK) -> list[Finding]:
+    """Other rules that set or match nfknock's pass-mark bit: a packet the host marks that way
+    returns from our chain unexamined; a rule that clears it undoes the hand-back."""
+    out = []
+    for (flavour, family), text in sorted(host.saved.items()):
+        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{flavour}"
+        table = "filter"
+        for line in text.splitlines():
+            if line.startswith("*"):
+                table = line[1:].strip()
+                continue
+            if not line.startswith("-A ") or line.split()[1] == CHAIN:
+                continue
+            target = line.split(" -j ", 1)[1].split()[0] if " -j " in line else ""
+            if target == "HMARK" or any(_covers(option, value, bit) for option, value in _MARK_OPTION.findall(line)):
+                out.append(Finding(WARN, f"{tool} -t {table}: a rule uses mark bit {bit:#x}, nfknock's pass mark "
+                                         f"(a packet carrying it skips the knock checks): {line}; pick a free bit "
+                                         "with --pass-mark"))
+    return out or [Finding(OK, f"no other iptables rule uses the pass-mark bit {bit:#x}")]
+
+
 def check_conntrack(host: HostState) -> list[Finding]:
     if host.conntrack:
         return [Finding(OK, "conntrack is available (established connections bypass the queue)")]
@@ -153,8 +266,15 @@ def gather() -> HostState:
     host = HostState(iptables_flavour())
     for flavour in FLAVOURS:
         for family, tool in ((4, "iptables"), (6, "ip6tables")):
-            if shutil.which(f"{tool}-{flavour}"):
-                host.rules_s[(flavour, family)] = run([f"{tool}-{flavour}", "-S"])
+            if flavour == "legacy" and not legacy_tables(family):
+                saved = ""  # no legacy table exists: running the tool could only create one
+            elif shutil.which(f"{tool}-{flavour}-save"):
+                saved = run([f"{tool}-{flavour}-save"])
+            else:
+                continue
+            host.saved[(flavour, family)] = saved
+            host.rules_s[(flavour, family)] = filter_rules(saved)
+    host.local_ports, host.reserved_ports = read_local_ports()
     host.conntrack = (
         Path("/sys/module/nf_conntrack").exists()
         or subprocess.run(["modprobe", "-n", "-q", "nf_conntrack"], capture_output=True).returncode == 0
@@ -167,7 +287,21 @@ def gather() -> HostState:
     return host
 
 
-def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = None) -> list[Finding]:
+def read_local_ports() -> tuple[tuple[int, int] | None, str]:
+    """net.ipv4.ip_local_port_range (None if unreadable) and ip_local_reserved_ports, from /proc."""
+    try:
+        low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None, ""
+    try:
+        reserved = Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text().strip()
+    except OSError:
+        reserved = ""
+    return (low, high), reserved
+
+
+def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = None,
+             pass_mark: int = PASS_MARK) -> list[Finding]:
     host = host or gather()
     if chosen == "auto":
         chosen = "nft" if host.flavour == "nf_tables" else "legacy"
@@ -194,6 +328,8 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
         + check_earlier_accepts(host, chosen, doors)
         + check_conntrack(host)
         + check_queue(host, queue_num)
+        + check_pass_mark(host, pass_mark)
         + rule_findings
+        + check_local_ports(doors, host.local_ports, host.reserved_ports)
         + check_modes(paths, modes, keys)
     )

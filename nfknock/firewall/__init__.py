@@ -4,6 +4,15 @@
 before the queue (bulk traffic never reaches Python), NEW connections are queued, anything else
 is dropped; every knock port is queued.
 
+Knock ports are ordinary port numbers, and the host's own connections use them too: 40000 may
+be the local port the kernel picks for an outbound connection (it lies in Linux's default
+ephemeral range), and the replies arrive with destination port 40000. So once the protected
+ports have had their say, packets of RELATED/ESTABLISHED connections return from the chain and
+the rest of the host's firewall decides on them; only the others (NEW, and INVALID or UNTRACKED:
+a knock with odd TCP flags may look INVALID to conntrack) reach the knock rules. A knock never
+becomes established: it is dropped, so conntrack never confirms its entry (an unanswered UDP
+knock stays NEW).
+
 Ports near the knock steps are tripwires (see engine.py): new connections to them are queued
 too, and nfknock hands each one back with PASS_MARK set (NF_REPEAT); the first rule of the chain
 returns marked packets, so the rest of the host's firewall decides on them as if nfknock were
@@ -25,10 +34,24 @@ import subprocess
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import FirewallError
 from ..rules import Door
 
 CHAIN = "NFKNOCK"
-PASS_MARK = 0x20000000  # one bit of the packet mark; other bits are left to the host
+PASS_MARK = 0x20000000  # default bit of the packet mark (--pass-mark); other bits are left to the host
+
+
+def parse_pass_mark(text: str) -> int:
+    """A --pass-mark value: one bit of the 32-bit packet mark, 0xHEX (or decimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if not 0 < value < 1 << 32 or value & (value - 1):
+        raise ValueError(f"must be a single bit of the 32-bit packet mark, such as {PASS_MARK:#x}; got {text!r}")
+    return value
+
+
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
 
@@ -65,19 +88,20 @@ class RuleSpec:
 Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
 
 
-def plan(doors: tuple[Door, ...], queue_num: int) -> Plan:
+def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it."""
-    return {family: scaffolding(tuple(d for d in doors if family in d.families), queue_num) for family in (4, 6)}
+    return {family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark)
+            for family in (4, 6)}
 
 
-def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
+def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> list[RuleSpec]:
     if not doors:
         return []
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
     tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
-    specs: list[RuleSpec] = [RuleSpec("RETURN", mark=PASS_MARK)] if tripwires else []
+    specs: list[RuleSpec] = [RuleSpec("RETURN", mark=pass_mark)] if tripwires else []
     for proto, port in protected:
         specs.append(RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED"))
         if proto == "tcp":
@@ -88,6 +112,9 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int) -> list[RuleSpec]:
         else:
             specs.append(RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num))
         specs.append(RuleSpec("DROP", proto, port))
+    if knocks or knock_ranges or tripwires:
+        # Not ours from here on: replies to the host's own connections from a knock port.
+        specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
     for proto, port in knocks:
         specs.append(RuleSpec("NFQUEUE", proto, port, queue_num=queue_num))
     for proto, first, last in knock_ranges:
@@ -125,11 +152,20 @@ class PerFamily:
             self._transaction(family, specs or None)
 
     def remove(self) -> bool:
-        """Remove the chains and every jump to them; True if there was anything to remove."""
+        """Remove the chains and every jump to them; True if there was anything to remove.
+
+        Each family is one transaction (all of it goes, or none); a failure in one family does
+        not stop the other, and one FirewallError names every family that failed."""
         present = False
+        failures = []
         for family in (4, 6):
-            present = present or bool(self._rules(family)) or self._jumps(family) > 0
-            self._transaction(family, None)
+            try:
+                present = bool(self._rules(family)) or self._jumps(family) > 0 or present
+                self._transaction(family, None)
+            except FirewallError as exc:
+                failures.append(f"IPv{family}: {exc}")
+        if failures:
+            raise FirewallError(f"{self.name} rules not removed: {'; '.join(failures)}")
         return present
 
     def installed(self) -> dict[int, list[str]]:

@@ -8,6 +8,8 @@ iptc is not thread-safe: call from one thread only.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import FirewallError
 from . import CHAIN, PerFamily, RuleSpec
 
@@ -27,10 +29,28 @@ def _classes(family: int):
     return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
 
 
+TABLE_NAMES = {4: Path("/proc/net/ip_tables_names"), 6: Path("/proc/net/ip6_tables_names")}
+
+
+def legacy_tables(family: int) -> set[str]:
+    """The legacy tables that exist in this network namespace. Opening one through iptc (or
+    `iptables-legacy -S`) creates it, and from then on every iptables-nft command warns
+    'iptables-legacy tables present': look here before touching one that may not exist."""
+    try:
+        return set(TABLE_NAMES[family].read_text().split())
+    except OSError:  # ip_tables not loaded: no legacy table at all
+        return set()
+
+
 class LegacyFirewall(PerFamily):
     name = "legacy"
 
+    def _exists(self, family: int) -> bool:
+        return "filter" in legacy_tables(family)
+
     def _rules(self, family: int) -> list[str]:
+        if not self._exists(family):
+            return []
         iptc, table, _ = _classes(family)
         table.refresh()
         if not table.is_chain(CHAIN):
@@ -38,11 +58,15 @@ class LegacyFirewall(PerFamily):
         return [str(_spec_of(rule)) for rule in iptc.Chain(table, CHAIN).rules]
 
     def _jumps(self, family: int) -> int:
+        if not self._exists(family):
+            return 0
         iptc, table, _ = _classes(family)
         table.refresh()
         return sum(1 for rule in iptc.Chain(table, "INPUT").rules if rule.target.name == CHAIN)
 
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
+        if specs is None and not self._exists(family):
+            return  # nothing to remove, and no table to create by looking
         iptc, table, rule_class = _classes(family)
         table.autocommit = False
         try:

@@ -9,11 +9,13 @@ available on every kernel; iptables-nft's NFQUEUE target is.)
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 from ..errors import FirewallError
 from . import CHAIN, PerFamily, RuleSpec
 
+TIMEOUT = 30  # seconds for one iptables-nft command
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
 
 
@@ -34,8 +36,26 @@ def restore_script(specs: list[RuleSpec] | None, jumps: list[str], chain_exists:
     return "\n".join(lines) + "\n"
 
 
+def describe_failure(tool: str, returncode: int, stderr: str) -> str:
+    """What went wrong with a finished tool, exit status or signal first, then what it said."""
+    said = "; ".join(line.strip() for line in stderr.splitlines() if line.strip())
+    if returncode < 0:
+        try:
+            name = f" ({signal.Signals(-returncode).name})"
+        except ValueError:
+            name = ""
+        text = f"{tool} was killed by signal {-returncode}{name}"
+    else:
+        text = f"{tool} exited with status {returncode}"
+    return f"{text}: {said}" if said else text
+
+
 class NftFirewall(PerFamily):
     name = "nft"
+
+    def __init__(self, interface: str | None = None, runner=subprocess.run):
+        super().__init__(interface)
+        self.runner = runner  # subprocess.run, or a fake in tests
 
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
         exists = self._chain_exists(family)
@@ -61,13 +81,13 @@ class NftFirewall(PerFamily):
         out = self._run([TOOLS[family][0], "-S"], family)
         return f"-N {CHAIN}" in out.splitlines()
 
-    @staticmethod
-    def _run(argv: list[str], family: int, stdin: str | None = None) -> str:
+    def _run(self, argv: list[str], family: int, stdin: str | None = None) -> str:
         try:
-            result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30)
+            result = self.runner(argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise FirewallError(f"{argv[0]} did not finish within {TIMEOUT} s") from None
         except (OSError, subprocess.SubprocessError) as exc:
-            raise FirewallError(f"{argv[0]}: {exc}") from None
+            raise FirewallError(f"{argv[0]}: cannot run: {getattr(exc, 'strerror', None) or exc}") from None
         if result.returncode != 0:
-            reason = " ".join(result.stderr.split()) or f"exit code {result.returncode}"
-            raise FirewallError(f"{argv[0]}: {reason}")
+            raise FirewallError(describe_failure(argv[0], result.returncode, result.stderr or ""))
         return result.stdout

@@ -18,6 +18,7 @@ SCAFFOLDING = [
     "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
     "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
+    "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
     "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
     "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",

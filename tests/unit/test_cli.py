@@ -93,3 +93,86 @@ def test_schema_describes_both_door_kinds(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert "doors" in schema["properties"]
     assert {"Door", "SpaDoor"} <= set(schema["$defs"])
+
+
+def test_down_tries_both_flavours_and_fails_loudly_if_one_fails(monkeypatch, capsys):
+    from nfknock import firewall
+    from nfknock.errors import FirewallError
+
+    tried = []
+
+    class Fake:
+        def __init__(self, flavour):
+            self.flavour = flavour
+
+        def remove(self):
+            tried.append(self.flavour)
+            if self.flavour == "legacy":
+                raise FirewallError("legacy rules not removed: IPv6: ip6tables (legacy): Permission denied")
+            return True
+
+    monkeypatch.setattr(firewall, "make_firewall", lambda flavour: Fake(flavour))
+    assert main(["down"]) == 1
+    assert tried == ["legacy", "nft"]
+    captured = capsys.readouterr()
+    assert captured.err == "nfknock: legacy: legacy rules not removed: IPv6: ip6tables (legacy): Permission denied\n"
+    assert "scaffolding removed (nft)" in captured.out
+
+
+@pytest.mark.parametrize("value", ["0x3", "0", "0x100000000", "banana", "-1"])
+@pytest.mark.parametrize("verb", ["run", "check", "doctor"])
+def test_pass_mark_must_be_one_bit(verb, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([verb, "--pass-mark", value])
+    assert info.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.endswith(f"argument --pass-mark: pass mark must be a single bit of the 32-bit packet mark, "
+                          f"such as 0x20000000; got {value!r}")
+
+
+def test_check_shows_the_chosen_pass_mark_and_warns_about_ephemeral_ports(monkeypatch, capsys):
+    from nfknock import doctor
+
+    monkeypatch.setattr(doctor, "read_local_ports", lambda: ((32768, 60999), ""))
+    assert main(["check", "--rules", RULES, "--pass-mark", "0x100"]) == 0
+    captured = capsys.readouterr()
+    assert "-A NFKNOCK -m mark --mark 0x100/0x100 -j RETURN" in captured.out
+    assert "0x20000000" not in captured.out
+    (warning,) = captured.err.splitlines()
+    assert warning.startswith("nfknock: warning: door openSSH: knock ports 40000/tcp 50000/tcp 60000/tcp; ")
+    monkeypatch.setattr(doctor, "read_local_ports", lambda: ((1024, 4999), ""))
+    assert main(["check", "--rules", RULES]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and "--mark 0x20000000/0x20000000" in captured.out
+
+
+def test_run_hands_the_pass_mark_to_the_daemon(monkeypatch, tmp_path):
+    from nfknock import daemon
+
+    seen = {}
+
+    class FakeDaemon:
+        def __init__(self, config, *args, **kwargs):
+            seen["pass_mark"] = config.pass_mark
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(daemon, "Daemon", FakeDaemon)
+    assert main(["run", "--rules", RULES, "--firewall", "nft", "--pass-mark", "0x40",
+                 "--log-file", str(tmp_path / "log")]) == 0
+    assert seen["pass_mark"] == 0x40
+    assert main(["run", "--rules", RULES, "--firewall", "nft", "--log-file", str(tmp_path / "log")]) == 0
+    assert seen["pass_mark"] == 0x20000000
+
+
+def test_doctor_warns_about_other_users_of_the_pass_mark(monkeypatch, capsys):
+    from nfknock import doctor
+
+    host = doctor.HostState("nf_tables", conntrack=True, saved={
+        ("nft", 4): "*mangle\n-A PREROUTING -j MARK --set-xmark 0x40/0x40\nCOMMIT\n"})
+    monkeypatch.setattr(doctor, "gather", lambda: host)
+    main(["doctor", "--rules", RULES, "--pass-mark", "0x40"])
+    assert "warn iptables-nft -t mangle: a rule uses mark bit 0x40" in capsys.readouterr().out
+    main(["doctor", "--rules", RULES])
+    assert "ok   no other iptables rule uses the pass-mark bit 0x20000000" in capsys.readouterr().out

@@ -17,6 +17,7 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
+        f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -j NFQUEUE --queue-num 3",
     ]
@@ -58,7 +59,8 @@ def test_shared_ports_appear_once():
     plan = scaffolding((a, b), 0)
     assert sum(1 for s in plan if s.dport == 2) == 1
     assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1
-    assert sum(1 for s in plan if s.target == "RETURN") == 1
+    assert sum(1 for s in plan if s.target == "RETURN" and s.mark) == 1
+    assert sum(1 for s in plan if s.target == "RETURN" and s.ctstate) == 1
 
 
 def test_plan_covers_the_families_each_door_listens_on():
@@ -67,8 +69,8 @@ def test_plan_covers_the_families_each_door_listens_on():
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["2222/tcp"], tripwire=0)
     both = plan((v4, v6), 0)
-    assert {s.dport for s in both[4]} == {22, 1000, 2000}
-    assert {s.dport for s in both[6]} == {2222, 3000, 4000}
+    assert {s.dport for s in both[4]} - {None} == {22, 1000, 2000}
+    assert {s.dport for s in both[6]} - {None} == {2222, 3000, 4000}
     assert plan((v4,), 0)[6] == []  # no IPv6 door: no IPv6 chain at all
 
 
@@ -83,3 +85,152 @@ def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
     assert script[-2:] == [f"-I INPUT 1 -i eth0 -j {CHAIN}", "COMMIT"]
     assert restore_script(None, jumps[:1], True).splitlines() == [
         "*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
+
+
+def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkeypatch):
+    """The host's own connections may use a knock port as their local port (40000-60000 are in
+    Linux's ephemeral range): their replies are not ours to queue or drop."""
+    import base64
+
+    from nfknock.rules import SpaDoor
+    from nfknock.spa import generate_keys
+
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("T_KEY_BASE64", encryption)
+    monkeypatch.setenv("T_HMAC_KEY_BASE64", mac)
+    monkeypatch.setenv("T_SECRET", base64.b64encode(b"s" * 32).decode())
+    spa = SpaDoor.model_validate(dict(kind="spa", name="s", keys_env="T", protect=["2222/tcp"]))
+    rotating = door(name="r", sequence=None, rotate={"secret_env": "T_SECRET", "proto": "udp"}, protect=["23/tcp"])
+    for specs in (scaffolding((door(tripwire=8), rotating, spa), 0), scaffolding((door(tripwire=0),), 0)):
+        returns = [i for i, s in enumerate(specs) if s == RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED")]
+        assert len(returns) == 1
+        (cut,) = returns
+        # Protected ports keep accepting their established traffic first ...
+        assert all(s.dport in (22, 23, 2222) or s.mark for s in specs[:cut])
+        # ... and every knock, range, SPA and tripwire rule comes after the cut.
+        assert specs[cut + 1:] and all(s.target == "NFQUEUE" and s.dport not in (22, 23, 2222)
+                                       for s in specs[cut + 1:])
+
+
+def test_no_knock_rules_means_no_established_return():
+    assert scaffolding((), 0) == []
+
+
+class FakeIptablesNft:
+    """A stand-in for subprocess.run: answers `-S` as a host with our chain in both families, and
+    fails the restore of the families named in `fail` with (returncode, stderr)."""
+
+    INSTALLED = f"-P INPUT ACCEPT\n-N {CHAIN}\n-A INPUT -j {CHAIN}\n-A {CHAIN} -p tcp -m tcp --dport 40000 -j DROP\n"
+
+    def __init__(self, fail=None):
+        self.fail = fail or {}
+        self.calls = []
+
+    def __call__(self, argv, input=None, **kwargs):
+        import subprocess
+
+        self.calls.append((argv, input))
+        tool = argv[0]
+        if tool.endswith("-restore"):
+            returncode, stderr = self.fail.get(tool, (0, ""))
+            return subprocess.CompletedProcess(argv, returncode, "", stderr)
+        chain = argv[2] if len(argv) > 2 else None
+        lines = [line for line in self.INSTALLED.splitlines()
+                 if chain is None or line.startswith(f"-A {chain} ") or line.startswith(f"-P {chain} ")]
+        return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
+
+    def restores(self):
+        return [argv[0] for argv, _ in self.calls if argv[0].endswith("-restore")]
+
+
+LEGACY_WARNING = "# Warning: iptables-legacy tables present, use iptables-legacy to see them\n"
+
+
+def test_nft_errors_say_the_signal_that_killed_the_tool():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (-15, LEGACY_WARNING)})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+    assert str(info.value).startswith("iptables-nft-restore was killed by signal 15 (SIGTERM)")
+
+
+def test_nft_errors_say_the_exit_status_and_what_the_tool_said():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (4, "iptables-nft-restore: line 3 failed\n")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+    assert str(info.value) == "iptables-nft-restore exited with status 4: iptables-nft-restore: line 3 failed"
+    fake = FakeIptablesNft({"iptables-nft-restore": (1, "")})
+    with pytest.raises(FirewallError, match="^iptables-nft-restore exited with status 1$"):
+        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+
+
+def test_nft_tool_that_cannot_start_or_hangs_is_named():
+    import subprocess
+
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    def missing(argv, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    def hangs(argv, **kwargs):
+        raise subprocess.TimeoutExpired(argv, kwargs["timeout"])
+
+    with pytest.raises(FirewallError, match="^iptables-nft: cannot run: No such file or directory$"):
+        NftFirewall(runner=missing).installed()
+    with pytest.raises(FirewallError, match="^iptables-nft did not finish within 30 s$"):
+        NftFirewall(runner=hangs).installed()
+
+
+def test_remove_tries_both_families_and_reports_every_failure():
+    import pytest
+
+    from nfknock.errors import FirewallError
+    from nfknock.firewall.nft import NftFirewall
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (-9, "")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).remove()
+    assert fake.restores() == ["iptables-nft-restore", "ip6tables-nft-restore"]  # IPv6 still went
+    assert str(info.value) == "nft rules not removed: IPv4: iptables-nft-restore was killed by signal 9 (SIGKILL)"
+    ipv6_script = [stdin for argv, stdin in fake.calls if argv[0] == "ip6tables-nft-restore"][0]
+    assert ipv6_script.splitlines() == ["*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
+
+    fake = FakeIptablesNft({"iptables-nft-restore": (1, "a\n"), "ip6tables-nft-restore": (2, "b\n")})
+    with pytest.raises(FirewallError) as info:
+        NftFirewall(runner=fake).remove()
+    assert str(info.value) == ("nft rules not removed: IPv4: iptables-nft-restore exited with status 1: a; "
+                               "IPv6: ip6tables-nft-restore exited with status 2: b")
+    assert str(info.value).count("\n") == 0  # one line, for the log and the CLI
+
+    fake = FakeIptablesNft()
+    assert NftFirewall(runner=fake).remove() is True
+    assert fake.restores() == ["iptables-nft-restore", "ip6tables-nft-restore"]
+
+
+def test_the_pass_mark_bit_is_the_one_chosen():
+    from nfknock.firewall import parse_pass_mark, plan
+
+    chosen = plan((door(tripwire=8),), 0, pass_mark=0x100)
+    for family in (4, 6):
+        assert str(chosen[family][0]) == f"-A {CHAIN} -m mark --mark 0x100/0x100 -j RETURN"
+    assert plan((door(tripwire=8),), 0)[4][0].mark == PASS_MARK == 0x20000000
+    assert parse_pass_mark("0x80000000") == 1 << 31 and parse_pass_mark("256") == 0x100
+    for bad in ("0x3", "0", "0x100000000", "x"):
+        try:
+            parse_pass_mark(bad)
+        except ValueError as exc:
+            assert "single bit" in str(exc)
+        else:
+            raise AssertionError(bad)
