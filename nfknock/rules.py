@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import ipaddress
 import os
 import re
@@ -472,14 +473,24 @@ def rule_files(path: Path) -> list[Path]:
 
 def load_rules(path: str | Path) -> Ruleset:
     """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem."""
-    errors: list[str] = []
+    loaded = []
     doors: list[Door] = []
+    files: list[Path] = []
     origin: dict[str, Path] = {}
     for file in rule_files(Path(path)):
-        for door in _load_file(file, errors):
-            errors.extend(_conflicts(door, file, doors, origin))
-            doors.append(door)
+        file_errors: list[str] = []
+        file_doors = _load_file(file, file_errors)
+        loaded.append((file_errors, len(doors), len(file_doors)))
+        doors += file_doors
+        files += [file] * len(file_doors)
+        for door in file_doors:
             origin.setdefault(door.name, file)
+    conflicts = _conflicts(doors, files, origin)
+    errors: list[str] = []
+    for file_errors, first, count in loaded:
+        errors += file_errors
+        for i in range(first, first + count):
+            errors += conflicts.get(i, [])
     if errors:
         raise RulesError(errors)
     return Ruleset(tuple(doors), origin)
@@ -547,28 +558,57 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
     return lines
 
 
-def _conflicts(door: Door, file: Path, seen: list[Door], origin: dict[str, Path]) -> list[str]:
-    """Checks that need every door at once: names, sequences and ports shared between doors."""
-    out = []
-    here = f"{file}: door {door.name!r}"
-    for other in seen:
-        there = f"door {other.name!r} in {origin[other.name]}"
-        if other.name == door.name:
-            out.append(f"{here}: name: duplicate door name (also {there})")
-        if getattr(other, "sequence", None) is not None and getattr(other, "sequence", None) == getattr(door, "sequence", ()):
-            out.append(f"{here}: sequence: same open sequence as {there}")
-        for port in door.knock_ports:
-            if port in other.protect:
-                out.append(f"{here}: sequence: {port} is a protected port of {there}")
-        for proto, first, last in door.knock_ranges:
-            for port in other.protect:
-                if port.proto == proto and first <= port.port <= last:
-                    out.append(f"{here}: rotate: {port} is a protected port of {there}")
-        for proto, first, last in other.knock_ranges:
-            for port in door.protect:
-                if port.proto == proto and first <= port.port <= last:
-                    out.append(f"{here}: protect: {port} is in the rotating range of {there}")
-        for port in door.protect:
-            if port in other.knock_ports:
-                out.append(f"{here}: protect: {port} is a knock port of {there}")
+def _conflicts(doors: list, files: list[Path], origin: dict[str, Path]) -> dict[int, list[str]]:
+    """Checks that need every door at once: names, sequences and ports shared between doors.
+
+    Each problem is reported on the later of the two doors, naming the earlier one. Indexes
+    by name, sequence and port keep this linear in the doors (plus one line per problem);
+    comparing every pair took minutes for a few thousand doors. Returns the lines by door
+    index, in the order a pairwise comparison would give them (earlier door, then check).
+    """
+    found: list[tuple[int, int, int, tuple, str]] = []  # (door, other, check, position, line)
+
+    def report(i: int, j: int, check: int, position: tuple, field: str, text: str) -> None:
+        """`text` names the other door with `%s`."""
+        there = f"door {doors[j].name!r} in {origin[doors[j].name]}"
+        found.append((i, j, check, position, f"{files[i]}: door {doors[i].name!r}: {field}: {text % there}"))
+
+    def groups(pairs):
+        index: dict = {}
+        for key, value in pairs:
+            index.setdefault(key, []).append(value)
+        return index
+
+    for same in groups((d.name, i) for i, d in enumerate(doors)).values():
+        for a, i in enumerate(same):
+            for j in same[:a]:
+                report(i, j, 0, (), "name", "duplicate door name (also %s)")
+    sequences = groups((d.sequence, i) for i, d in enumerate(doors) if getattr(d, "sequence", None) is not None)
+    for same in sequences.values():
+        for a, i in enumerate(same):
+            for j in same[:a]:
+                report(i, j, 1, (), "sequence", "same open sequence as %s")
+    knocks = groups((p, (i, n)) for i, d in enumerate(doors) for n, p in enumerate(d.knock_ports))
+    protects = groups((p, (i, n)) for i, d in enumerate(doors) for n, p in enumerate(d.protect))
+    for port, knockers in knocks.items():
+        for k, kn in knockers:
+            for p, pn in protects.get(port, ()):
+                if p < k:
+                    report(k, p, 2, (kn,), "sequence", f"{port} is a protected port of %s")
+                elif k < p:
+                    report(p, k, 5, (pn,), "protect", f"{port} is a knock port of %s")
+    protected = sorted((p.key, i, n) for (p, entries) in protects.items() for i, n in entries)
+    for r, door in enumerate(doors):
+        for rn, (proto, first, last) in enumerate(door.knock_ranges):
+            start = bisect.bisect_left(protected, ((proto, first),))
+            stop = bisect.bisect_left(protected, ((proto, last + 1),))
+            for _, p, pn in protected[start:stop]:
+                port = doors[p].protect[pn]
+                if p < r:
+                    report(r, p, 3, (rn, pn), "rotate", f"{port} is a protected port of %s")
+                elif r < p:
+                    report(p, r, 4, (rn, pn), "protect", f"{port} is in the rotating range of %s")
+    out: dict[int, list[str]] = {}
+    for i, _, _, _, line in sorted(found, key=lambda f: f[:4]):
+        out.setdefault(i, []).append(line)
     return out

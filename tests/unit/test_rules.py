@@ -151,3 +151,74 @@ def test_port_text_forms():
     assert Port.model_validate(22).key == ("tcp", 22)
     with pytest.raises(ValueError):
         Port.model_validate(True)
+
+
+def _pairwise_conflicts(doors, path):
+    """The definition of the checks between doors, as the first version wrote it: every door
+    against every earlier one. Quadratic; the reference the indexed checks must agree with."""
+    out = []
+    for n, door in enumerate(doors):
+        here = f"{path}: door {door.name!r}"
+        for other in doors[:n]:
+            there = f"door {other.name!r} in {path}"
+            if other.name == door.name:
+                out.append(f"{here}: name: duplicate door name (also {there})")
+            if other.sequence is not None and other.sequence == door.sequence:
+                out.append(f"{here}: sequence: same open sequence as {there}")
+            out += [f"{here}: sequence: {p} is a protected port of {there}" for p in door.knock_ports
+                    if p in other.protect]
+            out += [f"{here}: rotate: {p} is a protected port of {there}" for proto, first, last in door.knock_ranges
+                    for p in other.protect if p.proto == proto and first <= p.port <= last]
+            out += [f"{here}: protect: {p} is in the rotating range of {there}"
+                    for proto, first, last in other.knock_ranges
+                    for p in door.protect if p.proto == proto and first <= p.port <= last]
+            out += [f"{here}: protect: {p} is a knock port of {there}" for p in door.protect if p in other.knock_ports]
+    return out
+
+
+def test_conflicts_between_many_doors_are_all_found(tmp_path, monkeypatch):
+    import random
+
+    import yaml
+
+    from nfknock.rules import Door
+
+    monkeypatch.setenv("ROT_SECRET", "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0")
+    rng = random.Random(7)
+    ports = [f"{rng.randint(1, 60)}/{rng.choice(['tcp', 'udp'])}" for _ in range(40)]
+    raw = []
+    while len(raw) < 300:
+        fields = {"name": f"d{rng.randint(1, 200)}", "protect": rng.sample(ports, rng.randint(1, 3))}
+        if rng.random() < 0.1:
+            first = rng.randint(1, 40)
+            fields["rotate"] = {"secret_env": "ROT_SECRET", "length": 2, "ports": f"{first}-{first + 20}",
+                                "proto": rng.choice(["tcp", "udp"])}
+        else:
+            fields["sequence"] = rng.sample(ports[:12], 2)
+            if rng.random() < 0.3:
+                fields["close_sequence"] = rng.sample(ports, 2)
+        try:
+            Door.model_validate(fields)
+        except ValueError:
+            continue  # wrong on its own; only conflicts between doors are under test here
+        raw.append(fields)
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump({"doors": raw}))
+    expected = _pairwise_conflicts([Door.model_validate(d) for d in raw], path)
+    assert len(expected) > 300  # every kind of conflict, many times over
+    for kind in ("name: duplicate door name", "sequence: same open sequence", "is a protected port of",
+                 "rotate: ", "is in the rotating range of", "is a knock port of"):
+        assert any(kind in line for line in expected), kind
+    assert errors_for(path) == expected
+
+
+def test_ten_thousand_doors_load(tmp_path):
+    lines = ["doors:"]
+    for i in range(10_000):
+        first = 20000 + i * 4
+        lines.append(f"  - {{name: d{i}, sequence: [{first}, {first + 1}, {first + 2}], protect: [{1 + i}]}}")
+    path = tmp_path / "big.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    ruleset = load_rules(path)
+    assert len(ruleset.doors) == 10_000
+    assert [str(p) for p in ruleset.door("d9999").sequence] == ["59996/tcp", "59997/tcp", "59998/tcp"]
