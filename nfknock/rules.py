@@ -12,6 +12,8 @@ import bisect
 import ipaddress
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
@@ -31,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import yamlsafe
 from .errors import RulesError
 from .spa import Keys
 
@@ -53,16 +56,16 @@ class Port(BaseModel):
     @classmethod
     def _from_text(cls, value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+            raise ValueError(f"expected a port like 40000 or 40000/udp, got {_short(value)}")
         if isinstance(value, int):
             port, proto = value, "tcp"
         elif isinstance(value, str):
             match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([A-Za-z]+)\s*)?", value)
             if not match:
-                raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+                raise ValueError(f"expected a port like 40000 or 40000/udp, got {_short(value)}")
             port, proto = int(match.group(1)), (match.group(2) or "tcp").lower()
             if proto not in ("tcp", "udp"):
-                raise ValueError(f"protocol must be tcp or udp, got {match.group(2)!r}")
+                raise ValueError(f"protocol must be tcp or udp, got {_short(match.group(2))}")
         else:
             return value
         if not 1 <= port <= 65535:
@@ -81,19 +84,19 @@ class Port(BaseModel):
 def parse_duration(value: Any) -> float:
     """Seconds from `10s`, `2m`, `1h`, `500ms` or a bare number of seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+        raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
         if not match:
-            raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+            raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
         unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
         seconds = float(match.group(1)) * unit
     else:
-        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+        raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
     if not 0 < seconds <= 86400:
-        raise ValueError(f"duration {value!r} must be more than 0 and at most 24h")
+        raise ValueError(f"duration {_short(value)} must be more than 0 and at most 24h")
     return seconds
 
 
@@ -127,19 +130,19 @@ def parse_tcp_flags(value: Any) -> TcpFlags:
     if isinstance(value, TcpFlags):
         return value
     if not isinstance(value, str):
-        raise ValueError(f"expected flags like 'syn,!ack', got {value!r}")
+        raise ValueError(f"expected flags like 'syn,!ack', got {_short(value)}")
     required = forbidden = 0
     for word in filter(None, (w.strip().lower() for w in value.split(","))):
         negated = word.startswith("!")
         bit = TCP_FLAG_BITS.get(word.lstrip("!"))
         if bit is None:
-            raise ValueError(f"unknown TCP flag {word!r} (known: {', '.join(TCP_FLAG_BITS)})")
+            raise ValueError(f"unknown TCP flag {_short(word)} (known: {', '.join(TCP_FLAG_BITS)})")
         if negated:
             forbidden |= bit
         else:
             required |= bit
     if required & forbidden:
-        raise ValueError(f"flags {value!r} require and forbid the same flag")
+        raise ValueError(f"flags {_short(value)} require and forbid the same flag")
     return TcpFlags(required, forbidden)
 
 
@@ -150,7 +153,7 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
-        raise ValueError(f"invalid network {value!r}: {exc}") from None
+        raise ValueError(f"invalid network {_short(value)}: {_clip(exc, MAX_VALUE)}") from None
 
 
 Source = Annotated[
@@ -222,12 +225,12 @@ class Rotation(BaseModel):
     def _check(self):
         match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", self.ports)
         if not match:
-            raise ValueError(f"ports: expected a range like 20000-29999, got {self.ports!r}")
+            raise ValueError(f"ports: expected a range like 20000-29999, got {_short(self.ports)}")
         first, last = int(match.group(1)), int(match.group(2))
         if not 1 <= first < last <= 65535:
-            raise ValueError(f"ports: {self.ports!r} is not a range within 1..65535")
+            raise ValueError(f"ports: {_short(self.ports)} is not a range within 1..65535")
         if last - first + 1 < 10 * self.length:
-            raise ValueError(f"ports: {self.ports!r} is too small for {self.length} steps (10 ports a step at least)")
+            raise ValueError(f"ports: {_short(self.ports)} is too small for {self.length} steps (10 ports a step at least)")
         self._secret = _secret_from(self.secret_file, self.secret_env, "secret")
         return self
 
@@ -456,13 +459,16 @@ class Ruleset:
         for door in self.doors:
             if door.name == name:
                 return door
-        raise RulesError([f"no door named {name!r} (doors: {', '.join(d.name for d in self.doors)})"])
+        raise RulesError([f"no door named {_short(name)} (doors: {_clip(', '.join(d.name for d in self.doors))})"])
 
 
 def rule_files(path: Path) -> list[Path]:
     if path.is_dir():
         # Not is_file(): a dangling symlink or a directory named *.yaml must be reported, not skipped.
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        except OSError as exc:
+            raise RulesError([f"{path}: cannot read: {exc.strerror}"]) from None
         if not files:
             raise RulesError([f"{path}: no rule files (*.yaml) in this directory"])
         return files
@@ -472,12 +478,24 @@ def rule_files(path: Path) -> list[Path]:
 
 
 def load_rules(path: str | Path) -> Ruleset:
-    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem."""
+    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem.
+
+    Nothing else escapes: whatever goes wrong becomes a line naming the file (a reload keeps
+    the old rules on RulesError)."""
+    try:
+        return _load_rules(Path(path))
+    except RulesError:
+        raise
+    except Exception as exc:
+        raise RulesError([f"{path}: cannot load: {type(exc).__name__}: {_clip(exc)}"]) from exc
+
+
+def _load_rules(path: Path) -> Ruleset:
     loaded = []
     doors: list[Door] = []
     files: list[Path] = []
     origin: dict[str, Path] = {}
-    for file in rule_files(Path(path)):
+    for file in rule_files(path):
         file_errors: list[str] = []
         file_doors = _load_file(file, file_errors)
         loaded.append((file_errors, len(doors), len(file_doors)))
@@ -496,16 +514,68 @@ def load_rules(path: str | Path) -> Ruleset:
     return Ruleset(tuple(doors), origin)
 
 
+MAX_RULES_BYTES = 1024 * 1024  # per file: 10,000 doors in flow style fit; more go in several files
+MAX_LINES_PER_FILE = 20  # problems listed for one file; the rest are counted on one more line
+MAX_VALUE = 80  # characters of a value quoted in a message
+
+
+def _short(value: Any) -> str:
+    """repr() of a value for a message: bounded however big or deep the value is."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."
+
+
+def _clip(text: str, limit: int = 3 * MAX_VALUE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_VALUE
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
+
+
+def _read(file: Path) -> str:
+    """The file's text; OSError, UnicodeDecodeError or ValueError (too big) when it cannot be had."""
+    if not stat.S_ISREG(mode := os.stat(file).st_mode) and not stat.S_ISDIR(mode):
+        raise OSError(0, "not a regular file")  # a FIFO would block the reload
+    with open(file, "rb") as stream:
+        data = stream.read(MAX_RULES_BYTES + 1)
+    if len(data) > MAX_RULES_BYTES:
+        raise ValueError(f"larger than {MAX_RULES_BYTES // 1024} KiB; put the doors in several files "
+                         "of a rules directory")
+    return data.decode("utf-8")
+
+
 def _load_file(file: Path, errors: list[str]) -> list[Door]:
+    """The doors of one file, or none and the file's problems added to `errors`."""
+    found: list[str] = []
+    doors = _parse_file(file, found)
+    if len(found) > MAX_LINES_PER_FILE:
+        found[MAX_LINES_PER_FILE:] = [f"{file}: {len(found) - MAX_LINES_PER_FILE} more problems not listed"]
+    errors.extend(found)
+    return doors
+
+
+def _parse_file(file: Path, errors: list[str]) -> list[Door]:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = _read(file)
     except (OSError, UnicodeDecodeError) as exc:
-        errors.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        errors.append(f"{file}: cannot read: {_clip(getattr(exc, 'strerror', None) or exc)}")
+        return []
+    except ValueError as exc:
+        errors.append(f"{file}: cannot read: {exc}")
         return []
     try:
-        data = yaml.safe_load(text)
+        data = yamlsafe.load(text)
+    except yamlsafe.LimitError as exc:
+        errors.append(f"{file}: refused: {exc}")
+        return []
     except yaml.YAMLError as exc:
         errors.append(f"{file}: invalid YAML: {_yaml_reason(exc)}")
+        return []
+    except Exception as exc:  # a constructor's own error: a bad !!timestamp, an int of 5000 digits
+        errors.append(f"{file}: invalid YAML: {_clip(exc)}")
         return []
     if not isinstance(data, dict):
         errors.append(f"{file}: expected a mapping with a 'doors:' list, got {type(data).__name__}")
@@ -514,14 +584,16 @@ def _load_file(file: Path, errors: list[str]) -> list[Door]:
         return RuleFile.model_validate(data).doors
     except ValidationError as exc:
         errors.extend(_describe(file, data, exc))
-        return []
+    except Exception as exc:  # pydantic and the validators raise ValidationError; anything else is a bug
+        errors.append(f"{file}: cannot load: {type(exc).__name__}: {_clip(exc)}")
+    return []
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return " ".join(f"{where}{problem}".split())
+    return _clip(f"{where}{problem}")
 
 
 def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
@@ -537,7 +609,7 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             raw = data.get("doors") or []
             raw_door = raw[loc[1]] if loc[1] < len(raw) else None
             name = raw_door.get("name") if isinstance(raw_door, dict) else None
-            where.append(f"door {name!r}" if isinstance(name, str) else f"door #{loc[1] + 1}")
+            where.append(f"door {_short(name)}" if isinstance(name, str) else f"door #{loc[1] + 1}")
             loc = loc[2:]
             if loc and loc[0] in ("knock", "spa"):
                 loc = loc[1:]  # the tag of the door kind
@@ -554,7 +626,7 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             message = "unknown key"
         elif err["type"] == "missing":
             message = "required"
-        lines.append(": ".join([str(file), *where, message]))
+        lines.append(": ".join([str(file), *where, _clip(message)]))
     return lines
 
 

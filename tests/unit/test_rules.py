@@ -222,3 +222,83 @@ def test_ten_thousand_doors_load(tmp_path):
     ruleset = load_rules(path)
     assert len(ruleset.doors) == 10_000
     assert [str(p) for p in ruleset.door("d9999").sequence] == ["59996/tcp", "59997/tcp", "59998/tcp"]
+
+
+@pytest.mark.parametrize("name", ["2026-02-30", "2026-02-28", "2001-12-14"])
+def test_date_like_door_names_are_names(tmp_path, name):
+    # PyYAML's safe_load makes dates of these (and raises ValueError on 2026-02-30): rules have no dates.
+    path = write(tmp_path, f"doors: [{{name: {name}, sequence: [1, 2, 3], protect: [22/tcp]}}]\n")
+    assert [door.name for door in load_rules(path).doors] == [name]
+
+
+def test_anchors_and_aliases_still_work(tmp_path):
+    path = write(tmp_path, """\
+        doors:
+          - &ssh {name: a, sequence: [1, 2], protect: &both [22/tcp, 2222/tcp], open_for: 1m}
+          - {name: b, sequence: [3, 4], protect: *both}
+          - {<<: *ssh, name: c, sequence: [5, 6]}
+        """)
+    doors = load_rules(path).doors
+    assert [(d.name, [str(p) for p in d.protect], d.open_for) for d in doors] == [
+        ("a", ["22/tcp", "2222/tcp"], 60), ("b", ["22/tcp", "2222/tcp"], 30), ("c", ["22/tcp", "2222/tcp"], 60)]
+
+
+@pytest.mark.parametrize("loader", __import__("nfknock.yamlsafe").yamlsafe.LOADERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("text,reason", [
+    ("doors: " + "[" * 600 + "]" * 600, "nested more than 16 levels deep"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")),
+     "more than 250000 YAML nodes once aliases are expanded"),
+    ("a: &a [1, *a]", "an alias refers to a node that contains it"),
+    ("a: &a [1]\nb: {x: " + "[" * 14 + "*a" + "]" * 14 + "}", "nested more than 16 levels deep"),
+])
+def test_yaml_shape_limits_with_and_without_libyaml(loader, text, reason):
+    from nfknock import yamlsafe
+
+    with pytest.raises(yamlsafe.LimitError, match=reason):
+        yamlsafe.load(text, loader)
+
+
+def test_file_over_the_size_limit_is_refused_unread(tmp_path):
+    from nfknock.rules import MAX_RULES_BYTES
+
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR + "#" * MAX_RULES_BYTES + "\n")
+    assert errors_for(path) == [f"{path}: cannot read: larger than 1024 KiB; put the doors in several files "
+                                "of a rules directory"]
+
+
+def test_a_fifo_is_refused_not_waited_for(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    assert errors_for(tmp_path) == [f"{tmp_path / 'pipe.yaml'}: cannot read: not a regular file"]
+
+
+def test_huge_values_are_cut_in_messages(tmp_path):
+    wide = "[" + ", ".join(["lol"] * 5000) + "]"
+    path = write(tmp_path, f"doors: [{{name: {'n' * 5000}, sequence: [1, 2], protect: [22], "
+                           f"open_for: {wide}, tcp_flags: {wide}, sources: [{'a' * 5000}]}}]\n")
+    lines = errors_for(path)
+    assert len(lines) == 4
+    assert all(len(line) < len(str(path)) + 400 for line in lines), lines  # the file had 40 KB of values
+
+
+def test_problems_of_one_file_are_capped(tmp_path):
+    path = write(tmp_path, "doors: [{name: a, sequence: [1, 2], protect: [" + ", ".join(["x"] * 5000) + "]}]\n")
+    lines = errors_for(path)
+    assert len(lines) == 21
+    assert lines[-1] == f"{path}: 4980 more problems not listed"
+
+
+def test_load_rules_raises_only_rules_errors(tmp_path, monkeypatch):
+    from nfknock import rules
+
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(rules.RuleFile, "model_validate", broken)
+    assert errors_for(path) == [f"{path}: cannot load: RuntimeError: a bug"]
+    monkeypatch.setattr(rules, "_conflicts", broken)
+    assert errors_for(tmp_path) == [f"{tmp_path}: cannot load: RuntimeError: a bug"]
