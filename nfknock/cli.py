@@ -183,6 +183,8 @@ def cmd_check(args) -> int:
     from .firewall import plan
 
     ruleset = load_rules(args.rules)
+    for line in ruleset.warnings:  # what 'run' refuses; 'check' also serves to look at others' files
+        print(f"nfknock: warning: {line}", file=sys.stderr)
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         if door.kind == "spa":

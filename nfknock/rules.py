@@ -36,6 +36,7 @@ from pydantic import (
 from . import yamlsafe
 from .errors import RulesError
 from .spa import Keys
+from .trust import why_unsafe
 
 Proto = Literal["tcp", "udp"]
 
@@ -186,11 +187,9 @@ DEFAULT_TRIPWIRE = 16
 
 def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
     """A base64 secret from a root-only file or an environment variable, never the rules file."""
-    if (file is None) == (env is None):
-        raise ValueError(f"give exactly one of {what}_file or {what}_env")
     if file is not None:
         try:
-            text = file.read_text().strip()
+            text = _read_secret(file)
         except OSError as exc:
             raise ValueError(f"{what}_file {file}: cannot read: {exc.strerror}") from None
         where = f"{what}_file {file}"
@@ -201,11 +200,27 @@ def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
             raise ValueError(f"{where} is not set")
     try:
         secret = base64.b64decode(text.split()[-1], validate=True)
-    except (binascii.Error, IndexError):
+    except (binascii.Error, IndexError, ValueError):
         raise ValueError(f"{where}: not valid base64") from None
     if len(secret) < 16:
         raise ValueError(f"{where}: secret too short (16 bytes at least; 'nfknock keygen' makes good ones)")
     return secret
+
+
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def _read_secret(file: Path) -> str:
+    if not stat.S_ISREG(os.stat(file).st_mode):
+        raise OSError(0, "not a regular file")
+    with open(file, "rb") as stream:
+        data = stream.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise OSError(0, f"larger than {MAX_SECRET_BYTES // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(0, "not UTF-8 text") from None
 
 
 class Rotation(BaseModel):
@@ -231,7 +246,8 @@ class Rotation(BaseModel):
             raise ValueError(f"ports: {_short(self.ports)} is not a range within 1..65535")
         if last - first + 1 < 10 * self.length:
             raise ValueError(f"ports: {_short(self.ports)} is too small for {self.length} steps (10 ports a step at least)")
-        self._secret = _secret_from(self.secret_file, self.secret_env, "secret")
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError("give exactly one of secret_file or secret_env")
         return self
 
     @property
@@ -241,6 +257,8 @@ class Rotation(BaseModel):
 
     @property
     def secret(self) -> bytes:
+        if not self._secret:
+            raise RuntimeError("the rotation secret was not loaded (load_rules or load_secrets does that)")
         return self._secret
 
 
@@ -390,29 +408,17 @@ class SpaDoor(BaseModel):
     _keys: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _load_keys(self):
+    def _check(self):
         if (self.keys_file is None) == (self.keys_env is None):
             raise ValueError("give exactly one of keys_file or keys_env")
         if self.port in self.protect:
             raise ValueError(f"{self.port} is both the SPA port and a protected port")
-        if self.keys_file is not None:
-            try:
-                text = self.keys_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"keys_file {self.keys_file}: cannot read: {exc.strerror}") from None
-            keys = _read_keys(text, f"keys_file {self.keys_file}")
-        else:
-            names = [f"{self.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
-            missing = [name for name in names if not os.environ.get(name)]
-            if missing:
-                raise ValueError(f"environment variable {missing[0]} is not set")
-            keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
-                              f"environment variables {names[0]}, {names[1]}")
-        self._keys = Keys(keys.encryption, keys.hmac, self.hmac_digest)
         return self
 
     @property
     def keys(self) -> "Keys":
+        if self._keys is None:
+            raise RuntimeError("the SPA keys were not loaded (load_rules or load_secrets does that)")
         return self._keys
 
     @property
@@ -427,6 +433,52 @@ class SpaDoor(BaseModel):
     @property
     def families(self) -> tuple[int, ...]:
         return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
+
+
+def _spa_keys(door: SpaDoor) -> Keys:
+    if door.keys_file is not None:
+        try:
+            text = _read_secret(door.keys_file)
+        except OSError as exc:
+            raise ValueError(f"keys_file {door.keys_file}: cannot read: {exc.strerror}") from None
+        keys = _read_keys(text, f"keys_file {door.keys_file}")
+    else:
+        names = [f"{door.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
+        missing = [name for name in names if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"environment variable {missing[0]} is not set")
+        keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
+                          f"environment variables {names[0]}, {names[1]}")
+    return Keys(keys.encryption, keys.hmac, door.hmac_digest)
+
+
+def load_secrets(door: Door | SpaDoor, strict: bool = False) -> list[str]:
+    """Attach a validated door's secret: a rotating door's `rotate.secret`, an SPA door's `keys`.
+
+    The one step of loading that reads key files and the environment (validation reads
+    nothing). A key file that `trust.why_unsafe` refuses is not read when `strict`; otherwise
+    the reason is returned as a warning. Raises ValueError naming the field on any problem.
+    """
+    if door.kind == "spa":
+        field, file = "keys_file", door.keys_file
+    elif door.rotate is not None:
+        field, file = "rotate: secret_file", door.rotate.secret_file
+    else:
+        return []
+    warnings = []
+    reason = why_unsafe(file, secret=True) if file is not None else None
+    if reason:
+        if strict:
+            raise ValueError(f"{field}: not trusted: {reason}")
+        warnings.append(f"{field}: not trusted: {reason}")
+    if door.kind == "spa":
+        door._keys = _spa_keys(door)
+    else:
+        try:
+            door.rotate._secret = _secret_from(door.rotate.secret_file, door.rotate.secret_env, "secret")
+        except ValueError as exc:
+            raise ValueError(f"rotate: {exc}") from None
+    return warnings
 
 
 def _door_kind(value: Any) -> str:
@@ -454,6 +506,7 @@ class Ruleset:
 
     doors: tuple[Door, ...]
     origin: dict[str, Path]
+    warnings: tuple[str, ...] = ()  # files `load_rules(strict=True)` would refuse, one line each
 
     def door(self, name: str) -> Door:
         for door in self.doors:
@@ -477,41 +530,67 @@ def rule_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_rules(path: str | Path) -> Ruleset:
+def load_rules(path: str | Path, strict: bool = False) -> Ruleset:
     """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem.
 
-    Nothing else escapes: whatever goes wrong becomes a line naming the file (a reload keeps
-    the old rules on RulesError)."""
+    Validation reads nothing; the secrets (key files, environment) are attached afterwards, by
+    `load_secrets`. With `strict` (the daemon), a rules or key file that `trust.why_unsafe`
+    refuses (others could write it, or read keys) is an error and is not read; without it (`check`,
+    the clients) the reason comes back in `Ruleset.warnings`.
+
+    Nothing but RulesError escapes: whatever goes wrong becomes a line naming the file (a reload
+    keeps the old rules on RulesError)."""
     try:
-        return _load_rules(Path(path))
+        return _load_rules(Path(path), strict)
     except RulesError:
         raise
     except Exception as exc:
         raise RulesError([f"{path}: cannot load: {type(exc).__name__}: {_clip(exc)}"]) from exc
 
 
-def _load_rules(path: Path) -> Ruleset:
+def _load_rules(path: Path, strict: bool) -> Ruleset:
+    warnings: list[str] = []
+    reported: set[str] = set()
+
+    def untrusted(target: Path, errors: list[str]) -> bool:
+        """Whether `target` must not be read; its reason is reported once however many files share it."""
+        reason = why_unsafe(target)
+        if reason and reason not in reported:
+            reported.add(reason)
+            (errors if strict else warnings).append(f"{target}: not trusted: {reason}")
+        return bool(reason) and strict
+
+    top_errors: list[str] = []
+    if path.is_dir() and untrusted(path, top_errors):
+        raise RulesError(top_errors)
     loaded = []
     doors: list[Door] = []
     files: list[Path] = []
     origin: dict[str, Path] = {}
     for file in rule_files(path):
         file_errors: list[str] = []
-        file_doors = _load_file(file, file_errors)
+        file_doors = [] if untrusted(file, file_errors) else _load_file(file, file_errors)
         loaded.append((file_errors, len(doors), len(file_doors)))
         doors += file_doors
         files += [file] * len(file_doors)
         for door in file_doors:
             origin.setdefault(door.name, file)
-    conflicts = _conflicts(doors, files, origin)
-    errors: list[str] = []
+    problems = _conflicts(doors, files, origin)
+    for i, door in enumerate(doors):
+        try:
+            found = load_secrets(door, strict)
+        except ValueError as exc:
+            problems.setdefault(i, []).append(f"{files[i]}: door {door.name!r}: {exc}")
+        else:
+            warnings += [f"{files[i]}: door {door.name!r}: {line}" for line in found]
+    errors: list[str] = top_errors
     for file_errors, first, count in loaded:
         errors += file_errors
         for i in range(first, first + count):
-            errors += conflicts.get(i, [])
+            errors += problems.get(i, [])
     if errors:
         raise RulesError(errors)
-    return Ruleset(tuple(doors), origin)
+    return Ruleset(tuple(doors), origin, tuple(warnings))
 
 
 MAX_RULES_BYTES = 1024 * 1024  # per file: 10,000 doors in flow style fit; more go in several files
