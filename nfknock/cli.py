@@ -210,6 +210,8 @@ def cmd_check(args) -> int:
     from .firewall import plan
 
     ruleset = load_rules(args.rules)
+    for line in ruleset.warnings:  # what 'run' refuses; 'check' also serves to look at others' files
+        print(f"nfknock: warning: {line}", file=sys.stderr)
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         if door.kind == "spa":
@@ -296,16 +298,16 @@ def _knock_steps(args) -> list[Port]:
         raise UsageError("--close needs --door")
     if not args.ports:
         raise UsageError("nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR")
-    steps = []
-    for text in args.ports:
-        if args.udp and "/" not in text:
-            text += "/udp"
-        try:
-            steps.append(Port.model_validate(text))
-        except ValueError as exc:
-            reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else exc
-            raise UsageError(f"port {text!r}: {reason}") from None
-    return steps
+    return [port_argument(text + "/udp" if args.udp and "/" not in text else text) for text in args.ports]
+
+
+def port_argument(text: str, option: str = "") -> Port:
+    """A PORT[/PROTO] from the command line, or a UsageError naming it (and the option)."""
+    try:
+        return Port.model_validate(text)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else exc
+        raise UsageError(f"{option + ': ' if option else ''}port {text!r}: {reason}") from None
 
 
 def cmd_doctor(args) -> int:
@@ -320,17 +322,24 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_spa(args) -> int:
+    import ipaddress
     import socket
     import time
 
     from .client import resolve
     from .spa import encode
 
+    ports = [port_argument(text, "--access") for text in args.access or ()]
+    if args.allow_ip:
+        try:
+            ipaddress.ip_address(args.allow_ip)
+        except ValueError:
+            raise UsageError(f"--allow-ip: {args.allow_ip!r} is not an IP address") from None
     door = load_rules(args.rules).door(args.door)
     if door.kind != "spa":
         raise UsageError(f"door {door.name!r} is a knock door; use 'nfknock knock'")
     family, address = resolve(args.host)
-    ports = [Port.model_validate(p) for p in args.access] if args.access else list(door.protect)
+    ports = ports or list(door.protect)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((address, door.port.port))
         allow = args.allow_ip or sock.getsockname()[0]

@@ -1,7 +1,8 @@
 """`nfknock doctor`: checks a host for what would make nfknock fail or leak, one line each.
 
 The checks are pure functions over what `gather()` reads from the host (commands' output,
-/proc, file modes), so each can be tested with made-up inputs.
+/proc), so each can be tested with made-up inputs; file modes are judged on disk by
+`trust.why_unsafe`, the check `run` uses.
 
 A diagnosis changes nothing: the rules are read with `iptables-*-save`, which dumps only the
 tables that exist, and the legacy tools are not run at all in a namespace without legacy tables
@@ -23,6 +24,7 @@ from .errors import RulesError
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
 from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
+from .trust import why_unsafe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -235,21 +237,21 @@ def check_rules(path: Path) -> tuple[list[Finding], tuple[Door, ...]]:
     return [Finding(OK, f"{path}: {len(ruleset.doors)} door(s) valid")], ruleset.doors
 
 
-def check_modes(paths: list[Path], modes: dict[Path, os.stat_result], keys: frozenset = frozenset()) -> list[Finding]:
-    """Rules hold secrets (the sequences) and decide who gets in, key files are secrets: root's alone."""
+def check_modes(paths: list[Path], keys: frozenset = frozenset()) -> list[Finding]:
+    """Rules decide who gets in and key files are secrets: each is judged by the same
+    `trust.why_unsafe` that makes `run` refuse it (symlinks resolved: the target counts)."""
     out = []
     for path in paths:
-        mode = modes.get(path)
-        if mode is None:
+        reason = why_unsafe(path, secret=path in keys)
+        if reason:
+            if Finding(FAIL, reason) not in out:  # a directory shared by many files: once
+                out.append(Finding(FAIL, reason))
             continue
-        if mode.st_uid != 0:
-            out.append(Finding(WARN, f"{path} is owned by uid {mode.st_uid}, not root: its owner decides who gets in"))
-        if mode.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            out.append(Finding(FAIL, f"{path} is writable by group or others: anyone who can edit it decides who "
-                                     "gets in (chmod go-w)"))
-        elif mode.st_mode & (stat.S_IRGRP | stat.S_IROTH) and path in keys:
-            out.append(Finding(FAIL, f"{path} holds keys and is readable by group or others (chmod 600)"))
-        elif mode.st_mode & (stat.S_IRGRP | stat.S_IROTH) and not stat.S_ISDIR(mode.st_mode):
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue
+        if mode & (stat.S_IRGRP | stat.S_IROTH) and not stat.S_ISDIR(mode):
             out.append(Finding(WARN, f"{path} is readable by group or others: the knock sequences are secrets "
                                      "(chmod go-r)"))
     return out or [Finding(OK, "rules and key files are root's and not readable by others")]
@@ -316,12 +318,6 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
         if path is not None
     )
     paths += sorted(keys)
-    modes = {}
-    for path in paths:
-        try:
-            modes[path] = path.lstat()
-        except OSError:
-            pass
     return (
         check_flavour(host, chosen)
         + check_leftovers(host, chosen)
@@ -331,5 +327,5 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
         + check_pass_mark(host, pass_mark)
         + rule_findings
         + check_local_ports(doors, host.local_ports, host.reserved_ports)
-        + check_modes(paths, modes, keys)
+        + check_modes(paths, keys)
     )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import ipaddress
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple
@@ -30,8 +33,10 @@ from pydantic import (
     model_validator,
 )
 
+from . import yamlsafe
 from .errors import RulesError
 from .spa import Keys
+from .trust import why_unsafe
 
 Proto = Literal["tcp", "udp"]
 
@@ -52,16 +57,16 @@ class Port(BaseModel):
     @classmethod
     def _from_text(cls, value: Any) -> Any:
         if isinstance(value, bool):
-            raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+            raise ValueError(f"expected a port like 40000 or 40000/udp, got {_short(value)}")
         if isinstance(value, int):
             port, proto = value, "tcp"
         elif isinstance(value, str):
             match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([A-Za-z]+)\s*)?", value)
             if not match:
-                raise ValueError(f"expected a port like 40000 or 40000/udp, got {value!r}")
+                raise ValueError(f"expected a port like 40000 or 40000/udp, got {_short(value)}")
             port, proto = int(match.group(1)), (match.group(2) or "tcp").lower()
             if proto not in ("tcp", "udp"):
-                raise ValueError(f"protocol must be tcp or udp, got {match.group(2)!r}")
+                raise ValueError(f"protocol must be tcp or udp, got {_short(match.group(2))}")
         else:
             return value
         if not 1 <= port <= 65535:
@@ -80,19 +85,19 @@ class Port(BaseModel):
 def parse_duration(value: Any) -> float:
     """Seconds from `10s`, `2m`, `1h`, `500ms` or a bare number of seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+        raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
         if not match:
-            raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+            raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
         unit = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[match.group(2)]
         seconds = float(match.group(1)) * unit
     else:
-        raise ValueError(f"invalid duration {value!r} (use e.g. 10s, 2m)")
+        raise ValueError(f"invalid duration {_short(value)} (use e.g. 10s, 2m)")
     if not 0 < seconds <= 86400:
-        raise ValueError(f"duration {value!r} must be more than 0 and at most 24h")
+        raise ValueError(f"duration {_short(value)} must be more than 0 and at most 24h")
     return seconds
 
 
@@ -126,19 +131,19 @@ def parse_tcp_flags(value: Any) -> TcpFlags:
     if isinstance(value, TcpFlags):
         return value
     if not isinstance(value, str):
-        raise ValueError(f"expected flags like 'syn,!ack', got {value!r}")
+        raise ValueError(f"expected flags like 'syn,!ack', got {_short(value)}")
     required = forbidden = 0
     for word in filter(None, (w.strip().lower() for w in value.split(","))):
         negated = word.startswith("!")
         bit = TCP_FLAG_BITS.get(word.lstrip("!"))
         if bit is None:
-            raise ValueError(f"unknown TCP flag {word!r} (known: {', '.join(TCP_FLAG_BITS)})")
+            raise ValueError(f"unknown TCP flag {_short(word)} (known: {', '.join(TCP_FLAG_BITS)})")
         if negated:
             forbidden |= bit
         else:
             required |= bit
     if required & forbidden:
-        raise ValueError(f"flags {value!r} require and forbid the same flag")
+        raise ValueError(f"flags {_short(value)} require and forbid the same flag")
     return TcpFlags(required, forbidden)
 
 
@@ -149,7 +154,7 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
         return ipaddress.ip_network(str(value), strict=True)
     except ValueError as exc:
-        raise ValueError(f"invalid network {value!r}: {exc}") from None
+        raise ValueError(f"invalid network {_short(value)}: {_clip(exc, MAX_VALUE)}") from None
 
 
 Source = Annotated[
@@ -182,11 +187,9 @@ DEFAULT_TRIPWIRE = 16
 
 def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
     """A base64 secret from a root-only file or an environment variable, never the rules file."""
-    if (file is None) == (env is None):
-        raise ValueError(f"give exactly one of {what}_file or {what}_env")
     if file is not None:
         try:
-            text = file.read_text().strip()
+            text = _read_secret(file)
         except OSError as exc:
             raise ValueError(f"{what}_file {file}: cannot read: {exc.strerror}") from None
         where = f"{what}_file {file}"
@@ -197,11 +200,27 @@ def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
             raise ValueError(f"{where} is not set")
     try:
         secret = base64.b64decode(text.split()[-1], validate=True)
-    except (binascii.Error, IndexError):
+    except (binascii.Error, IndexError, ValueError):
         raise ValueError(f"{where}: not valid base64") from None
     if len(secret) < 16:
         raise ValueError(f"{where}: secret too short (16 bytes at least; 'nfknock keygen' makes good ones)")
     return secret
+
+
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def _read_secret(file: Path) -> str:
+    if not stat.S_ISREG(os.stat(file).st_mode):
+        raise OSError(0, "not a regular file")
+    with open(file, "rb") as stream:
+        data = stream.read(MAX_SECRET_BYTES + 1)
+    if len(data) > MAX_SECRET_BYTES:
+        raise OSError(0, f"larger than {MAX_SECRET_BYTES // 1024} KiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(0, "not UTF-8 text") from None
 
 
 class Rotation(BaseModel):
@@ -221,13 +240,14 @@ class Rotation(BaseModel):
     def _check(self):
         match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", self.ports)
         if not match:
-            raise ValueError(f"ports: expected a range like 20000-29999, got {self.ports!r}")
+            raise ValueError(f"ports: expected a range like 20000-29999, got {_short(self.ports)}")
         first, last = int(match.group(1)), int(match.group(2))
         if not 1 <= first < last <= 65535:
-            raise ValueError(f"ports: {self.ports!r} is not a range within 1..65535")
+            raise ValueError(f"ports: {_short(self.ports)} is not a range within 1..65535")
         if last - first + 1 < 10 * self.length:
-            raise ValueError(f"ports: {self.ports!r} is too small for {self.length} steps (10 ports a step at least)")
-        self._secret = _secret_from(self.secret_file, self.secret_env, "secret")
+            raise ValueError(f"ports: {_short(self.ports)} is too small for {self.length} steps (10 ports a step at least)")
+        if (self.secret_file is None) == (self.secret_env is None):
+            raise ValueError("give exactly one of secret_file or secret_env")
         return self
 
     @property
@@ -237,6 +257,8 @@ class Rotation(BaseModel):
 
     @property
     def secret(self) -> bytes:
+        if not self._secret:
+            raise RuntimeError("the rotation secret was not loaded (load_rules or load_secrets does that)")
         return self._secret
 
 
@@ -386,29 +408,17 @@ class SpaDoor(BaseModel):
     _keys: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
-    def _load_keys(self):
+    def _check(self):
         if (self.keys_file is None) == (self.keys_env is None):
             raise ValueError("give exactly one of keys_file or keys_env")
         if self.port in self.protect:
             raise ValueError(f"{self.port} is both the SPA port and a protected port")
-        if self.keys_file is not None:
-            try:
-                text = self.keys_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"keys_file {self.keys_file}: cannot read: {exc.strerror}") from None
-            keys = _read_keys(text, f"keys_file {self.keys_file}")
-        else:
-            names = [f"{self.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
-            missing = [name for name in names if not os.environ.get(name)]
-            if missing:
-                raise ValueError(f"environment variable {missing[0]} is not set")
-            keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
-                              f"environment variables {names[0]}, {names[1]}")
-        self._keys = Keys(keys.encryption, keys.hmac, self.hmac_digest)
         return self
 
     @property
     def keys(self) -> "Keys":
+        if self._keys is None:
+            raise RuntimeError("the SPA keys were not loaded (load_rules or load_secrets does that)")
         return self._keys
 
     @property
@@ -423,6 +433,52 @@ class SpaDoor(BaseModel):
     @property
     def families(self) -> tuple[int, ...]:
         return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
+
+
+def _spa_keys(door: SpaDoor) -> Keys:
+    if door.keys_file is not None:
+        try:
+            text = _read_secret(door.keys_file)
+        except OSError as exc:
+            raise ValueError(f"keys_file {door.keys_file}: cannot read: {exc.strerror}") from None
+        keys = _read_keys(text, f"keys_file {door.keys_file}")
+    else:
+        names = [f"{door.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
+        missing = [name for name in names if not os.environ.get(name)]
+        if missing:
+            raise ValueError(f"environment variable {missing[0]} is not set")
+        keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
+                          f"environment variables {names[0]}, {names[1]}")
+    return Keys(keys.encryption, keys.hmac, door.hmac_digest)
+
+
+def load_secrets(door: Door | SpaDoor, strict: bool = False) -> list[str]:
+    """Attach a validated door's secret: a rotating door's `rotate.secret`, an SPA door's `keys`.
+
+    The one step of loading that reads key files and the environment (validation reads
+    nothing). A key file that `trust.why_unsafe` refuses is not read when `strict`; otherwise
+    the reason is returned as a warning. Raises ValueError naming the field on any problem.
+    """
+    if door.kind == "spa":
+        field, file = "keys_file", door.keys_file
+    elif door.rotate is not None:
+        field, file = "rotate: secret_file", door.rotate.secret_file
+    else:
+        return []
+    warnings = []
+    reason = why_unsafe(file, secret=True) if file is not None else None
+    if reason:
+        if strict:
+            raise ValueError(f"{field}: not trusted: {reason}")
+        warnings.append(f"{field}: not trusted: {reason}")
+    if door.kind == "spa":
+        door._keys = _spa_keys(door)
+    else:
+        try:
+            door.rotate._secret = _secret_from(door.rotate.secret_file, door.rotate.secret_env, "secret")
+        except ValueError as exc:
+            raise ValueError(f"rotate: {exc}") from None
+    return warnings
 
 
 def _door_kind(value: Any) -> str:
@@ -450,18 +506,22 @@ class Ruleset:
 
     doors: tuple[Door, ...]
     origin: dict[str, Path]
+    warnings: tuple[str, ...] = ()  # files `load_rules(strict=True)` would refuse, one line each
 
     def door(self, name: str) -> Door:
         for door in self.doors:
             if door.name == name:
                 return door
-        raise RulesError([f"no door named {name!r} (doors: {', '.join(d.name for d in self.doors)})"])
+        raise RulesError([f"no door named {_short(name)} (doors: {_clip(', '.join(d.name for d in self.doors))})"])
 
 
 def rule_files(path: Path) -> list[Path]:
     if path.is_dir():
         # Not is_file(): a dangling symlink or a directory named *.yaml must be reported, not skipped.
-        files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        except OSError as exc:
+            raise RulesError([f"{path}: cannot read: {exc.strerror}"]) from None
         if not files:
             raise RulesError([f"{path}: no rule files (*.yaml) in this directory"])
         return files
@@ -470,31 +530,131 @@ def rule_files(path: Path) -> list[Path]:
     return [path]
 
 
-def load_rules(path: str | Path) -> Ruleset:
-    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem."""
-    errors: list[str] = []
+def load_rules(path: str | Path, strict: bool = False) -> Ruleset:
+    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem.
+
+    Validation reads nothing; the secrets (key files, environment) are attached afterwards, by
+    `load_secrets`. With `strict` (the daemon), a rules or key file that `trust.why_unsafe`
+    refuses (others could write it, or read keys) is an error and is not read; without it (`check`,
+    the clients) the reason comes back in `Ruleset.warnings`.
+
+    Nothing but RulesError escapes: whatever goes wrong becomes a line naming the file (a reload
+    keeps the old rules on RulesError)."""
+    try:
+        return _load_rules(Path(path), strict)
+    except RulesError:
+        raise
+    except Exception as exc:
+        raise RulesError([f"{path}: cannot load: {type(exc).__name__}: {_clip(exc)}"]) from exc
+
+
+def _load_rules(path: Path, strict: bool) -> Ruleset:
+    warnings: list[str] = []
+    reported: set[str] = set()
+
+    def untrusted(target: Path, errors: list[str]) -> bool:
+        """Whether `target` must not be read; its reason is reported once however many files share it."""
+        reason = why_unsafe(target)
+        if reason and reason not in reported:
+            reported.add(reason)
+            (errors if strict else warnings).append(f"{target}: not trusted: {reason}")
+        return bool(reason) and strict
+
+    top_errors: list[str] = []
+    if path.is_dir() and untrusted(path, top_errors):
+        raise RulesError(top_errors)
+    loaded = []
     doors: list[Door] = []
+    files: list[Path] = []
     origin: dict[str, Path] = {}
-    for file in rule_files(Path(path)):
-        for door in _load_file(file, errors):
-            errors.extend(_conflicts(door, file, doors, origin))
-            doors.append(door)
+    for file in rule_files(path):
+        file_errors: list[str] = []
+        file_doors = [] if untrusted(file, file_errors) else _load_file(file, file_errors)
+        loaded.append((file_errors, len(doors), len(file_doors)))
+        doors += file_doors
+        files += [file] * len(file_doors)
+        for door in file_doors:
             origin.setdefault(door.name, file)
+    problems = _conflicts(doors, files, origin)
+    for i, door in enumerate(doors):
+        try:
+            found = load_secrets(door, strict)
+        except ValueError as exc:
+            problems.setdefault(i, []).append(f"{files[i]}: door {door.name!r}: {exc}")
+        else:
+            warnings += [f"{files[i]}: door {door.name!r}: {line}" for line in found]
+    errors: list[str] = top_errors
+    for file_errors, first, count in loaded:
+        errors += file_errors
+        for i in range(first, first + count):
+            errors += problems.get(i, [])
     if errors:
         raise RulesError(errors)
-    return Ruleset(tuple(doors), origin)
+    return Ruleset(tuple(doors), origin, tuple(warnings))
+
+
+MAX_RULES_BYTES = 1024 * 1024  # per file: 10,000 doors in flow style fit; more go in several files
+MAX_LINES_PER_FILE = 20  # problems listed for one file; the rest are counted on one more line
+MAX_VALUE = 80  # characters of a value quoted in a message
+
+
+def _short(value: Any) -> str:
+    """repr() of a value for a message: bounded however big or deep the value is."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."
+
+
+def _clip(text: str, limit: int = 3 * MAX_VALUE) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_VALUE
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
+
+
+def _read(file: Path) -> str:
+    """The file's text; OSError, UnicodeDecodeError or ValueError (too big) when it cannot be had."""
+    if not stat.S_ISREG(mode := os.stat(file).st_mode) and not stat.S_ISDIR(mode):
+        raise OSError(0, "not a regular file")  # a FIFO would block the reload
+    with open(file, "rb") as stream:
+        data = stream.read(MAX_RULES_BYTES + 1)
+    if len(data) > MAX_RULES_BYTES:
+        raise ValueError(f"larger than {MAX_RULES_BYTES // 1024} KiB; put the doors in several files "
+                         "of a rules directory")
+    return data.decode("utf-8")
 
 
 def _load_file(file: Path, errors: list[str]) -> list[Door]:
+    """The doors of one file, or none and the file's problems added to `errors`."""
+    found: list[str] = []
+    doors = _parse_file(file, found)
+    if len(found) > MAX_LINES_PER_FILE:
+        found[MAX_LINES_PER_FILE:] = [f"{file}: {len(found) - MAX_LINES_PER_FILE} more problems not listed"]
+    errors.extend(found)
+    return doors
+
+
+def _parse_file(file: Path, errors: list[str]) -> list[Door]:
     try:
-        text = file.read_text(encoding="utf-8")
+        text = _read(file)
     except (OSError, UnicodeDecodeError) as exc:
-        errors.append(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}")
+        errors.append(f"{file}: cannot read: {_clip(getattr(exc, 'strerror', None) or exc)}")
+        return []
+    except ValueError as exc:
+        errors.append(f"{file}: cannot read: {exc}")
         return []
     try:
-        data = yaml.safe_load(text)
+        data = yamlsafe.load(text)
+    except yamlsafe.LimitError as exc:
+        errors.append(f"{file}: refused: {exc}")
+        return []
     except yaml.YAMLError as exc:
         errors.append(f"{file}: invalid YAML: {_yaml_reason(exc)}")
+        return []
+    except Exception as exc:  # a constructor's own error: a bad !!timestamp, an int of 5000 digits
+        errors.append(f"{file}: invalid YAML: {_clip(exc)}")
         return []
     if not isinstance(data, dict):
         errors.append(f"{file}: expected a mapping with a 'doors:' list, got {type(data).__name__}")
@@ -503,14 +663,16 @@ def _load_file(file: Path, errors: list[str]) -> list[Door]:
         return RuleFile.model_validate(data).doors
     except ValidationError as exc:
         errors.extend(_describe(file, data, exc))
-        return []
+    except Exception as exc:  # pydantic and the validators raise ValidationError; anything else is a bug
+        errors.append(f"{file}: cannot load: {type(exc).__name__}: {_clip(exc)}")
+    return []
 
 
 def _yaml_reason(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return " ".join(f"{where}{problem}".split())
+    return _clip(f"{where}{problem}")
 
 
 def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
@@ -526,7 +688,7 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             raw = data.get("doors") or []
             raw_door = raw[loc[1]] if loc[1] < len(raw) else None
             name = raw_door.get("name") if isinstance(raw_door, dict) else None
-            where.append(f"door {name!r}" if isinstance(name, str) else f"door #{loc[1] + 1}")
+            where.append(f"door {_short(name)}" if isinstance(name, str) else f"door #{loc[1] + 1}")
             loc = loc[2:]
             if loc and loc[0] in ("knock", "spa"):
                 loc = loc[1:]  # the tag of the door kind
@@ -543,32 +705,61 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             message = "unknown key"
         elif err["type"] == "missing":
             message = "required"
-        lines.append(": ".join([str(file), *where, message]))
+        lines.append(": ".join([str(file), *where, _clip(message)]))
     return lines
 
 
-def _conflicts(door: Door, file: Path, seen: list[Door], origin: dict[str, Path]) -> list[str]:
-    """Checks that need every door at once: names, sequences and ports shared between doors."""
-    out = []
-    here = f"{file}: door {door.name!r}"
-    for other in seen:
-        there = f"door {other.name!r} in {origin[other.name]}"
-        if other.name == door.name:
-            out.append(f"{here}: name: duplicate door name (also {there})")
-        if getattr(other, "sequence", None) is not None and getattr(other, "sequence", None) == getattr(door, "sequence", ()):
-            out.append(f"{here}: sequence: same open sequence as {there}")
-        for port in door.knock_ports:
-            if port in other.protect:
-                out.append(f"{here}: sequence: {port} is a protected port of {there}")
-        for proto, first, last in door.knock_ranges:
-            for port in other.protect:
-                if port.proto == proto and first <= port.port <= last:
-                    out.append(f"{here}: rotate: {port} is a protected port of {there}")
-        for proto, first, last in other.knock_ranges:
-            for port in door.protect:
-                if port.proto == proto and first <= port.port <= last:
-                    out.append(f"{here}: protect: {port} is in the rotating range of {there}")
-        for port in door.protect:
-            if port in other.knock_ports:
-                out.append(f"{here}: protect: {port} is a knock port of {there}")
+def _conflicts(doors: list, files: list[Path], origin: dict[str, Path]) -> dict[int, list[str]]:
+    """Checks that need every door at once: names, sequences and ports shared between doors.
+
+    Each problem is reported on the later of the two doors, naming the earlier one. Indexes
+    by name, sequence and port keep this linear in the doors (plus one line per problem);
+    comparing every pair took minutes for a few thousand doors. Returns the lines by door
+    index, in the order a pairwise comparison would give them (earlier door, then check).
+    """
+    found: list[tuple[int, int, int, tuple, str]] = []  # (door, other, check, position, line)
+
+    def report(i: int, j: int, check: int, position: tuple, field: str, text: str) -> None:
+        """`text` names the other door with `%s`."""
+        there = f"door {doors[j].name!r} in {origin[doors[j].name]}"
+        found.append((i, j, check, position, f"{files[i]}: door {doors[i].name!r}: {field}: {text % there}"))
+
+    def groups(pairs):
+        index: dict = {}
+        for key, value in pairs:
+            index.setdefault(key, []).append(value)
+        return index
+
+    for same in groups((d.name, i) for i, d in enumerate(doors)).values():
+        for a, i in enumerate(same):
+            for j in same[:a]:
+                report(i, j, 0, (), "name", "duplicate door name (also %s)")
+    sequences = groups((d.sequence, i) for i, d in enumerate(doors) if getattr(d, "sequence", None) is not None)
+    for same in sequences.values():
+        for a, i in enumerate(same):
+            for j in same[:a]:
+                report(i, j, 1, (), "sequence", "same open sequence as %s")
+    knocks = groups((p, (i, n)) for i, d in enumerate(doors) for n, p in enumerate(d.knock_ports))
+    protects = groups((p, (i, n)) for i, d in enumerate(doors) for n, p in enumerate(d.protect))
+    for port, knockers in knocks.items():
+        for k, kn in knockers:
+            for p, pn in protects.get(port, ()):
+                if p < k:
+                    report(k, p, 2, (kn,), "sequence", f"{port} is a protected port of %s")
+                elif k < p:
+                    report(p, k, 5, (pn,), "protect", f"{port} is a knock port of %s")
+    protected = sorted((p.key, i, n) for (p, entries) in protects.items() for i, n in entries)
+    for r, door in enumerate(doors):
+        for rn, (proto, first, last) in enumerate(door.knock_ranges):
+            start = bisect.bisect_left(protected, ((proto, first),))
+            stop = bisect.bisect_left(protected, ((proto, last + 1),))
+            for _, p, pn in protected[start:stop]:
+                port = doors[p].protect[pn]
+                if p < r:
+                    report(r, p, 3, (rn, pn), "rotate", f"{port} is a protected port of %s")
+                elif r < p:
+                    report(p, r, 4, (rn, pn), "protect", f"{port} is in the rotating range of %s")
+    out: dict[int, list[str]] = {}
+    for i, _, _, _, line in sorted(found, key=lambda f: f[:4]):
+        out.setdefault(i, []).append(line)
     return out

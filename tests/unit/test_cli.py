@@ -176,3 +176,32 @@ def test_doctor_warns_about_other_users_of_the_pass_mark(monkeypatch, capsys):
     assert "warn iptables-nft -t mangle: a rule uses mark bit 0x40" in capsys.readouterr().out
     main(["doctor", "--rules", RULES])
     assert "ok   no other iptables rule uses the pass-mark bit 0x20000000" in capsys.readouterr().out
+
+
+@pytest.fixture
+def spa_rules(tmp_path, monkeypatch):
+    from nfknock.spa import generate_keys
+
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("CLISPA_KEY_BASE64", encryption)
+    monkeypatch.setenv("CLISPA_HMAC_KEY_BASE64", mac)
+    (tmp_path / "spa.yaml").write_text("doors: [{name: s, kind: spa, keys_env: CLISPA, protect: [22]}]\n")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--access", "99999/tcp"), "nfknock: --access: port '99999/tcp': port 99999 is outside 1..65535"),
+    (("--access", "22/tcp", "ssh"), "nfknock: --access: port 'ssh': expected a port like 40000 or 40000/udp"),
+    (("--access", "22/icmp"), "nfknock: --access: port '22/icmp': protocol must be tcp or udp"),
+    (("--allow-ip", "10.0.0.300"), "nfknock: --allow-ip: '10.0.0.300' is not an IP address"),
+])
+def test_spa_argument_mistakes_are_one_named_line(spa_rules, argv, message, capsys):
+    assert main(["spa", "127.0.0.1", "--door", "s", "--rules", spa_rules, *argv]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(message)
+
+
+def test_grant_duration_mistake_is_one_named_line(capsys):
+    assert main(["grant", "192.0.2.1", "--door", "s", "--for", "25h", "--control-socket", "/nonexistent"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "nfknock: --for: duration '25h' must be more than 0 and at most 24h"]

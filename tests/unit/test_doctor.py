@@ -51,13 +51,38 @@ def test_held_queue_is_a_failure():
 def test_rules_writable_by_others_fail_and_readable_warn(tmp_path):
     path = tmp_path / "doors.yaml"
     path.write_text("")
-    result = os.stat_result((stat.S_IFREG | 0o666, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    (finding,) = check_modes([path], {path: result})
-    assert finding.level == FAIL and "chmod go-w" in finding.text
-    readable = os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    assert check_modes([path], {path: readable})[0].level == WARN
-    private = os.stat_result((stat.S_IFREG | 0o600, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    assert check_modes([path], {path: private})[0].level == OK
+    path.chmod(0o666)
+    (finding,) = check_modes([path])
+    assert finding.level == FAIL and f"{path} is writable by group or others" in finding.text
+    assert "chmod go-w" in finding.text
+    path.chmod(0o644)
+    assert check_modes([path])[0].level == WARN
+    path.chmod(0o600)
+    assert check_modes([path])[0].level == OK
+
+
+def test_symlinks_are_judged_by_their_target(tmp_path):
+    # lstat() of a symlink says 0777 on Linux: every link looked world-writable, no target was checked.
+    target = tmp_path / "real.yaml"
+    target.write_text("")
+    target.chmod(0o600)
+    link = tmp_path / "doors.yaml"
+    link.symlink_to(target)
+    assert [f.level for f in check_modes([link])] == [OK]
+    target.chmod(0o666)
+    (finding,) = check_modes([link])
+    assert finding.level == FAIL and f"{link} (-> {target}) is writable by group or others" in finding.text
+
+
+def test_writable_directory_fails_once_for_all_its_files(tmp_path):
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for name in ("a.yaml", "b.yaml"):
+        (rules / name).write_text("")
+        (rules / name).chmod(0o600)
+    rules.chmod(0o777)
+    findings = check_modes([rules, rules / "a.yaml", rules / "b.yaml"])
+    assert [(f.level, f.text.split(" is ")[0]) for f in findings] == [(FAIL, f"directory {rules}")]
 
 
 def test_diagnose_reports_broken_rules_line_by_line(tmp_path):
@@ -71,8 +96,8 @@ def test_diagnose_reports_broken_rules_line_by_line(tmp_path):
 def test_key_files_readable_by_others_fail(tmp_path):
     keys = tmp_path / "spa.keys"
     keys.write_text("")
-    readable = os.stat_result((stat.S_IFREG | 0o644, 0, 0, 1, 0, 0, 0, 0, 0, 0))
-    (finding,) = check_modes([keys], {keys: readable}, frozenset({keys}))
+    keys.chmod(0o644)
+    (finding,) = check_modes([keys], frozenset({keys}))
     assert finding.level == FAIL and "holds keys" in finding.text
 
 
@@ -197,3 +222,17 @@ def test_knock_tripwire_and_rotating_ports_in_the_local_port_range_warn(monkeypa
     (finding,) = check_local_ports((rotating,), (32768, 60999))
     assert "rotating range 30000-39999/tcp in the local port range" in finding.text
     assert "add 32768-39999 to" in finding.text
+
+
+def test_diagnose_follows_a_rules_symlink(tmp_path):
+    target = tmp_path / "ssh.yaml"
+    target.write_text("doors:\n  - {name: a, sequence: [1, 2], protect: [22]}\n")
+    target.chmod(0o600)
+    link = tmp_path / "rules.yaml"
+    link.symlink_to(target)
+    findings = diagnose(link, 0, "auto", HostState("nf_tables", conntrack=True))
+    assert [f.text for f in findings if f.level != OK] == []
+    target.chmod(0o620)
+    assert [f.text for f in diagnose(link, 0, "auto", HostState("nf_tables", conntrack=True)) if f.level == FAIL] == [
+        f"{link} (-> {target}) is writable by group or others: anyone who can edit it decides who gets in "
+        "(chmod go-w)"]

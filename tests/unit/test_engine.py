@@ -344,7 +344,7 @@ def test_lockout_can_be_switched_off():
 import base64  # noqa: E402
 
 from nfknock.events import SpaRefused  # noqa: E402
-from nfknock.rules import SpaDoor  # noqa: E402
+from nfknock.rules import SpaDoor, load_secrets  # noqa: E402
 from nfknock.spa import Keys, encode, generate_keys  # noqa: E402
 
 WALL = 1_800_000_000.0
@@ -355,8 +355,10 @@ def spa_door(tmp_path, monkeypatch):
     encryption, mac = generate_keys()
     monkeypatch.setenv("TESTSPA_KEY_BASE64", encryption)
     monkeypatch.setenv("TESTSPA_HMAC_KEY_BASE64", mac)
-    return SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="TESTSPA",
+    door = SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="TESTSPA",
                                        protect=["22/tcp", "2222/tcp"], lockout={"failures": 3}))
+    load_secrets(door)
+    return door
 
 
 def spa_packet(door, src=ALICE, address=None, ports=(("tcp", 22),), at=WALL, keys=None):

@@ -151,3 +151,154 @@ def test_port_text_forms():
     assert Port.model_validate(22).key == ("tcp", 22)
     with pytest.raises(ValueError):
         Port.model_validate(True)
+
+
+def _pairwise_conflicts(doors, path):
+    """The definition of the checks between doors, as the first version wrote it: every door
+    against every earlier one. Quadratic; the reference the indexed checks must agree with."""
+    out = []
+    for n, door in enumerate(doors):
+        here = f"{path}: door {door.name!r}"
+        for other in doors[:n]:
+            there = f"door {other.name!r} in {path}"
+            if other.name == door.name:
+                out.append(f"{here}: name: duplicate door name (also {there})")
+            if other.sequence is not None and other.sequence == door.sequence:
+                out.append(f"{here}: sequence: same open sequence as {there}")
+            out += [f"{here}: sequence: {p} is a protected port of {there}" for p in door.knock_ports
+                    if p in other.protect]
+            out += [f"{here}: rotate: {p} is a protected port of {there}" for proto, first, last in door.knock_ranges
+                    for p in other.protect if p.proto == proto and first <= p.port <= last]
+            out += [f"{here}: protect: {p} is in the rotating range of {there}"
+                    for proto, first, last in other.knock_ranges
+                    for p in door.protect if p.proto == proto and first <= p.port <= last]
+            out += [f"{here}: protect: {p} is a knock port of {there}" for p in door.protect if p in other.knock_ports]
+    return out
+
+
+def test_conflicts_between_many_doors_are_all_found(tmp_path, monkeypatch):
+    import random
+
+    import yaml
+
+    from nfknock.rules import Door
+
+    monkeypatch.setenv("ROT_SECRET", "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0")
+    rng = random.Random(7)
+    ports = [f"{rng.randint(1, 60)}/{rng.choice(['tcp', 'udp'])}" for _ in range(40)]
+    raw = []
+    while len(raw) < 300:
+        fields = {"name": f"d{rng.randint(1, 200)}", "protect": rng.sample(ports, rng.randint(1, 3))}
+        if rng.random() < 0.1:
+            first = rng.randint(1, 40)
+            fields["rotate"] = {"secret_env": "ROT_SECRET", "length": 2, "ports": f"{first}-{first + 20}",
+                                "proto": rng.choice(["tcp", "udp"])}
+        else:
+            fields["sequence"] = rng.sample(ports[:12], 2)
+            if rng.random() < 0.3:
+                fields["close_sequence"] = rng.sample(ports, 2)
+        try:
+            Door.model_validate(fields)
+        except ValueError:
+            continue  # wrong on its own; only conflicts between doors are under test here
+        raw.append(fields)
+    path = tmp_path / "many.yaml"
+    path.write_text(yaml.safe_dump({"doors": raw}))
+    expected = _pairwise_conflicts([Door.model_validate(d) for d in raw], path)
+    assert len(expected) > 300  # every kind of conflict, many times over
+    for kind in ("name: duplicate door name", "sequence: same open sequence", "is a protected port of",
+                 "rotate: ", "is in the rotating range of", "is a knock port of"):
+        assert any(kind in line for line in expected), kind
+    assert errors_for(path) == expected
+
+
+def test_ten_thousand_doors_load(tmp_path):
+    lines = ["doors:"]
+    for i in range(10_000):
+        first = 20000 + i * 4
+        lines.append(f"  - {{name: d{i}, sequence: [{first}, {first + 1}, {first + 2}], protect: [{1 + i}]}}")
+    path = tmp_path / "big.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    ruleset = load_rules(path)
+    assert len(ruleset.doors) == 10_000
+    assert [str(p) for p in ruleset.door("d9999").sequence] == ["59996/tcp", "59997/tcp", "59998/tcp"]
+
+
+@pytest.mark.parametrize("name", ["2026-02-30", "2026-02-28", "2001-12-14"])
+def test_date_like_door_names_are_names(tmp_path, name):
+    # PyYAML's safe_load makes dates of these (and raises ValueError on 2026-02-30): rules have no dates.
+    path = write(tmp_path, f"doors: [{{name: {name}, sequence: [1, 2, 3], protect: [22/tcp]}}]\n")
+    assert [door.name for door in load_rules(path).doors] == [name]
+
+
+def test_anchors_and_aliases_still_work(tmp_path):
+    path = write(tmp_path, """\
+        doors:
+          - &ssh {name: a, sequence: [1, 2], protect: &both [22/tcp, 2222/tcp], open_for: 1m}
+          - {name: b, sequence: [3, 4], protect: *both}
+          - {<<: *ssh, name: c, sequence: [5, 6]}
+        """)
+    doors = load_rules(path).doors
+    assert [(d.name, [str(p) for p in d.protect], d.open_for) for d in doors] == [
+        ("a", ["22/tcp", "2222/tcp"], 60), ("b", ["22/tcp", "2222/tcp"], 30), ("c", ["22/tcp", "2222/tcp"], 60)]
+
+
+@pytest.mark.parametrize("loader", __import__("nfknock.yamlsafe").yamlsafe.LOADERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("text,reason", [
+    ("doors: " + "[" * 600 + "]" * 600, "nested more than 16 levels deep"),
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")),
+     "more than 250000 YAML nodes once aliases are expanded"),
+    ("a: &a [1, *a]", "an alias refers to a node that contains it"),
+    ("a: &a [1]\nb: {x: " + "[" * 14 + "*a" + "]" * 14 + "}", "nested more than 16 levels deep"),
+])
+def test_yaml_shape_limits_with_and_without_libyaml(loader, text, reason):
+    from nfknock import yamlsafe
+
+    with pytest.raises(yamlsafe.LimitError, match=reason):
+        yamlsafe.load(text, loader)
+
+
+def test_file_over_the_size_limit_is_refused_unread(tmp_path):
+    from nfknock.rules import MAX_RULES_BYTES
+
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR + "#" * MAX_RULES_BYTES + "\n")
+    assert errors_for(path) == [f"{path}: cannot read: larger than 1024 KiB; put the doors in several files "
+                                "of a rules directory"]
+
+
+def test_a_fifo_is_refused_not_waited_for(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")
+    assert errors_for(tmp_path) == [f"{tmp_path / 'pipe.yaml'}: cannot read: not a regular file"]
+
+
+def test_huge_values_are_cut_in_messages(tmp_path):
+    wide = "[" + ", ".join(["lol"] * 5000) + "]"
+    path = write(tmp_path, f"doors: [{{name: {'n' * 5000}, sequence: [1, 2], protect: [22], "
+                           f"open_for: {wide}, tcp_flags: {wide}, sources: [{'a' * 5000}]}}]\n")
+    lines = errors_for(path)
+    assert len(lines) == 4
+    assert all(len(line) < len(str(path)) + 400 for line in lines), lines  # the file had 40 KB of values
+
+
+def test_problems_of_one_file_are_capped(tmp_path):
+    path = write(tmp_path, "doors: [{name: a, sequence: [1, 2], protect: [" + ", ".join(["x"] * 5000) + "]}]\n")
+    lines = errors_for(path)
+    assert len(lines) == 21
+    assert lines[-1] == f"{path}: 4980 more problems not listed"
+
+
+def test_load_rules_raises_only_rules_errors(tmp_path, monkeypatch):
+    from nfknock import rules
+
+    path = write(tmp_path, "doors:\n" + GOOD_DOOR)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(rules.RuleFile, "model_validate", broken)
+    assert errors_for(path) == [f"{path}: cannot load: RuntimeError: a bug"]
+    monkeypatch.setattr(rules, "_conflicts", broken)
+    assert errors_for(tmp_path) == [f"{tmp_path}: cannot load: RuntimeError: a bug"]
