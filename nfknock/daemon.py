@@ -107,7 +107,7 @@ class _Reload:
 
     def _read(self) -> None:
         try:
-            self.ruleset = load_rules(self.config.rules_path)
+            self.ruleset = load_rules(self.config.rules_path, strict=True)
             self.plan = self.config.plan(self.ruleset.doors)
         except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
             self.error = exc
@@ -130,7 +130,7 @@ class Daemon:
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
         self.wall_clock = wall_clock
-        self.ruleset: Ruleset = load_rules(config.rules_path)  # RulesError: nothing touched yet
+        self.ruleset: Ruleset = load_rules(config.rules_path, strict=True)  # RulesError: nothing touched yet
         self.engine = Engine(self.ruleset.doors, config.max_sources)
         self.store = ReplayStore(config.state_dir) if config.state_dir else None
         if self.store is not None:
@@ -308,7 +308,7 @@ class Daemon:
     def reload(self) -> bool:
         """Read and apply the rules on disk now (in the caller's thread)."""
         try:
-            ruleset = load_rules(self.config.rules_path)
+            ruleset = load_rules(self.config.rules_path, strict=True)
             return self.finish_reload(ruleset, self.config.plan(ruleset.doors), None)
         except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
             return self.finish_reload(None, None, exc)

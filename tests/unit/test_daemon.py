@@ -180,7 +180,7 @@ def test_systemd_unit_verifies(tmp_path):
 @pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"), ValueError("day is out of range"),
                                    MemoryError(), RuntimeError("a bug")])
 def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkeypatch, error):
-    def broken(path):
+    def broken(path, strict=False):
         raise error
 
     monkeypatch.setattr("nfknock.daemon.load_rules", broken)
