@@ -88,12 +88,29 @@ def test_garbage_gets_one_drop_and_is_counted(daemon, payload):
     assert sum(daemon.unparsable.values()) == 1
 
 
-def test_an_engine_crash_drops_the_packet_and_the_loop_goes_on(daemon, monkeypatch):
-    def explode(packet, now):
-        raise RuntimeError("bug")
+def test_an_engine_crash_drops_the_packet_and_the_loop_goes_on(daemon, monkeypatch, caplog):
+    real_handle = daemon.engine.handle
+    crashes = []
 
-    monkeypatch.setattr(daemon.engine, "handle", explode)
-    assert verdicts(daemon, syn(22)) == ["drop"]
+    def explode_once(packet, now, wall):  # Engine.handle's signature: a wrong call fails here, not below
+        if not crashes:
+            crashes.append(packet)
+            raise RuntimeError("bug in the engine")
+        return real_handle(packet, now, wall)
+
+    monkeypatch.setattr(daemon.engine, "handle", explode_once)
+    with caplog.at_level(logging.ERROR, logger="test-nfknock"):
+        assert verdicts(daemon, syn(40000)) == ["drop"]
+    assert crashes and crashes[0].dport == 40000
+    assert daemon.errors == 1
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage() == "internal error on a packet (dropped; 1 so far)"
+    assert record.exc_info[0] is RuntimeError and str(record.exc_info[1]) == "bug in the engine"
+    # The loop goes on: the next packets are judged by the engine as usual (the crashed first
+    # knock was lost, so the whole sequence is knocked again) and the client gets in.
+    for port in (40000, 50000, 60000):
+        assert verdicts(daemon, syn(port)) == ["drop"]
+    assert verdicts(daemon, syn(22)) == ["accept"]
     assert daemon.errors == 1
 
 
