@@ -7,7 +7,9 @@ import dpkt
 import pytest
 
 from nfknock.daemon import Daemon
+from nfknock.errors import PacketError
 from nfknock.firewall import PASS_MARK, RuleSpec
+from nfknock.packet import parse
 from nfknock.rules import load_rules
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -86,6 +88,40 @@ def test_knock_then_connect(daemon):
 def test_garbage_gets_one_drop_and_is_counted(daemon, payload):
     assert verdicts(daemon, payload) == ["drop"]
     assert sum(daemon.unparsable.values()) == 1
+
+
+def test_every_corrupted_packet_gets_one_verdict_and_none_is_accepted(tmp_path):
+    """Real packets (a knock, a SYN to the protected port) with bytes overwritten and bits
+    flipped: a packet parse() refuses is dropped and counted by reason; no corrupted packet is
+    ever accepted by a daemon that granted nothing, and none is an internal error."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
+    real = [syn(22), syn(40000), syn(22, src="10.0.0.3")]
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.sampled_from(real), st.binary(max_size=40), st.integers(0, 39),
+           st.lists(st.tuples(st.integers(0, 39), st.integers(1, 255)), max_size=3))
+    def check(packet, noise, at, flips):
+        data = bytearray(packet)
+        data[at:at + len(noise)] = noise
+        for position, mask in flips:
+            if position < len(data):
+                data[position] ^= mask
+        fresh = Daemon(tmp_path, FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: 1000.0)
+        try:
+            parse(bytes(data))
+            refused = False
+        except PacketError:
+            refused = True
+        got = verdicts(fresh, bytes(data))
+        assert len(got) == 1 and got != ["accept"]
+        assert fresh.errors == 0
+        if refused:
+            assert got == ["drop"] and sum(fresh.unparsable.values()) == 1
+
+    check()
 
 
 def test_an_engine_crash_drops_the_packet_and_the_loop_goes_on(daemon, monkeypatch, caplog):
