@@ -211,14 +211,12 @@ def test_sd_notify_reaches_the_socket_systemd_names(tmp_path, monkeypatch):
     listener.close()
 
 
+@pytest.mark.needs_tools("systemd-analyze")
 def test_systemd_unit_verifies(tmp_path):
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze is not installed")
     repo = Path(__file__).resolve().parents[2]
     unit = (repo / "deploy" / "nfknock.service").read_text()
     lines = unit.splitlines()
