@@ -8,13 +8,17 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3 python3-venv python3-dev gcc libc6-dev   # building netfilterqueue
   libnetfilter-queue-dev                           # netfilterqueue links against it
-  iptables                                         # libip4tc/libxtables for python-iptables
+  iptables                                         # libip4tc/libxtables for python-iptables; the
+                                                   # iptables-{legacy,nft}[-restore] commands the tests run
   iproute2                                         # ip netns for the demo and the tests
-  knockd                                           # the stock 'knock' client the tests use
+  knockd                                           # the stock 'knock' client the tests use; knockd for bench
   nmap                                             # the attacker in the scan tests
   iperf3                                           # bench: established throughput
   fwknop-client fwknop-server                      # SPA: the stock peer the tests compare against
+  systemd                                          # systemd-analyze: tests/unit/test_daemon.py verifies the unit
 )
+# Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
+# processes with os.kill / Popen.send_signal.
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"

@@ -17,7 +17,10 @@ from nfknock.firewall import make_firewall
 from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = ("ip", "iptables-legacy", "knock", "nmap", "fwknop", "fwknopd")
+# Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables
+# (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server.
+TOOLS = ("ip", "iptables-legacy", "ip6tables-legacy", "iptables-nft", "ip6tables-nft", "iptables-nft-restore",
+         "ip6tables-nft-restore", "knock", "nmap", "fwknop", "fwknopd")
 SERVICE_PORT = 22
 
 

@@ -17,10 +17,12 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     for name in ("throughput.udp.nfknock", "throughput.udp.bare", "throughput.tcp.nfknock",
                  "throughput.tcp.bare", "knock_to_connect.nfknock", "knock_to_connect.knockd",
                  "established.nfknock", "established.none", "connection_rate.nfknock",
-                 "connection_rate.none", "connection_rate.bare_accept"):
+                 "connection_rate.none", "connection_rate.bare_accept", "flood_knock.seconds",
+                 "flood_knock.attempts"):
         assert figures[name]["median"] > 0, name
     assert set(ratios) == {"throughput.udp", "throughput.tcp", "knock_to_connect", "established",
                            "connection_rate", "connection_rate.queue"}
     assert any(name.startswith("memory.") and name.endswith(".bytes_per_source") for name in figures)
     table = (tmp_path / "report.md").read_text()
     assert "| verdicts/s, UDP flood" in table and "knockd 0.8" in table
+    assert "| client knock+connect during a SYN flood" in table

@@ -1,10 +1,12 @@
 """Hostile traffic on a real kernel: port scans, tripwires, lockout, floods, queue overflow.
 Every test runs with both firewall backends."""
 
+import json
+import re
+import signal
 import socket
-import subprocess
-import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -28,21 +30,61 @@ def nmap(sandbox, attacker, *args):
     return result.stdout
 
 
-def assert_nothing_opened(server, *clients):
-    assert "OPEN SESAME" not in server.log_text()
+def status(server) -> dict:
+    """The daemon's own counters, from its control socket (`nfknock status --json`)."""
+    result = server.nfknock("status", "--json", "--socket", str(server.workdir / f"{server.log.stem}.sock"))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def judged(answer: dict) -> int:
+    return sum(answer["packets"].values())
+
+
+def watched_ports(server, proto: str) -> int:
+    """How many distinct ports of `proto` the scaffolding sends to the queue (IPv4)."""
+    ports = set()
+    for rule in server.iptables():
+        match = re.search(rf"-p {proto} .*--dport (\d+)(?::(\d+))? .*-j NFQUEUE", rule)
+        if match:
+            first = int(match[1])
+            ports.update(range(first, int(match[2] or first) + 1))
+    return len(ports)
+
+
+def everything_judged(server, marker) -> dict:
+    """Positive synchronisation before asserting that something did NOT happen. One queue, read in
+    order: once `marker` (a client that took no part) has knocked and its OPEN SESAME is logged,
+    every packet queued before its knock has been judged. The kernel dropped none of them, so
+    the daemon saw them all."""
+    knock(server.sandbox, marker, "40000", "50000", "60000")
+    server.wait_log(f"{marker.address}: openSSH: OPEN SESAME")
+    answer = status(server)
+    assert answer["kernel_queue_drops"] == 0, answer
+    assert answer["internal_errors"] == 0 and not answer["unparsable"], answer
+    return answer
+
+
+def assert_nothing_opened(server, marker, *clients):
+    """Only after everything_judged(server, marker): no door opened but the marker's."""
+    opened = [line for line in server.log_text().splitlines() if "OPEN SESAME" in line]
+    assert [line for line in opened if f" {marker.address}: " not in line] == []
+    assert [(g["door"], g["source"]) for g in status(server)["grants"]] == [("openSSH", marker.address)]
     for client in clients:
         assert not connect(client, timeout=1).connected
 
 
 @pytest.mark.parametrize("order", [["-r"], []], ids=["ascending", "random"])
-def test_tcp_syn_scan_of_every_port_opens_nothing(server, alice, mallory, order):
+def test_tcp_syn_scan_of_every_port_opens_nothing(server, alice, bob, mallory, order):
     server.start()
     nmap(server.sandbox, mallory, "-sS", *order)
-    assert_nothing_opened(server, mallory, alice)
+    answer = everything_judged(server, bob)
+    assert judged(answer) >= watched_ports(server, "tcp") + 3  # every watched port once, then bob's knock
+    assert_nothing_opened(server, bob, mallory, alice)
     assert "10.199.3.2: openSSH: locked out after 5 failed attempts" in server.log_text()
 
 
-def test_descending_syn_walk_opens_nothing(server, alice, mallory):
+def test_descending_syn_walk_opens_nothing(server, alice, bob, mallory):
     server.start()
     for port in range(65535, 0, -1):
         with entered(mallory.namespace):
@@ -50,11 +92,12 @@ def test_descending_syn_walk_opens_nothing(server, alice, mallory):
         sock.setblocking(False)
         sock.connect_ex((mallory.server_address, port))
         sock.close()
-    time.sleep(0.5)
-    assert_nothing_opened(server, mallory, alice)
+    answer = everything_judged(server, bob)
+    assert judged(answer) >= watched_ports(server, "tcp") + 3
+    assert_nothing_opened(server, bob, mallory, alice)
 
 
-def test_descending_udp_walk_opens_nothing(server, alice, mallory):
+def test_descending_udp_walk_opens_nothing(server, alice, bob, mallory):
     server.write_rules(SEED + UDP_DOOR.replace("[7000/udp, 8000/udp, 9000/udp]", "[9000/udp, 8000/udp, 7000/udp]"))
     server.start()
     with entered(mallory.namespace):
@@ -62,16 +105,19 @@ def test_descending_udp_walk_opens_nothing(server, alice, mallory):
     for port in range(65535, 0, -1):
         sock.sendto(b"x", (mallory.server_address, port))
     sock.close()
-    time.sleep(0.5)
-    assert_nothing_opened(server, mallory, alice)
+    answer = everything_judged(server, bob)
+    assert judged(answer) >= watched_ports(server, "udp") + 3
+    assert_nothing_opened(server, bob, mallory, alice)
 
 
 @pytest.mark.parametrize("order", [["-r"], []], ids=["ascending", "random"])
-def test_udp_scan_of_every_port_opens_nothing(server, alice, mallory, order):
+def test_udp_scan_of_every_port_opens_nothing(server, alice, bob, mallory, order):
     server.write_rules(SEED + UDP_DOOR)
     server.start()
     nmap(server.sandbox, mallory, "-sU", *order)
-    assert_nothing_opened(server, mallory, alice)
+    answer = everything_judged(server, bob)
+    assert judged(answer) >= watched_ports(server, "udp") + 3
+    assert_nothing_opened(server, bob, mallory, alice)
 
 
 def test_scanned_doors_still_open_for_the_real_client(server, alice, mallory):
@@ -118,49 +164,72 @@ def test_lockout_ignores_knocks_then_ends(server, mallory):
     assert server.log_text().count("locked out") == 1
 
 
+def queue_waiting(server) -> int:
+    """Packets waiting in the kernel's queue for the daemon (queue_total), server side."""
+    with entered(server.sandbox.server):
+        text = Path("/proc/thread-self/net/netfilter/nfnetlink_queue").read_text()
+    for line in text.splitlines():
+        fields = line.split()
+        if int(fields[0]) == server.queue_num:
+            return int(fields[2])
+    raise AssertionError(f"queue {server.queue_num} is not bound:\n{text}")
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
 def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server, alice, mallory):
+    """What must always hold, however the two shared cores are scheduled: the state stays within
+    --max-sources, memory stays bounded, the daemon lives, no spoofed source gets anything, and
+    the real client gets in once the flood is over. (Whether and how soon the client gets in
+    DURING the flood depends on timing: bench/run.py measures it, see flood_knock.*.)"""
     cap = 50_000
     server.start("--max-sources", str(cap), "--queue-maxlen", "65536")
     baseline = rss_kib(server.process.pid)
     flood = SynFlood(mallory.namespace, mallory.server_address, 40000)
-    sent = []
-    def run_flood():
-        sent.append(flood.send(0x0B000000, 1_000_000))
-        sent.append(time.monotonic() - started)
-
-    thread = threading.Thread(target=run_flood)
-    started = time.monotonic()
-    thread.start()
     try:
-        time.sleep(1)
-        # Knocks and the connect go through the same queue as the flood; a knock the kernel
-        # drops when the queue overflows is simply sent again, as a user would.
-        for _ in range(10):
-            knock(server.sandbox, alice, "40000", "50000", "60000")
-            if connect(alice, timeout=2).connected:
-                break
-        else:
-            pytest.fail("the client never got in during the flood")
-        during = time.monotonic() - started
+        sent = flood.send(0x0B000000, 1_000_000)  # 11.0.0.0 upwards, one first knock each
     finally:
-        thread.join()
         flood.close()
-    assert sent[0] > 900_000
-    time.sleep(2)
-    peak = rss_kib(server.process.pid)
-    growth_mib = (peak - baseline) / 1024
-    assert during < sent[1], "the client only got in after the flood"
-    print(f"\nflood: {sent[0]} spoofed first knocks in {sent[1]:.1f}s; client got in after {during:.1f}s; "
-          f"RSS {baseline // 1024} -> {peak // 1024} MiB (+{growth_mib:.1f} MiB for a cap of {cap}, "
-          f"{(peak - baseline) * 1024 / cap:.0f} bytes per tracked source)")
-    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
+    assert sent > 900_000
+    # The flood is over once the kernel holds nothing more for the daemon.
+    deadline = time.monotonic() + 60
+    while queue_waiting(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert queue_waiting(server) == 0, "the daemon never worked through the queue"
+    assert server.process.poll() is None, "the daemon died under the flood"
+
+    answer = status(server)
+    assert judged(answer) > cap and answer["evicted"] > 0, answer  # the flood reached the engine, overfilled it
+    assert answer["tracked_attempts"] <= cap, answer
+    assert answer["grants"] == [] and answer["internal_errors"] == 0, answer
     assert "state full" in server.wait_log("state full", timeout=10)
+    peak = peak_rss_kib(server.process.pid)
+    growth_mib = (peak - baseline) / 1024
+    print(f"\nflood: {sent} spoofed first knocks, {judged(answer)} judged, {answer['kernel_queue_drops']} dropped "
+          f"by the kernel; peak RSS {baseline // 1024} -> {peak // 1024} MiB (+{growth_mib:.1f} MiB for a cap of {cap})")
+    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
+
+    # After the flood, one knock is enough: an empty queue, and the client's attempt is the newest
+    # entry, so no eviction can take it.
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    server.wait_log(f"{alice.address}: openSSH: OPEN SESAME")
+    assert connect(alice).connected
+    answer = status(server)
+    assert [(g["door"], g["source"]) for g in answer["grants"]] == [("openSSH", alice.address)]
+    opened = [line for line in server.log_text().splitlines() if "OPEN SESAME" in line]
+    assert len(opened) == 1 and f" {alice.address}: " in opened[0]
+    assert answer["tracked_attempts"] <= cap and server.process.poll() is None
 
 
 def test_queue_overflow_is_logged(server, alice):
     server.write_rules(SEED + UDP_DOOR)
     server.start("--queue-maxlen", "50")
-    subprocess.run(["kill", "-STOP", str(server.process.pid)], check=True)
+    server.process.send_signal(signal.SIGSTOP)  # no `kill` binary: minimal Debian has no procps
     try:
         with entered(alice.namespace):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -168,6 +237,6 @@ def test_queue_overflow_is_logged(server, alice):
             sock.sendto(b"x", (alice.server_address, 7000))
         sock.close()
     finally:
-        subprocess.run(["kill", "-CONT", str(server.process.pid)], check=True)
+        server.process.send_signal(signal.SIGCONT)
     line = server.wait_log("the kernel dropped", timeout=15)
     assert "queue full: 250" in line

@@ -3,6 +3,7 @@
 import pytest
 
 from nfknock.cli import _knock_steps, build_parser, main, parse
+from nfknock.errors import NfknockError, RulesError, UsageError
 from pathlib import Path
 
 RULES = str(Path(__file__).resolve().parents[2] / "rules")
@@ -54,19 +55,21 @@ def test_knock_steps_from_ports_and_from_a_door():
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES, "--close")] == [60000, 50000, 40000]
 
 
-@pytest.mark.parametrize("argv,message", [
-    ((), "nothing to knock"),
-    (("70000",), "port '70000': port 70000 is outside 1..65535"),
-    (("1/icmp",), "protocol must be tcp or udp"),
-    (("--door", "openSSH"), "--door needs --rules"),
-    (("--door", "nope", "--rules", RULES), "no door named 'nope'"),
-    (("1", "--door", "openSSH", "--rules", RULES), "either PORTs or --door"),
-    (("1", "--close"), "--close needs --door"),
+@pytest.mark.parametrize("argv,error,message", [
+    ((), UsageError, "nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR"),
+    (("70000",), UsageError, "port '70000': port 70000 is outside 1..65535"),
+    (("1/icmp",), UsageError, "port '1/icmp': protocol must be tcp or udp, got 'icmp'"),
+    (("--door", "openSSH"), UsageError, "--door needs --rules DIR to find the door"),
+    (("--door", "nope", "--rules", RULES), RulesError, "no door named 'nope' (doors: openSSH)"),
+    (("1", "--door", "openSSH", "--rules", RULES), UsageError, "give either PORTs or --door, not both"),
+    (("1", "--close"), UsageError, "--close needs --door"),
 ])
-def test_knock_mistakes_are_named(argv, message):
-    with pytest.raises(Exception) as info:
+def test_knock_mistakes_are_named(argv, error, message):
+    with pytest.raises(NfknockError) as info:
         parse_knock(*argv)
-    assert message in str(info.value)
+    assert type(info.value) is error  # the class decides the exit code the user gets
+    assert info.value.exit_code == 2
+    assert str(info.value) == message
 
 
 def test_unresolvable_host_is_a_usage_error(capsys):

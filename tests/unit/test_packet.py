@@ -97,15 +97,51 @@ def test_arbitrary_bytes_give_a_packet_or_packet_error(data):
         assert result.proto in ("tcp", "udp") and 0 <= result.dport <= 65535
 
 
+# Every reason parse() may give; a new one is a decision, made here on purpose.
+REASONS = {"empty", "not ip", "bad ipv4 header", "bad ipv6 header", "non-first fragment",
+           "undecodable inner protocol", "bad transport header", "not tcp or udp"}
+
+
+def assert_read_from_the_bytes(packet, data):
+    """A packet parse() returns says what its bytes say: corruption is never misread."""
+    assert packet.proto in ("tcp", "udp") and 0 <= packet.sport <= 65535 and 0 <= packet.dport <= 65535
+    if packet.family == 4:
+        ihl = (data[0] & 0x0F) * 4
+        assert data[0] >> 4 == 4 and ihl >= 20
+        assert (packet.src, packet.dst) == (socket.inet_ntoa(data[12:16]), socket.inet_ntoa(data[16:20]))
+        assert packet.proto == {6: "tcp", 17: "udp"}[data[9]]
+        assert (packet.sport, packet.dport) == struct.unpack_from("!HH", data, ihl)
+        if packet.proto == "tcp":
+            assert packet.flags == struct.unpack_from("!H", data, ihl + 12)[0] & 0x1FF
+    else:
+        assert packet.family == 6 and data[0] >> 4 == 6
+        assert packet.src == socket.inet_ntop(socket.AF_INET6, data[8:24])
+        assert packet.dst == socket.inet_ntop(socket.AF_INET6, data[24:40])
+
+
+REAL = [tcp(40000, data=b"payload"), tcp(22), udp(62201, b"x" * 20),
+        ipv4(dpkt.tcp.TCP(sport=1, dport=50000, flags=dpkt.tcp.TH_SYN), dpkt.ip.IP_PROTO_TCP, opts=b"\x01" * 8)]
+
+
 @settings(max_examples=2000, deadline=None)
-@given(st.binary(min_size=1, max_size=60), st.integers(0, 59))
-def test_corrupted_real_packets_give_a_packet_or_packet_error(noise, at):
-    data = bytearray(tcp(40000, data=b"payload"))
+@given(st.sampled_from(REAL), st.binary(max_size=60), st.integers(0, 59),
+       st.lists(st.tuples(st.integers(0, 46), st.integers(1, 255)), max_size=3))
+def test_corrupted_real_packets_give_a_packet_or_packet_error(real, noise, at, flips):
+    """Bytes overwritten (or appended), bits flipped: either one named PacketError, or a Packet
+    that says exactly what the (corrupted) headers say."""
+    data = bytearray(real)
     data[at:at + len(noise)] = noise
+    for position, mask in flips:
+        if position < len(data):
+            data[position] ^= mask
+    data = bytes(data)
     try:
-        parse(bytes(data))
-    except PacketError:
-        pass
+        packet = parse(data)
+    except PacketError as exc:
+        assert exc.reason in REASONS
+        assert str(exc) == exc.reason
+    else:
+        assert_read_from_the_bytes(packet, data)
 
 
 # -- the fast path must agree with dpkt ---------------------------------------------------
