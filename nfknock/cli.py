@@ -8,7 +8,7 @@ import sys
 from . import __version__
 from .control import DEFAULT_SOCKET
 from .errors import NfknockError, UsageError
-from .rules import Port, load_rules
+from .rules import Port, RotatingDoor, SpaDoor, load_rules
 
 DEFAULT_RULES = "/etc/nfknock/rules"
 
@@ -207,6 +207,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from .describe import as_block
     from .firewall import plan
 
     ruleset = load_rules(args.rules)
@@ -214,23 +215,7 @@ def cmd_check(args) -> int:
         print(f"nfknock: warning: {line}", file=sys.stderr)
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
-        if door.kind == "spa":
-            print(f"  spa port       {door.port}   hmac {door.hmac_digest}   keys from "
-                  f"{door.keys_file or '$' + door.keys_env + '_*'}")
-            print(f"  protect        {' '.join(map(str, door.protect))}")
-            print(f"  open_for       {door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
-                  f"{str(door.trust_inner_address).lower()}")
-            continue
-        if door.rotate is not None:
-            print(f"  rotate         {door.rotate.length} steps from {door.rotate.ports}/{door.rotate.proto}, a new "
-                  f"sequence every {door.rotate.window:g}s (nfknock otp --door {door.name} prints it)")
-        else:
-            print(f"  sequence       {' '.join(map(str, door.sequence))}")
-        if door.close_sequence:
-            print(f"  close_sequence {' '.join(map(str, door.close_sequence))}")
-        print(f"  protect        {' '.join(map(str, door.protect))}")
-        print(f"  seq_timeout    {door.seq_timeout:g}s   open_for {door.open_for:g}s   tcp_flags {door.tcp_flags}")
-        print(f"  sources        {' '.join(map(str, door.sources)) or 'any'}")
+        print("\n".join(as_block(door)))
     for family, specs in plan(ruleset.doors, args.queue_num, args.pass_mark).items():
         if specs:
             tool = "iptables" if family == 4 else "ip6tables"
@@ -256,20 +241,17 @@ def cmd_knock(args) -> int:
     return 1 if failed else 0
 
 
-def current_sequence(door) -> list[Port]:
+def current_sequence(door: RotatingDoor) -> list[Port]:
     import time
 
-    from .rotation import derive, window_of
+    from .rotation import current_steps
 
-    proto, first, last = door.rotate.range
-    index = window_of(time.time(), door.rotate.window)
-    ports = derive(door.rotate.secret, door.name, index, door.rotate.length, first, last)
-    return [Port(port=port, proto=proto) for port in ports]
+    return [Port(port=port, proto=proto) for proto, port in current_steps(door.rotate, door.name, time.time())]
 
 
 def cmd_otp(args) -> int:
     door = load_rules(args.rules).door(args.door)
-    if getattr(door, "rotate", None) is None:
+    if not isinstance(door, RotatingDoor):
         raise UsageError(f"door {door.name!r} does not rotate")
     steps = current_sequence(door)
     print(" ".join(str(s.port) if s.proto == "tcp" else f"{s.port}:udp" for s in steps))
@@ -283,9 +265,9 @@ def _knock_steps(args) -> list[Port]:
         if not args.rules:
             raise UsageError("--door needs --rules DIR to find the door")
         door = load_rules(args.rules).door(args.door)
-        if door.kind == "spa":
+        if isinstance(door, SpaDoor):
             raise UsageError(f"door {door.name!r} is an SPA door; use 'nfknock spa'")
-        if door.rotate is not None:
+        if isinstance(door, RotatingDoor):
             if args.close:
                 raise UsageError(f"door {door.name!r} rotates and has no close sequence")
             return current_sequence(door)
@@ -323,11 +305,8 @@ def cmd_doctor(args) -> int:
 
 def cmd_spa(args) -> int:
     import ipaddress
-    import socket
-    import time
 
-    from .client import resolve
-    from .spa import encode
+    from .client import send_spa
 
     ports = [port_argument(text, "--access") for text in args.access or ()]
     if args.allow_ip:
@@ -336,14 +315,9 @@ def cmd_spa(args) -> int:
         except ValueError:
             raise UsageError(f"--allow-ip: {args.allow_ip!r} is not an IP address") from None
     door = load_rules(args.rules).door(args.door)
-    if door.kind != "spa":
+    if not isinstance(door, SpaDoor):
         raise UsageError(f"door {door.name!r} is a knock door; use 'nfknock knock'")
-    family, address = resolve(args.host)
-    ports = ports or list(door.protect)
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect((address, door.port.port))
-        allow = args.allow_ip or sock.getsockname()[0]
-        sock.send(encode(door.keys, allow, [p.key for p in ports], time.time()))
+    send_spa(args.host, door.keys, door.port.port, [p.key for p in ports or door.protect], args.allow_ip)
     return 0
 
 
@@ -397,10 +371,10 @@ def cmd_grant(args) -> int:
 
 
 def cmd_import_knockd(args) -> int:
-    import tempfile
     from pathlib import Path
 
     from .knockd_import import import_knockd
+    from .rules import parse_rules_text
 
     try:
         text = Path(args.config).read_text()
@@ -414,9 +388,7 @@ def cmd_import_knockd(args) -> int:
     if not imported.doors:
         raise UsageError(f"{args.config}: no door could be imported")
     output = imported.yaml()
-    with tempfile.TemporaryDirectory() as check:  # what we write must be valid nfknock rules
-        (Path(check) / "imported.yaml").write_text(output)
-        load_rules(check)
+    parse_rules_text(output, Path(args.output or "imported.yaml"))  # what we write must be valid rules
     if args.output:
         Path(args.output).write_text(output)
     else:

@@ -58,3 +58,17 @@ def knock(host: str, steps: list[Port], delay_ms: int = 0, family: int = 0, slee
             sleep(delay_ms / 1000)
         results.append(send_knock(address_family, address, step))
     return results
+
+
+def send_spa(host: str, keys, spa_port: int, ports: list[tuple[str, int]], allow_ip: str | None = None,
+             now: float | None = None) -> str:
+    """One SPA datagram to `host`; the address put inside is `allow_ip` or, as fwknop's `-R`
+    would, this host's source address towards `host`. Returns that address."""
+    from .spa import encode
+
+    family, address = resolve(host)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((address, spa_port))
+        allow = allow_ip or sock.getsockname()[0]
+        sock.send(encode(keys, allow, ports, time.time() if now is None else now))
+    return allow

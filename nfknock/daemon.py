@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import control, metrics
+from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
 from .events import Recorded
@@ -434,17 +435,7 @@ class Daemon:
 
     def _log_ready(self) -> None:
         for door in self.ruleset.doors:
-            if door.kind == "spa":
-                self.log.info("door %s: SPA on %s protects %s (open_for %gs, max_age %gs)", door.name, door.port,
-                              " ".join(map(str, door.protect)), door.open_for, door.max_age)
-                continue
-            self.log.info(
-                "door %s: sequence %s%s protects %s (seq_timeout %gs, open_for %gs)",
-                door.name, " ".join(map(str, door.sequence)) if door.sequence else
-                f"rotating in {door.rotate.ports}/{door.rotate.proto} every {door.rotate.window:g}s",
-                f", close {' '.join(map(str, door.close_sequence))}," if door.close_sequence else "",
-                " ".join(map(str, door.protect)), door.seq_timeout, door.open_for,
-            )
+            self.log.info("%s", as_line(door))
         self.log.info("ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name)
 
 

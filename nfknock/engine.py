@@ -63,7 +63,7 @@ from .events import (
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
-from .rules import Door, SpaDoor
+from .rules import Door, KnockDoor, RotatingDoor, SpaDoor
 from .sequence import Action, Key, KnockSequence, _FastHash
 from .spa_access import authorize
 from .state import Pool, Table
@@ -101,13 +101,13 @@ class _DoorState:
     __slots__ = ("door", "name", "grants", "lockouts", "networks", "required", "forbidden", "families",
                  "sequences")
 
-    def __init__(self, door: Door | SpaDoor, pools: _Pools):
+    def __init__(self, door: Door, pools: _Pools):
         self.door = door
         self.name = door.name
         self.grants = pools.grants.table()
         self.lockouts = Lockouts(door.name, door.lockout, pools.records)
         self.networks = tuple(door.sources)
-        self.required, self.forbidden = door.tcp_flags if isinstance(door, Door) else (0, 0)
+        self.required, self.forbidden = (0, 0) if isinstance(door, SpaDoor) else door.tcp_flags
         self.families = door.families
         self.sequences: list[KnockSequence] = []
 
@@ -151,9 +151,9 @@ class _KnockDoorState(_DoorState):
 
     __slots__ = ()
 
-    def __init__(self, door: Door, pools: _Pools):
+    def __init__(self, door: KnockDoor, pools: _Pools):
         super().__init__(door, pools)
-        self.sequences = [self._compile(_OPEN, door.sequence or (), pools)]
+        self.sequences = [self._compile(_OPEN, door.sequence, pools)]
         if door.close_sequence:
             self.sequences.append(self._compile(_CLOSE, door.close_sequence, pools))
 
@@ -193,7 +193,7 @@ class _RotatingDoorState(_KnockDoorState):
 
     __slots__ = ("pools", "replays")
 
-    def __init__(self, door: Door, pools: _Pools, replays: ReplayCache):
+    def __init__(self, door: RotatingDoor, pools: _Pools, replays: ReplayCache):
         _DoorState.__init__(self, door, pools)
         self.pools = pools
         self.replays = replays
@@ -255,10 +255,11 @@ class _SpaDoorState(_DoorState):
         events.append(DoorOpened(src, self.name, until))
 
 
-def _door_state(door: Door | SpaDoor, pools: _Pools, replays: ReplayCache) -> _DoorState:
+def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
+    """Dispatch on the door's kind, once."""
     if isinstance(door, SpaDoor):
         return _SpaDoorState(door, pools, replays)
-    if door.rotate is not None:
+    if isinstance(door, RotatingDoor):
         return _RotatingDoorState(door, pools, replays)
     return _KnockDoorState(door, pools)
 
@@ -266,7 +267,7 @@ def _door_state(door: Door | SpaDoor, pools: _Pools, replays: ReplayCache) -> _D
 class Engine:
     """Per-source knock progress, grants and lockouts for a set of doors."""
 
-    def __init__(self, doors: tuple[Door | SpaDoor, ...], max_sources: int = DEFAULT_MAX_SOURCES):
+    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES):
         self.max_sources = max_sources
         self._pools = _Pools(Pool(max_sources), Pool(max_sources), Pool(max_sources))
         self._doors: dict[str, _DoorState] = {}
@@ -276,7 +277,7 @@ class Engine:
 
     # -- configuration ------------------------------------------------------------------
 
-    def _compile(self, doors: tuple[Door | SpaDoor, ...]) -> None:
+    def _compile(self, doors: tuple[Door, ...]) -> None:
         states = {}
         for door in doors:
             old = self._doors.get(door.name)
@@ -303,7 +304,7 @@ class Engine:
             for key in set(knock) | set(trip) | set(protect)
         }
 
-    def reload(self, doors: tuple[Door | SpaDoor, ...]) -> list[str]:
+    def reload(self, doors: tuple[Door, ...]) -> list[str]:
         """Switch to new doors. State of doors that did not change is kept; returns the names
         of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
         keep = {d.name for d in doors if d.name in self._doors and self._doors[d.name].door == d}
@@ -315,7 +316,7 @@ class Engine:
         return dropped
 
     @property
-    def doors(self) -> dict[str, Door | SpaDoor]:
+    def doors(self) -> dict[str, Door]:
         return {name: state.door for name, state in self._doors.items()}
 
     # -- the packet path -----------------------------------------------------------------

@@ -44,3 +44,10 @@ def steps_of(secret: bytes, door: str, index: int, length: int, proto: str, firs
              ) -> tuple[tuple[str, int], ...]:
     """Window `index`'s sequence as (proto, port) steps."""
     return tuple((proto, port) for port in derive(secret, door, index, length, first, last))
+
+
+def current_steps(rotate, door: str, wall: float) -> tuple[tuple[str, int], ...]:
+    """The sequence a client knocks now on a rotating door (`rotate`: its Rotation settings)."""
+    proto, first, last = rotate.range
+    current, _ = accepted_windows(wall, rotate.window)
+    return steps_of(rotate.secret, door, current, rotate.length, proto, first, last)

@@ -28,6 +28,7 @@ from pydantic import (
     PrivateAttr,
     Tag,
     PlainSerializer,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -263,53 +264,25 @@ class Rotation(BaseModel):
 
 
 DoorName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Steps = tuple[Port, ...]
+Range = tuple[str, int, int]  # (proto, first port, last port)
+FAMILIES = {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}
 
 
-class Door(BaseModel):
-    """One door: a knock sequence that grants its source NEW connections to `protect`."""
+class _DoorBase(BaseModel):
+    """What every door has: a name, the ports its grant opens, for how long, and for whom."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["knock"] = "knock"
     name: DoorName
-    sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
-    rotate: Rotation | None = None
-    close_sequence: tuple[Port, ...] | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
-    protect: tuple[Port, ...] = Field(min_length=1)
-    seq_timeout: Duration = DEFAULT_SEQ_TIMEOUT
+    protect: Steps = Field(min_length=1)
     open_for: Duration = DEFAULT_OPEN_FOR
-    tcp_flags: Flags = TcpFlags(TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"])
     sources: tuple[Source, ...] = ()
     family: Family = "any"
-    tripwire: int = Field(default=DEFAULT_TRIPWIRE, ge=0, le=1024)
     lockout: Annotated[Lockout | None, BeforeValidator(_lockout_switch)] = Lockout()
 
-    @field_validator("sequence", "close_sequence")
-    @classmethod
-    def _advanceable(cls, steps):
-        # The engine ignores a repeat of the step just matched (retransmits), so a step
-        # equal to the one before it could never advance: the door would never open.
-        for i in range(1, len(steps or ())):
-            if steps[i] == steps[i - 1]:
-                raise ValueError(
-                    f"step {i + 1} ({steps[i]}) repeats step {i}; repeated knocks are ignored "
-                    "as retransmits, so consecutive steps must differ"
-                )
-        return steps
-
     @model_validator(mode="after")
-    def _consistent(self):
-        if (self.sequence is None) == (self.rotate is None):
-            raise ValueError("give either sequence or rotate")
-        if self.rotate is not None and self.close_sequence is not None:
-            raise ValueError("a rotating door has no close_sequence")
-        if self.rotate is not None:
-            proto, first, last = self.rotate.range
-            for port in self.protect:
-                if port.proto == proto and first <= port.port <= last:
-                    raise ValueError(f"{port} is a protected port inside the rotating range {self.rotate.ports}")
-        if self.close_sequence is not None and self.close_sequence == self.sequence:
-            raise ValueError("close_sequence equals sequence; the door could never stay open")
+    def _common(self):
         protected = set(self.protect)
         for step in self.knock_ports:
             if step in protected:
@@ -324,20 +297,36 @@ class Door(BaseModel):
     @property
     def families(self) -> tuple[int, ...]:
         """IP versions this door listens on."""
-        return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
+        return FAMILIES[self.family]
 
     @property
-    def knock_ports(self) -> tuple[Port, ...]:
-        """Every port of the door's sequences, without repeats, in first-seen order."""
-        return tuple(dict.fromkeys((self.sequence or ()) + (self.close_sequence or ())))
+    def knock_ports(self) -> Steps:
+        """The single ports the door listens on (queued and always dropped)."""
+        return ()
 
     @property
-    def knock_ranges(self) -> tuple[tuple[str, int, int], ...]:
+    def knock_ranges(self) -> tuple[Range, ...]:
         """Port ranges all of which are knock ports (a rotating door's whole range)."""
-        return (self.rotate.range,) if self.rotate else ()
+        return ()
 
     @property
-    def tripwire_ranges(self) -> tuple[tuple[str, int, int], ...]:
+    def tripwire_ranges(self) -> tuple[Range, ...]:
+        return ()
+
+    @property
+    def tripwire_keys(self) -> frozenset[tuple[str, int]]:
+        return frozenset()
+
+
+class _SequenceDoor(_DoorBase):
+    """A door opened by knocking a sequence of closed ports."""
+
+    seq_timeout: Duration = DEFAULT_SEQ_TIMEOUT
+    tcp_flags: Flags = TcpFlags(TCP_FLAG_BITS["syn"], TCP_FLAG_BITS["ack"])
+    tripwire: int = Field(default=DEFAULT_TRIPWIRE, ge=0, le=1024)
+
+    @property
+    def tripwire_ranges(self) -> tuple[Range, ...]:
         """(proto, first, last) port ranges within `tripwire` of any step, merged.
 
         A scanner walking the ports in any order touches these between the steps; a knock
@@ -348,7 +337,7 @@ class Door(BaseModel):
             (p.proto, max(1, p.port - self.tripwire), min(65535, p.port + self.tripwire))
             for p in self.knock_ports
         ) if self.tripwire else []
-        merged: list[tuple[str, int, int]] = []
+        merged: list[Range] = []
         for proto, first, last in spans:
             if merged and merged[-1][0] == proto and first <= merged[-1][2] + 1:
                 merged[-1] = (proto, merged[-1][1], max(last, merged[-1][2]))
@@ -365,6 +354,76 @@ class Door(BaseModel):
             for port in range(first, last + 1)
             if (proto, port) not in steps
         )
+
+
+def _advanceable(steps: Steps | None) -> Steps | None:
+    # The engine ignores a repeat of the step just matched (retransmits), so a step equal to
+    # the one before it could never advance: the door would never open.
+    for i in range(1, len(steps or ())):
+        if steps[i] == steps[i - 1]:
+            raise ValueError(
+                f"step {i + 1} ({steps[i]}) repeats step {i}; repeated knocks are ignored "
+                "as retransmits, so consecutive steps must differ"
+            )
+    return steps
+
+
+class KnockDoor(_SequenceDoor):
+    """A fixed knock sequence that grants its source NEW connections to `protect`, and perhaps
+    a close sequence that takes the grant back."""
+
+    kind: Literal["knock"] = "knock"
+    sequence: Steps = Field(min_length=1, max_length=MAX_SEQUENCE)
+    close_sequence: Steps | None = Field(default=None, min_length=1, max_length=MAX_SEQUENCE)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_way_to_knock(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("sequence" in data) == ("rotate" in data):
+            raise ValueError("give either sequence or rotate")
+        return data
+
+    @field_validator("sequence", "close_sequence")
+    @classmethod
+    def _steps_advance(cls, steps: Steps | None) -> Steps | None:
+        return _advanceable(steps)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.close_sequence is not None and self.close_sequence == self.sequence:
+            raise ValueError("close_sequence equals sequence; the door could never stay open")
+        return self
+
+    @property
+    def knock_ports(self) -> Steps:
+        """Every port of the door's sequences, without repeats, in first-seen order."""
+        return tuple(dict.fromkeys(self.sequence + (self.close_sequence or ())))
+
+
+class RotatingDoor(_SequenceDoor):
+    """A knock door whose sequence changes every window, derived from a shared secret."""
+
+    kind: Literal["rotating"] = "rotating"
+    rotate: Rotation
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fixed_sequences(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "close_sequence" in data:
+            raise ValueError("a rotating door has no close_sequence")
+        return data
+
+    @model_validator(mode="after")
+    def _outside_the_range(self):
+        proto, first, last = self.rotate.range
+        for port in self.protect:
+            if port.proto == proto and first <= port.port <= last:
+                raise ValueError(f"{port} is a protected port inside the rotating range {self.rotate.ports}")
+        return self
+
+    @property
+    def knock_ranges(self) -> tuple[Range, ...]:
+        return (self.rotate.range,)
 
 
 def _read_keys(text: str, where: str) -> "Keys":
@@ -386,25 +445,18 @@ def _read_keys(text: str, where: str) -> "Keys":
     return Keys(encryption, mac)
 
 
-class SpaDoor(BaseModel):
+class SpaDoor(_DoorBase):
     """A door opened by one authenticated UDP packet (fwknop-compatible SPA). The keys come from
-    a root-only file or from the environment, never from the rules file itself."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    a root-only file or from the environment, never from the rules file itself; SPA has nothing
+    to scan for (one port, and a wrong packet is refused by its HMAC), so no tripwires."""
 
     kind: Literal["spa"]
-    name: DoorName
     port: Port = Port(port=62201, proto="udp")
     keys_file: Path | None = None
     keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
     hmac_digest: Literal["sha1", "sha256", "sha384", "sha512"] = "sha256"
-    protect: tuple[Port, ...] = Field(min_length=1)
-    open_for: Duration = DEFAULT_OPEN_FOR
     max_age: Duration = 120.0
     trust_inner_address: bool = False
-    sources: tuple[Source, ...] = ()
-    family: Family = "any"
-    lockout: Annotated[Lockout | None, BeforeValidator(_lockout_switch)] = Lockout()
     _keys: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -422,17 +474,11 @@ class SpaDoor(BaseModel):
         return self._keys
 
     @property
-    def knock_ports(self) -> tuple[Port, ...]:
+    def knock_ports(self) -> Steps:
         return (self.port,)
 
-    knock_ranges: ClassVar[tuple] = ()
-    # SPA has nothing to scan for: one port, and a wrong packet is refused by its HMAC.
-    tripwire_ranges: ClassVar[tuple] = ()
-    tripwire_keys: ClassVar[frozenset] = frozenset()
 
-    @property
-    def families(self) -> tuple[int, ...]:
-        return {"any": (4, 6), "ipv4": (4,), "ipv6": (6,)}[self.family]
+Door = KnockDoor | RotatingDoor | SpaDoor
 
 
 def _spa_keys(door: SpaDoor) -> Keys:
@@ -452,16 +498,16 @@ def _spa_keys(door: SpaDoor) -> Keys:
     return Keys(keys.encryption, keys.hmac, door.hmac_digest)
 
 
-def load_secrets(door: Door | SpaDoor, strict: bool = False) -> list[str]:
+def load_secrets(door: Door, strict: bool = False) -> list[str]:
     """Attach a validated door's secret: a rotating door's `rotate.secret`, an SPA door's `keys`.
 
     The one step of loading that reads key files and the environment (validation reads
     nothing). A key file that `trust.why_unsafe` refuses is not read when `strict`; otherwise
     the reason is returned as a warning. Raises ValueError naming the field on any problem.
     """
-    if door.kind == "spa":
+    if isinstance(door, SpaDoor):
         field, file = "keys_file", door.keys_file
-    elif door.rotate is not None:
+    elif isinstance(door, RotatingDoor):
         field, file = "rotate: secret_file", door.rotate.secret_file
     else:
         return []
@@ -471,7 +517,7 @@ def load_secrets(door: Door | SpaDoor, strict: bool = False) -> list[str]:
         if strict:
             raise ValueError(f"{field}: not trusted: {reason}")
         warnings.append(f"{field}: not trusted: {reason}")
-    if door.kind == "spa":
+    if isinstance(door, SpaDoor):
         door._keys = _spa_keys(door)
     else:
         try:
@@ -481,17 +527,28 @@ def load_secrets(door: Door | SpaDoor, strict: bool = False) -> list[str]:
     return warnings
 
 
-def _door_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return value.get("kind", "knock")
-    return getattr(value, "kind", "knock")
+def _door_kind(value: Any) -> str | None:
+    """`kind` says it; without one (or with 0.1.0's `kind: knock`), a `rotate` key and no
+    `sequence` make a rotating door."""
+    if not isinstance(value, dict):
+        return getattr(value, "kind", None)
+    kind = value.get("kind", "knock")
+    if kind == "knock" and "rotate" in value and "sequence" not in value:
+        return "rotating"
+    return kind if kind in DOOR_KINDS else None
 
 
+DOOR_KINDS = ("knock", "rotating", "spa")
 AnyDoor = Annotated[
-    Annotated[Door, Tag("knock")] | Annotated[SpaDoor, Tag("spa")],
+    Annotated[KnockDoor, Tag("knock")] | Annotated[RotatingDoor, Tag("rotating")] | Annotated[SpaDoor, Tag("spa")],
     Discriminator(_door_kind, custom_error_type="door_kind",
-                  custom_error_message="kind must be knock or spa"),
+                  custom_error_message="kind must be knock, rotating or spa"),
 ]
+
+
+def parse_door(data: Any) -> Door:
+    """One door from its YAML mapping, whatever its kind (validation only: no secrets)."""
+    return _DOOR.validate_python(data)
 
 
 class RuleFile(BaseModel):
@@ -645,6 +702,22 @@ def _parse_file(file: Path, errors: list[str]) -> list[Door]:
     except ValueError as exc:
         errors.append(f"{file}: cannot read: {exc}")
         return []
+    return _parse_text(text, file, errors)
+
+
+def parse_rules_text(text: str, origin: Path) -> tuple[Door, ...]:
+    """Doors from text that is not a file yet (what `import-knockd` is about to write), checked
+    as `load_rules` checks a file, secrets aside; RulesError naming `origin` otherwise."""
+    errors: list[str] = []
+    doors = _parse_text(text, origin, errors)
+    problems = _conflicts(doors, [origin] * len(doors), {door.name: origin for door in reversed(doors)})
+    errors += [line for i in range(len(doors)) for line in problems.get(i, [])]
+    if errors:
+        raise RulesError(errors)
+    return tuple(doors)
+
+
+def _parse_text(text: str, file: Path, errors: list[str]) -> list[Door]:
     try:
         data = yamlsafe.load(text)
     except yamlsafe.LimitError as exc:
@@ -690,7 +763,7 @@ def _describe(file: Path, data: dict, exc: ValidationError) -> list[str]:
             name = raw_door.get("name") if isinstance(raw_door, dict) else None
             where.append(f"door {_short(name)}" if isinstance(name, str) else f"door #{loc[1] + 1}")
             loc = loc[2:]
-            if loc and loc[0] in ("knock", "spa"):
+            if loc and loc[0] in DOOR_KINDS:
                 loc = loc[1:]  # the tag of the door kind
         field = ""
         for part in loc:
@@ -734,7 +807,7 @@ def _conflicts(doors: list, files: list[Path], origin: dict[str, Path]) -> dict[
         for a, i in enumerate(same):
             for j in same[:a]:
                 report(i, j, 0, (), "name", "duplicate door name (also %s)")
-    sequences = groups((d.sequence, i) for i, d in enumerate(doors) if getattr(d, "sequence", None) is not None)
+    sequences = groups((d.sequence, i) for i, d in enumerate(doors) if isinstance(d, KnockDoor))
     for same in sequences.values():
         for a, i in enumerate(same):
             for j in same[:a]:
@@ -763,3 +836,6 @@ def _conflicts(doors: list, files: list[Path], origin: dict[str, Path]) -> dict[
     for i, _, _, _, line in sorted(found, key=lambda f: f[:4]):
         out.setdefault(i, []).append(line)
     return out
+
+
+_DOOR: TypeAdapter[Door] = TypeAdapter(AnyDoor)

@@ -95,7 +95,7 @@ def test_schema_describes_both_door_kinds(capsys):
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert "doors" in schema["properties"]
-    assert {"Door", "SpaDoor"} <= set(schema["$defs"])
+    assert {"KnockDoor", "RotatingDoor", "SpaDoor"} <= set(schema["$defs"])
 
 
 def test_down_tries_both_flavours_and_fails_loudly_if_one_fails(monkeypatch, capsys):

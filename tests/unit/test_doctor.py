@@ -5,9 +5,9 @@ import stat
 
 from nfknock.doctor import (FAIL, OK, WARN, HostState, check_earlier_accepts, check_leftovers, check_modes,
                             check_queue, diagnose)
-from nfknock.rules import Door
+from nfknock.rules import KnockDoor, RotatingDoor
 
-SEED = Door.model_validate(dict(name="openSSH", sequence=[40000, 50000, 60000], protect=["22/tcp"]))
+SEED = KnockDoor.model_validate(dict(name="openSSH", sequence=[40000, 50000, 60000], protect=["22/tcp"]))
 WITH_CHAIN = "-P INPUT ACCEPT\n-N NFKNOCK\n-A INPUT -j NFKNOCK\n-A NFKNOCK -p tcp -j DROP\n"
 
 
@@ -217,7 +217,7 @@ def test_knock_tripwire_and_rotating_ports_in_the_local_port_range_warn(monkeypa
     assert check_local_ports((SEED,), (61000, 65000))[0].level == OK
     assert check_local_ports((SEED,), None) == []
     monkeypatch.setenv("T_SECRET", base64.b64encode(b"s" * 32).decode())
-    rotating = Door.model_validate(dict(name="r", rotate={"secret_env": "T_SECRET", "ports": "30000-39999"},
+    rotating = RotatingDoor.model_validate(dict(name="r", rotate={"secret_env": "T_SECRET", "ports": "30000-39999"},
                                         protect=["22/tcp"], tripwire=0))
     (finding,) = check_local_ports((rotating,), (32768, 60999))
     assert "rotating range 30000-39999/tcp in the local port range" in finding.text

@@ -17,7 +17,7 @@ from nfknock.events import (
     SequenceTimeout,
 )
 from nfknock.packet import Packet
-from nfknock.rules import Door
+from nfknock.rules import KnockDoor
 
 ALICE, BOB = "10.0.0.2", "10.0.0.3"
 SYN, SYNACK, ACK = 0x02, 0x12, 0x10
@@ -33,7 +33,7 @@ def seed(**overrides):
         open_for="30s",
     )
     fields.update(overrides)
-    return Door.model_validate(fields)
+    return KnockDoor.model_validate(fields)
 
 
 def knock(port, src=ALICE, proto="tcp", flags=SYN):

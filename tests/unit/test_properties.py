@@ -10,11 +10,11 @@ from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorClosed, DoorOpened
 from nfknock.packet import Packet
-from nfknock.rules import Door
+from nfknock.rules import KnockDoor
 
 from test_daemon import FakeFirewall, Queued
 
-DOOR = Door.model_validate(dict(
+DOOR = KnockDoor.model_validate(dict(
     name="d", sequence=[1000, "2000/udp", 3000], close_sequence=[3000, 1000], protect=["22/tcp"],
     seq_timeout="5s", open_for="10s", tripwire=4, lockout={"failures": 3, "window": "30s", "lock_for": "20s"},
 ))

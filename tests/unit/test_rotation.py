@@ -9,7 +9,7 @@ from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorOpened, SequenceReused
 from nfknock.packet import Packet
 from nfknock.rotation import derive, window_of
-from nfknock.rules import Door, load_secrets
+from nfknock.rules import RotatingDoor, load_secrets
 
 SECRET = b"s" * 32
 WALL = 1_800_000_000.0  # a multiple of 60: window 30,000,000 starts here
@@ -36,7 +36,7 @@ def test_window_of():
 @pytest.fixture
 def door(monkeypatch):
     monkeypatch.setenv("ROT_SECRET", base64.b64encode(SECRET).decode())
-    door = Door.model_validate(dict(name="rot", protect=["22/tcp"], seq_timeout="10s",
+    door = RotatingDoor.model_validate(dict(name="rot", protect=["22/tcp"], seq_timeout="10s",
                                     rotate={"secret_env": "ROT_SECRET", "window": "60s", "ports": "20000-20999"}))
     load_secrets(door)
     return door
@@ -102,10 +102,10 @@ def test_next_window_brings_a_fresh_sequence(door):
 ])
 def test_bad_rotation_settings(door, rotate, message):
     with pytest.raises(ValueError, match=message):
-        load_secrets(Door.model_validate(dict(name="rot", protect=["22/tcp"], rotate=rotate)))
+        load_secrets(RotatingDoor.model_validate(dict(name="rot", protect=["22/tcp"], rotate=rotate)))
 
 
 def test_protected_port_inside_the_range_is_refused(door):
     with pytest.raises(ValueError, match="inside the rotating range"):
-        Door.model_validate(dict(name="rot", protect=["20500/tcp"],
+        RotatingDoor.model_validate(dict(name="rot", protect=["20500/tcp"],
                                  rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"}))
