@@ -99,9 +99,11 @@ def test_a_fault_in_a_reload_or_a_request_is_refused_and_the_daemon_goes_on(serv
 
 
 BROKEN_ON_RELOAD = {
-    "an invalid date": "doors: [{name: 2026-02-30, sequence: [1,2,3], protect: [22/tcp]}]\n",
+    "an invalid date": "doors: [{name: !!timestamp 2026-02-30, sequence: [1,2,3], protect: [22/tcp]}]\n",
     "nesting 600 deep": "doors: " + "[" * 600 + "]" * 600 + "\n",
     "a binary file": "\x00\xff\xfe not yaml",
+    "an alias bomb": "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)),
 }
 
 
@@ -116,6 +118,19 @@ def test_sighup_with_a_broken_file_keeps_the_old_rules(server, alice, bob, conte
     assert not connect(bob, timeout=1).connected
     knock(server.sandbox, alice, *SEQUENCE)
     assert connect(alice).connected
+
+
+def test_a_door_named_like_a_date_is_a_door(server, bob):
+    """The file that used to kill the daemon on SIGHUP (PyYAML read the name as an invalid date)."""
+    server.start()
+    server.write_rules("doors: [{name: 2026-02-30, sequence: [1111, 2222, 3333], protect: [22/tcp]}]\n",
+                       name="added.yaml")
+    sighup(server)
+    assert "2 door(s)" in server.wait_log("reloaded")
+    assert not connect(bob, timeout=1).connected
+    knock(server.sandbox, bob, "1111", "2222", "3333")
+    server.wait_log("10.199.2.2: 2026-02-30: OPEN SESAME")
+    assert connect(bob).connected
 
 
 @pytest.mark.parametrize("request_bytes", [b"[]\n", b"{\"cmd\": \"revoke\", \"address\": []}\n", b"\xff\xfe\n",
