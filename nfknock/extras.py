@@ -10,12 +10,14 @@ missing one into a single line that names the extra to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from .errors import NfknockError
 
 SERVER = "server"
 METRICS = "metrics"
+SERVER_MODULES = {"netfilterqueue": "netfilterqueue", "iptc": "python-iptables"}  # module -> distribution
 
 
 class MissingExtra(NfknockError):
@@ -48,3 +50,8 @@ def require_for_run(metrics_port: int | None, firewall_name: str) -> None:
         load_iptc()
     if metrics_port:
         require("prometheus_client", METRICS, "--metrics-port")
+
+
+def absent(modules) -> list[str]:
+    """Which of these modules are not installed (looked up, not imported: for `nfknock doctor`)."""
+    return [module for module in modules if importlib.util.find_spec(module) is None]
