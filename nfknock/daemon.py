@@ -33,6 +33,7 @@ from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
 from .events import Recorded
+from .extras import require_for_run
 from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
 from .logs import RateLimit, log_events
 from .metrics import tally
@@ -210,6 +211,9 @@ class Daemon:
     # -- lifecycle -----------------------------------------------------------------------
 
     def run(self, ready: Callable[[], None] | None = None) -> None:
+        # What the server and metrics extras bring, checked before a queue is bound or a rule
+        # installed: a missing one is a single line (MissingExtra), not a traceback or a half start.
+        require_for_run(self.config.metrics_port, self.firewall.name)
         from netfilterqueue import NetfilterQueue
 
         queue = NetfilterQueue()

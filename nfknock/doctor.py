@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RulesError
+from .extras import SERVER, SERVER_MODULES, absent
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
 from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
@@ -47,6 +48,7 @@ class HostState:
     saved: dict[tuple[str, int], str] = field(default_factory=dict)  # (flavour, family) -> `-save`, all tables
     local_ports: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range
     reserved_ports: str = ""  # net.ipv4.ip_local_reserved_ports
+    missing_modules: tuple[str, ...] = ()  # of the server extra, in this Python
 
 
 def filter_rules(saved: str) -> str:
@@ -70,6 +72,15 @@ def check_flavour(host: HostState, chosen: str) -> list[Finding]:
         return [Finding(WARN, f"no 'iptables' command found; --firewall auto falls back to {chosen}")]
     return [Finding(OK, f"this host's iptables is the {host.flavour} flavour; --firewall auto uses the "
                         f"{'nft' if host.flavour == 'nf_tables' else 'legacy'} backend")]
+
+
+def check_server_extra(host: HostState, chosen: str) -> list[Finding]:
+    needed = [m for m in SERVER_MODULES if m != "iptc" or chosen == "legacy"]  # nft runs commands instead
+    missing = [SERVER_MODULES[m] for m in needed if m in host.missing_modules]
+    if missing:
+        return [Finding(FAIL, f"nfknock run needs the {SERVER} extra: pip install 'nfknock[{SERVER}]' "
+                              f"({', '.join(missing)} not installed)")]
+    return [Finding(OK, f"the {SERVER} extra is installed ({', '.join(SERVER_MODULES[m] for m in needed)})")]
 
 
 def check_leftovers(host: HostState, chosen: str) -> list[Finding]:
@@ -265,7 +276,7 @@ def gather() -> HostState:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    host = HostState(iptables_flavour())
+    host = HostState(iptables_flavour(), missing_modules=tuple(absent(SERVER_MODULES)))
     for flavour in FLAVOURS:
         for family, tool in ((4, "iptables"), (6, "ip6tables")):
             if flavour == "legacy" and not legacy_tables(family):
@@ -320,6 +331,7 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
     paths += sorted(keys)
     return (
         check_flavour(host, chosen)
+        + check_server_extra(host, chosen)
         + check_leftovers(host, chosen)
         + check_earlier_accepts(host, chosen, doors)
         + check_conntrack(host)

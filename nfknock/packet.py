@@ -44,10 +44,6 @@ class Packet(NamedTuple):
     fragment: bool = False  # a first fragment (more fragments follow)
     family: int = 4
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.proto, self.dport)
-
 
 def parse(data: bytes) -> Packet:
     """Parse an IPv4 packet as handed over by NFQUEUE (no link-layer header)."""

@@ -63,9 +63,6 @@ class Table:
             return None
         return entry
 
-    def get(self, src: str) -> tuple[float, Any] | None:
-        return self.entries.get(src)
-
     def put(self, src: str, deadline: float, value: Any = None) -> None:
         """Insert or replace. Callers only ever move a deadline later (constant lifetimes)."""
         if src in self.entries:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up on Debian/Ubuntu: the system packages nfknock and its tests need, then a
-# virtualenv in .venv with nfknock (editable) and the test tools. Safe to run again and again:
-# apt runs only when a package is missing, pip only when the package metadata changed.
+# virtualenv in .venv with nfknock (editable, with the server and metrics extras) and the test
+# tools. Safe to run again and again: apt runs only when a package is missing, pip only when the
+# package metadata changed or a module the venv needs is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,9 +56,11 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   rm -rf .venv
   "$(pick_python)" -m venv .venv
 fi
-if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc' 2>/dev/null; then
+if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] \
+   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, prometheus_client, pytest, hypothesis' 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  # the daemon (server), its exporter (metrics) and the test tools; a plain 'pip install .' is the client
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,metrics,test]'
   echo "$stamp" > .venv/.nfknock-stamp
 fi

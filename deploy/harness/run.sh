@@ -26,7 +26,7 @@ modprobe -q xt_NFQUEUE 2>/dev/null || true
 modprobe -q nf_conntrack 2>/dev/null || true
 bash deploy/docker/base-image.sh
 rm -rf deploy/docker/wheels
-.venv/bin/python -m pip wheel -q --disable-pip-version-check -w deploy/docker/wheels . >/dev/null
+.venv/bin/python -m pip wheel -q --disable-pip-version-check -w deploy/docker/wheels '.[server,metrics]' >/dev/null
 generated=deploy/harness/generated
 rm -rf "$generated" && install -d -m 0700 "$generated" "$generated/rules"
 .venv/bin/nfknock keygen > "$generated/spa.keys"

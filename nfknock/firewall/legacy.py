@@ -11,19 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FirewallError
+from ..extras import SERVER, MissingExtra
 from . import CHAIN, PerFamily, RuleSpec
 
 
-def _iptc():
+def load_iptc():
+    """python-iptables (the `server` extra), or one error that says what is wrong with it."""
     try:
         import iptc
+    except ModuleNotFoundError as exc:
+        if exc.name == "iptc":
+            raise MissingExtra(f"the legacy iptables backend needs the {SERVER} extra: "
+                               f"pip install 'nfknock[{SERVER}]' (python-iptables is not installed)") from None
+        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
     except Exception as exc:  # missing libxtables/libip4tc raises assorted errors
         raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
     return iptc
 
 
 def _classes(family: int):
-    iptc = _iptc()
+    iptc = load_iptc()
     if family == 4:
         return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
     return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6

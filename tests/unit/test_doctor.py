@@ -3,8 +3,10 @@
 import os
 import stat
 
-from nfknock.doctor import (FAIL, OK, WARN, HostState, check_earlier_accepts, check_leftovers, check_modes,
-                            check_queue, diagnose)
+import pytest
+
+from nfknock.doctor import (FAIL, OK, WARN, Finding, HostState, check_earlier_accepts, check_leftovers, check_modes,
+                            check_queue, check_server_extra, diagnose)
 from nfknock.rules import KnockDoor, RotatingDoor
 
 SEED = KnockDoor.model_validate(dict(name="openSSH", sequence=[40000, 50000, 60000], protect=["22/tcp"]))
@@ -236,3 +238,16 @@ def test_diagnose_follows_a_rules_symlink(tmp_path):
     assert [f.text for f in diagnose(link, 0, "auto", HostState("nf_tables", conntrack=True)) if f.level == FAIL] == [
         f"{link} (-> {target}) is writable by group or others: anyone who can edit it decides who gets in "
         "(chmod go-w)"]
+
+
+@pytest.mark.parametrize(("missing", "chosen", "level", "text"), [
+    ((), "nft", OK, "the server extra is installed (netfilterqueue)"),
+    ((), "legacy", OK, "the server extra is installed (netfilterqueue, python-iptables)"),
+    (("iptc",), "nft", OK, "the server extra is installed (netfilterqueue)"),
+    (("iptc",), "legacy", FAIL, "nfknock run needs the server extra: pip install 'nfknock[server]' "
+                                "(python-iptables not installed)"),
+    (("netfilterqueue", "iptc"), "legacy", FAIL, "nfknock run needs the server extra: pip install "
+                                                 "'nfknock[server]' (netfilterqueue, python-iptables not installed)"),
+])
+def test_a_client_only_install_fails_the_server_extra_check(missing, chosen, level, text):
+    assert check_server_extra(HostState("nf_tables", missing_modules=missing), chosen) == [Finding(level, text)]
