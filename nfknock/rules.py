@@ -119,9 +119,6 @@ class TcpFlags(NamedTuple):
     required: int
     forbidden: int
 
-    def matches(self, flags: int) -> bool:
-        return flags & self.required == self.required and not flags & self.forbidden
-
     def __str__(self) -> str:
         names = [n for n, b in TCP_FLAG_BITS.items() if self.required & b]
         names += ["!" + n for n, b in TCP_FLAG_BITS.items() if self.forbidden & b]
