@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/run.py [--smoke] [--repeat N] [--out DIR]
 
-Everything runs in throwaway network namespaces on veth links (nfknock.sandbox). Writes
+Everything runs in throwaway network namespaces on veth links (tests/support/sandbox.py). Writes
 DIR/report.json and DIR/report.md: every figure as the median and the spread (min..max) of
 the repeated runs. --smoke runs each measurement once, briefly: it proves the harness works,
 its figures mean little.
@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
-from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv, wait_for_line  # noqa: E402
+from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv, wait_for_line  # noqa: E402
 
 BENCH = REPO / "bench"
 FLOOD = BENCH / "build" / "flood"

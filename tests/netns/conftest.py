@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nfknock.firewall import make_firewall
-from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
+from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 # Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables

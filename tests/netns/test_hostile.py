@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SEED, connect, knock, rss_kib
-from nfknock.sandbox import EchoService, SynFlood, entered
+from support.sandbox import EchoService, SynFlood, entered
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

@@ -1,9 +1,10 @@
 """Throwaway test hosts on one machine: a server namespace and client namespaces on veth links.
 
-Used by the demo and the real-kernel tests. Nothing here sends a packet anywhere but inside the
-namespaces it created, and `close()` deletes them (with their iptables rules and processes'
-sockets) even after a failure. Sockets made inside `entered(ns)` live in that namespace for good,
-so a test can connect from a client namespace without a subprocess.
+Used by the real-kernel tests, bench/run.py and scripts/demo.py; not part of the nfknock package.
+Nothing here sends a packet anywhere but inside the namespaces it created, and `close()` deletes
+them (with their iptables rules and processes' sockets) even after a failure. Sockets made inside
+`entered(ns)` live in that namespace for good, so a test can connect from a client namespace
+without a subprocess.
 """
 
 from __future__ import annotations
