@@ -46,7 +46,10 @@ doors:
 PORTS = [22, 53, 39998, 39999, 40000, 40001, 49999, 50000, 50002, 60000, 60003, 60004, 1, 65535]
 
 
-workdir = Path(tempfile.mkdtemp(prefix="nfknock-fuzz-"))
+# The daemon trusts a rules directory only if the directory holding it is not world-writable
+# (nfknock/trust.py): so rules/ inside a private temporary directory, not the directory in /tmp.
+workdir = Path(tempfile.mkdtemp(prefix="nfknock-fuzz-")) / "rules"
+workdir.mkdir()
 (workdir / "doors.yaml").write_text(RULES)
 clock = [0.0]
 logger = logging.getLogger("nfknock-fuzz")
