@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
-from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv, wait_for_line  # noqa: E402
+from support.sandbox import (  # noqa: E402
+    EchoService, Sandbox, connect, entered, nfknock_argv, queue_counters, wait_for_line)
 
 BENCH = REPO / "bench"
 FLOOD = BENCH / "build" / "flood"
@@ -130,13 +131,10 @@ class Bench:
         The kernel gives a packet an id only once it fits in the queue; a packet that then
         overruns the socket buffer is counted in user_dropped. So verdicts = ids - overruns.
         """
-        with entered(self.box.server):
-            text = Path("/proc/thread-self/net/netfilter/nfnetlink_queue").read_text()
-        for line in text.splitlines():
-            f = line.split()
-            if int(f[0]) == QUEUE:
-                return int(f[7]), int(f[6]), int(f[5])
-        raise RuntimeError("queue not bound")
+        counters = queue_counters(self.box.server, QUEUE)
+        if counters is None:
+            raise RuntimeError("queue not bound")
+        return counters.id_sequence, counters.user_dropped, counters.dropped
 
     def retransmits(self, client) -> int:
         with entered(client.namespace):

@@ -24,6 +24,7 @@ from .errors import RulesError
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
 from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
+from .stats import QUEUE_PROC, parse_queue_table
 from .trust import why_unsafe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -221,11 +222,10 @@ def check_conntrack(host: HostState) -> list[Finding]:
 
 
 def check_queue(host: HostState, queue_num: int) -> list[Finding]:
-    for line in host.queues.splitlines():
-        fields = line.split()
-        if fields and fields[0].isdigit() and int(fields[0]) == queue_num:
-            return [Finding(FAIL, f"NFQUEUE {queue_num} is held by netlink port {fields[1]} (another nfknock "
-                                  "or NFQUEUE listener): pick another with --queue-num")]
+    held = parse_queue_table(host.queues).get(queue_num)
+    if held is not None:
+        return [Finding(FAIL, f"NFQUEUE {queue_num} is held by netlink port {held.peer_portid} (another nfknock "
+                              "or NFQUEUE listener): pick another with --queue-num")]
     return [Finding(OK, f"NFQUEUE {queue_num} is free")]
 
 
@@ -283,7 +283,7 @@ def gather() -> HostState:
         if shutil.which("modprobe") else Path("/sys/module/nf_conntrack").exists()
     )
     try:
-        host.queues = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
+        host.queues = QUEUE_PROC.read_text()
     except OSError:
         host.queues = ""
     return host

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nfknock.stats import QueueCounters, read_queue_counters
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,6 +50,12 @@ def entered(namespace: str):
     finally:
         os.close(target)
         os.close(home)
+
+
+def queue_counters(namespace: str, queue_num: int) -> QueueCounters | None:
+    """The kernel's counters of one NFQUEUE in `namespace` (None: no process has bound it)."""
+    with entered(namespace):  # /proc/net is the process's namespace; thread-self is this thread's
+        return read_queue_counters(queue_num, Path("/proc/thread-self/net/netfilter/nfnetlink_queue"))
 
 
 def ip(*args: str) -> None:
