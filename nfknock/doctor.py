@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RulesError
-from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
+from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
 from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
 from .stats import QUEUE_PROC, parse_queue_table
@@ -70,7 +70,7 @@ def check_flavour(host: HostState, chosen: str) -> list[Finding]:
     if host.flavour is None:
         return [Finding(WARN, f"no 'iptables' command found; --firewall auto falls back to {chosen}")]
     return [Finding(OK, f"this host's iptables is the {host.flavour} flavour; --firewall auto uses the "
-                        f"{'nft' if host.flavour == 'nf_tables' else 'legacy'} backend")]
+                        f"{resolve_flavour('auto', lambda: host.flavour)} backend")]
 
 
 def check_leftovers(host: HostState, chosen: str) -> list[Finding]:
@@ -305,8 +305,7 @@ def read_local_ports() -> tuple[tuple[int, int] | None, str]:
 def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = None,
              pass_mark: int = PASS_MARK) -> list[Finding]:
     host = host or gather()
-    if chosen == "auto":
-        chosen = "nft" if host.flavour == "nf_tables" else "legacy"
+    chosen = resolve_flavour(chosen, lambda: host.flavour)
     rule_findings, doors = check_rules(rules)
     try:
         paths = [rules, *rule_files(rules)] if rules.is_dir() else [rules]
