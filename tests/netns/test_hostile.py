@@ -32,7 +32,7 @@ def nmap(sandbox, attacker, *args):
 
 def status(server) -> dict:
     """The daemon's own counters, from its control socket (`nfknock status --json`)."""
-    result = server.nfknock("status", "--json", "--socket", str(server.workdir / f"{server.log.stem}.sock"))
+    result = server.nfknock("status", "--json", "--control-socket", str(server.workdir / f"{server.log.stem}.sock"))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
