@@ -19,6 +19,11 @@ from pathlib import Path
 
 import atheris
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
+
+from support.fakes import FakeFirewall, Queued  # noqa: E402  (not instrumented: not under test)
+
 with atheris.instrument_imports():
     import dpkt
 
@@ -41,51 +46,16 @@ doors:
 PORTS = [22, 53, 39998, 39999, 40000, 40001, 49999, 50000, 50002, 60000, 60003, 60004, 1, 65535]
 
 
-class Firewall:
-    name = "fuzz"
-
-    def apply(self, specs):
-        pass
-
-    def remove(self):
-        return True
-
-    def installed(self):
-        return []
-
-
-class Queued:
-    __slots__ = ("payload", "verdicts", "mark")
-
-    def __init__(self, payload: bytes):
-        self.payload, self.verdicts, self.mark = payload, 0, 0
-
-    def get_payload(self):
-        return self.payload
-
-    def get_mark(self):
-        return self.mark
-
-    def set_mark(self, mark):
-        self.mark = mark
-
-    def accept(self):
-        self.verdicts += 1
-
-    def drop(self):
-        self.verdicts += 1
-
-    def repeat(self):
-        self.verdicts += 1
-
-
-workdir = Path(tempfile.mkdtemp(prefix="nfknock-fuzz-"))
+# The daemon trusts a rules directory only if the directory holding it is not world-writable
+# (nfknock/trust.py): so rules/ inside a private temporary directory, not the directory in /tmp.
+workdir = Path(tempfile.mkdtemp(prefix="nfknock-fuzz-")) / "rules"
+workdir.mkdir()
 (workdir / "doors.yaml").write_text(RULES)
 clock = [0.0]
 logger = logging.getLogger("nfknock-fuzz")
 logger.addHandler(logging.NullHandler())
 logger.propagate = False
-daemon = Daemon(DaemonConfig(workdir, max_sources=64), Firewall(), logger=logger, clock=lambda: clock[0])
+daemon = Daemon(DaemonConfig(workdir, max_sources=64), FakeFirewall(), logger=logger, clock=lambda: clock[0])
 runs = [0]
 failed: list[bytes] = []
 started = time.monotonic()
@@ -122,9 +92,10 @@ def test_one_input(data: bytes) -> None:
     payload = fdp.ConsumeBytes(fdp.remaining_bytes()) if mode == 0 else packet_from(fdp)
     queued = Queued(payload)
     daemon.on_packet(queued)
-    if queued.verdicts != 1 or daemon.errors:
+    if len(queued.verdicts) != 1 or daemon.errors:
         failed.append(payload)
-        raise AssertionError(f"{queued.verdicts} verdicts, {daemon.errors} internal errors for {payload!r}")
+        raise AssertionError(f"{len(queued.verdicts)} verdicts {queued.verdicts}, {daemon.errors} internal errors "
+                             f"for {payload!r}")
     daemon.engine.expire(clock[0])
     runs[0] += 1
 

@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/run.py [--smoke] [--repeat N] [--out DIR]
 
-Everything runs in throwaway network namespaces on veth links (nfknock.sandbox). Writes
+Everything runs in throwaway network namespaces on veth links (tests/support/sandbox.py). Writes
 DIR/report.json and DIR/report.md: every figure as the median and the spread (min..max) of
 the repeated runs. --smoke runs each measurement once, briefly: it proves the harness works,
 its figures mean little.
@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
-from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv, wait_for_line  # noqa: E402
+from support.sandbox import (  # noqa: E402
+    EchoService, Sandbox, connect, entered, nfknock_argv, queue_counters, wait_for_line)
 
 BENCH = REPO / "bench"
 FLOOD = BENCH / "build" / "flood"
@@ -130,13 +131,10 @@ class Bench:
         The kernel gives a packet an id only once it fits in the queue; a packet that then
         overruns the socket buffer is counted in user_dropped. So verdicts = ids - overruns.
         """
-        with entered(self.box.server):
-            text = Path("/proc/thread-self/net/netfilter/nfnetlink_queue").read_text()
-        for line in text.splitlines():
-            f = line.split()
-            if int(f[0]) == QUEUE:
-                return int(f[7]), int(f[6]), int(f[5])
-        raise RuntimeError("queue not bound")
+        counters = queue_counters(self.box.server, QUEUE)
+        if counters is None:
+            raise RuntimeError("queue not bound")
+        return counters.id_sequence, counters.user_dropped, counters.dropped
 
     def retransmits(self, client) -> int:
         with entered(client.namespace):

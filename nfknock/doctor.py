@@ -22,9 +22,10 @@ from pathlib import Path
 
 from .errors import RulesError
 from .extras import SERVER, SERVER_MODULES, absent
-from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour
+from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
 from .firewall.legacy import legacy_tables
 from .rules import Door, load_rules, rule_files
+from .stats import QUEUE_PROC, parse_queue_table
 from .trust import why_unsafe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
@@ -71,7 +72,7 @@ def check_flavour(host: HostState, chosen: str) -> list[Finding]:
     if host.flavour is None:
         return [Finding(WARN, f"no 'iptables' command found; --firewall auto falls back to {chosen}")]
     return [Finding(OK, f"this host's iptables is the {host.flavour} flavour; --firewall auto uses the "
-                        f"{'nft' if host.flavour == 'nf_tables' else 'legacy'} backend")]
+                        f"{resolve_flavour('auto', lambda: host.flavour)} backend")]
 
 
 def check_server_extra(host: HostState, chosen: str) -> list[Finding]:
@@ -232,11 +233,10 @@ def check_conntrack(host: HostState) -> list[Finding]:
 
 
 def check_queue(host: HostState, queue_num: int) -> list[Finding]:
-    for line in host.queues.splitlines():
-        fields = line.split()
-        if fields and fields[0].isdigit() and int(fields[0]) == queue_num:
-            return [Finding(FAIL, f"NFQUEUE {queue_num} is held by netlink port {fields[1]} (another nfknock "
-                                  "or NFQUEUE listener): pick another with --queue-num")]
+    held = parse_queue_table(host.queues).get(queue_num)
+    if held is not None:
+        return [Finding(FAIL, f"NFQUEUE {queue_num} is held by netlink port {held.peer_portid} (another nfknock "
+                              "or NFQUEUE listener): pick another with --queue-num")]
     return [Finding(OK, f"NFQUEUE {queue_num} is free")]
 
 
@@ -294,7 +294,7 @@ def gather() -> HostState:
         if shutil.which("modprobe") else Path("/sys/module/nf_conntrack").exists()
     )
     try:
-        host.queues = Path("/proc/net/netfilter/nfnetlink_queue").read_text()
+        host.queues = QUEUE_PROC.read_text()
     except OSError:
         host.queues = ""
     return host
@@ -316,8 +316,7 @@ def read_local_ports() -> tuple[tuple[int, int] | None, str]:
 def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = None,
              pass_mark: int = PASS_MARK) -> list[Finding]:
     host = host or gather()
-    if chosen == "auto":
-        chosen = "nft" if host.flavour == "nf_tables" else "legacy"
+    chosen = resolve_flavour(chosen, lambda: host.flavour)
     rule_findings, doors = check_rules(rules)
     try:
         paths = [rules, *rule_files(rules)] if rules.is_dir() else [rules]

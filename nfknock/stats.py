@@ -13,6 +13,44 @@ QUEUE_PROC = Path("/proc/net/netfilter/nfnetlink_queue")
 
 
 @dataclass(frozen=True)
+class QueueCounters:
+    """One line of the kernel's queue table (net/netfilter/nfnetlink_queue.c, seq_show)."""
+
+    queue_num: int
+    peer_portid: int  # the netlink port of the process bound to the queue
+    queue_total: int  # packets waiting for a verdict now
+    dropped: int  # queue_dropped: more than --queue-maxlen packets waiting
+    user_dropped: int  # netlink socket buffer overrun
+    id_sequence: int  # ids handed out: packets that fitted in the queue
+
+
+def parse_queue_table(text: str) -> dict[int, QueueCounters]:
+    """The kernel's queue table by queue number; lines that are not a queue's are skipped.
+
+    Each line: queue_num peer_portid queue_total copy_mode copy_range queue_dropped
+    user_dropped id_sequence 1.
+    """
+    queues = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 8 and all(field.isdigit() for field in fields[:8]):
+            num, portid, total, _, _, dropped, user_dropped, id_sequence = map(int, fields[:8])
+            queues[num] = QueueCounters(num, portid, total, dropped, user_dropped, id_sequence)
+    return queues
+
+
+def read_queue_counters(queue_num: int, path: Path = QUEUE_PROC) -> QueueCounters | None:
+    """One queue's line of the table in `path` (this namespace's by default; from a thread that
+    entered another namespace, read /proc/thread-self/net/...), or None if it is not listed or
+    the table cannot be read."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    return parse_queue_table(text).get(queue_num)
+
+
+@dataclass(frozen=True)
 class QueueDrops:
     queue_full: int  # the kernel's queue_dropped: more than --queue-maxlen packets waiting
     socket_full: int  # user_dropped: netlink socket buffer overrun
@@ -23,20 +61,9 @@ class QueueDrops:
 
 
 def read_queue_drops(queue_num: int, path: Path = QUEUE_PROC) -> QueueDrops | None:
-    """This namespace's drop counters for one queue, or None if the queue is not listed.
-
-    Each line: queue_num peer_portid queue_total copy_mode copy_range queue_dropped
-    user_dropped id_sequence 1.
-    """
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 7 and fields[0].isdigit() and int(fields[0]) == queue_num:
-            return QueueDrops(int(fields[5]), int(fields[6]))
-    return None
+    """This namespace's drop counters for one queue, or None if the queue is not listed."""
+    counters = read_queue_counters(queue_num, path)
+    return None if counters is None else QueueDrops(counters.dropped, counters.user_dropped)
 
 
 class Reporter:

@@ -1,11 +1,20 @@
 """Suite-wide rules: under CI=true a skipped real-kernel test is a failure, not a skip; a test
 marked `needs_tools("cmd", ...)` is skipped when a command is missing, and fails under CI=true
-(scripts/setup.sh installs every command the suite calls)."""
+(scripts/setup.sh installs every command the suite calls).
+
+tests/support (namespaces, flood senders, fakes, fault injection) is imported as the package
+`support`: this directory goes on sys.path here, whatever pytest's import mode."""
 
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
+
+TESTS = str(Path(__file__).resolve().parent)
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -185,10 +186,21 @@ class PerFamily:
 FLAVOURS = ("legacy", "nft")
 
 
-def make_firewall(choice: str = "auto", interface: str | None = None) -> Firewall:
-    """`auto` follows the flavour of the host's `iptables` command (legacy when unknown)."""
+def resolve_flavour(choice: str = "auto", host_flavour: Callable[[], str | None] | None = None) -> str:
+    """The backend a --firewall choice means: 'legacy' or 'nft'. `auto` follows the flavour of the
+    host's `iptables` command (iptables_flavour(), or what `host_flavour` returns): nft when it is
+    nf_tables, legacy otherwise (no iptables command included)."""
     if choice == "auto":
-        choice = "nft" if iptables_flavour() == "nf_tables" else "legacy"
+        detected = (host_flavour or iptables_flavour)()
+        return "nft" if detected == "nf_tables" else "legacy"
+    if choice in FLAVOURS:
+        return choice
+    raise ValueError(f"unknown firewall {choice!r} (auto, legacy or nft)")
+
+
+def make_firewall(choice: str = "auto", interface: str | None = None) -> Firewall:
+    """The backend for a --firewall choice (see resolve_flavour)."""
+    choice = resolve_flavour(choice)
     if choice == "legacy":
         from .legacy import LegacyFirewall
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from nfknock.firewall import make_firewall
-from nfknock.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
+from nfknock.firewall import resolve_flavour
+from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 # Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables
@@ -71,7 +71,7 @@ class Server:
     def __init__(self, sandbox: Sandbox, workdir: Path, firewall: str = "auto"):
         self.sandbox = sandbox
         self.firewall = firewall
-        self.flavour = make_firewall(firewall).name  # which iptables command shows our rules
+        self.flavour = resolve_flavour(firewall)  # which iptables command shows our rules
         self.workdir = workdir
         self.process: subprocess.Popen | None = None
         self.log = workdir / "nfknock.log"

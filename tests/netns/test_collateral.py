@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from conftest import connect
-from nfknock.sandbox import entered
+from support.sandbox import entered
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import connect, knock
-from nfknock.sandbox import entered
+from support.sandbox import entered
 
 SEQUENCE = ("40000", "50000", "60000")
 

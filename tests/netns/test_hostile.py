@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SEED, connect, knock, rss_kib
-from nfknock.sandbox import EchoService, SynFlood, entered
+from support.sandbox import EchoService, SynFlood, entered, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
@@ -32,7 +32,7 @@ def nmap(sandbox, attacker, *args):
 
 def status(server) -> dict:
     """The daemon's own counters, from its control socket (`nfknock status --json`)."""
-    result = server.nfknock("status", "--json", "--socket", str(server.workdir / f"{server.log.stem}.sock"))
+    result = server.nfknock("status", "--json", "--control-socket", str(server.workdir / f"{server.log.stem}.sock"))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -166,13 +166,10 @@ def test_lockout_ignores_knocks_then_ends(server, mallory):
 
 def queue_waiting(server) -> int:
     """Packets waiting in the kernel's queue for the daemon (queue_total), server side."""
-    with entered(server.sandbox.server):
-        text = Path("/proc/thread-self/net/netfilter/nfnetlink_queue").read_text()
-    for line in text.splitlines():
-        fields = line.split()
-        if int(fields[0]) == server.queue_num:
-            return int(fields[2])
-    raise AssertionError(f"queue {server.queue_num} is not bound:\n{text}")
+    counters = queue_counters(server.sandbox.server, server.queue_num)
+    if counters is None:
+        raise AssertionError(f"queue {server.queue_num} is not bound")
+    return counters.queue_total
 
 
 def peak_rss_kib(pid: int) -> int:

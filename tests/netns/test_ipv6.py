@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from conftest import connect, our_knock
-from nfknock.sandbox import entered, nfknock_argv
+from support.sandbox import entered, nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

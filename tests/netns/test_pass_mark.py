@@ -4,7 +4,7 @@ doors once another bit is chosen, and tripwire hand-backs use the chosen bit. Bo
 import pytest
 
 from conftest import connect
-from nfknock.sandbox import EchoService
+from support.sandbox import EchoService
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import REPO
-from nfknock.sandbox import Sandbox, nfknock_argv
+from support.sandbox import Sandbox, nfknock_argv
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import connect, knock
 from nfknock.rotation import derive, window_of
-from nfknock.sandbox import nfknock_argv
+from support.sandbox import nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from conftest import connect
-from nfknock.sandbox import entered, nfknock_argv
+from support.sandbox import entered, nfknock_argv
 from nfknock.spa import Keys, encode, generate_keys
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from nfknock.spa import Keys, encode, generate_keys
-from nfknock.sandbox import entered, wait_for_line
+from support.sandbox import entered, wait_for_line
 
 
 @pytest.mark.parametrize("digest", ["sha256", "sha512"])

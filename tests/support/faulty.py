@@ -8,6 +8,9 @@ Nothing here is part of nfknock; the patch is made in this process only.
 import functools
 import importlib
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's nfknock, not an installed one
 
 
 def break_target(target: str, from_call: int) -> None:

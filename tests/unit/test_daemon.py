@@ -11,50 +11,9 @@ from nfknock.errors import PacketError
 from nfknock.firewall import PASS_MARK, RuleSpec
 from nfknock.packet import parse
 from nfknock.rules import load_rules
+from support.fakes import FakeFirewall, Queued
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
-
-
-class FakeFirewall:
-    name = "fake"
-
-    def __init__(self):
-        self.calls = []
-
-    def apply(self, plan):
-        self.calls.append(("apply", plan))
-
-    def remove(self):
-        self.calls.append(("remove",))
-        return True
-
-    def installed(self):
-        return []
-
-
-class Queued:
-    """Stands in for netfilterqueue.Packet; records verdicts."""
-
-    def __init__(self, payload, mark=0):
-        self.payload, self.verdicts, self.mark = payload, [], mark
-
-    def get_payload(self):
-        return self.payload
-
-    def get_mark(self):
-        return self.mark
-
-    def set_mark(self, mark):
-        self.mark = mark
-
-    def repeat(self):
-        self.verdicts.append("repeat")
-
-    def accept(self):
-        self.verdicts.append("accept")
-
-    def drop(self):
-        self.verdicts.append("drop")
 
 
 def syn(dport, src="10.0.0.2"):

@@ -234,3 +234,20 @@ def test_the_pass_mark_bit_is_the_one_chosen():
             assert "single bit" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_auto_means_nft_only_when_the_hosts_iptables_is_nf_tables(monkeypatch):
+    import pytest
+
+    from nfknock import firewall
+    from nfknock.firewall import resolve_flavour
+
+    assert resolve_flavour("auto", lambda: "nf_tables") == "nft"
+    assert resolve_flavour("auto", lambda: "legacy") == "legacy"
+    assert resolve_flavour("auto", lambda: None) == "legacy"  # no iptables command
+    assert resolve_flavour("legacy", lambda: "nf_tables") == "legacy"
+    assert resolve_flavour("nft", lambda: None) == "nft"
+    monkeypatch.setattr(firewall, "iptables_flavour", lambda: "nf_tables")
+    assert resolve_flavour("auto") == "nft" and firewall.make_firewall("auto").name == "nft"
+    with pytest.raises(ValueError, match="unknown firewall 'pf'"):
+        resolve_flavour("pf")

@@ -11,8 +11,7 @@ from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorClosed, DoorOpened
 from nfknock.packet import Packet
 from nfknock.rules import KnockDoor
-
-from test_daemon import FakeFirewall, Queued
+from support.fakes import FakeFirewall, Queued
 
 DOOR = KnockDoor.model_validate(dict(
     name="d", sequence=[1000, "2000/udp", 3000], close_sequence=[3000, 1000], protect=["22/tcp"],

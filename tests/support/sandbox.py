@@ -1,9 +1,10 @@
 """Throwaway test hosts on one machine: a server namespace and client namespaces on veth links.
 
-Used by the demo and the real-kernel tests. Nothing here sends a packet anywhere but inside the
-namespaces it created, and `close()` deletes them (with their iptables rules and processes'
-sockets) even after a failure. Sockets made inside `entered(ns)` live in that namespace for good,
-so a test can connect from a client namespace without a subprocess.
+Used by the real-kernel tests, bench/run.py and scripts/demo.py; not part of the nfknock package.
+Nothing here sends a packet anywhere but inside the namespaces it created, and `close()` deletes
+them (with their iptables rules and processes' sockets) even after a failure. Sockets made inside
+`entered(ns)` live in that namespace for good, so a test can connect from a client namespace
+without a subprocess.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nfknock.stats import QueueCounters, read_queue_counters
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -47,6 +50,12 @@ def entered(namespace: str):
     finally:
         os.close(target)
         os.close(home)
+
+
+def queue_counters(namespace: str, queue_num: int) -> QueueCounters | None:
+    """The kernel's counters of one NFQUEUE in `namespace` (None: no process has bound it)."""
+    with entered(namespace):  # /proc/net is the process's namespace; thread-self is this thread's
+        return read_queue_counters(queue_num, Path("/proc/thread-self/net/netfilter/nfnetlink_queue"))
 
 
 def ip(*args: str) -> None:

@@ -2,6 +2,11 @@
 
 Needs root, touches nothing outside the namespaces it makes, and exits non-zero if any step
 does not behave as promised — so it doubles as a smoke test on a new machine.
+
+    sudo ./scripts/demo.sh      (or: sudo .venv/bin/python scripts/demo.py)
+
+Not part of the nfknock package: it runs from a checkout, with the repository's rules/ and
+tests/support (the namespaces), found from this file's own location.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .sandbox import EchoService, Sandbox, connect, nfknock_argv, wait_for_line
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
-RULES = Path(__file__).resolve().parent.parent / "rules"
+from support.sandbox import EchoService, Sandbox, connect, nfknock_argv, wait_for_line  # noqa: E402
+
+RULES = REPO / "rules"
 
 
 class Demo:
@@ -65,7 +73,7 @@ def main() -> int:
         print(f"  server {alice.server_address} runs a TCP service on port 22 and 'nfknock run --rules rules/'")
         daemon = box.spawn(box.server, nfknock_argv("run", "--rules", str(RULES), "--log-file", str(log),
                                                     "--control-socket", str(workdir / "control.sock")),
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, cwd=REPO)
         try:
             wait_for_line(log, "ready:", daemon)
             demo.expect_closed(alice, f"alice ({alice.address})")
@@ -78,7 +86,7 @@ def main() -> int:
             code = daemon.wait(10)
             demo.step("SIGTERM the daemon", code == 0, "exited; its rules stay" if code == 0 else f"exit code {code}")
             demo.expect_closed(alice, "alice, with no daemon running,")
-            down = box.run(box.server, nfknock_argv("down"))
+            down = box.run(box.server, nfknock_argv("down"), cwd=REPO)
             demo.step("nfknock down", down.returncode == 0, down.stdout.strip() or down.stderr.strip())
             demo.expect_open(alice, "alice, with nfknock's rules gone,")
         finally:

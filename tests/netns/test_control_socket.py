@@ -7,7 +7,7 @@ import urllib.request
 import pytest
 
 from conftest import connect, knock
-from nfknock.sandbox import entered
+from support.sandbox import entered
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy outside the namespaces
 

@@ -1,0 +1,48 @@
+"""Stand-ins for what the daemon talks to, shared by the unit tests and bench/fuzz.py: a
+firewall backend that records its calls, and a queued packet that records its verdicts."""
+
+from __future__ import annotations
+
+
+class FakeFirewall:
+    """A firewall backend (nfknock.firewall.Firewall) that installs nothing and records each call."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, plan):
+        self.calls.append(("apply", plan))
+
+    def remove(self):
+        self.calls.append(("remove",))
+        return True
+
+    def installed(self):
+        return []
+
+
+class Queued:
+    """Stands in for netfilterqueue.Packet; records verdicts."""
+
+    def __init__(self, payload, mark=0):
+        self.payload, self.verdicts, self.mark = payload, [], mark
+
+    def get_payload(self):
+        return self.payload
+
+    def get_mark(self):
+        return self.mark
+
+    def set_mark(self, mark):
+        self.mark = mark
+
+    def repeat(self):
+        self.verdicts.append("repeat")
+
+    def accept(self):
+        self.verdicts.append("accept")
+
+    def drop(self):
+        self.verdicts.append("drop")
