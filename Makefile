@@ -1,11 +1,13 @@
 # Shortcuts; the scripts work without make (a fresh machine may not have it).
-.PHONY: setup demo test check fuzz bench
+.PHONY: setup demo test lint check fuzz bench
 setup:
 	bash scripts/setup.sh
 demo:
 	bash scripts/demo.sh
 test:
 	bash scripts/test.sh
+lint:
+	bash scripts/lint.sh
 check: setup
 	.venv/bin/nfknock check --rules rules
 fuzz:

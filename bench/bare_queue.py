@@ -9,7 +9,7 @@ from netfilterqueue import NetfilterQueue
 
 from nfknock.daemon import DEFAULT_QUEUE_MAXLEN
 from nfknock.firewall import make_firewall, plan
-from nfknock.rules import load_rules
+from nfknock.loading import load_rules
 
 
 def main(rules: str, queue_num: int, verdict: str) -> None:

@@ -1,6 +1,6 @@
 """New-connection rate helper, run inside a namespace:
-    conn_rate.py serve PORT            accept and close, forever
-    conn_rate.py connect HOST PORT S   connect/close as fast as possible for S seconds; print count
+conn_rate.py serve PORT            accept and close, forever
+conn_rate.py connect HOST PORT S   connect/close as fast as possible for S seconds; print count
 """
 
 import socket

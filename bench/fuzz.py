@@ -94,8 +94,9 @@ def test_one_input(data: bytes) -> None:
     daemon.on_packet(queued)
     if len(queued.verdicts) != 1 or daemon.errors:
         failed.append(payload)
-        raise AssertionError(f"{len(queued.verdicts)} verdicts {queued.verdicts}, {daemon.errors} internal errors "
-                             f"for {payload!r}")
+        raise AssertionError(
+            f"{len(queued.verdicts)} verdicts {queued.verdicts}, {daemon.errors} internal errors for {payload!r}"
+        )
     daemon.engine.expire(clock[0])
     runs[0] += 1
 
@@ -103,8 +104,11 @@ def test_one_input(data: bytes) -> None:
 def report() -> None:
     elapsed = time.monotonic() - started
     outcome = "a property was violated (see above)" if failed else "0 property violations"
-    print(f"\nnfknock fuzz: {runs[0]} inputs passed in {elapsed:.0f}s ({runs[0] / max(elapsed, 1e-9):.0f}/s), "
-          f"{outcome}; unparsable by reason: {dict(sorted(daemon.unparsable.items()))}", flush=True)
+    print(
+        f"\nnfknock fuzz: {runs[0]} inputs passed in {elapsed:.0f}s ({runs[0] / max(elapsed, 1e-9):.0f}/s), "
+        f"{outcome}; unparsable by reason: {dict(sorted(daemon.unparsable.items()))}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nfknock.rules import load_rules  # noqa: E402
+from nfknock.loading import load_rules  # noqa: E402
 
 
 def doors_yaml(count: int) -> str:
@@ -26,8 +26,9 @@ def doors_yaml(count: int) -> str:
     for i in range(count):
         protect = f"{1 + i % 15000}/{'tcp' if i < 15000 else 'udp'}"
         if i % 100 == 99:
-            lines.append(f"  - {{name: rot{i}, rotate: {{secret_env: BENCH_SECRET, ports: 60000-60999}}, "
-                         f"protect: [{protect}]}}")
+            lines.append(
+                f"  - {{name: rot{i}, rotate: {{secret_env: BENCH_SECRET, ports: 60000-60999}}, protect: [{protect}]}}"
+            )
         else:
             first = 20000 + (i % 13000) * 3
             proto = "tcp" if i < 13000 else "udp"

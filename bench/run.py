@@ -28,7 +28,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
 from support.sandbox import (  # noqa: E402
-    EchoService, Sandbox, connect, entered, nfknock_argv, queue_counters, wait_for_line)
+    EchoService,
+    Sandbox,
+    connect,
+    entered,
+    nfknock_argv,
+    queue_counters,
+    wait_for_line,
+)
 
 BENCH = REPO / "bench"
 FLOOD = BENCH / "build" / "flood"
@@ -83,8 +90,13 @@ class Figures:
 
     def summary(self, name: str) -> dict:
         runs = self.values[name]
-        return {"median": statistics.median(runs), "min": min(runs), "max": max(runs),
-                "runs": runs, "unit": self.units[name]}
+        return {
+            "median": statistics.median(runs),
+            "min": min(runs),
+            "max": max(runs),
+            "runs": runs,
+            "unit": self.units[name],
+        }
 
 
 class Bench:
@@ -101,16 +113,34 @@ class Bench:
 
     def start_nfknock(self, *extra: str) -> subprocess.Popen:
         self.daemon_log.unlink(missing_ok=True)
-        process = self.box.spawn(self.box.server, nfknock_argv(
-            "run", "--rules", str(self.rules), "--queue-num", str(QUEUE), "--log-file", str(self.daemon_log),
-            "--control-socket", "",
-            *extra), stderr=subprocess.PIPE, text=True)
+        process = self.box.spawn(
+            self.box.server,
+            nfknock_argv(
+                "run",
+                "--rules",
+                str(self.rules),
+                "--queue-num",
+                str(QUEUE),
+                "--log-file",
+                str(self.daemon_log),
+                "--control-socket",
+                "",
+                *extra,
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         wait_for_line(self.daemon_log, "ready:", process)
         return process
 
     def start_bare(self, verdict: str) -> subprocess.Popen:
-        process = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "bare_queue.py"), str(self.rules),
-                                                   str(QUEUE), verdict], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        process = self.box.spawn(
+            self.box.server,
+            [sys.executable, str(BENCH / "bare_queue.py"), str(self.rules), str(QUEUE), verdict],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         assert process.stdout.readline().strip() == "ready"
         return process
 
@@ -122,8 +152,11 @@ class Bench:
         return out or ""
 
     def knock(self, client, *ports: str) -> None:
-        subprocess.run(["ip", "netns", "exec", client.namespace, "knock", client.server_address, *ports],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["ip", "netns", "exec", client.namespace, "knock", client.server_address, *ports],
+            check=True,
+            capture_output=True,
+        )
 
     def queue_counters(self) -> tuple[int, int, int]:
         """(ids handed out, socket overruns, queue-full drops) for QUEUE, server side.
@@ -158,9 +191,12 @@ class Bench:
             process = self.start_bare("drop")
         else:
             process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
-        flood = self.box.spawn(self.bob.namespace, [str(FLOOD), self.bob.server_address, proto, str(port),
-                                                    str(seconds), "11.0.0.1", "100000"],
-                               stdout=subprocess.PIPE, text=True)
+        flood = self.box.spawn(
+            self.bob.namespace,
+            [str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(seconds * 0.25)
         t0, (ids0, over0, full0) = time.monotonic(), self.queue_counters()
         time.sleep(seconds * 0.5)
@@ -168,8 +204,10 @@ class Bench:
         flood.communicate(timeout=30)
         self.stop(process)
         offered = (ids1 - ids0) + (full1 - full0)
-        log(f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue, "
-            f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped because it was full")
+        log(
+            f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue, "
+            f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped because it was full"
+        )
         return ((ids1 - ids0) - (over1 - over0)) / (t1 - t0)
 
     # -- 2. knock to connect --------------------------------------------------------------
@@ -178,8 +216,10 @@ class Bench:
         trials = 5 if self.smoke else 50
         service = EchoService(self.box.server)
         try:
-            for name, start, stop in (("nfknock", self.start_nfknock, self.stop),
-                                      ("knockd", self._start_knockd, self._stop_knockd)):
+            for name, start, stop in (
+                ("nfknock", self.start_nfknock, self.stop),
+                ("knockd", self._start_knockd, self._stop_knockd),
+            ):
                 self._knock_to_connect(name, start, stop, trials)
         finally:
             service.close()
@@ -203,18 +243,40 @@ class Bench:
         for value in times:
             self.figures.add(f"knock_to_connect.{name}", value, "ms")
         self.figures.add(f"knock_to_connect.{name}.syn_retransmits", retrans, "segments")
-        log(f"knock to connect {name}: median {statistics.median(times):.2f} ms over {trials}, "
-            f"{retrans} retransmitted segments")
+        log(
+            f"knock to connect {name}: median {statistics.median(times):.2f} ms over {trials}, "
+            f"{retrans} retransmitted segments"
+        )
 
     def _start_knockd(self):
         iface = f"nk{self.box.token}1s"
         conf = self.workdir / "knockd.conf"
         knockd_log = self.workdir / "knockd.log"
         conf.write_text(KNOCKD_CONF.format(iface=iface, log=knockd_log))
-        subprocess.run(["ip", "netns", "exec", self.box.server, "iptables-legacy", "-A", "INPUT", "-p", "tcp",
-                        "--dport", "22", "-j", "DROP"], check=True)
-        process = self.box.spawn(self.box.server, ["knockd", "-c", str(conf), "-i", iface],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.box.server,
+                "iptables-legacy",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "22",
+                "-j",
+                "DROP",
+            ],
+            check=True,
+        )
+        process = self.box.spawn(
+            self.box.server,
+            ["knockd", "-c", str(conf), "-i", iface],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for_line(knockd_log, "listening on", process, timeout=10)
         return process
 
@@ -227,16 +289,33 @@ class Bench:
 
     def established(self) -> None:
         seconds = 1 if self.smoke else 5
-        server = self.box.spawn(self.box.server, ["iperf3", "-s", "-p", "22"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = self.box.spawn(
+            self.box.server, ["iperf3", "-s", "-p", "22"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(0.5)
         try:
             for run in range(self.repeat):
                 for setup in ("none", "nfknock"):
                     with self.in_front_of_port_22(setup):
-                        out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, "iperf3", "-c",
-                                              self.alice.server_address, "-p", "22", "-t", str(seconds), "-J"],
-                                             capture_output=True, text=True, timeout=60).stdout
+                        out = subprocess.run(
+                            [
+                                "ip",
+                                "netns",
+                                "exec",
+                                self.alice.namespace,
+                                "iperf3",
+                                "-c",
+                                self.alice.server_address,
+                                "-p",
+                                "22",
+                                "-t",
+                                str(seconds),
+                                "-J",
+                            ],
+                            capture_output=True,
+                            text=True,
+                            timeout=60,
+                        ).stdout
                     result = json.loads(out)
                     if "error" in result:
                         raise RuntimeError(f"iperf3 ({setup}): {result['error']}")
@@ -267,17 +346,35 @@ class Bench:
 
     def connection_rate(self) -> None:
         seconds = 1 if self.smoke else 3
-        server = self.box.spawn(self.box.server, [sys.executable, str(BENCH / "conn_rate.py"), "serve", "22"],
-                                stdout=subprocess.PIPE, text=True)
+        server = self.box.spawn(
+            self.box.server,
+            [sys.executable, str(BENCH / "conn_rate.py"), "serve", "22"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert server.stdout.readline().strip() == "ready"
         try:
             for run in range(self.repeat):
                 for setup in ("none", "bare_accept", "nfknock"):
                     with self.in_front_of_port_22(setup):
-                        out = subprocess.run(["ip", "netns", "exec", self.alice.namespace, sys.executable,
-                                              str(BENCH / "conn_rate.py"), "connect", self.alice.server_address,
-                                              "22", str(seconds)], capture_output=True, text=True, timeout=60,
-                                             check=True).stdout
+                        out = subprocess.run(
+                            [
+                                "ip",
+                                "netns",
+                                "exec",
+                                self.alice.namespace,
+                                sys.executable,
+                                str(BENCH / "conn_rate.py"),
+                                "connect",
+                                self.alice.server_address,
+                                "22",
+                                str(seconds),
+                            ],
+                            capture_output=True,
+                            text=True,
+                            timeout=60,
+                            check=True,
+                        ).stdout
                     rate = int(out) / seconds
                     self.figures.add(f"connection_rate.{setup}", rate, "connections/s")
                     log(f"new connections {setup} run {run + 1}: {rate:,.0f}/s")
@@ -293,9 +390,26 @@ class Bench:
             for size in sizes:
                 daemon = self.start_nfknock("--max-sources", str(cap), "--queue-maxlen", "65536")
                 baseline = _rss_kib(daemon.pid)
-                flood = subprocess.run(["ip", "netns", "exec", self.bob.namespace, str(FLOOD),
-                                        self.bob.server_address, "tcp", "40000", "120", "11.0.0.1", str(size),
-                                        "60000", str(size)], capture_output=True, text=True, timeout=300)
+                flood = subprocess.run(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        self.bob.namespace,
+                        str(FLOOD),
+                        self.bob.server_address,
+                        "tcp",
+                        "40000",
+                        "120",
+                        "11.0.0.1",
+                        str(size),
+                        "60000",
+                        str(size),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 time.sleep(1.0)
                 rss = _rss_kib(daemon.pid)
                 self.stop(daemon)
@@ -305,9 +419,10 @@ class Bench:
                 self.figures.add(f"memory.{label}.{size}.tracked", tracked, "sources")
                 per_source = (rss - baseline) * 1024 / max(tracked, 1)
                 self.figures.add(f"memory.{label}.{size}.bytes_per_source", per_source, "bytes")
-                log(f"memory {label} {size:,} sources sent ({flood.stdout.strip()} packets): RSS {rss / 1024:.1f} "
-                    f"MiB, {tracked:,} tracked, {per_source:.0f} bytes/source")
-
+                log(
+                    f"memory {label} {size:,} sources sent ({flood.stdout.strip()} packets): RSS {rss / 1024:.1f} "
+                    f"MiB, {tracked:,} tracked, {per_source:.0f} bytes/source"
+                )
 
     # -- 6. a client knocking during a flood of spoofed first knocks ----------------------------
 
@@ -323,9 +438,12 @@ class Bench:
         try:
             for run in range(self.repeat):
                 daemon = self.start_nfknock("--max-sources", "50000", "--queue-maxlen", "65536")
-                flood = self.box.spawn(self.bob.namespace, [str(FLOOD), self.bob.server_address, "tcp", "40000",
-                                                            str(seconds), "11.0.0.1", "1000000"],
-                                       stdout=subprocess.PIPE, text=True)
+                flood = self.box.spawn(
+                    self.bob.namespace,
+                    [str(FLOOD), self.bob.server_address, "tcp", "40000", str(seconds), "11.0.0.1", "1000000"],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 started = time.monotonic()
                 try:
                     time.sleep(min(1.0, seconds / 4))  # the flood is under way, the queue filling
@@ -346,8 +464,10 @@ class Bench:
                 self.figures.add("flood_knock.seconds", got_in, "s")
                 self.figures.add("flood_knock.attempts", attempts, "knocks")
                 self.figures.add("flood_knock.during", 1.0 if during else 0.0, "runs")
-                log(f"knock during a flood run {run + 1}: in after {got_in:.1f}s and {attempts} knock(s), "
-                    f"{'during' if during else 'AFTER'} the {seconds}s flood ({sent} spoofed SYNs)")
+                log(
+                    f"knock during a flood run {run + 1}: in after {got_in:.1f}s and {attempts} knock(s), "
+                    f"{'during' if during else 'AFTER'} the {seconds}s flood ({sent} spoofed SYNs)"
+                )
         finally:
             service.close()
 
@@ -367,18 +487,34 @@ def _tracked(daemon_log: Path) -> int:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cpus": os.cpu_count(), "kernel": platform.release(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
 
 
 def ratio(report: dict, name: str, over: str, base: str) -> None:
     figures = report["figures"]
     runs_over, runs_base = figures[over]["runs"], figures[base]["runs"]
     pairs = [a / b for a, b in zip(runs_over, runs_base, strict=True) if b]
-    report["ratios"][name] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs),
-                              "of": over, "to": base}
+    report["ratios"][name] = {
+        "median": statistics.median(pairs),
+        "min": min(pairs),
+        "max": max(pairs),
+        "of": over,
+        "to": base,
+    }
 
 
 def render(report: dict) -> str:
@@ -402,32 +538,46 @@ def render(report: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for proto in ("udp", "tcp"):
-        lines.append(f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
-                     f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
-                     f"{rat(f'throughput.{proto}')} | >= 0.8 |")
-    lines.append(f"| knock to connect, ms (stock knock client) | {fig('knock_to_connect.nfknock', '{:.2f}')}, "
-                 f"{f['knock_to_connect.nfknock.syn_retransmits']['median']:.0f} retransmits | "
-                 f"{fig('knock_to_connect.knockd', '{:.1f}')} (knockd 0.8), "
-                 f"{f['knock_to_connect.knockd.syn_retransmits']['median']:.0f} retransmits | "
-                 f"knockd takes {1 / r['knock_to_connect']['median']:,.0f}x as long | < 1 ms, no retransmit |")
-    lines.append(f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
-                 f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |")
-    lines.append(f"| new connections/s, granted client, one at a time | {fig('connection_rate.nfknock')} | "
-                 f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |")
-    lines.append(f"| the same through an accept-only queue loop | {fig('connection_rate.nfknock')} | "
-                 f"{fig('connection_rate.bare_accept')} (queue round trip alone) | "
-                 f"{rat('connection_rate.queue')} | |")
+        lines.append(
+            f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
+            f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
+            f"{rat(f'throughput.{proto}')} | >= 0.8 |"
+        )
+    lines.append(
+        f"| knock to connect, ms (stock knock client) | {fig('knock_to_connect.nfknock', '{:.2f}')}, "
+        f"{f['knock_to_connect.nfknock.syn_retransmits']['median']:.0f} retransmits | "
+        f"{fig('knock_to_connect.knockd', '{:.1f}')} (knockd 0.8), "
+        f"{f['knock_to_connect.knockd.syn_retransmits']['median']:.0f} retransmits | "
+        f"knockd takes {1 / r['knock_to_connect']['median']:,.0f}x as long | < 1 ms, no retransmit |"
+    )
+    lines.append(
+        f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
+        f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |"
+    )
+    lines.append(
+        f"| new connections/s, granted client, one at a time | {fig('connection_rate.nfknock')} | "
+        f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |"
+    )
+    lines.append(
+        f"| the same through an accept-only queue loop | {fig('connection_rate.nfknock')} | "
+        f"{fig('connection_rate.bare_accept')} (queue round trip alone) | "
+        f"{rat('connection_rate.queue')} | |"
+    )
     for name in sorted(n for n in f if n.startswith("memory.") and n.endswith(".rss_mib")):
         base = name.removesuffix(".rss_mib")
         _, label, size, _ = name.split(".")
-        lines.append(f"| RSS after {int(size):,} spoofed first knocks ({label}), MiB | {fig(name, '{:.1f}')} | "
-                     f"{fig(base + '.tracked')} tracked | {fig(base + '.bytes_per_source')} bytes/source | bounded |")
+        lines.append(
+            f"| RSS after {int(size):,} spoofed first knocks ({label}), MiB | {fig(name, '{:.1f}')} | "
+            f"{fig(base + '.tracked')} tracked | {fig(base + '.bytes_per_source')} bytes/source | bounded |"
+        )
     if "flood_knock.seconds" in f:  # reports from before this measurement lack it
         during = f["flood_knock.during"]["runs"]
-        lines.append(f"| client knock+connect during a SYN flood from 1M spoofed sources, s to get in "
-                     f"(2 s connect timeout per lost knock) | {fig('flood_knock.seconds', '{:.1f}')}, "
-                     f"{fig('flood_knock.attempts')} knocks | in during the flood in {sum(during):.0f} of "
-                     f"{len(during)} runs | | |")
+        lines.append(
+            f"| client knock+connect during a SYN flood from 1M spoofed sources, s to get in "
+            f"(2 s connect timeout per lost knock) | {fig('flood_knock.seconds', '{:.1f}')}, "
+            f"{fig('flood_knock.attempts')} knocks | in during the flood in {sum(during):.0f} of "
+            f"{len(during)} runs | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -461,8 +611,13 @@ def main(argv=None) -> int:
             bench.flood_knock()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report = {"machine": machine(), "smoke": args.smoke, "repeat": repeat, "ratios": {},
-              "figures": {name: bench.figures.summary(name) for name in bench.figures.values}}
+    report = {
+        "machine": machine(),
+        "smoke": args.smoke,
+        "repeat": repeat,
+        "ratios": {},
+        "figures": {name: bench.figures.summary(name) for name in bench.figures.values},
+    }
     for proto in ("udp", "tcp"):
         ratio(report, f"throughput.{proto}", f"throughput.{proto}.nfknock", f"throughput.{proto}.bare")
     ratio(report, "knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd")

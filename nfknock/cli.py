@@ -8,7 +8,8 @@ import sys
 from . import __version__
 from .control import DEFAULT_SOCKET
 from .errors import NfknockError, UsageError
-from .rules import Port, RotatingDoor, SpaDoor, load_rules
+from .loading import load_rules
+from .rules import Port, RotatingDoor, SpaDoor
 
 DEFAULT_RULES = "/etc/nfknock/rules"
 
@@ -50,26 +51,54 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="run the daemon in the foreground (SIGHUP reloads the rules)")
     run.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory of *.yaml (default: %(default)s)")
     run.add_argument("--queue-num", type=_queue_num, default=0, help="NFQUEUE number, 0-65535 (default: %(default)s)")
-    run.add_argument("--max-sources", type=_positive, default=65536,
-                     help="most knock attempts (and, separately, grants) tracked at once; the oldest "
-                     "is dropped when full (default: %(default)s)")
-    run.add_argument("--queue-maxlen", type=_int_in(16, 1_000_000, "queue length"), default=4096,
-                     help="packets the kernel holds for nfknock before it drops (default: %(default)s)")
-    run.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
-                     help="iptables flavour for the rules: auto follows the host's 'iptables' (default)")
-    run.add_argument("--interface", metavar="IFACE",
-                     help="guard only packets arriving on IFACE (default: every interface); the protected "
-                     "ports on other interfaces then follow the rest of your firewall")
-    run.add_argument("--state-dir", default="/var/lib/nfknock",
-                     help="where the SPA replay cache is kept across restarts (default: %(default)s)")
-    run.add_argument("--control-socket", default=DEFAULT_SOCKET,
-                     help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)")
-    run.add_argument("--metrics-port", type=_int_in(1, 65535, "port"),
-                     help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)")
+    run.add_argument(
+        "--max-sources",
+        type=_positive,
+        default=65536,
+        help="most knock attempts (and, separately, grants) tracked at once; the oldest "
+        "is dropped when full (default: %(default)s)",
+    )
+    run.add_argument(
+        "--queue-maxlen",
+        type=_int_in(16, 1_000_000, "queue length"),
+        default=4096,
+        help="packets the kernel holds for nfknock before it drops (default: %(default)s)",
+    )
+    run.add_argument(
+        "--firewall",
+        choices=("auto", "legacy", "nft"),
+        default="auto",
+        help="iptables flavour for the rules: auto follows the host's 'iptables' (default)",
+    )
+    run.add_argument(
+        "--interface",
+        metavar="IFACE",
+        help="guard only packets arriving on IFACE (default: every interface); the protected "
+        "ports on other interfaces then follow the rest of your firewall",
+    )
+    run.add_argument(
+        "--state-dir",
+        default="/var/lib/nfknock",
+        help="where the SPA replay cache is kept across restarts (default: %(default)s)",
+    )
+    run.add_argument(
+        "--control-socket",
+        default=DEFAULT_SOCKET,
+        help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=_int_in(1, 65535, "port"),
+        help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)",
+    )
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
-    run.add_argument("--log-format", choices=("text", "json"), default="text",
-                     help="text: knockd-compatible lines (default); json: one JSON object per line")
+    run.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text: knockd-compatible lines (default); json: one JSON object per line",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
     _add_pass_mark(run)
     run.set_defaults(func=cmd_run)
@@ -90,15 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
     knock.add_argument("-u", "--udp", action="store_true", help="send every PORT without /proto as UDP")
     family = knock.add_mutually_exclusive_group()
     family.add_argument("-4", dest="family", action="store_const", const=4, default=0, help="knock over IPv4")
-    family.add_argument("-6", dest="family", action="store_const", const=6, help="knock over IPv6 (a knock "
-                        "opens the door for the address it came from only)")
+    family.add_argument(
+        "-6",
+        dest="family",
+        action="store_const",
+        const=6,
+        help="knock over IPv6 (a knock opens the door for the address it came from only)",
+    )
     knock.set_defaults(func=cmd_knock)
 
     doctor = verbs.add_parser("doctor", help="check this host for what would make nfknock fail or leak")
     doctor.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
     doctor.add_argument("--queue-num", type=_queue_num, default=0, help="the queue nfknock will use")
-    doctor.add_argument("--firewall", choices=("auto", "legacy", "nft"), default="auto",
-                        help="the backend nfknock will use")
+    doctor.add_argument(
+        "--firewall", choices=("auto", "legacy", "nft"), default="auto", help="the backend nfknock will use"
+    )
     _add_pass_mark(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
@@ -106,14 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     spa.add_argument("host")
     spa.add_argument("--door", required=True, help="the SPA door (keys, port and protected ports come from it)")
     spa.add_argument("--rules", required=True, help="rules file or directory holding --door")
-    spa.add_argument("--access", nargs="+", metavar="PORT/PROTO", help="ports to ask for (default: all the "
-                     "door protects)")
-    spa.add_argument("--allow-ip", help="address to put inside the packet (default: this host's source "
-                     "address towards HOST)")
+    spa.add_argument(
+        "--access", nargs="+", metavar="PORT/PROTO", help="ports to ask for (default: all the door protects)"
+    )
+    spa.add_argument(
+        "--allow-ip", help="address to put inside the packet (default: this host's source address towards HOST)"
+    )
     spa.set_defaults(func=cmd_spa)
 
-    otp = verbs.add_parser("otp", help="print a rotating door's current sequence (for any knock client, "
-                           "e.g. knock HOST $(nfknock otp ...))")
+    otp = verbs.add_parser(
+        "otp",
+        help="print a rotating door's current sequence (for any knock client, e.g. knock HOST $(nfknock otp ...))",
+    )
     otp.add_argument("--door", required=True)
     otp.add_argument("--rules", required=True, help="rules file or directory holding --door")
     otp.set_defaults(func=cmd_otp)
@@ -121,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema = verbs.add_parser("schema", help="print the JSON Schema of rules files (for editor validation)")
     schema.set_defaults(func=cmd_schema)
 
-    status = verbs.add_parser("status", help="doors, live grants (source, time left), lockouts and counters "
-                              "of the running daemon")
+    status = verbs.add_parser(
+        "status", help="doors, live grants (source, time left), lockouts and counters of the running daemon"
+    )
     revoke = verbs.add_parser("revoke", help="end the grants of an address now (established connections stay)")
     revoke.add_argument("address")
     revoke.add_argument("--door", help="only this door (default: all)")
@@ -131,13 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--door", required=True)
     grant.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 10m, 1h")
     for verb, func in ((status, cmd_status), (revoke, cmd_revoke), (grant, cmd_grant)):
-        verb.add_argument("--control-socket", default=DEFAULT_SOCKET,
-                          help="the daemon's control socket (default: %(default)s)")
+        verb.add_argument(
+            "--control-socket", default=DEFAULT_SOCKET, help="the daemon's control socket (default: %(default)s)"
+        )
         verb.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
         verb.set_defaults(func=func)
 
-    importer = verbs.add_parser("import-knockd", help="turn a knockd.conf into nfknock doors (YAML) and list "
-                                "what cannot be carried over")
+    importer = verbs.add_parser(
+        "import-knockd", help="turn a knockd.conf into nfknock doors (YAML) and list what cannot be carried over"
+    )
     importer.add_argument("config", help="the knockd.conf to read")
     importer.add_argument("-o", "--output", help="write the doors here (default: standard output)")
     importer.set_defaults(func=cmd_import_knockd)
@@ -145,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
     keygen.set_defaults(func=cmd_keygen)
 
-    down = verbs.add_parser("down", help="remove nfknock's firewall rules, both iptables flavours, "
-                            "both families (after a daemon was killed)")
+    down = verbs.add_parser(
+        "down",
+        help="remove nfknock's firewall rules, both iptables flavours, both families (after a daemon was killed)",
+    )
     down.set_defaults(func=cmd_down)
     return parser
 
@@ -154,9 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_pass_mark(verb: argparse.ArgumentParser) -> None:
     from .firewall import PASS_MARK
 
-    verb.add_argument("--pass-mark", type=_pass_mark, default=PASS_MARK, metavar="0xHEX",
-                      help="the packet-mark bit nfknock sets on tripwire packets it hands back (its chain "
-                      f"returns packets carrying it); pick one no other rule of this host uses (default: {PASS_MARK:#x})")
+    verb.add_argument(
+        "--pass-mark",
+        type=_pass_mark,
+        default=PASS_MARK,
+        metavar="0xHEX",
+        help="the packet-mark bit nfknock sets on tripwire packets it hands back (its chain "
+        f"returns packets carrying it); pick one no other rule of this host uses (default: {PASS_MARK:#x})",
+    )
 
 
 def _pass_mark(text: str) -> int:
@@ -177,6 +226,7 @@ def _int_in(low: int, high: int, what: str):
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(f"{what} must be in {low}..{high}, got {value}")
         return value
+
     return convert
 
 
@@ -197,9 +247,13 @@ def cmd_run(args) -> int:
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
     config = DaemonConfig(
-        rules_path=Path(args.rules), queue_num=args.queue_num, max_sources=args.max_sources,
-        queue_maxlen=args.queue_maxlen, state_dir=Path(args.state_dir) if args.state_dir else None,
-        control_socket=Path(args.control_socket) if args.control_socket else None, metrics_port=args.metrics_port,
+        rules_path=Path(args.rules),
+        queue_num=args.queue_num,
+        max_sources=args.max_sources,
+        queue_maxlen=args.queue_maxlen,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        control_socket=Path(args.control_socket) if args.control_socket else None,
+        metrics_port=args.metrics_port,
         pass_mark=args.pass_mark,
     )
     Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
@@ -246,7 +300,10 @@ def current_sequence(door: RotatingDoor) -> list[Port]:
 
     from .rotation import current_steps
 
-    return [Port(port=port, proto=proto) for proto, port in current_steps(door.rotate, door.name, time.time())]
+    return [
+        Port.model_validate({"port": port, "proto": proto})
+        for proto, port in current_steps(door.rotate, door.name, time.time())
+    ]
 
 
 def cmd_otp(args) -> int:
@@ -336,16 +393,20 @@ def cmd_status(args) -> int:
     answer = _answer(args, {"cmd": "status"})
     if args.json:
         return 0
-    print(f"queue {answer['queue']}, firewall {answer['firewall']}, {answer['tracked_attempts']} knock attempts "
-          f"in progress, {answer['kernel_queue_drops']} packets dropped by the kernel")
+    print(
+        f"queue {answer['queue']}, firewall {answer['firewall']}, {answer['tracked_attempts']} knock attempts "
+        f"in progress, {answer['kernel_queue_drops']} packets dropped by the kernel"
+    )
     print("doors: " + ", ".join(f"{d['name']} ({d['kind']}, {' '.join(d['protect'])})" for d in answer["doors"]))
     for title, rows in (("grants", answer["grants"]), ("locked out", answer["locked"])):
         print(f"{title}:" if rows else f"{title}: none")
         for row in rows:
             print(f"  {row['source']:<40} {row['door']:<20} {row['seconds_left']:>8.1f}s left")
     packets = answer["packets"]
-    print(f"packets: {packets['accept']} accepted, {packets['drop']} dropped, {packets['pass']} passed back; "
-          f"unparsable: {sum(answer['unparsable'].values())}; internal errors: {answer['internal_errors']}")
+    print(
+        f"packets: {packets['accept']} accepted, {packets['drop']} dropped, {packets['pass']} passed back; "
+        f"unparsable: {sum(answer['unparsable'].values())}; internal errors: {answer['internal_errors']}"
+    )
     return 0
 
 
@@ -425,8 +486,9 @@ def cmd_down(args) -> int:
             failed = True
             print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
     if removed:
-        print(f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of "
-              "your firewall")
+        print(
+            f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of your firewall"
+        )
     elif not failed:
         print("nfknock: no nfknock rules were installed")
     return 1 if failed else 0

@@ -29,7 +29,7 @@ def resolve(host: str, family: int = 0) -> tuple[int, str]:
     except socket.gaierror as exc:
         wanted = f" (IPv{family})" if family else ""
         raise UsageError(f"cannot resolve {host!r}{wanted}: {exc.strerror}") from None
-    return infos[0][0], infos[0][4][0]
+    return infos[0][0], str(infos[0][4][0])
 
 
 def send_knock(family: int, address: str, step: Port) -> KnockResult:
@@ -60,8 +60,9 @@ def knock(host: str, steps: list[Port], delay_ms: int = 0, family: int = 0, slee
     return results
 
 
-def send_spa(host: str, keys, spa_port: int, ports: list[tuple[str, int]], allow_ip: str | None = None,
-             now: float | None = None) -> str:
+def send_spa(
+    host: str, keys, spa_port: int, ports: list[tuple[str, int]], allow_ip: str | None = None, now: float | None = None
+) -> str:
     """One SPA datagram to `host`; the address put inside is `allow_ip` or, as fwknop's `-R`
     would, this host's source address towards `host`. Returns that address."""
     from .spa import encode

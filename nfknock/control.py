@@ -55,8 +55,12 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         checked["door"] = door
     if verb == "grant":
         seconds = request.get("seconds")
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds) \
-                or not 0 < seconds <= 86400:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, (int, float))
+            or not math.isfinite(seconds)
+            or not 0 < seconds <= 86400
+        ):
             raise ValueError(f"seconds must be a number in (0, 86400], got {seconds!r}")
         checked["seconds"] = float(seconds)
     return checked
@@ -198,8 +202,9 @@ def call(path: str | Path, request: dict) -> dict:
             sock.sendall(json.dumps(request).encode() + b"\n")
             answer = json.loads(_read_answer(sock))
     except FileNotFoundError:
-        raise NfknockError(f"no daemon listens on {path} (is nfknock running? --control-socket names another "
-                           "path)") from None
+        raise NfknockError(
+            f"no daemon listens on {path} (is nfknock running? --control-socket names another path)"
+        ) from None
     except (OSError, ValueError) as exc:
         raise NfknockError(f"{path}: {exc}") from None
     if not isinstance(answer, dict):
@@ -210,6 +215,7 @@ def call(path: str | Path, request: dict) -> dict:
 
 
 # -- the answers (called by the daemon's loop, never concurrently with a packet) ---------------
+
 
 def answer(daemon: Any, request: dict[str, Any], now: float) -> dict[str, Any]:
     """The answer to a request `parse_request` accepted."""
@@ -236,12 +242,15 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
     return {
         "queue": daemon.config.queue_num,
         "firewall": daemon.firewall.name,
-        "doors": [{"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]}
-                  for d in daemon.ruleset.doors],
-        "grants": [{"door": door, "source": src, "seconds_left": round(left, 1)}
-                   for door, src, left in engine.grants(now)],
-        "locked": [{"door": door, "source": src, "seconds_left": round(left, 1)}
-                   for door, src, left in engine.locked(now)],
+        "doors": [
+            {"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]} for d in daemon.ruleset.doors
+        ],
+        "grants": [
+            {"door": door, "source": src, "seconds_left": round(left, 1)} for door, src, left in engine.grants(now)
+        ],
+        "locked": [
+            {"door": door, "source": src, "seconds_left": round(left, 1)} for door, src, left in engine.locked(now)
+        ],
         "tracked_attempts": engine.tracked,
         "packets": {verdict.value: count for verdict, count in daemon.handled.items()},
         "unparsable": dict(daemon.unparsable),

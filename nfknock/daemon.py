@@ -35,10 +35,11 @@ from .errors import NfknockError, PacketError, QueueError, RulesError
 from .events import Recorded
 from .extras import require_for_run
 from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
+from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .packet import parse
-from .rules import Ruleset, load_rules
+from .rules import Ruleset
 from .stats import Reporter, read_queue_drops
 from .store import ReplayStore
 
@@ -193,14 +194,15 @@ class Daemon:
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
         if self.store is not None and any(type(event) is Recorded for event in events):
-            self._save_replays()
+            self._save_replays(self.store)
 
-    def _save_replays(self) -> None:
+    def _save_replays(self, store: ReplayStore) -> None:
         try:
-            self.store.save(self.engine.replays.snapshot())
+            store.save(self.engine.replays.snapshot())
         except OSError as exc:
-            self.log.error("cannot write the replay cache %s: %s (a restart would forget what was used)",
-                           self.store.path, exc)
+            self.log.error(
+                "cannot write the replay cache %s: %s (a restart would forget what was used)", store.path, exc
+            )
 
     def _on_queued(self, queued) -> None:
         self.on_packet(queued)
@@ -279,8 +281,14 @@ class Daemon:
         self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
     def report_counters(self) -> None:
-        lines = self.reporter.report(self.config.queue_num, read_queue_drops(self.config.queue_num),
-                                     self.unparsable, self.engine.evicted, self.errors, self.config.max_sources)
+        lines = self.reporter.report(
+            self.config.queue_num,
+            read_queue_drops(self.config.queue_num),
+            self.unparsable,
+            self.engine.evicted,
+            self.errors,
+            self.config.max_sources,
+        )
         for line in lines + self.log_limit.held_back():
             self.log.warning("%s", line)
 
@@ -332,7 +340,9 @@ class Daemon:
         dropped = self.engine.reload(ruleset.doors)
         self.ruleset = ruleset
         self.log.info(
-            "reloaded %s: %d door(s)%s", self.config.rules_path, len(ruleset.doors),
+            "reloaded %s: %d door(s)%s",
+            self.config.rules_path,
+            len(ruleset.doors),
             f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
         )
         return True
@@ -373,8 +383,12 @@ class Daemon:
         self.report_counters()
         self.log.info(
             "handled %d packets: %d accepted, %d dropped, %d passed back; %d attempts and %d grants tracked",
-            sum(self.handled.values()), self.handled[Verdict.ACCEPT], self.handled[Verdict.DROP],
-            self.handled[Verdict.PASS], self.engine.tracked, len(self.engine.grants(self.clock())),
+            sum(self.handled.values()),
+            self.handled[Verdict.ACCEPT],
+            self.handled[Verdict.DROP],
+            self.handled[Verdict.PASS],
+            self.engine.tracked,
+            len(self.engine.grants(self.clock())),
         )
 
     # -- control socket and metrics ----------------------------------------------------------
@@ -384,8 +398,9 @@ class Daemon:
             try:
                 self.control = control.ControlServer(self.config.control_socket, self._wake)
             except OSError as exc:
-                self.log.error("no control socket at %s: %s (status/revoke/grant will not work)",
-                               self.config.control_socket, exc)
+                self.log.error(
+                    "no control socket at %s: %s (status/revoke/grant will not work)", self.config.control_socket, exc
+                )
         if self.config.metrics_port:
             self.snapshot = metrics.take(self, self.clock())
             try:
@@ -434,7 +449,8 @@ class Daemon:
             self.log.warning(
                 "this host's 'iptables' is the nf_tables flavour but --firewall legacy was chosen; nfknock's "
                 "rules live in the legacy tables: list them with 'iptables-legacy -S %s' (the kernel applies "
-                "both)", "NFKNOCK"
+                "both)",
+                "NFKNOCK",
             )
 
     def _log_ready(self) -> None:

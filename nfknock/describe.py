@@ -17,14 +17,22 @@ def describe(door: Door) -> list[tuple[str, str]]:
         return [
             ("spa port", f"{door.port}   hmac {door.hmac_digest}   keys from {keys}"),
             ("protect", _ports(door.protect)),
-            ("open_for", f"{door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
-                         f"{str(door.trust_inner_address).lower()}"),
+            (
+                "open_for",
+                f"{door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
+                f"{str(door.trust_inner_address).lower()}",
+            ),
         ]
     lines = []
     if isinstance(door, RotatingDoor):
         rotate = door.rotate
-        lines.append(("rotate", f"{rotate.length} steps from {rotate.ports}/{rotate.proto}, a new sequence every "
-                                f"{rotate.window:g}s (nfknock otp --door {door.name} prints it)"))
+        lines.append(
+            (
+                "rotate",
+                f"{rotate.length} steps from {rotate.ports}/{rotate.proto}, a new sequence every "
+                f"{rotate.window:g}s (nfknock otp --door {door.name} prints it)",
+            )
+        )
     elif isinstance(door, KnockDoor):
         lines.append(("sequence", _ports(door.sequence)))
         if door.close_sequence:

@@ -24,7 +24,8 @@ from .errors import RulesError
 from .extras import SERVER, SERVER_MODULES, absent
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
 from .firewall.legacy import legacy_tables
-from .rules import Door, load_rules, rule_files
+from .loading import load_rules, rule_files
+from .rules import Door
 from .stats import QUEUE_PROC, parse_queue_table
 from .trust import why_unsafe
 
@@ -71,16 +72,26 @@ def filter_rules(saved: str) -> str:
 def check_flavour(host: HostState, chosen: str) -> list[Finding]:
     if host.flavour is None:
         return [Finding(WARN, f"no 'iptables' command found; --firewall auto falls back to {chosen}")]
-    return [Finding(OK, f"this host's iptables is the {host.flavour} flavour; --firewall auto uses the "
-                        f"{resolve_flavour('auto', lambda: host.flavour)} backend")]
+    return [
+        Finding(
+            OK,
+            f"this host's iptables is the {host.flavour} flavour; --firewall auto uses the "
+            f"{resolve_flavour('auto', lambda: host.flavour)} backend",
+        )
+    ]
 
 
 def check_server_extra(host: HostState, chosen: str) -> list[Finding]:
     needed = [m for m in SERVER_MODULES if m != "iptc" or chosen == "legacy"]  # nft runs commands instead
     missing = [SERVER_MODULES[m] for m in needed if m in host.missing_modules]
     if missing:
-        return [Finding(FAIL, f"nfknock run needs the {SERVER} extra: pip install 'nfknock[{SERVER}]' "
-                              f"({', '.join(missing)} not installed)")]
+        return [
+            Finding(
+                FAIL,
+                f"nfknock run needs the {SERVER} extra: pip install 'nfknock[{SERVER}]' "
+                f"({', '.join(missing)} not installed)",
+            )
+        ]
     return [Finding(OK, f"the {SERVER} extra is installed ({', '.join(SERVER_MODULES[m] for m in needed)})")]
 
 
@@ -91,11 +102,20 @@ def check_leftovers(host: HostState, chosen: str) -> list[Finding]:
             continue
         tool = f"{'iptables' if family == 4 else 'ip6tables'}-{flavour}"
         if flavour == chosen:
-            out.append(Finding(OK, f"nfknock's chain is installed ({tool}): a daemon runs, or was killed "
-                                   "(then 'nfknock run' or 'nfknock down' cleans up)"))
+            out.append(
+                Finding(
+                    OK,
+                    f"nfknock's chain is installed ({tool}): a daemon runs, or was killed "
+                    "(then 'nfknock run' or 'nfknock down' cleans up)",
+                )
+            )
         else:
-            out.append(Finding(WARN, f"nfknock rules are left in the {flavour} tables ({tool} -S {CHAIN}); "
-                                     "'nfknock down' removes them"))
+            out.append(
+                Finding(
+                    WARN,
+                    f"nfknock rules are left in the {flavour} tables ({tool} -S {CHAIN}); 'nfknock down' removes them",
+                )
+            )
     return out or [Finding(OK, "no nfknock rules are installed")]
 
 
@@ -128,13 +148,17 @@ def check_earlier_accepts(host: HostState, chosen: str, doors: tuple[Door, ...])
             proto = re.search(r"-p (\w+)", rule)
             ports = _ports_of(rule)
             hit = sorted(
-                f"{port}/{p}" for p, port in protected
-                if (proto is None or proto.group(1) == p)
-                and (ports is None or any(a <= port <= b for a, b in ports))
+                f"{port}/{p}"
+                for p, port in protected
+                if (proto is None or proto.group(1) == p) and (ports is None or any(a <= port <= b for a, b in ports))
             )
             if hit:
-                out.append(Finding(FAIL, f"INPUT rule {number} accepts {', '.join(hit)} before nfknock's chain "
-                                         f"(IPv{family}): {rule}"))
+                out.append(
+                    Finding(
+                        FAIL,
+                        f"INPUT rule {number} accepts {', '.join(hit)} before nfknock's chain (IPv{family}): {rule}",
+                    )
+                )
     return out or [Finding(OK, "no INPUT rule ahead of nfknock's chain accepts a protected port")]
 
 
@@ -148,8 +172,9 @@ def _intervals(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def check_local_ports(doors: tuple[Door, ...], local_ports: tuple[int, int] | None,
-                      reserved: str = "") -> list[Finding]:
+def check_local_ports(
+    doors: tuple[Door, ...], local_ports: tuple[int, int] | None, reserved: str = ""
+) -> list[Finding]:
     """Knock, rotating and tripwire ports in the kernel's ephemeral range are ports the host's own
     connections and services may be given (40000-60000 are in Linux's default 32768-60999)."""
     if local_ports is None:
@@ -171,8 +196,10 @@ def check_local_ports(doors: tuple[Door, ...], local_ports: tuple[int, int] | No
         ):
             hit = [(proto, a, b) for proto, a, b in ranges if clash(a, b)]
             if hit:
-                what.append(f"{label}{'s' if label == 'knock port' and len(hit) > 1 else ''} "
-                            + " ".join(f"{a}/{proto}" if a == b else f"{a}-{b}/{proto}" for proto, a, b in hit))
+                what.append(
+                    f"{label}{'s' if label == 'knock port' and len(hit) > 1 else ''} "
+                    + " ".join(f"{a}/{proto}" if a == b else f"{a}-{b}/{proto}" for proto, a, b in hit)
+                )
                 spans += [(max(a, low), min(b, high)) for _, a, b in hit]
         if what:
             merged: list[list[int]] = []
@@ -182,15 +209,22 @@ def check_local_ports(doors: tuple[Door, ...], local_ports: tuple[int, int] | No
                 else:
                     merged.append([a, b])
             ports = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in merged)
-            out.append(Finding(WARN, f"door {door.name}: {'; '.join(what)} in the local port range {low}-{high} "
-                                     "(net.ipv4.ip_local_port_range): the kernel gives these ports to the host's own "
-                                     "connections and services, whose new inbound connections there nfknock would "
-                                     f"queue; add {ports} to net.ipv4.ip_local_reserved_ports, or move the door"))
+            out.append(
+                Finding(
+                    WARN,
+                    f"door {door.name}: {'; '.join(what)} in the local port range {low}-{high} "
+                    "(net.ipv4.ip_local_port_range): the kernel gives these ports to the host's own "
+                    "connections and services, whose new inbound connections there nfknock would "
+                    f"queue; add {ports} to net.ipv4.ip_local_reserved_ports, or move the door",
+                )
+            )
     return out or [Finding(OK, f"no knock or tripwire port is in the local port range {low}-{high}")]
 
 
-_MARK_OPTION = re.compile(r"(?<!\S)--(set-xmark|set-mark|mark|tproxy-mark|nfmask|ctmask|or-mark|xor-mark|and-mark)"
-                          r"\s+(\S+)")
+_MARK_OPTION = re.compile(
+    r"(?<!\S)--(set-xmark|set-mark|mark|tproxy-mark|nfmask|ctmask|or-mark|xor-mark|and-mark)"
+    r"\s+(\S+)"
+)
 
 
 def _covers(option: str, value: str, bit: int) -> bool:
@@ -220,9 +254,14 @@ def check_pass_mark(host: HostState, bit: int = PASS_MARK) -> list[Finding]:
                 continue
             target = line.split(" -j ", 1)[1].split()[0] if " -j " in line else ""
             if target == "HMARK" or any(_covers(option, value, bit) for option, value in _MARK_OPTION.findall(line)):
-                out.append(Finding(WARN, f"{tool} -t {table}: a rule uses mark bit {bit:#x}, nfknock's pass mark "
-                                         f"(a packet carrying it skips the knock checks): {line}; pick a free bit "
-                                         "with --pass-mark"))
+                out.append(
+                    Finding(
+                        WARN,
+                        f"{tool} -t {table}: a rule uses mark bit {bit:#x}, nfknock's pass mark "
+                        f"(a packet carrying it skips the knock checks): {line}; pick a free bit "
+                        "with --pass-mark",
+                    )
+                )
     return out or [Finding(OK, f"no other iptables rule uses the pass-mark bit {bit:#x}")]
 
 
@@ -235,8 +274,13 @@ def check_conntrack(host: HostState) -> list[Finding]:
 def check_queue(host: HostState, queue_num: int) -> list[Finding]:
     held = parse_queue_table(host.queues).get(queue_num)
     if held is not None:
-        return [Finding(FAIL, f"NFQUEUE {queue_num} is held by netlink port {held.peer_portid} (another nfknock "
-                              "or NFQUEUE listener): pick another with --queue-num")]
+        return [
+            Finding(
+                FAIL,
+                f"NFQUEUE {queue_num} is held by netlink port {held.peer_portid} (another nfknock "
+                "or NFQUEUE listener): pick another with --queue-num",
+            )
+        ]
     return [Finding(OK, f"NFQUEUE {queue_num} is free")]
 
 
@@ -263,8 +307,9 @@ def check_modes(paths: list[Path], keys: frozenset = frozenset()) -> list[Findin
         except OSError:
             continue
         if mode & (stat.S_IRGRP | stat.S_IROTH) and not stat.S_ISDIR(mode):
-            out.append(Finding(WARN, f"{path} is readable by group or others: the knock sequences are secrets "
-                                     "(chmod go-r)"))
+            out.append(
+                Finding(WARN, f"{path} is readable by group or others: the knock sequences are secrets (chmod go-r)")
+            )
     return out or [Finding(OK, "rules and key files are root's and not readable by others")]
 
 
@@ -291,7 +336,8 @@ def gather() -> HostState:
     host.conntrack = (
         Path("/sys/module/nf_conntrack").exists()
         or subprocess.run(["modprobe", "-n", "-q", "nf_conntrack"], capture_output=True).returncode == 0
-        if shutil.which("modprobe") else Path("/sys/module/nf_conntrack").exists()
+        if shutil.which("modprobe")
+        else Path("/sys/module/nf_conntrack").exists()
     )
     try:
         host.queues = QUEUE_PROC.read_text()
@@ -313,8 +359,9 @@ def read_local_ports() -> tuple[tuple[int, int] | None, str]:
     return (low, high), reserved
 
 
-def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = None,
-             pass_mark: int = PASS_MARK) -> list[Finding]:
+def diagnose(
+    rules: Path, queue_num: int, chosen: str, host: HostState | None = None, pass_mark: int = PASS_MARK
+) -> list[Finding]:
     host = host or gather()
     chosen = resolve_flavour(chosen, lambda: host.flavour)
     rule_findings, doors = check_rules(rules)
@@ -323,7 +370,8 @@ def diagnose(rules: Path, queue_num: int, chosen: str, host: HostState | None = 
     except RulesError:
         paths = []
     keys = frozenset(
-        path for door in doors
+        path
+        for door in doors
         for path in (getattr(door, "keys_file", None), getattr(getattr(door, "rotate", None), "secret_file", None))
         if path is not None
     )

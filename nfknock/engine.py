@@ -98,8 +98,7 @@ class _Pools(NamedTuple):
 class _DoorState:
     """A door and every table that belongs to it; subclasses take knocks their own way."""
 
-    __slots__ = ("door", "name", "grants", "lockouts", "networks", "required", "forbidden", "families",
-                 "sequences")
+    __slots__ = ("door", "name", "grants", "lockouts", "networks", "required", "forbidden", "families", "sequences")
 
     def __init__(self, door: Door, pools: _Pools):
         self.door = door
@@ -149,17 +148,19 @@ class _DoorState:
 class _KnockDoorState(_DoorState):
     """A fixed open sequence and perhaps a close sequence."""
 
-    __slots__ = ()
+    __slots__ = ("seq_timeout",)
 
-    def __init__(self, door: KnockDoor, pools: _Pools):
+    def __init__(self, door: KnockDoor | RotatingDoor, pools: _Pools):
         super().__init__(door, pools)
-        self.sequences = [self._compile(_OPEN, door.sequence, pools)]
-        if door.close_sequence:
-            self.sequences.append(self._compile(_CLOSE, door.close_sequence, pools))
+        self.seq_timeout = door.seq_timeout
+        if isinstance(door, KnockDoor):
+            self.sequences = [self._compile(_OPEN, door.sequence, pools)]
+            if door.close_sequence:
+                self.sequences.append(self._compile(_CLOSE, door.close_sequence, pools))
 
     def _compile(self, kind: Sequence, steps, pools: _Pools, window: int | None = None) -> KnockSequence:
         keys = tuple(step if isinstance(step, tuple) else step.key for step in steps)
-        return KnockSequence(self.name, kind, keys, self.door.seq_timeout, pools.attempts.table(), window)
+        return KnockSequence(self.name, kind, keys, self.seq_timeout, pools.attempts.table(), window)
 
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
@@ -191,12 +192,13 @@ class _KnockDoorState(_DoorState):
 class _RotatingDoorState(_KnockDoorState):
     """The sequences of the current and the previous time window; each opens the door once."""
 
-    __slots__ = ("pools", "replays")
+    __slots__ = ("pools", "replays", "rotate")
 
     def __init__(self, door: RotatingDoor, pools: _Pools, replays: ReplayCache):
-        _DoorState.__init__(self, door, pools)
+        super().__init__(door, pools)
         self.pools = pools
         self.replays = replays
+        self.rotate = door.rotate
 
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         if wall is None:
@@ -205,7 +207,7 @@ class _RotatingDoorState(_KnockDoorState):
         super().knock(packet, key, now, wall, events)
 
     def _follow_windows(self, wall: float) -> None:
-        rotate = self.door.rotate
+        rotate = self.rotate
         windows = rotation.accepted_windows(wall, rotate.window)
         if self.sequences and self.sequences[0].window == windows[0]:
             return
@@ -221,31 +223,33 @@ class _RotatingDoorState(_KnockDoorState):
         self.sequences = [keep[index] for index in windows]
 
     def complete(self, seq: KnockSequence, src: str, now: float, events: list[Event]) -> None:
+        assert seq.window is not None  # every sequence of a rotating door has its window
         used = f"rotation:{self.name}:{seq.window}"
         if used in self.replays:
             events.append(SequenceReused(src, self.name))
             self.failed(src, now, events)
             return
         # Accepted in its own window and the next one: useless after that.
-        events.append(self.replays.record(used, (seq.window + 2) * self.door.rotate.window))
+        events.append(self.replays.record(used, (seq.window + 2) * self.rotate.window))
         super().complete(seq, src, now, events)
 
 
 class _SpaDoorState(_DoorState):
     """One authenticated packet opens the ports it asks for."""
 
-    __slots__ = ("replays",)
+    __slots__ = ("replays", "spa")
 
     def __init__(self, door: SpaDoor, pools: _Pools, replays: ReplayCache):
         super().__init__(door, pools)
         self.replays = replays
+        self.spa = door
 
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
         try:
             if wall is None:
                 raise SpaError("no clock", "the engine was not given the wall-clock time")
-            ports = authorize(self.door, packet, wall, self.replays, events)
+            ports = authorize(self.spa, packet, wall, self.replays, events)
         except SpaError as exc:
             events.append(SpaRefused(src, self.name, exc.reason, exc.detail))
             self.failed(src, now, events)
@@ -281,8 +285,9 @@ class Engine:
         states = {}
         for door in doors:
             old = self._doors.get(door.name)
-            states[door.name] = old if old is not None and old.door == door else \
-                _door_state(door, self._pools, self.replays)
+            states[door.name] = (
+                old if old is not None and old.door == door else _door_state(door, self._pools, self.replays)
+            )
         self._doors = states
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}

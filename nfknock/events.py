@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class Sequence(str, Enum):
+class Sequence(StrEnum):
     """Which of a door's two sequences an attempt belongs to."""
 
     OPEN = "open"

@@ -15,8 +15,10 @@ import yaml
 
 from .rules import MAX_SEQUENCE
 
-_ACCEPT = re.compile(r"\biptables\S*\s+(?P<op>-A|-I|-D)\s+INPUT\b.*?(?:-p\s+(?P<proto>tcp|udp)\b)?.*?"
-                     r"--dport\s+(?P<port>\d+)\b.*-j\s+ACCEPT\b")
+_ACCEPT = re.compile(
+    r"\biptables\S*\s+(?P<op>-A|-I|-D)\s+INPUT\b.*?(?:-p\s+(?P<proto>tcp|udp)\b)?.*?"
+    r"--dport\s+(?P<port>\d+)\b.*-j\s+ACCEPT\b"
+)
 _PROTO = re.compile(r"-p\s+(tcp|udp)\b")
 
 
@@ -84,20 +86,26 @@ def import_knockd(text: str) -> Imported:
     for section in sections:
         if section.name.lower() == "options":
             for number, _ in section.values.values():
-                unmapped.append(f"line {number}: {raw[number]} ([options]: nfknock logs with --log-file/--syslog "
-                                "and guards every interface)")
+                unmapped.append(
+                    f"line {number}: {raw[number]} ([options]: nfknock logs with --log-file/--syslog "
+                    "and guards every interface)"
+                )
             continue
         values = section.values
         if "sequence" not in values:
-            unmapped.append(f"line {section.line}: [{section.name}] has no sequence (skipped; it may use "
-                            "one_time_sequences, which nfknock does not support)")
+            unmapped.append(
+                f"line {section.line}: [{section.name}] has no sequence (skipped; it may use "
+                "one_time_sequences, which nfknock does not support)"
+            )
             continue
         command_key = "start_command" if "start_command" in values else "command"
         number, command = values.get(command_key, (section.line, ""))
         grant = _grant_of(command)
         if grant is None:
-            unmapped.append(f"line {number}: [{section.name}] {raw[number]} (not an 'iptables ... "
-                            "-s %IP% --dport N -j ACCEPT' rule: door skipped)")
+            unmapped.append(
+                f"line {number}: [{section.name}] {raw[number]} (not an 'iptables ... "
+                "-s %IP% --dport N -j ACCEPT' rule: door skipped)"
+            )
             continue
         op, proto, port = grant
         steps = _steps(values["sequence"][1])
@@ -115,16 +123,22 @@ def import_knockd(text: str) -> Imported:
             if key not in ("sequence", "seq_timeout", "cmd_timeout", "tcpflags", command_key, "stop_command"):
                 unmapped.append(f"line {line}: [{section.name}] {raw[line]} (no nfknock equivalent)")
         if "cmd_timeout" not in values:
-            notes.append(f"line {number}: [{section.name}] knockd keeps this rule until another door removes "
-                         "it; nfknock accepts new connections for open_for (default 30s) and never cuts "
-                         "established ones")
+            notes.append(
+                f"line {number}: [{section.name}] knockd keeps this rule until another door removes "
+                "it; nfknock accepts new connections for open_for (default 30s) and never cuts "
+                "established ones"
+            )
         doors[section.name] = door
-    for section, grant, steps in closers:
-        opener = next((d for d in doors.values()
-                       if d["protect"] == [f"{grant[1]}/{grant[0]}"] and "close_sequence" not in d), None)
+    for section, (proto, port), steps in closers:
+        opener = next(
+            (d for d in doors.values() if d["protect"] == [f"{port}/{proto}"] and "close_sequence" not in d),
+            None,
+        )
         if opener is None:
-            unmapped.append(f"line {section.line}: [{section.name}] removes access to {grant[1]}/{grant[0]}, "
-                            "which no imported door opens (skipped)")
+            unmapped.append(
+                f"line {section.line}: [{section.name}] removes access to {port}/{proto}, "
+                "which no imported door opens (skipped)"
+            )
         else:
             opener["close_sequence"] = steps
             notes.append(f"line {section.line}: [{section.name}] became the close_sequence of {opener['name']}")

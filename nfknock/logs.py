@@ -23,11 +23,11 @@ from .events import (
     LockedOut,
     LockReleased,
     Recorded,
-    SequenceReused,
-    SpaRefused,
     Sequence,
     SequenceReset,
+    SequenceReused,
     SequenceTimeout,
+    SpaRefused,
 )
 
 LOGGER_NAME = "nfknock"
@@ -88,8 +88,10 @@ class RateLimit:
 
     def held_back(self) -> list[str]:
         """One line per event type whose lines were held back since the last call."""
-        lines = [f"{count} '{kind.__name__}' log lines held back (more than {self.per_second:g}/s)"
-                 for kind, count in sorted(self._held.items(), key=lambda item: item[0].__name__)]
+        lines = [
+            f"{count} '{kind.__name__}' log lines held back (more than {self.per_second:g}/s)"
+            for kind, count in sorted(self._held.items(), key=lambda item: item[0].__name__)
+        ]
         self._held.clear()
         return lines
 
@@ -106,8 +108,11 @@ class JsonFormatter(logging.Formatter):
     the level and message of a daemon line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname.lower(),
-                "message": record.getMessage()}
+        line = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
         event = getattr(record, "event", None)
         if event is not None:
             line["event"] = type(event).__name__
@@ -117,8 +122,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
-def setup_logging(log_file: str | None = None, syslog: bool = False, verbose: bool = False,
-                  log_format: str = "text") -> logging.Logger:
+def setup_logging(
+    log_file: str | None = None, syslog: bool = False, verbose: bool = False, log_format: str = "text"
+) -> logging.Logger:
     """stderr by default; a file and/or syslog when asked. Lines look like knockd's log file."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()

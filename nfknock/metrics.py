@@ -29,10 +29,18 @@ TALLIED = {
     DoorClosed: ("doors_closed", "Doors closed by a close sequence", ("door",), lambda e: (e.door,)),
     LockedOut: ("lockouts", "Sources locked out", ("door",), lambda e: (e.door,)),
     SpaRefused: ("spa_refused", "SPA packets refused", ("door", "reason"), lambda e: (e.door, e.reason)),
-    ConnectionAccepted: ("connections", "New connections to protected ports", ("door", "result"),
-                         lambda e: (e.door, "accepted")),
-    ConnectionRefused: ("connections", "New connections to protected ports", ("door", "result"),
-                        lambda e: ("", "refused")),
+    ConnectionAccepted: (
+        "connections",
+        "New connections to protected ports",
+        ("door", "result"),
+        lambda e: (e.door, "accepted"),
+    ),
+    ConnectionRefused: (
+        "connections",
+        "New connections to protected ports",
+        ("door", "result"),
+        lambda e: ("", "refused"),
+    ),
 }
 
 
@@ -89,7 +97,7 @@ class Collector:
         for reason, count in snapshot.unparsable.items():
             unparsable.add_metric((reason,), count)
         yield unparsable
-        families = {}
+        families: dict[str, CounterMetricFamily] = {}
         for (name, labels), count in snapshot.tallies.items():
             spec = next(s for s in TALLIED.values() if s[0] == name)
             family = families.get(name)
@@ -104,8 +112,9 @@ class Collector:
         yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
         drops = read_queue_drops(snapshot.queue_num)
         if drops is not None:
-            dropped = CounterMetricFamily("nfknock_queue_dropped", "Packets the kernel dropped before nfknock saw "
-                                          "them", labels=("cause",))
+            dropped = CounterMetricFamily(
+                "nfknock_queue_dropped", "Packets the kernel dropped before nfknock saw them", labels=("cause",)
+            )
             dropped.add_metric(("queue_full",), drops.queue_full)
             dropped.add_metric(("socket_full",), drops.socket_full)
             yield dropped

@@ -55,12 +55,21 @@ def parse(data: bytes) -> Packet:
                 sport, dport, off_flags = _TCP.unpack_from(data, ihl)
                 offset = (off_flags >> 12) << 2
                 if offset >= 20 and ihl + offset <= total:
-                    return Packet(_inet_ntoa(src), _inet_ntoa(dst), "tcp", sport, dport, off_flags & 0x1FF,
-                                  data[ihl + offset:total], bool(frag & 0x2000))
+                    return Packet(
+                        _inet_ntoa(src),
+                        _inet_ntoa(dst),
+                        "tcp",
+                        sport,
+                        dport,
+                        off_flags & 0x1FF,
+                        data[ihl + offset : total],
+                        bool(frag & 0x2000),
+                    )
             elif proto == IPPROTO_UDP and ihl + 8 <= total:
                 sport, dport = _PORTS.unpack_from(data, ihl)
-                return Packet(_inet_ntoa(src), _inet_ntoa(dst), "udp", sport, dport, 0,
-                              data[ihl + 8:total], bool(frag & 0x2000))
+                return Packet(
+                    _inet_ntoa(src), _inet_ntoa(dst), "udp", sport, dport, 0, data[ihl + 8 : total], bool(frag & 0x2000)
+                )
     return parse_with_dpkt(data)
 
 
@@ -107,7 +116,7 @@ def _decode(header, data: bytes, bad: str):
         raise PacketError("undecodable inner protocol") from None
 
 
-def _transport(layer4, proto: int, src: str, dst: str, fragment: bool, family: int) -> Packet:
+def _transport(layer4, proto: int | None, src: str, dst: str, fragment: bool, family: int) -> Packet:
     if isinstance(layer4, dpkt.tcp.TCP):
         name, flags = "tcp", layer4.flags
     elif isinstance(layer4, dpkt.udp.UDP):

@@ -24,7 +24,7 @@ def derive(secret: bytes, door: str, index: int, length: int, first: int, last: 
         block = mac.finalize()
         counter += 1
         for at in range(0, len(block), 4):
-            value = int.from_bytes(block[at:at + 4], "big")
+            value = int.from_bytes(block[at : at + 4], "big")
             port = first + value % span
             if value < limit and port not in ports:
                 ports.append(port)
@@ -40,8 +40,9 @@ def accepted_windows(wall: float, window: float) -> tuple[int, int]:
     return current, current - 1
 
 
-def steps_of(secret: bytes, door: str, index: int, length: int, proto: str, first: int, last: int
-             ) -> tuple[tuple[str, int], ...]:
+def steps_of(
+    secret: bytes, door: str, index: int, length: int, proto: str, first: int, last: int
+) -> tuple[tuple[str, int], ...]:
     """Window `index`'s sequence as (proto, port) steps."""
     return tuple((proto, port) for port in derive(secret, door, index, length, first, last))
 

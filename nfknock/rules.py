@@ -1,4 +1,5 @@
-"""Door definitions: YAML in, validated frozen models out.
+"""Door definitions: YAML text in, validated frozen models out. Pure: reading files and
+attaching secrets is loading.py's (the edge).
 
 The engine only ever sees what `load_rules` returns, so every check a door needs lives here,
 once, and every error names the file, the door and the field on one line.
@@ -10,13 +11,11 @@ import base64
 import binascii
 import bisect
 import ipaddress
-import os
 import re
 import reprlib
-import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -25,9 +24,9 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PlainSerializer,
     PrivateAttr,
     Tag,
-    PlainSerializer,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -37,7 +36,6 @@ from pydantic import (
 from . import yamlsafe
 from .errors import RulesError
 from .spa import Keys
-from .trust import why_unsafe
 
 Proto = Literal["tcp", "udp"]
 
@@ -155,9 +153,7 @@ def _network(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"invalid network {_short(value)}: {_clip(exc, MAX_VALUE)}") from None
 
 
-Source = Annotated[
-    ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network), PlainSerializer(str)
-]
+Source = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network), PlainSerializer(str)]
 Family = Literal["any", "ipv4", "ipv6"]
 
 
@@ -183,44 +179,6 @@ def _lockout_switch(value: Any) -> Any:
 DEFAULT_TRIPWIRE = 16
 
 
-def _secret_from(file: Path | None, env: str | None, what: str) -> bytes:
-    """A base64 secret from a root-only file or an environment variable, never the rules file."""
-    if file is not None:
-        try:
-            text = _read_secret(file)
-        except OSError as exc:
-            raise ValueError(f"{what}_file {file}: cannot read: {exc.strerror}") from None
-        where = f"{what}_file {file}"
-    else:
-        text = os.environ.get(env, "").strip()
-        where = f"environment variable {env}"
-        if not text:
-            raise ValueError(f"{where} is not set")
-    try:
-        secret = base64.b64decode(text.split()[-1], validate=True)
-    except (binascii.Error, IndexError, ValueError):
-        raise ValueError(f"{where}: not valid base64") from None
-    if len(secret) < 16:
-        raise ValueError(f"{where}: secret too short (16 bytes at least; 'nfknock keygen' makes good ones)")
-    return secret
-
-
-MAX_SECRET_BYTES = 64 * 1024
-
-
-def _read_secret(file: Path) -> str:
-    if not stat.S_ISREG(os.stat(file).st_mode):
-        raise OSError(0, "not a regular file")
-    with open(file, "rb") as stream:
-        data = stream.read(MAX_SECRET_BYTES + 1)
-    if len(data) > MAX_SECRET_BYTES:
-        raise OSError(0, f"larger than {MAX_SECRET_BYTES // 1024} KiB")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise OSError(0, "not UTF-8 text") from None
-
-
 class Rotation(BaseModel):
     """A sequence that changes every `window`, derived from a shared secret (see rotation.py)."""
 
@@ -243,7 +201,9 @@ class Rotation(BaseModel):
         if not 1 <= first < last <= 65535:
             raise ValueError(f"ports: {_short(self.ports)} is not a range within 1..65535")
         if last - first + 1 < 10 * self.length:
-            raise ValueError(f"ports: {_short(self.ports)} is too small for {self.length} steps (10 ports a step at least)")
+            raise ValueError(
+                f"ports: {_short(self.ports)} is too small for {self.length} steps (10 ports a step at least)"
+            )
         if (self.secret_file is None) == (self.secret_env is None):
             raise ValueError("give exactly one of secret_file or secret_env")
         return self
@@ -330,10 +290,13 @@ class _SequenceDoor(_DoorBase):
         client never does. They include the steps themselves (the firewall matches steps
         first); `tripwire_keys` is the set without them.
         """
-        spans = sorted(
-            (p.proto, max(1, p.port - self.tripwire), min(65535, p.port + self.tripwire))
-            for p in self.knock_ports
-        ) if self.tripwire else []
+        spans = (
+            sorted(
+                (p.proto, max(1, p.port - self.tripwire), min(65535, p.port + self.tripwire)) for p in self.knock_ports
+            )
+            if self.tripwire
+            else []
+        )
         merged: list[Range] = []
         for proto, first, last in spans:
             if merged and merged[-1][0] == proto and first <= merged[-1][2] + 1:
@@ -356,7 +319,9 @@ class _SequenceDoor(_DoorBase):
 def _advanceable(steps: Steps | None) -> Steps | None:
     # The engine ignores a repeat of the step just matched (retransmits), so a step equal to
     # the one before it could never advance: the door would never open.
-    for i in range(1, len(steps or ())):
+    if steps is None:
+        return None
+    for i in range(1, len(steps)):
         if steps[i] == steps[i - 1]:
             raise ValueError(
                 f"step {i + 1} ({steps[i]}) repeats step {i}; repeated knocks are ignored "
@@ -423,7 +388,7 @@ class RotatingDoor(_SequenceDoor):
         return (self.rotate.range,)
 
 
-def _read_keys(text: str, where: str) -> "Keys":
+def _read_keys(text: str, where: str) -> Keys:
     """KEY_BASE64 / HMAC_KEY_BASE64 lines, as `nfknock keygen` and `fwknop --key-gen` print them."""
     values = {}
     for line in text.splitlines():
@@ -465,7 +430,7 @@ class SpaDoor(_DoorBase):
         return self
 
     @property
-    def keys(self) -> "Keys":
+    def keys(self) -> Keys:
         if self._keys is None:
             raise RuntimeError("the SPA keys were not loaded (load_rules or load_secrets does that)")
         return self._keys
@@ -476,52 +441,6 @@ class SpaDoor(_DoorBase):
 
 
 Door = KnockDoor | RotatingDoor | SpaDoor
-
-
-def _spa_keys(door: SpaDoor) -> Keys:
-    if door.keys_file is not None:
-        try:
-            text = _read_secret(door.keys_file)
-        except OSError as exc:
-            raise ValueError(f"keys_file {door.keys_file}: cannot read: {exc.strerror}") from None
-        keys = _read_keys(text, f"keys_file {door.keys_file}")
-    else:
-        names = [f"{door.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
-        missing = [name for name in names if not os.environ.get(name)]
-        if missing:
-            raise ValueError(f"environment variable {missing[0]} is not set")
-        keys = _read_keys(f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
-                          f"environment variables {names[0]}, {names[1]}")
-    return Keys(keys.encryption, keys.hmac, door.hmac_digest)
-
-
-def load_secrets(door: Door, strict: bool = False) -> list[str]:
-    """Attach a validated door's secret: a rotating door's `rotate.secret`, an SPA door's `keys`.
-
-    The one step of loading that reads key files and the environment (validation reads
-    nothing). A key file that `trust.why_unsafe` refuses is not read when `strict`; otherwise
-    the reason is returned as a warning. Raises ValueError naming the field on any problem.
-    """
-    if isinstance(door, SpaDoor):
-        field, file = "keys_file", door.keys_file
-    elif isinstance(door, RotatingDoor):
-        field, file = "rotate: secret_file", door.rotate.secret_file
-    else:
-        return []
-    warnings = []
-    reason = why_unsafe(file, secret=True) if file is not None else None
-    if reason:
-        if strict:
-            raise ValueError(f"{field}: not trusted: {reason}")
-        warnings.append(f"{field}: not trusted: {reason}")
-    if isinstance(door, SpaDoor):
-        door._keys = _spa_keys(door)
-    else:
-        try:
-            door.rotate._secret = _secret_from(door.rotate.secret_file, door.rotate.secret_env, "secret")
-        except ValueError as exc:
-            raise ValueError(f"rotate: {exc}") from None
-    return warnings
 
 
 def _door_kind(value: Any) -> str | None:
@@ -538,8 +457,9 @@ def _door_kind(value: Any) -> str | None:
 DOOR_KINDS = ("knock", "rotating", "spa")
 AnyDoor = Annotated[
     Annotated[KnockDoor, Tag("knock")] | Annotated[RotatingDoor, Tag("rotating")] | Annotated[SpaDoor, Tag("spa")],
-    Discriminator(_door_kind, custom_error_type="door_kind",
-                  custom_error_message="kind must be knock, rotating or spa"),
+    Discriminator(
+        _door_kind, custom_error_type="door_kind", custom_error_message="kind must be knock, rotating or spa"
+    ),
 ]
 
 
@@ -569,85 +489,6 @@ class Ruleset:
         raise RulesError([f"no door named {_short(name)} (doors: {_clip(', '.join(d.name for d in self.doors))})"])
 
 
-def rule_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        # Not is_file(): a dangling symlink or a directory named *.yaml must be reported, not skipped.
-        try:
-            files = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
-        except OSError as exc:
-            raise RulesError([f"{path}: cannot read: {exc.strerror}"]) from None
-        if not files:
-            raise RulesError([f"{path}: no rule files (*.yaml) in this directory"])
-        return files
-    if not path.exists():
-        raise RulesError([f"{path}: no such file or directory"])
-    return [path]
-
-
-def load_rules(path: str | Path, strict: bool = False) -> Ruleset:
-    """Load a rules file or a directory of `*.yaml` files; raise RulesError listing every problem.
-
-    Validation reads nothing; the secrets (key files, environment) are attached afterwards, by
-    `load_secrets`. With `strict` (the daemon), a rules or key file that `trust.why_unsafe`
-    refuses (others could write it, or read keys) is an error and is not read; without it (`check`,
-    the clients) the reason comes back in `Ruleset.warnings`.
-
-    Nothing but RulesError escapes: whatever goes wrong becomes a line naming the file (a reload
-    keeps the old rules on RulesError)."""
-    try:
-        return _load_rules(Path(path), strict)
-    except RulesError:
-        raise
-    except Exception as exc:
-        raise RulesError([f"{path}: cannot load: {type(exc).__name__}: {_clip(exc)}"]) from exc
-
-
-def _load_rules(path: Path, strict: bool) -> Ruleset:
-    warnings: list[str] = []
-    reported: set[str] = set()
-
-    def untrusted(target: Path, errors: list[str]) -> bool:
-        """Whether `target` must not be read; its reason is reported once however many files share it."""
-        reason = why_unsafe(target)
-        if reason and reason not in reported:
-            reported.add(reason)
-            (errors if strict else warnings).append(f"{target}: not trusted: {reason}")
-        return bool(reason) and strict
-
-    top_errors: list[str] = []
-    if path.is_dir() and untrusted(path, top_errors):
-        raise RulesError(top_errors)
-    loaded = []
-    doors: list[Door] = []
-    files: list[Path] = []
-    origin: dict[str, Path] = {}
-    for file in rule_files(path):
-        file_errors: list[str] = []
-        file_doors = [] if untrusted(file, file_errors) else _load_file(file, file_errors)
-        loaded.append((file_errors, len(doors), len(file_doors)))
-        doors += file_doors
-        files += [file] * len(file_doors)
-        for door in file_doors:
-            origin.setdefault(door.name, file)
-    problems = _conflicts(doors, files, origin)
-    for i, door in enumerate(doors):
-        try:
-            found = load_secrets(door, strict)
-        except ValueError as exc:
-            problems.setdefault(i, []).append(f"{files[i]}: door {door.name!r}: {exc}")
-        else:
-            warnings += [f"{files[i]}: door {door.name!r}: {line}" for line in found]
-    errors: list[str] = top_errors
-    for file_errors, first, count in loaded:
-        errors += file_errors
-        for i in range(first, first + count):
-            errors += problems.get(i, [])
-    if errors:
-        raise RulesError(errors)
-    return Ruleset(tuple(doors), origin, tuple(warnings))
-
-
-MAX_RULES_BYTES = 1024 * 1024  # per file: 10,000 doors in flow style fit; more go in several files
 MAX_LINES_PER_FILE = 20  # problems listed for one file; the rest are counted on one more line
 MAX_VALUE = 80  # characters of a value quoted in a message
 
@@ -655,51 +496,17 @@ MAX_VALUE = 80  # characters of a value quoted in a message
 def _short(value: Any) -> str:
     """repr() of a value for a message: bounded however big or deep the value is."""
     text = _REPR.repr(value)
-    return text if len(text) <= MAX_VALUE else text[:MAX_VALUE - 3] + "..."
+    return text if len(text) <= MAX_VALUE else text[: MAX_VALUE - 3] + "..."
 
 
-def _clip(text: str, limit: int = 3 * MAX_VALUE) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def _clip(value: object, limit: int = 3 * MAX_VALUE) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = MAX_VALUE
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict = 3, 6, 4
-
-
-def _read(file: Path) -> str:
-    """The file's text; OSError, UnicodeDecodeError or ValueError (too big) when it cannot be had."""
-    if not stat.S_ISREG(mode := os.stat(file).st_mode) and not stat.S_ISDIR(mode):
-        raise OSError(0, "not a regular file")  # a FIFO would block the reload
-    with open(file, "rb") as stream:
-        data = stream.read(MAX_RULES_BYTES + 1)
-    if len(data) > MAX_RULES_BYTES:
-        raise ValueError(f"larger than {MAX_RULES_BYTES // 1024} KiB; put the doors in several files "
-                         "of a rules directory")
-    return data.decode("utf-8")
-
-
-def _load_file(file: Path, errors: list[str]) -> list[Door]:
-    """The doors of one file, or none and the file's problems added to `errors`."""
-    found: list[str] = []
-    doors = _parse_file(file, found)
-    if len(found) > MAX_LINES_PER_FILE:
-        found[MAX_LINES_PER_FILE:] = [f"{file}: {len(found) - MAX_LINES_PER_FILE} more problems not listed"]
-    errors.extend(found)
-    return doors
-
-
-def _parse_file(file: Path, errors: list[str]) -> list[Door]:
-    try:
-        text = _read(file)
-    except (OSError, UnicodeDecodeError) as exc:
-        errors.append(f"{file}: cannot read: {_clip(getattr(exc, 'strerror', None) or exc)}")
-        return []
-    except ValueError as exc:
-        errors.append(f"{file}: cannot read: {exc}")
-        return []
-    return _parse_text(text, file, errors)
 
 
 def parse_rules_text(text: str, origin: Path) -> tuple[Door, ...]:

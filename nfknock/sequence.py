@@ -82,8 +82,13 @@ TRANSITIONS: dict[tuple[Phase, Match], Action] = {
 # packet path below uses these module-level aliases instead.
 _IDLE, _STARTED = Phase.IDLE, Phase.STARTED
 _EXPECTED, _LAST, _REPEAT, _FIRST, _OTHER = Match.EXPECTED, Match.LAST, Match.REPEAT, Match.FIRST, Match.OTHER
-_ADVANCE, _COMPLETE, _RESTART, _RESET, _IGNORE = (Action.ADVANCE, Action.COMPLETE, Action.RESTART, Action.RESET,
-                                                  Action.IGNORE)
+_ADVANCE, _COMPLETE, _RESTART, _RESET, _IGNORE = (
+    Action.ADVANCE,
+    Action.COMPLETE,
+    Action.RESTART,
+    Action.RESET,
+    Action.IGNORE,
+)
 
 
 def classify(steps: tuple[Key, ...], stage: int, key: Key) -> Match:
@@ -107,8 +112,15 @@ class KnockSequence:
 
     __slots__ = ("door", "kind", "steps", "timeout", "attempts", "window")
 
-    def __init__(self, door: str, kind: Sequence, steps: tuple[Key, ...], timeout: float, attempts: Table,
-                 window: int | None = None):
+    def __init__(
+        self,
+        door: str,
+        kind: Sequence,
+        steps: tuple[Key, ...],
+        timeout: float,
+        attempts: Table,
+        window: int | None = None,
+    ):
         self.door = door
         self.kind = kind
         self.steps = steps

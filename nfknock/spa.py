@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
@@ -29,12 +30,30 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .errors import SpaError
 
 SALTED_B64 = "U2FsdGVkX1"  # base64 of "Salted__": fwknop strips it from the wire
-HMAC_DIGESTS = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+HMAC_DIGESTS: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
 # The inner digest's type is told by the length of its unpadded base64.
-INNER_DIGESTS = {22: hashes.MD5, 27: hashes.SHA1, 43: hashes.SHA256, 64: hashes.SHA384, 86: hashes.SHA512}
+INNER_DIGESTS: dict[int, Callable[[], hashes.HashAlgorithm]] = {
+    22: hashes.MD5,
+    27: hashes.SHA1,
+    43: hashes.SHA256,
+    64: hashes.SHA384,
+    86: hashes.SHA512,
+}
 ACCESS, ACCESS_WITH_TIMEOUT = 1, 3
-MESSAGE_TYPES = {0: "command", 1: "access", 2: "NAT access", 3: "access with timeout", 4: "NAT access with timeout",
-                 5: "local NAT access", 6: "local NAT access with timeout"}
+MESSAGE_TYPES = {
+    0: "command",
+    1: "access",
+    2: "NAT access",
+    3: "access with timeout",
+    4: "NAT access with timeout",
+    5: "local NAT access",
+    6: "local NAT access with timeout",
+}
 VERSION = "3.0.0"
 
 
@@ -104,7 +123,7 @@ def authenticate(wire: bytes, keys: Keys) -> str:
         raise SpaError("malformed", "not ASCII") from None
     if text.startswith(SALTED_B64):
         raise SpaError("malformed", "starts with the 'Salted__' prefix fwknop never sends")
-    tag_length = len(_b64encode(bytes(HMAC_DIGESTS.get(keys.digest, hashes.SHA256).digest_size)))
+    tag_length = len(_b64encode(bytes(HMAC_DIGESTS.get(keys.digest, hashes.SHA256)().digest_size)))
     if len(text) <= tag_length + 16:
         raise SpaError("malformed", f"too short ({len(text)} characters)")
     data, tag = text[:-tag_length], text[-tag_length:]
@@ -155,9 +174,9 @@ def _parse(plain: str) -> SpaRequest:
     fields = body.split(":")
     if len(fields) < 6:
         raise SpaError("malformed", f"{len(fields)} fields, expected at least 6")
-    random, user, timestamp, version, message_type, access = fields[:6]
+    random, user, timestamp, version, type_text, access = fields[:6]
     try:
-        message_type = int(message_type)
+        message_type = int(type_text)
         timestamp_value = int(timestamp)
         access_text = _b64decode(access).decode("ascii")
         user_text = _b64decode(user).decode("utf-8", "replace")
@@ -179,17 +198,30 @@ def _parse(plain: str) -> SpaRequest:
         if proto not in ("tcp", "udp") or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise SpaError("malformed", f"bad port request {item!r}")
         ports.append((proto, int(port)))
-    return SpaRequest(random, user_text, timestamp_value, version, message_type, address, tuple(ports),
-                      client_timeout, digest)
+    return SpaRequest(
+        random, user_text, timestamp_value, version, message_type, address, tuple(ports), client_timeout, digest
+    )
 
 
-def encode(keys: Keys, address: str, ports: list[tuple[str, int]], now: float, user: str = "nfknock",
-           client_timeout: int | None = None) -> bytes:
+def encode(
+    keys: Keys,
+    address: str,
+    ports: list[tuple[str, int]],
+    now: float,
+    user: str = "nfknock",
+    client_timeout: int | None = None,
+) -> bytes:
     """Build a datagram that fwknopd (and nfknock) accept."""
     message_type = ACCESS if client_timeout is None else ACCESS_WITH_TIMEOUT
     access = address + "," + ",".join(f"{proto}/{port}" for proto, port in ports)
-    fields = [f"{secrets.randbelow(10**16):016d}", _b64encode(user.encode()), str(int(now)), VERSION,
-              str(message_type), _b64encode(access.encode())]
+    fields = [
+        f"{secrets.randbelow(10**16):016d}",
+        _b64encode(user.encode()),
+        str(int(now)),
+        VERSION,
+        str(message_type),
+        _b64encode(access.encode()),
+    ]
     if client_timeout is not None:
         fields.append(str(client_timeout))
     body = ":".join(fields)

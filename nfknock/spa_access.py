@@ -17,8 +17,9 @@ from .replay import ReplayCache
 from .rules import SpaDoor
 
 
-def authorize(door: SpaDoor, packet: Packet, wall: float, replays: ReplayCache,
-              events: list[Event]) -> frozenset[tuple[str, int]]:
+def authorize(
+    door: SpaDoor, packet: Packet, wall: float, replays: ReplayCache, events: list[Event]
+) -> frozenset[tuple[str, int]]:
     """The (proto, port)s the packet opens for its sender, or SpaError naming the reason."""
     data = spa.authenticate(packet.payload, door.keys)
     identity = spa.packet_id(data)
@@ -33,8 +34,10 @@ def authorize(door: SpaDoor, packet: Packet, wall: float, replays: ReplayCache,
     events.append(replays.record(identity, max(wall, request.timestamp) + door.max_age))
     age = wall - request.timestamp
     if abs(age) > door.max_age:
-        raise SpaError("too old" if age > 0 else "from the future",
-                       f"timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s")
+        raise SpaError(
+            "too old" if age > 0 else "from the future",
+            f"timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s",
+        )
     if not door.trust_inner_address and request.address != packet.src:
         raise SpaError("source mismatch", f"the packet asks access for {request.address}")
     allowed = {p.key for p in door.protect}

@@ -10,7 +10,8 @@ a `Pool` with one cap; when it is full, the entry with the earliest deadline in 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 class Pool:
@@ -24,18 +25,18 @@ class Pool:
         self.evicted = 0
         self.tables: list[Table] = []
 
-    def table(self) -> "Table":
+    def table(self) -> Table:
         table = Table(self)
         self.tables.append(table)
         return table
 
-    def forget(self, table: "Table") -> None:
+    def forget(self, table: Table) -> None:
         self.size -= len(table.entries)
         table.entries.clear()
         self.tables.remove(table)
 
     def _make_room(self) -> None:
-        fullest = min((t for t in self.tables if t.entries), key=lambda t: t.next_deadline())
+        fullest = min((t for t in self.tables if t.entries), key=lambda t: next(iter(t.entries.values()))[0])
         fullest.entries.popitem(last=False)
         self.size -= 1
         self.evicted += 1

@@ -76,8 +76,15 @@ class Reporter:
         self._evicted = 0
         self._errors = 0
 
-    def report(self, queue_num: int, drops: QueueDrops | None, unparsable: dict[str, int],
-               evicted: int, errors: int, max_sources: int) -> list[str]:
+    def report(
+        self,
+        queue_num: int,
+        drops: QueueDrops | None,
+        unparsable: dict[str, int],
+        evicted: int,
+        errors: int,
+        max_sources: int,
+    ) -> list[str]:
         lines = []
         if drops is not None:
             if drops.total > self._drops.total:
@@ -87,15 +94,20 @@ class Reporter:
                     f"{drops.socket_full - self._drops.socket_full}); dropped knocks must be sent again"
                 )
             self._drops = drops
-        grown = {r: n - self._unparsable.get(r, 0) for r, n in sorted(unparsable.items())
-                 if n > self._unparsable.get(r, 0)}
+        grown = {
+            r: n - self._unparsable.get(r, 0) for r, n in sorted(unparsable.items()) if n > self._unparsable.get(r, 0)
+        }
         if grown:
-            lines.append("unparsable packets dropped since the last report: "
-                         + ", ".join(f"{reason}: {n}" for reason, n in grown.items()))
+            lines.append(
+                "unparsable packets dropped since the last report: "
+                + ", ".join(f"{reason}: {n}" for reason, n in grown.items())
+            )
             self._unparsable = dict(unparsable)
         if evicted > self._evicted:
-            lines.append(f"state full: {evicted - self._evicted} oldest entries evicted since the last report "
-                         f"(--max-sources {max_sources})")
+            lines.append(
+                f"state full: {evicted - self._evicted} oldest entries evicted since the last report "
+                f"(--max-sources {max_sources})"
+            )
             self._evicted = evicted
         if errors > self._errors:
             lines.append(f"{errors - self._errors} packets dropped after internal errors since the last report")

@@ -34,12 +34,11 @@ def why_unsafe(path: str | Path, secret: bool = False) -> str | None:
         return None
     shown = f"{path} (-> {real})" if str(real) != os.path.abspath(path) else str(path)
     owners = {0, os.geteuid()}
-    for level, (where, mode) in enumerate(zip(chain, modes)):
+    for level, (where, mode) in enumerate(zip(chain, modes, strict=True)):
         what = ("directory " if stat.S_ISDIR(mode.st_mode) else "") + (shown if level == 0 else str(where))
         if mode.st_uid not in owners:
             return f"{what} is owned by uid {mode.st_uid}, not root: its owner decides who gets in"
-        if mode.st_mode & WRITABLE and not (level >= 2 and stat.S_ISDIR(mode.st_mode)
-                                             and mode.st_mode & stat.S_ISVTX):
+        if mode.st_mode & WRITABLE and not (level >= 2 and stat.S_ISDIR(mode.st_mode) and mode.st_mode & stat.S_ISVTX):
             return f"{what} is writable by group or others: anyone who can edit it decides who gets in (chmod go-w)"
     if secret and modes[0].st_mode & READABLE:
         return f"{shown} holds keys and is readable by group or others (chmod 600)"

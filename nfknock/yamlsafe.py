@@ -57,7 +57,7 @@ class PyLoader(Reader, Scanner, Parser, Composer, SafeConstructor, _Resolver):
 
 
 if getattr(yaml, "__with_libyaml__", False):
-    from yaml.cyaml import CParser
+    from yaml.cyaml import CParser  # type: ignore[attr-defined]
 
     class CLoader(CParser, SafeConstructor, _Resolver):
         """The same on libyaml's parser and composer."""
@@ -67,7 +67,7 @@ if getattr(yaml, "__with_libyaml__", False):
             SafeConstructor.__init__(self)
             _Resolver.__init__(self)
 
-    LOADERS = (CLoader, PyLoader)
+    LOADERS: tuple[type, ...] = (CLoader, PyLoader)
 else:  # pragma: no cover - PyYAML built without libyaml
     LOADERS = (PyLoader,)
 
@@ -117,8 +117,9 @@ def check_shape(root: yaml.Node) -> None:
         if len(open_nodes) > MAX_DEPTH:
             raise LimitError(f"nested more than {MAX_DEPTH} levels deep")
         stack.append((node, True))
-        stack.extend((child, False) for child in _children(node)
-                     if child.__class__ is not scalar and id(child) not in size)
+        stack.extend(
+            (child, False) for child in _children(node) if child.__class__ is not scalar and id(child) not in size
+        )
 
 
 def load(text: str, loader_class: type = LOADERS[0]):

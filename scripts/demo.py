@@ -38,16 +38,24 @@ class Demo:
 
     def expect_closed(self, client, who: str) -> None:
         attempt = connect(client, timeout=1.5)
-        self.step(f"{who} connects to {client.server_address}:22", not attempt.connected,
-                  "connected (the door should be closed!)" if attempt.connected
-                  else f"no answer after {attempt.seconds:.1f} s: closed")
+        self.step(
+            f"{who} connects to {client.server_address}:22",
+            not attempt.connected,
+            "connected (the door should be closed!)"
+            if attempt.connected
+            else f"no answer after {attempt.seconds:.1f} s: closed",
+        )
 
     def expect_open(self, client, who: str) -> None:
         attempt = connect(client, timeout=3)
-        self.step(f"{who} connects to {client.server_address}:22", attempt.connected and attempt.seconds < 0.5,
-                  f"connected in {attempt.seconds * 1000:.1f} ms on the first SYN, server said "
-                  f"{attempt.greeting.strip().decode(errors='replace')!r}" if attempt.connected
-                  else "no answer (the door should be open!)")
+        self.step(
+            f"{who} connects to {client.server_address}:22",
+            attempt.connected and attempt.seconds < 0.5,
+            f"connected in {attempt.seconds * 1000:.1f} ms on the first SYN, server said "
+            f"{attempt.greeting.strip().decode(errors='replace')!r}"
+            if attempt.connected
+            else "no answer (the door should be open!)",
+        )
 
     def knock(self, client, ports: list[str]) -> None:
         if shutil.which("knock"):
@@ -55,8 +63,11 @@ class Demo:
         else:
             argv, label = nfknock_argv("knock", client.server_address, *ports), "nfknock knock"
         result = self.box.run(client.namespace, argv)
-        self.step(f"knock {' '.join(ports)} ({label})", result.returncode == 0,
-                  "sent" if result.returncode == 0 else result.stderr.strip())
+        self.step(
+            f"knock {' '.join(ports)} ({label})",
+            result.returncode == 0,
+            "sent" if result.returncode == 0 else result.stderr.strip(),
+        )
 
 
 def main() -> int:
@@ -71,9 +82,15 @@ def main() -> int:
         service = EchoService(box.server)
         demo = Demo(box, RULES, log)
         print(f"  server {alice.server_address} runs a TCP service on port 22 and 'nfknock run --rules rules/'")
-        daemon = box.spawn(box.server, nfknock_argv("run", "--rules", str(RULES), "--log-file", str(log),
-                                                    "--control-socket", str(workdir / "control.sock")),
-                           stderr=subprocess.PIPE, text=True, cwd=REPO)
+        daemon = box.spawn(
+            box.server,
+            nfknock_argv(
+                "run", "--rules", str(RULES), "--log-file", str(log), "--control-socket", str(workdir / "control.sock")
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO,
+        )
         try:
             wait_for_line(log, "ready:", daemon)
             demo.expect_closed(alice, f"alice ({alice.address})")

@@ -20,8 +20,9 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_tools(*commands): commands the test runs; missing ones "
-                                       "skip it, or fail it under CI=true")
+    config.addinivalue_line(
+        "markers", "needs_tools(*commands): commands the test runs; missing ones skip it, or fail it under CI=true"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """probe.py HOST PORT SECONDS: exit 0 and print the banner if a TCP connect gets one in time."""
+
 import socket
 import sys
 

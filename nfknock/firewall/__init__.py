@@ -91,8 +91,9 @@ Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty li
 
 def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it."""
-    return {family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark)
-            for family in (4, 6)}
+    return {
+        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark) for family in (4, 6)
+    }
 
 
 def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> list[RuleSpec]:
@@ -121,8 +122,16 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_M
     for proto, first, last in knock_ranges:
         specs.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     for proto, first, last in tripwires:
-        specs.append(RuleSpec("NFQUEUE", proto, (first, last), ctstate="NEW", queue_num=queue_num,
-                              tcp_flags=SYN_ONLY if proto == "tcp" else None))
+        specs.append(
+            RuleSpec(
+                "NFQUEUE",
+                proto,
+                (first, last),
+                ctstate="NEW",
+                queue_num=queue_num,
+                tcp_flags=SYN_ONLY if proto == "tcp" else None,
+            )
+        )
     return specs
 
 

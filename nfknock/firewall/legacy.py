@@ -21,8 +21,10 @@ def load_iptc():
         import iptc
     except ModuleNotFoundError as exc:
         if exc.name == "iptc":
-            raise MissingExtra(f"the legacy iptables backend needs the {SERVER} extra: "
-                               f"pip install 'nfknock[{SERVER}]' (python-iptables is not installed)") from None
+            raise MissingExtra(
+                f"the legacy iptables backend needs the {SERVER} extra: "
+                f"pip install 'nfknock[{SERVER}]' (python-iptables is not installed)"
+            ) from None
         raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
     except Exception as exc:  # missing libxtables/libip4tc raises assorted errors
         raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None

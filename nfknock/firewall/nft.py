@@ -19,8 +19,9 @@ TIMEOUT = 30  # seconds for one iptables-nft command
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
 
 
-def restore_script(specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool,
-                   interface: str | None = None) -> str:
+def restore_script(
+    specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool, interface: str | None = None
+) -> str:
     """The restore input that replaces our chain with `specs` (None: removes it). `jumps` are the
     `-A INPUT ... -j NFKNOCK` lines there now; each is deleted as it is written."""
     lines = ["*filter"]

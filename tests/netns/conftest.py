@@ -19,8 +19,19 @@ from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
 REPO = Path(__file__).resolve().parents[2]
 # Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables
 # (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server.
-TOOLS = ("ip", "iptables-legacy", "ip6tables-legacy", "iptables-nft", "ip6tables-nft", "iptables-nft-restore",
-         "ip6tables-nft-restore", "knock", "nmap", "fwknop", "fwknopd")
+TOOLS = (
+    "ip",
+    "iptables-legacy",
+    "ip6tables-legacy",
+    "iptables-nft",
+    "ip6tables-nft",
+    "iptables-nft-restore",
+    "ip6tables-nft-restore",
+    "knock",
+    "nmap",
+    "fwknop",
+    "fwknopd",
+)
 SERVICE_PORT = 22
 
 
@@ -85,16 +96,29 @@ class Server:
         return path
 
     def argv(self, log: Path, *extra: str, fault: tuple[str, int] | None = None) -> list[str]:
-        args = ("run", "--rules", str(self.rules), "--queue-num", str(self.queue_num), "--firewall", self.firewall,
-                "--log-file", str(log), "--control-socket", str(self.workdir / f"{log.stem}.sock"), *extra)
+        args = (
+            "run",
+            "--rules",
+            str(self.rules),
+            "--queue-num",
+            str(self.queue_num),
+            "--firewall",
+            self.firewall,
+            "--log-file",
+            str(log),
+            "--control-socket",
+            str(self.workdir / f"{log.stem}.sock"),
+            *extra,
+        )
         if fault is not None:  # tests/support/faulty.py breaks one function of this run
             return [sys.executable, str(REPO / "tests" / "support" / "faulty.py"), fault[0], str(fault[1]), *args]
         return nfknock_argv(*args)
 
     def start(self, *extra: str, expect_ready: bool = True, fault: tuple[str, int] | None = None) -> subprocess.Popen:
         argv = self.argv(self.log, *extra, fault=fault)
-        self.process = self.sandbox.spawn(self.sandbox.server, argv, cwd=REPO,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.process = self.sandbox.spawn(
+            self.sandbox.server, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         if expect_ready:
             self.wait_log("ready:", after=self._ready_count())
         return self.process
@@ -106,12 +130,13 @@ class Server:
         """Wait for the (after+1)-th line containing `text`."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            lines = [l for l in self.log.read_text().splitlines() if text in l] if self.log.exists() else []
+            lines = [line for line in self.log.read_text().splitlines() if text in line] if self.log.exists() else []
             if len(lines) > after:
                 return lines[after]
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"nfknock exited ({self.process.returncode}): "
-                                   f"{self.process.stderr.read()}\n{self.log_text()}")
+                raise RuntimeError(
+                    f"nfknock exited ({self.process.returncode}): {self.process.stderr.read()}\n{self.log_text()}"
+                )
             time.sleep(0.02)
         raise TimeoutError(f"no log line with {text!r}:\n{self.log_text()}")
 

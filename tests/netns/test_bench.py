@@ -9,19 +9,40 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     figures, ratios = report["figures"], report["ratios"]
-    for name in ("throughput.udp.nfknock", "throughput.udp.bare", "throughput.tcp.nfknock",
-                 "throughput.tcp.bare", "knock_to_connect.nfknock", "knock_to_connect.knockd",
-                 "established.nfknock", "established.none", "connection_rate.nfknock",
-                 "connection_rate.none", "connection_rate.bare_accept", "flood_knock.seconds",
-                 "flood_knock.attempts"):
+    for name in (
+        "throughput.udp.nfknock",
+        "throughput.udp.bare",
+        "throughput.tcp.nfknock",
+        "throughput.tcp.bare",
+        "knock_to_connect.nfknock",
+        "knock_to_connect.knockd",
+        "established.nfknock",
+        "established.none",
+        "connection_rate.nfknock",
+        "connection_rate.none",
+        "connection_rate.bare_accept",
+        "flood_knock.seconds",
+        "flood_knock.attempts",
+    ):
         assert figures[name]["median"] > 0, name
-    assert set(ratios) == {"throughput.udp", "throughput.tcp", "knock_to_connect", "established",
-                           "connection_rate", "connection_rate.queue"}
+    assert set(ratios) == {
+        "throughput.udp",
+        "throughput.tcp",
+        "knock_to_connect",
+        "established",
+        "connection_rate",
+        "connection_rate.queue",
+    }
     assert any(name.startswith("memory.") and name.endswith(".bytes_per_source") for name in figures)
     table = (tmp_path / "report.md").read_text()
     assert "| verdicts/s, UDP flood" in table and "knockd 0.8" in table

@@ -7,8 +7,8 @@ import struct
 import threading
 
 import pytest
-
 from conftest import connect
+
 from support.sandbox import entered
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -24,8 +24,10 @@ class Peer:
         self.udp.bind((client.address, udp_port))
         self.tcp.settimeout(10)
         self.udp.settimeout(10)
-        self.threads = [threading.Thread(target=self._tcp, daemon=True),
-                        threading.Thread(target=self._udp, daemon=True)]
+        self.threads = [
+            threading.Thread(target=self._tcp, daemon=True),
+            threading.Thread(target=self._udp, daemon=True),
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -62,8 +64,9 @@ def from_local_port(namespace: str, kind: int, local: tuple[str, int]) -> socket
 
 def test_host_connections_from_knock_ports_get_their_replies(server, alice):
     # The seed door (TCP 40000 50000 60000) and a door with UDP steps, such as 50000/udp.
-    server.write_rules("doors:\n  - {name: udpDoor, sequence: [50000/udp, 51000/udp], protect: [2222/tcp]}\n",
-                       "udp.yaml")
+    server.write_rules(
+        "doors:\n  - {name: udpDoor, sequence: [50000/udp, 51000/udp], protect: [2222/tcp]}\n", "udp.yaml"
+    )
     server.start()
     sandbox = server.sandbox
     peer = Peer(alice)

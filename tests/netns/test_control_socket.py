@@ -5,8 +5,8 @@ import stat
 import urllib.request
 
 import pytest
-
 from conftest import connect, knock
+
 from support.sandbox import entered
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy outside the namespaces

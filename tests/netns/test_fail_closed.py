@@ -14,8 +14,8 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import connect, knock
+
 from support.sandbox import entered
 
 SEQUENCE = ("40000", "50000", "60000")
@@ -38,7 +38,8 @@ def scrape(server):
     with entered(server.sandbox.server):
         try:
             urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                "http://127.0.0.1:9475/metrics", timeout=5).read()
+                "http://127.0.0.1:9475/metrics", timeout=5
+            ).read()
         except OSError:
             pass  # the daemon may die before it answers
 
@@ -63,11 +64,14 @@ def assert_closed_then_reopens(server, alice, bob):
     assert connect(alice).connected
 
 
-@pytest.mark.parametrize("target,call,trigger", [
-    ("nfknock.engine.Engine.expire", 1, first_knock),  # timers
-    ("nfknock.daemon.Daemon.report_counters", 2, None),  # the counters, 5 s after the start
-    ("nfknock.metrics.take", 2, scrape),  # the metrics snapshot (the first is taken at start)
-])
+@pytest.mark.parametrize(
+    "target,call,trigger",
+    [
+        ("nfknock.engine.Engine.expire", 1, first_knock),  # timers
+        ("nfknock.daemon.Daemon.report_counters", 2, None),  # the counters, 5 s after the start
+        ("nfknock.metrics.take", 2, scrape),  # the metrics snapshot (the first is taken at start)
+    ],
+)
 def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alice, bob, target, call, trigger):
     server.write_rules(server.rules.joinpath("doors.yaml").read_text().replace("seq_timeout: 15s", "seq_timeout: 1s"))
     server.start("--metrics-port", "9475", fault=(target, call))
@@ -80,15 +84,19 @@ def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alic
     assert_closed_then_reopens(server, alice, bob)
 
 
-@pytest.mark.parametrize("target,call,trigger,logged", [
-    ("nfknock.daemon.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
-    ("nfknock.daemon._Reload.__init__", 1, sighup, "reload refused"),  # starting the reload
-    ("nfknock.daemon.sd_notify", 2, sighup, "reload refused"),  # telling systemd (call 1: READY)
-    ("nfknock.firewall.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules
-    ("nfknock.control.answer", 1, status, "control request status failed"),
-])
-def test_a_fault_in_a_reload_or_a_request_is_refused_and_the_daemon_goes_on(server, alice, bob, target, call,
-                                                                             trigger, logged):
+@pytest.mark.parametrize(
+    "target,call,trigger,logged",
+    [
+        ("nfknock.daemon.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
+        ("nfknock.daemon._Reload.__init__", 1, sighup, "reload refused"),  # starting the reload
+        ("nfknock.daemon.sd_notify", 2, sighup, "reload refused"),  # telling systemd (call 1: READY)
+        ("nfknock.firewall.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules
+        ("nfknock.control.answer", 1, status, "control request status failed"),
+    ],
+)
+def test_a_fault_in_a_reload_or_a_request_is_refused_and_the_daemon_goes_on(
+    server, alice, bob, target, call, trigger, logged
+):
     server.start(fault=(target, call))
     trigger(server)
     server.wait_log(logged)
@@ -102,8 +110,8 @@ BROKEN_ON_RELOAD = {
     "an invalid date": "doors: [{name: !!timestamp 2026-02-30, sequence: [1,2,3], protect: [22/tcp]}]\n",
     "nesting 600 deep": "doors: " + "[" * 600 + "]" * 600 + "\n",
     "a binary file": "\x00\xff\xfe not yaml",
-    "an alias bomb": "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)),
+    "an alias bomb": "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8)),
 }
 
 
@@ -123,8 +131,9 @@ def test_sighup_with_a_broken_file_keeps_the_old_rules(server, alice, bob, conte
 def test_a_door_named_like_a_date_is_a_door(server, bob):
     """The file that used to kill the daemon on SIGHUP (PyYAML read the name as an invalid date)."""
     server.start()
-    server.write_rules("doors: [{name: 2026-02-30, sequence: [1111, 2222, 3333], protect: [22/tcp]}]\n",
-                       name="added.yaml")
+    server.write_rules(
+        "doors: [{name: 2026-02-30, sequence: [1111, 2222, 3333], protect: [22/tcp]}]\n", name="added.yaml"
+    )
     sighup(server)
     assert "2 door(s)" in server.wait_log("reloaded")
     assert not connect(bob, timeout=1).connected
@@ -133,9 +142,16 @@ def test_a_door_named_like_a_date_is_a_door(server, bob):
     assert connect(bob).connected
 
 
-@pytest.mark.parametrize("request_bytes", [b"[]\n", b"{\"cmd\": \"revoke\", \"address\": []}\n", b"\xff\xfe\n",
-                                           b"{\"cmd\": \"grant\", \"address\": \"10.199.2.2\", \"door\": \"openSSH\", "
-                                           b"\"seconds\": 1e999}\n", b"x" * 70000])
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"[]\n",
+        b'{"cmd": "revoke", "address": []}\n',
+        b"\xff\xfe\n",
+        b'{"cmd": "grant", "address": "10.199.2.2", "door": "openSSH", "seconds": 1e999}\n',
+        b"x" * 70000,
+    ],
+)
 def test_malformed_control_requests_are_answered_and_change_nothing(server, alice, bob, request_bytes):
     server.start()
     with socket.socket(socket.AF_UNIX) as sock:

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import SEED, connect, knock, rss_kib
+
 from support.sandbox import EchoService, SynFlood, entered, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -132,8 +132,11 @@ def test_tripwire_ports_keep_their_own_behaviour(server, alice):
     """nfknock watches tripwire ports but leaves the answer to the host: a service there keeps
     working, a closed port still refuses, and the host's own DROP still drops."""
     service = EchoService(server.sandbox.server, port=40005)
-    server.sandbox.run(server.sandbox.server, ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport",
-                                               "40006", "-j", "DROP"], check=True)
+    server.sandbox.run(
+        server.sandbox.server,
+        ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "40006", "-j", "DROP"],
+        check=True,
+    )
     try:
         server.start()
         served = connect(alice, port=40005)
@@ -150,8 +153,9 @@ def test_tripwire_ports_keep_their_own_behaviour(server, alice):
 
 
 def test_lockout_ignores_knocks_then_ends(server, mallory):
-    server.write_rules(SEED.replace("    tcp_flags: syn,!ack",
-                                    "    tcp_flags: syn,!ack\n    lockout: {failures: 3, lock_for: 3s}"))
+    server.write_rules(
+        SEED.replace("    tcp_flags: syn,!ack", "    tcp_flags: syn,!ack\n    lockout: {failures: 3, lock_for: 3s}")
+    )
     server.start()
     for port in (40001, 40002, 40003):
         connect(mallory, port=port, timeout=0.2)
@@ -207,8 +211,10 @@ def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server
     assert "state full" in server.wait_log("state full", timeout=10)
     peak = peak_rss_kib(server.process.pid)
     growth_mib = (peak - baseline) / 1024
-    print(f"\nflood: {sent} spoofed first knocks, {judged(answer)} judged, {answer['kernel_queue_drops']} dropped "
-          f"by the kernel; peak RSS {baseline // 1024} -> {peak // 1024} MiB (+{growth_mib:.1f} MiB for a cap of {cap})")
+    print(
+        f"\nflood: {sent} spoofed first knocks, {judged(answer)} judged, {answer['kernel_queue_drops']} dropped "
+        f"by the kernel; peak RSS {baseline // 1024} -> {peak // 1024} MiB (+{growth_mib:.1f} MiB for a cap of {cap})"
+    )
     assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB"
 
     # After the flood, one knock is enough: an empty queue, and the client's attempt is the newest

@@ -4,8 +4,8 @@ headers), grants per IPv6 address, IPv6 sources, doors restricted to one family.
 import socket
 
 import pytest
-
 from conftest import connect, our_knock
+
 from support.sandbox import entered, nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)

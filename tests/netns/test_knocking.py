@@ -3,7 +3,6 @@
 import time
 
 import pytest
-
 from conftest import connect, echoes, hold, knock, our_knock
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -33,8 +32,12 @@ def test_stock_knock_client_opens_and_the_first_syn_gets_through(server, alice):
     assert attempt.connected and attempt.greeting == b"hello\n"
     assert attempt.seconds < 0.5, f"connect took {attempt.seconds:.3f}s: the first SYN was dropped"
     log = server.log_text()
-    for line in ("10.199.1.2: openSSH: Stage 1", "10.199.1.2: openSSH: Stage 2",
-                 "10.199.1.2: openSSH: OPEN SESAME", "10.199.1.2: openSSH: accepted new connection to 22/tcp"):
+    for line in (
+        "10.199.1.2: openSSH: Stage 1",
+        "10.199.1.2: openSSH: Stage 2",
+        "10.199.1.2: openSSH: OPEN SESAME",
+        "10.199.1.2: openSSH: accepted new connection to 22/tcp",
+    ):
         assert line in log
 
 
@@ -83,8 +86,9 @@ def test_own_client_closes_with_the_close_sequence(server, alice):
     server.start()
     assert our_knock(server.sandbox, alice, "--door", "openSSH", "--rules", str(server.rules)).returncode == 0
     assert connect(alice).connected
-    assert our_knock(server.sandbox, alice, "--door", "openSSH", "--rules", str(server.rules),
-                     "--close").returncode == 0
+    assert (
+        our_knock(server.sandbox, alice, "--door", "openSSH", "--rules", str(server.rules), "--close").returncode == 0
+    )
     assert not connect(alice, timeout=1).connected
 
 

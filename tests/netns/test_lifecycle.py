@@ -5,7 +5,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import connect, echoes, hold, knock
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -97,8 +96,9 @@ def test_bad_rules_refuse_to_start_and_touch_nothing(server):
 
 def test_second_daemon_on_the_same_queue_is_refused(server):
     first = server.start()
-    second = server.sandbox.spawn(server.sandbox.server, server.argv(server.workdir / "2.log"),
-                                  stdout=-1, stderr=-1, text=True)
+    second = server.sandbox.spawn(
+        server.sandbox.server, server.argv(server.workdir / "2.log"), stdout=-1, stderr=-1, text=True
+    )
     assert second.wait(20) == 1
     assert "cannot bind NFQUEUE 7" in second.stderr.read()
     assert first.poll() is None
@@ -178,8 +178,11 @@ def test_doctor_sees_the_running_daemon_and_a_rule_that_bypasses_it(server):
     assert result.returncode == 1  # the queue is held (by our own daemon)
     assert "FAIL NFQUEUE 7 is held by netlink port" in result.stdout
     assert f"ok   nfknock's chain is installed (iptables-{server.flavour})" in result.stdout
-    server.sandbox.run(server.sandbox.server, [f"iptables-{server.flavour}", "-I", "INPUT", "1", "-p", "tcp",
-                                               "--dport", "22", "-j", "ACCEPT"], check=True)
+    server.sandbox.run(
+        server.sandbox.server,
+        [f"iptables-{server.flavour}", "-I", "INPUT", "1", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"],
+        check=True,
+    )
     result = server.nfknock(*args)
     assert "FAIL INPUT rule 1 accepts 22/tcp before nfknock's chain (IPv4)" in result.stdout
     server.stop()

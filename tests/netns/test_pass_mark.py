@@ -2,8 +2,8 @@
 doors once another bit is chosen, and tripwire hand-backs use the chosen bit. Both backends."""
 
 import pytest
-
 from conftest import connect
+
 from support.sandbox import EchoService
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -30,6 +30,7 @@ def test_the_default_bit_set_by_the_host_is_the_hazard_doctor_names(server, alic
     sandbox.run(sandbox.server, [f"iptables-{server.flavour}", *HOST_MARKS_EVERYTHING], check=True)
     doctor = server.nfknock("doctor", "--rules", str(server.rules), "--firewall", server.firewall)
     assert f"iptables-{server.flavour} -t mangle: a rule uses mark bit 0x20000000" in doctor.stdout
-    doctor = server.nfknock("doctor", "--rules", str(server.rules), "--firewall", server.firewall,
-                            "--pass-mark", "0x100")
+    doctor = server.nfknock(
+        "doctor", "--rules", str(server.rules), "--firewall", server.firewall, "--pass-mark", "0x100"
+    )
     assert "no other iptables rule uses the pass-mark bit 0x100" in doctor.stdout

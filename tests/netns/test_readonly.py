@@ -6,8 +6,8 @@ warns "iptables-legacy tables present"."""
 import shutil
 
 import pytest
-
 from conftest import REPO
+
 from support.sandbox import Sandbox, nfknock_argv
 
 
@@ -19,10 +19,11 @@ def namespace(kernel):
 
 def snapshot(box) -> dict[str, str]:
     """Every view of the namespace's tables that does not itself create one."""
+
     def run(*argv):
         result = box.run(box.server, list(argv))
         lines = result.stdout.splitlines() + result.stderr.splitlines()
-        return "\n".join(l for l in lines if not l.startswith(("# Generated", "# Completed")))
+        return "\n".join(line for line in lines if not line.startswith(("# Generated", "# Completed")))
 
     views = {
         "ip_tables_names": run("cat", "/proc/net/ip_tables_names"),
@@ -53,10 +54,12 @@ def test_doctor_and_down_create_no_table_in_a_fresh_namespace(namespace, firewal
 
 def test_doctor_changes_nothing_where_both_flavours_have_rules(namespace):
     box = namespace
-    for argv in (["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"],
-                 ["ip6tables-legacy", "-t", "mangle", "-A", "PREROUTING", "-j", "MARK", "--set-mark", "0x1"],
-                 ["iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "3333", "-j", "DROP"],
-                 ["ip6tables-nft", "-N", "MINE"]):
+    for argv in (
+        ["iptables-legacy", "-A", "INPUT", "-p", "tcp", "--dport", "2222", "-j", "ACCEPT"],
+        ["ip6tables-legacy", "-t", "mangle", "-A", "PREROUTING", "-j", "MARK", "--set-mark", "0x1"],
+        ["iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "3333", "-j", "DROP"],
+        ["ip6tables-nft", "-N", "MINE"],
+    ):
         box.run(box.server, argv, check=True)
     before = snapshot(box)
     before_s = box.run(box.server, ["iptables-legacy", "-S"]).stdout  # the filter table exists already

@@ -5,8 +5,8 @@ import base64
 import time
 
 import pytest
-
 from conftest import connect, knock
+
 from nfknock.rotation import derive, window_of
 from support.sandbox import nfknock_argv
 
@@ -28,8 +28,7 @@ doors:
 
 
 def otp(server, client):
-    result = server.sandbox.run(client.namespace, nfknock_argv("otp", "--door", "rotSSH", "--rules",
-                                                               str(server.rules)))
+    result = server.sandbox.run(client.namespace, nfknock_argv("otp", "--door", "rotSSH", "--rules", str(server.rules)))
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -53,8 +52,9 @@ def test_otp_sequence_opens_once_and_yesterdays_never(rotating, alice, bob):
 
 def test_our_client_knocks_the_current_sequence(rotating, alice):
     rotating.start()
-    result = rotating.sandbox.run(alice.namespace, nfknock_argv(
-        "knock", alice.server_address, "--door", "rotSSH", "--rules", str(rotating.rules)))
+    result = rotating.sandbox.run(
+        alice.namespace, nfknock_argv("knock", alice.server_address, "--door", "rotSSH", "--rules", str(rotating.rules))
+    )
     assert result.returncode == 0, result.stderr
     assert connect(alice).connected
 

@@ -7,10 +7,10 @@ import signal
 import socket
 
 import pytest
-
 from conftest import connect
-from support.sandbox import entered, nfknock_argv
+
 from nfknock.spa import Keys, encode, generate_keys
+from support.sandbox import entered, nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
@@ -34,9 +34,23 @@ doors:
 
 
 def fwknop(server, client, *extra, key=None, hmac_key=None, access="tcp/22", allow=None, save=None):
-    argv = ["fwknop", "-A", access, "-a", allow or client.address, "-D", client.server_address,
-            "--key-base64-rijndael", key or server.keys[0], "--key-base64-hmac", hmac_key or server.keys[1],
-            "--use-hmac", "--rc-file", "/dev/null", *extra]
+    argv = [
+        "fwknop",
+        "-A",
+        access,
+        "-a",
+        allow or client.address,
+        "-D",
+        client.server_address,
+        "--key-base64-rijndael",
+        key or server.keys[0],
+        "--key-base64-hmac",
+        hmac_key or server.keys[1],
+        "--use-hmac",
+        "--rc-file",
+        "/dev/null",
+        *extra,
+    ]
     if save:
         argv += ["--save-packet", str(save)]
     result = server.sandbox.run(client.namespace, argv)
@@ -85,6 +99,7 @@ def test_wrong_keys_ports_and_addresses_are_refused(spa_server, alice, bob):
     fwknop(spa_server, bob, allow="10.199.1.2")  # bob asks access for alice's address
     keys = Keys(base64.b64decode(spa_server.keys[0]), base64.b64decode(spa_server.keys[1]))
     import time
+
     send_raw(alice, encode(keys, alice.address, [("tcp", 22)], time.time() - 600))
     spa_server.wait_log("SPA packet refused", after=4)
     log = spa_server.log_text()
@@ -96,7 +111,8 @@ def test_wrong_keys_ports_and_addresses_are_refused(spa_server, alice, bob):
 
 def test_our_spa_client(spa_server, alice):
     spa_server.start("--state-dir", str(spa_server.state))
-    result = spa_server.sandbox.run(alice.namespace, nfknock_argv(
-        "spa", alice.server_address, "--door", "spaSSH", "--rules", str(spa_server.rules)))
+    result = spa_server.sandbox.run(
+        alice.namespace, nfknock_argv("spa", alice.server_address, "--door", "spaSSH", "--rules", str(spa_server.rules))
+    )
     assert result.returncode == 0, result.stderr
     assert connect(alice).connected

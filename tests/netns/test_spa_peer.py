@@ -21,18 +21,38 @@ def test_stock_fwknopd_accepts_our_packet(sandbox, alice, tmp_path, digest):
     encryption, mac = generate_keys()
     keys = Keys(base64.b64decode(encryption), base64.b64decode(mac), digest)
     access = tmp_path / "access.conf"
-    access.write_text(f"SOURCE ANY\nREQUIRE_SOURCE_ADDRESS Y\nKEY_BASE64 {encryption}\n"
-                      f"HMAC_KEY_BASE64 {mac}\nHMAC_DIGEST_TYPE {digest.upper()}\nOPEN_PORTS tcp/22\n")
+    access.write_text(
+        f"SOURCE ANY\nREQUIRE_SOURCE_ADDRESS Y\nKEY_BASE64 {encryption}\n"
+        f"HMAC_KEY_BASE64 {mac}\nHMAC_DIGEST_TYPE {digest.upper()}\nOPEN_PORTS tcp/22\n"
+    )
     config = tmp_path / "fwknopd.conf"
     config.write_text(f"PCAP_INTF nk{sandbox.token}1s\n")
     access.chmod(0o600)
     config.chmod(0o600)
     log = tmp_path / "fwknopd.log"
     with log.open("w") as out:
-        daemon = sandbox.spawn(sandbox.server, [
-            "fwknopd", "--foreground", "--test", "--udp-server", "--verbose", "-c", str(config), "-a", str(access),
-            "-p", str(tmp_path / "pid"), "-r", str(tmp_path), "-d", str(tmp_path / "digest.cache")],
-            stdout=out, stderr=subprocess.STDOUT)
+        daemon = sandbox.spawn(
+            sandbox.server,
+            [
+                "fwknopd",
+                "--foreground",
+                "--test",
+                "--udp-server",
+                "--verbose",
+                "-c",
+                str(config),
+                "-a",
+                str(access),
+                "-p",
+                str(tmp_path / "pid"),
+                "-r",
+                str(tmp_path),
+                "-d",
+                str(tmp_path / "digest.cache"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         wait_for_line(log, "listen on port 62201", daemon)
         with entered(alice.namespace):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

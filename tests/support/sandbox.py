@@ -14,9 +14,9 @@ import errno
 import os
 import secrets
 import signal
+import socket
 import struct
 import subprocess
-import socket
 import sys
 import threading
 import time
@@ -88,7 +88,7 @@ class Sandbox:
     def server(self) -> str:
         return f"nfk-{self.token}-srv"
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         try:
             self._build()
         except BaseException:
@@ -105,8 +105,7 @@ class Sandbox:
         for i in range(1, self.clients_wanted + 1):
             name = f"nfk-{self.token}-c{i}"
             ip("netns", "add", name)
-            self.clients.append(Client(name, f"10.199.{i}.2", f"10.199.{i}.1", f"fd00:199:{i}::2",
-                                       f"fd00:199:{i}::1"))
+            self.clients.append(Client(name, f"10.199.{i}.2", f"10.199.{i}.1", f"fd00:199:{i}::2", f"fd00:199:{i}::1"))
             near, far = f"nk{self.token}{i}s", f"nk{self.token}{i}c"
             ip("link", "add", near, "netns", self.server, "type", "veth", "peer", "name", far, "netns", name)
             ip("-n", self.server, "addr", "add", f"10.199.{i}.1/24", "dev", near)
@@ -234,8 +233,9 @@ class SynFlood:
         # Sum of everything the TCP checksum covers except the source address.
         words = self.tcp + dst_bytes + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(self.tcp))
         self.partial = sum(struct.unpack(f"!{len(words) // 2}H", bytes(words)))
-        self.ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0,
-                                        b"\0\0\0\0", dst_bytes))
+        self.ip = bytearray(
+            struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, socket.IPPROTO_TCP, 0, b"\0\0\0\0", dst_bytes)
+        )
 
     def send(self, first_source: int, count: int) -> int:
         """Send `count` SYNs from first_source, first_source+1, ...; return how many went out."""

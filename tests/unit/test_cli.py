@@ -1,10 +1,11 @@
 """The CLI as a user meets it: exit codes and one-line messages."""
 
+from pathlib import Path
+
 import pytest
 
 from nfknock.cli import _knock_steps, build_parser, main, parse
 from nfknock.errors import NfknockError, RulesError, UsageError
-from pathlib import Path
 
 RULES = str(Path(__file__).resolve().parents[2] / "rules")
 
@@ -29,13 +30,16 @@ def test_run_with_missing_rules_exits_2_before_touching_anything(tmp_path, capsy
     assert "no such file or directory" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [
-    ["run", "--queue-num", "70000"],
-    ["run", "--queue-num", "x"],
-    ["run", "--max-sources", "0"],
-    ["knock", "h", "1", "--delay=-5"],
-    ["check", "extra"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--queue-num", "70000"],
+        ["run", "--queue-num", "x"],
+        ["run", "--max-sources", "0"],
+        ["knock", "h", "1", "--delay=-5"],
+        ["check", "extra"],
+    ],
+)
 def test_bad_numbers_are_refused_by_argparse(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
@@ -55,15 +59,18 @@ def test_knock_steps_from_ports_and_from_a_door():
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES, "--close")] == [60000, 50000, 40000]
 
 
-@pytest.mark.parametrize("argv,error,message", [
-    ((), UsageError, "nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR"),
-    (("70000",), UsageError, "port '70000': port 70000 is outside 1..65535"),
-    (("1/icmp",), UsageError, "port '1/icmp': protocol must be tcp or udp, got 'icmp'"),
-    (("--door", "openSSH"), UsageError, "--door needs --rules DIR to find the door"),
-    (("--door", "nope", "--rules", RULES), RulesError, "no door named 'nope' (doors: openSSH)"),
-    (("1", "--door", "openSSH", "--rules", RULES), UsageError, "give either PORTs or --door, not both"),
-    (("1", "--close"), UsageError, "--close needs --door"),
-])
+@pytest.mark.parametrize(
+    "argv,error,message",
+    [
+        ((), UsageError, "nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR"),
+        (("70000",), UsageError, "port '70000': port 70000 is outside 1..65535"),
+        (("1/icmp",), UsageError, "port '1/icmp': protocol must be tcp or udp, got 'icmp'"),
+        (("--door", "openSSH"), UsageError, "--door needs --rules DIR to find the door"),
+        (("--door", "nope", "--rules", RULES), RulesError, "no door named 'nope' (doors: openSSH)"),
+        (("1", "--door", "openSSH", "--rules", RULES), UsageError, "give either PORTs or --door, not both"),
+        (("1", "--close"), UsageError, "--close needs --door"),
+    ],
+)
 def test_knock_mistakes_are_named(argv, error, message):
     with pytest.raises(NfknockError) as info:
         parse_knock(*argv)
@@ -129,8 +136,10 @@ def test_pass_mark_must_be_one_bit(verb, value, capsys):
         main([verb, "--pass-mark", value])
     assert info.value.code == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert error.endswith(f"argument --pass-mark: pass mark must be a single bit of the 32-bit packet mark, "
-                          f"such as 0x20000000; got {value!r}")
+    assert error.endswith(
+        f"argument --pass-mark: pass mark must be a single bit of the 32-bit packet mark, "
+        f"such as 0x20000000; got {value!r}"
+    )
 
 
 def test_check_shows_the_chosen_pass_mark_and_warns_about_ephemeral_ports(monkeypatch, capsys):
@@ -162,8 +171,10 @@ def test_run_hands_the_pass_mark_to_the_daemon(monkeypatch, tmp_path):
             pass
 
     monkeypatch.setattr(daemon, "Daemon", FakeDaemon)
-    assert main(["run", "--rules", RULES, "--firewall", "nft", "--pass-mark", "0x40",
-                 "--log-file", str(tmp_path / "log")]) == 0
+    assert (
+        main(["run", "--rules", RULES, "--firewall", "nft", "--pass-mark", "0x40", "--log-file", str(tmp_path / "log")])
+        == 0
+    )
     assert seen["pass_mark"] == 0x40
     assert main(["run", "--rules", RULES, "--firewall", "nft", "--log-file", str(tmp_path / "log")]) == 0
     assert seen["pass_mark"] == 0x20000000
@@ -172,8 +183,11 @@ def test_run_hands_the_pass_mark_to_the_daemon(monkeypatch, tmp_path):
 def test_doctor_warns_about_other_users_of_the_pass_mark(monkeypatch, capsys):
     from nfknock import doctor
 
-    host = doctor.HostState("nf_tables", conntrack=True, saved={
-        ("nft", 4): "*mangle\n-A PREROUTING -j MARK --set-xmark 0x40/0x40\nCOMMIT\n"})
+    host = doctor.HostState(
+        "nf_tables",
+        conntrack=True,
+        saved={("nft", 4): "*mangle\n-A PREROUTING -j MARK --set-xmark 0x40/0x40\nCOMMIT\n"},
+    )
     monkeypatch.setattr(doctor, "gather", lambda: host)
     main(["doctor", "--rules", RULES, "--pass-mark", "0x40"])
     assert "warn iptables-nft -t mangle: a rule uses mark bit 0x40" in capsys.readouterr().out
@@ -192,12 +206,15 @@ def spa_rules(tmp_path, monkeypatch):
     return str(tmp_path)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (("--access", "99999/tcp"), "nfknock: --access: port '99999/tcp': port 99999 is outside 1..65535"),
-    (("--access", "22/tcp", "ssh"), "nfknock: --access: port 'ssh': expected a port like 40000 or 40000/udp"),
-    (("--access", "22/icmp"), "nfknock: --access: port '22/icmp': protocol must be tcp or udp"),
-    (("--allow-ip", "10.0.0.300"), "nfknock: --allow-ip: '10.0.0.300' is not an IP address"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (("--access", "99999/tcp"), "nfknock: --access: port '99999/tcp': port 99999 is outside 1..65535"),
+        (("--access", "22/tcp", "ssh"), "nfknock: --access: port 'ssh': expected a port like 40000 or 40000/udp"),
+        (("--access", "22/icmp"), "nfknock: --access: port '22/icmp': protocol must be tcp or udp"),
+        (("--allow-ip", "10.0.0.300"), "nfknock: --allow-ip: '10.0.0.300' is not an IP address"),
+    ],
+)
 def test_spa_argument_mistakes_are_one_named_line(spa_rules, argv, message, capsys):
     assert main(["spa", "127.0.0.1", "--door", "s", "--rules", spa_rules, *argv]) == 2
     (line,) = capsys.readouterr().err.splitlines()
@@ -207,4 +224,5 @@ def test_spa_argument_mistakes_are_one_named_line(spa_rules, argv, message, caps
 def test_grant_duration_mistake_is_one_named_line(capsys):
     assert main(["grant", "192.0.2.1", "--door", "s", "--for", "25h", "--control-socket", "/nonexistent"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "nfknock: --for: duration '25h' must be more than 0 and at most 24h"]
+        "nfknock: --for: duration '25h' must be more than 0 and at most 24h"
+    ]

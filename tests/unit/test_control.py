@@ -11,19 +11,22 @@ from nfknock import control
 from nfknock.control import canonical_address, parse_request, read_request
 
 
-@pytest.mark.parametrize("raw,message", [
-    (b"[]", "expected a JSON object, got list"),
-    (b"{", "not JSON"),
-    (b"\xff", "not JSON"),
-    (b'{"cmd": "reboot"}', "unknown command 'reboot'"),
-    (b'{"cmd": "revoke", "address": []}', "address must be an IP address"),
-    (b'{"cmd": "revoke", "address": "10.0.0.300"}', "address must be an IP address"),
-    (b'{"cmd": "revoke", "address": "10.0.0.1", "door": 5}', "door must be a name"),
-    (b'{"cmd": "grant", "address": "10.0.0.1", "seconds": 5}', "grant needs a door"),
-    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": 1e999}', "seconds must be a number"),
-    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": true}', "seconds must be a number"),
-    (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": -1}', "seconds must be a number"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        (b"[]", "expected a JSON object, got list"),
+        (b"{", "not JSON"),
+        (b"\xff", "not JSON"),
+        (b'{"cmd": "reboot"}', "unknown command 'reboot'"),
+        (b'{"cmd": "revoke", "address": []}', "address must be an IP address"),
+        (b'{"cmd": "revoke", "address": "10.0.0.300"}', "address must be an IP address"),
+        (b'{"cmd": "revoke", "address": "10.0.0.1", "door": 5}', "door must be a name"),
+        (b'{"cmd": "grant", "address": "10.0.0.1", "seconds": 5}', "grant needs a door"),
+        (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": 1e999}', "seconds must be a number"),
+        (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": true}', "seconds must be a number"),
+        (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": -1}', "seconds must be a number"),
+    ],
+)
 def test_malformed_requests_are_refused_with_the_reason(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_request(raw)
@@ -31,8 +34,12 @@ def test_malformed_requests_are_refused_with_the_reason(raw, message):
 
 def test_requests_are_checked_and_addresses_canonical():
     assert parse_request(b'{"cmd": "status"}') == {"cmd": "status"}
-    assert parse_request(b'{"cmd": "grant", "address": "FD00:251:2:0:0:0:0:2", "door": "d", "seconds": 60}') == \
-        {"cmd": "grant", "address": "fd00:251:2::2", "door": "d", "seconds": 60.0}
+    assert parse_request(b'{"cmd": "grant", "address": "FD00:251:2:0:0:0:0:2", "door": "d", "seconds": 60}') == {
+        "cmd": "grant",
+        "address": "fd00:251:2::2",
+        "door": "d",
+        "seconds": 60.0,
+    }
     assert canonical_address(" 10.0.0.1 ") == "10.0.0.1"
 
 
@@ -74,8 +81,7 @@ def test_requests_wait_for_the_loop_and_get_its_answer(tmp_path):
     server = control.ControlServer(tmp_path / "ctl.sock", woken.set)
     try:
         answers = []
-        caller = threading.Thread(target=lambda: answers.append(control.call(tmp_path / "ctl.sock",
-                                                                             {"cmd": "status"})))
+        caller = threading.Thread(target=lambda: answers.append(control.call(tmp_path / "ctl.sock", {"cmd": "status"})))
         caller.start()
         assert woken.wait(5)
         server.answer_pending(lambda request: {"seen": request["cmd"]})

@@ -9,8 +9,8 @@ import pytest
 from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.errors import PacketError
 from nfknock.firewall import PASS_MARK, RuleSpec
+from nfknock.loading import load_rules
 from nfknock.packet import parse
-from nfknock.rules import load_rules
 from support.fakes import FakeFirewall, Queued
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -27,8 +27,9 @@ def syn(dport, src="10.0.0.2"):
 def daemon(tmp_path):
     (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
     clock = iter(range(1000, 100000)).__next__
-    return Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"),
-                  clock=lambda: float(clock()))
+    return Daemon(
+        DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: float(clock())
+    )
 
 
 def verdicts(daemon, payload):
@@ -61,15 +62,21 @@ def test_every_corrupted_packet_gets_one_verdict_and_none_is_accepted(tmp_path):
     real = [syn(22), syn(40000), syn(22, src="10.0.0.3")]
 
     @settings(max_examples=500, deadline=None)
-    @given(st.sampled_from(real), st.binary(max_size=40), st.integers(0, 39),
-           st.lists(st.tuples(st.integers(0, 39), st.integers(1, 255)), max_size=3))
+    @given(
+        st.sampled_from(real),
+        st.binary(max_size=40),
+        st.integers(0, 39),
+        st.lists(st.tuples(st.integers(0, 39), st.integers(1, 255)), max_size=3),
+    )
     def check(packet, noise, at, flips):
         data = bytearray(packet)
-        data[at:at + len(noise)] = noise
+        data[at : at + len(noise)] = noise
         for position, mask in flips:
             if position < len(data):
                 data[position] ^= mask
-        fresh = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: 1000.0)
+        fresh = Daemon(
+            DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: 1000.0
+        )
         try:
             parse(bytes(data))
             refused = False
@@ -187,8 +194,15 @@ def test_systemd_unit_verifies(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("error", [RecursionError("maximum recursion depth exceeded"), ValueError("day is out of range"),
-                                   MemoryError(), RuntimeError("a bug")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        RecursionError("maximum recursion depth exceeded"),
+        ValueError("day is out of range"),
+        MemoryError(),
+        RuntimeError("a bug"),
+    ],
+)
 def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkeypatch, error):
     def broken(path, strict=False):
         raise error
@@ -196,8 +210,10 @@ def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkey
     monkeypatch.setattr("nfknock.daemon.load_rules", broken)
     with caplog.at_level(logging.ERROR, logger="test-nfknock"):
         assert daemon.reload() is False
-    assert f"reload refused, keeping the current rules: {daemon.config.rules_path}: unexpected " \
-           f"{type(error).__name__}" in caplog.text
+    assert (
+        f"reload refused, keeping the current rules: {daemon.config.rules_path}: unexpected "
+        f"{type(error).__name__}" in caplog.text
+    )
     assert daemon.firewall.calls == []
     for port in (40000, 50000, 60000):
         daemon.on_packet(Queued(syn(port)))

@@ -37,8 +37,7 @@ def seed(**overrides):
 
 
 def knock(port, src=ALICE, proto="tcp", flags=SYN):
-    return Packet(src=src, dst="10.0.0.1", proto=proto, sport=33333, dport=port,
-                  flags=flags if proto == "tcp" else 0)
+    return Packet(src=src, dst="10.0.0.1", proto=proto, sport=33333, dport=port, flags=flags if proto == "tcp" else 0)
 
 
 def ssh(src=ALICE):
@@ -237,8 +236,7 @@ def test_spoofed_first_knocks_do_not_evict_grants():
 
 
 def test_reload_keeps_state_of_unchanged_doors_only():
-    keep, change = seed(name="keep"), seed(name="change", sequence=[1, 2], close_sequence=None,
-                                            protect=["80/tcp"])
+    keep, change = seed(name="keep"), seed(name="change", sequence=[1, 2], close_sequence=None, protect=["80/tcp"])
     clock = Clock(Engine((keep, change)))
     clock.send(40000, 50000, 60000)
     clock.send(1, 2)
@@ -257,6 +255,7 @@ def test_reload_that_removes_a_door_forgets_its_grants(clock):
 
 
 # -- tripwires and lockout -------------------------------------------------------------
+
 
 def test_tripwire_resets_and_the_packet_is_passed_on(clock):
     clock.send(40000, 50000)
@@ -344,7 +343,8 @@ def test_lockout_can_be_switched_off():
 import base64  # noqa: E402
 
 from nfknock.events import SpaRefused  # noqa: E402
-from nfknock.rules import SpaDoor, load_secrets  # noqa: E402
+from nfknock.loading import load_secrets  # noqa: E402
+from nfknock.rules import SpaDoor  # noqa: E402
 from nfknock.spa import Keys, encode, generate_keys  # noqa: E402
 
 WALL = 1_800_000_000.0
@@ -355,8 +355,9 @@ def spa_door(tmp_path, monkeypatch):
     encryption, mac = generate_keys()
     monkeypatch.setenv("TESTSPA_KEY_BASE64", encryption)
     monkeypatch.setenv("TESTSPA_HMAC_KEY_BASE64", mac)
-    door = SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="TESTSPA",
-                                       protect=["22/tcp", "2222/tcp"], lockout={"failures": 3}))
+    door = SpaDoor.model_validate(
+        dict(kind="spa", name="spaSSH", keys_env="TESTSPA", protect=["22/tcp", "2222/tcp"], lockout={"failures": 3})
+    )
     load_secrets(door)
     return door
 
@@ -407,8 +408,7 @@ def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
     assert refusals(restarted.handle(packet, 0.0, WALL + 450))[0][0] == "replay"
 
 
-@pytest.mark.parametrize("change", [dict(address="10.9.9.9"), dict(ports=(("tcp", 80),)),
-                                    dict(keys="wrong key")])
+@pytest.mark.parametrize("change", [dict(address="10.9.9.9"), dict(ports=(("tcp", 80),)), dict(keys="wrong key")])
 def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
     if change.get("keys") == "wrong key":
         change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
@@ -425,14 +425,17 @@ def test_a_forged_packet_is_not_remembered(spa_door):
     assert len(engine.replays) == 0
 
 
-@pytest.mark.parametrize("change,reason", [
-    (dict(at=WALL - 121), "too old"),
-    (dict(at=WALL + 121), "from the future"),
-    (dict(address="10.9.9.9"), "source mismatch"),
-    (dict(ports=(("tcp", 80),)), "port not allowed"),
-    (dict(keys="wrong hmac"), "bad hmac"),
-    (dict(keys="wrong key"), "bad key"),
-])
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (dict(at=WALL - 121), "too old"),
+        (dict(at=WALL + 121), "from the future"),
+        (dict(address="10.9.9.9"), "source mismatch"),
+        (dict(ports=(("tcp", 80),)), "port not allowed"),
+        (dict(keys="wrong hmac"), "bad hmac"),
+        (dict(keys="wrong key"), "bad key"),
+    ],
+)
 def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
     if change.get("keys") == "wrong hmac":
         change["keys"] = Keys(spa_door.keys.encryption, b"h" * 64)

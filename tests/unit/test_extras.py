@@ -18,8 +18,9 @@ def test_a_missing_module_names_its_extra(monkeypatch):
     absent(monkeypatch, "netfilterqueue")
     with pytest.raises(MissingExtra) as caught:
         require("netfilterqueue", extras.SERVER, "nfknock run")
-    assert str(caught.value) == ("nfknock run needs the server extra: pip install 'nfknock[server]' "
-                                 "(netfilterqueue is not installed)")
+    assert str(caught.value) == (
+        "nfknock run needs the server extra: pip install 'nfknock[server]' (netfilterqueue is not installed)"
+    )
     assert caught.value.exit_code == 2
 
 
@@ -48,14 +49,18 @@ def test_prometheus_client_is_needed_only_with_a_metrics_port(monkeypatch, port)
 
 def test_a_metrics_port_needs_the_metrics_extra(monkeypatch):
     absent(monkeypatch, "prometheus_client")
-    with pytest.raises(MissingExtra, match=r"^--metrics-port needs the metrics extra: pip install 'nfknock\[metrics\]'"):
+    with pytest.raises(
+        MissingExtra, match=r"^--metrics-port needs the metrics extra: pip install 'nfknock\[metrics\]'"
+    ):
         require_for_run(9474, "nft")
 
 
 def test_the_legacy_backend_needs_python_iptables(monkeypatch):
     absent(monkeypatch, "iptc")
     require_for_run(None, "nft")  # the nft backend runs commands, not python-iptables
-    with pytest.raises(MissingExtra, match=r"needs the server extra: pip install 'nfknock\[server\]' \(python-iptables"):
+    with pytest.raises(
+        MissingExtra, match=r"needs the server extra: pip install 'nfknock\[server\]' \(python-iptables"
+    ):
         require_for_run(None, "legacy")
 
 

@@ -84,7 +84,12 @@ def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
     assert script[4:-2] == [str(s) for s in specs]
     assert script[-2:] == [f"-I INPUT 1 -i eth0 -j {CHAIN}", "COMMIT"]
     assert restore_script(None, jumps[:1], True).splitlines() == [
-        "*filter", f"-D INPUT -j {CHAIN}", f"-F {CHAIN}", f"-X {CHAIN}", "COMMIT"]
+        "*filter",
+        f"-D INPUT -j {CHAIN}",
+        f"-F {CHAIN}",
+        f"-X {CHAIN}",
+        "COMMIT",
+    ]
 
 
 def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkeypatch):
@@ -108,8 +113,9 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
         # Protected ports keep accepting their established traffic first ...
         assert all(s.dport in (22, 23, 2222) or s.mark for s in specs[:cut])
         # ... and every knock, range, SPA and tripwire rule comes after the cut.
-        assert specs[cut + 1:] and all(s.target == "NFQUEUE" and s.dport not in (22, 23, 2222)
-                                       for s in specs[cut + 1:])
+        assert specs[cut + 1 :] and all(
+            s.target == "NFQUEUE" and s.dport not in (22, 23, 2222) for s in specs[cut + 1 :]
+        )
 
 
 def test_no_knock_rules_means_no_established_return():
@@ -135,8 +141,11 @@ class FakeIptablesNft:
             returncode, stderr = self.fail.get(tool, (0, ""))
             return subprocess.CompletedProcess(argv, returncode, "", stderr)
         chain = argv[2] if len(argv) > 2 else None
-        lines = [line for line in self.INSTALLED.splitlines()
-                 if chain is None or line.startswith(f"-A {chain} ") or line.startswith(f"-P {chain} ")]
+        lines = [
+            line
+            for line in self.INSTALLED.splitlines()
+            if chain is None or line.startswith(f"-A {chain} ") or line.startswith(f"-P {chain} ")
+        ]
         return subprocess.CompletedProcess(argv, 0, "\n".join(lines) + "\n", "")
 
     def restores(self):
@@ -210,8 +219,10 @@ def test_remove_tries_both_families_and_reports_every_failure():
     fake = FakeIptablesNft({"iptables-nft-restore": (1, "a\n"), "ip6tables-nft-restore": (2, "b\n")})
     with pytest.raises(FirewallError) as info:
         NftFirewall(runner=fake).remove()
-    assert str(info.value) == ("nft rules not removed: IPv4: iptables-nft-restore exited with status 1: a; "
-                               "IPv6: ip6tables-nft-restore exited with status 2: b")
+    assert str(info.value) == (
+        "nft rules not removed: IPv4: iptables-nft-restore exited with status 1: a; "
+        "IPv6: ip6tables-nft-restore exited with status 2: b"
+    )
     assert str(info.value).count("\n") == 0  # one line, for the log and the CLI
 
     fake = FakeIptablesNft()

@@ -7,7 +7,7 @@ import yaml
 
 from nfknock.cli import main
 from nfknock.knockd_import import import_knockd
-from nfknock.rules import load_rules
+from nfknock.loading import load_rules
 
 CONFS = Path(__file__).parent / "knockd_conf"
 

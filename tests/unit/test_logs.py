@@ -19,8 +19,10 @@ from nfknock.logs import RENDERERS, log_events, render, setup_logging
 def test_knockd_compatible_lines():
     assert render(KnockAdvanced("10.0.0.2", "openSSH", Sequence.OPEN, 1)) == "10.0.0.2: openSSH: Stage 1"
     assert render(DoorOpened("10.0.0.2", "openSSH", 5.0)) == "10.0.0.2: openSSH: OPEN SESAME"
-    assert render(SequenceTimeout("10.0.0.2", "openSSH", Sequence.OPEN, 2)) == \
-        "10.0.0.2: openSSH: sequence timeout (stage 2)"
+    assert (
+        render(SequenceTimeout("10.0.0.2", "openSSH", Sequence.OPEN, 2))
+        == "10.0.0.2: openSSH: sequence timeout (stage 2)"
+    )
     assert render(GrantExpired("10.0.0.2", "openSSH")).startswith("10.0.0.2: openSSH: command timeout")
 
 
@@ -28,12 +30,15 @@ def test_close_sequence_lines_are_told_apart():
     assert render(KnockAdvanced("1.2.3.4", "d", Sequence.CLOSE, 2)) == "1.2.3.4: d: close Stage 2"
     assert render(DoorClosed("1.2.3.4", "d", True)) == "1.2.3.4: d: closed"
     assert render(DoorClosed("1.2.3.4", "d", False)) == "1.2.3.4: d: closed (was not open)"
-    assert render(SequenceReset("1.2.3.4", "d", Sequence.OPEN, 1, "60000/tcp")) == \
-        "1.2.3.4: d: sequence reset at stage 1 by a knock on 60000/tcp"
+    assert (
+        render(SequenceReset("1.2.3.4", "d", Sequence.OPEN, 1, "60000/tcp"))
+        == "1.2.3.4: d: sequence reset at stage 1 by a knock on 60000/tcp"
+    )
 
 
 def test_every_event_type_has_a_line():
     from nfknock import events
+
     assert set(RENDERERS) == set(events.Event.__args__)
 
 

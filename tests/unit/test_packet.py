@@ -45,15 +45,18 @@ def test_tcp_options_and_ip_options_are_read_past():
     assert parse(data).dport == 40000
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty"),
-    (b"\x50" + bytes(39), "not ip"),
-    (b"\x45\x00\x00", "bad ipv4 header"),
-    (b"\x44" + bytes(19), "bad ipv4 header"),  # header length 16 < 20
-    (tcp(40000)[:25], "bad transport header"),  # TCP header cut short
-    (ipv4(dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo()), dpkt.ip.IP_PROTO_ICMP), "not tcp or udp"),
-    (ipv4(b"\x00" * 8, 132), "not tcp or udp"),  # SCTP
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"\x50" + bytes(39), "not ip"),
+        (b"\x45\x00\x00", "bad ipv4 header"),
+        (b"\x44" + bytes(19), "bad ipv4 header"),  # header length 16 < 20
+        (tcp(40000)[:25], "bad transport header"),  # TCP header cut short
+        (ipv4(dpkt.icmp.ICMP(type=8, data=dpkt.icmp.ICMP.Echo()), dpkt.ip.IP_PROTO_ICMP), "not tcp or udp"),
+        (ipv4(b"\x00" * 8, 132), "not tcp or udp"),  # SCTP
+    ],
+)
 def test_unusable_packets_raise_one_named_error(data, reason):
     with pytest.raises(PacketError) as info:
         parse(data)
@@ -98,8 +101,16 @@ def test_arbitrary_bytes_give_a_packet_or_packet_error(data):
 
 
 # Every reason parse() may give; a new one is a decision, made here on purpose.
-REASONS = {"empty", "not ip", "bad ipv4 header", "bad ipv6 header", "non-first fragment",
-           "undecodable inner protocol", "bad transport header", "not tcp or udp"}
+REASONS = {
+    "empty",
+    "not ip",
+    "bad ipv4 header",
+    "bad ipv6 header",
+    "non-first fragment",
+    "undecodable inner protocol",
+    "bad transport header",
+    "not tcp or udp",
+}
 
 
 def assert_read_from_the_bytes(packet, data):
@@ -119,18 +130,26 @@ def assert_read_from_the_bytes(packet, data):
         assert packet.dst == socket.inet_ntop(socket.AF_INET6, data[24:40])
 
 
-REAL = [tcp(40000, data=b"payload"), tcp(22), udp(62201, b"x" * 20),
-        ipv4(dpkt.tcp.TCP(sport=1, dport=50000, flags=dpkt.tcp.TH_SYN), dpkt.ip.IP_PROTO_TCP, opts=b"\x01" * 8)]
+REAL = [
+    tcp(40000, data=b"payload"),
+    tcp(22),
+    udp(62201, b"x" * 20),
+    ipv4(dpkt.tcp.TCP(sport=1, dport=50000, flags=dpkt.tcp.TH_SYN), dpkt.ip.IP_PROTO_TCP, opts=b"\x01" * 8),
+]
 
 
 @settings(max_examples=2000, deadline=None)
-@given(st.sampled_from(REAL), st.binary(max_size=60), st.integers(0, 59),
-       st.lists(st.tuples(st.integers(0, 46), st.integers(1, 255)), max_size=3))
+@given(
+    st.sampled_from(REAL),
+    st.binary(max_size=60),
+    st.integers(0, 59),
+    st.lists(st.tuples(st.integers(0, 46), st.integers(1, 255)), max_size=3),
+)
 def test_corrupted_real_packets_give_a_packet_or_packet_error(real, noise, at, flips):
     """Bytes overwritten (or appended), bits flipped: either one named PacketError, or a Packet
     that says exactly what the (corrupted) headers say."""
     data = bytearray(real)
-    data[at:at + len(noise)] = noise
+    data[at : at + len(noise)] = noise
     for position, mask in flips:
         if position < len(data):
             data[position] ^= mask
@@ -189,8 +208,7 @@ def test_fast_path_equals_dpkt_on_well_formed_packets(data):
 
 
 @settings(max_examples=3000, deadline=None)
-@given(shapes, st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(0, 90))
+@given(shapes, st.lists(st.tuples(st.integers(0, 79), st.integers(0, 255)), min_size=1, max_size=4), st.integers(0, 90))
 def test_fast_path_equals_dpkt_on_mangled_packets(data, changes, cut):
     mangled = bytearray(data)
     for at, value in changes:
@@ -237,13 +255,17 @@ def test_ipv6_tcp_syn():
     assert (packet.family, packet.src, packet.proto, packet.dport, packet.flags) == (6, SRC6, "tcp", 40000, 2)
 
 
-@pytest.mark.parametrize("first,chain", [
-    (0, options_header(6)),                                             # hop-by-hop
-    (0, options_header(43) + routing_header(6)),                        # hop-by-hop, routing
-    (0, options_header(60) + options_header(6)),                        # hop-by-hop, destination options
-    (44, fragment_header(6)),                                           # an atomic fragment
-    (0, options_header(43) + routing_header(44) + fragment_header(60) + options_header(6)),
-], ids=["hbh", "hbh-routing", "hbh-dstopts", "fragment", "all"])
+@pytest.mark.parametrize(
+    "first,chain",
+    [
+        (0, options_header(6)),  # hop-by-hop
+        (0, options_header(43) + routing_header(6)),  # hop-by-hop, routing
+        (0, options_header(60) + options_header(6)),  # hop-by-hop, destination options
+        (44, fragment_header(6)),  # an atomic fragment
+        (0, options_header(43) + routing_header(44) + fragment_header(60) + options_header(6)),
+    ],
+    ids=["hbh", "hbh-routing", "hbh-dstopts", "fragment", "all"],
+)
 def test_knock_behind_extension_headers_is_read_at_the_right_place(first, chain):
     packet = parse(ipv6(first, chain + tcp_header(50000)))
     assert (packet.proto, packet.dport, packet.sport, packet.fragment) == ("tcp", 50000, 5555, False)
@@ -264,12 +286,15 @@ def test_ipv6_first_fragment_is_marked():
     assert parse(ipv6(44, fragment_header(6, more=True) + tcp_header(40000))).fragment is True
 
 
-@pytest.mark.parametrize("data,reason", [
-    (ipv6(0, bytes([6, 5, 1, 4, 0, 0, 0, 0]) + tcp_header(40000)), None),  # length claims 48 bytes
-    (ipv6(6, tcp_header(40000)[:12]), "bad transport header"),
-    (ipv6(58, bytes(8)), "not tcp or udp"),  # ICMPv6
-    (ipv6(6, b"")[:30], "bad ipv6 header"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (ipv6(0, bytes([6, 5, 1, 4, 0, 0, 0, 0]) + tcp_header(40000)), None),  # length claims 48 bytes
+        (ipv6(6, tcp_header(40000)[:12]), "bad transport header"),
+        (ipv6(58, bytes(8)), "not tcp or udp"),  # ICMPv6
+        (ipv6(6, b"")[:30], "bad ipv6 header"),
+    ],
+)
 def test_broken_ipv6_is_refused_never_misread(data, reason):
     with pytest.raises(PacketError) as info:
         parse(data)

@@ -13,10 +13,18 @@ from nfknock.packet import Packet
 from nfknock.rules import KnockDoor
 from support.fakes import FakeFirewall, Queued
 
-DOOR = KnockDoor.model_validate(dict(
-    name="d", sequence=[1000, "2000/udp", 3000], close_sequence=[3000, 1000], protect=["22/tcp"],
-    seq_timeout="5s", open_for="10s", tripwire=4, lockout={"failures": 3, "window": "30s", "lock_for": "20s"},
-))
+DOOR = KnockDoor.model_validate(
+    dict(
+        name="d",
+        sequence=[1000, "2000/udp", 3000],
+        close_sequence=[3000, 1000],
+        protect=["22/tcp"],
+        seq_timeout="5s",
+        open_for="10s",
+        tripwire=4,
+        lockout={"failures": 3, "window": "30s", "lock_for": "20s"},
+    )
+)
 PORTS = st.sampled_from([22, 999, 1000, 1001, 1003, 1999, 2000, 2001, 2999, 3000, 3004, 3005, 8080])
 SOURCES = st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"])
 
@@ -37,13 +45,17 @@ def build(src, dport, proto, flags, ip_opts, tcp_opts, payload):
 
 
 packets = st.builds(
-    build, SOURCES, PORTS, st.sampled_from(["tcp", "udp"]), st.integers(0, 0x3F),
+    build,
+    SOURCES,
+    PORTS,
+    st.sampled_from(["tcp", "udp"]),
+    st.integers(0, 0x3F),
     st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x07\x07\x04" + bytes(5)]),
     st.sampled_from([b"", b"\x02\x04\x05\xb4", b"\x01\x01\x08\x0a" + bytes(8)]),
     st.binary(max_size=16),
 )
 mangled = st.tuples(packets, st.integers(0, 80), st.binary(max_size=8)).map(
-    lambda t: t[0][:t[1]] + t[2] + t[0][t[1] + len(t[2]):]
+    lambda t: t[0][: t[1]] + t[2] + t[0][t[1] + len(t[2]) :]
 )
 
 
@@ -66,8 +78,9 @@ def test_every_queued_packet_gets_exactly_one_verdict(tmp_path_factory, payloads
     assert d.errors == 0
 
 
-knocks = st.tuples(SOURCES, PORTS, st.sampled_from(["tcp", "udp"]), st.sampled_from([0x02, 0x12, 0x10, 0x03]),
-                   st.floats(0, 12))
+knocks = st.tuples(
+    SOURCES, PORTS, st.sampled_from(["tcp", "udp"]), st.sampled_from([0x02, 0x12, 0x10, 0x03]), st.floats(0, 12)
+)
 
 
 @settings(max_examples=400, deadline=None)

@@ -7,9 +7,10 @@ import pytest
 
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorOpened, SequenceReused
+from nfknock.loading import load_secrets
 from nfknock.packet import Packet
 from nfknock.rotation import derive, window_of
-from nfknock.rules import RotatingDoor, load_secrets
+from nfknock.rules import RotatingDoor
 
 SECRET = b"s" * 32
 WALL = 1_800_000_000.0  # a multiple of 60: window 30,000,000 starts here
@@ -36,8 +37,14 @@ def test_window_of():
 @pytest.fixture
 def door(monkeypatch):
     monkeypatch.setenv("ROT_SECRET", base64.b64encode(SECRET).decode())
-    door = RotatingDoor.model_validate(dict(name="rot", protect=["22/tcp"], seq_timeout="10s",
-                                    rotate={"secret_env": "ROT_SECRET", "window": "60s", "ports": "20000-20999"}))
+    door = RotatingDoor.model_validate(
+        dict(
+            name="rot",
+            protect=["22/tcp"],
+            seq_timeout="10s",
+            rotate={"secret_env": "ROT_SECRET", "window": "60s", "ports": "20000-20999"},
+        )
+    )
     load_secrets(door)
     return door
 
@@ -45,8 +52,9 @@ def door(monkeypatch):
 def knock_all(engine, ports, at, src="10.0.0.2"):
     events = []
     for i, port in enumerate(ports):
-        events += engine.handle(Packet(src, "10.0.0.1", "tcp", 1, port, 0x02), 100.0 + at + i * 0.1,
-                                WALL + at + i * 0.1).events
+        events += engine.handle(
+            Packet(src, "10.0.0.1", "tcp", 1, port, 0x02), 100.0 + at + i * 0.1, WALL + at + i * 0.1
+        ).events
     return events
 
 
@@ -93,13 +101,16 @@ def test_next_window_brings_a_fresh_sequence(door):
     assert isinstance(knock_all(engine, later, 61)[-1], DoorOpened)
 
 
-@pytest.mark.parametrize("rotate,message", [
-    ({"secret_env": "ROT_SECRET", "ports": "20000-20010"}, "too small"),
-    ({"secret_env": "ROT_SECRET", "ports": "2-1"}, "not a range"),
-    ({"secret_env": "NOT_SET_ANYWHERE"}, "is not set"),
-    ({"secret_file": "/nonexistent/rot.key"}, "cannot read"),
-    ({"secret_env": "ROT_SECRET", "secret_file": "/x"}, "exactly one"),
-])
+@pytest.mark.parametrize(
+    "rotate,message",
+    [
+        ({"secret_env": "ROT_SECRET", "ports": "20000-20010"}, "too small"),
+        ({"secret_env": "ROT_SECRET", "ports": "2-1"}, "not a range"),
+        ({"secret_env": "NOT_SET_ANYWHERE"}, "is not set"),
+        ({"secret_file": "/nonexistent/rot.key"}, "cannot read"),
+        ({"secret_env": "ROT_SECRET", "secret_file": "/x"}, "exactly one"),
+    ],
+)
 def test_bad_rotation_settings(door, rotate, message):
     with pytest.raises(ValueError, match=message):
         load_secrets(RotatingDoor.model_validate(dict(name="rot", protect=["22/tcp"], rotate=rotate)))
@@ -107,5 +118,6 @@ def test_bad_rotation_settings(door, rotate, message):
 
 def test_protected_port_inside_the_range_is_refused(door):
     with pytest.raises(ValueError, match="inside the rotating range"):
-        RotatingDoor.model_validate(dict(name="rot", protect=["20500/tcp"],
-                                 rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"}))
+        RotatingDoor.model_validate(
+            dict(name="rot", protect=["20500/tcp"], rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"})
+        )

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from nfknock.errors import RulesError
-from nfknock.rules import Port, load_rules, parse_duration
+from nfknock.loading import load_rules
+from nfknock.rules import Port, parse_duration
 
 REPO_RULES = Path(__file__).resolve().parents[2] / "rules"
 
@@ -43,7 +44,9 @@ def test_shipped_seed_door_is_the_one_the_issue_describes():
 
 
 def test_defaults_and_durations(tmp_path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         doors:
           - name: web
             sequence: [1000/udp, "2000 / TCP", 3000]
@@ -51,7 +54,8 @@ def test_defaults_and_durations(tmp_path):
             seq_timeout: 2m
             open_for: 500ms
             sources: [192.0.2.0/24]
-        """)
+        """,
+    )
     (door,) = load_rules(path).doors
     assert [p.key for p in door.sequence] == [("udp", 1000), ("tcp", 2000), ("tcp", 3000)]
     assert door.seq_timeout == 120 and door.open_for == 0.5
@@ -59,31 +63,46 @@ def test_defaults_and_durations(tmp_path):
     assert str(door.sources[0]) == "192.0.2.0/24"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("10s", 10), ("2m", 120), ("1h", 3600), ("1.5s", 1.5), (7, 7), ("250ms", 0.25),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("10s", 10),
+        ("2m", 120),
+        ("1h", 3600),
+        ("1.5s", 1.5),
+        (7, 7),
+        ("250ms", 0.25),
+    ],
+)
 def test_duration_forms(text, expected):
     assert parse_duration(text) == expected
 
 
-@pytest.mark.parametrize("door_fields,field,reason", [
-    ("sequence: [40000, 70000]\n    protect: [22]", "sequence[2]", "outside 1..65535"),
-    ("sequence: [0, 50000]\n    protect: [22]", "sequence[1]", "outside 1..65535"),
-    ("sequence: [40000]\n    protect: [65536/tcp]", "protect[1]", "outside 1..65535"),
-    ("sequence: []\n    protect: [22]", "sequence", "at least 1"),
-    ("sequence: [1, 2]\n    protect: []", "protect", "at least 1"),
-    ("sequence: [1, 2]\n    close_sequence: []\n    protect: [22]", "close_sequence", "at least 1"),
-    ("sequence: [1, 22, 3]\n    protect: [22]", "openSSH'", "both a knock port and a protected port"),
-    ("sequence: [1, 2]\n    close_sequence: [1, 2]\n    protect: [22]", "openSSH'", "close_sequence equals sequence"),
-    ("sequence: [1, 1, 2]\n    protect: [22]", "sequence", "repeats step 1"),
-    ("sequence: [1, 2/icmp]\n    protect: [22]", "sequence[2]", "tcp or udp"),
-    ("sequence: [1, 2]\n    protect: [22]\n    open_for: soon", "open_for", "invalid duration"),
-    ("sequence: [1, 2]\n    protect: [22]\n    seq_timeout: 0s", "seq_timeout", "more than 0"),
-    ("sequence: [1, 2]\n    protect: [22]\n    tcp_flags: syn,bogus", "tcp_flags", "unknown TCP flag"),
-    ("sequence: [1, 2]\n    protect: [22]\n    sources: [10.0.0.1/8]", "sources[1]", "host bits"),
-    ("sequence: [1, 2]\n    protect: [22]\n    colour: red", "colour", "unknown key"),
-    ("sequence: [1, 2]\n    protect: [22, 22]", "openSSH'", "protect lists a port twice"),
-])
+@pytest.mark.parametrize(
+    "door_fields,field,reason",
+    [
+        ("sequence: [40000, 70000]\n    protect: [22]", "sequence[2]", "outside 1..65535"),
+        ("sequence: [0, 50000]\n    protect: [22]", "sequence[1]", "outside 1..65535"),
+        ("sequence: [40000]\n    protect: [65536/tcp]", "protect[1]", "outside 1..65535"),
+        ("sequence: []\n    protect: [22]", "sequence", "at least 1"),
+        ("sequence: [1, 2]\n    protect: []", "protect", "at least 1"),
+        ("sequence: [1, 2]\n    close_sequence: []\n    protect: [22]", "close_sequence", "at least 1"),
+        ("sequence: [1, 22, 3]\n    protect: [22]", "openSSH'", "both a knock port and a protected port"),
+        (
+            "sequence: [1, 2]\n    close_sequence: [1, 2]\n    protect: [22]",
+            "openSSH'",
+            "close_sequence equals sequence",
+        ),
+        ("sequence: [1, 1, 2]\n    protect: [22]", "sequence", "repeats step 1"),
+        ("sequence: [1, 2/icmp]\n    protect: [22]", "sequence[2]", "tcp or udp"),
+        ("sequence: [1, 2]\n    protect: [22]\n    open_for: soon", "open_for", "invalid duration"),
+        ("sequence: [1, 2]\n    protect: [22]\n    seq_timeout: 0s", "seq_timeout", "more than 0"),
+        ("sequence: [1, 2]\n    protect: [22]\n    tcp_flags: syn,bogus", "tcp_flags", "unknown TCP flag"),
+        ("sequence: [1, 2]\n    protect: [22]\n    sources: [10.0.0.1/8]", "sources[1]", "host bits"),
+        ("sequence: [1, 2]\n    protect: [22]\n    colour: red", "colour", "unknown key"),
+        ("sequence: [1, 2]\n    protect: [22, 22]", "openSSH'", "protect lists a port twice"),
+    ],
+)
 def test_each_bad_field_is_named(tmp_path, door_fields, field, reason):
     path = write(tmp_path, f"doors:\n  - name: openSSH\n    {door_fields}\n")
     (line,) = errors_for(path)
@@ -105,8 +124,9 @@ def test_duplicate_door_names_across_files(tmp_path):
 
 
 def test_two_doors_with_the_same_open_sequence(tmp_path):
-    path = write(tmp_path, "doors:\n" + GOOD_DOOR
-                 + "  - name: web\n    sequence: [40000, 50000, 60000]\n    protect: [80]\n")
+    path = write(
+        tmp_path, "doors:\n" + GOOD_DOOR + "  - name: web\n    sequence: [40000, 50000, 60000]\n    protect: [80]\n"
+    )
     (line,) = errors_for(path)
     assert "door 'web': sequence: same open sequence as door 'openSSH'" in line
 
@@ -122,12 +142,15 @@ def test_every_problem_is_reported_not_just_the_first(tmp_path):
     assert len(errors_for(path)) == 2
 
 
-@pytest.mark.parametrize("text,reason", [
-    ("doors: [\n", "invalid YAML: line"),
-    ("- just a list\n", "expected a mapping with a 'doors:' list"),
-    ("doors: []\n", "doors: List should have at least 1 item"),
-    ("door:\n" + GOOD_DOOR, "door: unknown key"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("doors: [\n", "invalid YAML: line"),
+        ("- just a list\n", "expected a mapping with a 'doors:' list"),
+        ("doors: []\n", "doors: List should have at least 1 item"),
+        ("door:\n" + GOOD_DOOR, "door: unknown key"),
+    ],
+)
 def test_file_level_problems(tmp_path, text, reason):
     path = write(tmp_path, text)
     lines = errors_for(path)
@@ -165,13 +188,21 @@ def _pairwise_conflicts(doors, path):
                 out.append(f"{here}: name: duplicate door name (also {there})")
             if getattr(other, "sequence", None) is not None and other.sequence == getattr(door, "sequence", None):
                 out.append(f"{here}: sequence: same open sequence as {there}")
-            out += [f"{here}: sequence: {p} is a protected port of {there}" for p in door.knock_ports
-                    if p in other.protect]
-            out += [f"{here}: rotate: {p} is a protected port of {there}" for proto, first, last in door.knock_ranges
-                    for p in other.protect if p.proto == proto and first <= p.port <= last]
-            out += [f"{here}: protect: {p} is in the rotating range of {there}"
-                    for proto, first, last in other.knock_ranges
-                    for p in door.protect if p.proto == proto and first <= p.port <= last]
+            out += [
+                f"{here}: sequence: {p} is a protected port of {there}" for p in door.knock_ports if p in other.protect
+            ]
+            out += [
+                f"{here}: rotate: {p} is a protected port of {there}"
+                for proto, first, last in door.knock_ranges
+                for p in other.protect
+                if p.proto == proto and first <= p.port <= last
+            ]
+            out += [
+                f"{here}: protect: {p} is in the rotating range of {there}"
+                for proto, first, last in other.knock_ranges
+                for p in door.protect
+                if p.proto == proto and first <= p.port <= last
+            ]
             out += [f"{here}: protect: {p} is a knock port of {there}" for p in door.protect if p in other.knock_ports]
     return out
 
@@ -191,8 +222,12 @@ def test_conflicts_between_many_doors_are_all_found(tmp_path, monkeypatch):
         fields = {"name": f"d{rng.randint(1, 200)}", "protect": rng.sample(ports, rng.randint(1, 3))}
         if rng.random() < 0.1:
             first = rng.randint(1, 40)
-            fields["rotate"] = {"secret_env": "ROT_SECRET", "length": 2, "ports": f"{first}-{first + 20}",
-                                "proto": rng.choice(["tcp", "udp"])}
+            fields["rotate"] = {
+                "secret_env": "ROT_SECRET",
+                "length": 2,
+                "ports": f"{first}-{first + 20}",
+                "proto": rng.choice(["tcp", "udp"]),
+            }
         else:
             fields["sequence"] = rng.sample(ports[:12], 2)
             if rng.random() < 0.3:
@@ -206,8 +241,14 @@ def test_conflicts_between_many_doors_are_all_found(tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump({"doors": raw}))
     expected = _pairwise_conflicts([parse_door(d) for d in raw], path)
     assert len(expected) > 300  # every kind of conflict, many times over
-    for kind in ("name: duplicate door name", "sequence: same open sequence", "is a protected port of",
-                 "rotate: ", "is in the rotating range of", "is a knock port of"):
+    for kind in (
+        "name: duplicate door name",
+        "sequence: same open sequence",
+        "is a protected port of",
+        "rotate: ",
+        "is in the rotating range of",
+        "is a knock port of",
+    ):
         assert any(kind in line for line in expected), kind
     assert errors_for(path) == expected
 
@@ -232,26 +273,39 @@ def test_date_like_door_names_are_names(tmp_path, name):
 
 
 def test_anchors_and_aliases_still_work(tmp_path):
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
         doors:
           - &ssh {name: a, sequence: [1, 2], protect: &both [22/tcp, 2222/tcp], open_for: 1m}
           - {name: b, sequence: [3, 4], protect: *both}
           - {<<: *ssh, name: c, sequence: [5, 6]}
-        """)
+        """,
+    )
     doors = load_rules(path).doors
     assert [(d.name, [str(p) for p in d.protect], d.open_for) for d in doors] == [
-        ("a", ["22/tcp", "2222/tcp"], 60), ("b", ["22/tcp", "2222/tcp"], 30), ("c", ["22/tcp", "2222/tcp"], 60)]
+        ("a", ["22/tcp", "2222/tcp"], 60),
+        ("b", ["22/tcp", "2222/tcp"], 30),
+        ("c", ["22/tcp", "2222/tcp"], 60),
+    ]
 
 
 @pytest.mark.parametrize("loader", __import__("nfknock.yamlsafe").yamlsafe.LOADERS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("text,reason", [
-    ("doors: " + "[" * 600 + "]" * 600, "nested more than 16 levels deep"),
-    ("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi")),
-     "more than 250000 YAML nodes once aliases are expanded"),
-    ("a: &a [1, *a]", "an alias refers to a node that contains it"),
-    ("a: &a [1]\nb: {x: " + "[" * 14 + "*a" + "]" * 14 + "}", "nested more than 16 levels deep"),
-])
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("doors: " + "[" * 600 + "]" * 600, "nested more than 16 levels deep"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "more than 250000 YAML nodes once aliases are expanded",
+        ),
+        ("a: &a [1, *a]", "an alias refers to a node that contains it"),
+        ("a: &a [1]\nb: {x: " + "[" * 14 + "*a" + "]" * 14 + "}", "nested more than 16 levels deep"),
+    ],
+)
 def test_yaml_shape_limits_with_and_without_libyaml(loader, text, reason):
     from nfknock import yamlsafe
 
@@ -260,11 +314,12 @@ def test_yaml_shape_limits_with_and_without_libyaml(loader, text, reason):
 
 
 def test_file_over_the_size_limit_is_refused_unread(tmp_path):
-    from nfknock.rules import MAX_RULES_BYTES
+    from nfknock.loading import MAX_RULES_BYTES
 
     path = write(tmp_path, "doors:\n" + GOOD_DOOR + "#" * MAX_RULES_BYTES + "\n")
-    assert errors_for(path) == [f"{path}: cannot read: larger than 1024 KiB; put the doors in several files "
-                                "of a rules directory"]
+    assert errors_for(path) == [
+        f"{path}: cannot read: larger than 1024 KiB; put the doors in several files of a rules directory"
+    ]
 
 
 def test_a_fifo_is_refused_not_waited_for(tmp_path):
@@ -276,8 +331,11 @@ def test_a_fifo_is_refused_not_waited_for(tmp_path):
 
 def test_huge_values_are_cut_in_messages(tmp_path):
     wide = "[" + ", ".join(["lol"] * 5000) + "]"
-    path = write(tmp_path, f"doors: [{{name: {'n' * 5000}, sequence: [1, 2], protect: [22], "
-                           f"open_for: {wide}, tcp_flags: {wide}, sources: [{'a' * 5000}]}}]\n")
+    path = write(
+        tmp_path,
+        f"doors: [{{name: {'n' * 5000}, sequence: [1, 2], protect: [22], "
+        f"open_for: {wide}, tcp_flags: {wide}, sources: [{'a' * 5000}]}}]\n",
+    )
     lines = errors_for(path)
     assert len(lines) == 4
     assert all(len(line) < len(str(path)) + 400 for line in lines), lines  # the file had 40 KB of values
@@ -291,7 +349,7 @@ def test_problems_of_one_file_are_capped(tmp_path):
 
 
 def test_load_rules_raises_only_rules_errors(tmp_path, monkeypatch):
-    from nfknock import rules
+    from nfknock import loading, rules
 
     path = write(tmp_path, "doors:\n" + GOOD_DOOR)
 
@@ -300,5 +358,5 @@ def test_load_rules_raises_only_rules_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rules.RuleFile, "model_validate", broken)
     assert errors_for(path) == [f"{path}: cannot load: RuntimeError: a bug"]
-    monkeypatch.setattr(rules, "_conflicts", broken)
+    monkeypatch.setattr(loading, "_conflicts", broken)
     assert errors_for(tmp_path) == [f"{tmp_path}: cannot load: RuntimeError: a bug"]

@@ -16,8 +16,10 @@ def test_the_table_names_every_pair():
     assert set(TRANSITIONS) == set(itertools.product(Phase, Match))
 
 
-@given(st.lists(st.sampled_from([("tcp", p) for p in range(1, 5)]), min_size=1, max_size=6, unique=True),
-       st.sampled_from([("tcp", p) for p in range(1, 6)]))
+@given(
+    st.lists(st.sampled_from([("tcp", p) for p in range(1, 5)]), min_size=1, max_size=6, unique=True),
+    st.sampled_from([("tcp", p) for p in range(1, 6)]),
+)
 def test_an_idle_source_never_repeats_or_restarts(steps, key):
     """The two pairs the table marks as impossible are: an idle attempt has matched nothing."""
     assert classify(tuple(steps), 0, key) not in (Match.REPEAT, Match.FIRST)
@@ -52,8 +54,10 @@ def test_a_wrong_port_resets_and_the_first_step_restarts():
     seq.step("a", ("tcp", 1), 1.2, events)
     seq.step("a", ("tcp", 2), 1.3, events)
     assert seq.step("a", ("tcp", 1), 1.4, events) is Action.RESTART
-    assert events[-2:] == [SequenceReset("a", "door", Sequence.OPEN, 2, "1/tcp"),
-                           KnockAdvanced("a", "door", Sequence.OPEN, 1)]
+    assert events[-2:] == [
+        SequenceReset("a", "door", Sequence.OPEN, 2, "1/tcp"),
+        KnockAdvanced("a", "door", Sequence.OPEN, 1),
+    ]
 
 
 def test_an_attempt_past_its_deadline_is_idle_again():

@@ -10,12 +10,15 @@ import pytest
 from nfknock.errors import SpaError
 from nfknock.spa import SALTED_B64, Keys, decode, encode, generate_keys
 
-VECTORS = [json.loads(line) for line in (Path(__file__).parent / "spa_vectors" / "vectors.jsonl").read_text().splitlines()]
+VECTORS = [
+    json.loads(line) for line in (Path(__file__).parent / "spa_vectors" / "vectors.jsonl").read_text().splitlines()
+]
 
 
 def keys_of(vector, **override):
-    fields = dict(encryption=base64.b64decode(vector["key"]), hmac=base64.b64decode(vector["hmac_key"]),
-                  digest=vector["hmac"])
+    fields = dict(
+        encryption=base64.b64decode(vector["key"]), hmac=base64.b64decode(vector["hmac_key"]), digest=vector["hmac"]
+    )
     fields.update(override)
     return Keys(**fields)
 
@@ -43,8 +46,11 @@ def test_round_trip(digest):
     wire = encode(keys, "10.0.0.2", [("tcp", 22), ("udp", 53)], now=1_800_000_000.7)
     assert not wire.startswith(SALTED_B64.encode())
     request = decode(wire, keys)
-    assert (request.address, request.ports, request.timestamp) == ("10.0.0.2", (("tcp", 22), ("udp", 53)),
-                                                                   1_800_000_000)
+    assert (request.address, request.ports, request.timestamp) == (
+        "10.0.0.2",
+        (("tcp", 22), ("udp", 53)),
+        1_800_000_000,
+    )
     assert request.digest != decode(encode(keys, "10.0.0.2", [("tcp", 22)], now=1_800_000_000), keys).digest
 
 
@@ -62,9 +68,12 @@ def test_wrong_encryption_key_is_refused():
     assert info.value.reason == "bad key"
 
 
-WRONG_DIGESTS = [pytest.param(vector, configured, id=f"{vector['hmac']}-type{vector['type']}-as-{configured}")
-                 for vector in VECTORS for configured in ("sha1", "sha256", "sha384", "sha512")
-                 if configured != vector["hmac"]]
+WRONG_DIGESTS = [
+    pytest.param(vector, configured, id=f"{vector['hmac']}-type{vector['type']}-as-{configured}")
+    for vector in VECTORS
+    for configured in ("sha1", "sha256", "sha384", "sha512")
+    if configured != vector["hmac"]
+]
 
 
 @pytest.mark.parametrize("vector,configured", WRONG_DIGESTS)
@@ -77,12 +86,15 @@ def test_wrong_hmac_digest_type_is_refused_as_a_bad_hmac(vector, configured):
     assert info.value.detail == "HMAC does not match (wrong HMAC key or digest, or a forged packet)"
 
 
-@pytest.mark.parametrize("wire,reason", [
-    (b"", "malformed"),
-    (b"\xff" * 100, "malformed"),
-    ((SALTED_B64 + "A" * 150).encode(), "malformed"),
-    (b"A" * 150, "bad hmac"),
-])
+@pytest.mark.parametrize(
+    "wire,reason",
+    [
+        (b"", "malformed"),
+        (b"\xff" * 100, "malformed"),
+        ((SALTED_B64 + "A" * 150).encode(), "malformed"),
+        (b"A" * 150, "bad hmac"),
+    ],
+)
 def test_junk_is_refused_with_a_reason(wire, reason):
     with pytest.raises(SpaError) as info:
         decode(wire, keys_of(VECTORS[0]))

@@ -1,7 +1,6 @@
 """Drop counters: read from the kernel's table, reported only when they grow."""
 
-from nfknock.stats import (QueueCounters, QueueDrops, Reporter, parse_queue_table, read_queue_counters,
-                           read_queue_drops)
+from nfknock.stats import QueueCounters, QueueDrops, Reporter, parse_queue_table, read_queue_counters, read_queue_drops
 
 PROC = """\
     0  12345     0 2 65531     0     0        0  1
@@ -39,8 +38,9 @@ def test_reporter_speaks_only_of_growth():
 def test_one_parser_gives_every_counter_of_a_queue(tmp_path):
     path = tmp_path / "nfnetlink_queue"
     path.write_text(PROC)
-    assert read_queue_counters(7, path) == QueueCounters(queue_num=7, peer_portid=23456, queue_total=12, dropped=904,
-                                                         user_dropped=3, id_sequence=5000)
+    assert read_queue_counters(7, path) == QueueCounters(
+        queue_num=7, peer_portid=23456, queue_total=12, dropped=904, user_dropped=3, id_sequence=5000
+    )
     assert read_queue_counters(9, path) is None
     assert read_queue_counters(7, tmp_path / "missing") is None
     assert parse_queue_table("garbage\n\n" + PROC.splitlines()[0] + "\n    1  2  3\n").keys() == {0}

@@ -7,7 +7,7 @@ import pytest
 
 from nfknock.cli import main
 from nfknock.errors import RulesError
-from nfknock.rules import load_rules
+from nfknock.loading import load_rules
 from nfknock.spa import generate_keys
 from nfknock.trust import why_unsafe
 
@@ -49,10 +49,14 @@ def test_file_writable_by_group_or_others_is_refused_when_strict(tmp_path, mode)
 def test_writable_rules_directory_is_refused_even_sticky(tmp_path, mode):
     path = rules_in(tmp_path / "rules")
     path.parent.chmod(mode)
-    assert refused(path.parent) == [f"{path.parent}: not trusted: directory {path.parent} is writable by group or "
-                                    "others: anyone who can edit it decides who gets in (chmod go-w)"]
-    assert refused(path) == [f"{path}: not trusted: directory {path.parent} is writable by group or "
-                             "others: anyone who can edit it decides who gets in (chmod go-w)"]
+    assert refused(path.parent) == [
+        f"{path.parent}: not trusted: directory {path.parent} is writable by group or "
+        "others: anyone who can edit it decides who gets in (chmod go-w)"
+    ]
+    assert refused(path) == [
+        f"{path}: not trusted: directory {path.parent} is writable by group or "
+        "others: anyone who can edit it decides who gets in (chmod go-w)"
+    ]
 
 
 def test_world_writable_ancestor_is_accepted_only_with_the_sticky_bit(tmp_path):
@@ -100,8 +104,9 @@ def key_file(tmp_path):
     keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
     keys.chmod(0o600)
     (tmp_path / "doors.yaml").write_text(f"doors:\n  - {{name: s, kind: spa, keys_file: {keys}, protect: [22]}}\n")
-    (tmp_path / "rot.yaml").write_text(f"doors:\n  - {{name: r, rotate: {{secret_file: {keys}.rot}}, "
-                                       "protect: [2222]}\n")
+    (tmp_path / "rot.yaml").write_text(
+        f"doors:\n  - {{name: r, rotate: {{secret_file: {keys}.rot}}, protect: [2222]}}\n"
+    )
     keys.with_name("spa.keys.rot").write_text("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0\n")
     keys.with_name("spa.keys.rot").chmod(0o600)
     return keys
@@ -116,8 +121,9 @@ def test_key_files_readable_or_writable_by_others_are_refused_when_strict(tmp_pa
     target.chmod(mode)
     door, field = ("s", "keys_file") if which == "keys" else ("r", "rotate: secret_file")
     (line,) = refused(tmp_path)
-    assert line.startswith(f"{tmp_path / ('doors.yaml' if door == 's' else 'rot.yaml')}: door {door!r}: {field}: "
-                           f"not trusted: {target} ")
+    assert line.startswith(
+        f"{tmp_path / ('doors.yaml' if door == 's' else 'rot.yaml')}: door {door!r}: {field}: not trusted: {target} "
+    )
     assert ("readable" if mode & 0o44 else "writable") in line
     assert load_rules(tmp_path).warnings == (line,)
 
@@ -126,6 +132,8 @@ def test_check_warns_and_still_shows_the_doors(tmp_path, capsys):
     path = rules_in(tmp_path / "rules", 0o666)
     assert main(["check", "--rules", str(path)]) == 0
     out = capsys.readouterr()
-    assert out.err.splitlines() == [f"nfknock: warning: {path}: not trusted: {path} is writable by group or others: "
-                                    "anyone who can edit it decides who gets in (chmod go-w)"]
+    assert out.err.splitlines() == [
+        f"nfknock: warning: {path}: not trusted: {path} is writable by group or others: "
+        "anyone who can edit it decides who gets in (chmod go-w)"
+    ]
     assert "door a" in out.out
