@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import __version__
+from .client import DEFAULT_REPEAT
 from .control import DEFAULT_SOCKET
 from .errors import NfknockError, UsageError
 from .loading import load_rules
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", help="run the daemon in the foreground (SIGHUP reloads the rules)")
     run.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory of *.yaml (default: %(default)s)")
-    run.add_argument("--queue-num", type=_queue_num, default=0, help="NFQUEUE number, 0-65535 (default: %(default)s)")
+    run.add_argument(
+        "--queue-num",
+        type=_queue_num,
+        default=0,
+        help="NFQUEUE number N, 0-65534: knocks go to N, new connections from granted sources to N+1 "
+        "(default: %(default)s)",
+    )
     run.add_argument(
         "--max-sources",
         type=_positive,
@@ -112,7 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     knock = verbs.add_parser("knock", help="knock on a host: PORT[/tcp|/udp]... or a door's sequence")
     knock.add_argument("host")
     knock.add_argument("ports", nargs="*", metavar="PORT[/PROTO]")
-    knock.add_argument("--delay", type=_non_negative, default=0, metavar="MS", help="pause between knocks")
+    knock.add_argument("--delay", type=_non_negative, default=0, metavar="MS", help="pause between steps")
+    knock.add_argument(
+        "--repeat",
+        type=_int_in(1, 1000, "repeat"),
+        default=DEFAULT_REPEAT,
+        metavar="N",
+        help="send every step N times, back to back (default: %(default)s); nfknock takes the copies as one "
+        "knock, so a lost packet costs nothing. Raise it on a lossy or flooded link",
+    )
     knock.add_argument("--door", help="knock this door's sequence (needs --rules)")
     knock.add_argument("--rules", help="rules file or directory holding --door")
     knock.add_argument("--close", action="store_true", help="with --door: knock the close sequence")
@@ -230,7 +245,7 @@ def _int_in(low: int, high: int, what: str):
     return convert
 
 
-_queue_num = _int_in(0, 65535, "queue number")
+_queue_num = _int_in(0, 65534, "queue number")
 _positive = _int_in(1, 100_000_000, "value")
 _non_negative = _int_in(0, 3_600_000, "delay")
 
@@ -288,7 +303,7 @@ def cmd_knock(args) -> int:
     from .client import knock
 
     steps = _knock_steps(args)
-    results = knock(args.host, steps, args.delay, args.family)
+    results = knock(args.host, steps, args.delay, args.family, args.repeat)
     failed = [r for r in results if not r.sent]
     for result in failed:
         print(f"nfknock: knock on {result.step} not sent: {result.error}", file=sys.stderr)
@@ -476,6 +491,7 @@ def cmd_keygen(args) -> int:
 
 def cmd_down(args) -> int:
     from .firewall import FLAVOURS, make_firewall
+    from .firewall.granted import destroy_all
 
     removed, failed = [], False
     for flavour in FLAVOURS:  # both flavours, even when one fails
@@ -485,6 +501,12 @@ def cmd_down(args) -> int:
         except NfknockError as exc:
             failed = True
             print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
+    if not failed:  # a set still used by a rule cannot go
+        try:
+            destroy_all()
+        except NfknockError as exc:
+            failed = True
+            print(f"nfknock: {exc}", file=sys.stderr)
     if removed:
         print(
             f"nfknock: scaffolding removed ({', '.join(removed)}); protected ports now follow the rest of your firewall"

@@ -50,13 +50,20 @@ def send_knock(family: int, address: str, step: Port) -> KnockResult:
     return KnockResult(step, True)
 
 
-def knock(host: str, steps: list[Port], delay_ms: int = 0, family: int = 0, sleep=time.sleep) -> list[KnockResult]:
+DEFAULT_REPEAT = 3  # copies of every knock: a lost packet then costs nothing (nfknock ignores repeats)
+
+
+def knock(
+    host: str, steps: list[Port], delay_ms: int = 0, family: int = 0, repeat: int = DEFAULT_REPEAT, sleep=time.sleep
+) -> list[KnockResult]:
+    """One result per step: sent when every copy of it was."""
     address_family, address = resolve(host, family)
     results = []
     for i, step in enumerate(steps):
         if i and delay_ms:
             sleep(delay_ms / 1000)
-        results.append(send_knock(address_family, address, step))
+        copies = [send_knock(address_family, address, step) for _ in range(repeat)]
+        results.append(next((copy for copy in copies if not copy.sent), copies[0]))
     return results
 
 

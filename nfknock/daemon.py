@@ -32,9 +32,10 @@ from . import control, metrics
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
-from .events import Recorded
+from .events import DoorClosed, DoorOpened, Recorded
 from .extras import require_for_run
 from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
+from .firewall.granted import GrantedSets
 from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
@@ -136,6 +137,7 @@ class Daemon:
         self.ruleset: Ruleset = load_rules(config.rules_path, strict=True)  # RulesError: nothing touched yet
         self.engine = Engine(self.ruleset.doors, config.max_sources)
         self.store = ReplayStore(config.state_dir) if config.state_dir else None
+        self.granted = GrantedSets(config.queue_num, self.log)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
         self.reporter = Reporter()
@@ -191,6 +193,10 @@ class Daemon:
 
     def _consume(self, events, now: float) -> None:
         log_events(self.log, events, self.log_limit, now)
+        for event in events:
+            kind = type(event)
+            if kind is DoorOpened or kind is DoorClosed:
+                self._sync_granted(event.src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
         if self.store is not None and any(type(event) is Recorded for event in events):
@@ -216,29 +222,22 @@ class Daemon:
         # What the server and metrics extras bring, checked before a queue is bound or a rule
         # installed: a missing one is a single line (MissingExtra), not a traceback or a half start.
         require_for_run(self.config.metrics_port, self.firewall.name)
-        from netfilterqueue import NetfilterQueue
-
-        queue = NetfilterQueue()
-        try:
-            queue.bind(self.config.queue_num, self._on_queued, max_len=self.config.queue_maxlen)
-        except OSError as exc:
-            raise QueueError(
-                f"cannot bind NFQUEUE {self.config.queue_num}: {exc} "
-                "(is another nfknock or NFQUEUE listener using it? pick another with --queue-num)"
-            ) from None
+        queues = self._bind_queues()
         wake_r, self._wake_w = socket.socketpair()
         wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         previous = self._install_signals(self._wake_w)
         try:
             self._warn_about_flavour()
+            self.granted.create()  # before the rules that refer to the sets
+            self.granted.start()
             self.firewall.apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
-            self._loop(queue, wake_r)
+            self._loop(queues, wake_r)
         except NfknockError as exc:
             self.log.error("nfknock stopped: %s; %s", exc, CLOSED)
             raise
@@ -246,23 +245,46 @@ class Daemon:
             self.log.critical("nfknock stopped on an unexpected error; %s", CLOSED, exc_info=True)
             raise DaemonFailed(f"stopped on an unexpected error ({type(exc).__name__}: {exc}); {CLOSED}") from exc
         finally:
-            self._shutdown(queue, previous)
+            self._shutdown(queues, previous)
             wake_r.close()
             self._wake_w.close()
 
-    def _loop(self, queue, wake_r: socket.socket) -> None:
-        queue_fd = queue.get_fd()
+    def _bind_queues(self) -> list:
+        """The main queue (knocks, and new connections from sources not in the granted set) and
+        the grant queue after it (new connections from granted sources: no flood reaches it)."""
+        from netfilterqueue import NetfilterQueue
+
+        queues: list[Any] = []
+        for number in (self.config.queue_num, self.config.queue_num + 1):
+            queue = NetfilterQueue()
+            try:
+                queue.bind(number, self._on_queued, max_len=self.config.queue_maxlen)
+            except OSError as exc:
+                for bound in queues:
+                    bound.unbind()
+                raise QueueError(
+                    f"cannot bind NFQUEUE {number}: {exc} (nfknock uses queues {self.config.queue_num} and "
+                    f"{self.config.queue_num + 1}; is another nfknock or NFQUEUE listener using one? pick others "
+                    "with --queue-num)"
+                ) from None
+            queues.append(queue)
+        return queues
+
+    def _loop(self, queues: list, wake_r: socket.socket) -> None:
+        # The grant queue first, every time round: its packets are the ones users wait for.
+        served = [(queue.get_fd(), queue) for queue in reversed(queues)]
         next_stats = self.clock()
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-            readable, _, _ = select.select([queue_fd, wake_r], [], [], sleep)
-            if queue_fd in readable:
-                self._budget = BATCH
-                try:
-                    queue.run(block=False)
-                except _YieldLoop:
-                    pass
+            readable, _, _ = select.select([fd for fd, _ in served] + [wake_r], [], [], sleep)
+            for fd, queue in served:
+                if fd in readable:
+                    self._budget = BATCH
+                    try:
+                        queue.run(block=False)
+                    except _YieldLoop:
+                        pass
             if wake_r in readable:
                 _drain(wake_r)
             if self.control is not None:
@@ -365,11 +387,12 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------------------------
 
-    def _shutdown(self, queue, previous: dict) -> None:
-        """Everything but the scaffolding: with no process bound to the queue the kernel drops
+    def _shutdown(self, queues: list, previous: dict) -> None:
+        """Everything but the scaffolding: with no process bound to the queues the kernel drops
         what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
-        for step in (self._close_control, lambda: self._restore_signals(previous), self._log_totals, queue.unbind):
+        steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.stop]
+        for step in steps + [queue.unbind for queue in queues]:
             try:
                 step()
             except Exception:
@@ -417,10 +440,22 @@ class Daemon:
         self._snapshot_taken.wait(SNAPSHOT_WAIT)
         return self.snapshot
 
+    def _sync_granted(self, src: str, now: float) -> None:
+        """Tell the kernel's granted set what the engine now says about `src`."""
+        left = self.engine.grant_left(src, now)
+        if left > 0:
+            self.granted.add(src, left)
+        else:
+            self.granted.remove(src)
+
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""
         try:
-            return control.answer(self, request, self.clock())
+            now = self.clock()
+            answer = control.answer(self, request, now)
+            if "address" in request and "error" not in answer:
+                self._sync_granted(request["address"], now)
+            return answer
         except Exception as exc:
             self.log.exception("control request %s failed", request.get("cmd"))
             return {"error": f"internal error: {type(exc).__name__}"}

@@ -5,8 +5,10 @@ Theory of operation
 -------------------
 For every (sequence, source) there is at most one *attempt*: how many steps that source has
 matched, until a deadline `seq_timeout` after its first knock. An attempt past its deadline is
-gone (a SequenceTimeout is reported) and the source is IDLE again. A knock on a port of the
-door is classified against the attempt as
+gone (a SequenceTimeout is reported) and the source is IDLE again. A completed attempt leaves
+the source DONE for REPEAT_WINDOW: copies of the last knock that arrive right after it (clients
+send every step several times, to get through loss) are repeats, not the start of something
+else. A knock on a port of the door is classified against the attempt as
 
   EXPECTED  the next step, not the last (for an idle source: the first step)
   LAST      the next step, and the last one: the sequence is complete
@@ -18,12 +20,14 @@ and `TRANSITIONS`, which names every (phase, match) pair, says what happens:
 
   ADVANCE   one more step matched (an idle source starts an attempt at stage 1)
   COMPLETE  the attempt ends in success: the caller opens or closes the door
+  ABSORB    a repeat: nothing changes, and no other sequence of the door sees the packet
   RESTART   the attempt is dropped and a new one starts at stage 1
   RESET     the attempt is dropped (a failure, for the lockout)
   IGNORE    nothing changes
 
-Two pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
-or LAST); they are in the table, as IGNORE, so that a lookup can never miss.
+Three pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
+or LAST; for a DONE source the first step is EXPECTED or LAST too); they are in the table, as
+IGNORE, so that a lookup can never miss.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class _FastHash:
 class Phase(_FastHash, Enum):
     IDLE = "idle"  # no attempt for this source and sequence
     STARTED = "started"  # at least one step matched
+    DONE = "done"  # completed within REPEAT_WINDOW
 
 
 class Match(_FastHash, Enum):
@@ -60,6 +65,7 @@ class Match(_FastHash, Enum):
 class Action(_FastHash, Enum):
     ADVANCE = "advance"
     COMPLETE = "complete"
+    ABSORB = "absorb"
     RESTART = "restart"
     RESET = "reset"
     IGNORE = "ignore"
@@ -73,18 +79,25 @@ TRANSITIONS: dict[tuple[Phase, Match], Action] = {
     (Phase.IDLE, Match.OTHER): Action.IGNORE,
     (Phase.STARTED, Match.EXPECTED): Action.ADVANCE,
     (Phase.STARTED, Match.LAST): Action.COMPLETE,
-    (Phase.STARTED, Match.REPEAT): Action.IGNORE,
+    (Phase.STARTED, Match.REPEAT): Action.ABSORB,
     (Phase.STARTED, Match.FIRST): Action.RESTART,
     (Phase.STARTED, Match.OTHER): Action.RESET,
+    (Phase.DONE, Match.EXPECTED): Action.ADVANCE,  # a new attempt
+    (Phase.DONE, Match.LAST): Action.COMPLETE,  # cannot occur (a one-step sequence's knock is a REPEAT)
+    (Phase.DONE, Match.REPEAT): Action.ABSORB,
+    (Phase.DONE, Match.FIRST): Action.IGNORE,  # cannot occur
+    (Phase.DONE, Match.OTHER): Action.IGNORE,
 }
+REPEAT_WINDOW = 0.05  # seconds after completion in which the last knock again is a copy of it
 
 # Enum member access costs ~50 ns on Python 3.11 (it showed in the per-packet profile); the
 # packet path below uses these module-level aliases instead.
-_IDLE, _STARTED = Phase.IDLE, Phase.STARTED
+_IDLE, _STARTED, _DONE = Phase.IDLE, Phase.STARTED, Phase.DONE
 _EXPECTED, _LAST, _REPEAT, _FIRST, _OTHER = Match.EXPECTED, Match.LAST, Match.REPEAT, Match.FIRST, Match.OTHER
-_ADVANCE, _COMPLETE, _RESTART, _RESET, _IGNORE = (
+_ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET, _IGNORE = (
     Action.ADVANCE,
     Action.COMPLETE,
+    Action.ABSORB,
     Action.RESTART,
     Action.RESET,
     Action.IGNORE,
@@ -110,7 +123,7 @@ class Attempt:
 class KnockSequence:
     """One of a door's sequences, precompiled, with its attempts."""
 
-    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "window")
+    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "done", "window")
 
     def __init__(
         self,
@@ -119,6 +132,7 @@ class KnockSequence:
         steps: tuple[Key, ...],
         timeout: float,
         attempts: Table,
+        done: Table,
         window: int | None = None,
     ):
         self.door = door
@@ -126,6 +140,7 @@ class KnockSequence:
         self.steps = steps
         self.timeout = timeout
         self.attempts = attempts
+        self.done = done  # sources that completed the sequence within REPEAT_WINDOW
         self.window = window  # the time window of a rotating door's sequence
 
     def step(self, src: str, key: Key, now: float, events: list[Event]) -> Action:
@@ -139,10 +154,19 @@ class KnockSequence:
             else:
                 attempt = entry[1]
         phase, stage = (_IDLE, 0) if attempt is None else (_STARTED, attempt.stage)
+        if attempt is None and self.done.entries and self.done.live(src, now) is not None:
+            phase = _DONE
         # A port of the door's other sequence is "any other port of that door".
-        match = classify(self.steps, stage, key) if key in self.steps else _OTHER
+        if key not in self.steps:
+            match = _OTHER
+        elif phase is _DONE and key == self.steps[-1]:
+            match = _REPEAT
+        else:
+            match = classify(self.steps, stage, key)
         action = TRANSITIONS[(phase, match)]
-        if action is _IGNORE:
+        if phase is _DONE and action is not _ABSORB and action is not _IGNORE:
+            self.done.pop(src)
+        if action is _IGNORE or action is _ABSORB:
             return action
         if action is _RESET or action is _RESTART:
             self.attempts.pop(src)
@@ -152,6 +176,7 @@ class KnockSequence:
             attempt, stage = None, 0  # and on as from IDLE (a STARTED sequence has two steps at least)
         if action is _COMPLETE:
             self.attempts.pop(src)
+            self.done.put(src, now + REPEAT_WINDOW)
             return action
         stage += 1
         if attempt is None:
@@ -161,9 +186,16 @@ class KnockSequence:
         events.append(KnockAdvanced(src, self.door, self.kind, stage))
         return action
 
+    def busy(self, src: str, now: float) -> bool:
+        """Whether `src` has an attempt here, or has just completed one (its copies still come)."""
+        return src in self.attempts or (bool(self.done.entries) and self.done.live(src, now) is not None)
+
     def forget(self, src: str) -> Attempt | None:
+        self.done.pop(src)
         entry = self.attempts.pop(src)
         return None if entry is None else entry[1]
 
     def expire(self, now: float) -> list[Event]:
+        for _ in self.done.expire(now):
+            pass
         return [SequenceTimeout(src, self.door, self.kind, attempt.stage) for src, attempt in self.attempts.expire(now)]

@@ -53,6 +53,10 @@ def parse_pass_mark(text: str) -> int:
     return value
 
 
+SET_PREFIX = "nfknock-"
+# New connections per second (per protected port) from sources not in the granted set that may
+# reach the main queue; a flood beyond it is dropped by the kernel.
+NEW_LIMIT = ("100/sec", 200)
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
 
@@ -66,6 +70,8 @@ class RuleSpec:
     queue_num: int | None = None
     tcp_flags: tuple[str, str] | None = None  # (mask, set), as iptables --tcp-flags
     mark: int | None = None  # match packets that carry this mark bit
+    match_set: str | None = None  # match sources in this ipset (see granted.py)
+    limit: tuple[str, int] | None = None  # (rate, burst), as iptables -m limit
 
     def __str__(self) -> str:
         text = f"-A {CHAIN}"
@@ -80,6 +86,10 @@ class RuleSpec:
             text += f" -m mark --mark {self.mark:#x}/{self.mark:#x}"
         if self.ctstate:
             text += f" -m conntrack --ctstate {self.ctstate}"
+        if self.match_set:
+            text += f" -m set --match-set {self.match_set} src"
+        if self.limit:
+            text += f" -m limit --limit {self.limit[0]} --limit-burst {self.limit[1]}"
         text += f" -j {self.target}"
         if self.queue_num is not None:
             text += f" --queue-num {self.queue_num}"
@@ -92,13 +102,25 @@ Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty li
 def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it."""
     return {
-        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark) for family in (4, 6)
+        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family)
+        for family in (4, 6)
     }
 
 
-def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> list[RuleSpec]:
+def granted_set(queue_num: int, family: int) -> str:
+    """The ipset of sources holding a grant, for one daemon (its queue) and one family."""
+    return f"{SET_PREFIX}q{queue_num}-v{family}"
+
+
+def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK, family: int = 4) -> list[RuleSpec]:
+    """The chain for one family. New connections to a protected port from a source in the granted
+    set go to the grant queue (queue_num + 1), which a flood of strangers never reaches; from
+    anyone else at most NEW_LIMIT per second go to the main queue (so a client whose grant is not
+    in the set yet still gets in on its first SYN), and the rest is dropped by the kernel: what
+    the daemon would have dropped anyway. Either way the daemon decides every packet it sees."""
     if not doors:
         return []
+    granted, grant_queue = granted_set(queue_num, family), queue_num + 1
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
@@ -106,13 +128,13 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_M
     specs: list[RuleSpec] = [RuleSpec("RETURN", mark=pass_mark)] if tripwires else []
     for proto, port in protected:
         specs.append(RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED"))
+        flags = SYN_ONLY if proto == "tcp" else None
+        specs += [
+            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=grant_queue, tcp_flags=flags, match_set=granted),
+            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=flags, limit=NEW_LIMIT),
+        ]
         if proto == "tcp":
-            specs += [
-                RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=SYN_ONLY),
-                RuleSpec("ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM),
-            ]
-        else:
-            specs.append(RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num))
+            specs.append(RuleSpec("ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM))
         specs.append(RuleSpec("DROP", proto, port))
     if knocks or knock_ranges or tripwires:
         # Not ours from here on: replies to the host's own connections from a knock port.

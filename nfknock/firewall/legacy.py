@@ -120,6 +120,12 @@ def _rule_of(rule_class, spec: RuleSpec):
         rule.create_match("mark").mark = f"{spec.mark:#x}/{spec.mark:#x}"
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
+    if spec.match_set:
+        rule.create_match("set").match_set = [spec.match_set, "src"]
+    if spec.limit:
+        limit = rule.create_match("limit")
+        limit.limit = spec.limit[0]
+        limit.limit_burst = str(spec.limit[1])
     target = rule.create_target(spec.target)
     if spec.queue_num is not None:
         target.queue_num = str(spec.queue_num)
@@ -140,6 +146,8 @@ def _spec_of(rule) -> RuleSpec:
     queue = target.get("queue-num")
     flags = ports.get("tcp-flags")
     mark = params.get("mark", {}).get("mark")
+    match_set = params.get("set", {}).get("match-set")
+    limit = params.get("limit", {})
     return RuleSpec(
         target=rule.target.name,
         proto=proto,
@@ -148,4 +156,6 @@ def _spec_of(rule) -> RuleSpec:
         queue_num=int(queue[0]) if queue else None,
         tcp_flags=tuple(flags) if flags else None,
         mark=int(mark[0].split("/")[0], 16) if mark else None,
+        match_set=match_set[0] if match_set else None,
+        limit=(limit["limit"][0], int(limit["limit-burst"][0])) if "limit" in limit else None,
     )

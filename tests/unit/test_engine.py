@@ -463,3 +463,14 @@ def test_junk_spa_packets_count_towards_lockout(spa_door):
     events = [e for i in range(3) for e in engine.handle(junk, float(i), WALL).events]
     assert any(isinstance(e, LockedOut) for e in events)
     assert engine.handle(spa_packet(spa_door), 5.0, WALL).events == ()  # ignored while locked
+
+
+def test_every_step_sent_three_times_opens_and_starts_nothing_else(clock):
+    """What `nfknock knock` sends by default: each step several times, back to back."""
+    events = clock.send(40000, 40000, 40000, 50000, 50000, 50000, 60000, 60000, 60000, gap=0.001)
+    assert [type(e) for e in events] == [KnockAdvanced, KnockAdvanced, DoorOpened]
+    assert clock.engine.tracked == 0  # the copies of 60000 did not start the close sequence (60000 50000 40000)
+    assert clock.connect().verdict is Verdict.ACCEPT
+    clock.now += 1
+    closing = clock.send(60000, 60000, 50000, 50000, 40000, 40000, gap=0.001)
+    assert closing[-1] == DoorClosed(ALICE, "openSSH", was_open=True)

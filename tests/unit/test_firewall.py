@@ -14,7 +14,8 @@ def test_plan_for_one_door_without_tripwires():
     plan = [str(s) for s in scaffolding((door(tripwire=0),), 3)]
     assert plan == [
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 4",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
@@ -45,12 +46,26 @@ def test_no_rule_bypasses_the_queue_and_none_names_a_client():
 
 
 def test_udp_protected_port_queues_every_new_flow():
-    plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0)
-    assert plan[:3] == [
+    plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0, family=6)
+    assert plan[:4] == [
         RuleSpec("ACCEPT", "udp", 53, ctstate="RELATED,ESTABLISHED"),
-        RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0),
+        RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=1, match_set="nfknock-q0-v6"),
+        RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200)),
         RuleSpec("DROP", "udp", 53),
     ]
+
+
+def test_granted_sources_go_to_their_own_queue_and_strangers_are_limited_before_the_queue():
+    """A flood of strangers can fill the main queue only up to the limit; a granted source's
+    new connection goes to the grant queue. Neither rule accepts: the daemon decides both."""
+    plan = scaffolding((door(protect=["22/tcp", "2222/tcp"]),), 5)
+    for port in (22, 2222):
+        queued = [s for s in plan if s.dport == port and s.target == "NFQUEUE"]
+        assert [(s.queue_num, s.match_set, s.limit) for s in queued] == [
+            (6, "nfknock-q5-v4", None),
+            (5, None, ("100/sec", 200)),
+        ]
+    assert not any(s.target == "ACCEPT" and (s.match_set or s.limit) for s in plan)
 
 
 def test_shared_ports_appear_once():
