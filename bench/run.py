@@ -125,6 +125,8 @@ class Bench:
                 str(self.daemon_log),
                 "--control-socket",
                 "",
+                "--state-dir",
+                str(self.daemon_log.parent / "state"),
                 *extra,
             ),
             stderr=subprocess.PIPE,

@@ -85,7 +85,15 @@ def main() -> int:
         daemon = box.spawn(
             box.server,
             nfknock_argv(
-                "run", "--rules", str(RULES), "--log-file", str(log), "--control-socket", str(workdir / "control.sock")
+                "run",
+                "--rules",
+                str(RULES),
+                "--log-file",
+                str(log),
+                "--control-socket",
+                str(workdir / "control.sock"),
+                "--state-dir",
+                str(workdir / "state"),
             ),
             stderr=subprocess.PIPE,
             text=True,

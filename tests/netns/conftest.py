@@ -108,6 +108,8 @@ class Server:
             str(log),
             "--control-socket",
             str(self.workdir / f"{log.stem}.sock"),
+            "--state-dir",  # never the host's /var/lib/nfknock; a test may name another after this
+            str(self.workdir / "state"),
             *extra,
         )
         if fault is not None:  # tests/support/faulty.py breaks one function of this run

@@ -9,31 +9,39 @@ from conftest import connect, echoes, hold, knock
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
-SCAFFOLDING = [
-    "-N NFKNOCK",
-    "-A INPUT -j NFKNOCK",
-    "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
-    "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-    "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
-    "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
-    "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
-    "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-    "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
-    "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
-    "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
-] + [
-    f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
-    "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
-    for step in (40000, 50000, 60000)
-]
+def scaffolding(family: int = 4) -> list[str]:
+    granted = f"nfknock-q7-v{family}"
+    return [
+        "-N NFKNOCK",
+        "-A INPUT -j NFKNOCK",
+        "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
+        "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+        f"-m set --match-set {granted} src -j NFQUEUE --queue-num 8",
+        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+        "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
+        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+        "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
+        "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+        "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
+        "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
+    ] + [
+        f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
+        for step in (40000, 50000, 60000)
+    ]
+
+
+SCAFFOLDING = scaffolding(4)
 
 
 def test_running_daemon_installs_exactly_the_scaffolding(server):
     server.start()
     assert server.iptables(4) == SCAFFOLDING
-    assert server.iptables(6) == SCAFFOLDING  # the seed door listens on both families
+    assert server.iptables(6) == scaffolding(6)  # the seed door listens on both families
     other = "legacy" if server.flavour == "nft" else "nft"
-    leaked = server.sandbox.run(server.sandbox.server, [f"iptables-{other}", "-S"]).stdout
+    leaked = server.sandbox.run(server.sandbox.server, [f"iptables-{other}-save"]).stdout
     assert "NFKNOCK" not in leaked  # one flavour only
 
 
@@ -41,7 +49,7 @@ def test_running_daemon_installs_exactly_the_scaffolding(server):
 def test_a_clean_stop_leaves_the_rules_and_the_ports_closed(server, alice, sig):
     server.start()
     assert server.stop(sig) == 0
-    assert server.iptables(4) == SCAFFOLDING and server.iptables(6) == SCAFFOLDING
+    assert server.iptables(4) == SCAFFOLDING and server.iptables(6) == scaffolding(6)
     assert not connect(alice, timeout=1).connected
     server.nfknock("down")
     assert connect(alice).connected  # nothing of ours is left between the client and the service
