@@ -11,6 +11,7 @@ APT_PACKAGES=(
   libnetfilter-queue-dev                           # netfilterqueue links against it
   iptables                                         # libip4tc/libxtables for python-iptables; the
                                                    # iptables-{legacy,nft}[-restore] commands the tests run
+  ipset                                            # the daemon's set of granted sources
   iproute2                                         # ip netns for the demo and the tests
   knockd                                           # the stock 'knock' client the tests use; knockd for bench
   nmap                                             # the attacker in the scan tests

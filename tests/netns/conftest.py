@@ -27,6 +27,7 @@ TOOLS = (
     "ip6tables-nft",
     "iptables-nft-restore",
     "ip6tables-nft-restore",
+    "ipset",
     "knock",
     "nmap",
     "fwknop",

@@ -9,6 +9,7 @@ from conftest import connect, echoes, hold, knock
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
+
 def scaffolding(family: int = 4) -> list[str]:
     granted = f"nfknock-q7-v{family}"
     return [
