@@ -3,6 +3,7 @@ every packet the same verdict (drop: the throughput baseline; accept: what the q
 alone costs a new connection). Runs until SIGTERM; prints how many packets it saw."""
 
 import signal
+from dataclasses import replace
 import sys
 
 from netfilterqueue import NetfilterQueue
@@ -30,7 +31,13 @@ def main(rules: str, queue_num: int, verdict: str) -> None:
     queue = NetfilterQueue()
     queue.bind(queue_num, accept if verdict == "accept" else drop, max_len=DEFAULT_QUEUE_MAXLEN)
     firewall = make_firewall("auto")
-    firewall.apply(plan(load_rules(rules).doors, queue_num))
+    # nfknock's chain, but every new connection straight to this one queue: no granted set (only
+    # the daemon fills it) and no limit in front of the queue, so the baseline is the queue alone.
+    scaffolding = {
+        family: [replace(spec, limit=None) for spec in specs if spec.match_set is None]
+        for family, specs in plan(load_rules(rules).doors, queue_num).items()
+    }
+    firewall.apply(scaffolding)
     print("ready", flush=True)
     try:
         queue.run()

@@ -467,10 +467,10 @@ def test_junk_spa_packets_count_towards_lockout(spa_door):
 
 def test_every_step_sent_three_times_opens_and_starts_nothing_else(clock):
     """What `nfknock knock` sends by default: each step several times, back to back."""
-    events = clock.send(40000, 40000, 40000, 50000, 50000, 50000, 60000, 60000, 60000, gap=0.001)
+    events = clock.send(40000, 40000, 40000, 50000, 50000, 50000, 60000, 60000, 60000, gap=0.0001)
     assert [type(e) for e in events] == [KnockAdvanced, KnockAdvanced, DoorOpened]
     assert clock.engine.tracked == 0  # the copies of 60000 did not start the close sequence (60000 50000 40000)
     assert clock.connect().verdict is Verdict.ACCEPT
     clock.now += 1
-    closing = clock.send(60000, 60000, 50000, 50000, 40000, 40000, gap=0.001)
+    closing = clock.send(60000, 60000, 50000, 50000, 40000, 40000, gap=0.0001)
     assert closing[-1] == DoorClosed(ALICE, "openSSH", was_open=True)

@@ -65,16 +65,16 @@ def test_copies_of_the_last_knock_right_after_completion_are_absorbed():
     seq, events = sequence(steps=(("tcp", 3), ("tcp", 2), ("tcp", 1))), []
     for key in seq.steps:
         seq.step("a", key, 1.0, events)
-    assert seq.step("a", ("tcp", 1), 1.01, events) is Action.ABSORB
-    assert seq.step("a", ("tcp", 3), 1.02, events) is Action.ADVANCE  # knocking again at once is a new attempt
-    assert seq.step("a", ("tcp", 3), 1.03, events) is Action.ABSORB  # and its copy is a repeat
+    assert seq.step("a", ("tcp", 1), 1.0001, events) is Action.ABSORB
+    assert seq.step("a", ("tcp", 3), 1.0002, events) is Action.ADVANCE  # knocking again at once is a new attempt
+    assert seq.step("a", ("tcp", 3), 1.0003, events) is Action.ABSORB  # and its copy is a repeat
 
 
 def test_after_the_repeat_window_the_last_step_is_just_a_port_again():
     seq, events = sequence(steps=(("tcp", 1), ("tcp", 2))), []
     seq.step("a", ("tcp", 1), 1.0, events)
     seq.step("a", ("tcp", 2), 1.0, events)
-    assert seq.step("a", ("tcp", 2), 1.2, events) is Action.IGNORE  # IDLE, OTHER: another sequence may take it
+    assert seq.step("a", ("tcp", 2), 1.01, events) is Action.IGNORE  # IDLE, OTHER: another sequence may take it
 
 
 def test_an_attempt_past_its_deadline_is_idle_again():
