@@ -3,8 +3,8 @@ every packet the same verdict (drop: the throughput baseline; accept: what the q
 alone costs a new connection). Runs until SIGTERM; prints how many packets it saw."""
 
 import signal
-from dataclasses import replace
 import sys
+from dataclasses import replace
 
 from netfilterqueue import NetfilterQueue
 

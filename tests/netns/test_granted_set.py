@@ -16,8 +16,7 @@ SEQUENCE, CLOSE = ("40000", "50000", "60000"), ("60000", "50000", "40000")
 
 def members(server, family: int = 4) -> set[str]:
     out = server.sandbox.run(server.sandbox.server, ["ipset", "list", f"nfknock-q7-v{family}"], check=True).stdout
-    listed = out.split("Members:", 1)[1].split()
-    return {word for word in listed if word[0].isdigit() or ":" in word} - {"timeout"}
+    return {line.split()[0] for line in out.split("Members:", 1)[1].splitlines() if line.strip()}
 
 
 def wait_members(server, wanted: set[str], family: int = 4) -> set[str]:
