@@ -272,16 +272,22 @@ def check_conntrack(host: HostState) -> list[Finding]:
 
 
 def check_queue(host: HostState, queue_num: int) -> list[Finding]:
-    held = parse_queue_table(host.queues).get(queue_num)
-    if held is not None:
-        return [
-            Finding(
-                FAIL,
-                f"NFQUEUE {queue_num} is held by netlink port {held.peer_portid} (another nfknock "
-                "or NFQUEUE listener): pick another with --queue-num",
+    """nfknock binds two queues: N (knocks, strangers) and N+1 (granted sources)."""
+    table = parse_queue_table(host.queues)
+    findings = []
+    for number, role in ((queue_num, ""), (queue_num + 1, " (the grant queue)")):
+        held = table.get(number)
+        if held is not None:
+            findings.append(
+                Finding(
+                    FAIL,
+                    f"NFQUEUE {number}{role} is held by netlink port {held.peer_portid} (another nfknock "
+                    "or NFQUEUE listener): pick another with --queue-num",
+                )
             )
-        ]
-    return [Finding(OK, f"NFQUEUE {queue_num} is free")]
+        else:
+            findings.append(Finding(OK, f"NFQUEUE {number}{role} is free"))
+    return findings
 
 
 def check_rules(path: Path) -> tuple[list[Finding], tuple[Door, ...]]:

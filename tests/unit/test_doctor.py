@@ -62,6 +62,8 @@ def test_held_queue_is_a_failure():
     queues = "    0  4242     0 2 65531     0     0        0  1\n"
     assert check_queue(HostState(None, queues=queues), 0)[0].level == FAIL
     assert check_queue(HostState(None, queues=queues), 1)[0].level == OK
+    grant_queue = check_queue(HostState(None, queues="    1  4242     0 2 65531     0     0        0  1\n"), 0)
+    assert [f.level for f in grant_queue] == [OK, FAIL] and "the grant queue" in grant_queue[1].text
 
 
 def test_rules_writable_by_others_fail_and_readable_warn(tmp_path):
