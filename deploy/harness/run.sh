@@ -29,7 +29,7 @@ rm -rf deploy/docker/wheels
 .venv/bin/python -m pip wheel -q --disable-pip-version-check -w deploy/docker/wheels '.[server,metrics]' >/dev/null
 generated=deploy/harness/generated
 rm -rf "$generated" && install -d -m 0700 "$generated" "$generated/rules"
-.venv/bin/nfknock keygen > "$generated/spa.keys"
+(umask 077 && .venv/bin/nfknock keygen > "$generated/spa.keys")  # nfknock run trusts only 0600 key files
 cp rules/ssh.yaml "$generated/rules/"
 cat > "$generated/rules/spa.yaml" <<YAML
 doors:
