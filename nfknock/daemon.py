@@ -267,6 +267,10 @@ class Daemon:
                     f"{self.config.queue_num + 1}; is another nfknock or NFQUEUE listener using one? pick others "
                     "with --queue-num)"
                 ) from None
+            # Non-blocking, so that unbinding at the end never waits: after a flood the socket is
+            # full and the kernel's answer to the unbind can be lost (measured: a stop hung for
+            # minutes). The loop reads with select and run(block=False) anyway.
+            os.set_blocking(queue.get_fd(), False)
             queues.append(queue)
         return queues
 

@@ -224,3 +224,25 @@ def test_sigterm_leaves_the_ports_closed_until_down(server, alice, bob):
     assert down.returncode == 0 and "removed" in down.stdout
     assert server.iptables(4) == [] and server.iptables(6) == []
     assert connect(bob).connected  # only the deliberate act opened it
+
+
+def test_a_stop_right_after_a_flood_is_prompt_and_closed(server, alice, mallory, tmp_path):
+    """With the queue backed up, unbinding used to wait for an answer the kernel had lost: the
+    stop hung for minutes (systemd would then SIGKILL it; closed, but a broken stop). The C
+    sender of the bench: the Python one cannot overrun the daemon's socket."""
+    import subprocess
+
+    from conftest import REPO
+
+    sender = tmp_path / "flood"
+    subprocess.run(["gcc", "-O2", "-o", str(sender), str(REPO / "bench" / "flood.c")], check=True)
+    server.start("--queue-maxlen", "65536")
+    flood = server.sandbox.spawn(
+        mallory.namespace,
+        [str(sender), mallory.server_address, "tcp", "40000", "4", "11.0.0.1", "1000000"],
+        stdout=subprocess.PIPE,
+    )
+    assert flood.wait(30) == 0
+    assert server.stop(timeout=20) == 0
+    assert "the rules stay in place" in server.log_text()
+    assert not connect(alice, timeout=1).connected
