@@ -17,6 +17,7 @@ import math
 import queue
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 
 from ..errors import FirewallError
@@ -25,6 +26,7 @@ from . import SET_PREFIX, granted_set
 MAX_ELEMENTS = 65536
 MAX_PENDING = 4096  # updates waiting for the thread; more are dropped (and counted)
 MAX_TIMEOUT = 86400  # seconds; ipset's limit is higher, a grant's (open_for) is at most this
+SETTLE = 0.02  # seconds between a grant and its set update (which batches whatever came meanwhile)
 
 
 def _family(address: str) -> int:
@@ -87,6 +89,9 @@ class GrantedSets:
             line = self._pending.get()
             if line is None:
                 return
+            # Let the loop verdict the client's first SYN before we fork: it is served through
+            # the main queue meanwhile, and the fork would compete with it for the CPU.
+            time.sleep(SETTLE)
             lines = [line]
             while len(lines) < 256:  # whatever else is waiting goes in the same call
                 try:
