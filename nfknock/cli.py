@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(1, 1000, "repeat"),
         default=DEFAULT_REPEAT,
         metavar="N",
-        help="send every step N times, back to back (default: %(default)s); nfknock takes the copies as one "
-        "knock, so a lost packet costs nothing. Raise it on a lossy or flooded link",
+        help="send every step N times, back to back (default: %(default)s); nfknock takes the copies of a "
+        "step as one knock, so on a lossy or flooded link a lost packet costs nothing",
     )
     knock.add_argument("--door", help="knock this door's sequence (needs --rules)")
     knock.add_argument("--rules", help="rules file or directory holding --door")

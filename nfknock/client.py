@@ -50,7 +50,7 @@ def send_knock(family: int, address: str, step: Port) -> KnockResult:
     return KnockResult(step, True)
 
 
-DEFAULT_REPEAT = 3  # copies of every knock: a lost packet then costs nothing (nfknock ignores repeats)
+DEFAULT_REPEAT = 1  # copies of every knock (--repeat): nfknock takes repeats of a step as one knock
 
 
 def knock(

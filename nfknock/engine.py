@@ -148,8 +148,7 @@ class _DoorState:
             events.append(locked)
 
     def tables(self) -> list[Table]:
-        sequences = [table for seq in self.sequences for table in (seq.attempts, seq.done)]
-        return sequences + [self.grants] + self.lockouts.tables()
+        return [seq.attempts for seq in self.sequences] + [self.grants] + self.lockouts.tables()
 
 
 class _KnockDoorState(_DoorState):
@@ -167,14 +166,12 @@ class _KnockDoorState(_DoorState):
 
     def _compile(self, kind: Sequence, steps, pools: _Pools, window: int | None = None) -> KnockSequence:
         keys = tuple(step if isinstance(step, tuple) else step.key for step in steps)
-        return KnockSequence(
-            self.name, kind, keys, self.seq_timeout, pools.attempts.table(), pools.records.table(), window
-        )
+        return KnockSequence(self.name, kind, keys, self.seq_timeout, pools.attempts.table(), window)
 
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
         ordered = self.sequences
-        if len(ordered) == 2 and ordered[1].busy(src, now) and not ordered[0].busy(src, now):
+        if len(ordered) == 2 and src in ordered[1].attempts and src not in ordered[0].attempts:
             ordered = ordered[::-1]
         reset = False
         for seq in ordered:
@@ -223,8 +220,7 @@ class _RotatingDoorState(_KnockDoorState):
         keep = {seq.window: seq for seq in self.sequences if seq.window in windows}
         for seq in self.sequences:
             if seq.window not in keep:
-                for table in (seq.attempts, seq.done):
-                    table.pool.forget(table)
+                seq.attempts.pool.forget(seq.attempts)
         proto, first, last = rotate.range
         for index in windows:
             if index not in keep:

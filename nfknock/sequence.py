@@ -5,10 +5,8 @@ Theory of operation
 -------------------
 For every (sequence, source) there is at most one *attempt*: how many steps that source has
 matched, until a deadline `seq_timeout` after its first knock. An attempt past its deadline is
-gone (a SequenceTimeout is reported) and the source is IDLE again. A completed attempt leaves
-the source DONE for REPEAT_WINDOW: copies of the last knock that arrive right after it (clients
-send every step several times, to get through loss) are repeats, not the start of something
-else. A knock on a port of the door is classified against the attempt as
+gone (a SequenceTimeout is reported) and the source is IDLE again. A knock on a port of the
+door is classified against the attempt as
 
   EXPECTED  the next step, not the last (for an idle source: the first step)
   LAST      the next step, and the last one: the sequence is complete
@@ -20,14 +18,20 @@ and `TRANSITIONS`, which names every (phase, match) pair, says what happens:
 
   ADVANCE   one more step matched (an idle source starts an attempt at stage 1)
   COMPLETE  the attempt ends in success: the caller opens or closes the door
-  ABSORB    a repeat: nothing changes, and no other sequence of the door sees the packet
+  ABSORB    a repeat: nothing changes, and no other sequence of the door sees the packet (a
+            client may send every step several times, to get through loss)
   RESTART   the attempt is dropped and a new one starts at stage 1
   RESET     the attempt is dropped (a failure, for the lockout)
   IGNORE    nothing changes
 
-Three pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
-or LAST; for a DONE source the first step is EXPECTED or LAST too); they are in the table, as
-IGNORE, so that a lookup can never miss.
+Two pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
+or LAST); they are in the table, as IGNORE, so that a lookup can never miss.
+
+A completed attempt is gone at once, so a copy of the last step that arrives after completion
+is a knock like any other (it may start a sequence that begins with that port, such as a close
+sequence that reverses the open one; that attempt then times out). Telling such a copy from a
+deliberate new knock would take a time window, and any window also swallows a real knock sent
+right after: knockd's semantics win.
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ class _FastHash:
 class Phase(_FastHash, Enum):
     IDLE = "idle"  # no attempt for this source and sequence
     STARTED = "started"  # at least one step matched
-    DONE = "done"  # completed within REPEAT_WINDOW
 
 
 class Match(_FastHash, Enum):
@@ -82,17 +85,11 @@ TRANSITIONS: dict[tuple[Phase, Match], Action] = {
     (Phase.STARTED, Match.REPEAT): Action.ABSORB,
     (Phase.STARTED, Match.FIRST): Action.RESTART,
     (Phase.STARTED, Match.OTHER): Action.RESET,
-    (Phase.DONE, Match.EXPECTED): Action.ADVANCE,  # a new attempt
-    (Phase.DONE, Match.LAST): Action.COMPLETE,  # cannot occur (a one-step sequence's knock is a REPEAT)
-    (Phase.DONE, Match.REPEAT): Action.ABSORB,
-    (Phase.DONE, Match.FIRST): Action.IGNORE,  # cannot occur
-    (Phase.DONE, Match.OTHER): Action.IGNORE,
 }
-REPEAT_WINDOW = 0.002  # seconds: copies of a knock arrive microseconds apart; a person or a script knocks again later
 
 # Enum member access costs ~50 ns on Python 3.11 (it showed in the per-packet profile); the
 # packet path below uses these module-level aliases instead.
-_IDLE, _STARTED, _DONE = Phase.IDLE, Phase.STARTED, Phase.DONE
+_IDLE, _STARTED = Phase.IDLE, Phase.STARTED
 _EXPECTED, _LAST, _REPEAT, _FIRST, _OTHER = Match.EXPECTED, Match.LAST, Match.REPEAT, Match.FIRST, Match.OTHER
 _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET, _IGNORE = (
     Action.ADVANCE,
@@ -123,7 +120,7 @@ class Attempt:
 class KnockSequence:
     """One of a door's sequences, precompiled, with its attempts."""
 
-    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "done", "window")
+    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "window")
 
     def __init__(
         self,
@@ -132,7 +129,6 @@ class KnockSequence:
         steps: tuple[Key, ...],
         timeout: float,
         attempts: Table,
-        done: Table,
         window: int | None = None,
     ):
         self.door = door
@@ -140,7 +136,6 @@ class KnockSequence:
         self.steps = steps
         self.timeout = timeout
         self.attempts = attempts
-        self.done = done  # sources that completed the sequence within REPEAT_WINDOW
         self.window = window  # the time window of a rotating door's sequence
 
     def step(self, src: str, key: Key, now: float, events: list[Event]) -> Action:
@@ -154,18 +149,9 @@ class KnockSequence:
             else:
                 attempt = entry[1]
         phase, stage = (_IDLE, 0) if attempt is None else (_STARTED, attempt.stage)
-        if attempt is None and self.done.entries and self.done.live(src, now) is not None:
-            phase = _DONE
         # A port of the door's other sequence is "any other port of that door".
-        if key not in self.steps:
-            match = _OTHER
-        elif phase is _DONE and key == self.steps[-1]:
-            match = _REPEAT
-        else:
-            match = classify(self.steps, stage, key)
+        match = classify(self.steps, stage, key) if key in self.steps else _OTHER
         action = TRANSITIONS[(phase, match)]
-        if phase is _DONE and action is not _ABSORB and action is not _IGNORE:
-            self.done.pop(src)
         if action is _IGNORE or action is _ABSORB:
             return action
         if action is _RESET or action is _RESTART:
@@ -176,7 +162,6 @@ class KnockSequence:
             attempt, stage = None, 0  # and on as from IDLE (a STARTED sequence has two steps at least)
         if action is _COMPLETE:
             self.attempts.pop(src)
-            self.done.put(src, now + REPEAT_WINDOW)
             return action
         stage += 1
         if attempt is None:
@@ -186,16 +171,9 @@ class KnockSequence:
         events.append(KnockAdvanced(src, self.door, self.kind, stage))
         return action
 
-    def busy(self, src: str, now: float) -> bool:
-        """Whether `src` has an attempt here, or has just completed one (its copies still come)."""
-        return src in self.attempts or (bool(self.done.entries) and self.done.live(src, now) is not None)
-
     def forget(self, src: str) -> Attempt | None:
-        self.done.pop(src)
         entry = self.attempts.pop(src)
         return None if entry is None else entry[1]
 
     def expire(self, now: float) -> list[Event]:
-        for _ in self.done.expire(now):
-            pass
         return [SequenceTimeout(src, self.door, self.kind, attempt.stage) for src, attempt in self.attempts.expire(now)]

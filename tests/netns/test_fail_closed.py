@@ -231,11 +231,11 @@ def test_a_stop_right_after_a_flood_is_prompt_and_closed(server, alice, mallory,
     stop hung for minutes (systemd would then SIGKILL it; closed, but a broken stop). The C
     sender of the bench: the Python one cannot overrun the daemon's socket."""
     import subprocess
-
-    from conftest import REPO
+    from pathlib import Path
 
     sender = tmp_path / "flood"
-    subprocess.run(["gcc", "-O2", "-o", str(sender), str(REPO / "bench" / "flood.c")], check=True)
+    source = Path(__file__).resolve().parents[2] / "bench" / "flood.c"
+    subprocess.run(["gcc", "-O2", "-o", str(sender), str(source)], check=True)
     server.start("--queue-maxlen", "65536")
     flood = server.sandbox.spawn(
         mallory.namespace,

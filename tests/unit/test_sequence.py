@@ -36,7 +36,7 @@ def test_classify_names_each_relation():
 
 
 def sequence(steps=STEPS, timeout=10.0):
-    return KnockSequence("door", Sequence.OPEN, steps, timeout, Pool(100).table(), Pool(100).table())
+    return KnockSequence("door", Sequence.OPEN, steps, timeout, Pool(100).table())
 
 
 def test_steps_advance_then_complete_and_forget_the_attempt():
@@ -60,21 +60,21 @@ def test_a_wrong_port_resets_and_the_first_step_restarts():
     ]
 
 
-def test_copies_of_the_last_knock_right_after_completion_are_absorbed():
-    """A client sends every step several times; the copies of the last one are not a new start."""
-    seq, events = sequence(steps=(("tcp", 3), ("tcp", 2), ("tcp", 1))), []
-    for key in seq.steps:
-        seq.step("a", key, 1.0, events)
-    assert seq.step("a", ("tcp", 1), 1.0001, events) is Action.ABSORB
-    assert seq.step("a", ("tcp", 3), 1.0002, events) is Action.ADVANCE  # knocking again at once is a new attempt
-    assert seq.step("a", ("tcp", 3), 1.0003, events) is Action.ABSORB  # and its copy is a repeat
+def test_repeats_while_started_are_absorbed():
+    """A client may send every step several times; copies are one knock, seen by no other sequence."""
+    seq, events = sequence(), []
+    seq.step("a", ("tcp", 1), 1.0, events)
+    assert seq.step("a", ("tcp", 1), 1.1, events) is Action.ABSORB
+    seq.step("a", ("tcp", 2), 1.2, events)
+    assert seq.step("a", ("tcp", 2), 1.3, events) is Action.ABSORB
+    assert seq.step("a", ("tcp", 3), 1.4, events) is Action.COMPLETE
 
 
-def test_after_the_repeat_window_the_last_step_is_just_a_port_again():
+def test_after_completion_the_last_step_is_just_a_port_again():
     seq, events = sequence(steps=(("tcp", 1), ("tcp", 2))), []
     seq.step("a", ("tcp", 1), 1.0, events)
     seq.step("a", ("tcp", 2), 1.0, events)
-    assert seq.step("a", ("tcp", 2), 1.01, events) is Action.IGNORE  # IDLE, OTHER: another sequence may take it
+    assert seq.step("a", ("tcp", 2), 1.0, events) is Action.IGNORE  # IDLE, OTHER: another sequence may take it
 
 
 def test_an_attempt_past_its_deadline_is_idle_again():
