@@ -34,7 +34,7 @@ from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
 from .events import DoorClosed, DoorOpened, Recorded
 from .extras import require_for_run
-from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
+from .firewall import PASS_MARK, Firewall, Plan, first_step_mark, iptables_flavour, plan
 from .firewall.granted import GrantedSets
 from .loading import load_rules
 from .logs import RateLimit, log_events
@@ -138,6 +138,7 @@ class Daemon:
         self.engine = Engine(self.ruleset.doors, config.max_sources)
         self.store = ReplayStore(config.state_dir) if config.state_dir else None
         self.granted = GrantedSets(config.queue_num, self.log)
+        self.first_seen_mark = first_step_mark(config.pass_mark)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
         self.reporter = Reporter()
@@ -162,6 +163,8 @@ class Daemon:
         verdict = _DROP
         try:
             packet = parse(queued.get_payload())
+            if queued.get_mark() & self.first_seen_mark:
+                packet = packet._replace(first_seen=True)
             now = self.clock()
             decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict
@@ -230,7 +233,6 @@ class Daemon:
         try:
             self._warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
-            self.granted.start()
             self.firewall.apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
@@ -289,10 +291,12 @@ class Daemon:
                         queue.run(block=False)
                     except _YieldLoop:
                         pass
+            self.granted.flush()  # after the packets that were waiting: see granted.py
             if wake_r in readable:
                 _drain(wake_r)
             if self.control is not None:
                 self.control.answer_pending(self.answer)
+                self.granted.flush()
             self._reload_step()
             now = self.clock()
             if deadline is not None and now >= deadline:
@@ -395,7 +399,7 @@ class Daemon:
         """Everything but the scaffolding: with no process bound to the queues the kernel drops
         what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
-        steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.stop]
+        steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
         for step in steps + [queue.unbind for queue in queues]:
             try:
                 step()

@@ -60,6 +60,7 @@ from .events import (
     SequenceReused,
     SpaRefused,
 )
+from .first_steps import first_step_groups
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
@@ -154,11 +155,12 @@ class _DoorState:
 class _KnockDoorState(_DoorState):
     """A fixed open sequence and perhaps a close sequence."""
 
-    __slots__ = ("seq_timeout",)
+    __slots__ = ("seq_timeout", "first")
 
     def __init__(self, door: KnockDoor | RotatingDoor, pools: _Pools):
         super().__init__(door, pools)
         self.seq_timeout = door.seq_timeout
+        self.first: Key | None = None  # the open sequence's first step, when the kernel records it
         if isinstance(door, KnockDoor):
             self.sequences = [self._compile(_OPEN, door.sequence, pools)]
             if door.close_sequence:
@@ -168,14 +170,29 @@ class _KnockDoorState(_DoorState):
         keys = tuple(step if isinstance(step, tuple) else step.key for step in steps)
         return KnockSequence(self.name, kind, keys, self.seq_timeout, pools.attempts.table(), window)
 
+    def first_in_kernel(self, yes: bool) -> None:
+        """Whether the kernel records the open sequence's first step (decided over all doors)."""
+        opening = self.sequences[0]
+        self.first, opening.second = (opening.steps[0], opening.steps[1]) if yes else (None, None)
+
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
+        # The kernel marks a second step only from a source whose first step it recorded and
+        # that knocked no other port of the door since (first_steps.py).
+        first_seen = packet.first_seen and self.first is not None
         ordered = self.sequences
-        if len(ordered) == 2 and src in ordered[1].attempts and src not in ordered[0].attempts:
+        if first_seen and src not in ordered[0].attempts and self.first is not None:
+            # The first step the kernel saw would have ended a close attempt, as a knock does.
+            first = f"{self.first[1]}/{self.first[0]}"
+            for seq in ordered[1:]:
+                attempt = seq.forget(src)
+                if attempt is not None:
+                    events.append(SequenceReset(src, seq.door, seq.kind, attempt.stage, first))
+        elif len(ordered) == 2 and src in ordered[1].attempts and src not in ordered[0].attempts:
             ordered = ordered[::-1]
         reset = False
         for seq in ordered:
-            action = seq.step(src, key, now, events)
+            action = seq.step(src, key, now, events, first_seen)
             if action is _COMPLETE:
                 self.complete(seq, src, now, events)
                 return
@@ -295,6 +312,10 @@ class Engine:
                 old if old is not None and old.door == door else _door_state(door, self._pools, self.replays)
             )
         self._doors = states
+        in_kernel = {name for group in first_step_groups(doors) for name in group.doors}
+        for state in states.values():
+            if type(state) is _KnockDoorState:
+                state.first_in_kernel(state.name in in_kernel)
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}
         protect: dict[Key, list[_DoorState]] = {}

@@ -15,7 +15,8 @@ def test_check_prints_the_doors_and_the_rules(capsys):
     out = capsys.readouterr().out
     assert "door openSSH" in out
     assert "sequence       40000/tcp 50000/tcp 60000/tcp" in out
-    assert "--dport 40000 -j NFQUEUE --queue-num 5" in out
+    assert "--dport 60000 -j NFQUEUE --queue-num 5" in out
+    assert "--dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q5-tcp40000-v4 src" in out
 
 
 def test_check_with_bad_rules_exits_2_with_one_line_per_problem(tmp_path, capsys):
