@@ -25,10 +25,20 @@ from .events import (
 # event type -> (metric name, help, label names, labels of an event)
 TALLIED = {
     KnockAdvanced: ("knock_stages", "Knock steps matched", ("door", "sequence"), lambda e: (e.door, e.sequence.value)),
-    DoorOpened: ("doors_opened", "Doors opened (OPEN SESAME)", ("door",), lambda e: (e.door,)),
+    DoorOpened: (
+        "doors_opened",
+        "Doors opened (OPEN SESAME); key: the SPA key that opened it",
+        ("door", "key"),
+        lambda e: (e.door, e.key or ""),
+    ),
     DoorClosed: ("doors_closed", "Doors closed by a close sequence", ("door",), lambda e: (e.door,)),
     LockedOut: ("lockouts", "Sources locked out", ("door",), lambda e: (e.door,)),
-    SpaRefused: ("spa_refused", "SPA packets refused", ("door", "reason"), lambda e: (e.door, e.reason)),
+    SpaRefused: (
+        "spa_refused",
+        "SPA packets refused; key: the key whose HMAC the packet carries",
+        ("door", "reason", "key"),
+        lambda e: (e.door, e.reason, e.key or ""),
+    ),
     ConnectionAccepted: (
         "connections",
         "New connections to protected ports",

@@ -363,7 +363,7 @@ def spa_door(tmp_path, monkeypatch):
 
 
 def spa_packet(door, src=ALICE, address=None, ports=(("tcp", 22),), at=WALL, keys=None):
-    payload = encode(keys or door.keys, address or src, list(ports), at)
+    payload = encode(keys or door.keyring[0].keys, address or src, list(ports), at)
     return Packet(src, "10.0.0.1", "udp", 40000, 62201, 0, payload)
 
 
@@ -376,7 +376,7 @@ def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL + 1)
     assert decision.verdict is Verdict.DROP
     recorded, opened = decision.events
-    assert opened == DoorOpened(ALICE, "spaSSH", 40.0)
+    assert opened == DoorOpened(ALICE, "spaSSH", 40.0, "default", 30.0)
     assert recorded.key in engine.replays and recorded.expires == WALL + 1 + 120
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT
     assert engine.handle(knock(2222), 11.0).verdict is Verdict.DROP  # not requested
@@ -411,7 +411,7 @@ def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
 @pytest.mark.parametrize("change", [dict(address="10.9.9.9"), dict(ports=(("tcp", 80),)), dict(keys="wrong key")])
 def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
     if change.get("keys") == "wrong key":
-        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+        change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
     engine = Engine((spa_door,))
     packet = spa_packet(spa_door, **change)
     assert refusals(engine.handle(packet, 10.0, WALL))[0][0] != "replay"
@@ -420,7 +420,7 @@ def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
 
 def test_a_forged_packet_is_not_remembered(spa_door):
     engine = Engine((spa_door,))
-    forged = spa_packet(spa_door, keys=Keys(spa_door.keys.encryption, b"h" * 64))
+    forged = spa_packet(spa_door, keys=Keys(spa_door.keyring[0].keys.encryption, b"h" * 64))
     engine.handle(forged, 10.0, WALL)
     assert len(engine.replays) == 0
 
@@ -438,20 +438,20 @@ def test_a_forged_packet_is_not_remembered(spa_door):
 )
 def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
     if change.get("keys") == "wrong hmac":
-        change["keys"] = Keys(spa_door.keys.encryption, b"h" * 64)
+        change["keys"] = Keys(spa_door.keyring[0].keys.encryption, b"h" * 64)
     elif change.get("keys") == "wrong key":
-        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+        change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
     engine = Engine((spa_door,))
     decision = engine.handle(spa_packet(spa_door, **change), 10.0, WALL)
     assert refusals(decision)[0][0] == reason
-    for secret in (spa_door.keys.encryption, spa_door.keys.hmac):
+    for secret in (spa_door.keyring[0].keys.encryption, spa_door.keyring[0].keys.hmac):
         assert base64.b64encode(secret).decode() not in str(decision.events)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
 
 
 def test_trusting_the_inner_address_is_an_option(spa_door):
     trusting = spa_door.model_copy(update={"trust_inner_address": True})
-    trusting._keys = spa_door.keys
+    trusting._keyring = spa_door.keyring
     engine = Engine((trusting,))
     engine.handle(spa_packet(trusting, address="0.0.0.0"), 10.0, WALL)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT  # the grant still goes to the sender
