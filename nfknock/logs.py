@@ -63,7 +63,7 @@ RENDERERS = {
     SequenceReused: lambda e: f"{e.src}: {e.door}: sequence already used in this window; not opened",
     SpaRefused: lambda e: f"{e.src}: {e.door}: SPA packet refused: {e.reason} ({e.detail})",
     GrantsRevoked: lambda e: (
-        f"{e.door}: key {e.key} is no longer in the door: grants ended for {', '.join(e.sources) or 'nobody'}"
+        f"{e.door}: key {e.key} removed or changed: grants ended for {', '.join(e.sources) or 'nobody'}"
     ),
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",

@@ -101,7 +101,7 @@ def test_spa_lines_name_the_key_after_knockds_words():
         "10.0.0.9: team: SPA packet refused: key expired (key carol expired on 2020-01-01 00:00 UTC)"
     )
     assert render(GrantsRevoked("team", "alice", ("10.0.0.2",))) == (
-        "team: key alice is no longer in the door: grants ended for 10.0.0.2"
+        "team: key alice removed or changed: grants ended for 10.0.0.2"
     )
 
 
