@@ -45,6 +45,11 @@ class KeyRefused(SpaError):
         self.key = key
 
 
+# When no key's HMAC verifies, the reason that says most: a GPG packet (its HMAC matched under
+# fwknop's GPG prefix) over a plain mismatch, a mismatch over a packet too short for one digest.
+_TELLS = {"malformed": 0, "bad hmac": 1, "gpg": 2}
+
+
 def identify(door: SpaDoor, wire: bytes) -> tuple[DoorKey, str]:
     """The key whose HMAC the packet carries, and the authenticated data; SpaError otherwise."""
     ring = door.keyring
@@ -55,7 +60,7 @@ def identify(door: SpaDoor, wire: bytes) -> tuple[DoorKey, str]:
         try:
             return key, spa.authenticate(wire, key.keys)
         except SpaError as exc:
-            if failure is None or (exc.reason != "malformed" and failure.reason == "malformed"):
+            if failure is None or _TELLS.get(exc.reason, 0) > _TELLS.get(failure.reason, 0):
                 failure = exc
     assert failure is not None
     if failure.reason == "bad hmac" and len(ring) > 1:
