@@ -32,7 +32,7 @@ from . import control, metrics
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
-from .events import DoorClosed, DoorOpened, Recorded
+from .events import DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import require_for_run
 from .firewall import PASS_MARK, Firewall, Plan, first_step_mark, iptables_flavour, plan
 from .firewall.granted import GrantedSets
@@ -200,6 +200,9 @@ class Daemon:
             kind = type(event)
             if kind is DoorOpened or kind is DoorClosed:
                 self._sync_granted(event.src, now)
+            elif kind is GrantsRevoked:
+                for src in event.sources:
+                    self._sync_granted(src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
         if self.store is not None and any(type(event) is Recorded for event in events):
@@ -369,6 +372,7 @@ class Daemon:
             return False
         dropped = self.engine.reload(ruleset.doors)
         self.ruleset = ruleset
+        self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -461,8 +465,10 @@ class Daemon:
         try:
             now = self.clock()
             answer = control.answer(self, request, now)
-            if "address" in request and "error" not in answer:
-                self._sync_granted(request["address"], now)
+            if "error" not in answer:
+                for address in answer.get("addresses", [request.get("address")]):
+                    if address:
+                        self._sync_granted(address, now)
             return answer
         except Exception as exc:
             self.log.exception("control request %s failed", request.get("cmd"))

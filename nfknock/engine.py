@@ -25,8 +25,12 @@ takes it depends on its kind, decided once when the doors are compiled:
 - a rotating door does the same with the sequences of the current and the previous time
   window (rotation.py); a sequence that has opened the door is recorded in the replay cache
   and does not open it again (SequenceReused, a failure).
-- an SPA door checks the packet (spa_access.py: HMAC, replay cache, age, address, ports) and
-  grants the ports it asked for; a refusal is a failure.
+- an SPA door checks the packet (spa_access.py: which person's key by its HMAC, replay cache,
+  age, the key's expiry, sources and username, address, ports) and grants the ports it asked
+  for, for the time it asked for (up to the key's max_open_for) or open_for; a refusal is a
+  failure. The grant remembers whose key it was: `revoke_key` ends a person's grants, and a
+  reload that only adds or removes keys keeps the door's state but the grants of keys that
+  left (GrantsRevoked).
 
 Scanners: every port within `tripwire` of a step (not a step itself) is a tripwire. A knock
 client never touches one; a scanner walking the ports in any order does, between the steps. A
@@ -55,6 +59,7 @@ from .events import (
     DoorOpened,
     Event,
     GrantExpired,
+    GrantsRevoked,
     Sequence,
     SequenceReset,
     SequenceReused,
@@ -66,7 +71,7 @@ from .packet import Packet
 from .replay import ReplayCache
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor
 from .sequence import Action, Key, KnockSequence, _FastHash
-from .spa_access import authorize
+from .spa_access import KeyRefused, SpaGrant, authorize
 from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
@@ -258,7 +263,7 @@ class _RotatingDoorState(_KnockDoorState):
 
 
 class _SpaDoorState(_DoorState):
-    """One authenticated packet opens the ports it asks for."""
+    """One authenticated packet opens the ports it asks for; its grant names the key."""
 
     __slots__ = ("replays", "spa")
 
@@ -272,14 +277,41 @@ class _SpaDoorState(_DoorState):
         try:
             if wall is None:
                 raise SpaError("no clock", "the engine was not given the wall-clock time")
-            ports = authorize(self.spa, packet, wall, self.replays, events)
+            grant = authorize(self.spa, packet, wall, self.replays, events)
         except SpaError as exc:
-            events.append(SpaRefused(src, self.name, exc.reason, exc.detail))
+            who = exc.key if isinstance(exc, KeyRefused) else None
+            events.append(SpaRefused(src, self.name, exc.reason, exc.detail, who))
             self.failed(src, now, events)
             return
-        until = now + self.door.open_for
-        self.grants.put(src, until, ports)
-        events.append(DoorOpened(src, self.name, until))
+        until = now + grant.seconds
+        self.grants.put(src, until, grant)  # the latest packet decides: its ports, key and time
+        events.append(DoorOpened(src, self.name, until, grant.key, grant.seconds))
+
+    def rekey(self, door: SpaDoor) -> list[Event]:
+        """Take the door's new keys (its other settings are unchanged): grants of keys that
+        left, or changed, end; everyone else's stay."""
+        kept = set(door.keyring)
+        gone = [key.name for key in self.spa.keyring if key not in kept]
+        events: list[Event] = []
+        for name in gone:
+            sources = [
+                src for src, _, value in self.grants.items() if isinstance(value, SpaGrant) and value.key == name
+            ]
+            for src in sources:
+                self.grants.pop(src)
+            events.append(GrantsRevoked(self.name, name, tuple(sources)))
+        self.door = self.spa = door
+        return events
+
+
+class GrantRow(NamedTuple):
+    """A live grant as `status` shows it; key and seconds (its length) for SPA grants."""
+
+    door: str
+    source: str
+    seconds_left: float
+    key: str | None
+    seconds: float | None
 
 
 def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
@@ -300,18 +332,35 @@ class Engine:
         self._doors: dict[str, _DoorState] = {}
         # SPA packets and rotating sequences used, until they would be refused anyway.
         self.replays = ReplayCache(max_sources)
+        self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
 
+    def _reusable(self, door: Door) -> _DoorState | None:
+        """The state of the door of that name if it can carry on: the same door, or an SPA door
+        whose keys alone changed."""
+        old = self._doors.get(door.name)
+        if old is None:
+            return None
+        if old.door == door:
+            return old
+        if isinstance(old, _SpaDoorState) and isinstance(door, SpaDoor) and door.same_settings(old.door):
+            return old
+        return None
+
     def _compile(self, doors: tuple[Door, ...]) -> None:
         states = {}
+        rekeyed: list[Event] = []
         for door in doors:
-            old = self._doors.get(door.name)
-            states[door.name] = (
-                old if old is not None and old.door == door else _door_state(door, self._pools, self.replays)
-            )
+            state = self._reusable(door)
+            if state is None:
+                state = _door_state(door, self._pools, self.replays)
+            elif isinstance(state, _SpaDoorState) and state.door is not door:
+                rekeyed += state.rekey(door)  # type: ignore[arg-type]  # an SPA door, as _reusable checked
+            states[door.name] = state
         self._doors = states
+        self.rekeyed = tuple(rekeyed)
         in_kernel = {name for group in first_step_groups(doors) for name in group.doors}
         for state in states.values():
             if type(state) is _KnockDoorState:
@@ -339,7 +388,7 @@ class Engine:
     def reload(self, doors: tuple[Door, ...]) -> list[str]:
         """Switch to new doors. State of doors that did not change is kept; returns the names
         of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
-        keep = {d.name for d in doors if d.name in self._doors and self._doors[d.name].door == d}
+        keep = {d.name for d in doors if self._reusable(d) is not None}
         dropped = sorted(set(self._doors) - keep)
         for name in dropped:
             for table in self._doors[name].tables():
@@ -378,7 +427,7 @@ class Engine:
             # Grants are per exact address: a knock over IPv4 opens IPv4 only. An SPA grant
             # holds the ports the packet asked for; a knock grant (None) all of the door's.
             grant = state.grants.live(packet.src, now)
-            if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1]):
+            if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
@@ -394,7 +443,10 @@ class Engine:
         for name, state in self._doors.items():
             for seq in state.sequences:
                 events.extend(seq.expire(now))
-            events.extend(GrantExpired(src, name) for src, _ in state.grants.expire(now))
+            events.extend(
+                GrantExpired(src, name, value.key if isinstance(value, SpaGrant) else None)
+                for src, value in state.grants.expire(now)
+            )
             events.extend(state.lockouts.expire(now))
         return events
 
@@ -411,15 +463,26 @@ class Engine:
     # -- operator actions (the control socket) --------------------------------------------
 
     def grant(self, src: str, door: str, seconds: float, now: float) -> float:
-        """Break-glass: let `src` open new connections through `door` for `seconds`. Its
-        deadline may come before older grants'; `live()` still ends it on time (only its
-        GrantExpired event may come late)."""
+        """Break-glass: let `src` open new connections through `door` for `seconds` (the
+        table keeps deadline order, so it expires on time even before older grants)."""
         state = self._doors.get(door)
         if state is None:
             raise KeyError(door)
         until = now + seconds
         state.grants.put(src, until)
         return until
+
+    def revoke_key(self, key: str, door: str | None = None) -> list[tuple[str, str]]:
+        """End the SPA grants opened with the key named `key` (on one door or all); returns
+        the (door, source) pairs that had one."""
+        revoked = []
+        for name, state in self._doors.items():
+            if door in (None, name):
+                for src, _, value in list(state.grants.items()):
+                    if isinstance(value, SpaGrant) and value.key == key:
+                        state.grants.pop(src)
+                        revoked.append((name, src))
+        return revoked
 
     def revoke(self, src: str, door: str | None = None) -> list[str]:
         """End the grants of `src` (on one door or all); returns the doors it had a grant on."""
@@ -458,6 +521,18 @@ class Engine:
             for src, until, _ in state.grants.items()
             if until > now
         ]
+
+    def grant_rows(self, now: float) -> list[GrantRow]:
+        """Live grants with whose key opened them and for how long (SPA), for `status`."""
+        rows = []
+        for name, state in self._doors.items():
+            for src, until, value in state.grants.items():
+                if until > now:
+                    spa = isinstance(value, SpaGrant)
+                    rows.append(
+                        GrantRow(name, src, until - now, value.key if spa else None, value.seconds if spa else None)
+                    )
+        return rows
 
     def locked(self, now: float) -> list[tuple[str, str, float]]:
         """Live lockouts as (door, source, seconds left)."""
