@@ -133,6 +133,8 @@ def _rule_of(rule_class, spec: RuleSpec):
         target.add_set = [spec.add_set[0], "src"]
         target.exist = ""
         target.timeout = str(spec.add_set[1])
+    if spec.del_set is not None:
+        target.del_set = [spec.del_set, "src"]
     if spec.queue_num is not None:
         target.queue_num = str(spec.queue_num)
     return rule
@@ -157,6 +159,7 @@ def _spec_of(rule) -> RuleSpec:
     xmark = target.get("set-xmark")
     value, _, mask = xmark[0].partition("/") if xmark else ("", "", "")
     add_set = target.get("add-set")
+    del_set = target.get("del-set")
     return RuleSpec(
         target=rule.target.name,
         proto=proto,
@@ -169,4 +172,5 @@ def _spec_of(rule) -> RuleSpec:
         limit=(limit["limit"][0], int(limit["limit-burst"][0])) if "limit" in limit else None,
         set_mark=(int(value, 16), int(mask, 16)) if xmark else None,
         add_set=(add_set[0], int(target.get("timeout", ["0"])[0])) if add_set else None,
+        del_set=del_set[0] if del_set else None,
     )
