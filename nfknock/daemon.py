@@ -31,11 +31,11 @@ from typing import Any
 from . import control, metrics
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
-from .errors import NfknockError, PacketError, QueueError, RulesError
+from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError
 from .events import DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import require_for_run
-from .firewall import PASS_MARK, Firewall, Plan, first_step_mark, iptables_flavour, plan
-from .firewall.granted import GrantedSets
+from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_mark, iptables_flavour, plan
+from .firewall.granted import GrantedSets, prune_first_step_sets
 from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
@@ -236,7 +236,7 @@ class Daemon:
         try:
             self._warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
-            self.firewall.apply(self.config.plan(self.ruleset.doors))
+            self._apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
@@ -363,7 +363,7 @@ class Daemon:
         """Switch to rules read by a reload; on any problem keep the old rules and say why."""
         if error is None and ruleset is not None and new_plan is not None:
             try:
-                self.firewall.apply(new_plan)
+                self._apply(new_plan)
             except Exception as exc:
                 error = exc
                 self._restore_firewall()
@@ -393,7 +393,7 @@ class Daemon:
 
     def _restore_firewall(self) -> None:
         try:
-            self.firewall.apply(self.config.plan(self.ruleset.doors))
+            self._apply(self.config.plan(self.ruleset.doors))
         except Exception as exc:
             self.log.error("could not put the previous rules back after a failed reload: %s", exc)
 
@@ -451,6 +451,17 @@ class Daemon:
         self._wake()
         self._snapshot_taken.wait(SNAPSHOT_WAIT)
         return self.snapshot
+
+    def _apply(self, new_plan: Plan) -> None:
+        """Install the plan; then first-step sets it no longer uses go (a failure there is logged:
+        a leftover set holds no rule and opens nothing)."""
+        self.firewall.apply(new_plan)
+        if isinstance(self.firewall, PerFamily):  # a real backend: the sets are real too
+            try:
+                for name in prune_first_step_sets(self.config.queue_num, new_plan, self.firewall.set_runner()):
+                    self.log.info("removed the first-step set %s (no door uses it any more)", name)
+            except FirewallError as exc:
+                self.log.warning("%s", exc)
 
     def _sync_granted(self, src: str, now: float) -> None:
         """Tell the kernel's granted set what the engine now says about `src`."""

@@ -306,11 +306,11 @@ class PerFamily:
     def apply(self, plan: Plan) -> None:
         from .granted import create_first_step_sets  # granted.py imports this module
 
-        create_first_step_sets(plan, self._set_runner())  # the rules refer to them
+        create_first_step_sets(plan, self.set_runner())  # the rules refer to them
         for family, specs in plan.items():
             self._transaction(family, specs or None)
 
-    def _set_runner(self) -> Callable:
+    def set_runner(self) -> Callable:
         return subprocess.run
 
     def remove(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import subprocess
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -33,6 +34,10 @@ MAX_TIMEOUT = 86400  # seconds; ipset's limit is higher, a grant's (open_for) is
 
 def _family(address: str) -> int:
     return 6 if ":" in address else 4
+
+
+def _address_family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 class SetLink(Protocol):
@@ -56,11 +61,11 @@ class Pyroute2Link:
         self._ipset: Any = IPSet()
 
     def add(self, name: str, address: str, timeout: int) -> None:
-        self._ipset.add(name, address, etype="ip", timeout=timeout, exclusive=False)
+        self._ipset.add(name, address, family=_address_family(address), etype="ip", timeout=timeout, exclusive=False)
 
     def delete(self, name: str, address: str) -> None:
         try:
-            self._ipset.delete(name, address, etype="ip")
+            self._ipset.delete(name, address, family=_address_family(address), etype="ip")
         except Exception as exc:
             if getattr(exc, "code", None) != NOT_ADDED:
                 raise
@@ -175,6 +180,28 @@ def create_first_step_sets(plan: Plan, runner: Callable = subprocess.run) -> Non
         error = _restore(runner, lines)
         if error:
             raise FirewallError(f"cannot create the first-step sets: {error} (is the 'ipset' package installed?)")
+
+
+def prune_first_step_sets(queue_num: int, plan: Plan, runner: Callable = subprocess.run) -> list[str]:
+    """Destroy this daemon's first-step sets that the plan no longer refers to (after it is
+    applied, so no rule uses them), so that reloads do not pile sets up. Returns their names;
+    raises FirewallError naming what could not be destroyed."""
+    wanted = {spec.add_set[0] for specs in plan.values() for spec in specs if spec.add_set is not None}
+    prefix = f"{SET_PREFIX}q{queue_num}-"
+    try:
+        listed = runner(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FirewallError(f"ipset: {exc}") from None
+    stale = [
+        name
+        for name in listed.stdout.split()
+        if name.startswith(prefix) and name[len(prefix) : len(prefix) + 3] in ("tcp", "udp") and name not in wanted
+    ]
+    if stale:
+        error = _restore(runner, [f"destroy {name}" for name in stale])
+        if error:
+            raise FirewallError(f"first-step sets not removed: {error}")
+    return stale
 
 
 def _restore(runner: Callable, lines: list[str]) -> str | None:

@@ -58,7 +58,7 @@ class NftFirewall(PerFamily):
         super().__init__(interface)
         self.runner = runner  # subprocess.run, or a fake in tests
 
-    def _set_runner(self):
+    def set_runner(self):
         return self.runner
 
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:

@@ -29,7 +29,7 @@ def test_status_shows_grants_and_the_socket_is_root_only(controlled, alice):
     answer = json.loads(ctl(controlled, "status", "--json").stdout)
     assert [(g["door"], g["source"]) for g in answer["grants"]] == [("openSSH", "10.199.1.2")]
     assert 0 < answer["grants"][0]["seconds_left"] <= 30
-    assert answer["packets"]["drop"] >= 3
+    assert answer["packets"]["drop"] >= 2  # the second and third knock (the first is the kernel's)
     text = ctl(controlled, "status").stdout
     assert "10.199.1.2" in text and "openSSH" in text
 

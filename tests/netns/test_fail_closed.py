@@ -30,8 +30,9 @@ def status(server):
 
 
 def first_knock(server):
-    """Starts an attempt whose timeout is the loop's next deadline (seq_timeout 1s below)."""
-    knock(server.sandbox, server.sandbox.clients[1], "40000")
+    """Starts an attempt whose timeout is the loop's next deadline (seq_timeout 1s below): the
+    kernel records the first step, the second starts the daemon's attempt."""
+    knock(server.sandbox, server.sandbox.clients[1], "40000", "50000")
 
 
 def scrape(server):

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 
 def scaffolding(family: int = 4) -> list[str]:
-    granted = f"nfknock-q7-v{family}"
+    granted, first = f"nfknock-q7-v{family}", f"nfknock-q7-tcp40000-v{family}"
     return [
         "-N NFKNOCK",
         "-A INPUT -j NFKNOCK",
@@ -24,13 +24,28 @@ def scaffolding(family: int = 4) -> list[str]:
         "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
         "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
         "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7",
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j NFQUEUE --queue-num 7",
+        # the first step goes to the kernel's set, the second is queued only marked or granted
+        f"-A NFKNOCK -p tcp -m tcp --dport 40000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
+        f"-A NFKNOCK -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set {first} src --exist "
+        "--timeout 15",
+        "-A NFKNOCK -p tcp -m tcp --dport 40000 -j DROP",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+        f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
+        "0x10000000/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7",
+        f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
+        f"-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set {first} src",
         "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
     ] + [
-        f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
-        "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
+        rule
         for step in (40000, 50000, 60000)
+        for rule in (
+            f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
+            f"-m conntrack --ctstate NEW -j SET --del-set {first} src",
+            f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
+            "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
+        )
     ]
 
 
@@ -135,7 +150,9 @@ def test_sighup_applies_new_rules_and_keeps_unchanged_grants(server, alice, bob)
     server.wait_log("reloaded")
     assert connect(alice).connected  # openSSH did not change: Alice's grant lives on
     rules = server.iptables()
-    assert "-A NFKNOCK -p tcp -m tcp --dport 1111 -j NFQUEUE --queue-num 7" in rules
+    assert (
+        "-A NFKNOCK -p tcp -m tcp --dport 2222 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7" in rules
+    )
     assert rules.count("-A INPUT -j NFKNOCK") == 1
     assert not connect(bob, port=8080, timeout=1).connected
     knock(server.sandbox, bob, "1111", "2222")
@@ -176,7 +193,7 @@ def test_reloads_never_open_a_window_and_keep_sessions(server, alice, bob):
     assert connect(alice).connected
     rules = server.iptables()
     assert rules.count("-A INPUT -j NFKNOCK") == 1
-    assert "-A NFKNOCK -p tcp -m tcp --dport 1009 -j NFQUEUE --queue-num 7" in rules
+    assert "-A NFKNOCK -p tcp -m tcp --dport 1009 -j DROP" in rules  # its first step: the kernel's
     assert not any("--dport 1008 " in rule for rule in rules)
 
 
