@@ -18,6 +18,8 @@ APT_PACKAGES=(
   iperf3                                           # bench: established throughput
   fwknop-client fwknop-server                      # SPA: the stock peer the tests compare against
   systemd                                          # systemd-analyze: tests/unit/test_daemon.py verifies the unit
+  make                                             # make deb, make test, ... (the scripts work without it)
+  lintian binutils groff-base                      # make deb: lintian, strip/readelf; the man page test
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
