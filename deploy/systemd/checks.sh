@@ -99,7 +99,7 @@ doors:
     protect: [22/tcp]
 YAML
 chmod 0600 /etc/nfknock/rules/*.yaml
-nfknock check --rules /etc/nfknock/rules >/dev/null || fail "nfknock check refuses the admin's rules"
+nfknock check --rules /etc/nfknock/rules >/dev/null 2>/tmp/check.err || { cat /tmp/check.err; fail "nfknock check refuses the admin's rules"; }
 
 # --- start: Type=notify, active only once ready ---------------------------------------------------
 systemctl start nfknock   # returns once READY=1 arrived (Type=notify)

@@ -1,7 +1,6 @@
 """nfknock(8) is written from the CLI's own parser: every verb and option is in it."""
 
 import argparse
-import shutil
 import subprocess
 
 import pytest
@@ -44,7 +43,7 @@ def test_header_and_escaping():
     assert escape(".start\nback\\slash -x") == "\\&.start\nback\\eslash \\-x"
 
 
-@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+@pytest.mark.needs_tools("groff")
 def test_groff_reads_the_page_without_warnings(tmp_path, capsys):
     assert main(["--date", "2026-11-26"]) == 0
     page = tmp_path / "nfknock.8"
