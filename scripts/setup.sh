@@ -21,6 +21,7 @@ APT_PACKAGES=(
   make                                             # make deb, make test, ... (the scripts work without it)
   lintian binutils groff-base                      # make deb: lintian, strip/readelf; the man page test
   prometheus                                       # promtool: tests/unit/test_monitoring.py checks the alert rules
+                                                   # (the package also brings a Prometheus server; nothing here uses it)
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
