@@ -1,5 +1,5 @@
 # Shortcuts; the scripts work without make (a fresh machine may not have it).
-.PHONY: setup demo test lint check fuzz bench
+.PHONY: setup demo test lint check fuzz bench deb
 setup:
 	bash scripts/setup.sh
 demo:
@@ -14,3 +14,5 @@ fuzz:
 	bash scripts/fuzz.sh
 bench:
 	bash scripts/bench.sh
+deb:
+	bash scripts/build-deb.sh

@@ -461,24 +461,11 @@ def _answer(args, request: dict) -> dict:
 
 
 def cmd_status(args) -> int:
+    from .statusview import render_status
+
     answer = _answer(args, {"cmd": "status"})
-    if args.json:
-        return 0
-    print(
-        f"queue {answer['queue']}, firewall {answer['firewall']}, {answer['tracked_attempts']} knock attempts "
-        f"in progress, {answer['kernel_queue_drops']} packets dropped by the kernel"
-    )
-    print("doors: " + ", ".join(f"{d['name']} ({d['kind']}, {' '.join(d['protect'])})" for d in answer["doors"]))
-    for title, rows in (("grants", answer["grants"]), ("locked out", answer["locked"])):
-        print(f"{title}:" if rows else f"{title}: none")
-        for row in rows:
-            who = f"   key {row['key']} (granted {row['granted_for']:g}s)" if row.get("key") else ""
-            print(f"  {row['source']:<40} {row['door']:<20} {row['seconds_left']:>8.1f}s left{who}")
-    packets = answer["packets"]
-    print(
-        f"packets: {packets['accept']} accepted, {packets['drop']} dropped, {packets['pass']} passed back; "
-        f"unparsable: {sum(answer['unparsable'].values())}; internal errors: {answer['internal_errors']}"
-    )
+    if not args.json:
+        print("\n".join(render_status(answer)))
     return 0
 
 

@@ -18,6 +18,10 @@ APT_PACKAGES=(
   iperf3                                           # bench: established throughput
   fwknop-client fwknop-server                      # SPA: the stock peer the tests compare against
   systemd                                          # systemd-analyze: tests/unit/test_daemon.py verifies the unit
+  make                                             # make deb, make test, ... (the scripts work without it)
+  lintian binutils groff-base                      # make deb: lintian, strip/readelf; the man page test
+  prometheus                                       # promtool: tests/unit/test_monitoring.py checks the alert rules
+                                                   # (its server is neither started nor enabled: see below)
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
@@ -36,9 +40,27 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${missing[*]}"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  # Debian installs the knockd daemon disabled (START_KNOCKD=0); only its 'knock' client is used.
+  # Only tools are wanted: no service these packages bring (a Prometheus server, fwknopd, knockd,
+  # ...) may start or be enabled by this script. policy-rc.d (if the host has none) keeps dpkg
+  # from starting them; the ones this run installed are then disabled.
+  guard=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d'
+    guard=1
+  fi
+  status=0
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}" >/dev/null
+    "${missing[@]}" >/dev/null || status=$?
+  [ -z "$guard" ] || as_root rm -f /usr/sbin/policy-rc.d
+  [ "$status" -eq 0 ] || exit "$status"
+  for pkg in "${missing[@]}"; do
+    case "$pkg" in
+      prometheus|fwknop-server|redis-server)
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+          as_root systemctl disable --now "$pkg" >/dev/null 2>&1 || true
+        fi ;;
+    esac
+  done
 fi
 
 pick_python() {

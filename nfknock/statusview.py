@@ -1,0 +1,94 @@
+"""`nfknock status` as a person reads it: a summary line, then tables of doors, of sources
+(granted or locked out) and of packet counters. `--json` prints the daemon's answer instead, for
+tools; this module only ever renders that same answer, so the two cannot disagree.
+
+A key missing from the answer (a daemon of another version) shows as `-`, never as a crash.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Left-aligned columns two spaces apart; numbers right-aligned."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in rows) and bool(rows) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def render_status(answer: dict[str, Any]) -> list[str]:
+    doors = answer.get("doors", [])
+    grants = answer.get("grants", [])
+    locked = answer.get("locked", [])
+    granted_per_door = Counter(g.get("door") for g in grants)
+    locked_per_door = Counter(entry.get("door") for entry in locked)
+    lines = [
+        f"nfknock on queue {answer.get('queue', '-')} (firewall {answer.get('firewall', '-')}): "
+        f"{len(doors)} door(s), {len(grants)} grant(s), {len(locked)} lockout(s), "
+        f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
+        "",
+    ]
+    lines += table(
+        ("DOOR", "KIND", "PROTECTS", "GRANTS", "LOCKED OUT"),
+        [
+            (d.get("name"), d.get("kind"), " ".join(d.get("protect", [])), granted_per_door[d.get("name")],
+             locked_per_door[d.get("name")])
+            for d in doors
+        ],
+    )  # fmt: skip
+    lines.append("")
+    sources = [("granted", g) for g in grants] + [("locked out", entry) for entry in locked]
+    if sources and any(row.get("key") for _, row in sources):  # SPA grants name the person's key
+        lines += table(
+            ("SOURCE", "DOOR", "STATE", "SECONDS LEFT", "KEY", "GRANTED FOR"),
+            [
+                (row.get("source"), row.get("door"), state, row.get("seconds_left"), row.get("key"),
+                 row.get("granted_for"))
+                for state, row in sources
+            ],
+        )  # fmt: skip
+    elif sources:
+        lines += table(
+            ("SOURCE", "DOOR", "STATE", "SECONDS LEFT"),
+            [(row.get("source"), row.get("door"), state, row.get("seconds_left")) for state, row in sources],
+        )
+    else:
+        lines.append("no source holds a grant or is locked out")
+    lines.append("")
+    packets = answer.get("packets", {})
+    unparsable = answer.get("unparsable", {})
+    lines += table(
+        ("ACCEPTED", "DROPPED", "PASSED BACK", "UNPARSABLE", "KERNEL DROPS", "EVICTED", "INTERNAL ERRORS"),
+        [
+            (
+                packets.get("accept", 0),
+                packets.get("drop", 0),
+                packets.get("pass", 0),
+                sum(unparsable.values()) if isinstance(unparsable, dict) else unparsable,
+                answer.get("kernel_queue_drops"),
+                answer.get("evicted"),
+                answer.get("internal_errors"),
+            )
+        ],
+    )
+    return lines
