@@ -28,6 +28,12 @@ takes it depends on its kind, decided once when the doors are compiled:
 - an SPA door checks the packet (spa_access.py: HMAC, replay cache, age, address, ports) and
   grants the ports it asked for; a refusal is a failure.
 
+Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
+check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon
+asks the fleet whether another member used it first and calls `claimed` with the answer, which
+grants (DoorOpened) or refuses (a failure, like a local replay). Knock doors have nothing to
+claim and grant at once.
+
 Scanners: every port within `tripwire` of a step (not a step itself) is a tripwire. A knock
 client never touches one; a scanner walking the ports in any order does, between the steps. A
 tripwire hit resets the door's attempts for that source and counts as a failure. Failures lock
@@ -49,12 +55,14 @@ from typing import NamedTuple
 from . import rotation
 from .errors import SpaError
 from .events import (
+    ClaimNeeded,
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,
     DoorOpened,
     Event,
     GrantExpired,
+    Recorded,
     Sequence,
     SequenceReset,
     SequenceReused,
@@ -150,6 +158,16 @@ class _DoorState:
     def tables(self) -> list[Table]:
         return [seq.attempts for seq in self.sequences] + [self.grants] + self.lockouts.tables()
 
+    def open_once(self, src: str, record: Recorded, shared: bool, now: float, events: list[Event], ports=None) -> None:
+        """Grant what a once-only record allowed, or, in a fleet, ask first (ClaimNeeded)."""
+        if shared:
+            wanted = None if ports is None else tuple(sorted(ports))
+            events.append(ClaimNeeded(src, self.name, record.key, record.expires, self.door.open_for, wanted))
+            return
+        until = now + self.door.open_for
+        self.grants.put(src, until, ports)
+        events.append(DoorOpened(src, self.name, until))
+
 
 class _KnockDoorState(_DoorState):
     """A fixed open sequence and perhaps a close sequence."""
@@ -236,8 +254,9 @@ class _RotatingDoorState(_KnockDoorState):
             self.failed(src, now, events)
             return
         # Accepted in its own window and the next one: useless after that.
-        events.append(self.replays.record(used, (seq.window + 2) * self.rotate.window))
-        super().complete(seq, src, now, events)
+        record = self.replays.record(used, (seq.window + 2) * self.rotate.window)
+        events.append(record)
+        self.open_once(src, record, self.replays.shared, now, events)
 
 
 class _SpaDoorState(_DoorState):
@@ -260,9 +279,8 @@ class _SpaDoorState(_DoorState):
             events.append(SpaRefused(src, self.name, exc.reason, exc.detail))
             self.failed(src, now, events)
             return
-        until = now + self.door.open_for
-        self.grants.put(src, until, ports)
-        events.append(DoorOpened(src, self.name, until))
+        record = next(event for event in reversed(events) if type(event) is Recorded)  # authorize recorded it
+        self.open_once(src, record, self.replays.shared, now, events, ports)
 
 
 def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
@@ -277,12 +295,14 @@ def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
 class Engine:
     """Per-source knock progress, grants and lockouts for a set of doors."""
 
-    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES):
+    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES, shared: bool = False):
         self.max_sources = max_sources
         self._pools = _Pools(Pool(max_sources), Pool(max_sources), Pool(max_sources))
         self._doors: dict[str, _DoorState] = {}
-        # SPA packets and rotating sequences used, until they would be refused anyway.
+        # SPA packets and rotating sequences used, until they would be refused anyway; `shared`:
+        # a fleet member's, whose records must be claimed fleet-wide before they open anything.
         self.replays = ReplayCache(max_sources)
+        self.replays.shared = shared
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
@@ -389,16 +409,44 @@ class Engine:
 
     # -- operator actions (the control socket) --------------------------------------------
 
-    def grant(self, src: str, door: str, seconds: float, now: float) -> float:
-        """Break-glass: let `src` open new connections through `door` for `seconds`. Its
-        deadline may come before older grants'; `live()` still ends it on time (only its
-        GrantExpired event may come late)."""
+    def grant(self, src: str, door: str, seconds: float, now: float, ports=None) -> float:
+        """Break-glass (or a fleet member's grant): let `src` open new connections through
+        `door` for `seconds` (`ports`: only these (proto, port)s). Its deadline may come before
+        older grants'; `live()` still ends it on time (only its GrantExpired event may come late)."""
         state = self._doors.get(door)
         if state is None:
             raise KeyError(door)
         until = now + seconds
-        state.grants.put(src, until)
+        state.grants.put(src, until, None if ports is None else frozenset(ports))
         return until
+
+    def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
+        """The fleet's answer to a ClaimNeeded: "ours" grants; "taken" (another member used it
+        first) is refused as a replay, a failure of the source; "unreachable" (no answer, and
+        the member refuses then) is refused without counting against the source."""
+        state = self._doors.get(claim.door)
+        if state is None:
+            return []  # the door went away in a reload meanwhile
+        events: list[Event] = []
+        if answer == "ours":
+            until = now + claim.seconds
+            state.grants.put(claim.src, until, None if claim.ports is None else frozenset(claim.ports))
+            events.append(DoorOpened(claim.src, claim.door, until))
+            return events
+        taken = answer == "taken"
+        reason = "replay" if taken else "fleet unreachable"
+        if isinstance(state, _SpaDoorState):
+            events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member"))
+        elif taken:
+            events.append(SequenceReused(claim.src, claim.door))
+        if taken:
+            state.failed(claim.src, now, events)
+        return events
+
+    def grant_of(self, src: str, door: str, now: float) -> tuple[float, frozenset | None] | None:
+        """(engine deadline, ports or None for all) of the live grant of `src` on `door`."""
+        state = self._doors.get(door)
+        return None if state is None else state.grants.live(src, now)
 
     def revoke(self, src: str, door: str | None = None) -> list[str]:
         """End the grants of `src` (on one door or all); returns the doors it had a grant on."""
