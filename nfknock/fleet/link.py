@@ -6,8 +6,8 @@ Everything goes through a bounded backlog: while Redis is down or slow, publishe
 (the oldest go first when it is full, and are counted), claims are answered "unreachable" at
 once, and the loop goes on with local state. Both threads reconnect by themselves. The reader
 resumes the stream where it left off, so a member that was cut off catches up on what it
-missed; when Redis itself was restarted (a new run id, the stream gone or new) it reads the new
-stream from its start.
+missed; when Redis itself lost the stream (restarted without its data) it reads the new one
+from its start.
 
 What Redis holds (all under the fleet's name, so two fleets can share one Redis):
   NAME:stream         grants and revocations, signed (records.py), trimmed to ~STREAM_LENGTH
@@ -347,15 +347,12 @@ class Link:
     def _read(self) -> None:
         client = None
         last_id = "0-0"
-        run_id = None
         delay = RETRY_FIRST
         while not self._stopping.is_set():
             try:
                 if client is None:
                     client = self._connect(self.config, reader=True)
-                    server_run = client.info("server").get("run_id")
-                    if server_run != run_id:  # a new (or restarted) Redis: its stream from the start
-                        run_id, last_id = server_run, "0-0"
+                    last_id = self._resume_from(client, last_id)
                     delay = RETRY_FIRST
                 answer = client.xread({self.stream: last_id}, count=500, block=READ_BLOCK_MS)
                 for _stream, entries in answer or ():
@@ -368,6 +365,16 @@ class Link:
                 self._stopping.wait(delay)
                 delay = min(RETRY_MAX, delay * 2)
         _close(client)
+
+    def _resume_from(self, client, last_id: str) -> str:
+        """Where to read on (re)connection: after the last entry seen, unless the stream now
+        ends before it (Redis restarted without its data, and its clock is behind ours): then
+        from its start. Entries of a restarted Redis carry later ids, so they are read anyway."""
+        newest = client.xrevrange(self.stream, count=1)
+        if not newest:
+            return "0-0"
+        newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else str(newest[0][0])
+        return last_id if _order(newest_id) >= _order(last_id) else "0-0"
 
     def _receive(self, entry_id: str, fields: dict) -> None:
         raw = fields.get(b"e", fields.get("e"))
@@ -392,6 +399,11 @@ class _Failed(Exception):
         super().__init__(reason)
         self.left = left
         self.reason = reason
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def _reason(exc: BaseException) -> str:

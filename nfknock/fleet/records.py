@@ -27,14 +27,14 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes, hmac
 
-from ..errors import NfknockError
+from ..errors import UsageError
 
 MIN_KEY_BYTES = 32
 MAX_GRANT_SECONDS = 86400.0
 MAX_ENTRY_BYTES = 2048
 
 
-class FleetKeyError(NfknockError):
+class FleetKeyError(UsageError):
     """The fleet key file does not hold a usable key."""
 
     exit_code = 2
