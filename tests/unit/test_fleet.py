@@ -11,12 +11,12 @@ import pytest
 import redis
 
 from nfknock.engine import Engine, Verdict
+from nfknock.errors import UsageError
 from nfknock.events import ClaimNeeded, DoorOpened, SpaRefused
 from nfknock.fleet.config import fleet_config
 from nfknock.fleet.link import FleetConfig, check_url
 from nfknock.fleet.member import FleetMember
 from nfknock.fleet.records import Forged, Grant, Revoke, Signer, parse_key
-from nfknock.errors import UsageError
 from nfknock.loading import load_secrets
 from nfknock.packet import Packet
 from nfknock.rules import KnockDoor, SpaDoor
