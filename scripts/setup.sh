@@ -18,6 +18,7 @@ APT_PACKAGES=(
   iperf3                                           # bench: established throughput
   fwknop-client fwknop-server                      # SPA: the stock peer the tests compare against
   systemd                                          # systemd-analyze: tests/unit/test_daemon.py verifies the unit
+  redis-server redis-tools                         # fleet mode: the tests start their own redis-server; redis-cli
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
@@ -39,6 +40,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   # Debian installs the knockd daemon disabled (START_KNOCKD=0); only its 'knock' client is used.
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}" >/dev/null
+  # The tests start their own redis-server inside namespaces; a host service installed just now
+  # for them is not wanted (on a host with systemd the package starts one on localhost).
+  if [[ " ${missing[*]} " == *" redis-server "* ]] && command -v systemctl >/dev/null \
+     && systemctl is-active -q redis-server 2>/dev/null; then
+    as_root systemctl disable --now -q redis-server || true
+  fi
 fi
 
 pick_python() {
@@ -58,10 +65,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   "$(pick_python)" -m venv .venv
 fi
 if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] \
-   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, prometheus_client, pytest, hypothesis, mypy' 2>/dev/null; then
+   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, prometheus_client, redis, fakeredis, pytest, hypothesis, mypy' 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  # the daemon (server), its exporter (metrics) and the test tools; a plain 'pip install .' is the client
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,metrics,test]'
+  # the daemon (server), its exporter (metrics), fleet mode (fleet) and the test tools; a plain 'pip install .' is the client
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,metrics,fleet,test]'
   echo "$stamp" > .venv/.nfknock-stamp
 fi

@@ -236,7 +236,8 @@ class Link:
                     jobs = list(self._jobs)
                     self._jobs.clear()
                 self._do(client, jobs)
-            except _Failed as failed:
+            except Exception as exc:  # noqa: BLE001 - whatever Redis or the network did
+                failed = exc if isinstance(exc, _Failed) else _Failed([], _reason(exc))
                 with self._cond:  # what was not done goes back, in order, in front
                     self._jobs.extendleft(reversed(failed.left))
                     while len(self._jobs) > MAX_BACKLOG:
@@ -358,7 +359,10 @@ class Link:
                 for _stream, entries in answer or ():
                     for entry_id, fields in entries:
                         last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                        self._receive(last_id, fields)
+                        try:
+                            self._receive(last_id, fields)
+                        except Exception as exc:  # noqa: BLE001 - one odd entry never stalls the stream
+                            self._tell(Rejected(f"stream entry {last_id}", _reason(exc)))
             except Exception:  # noqa: BLE001 - the writer reports the state; we just retry
                 _close(client)
                 client = None
