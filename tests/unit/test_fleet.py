@@ -248,3 +248,38 @@ def test_without_redis_members_serve_locally_by_their_policy(fleet, spa_door):
     assert accepting.engine.handle(packet(22), accepting.now).verdict is Verdict.ACCEPT
     assert [e.reason for e in refusing.follow if isinstance(e, SpaRefused)] == ["fleet unreachable"]
     assert refusing.engine.handle(packet(22), refusing.now).verdict is Verdict.DROP
+
+
+# -- the daemon's glue ---------------------------------------------------------------------
+
+
+def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypatch):
+    from test_daemon import syn
+
+    from nfknock.daemon import Daemon, DaemonConfig
+    from support.fakes import FakeFirewall, Queued
+
+    server = fakeredis.FakeServer()
+    monkeypatch.setattr("nfknock.fleet.link._redis_client", lambda *a, **k: fakeredis.FakeRedis(server=server))
+    (tmp_path / "doors.yaml").write_text(
+        "doors:\n  - name: openSSH\n    sequence: [40000, 50000, 60000]\n    protect: [22/tcp]\n"
+    )
+    config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", "a")
+    daemon = Daemon(DaemonConfig(tmp_path, fleet=config), FakeFirewall(), logger=LOG)
+    daemon._start_fleet()
+    try:
+        peer = Signer(KEY, "nfknock")
+        stream = fakeredis.FakeRedis(server=server)
+        for port in (40000, 50000, 60000):
+            daemon.on_packet(Queued(syn(port)))
+        answer = daemon.answer({"cmd": "revoke", "address": "10.0.0.2", "door": None})
+        assert answer["revoked"] == ["openSSH"]
+        end = time.monotonic() + 10
+        while len(stream.xrange("nfknock:stream")) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        entries = [peer.verify(fields[b"e"]) for _, fields in stream.xrange("nfknock:stream")]
+        assert [type(e).__name__ for e in entries] == ["Grant", "Revoke"]
+        assert entries[0].src == "10.0.0.2" and entries[0].member == "a"
+        assert daemon.answer({"cmd": "status"})["fleet"]["published"] == 2
+    finally:
+        daemon.fleet.stop()
