@@ -195,9 +195,8 @@ class Link:
     def _evict(self) -> None:
         """Make room: the oldest publish goes; a waiting claim is answered, never dropped."""
         oldest = self._jobs.popleft()
-        if isinstance(oldest, _Claim):
-            if not oldest.late:
-                self._tell(Answer(oldest.claim, "unreachable", detail="backlog full"))
+        if isinstance(oldest, _Claim) and not oldest.late:
+            self._tell(Answer(oldest.claim, "unreachable", detail="backlog full"))
         else:
             self.dropped += 1
 

@@ -168,9 +168,17 @@ class FleetMember:
         if self.config.offline == "accept":
             self.link.claim(claim, late=True)  # the others learn of it once Redis is back
             return self.engine.claimed(claim, "ours", now)
-        return self.engine.claimed(
+        events = self.engine.claimed(
             claim, "unreachable", now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
         )
+        if not events:  # a rotating door's sequence: the engine has no refusal event for this
+            self.log.warning(
+                "%s: %s: sequence not honoured: Redis cannot be asked whether another member used it "
+                "(--cluster-offline refuse)",
+                claim.src,
+                claim.door,
+            )
+        return events
 
     def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> bool:
         if entry.id in self.applied:
@@ -200,10 +208,14 @@ class FleetMember:
         seconds = grant_seconds(entry, wall)
         if seconds <= 0:
             return False
+        ports = entry.ports
         held = self.engine.grant_of(entry.src, door, now)
-        if held is not None and held[0] >= now + seconds and (held[1] is None or held[1] == entry.ports):
-            return False  # this member's own grant already covers it
-        self.engine.grant(entry.src, door, seconds, now, entry.ports)
+        if held is not None:  # never narrower or shorter than what this member holds already
+            ports = None if held[1] is None or ports is None else held[1] | ports
+            if held[0] >= now + seconds and ports == held[1]:
+                return False
+            seconds = max(seconds, held[0] - now)
+        self.engine.grant(entry.src, door, seconds, now, ports)
         self.origins[(entry.src, door)] = entry.member
         self.log.info("%s: %s: open, granted on fleet member %s (%.0fs left)", entry.src, door, entry.member, seconds)
         return True
