@@ -283,3 +283,17 @@ def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypa
         assert daemon.answer({"cmd": "status"})["fleet"]["published"] == 2
     finally:
         daemon.fleet.stop()
+
+
+def test_a_remote_grant_never_narrows_or_shortens_a_local_one():
+    engine = Engine((door(),), shared=True)
+    config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", "b")
+    member = FleetMember(config, engine, LOG, lambda: None, connect=lambda *a, **k: None)
+    engine.grant(ALICE, "openSSH", 300, now=1.0)  # all the door's ports, for 5 minutes
+    narrow = Grant("g1", "a", "i1", ALICE, "openSSH", WALL + 30, frozenset({("tcp", 22)}))
+    assert not member._apply(narrow, 1.0, WALL)
+    assert engine.grant_of(ALICE, "openSSH", 1.0) == (301.0, None)
+    longer = Grant("g2", "a", "i1", ALICE, "openSSH", WALL + 600, frozenset({("tcp", 22)}))
+    assert member._apply(longer, 1.0, WALL)
+    assert engine.grant_of(ALICE, "openSSH", 1.0) == (601.0, None)
+    assert not member._apply(longer, 1.0, WALL)  # the same entry again: applied once
