@@ -9,6 +9,7 @@ import secrets
 import shutil
 import socket
 import time
+import urllib.request
 
 import pytest
 from conftest import Server, connect
@@ -132,7 +133,7 @@ def send_udp(client, payload, port=62201):
 
 def test_a_knock_on_one_member_opens_the_others(lan, fleet):
     fleet(0)
-    b, c = fleet(1), fleet(2)
+    b, c = fleet(1), fleet(2, "--metrics-port", "9475")
     knock(lan, lan.client(0, server=0))
     attempt = connect(lan.client(0, server=1), timeout=3)  # at once, to another member
     assert attempt.connected and attempt.greeting == b"hello\n"
@@ -143,6 +144,11 @@ def test_a_knock_on_one_member_opens_the_others(lan, fleet):
     assert seen["reachable"] and {m["member"] for m in seen["members"]} == {"a", "b", "c"}
     assert [(g["source"], g["door"], g["from"]) for g in seen["shared_grants"]] == [("10.198.0.101", "openSSH", "a")]
     assert "fleet nfknock: Redis" in ctl(c, "status").stdout
+    with entered(lan.server(2)):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        body = opener.open("http://127.0.0.1:9475/metrics", timeout=5).read().decode()
+    assert "nfknock_fleet_redis_up 1.0" in body and "nfknock_fleet_members 3.0" in body
+    assert "nfknock_fleet_shared_grants 1.0" in body
 
 
 def test_a_revoke_on_any_member_closes_all(lan, fleet):
