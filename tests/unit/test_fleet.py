@@ -297,3 +297,22 @@ def test_a_remote_grant_never_narrows_or_shortens_a_local_one():
     assert member._apply(longer, 1.0, WALL)
     assert engine.grant_of(ALICE, "openSSH", 1.0) == (601.0, None)
     assert not member._apply(longer, 1.0, WALL)  # the same entry again: applied once
+
+
+def test_run_refuses_bad_fleet_options_in_one_line_before_touching_anything(tmp_path, capsys):
+    from nfknock.cli import main
+
+    rules = str(tmp_path)
+    key_file = tmp_path / "fleet.key"
+    key_file.write_text(base64.b64encode(KEY).decode())
+    key_file.chmod(0o600)
+    cases = [
+        (["--cluster", "redis://:hunter2@10.0.0.5:6379/0", "--cluster-key-file", str(key_file)], "password-file"),
+        (["--cluster", "redis://10.0.0.5:6379/0"], "needs --cluster-key-file"),
+        (["--cluster-key-file", str(key_file)], "need --cluster URL"),
+        (["--cluster", "redis://10.0.0.5/0", "--cluster-key-file", str(key_file), "--cluster-name", "a b"], "name"),
+    ]
+    for extra, said in cases:
+        assert main(["run", "--rules", rules, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0] and "hunter2" not in err[0], err
