@@ -199,8 +199,13 @@ class FleetMember:
             revoked = self.engine.revoke(entry.src, entry.door)
             for name in revoked:
                 self.origins.pop((entry.src, name), None)
-            self.log.info(
-                "%s: revoked on fleet member %s (%s)", entry.src, entry.member, ", ".join(revoked) or "no grant here"
+            # Quiet when there was nothing to revoke here: a member catching up reads old ones too.
+            self.log.log(
+                logging.INFO if revoked else logging.DEBUG,
+                "%s: revoked on fleet member %s (%s)",
+                entry.src,
+                entry.member,
+                ", ".join(revoked) or "no grant here",
             )
             return bool(revoked)
         self.applied.record(entry.id, entry.until)
