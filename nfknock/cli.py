@@ -163,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     spa.add_argument(
         "--allow-ip", help="address to put inside the packet (default: this host's source address towards HOST)"
     )
+    spa.add_argument("--key", help="which of the door's keys to use (needed when it has several)")
+    spa.add_argument(
+        "--user", default="nfknock", help="the username in the packet, as fwknop -U (default: %(default)s)"
+    )
+    spa.add_argument(
+        "--fw-timeout",
+        type=_int_in(1, 86400, "timeout"),
+        metavar="SECONDS",
+        help="ask for this long, as fwknop -f (the door grants at most its max_open_for)",
+    )
     spa.set_defaults(func=cmd_spa)
 
     otp = verbs.add_parser(
@@ -179,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = verbs.add_parser(
         "status", help="doors, live grants (source, time left), lockouts and counters of the running daemon"
     )
-    revoke = verbs.add_parser("revoke", help="end the grants of an address now (established connections stay)")
-    revoke.add_argument("address")
+    revoke = verbs.add_parser(
+        "revoke", help="end the grants of an address, or of an SPA key, now (established connections stay)"
+    )
+    revoke.add_argument("address", nargs="?")
+    revoke.add_argument("--key", help="end the grants opened with this SPA key (a person), from any address")
     revoke.add_argument("--door", help="only this door (default: all)")
     grant = verbs.add_parser("grant", help="break-glass: let an address open new connections through a door")
     grant.add_argument("address")
@@ -200,7 +213,40 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("-o", "--output", help="write the doors here (default: standard output)")
     importer.set_defaults(func=cmd_import_knockd)
 
-    keygen = verbs.add_parser("keygen", help="print a fresh SPA key pair, in the format fwknop --key-gen prints")
+    fwknop = verbs.add_parser(
+        "import-fwknop",
+        help="turn fwknopd's access.conf into an SPA door (YAML) and a key file per stanza; list what cannot be",
+    )
+    fwknop.add_argument("config", help="the access.conf to read")
+    fwknop.add_argument("--keys-dir", required=True, help="where to write the key files (made 0700; files 0600)")
+    fwknop.add_argument("-o", "--output", help="write the door here (default: standard output)")
+    fwknop.add_argument("--door", default="fwknop", help="the door's name (default: %(default)s)")
+    fwknop.add_argument(
+        "--protect",
+        nargs="+",
+        default=["22/tcp"],
+        metavar="PORT/PROTO",
+        help="ports for stanzas without OPEN_PORTS (fwknopd opens whatever they ask; default: %(default)s)",
+    )
+    fwknop.set_defaults(func=cmd_import_fwknop)
+
+    keygen = verbs.add_parser(
+        "keygen",
+        help="a fresh SPA key pair: printed as fwknop --key-gen prints it, or with --name written as a key file",
+    )
+    keygen.add_argument(
+        "--name", help="write NAME.keys (mode 0600) for an SPA door's keys_dir and print the client's command line"
+    )
+    keygen.add_argument("--dir", default=".", help="with --name: the directory to write it in (default: %(default)s)")
+    keygen.add_argument("--username", help="with --name: the username the key requires (the client sends it with -U)")
+    keygen.add_argument(
+        "--sources", nargs="+", metavar="NETWORK", help="with --name: networks the key may be used from"
+    )
+    keygen.add_argument(
+        "--expires", metavar="DATE", help="with --name: the key stops working on this date (2027-01-31)"
+    )
+    keygen.add_argument("--ports", nargs="+", metavar="PORT/PROTO", help="with --name: ports the key may open")
+    keygen.add_argument("--server", default="SERVER", help="the server's address in the printed command line")
     keygen.set_defaults(func=cmd_keygen)
 
     down = verbs.add_parser(
@@ -426,7 +472,17 @@ def cmd_spa(args) -> int:
     door = load_rules(args.rules).door(args.door)
     if not isinstance(door, SpaDoor):
         raise UsageError(f"door {door.name!r} is a knock door; use 'nfknock knock'")
-    send_spa(args.host, door.keys, door.port.port, [p.key for p in ports or door.protect], args.allow_ip)
+    names = [key.name for key in door.keyring]
+    if args.key is not None:
+        if args.key not in names:
+            raise UsageError(f"door {door.name!r} has no key {args.key!r} (keys: {', '.join(names) or 'none'})")
+        key = door.keyring[names.index(args.key)]
+    elif len(names) == 1:
+        key = door.keyring[0]
+    else:
+        raise UsageError(f"door {door.name!r} has {len(names)} keys: pick one with --key ({', '.join(names)})")
+    wanted = [p.key for p in ports] or sorted(key.ports or (p.key for p in door.protect))
+    send_spa(args.host, key.keys, door.port.port, wanted, args.allow_ip, user=args.user, timeout=args.fw_timeout)
     return 0
 
 
@@ -453,7 +509,8 @@ def cmd_status(args) -> int:
     for title, rows in (("grants", answer["grants"]), ("locked out", answer["locked"])):
         print(f"{title}:" if rows else f"{title}: none")
         for row in rows:
-            print(f"  {row['source']:<40} {row['door']:<20} {row['seconds_left']:>8.1f}s left")
+            who = f"   key {row['key']} (granted {row['granted_for']:g}s)" if row.get("key") else ""
+            print(f"  {row['source']:<40} {row['door']:<20} {row['seconds_left']:>8.1f}s left{who}")
     packets = answer["packets"]
     print(
         f"packets: {packets['accept']} accepted, {packets['drop']} dropped, {packets['pass']} passed back; "
@@ -485,6 +542,18 @@ def fleet_lines(fleet: dict) -> list[str]:
 
 
 def cmd_revoke(args) -> int:
+    if (args.address is None) == (args.key is None):
+        raise UsageError("give an ADDRESS or --key NAME")
+    if args.key is not None:
+        answer = _answer(args, {"cmd": "revoke", "key": args.key, "door": args.door})
+        if not args.json:
+            doors, sources = answer["revoked"], answer["addresses"]
+            print(
+                f"revoked key {args.key} on {', '.join(doors)} ({', '.join(sources)})"
+                if doors
+                else f"key {args.key} had no grant"
+            )
+        return 0
     answer = _answer(args, {"cmd": "revoke", "address": args.address, "door": args.door})
     if not args.json:
         doors = answer["revoked"]
@@ -544,7 +613,57 @@ def cmd_keygen(args) -> int:
     from .spa import generate_keys
 
     encryption, mac = generate_keys()
-    print(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}")
+    if args.name is None:
+        extra = [name for name in ("username", "sources", "expires", "ports") if getattr(args, name) is not None]
+        if extra:
+            raise UsageError(f"--{extra[0]} needs --name (settings go into a named key file)")
+        print(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}")
+        return 0
+    from pathlib import Path
+
+    from .keyfiles import client_command, key_file_text, write_key_file
+
+    text = key_file_text(
+        args.name, encryption, mac, username=args.username, sources=args.sources, expires=args.expires, ports=args.ports
+    )
+    path = write_key_file(Path(args.dir), args.name, text)
+    print(f"nfknock: wrote {path} (mode 0600): put it in the SPA door's keys_dir and reload", file=sys.stderr)
+    print(client_command(args.server, encryption, mac, ports=args.ports, username=args.username))
+    return 0
+
+
+def cmd_import_fwknop(args) -> int:
+    from pathlib import Path
+
+    from .fwknop_import import import_fwknop
+    from .keyfiles import write_key_file
+    from .rules import parse_rules_text
+
+    try:
+        text = Path(args.config).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{args.config}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    protect = [str(port_argument(text, "--protect")) for text in args.protect]
+    keys_dir = Path(args.keys_dir)
+    imported = import_fwknop(text, args.door, keys_dir, protect)
+    for line in imported.notes:
+        print(f"nfknock: {args.config} {line}", file=sys.stderr)
+    for line in imported.unmapped:
+        print(f"nfknock: {args.config} {line} -- NOT IMPORTED", file=sys.stderr)
+    if not imported.key_files:
+        raise UsageError(f"{args.config}: no stanza could be imported")
+    output = imported.yaml()
+    parse_rules_text(output, Path(args.output or "imported.yaml"))  # what we write must be valid rules
+    existing = [name for name in imported.key_files if (keys_dir / f"{name}.keys").exists()]
+    if existing:
+        raise UsageError(f"{keys_dir}: {existing[0]}.keys exists already (nothing written; pick another --keys-dir)")
+    for name, key_text in imported.key_files.items():
+        path = write_key_file(keys_dir, name, key_text)
+        print(f"nfknock: wrote {path}", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(output)
+    else:
+        print(output, end="")
     return 0
 
 

@@ -68,15 +68,23 @@ def knock(
 
 
 def send_spa(
-    host: str, keys, spa_port: int, ports: list[tuple[str, int]], allow_ip: str | None = None, now: float | None = None
+    host: str,
+    keys,
+    spa_port: int,
+    ports: list[tuple[str, int]],
+    allow_ip: str | None = None,
+    now: float | None = None,
+    user: str = "nfknock",
+    timeout: int | None = None,
 ) -> str:
     """One SPA datagram to `host`; the address put inside is `allow_ip` or, as fwknop's `-R`
-    would, this host's source address towards `host`. Returns that address."""
+    would, this host's source address towards `host`. `user` and `timeout` are fwknop's -U and
+    -f. Returns the address put inside."""
     from .spa import encode
 
     family, address = resolve(host)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((address, spa_port))
         allow = allow_ip or sock.getsockname()[0]
-        sock.send(encode(keys, allow, ports, time.time() if now is None else now))
+        sock.send(encode(keys, allow, ports, time.time() if now is None else now, user, timeout))
     return allow

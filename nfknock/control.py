@@ -15,6 +15,7 @@ import json
 import math
 import os
 import queue
+import re
 import socket
 import stat
 import threading
@@ -31,6 +32,7 @@ MAX_REQUEST = 4096  # bytes; a request is a few dozen
 REQUEST_DEADLINE = 1.0  # seconds for a client to send its whole request
 ANSWER_DEADLINE = 5.0  # seconds the thread waits for the loop's answer
 COMMANDS = ("status", "revoke", "grant")
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")  # as rules.KeyName
 
 
 def parse_request(raw: bytes) -> dict[str, Any]:
@@ -45,8 +47,16 @@ def parse_request(raw: bytes) -> dict[str, Any]:
     if verb not in COMMANDS:
         raise ValueError(f"unknown command {verb!r} ({', '.join(COMMANDS)})")
     checked: dict[str, Any] = {"cmd": verb}
+    if verb == "revoke" and request.get("key") is not None:
+        key = request["key"]
+        if not isinstance(key, str) or not KEY_NAME.fullmatch(key):
+            raise ValueError(f"key must be a key name, got {key!r}")
+        if request.get("address") is not None:
+            raise ValueError("revoke takes an address or a key, not both")
+        checked["key"] = key
     if verb in ("revoke", "grant"):
-        checked["address"] = canonical_address(request.get("address"))
+        if "key" not in checked:
+            checked["address"] = canonical_address(request.get("address"))
         door = request.get("door")
         if door is not None and not isinstance(door, str):
             raise ValueError(f"door must be a name, got {door!r}")
@@ -222,9 +232,20 @@ def answer(daemon: Any, request: dict[str, Any], now: float) -> dict[str, Any]:
     verb = request["cmd"]
     if verb == "status":
         return status(daemon, now)
-    address, door = request["address"], request["door"]
+    door = request["door"]
     if door is not None and door not in daemon.engine.doors:
         return {"error": f"no door named {door!r} (doors: {', '.join(daemon.engine.doors)})"}
+    if "key" in request:
+        pairs = daemon.engine.revoke_key(request["key"], door)
+        sources = sorted({src for _, src in pairs})
+        daemon.log.info(
+            "key %s: revoked by the operator (%s)",
+            request["key"],
+            ", ".join(f"{src} on {name}" for name, src in pairs) or "no grant",
+        )
+        # `addresses`: the sources whose kernel routing the daemon brings up to date.
+        return {"revoked": sorted({name for name, _ in pairs}), "key": request["key"], "addresses": sources}
+    address = request["address"]
     if verb == "revoke":
         doors = daemon.engine.revoke(address, door)
         daemon.log.info("%s: revoked by the operator (%s)", address, ", ".join(doors) or "no grant")
@@ -246,7 +267,13 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
             {"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]} for d in daemon.ruleset.doors
         ],
         "grants": [
-            {"door": door, "source": src, "seconds_left": round(left, 1)} for door, src, left in engine.grants(now)
+            {
+                "door": row.door,
+                "source": row.source,
+                "seconds_left": round(row.seconds_left, 1),
+                **({} if row.key is None else {"key": row.key, "granted_for": row.seconds}),
+            }
+            for row in engine.grant_rows(now)
         ],
         "locked": [
             {"door": door, "source": src, "seconds_left": round(left, 1)} for door, src, left in engine.locked(now)

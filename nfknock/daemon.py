@@ -32,9 +32,9 @@ from . import control, metrics
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import NfknockError, PacketError, QueueError, RulesError
-from .events import DoorClosed, DoorOpened, Recorded
+from .events import DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
-from .firewall import PASS_MARK, Firewall, Plan, iptables_flavour, plan
+from .firewall import PASS_MARK, Firewall, Plan, first_step_mark, iptables_flavour, plan
 from .firewall.granted import GrantedSets
 from .fleet.link import FleetConfig
 from .loading import load_rules
@@ -141,6 +141,7 @@ class Daemon:
         self.fleet: Any = None  # a FleetMember while running in fleet mode
         self.store = ReplayStore(config.state_dir) if config.state_dir else None
         self.granted = GrantedSets(config.queue_num, self.log)
+        self.first_seen_mark = first_step_mark(config.pass_mark)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
         self.reporter = Reporter()
@@ -165,6 +166,8 @@ class Daemon:
         verdict = _DROP
         try:
             packet = parse(queued.get_payload())
+            if queued.get_mark() & self.first_seen_mark:
+                packet = packet._replace(first_seen=True)
             now = self.clock()
             decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict
@@ -200,6 +203,9 @@ class Daemon:
             kind = type(event)
             if kind is DoorOpened or kind is DoorClosed:
                 self._sync_granted(event.src, now)
+            elif kind is GrantsRevoked:
+                for src in event.sources:
+                    self._sync_granted(src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
         if self.fleet is not None:
@@ -239,7 +245,6 @@ class Daemon:
         try:
             self._warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
-            self.granted.start()
             self._start_fleet()
             self.firewall.apply(self.config.plan(self.ruleset.doors))
             self._start_control()
@@ -299,12 +304,15 @@ class Daemon:
                         queue.run(block=False)
                     except _YieldLoop:
                         pass
+            self.granted.flush()  # after the packets that were waiting: see granted.py
             if wake_r in readable:
                 _drain(wake_r)
             if self.control is not None:
                 self.control.answer_pending(self.answer)
+                self.granted.flush()
             if self.fleet is not None:
                 self._fleet_step()
+                self.granted.flush()
             self._reload_step()
             now = self.clock()
             if deadline is not None and now >= deadline:
@@ -377,6 +385,7 @@ class Daemon:
             return False
         dropped = self.engine.reload(ruleset.doors)
         self.ruleset = ruleset
+        self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -407,7 +416,7 @@ class Daemon:
         """Everything but the scaffolding: with no process bound to the queues the kernel drops
         what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
-        steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.stop]
+        steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
         if self.fleet is not None:
             steps.append(self.fleet.stop)
         for step in steps + [queue.unbind for queue in queues]:
@@ -471,9 +480,11 @@ class Daemon:
         try:
             now = self.clock()
             answer = control.answer(self, request, now)
-            if "address" in request and "error" not in answer:
-                self._sync_granted(request["address"], now)
-                if self.fleet is not None:
+            if "error" not in answer:
+                for address in answer.get("addresses", [request.get("address")]):
+                    if address:
+                        self._sync_granted(address, now)
+                if self.fleet is not None and request["cmd"] != "status":
                     self.fleet.on_control(request, answer, now, self.wall_clock())
             return answer
         except Exception as exc:

@@ -13,16 +13,27 @@ def _ports(ports) -> str:
 def describe(door: Door) -> list[tuple[str, str]]:
     """(field, value) pairs, in the order a reader wants them."""
     if isinstance(door, SpaDoor):
-        keys = door.keys_file or f"${door.keys_env}_*"
-        return [
-            ("spa port", f"{door.port}   hmac {door.hmac_digest}   keys from {keys}"),
+        where = []
+        if door.keys_file or door.keys_env:
+            where.append(str(door.keys_file or f"${door.keys_env}_*"))
+        if door.keys:
+            where.append(f"{len(door.keys)} in keys")
+        if door.keys_dir:
+            where.append(f"{door.keys_dir}/*.keys")
+        most = door.max_open_for if door.max_open_for is not None else door.open_for
+        lines = [
+            ("spa port", f"{door.port}   hmac {door.hmac_digest}   keys from {', '.join(where)}"),
             ("protect", _ports(door.protect)),
             (
                 "open_for",
-                f"{door.open_for:g}s   max_age {door.max_age:g}s   trust_inner_address "
-                f"{str(door.trust_inner_address).lower()}",
+                f"{door.open_for:g}s   max_open_for {most:g}s (fwknop -f)   max_age {door.max_age:g}s   "
+                f"trust_inner_address {str(door.trust_inner_address).lower()}",
             ),
         ]
+        if door._keyring is not None:  # loaded: name each person's key and what it may do
+            ring = door.keyring
+            lines.append(("keys", ", ".join(key.describe() for key in ring) if ring else "none: nobody can open it"))
+        return lines
     lines = []
     if isinstance(door, RotatingDoor):
         rotate = door.rotate

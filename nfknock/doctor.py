@@ -25,7 +25,7 @@ from .extras import SERVER, SERVER_MODULES, absent
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
 from .firewall.legacy import legacy_tables
 from .loading import load_rules, rule_files
-from .rules import Door
+from .rules import KEY_SUFFIX, Door, SpaDoor
 from .stats import QUEUE_PROC, parse_queue_table
 from .trust import why_unsafe
 
@@ -365,6 +365,19 @@ def read_local_ports() -> tuple[tuple[int, int] | None, str]:
     return (low, high), reserved
 
 
+def _secret_files(door) -> list[Path]:
+    """Every key or secret file a door reads: whoever reads one can open the door."""
+    files = [getattr(door, "keys_file", None), getattr(getattr(door, "rotate", None), "secret_file", None)]
+    files += [key.file for key in getattr(door, "keys", ())]
+    keys_dir = getattr(door, "keys_dir", None)
+    if keys_dir is not None:
+        try:
+            files += [p for p in keys_dir.iterdir() if p.name.endswith(KEY_SUFFIX)]
+        except OSError:
+            pass  # the rules check reports an unreadable keys_dir
+    return [path for path in files if path is not None]
+
+
 def diagnose(
     rules: Path, queue_num: int, chosen: str, host: HostState | None = None, pass_mark: int = PASS_MARK
 ) -> list[Finding]:
@@ -375,13 +388,9 @@ def diagnose(
         paths = [rules, *rule_files(rules)] if rules.is_dir() else [rules]
     except RulesError:
         paths = []
-    keys = frozenset(
-        path
-        for door in doors
-        for path in (getattr(door, "keys_file", None), getattr(getattr(door, "rotate", None), "secret_file", None))
-        if path is not None
-    )
-    paths += sorted(keys)
+    keys = frozenset(path for door in doors for path in _secret_files(door))
+    key_dirs = {door.keys_dir for door in doors if isinstance(door, SpaDoor) and door.keys_dir is not None}
+    paths += sorted(keys) + sorted(key_dirs)
     return (
         check_flavour(host, chosen)
         + check_server_extra(host, chosen)

@@ -25,8 +25,12 @@ takes it depends on its kind, decided once when the doors are compiled:
 - a rotating door does the same with the sequences of the current and the previous time
   window (rotation.py); a sequence that has opened the door is recorded in the replay cache
   and does not open it again (SequenceReused, a failure).
-- an SPA door checks the packet (spa_access.py: HMAC, replay cache, age, address, ports) and
-  grants the ports it asked for; a refusal is a failure.
+- an SPA door checks the packet (spa_access.py: which person's key by its HMAC, replay cache,
+  age, the key's expiry, sources and username, address, ports) and grants the ports it asked
+  for, for the time it asked for (up to the key's max_open_for) or open_for; a refusal is a
+  failure. The grant remembers whose key it was: `revoke_key` ends a person's grants, and a
+  reload that only adds or removes keys keeps the door's state but the grants of keys that
+  left (GrantsRevoked).
 
 Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
 check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon
@@ -62,18 +66,20 @@ from .events import (
     DoorOpened,
     Event,
     GrantExpired,
+    GrantsRevoked,
     Recorded,
     Sequence,
     SequenceReset,
     SequenceReused,
     SpaRefused,
 )
+from .first_steps import first_step_groups
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor
 from .sequence import Action, Key, KnockSequence, _FastHash
-from .spa_access import authorize
+from .spa_access import KeyRefused, SpaGrant, authorize
 from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
@@ -158,25 +164,35 @@ class _DoorState:
     def tables(self) -> list[Table]:
         return [seq.attempts for seq in self.sequences] + [self.grants] + self.lockouts.tables()
 
-    def open_once(self, src: str, record: Recorded, shared: bool, now: float, events: list[Event], ports=None) -> None:
-        """Grant what a once-only record allowed, or, in a fleet, ask first (ClaimNeeded)."""
+    def open_once(
+        self, src: str, record: Recorded, shared: bool, now: float, events: list[Event], grant: SpaGrant | None = None
+    ) -> None:
+        """Grant what a once-only record allowed (an SPA packet's `grant`, or the whole door),
+        or, in a fleet, ask first (ClaimNeeded)."""
+        seconds = self.door.open_for if grant is None else grant.seconds
         if shared:
-            wanted = None if ports is None else tuple(sorted(ports))
-            events.append(ClaimNeeded(src, self.name, record.key, record.expires, self.door.open_for, wanted))
+            ports = None if grant is None else tuple(sorted(grant.ports))
+            key = None if grant is None else grant.key
+            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key))
             return
-        until = now + self.door.open_for
-        self.grants.put(src, until, ports)
-        events.append(DoorOpened(src, self.name, until))
+        until = now + seconds
+        if grant is None:
+            self.grants.put(src, until)
+            events.append(DoorOpened(src, self.name, until))
+        else:
+            self.grants.put(src, until, grant)  # the latest packet decides: its ports, key and time
+            events.append(DoorOpened(src, self.name, until, grant.key, grant.seconds))
 
 
 class _KnockDoorState(_DoorState):
     """A fixed open sequence and perhaps a close sequence."""
 
-    __slots__ = ("seq_timeout",)
+    __slots__ = ("seq_timeout", "first")
 
     def __init__(self, door: KnockDoor | RotatingDoor, pools: _Pools):
         super().__init__(door, pools)
         self.seq_timeout = door.seq_timeout
+        self.first: Key | None = None  # the open sequence's first step, when the kernel records it
         if isinstance(door, KnockDoor):
             self.sequences = [self._compile(_OPEN, door.sequence, pools)]
             if door.close_sequence:
@@ -186,14 +202,29 @@ class _KnockDoorState(_DoorState):
         keys = tuple(step if isinstance(step, tuple) else step.key for step in steps)
         return KnockSequence(self.name, kind, keys, self.seq_timeout, pools.attempts.table(), window)
 
+    def first_in_kernel(self, yes: bool) -> None:
+        """Whether the kernel records the open sequence's first step (decided over all doors)."""
+        opening = self.sequences[0]
+        self.first, opening.second = (opening.steps[0], opening.steps[1]) if yes else (None, None)
+
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
+        # The kernel marks a second step only from a source whose first step it recorded and
+        # that knocked no other port of the door since (first_steps.py).
+        first_seen = packet.first_seen and self.first is not None
         ordered = self.sequences
-        if len(ordered) == 2 and src in ordered[1].attempts and src not in ordered[0].attempts:
+        if first_seen and src not in ordered[0].attempts and self.first is not None:
+            # The first step the kernel saw would have ended a close attempt, as a knock does.
+            first = f"{self.first[1]}/{self.first[0]}"
+            for seq in ordered[1:]:
+                attempt = seq.forget(src)
+                if attempt is not None:
+                    events.append(SequenceReset(src, seq.door, seq.kind, attempt.stage, first))
+        elif len(ordered) == 2 and src in ordered[1].attempts and src not in ordered[0].attempts:
             ordered = ordered[::-1]
         reset = False
         for seq in ordered:
-            action = seq.step(src, key, now, events)
+            action = seq.step(src, key, now, events, first_seen)
             if action is _COMPLETE:
                 self.complete(seq, src, now, events)
                 return
@@ -260,7 +291,7 @@ class _RotatingDoorState(_KnockDoorState):
 
 
 class _SpaDoorState(_DoorState):
-    """One authenticated packet opens the ports it asks for."""
+    """One authenticated packet opens the ports it asks for; its grant names the key."""
 
     __slots__ = ("replays", "spa")
 
@@ -274,13 +305,40 @@ class _SpaDoorState(_DoorState):
         try:
             if wall is None:
                 raise SpaError("no clock", "the engine was not given the wall-clock time")
-            ports = authorize(self.spa, packet, wall, self.replays, events)
+            grant = authorize(self.spa, packet, wall, self.replays, events)
         except SpaError as exc:
-            events.append(SpaRefused(src, self.name, exc.reason, exc.detail))
+            who = exc.key if isinstance(exc, KeyRefused) else None
+            events.append(SpaRefused(src, self.name, exc.reason, exc.detail, who))
             self.failed(src, now, events)
             return
         record = next(event for event in reversed(events) if type(event) is Recorded)  # authorize recorded it
-        self.open_once(src, record, self.replays.shared, now, events, ports)
+        self.open_once(src, record, self.replays.shared, now, events, grant)
+
+    def rekey(self, door: SpaDoor) -> list[Event]:
+        """Take the door's new keys (its other settings are unchanged): grants of keys that
+        left, or changed, end; everyone else's stay."""
+        kept = set(door.keyring)
+        gone = [key.name for key in self.spa.keyring if key not in kept]
+        events: list[Event] = []
+        for name in gone:
+            sources = [
+                src for src, _, value in self.grants.items() if isinstance(value, SpaGrant) and value.key == name
+            ]
+            for src in sources:
+                self.grants.pop(src)
+            events.append(GrantsRevoked(self.name, name, tuple(sources)))
+        self.door = self.spa = door
+        return events
+
+
+class GrantRow(NamedTuple):
+    """A live grant as `status` shows it; key and seconds (its length) for SPA grants."""
+
+    door: str
+    source: str
+    seconds_left: float
+    key: str | None
+    seconds: float | None
 
 
 def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
@@ -303,18 +361,39 @@ class Engine:
         # a fleet member's, whose records must be claimed fleet-wide before they open anything.
         self.replays = ReplayCache(max_sources)
         self.replays.shared = shared
+        self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
         self._compile(doors)
 
     # -- configuration ------------------------------------------------------------------
 
+    def _reusable(self, door: Door) -> _DoorState | None:
+        """The state of the door of that name if it can carry on: the same door, or an SPA door
+        whose keys alone changed."""
+        old = self._doors.get(door.name)
+        if old is None:
+            return None
+        if old.door == door:
+            return old
+        if isinstance(old, _SpaDoorState) and isinstance(door, SpaDoor) and door.same_settings(old.door):
+            return old
+        return None
+
     def _compile(self, doors: tuple[Door, ...]) -> None:
         states = {}
+        rekeyed: list[Event] = []
         for door in doors:
-            old = self._doors.get(door.name)
-            states[door.name] = (
-                old if old is not None and old.door == door else _door_state(door, self._pools, self.replays)
-            )
+            state = self._reusable(door)
+            if state is None:
+                state = _door_state(door, self._pools, self.replays)
+            elif isinstance(state, _SpaDoorState) and state.door is not door:
+                rekeyed += state.rekey(door)  # type: ignore[arg-type]  # an SPA door, as _reusable checked
+            states[door.name] = state
         self._doors = states
+        self.rekeyed = tuple(rekeyed)
+        in_kernel = {name for group in first_step_groups(doors) for name in group.doors}
+        for state in states.values():
+            if type(state) is _KnockDoorState:
+                state.first_in_kernel(state.name in in_kernel)
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}
         protect: dict[Key, list[_DoorState]] = {}
@@ -338,7 +417,7 @@ class Engine:
     def reload(self, doors: tuple[Door, ...]) -> list[str]:
         """Switch to new doors. State of doors that did not change is kept; returns the names
         of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
-        keep = {d.name for d in doors if d.name in self._doors and self._doors[d.name].door == d}
+        keep = {d.name for d in doors if self._reusable(d) is not None}
         dropped = sorted(set(self._doors) - keep)
         for name in dropped:
             for table in self._doors[name].tables():
@@ -377,7 +456,7 @@ class Engine:
             # Grants are per exact address: a knock over IPv4 opens IPv4 only. An SPA grant
             # holds the ports the packet asked for; a knock grant (None) all of the door's.
             grant = state.grants.live(packet.src, now)
-            if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1]):
+            if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
@@ -393,7 +472,10 @@ class Engine:
         for name, state in self._doors.items():
             for seq in state.sequences:
                 events.extend(seq.expire(now))
-            events.extend(GrantExpired(src, name) for src, _ in state.grants.expire(now))
+            events.extend(
+                GrantExpired(src, name, value.key if isinstance(value, SpaGrant) else None)
+                for src, value in state.grants.expire(now)
+            )
             events.extend(state.lockouts.expire(now))
         return events
 
@@ -409,15 +491,15 @@ class Engine:
 
     # -- operator actions (the control socket) --------------------------------------------
 
-    def grant(self, src: str, door: str, seconds: float, now: float, ports=None) -> float:
+    def grant(self, src: str, door: str, seconds: float, now: float, ports=None, key: str | None = None) -> float:
         """Break-glass (or a fleet member's grant): let `src` open new connections through
-        `door` for `seconds` (`ports`: only these (proto, port)s). Its deadline may come before
-        older grants'; `live()` still ends it on time (only its GrantExpired event may come late)."""
+        `door` for `seconds` (the table keeps deadline order, so it expires on time even before
+        older grants). A fleet member's SPA grant holds only `ports` and names the `key`."""
         state = self._doors.get(door)
         if state is None:
             raise KeyError(door)
         until = now + seconds
-        state.grants.put(src, until, None if ports is None else frozenset(ports))
+        state.grants.put(src, until, None if ports is None else SpaGrant(frozenset(ports), key or "", seconds))
         return until
 
     def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
@@ -430,23 +512,41 @@ class Engine:
         events: list[Event] = []
         if answer == "ours":
             until = now + claim.seconds
-            state.grants.put(claim.src, until, None if claim.ports is None else frozenset(claim.ports))
-            events.append(DoorOpened(claim.src, claim.door, until))
+            if claim.ports is None:
+                state.grants.put(claim.src, until)
+                events.append(DoorOpened(claim.src, claim.door, until))
+            else:
+                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds)
+                state.grants.put(claim.src, until, spa)
+                events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
             return events
         taken = answer == "taken"
         reason = "replay" if taken else "fleet unreachable"
         if isinstance(state, _SpaDoorState):
-            events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member"))
+            events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
         elif taken:
             events.append(SequenceReused(claim.src, claim.door))
         if taken:
             state.failed(claim.src, now, events)
         return events
 
-    def grant_of(self, src: str, door: str, now: float) -> tuple[float, frozenset | None] | None:
-        """(engine deadline, ports or None for all) of the live grant of `src` on `door`."""
+    def grant_of(self, src: str, door: str, now: float) -> tuple[float, SpaGrant | None] | None:
+        """(engine deadline, SpaGrant or None for a grant of all the door's ports) of the live
+        grant of `src` on `door`."""
         state = self._doors.get(door)
         return None if state is None else state.grants.live(src, now)
+
+    def revoke_key(self, key: str, door: str | None = None) -> list[tuple[str, str]]:
+        """End the SPA grants opened with the key named `key` (on one door or all); returns
+        the (door, source) pairs that had one."""
+        revoked = []
+        for name, state in self._doors.items():
+            if door in (None, name):
+                for src, _, value in list(state.grants.items()):
+                    if isinstance(value, SpaGrant) and value.key == key:
+                        state.grants.pop(src)
+                        revoked.append((name, src))
+        return revoked
 
     def revoke(self, src: str, door: str | None = None) -> list[str]:
         """End the grants of `src` (on one door or all); returns the doors it had a grant on."""
@@ -485,6 +585,18 @@ class Engine:
             for src, until, _ in state.grants.items()
             if until > now
         ]
+
+    def grant_rows(self, now: float) -> list[GrantRow]:
+        """Live grants with whose key opened them and for how long (SPA), for `status`."""
+        rows = []
+        for name, state in self._doors.items():
+            for src, until, value in state.grants.items():
+                if until > now:
+                    spa = isinstance(value, SpaGrant)
+                    rows.append(
+                        GrantRow(name, src, until - now, value.key if spa else None, value.seconds if spa else None)
+                    )
+        return rows
 
     def locked(self, now: float) -> list[tuple[str, str, float]]:
         """Live lockouts as (door, source, seconds left)."""

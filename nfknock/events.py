@@ -46,11 +46,14 @@ class SequenceTimeout:
 
 @dataclass(frozen=True, slots=True)
 class DoorOpened:
-    """The open sequence completed: `src` may make NEW connections until `until` (engine time)."""
+    """The open sequence completed: `src` may make NEW connections until `until` (engine time).
+    An SPA door says whose `key` opened it and for how many `seconds` (a client may ask, -f)."""
 
     src: str
     door: str
     until: float
+    key: str | None = None
+    seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class GrantExpired:
 
     src: str
     door: str
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +107,16 @@ class SpaRefused:
     door: str
     reason: str
     detail: str
+    key: str | None = None  # the key whose HMAC the packet carries, once known
+
+
+@dataclass(frozen=True, slots=True)
+class GrantsRevoked:
+    """Grants ended because their key left the door (removed, or changed, at a reload)."""
+
+    door: str
+    key: str
+    sources: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +147,7 @@ class ClaimNeeded:
     """Fleet mode: an SPA packet or a rotating sequence passed every local check, but what it
     opens waits until the fleet agrees that no other member used `record` first. The daemon
     asks, then calls Engine.claimed with this event and the answer. `ports`: what an SPA packet
-    asked for (sorted), None for all the door protects."""
+    asked for (sorted), None for all the door protects; `key`: whose SPA key it was."""
 
     src: str
     door: str
@@ -141,6 +155,7 @@ class ClaimNeeded:
     expires: float
     seconds: float
     ports: tuple[tuple[str, int], ...] | None = None
+    key: str | None = None
 
 
 Event = (
@@ -154,6 +169,7 @@ Event = (
     | LockReleased
     | SpaRefused
     | SequenceReused
+    | GrantsRevoked
     | ConnectionAccepted
     | ConnectionRefused
     | Recorded

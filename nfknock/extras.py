@@ -2,7 +2,7 @@
 
 A plain `pip install nfknock` is the client: knock, spa, otp, keygen and check need only dpkt,
 pydantic, PyYAML and cryptography, and nothing has to be compiled. The daemon needs the
-`server` extra (netfilterqueue, python-iptables), its exporter the `metrics` extra
+`server` extra (netfilterqueue, python-iptables, pyroute2), its exporter the `metrics` extra
 (prometheus-client), fleet mode (--cluster) the `fleet` extra (redis). Those modules are
 imported only where they are used; `require` turns a missing one into a single line that names
 the extra to install.
@@ -19,7 +19,11 @@ from .errors import NfknockError
 SERVER = "server"
 METRICS = "metrics"
 FLEET = "fleet"
-SERVER_MODULES = {"netfilterqueue": "netfilterqueue", "iptc": "python-iptables"}  # module -> distribution
+SERVER_MODULES = {
+    "netfilterqueue": "netfilterqueue",
+    "iptc": "python-iptables",
+    "pyroute2": "pyroute2",
+}  # module -> distribution
 
 
 class MissingExtra(NfknockError):
@@ -46,6 +50,7 @@ def require(module: str, extra: str, needed_by: str) -> ModuleType:
 def require_for_run(metrics_port: int | None, firewall_name: str) -> None:
     """Everything `nfknock run` will import, checked before it binds a queue or installs a rule."""
     require("netfilterqueue", SERVER, "nfknock run")
+    require("pyroute2", SERVER, "nfknock run")
     if firewall_name == "legacy":  # the nft backend runs the nft command instead
         from .firewall.legacy import load_iptc
 

@@ -13,17 +13,23 @@ import os
 import stat
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .errors import RulesError
 from .rules import (
+    KEY_SUFFIX,
     MAX_LINES_PER_FILE,
     Door,
+    DoorKey,
     RotatingDoor,
     Ruleset,
     SpaDoor,
+    SpaKey,
     _clip,
     _conflicts,
     _parse_text,
     _read_keys,
+    read_key_file,
 )
 from .spa import Keys
 from .trust import why_unsafe
@@ -68,50 +74,132 @@ def _read_secret(file: Path) -> str:
 
 
 def _spa_keys(door: SpaDoor) -> Keys:
+    """The single key of keys_file or keys_env (KEY_BASE64 and HMAC_KEY_BASE64, other lines ignored)."""
     if door.keys_file is not None:
         try:
             text = _read_secret(door.keys_file)
         except OSError as exc:
             raise ValueError(f"keys_file {door.keys_file}: cannot read: {exc.strerror}") from None
-        keys = _read_keys(text, f"keys_file {door.keys_file}")
-    else:
-        names = [f"{door.keys_env}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
-        missing = [name for name in names if not os.environ.get(name)]
-        if missing:
-            raise ValueError(f"environment variable {missing[0]} is not set")
-        keys = _read_keys(
-            f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
-            f"environment variables {names[0]}, {names[1]}",
+        return _read_keys(text, f"keys_file {door.keys_file}")
+    return _env_keys(door.keys_env or "")
+
+
+def _env_keys(prefix: str) -> Keys:
+    names = [f"{prefix}_{name}" for name in ("KEY_BASE64", "HMAC_KEY_BASE64")]
+    missing = [name for name in names if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"environment variable {missing[0]} is not set")
+    return _read_keys(
+        f"KEY_BASE64: {os.environ[names[0]]}\nHMAC_KEY_BASE64: {os.environ[names[1]]}",
+        f"environment variables {names[0]}, {names[1]}",
+    )
+
+
+def _person_key(door: SpaDoor, spec: SpaKey, file: Path | None, where: str) -> DoorKey:
+    """One person's key: its file (keys and settings) or environment, over the entry's settings."""
+    if file is None:
+        return door.resolve(spec, _env_keys(spec.env or ""), where)
+    try:
+        text = _read_secret(file)
+    except OSError as exc:
+        raise ValueError(f"{where}: cannot read: {exc.strerror}") from None
+    keys, settings = read_key_file(text, where)
+    given = spec.model_dump(exclude_unset=True, exclude={"name", "file", "env"})
+    both = sorted(set(given) & set(settings))
+    if both:
+        raise ValueError(f"{where}: {', '.join(both)} set both in the rules and in the key file")
+    try:
+        spec = SpaKey.model_validate({**spec.model_dump(exclude_unset=True), **settings})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
+            for err in exc.errors()
         )
-    return Keys(keys.encryption, keys.hmac, door.hmac_digest)
+        raise ValueError(f"{where}: {_clip(problems)}") from None
+    return door.resolve(spec, keys, where)
+
+
+def _keyring(door: SpaDoor, strict: bool, warnings: list[str]) -> tuple[DoorKey, ...]:
+    """Every key of an SPA door, loaded: the single key, the `keys` list, then `keys_dir`.
+
+    Names and HMAC keys must be unique: a packet is matched to its person by the HMAC key it
+    carries. An empty keys_dir is no error (removing the last person must not keep the old
+    rules, and so the old key, in force); `check` warns about it.
+    """
+
+    def trusted(path: Path, field: str, secret: bool = True) -> None:
+        reason = why_unsafe(path, secret=secret)
+        if reason:
+            if strict:
+                raise ValueError(f"{field}: not trusted: {reason}")
+            warnings.append(f"{field}: not trusted: {reason}")
+
+    ring: list[DoorKey] = []
+    if door.keys_file is not None or door.keys_env is not None:
+        if door.keys_file is not None:
+            trusted(door.keys_file, "keys_file")
+        origin = f"keys_file {door.keys_file}" if door.keys_file else f"keys_env {door.keys_env}"
+        ring.append(door.single_key(_spa_keys(door), origin))
+    for spec in door.keys:
+        where = f"keys: {spec.name}: " + (f"file {spec.file}" if spec.file else f"env {spec.env}")
+        if spec.file is not None:
+            trusted(spec.file, f"keys: {spec.name}")
+        ring.append(_person_key(door, spec, spec.file, where))
+    if door.keys_dir is not None:
+        trusted(door.keys_dir, "keys_dir", secret=False)
+        try:
+            files = sorted(p for p in door.keys_dir.iterdir() if p.name.endswith(KEY_SUFFIX))
+        except OSError as exc:
+            raise ValueError(f"keys_dir {door.keys_dir}: cannot read: {exc.strerror}") from None
+        if not files:
+            warnings.append(f"keys_dir {door.keys_dir} holds no *{KEY_SUFFIX} file: nobody can open this door")
+        for file in files:
+            name = file.name[: -len(KEY_SUFFIX)]
+            where = f"keys_dir: {file}"
+            try:
+                spec = SpaKey.model_validate({"name": name, "file": file})
+            except ValidationError:
+                raise ValueError(f"{where}: {name!r} is not a key name (letters, digits, '_.@-', up to 64)") from None
+            trusted(file, where)
+            ring.append(_person_key(door, spec, file, where))
+    names: dict[str, DoorKey] = {}
+    macs: dict[bytes, DoorKey] = {}
+    for key in ring:
+        if key.name in names:
+            raise ValueError(f"key {key.name!r} twice ({names[key.name].origin} and {key.origin})")
+        if key.keys.hmac in macs:
+            raise ValueError(
+                f"keys {macs[key.keys.hmac].name!r} and {key.name!r} have the same HMAC key: a packet could "
+                "not tell them apart (give each person a key of their own: nfknock keygen --name)"
+            )
+        names[key.name] = macs[key.keys.hmac] = key
+    return tuple(ring)
 
 
 def load_secrets(door: Door, strict: bool = False) -> list[str]:
-    """Attach a validated door's secret: a rotating door's `rotate.secret`, an SPA door's `keys`.
+    """Attach a validated door's secrets: a rotating door's `rotate.secret`, an SPA door's keys.
 
     The one step of loading that reads key files and the environment (validation reads
     nothing). A key file that `trust.why_unsafe` refuses is not read when `strict`; otherwise
     the reason is returned as a warning. Raises ValueError naming the field on any problem.
     """
     if isinstance(door, SpaDoor):
-        field, file = "keys_file", door.keys_file
-    elif isinstance(door, RotatingDoor):
-        field, file = "rotate: secret_file", door.rotate.secret_file
-    else:
+        warnings: list[str] = []
+        door._keyring = _keyring(door, strict, warnings)
+        return warnings
+    if not isinstance(door, RotatingDoor):
         return []
     warnings = []
+    file = door.rotate.secret_file
     reason = why_unsafe(file, secret=True) if file is not None else None
     if reason:
         if strict:
-            raise ValueError(f"{field}: not trusted: {reason}")
-        warnings.append(f"{field}: not trusted: {reason}")
-    if isinstance(door, SpaDoor):
-        door._keys = _spa_keys(door)
-    else:
-        try:
-            door.rotate._secret = _secret_from(door.rotate.secret_file, door.rotate.secret_env, "secret")
-        except ValueError as exc:
-            raise ValueError(f"rotate: {exc}") from None
+            raise ValueError(f"rotate: secret_file: not trusted: {reason}")
+        warnings.append(f"rotate: secret_file: not trusted: {reason}")
+    try:
+        door.rotate._secret = _secret_from(door.rotate.secret_file, door.rotate.secret_env, "secret")
+    except ValueError as exc:
+        raise ValueError(f"rotate: {exc}") from None
     return warnings
 
 

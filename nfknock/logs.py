@@ -20,6 +20,7 @@ from .events import (
     DoorOpened,
     Event,
     GrantExpired,
+    GrantsRevoked,
     KnockAdvanced,
     LockedOut,
     LockReleased,
@@ -39,19 +40,32 @@ def _closing(sequence: Sequence) -> str:
     return "close " if sequence is Sequence.CLOSE else ""
 
 
+def _by_key(event: DoorOpened) -> str:
+    # After OPEN SESAME, so that what greps knockd's lines still finds them.
+    if event.key is None:
+        return ""
+    return f" (key {event.key}, {event.seconds:g}s)" if event.seconds is not None else f" (key {event.key})"
+
+
 RENDERERS = {
     KnockAdvanced: lambda e: f"{e.src}: {e.door}: {_closing(e.sequence)}Stage {e.stage}",
-    DoorOpened: lambda e: f"{e.src}: {e.door}: OPEN SESAME",
+    DoorOpened: lambda e: f"{e.src}: {e.door}: OPEN SESAME" + _by_key(e),
     DoorClosed: lambda e: f"{e.src}: {e.door}: closed" + ("" if e.was_open else " (was not open)"),
     SequenceReset: lambda e: (
         f"{e.src}: {e.door}: {_closing(e.sequence)}sequence reset at stage {e.stage} by a knock on {e.port}"
     ),
     SequenceTimeout: lambda e: f"{e.src}: {e.door}: {_closing(e.sequence)}sequence timeout (stage {e.stage})",
-    GrantExpired: lambda e: f"{e.src}: {e.door}: command timeout (open_for over, new connections refused)",
+    GrantExpired: lambda e: (
+        f"{e.src}: {e.door}: command timeout (open_for over, new connections refused)"
+        + (f" (key {e.key})" if e.key else "")
+    ),
     LockedOut: lambda e: f"{e.src}: {e.door}: locked out after {e.failures} failed attempts; knocks ignored",
     LockReleased: lambda e: f"{e.src}: {e.door}: lockout over",
     SequenceReused: lambda e: f"{e.src}: {e.door}: sequence already used in this window; not opened",
     SpaRefused: lambda e: f"{e.src}: {e.door}: SPA packet refused: {e.reason} ({e.detail})",
+    GrantsRevoked: lambda e: (
+        f"{e.door}: key {e.key} removed or changed: grants ended for {', '.join(e.sources) or 'nobody'}"
+    ),
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",
     Recorded: lambda e: f"replay cache: recorded {e.key}",

@@ -28,7 +28,12 @@ TALLIED = {
     DoorOpened: ("doors_opened", "Doors opened (OPEN SESAME)", ("door",), lambda e: (e.door,)),
     DoorClosed: ("doors_closed", "Doors closed by a close sequence", ("door",), lambda e: (e.door,)),
     LockedOut: ("lockouts", "Sources locked out", ("door",), lambda e: (e.door,)),
-    SpaRefused: ("spa_refused", "SPA packets refused", ("door", "reason"), lambda e: (e.door, e.reason)),
+    SpaRefused: (
+        "spa_refused",
+        "SPA packets refused; key: the key whose HMAC the packet carries",
+        ("door", "reason", "key"),
+        lambda e: (e.door, e.reason, e.key or ""),
+    ),
     ConnectionAccepted: (
         "connections",
         "New connections to protected ports",
@@ -44,11 +49,19 @@ TALLIED = {
 }
 
 
+# Also counted for a DoorOpened that names its key (SPA): who opens the door, by person.
+SPA_OPENED = ("spa_opened", "SPA doors opened, by the key (person) that opened them", ("door", "key"), None)
+SPECS = {spec[0]: spec for spec in (*TALLIED.values(), SPA_OPENED)}
+
+
 def tally(counter: Counter, events) -> None:
     for event in events:
-        spec = TALLIED.get(type(event))
+        kind = type(event)
+        spec = TALLIED.get(kind)
         if spec is not None:
             counter[(spec[0], spec[3](event))] += 1
+            if kind is DoorOpened and event.key is not None:
+                counter[("spa_opened", (event.door, event.key))] += 1
 
 
 @dataclass(frozen=True)
@@ -101,7 +114,7 @@ class Collector:
         yield unparsable
         families: dict[str, CounterMetricFamily] = {}
         for (name, labels), count in snapshot.tallies.items():
-            spec = next(s for s in TALLIED.values() if s[0] == name)
+            spec = SPECS[name]
             family = families.get(name)
             if family is None:
                 family = families[name] = CounterMetricFamily(f"nfknock_{name}", spec[1], labels=spec[2])

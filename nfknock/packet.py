@@ -43,6 +43,7 @@ class Packet(NamedTuple):
     payload: bytes = b""
     fragment: bool = False  # a first fragment (more fragments follow)
     family: int = 4
+    first_seen: bool = False  # marked by the kernel: it recorded this source's first step
 
 
 def parse(data: bytes) -> Packet:

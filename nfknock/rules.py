@@ -14,6 +14,7 @@ import ipaddress
 import re
 import reprlib
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -395,6 +396,10 @@ def _read_keys(text: str, where: str) -> Keys:
         name, sep, value = line.partition(":") if ":" in line.split(" ")[0] else line.partition(" ")
         if sep and name.strip() in ("KEY_BASE64", "HMAC_KEY_BASE64"):
             values[name.strip()] = value.strip()
+    return _decode_keys(values, where)
+
+
+def _decode_keys(values: dict[str, str], where: str) -> Keys:
     try:
         encryption = base64.b64decode(values["KEY_BASE64"], validate=True)
         mac = base64.b64decode(values["HMAC_KEY_BASE64"], validate=True)
@@ -407,33 +412,231 @@ def _read_keys(text: str, where: str) -> Keys:
     return Keys(encryption, mac)
 
 
+Digest = Literal["sha1", "sha256", "sha384", "sha512"]
+KeyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")]
+DEFAULT_KEY = "default"  # the name of a door's one key given by keys_file or keys_env
+KEY_SUFFIX = ".keys"  # the files of a keys_dir; the name before it names the key
+
+
+def parse_expiry(value: Any) -> float:
+    """Unix time from `2027-01-31` (00:00 UTC that day, as fwknop's ACCESS_EXPIRE counts a
+    date), an ISO date and time with its offset (`2027-01-31T18:00:00+01:00`), or Unix seconds
+    (ACCESS_EXPIRE_EPOCH). A time without an offset is refused: whose midnight would it be?"""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid expiry {_short(value)} (use e.g. 2027-01-31)")
+    if isinstance(value, (int, float)):
+        if not 0 < value < 2**40:
+            raise ValueError(f"expiry {_short(value)} is not a plausible Unix time")
+        return float(value)
+    if isinstance(value, date):  # a date YAML constructed after all (an explicit !!timestamp)
+        value = value.isoformat()
+    if not isinstance(value, str):
+        raise ValueError(f"invalid expiry {_short(value)} (use e.g. 2027-01-31)")
+    text = value.strip()
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
+        else:
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"invalid expiry {_short(value)} (use e.g. 2027-01-31)") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"expiry {_short(value)} has a time but no offset (add Z or +01:00)")
+    return moment.timestamp()
+
+
+def format_expiry(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    if moment.hour == moment.minute == moment.second == 0:
+        return moment.strftime("%Y-%m-%d")
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def describe_expiry(seconds: float) -> str:
+    """How a log line or `check` says when a key expires."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+Expiry = Annotated[float, BeforeValidator(parse_expiry), PlainSerializer(format_expiry)]
+
+
+class SpaKey(BaseModel):
+    """One person's key of an SPA door, and what it may do. The same settings come from an entry
+    of the door's `keys` list or from the upper-case lines of a key file (USERNAME: alice)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: KeyName
+    file: Path | None = None
+    env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    sources: tuple[Source, ...] = ()
+    username: str | None = Field(default=None, min_length=1, max_length=64)
+    expires: Expiry | None = None
+    ports: Steps | None = Field(default=None, min_length=1)
+    open_for: Duration | None = None
+    max_open_for: Duration | None = None
+    hmac_digest: Digest | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.file is None) == (self.env is None):
+            raise ValueError("give exactly one of file or env")
+        return self
+
+
+# Settings a key file may carry besides its two keys, as upper-case lines (`USERNAME: alice`).
+KEY_FILE_SETTINGS = ("username", "sources", "expires", "ports", "open_for", "max_open_for", "hmac_digest")
+_LISTS = ("sources", "ports")
+
+
+def read_key_file(text: str, where: str) -> tuple[Keys, dict[str, Any]]:
+    """A per-person key file: KEY_BASE64 and HMAC_KEY_BASE64 lines (as `fwknop --key-gen` and
+    `nfknock keygen` print them) and optional settings, one `NAME: value` per line, `#` comments.
+    Unlike a door's single keys_file, any other line is refused: a misspelt EXPIRES must not
+    leave a key that never expires."""
+    values: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition(":") if ":" in line.split()[0] else line.partition(" ")
+        name, value = name.strip(), value.strip()
+        if name in ("KEY_BASE64", "HMAC_KEY_BASE64"):
+            values[name] = value
+        elif name.lower() in KEY_FILE_SETTINGS and name.isupper() and sep:
+            field = name.lower()
+            settings[field] = [item for item in re.split(r"[\s,]+", value) if item] if field in _LISTS else value
+        else:
+            known = ", ".join(["KEY_BASE64", "HMAC_KEY_BASE64", *(s.upper() for s in KEY_FILE_SETTINGS)])
+            raise ValueError(f"{where}: line {number}: unknown setting {_short(name)} (known: {known})")
+    return _decode_keys(values, where), settings
+
+
+@dataclass(frozen=True)
+class DoorKey:
+    """A loaded key of an SPA door with its settings resolved against the door's: what the
+    engine checks a packet against. `keys` never appears in a message."""
+
+    name: str
+    keys: Keys
+    open_for: float
+    max_open_for: float
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    username: str | None = None
+    expires: float | None = None
+    ports: frozenset[tuple[str, int]] | None = None  # None: any port the door protects
+    origin: str = ""  # where it came from, for messages
+
+    def describe(self) -> str:
+        parts = []
+        if self.username is not None:
+            parts.append(f"user {self.username}")
+        if self.sources:
+            parts.append("from " + " ".join(map(str, self.sources)))
+        if self.expires is not None:
+            parts.append(f"until {describe_expiry(self.expires)}")
+        if self.ports is not None:
+            parts.append(" ".join(f"{port}/{proto}" for proto, port in sorted(self.ports)))
+        parts.append(f"open_for {self.open_for:g}s max {self.max_open_for:g}s")
+        return f"{self.name} ({', '.join(parts)})"
+
+
 class SpaDoor(_DoorBase):
     """A door opened by one authenticated UDP packet (fwknop-compatible SPA). The keys come from
-    a root-only file or from the environment, never from the rules file itself; SPA has nothing
-    to scan for (one port, and a wrong packet is refused by its HMAC), so no tripwires."""
+    root-only files or from the environment, never from the rules file itself; SPA has nothing
+    to scan for (one port, and a wrong packet is refused by its HMAC), so no tripwires.
+
+    A door has one key (`keys_file` or `keys_env`, named `default`) or one per person: a `keys`
+    list and/or a `keys_dir` of `*.keys` files, each key with its own sources, username, expiry
+    and ports. A packet is checked against the key whose HMAC it carries, so the log can say
+    who opened the door, and removing one person's key touches nobody else's."""
 
     kind: Literal["spa"]
     port: Port = Port(port=62201, proto="udp")
     keys_file: Path | None = None
     keys_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
-    hmac_digest: Literal["sha1", "sha256", "sha384", "sha512"] = "sha256"
+    keys: tuple[SpaKey, ...] = ()
+    keys_dir: Path | None = None
+    hmac_digest: Digest = "sha256"
+    max_open_for: Duration | None = None
     max_age: Duration = 120.0
     trust_inner_address: bool = False
-    _keys: Any = PrivateAttr(default=None)
+    _keyring: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self):
-        if (self.keys_file is None) == (self.keys_env is None):
-            raise ValueError("give exactly one of keys_file or keys_env")
+        if self.keys_file is not None and self.keys_env is not None:
+            raise ValueError("give at most one of keys_file or keys_env")
+        if self.keys_file is None and self.keys_env is None and not self.keys and self.keys_dir is None:
+            raise ValueError("give keys_dir, keys, keys_file or keys_env")
         if self.port in self.protect:
             raise ValueError(f"{self.port} is both the SPA port and a protected port")
+        if self.max_open_for is not None and self.max_open_for < self.open_for:
+            raise ValueError(
+                f"max_open_for {self.max_open_for:g}s is below open_for {self.open_for:g}s "
+                "(it caps the time a client may ask for with fwknop -f)"
+            )
+        seen = {DEFAULT_KEY} if self.keys_file is not None or self.keys_env is not None else set()
+        for key in self.keys:
+            if key.name in seen:
+                raise ValueError(f"keys: {key.name!r} is named twice (the single key of keys_file is 'default')")
+            seen.add(key.name)
+            self.resolve(key, Keys(b"", b""))  # the settings' checks, before any file is read
         return self
 
+    def resolve(self, spec: SpaKey, keys: Keys, origin: str = "") -> DoorKey:
+        """A key's settings over the door's; ValueError naming the key when they do not fit."""
+        protected = {p.key for p in self.protect}
+        ports = None if spec.ports is None else frozenset(p.key for p in spec.ports)
+        if ports is not None and not ports <= protected:
+            extra = ", ".join(f"{port}/{proto}" for proto, port in sorted(ports - protected))
+            raise ValueError(f"key {spec.name!r}: ports {extra} not in the door's protect")
+        wrong = [str(n) for n in spec.sources if self.family != "any" and f"ipv{n.version}" != self.family]
+        if wrong:
+            raise ValueError(
+                f"key {spec.name!r}: sources {', '.join(wrong)} cannot match a door of family {self.family}"
+            )
+        open_for = spec.open_for if spec.open_for is not None else self.open_for
+        most = spec.max_open_for if spec.max_open_for is not None else self.max_open_for
+        if most is None:
+            most = open_for
+        if most < open_for:
+            raise ValueError(f"key {spec.name!r}: max_open_for {most:g}s is below its open_for {open_for:g}s")
+        digest = spec.hmac_digest or self.hmac_digest
+        return DoorKey(
+            spec.name,
+            Keys(keys.encryption, keys.hmac, digest),
+            open_for,
+            most,
+            spec.sources,
+            spec.username,
+            spec.expires,
+            ports,
+            origin,
+        )
+
+    def single_key(self, keys: Keys, origin: str) -> DoorKey:
+        """The door's one key of keys_file or keys_env: any port, any source, the door's times."""
+        most = self.max_open_for if self.max_open_for is not None else self.open_for
+        return DoorKey(
+            DEFAULT_KEY, Keys(keys.encryption, keys.hmac, self.hmac_digest), self.open_for, most, origin=origin
+        )
+
     @property
-    def keys(self) -> Keys:
-        if self._keys is None:
+    def keyring(self) -> tuple[DoorKey, ...]:
+        """The loaded keys, in the order they are tried."""
+        if self._keyring is None:
             raise RuntimeError("the SPA keys were not loaded (load_rules or load_secrets does that)")
-        return self._keys
+        return self._keyring
+
+    def same_settings(self, other: object) -> bool:
+        """Equal but for the keys: a reload that only adds or removes people keeps the door's state."""
+        if type(other) is not SpaDoor:
+            return False
+        mine = {k: v for k, v in self.__dict__.items() if k != "keys"}
+        theirs = {k: v for k, v in other.__dict__.items() if k != "keys"}
+        return mine == theirs
 
     @property
     def knock_ports(self) -> Steps:

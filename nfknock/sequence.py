@@ -5,8 +5,11 @@ Theory of operation
 -------------------
 For every (sequence, source) there is at most one *attempt*: how many steps that source has
 matched, until a deadline `seq_timeout` after its first knock. An attempt past its deadline is
-gone (a SequenceTimeout is reported) and the source is IDLE again. A knock on a port of the
-door is classified against the attempt as
+gone (a SequenceTimeout is reported) and the source is IDLE again. When the kernel records the
+sequence's first step (first_steps.py), a source with no attempt whose knock on the second step
+comes marked "first step seen" is in phase KERNEL: stage 1 without an attempt, and the attempt
+begins at the second step (its deadline counts from there). A knock on a port of the door is
+classified against the attempt as
 
   EXPECTED  the next step, not the last (for an idle source: the first step)
   LAST      the next step, and the last one: the sequence is complete
@@ -24,8 +27,9 @@ and `TRANSITIONS`, which names every (phase, match) pair, says what happens:
   RESET     the attempt is dropped (a failure, for the lockout)
   IGNORE    nothing changes
 
-Two pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
-or LAST); they are in the table, as IGNORE, so that a lookup can never miss.
+Five pairs cannot occur (an idle source has no step to repeat, and its first step is EXPECTED
+or LAST; KERNEL is entered only on the second step, which is EXPECTED or LAST); they are in the
+table, as IGNORE, so that a lookup can never miss.
 
 A completed attempt is gone at once, so a copy of the last step that arrives after completion
 is a knock like any other (it may start a sequence that begins with that port, such as a close
@@ -55,6 +59,7 @@ class _FastHash:
 class Phase(_FastHash, Enum):
     IDLE = "idle"  # no attempt for this source and sequence
     STARTED = "started"  # at least one step matched
+    KERNEL = "kernel"  # no attempt, but the kernel saw the first step (first_steps.py)
 
 
 class Match(_FastHash, Enum):
@@ -85,11 +90,16 @@ TRANSITIONS: dict[tuple[Phase, Match], Action] = {
     (Phase.STARTED, Match.REPEAT): Action.ABSORB,
     (Phase.STARTED, Match.FIRST): Action.RESTART,
     (Phase.STARTED, Match.OTHER): Action.RESET,
+    (Phase.KERNEL, Match.EXPECTED): Action.ADVANCE,
+    (Phase.KERNEL, Match.LAST): Action.COMPLETE,  # a two-step sequence
+    (Phase.KERNEL, Match.REPEAT): Action.IGNORE,  # cannot occur
+    (Phase.KERNEL, Match.FIRST): Action.IGNORE,  # cannot occur
+    (Phase.KERNEL, Match.OTHER): Action.IGNORE,  # cannot occur
 }
 
 # Enum member access costs ~50 ns on Python 3.11 (it showed in the per-packet profile); the
 # packet path below uses these module-level aliases instead.
-_IDLE, _STARTED = Phase.IDLE, Phase.STARTED
+_IDLE, _STARTED, _KERNEL = Phase.IDLE, Phase.STARTED, Phase.KERNEL
 _EXPECTED, _LAST, _REPEAT, _FIRST, _OTHER = Match.EXPECTED, Match.LAST, Match.REPEAT, Match.FIRST, Match.OTHER
 _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET, _IGNORE = (
     Action.ADVANCE,
@@ -120,7 +130,7 @@ class Attempt:
 class KnockSequence:
     """One of a door's sequences, precompiled, with its attempts."""
 
-    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "window")
+    __slots__ = ("door", "kind", "steps", "timeout", "attempts", "window", "second")
 
     def __init__(
         self,
@@ -137,9 +147,11 @@ class KnockSequence:
         self.timeout = timeout
         self.attempts = attempts
         self.window = window  # the time window of a rotating door's sequence
+        self.second: Key | None = None  # the second step, when the kernel records the first
 
-    def step(self, src: str, key: Key, now: float, events: list[Event]) -> Action:
-        """Apply one knock of `src` on `key`; the caller acts on COMPLETE and RESET."""
+    def step(self, src: str, key: Key, now: float, events: list[Event], first_seen: bool = False) -> Action:
+        """Apply one knock of `src` on `key`; the caller acts on COMPLETE and RESET.
+        `first_seen`: the kernel says this source knocked the first step (first_steps.py)."""
         entry = self.attempts.entries.get(src)
         attempt = None
         if entry is not None:
@@ -148,12 +160,19 @@ class KnockSequence:
                 events.append(SequenceTimeout(src, self.door, self.kind, entry[1].stage))
             else:
                 attempt = entry[1]
-        phase, stage = (_IDLE, 0) if attempt is None else (_STARTED, attempt.stage)
+        if attempt is not None:
+            phase, stage = _STARTED, attempt.stage
+        elif first_seen and key == self.second:
+            phase, stage = _KERNEL, 1
+        else:
+            phase, stage = _IDLE, 0
         # A port of the door's other sequence is "any other port of that door".
         match = classify(self.steps, stage, key) if key in self.steps else _OTHER
         action = TRANSITIONS[(phase, match)]
         if action is _IGNORE or action is _ABSORB:
             return action
+        if phase is _KERNEL:  # the log tells the whole story, as if the daemon had seen step 1
+            events.append(KnockAdvanced(src, self.door, self.kind, 1))
         if action is _RESET or action is _RESTART:
             self.attempts.pop(src)
             events.append(SequenceReset(src, self.door, self.kind, stage, f"{key[1]}/{key[0]}"))

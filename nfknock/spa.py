@@ -30,6 +30,11 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from .errors import SpaError
 
 SALTED_B64 = "U2FsdGVkX1"  # base64 of "Salted__": fwknop strips it from the wire
+# fwknop strips "hQ" (the base64 start of an OpenPGP packet) from GPG-mode packets and puts it
+# back under the HMAC. Such packets are long (an RSA-encrypted session key alone is 140+ bytes):
+# only those are worth the second HMAC that tells a GPG packet from a forged one.
+GPG_B64 = "hQ"
+GPG_MIN_LENGTH = 500
 HMAC_DIGESTS: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
     "sha256": hashes.SHA256,
@@ -127,13 +132,25 @@ def authenticate(wire: bytes, keys: Keys) -> str:
     if len(text) <= tag_length + 16:
         raise SpaError("malformed", f"too short ({len(text)} characters)")
     data, tag = text[:-tag_length], text[-tag_length:]
+    if _verifies(keys, SALTED_B64 + data, tag):
+        return data
+    if len(data) >= GPG_MIN_LENGTH and _verifies(keys, GPG_B64 + data, tag):
+        raise SpaError(
+            "gpg",
+            "a GPG-encrypted packet (fwknop --gpg-recipient): nfknock takes Rijndael keys only "
+            "(fwknop --key-gen, nfknock keygen)",
+        )
+    raise SpaError("bad hmac", "HMAC does not match (wrong HMAC key or digest, or a forged packet)")
+
+
+def _verifies(keys: Keys, text: str, tag: str) -> bool:
     check = _hmac(keys)
-    check.update((SALTED_B64 + data).encode())
+    check.update(text.encode())
     try:
         check.verify(_b64decode(tag))
     except (InvalidSignature, binascii.Error, ValueError):
-        raise SpaError("bad hmac", "HMAC does not match (wrong HMAC key or digest, or a forged packet)") from None
-    return data
+        return False
+    return True
 
 
 def packet_id(data: str) -> str:

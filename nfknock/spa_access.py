@@ -1,48 +1,119 @@
 """What an SPA door grants for one packet: the door's policy over the codec. Pure, wall-clock
 time passed in.
 
+A door holds one key per person (rules.DoorKey). The packet is matched to its person by the
+HMAC key it was made with: the first key whose HMAC verifies is the sender's (HMAC keys are
+unique within a door), and from then on every refusal names that key.
+
 Order matters for replays: once a packet passes its HMAC it is genuine, and it is recorded in
 the replay cache before anything else can refuse it (fwknopd does the same). A packet refused
 now as "from the future" can then never be replayed once its time has come, and one refused
-for its ports or its inner address cannot be sent again from elsewhere.
+for its ports, its inner address, its key's expiry, sources or username cannot be sent again
+from elsewhere, or after the operator changes the key's settings.
+
+How long a grant lasts: the time the client asked for (fwknop -f N, a message of type 3), at
+most the key's max_open_for (the door's, by default its open_for: no client extends its own
+access unless the operator allows it); the key's open_for when the packet asks for none.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from typing import NamedTuple
 
 from . import spa
 from .errors import SpaError
 from .events import Event
 from .packet import Packet
 from .replay import ReplayCache
-from .rules import SpaDoor
+from .rules import DoorKey, SpaDoor, describe_expiry
 
 
-def authorize(
-    door: SpaDoor, packet: Packet, wall: float, replays: ReplayCache, events: list[Event]
-) -> frozenset[tuple[str, int]]:
-    """The (proto, port)s the packet opens for its sender, or SpaError naming the reason."""
-    data = spa.authenticate(packet.payload, door.keys)
+class SpaGrant(NamedTuple):
+    """What one accepted packet grants: the ports it asked for, whose key it was, for how long."""
+
+    ports: frozenset[tuple[str, int]]
+    key: str
+    seconds: float
+
+
+class KeyRefused(SpaError):
+    """A refusal after the HMAC matched a key: `key` names it (for logs and metrics)."""
+
+    def __init__(self, reason: str, detail: str, key: str):
+        super().__init__(reason, detail)
+        self.key = key
+
+
+# When no key's HMAC verifies, the reason that says most: a GPG packet (its HMAC matched under
+# fwknop's GPG prefix) over a plain mismatch, a mismatch over a packet too short for one digest.
+_TELLS = {"malformed": 0, "bad hmac": 1, "gpg": 2}
+
+
+def identify(door: SpaDoor, wire: bytes) -> tuple[DoorKey, str]:
+    """The key whose HMAC the packet carries, and the authenticated data; SpaError otherwise."""
+    ring = door.keyring
+    if not ring:
+        raise SpaError("bad hmac", "the door has no keys (its keys_dir is empty)")
+    failure: SpaError | None = None
+    for key in ring:
+        try:
+            return key, spa.authenticate(wire, key.keys)
+        except SpaError as exc:
+            if failure is None or _TELLS.get(exc.reason, 0) > _TELLS.get(failure.reason, 0):
+                failure = exc
+    assert failure is not None
+    if failure.reason == "bad hmac" and len(ring) > 1:
+        raise SpaError("bad hmac", f"HMAC matches none of the door's {len(ring)} keys (or a forged packet)")
+    raise failure
+
+
+def authorize(door: SpaDoor, packet: Packet, wall: float, replays: ReplayCache, events: list[Event]) -> SpaGrant:
+    """What the packet opens for its sender, or SpaError (KeyRefused once a key is known)."""
+    key, data = identify(door, packet.payload)
     identity = spa.packet_id(data)
     replays.forget_expired(wall)
     if identity in replays:
-        raise SpaError("replay", "this packet was seen before")
+        raise KeyRefused("replay", f"this packet was seen before (key {key.name})", key.name)
     try:
-        request = spa.decrypt(data, door.keys)
-    except SpaError:
+        request = spa.decrypt(data, key.keys)
+    except SpaError as exc:
         events.append(replays.record(identity, wall + door.max_age))
-        raise
+        raise KeyRefused(exc.reason, f"{exc.detail} (key {key.name})", key.name) from None
     events.append(replays.record(identity, max(wall, request.timestamp) + door.max_age))
+    return _grant(door, key, packet, request, wall)
+
+
+def _grant(door: SpaDoor, key: DoorKey, packet: Packet, request: spa.SpaRequest, wall: float) -> SpaGrant:
+    name = key.name
+
+    def refuse(reason: str, detail: str) -> KeyRefused:
+        return KeyRefused(reason, detail, name)
+
     age = wall - request.timestamp
     if abs(age) > door.max_age:
-        raise SpaError(
+        raise refuse(
             "too old" if age > 0 else "from the future",
-            f"timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s",
+            f"key {name}: timestamp {abs(age):.0f}s {'old' if age > 0 else 'ahead'}, max_age {door.max_age:g}s",
+        )
+    if key.expires is not None and wall >= key.expires:
+        raise refuse("key expired", f"key {name} expired on {describe_expiry(key.expires)}")
+    if key.sources:
+        address = ipaddress.ip_address(packet.src)
+        if not any(address in network for network in key.sources):
+            networks = " ".join(map(str, key.sources))
+            raise refuse("source not allowed", f"{packet.src} is not in key {name}'s sources ({networks})")
+    if key.username is not None and request.user != key.username:
+        raise refuse(
+            "username mismatch", f"key {name} requires username {key.username!r}, the packet has {request.user!r}"
         )
     if not door.trust_inner_address and request.address != packet.src:
-        raise SpaError("source mismatch", f"the packet asks access for {request.address}")
-    allowed = {p.key for p in door.protect}
+        raise refuse("source mismatch", f"key {name}: the packet asks access for {request.address}")
     wanted = frozenset(request.ports)
+    allowed = {p.key for p in door.protect} if key.ports is None else key.ports
     if not wanted <= allowed:
         refused = ", ".join(f"{port}/{proto}" for proto, port in sorted(wanted - allowed))
-        raise SpaError("port not allowed", f"requested {refused}")
-    return wanted
+        raise refuse("port not allowed", f"key {name} may not open {refused}")
+    asked = request.client_timeout
+    seconds = key.open_for if not asked or asked <= 0 else min(float(asked), key.max_open_for)
+    return SpaGrant(wanted, name, seconds)

@@ -1,9 +1,10 @@
 """Bounded, expiring per-source tables for the engine.
 
-Every table holds entries whose lifetime is constant for that table (a door's seq_timeout,
-open_for, lockout window or lock time). Entries are kept in insertion order and an entry whose
-deadline moves later is moved to the end, so insertion order is deadline order: expiry looks only
-at the front, and the oldest entry anywhere is the front of one table. Tables of one kind share
+Entries are kept in deadline order: most tables have one lifetime (a door's seq_timeout,
+open_for, lockout window or lock time), so a new or renewed entry goes at the end; one with a
+shorter life (an SPA grant for the time its client asked, a break-glass grant) is put before
+those that end later. Expiry looks only at the front, and the oldest entry anywhere is the
+front of one table. Tables of one kind share
 a `Pool` with one cap; when it is full, the entry with the earliest deadline in the pool goes.
 """
 
@@ -65,14 +66,24 @@ class Table:
         return entry
 
     def put(self, src: str, deadline: float, value: Any = None) -> None:
-        """Insert or replace. Callers only ever move a deadline later (constant lifetimes)."""
-        if src in self.entries:
-            self.entries.move_to_end(src)
+        """Insert or replace, keeping deadline order. Usually the new deadline is the latest
+        (constant lifetimes: an append); a shorter one (an SPA client's -f, a break-glass
+        grant) goes before the entries that end after it, which costs a step per such entry."""
+        entries = self.entries
+        if src in entries:
+            del entries[src]
         else:
             if self.pool.size >= self.pool.cap:
                 self.pool._make_room()
             self.pool.size += 1
-        self.entries[src] = (deadline, value)
+        later = []
+        for other in reversed(entries):
+            if entries[other][0] <= deadline:
+                break
+            later.append(other)
+        entries[src] = (deadline, value)
+        for other in reversed(later):
+            entries.move_to_end(other)
 
     def update(self, src: str, value: Any) -> None:
         """Change the value, keep deadline and place."""

@@ -65,7 +65,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   "$(pick_python)" -m venv .venv
 fi
 if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] \
-   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, prometheus_client, redis, fakeredis, pytest, hypothesis, mypy' 2>/dev/null; then
+   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, pyroute2, prometheus_client, redis, fakeredis, pytest, hypothesis, mypy' 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
   # the daemon (server), its exporter (metrics), fleet mode (fleet) and the test tools; a plain 'pip install .' is the client

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import FirewallError
-from ..rules import Door
+from ..first_steps import FirstStepGroup, first_step_groups
+from ..rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
 
 CHAIN = "NFKNOCK"
 PASS_MARK = 0x20000000  # default bit of the packet mark (--pass-mark); other bits are left to the host
@@ -72,6 +73,9 @@ class RuleSpec:
     mark: int | None = None  # match packets that carry this mark bit
     match_set: str | None = None  # match sources in this ipset (see granted.py)
     limit: tuple[str, int] | None = None  # (rate, burst), as iptables -m limit
+    set_mark: tuple[int, int] | None = None  # target MARK: (value, mask), as --set-xmark
+    add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
+    del_set: str | None = None  # target SET: take the source out of this ipset
 
     def __str__(self) -> str:
         text = f"-A {CHAIN}"
@@ -91,6 +95,12 @@ class RuleSpec:
         if self.limit:
             text += f" -m limit --limit {self.limit[0]} --limit-burst {self.limit[1]}"
         text += f" -j {self.target}"
+        if self.set_mark is not None:
+            text += f" --set-xmark {self.set_mark[0]:#x}/{self.set_mark[1]:#x}"
+        if self.add_set is not None:
+            text += f" --add-set {self.add_set[0]} src --exist --timeout {self.add_set[1]}"
+        if self.del_set is not None:
+            text += f" --del-set {self.del_set} src"
         if self.queue_num is not None:
             text += f" --queue-num {self.queue_num}"
         return text
@@ -99,12 +109,114 @@ class RuleSpec:
 Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
 
 
+def first_step_mark(pass_mark: int = PASS_MARK) -> int:
+    """The mark bit saying "the kernel saw this source's first step" (first_steps.py): the bit
+    below the pass mark (above it when the pass mark is bit 0). nfknock owns both bits."""
+    return pass_mark >> 1 if pass_mark > 1 else pass_mark << 1
+
+
 def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> Plan:
-    """The scaffolding for each address family, from the doors that listen on it."""
+    """The scaffolding for each address family, from the doors that listen on it. Which first
+    steps go to the kernel is decided over all doors, as the engine decides it."""
+    groups = first_step_groups(doors)
     return {
-        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family)
+        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family, groups)
         for family in (4, 6)
     }
+
+
+def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
+    """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"
+
+
+def iptables_flags(flags: TcpFlags) -> tuple[str, str]:
+    """knockd-style required/forbidden bits as iptables --tcp-flags (mask, comparison)."""
+
+    def names(bits: int) -> str:
+        return ",".join(name.upper() for name, bit in TCP_FLAG_BITS.items() if bits & bit) or "NONE"
+
+    return names(flags.required | flags.forbidden), names(flags.required)
+
+
+def _first_step_rules(
+    groups: tuple[FirstStepGroup, ...], queue_num: int, pass_mark: int, family: int, granted: str
+) -> dict[tuple[str, int], list[RuleSpec]]:
+    """The rules of the knock ports whose first steps the kernel records, per port. A source in
+    the granted set is always queued (close sequences, knocking again: the daemon's semantics);
+    anyone else's first knock only lands in the group's set, and their second knock is queued,
+    marked, only from a source in that set. Everything else on those ports is dropped. (The
+    rules that take a source out of the set again are `_forgetting_rules`.)"""
+    seen = first_step_mark(pass_mark)
+    rules: dict[tuple[str, int], list[RuleSpec]] = {}
+    for group in groups:
+        if family not in group.families:
+            continue
+        proto, port = group.first
+        started = first_step_set(queue_num, family, group.first)
+        flags = iptables_flags(group.tcp_flags) if group.tcp_flags else None
+        rules[group.first] = [
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("SET", proto, port, tcp_flags=flags, add_set=(started, group.timeout)),
+            RuleSpec("DROP", proto, port),
+        ]
+        for proto, port in group.seconds:
+            rules[(proto, port)] = [
+                RuleSpec("MARK", proto, port, set_mark=(0, seen)),  # whoever set it, it is ours
+                RuleSpec("MARK", proto, port, match_set=started, set_mark=(seen, seen)),
+                RuleSpec("NFQUEUE", proto, port, mark=seen, queue_num=queue_num),
+                RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+                RuleSpec("DROP", proto, port),
+            ]
+    return rules
+
+
+Place = tuple[str, int] | tuple[str, int, int]  # a knock port (proto, port) or a range (proto, first, last)
+
+
+def _forgetting_rules(
+    groups: tuple[FirstStepGroup, ...], doors: tuple[Door, ...], queue_num: int, family: int
+) -> dict[Place, list[RuleSpec]]:
+    """Per knock port or tripwire range of a group's doors (other than the first and second
+    steps): take the source out of the group's set, then go on to the place's own rule. A
+    knock there after the first step would have reset the attempt in the daemon; in the kernel
+    it happens in packet order, before a second step can be marked."""
+    forget: dict[Place, list[RuleSpec]] = {}
+    by_name = {door.name: door for door in doors}
+    for group in groups:
+        if family not in group.families:
+            continue
+        started = first_step_set(queue_num, family, group.first)
+        spared = {group.first, *group.seconds}
+        for name in sorted(group.doors):
+            door = by_name.get(name)
+            if door is None:
+                continue
+            assert isinstance(door, KnockDoor)  # only knock doors form groups
+            flags = iptables_flags(door.tcp_flags)
+            # What the door would have taken as a knock (its TCP flags) or as a tripwire hit.
+            rules = [
+                RuleSpec("SET", p.proto, p.port, tcp_flags=flags if p.proto == "tcp" else None, del_set=started)
+                for p in door.knock_ports
+                if p.key not in spared
+            ]
+            rules += [
+                RuleSpec(
+                    "SET",
+                    proto,
+                    (first, last),
+                    ctstate="NEW",
+                    tcp_flags=SYN_ONLY if proto == "tcp" else None,
+                    del_set=started,
+                )
+                for proto, first, last in door.tripwire_ranges
+            ]
+            for rule in rules:
+                assert rule.proto is not None and rule.dport is not None
+                place: Place = (rule.proto, rule.dport) if isinstance(rule.dport, int) else (rule.proto, *rule.dport)
+                if rule not in forget.setdefault(place, []):
+                    forget[place].append(rule)
+    return forget
 
 
 def granted_set(queue_num: int, family: int) -> str:
@@ -112,15 +224,25 @@ def granted_set(queue_num: int, family: int) -> str:
     return f"{SET_PREFIX}q{queue_num}-v{family}"
 
 
-def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK, family: int = 4) -> list[RuleSpec]:
+def scaffolding(
+    doors: tuple[Door, ...],
+    queue_num: int,
+    pass_mark: int = PASS_MARK,
+    family: int = 4,
+    groups: tuple[FirstStepGroup, ...] | None = None,
+) -> list[RuleSpec]:
     """The chain for one family. New connections to a protected port from a source in the granted
     set go to the grant queue (queue_num + 1), which a flood of strangers never reaches; from
     anyone else at most NEW_LIMIT per second go to the main queue (so a client whose grant is not
     in the set yet still gets in on its first SYN), and the rest is dropped by the kernel: what
-    the daemon would have dropped anyway. Either way the daemon decides every packet it sees."""
+    the daemon would have dropped anyway. Either way the daemon decides every packet it sees.
+    `groups`: the first steps the kernel records (first_steps.py; from `doors` when not given)."""
     if not doors:
         return []
     granted, grant_queue = granted_set(queue_num, family), queue_num + 1
+    groups = first_step_groups(doors) if groups is None else groups
+    in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
+    forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
@@ -140,10 +262,12 @@ def scaffolding(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_M
         # Not ours from here on: replies to the host's own connections from a knock port.
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
     for proto, port in knocks:
-        specs.append(RuleSpec("NFQUEUE", proto, port, queue_num=queue_num))
+        specs += forget.get((proto, port), [])
+        specs += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
     for proto, first, last in knock_ranges:
         specs.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     for proto, first, last in tripwires:
+        specs += forget.get((proto, first, last), [])
         specs.append(
             RuleSpec(
                 "NFQUEUE",
@@ -180,8 +304,14 @@ class PerFamily:
         self.interface = interface  # only packets arriving here jump to our chain (None: all)
 
     def apply(self, plan: Plan) -> None:
+        from .granted import create_first_step_sets  # granted.py imports this module
+
+        create_first_step_sets(plan, self._set_runner())  # the rules refer to them
         for family, specs in plan.items():
             self._transaction(family, specs or None)
+
+    def _set_runner(self) -> Callable:
+        return subprocess.run
 
     def remove(self) -> bool:
         """Remove the chains and every jump to them; True if there was anything to remove.

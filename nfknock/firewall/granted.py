@@ -2,45 +2,92 @@
 
 It is state, not rules: the scaffolding refers to the set by name and never changes when a
 client is granted; elements carry their own timeout and leave the kernel by themselves. The set
-only *routes*: a new connection from a source in it goes to the grant queue, where the daemon
-still decides (a revoked or expired grant is refused at once, whatever the set says). Nothing in
-the kernel accepts on its own, and with no daemon bound to the queues everything stays closed.
+only *routes*: a new connection from a source in it goes to the grant queue, and its knocks on
+ports whose first step the kernel records go to the daemon (first_steps.py); the daemon still
+decides (a revoked or expired grant is refused at once, whatever the set says). Nothing in the
+kernel accepts on its own, and with no daemon bound to the queues everything stays closed.
 
-Updates run in a thread of their own (`ipset restore`, batched), so the verdict loop never waits
-for them; a client whose element is not there yet reaches the daemon through the main queue.
+Updates are sent over netlink (pyroute2) by the verdict loop itself, after it has served the
+packets waiting in the queues: the client's first SYN, usually right behind its last knock, is
+verdicted first (through the main queue), and the set is up to date before the loop reads the
+next packets. So a granted client's close sequence, which ends on the first step's port, never
+races the update. (`ipset restore` in a thread needed a fork per batch and lagged by tens of
+milliseconds; a pipe to a long-lived `ipset restore` applies nothing until it exits.)
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import queue
 import subprocess
-import threading
-import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..errors import FirewallError
-from . import SET_PREFIX, granted_set
+from . import SET_PREFIX, Plan, granted_set
 
 MAX_ELEMENTS = 65536
-MAX_PENDING = 4096  # updates waiting for the thread; more are dropped (and counted)
+MAX_PENDING = 4096  # updates waiting for the end of the loop's turn; more are dropped (and counted)
 MAX_TIMEOUT = 86400  # seconds; ipset's limit is higher, a grant's (open_for) is at most this
-SETTLE = 0.02  # seconds between a grant and its set update (which batches whatever came meanwhile)
 
 
 def _family(address: str) -> int:
     return 6 if ":" in address else 4
 
 
+class SetLink(Protocol):
+    """What GrantedSets needs from netlink: add (or refresh) and delete one address."""
+
+    def add(self, name: str, address: str, timeout: int) -> None: ...
+
+    def delete(self, name: str, address: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Pyroute2Link:
+    """SetLink over pyroute2's IPSet (one netlink socket, used from the loop's thread only)."""
+
+    def __init__(self) -> None:
+        try:
+            from pyroute2 import IPSet  # type: ignore[import-untyped]
+        except ModuleNotFoundError:
+            raise FirewallError("the granted-source sets need pyroute2: pip install 'nfknock[server]'") from None
+        self._ipset: Any = IPSet()
+
+    def add(self, name: str, address: str, timeout: int) -> None:
+        self._ipset.add(name, address, etype="ip", timeout=timeout, exclusive=False)
+
+    def delete(self, name: str, address: str) -> None:
+        try:
+            self._ipset.delete(name, address, etype="ip")
+        except Exception as exc:
+            if getattr(exc, "code", None) != NOT_ADDED:
+                raise
+
+    def close(self) -> None:
+        self._ipset.close()
+
+
+NOT_ADDED = 4103  # ipset's "it's not added": deleting what is already gone is fine
+
+
 class GrantedSets:
-    def __init__(self, queue_num: int, log: logging.Logger, runner: Callable = subprocess.run):
+    def __init__(
+        self,
+        queue_num: int,
+        log: logging.Logger,
+        runner: Callable = subprocess.run,
+        link: Callable[[], SetLink] = Pyroute2Link,
+    ):
         self.queue_num = queue_num
         self.log = log
         self.runner = runner
-        self.dropped = 0  # updates lost because the backlog was full
-        self._pending: queue.Queue[str | None] = queue.Queue(MAX_PENDING)
-        self._thread: threading.Thread | None = None
+        self.dropped = 0  # updates lost because too many were waiting
+        self.failed = 0  # updates the kernel refused
+        self._make_link = link
+        self._link: SetLink | None = None
+        self._pending: dict[tuple[str, str], int | None] = {}  # (set, address) -> timeout (None: delete)
 
     def names(self) -> dict[int, str]:
         return {family: granted_set(self.queue_num, family) for family in (4, 6)}
@@ -58,57 +105,76 @@ class GrantedSets:
         error = _restore(self.runner, lines)
         if error:
             raise FirewallError(f"cannot create the granted-source sets: {error} (is the 'ipset' package installed?)")
+        self._link = self._make_link()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="nfknock-ipset", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            try:
-                self._pending.put_nowait(None)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=5)
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
     def add(self, address: str, seconds: float) -> None:
-        timeout = min(MAX_TIMEOUT, max(1, math.ceil(seconds) + 1))
-        self._put(f"add {granted_set(self.queue_num, _family(address))} {address} timeout {timeout} -exist")
+        self._put(
+            granted_set(self.queue_num, _family(address)), address, min(MAX_TIMEOUT, max(1, math.ceil(seconds) + 1))
+        )
 
     def remove(self, address: str) -> None:
-        self._put(f"del {granted_set(self.queue_num, _family(address))} {address} -exist")
+        self._put(granted_set(self.queue_num, _family(address)), address, None)
 
-    def _put(self, line: str) -> None:
-        try:
-            self._pending.put_nowait(line)
-        except queue.Full:
+    def _put(self, name: str, address: str, timeout: int | None) -> None:
+        if len(self._pending) >= MAX_PENDING and (name, address) not in self._pending:
             self.dropped += 1
+            return
+        self._pending[(name, address)] = timeout
 
-    def _run(self) -> None:
-        while True:
-            line = self._pending.get()
-            if line is None:
-                return
-            # Let the loop verdict the client's first SYN before we fork: it is served through
-            # the main queue meanwhile, and the fork would compete with it for the CPU.
-            time.sleep(SETTLE)
-            lines = [line]
-            while len(lines) < 256:  # whatever else is waiting goes in the same call
-                try:
-                    more = self._pending.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._pending.put(None)
-                    break
-                lines.append(more)
-            error = _restore(self.runner, lines)
-            if error:
-                self.log.warning(
-                    "could not update the granted-source set (%s); granted clients still get in, through "
-                    "the main queue",
-                    error,
-                )
+    def flush(self) -> None:
+        """Send what changed since the last flush (the loop calls this after each turn)."""
+        if not self._pending or self._link is None:
+            return
+        pending, self._pending = self._pending, {}
+        for (name, address), timeout in pending.items():
+            try:
+                if timeout is None:
+                    self._link.delete(name, address)
+                else:
+                    self._link.add(name, address, timeout)
+            except Exception as exc:
+                self.failed += 1
+                if self.failed <= 10 or self.failed % 1000 == 0:
+                    self.log.warning(
+                        "could not update the set %s for %s (%s; %d so far); granted clients still get in, "
+                        "through the main queue",
+                        name,
+                        address,
+                        exc,
+                        self.failed,
+                    )
+
+
+# Sizes of a first-step set. The kernel cannot grow a hash set from the packet path: an add to a
+# full bucket fails. With 4 elements per bucket on average when the set is full, buckets (12 at
+# most) practically never fill first, so a flood fills the set to its maximum, where `forceadd`
+# takes over: a new source replaces an element of its bucket (an empty bucket, e^-4 = 2% of them,
+# waits for expired elements to be collected).
+FIRST_STEP_BUCKETS = 65536
+FIRST_STEP_ELEMENTS = 4 * FIRST_STEP_BUCKETS  # ~9 MB per set when full
+
+
+def create_first_step_sets(plan: Plan, runner: Callable = subprocess.run) -> None:
+    """Create the sets the plan's first-step rules add to (first_steps.py), before the rules.
+
+    `forceadd`: when a flood has filled a set, a new source takes the place of an entry in its
+    hash bucket instead of being refused, so a flood cannot keep a client's first knock out.
+    Existing sets are kept as they are (their elements expire by themselves)."""
+    lines = []
+    for family, specs in plan.items():
+        kind = "inet" if family == 4 else "inet6"
+        for name in dict.fromkeys(spec.add_set[0] for spec in specs if spec.add_set is not None):
+            size = f"hashsize {FIRST_STEP_BUCKETS} maxelem {FIRST_STEP_ELEMENTS} forceadd"
+            lines.append(f"create {name} hash:ip family {kind} timeout {MAX_TIMEOUT} {size} -exist")
+    if lines:
+        error = _restore(runner, lines)
+        if error:
+            raise FirewallError(f"cannot create the first-step sets: {error} (is the 'ipset' package installed?)")
 
 
 def _restore(runner: Callable, lines: list[str]) -> str | None:

@@ -127,6 +127,12 @@ def _rule_of(rule_class, spec: RuleSpec):
         limit.limit = spec.limit[0]
         limit.limit_burst = str(spec.limit[1])
     target = rule.create_target(spec.target)
+    if spec.set_mark is not None:
+        target.set_xmark = f"{spec.set_mark[0]:#x}/{spec.set_mark[1]:#x}"
+    if spec.add_set is not None:
+        target.add_set = [spec.add_set[0], "src"]
+        target.exist = ""
+        target.timeout = str(spec.add_set[1])
     if spec.queue_num is not None:
         target.queue_num = str(spec.queue_num)
     return rule
@@ -148,6 +154,9 @@ def _spec_of(rule) -> RuleSpec:
     mark = params.get("mark", {}).get("mark")
     match_set = params.get("set", {}).get("match-set")
     limit = params.get("limit", {})
+    xmark = target.get("set-xmark")
+    value, _, mask = xmark[0].partition("/") if xmark else ("", "", "")
+    add_set = target.get("add-set")
     return RuleSpec(
         target=rule.target.name,
         proto=proto,
@@ -158,4 +167,6 @@ def _spec_of(rule) -> RuleSpec:
         mark=int(mark[0].split("/")[0], 16) if mark else None,
         match_set=match_set[0] if match_set else None,
         limit=(limit["limit"][0], int(limit["limit-burst"][0])) if "limit" in limit else None,
+        set_mark=(int(value, 16), int(mask, 16)) if xmark else None,
+        add_set=(add_set[0], int(target.get("timeout", ["0"])[0])) if add_set else None,
     )

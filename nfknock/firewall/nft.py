@@ -58,6 +58,9 @@ class NftFirewall(PerFamily):
         super().__init__(interface)
         self.runner = runner  # subprocess.run, or a fake in tests
 
+    def _set_runner(self):
+        return self.runner
+
     def _transaction(self, family: int, specs: list[RuleSpec] | None) -> None:
         exists = self._chain_exists(family)
         script = restore_script(specs, self._jump_rules(family), exists, self.interface)

@@ -93,11 +93,12 @@ class FleetMember:
         if "error" in answer:
             return
         if request["cmd"] == "revoke":
-            revoke = Revoke(_id(), self.member, self.instance, request["address"], request["door"], wall)
-            self._publish(revoke, wall + 600)
-            for key in [key for key in self.origins if key[0] == request["address"]]:
-                if request["door"] in (None, key[1]):
-                    del self.origins[key]
+            address, key = request.get("address"), request.get("key")
+            self._publish(Revoke(_id(), self.member, self.instance, address, request["door"], wall, key), wall + 600)
+            for source in answer.get("addresses", [address]):
+                for pair in [pair for pair in self.origins if pair[0] == source]:
+                    if request["door"] in (None, pair[1]):
+                        del self.origins[pair]
         elif request["cmd"] == "grant":
             self._publish_grant(request["address"], request["door"], now, wall)
 
@@ -105,9 +106,11 @@ class FleetMember:
         grant = self.engine.grant_of(src, door, now)
         if grant is None:
             return
-        until = wall + (grant[0] - now)
+        deadline, spa = grant
+        until = wall + (deadline - now)
         self.origins.pop((src, door), None)
-        self._publish(Grant(_id(), self.member, self.instance, src, door, until, grant[1]), until)
+        ports, key = (None, None) if spa is None else (spa.ports, spa.key)
+        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key), until)
 
     def _publish(self, entry: Grant | Revoke, expires: float) -> None:
         self.applied.record(entry.id, expires)  # ours: never applied again if it comes back
@@ -129,8 +132,7 @@ class FleetMember:
             if isinstance(message, Answer):
                 events += self._answered(message, now)
             elif isinstance(message, Received):
-                if self._apply(message.entry, now, wall):
-                    touched.add(message.entry.src)
+                touched |= self._apply(message.entry, now, wall)
             elif isinstance(message, Rejected):
                 self._rejected(message)
             elif isinstance(message, LinkState):
@@ -180,9 +182,10 @@ class FleetMember:
             )
         return events
 
-    def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> bool:
+    def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
+        """Apply another member's entry; returns the sources whose grants changed here."""
         if entry.id in self.applied:
-            return False
+            return set()
         if entry.door is not None and entry.door not in self.engine.doors:
             if entry.door not in self._unknown_doors:
                 self._unknown_doors.add(entry.door)
@@ -193,9 +196,22 @@ class FleetMember:
                     "grants on" if isinstance(entry, Grant) else "revokes on",
                     entry.door,
                 )
-            return False
+            return set()
         if isinstance(entry, Revoke):
             self.applied.record(entry.id, entry.at + MAX_GRANT_SECONDS)
+            if entry.key is not None:
+                pairs = self.engine.revoke_key(entry.key, entry.door)
+                for pair in pairs:
+                    self.origins.pop((pair[1], pair[0]), None)
+                self.log.log(
+                    logging.INFO if pairs else logging.DEBUG,
+                    "key %s: revoked on fleet member %s (%s)",
+                    entry.key,
+                    entry.member,
+                    ", ".join(f"{src} on {name}" for name, src in pairs) or "no grant here",
+                )
+                return {src for _, src in pairs}
+            assert entry.src is not None  # records.verify: a revocation names a source or a key
             revoked = self.engine.revoke(entry.src, entry.door)
             for name in revoked:
                 self.origins.pop((entry.src, name), None)
@@ -207,23 +223,32 @@ class FleetMember:
                 entry.member,
                 ", ".join(revoked) or "no grant here",
             )
-            return bool(revoked)
+            return {entry.src} if revoked else set()
         self.applied.record(entry.id, entry.until)
         door = entry.door
         seconds = grant_seconds(entry, wall)
         if seconds <= 0:
-            return False
-        ports = entry.ports
+            return set()
+        ports, key = entry.ports, entry.key
         held = self.engine.grant_of(entry.src, door, now)
         if held is not None:  # never narrower or shorter than what this member holds already
-            ports = None if held[1] is None or ports is None else held[1] | ports
-            if held[0] >= now + seconds and ports == held[1]:
-                return False
+            held_ports = None if held[1] is None else held[1].ports
+            ports = None if held_ports is None or ports is None else held_ports | ports
+            if held[0] >= now + seconds and ports == held_ports:
+                return set()
             seconds = max(seconds, held[0] - now)
-        self.engine.grant(entry.src, door, seconds, now, ports)
+            key = key or (None if held[1] is None else held[1].key)
+        self.engine.grant(entry.src, door, seconds, now, ports, key)
         self.origins[(entry.src, door)] = entry.member
-        self.log.info("%s: %s: open, granted on fleet member %s (%.0fs left)", entry.src, door, entry.member, seconds)
-        return True
+        self.log.info(
+            "%s: %s: open, granted on fleet member %s%s (%.0fs left)",
+            entry.src,
+            door,
+            entry.member,
+            f" with key {key}" if key else "",
+            seconds,
+        )
+        return {entry.src}
 
     def _rejected(self, message: Rejected) -> None:
         self.rejected += 1

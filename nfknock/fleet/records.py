@@ -58,7 +58,8 @@ def parse_key(text: str, where: str) -> bytes:
 @dataclass(frozen=True)
 class Grant:
     """`src` may open new connections through `door` until `until` (wall-clock seconds);
-    `ports`: the (proto, port)s an SPA packet asked for, None for all the door protects."""
+    `ports`: the (proto, port)s an SPA packet asked for, None for all the door protects; `key`:
+    whose SPA key opened it."""
 
     id: str
     member: str
@@ -67,18 +68,21 @@ class Grant:
     door: str
     until: float
     ports: frozenset[tuple[str, int]] | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
 class Revoke:
-    """End the grants of `src` (on `door`, or on every door when None), issued at `at`."""
+    """End the grants of `src` (on `door`, or on every door when None), issued at `at`; or,
+    with `key` (and no `src`), every grant that SPA key opened, from any address."""
 
     id: str
     member: str
     instance: str
-    src: str
+    src: str | None
     door: str | None
     at: float
+    key: str | None = None
 
 
 Entry = Grant | Revoke
@@ -145,31 +149,30 @@ class Signer:
                 "door": entry.door,
                 "until": entry.until,
                 "ports": None if entry.ports is None else sorted([proto, port] for proto, port in entry.ports),
+                "key": entry.key,
             }
         else:
-            payload |= {"kind": "revoke", "door": entry.door, "at": entry.at}
+            payload |= {"kind": "revoke", "door": entry.door, "at": entry.at, "key": entry.key}
         return self._seal("entry", payload)
 
     def verify(self, raw: bytes | str) -> Entry:
         """The entry, or Forged saying why it is not one."""
         payload = self._open("entry", raw)
         try:
-            common = {
-                "id": _text(payload["id"]),
-                "member": _text(payload["member"]),
-                "instance": _text(payload["instance"]),
-                "src": str(ipaddress.ip_address(_text(payload["src"]))),
-            }
+            ids = (_text(payload["id"]), _text(payload["member"]), _text(payload["instance"]))
+            src = None if payload["src"] is None else str(ipaddress.ip_address(_text(payload["src"])))
+            key = None if payload.get("key") is None else _text(payload["key"])
             if payload["kind"] == "grant":
-                return Grant(
-                    **common,
-                    door=_text(payload["door"]),
-                    until=_number(payload["until"]),
-                    ports=_ports(payload["ports"]),
-                )
+                if src is None:
+                    raise ValueError("a grant names its source")
+                ports = _ports(payload["ports"])
+                until = _number(payload["until"])
+                return Grant(*ids, src, _text(payload["door"]), until, ports, key)
             if payload["kind"] == "revoke":
+                if (src is None) == (key is None):
+                    raise ValueError("a revocation names a source or a key")
                 door = payload["door"]
-                return Revoke(**common, door=None if door is None else _text(door), at=_number(payload["at"]))
+                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key)
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
         raise Forged(f"signed but of unknown kind {payload.get('kind')!r}")

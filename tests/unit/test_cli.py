@@ -15,7 +15,8 @@ def test_check_prints_the_doors_and_the_rules(capsys):
     out = capsys.readouterr().out
     assert "door openSSH" in out
     assert "sequence       40000/tcp 50000/tcp 60000/tcp" in out
-    assert "--dport 40000 -j NFQUEUE --queue-num 5" in out
+    assert "--dport 60000 -j NFQUEUE --queue-num 5" in out
+    assert "--dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q5-tcp40000-v4 src" in out
 
 
 def test_check_with_bad_rules_exits_2_with_one_line_per_problem(tmp_path, capsys):
@@ -226,3 +227,24 @@ def test_grant_duration_mistake_is_one_named_line(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "nfknock: --for: duration '25h' must be more than 0 and at most 24h"
     ]
+
+
+def test_spa_on_a_team_door_needs_a_key_name(tmp_path, monkeypatch, capsys):
+    from nfknock.spa import generate_keys
+
+    for prefix in ("ALICE", "BOB"):
+        encryption, mac = generate_keys()
+        monkeypatch.setenv(f"{prefix}_KEY_BASE64", encryption)
+        monkeypatch.setenv(f"{prefix}_HMAC_KEY_BASE64", mac)
+    (tmp_path / "spa.yaml").write_text(
+        "doors: [{name: t, kind: spa, keys: [{name: alice, env: ALICE}, {name: bob, env: BOB}], protect: [22]}]\n"
+    )
+    assert main(["spa", "192.0.2.1", "--door", "t", "--rules", str(tmp_path)]) == 2
+    assert "door 't' has 2 keys: pick one with --key (alice, bob)" in capsys.readouterr().err
+    assert main(["spa", "192.0.2.1", "--door", "t", "--rules", str(tmp_path), "--key", "carol"]) == 2
+    assert "door 't' has no key 'carol' (keys: alice, bob)" in capsys.readouterr().err
+
+
+def test_revoke_takes_an_address_or_a_key(capsys):
+    assert main(["revoke", "--control-socket", "/nonexistent"]) == 2
+    assert "give an ADDRESS or --key NAME" in capsys.readouterr().err

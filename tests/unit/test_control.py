@@ -25,6 +25,10 @@ from nfknock.control import canonical_address, parse_request, read_request
         (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": 1e999}', "seconds must be a number"),
         (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": true}', "seconds must be a number"),
         (b'{"cmd": "grant", "address": "10.0.0.1", "door": "d", "seconds": -1}', "seconds must be a number"),
+        (b'{"cmd": "revoke", "key": "al ice"}', "key must be a key name"),
+        (b'{"cmd": "revoke", "key": 5}', "key must be a key name"),
+        (b'{"cmd": "revoke", "key": "alice", "address": "10.0.0.1"}', "an address or a key, not both"),
+        (b'{"cmd": "grant", "key": "alice", "door": "d", "seconds": 5}', "address must be an IP address"),
     ],
 )
 def test_malformed_requests_are_refused_with_the_reason(raw, message):
@@ -41,6 +45,7 @@ def test_requests_are_checked_and_addresses_canonical():
         "seconds": 60.0,
     }
     assert canonical_address(" 10.0.0.1 ") == "10.0.0.1"
+    assert parse_request(b'{"cmd": "revoke", "key": "alice"}') == {"cmd": "revoke", "key": "alice", "door": None}
 
 
 def test_a_slow_client_gets_a_deadline_for_the_whole_request():

@@ -272,9 +272,9 @@ def test_diagnose_follows_a_rules_symlink(tmp_path):
 @pytest.mark.parametrize(
     ("missing", "chosen", "level", "text"),
     [
-        ((), "nft", OK, "the server extra is installed (netfilterqueue)"),
-        ((), "legacy", OK, "the server extra is installed (netfilterqueue, python-iptables)"),
-        (("iptc",), "nft", OK, "the server extra is installed (netfilterqueue)"),
+        ((), "nft", OK, "the server extra is installed (netfilterqueue, pyroute2)"),
+        ((), "legacy", OK, "the server extra is installed (netfilterqueue, python-iptables, pyroute2)"),
+        (("iptc",), "nft", OK, "the server extra is installed (netfilterqueue, pyroute2)"),
         (
             ("iptc",),
             "legacy",

@@ -363,7 +363,7 @@ def spa_door(tmp_path, monkeypatch):
 
 
 def spa_packet(door, src=ALICE, address=None, ports=(("tcp", 22),), at=WALL, keys=None):
-    payload = encode(keys or door.keys, address or src, list(ports), at)
+    payload = encode(keys or door.keyring[0].keys, address or src, list(ports), at)
     return Packet(src, "10.0.0.1", "udp", 40000, 62201, 0, payload)
 
 
@@ -376,7 +376,7 @@ def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL + 1)
     assert decision.verdict is Verdict.DROP
     recorded, opened = decision.events
-    assert opened == DoorOpened(ALICE, "spaSSH", 40.0)
+    assert opened == DoorOpened(ALICE, "spaSSH", 40.0, "default", 30.0)
     assert recorded.key in engine.replays and recorded.expires == WALL + 1 + 120
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT
     assert engine.handle(knock(2222), 11.0).verdict is Verdict.DROP  # not requested
@@ -411,7 +411,7 @@ def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
 @pytest.mark.parametrize("change", [dict(address="10.9.9.9"), dict(ports=(("tcp", 80),)), dict(keys="wrong key")])
 def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
     if change.get("keys") == "wrong key":
-        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+        change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
     engine = Engine((spa_door,))
     packet = spa_packet(spa_door, **change)
     assert refusals(engine.handle(packet, 10.0, WALL))[0][0] != "replay"
@@ -420,7 +420,7 @@ def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
 
 def test_a_forged_packet_is_not_remembered(spa_door):
     engine = Engine((spa_door,))
-    forged = spa_packet(spa_door, keys=Keys(spa_door.keys.encryption, b"h" * 64))
+    forged = spa_packet(spa_door, keys=Keys(spa_door.keyring[0].keys.encryption, b"h" * 64))
     engine.handle(forged, 10.0, WALL)
     assert len(engine.replays) == 0
 
@@ -438,20 +438,20 @@ def test_a_forged_packet_is_not_remembered(spa_door):
 )
 def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
     if change.get("keys") == "wrong hmac":
-        change["keys"] = Keys(spa_door.keys.encryption, b"h" * 64)
+        change["keys"] = Keys(spa_door.keyring[0].keys.encryption, b"h" * 64)
     elif change.get("keys") == "wrong key":
-        change["keys"] = Keys(b"k" * 32, spa_door.keys.hmac)
+        change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
     engine = Engine((spa_door,))
     decision = engine.handle(spa_packet(spa_door, **change), 10.0, WALL)
     assert refusals(decision)[0][0] == reason
-    for secret in (spa_door.keys.encryption, spa_door.keys.hmac):
+    for secret in (spa_door.keyring[0].keys.encryption, spa_door.keyring[0].keys.hmac):
         assert base64.b64encode(secret).decode() not in str(decision.events)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
 
 
 def test_trusting_the_inner_address_is_an_option(spa_door):
     trusting = spa_door.model_copy(update={"trust_inner_address": True})
-    trusting._keys = spa_door.keys
+    trusting._keyring = spa_door.keyring
     engine = Engine((trusting,))
     engine.handle(spa_packet(trusting, address="0.0.0.0"), 10.0, WALL)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT  # the grant still goes to the sender
@@ -474,3 +474,195 @@ def test_every_step_sent_three_times_opens_the_door(clock):
     assert clock.connect().verdict is Verdict.ACCEPT
     closing = clock.send(50000, 50000, 40000, 40000, gap=0.0001)  # 60000 already counted as its first step
     assert DoorClosed(ALICE, "openSSH", was_open=True) in closing
+
+
+# -- SPA doors for a team: a key per person ------------------------------------------------
+
+from nfknock.events import GrantsRevoked  # noqa: E402
+from nfknock.rules import SpaKey  # noqa: E402
+
+CAROL = "10.0.2.7"
+
+
+def person(door, name, **settings):
+    encryption, mac = generate_keys()
+    spec = SpaKey.model_validate({"name": name, "env": "UNUSED", **settings})
+    return door.resolve(spec, Keys(base64.b64decode(encryption), base64.b64decode(mac)))
+
+
+def team_door(max_open_for="2m", **people):
+    door = SpaDoor.model_validate(
+        dict(kind="spa", name="team", keys_dir="/nonexistent", protect=["22/tcp", "80/tcp"], max_open_for=max_open_for)
+    )
+    door._keyring = tuple(person(door, name, **settings) for name, settings in (people or {"alice": {}}).items())
+    return door
+
+
+def key_of(door, name):
+    return next(key for key in door.keyring if key.name == name)
+
+
+def team_packet(door, name, src=ALICE, ports=(("tcp", 22),), at=WALL, user="root", timeout=None):
+    payload = encode(key_of(door, name).keys, src, list(ports), at, user=user, client_timeout=timeout)
+    return Packet(src, "10.0.0.1", "udp", 40000, 62201, 0, payload)
+
+
+def opened(decision):
+    return [e for e in decision.events if isinstance(e, DoorOpened)]
+
+
+def test_each_person_opens_the_door_with_their_own_key_and_is_named():
+    door = team_door(alice={}, bob={})
+    engine = Engine((door,))
+    assert opened(engine.handle(team_packet(door, "alice"), 10.0, WALL)) == [
+        DoorOpened(ALICE, "team", 40.0, "alice", 30.0)
+    ]
+    assert opened(engine.handle(team_packet(door, "bob", src=BOB), 10.0, WALL)) == [
+        DoorOpened(BOB, "team", 40.0, "bob", 30.0)
+    ]
+    assert {(row.source, row.key) for row in engine.grant_rows(11.0)} == {(ALICE, "alice"), (BOB, "bob")}
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT
+    assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.ACCEPT
+
+
+@pytest.mark.parametrize(
+    "settings,change,reason,detail",
+    [
+        (
+            dict(expires="2027-01-31"),
+            dict(at=1_801_353_600.0),  # 2027-01-31 00:00 UTC: expired from then on
+            "key expired",
+            "key carol expired on 2027-01-31 00:00 UTC",
+        ),
+        (
+            dict(sources=["10.0.1.0/24"]),
+            dict(src=CAROL),
+            "source not allowed",
+            "10.0.2.7 is not in key carol's sources (10.0.1.0/24)",
+        ),
+        (
+            dict(username="carol"),
+            dict(user="root"),
+            "username mismatch",
+            "key carol requires username 'carol', the packet has 'root'",
+        ),
+        (dict(ports=["22/tcp"]), dict(ports=(("tcp", 80),)), "port not allowed", "key carol may not open 80/tcp"),
+    ],
+)
+def test_a_key_is_refused_with_a_reason_naming_it(settings, change, reason, detail):
+    wall = change.pop("at", WALL)
+    door = team_door(alice={}, carol=settings)
+    engine = Engine((door,))
+    packet = team_packet(door, "carol", at=wall, **change)
+    decision = engine.handle(packet, 10.0, wall)
+    refused = [e for e in decision.events if isinstance(e, SpaRefused)]
+    assert [(e.reason, e.detail, e.key) for e in refused] == [(reason, detail, "carol")]
+    assert not opened(decision) and engine.grant_rows(10.0) == []
+    # Recorded before it was refused: the same packet is a replay, even once the key is fixed.
+    assert refusals(engine.handle(packet, 11.0, wall + 1))[0][0] == "replay"
+
+
+def test_a_key_is_fine_before_its_expiry_and_with_its_username_from_its_network():
+    door = team_door(carol=dict(expires="2027-01-31", username="carol", sources=["10.0.0.0/24"], ports=["22/tcp"]))
+    engine = Engine((door,))
+    wall = 1_801_353_599.0  # 2027-01-30 23:59:59 UTC
+    decision = engine.handle(team_packet(door, "carol", user="carol", at=wall), 10.0, wall)
+    assert opened(decision)[0].key == "carol"
+
+
+@pytest.mark.parametrize(
+    "max_open_for,timeout,seconds",
+    [
+        ("2m", 5, 5.0),  # fwknop -f 5
+        ("2m", 100000, 120.0),  # cut to the maximum
+        ("2m", None, 30.0),  # no -f: open_for
+        (None, 100000, 30.0),  # no max_open_for: open_for is the maximum
+        (None, 5, 5.0),  # asking for less is always fine
+    ],
+)
+def test_client_timeouts_up_to_max_open_for(max_open_for, timeout, seconds):
+    door = team_door(max_open_for=max_open_for, alice={})
+    engine = Engine((door,))
+    decision = engine.handle(team_packet(door, "alice", timeout=timeout), 10.0, WALL)
+    assert opened(decision) == [DoorOpened(ALICE, "team", 10.0 + seconds, "alice", seconds)]
+    assert engine.handle(knock(22), 10.0 + seconds - 0.01).verdict is Verdict.ACCEPT
+    assert engine.handle(knock(22), 10.0 + seconds + 0.01).verdict is Verdict.DROP
+
+
+def test_a_short_grant_expires_on_time_behind_longer_ones():
+    door = team_door(alice={}, bob={})
+    engine = Engine((door,))
+    engine.handle(team_packet(door, "alice", timeout=100), 10.0, WALL)
+    engine.handle(team_packet(door, "bob", src=BOB, timeout=5), 11.0, WALL)
+    assert engine.next_deadline() == 16.0
+    assert engine.expire(16.0) == [GrantExpired(BOB, "team", "bob")]
+    assert [row.source for row in engine.grant_rows(16.0)] == [ALICE]
+
+
+def test_per_key_open_for_and_max_open_for():
+    door = team_door(max_open_for=None, alice=dict(open_for="10s", max_open_for="1h"), bob={})
+    engine = Engine((door,))
+    assert opened(engine.handle(team_packet(door, "alice"), 0.0, WALL))[0].seconds == 10.0
+    assert opened(engine.handle(team_packet(door, "alice", timeout=7200), 0.0, WALL))[0].seconds == 3600.0
+    assert opened(engine.handle(team_packet(door, "bob", src=BOB, timeout=7200), 0.0, WALL))[0].seconds == 30.0
+
+
+def test_revoke_key_ends_that_persons_grants_only():
+    door = team_door(alice={}, bob={})
+    engine = Engine((door,))
+    engine.handle(team_packet(door, "alice"), 10.0, WALL)
+    engine.handle(team_packet(door, "alice", src=CAROL), 10.0, WALL)  # alice from another host
+    engine.handle(team_packet(door, "bob", src=BOB), 10.0, WALL)
+    assert sorted(engine.revoke_key("alice")) == [("team", ALICE), ("team", CAROL)]
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
+    assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.ACCEPT
+    assert engine.revoke_key("alice") == []
+
+
+def test_reload_without_a_key_ends_its_grants_and_keeps_everyone_elses():
+    door = team_door(alice={}, bob={})
+    engine = Engine((door,))
+    alice_packet = team_packet(door, "alice")
+    engine.handle(alice_packet, 10.0, WALL)
+    engine.handle(team_packet(door, "bob", src=BOB), 10.0, WALL)
+    without_alice = door.model_copy()
+    without_alice._keyring = (key_of(door, "bob"),)
+    assert engine.reload((without_alice,)) == []  # the door's state is kept
+    assert engine.rekeyed == (GrantsRevoked("team", "alice", (ALICE,)),)
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
+    assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.ACCEPT
+    fresh = team_packet(door, "alice", at=WALL + 2)
+    assert refusals(engine.handle(fresh, 12.0, WALL + 2))[0][0] == "bad hmac"
+    assert opened(engine.handle(team_packet(door, "bob", src=BOB, at=WALL + 2), 12.0, WALL + 2))
+
+
+def test_changing_a_door_setting_still_resets_it():
+    door = team_door(alice={})
+    engine = Engine((door,))
+    engine.handle(team_packet(door, "alice"), 10.0, WALL)
+    longer = door.model_copy(update={"open_for": 60.0})
+    longer._keyring = door.keyring
+    assert engine.reload((longer,)) == ["team"]
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
+
+
+def test_a_door_with_no_keys_opens_for_nobody():
+    door = team_door(alice={})
+    door._keyring = ()
+    decision = Engine((door,)).handle(
+        spa_packet(team_door(alice={}), src=ALICE, keys=Keys(b"k" * 32, b"h" * 64)), 1, WALL
+    )
+    assert refusals(decision) == [("bad hmac", "the door has no keys (its keys_dir is empty)")]
+
+
+def test_a_gpg_packet_gets_its_own_refusal(spa_door):
+    """fwknop's GPG mode strips 'hQ' and HMACs it back on; nfknock says why it refuses it."""
+    import hashlib
+    import hmac as hmac_module
+    import os
+
+    data = base64.b64encode(b"\x85\x02" + os.urandom(600)).decode().rstrip("=")[2:]
+    key = spa_door.keyring[0].keys.hmac
+    tag = base64.b64encode(hmac_module.new(key, ("hQ" + data).encode(), hashlib.sha256).digest()).decode().rstrip("=")
+    packet = Packet(ALICE, "10.0.0.1", "udp", 40000, 62201, 0, (data + tag).encode())
+    assert refusals(Engine((spa_door,)).handle(packet, 1.0, WALL))[0][0] == "gpg"

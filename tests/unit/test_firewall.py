@@ -19,15 +19,23 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 3",
-        f"-A {CHAIN} -p udp -m udp --dport 50000 -j NFQUEUE --queue-num 3",
+        # The first step goes to the kernel's set (the granted still reach the daemon) ...
+        f"-A {CHAIN} -p tcp -m tcp --dport 40000 -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q3-tcp40000-v4 src --exist --timeout 15",
+        f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j DROP",
+        # ... and only the second step of a source in that set reaches the daemon, marked.
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-tcp40000-v4 src -j MARK --set-xmark 0x10000000/0x10000000",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -j DROP",
     ]
 
 
 def test_tripwires_are_queued_and_marked_packets_return_first():
     plan = scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
     assert plan[0] == RuleSpec("RETURN", mark=PASS_MARK)
-    assert [str(s) for s in plan[-2:]] == [
+    assert [str(s) for s in plan if s.target == "NFQUEUE" and isinstance(s.dport, tuple)] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 39992:40018 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p udp -m udp --dport 49992:50008 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
     ]
@@ -129,7 +137,7 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
         assert all(s.dport in (22, 23, 2222) or s.mark for s in specs[:cut])
         # ... and every knock, range, SPA and tripwire rule comes after the cut.
         assert specs[cut + 1 :] and all(
-            s.target == "NFQUEUE" and s.dport not in (22, 23, 2222) for s in specs[cut + 1 :]
+            s.target in ("NFQUEUE", "SET", "MARK", "DROP") and s.dport not in (22, 23, 2222) for s in specs[cut + 1 :]
         )
 
 

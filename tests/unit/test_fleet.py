@@ -109,7 +109,7 @@ def test_fleet_key_and_url_checks(tmp_path):
 
 def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door):
     engine = Engine((spa_door,), shared=True)
-    payload = encode(spa_door.keys, ALICE, [("tcp", 22)], WALL)
+    payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22)], WALL)
     decision = engine.handle(packet(62201, proto="udp", payload=payload), 10.0, WALL)
     claims = [e for e in decision.events if isinstance(e, ClaimNeeded)]
     assert len(claims) == 1 and not any(isinstance(e, DoorOpened) for e in decision.events)
@@ -201,7 +201,7 @@ def test_a_knock_on_one_member_opens_the_others_and_a_revoke_closes_them(fleet):
 
 def test_an_spa_packet_is_used_once_across_the_fleet(fleet, spa_door):
     a, b = fleet("a", (spa_door,)), fleet("b", (spa_door,))
-    payload = encode(spa_door.keys, ALICE, [("tcp", 22)], time.time())
+    payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22)], time.time())
     a.handle(packet(62201, proto="udp", payload=payload))
     opened = a.until(lambda result: result[0], "got the claim's answer")[0]
     assert isinstance(opened[0], DoorOpened)
@@ -241,7 +241,7 @@ def test_without_redis_members_serve_locally_by_their_policy(fleet, spa_door):
     refusing = fleet("b", (spa_door,), offline="refuse", on=None)
     assert not accepting.fleet.link.connected
     for member in (accepting, refusing):
-        payload = encode(spa_door.keys, ALICE, [("tcp", 22)], time.time())
+        payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22)], time.time())
         _, follow = member.handle(packet(62201, proto="udp", payload=payload))
         member.follow = follow
     assert isinstance(accepting.follow[0], DoorOpened)
@@ -316,3 +316,19 @@ def test_run_refuses_bad_fleet_options_in_one_line_before_touching_anything(tmp_
         assert main(["run", "--rules", rules, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0] and "hunter2" not in err[0], err
+
+
+def test_spa_grants_travel_with_their_key_and_a_key_revoke_reaches_every_member(fleet, spa_door):
+    a, b = fleet("a", (spa_door,)), fleet("b", (spa_door,))
+    person = spa_door.keyring[0]
+    payload = encode(person.keys, ALICE, [("tcp", 22)], time.time())
+    a.handle(packet(62201, proto="udp", payload=payload))
+    opened = a.until(lambda result: result[0], "got the claim's answer")[0]
+    a.fleet.on_events(opened, a.now, time.time())  # as the daemon does with what step() returned
+    b.until(lambda result: ALICE in result[1], "got the grant")
+    row = next(row for row in b.engine.grant_rows(b.now) if row.source == ALICE)
+    assert row.key == person.name
+    request = {"cmd": "revoke", "key": person.name, "door": None}
+    a.fleet.on_control(request, {"revoked": ["spaSSH"], "addresses": [ALICE]}, a.now, time.time())
+    b.until(lambda result: ALICE in result[1], "got the key's revocation")
+    assert b.engine.handle(packet(22), b.now).verdict is Verdict.DROP

@@ -40,29 +40,57 @@ def test_a_missing_ipset_is_one_line():
         GrantedSets(7, logging.getLogger("t"), missing).create()
 
 
-def test_updates_are_batched_by_the_thread_with_their_timeouts():
-    fake = FakeIpset()
-    sets = GrantedSets(0, logging.getLogger("t"), fake)
+class FakeLink:
+    def __init__(self, fail=None):
+        self.calls, self.fail, self.closed = [], fail, False
+
+    def add(self, name, address, timeout):
+        if self.fail:
+            raise OSError(self.fail)
+        self.calls.append(("add", name, address, timeout))
+
+    def delete(self, name, address):
+        self.calls.append(("del", name, address))
+
+    def close(self):
+        self.closed = True
+
+
+def test_updates_wait_for_the_flush_and_the_last_word_on_an_address_wins():
+    link = FakeLink()
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), lambda: link)
+    sets.create()
     sets.add("10.0.0.2", 29.2)
     sets.add("fd00::2", 0.1)
     sets.remove("10.0.0.3")
-    sets.start()
-    sets.stop()
-    script = "".join(call[1] for call in fake.calls)
-    assert script.splitlines() == [
-        "add nfknock-q0-v4 10.0.0.2 timeout 31 -exist",
-        "add nfknock-q0-v6 fd00::2 timeout 2 -exist",
-        "del nfknock-q0-v4 10.0.0.3 -exist",
+    sets.add("10.0.0.3", 5)
+    assert link.calls == []  # nothing before the loop's turn ends
+    sets.flush()
+    assert link.calls == [
+        ("add", "nfknock-q0-v4", "10.0.0.2", 31),
+        ("add", "nfknock-q0-v6", "fd00::2", 2),
+        ("add", "nfknock-q0-v4", "10.0.0.3", 6),
     ]
+    sets.flush()
+    assert len(link.calls) == 3
+    sets.close()
+    assert link.closed
 
 
-def test_a_failed_update_is_logged_and_the_thread_goes_on(caplog):
-    fake = FakeIpset(returncode=1, stderr="ipset v7.17: The set with the given name does not exist\n")
-    sets = GrantedSets(0, logging.getLogger("t-granted"), fake)
-    sets.start()
+def test_a_failed_update_is_logged_and_the_daemon_goes_on(caplog):
+    sets = GrantedSets(0, logging.getLogger("t-granted"), FakeIpset(), lambda: FakeLink(fail="set is full"))
+    sets.create()
     sets.add("10.0.0.2", 30)
-    sets.stop()
-    assert "exited with status 1: ipset v7.17: The set with the given name does not exist" in caplog.text
+    sets.flush()
+    assert sets.failed == 1
+    assert "could not update the set nfknock-q0-v4 for 10.0.0.2 (set is full" in caplog.text
+
+
+def test_a_backlog_is_bounded():
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), FakeLink)
+    for n in range(5000):
+        sets.add(f"10.0.{n >> 8}.{n & 255}", 30)
+    assert sets.dropped == 5000 - 4096
 
 
 def test_destroy_takes_only_our_sets():

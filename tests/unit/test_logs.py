@@ -88,3 +88,27 @@ def test_json_lines_carry_the_event_and_its_fields(tmp_path):
     assert first["src"] == "10.0.0.2" and first["message"] == "10.0.0.2: openSSH: Stage 2"
     assert second["message"] == "ready" and "event" not in second
     logger.handlers.clear()
+
+
+def test_spa_lines_name_the_key_after_knockds_words():
+    from nfknock.events import GrantsRevoked, SpaRefused
+
+    opened = DoorOpened("10.0.0.2", "team", 5.0, "alice", 5.0)
+    assert render(opened) == "10.0.0.2: team: OPEN SESAME (key alice, 5s)"
+    assert render(GrantExpired("10.0.0.2", "team", "alice")).endswith("new connections refused) (key alice)")
+    refused = SpaRefused("10.0.0.9", "team", "key expired", "key carol expired on 2020-01-01 00:00 UTC", "carol")
+    assert render(refused) == (
+        "10.0.0.9: team: SPA packet refused: key expired (key carol expired on 2020-01-01 00:00 UTC)"
+    )
+    assert render(GrantsRevoked("team", "alice", ("10.0.0.2",))) == (
+        "team: key alice removed or changed: grants ended for 10.0.0.2"
+    )
+
+
+def test_json_lines_carry_the_key(capsys):
+    import json
+
+    logger = setup_logging(log_format="json")
+    log_events(logger, [DoorOpened("10.0.0.2", "team", 5.0, "alice", 5.0)])
+    line = json.loads(capsys.readouterr().err)
+    assert (line["event"], line["key"], line["seconds"]) == ("DoorOpened", "alice", 5.0)

@@ -116,7 +116,7 @@ def key_file(tmp_path):
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])
 def test_key_files_readable_or_writable_by_others_are_refused_when_strict(tmp_path, key_file, which, mode):
     ruleset = load_rules(tmp_path, strict=True)
-    assert ruleset.door("s").keys.hmac and ruleset.door("r").rotate.secret == b"secret" * 4
+    assert ruleset.door("s").keyring[0].keys.hmac and ruleset.door("r").rotate.secret == b"secret" * 4
     target = key_file if which == "keys" else key_file.with_name("spa.keys.rot")
     target.chmod(mode)
     door, field = ("s", "keys_file") if which == "keys" else ("r", "rotate: secret_file")

@@ -1,0 +1,129 @@
+"""Which knock doors have their first step recorded by the kernel instead of the daemon. Pure.
+
+Why: a flood of first knocks from spoofed sources looks exactly like a client's first knock, so
+nothing can shed it before the queue; the daemon can decide only a fraction of a saturating
+flood, and the client's knock is lost with the rest. A door's first step, though, decides nothing
+by itself: it only says "this source may take the second step within seq_timeout". The kernel
+can record that at line rate in a set with timeouts (an ipset per first port and family, hash:ip
+with `forceadd`, so a full set evicts a random entry instead of refusing the newcomer), and the
+flood never reaches the queue. The daemon still decides everything that matters: a second step
+reaches the queue marked "the first step was seen" only from a source in that set; the engine
+then takes it as the second step of an attempt that the kernel started (sequence.py, phase
+KERNEL); every later step, the grant and the connection are decided by the engine as before.
+A set element is state that expires by itself, not a rule; nothing in the kernel accepts.
+
+A door qualifies when the kernel can tell its first two steps apart from everything else:
+
+- a knock door (fixed sequence) of two steps or more; rotating doors change their ports every
+  window and SPA doors need the whole packet, so they stay in the daemon;
+- its first port is used by no door except as the first step of such doors (which then share
+  one set, a *group*) or as a step of a close sequence, and all doors of the group want the same
+  TCP flags; its second port is used only as the second step of the group's doors or in a close
+  sequence; neither port is a tripwire, protected port, SPA port or inside a rotating range.
+
+Close sequences matter only to a source that holds a grant, and packets from sources in the
+granted set (firewall/granted.py) go to the daemon whatever the port, so a close sequence (and a
+granted client knocking again) keeps the daemon's semantics. What changes for a stranger: the
+daemon never sees its first step, so a wrong knock between the first and second step no longer
+resets the attempt (a tripwire hit still does: the engine remembers it), and the attempt's
+seq_timeout counts from the second step (the set element's own timeout bounds the first).
+
+At most MAX_GROUPS groups (in port order) go to the kernel: every group is one set per family,
+and the kernel's default limit is 256 sets per namespace.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_left, bisect_right
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
+
+Key = tuple[str, int]
+MAX_GROUPS = 32
+
+
+@dataclass(frozen=True)
+class FirstStepGroup:
+    """Doors whose shared first step the kernel records in one set per family."""
+
+    first: Key
+    seconds: tuple[Key, ...]  # the second steps of the group's doors
+    doors: frozenset[str]
+    timeout: int  # seconds a set element lives: the longest seq_timeout of the group, rounded up
+    tcp_flags: TcpFlags | None  # what a TCP first knock must carry (None for UDP)
+    families: tuple[int, ...]
+
+
+def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
+    """The groups of doors whose first step goes to the kernel (see the module's docstring)."""
+    candidates: dict[Key, list[KnockDoor]] = defaultdict(list)
+    for door in doors:
+        if isinstance(door, KnockDoor) and len(door.sequence) >= 2:
+            candidates[door.sequence[0].key].append(door)
+    if not candidates:
+        return ()
+    # Every use of every port, as (door name, role); roles: "first", "second", "close", "other".
+    uses: dict[Key, set[tuple[str, str]]] = defaultdict(set)
+    ranges: list[tuple[str, int, int, frozenset[Key]]] = []  # (proto, first, last, except these)
+    for door in doors:
+        for port in door.protect:
+            uses[port.key].add((door.name, "other"))
+        if isinstance(door, SpaDoor):
+            uses[door.port.key].add((door.name, "other"))
+            continue
+        if isinstance(door, RotatingDoor):
+            ranges.append((*door.rotate.range, frozenset()))
+        else:
+            for index, step in enumerate(door.sequence):
+                role = "first" if index == 0 else "second" if index == 1 else "other"
+                uses[step.key].add((door.name, role))
+            for step in door.close_sequence or ():
+                uses[step.key].add((door.name, "close"))
+        steps = frozenset(p.key for p in door.knock_ports)
+        ranges += [(*span, steps) for span in door.tripwire_ranges]
+
+    # Candidate ports inside some other door's tripwire or rotating range (bisect: 10k doors).
+    wanted: dict[str, list[int]] = defaultdict(list)
+    for first, members in candidates.items():
+        for key in {first, *(door.sequence[1].key for door in members)}:
+            wanted[key[0]].append(key[1])
+    for numbers in wanted.values():
+        numbers.sort()
+    covered: set[Key] = set()
+    for proto, low, high, own in ranges:
+        numbers = wanted.get(proto, [])
+        for number in numbers[bisect_left(numbers, low) : bisect_right(numbers, high)]:
+            if (proto, number) not in own:
+                covered.add((proto, number))
+
+    groups = []
+    for first, members in sorted(candidates.items()):
+        names = {door.name for door in members}
+        seconds = tuple(dict.fromkeys(door.sequence[1].key for door in members))
+        flags = {door.tcp_flags for door in members}
+        if len(flags) != 1:
+            continue
+        if any(not (role == "close" or (role == "first" and name in names)) for name, role in uses[first]):
+            continue
+        if any(
+            not (role == "close" or (role == "second" and name in names)) for key in seconds for name, role in uses[key]
+        ):
+            continue
+        if first in covered or covered.intersection(seconds):
+            continue
+        groups.append(
+            FirstStepGroup(
+                first=first,
+                seconds=seconds,
+                doors=frozenset(names),
+                timeout=max(1, math.ceil(max(door.seq_timeout for door in members))),
+                tcp_flags=flags.pop() if first[0] == "tcp" else None,
+                families=tuple(sorted({family for door in members for family in door.families})),
+            )
+        )
+        if len(groups) == MAX_GROUPS:
+            break
+    return tuple(groups)

@@ -1,0 +1,134 @@
+"""Which first steps the kernel records (first_steps.py), and how the engine takes the second
+step it is then handed (sequence.py phase KERNEL). Time is written into the tests."""
+
+import pytest
+
+from nfknock.engine import Engine, Verdict
+from nfknock.events import DoorOpened, KnockAdvanced, SequenceReset
+from nfknock.firewall import first_step_mark, scaffolding
+from nfknock.first_steps import MAX_GROUPS, first_step_groups
+from nfknock.packet import Packet
+from nfknock.rules import parse_door
+
+ALICE = "10.0.0.2"
+
+
+def door(**fields):
+    base = dict(name="d", sequence=[40000, 50000, 60000], protect=["22/tcp"], tripwire=0)
+    base.update(fields)
+    return parse_door({key: value for key, value in base.items() if value is not None})
+
+
+def names(doors):
+    return sorted(name for group in first_step_groups(tuple(doors)) for name in group.doors)
+
+
+def test_a_plain_door_and_its_reverse_close_sequence_qualify():
+    (group,) = first_step_groups((door(close_sequence=[60000, 50000, 40000], seq_timeout="7.5s"),))
+    assert group.first == ("tcp", 40000) and group.seconds == (("tcp", 50000),)
+    assert group.timeout == 8 and group.families == (4, 6)
+    assert str(group.tcp_flags) == "syn,!ack"
+
+
+def test_doors_sharing_a_first_step_share_a_group():
+    (group,) = first_step_groups((door(), door(name="e", sequence=[40000, 51000], protect=["23/tcp"])))
+    assert group.doors == {"d", "e"} and set(group.seconds) == {("tcp", 50000), ("tcp", 51000)}
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(name="e", sequence=[1000, 40000, 2000]),  # the first port is another door's later step
+        dict(name="e", sequence=[1000, 50000, 2000]),  # the second port is another door's second step
+        dict(name="e", sequence=[50000, 3000]),  # the second port is another door's first step
+        dict(name="e", sequence=[40000]),  # a one-step door on the first port
+        dict(name="e", sequence=[40000, 51000], tcp_flags="syn"),  # the group disagrees on flags
+        dict(name="e", sequence=[40010, 3000], tripwire=16),  # the first port is a tripwire
+    ],
+)
+def test_a_port_the_kernel_cannot_tell_apart_keeps_the_door_in_the_daemon(other):
+    assert "d" not in names([door(), door(protect=["23/tcp"], **other)])
+
+
+def test_rotating_spa_and_one_step_doors_stay_in_the_daemon(monkeypatch):
+    assert names([door(sequence=[40000])]) == []
+    assert names([door(sequence=None, rotate={"secret_env": "S", "proto": "udp"})]) == []
+
+
+def test_groups_are_capped_in_port_order():
+    doors = [door(name=f"d{n}", sequence=[10000 + n, 20000 + n], protect=[f"{100 + n}/tcp"]) for n in range(40)]
+    groups = first_step_groups(tuple(doors))
+    assert len(groups) == MAX_GROUPS and groups[0].first == ("tcp", 10000)
+
+
+def knock(port, seen=False, src=ALICE):
+    return Packet(src=src, dst="10.0.0.1", proto="tcp", sport=3333, dport=port, flags=0x02, first_seen=seen)
+
+
+def test_a_marked_second_step_opens_with_the_rest_of_the_sequence():
+    engine, now = Engine((door(),)), 100.0
+    events = engine.handle(knock(50000, seen=True), now).events
+    assert events == (KnockAdvanced(ALICE, "d", "open", 1), KnockAdvanced(ALICE, "d", "open", 2))
+    assert isinstance(engine.handle(knock(60000), now + 1).events[0], DoorOpened)
+    assert engine.handle(knock(22), now + 2).verdict is Verdict.ACCEPT
+
+
+def test_an_unmarked_second_step_from_a_stranger_does_nothing():
+    engine = Engine((door(),))
+    assert engine.handle(knock(50000), 100.0).events == ()
+    engine.handle(knock(60000), 101.0)
+    assert engine.handle(knock(22), 102.0).verdict is Verdict.DROP
+
+
+def test_the_mark_means_nothing_on_a_door_the_kernel_does_not_serve():
+    engine = Engine((door(), door(name="e", sequence=[1000, 40000, 2000], protect=["23/tcp"])))
+    assert engine.handle(knock(50000, seen=True), 100.0).events == ()
+
+
+def test_the_kernel_forgets_a_first_step_on_any_other_port_of_the_door_before_marking():
+    """What would have reset the attempt in the daemon takes the source out of the set, in
+    packet order: another knock port of the door (with the door's flags) and its tripwires."""
+    specs = [str(s) for s in scaffolding((door(close_sequence=[60000, 50000, 40000], tripwire=4),), 0)]
+    forget = [s for s in specs if "--del-set nfknock-q0-tcp40000-v4" in s]
+    assert forget == [
+        "-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set nfknock-q0-tcp40000-v4 src",
+        *[
+            f"-A NFKNOCK -p tcp -m tcp --dport {a}:{b} --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            "-j SET --del-set nfknock-q0-tcp40000-v4 src"
+            for a, b in ((39996, 40004), (49996, 50004), (59996, 60004))
+        ],
+    ]
+    # each comes right before the place's own rule
+    for rule in forget:
+        following = specs[specs.index(rule) + 1]
+        assert following.split(" -j ")[0].startswith(rule.split(" -j ")[0].split(" --tcp-flags")[0])
+
+
+def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or_granted():
+    specs = [str(s) for s in scaffolding((door(),), 0) if s.dport == 50000]
+    assert specs == [
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
+        "-j MARK --set-xmark 0x10000000/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-v4 src -j NFQUEUE --queue-num 0",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
+    ]
+
+
+def test_the_first_step_mark_is_the_bit_below_the_pass_mark():
+    assert first_step_mark(0x20000000) == 0x10000000 and first_step_mark(1) == 2
+
+
+def test_a_first_step_the_kernel_saw_ends_a_close_attempt_as_a_knock_would():
+    engine, now = Engine((door(close_sequence=[60000, 50000, 40000]),)), 100.0
+    engine.handle(knock(60000), now)  # close, stage 1
+    events = engine.handle(knock(50000, seen=True), now + 1).events
+    assert events[0] == SequenceReset(ALICE, "d", "close", 1, "40000/tcp")
+    assert events[1:] == (KnockAdvanced(ALICE, "d", "open", 1), KnockAdvanced(ALICE, "d", "open", 2))
+
+
+def test_a_two_step_door_completes_on_the_marked_second_step():
+    engine = Engine((door(sequence=[40000, 50000]),))
+    events = engine.handle(knock(50000, seen=True), 100.0).events
+    assert [type(e) for e in events] == [KnockAdvanced, DoorOpened]
