@@ -14,6 +14,7 @@ longer or shorter there, nothing else.
 from __future__ import annotations
 
 import logging
+import queue
 import secrets
 import socket
 import time
@@ -80,7 +81,8 @@ class FleetMember:
             if isinstance(event, DoorOpened):
                 self._publish_grant(event.src, event.door, now, wall)
             elif isinstance(event, DoorClosed) and event.was_open:
-                self._publish(Revoke(_id(), self.member, self.instance, event.src, event.door, wall), wall + 600)
+                revoke = Revoke(_id(), self.member, self.instance, event.src, event.door, wall)
+                self._publish(revoke, wall + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
             elif isinstance(event, ClaimNeeded):
                 if self.link.connected:
                     self.link.claim(event)
@@ -94,7 +96,8 @@ class FleetMember:
             return
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
-            self._publish(Revoke(_id(), self.member, self.instance, address, request["door"], wall, key), wall + 600)
+            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            self._publish(revoke, wall + MAX_GRANT_SECONDS)
             for source in answer.get("addresses", [address]):
                 for pair in [pair for pair in self.origins if pair[0] == source]:
                     if request["door"] in (None, pair[1]):
@@ -127,7 +130,7 @@ class FleetMember:
         while True:
             try:
                 message = self.link.inbox.get_nowait()
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 break
             if isinstance(message, Answer):
                 events += self._answered(message, now)
