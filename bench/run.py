@@ -559,6 +559,17 @@ class Bench:
         finally:
             service.close()
 
+    def fleet(self) -> None:
+        """Fleet mode beside single-host (bench/fleet.py): CPU per knock and per SYN, grant and
+        revoke propagation between two members (median and max), first SYN on another member."""
+        from fleet import FleetBench
+
+        if not (shutil.which("redis-server") and shutil.which("redis-cli")):
+            log("fleet: skipped (no redis-server/redis-cli: run scripts/setup.sh)")
+            return
+        for run in range(self.repeat):
+            FleetBench(self.figures, self.workdir / f"fleet{run}", self.smoke, log).run()
+
     def knock_flood(self) -> None:
         """Goal 2: a flood at the first knock port from a million spoofed sources, on the same link
         as the client; 10 trials of knock-then-connect each for `nfknock knock` (its defaults)
@@ -668,32 +679,52 @@ def render(report: dict) -> str:
         "| measurement | nfknock | baseline | ratio | goal |",
         "|---|---|---|---|---|",
     ]
+    rows = []
+
+    def row(make) -> None:
+        """A table row, when the run measured what it shows (bench/run.py --only ...)."""
+        try:
+            rows.append(make())
+        except KeyError:
+            pass
+
     for proto in ("udp", "tcp"):
-        lines.append(
-            f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
-            f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
-            f"{rat(f'throughput.{proto}')} | >= 0.8 |"
+        row(
+            lambda proto=proto: (
+                f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
+                f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
+                f"{rat(f'throughput.{proto}')} | >= 0.8 |"
+            )
         )
-    lines.append(
-        f"| knock to connect, ms (stock knock client) | {fig('knock_to_connect.nfknock', '{:.2f}')}, "
-        f"{f['knock_to_connect.nfknock.syn_retransmits']['median']:.0f} retransmits | "
-        f"{fig('knock_to_connect.knockd', '{:.1f}')} (knockd 0.8), "
-        f"{f['knock_to_connect.knockd.syn_retransmits']['median']:.0f} retransmits | "
-        f"knockd takes {1 / r['knock_to_connect']['median']:,.0f}x as long | < 1 ms, no retransmit |"
+    row(
+        lambda: (
+            f"| knock to connect, ms (stock knock client) | {fig('knock_to_connect.nfknock', '{:.2f}')}, "
+            f"{f['knock_to_connect.nfknock.syn_retransmits']['median']:.0f} retransmits | "
+            f"{fig('knock_to_connect.knockd', '{:.1f}')} (knockd 0.8), "
+            f"{f['knock_to_connect.knockd.syn_retransmits']['median']:.0f} retransmits | "
+            f"knockd takes {1 / r['knock_to_connect']['median']:,.0f}x as long | < 1 ms, no retransmit |"
+        )
     )
-    lines.append(
-        f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
-        f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |"
+    row(
+        lambda: (
+            f"| established TCP, Gbit/s (iperf3) | {fig('established.nfknock', '{:.2f}')} | "
+            f"{fig('established.none', '{:.2f}')} (no firewall) | {rat('established')} | >= 0.95 |"
+        )
     )
-    lines.append(
-        f"| new connections/s, granted client, one at a time | {fig('connection_rate.nfknock')} | "
-        f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |"
+    row(
+        lambda: (
+            f"| new connections/s, granted client, one at a time | {fig('connection_rate.nfknock')} | "
+            f"{fig('connection_rate.none')} (no nfknock) | {rat('connection_rate')} | |"
+        )
     )
-    lines.append(
-        f"| the same through an accept-only queue loop | {fig('connection_rate.nfknock')} | "
-        f"{fig('connection_rate.bare_accept')} (queue round trip alone) | "
-        f"{rat('connection_rate.queue')} | |"
+    row(
+        lambda: (
+            f"| the same through an accept-only queue loop | {fig('connection_rate.nfknock')} | "
+            f"{fig('connection_rate.bare_accept')} (queue round trip alone) | "
+            f"{rat('connection_rate.queue')} | |"
+        )
     )
+    lines += rows
     for name in sorted(n for n in f if n.startswith("memory.") and n.endswith(".rss_mib")):
         base = name.removesuffix(".rss_mib")
         _, label, size, _ = name.split(".")
@@ -722,7 +753,53 @@ def render(report: dict) -> str:
             f"{fig('flood_knock.attempts')} knocks | in during the flood in {sum(during):.0f} of "
             f"{len(during)} runs | | |"
         )
+    if "fleet.grant_propagation.median" in f:
+        lines += [
+            f"| fleet: CPU per 3-step knock, us | {fig('fleet.cpu_per_knock.fleet')} (member of 2) | "
+            f"{fig('fleet.cpu_per_knock.single')} (single host) | {rat('fleet.cpu_per_knock')} | |",
+            f"| fleet: CPU per SYN of a granted client, us | {fig('fleet.cpu_per_syn.fleet')} | "
+            f"{fig('fleet.cpu_per_syn.single')} (single host) | {rat('fleet.cpu_per_syn')} | |",
+            f"| fleet: new connections/s, granted client, one at a time | {fig('fleet.connection_rate.fleet')} | "
+            f"{fig('fleet.connection_rate.single')} (single host) | | |",
+            f"| fleet: Redis commands during a 100k spoofed-SYN flood at 22 | "
+            f"{fig('fleet.redis_calls_during_syn_flood')} (heartbeats) | | | none per SYN |",
+            f"| fleet: knock to connect on the same member, ms | {fig('fleet.knock_to_connect.fleet', '{:.2f}')} | "
+            f"{fig('fleet.knock_to_connect.single', '{:.2f}')} (single host) | | |",
+            f"| fleet: grant reaches the other member, ms (median; max of 100) | "
+            f"{fig('fleet.grant_propagation.median', '{:.2f}')}; "
+            f"{fig('fleet.grant_propagation.max', '{:.2f}')} | | | |",
+            f"| fleet: revoke reaches the other member, ms (median; max of 100) | "
+            f"{fig('fleet.revoke_propagation.median', '{:.2f}')}; "
+            f"{fig('fleet.revoke_propagation.max', '{:.2f}')} | | "
+            f"| < 100 ms |",
+            f"| fleet: SYN to member B 5 ms after the knock on A, accepted first time | "
+            f"{fig('fleet.first_syn_on_other_member')} of {f['fleet.first_syn_on_other_member']['unit'][3:]} | | "
+            f"| >= 19/20 |",
+        ]
     return "\n".join(lines) + "\n"
+
+
+MEASUREMENTS = (
+    "throughput",
+    "knock_to_connect",
+    "established",
+    "connection_rate",
+    "memory",
+    "flood_knock",
+    "syn_flood",
+    "knock_flood",
+    "fleet",
+)
+RATIOS = [
+    ("throughput.udp", "throughput.udp.nfknock", "throughput.udp.bare"),
+    ("throughput.tcp", "throughput.tcp.nfknock", "throughput.tcp.bare"),
+    ("knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd"),
+    ("established", "established.nfknock", "established.none"),
+    ("connection_rate", "connection_rate.nfknock", "connection_rate.none"),
+    ("connection_rate.queue", "connection_rate.nfknock", "connection_rate.bare_accept"),
+    ("fleet.cpu_per_knock", "fleet.cpu_per_knock.fleet", "fleet.cpu_per_knock.single"),
+    ("fleet.cpu_per_syn", "fleet.cpu_per_syn.fleet", "fleet.cpu_per_syn.single"),
+]
 
 
 def main(argv=None) -> int:
@@ -731,6 +808,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs per measurement (default 5)")
     parser.add_argument("--out", default=str(BENCH / "results"), help="where report.json/.md go")
     parser.add_argument("--render", metavar="REPORT_JSON", help="only turn an existing report.json into markdown")
+    parser.add_argument("--only", choices=MEASUREMENTS, action="append", help="run only these measurements")
     args = parser.parse_args(argv)
     if args.render:
         print(render(json.loads(Path(args.render).read_text())), end="")
@@ -747,14 +825,8 @@ def main(argv=None) -> int:
     try:
         with Sandbox(clients_wanted=2) as box:
             bench = Bench(box, workdir, args.smoke, repeat)
-            bench.throughput()
-            bench.knock_to_connect()
-            bench.established()
-            bench.connection_rate()
-            bench.memory()
-            bench.flood_knock()
-            bench.syn_flood()
-            bench.knock_flood()
+            for name in args.only or MEASUREMENTS:
+                getattr(bench, name)()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
@@ -764,12 +836,9 @@ def main(argv=None) -> int:
         "ratios": {},
         "figures": {name: bench.figures.summary(name) for name in bench.figures.values},
     }
-    for proto in ("udp", "tcp"):
-        ratio(report, f"throughput.{proto}", f"throughput.{proto}.nfknock", f"throughput.{proto}.bare")
-    ratio(report, "knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd")
-    ratio(report, "established", "established.nfknock", "established.none")
-    ratio(report, "connection_rate", "connection_rate.nfknock", "connection_rate.none")
-    ratio(report, "connection_rate.queue", "connection_rate.nfknock", "connection_rate.bare_accept")
+    for name, over, base in RATIOS:
+        if over in report["figures"] and base in report["figures"]:
+            ratio(report, name, over, base)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

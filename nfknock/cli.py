@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true", help="also log refused connections")
     _add_pass_mark(run)
+    _add_cluster(run)
     run.set_defaults(func=cmd_run)
 
     check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
@@ -269,6 +270,24 @@ def _add_pass_mark(verb: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster(run: argparse.ArgumentParser) -> None:
+    fleet = run.add_argument_group("fleet mode (members share grants, revocations and replay records through Redis)")
+    fleet.add_argument("--cluster", metavar="URL", help="redis://HOST:PORT/DB or rediss://... (off by default)")
+    fleet.add_argument("--cluster-key-file", metavar="FILE", help="the fleet key (base64, >= 32 bytes; mode 0600)")
+    fleet.add_argument("--cluster-password-file", metavar="FILE", help="Redis AUTH password (mode 0600)")
+    fleet.add_argument(
+        "--cluster-name", default="nfknock", help="fleets sharing one Redis need different names (default: %(default)s)"
+    )
+    fleet.add_argument("--cluster-member", default="", help="this member's name in status and logs (default: hostname)")
+    fleet.add_argument(
+        "--cluster-offline",
+        choices=("accept", "refuse"),
+        default="accept",
+        help="SPA and rotating doors while Redis cannot be asked: accept with this member's replay check "
+        "(default) or refuse",
+    )
+
+
 def _pass_mark(text: str) -> int:
     from .firewall import parse_pass_mark
 
@@ -316,9 +335,27 @@ def cmd_run(args) -> int:
         control_socket=Path(args.control_socket) if args.control_socket else None,
         metrics_port=args.metrics_port,
         pass_mark=args.pass_mark,
+        fleet=_fleet(args),
     )
     Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
     return 0
+
+
+def _fleet(args):
+    if not args.cluster:
+        if args.cluster_key_file or args.cluster_password_file:
+            raise UsageError("--cluster-key-file and --cluster-password-file need --cluster URL")
+        return None
+    from .fleet.config import fleet_config
+
+    return fleet_config(
+        args.cluster,
+        args.cluster_key_file,
+        args.cluster_password_file,
+        args.cluster_name,
+        args.cluster_member,
+        args.cluster_offline,
+    )
 
 
 def cmd_check(args) -> int:
@@ -466,7 +503,29 @@ def cmd_status(args) -> int:
     answer = _answer(args, {"cmd": "status"})
     if not args.json:
         print("\n".join(render_status(answer)))
+    if not args.json and answer.get("fleet"):
+        print("\n".join(["", *fleet_lines(answer["fleet"])]))
     return 0
+
+
+def fleet_lines(fleet: dict) -> list[str]:
+    """The fleet part of `nfknock status`."""
+    state = "reachable" if fleet["reachable"] else f"UNREACHABLE for {fleet['since']:.0f}s ({fleet['detail']})"
+    lines = [
+        f"fleet {fleet['name']}: Redis {fleet['redis']} {state}; SPA when unreachable: {fleet['offline_policy']}",
+        f"  published {fleet['published']}, received {fleet['received']}, waiting {fleet['backlog']}, "
+        f"dropped {fleet['dropped']}, rejected (not signed with the fleet key) {fleet['rejected']}",
+        "members seen recently:",
+    ]
+    for member in fleet["members"]:
+        seen = "this member" if member["self"] else f"seen {member['seen_ago']:.1f}s ago"
+        lines.append(f"  {member['member']:<30} {member['instance']:<14} {seen}")
+    lines.append("grants from other members:" if fleet["shared_grants"] else "grants from other members: none")
+    for row in fleet["shared_grants"]:
+        lines.append(
+            f"  {row['source']:<40} {row['door']:<20} from {row['from']:<20} {row['seconds_left']:>8.1f}s left"
+        )
+    return lines
 
 
 def cmd_revoke(args) -> int:

@@ -284,4 +284,5 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
         "internal_errors": daemon.errors,
         "evicted": engine.evicted,
         "kernel_queue_drops": drops.total if drops else 0,
+        "fleet": None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
     }

@@ -33,9 +33,10 @@ from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError
 from .events import DoorClosed, DoorOpened, GrantsRevoked, Recorded
-from .extras import require_for_run
+from .extras import FLEET, require, require_for_run
 from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_mark, iptables_flavour, plan
 from .firewall.granted import GrantedSets, prune_first_step_sets
+from .fleet.link import FleetConfig
 from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
@@ -65,6 +66,7 @@ class DaemonConfig:
     control_socket: Path | None = None
     metrics_port: int | None = None
     pass_mark: int = PASS_MARK
+    fleet: FleetConfig | None = None  # fleet mode (--cluster): shared grants and replay records
 
     def plan(self, doors) -> Plan:
         """The scaffolding these doors need, on this queue, with this pass mark."""
@@ -135,7 +137,8 @@ class Daemon:
         self.clock = clock
         self.wall_clock = wall_clock
         self.ruleset: Ruleset = load_rules(config.rules_path, strict=True)  # RulesError: nothing touched yet
-        self.engine = Engine(self.ruleset.doors, config.max_sources)
+        self.engine = Engine(self.ruleset.doors, config.max_sources, shared=config.fleet is not None)
+        self.fleet: Any = None  # a FleetMember while running in fleet mode
         self.store = ReplayStore(config.state_dir) if config.state_dir else None
         self.granted = GrantedSets(config.queue_num, self.log)
         self.first_seen_mark = first_step_mark(config.pass_mark)
@@ -205,6 +208,10 @@ class Daemon:
                     self._sync_granted(src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
+        if self.fleet is not None:
+            follow = self.fleet.on_events(events, now, self.wall_clock())
+            if follow:
+                self._consume(follow, now)
         if self.store is not None and any(type(event) is Recorded for event in events):
             self._save_replays(self.store)
 
@@ -228,6 +235,8 @@ class Daemon:
         # What the server and metrics extras bring, checked before a queue is bound or a rule
         # installed: a missing one is a single line (MissingExtra), not a traceback or a half start.
         require_for_run(self.config.metrics_port, self.firewall.name)
+        if self.config.fleet is not None:
+            require("redis", FLEET, "--cluster")
         queues = self._bind_queues()
         wake_r, self._wake_w = socket.socketpair()
         wake_r.setblocking(False)
@@ -236,6 +245,7 @@ class Daemon:
         try:
             self._warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
+            self._start_fleet()
             self._apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
@@ -299,6 +309,9 @@ class Daemon:
                 _drain(wake_r)
             if self.control is not None:
                 self.control.answer_pending(self.answer)
+                self.granted.flush()
+            if self.fleet is not None:
+                self._fleet_step()
                 self.granted.flush()
             self._reload_step()
             now = self.clock()
@@ -404,6 +417,8 @@ class Daemon:
         what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
         steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
+        if self.fleet is not None:
+            steps.append(self.fleet.stop)
         for step in steps + [queue.unbind for queue in queues]:
             try:
                 step()
@@ -480,10 +495,35 @@ class Daemon:
                 for address in answer.get("addresses", [request.get("address")]):
                     if address:
                         self._sync_granted(address, now)
+                if self.fleet is not None and request["cmd"] != "status":
+                    self.fleet.on_control(request, answer, now, self.wall_clock())
             return answer
         except Exception as exc:
             self.log.exception("control request %s failed", request.get("cmd"))
             return {"error": f"internal error: {type(exc).__name__}"}
+
+    # -- fleet mode ------------------------------------------------------------------------
+
+    def _start_fleet(self) -> None:
+        """The Redis link (threads of its own); the loop only ever hands it work and reads its
+        answers, between batches of packets."""
+        if self.config.fleet is not None:
+            from .fleet.member import FleetMember
+
+            self.fleet = FleetMember(self.config.fleet, self.engine, self.log, self._wake, wall=self.wall_clock)
+            self.fleet.start()
+
+    def _fleet_step(self) -> None:
+        try:
+            now = self.clock()
+            events, touched = self.fleet.step(now, self.wall_clock())
+            if events:
+                self._consume(events, now)
+            for src in touched:
+                self._sync_granted(src, now)
+        except Exception:  # the fleet never stops the daemon
+            self.errors += 1
+            self.log.exception("internal error while applying what the fleet said (ignored)")
 
     def _install_signals(self, wake_w: socket.socket) -> dict:
         def stop(signum, frame):

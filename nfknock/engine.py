@@ -32,6 +32,12 @@ takes it depends on its kind, decided once when the doors are compiled:
   reload that only adds or removes keys keeps the door's state but the grants of keys that
   left (GrantsRevoked).
 
+Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
+check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon
+asks the fleet whether another member used it first and calls `claimed` with the answer, which
+grants (DoorOpened) or refuses (a failure, like a local replay). Knock doors have nothing to
+claim and grant at once.
+
 Scanners: every port within `tripwire` of a step (not a step itself) is a tripwire. A knock
 client never touches one; a scanner walking the ports in any order does, between the steps. A
 tripwire hit resets the door's attempts for that source and counts as a failure. Failures lock
@@ -53,6 +59,7 @@ from typing import NamedTuple
 from . import rotation
 from .errors import SpaError
 from .events import (
+    ClaimNeeded,
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,
@@ -60,6 +67,7 @@ from .events import (
     Event,
     GrantExpired,
     GrantsRevoked,
+    Recorded,
     Sequence,
     SequenceReset,
     SequenceReused,
@@ -155,6 +163,25 @@ class _DoorState:
 
     def tables(self) -> list[Table]:
         return [seq.attempts for seq in self.sequences] + [self.grants] + self.lockouts.tables()
+
+    def open_once(
+        self, src: str, record: Recorded, shared: bool, now: float, events: list[Event], grant: SpaGrant | None = None
+    ) -> None:
+        """Grant what a once-only record allowed (an SPA packet's `grant`, or the whole door),
+        or, in a fleet, ask first (ClaimNeeded)."""
+        seconds = self.door.open_for if grant is None else grant.seconds
+        if shared:
+            ports = None if grant is None else tuple(sorted(grant.ports))
+            key = None if grant is None else grant.key
+            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key))
+            return
+        until = now + seconds
+        if grant is None:
+            self.grants.put(src, until)
+            events.append(DoorOpened(src, self.name, until))
+        else:
+            self.grants.put(src, until, grant)  # the latest packet decides: its ports, key and time
+            events.append(DoorOpened(src, self.name, until, grant.key, grant.seconds))
 
 
 class _KnockDoorState(_DoorState):
@@ -258,8 +285,9 @@ class _RotatingDoorState(_KnockDoorState):
             self.failed(src, now, events)
             return
         # Accepted in its own window and the next one: useless after that.
-        events.append(self.replays.record(used, (seq.window + 2) * self.rotate.window))
-        super().complete(seq, src, now, events)
+        record = self.replays.record(used, (seq.window + 2) * self.rotate.window)
+        events.append(record)
+        self.open_once(src, record, self.replays.shared, now, events)
 
 
 class _SpaDoorState(_DoorState):
@@ -283,9 +311,8 @@ class _SpaDoorState(_DoorState):
             events.append(SpaRefused(src, self.name, exc.reason, exc.detail, who))
             self.failed(src, now, events)
             return
-        until = now + grant.seconds
-        self.grants.put(src, until, grant)  # the latest packet decides: its ports, key and time
-        events.append(DoorOpened(src, self.name, until, grant.key, grant.seconds))
+        record = next(event for event in reversed(events) if type(event) is Recorded)  # authorize recorded it
+        self.open_once(src, record, self.replays.shared, now, events, grant)
 
     def rekey(self, door: SpaDoor) -> list[Event]:
         """Take the door's new keys (its other settings are unchanged): grants of keys that
@@ -326,12 +353,14 @@ def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
 class Engine:
     """Per-source knock progress, grants and lockouts for a set of doors."""
 
-    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES):
+    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES, shared: bool = False):
         self.max_sources = max_sources
         self._pools = _Pools(Pool(max_sources), Pool(max_sources), Pool(max_sources))
         self._doors: dict[str, _DoorState] = {}
-        # SPA packets and rotating sequences used, until they would be refused anyway.
+        # SPA packets and rotating sequences used, until they would be refused anyway; `shared`:
+        # a fleet member's, whose records must be claimed fleet-wide before they open anything.
         self.replays = ReplayCache(max_sources)
+        self.replays.shared = shared
         self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
         self._compile(doors)
 
@@ -462,15 +491,50 @@ class Engine:
 
     # -- operator actions (the control socket) --------------------------------------------
 
-    def grant(self, src: str, door: str, seconds: float, now: float) -> float:
-        """Break-glass: let `src` open new connections through `door` for `seconds` (the
-        table keeps deadline order, so it expires on time even before older grants)."""
+    def grant(self, src: str, door: str, seconds: float, now: float, ports=None, key: str | None = None) -> float:
+        """Break-glass (or a fleet member's grant): let `src` open new connections through
+        `door` for `seconds` (the table keeps deadline order, so it expires on time even before
+        older grants). A fleet member's SPA grant holds only `ports` and names the `key`."""
         state = self._doors.get(door)
         if state is None:
             raise KeyError(door)
         until = now + seconds
-        state.grants.put(src, until)
+        state.grants.put(src, until, None if ports is None else SpaGrant(frozenset(ports), key or "", seconds))
         return until
+
+    def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
+        """The fleet's answer to a ClaimNeeded: "ours" grants; "taken" (another member used it
+        first) is refused as a replay, a failure of the source; "unreachable" (no answer, and
+        the member refuses then) is refused without counting against the source."""
+        state = self._doors.get(claim.door)
+        if state is None:
+            return []  # the door went away in a reload meanwhile
+        events: list[Event] = []
+        if answer == "ours":
+            until = now + claim.seconds
+            if claim.ports is None:
+                state.grants.put(claim.src, until)
+                events.append(DoorOpened(claim.src, claim.door, until))
+            else:
+                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds)
+                state.grants.put(claim.src, until, spa)
+                events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
+            return events
+        taken = answer == "taken"
+        reason = "replay" if taken else "fleet unreachable"
+        if isinstance(state, _SpaDoorState):
+            events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
+        elif taken:
+            events.append(SequenceReused(claim.src, claim.door))
+        if taken:
+            state.failed(claim.src, now, events)
+        return events
+
+    def grant_of(self, src: str, door: str, now: float) -> tuple[float, SpaGrant | None] | None:
+        """(engine deadline, SpaGrant or None for a grant of all the door's ports) of the live
+        grant of `src` on `door`."""
+        state = self._doors.get(door)
+        return None if state is None else state.grants.live(src, now)
 
     def revoke_key(self, key: str, door: str | None = None) -> list[tuple[str, str]]:
         """End the SPA grants opened with the key named `key` (on one door or all); returns

@@ -142,6 +142,22 @@ class Recorded:
     expires: float
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimNeeded:
+    """Fleet mode: an SPA packet or a rotating sequence passed every local check, but what it
+    opens waits until the fleet agrees that no other member used `record` first. The daemon
+    asks, then calls Engine.claimed with this event and the answer. `ports`: what an SPA packet
+    asked for (sorted), None for all the door protects; `key`: whose SPA key it was."""
+
+    src: str
+    door: str
+    record: str
+    expires: float
+    seconds: float
+    ports: tuple[tuple[str, int], ...] | None = None
+    key: str | None = None
+
+
 Event = (
     KnockAdvanced
     | SequenceReset
@@ -157,4 +173,5 @@ Event = (
     | ConnectionAccepted
     | ConnectionRefused
     | Recorded
+    | ClaimNeeded
 )

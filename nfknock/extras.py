@@ -3,8 +3,9 @@
 A plain `pip install nfknock` is the client: knock, spa, otp, keygen and check need only dpkt,
 pydantic, PyYAML and cryptography, and nothing has to be compiled. The daemon needs the
 `server` extra (netfilterqueue, python-iptables, pyroute2), its exporter the `metrics` extra
-(prometheus-client). Those modules are imported only where they are used; `require` turns a
-missing one into a single line that names the extra to install.
+(prometheus-client), fleet mode (--cluster) the `fleet` extra (redis). Those modules are
+imported only where they are used; `require` turns a missing one into a single line that names
+the extra to install.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import NfknockError
 
 SERVER = "server"
 METRICS = "metrics"
+FLEET = "fleet"
 SERVER_MODULES = {
     "netfilterqueue": "netfilterqueue",
     "iptc": "python-iptables",

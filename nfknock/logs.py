@@ -13,6 +13,7 @@ import logging.handlers
 import sys
 
 from .events import (
+    ClaimNeeded,
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,
@@ -68,10 +69,11 @@ RENDERERS = {
     ConnectionAccepted: lambda e: f"{e.src}: {e.door}: accepted new connection to {e.port}",
     ConnectionRefused: lambda e: f"{e.src}: refused new connection to {e.port} (no open door)",
     Recorded: lambda e: f"replay cache: recorded {e.key}",
+    ClaimNeeded: lambda e: f"{e.src}: {e.door}: accepted here; asking the fleet whether another member used it",
 }
 
 # Refused connections are what every scanner produces: kept out of the normal log.
-LEVELS = {ConnectionRefused: logging.DEBUG, Recorded: logging.DEBUG}
+LEVELS = {ConnectionRefused: logging.DEBUG, Recorded: logging.DEBUG, ClaimNeeded: logging.DEBUG}
 
 
 def render(event: Event) -> str:

@@ -75,6 +75,7 @@ class Snapshot:
     tallies: dict[tuple[str, tuple[str, ...]], int]
     grants_per_door: dict[str, int]
     tracked: int
+    fleet: dict | None = None  # the fleet's part of status, in fleet mode
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -87,6 +88,7 @@ def take(daemon, now: float) -> Snapshot:
         tallies=dict(daemon.tallies),
         grants_per_door={door: per_door.get(door, 0) for door in daemon.engine.doors},
         tracked=daemon.engine.tracked,
+        fleet=None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
     )
 
 
@@ -123,6 +125,8 @@ class Collector:
             grants.add_metric((door,), count)
         yield grants
         yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
+        if snapshot.fleet is not None:
+            yield from fleet_metrics(snapshot.fleet)
         drops = read_queue_drops(snapshot.queue_num)
         if drops is not None:
             dropped = CounterMetricFamily(
@@ -131,6 +135,29 @@ class Collector:
             dropped.add_metric(("queue_full",), drops.queue_full)
             dropped.add_metric(("socket_full",), drops.socket_full)
             yield dropped
+
+
+def fleet_metrics(fleet: dict):
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    yield GaugeMetricFamily(
+        "nfknock_fleet_redis_up", "1 if this member reaches the fleet's Redis", value=fleet["reachable"]
+    )
+    yield GaugeMetricFamily(
+        "nfknock_fleet_members", "Fleet members seen recently, this one included", value=len(fleet["members"])
+    )
+    yield GaugeMetricFamily(
+        "nfknock_fleet_shared_grants", "Live grants made on other members", value=len(fleet["shared_grants"])
+    )
+    yield GaugeMetricFamily("nfknock_fleet_backlog", "Fleet writes waiting for Redis", value=fleet["backlog"])
+    for name, help_text in (
+        ("published", "Grants and revocations this member published"),
+        ("received", "Grants and revocations received from other members"),
+        ("dropped", "Publishes lost because the backlog was full"),
+        ("rejected", "Entries in Redis that did not verify with the fleet key (ignored)"),
+        ("claims_refused", "SPA packets or sequences refused because another member used them first"),
+    ):
+        yield CounterMetricFamily(f"nfknock_fleet_{name}", help_text, value=fleet[name])
 
 
 def serve(latest: Callable[[], Snapshot | None], port: int):

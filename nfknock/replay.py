@@ -6,6 +6,9 @@ window, is recorded with the wall-clock time after which it is useless anyway (a
 than max_age, a window no longer accepted). A record is never forgotten before that time unless
 the cache is full, and every record added comes back as a `Recorded` event, so the daemon can
 keep the cache on disk (and a fleet could share it) without polling the engine.
+
+A `shared` cache belongs to a fleet member: a new record is only this member's view, so what it
+allows is held back (ClaimNeeded) until the fleet says no other member used it first.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class ReplayCache:
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
+        self.shared = False  # fleet mode: see ClaimNeeded
         self._entries: OrderedDict[str, float] = OrderedDict()
 
     def __contains__(self, key: str) -> bool:

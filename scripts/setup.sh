@@ -22,6 +22,7 @@ APT_PACKAGES=(
   lintian binutils groff-base                      # make deb: lintian, strip/readelf; the man page test
   prometheus                                       # promtool: tests/unit/test_monitoring.py checks the alert rules
                                                    # (its server is neither started nor enabled: see below)
+  redis-server redis-tools                         # fleet mode: the tests start their own redis-server; redis-cli
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
@@ -80,10 +81,10 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys' 2>/dev/null; 
   "$(pick_python)" -m venv .venv
 fi
 if [ "$(cat .venv/.nfknock-stamp 2>/dev/null)" != "$stamp" ] \
-   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, pyroute2, prometheus_client, pytest, hypothesis, mypy' 2>/dev/null; then
+   || ! .venv/bin/python -c 'import nfknock, netfilterqueue, iptc, pyroute2, prometheus_client, redis, fakeredis, pytest, hypothesis, mypy' 2>/dev/null; then
   echo "setup: installing Python packages into .venv"
   .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-  # the daemon (server), its exporter (metrics) and the test tools; a plain 'pip install .' is the client
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,metrics,test]'
+  # the daemon (server), its exporter (metrics), fleet mode (fleet) and the test tools; a plain 'pip install .' is the client
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[server,metrics,fleet,test]'
   echo "$stamp" > .venv/.nfknock-stamp
 fi

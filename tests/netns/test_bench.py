@@ -33,6 +33,10 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
         "connection_rate.bare_accept",
         "flood_knock.seconds",
         "flood_knock.attempts",
+        "fleet.knock_to_connect.fleet",
+        "fleet.connection_rate.fleet",
+        "fleet.grant_propagation.max",
+        "fleet.revoke_propagation.max",
     ):
         assert figures[name]["median"] > 0, name
     assert set(ratios) == {
@@ -42,8 +46,11 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
         "established",
         "connection_rate",
         "connection_rate.queue",
+        "fleet.cpu_per_knock",
+        "fleet.cpu_per_syn",
     }
     assert any(name.startswith("memory.") and name.endswith(".bytes_per_source") for name in figures)
     table = (tmp_path / "report.md").read_text()
     assert "| verdicts/s, UDP flood" in table and "knockd 0.8" in table
     assert "| client knock+connect during a SYN flood" in table
+    assert "| fleet: grant reaches the other member" in table

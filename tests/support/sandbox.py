@@ -259,3 +259,144 @@ class SynFlood:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass
+class Lan:
+    """Several server namespaces and client namespaces on one bridge (10.198.0.0/24), for fleet
+    tests: servers at .1, .2, ..., clients at .101, .102, ..., and a hub namespace holding the
+    bridge at .254 (where a shared service such as Redis runs). `client(i, j)` is client i seen
+    from server j, in the shape the single-server helpers (connect, knock) take."""
+
+    servers_wanted: int = 2
+    clients_wanted: int = 2
+    token: str = field(default_factory=lambda: secrets.token_hex(3))
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    PREFIX = "10.198.0"
+
+    @property
+    def hub(self) -> str:
+        return f"nfk-{self.token}-hub"
+
+    @property
+    def hub_address(self) -> str:
+        return f"{self.PREFIX}.254"
+
+    def server(self, index: int) -> str:
+        return f"nfk-{self.token}-s{index}"
+
+    def server_address(self, index: int) -> str:
+        return f"{self.PREFIX}.{index + 1}"
+
+    def client(self, index: int, server: int = 0) -> Client:
+        return Client(f"nfk-{self.token}-c{index}", f"{self.PREFIX}.{101 + index}", self.server_address(server))
+
+    def __enter__(self) -> Lan:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _namespaces(self) -> list[str]:
+        return [
+            self.hub,
+            *(self.server(i) for i in range(self.servers_wanted)),
+            *(self.client(i).namespace for i in range(self.clients_wanted)),
+        ]
+
+    def _build(self) -> None:
+        ip("netns", "add", self.hub)
+        ip("-n", self.hub, "link", "set", "lo", "up")
+        ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.hub, "addr", "add", f"{self.hub_address}/24", "dev", "br0")
+        ip("-n", self.hub, "link", "set", "br0", "up")
+        members = [(self.server(i), self.server_address(i)) for i in range(self.servers_wanted)]
+        members += [(self.client(i).namespace, self.client(i).address) for i in range(self.clients_wanted)]
+        for n, (namespace, address) in enumerate(members):
+            ip("netns", "add", namespace)
+            near, far = f"nk{self.token}h{n}", f"nk{self.token}m{n}"
+            ip("link", "add", near, "netns", self.hub, "type", "veth", "peer", "name", far, "netns", namespace)
+            ip("-n", self.hub, "link", "set", near, "master", "br0")
+            ip("-n", namespace, "addr", "add", f"{address}/24", "dev", far)
+            for ns, dev in ((self.hub, near), (namespace, far), (namespace, "lo")):
+                ip("-n", ns, "link", "set", dev, "up")
+
+    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        self.processes.append(process)
+        return process
+
+    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+
+    def view(self, index: int) -> LanServer:
+        """Server `index` in the shape of a Sandbox (its `server` namespace, spawn, run)."""
+        return LanServer(self, self.server(index))
+
+    def close(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+        for name in self._namespaces():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass
+class LanServer:
+    lan: Lan
+    server: str
+
+    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        return self.lan.spawn(namespace, argv, **kwargs)
+
+    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return self.lan.run(namespace, argv, **kwargs)
+
+
+class RedisServer:
+    """Debian's redis-server in a namespace (no persistence: a restart loses everything, the
+    worst case for a fleet), with a password. kill() and start() for outage tests."""
+
+    def __init__(self, lan: Lan, password: str, port: int = 6379):
+        self.lan, self.password, self.port = lan, password, port
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.lan.hub_address}:{self.port}/0"
+
+    def start(self) -> None:
+        argv = ["redis-server", "--bind", self.lan.hub_address, "--port", str(self.port), "--requirepass"]
+        argv += [self.password, "--save", "", "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"]
+        self.process = self.lan.spawn(self.lan.hub, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            if self.cli("PING").stdout.strip() == "PONG":
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
+            time.sleep(0.05)
+        raise TimeoutError("redis-server did not answer PING")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """redis-cli as anyone on the network with the Redis password (not the fleet key)."""
+        argv = ["redis-cli", "-h", self.lan.hub_address, "-p", str(self.port), "--no-auth-warning", "-a"]
+        return self.lan.run(self.lan.hub, [*argv, self.password, *args])

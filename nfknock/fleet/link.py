@@ -1,0 +1,438 @@
+"""The Redis I/O of one fleet member, in two threads of its own, so the verdict loop never
+waits on the network: a writer (publishes grants and revocations, claims replay records, says
+the member is alive) and a reader (follows the fleet's stream of grants and revocations).
+
+Everything goes through a bounded backlog: while Redis is down or slow, publishes wait there
+(the oldest go first when it is full, and are counted), claims are answered "unreachable" at
+once, and the loop goes on with local state. Both threads reconnect by themselves. The reader
+resumes the stream where it left off, so a member that was cut off catches up on what it
+missed; when Redis itself lost the stream (restarted without its data) it reads the new one
+from its start.
+
+What Redis holds (all under the fleet's name, so two fleets can share one Redis):
+  NAME:stream         grants and revocations, signed (records.py), trimmed to ~STREAM_LENGTH
+  NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim)
+  NAME:members        instance -> signed presence (who is there, seen when)
+Answers and entries come back through `inbox`; `wake` tells the loop to look.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import UsageError
+from ..events import ClaimNeeded
+from .records import Claim, Entry, Forged, Grant, Signer
+
+MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
+STREAM_LENGTH = 10000  # entries kept in the stream (approximately): the catch-up horizon
+READ_BLOCK_MS = 1000
+SOCKET_TIMEOUT = 1.0  # seconds for one command; a slower Redis counts as unreachable
+RETRY_FIRST, RETRY_MAX = 0.2, 5.0  # reconnect backoff, seconds
+HEARTBEAT = 2.0  # seconds between presence updates
+SEEN_RECENTLY = 10.0  # a member not heard from in this long is no longer listed
+FORGET_MEMBERS = 86400.0  # presence entries older than this are removed
+CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may differ
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What `nfknock run --cluster ...` asked for (secrets already read from their files)."""
+
+    url: str
+    key: bytes = field(repr=False)
+    password: str | None = field(default=None, repr=False)
+    name: str = "nfknock"
+    member: str = ""
+    offline: str = "accept"  # what SPA / rotating doors do when the fleet cannot be asked
+
+    @property
+    def where(self) -> str:
+        """The URL without anything secret, for logs and status."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or "localhost"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{parts.scheme}://{host}:{parts.port or 6379}{parts.path or '/0'}"
+
+
+def check_url(url: str) -> str:
+    """redis:// or rediss:// with a host and no password in it (passwords go in a file)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise UsageError(f"--cluster: expected redis://HOST:PORT/DB or rediss://..., got {parts.scheme or url!r}:...")
+    if parts.password is not None:
+        raise UsageError("--cluster: put the Redis password in --cluster-password-file, not in the URL")
+    if not parts.hostname:
+        raise UsageError("--cluster: the URL names no host")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise UsageError(f"--cluster: {exc}") from None
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise UsageError(f"--cluster: the database must be a number, got {db!r}")
+    return url
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The fleet's word on a claim: "ours", "taken" (by `by`) or "unreachable"."""
+
+    claim: ClaimNeeded
+    answer: str
+    by: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Received:
+    entry: Entry
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Something in Redis that does not verify with the fleet key: it is ignored."""
+
+    where: str
+    why: str
+
+
+@dataclass(frozen=True)
+class LinkState:
+    connected: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _Publish:
+    entry: Entry
+    expires: float  # wall clock after which publishing it is pointless
+
+
+@dataclass(frozen=True)
+class _Claim:
+    claim: ClaimNeeded
+    late: bool = False  # used while Redis was unreachable: recorded afterwards, nobody waits
+
+
+Message = Answer | Received | Rejected | LinkState
+
+
+class Link:
+    def __init__(
+        self,
+        config: FleetConfig,
+        signer: Signer,
+        instance: str,
+        wake: Callable[[], None],
+        log: logging.Logger,
+        connect: Callable[..., Any] | None = None,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.signer = signer
+        self.instance = instance
+        self.wake = wake
+        self.log = log
+        self.wall = wall
+        self._connect = connect or _redis_client
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.connected = False
+        self.dropped = 0  # publishes lost because the backlog was full
+        self.published = 0
+        self.received = 0
+        self.members: dict[str, tuple[str, float, int]] = {}  # instance -> (member, seen, grants)
+        self.local_grants = 0  # reported in our presence; set by the member
+        self._jobs: deque[_Publish | _Claim] = deque()
+        self._cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.stream = f"{config.name}:stream"
+        self.members_key = f"{config.name}:members"
+
+    # -- the loop's side (never blocks) ------------------------------------------------------
+
+    def start(self) -> None:
+        for target, name in ((self._write, "nfknock-fleet-write"), (self._read, "nfknock-fleet-read")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=SOCKET_TIMEOUT + READ_BLOCK_MS / 1000 + 1)
+
+    def publish(self, entry: Entry, expires: float) -> None:
+        self._put(_Publish(entry, expires))
+
+    def claim(self, claim: ClaimNeeded, late: bool = False) -> None:
+        """Ask (or, `late`, just tell) the fleet; the answer comes back in the inbox."""
+        self._put(_Claim(claim, late))
+
+    @property
+    def backlog(self) -> int:
+        return len(self._jobs)
+
+    def _put(self, job: _Publish | _Claim) -> None:
+        with self._cond:
+            if len(self._jobs) >= MAX_BACKLOG:
+                self._evict()
+            self._jobs.append(job)
+            self._cond.notify()
+
+    def _evict(self) -> None:
+        """Make room: the oldest publish goes; a waiting claim is answered, never dropped."""
+        oldest = self._jobs.popleft()
+        if isinstance(oldest, _Claim) and not oldest.late:
+            self._tell(Answer(oldest.claim, "unreachable", detail="backlog full"))
+        else:
+            self.dropped += 1
+
+    def _tell(self, message: Message) -> None:
+        self.inbox.put(message)
+        self.wake()
+
+    # -- the writer --------------------------------------------------------------------------
+
+    def _write(self) -> None:
+        client = None
+        delay = RETRY_FIRST
+        next_beat = 0.0
+        while not self._stopping.is_set():
+            if client is None:
+                self._answer_claims_offline()
+                try:
+                    client = self._connect(self.config)
+                    client.ping()
+                except Exception as exc:  # noqa: BLE001 - any failure is "not reachable"
+                    client = None
+                    self._set_connected(False, _reason(exc))
+                    self._pause(delay)
+                    delay = min(RETRY_MAX, delay * 2)
+                    continue
+                delay = RETRY_FIRST
+                self._set_connected(True)
+                next_beat = 0.0
+            try:
+                if time.monotonic() >= next_beat:
+                    self._heartbeat(client)
+                    next_beat = time.monotonic() + HEARTBEAT
+                with self._cond:
+                    if not self._jobs and not self._stopping.is_set():
+                        self._cond.wait(max(0.0, next_beat - time.monotonic()))
+                    jobs = list(self._jobs)
+                    self._jobs.clear()
+                self._do(client, jobs)
+            except Exception as exc:  # noqa: BLE001 - whatever Redis or the network did
+                failed = exc if isinstance(exc, _Failed) else _Failed([], _reason(exc))
+                with self._cond:  # what was not done goes back, in order, in front
+                    self._jobs.extendleft(reversed(failed.left))
+                    while len(self._jobs) > MAX_BACKLOG:
+                        self._evict()
+                _close(client)
+                client = None
+                self._set_connected(False, failed.reason)
+        _close(client)
+
+    def _do(self, client, jobs: list[_Publish | _Claim]) -> None:
+        wall = self.wall()
+        for at, job in enumerate(jobs):
+            try:
+                if isinstance(job, _Publish):
+                    if job.expires > wall:
+                        self._xadd(client, job.entry)
+                else:
+                    self._claim(client, job, wall)
+            except Exception as exc:  # noqa: BLE001 - the connection's failure, whatever it is
+                raise _Failed(jobs[at:], _reason(exc)) from None
+
+    def _xadd(self, client, entry: Entry) -> None:
+        client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        self.published += 1
+
+    def _claim(self, client, job: _Claim, wall: float) -> None:
+        claim = job.claim
+        mine = Claim(self.config.member, self.instance, claim.expires)
+        milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
+        name = self.signer.claim_name(claim.record)
+        if client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds):
+            if not job.late:
+                self._tell(Answer(claim, "ours"))
+            return
+        raw = client.get(name)
+        if raw is None:  # expired between the two commands: nobody holds it now
+            client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds)
+            if not job.late:
+                self._tell(Answer(claim, "ours"))
+            return
+        try:
+            holder = self.signer.verify_claim(claim.record, raw)
+        except Forged as exc:
+            # The name is keyed with the fleet key: something wrote exactly there without it.
+            self._tell(Rejected(f"claim {name}", str(exc)))
+            self._tell(Answer(claim, "taken", detail="an unauthenticated claim holds it"))
+            return
+        if holder.instance == self.instance:  # our own earlier try got through
+            if not job.late:
+                self._tell(Answer(claim, "ours"))
+        elif job.late:
+            self._tell(Answer(claim, "late", by=holder.member))
+        else:
+            self._tell(Answer(claim, "taken", by=holder.member, detail=f"used on member {holder.member}"))
+
+    def _heartbeat(self, client) -> None:
+        wall = self.wall()
+        client.hset(
+            self.members_key,
+            self.instance,
+            self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants),
+        )
+        members: dict[str, tuple[str, float, int]] = {}
+        stale = []
+        for instance, raw in client.hgetall(self.members_key).items():
+            key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
+            try:
+                member, said_instance, seen, grants = self.signer.verify_presence(raw)
+            except Forged as exc:
+                self._tell(Rejected(f"member entry {key!r}", str(exc)))
+                stale.append(instance)
+                continue
+            if said_instance != key or wall - seen > FORGET_MEMBERS:
+                stale.append(instance)
+            elif wall - seen <= SEEN_RECENTLY:
+                members[key] = (member, seen, grants)
+        if stale:
+            client.hdel(self.members_key, *stale)
+        self.members = members
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before reconnecting, answering claims that come meanwhile at once."""
+        end = time.monotonic() + seconds
+        while not self._stopping.is_set() and (left := end - time.monotonic()) > 0:
+            with self._cond:
+                self._cond.wait(left)
+            self._answer_claims_offline()
+
+    def _answer_claims_offline(self) -> None:
+        """While unreachable, nobody waits for a claim: answer them now (late ones stay)."""
+        with self._cond:
+            waiting = [job for job in self._jobs if isinstance(job, _Claim) and not job.late]
+            if not waiting:
+                return
+            for job in waiting:
+                self._jobs.remove(job)
+        for job in waiting:
+            assert isinstance(job, _Claim)
+            self._tell(Answer(job.claim, "unreachable", detail="Redis unreachable"))
+
+    def _set_connected(self, connected: bool, detail: str = "") -> None:
+        if connected != self.connected:
+            self.connected = connected
+            self._tell(LinkState(connected, detail))
+
+    # -- the reader --------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        client = None
+        last_id = "0-0"
+        delay = RETRY_FIRST
+        while not self._stopping.is_set():
+            try:
+                if client is None:
+                    client = self._connect(self.config, reader=True)
+                    last_id = self._resume_from(client, last_id)
+                    delay = RETRY_FIRST
+                answer = client.xread({self.stream: last_id}, count=500, block=READ_BLOCK_MS)
+                for _stream, entries in answer or ():
+                    for entry_id, fields in entries:
+                        last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                        try:
+                            self._receive(last_id, fields)
+                        except Exception as exc:  # noqa: BLE001 - one odd entry never stalls the stream
+                            self._tell(Rejected(f"stream entry {last_id}", _reason(exc)))
+            except Exception:  # noqa: BLE001 - the writer reports the state; we just retry
+                _close(client)
+                client = None
+                self._stopping.wait(delay)
+                delay = min(RETRY_MAX, delay * 2)
+        _close(client)
+
+    def _resume_from(self, client, last_id: str) -> str:
+        """Where to read on (re)connection: after the last entry seen, unless the stream now
+        ends before it (Redis restarted without its data, and its clock is behind ours): then
+        from its start. Entries of a restarted Redis carry later ids, so they are read anyway."""
+        newest = client.xrevrange(self.stream, count=1)
+        if not newest:
+            return "0-0"
+        newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else str(newest[0][0])
+        return last_id if _order(newest_id) >= _order(last_id) else "0-0"
+
+    def _receive(self, entry_id: str, fields: dict) -> None:
+        raw = fields.get(b"e", fields.get("e"))
+        if raw is None:
+            self._tell(Rejected(f"stream entry {entry_id}", "not an nfknock entry"))
+            return
+        try:
+            entry = self.signer.verify(raw)
+        except Forged as exc:
+            self._tell(Rejected(f"stream entry {entry_id}", str(exc)))
+            return
+        if entry.instance == self.instance:
+            return  # our own
+        if isinstance(entry, Grant) and entry.until <= self.wall():
+            return  # over already (catching up on old entries)
+        self.received += 1
+        self._tell(Received(entry))
+
+
+class _Failed(Exception):
+    def __init__(self, left: list, reason: str):
+        super().__init__(reason)
+        self.left = left
+        self.reason = reason
+
+
+def _order(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0][:160] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _close(client) -> None:
+    if client is not None:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
+
+
+def _redis_client(config: FleetConfig, reader: bool = False):
+    """A client that fails fast (no retries of its own: the threads retry)."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        config.url,
+        password=config.password,
+        socket_timeout=READ_BLOCK_MS / 1000 + SOCKET_TIMEOUT if reader else SOCKET_TIMEOUT,
+        socket_connect_timeout=SOCKET_TIMEOUT,
+        retry=Retry(NoBackoff(), 0),
+        client_name=f"nfknock-{config.member}"[:60].replace(" ", "_"),
+    )

@@ -1,0 +1,323 @@
+"""A fleet member, as the daemon's loop sees it: what to tell the fleet after the engine decided,
+what the fleet said since the last turn, and the fleet's part of `nfknock status`.
+
+Everything here runs in the loop's thread and never waits: Redis is the link's business
+(link.py). Remote grants and revocations reach the engine through the same entry points as the
+control socket's `grant` and `revoke`; they are not published again (only events of this
+member's own engine are), so nothing echoes round the fleet.
+
+Grants travel with their expiry in wall-clock time (members' monotonic clocks mean nothing to
+each other); a member's clock that is a few seconds off makes a remote grant a few seconds
+longer or shorter there, nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..events import ClaimNeeded, DoorClosed, DoorOpened, Event
+from ..replay import ReplayCache
+from .link import Answer, FleetConfig, Link, LinkState, Received, Rejected
+from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
+
+MAX_APPLIED = 65536  # ids of entries applied, remembered until they are useless
+REJECTED_LOGGED = 10  # the first unauthenticated entries are logged one by one, then every 100th
+OFFLINE_POLICIES = ("accept", "refuse")
+
+
+class FleetMember:
+    def __init__(
+        self,
+        config: FleetConfig,
+        engine,
+        log: logging.Logger,
+        wake: Callable[[], None],
+        connect: Callable[..., Any] | None = None,
+        wall: Callable[[], float] = time.time,
+    ):
+        self.config = config
+        self.engine = engine
+        self.log = log
+        self.member = config.member or socket.gethostname()
+        self.instance = secrets.token_hex(6)
+        self.signer = Signer(config.key, config.name)
+        link_config = config if config.member else _named(config, self.member)
+        self.link = Link(link_config, self.signer, self.instance, wake, log, connect, wall)
+        self.applied = ReplayCache(MAX_APPLIED)
+        self.origins: dict[tuple[str, str], str] = {}  # (source, door) -> member, for grants from the fleet
+        self.rejected = 0
+        self.claims_refused = 0
+        self.since = wall()
+        self.detail = "connecting"
+        self._unknown_doors: set[str] = set()
+        self._next_count = 0.0
+
+    def start(self) -> None:
+        self.log.info(
+            "fleet %s: member %s, Redis at %s, SPA when Redis cannot be asked: %s",
+            self.config.name,
+            self.member,
+            self.config.where,
+            self.config.offline,
+        )
+        self.link.start()
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    # -- after the engine decided -----------------------------------------------------------
+
+    def on_events(self, events: Iterable[Event], now: float, wall: float) -> list[Event]:
+        """Tell the fleet what this member's engine did; returns events to consume in turn
+        (a claim answered at once because Redis is unreachable)."""
+        follow: list[Event] = []
+        for event in events:
+            if isinstance(event, DoorOpened):
+                self._publish_grant(event.src, event.door, now, wall)
+            elif isinstance(event, DoorClosed) and event.was_open:
+                revoke = Revoke(_id(), self.member, self.instance, event.src, event.door, wall)
+                self._publish(revoke, wall + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
+            elif isinstance(event, ClaimNeeded):
+                if self.link.connected:
+                    self.link.claim(event)
+                else:
+                    follow += self._unreachable(event, now)
+        return follow
+
+    def on_control(self, request: dict[str, Any], answer: dict[str, Any], now: float, wall: float) -> None:
+        """An operator's revoke or grant on this member is the fleet's."""
+        if "error" in answer:
+            return
+        if request["cmd"] == "revoke":
+            address, key = request.get("address"), request.get("key")
+            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            self._publish(revoke, wall + MAX_GRANT_SECONDS)
+            for source in answer.get("addresses", [address]):
+                for pair in [pair for pair in self.origins if pair[0] == source]:
+                    if request["door"] in (None, pair[1]):
+                        del self.origins[pair]
+        elif request["cmd"] == "grant":
+            self._publish_grant(request["address"], request["door"], now, wall)
+
+    def _publish_grant(self, src: str, door: str, now: float, wall: float) -> None:
+        grant = self.engine.grant_of(src, door, now)
+        if grant is None:
+            return
+        deadline, spa = grant
+        until = wall + (deadline - now)
+        self.origins.pop((src, door), None)
+        ports, key = (None, None) if spa is None else (spa.ports, spa.key)
+        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key), until)
+
+    def _publish(self, entry: Grant | Revoke, expires: float) -> None:
+        self.applied.record(entry.id, expires)  # ours: never applied again if it comes back
+        self.link.publish(entry, expires)
+
+    # -- each turn of the loop --------------------------------------------------------------
+
+    def step(self, now: float, wall: float) -> tuple[list[Event], set[str]]:
+        """What the fleet said since the last turn: events to consume (claims answered) and the
+        sources whose grants changed (for the kernel's granted set)."""
+        events: list[Event] = []
+        touched: set[str] = set()
+        self.applied.forget_expired(wall)
+        while True:
+            try:
+                message = self.link.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(message, Answer):
+                events += self._answered(message, now)
+            elif isinstance(message, Received):
+                touched |= self._apply(message.entry, now, wall)
+            elif isinstance(message, Rejected):
+                self._rejected(message)
+            elif isinstance(message, LinkState):
+                self._state(message, wall)
+        if wall >= self._next_count:  # for our presence entry; not every turn (it walks the grants)
+            self._next_count = wall + 2.0
+            self._prune(now)
+            self.link.local_grants = len(self.engine.grants(now)) - len(self.origins)
+        return events, touched
+
+    def _prune(self, now: float) -> None:
+        """Forget where grants came from once they are over."""
+        for key in [key for key in self.origins if self.engine.grant_of(key[0], key[1], now) is None]:
+            del self.origins[key]
+
+    def _answered(self, answer: Answer, now: float) -> list[Event]:
+        claim = answer.claim
+        if answer.answer == "ours":
+            return self.engine.claimed(claim, "ours", now)
+        if answer.answer == "taken":
+            self.claims_refused += 1
+            return self.engine.claimed(claim, "taken", now, answer.detail)
+        if answer.answer == "late":
+            self.log.warning(
+                "%s: %s: fleet: what this member accepted while Redis was unreachable was also used on member %s "
+                "(a replay, or the client sent it to both)",
+                claim.src,
+                claim.door,
+                answer.by,
+            )
+            return []
+        return self._unreachable(claim, now)
+
+    def _unreachable(self, claim: ClaimNeeded, now: float) -> list[Event]:
+        if self.config.offline == "accept":
+            self.link.claim(claim, late=True)  # the others learn of it once Redis is back
+            return self.engine.claimed(claim, "ours", now)
+        events = self.engine.claimed(
+            claim, "unreachable", now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
+        )
+        if not events:  # a rotating door's sequence: the engine has no refusal event for this
+            self.log.warning(
+                "%s: %s: sequence not honoured: Redis cannot be asked whether another member used it "
+                "(--cluster-offline refuse)",
+                claim.src,
+                claim.door,
+            )
+        return events
+
+    def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
+        """Apply another member's entry; returns the sources whose grants changed here."""
+        if entry.id in self.applied:
+            return set()
+        if entry.door is not None and entry.door not in self.engine.doors:
+            if entry.door not in self._unknown_doors:
+                self._unknown_doors.add(entry.door)
+                self.log.warning(
+                    "fleet: member %s %s door %r, which this member does not have (ignored; the doors of a "
+                    "fleet's members should be the same)",
+                    entry.member,
+                    "grants on" if isinstance(entry, Grant) else "revokes on",
+                    entry.door,
+                )
+            return set()
+        if isinstance(entry, Revoke):
+            self.applied.record(entry.id, entry.at + MAX_GRANT_SECONDS)
+            if entry.key is not None:
+                pairs = self.engine.revoke_key(entry.key, entry.door)
+                for pair in pairs:
+                    self.origins.pop((pair[1], pair[0]), None)
+                self.log.log(
+                    logging.INFO if pairs else logging.DEBUG,
+                    "key %s: revoked on fleet member %s (%s)",
+                    entry.key,
+                    entry.member,
+                    ", ".join(f"{src} on {name}" for name, src in pairs) or "no grant here",
+                )
+                return {src for _, src in pairs}
+            assert entry.src is not None  # records.verify: a revocation names a source or a key
+            revoked = self.engine.revoke(entry.src, entry.door)
+            for name in revoked:
+                self.origins.pop((entry.src, name), None)
+            # Quiet when there was nothing to revoke here: a member catching up reads old ones too.
+            self.log.log(
+                logging.INFO if revoked else logging.DEBUG,
+                "%s: revoked on fleet member %s (%s)",
+                entry.src,
+                entry.member,
+                ", ".join(revoked) or "no grant here",
+            )
+            return {entry.src} if revoked else set()
+        self.applied.record(entry.id, entry.until)
+        door = entry.door
+        seconds = grant_seconds(entry, wall)
+        if seconds <= 0:
+            return set()
+        ports, key = entry.ports, entry.key
+        held = self.engine.grant_of(entry.src, door, now)
+        if held is not None:  # never narrower or shorter than what this member holds already
+            held_ports = None if held[1] is None else held[1].ports
+            ports = None if held_ports is None or ports is None else held_ports | ports
+            if held[0] >= now + seconds and ports == held_ports:
+                return set()
+            seconds = max(seconds, held[0] - now)
+            key = key or (None if held[1] is None else held[1].key)
+        self.engine.grant(entry.src, door, seconds, now, ports, key)
+        self.origins[(entry.src, door)] = entry.member
+        self.log.info(
+            "%s: %s: open, granted on fleet member %s%s (%.0fs left)",
+            entry.src,
+            door,
+            entry.member,
+            f" with key {key}" if key else "",
+            seconds,
+        )
+        return {entry.src}
+
+    def _rejected(self, message: Rejected) -> None:
+        self.rejected += 1
+        if self.rejected <= REJECTED_LOGGED or self.rejected % 100 == 0:
+            self.log.warning(
+                "fleet: %s in Redis does not verify with the fleet key (%s): ignored, it opens nothing (%d so far; "
+                "who else writes to this Redis?)",
+                message.where,
+                message.why,
+                self.rejected,
+            )
+
+    def _state(self, state: LinkState, wall: float) -> None:
+        self.since = wall
+        self.detail = state.detail
+        if state.connected:
+            self.log.info("fleet: Redis at %s reachable; sharing grants and replay records", self.config.where)
+        else:
+            self.log.warning(
+                "fleet: Redis at %s unreachable (%s): serving knocks and SPA with this member's state; SPA and "
+                "rotating doors %s; reconnecting by itself",
+                self.config.where,
+                state.detail,
+                "accepted with the local replay check only"
+                if self.config.offline == "accept"
+                else "refused until it is back",
+            )
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self, now: float, wall: float) -> dict[str, Any]:
+        link = self.link
+        members = [{"member": self.member, "instance": self.instance, "seen_ago": 0.0, "self": True}]
+        for instance, (member, seen, _grants) in sorted(link.members.items(), key=lambda item: item[1][0]):
+            if instance != self.instance:
+                members.append(
+                    {"member": member, "instance": instance, "seen_ago": round(max(0.0, wall - seen), 1), "self": False}
+                )
+        shared = []
+        for (src, door), member in sorted(self.origins.items()):
+            grant = self.engine.grant_of(src, door, now)
+            if grant is not None:
+                shared.append({"source": src, "door": door, "from": member, "seconds_left": round(grant[0] - now, 1)})
+        return {
+            "name": self.config.name,
+            "redis": self.config.where,
+            "reachable": link.connected,
+            "since": round(wall - self.since, 1),
+            "detail": "" if link.connected else self.detail,
+            "offline_policy": self.config.offline,
+            "members": members,
+            "shared_grants": shared,
+            "published": link.published,
+            "received": link.received,
+            "backlog": link.backlog,
+            "dropped": link.dropped,
+            "rejected": self.rejected,
+            "claims_refused": self.claims_refused,
+        }
+
+
+def _id() -> str:
+    return secrets.token_hex(8)
+
+
+def _named(config: FleetConfig, member: str) -> FleetConfig:
+    from dataclasses import replace
+
+    return replace(config, member=member)

@@ -1,0 +1,245 @@
+"""What members write into Redis, signed with the fleet key. Pure: no I/O, time passed in.
+
+Redis is a meeting point, not an authority: whoever can write to it (another tenant of a shared
+instance, a leaked Redis password) must not be able to open a door. So every entry a member acts
+on carries an HMAC-SHA256 tag made with the fleet key (a secret only members hold) over the
+fleet's name and the entry's bytes; an entry whose tag does not verify is `Forged` and opens
+nothing. Binding the fleet name in means an entry copied from one fleet to another sharing the
+key does not verify either.
+
+Names of replay claims are themselves keyed (HMAC of the record): Redis never learns which SPA
+packet was used, and nobody without the key can pre-claim a packet to have it refused.
+
+Every grant and revocation has a random id: a member applies an id once (ReplayCache, until the
+entry would be useless anyway), so a genuine entry re-added by someone with write access to
+Redis cannot re-open a grant that was revoked since.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+from ..errors import UsageError
+
+MIN_KEY_BYTES = 32
+MAX_GRANT_SECONDS = 86400.0
+MAX_ENTRY_BYTES = 2048
+
+
+class FleetKeyError(UsageError):
+    """The fleet key file does not hold a usable key."""
+
+    exit_code = 2
+
+
+class Forged(Exception):
+    """An entry that does not verify with the fleet key, or is not one of ours."""
+
+
+def parse_key(text: str, where: str) -> bytes:
+    """The fleet key: base64 of at least MIN_KEY_BYTES random bytes (`openssl rand -base64 48`)."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise FleetKeyError(f"{where}: the fleet key must be base64 (make one with: openssl rand -base64 48)") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise FleetKeyError(f"{where}: the fleet key is {len(key)} bytes; it needs at least {MIN_KEY_BYTES}")
+    return key
+
+
+@dataclass(frozen=True)
+class Grant:
+    """`src` may open new connections through `door` until `until` (wall-clock seconds);
+    `ports`: the (proto, port)s an SPA packet asked for, None for all the door protects; `key`:
+    whose SPA key opened it."""
+
+    id: str
+    member: str
+    instance: str
+    src: str
+    door: str
+    until: float
+    ports: frozenset[tuple[str, int]] | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """End the grants of `src` (on `door`, or on every door when None), issued at `at`; or,
+    with `key` (and no `src`), every grant that SPA key opened, from any address."""
+
+    id: str
+    member: str
+    instance: str
+    src: str | None
+    door: str | None
+    at: float
+    key: str | None = None
+
+
+Entry = Grant | Revoke
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Who used a replay record first (the value of a claim key)."""
+
+    member: str
+    instance: str
+    expires: float
+
+
+class Signer:
+    """Signs and verifies entries of one fleet with its key."""
+
+    def __init__(self, key: bytes, fleet: str):
+        self._key = key
+        self.fleet = fleet
+
+    def _tag(self, purpose: str, body: bytes) -> bytes:
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
+        return mac.finalize()
+
+    def _seal(self, purpose: str, payload: dict[str, Any]) -> bytes:
+        body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        return base64.b64encode(self._tag(purpose, body)) + b"." + body
+
+    def _open(self, purpose: str, raw: bytes | str) -> dict[str, Any]:
+        if isinstance(raw, str):
+            raw = raw.encode()
+        if len(raw) > MAX_ENTRY_BYTES:
+            raise Forged(f"{len(raw)} bytes, more than an entry ever has")
+        tag64, dot, body = raw.partition(b".")
+        if not dot:
+            raise Forged("not a signed entry")
+        try:
+            tag = base64.b64decode(tag64, validate=True)
+        except (binascii.Error, ValueError):
+            raise Forged("not a signed entry") from None
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
+        try:
+            mac.verify(tag)
+        except Exception:  # cryptography's InvalidSignature
+            raise Forged("its tag does not verify with the fleet key") from None
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise Forged("signed but not JSON") from None
+        if not isinstance(payload, dict):
+            raise Forged("signed but not an object")
+        return payload
+
+    # -- grants and revocations (the stream) -------------------------------------------------
+
+    def sign(self, entry: Entry) -> bytes:
+        payload: dict[str, Any] = {"id": entry.id, "member": entry.member, "instance": entry.instance, "src": entry.src}
+        if isinstance(entry, Grant):
+            payload |= {
+                "kind": "grant",
+                "door": entry.door,
+                "until": entry.until,
+                "ports": None if entry.ports is None else sorted([proto, port] for proto, port in entry.ports),
+                "key": entry.key,
+            }
+        else:
+            payload |= {"kind": "revoke", "door": entry.door, "at": entry.at, "key": entry.key}
+        return self._seal("entry", payload)
+
+    def verify(self, raw: bytes | str) -> Entry:
+        """The entry, or Forged saying why it is not one."""
+        payload = self._open("entry", raw)
+        try:
+            ids = (_text(payload["id"]), _text(payload["member"]), _text(payload["instance"]))
+            src = None if payload["src"] is None else str(ipaddress.ip_address(_text(payload["src"])))
+            key = None if payload.get("key") is None else _text(payload["key"])
+            if payload["kind"] == "grant":
+                if src is None:
+                    raise ValueError("a grant names its source")
+                ports = _ports(payload["ports"])
+                until = _number(payload["until"])
+                return Grant(*ids, src, _text(payload["door"]), until, ports, key)
+            if payload["kind"] == "revoke":
+                if (src is None) == (key is None):
+                    raise ValueError("a revocation names a source or a key")
+                door = payload["door"]
+                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+        raise Forged(f"signed but of unknown kind {payload.get('kind')!r}")
+
+    # -- replay claims ---------------------------------------------------------------------
+
+    def claim_name(self, record: str) -> str:
+        """The Redis key under which `record` (a replay-cache key) is claimed."""
+        return f"{self.fleet}:used:{self._tag('used', record.encode()).hex()[:40]}"
+
+    def sign_claim(self, record: str, claim: Claim) -> bytes:
+        payload = {"record": self.claim_name(record), "member": claim.member, "instance": claim.instance}
+        return self._seal("claim", payload | {"expires": claim.expires})
+
+    def verify_claim(self, record: str, raw: bytes | str) -> Claim:
+        payload = self._open("claim", raw)
+        try:
+            if payload["record"] != self.claim_name(record):
+                raise Forged("a claim of another record")
+            return Claim(_text(payload["member"]), _text(payload["instance"]), _number(payload["expires"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
+    # -- members (who is there) ------------------------------------------------------------
+
+    def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:
+        return self._seal("presence", {"member": member, "instance": instance, "seen": seen, "grants": grants})
+
+    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int]:
+        payload = self._open("presence", raw)
+        try:
+            return (
+                _text(payload["member"]),
+                _text(payload["instance"]),
+                _number(payload["seen"]),
+                int(payload["grants"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
+
+def grant_seconds(grant: Grant, wall: float) -> float:
+    """What is left of a grant by this member's clock (0: over), capped at a day."""
+    return min(MAX_GRANT_SECONDS, max(0.0, grant.until - wall))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 200:
+        raise ValueError(f"expected a short string, got {value!r:.40}")
+    return value
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {value!r:.40}")
+    return float(value)
+
+
+def _ports(value: Any) -> frozenset[tuple[str, int]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("ports must be a list")
+    ports = set()
+    for item in value:
+        proto, port = item
+        if proto not in ("tcp", "udp") or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"bad port {item!r:.40}")
+        ports.add((proto, port))
+    return frozenset(ports)

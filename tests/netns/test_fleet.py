@@ -1,0 +1,222 @@
+"""Fleet mode on a real kernel with a real redis-server: bastions on one bridge share grants,
+revocations and SPA replay records; a Redis outage leaves every member serving its own knocks;
+an entry written into Redis without the fleet key opens nothing."""
+
+import base64
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+import urllib.request
+
+import pytest
+from conftest import Server, connect
+
+from nfknock.spa import generate_keys
+from support.sandbox import EchoService, Lan, RedisServer, entered
+
+SEQUENCE = ("40000", "50000", "60000")
+
+
+@pytest.fixture
+def lan(kernel):
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        reason = "missing commands: redis-server, redis-cli (scripts/setup.sh installs them)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"real-kernel tests cannot run under CI=true: {reason}")
+        pytest.skip(reason)
+    with Lan(servers_wanted=3, clients_wanted=2) as box:
+        services = [EchoService(box.server(i)) for i in range(box.servers_wanted)]
+        try:
+            yield box
+        finally:
+            for service in services:
+                service.close()
+
+
+@pytest.fixture
+def fleet(lan, tmp_path):
+    """Redis on the hub, the fleet key and the Redis password in root-only files, and a
+    `start(i)` that runs member i (named a, b, c) with an SPA door and the seed knock door."""
+    redis = RedisServer(lan, secrets.token_hex(12))
+    redis.start()
+    key_file, password_file = tmp_path / "fleet.key", tmp_path / "redis.password"
+    key_file.write_text(base64.b64encode(secrets.token_bytes(48)).decode() + "\n")
+    password_file.write_text(redis.password + "\n")
+    encryption, mac = generate_keys()
+    spa_keys = tmp_path / "spa.keys"
+    spa_keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
+    for path in (key_file, password_file, spa_keys):
+        path.chmod(0o600)
+    members: list[Server] = []
+
+    def start(index: int, *extra: str) -> Server:
+        workdir = tmp_path / f"member{index}"
+        workdir.mkdir(exist_ok=True)
+        member = Server(lan.view(index), workdir)
+        member.write_rules(SEED_RULES.format(keys=spa_keys))
+        member.name = "abc"[index]
+        member.start(
+            "--cluster",
+            redis.url,
+            "--cluster-key-file",
+            str(key_file),
+            "--cluster-password-file",
+            str(password_file),
+            "--cluster-member",
+            member.name,
+            *extra,
+        )
+        member.wait_log("fleet: Redis at")
+        assert "reachable;" in member.wait_log("fleet: Redis at"), member.log_text()
+        members.append(member)
+        return member
+
+    start.redis = redis
+    start.spa = (encryption, mac)
+    start.key_file = key_file
+    yield start
+    for member in members:
+        if member.process is not None and member.process.poll() is None:
+            member.stop()
+    redis.kill()
+
+
+SEED_RULES = """\
+doors:
+  - name: openSSH
+    sequence: [40000, 50000, 60000]
+    close_sequence: [60000, 50000, 40000]
+    protect: [22/tcp]
+    seq_timeout: 15s
+    open_for: 60s
+    tcp_flags: syn,!ack
+  - name: spaSSH
+    kind: spa
+    keys_file: {keys}
+    protect: [22/tcp]
+"""
+
+
+def knock(lan, client):
+    result = lan.run(client.namespace, ["knock", client.server_address, *SEQUENCE])
+    assert result.returncode == 0, result.stderr
+
+
+def status(member) -> dict:
+    result = member.nfknock("status", "--json", "--control-socket", str(member.workdir / "nfknock.sock"))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def ctl(member, *args):
+    return member.nfknock(*args, "--control-socket", str(member.workdir / "nfknock.sock"))
+
+
+def fwknop(lan, client, keys, save=None):
+    argv = ["fwknop", "-A", "tcp/22", "-a", client.address, "-D", client.server_address, "--use-hmac"]
+    argv += ["--key-base64-rijndael", keys[0], "--key-base64-hmac", keys[1], "--rc-file", "/dev/null"]
+    if save:
+        argv += ["--save-packet", str(save)]
+    result = lan.run(client.namespace, argv)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def send_udp(client, payload, port=62201):
+    with entered(client.namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.sendto(payload, (client.server_address, port))
+    sock.close()
+
+
+def test_a_knock_on_one_member_opens_the_others(lan, fleet):
+    fleet(0)
+    b, c = fleet(1), fleet(2, "--metrics-port", "9475")
+    knock(lan, lan.client(0, server=0))
+    attempt = connect(lan.client(0, server=1), timeout=3)  # at once, to another member
+    assert attempt.connected and attempt.greeting == b"hello\n"
+    assert "10.198.0.101: openSSH: open, granted on fleet member a" in b.log_text()
+    assert connect(lan.client(0, server=2), timeout=3).connected
+    assert not connect(lan.client(1, server=1), timeout=1).connected  # only the knocker's address
+    seen = status(c)["fleet"]
+    assert seen["reachable"] and {m["member"] for m in seen["members"]} == {"a", "b", "c"}
+    assert [(g["source"], g["door"], g["from"]) for g in seen["shared_grants"]] == [("10.198.0.101", "openSSH", "a")]
+    assert "fleet nfknock: Redis" in ctl(c, "status").stdout
+    with entered(lan.server(2)):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        body = opener.open("http://127.0.0.1:9475/metrics", timeout=5).read().decode()
+    assert "nfknock_fleet_redis_up 1.0" in body and "nfknock_fleet_members 3.0" in body
+    assert "nfknock_fleet_shared_grants 1.0" in body
+
+
+def test_a_revoke_on_any_member_closes_all(lan, fleet):
+    a, b = fleet(0), fleet(1)
+    knock(lan, lan.client(0, server=0))
+    assert connect(lan.client(0, server=0)).connected
+    b.wait_log("granted on fleet member a")
+    result = ctl(b, "revoke", "10.198.0.101")
+    assert result.returncode == 0, result.stderr
+    a.wait_log("10.198.0.101: revoked on fleet member b")
+    assert not connect(lan.client(0, server=0), timeout=1).connected
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+
+
+def test_an_spa_packet_replayed_to_another_member_is_refused(lan, fleet, tmp_path):
+    a, b = fleet(0), fleet(1)
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0  # closed everywhere again
+    b.wait_log("revoked on fleet member a")
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())  # the captured packet, to b
+    line = b.wait_log("SPA packet refused")
+    assert "replay (used on member a)" in line
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    assert status(b)["fleet"]["claims_refused"] == 1
+
+
+def test_members_serve_locally_while_redis_is_down_and_catch_up(lan, fleet):
+    a, b = fleet(0), fleet(1)
+    fleet.redis.kill()
+    a.wait_log("unreachable")
+    b.wait_log("unreachable")
+    knock(lan, lan.client(0, server=0))  # a's own knock: served with a's state
+    assert connect(lan.client(0, server=0), timeout=3).connected
+    fwknop(lan, lan.client(1, server=1), fleet.spa)  # SPA on b: accepted (--cluster-offline accept)
+    assert connect(lan.client(1, server=1), timeout=3).connected
+    down = status(a)["fleet"]
+    assert not down["reachable"] and down["backlog"] >= 1
+    assert a.log_text().count("unreachable") == 1  # said once, not at every retry
+    fleet.redis.start()  # empty: it kept nothing
+    a.wait_log("reachable;", after=1)
+    b.wait_log("reachable;", after=1)
+    b.wait_log("10.198.0.101: openSSH: open, granted on fleet member a")  # what a did meanwhile
+    a.wait_log("10.198.0.102: spaSSH: open, granted on fleet member b")
+    assert connect(lan.client(0, server=1), timeout=3).connected
+    assert connect(lan.client(1, server=0), timeout=3).connected
+    assert a.process.poll() is None and b.process.poll() is None
+
+
+def test_an_entry_forged_with_redis_cli_opens_nothing(lan, fleet):
+    a = fleet(0)
+    until = time.time() + 600
+    forged = json.dumps(
+        {
+            "kind": "grant",
+            "id": "x1",
+            "member": "b",
+            "instance": "i",
+            "src": "10.198.0.102",
+            "door": "openSSH",
+            "until": until,
+            "ports": None,
+        }
+    )
+    result = fleet.redis.cli("XADD", "nfknock:stream", "*", "e", "AAAA." + forged)
+    assert result.returncode == 0 and "-" in result.stdout, result.stdout + result.stderr
+    line = a.wait_log("does not verify with the fleet key")
+    assert "opens nothing" in line
+    assert not connect(lan.client(1, server=0), timeout=1).connected
+    assert status(a)["fleet"]["rejected"] >= 1
