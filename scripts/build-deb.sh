@@ -32,7 +32,7 @@ venv="$root/opt/nfknock"
 
 echo "build-deb: virtualenv for python $pyver"
 "$PYTHON" -m venv "$venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$repo[server,metrics]"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$repo[server,metrics,fleet]"
 "$venv/bin/python" -m pip uninstall -q -y pip setuptools   # not needed at run time
 rm -rf "$repo/build" "$repo"/*.egg-info
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
