@@ -164,6 +164,9 @@ def _first_step_rules(
             rules[(proto, port)] = [
                 RuleSpec("MARK", proto, port, set_mark=(0, seen)),  # whoever set it, it is ours
                 RuleSpec("MARK", proto, port, match_set=started, set_mark=(seen, seen)),
+                # single use: the element is spent on the packet it marks (a later packet to this
+                # port, a close sequence starting here or a spoofed copy, is not marked again)
+                RuleSpec("SET", proto, port, mark=seen, del_set=started),
                 RuleSpec("NFQUEUE", proto, port, mark=seen, queue_num=queue_num),
                 RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
                 RuleSpec("DROP", proto, port),
@@ -171,17 +174,26 @@ def _first_step_rules(
     return rules
 
 
-Place = tuple[str, int] | tuple[str, int, int]  # a knock port (proto, port) or a range (proto, first, last)
+def _outside(first: int, last: int, holes: list[int]) -> list[int | tuple[int, int]]:
+    """The ports first..last without `holes`, as single ports and ranges."""
+    spans: list[int | tuple[int, int]] = []
+    start = first
+    for hole in sorted(h for h in set(holes) if first <= h <= last) + [last + 1]:
+        if start < hole:
+            spans.append(start if start == hole - 1 else (start, hole - 1))
+        start = hole + 1
+    return spans
 
 
 def _forgetting_rules(
     groups: tuple[FirstStepGroup, ...], doors: tuple[Door, ...], queue_num: int, family: int
-) -> dict[Place, list[RuleSpec]]:
-    """Per knock port or tripwire range of a group's doors (other than the first and second
-    steps): take the source out of the group's set, then go on to the place's own rule. A
-    knock there after the first step would have reset the attempt in the daemon; in the kernel
-    it happens in packet order, before a second step can be marked."""
-    forget: dict[Place, list[RuleSpec]] = {}
+) -> list[RuleSpec]:
+    """For each group, on every knock port and tripwire port of its doors but its own first and
+    second steps: take the source out of the group's set. A knock there after the first step
+    would have reset the attempt in the daemon; in the kernel it happens in packet order, before
+    a second step can be marked. They come before every knock and tripwire rule (SET does not
+    end the chain), so that no other door's rule on an overlapping port takes the packet first."""
+    forget: list[RuleSpec] = []
     by_name = {door.name: door for door in doors}
     for group in groups:
         if family not in group.families:
@@ -200,22 +212,12 @@ def _forgetting_rules(
                 for p in door.knock_ports
                 if p.key not in spared
             ]
-            rules += [
-                RuleSpec(
-                    "SET",
-                    proto,
-                    (first, last),
-                    ctstate="NEW",
-                    tcp_flags=SYN_ONLY if proto == "tcp" else None,
-                    del_set=started,
-                )
-                for proto, first, last in door.tripwire_ranges
-            ]
-            for rule in rules:
-                assert rule.proto is not None and rule.dport is not None
-                place: Place = (rule.proto, rule.dport) if isinstance(rule.dport, int) else (rule.proto, *rule.dport)
-                if rule not in forget.setdefault(place, []):
-                    forget[place].append(rule)
+            steps = [p.key for p in door.knock_ports] + list(spared)
+            for proto, first, last in door.tripwire_ranges:
+                for span in _outside(first, last, [port for kind, port in steps if kind == proto]):
+                    syn = SYN_ONLY if proto == "tcp" else None
+                    rules.append(RuleSpec("SET", proto, span, ctstate="NEW", tcp_flags=syn, del_set=started))
+            forget += [rule for rule in rules if rule not in forget]
     return forget
 
 
@@ -261,13 +263,12 @@ def scaffolding(
     if knocks or knock_ranges or tripwires:
         # Not ours from here on: replies to the host's own connections from a knock port.
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
+    specs += forget
     for proto, port in knocks:
-        specs += forget.get((proto, port), [])
         specs += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
     for proto, first, last in knock_ranges:
         specs.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     for proto, first, last in tripwires:
-        specs += forget.get((proto, first, last), [])
         specs.append(
             RuleSpec(
                 "NFQUEUE",

@@ -162,3 +162,18 @@ def test_knock_ports_give_no_answer(server, alice):
     for port in (50000, 40000, 60000):  # not the door's order: this opens nothing
         assert not connect(alice, port=port, timeout=0.5).connected
     assert not connect(alice, timeout=1).connected
+
+
+def test_a_two_step_door_closes_with_a_close_sequence_that_starts_on_its_second_port(server, alice):
+    """The kernel's record of a first step is spent on the second step it marks: knocking the
+    second port again (here the close sequence's first step) is not a fresh second step."""
+    server.write_rules(
+        "doors:\n  - name: twoStep\n    sequence: [40000, 50000]\n    close_sequence: [50000, 40000]\n"
+        "    protect: [22/tcp]\n"
+    )
+    server.start()
+    knock(server.sandbox, alice, "40000", "50000")
+    assert connect(alice).connected
+    knock(server.sandbox, alice, "50000", "40000")
+    assert not connect(alice, timeout=1).connected
+    assert "10.199.1.2: twoStep: closed" in server.log_text()

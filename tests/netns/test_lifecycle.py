@@ -12,41 +12,48 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 def scaffolding(family: int = 4) -> list[str]:
     granted, first = f"nfknock-q7-v{family}", f"nfknock-q7-tcp40000-v{family}"
-    return [
-        "-N NFKNOCK",
-        "-A INPUT -j NFKNOCK",
-        "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
-        "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
-        f"-m set --match-set {granted} src -j NFQUEUE --queue-num 8",
-        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
-        "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
-        "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
-        "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
-        "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
-        # the first step goes to the kernel's set, the second is queued only marked or granted
-        f"-A NFKNOCK -p tcp -m tcp --dport 40000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
-        f"-A NFKNOCK -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set {first} src --exist "
-        "--timeout 15",
-        "-A NFKNOCK -p tcp -m tcp --dport 40000 -j DROP",
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
-        f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
-        "0x10000000/0x10000000",
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7",
-        f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
-        f"-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set {first} src",
-        "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
-    ] + [
-        rule
-        for step in (40000, 50000, 60000)
-        for rule in (
+    return (
+        [
+            "-N NFKNOCK",
+            "-A INPUT -j NFKNOCK",
+            "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            f"-m set --match-set {granted} src -j NFQUEUE --queue-num 8",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
+            "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
+            # the first step goes to the kernel's set, the second is queued only marked or granted
+            f"-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set {first} src",
+        ]
+        + [
+            f"-A NFKNOCK -p tcp -m tcp --dport {span} --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            f"-j SET --del-set {first} src"
+            for step in (40000, 50000, 60000)
+            for span in (f"{step - 16}:{step - 1}", f"{step + 1}:{step + 16}")
+        ]
+        + [
+            f"-A NFKNOCK -p tcp -m tcp --dport 40000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
+            f"-A NFKNOCK -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set {first} src --exist "
+            "--timeout 15",
+            "-A NFKNOCK -p tcp -m tcp --dport 40000 -j DROP",
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+            f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
+            "0x10000000/0x10000000",
+            f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set {first} src",
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7",
+            f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
+            "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
+        ]
+        + [
             f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
-            f"-m conntrack --ctstate NEW -j SET --del-set {first} src",
-            f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
-            "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7",
-        )
-    ]
+            "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
+            for step in (40000, 50000, 60000)
+        ]
+    )
 
 
 SCAFFOLDING = scaffolding(4)

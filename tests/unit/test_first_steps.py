@@ -87,21 +87,30 @@ def test_the_mark_means_nothing_on_a_door_the_kernel_does_not_serve():
 
 def test_the_kernel_forgets_a_first_step_on_any_other_port_of_the_door_before_marking():
     """What would have reset the attempt in the daemon takes the source out of the set, in
-    packet order: another knock port of the door (with the door's flags) and its tripwires."""
+    packet order: another knock port of the door (with the door's flags) and its tripwires (not
+    its steps), before any knock or tripwire rule can take the packet."""
     specs = [str(s) for s in scaffolding((door(close_sequence=[60000, 50000, 40000], tripwire=4),), 0)]
-    forget = [s for s in specs if "--del-set nfknock-q0-tcp40000-v4" in s]
+    forget = [s for s in specs if "--del-set nfknock-q0-tcp40000-v4" in s and "--mark" not in s]
     assert forget == [
         "-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set nfknock-q0-tcp40000-v4 src",
         *[
-            f"-A NFKNOCK -p tcp -m tcp --dport {a}:{b} --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            f"-A NFKNOCK -p tcp -m tcp --dport {span} --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
             "-j SET --del-set nfknock-q0-tcp40000-v4 src"
-            for a, b in ((39996, 40004), (49996, 50004), (59996, 60004))
+            for span in ("39996:39999", "40001:40004", "49996:49999", "50001:50004", "59996:59999", "60001:60004")
         ],
     ]
-    # each comes right before the place's own rule
-    for rule in forget:
-        following = specs[specs.index(rule) + 1]
-        assert following.split(" -j ")[0].startswith(rule.split(" -j ")[0].split(" --tcp-flags")[0])
+    first_queue_rule = min(i for i, s in enumerate(specs) if "NFQUEUE" in s and "--dport 22 " not in s)
+    assert max(specs.index(rule) for rule in forget) < first_queue_rule
+
+
+def test_another_doors_overlapping_tripwire_cannot_hide_a_tripwire_port():
+    other = door(name="other", sequence=[40030, 45000], protect=["23/tcp"], tripwire=16)
+    specs = [str(s) for s in scaffolding((other, door(tripwire=16)), 0)]
+    forgets_40015 = [
+        i for i, s in enumerate(specs) if "--del-set nfknock-q0-tcp40000-v4" in s and "--dport 40001:40016" in s
+    ]
+    queues_40015 = [i for i, s in enumerate(specs) if "--dport 40014:40046" in s and "NFQUEUE" in s]
+    assert forgets_40015 and queues_40015 and forgets_40015[0] < queues_40015[0]
 
 
 def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or_granted():
@@ -110,6 +119,8 @@ def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
         "-j MARK --set-xmark 0x10000000/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
+        "-j SET --del-set nfknock-q0-tcp40000-v4 src",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-v4 src -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
