@@ -13,14 +13,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "harness: installing ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-started_dockerd=
-if ! docker info >/dev/null 2>&1; then
-  echo "harness: starting dockerd"
-  dockerd >/tmp/nfknock-dockerd.log 2>&1 &
-  started_dockerd=$!
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { echo "harness: dockerd did not start (see /tmp/nfknock-dockerd.log)" >&2; exit 1; }
-fi
+. deploy/docker/dockerd.sh
+start_dockerd /tmp/nfknock-dockerd.log harness
 modprobe -q nfnetlink_queue 2>/dev/null || true   # containers cannot load kernel modules
 modprobe -q xt_NFQUEUE 2>/dev/null || true
 modprobe -q nf_conntrack 2>/dev/null || true
@@ -45,7 +39,7 @@ docker-compose build -q
 cleanup() { docker-compose logs --no-color server server2 > /tmp/nfknock-harness-server.log 2>&1 || true
             docker-compose down -v --remove-orphans >/dev/null 2>&1 || true
             rm -rf "$generated"
-            [ -z "$started_dockerd" ] || kill "$started_dockerd" 2>/dev/null || true; }
+            stop_dockerd; }
 trap cleanup EXIT
 docker-compose up -d redis server server2 >/dev/null
 for member in server server2; do

@@ -21,19 +21,13 @@ for pkg in docker.io debootstrap; do
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
   fi
 done
-started_dockerd=
-if ! docker info >/dev/null 2>&1; then
-  echo "systemd: starting dockerd"
-  dockerd >/tmp/nfknock-sd-dockerd.log 2>&1 &
-  started_dockerd=$!
-  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  docker info >/dev/null 2>&1 || { echo "systemd: dockerd did not start (see /tmp/nfknock-sd-dockerd.log)" >&2; exit 1; }
-fi
+. deploy/docker/dockerd.sh
+start_dockerd /tmp/nfknock-sd-dockerd.log systemd
 work=$(mktemp -d /tmp/nfknock-sd.XXXXXX)
 cleanup() {
   docker rm -f "$NAME" >/dev/null 2>&1 || true
   rm -rf "$work"
-  [ -z "$started_dockerd" ] || kill "$started_dockerd" 2>/dev/null || true
+  stop_dockerd
 }
 trap cleanup EXIT
 
