@@ -561,16 +561,23 @@ def cmd_grant(args) -> int:
     return 0
 
 
+def _read_config(path: str) -> str:
+    """The text of a file to import (knockd.conf, access.conf), or one line saying why not."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def cmd_import_knockd(args) -> int:
     from pathlib import Path
 
     from .knockd_import import import_knockd
     from .rules import parse_rules_text
 
-    try:
-        text = Path(args.config).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{args.config}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    text = _read_config(args.config)
     imported = import_knockd(text)
     for line in imported.notes:
         print(f"nfknock: {args.config} {line}", file=sys.stderr)
@@ -626,10 +633,7 @@ def cmd_import_fwknop(args) -> int:
     from .keyfiles import write_key_file
     from .rules import parse_rules_text
 
-    try:
-        text = Path(args.config).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{args.config}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    text = _read_config(args.config)
     protect = [str(port_argument(text, "--protect")) for text in args.protect]
     keys_dir = Path(args.keys_dir)
     imported = import_fwknop(text, args.door, keys_dir, protect)

@@ -202,17 +202,23 @@ def first_step_entries(server) -> int:
     return int(re.search(r"Number of entries: (\d+)", listed.stdout)[1])
 
 
+def million_spoofed_first_knocks(mallory) -> int:
+    """SYNs to 40000 from 11.0.0.0 upwards, one per source; how many were sent."""
+    flood = SynFlood(mallory.namespace, mallory.server_address, 40000)
+    try:
+        sent = flood.send(0x0B000000, 1_000_000)
+    finally:
+        flood.close()
+    assert sent > 900_000
+    return sent
+
+
 def test_million_spoofed_first_knocks_never_reach_the_daemon_and_the_client_gets_in(server, alice, mallory):
     """The kernel records first steps (first_steps.py): a million spoofed first knocks cost the
     daemon nothing, the kernel's set stays within its size, nobody spoofed gets anything, and
     the client gets in. (How it fares DURING the flood: bench/run.py, knock_flood.)"""
     server.start()
-    flood = SynFlood(mallory.namespace, mallory.server_address, 40000)
-    try:
-        sent = flood.send(0x0B000000, 1_000_000)  # 11.0.0.0 upwards, one first knock each
-    finally:
-        flood.close()
-    assert sent > 900_000
+    sent = million_spoofed_first_knocks(mallory)
     entries = first_step_entries(server)
     # bounded: 262,144 elements, which the packet path may overshoot a little (the kernel counts
     # them per lock region)
@@ -238,12 +244,7 @@ def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server
     server.write_rules(SEED + SHARED_SECOND)
     server.start("--max-sources", str(cap), "--queue-maxlen", "65536")
     baseline = rss_kib(server.process.pid)
-    flood = SynFlood(mallory.namespace, mallory.server_address, 40000)
-    try:
-        sent = flood.send(0x0B000000, 1_000_000)  # 11.0.0.0 upwards, one first knock each
-    finally:
-        flood.close()
-    assert sent > 900_000
+    sent = million_spoofed_first_knocks(mallory)
     # The flood is over once the kernel holds nothing more for the daemon.
     deadline = time.monotonic() + 60
     while queue_waiting(server) and time.monotonic() < deadline:

@@ -75,7 +75,25 @@ class Client:
 
 
 @dataclass
-class Sandbox:
+class _Processes:
+    """Processes in namespaces: `spawn` keeps them for close() to kill, `run` waits for one."""
+
+    processes: list[subprocess.Popen]
+
+    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        """Start a process inside a namespace; it is killed by close()."""
+        process = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        self.processes.append(process)
+        return process
+
+    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        kwargs.setdefault("timeout", 60)
+        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+
+
+class Sandbox(_Processes):
     """A server namespace linked to `clients` client namespaces (10.199.<i>.0/24 and
     fd00:199:<i>::/64 each)."""
 
@@ -114,18 +132,6 @@ class Sandbox:
             ip("-n", name, "addr", "add", f"fd00:199:{i}::2/64", "dev", far, "nodad")
             for ns, dev in ((self.server, near), (name, far), (name, "lo")):
                 ip("-n", ns, "link", "set", dev, "up")
-
-    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        """Start a process inside a namespace; it is killed by close()."""
-        process = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)
-        self.processes.append(process)
-        return process
-
-    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-        kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        kwargs.setdefault("timeout", 60)
-        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
 
     def close(self) -> None:
         for process in self.processes:
@@ -262,7 +268,7 @@ class SynFlood:
 
 
 @dataclass
-class Lan:
+class Lan(_Processes):
     """Several server namespaces and client namespaces on one bridge (10.198.0.0/24), for fleet
     tests: servers at .1, .2, ..., clients at .101, .102, ..., and a hub namespace holding the
     bridge at .254 (where a shared service such as Redis runs). `client(i, j)` is client i seen
@@ -326,17 +332,6 @@ class Lan:
             ip("-n", namespace, "addr", "add", f"{address}/24", "dev", far)
             for ns, dev in ((self.hub, near), (namespace, far), (namespace, "lo")):
                 ip("-n", ns, "link", "set", dev, "up")
-
-    def spawn(self, namespace: str, argv: list[str], **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(["ip", "netns", "exec", namespace, *argv], **kwargs)
-        self.processes.append(process)
-        return process
-
-    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-        kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        kwargs.setdefault("timeout", 60)
-        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
 
     def view(self, index: int) -> LanServer:
         """Server `index` in the shape of a Sandbox (its `server` namespace, spawn, run)."""
