@@ -74,7 +74,6 @@ class Client:
         return self.server_address6 if family == 6 else self.server_address
 
 
-@dataclass
 class _Processes:
     """Processes in namespaces: `spawn` keeps them for close() to kill, `run` waits for one."""
 
@@ -93,6 +92,7 @@ class _Processes:
         return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
 
 
+@dataclass
 class Sandbox(_Processes):
     """A server namespace linked to `clients` client namespaces (10.199.<i>.0/24 and
     fd00:199:<i>::/64 each)."""
