@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="NFQUEUE number N, 0-65534: knocks go to N, new connections from granted sources to N+1 "
         "(default: %(default)s)",
     )
+    _add_workers(run)
     run.add_argument(
         "--max-sources",
         type=_positive,
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
     check.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
     check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
+    _add_workers(check)
     _add_pass_mark(check)
     check.set_defaults(func=cmd_check)
 
@@ -326,9 +328,11 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
+    _check_queues(args)
     config = DaemonConfig(
         rules_path=Path(args.rules),
         queue_num=args.queue_num,
+        workers=args.workers,
         max_sources=args.max_sources,
         queue_maxlen=args.queue_maxlen,
         state_dir=Path(args.state_dir) if args.state_dir else None,
@@ -339,6 +343,26 @@ def cmd_run(args) -> int:
     )
     Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
     return 0
+
+
+def _add_workers(parser) -> None:
+    from .shards import MAX_WORKERS
+
+    parser.add_argument(
+        "--workers",
+        type=_int_in(1, MAX_WORKERS, "worker count"),
+        default=1,
+        help="verdict loops, each a process on its own pair of queues (N+2i, N+2i+1), packets "
+        "shared out by source address; one per core the host can spare (default: %(default)s)",
+    )
+
+
+def _check_queues(args) -> None:
+    last = args.queue_num + 2 * args.workers - 1
+    if last > 65535:
+        raise UsageError(
+            f"--queue-num {args.queue_num} with --workers {args.workers} needs queues up to {last}: at most 65535"
+        )
 
 
 def _fleet(args):
@@ -368,7 +392,8 @@ def cmd_check(args) -> int:
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         print("\n".join(as_block(door)))
-    for family, specs in plan(ruleset.doors, args.queue_num, args.pass_mark).items():
+    _check_queues(args)
+    for family, specs in plan(ruleset.doors, args.queue_num, args.pass_mark, args.workers).items():
         if specs:
             tool = "iptables" if family == 4 else "ip6tables"
             print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")

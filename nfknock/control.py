@@ -259,7 +259,7 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
     from .stats import read_queue_drops
 
     engine = daemon.engine
-    drops = read_queue_drops(daemon.config.queue_num)
+    drops = read_queue_drops(daemon.config.queues[0])
     return {
         "queue": daemon.config.queue_num,
         "firewall": daemon.firewall.name,

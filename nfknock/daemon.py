@@ -32,7 +32,7 @@ from . import control, metrics
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError
-from .events import DoorClosed, DoorOpened, GrantsRevoked, Recorded
+from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
 from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_mark, iptables_flavour, plan
 from .firewall.granted import GrantedSets, prune_first_step_sets
@@ -42,8 +42,10 @@ from .logs import RateLimit, log_events
 from .metrics import tally
 from .packet import parse
 from .rules import Ruleset
+from .shards import queues
 from .stats import Reporter, read_queue_drops
 from .store import ReplayStore
+from .workers import WorkerPool, serve
 
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
 MAX_SLEEP = 1.0
@@ -67,10 +69,17 @@ class DaemonConfig:
     metrics_port: int | None = None
     pass_mark: int = PASS_MARK
     fleet: FleetConfig | None = None  # fleet mode (--cluster): shared grants and replay records
+    workers: int = 1  # verdict loops, each in a process of its own (workers.py)
+    shard: int = 0  # in a worker: which one it is
 
     def plan(self, doors) -> Plan:
-        """The scaffolding these doors need, on this queue, with this pass mark."""
-        return plan(doors, self.queue_num, self.pass_mark)
+        """The scaffolding these doors need, on this queue, with this pass mark, for these workers."""
+        return plan(doors, self.queue_num, self.pass_mark, self.workers)
+
+    @property
+    def queues(self) -> tuple[int, int]:
+        """(main queue, grant queue) this process binds."""
+        return queues(self.queue_num, self.shard)
 
 
 class DaemonFailed(NfknockError):
@@ -130,16 +139,24 @@ class Daemon:
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        ruleset: Ruleset | None = None,
+        channel: Any = None,
+        claims: Any = None,
     ):
         self.config = config
         self.firewall = firewall
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
         self.wall_clock = wall_clock
-        self.ruleset: Ruleset = load_rules(config.rules_path, strict=True)  # RulesError: nothing touched yet
-        self.engine = Engine(self.ruleset.doors, config.max_sources, shared=config.fleet is not None)
+        # RulesError: nothing touched yet. A worker gets the supervisor's rules, read once.
+        self.ruleset: Ruleset = ruleset if ruleset is not None else load_rules(config.rules_path, strict=True)
+        shared = config.fleet is not None or config.workers > 1
+        self.engine = Engine(self.ruleset.doors, config.max_sources, shared=shared)
         self.fleet: Any = None  # a FleetMember while running in fleet mode
-        self.store = ReplayStore(config.state_dir) if config.state_dir else None
+        self.channel = channel  # in a worker: the supervisor's end (workers.py)
+        self.claims = claims  # in a worker: the replay records all workers share (claims.py)
+        self.pool: Any = None  # in the supervisor of workers: the WorkerPool
+        self.store = ReplayStore(config.state_dir) if config.state_dir and config.workers == 1 else None
         self.granted = GrantedSets(config.queue_num, self.log)
         self.first_seen_mark = first_step_mark(config.pass_mark)
         if self.store is not None:
@@ -158,6 +175,7 @@ class Daemon:
         self._reload_requested = False
         self._reload: _Reload | None = None
         self._budget = 0
+        self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
 
     # -- the packet path -----------------------------------------------------------------
@@ -202,18 +220,29 @@ class Daemon:
         for event in events:
             kind = type(event)
             if kind is DoorOpened or kind is DoorClosed:
-                self._sync_granted(event.src, now)
+                self.sync_granted(event.src, now)
             elif kind is GrantsRevoked:
                 for src in event.sources:
-                    self._sync_granted(src, now)
+                    self.sync_granted(src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
         if self.fleet is not None:
             follow = self.fleet.on_events(events, now, self.wall_clock())
             if follow:
                 self._consume(follow, now)
+        elif self.claims is not None:
+            self._claim(events, now)
         if self.store is not None and any(type(event) is Recorded for event in events):
             self._save_replays(self.store)
+
+    def _claim(self, events, now: float) -> None:
+        """A worker's replay check across workers: what another worker used first is a replay."""
+        for event in events:
+            if type(event) is ClaimNeeded:
+                ours = self.claims.claim(event.record, event.expires, self.wall_clock())
+                follow = self.engine.claimed(event, "ours" if ours else "taken", now, "used through another worker")
+                if follow:
+                    self._consume(follow, now)
 
     def _save_replays(self, store: ReplayStore) -> None:
         try:
@@ -237,22 +266,50 @@ class Daemon:
         require_for_run(self.config.metrics_port, self.firewall.name)
         if self.config.fleet is not None:
             require("redis", FLEET, "--cluster")
-        queues = self._bind_queues()
-        wake_r, self._wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        previous = self._install_signals(self._wake_w)
-        try:
+        if self.config.workers > 1:
+            # The workers bind their queues before any rule sends packets there; the supervisor
+            # binds none (no packet ever reaches it).
+            self.pool = WorkerPool(self)
+            self.pool.start(ReplayStore(self.config.state_dir).load() if self.config.state_dir else None)
+            queues = []
+        else:
+            queues = self._bind_queues()
+
+        def body() -> None:
             self._warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
-            self._start_fleet()
+            if self.pool is None:
+                self._start_fleet()  # with workers, each worker is a fleet member of its own
             self._apply(self.config.plan(self.ruleset.doors))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
-            self._loop(queues, wake_r)
+            self._loop(queues)
+
+        self._guarded(queues, body)
+
+    def run_worker(self, bound: Callable[[], None]) -> None:
+        """A worker's life (workers.py): its queues, its loop; the supervisor does the rest."""
+        queues = self._bind_queues()
+
+        def body() -> None:
+            self.granted.connect()  # the supervisor created the sets
+            self._start_fleet()
+            bound()
+            self._loop(queues)
+
+        self._guarded(queues, body, reload=False)
+
+    def _guarded(self, queues: list, body: Callable[[], None], reload: bool = True) -> None:
+        """Run `body` with the signals handled; whatever ends it, stop with the rules in place."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        previous = self._install_signals(self._wake_w, reload)
+        try:
+            body()
         except NfknockError as exc:
             self.log.error("nfknock stopped: %s; %s", exc, CLOSED)
             raise
@@ -261,7 +318,7 @@ class Daemon:
             raise DaemonFailed(f"stopped on an unexpected error ({type(exc).__name__}: {exc}); {CLOSED}") from exc
         finally:
             self._shutdown(queues, previous)
-            wake_r.close()
+            self._wake_r.close()
             self._wake_w.close()
 
     def _bind_queues(self) -> list:
@@ -270,7 +327,7 @@ class Daemon:
         from netfilterqueue import NetfilterQueue
 
         queues: list[Any] = []
-        for number in (self.config.queue_num, self.config.queue_num + 1):
+        for number in self.config.queues:
             queue = NetfilterQueue()
             try:
                 queue.bind(number, self._on_queued, max_len=self.config.queue_maxlen)
@@ -289,14 +346,16 @@ class Daemon:
             queues.append(queue)
         return queues
 
-    def _loop(self, queues: list, wake_r: socket.socket) -> None:
+    def _loop(self, queues: list) -> None:
         # The grant queue first, every time round: its packets are the ones users wait for.
         served = [(queue.get_fd(), queue) for queue in reversed(queues)]
+        wake_r = self._wake_r
+        assert wake_r is not None  # _guarded made it
         next_stats = self.clock()
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-            readable, _, _ = select.select([fd for fd, _ in served] + [wake_r], [], [], sleep)
+            readable, _, _ = select.select([fd for fd, _ in served] + [wake_r] + self._channels(), [], [], sleep)
             for fd, queue in served:
                 if fd in readable:
                     self._budget = BATCH
@@ -307,6 +366,7 @@ class Daemon:
             self.granted.flush()  # after the packets that were waiting: see granted.py
             if wake_r in readable:
                 _drain(wake_r)
+            self._serve_channels()
             if self.control is not None:
                 self.control.answer_pending(self.answer)
                 self.granted.flush()
@@ -322,14 +382,40 @@ class Daemon:
                 self.report_counters()
             if self._snapshot_wanted:
                 self._snapshot_wanted = False
-                self.snapshot = metrics.take(self, now)
+                self.snapshot = self._take_snapshot(now)
                 self._snapshot_taken.set()
-        self.log.info("nfknock stopped by a signal; %s", CLOSED)
+        if self.channel is None:
+            self.log.info("nfknock stopped by a signal; %s", CLOSED)
+
+    def _channels(self) -> list[int]:
+        if self.pool is not None:
+            return self.pool.fds()
+        return [] if self.channel is None else [self.channel.fileno()]
+
+    def _serve_channels(self) -> None:
+        """The supervisor: what the workers sent, and whether they all live. A worker: what the
+        supervisor asked (its end of file means the supervisor is gone: stop)."""
+        if self.pool is not None:
+            self.pool.pump()
+            self.pool.check()
+        elif self.channel is not None:
+            try:
+                while self.channel.poll():
+                    serve(self, self.channel.recv())
+            except (EOFError, OSError):
+                self.stopping = True
+            self.granted.flush()
+
+    def _take_snapshot(self, now: float) -> metrics.Snapshot:
+        return self.pool.snapshot() if self.pool is not None else metrics.take(self, now)
 
     def report_counters(self) -> None:
+        if self.pool is not None:  # each worker reports its own; the supervisor sweeps claims
+            self.pool.sweep(self.wall_clock())
+            return
         lines = self.reporter.report(
-            self.config.queue_num,
-            read_queue_drops(self.config.queue_num),
+            self.config.queues[0],
+            read_queue_drops(self.config.queues[0]),
             self.unparsable,
             self.engine.evicted,
             self.errors,
@@ -383,9 +469,12 @@ class Daemon:
         if error is not None or ruleset is None:
             self._refuse_reload(error)
             return False
-        dropped = self.engine.reload(ruleset.doors)
-        self.ruleset = ruleset
-        self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
+        if self.pool is not None:
+            self.engine.reload(ruleset.doors)  # the supervisor's engine only names the doors
+            self.ruleset = ruleset
+            dropped = self.pool.reload(ruleset)
+        else:
+            dropped = self.adopt(ruleset)
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -393,6 +482,13 @@ class Daemon:
             f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
         )
         return True
+
+    def adopt(self, ruleset: Ruleset) -> list[str]:
+        """Switch the engine to rules already installed; returns the doors whose state was reset."""
+        dropped = self.engine.reload(ruleset.doors)
+        self.ruleset = ruleset
+        self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
+        return dropped
 
     def _refuse_reload(self, error: BaseException | None) -> None:
         if isinstance(error, RulesError):
@@ -419,6 +515,8 @@ class Daemon:
         steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
         if self.fleet is not None:
             steps.append(self.fleet.stop)
+        if self.pool is not None:
+            steps.append(self.pool.stop)
         for step in steps + [queue.unbind for queue in queues]:
             try:
                 step()
@@ -430,6 +528,8 @@ class Daemon:
             self.control.close()
 
     def _log_totals(self) -> None:
+        if self.pool is not None:
+            return  # each worker logs its own
         self.report_counters()
         self.log.info(
             "handled %d packets: %d accepted, %d dropped, %d passed back; %d attempts and %d grants tracked",
@@ -452,7 +552,7 @@ class Daemon:
                     "no control socket at %s: %s (status/revoke/grant will not work)", self.config.control_socket, exc
                 )
         if self.config.metrics_port:
-            self.snapshot = metrics.take(self, self.clock())
+            self.snapshot = self._take_snapshot(self.clock())
             try:
                 metrics.serve(self._fresh_snapshot, self.config.metrics_port)
                 self.log.info("metrics on http://127.0.0.1:%d/metrics", self.config.metrics_port)
@@ -478,7 +578,7 @@ class Daemon:
             except FirewallError as exc:
                 self.log.warning("%s", exc)
 
-    def _sync_granted(self, src: str, now: float) -> None:
+    def sync_granted(self, src: str, now: float) -> None:
         """Tell the kernel's granted set what the engine now says about `src`."""
         left = self.engine.grant_left(src, now)
         if left > 0:
@@ -489,12 +589,14 @@ class Daemon:
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""
         try:
+            if self.pool is not None:
+                return self.pool.answer(request)
             now = self.clock()
             answer = control.answer(self, request, now)
             if "error" not in answer:
                 for address in answer.get("addresses", [request.get("address")]):
                     if address:
-                        self._sync_granted(address, now)
+                        self.sync_granted(address, now)
                 if self.fleet is not None and request["cmd"] != "status":
                     self.fleet.on_control(request, answer, now, self.wall_clock())
             return answer
@@ -520,12 +622,14 @@ class Daemon:
             if events:
                 self._consume(events, now)
             for src in touched:
-                self._sync_granted(src, now)
+                self.sync_granted(src, now)
         except Exception:  # the fleet never stops the daemon
             self.errors += 1
             self.log.exception("internal error while applying what the fleet said (ignored)")
 
-    def _install_signals(self, wake_w: socket.socket) -> dict:
+    def _install_signals(self, wake_w: socket.socket, reload_on_hup: bool = True) -> dict:
+        """A worker ignores SIGHUP: reloading is the supervisor's (it hands the rules over)."""
+
         def stop(signum, frame):
             self.stopping = True
 
@@ -533,7 +637,8 @@ class Daemon:
             self._reload_requested = True
 
         previous = {}
-        for signum, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, reload)):
+        hup = reload if reload_on_hup else signal.SIG_IGN
+        for signum, handler in ((signal.SIGTERM, stop), (signal.SIGINT, stop), (signal.SIGHUP, hup)):
             previous[signum] = signal.signal(signum, handler)
         signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
         return previous
@@ -556,7 +661,21 @@ class Daemon:
     def _log_ready(self) -> None:
         for door in self.ruleset.doors:
             self.log.info("%s", as_line(door))
-        self.log.info("ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name)
+        if self.pool is None:
+            self.log.info(
+                "ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name
+            )
+            return
+        first, last = self.config.queue_num, self.config.queue_num + 2 * self.config.workers - 1
+        self.log.info(
+            "ready: pid %d, %d workers (pids %s) on queues %d-%d, firewall %s",
+            os.getpid(),
+            self.config.workers,
+            " ".join(map(str, self.pool.pids)),
+            first,
+            last,
+            self.firewall.name,
+        )
 
 
 def _drain(sock: socket.socket) -> None:

@@ -76,11 +76,15 @@ class Snapshot:
     grants_per_door: dict[str, int]
     tracked: int
     fleet: dict | None = None  # the fleet's part of status, in fleet mode
+    drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
 
 
 def take(daemon, now: float) -> Snapshot:
     """A snapshot of the daemon's counters (from the loop)."""
+    from .stats import read_queue_drops
+
     per_door = Counter(door for door, _, _ in daemon.engine.grants(now))
+    drops = read_queue_drops(daemon.config.queues[0])
     return Snapshot(
         queue_num=daemon.config.queue_num,
         handled={verdict.value: count for verdict, count in daemon.handled.items()},
@@ -89,6 +93,7 @@ def take(daemon, now: float) -> Snapshot:
         grants_per_door={door: per_door.get(door, 0) for door in daemon.engine.doors},
         tracked=daemon.engine.tracked,
         fleet=None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
+        drops=None if drops is None else (drops.queue_full, drops.socket_full),
     )
 
 
@@ -98,8 +103,6 @@ class Collector:
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        from .stats import read_queue_drops
 
         snapshot = self.latest()
         if snapshot is None:
@@ -127,13 +130,12 @@ class Collector:
         yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
         if snapshot.fleet is not None:
             yield from fleet_metrics(snapshot.fleet)
-        drops = read_queue_drops(snapshot.queue_num)
-        if drops is not None:
+        if snapshot.drops is not None:
             dropped = CounterMetricFamily(
                 "nfknock_queue_dropped", "Packets the kernel dropped before nfknock saw them", labels=("cause",)
             )
-            dropped.add_metric(("queue_full",), drops.queue_full)
-            dropped.add_metric(("socket_full",), drops.socket_full)
+            dropped.add_metric(("queue_full",), snapshot.drops[0])
+            dropped.add_metric(("socket_full",), snapshot.drops[1])
             yield dropped
 
 

@@ -110,6 +110,10 @@ class GrantedSets:
         error = _restore(self.runner, lines)
         if error:
             raise FirewallError(f"cannot create the granted-source sets: {error} (is the 'ipset' package installed?)")
+        self.connect()
+
+    def connect(self) -> None:
+        """Open this process's netlink link to sets that exist (a worker's: the supervisor made them)."""
         self._link = self._make_link()
 
     def close(self) -> None:

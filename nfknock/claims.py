@@ -1,0 +1,68 @@
+"""Replay records shared by the worker processes of one daemon, as files in one directory.
+
+With `--workers N` each worker has its own engine, and a replayed SPA packet or rotating sequence
+sent from another address reaches another worker: what one worker used, all must refuse. A
+record is claimed by creating a file named after it with O_CREAT|O_EXCL: the kernel makes that
+atomic across processes, it needs no broker and no round trip, so a claim is answered within the
+packet that needs it (an SPA client's first SYN does not wait for anyone). The file's mtime is the
+record's expiry (wall clock); an expired file is taken over by the next claim and swept by the
+supervisor. Under --state-dir the directory survives restarts, as the replay cache does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+SUBDIR = "used"
+
+
+class ReplayClaims:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+    def _path(self, record: str) -> Path:
+        # Records are the engine's keys (digests, door names); hashing keeps the name a plain file name.
+        return self.directory / hashlib.sha256(record.encode()).hexdigest()
+
+    def claim(self, record: str, expires: float, wall: float) -> bool:
+        """True if no live claim on `record` existed and this one is now recorded until `expires`."""
+        path = self._path(record)
+        # Written aside with its expiry, then linked into place: link() fails if the name exists,
+        # and no other worker ever sees a claim without its expiry.
+        fresh = self.directory / f".{path.name}.{os.getpid()}"
+        fresh.touch(mode=0o600)
+        os.utime(fresh, (expires, expires))
+        try:
+            for _ in range(2):
+                try:
+                    os.link(fresh, path)
+                    return True
+                except FileExistsError:
+                    try:
+                        if path.stat().st_mtime > wall:
+                            return False
+                        path.unlink()  # expired: the record may be used again, as the engine's cache says
+                    except FileNotFoundError:
+                        pass
+            return False  # another worker took it over in between: it is used
+        finally:
+            fresh.unlink(missing_ok=True)
+
+    def sweep(self, wall: float) -> int:
+        """Remove expired claims; returns how many."""
+        removed = 0
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue  # a claim being written
+                try:
+                    if entry.stat().st_mtime <= wall:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed

@@ -1,0 +1,321 @@
+"""Worker processes (`nfknock run --workers N`): one verdict loop per core, each bound to its own
+pair of queues.
+
+The scaffolding shards every queued packet on the last byte of its source address (shards.py),
+so all packets of one source reach one worker whatever their protocol: the attempts, lockouts and
+grants a source makes for itself live in that worker alone, and a worker decides its packets
+without asking anyone. What crosses workers is rare and never waits for another process:
+- replay records (SPA packets, rotating sequences): a packet captured from one client and sent
+  again from another address reaches another worker. They are claimed in a shared directory,
+  within the packet that needs them (claims.py);
+- control requests and metrics: the supervisor asks every worker, between their batches, and
+  merges the answers; an operator's grant goes to the worker owning the address only.
+(Every grant the engine makes is for the packet's own source, so it is made where that source's
+connections arrive; a fleet's grants reach every worker, each being a fleet member.)
+The supervisor (the daemon's main process) owns the firewall, the control socket, the metrics
+exporter and reloads; it never sees a packet. Fail closed: a worker that dies leaves its queues
+unbound, so the kernel drops its share of the packets, and the supervisor then stops the others
+and exits non-zero with the rules in place; a supervisor that dies takes its workers with it
+(PR_SET_PDEATHSIG, and end of file on their channel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import replace
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from . import metrics
+from .claims import SUBDIR, ReplayClaims
+from .errors import NfknockError, QueueError
+from .shards import shard_of
+
+START_WAIT = 30.0  # seconds for every worker to bind its queues
+ANSWER_WAIT = 5.0  # seconds for every worker to answer a request (they answer between batches)
+STOP_WAIT = 10.0  # seconds for workers to stop before they are killed
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerDied(NfknockError):
+    """A worker process ended on its own: its share of the sources is closed (the kernel drops what
+    its queues would get); the daemon stops, the rules stay."""
+
+
+class _Worker:
+    def __init__(self, shard: int, pid: int, conn: Connection):
+        self.shard, self.pid, self.conn = shard, pid, conn
+        self.alive = True
+
+
+class WorkerPool:
+    """The supervisor's side: start the workers, route what crosses them, stop them."""
+
+    def __init__(self, daemon: Any):
+        self.daemon = daemon
+        self.log: logging.Logger = daemon.log
+        self.count: int = daemon.config.workers
+        self.workers: list[_Worker] = []
+        self._private: Path | None = None
+        self._replies: dict[int, dict[int, Any]] = {}
+        self._ids = itertools.count(1)
+        state_dir = daemon.config.state_dir
+        if state_dir is not None:
+            self.claims = ReplayClaims(Path(state_dir) / SUBDIR)
+        else:
+            self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{daemon.config.queue_num}-"))
+            self.claims = ReplayClaims(self._private / SUBDIR)
+
+    # -- start and stop --------------------------------------------------------------------
+
+    def start(self, seed: dict[str, float] | None = None) -> None:
+        """Fork the workers and wait until each has bound its queues (before any rule sends packets
+        there). `seed`: replay records from a single-process run's cache, claimed for all."""
+        wall = time.time()
+        for record, expires in (seed or {}).items():
+            if expires > wall:
+                self.claims.claim(record, expires, wall)
+        for shard in range(self.count):
+            ours, theirs = socket.socketpair()
+            pid = os.fork()
+            if pid == 0:  # the worker: never returns
+                ours.close()
+                for worker in self.workers:
+                    worker.conn.close()
+                _worker_main(self.daemon, shard, Connection(theirs.detach()), self.claims)
+            theirs.close()
+            self.workers.append(_Worker(shard, pid, Connection(ours.detach())))
+        deadline = time.monotonic() + START_WAIT
+        waiting = {worker.shard for worker in self.workers}
+        while waiting:
+            for worker in self.workers:
+                if worker.shard in waiting and worker.conn.poll(max(0.0, min(0.2, deadline - time.monotonic()))):
+                    message = self._recv(worker)
+                    if message is None or message[0] == "failed":
+                        self.stop()
+                        raise QueueError(message[1] if message else f"worker {worker.shard} ended while starting")
+                    if message[0] == "bound":
+                        waiting.discard(worker.shard)
+            if waiting and time.monotonic() > deadline:
+                self.stop()
+                raise QueueError(f"worker(s) {sorted(waiting)} did not bind their queues within {START_WAIT:g}s")
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.alive:
+                try:
+                    worker.conn.send(("stop",))
+                except OSError:
+                    pass
+        deadline = time.monotonic() + STOP_WAIT
+        for worker in self.workers:
+            while worker.alive and time.monotonic() < deadline:
+                if os.waitpid(worker.pid, os.WNOHANG)[0]:
+                    worker.alive = False
+                else:
+                    time.sleep(0.02)
+            if worker.alive:
+                self.log.warning("worker %d (pid %d) did not stop; killed", worker.shard, worker.pid)
+                os.kill(worker.pid, signal.SIGKILL)
+                os.waitpid(worker.pid, 0)
+                worker.alive = False
+            worker.conn.close()
+        if self._private is not None:
+            for path in sorted(self._private.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            self._private.rmdir()
+            self._private = None
+
+    def check(self) -> None:
+        """Raise WorkerDied if a worker has ended (the loop calls this each turn)."""
+        for worker in self.workers:
+            if worker.alive and os.waitpid(worker.pid, os.WNOHANG)[0]:
+                worker.alive = False
+                raise WorkerDied(f"worker {worker.shard} (pid {worker.pid}) ended; its queues are unbound")
+
+    @property
+    def pids(self) -> list[int]:
+        return [worker.pid for worker in self.workers]
+
+    def fds(self) -> list[int]:
+        return [worker.conn.fileno() for worker in self.workers if worker.alive]
+
+    # -- messages --------------------------------------------------------------------------
+
+    def _recv(self, worker: _Worker) -> tuple | None:
+        try:
+            return worker.conn.recv()
+        except (EOFError, OSError):
+            return None
+
+    def pump(self, timeout: float = 0.0) -> None:
+        """Handle whatever the workers sent (the loop calls this when one of their fds is readable)."""
+        for worker in self.workers:
+            while worker.alive and worker.conn.poll(timeout):
+                message = self._recv(worker)
+                if message is None:
+                    self.check()
+                    break
+                self._handle(worker, message)
+
+    def _handle(self, worker: _Worker, message: tuple) -> None:
+        if message[0] == "reply":
+            self._replies.setdefault(message[1], {})[worker.shard] = message[2]
+
+    def _ask(self, message: tuple, workers: list[_Worker] | None = None) -> list[Any]:
+        """Send `message` (with a request id) to workers and wait for all their replies."""
+        workers = [worker for worker in (workers or self.workers) if worker.alive]
+        rid = next(self._ids)
+        for worker in workers:
+            worker.conn.send((message[0], rid, *message[1:]))
+        deadline = time.monotonic() + ANSWER_WAIT
+        while len(self._replies.get(rid, {})) < len(workers) and time.monotonic() < deadline:
+            self.pump(0.01)
+        replies = self._replies.pop(rid, {})
+        missing = [worker.shard for worker in workers if worker.shard not in replies]
+        if missing:
+            raise NfknockError(f"worker(s) {missing} did not answer within {ANSWER_WAIT:g}s")
+        return [replies[worker.shard] for worker in workers]
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A control request for all workers as one daemon."""
+        if request["cmd"] == "grant":
+            owner = self.workers[shard_of(request["address"], self.count)]
+            return self._ask(("control", request), [owner])[0]
+        answers = self._ask(("control", request))
+        for answer in answers:
+            if "error" in answer:
+                return answer
+        if request["cmd"] == "status":
+            return merge_status(answers)
+        merged = dict(answers[0])
+        merged["revoked"] = sorted({door for answer in answers for door in answer["revoked"]})
+        if "addresses" in merged:
+            merged["addresses"] = sorted({src for answer in answers for src in answer["addresses"]})
+        return merged
+
+    def snapshot(self) -> metrics.Snapshot:
+        return merge_snapshots(self._ask(("snapshot",)))
+
+    def reload(self, ruleset) -> list[str]:
+        """Give every worker the rules the supervisor just installed; returns the doors whose state
+        was reset."""
+        dropped: set[str] = set()
+        for reply in self._ask(("reload", ruleset)):
+            dropped.update(reply)
+        return sorted(dropped)
+
+    def sweep(self, wall: float) -> None:
+        try:
+            self.claims.sweep(wall)
+        except OSError as exc:
+            self.log.warning("cannot sweep the replay claims in %s: %s", self.claims.directory, exc)
+
+
+def merge_status(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Workers' status answers as one daemon's: sums of counters, one row per grant."""
+    merged = dict(answers[0])
+    grants: dict[tuple[str, str], dict] = {}
+    for answer in answers:
+        for row in answer["grants"]:
+            key = (row["door"], row["source"])
+            if key not in grants or row["seconds_left"] > grants[key]["seconds_left"]:
+                grants[key] = row
+    merged["grants"] = [grants[key] for key in sorted(grants)]
+    merged["locked"] = sorted(
+        (row for answer in answers for row in answer["locked"]), key=lambda r: (r["door"], r["source"])
+    )
+    for field in ("tracked_attempts", "internal_errors", "evicted", "kernel_queue_drops"):
+        merged[field] = sum(answer[field] for answer in answers)
+    for field in ("packets", "unparsable"):
+        total: Counter = Counter()
+        for answer in answers:
+            total.update(answer[field])
+        merged[field] = dict(total)
+    merged["workers"] = len(answers)
+    return merged
+
+
+def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:
+    def total(field: str) -> dict:
+        summed: Counter = Counter()
+        for snapshot in snapshots:
+            summed.update(getattr(snapshot, field))
+        return dict(summed)
+
+    drops = [snapshot.drops for snapshot in snapshots if snapshot.drops is not None]
+    return replace(
+        snapshots[0],
+        handled=total("handled"),
+        unparsable=total("unparsable"),
+        tallies=total("tallies"),
+        grants_per_door=total("grants_per_door"),
+        tracked=sum(snapshot.tracked for snapshot in snapshots),
+        drops=(sum(d[0] for d in drops), sum(d[1] for d in drops)) if drops else None,
+    )
+
+
+# -- the worker's side ------------------------------------------------------------------------
+
+
+def _worker_main(supervisor: Any, shard: int, conn: Connection, claims: ReplayClaims) -> None:
+    """The body of a forked worker: a Daemon bound to its shard's queues. Never returns."""
+    from .daemon import Daemon
+
+    code = 1
+    try:
+        os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
+        _die_with_parent()
+        config = replace(supervisor.config, shard=shard)
+        daemon = Daemon(
+            config,
+            supervisor.firewall,
+            supervisor.log,
+            supervisor.clock,
+            supervisor.wall_clock,
+            ruleset=supervisor.ruleset,
+            channel=conn,
+            claims=claims,
+        )
+        try:
+            daemon.run_worker(lambda: conn.send(("bound", shard)))
+            code = 0
+        except QueueError as exc:
+            conn.send(("failed", str(exc)))
+    except BaseException:  # noqa: BLE001 - logged by run_worker; the exit code says it
+        pass
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this worker when the supervisor dies, however it dies."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve(daemon: Any, message: tuple) -> None:
+    """One message from the supervisor, in the worker's loop between batches."""
+    kind = message[0]
+    if kind == "stop":
+        daemon.stopping = True
+    elif kind == "control":
+        daemon.channel.send(("reply", message[1], daemon.answer(message[2])))
+    elif kind == "snapshot":
+        daemon.channel.send(("reply", message[1], metrics.take(daemon, daemon.clock())))
+    elif kind == "reload":
+        daemon.channel.send(("reply", message[1], daemon.adopt(message[2])))

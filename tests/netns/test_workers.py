@@ -1,0 +1,196 @@
+"""`nfknock run --workers 2` on a real kernel: each source is decided by the worker its address
+belongs to, and the workers behave as one daemon: one status, one revoke, one reload, one replay
+record; a grant for an address another worker owns opens there; a worker or supervisor that dies
+leaves every protected port closed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from dataclasses import replace
+
+import pytest
+from conftest import SEED, connect, knock
+
+from nfknock.shards import shard_of
+from support.sandbox import ip, queue_counters
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
+SEQUENCE, CLOSE = ("40000", "50000", "60000"), ("60000", "50000", "40000")
+
+
+@pytest.fixture
+def carol(sandbox):
+    """The second client, moved to an address whose last byte puts it on worker 1 of 2 (the
+    sandbox's clients all end in .2, which is worker 0's)."""
+    client = sandbox.clients[1]
+    moved = replace(client, address="10.199.2.200", address6="fd00:199:2::c8")
+    shown = subprocess.run(["ip", "-n", client.namespace, "-o", "-4", "addr", "show"], capture_output=True, text=True)
+    device = next(line.split()[1] for line in shown.stdout.splitlines() if f" {client.address}/" in line)
+    for old, new, prefix in ((client.address, moved.address, 24), (client.address6, moved.address6, 64)):
+        ip("-n", client.namespace, "addr", "del", f"{old}/{prefix}", "dev", device)  # first: a secondary
+        ip("-n", client.namespace, "addr", "add", f"{new}/{prefix}", "dev", device, "nodad")  # goes with it
+    assert shard_of(moved.address, 2) == 1 and shard_of(moved.address6, 2) == 1
+    return moved
+
+
+def status(server) -> dict:
+    result = server.nfknock("status", "--json", "--control-socket", str(server.workdir / "nfknock.sock"))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def worker_pids(server) -> list[int]:
+    line = server.wait_log("ready:")
+    return [int(pid) for pid in re.search(r"pids ([\d ]+)\)", line).group(1).split()]
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to collect it has ended)."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_each_source_is_decided_by_its_worker_and_the_workers_act_as_one_daemon(server, alice, carol, mallory):
+    assert shard_of(alice.address, 2) == 0
+    server.start("--workers", "2")
+    assert len(worker_pids(server)) == 2
+    before = {queue: queue_counters(server.sandbox.server, queue).id_sequence for queue in (7, 9)}
+    knock(server.sandbox, alice, *SEQUENCE)
+    after_alice = {queue: queue_counters(server.sandbox.server, queue).id_sequence for queue in (7, 9)}
+    knock(server.sandbox, carol, *SEQUENCE)
+    after_carol = {queue: queue_counters(server.sandbox.server, queue).id_sequence for queue in (7, 9)}
+    # Alice's knocks went to worker 0's queue (7) only, Carol's to worker 1's (9) only (the first
+    # knock stays in the kernel: first_steps.py).
+    assert after_alice[7] - before[7] == 2 and after_alice[9] == before[9]
+    assert after_carol[9] - after_alice[9] == 2 and after_carol[7] == after_alice[7]
+    assert connect(alice).connected and connect(carol).connected
+    assert not connect(mallory, timeout=1).connected
+
+    answer = status(server)
+    assert answer["workers"] == 2
+    assert {row["source"] for row in answer["grants"]} == {alice.address, carol.address}
+    assert answer["packets"]["accept"] >= 2
+
+    socket_path = str(server.workdir / "nfknock.sock")
+    assert server.nfknock("revoke", carol.address, "--control-socket", socket_path).returncode == 0
+    assert not connect(carol, timeout=1).connected
+    assert connect(alice).connected
+    assert (
+        server.nfknock(
+            "grant", carol.address, "--door", "openSSH", "--for", "60", "--control-socket", socket_path
+        ).returncode
+        == 0
+    )
+    assert connect(carol).connected
+    knock(server.sandbox, carol, *CLOSE)
+    server.wait_log(f"{carol.address}: openSSH: closed")
+    assert not connect(carol, timeout=1).connected
+
+
+def test_a_reload_reaches_every_worker(server, alice, carol):
+    server.start("--workers", "2")
+    server.write_rules(SEED.replace("40000, 50000, 60000]", "41000, 51000, 61000]"))
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_log("reloaded")
+    for client in (alice, carol):
+        knock(server.sandbox, client, *SEQUENCE)
+        assert not connect(client, timeout=1).connected
+        knock(server.sandbox, client, "41000", "51000", "61000")
+        assert connect(client).connected
+
+
+@pytest.fixture
+def rotating(server, tmp_path):
+    import base64
+
+    secret = tmp_path / "rot.key"
+    secret.write_text(base64.b64encode(b"r" * 32).decode() + "\n")
+    secret.chmod(0o600)
+    server.write_rules(f"""\
+doors:
+  - name: rotSSH
+    rotate: {{secret_file: {secret}, window: 60s, length: 3, ports: 20000-29999}}
+    protect: [22/tcp]
+""")
+    return server
+
+
+def test_a_rotating_sequence_used_through_one_worker_is_refused_through_the_other(rotating, alice, carol):
+    from support.sandbox import nfknock_argv
+
+    rotating.start("--workers", "2")
+    result = rotating.sandbox.run(
+        alice.namespace, nfknock_argv("otp", "--door", "rotSSH", "--rules", str(rotating.rules))
+    )
+    ports = result.stdout.split()
+    knock(rotating.sandbox, alice, *ports)
+    assert connect(alice).connected
+    knock(rotating.sandbox, carol, *ports)  # sniffed and replayed from an address of worker 1
+    rotating.wait_log(f"{carol.address}: rotSSH: sequence already used in this window")
+    assert not connect(carol, timeout=1).connected
+    assert rotating.log_text().count("OPEN SESAME") == 1
+
+
+def test_an_spa_packet_used_through_one_worker_is_refused_through_the_other(server, alice, carol, tmp_path):
+    """With trust_inner_address (clients behind NAT) the packet's own address is not checked, so
+    a captured packet sent again from another address is refused by the replay record alone,
+    which the worker that saw it first made."""
+    from test_spa_doors import fwknop, send_raw
+
+    from nfknock.spa import generate_keys
+
+    encryption, mac = generate_keys()
+    keys = tmp_path / "spa.keys"
+    keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
+    keys.chmod(0o600)
+    server.write_rules(f"""\
+doors:
+  - name: spaSSH
+    kind: spa
+    keys_file: {keys}
+    trust_inner_address: true
+    protect: [22/tcp]
+""")
+    server.keys = (encryption, mac)
+    server.start("--workers", "2")
+    packet_file = tmp_path / "packet"
+    fwknop(server, alice, save=packet_file)
+    server.wait_log(f"{alice.address}: spaSSH: OPEN SESAME")
+    send_raw(carol, packet_file.read_text().strip().encode())  # from worker 1's address
+    assert "SPA packet refused: replay" in server.wait_log(f"{carol.address}: spaSSH: SPA packet refused")
+    assert not connect(carol, timeout=1).connected
+    assert connect(alice).connected
+
+
+def test_a_worker_that_dies_stops_the_daemon_with_every_port_closed(server, alice, carol):
+    server.start("--workers", "2")
+    knock(server.sandbox, alice, *SEQUENCE)
+    knock(server.sandbox, carol, *SEQUENCE)
+    assert connect(alice).connected and connect(carol).connected
+    pids = worker_pids(server)
+    os.kill(pids[1], signal.SIGKILL)
+    assert server.process.wait(20) != 0
+    assert "worker 1" in server.log_text()
+    assert not any(alive(pid) for pid in pids)
+    assert any("NFQUEUE" in rule for rule in server.iptables())  # the rules stay: closed, not open
+    assert not connect(alice, timeout=1).connected and not connect(carol, timeout=1).connected
+
+
+def test_a_killed_supervisor_takes_its_workers_with_it(server, alice):
+    server.start("--workers", "2")
+    knock(server.sandbox, alice, *SEQUENCE)
+    assert connect(alice).connected
+    pids = worker_pids(server)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait(10)
+    end = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+    assert not connect(alice, timeout=1).connected
