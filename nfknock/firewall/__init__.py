@@ -76,6 +76,7 @@ class RuleSpec:
     set_mark: tuple[int, int] | None = None  # target MARK: (value, mask), as --set-xmark
     add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
     del_set: str | None = None  # target SET: take the source out of this ipset
+    u32: str | None = None  # an xt_u32 expression, as iptables prints it (shards.u32_match)
 
     def __str__(self) -> str:
         text = f"-A {CHAIN}"
@@ -92,6 +93,11 @@ class RuleSpec:
             text += f" -m conntrack --ctstate {self.ctstate}"
         if self.match_set:
             text += f" -m set --match-set {self.match_set} src"
+        if self.u32:
+            # Quoted as `iptables -S` prints it (the expression has no space; iptables-restore
+            # takes the quotes off). Before the limit: matches are tried in order, and a limit
+            # only spends a token on a packet that got that far, i.e. one of this worker's.
+            text += f' -m u32 --u32 "{self.u32}"'
         if self.limit:
             text += f" -m limit --limit {self.limit[0]} --limit-burst {self.limit[1]}"
         text += f" -j {self.target}"

@@ -286,3 +286,57 @@ def test_auto_means_nft_only_when_the_hosts_iptables_is_nf_tables(monkeypatch):
     assert resolve_flavour("auto") == "nft" and firewall.make_firewall("auto").name == "nft"
     with pytest.raises(ValueError, match="unknown firewall 'pf'"):
         resolve_flavour("pf")
+
+
+class FakeMatch:
+    def __init__(self, name, params):
+        self.name, self.params = name, params
+
+    def get_all_parameters(self):
+        return self.params
+
+
+class FakeRule:
+    """A python-iptables rule as `_spec_of` reads it: what iptc returned for a real u32 rule."""
+
+    def __init__(self, protocol, matches, target, target_params):
+        self.protocol, self.matches = protocol, [FakeMatch(*m) for m in matches]
+        self.target = FakeMatch(target, target_params)
+
+
+def test_legacy_reads_a_u32_rule_back_as_the_plan_wrote_it():
+    from nfknock.firewall.legacy import _spec_of
+    from nfknock.shards import u32_match
+
+    rule = FakeRule(
+        "tcp",
+        [
+            ("tcp", {"dport": ["22"], "tcp-flags": ["FIN,SYN,RST,ACK", "SYN"]}),
+            ("conntrack", {"ctstate": ["NEW"]}),
+            ("u32", {"u32": ["0x14&0xff=0x80:0xff"]}),  # shlex has taken the quotes off
+            ("limit", {"limit": ["100/sec"], "limit-burst": ["200"]}),
+        ],
+        "NFQUEUE",
+        {"queue-num": ["62"]},
+    )
+    assert _spec_of(rule) == RuleSpec(
+        "NFQUEUE",
+        "tcp",
+        22,
+        ctstate="NEW",
+        queue_num=62,
+        tcp_flags=("FIN,SYN,RST,ACK", "SYN"),
+        limit=("100/sec", 200),
+        u32=u32_match(6, 128, 255),
+    )
+
+
+def test_a_u32_rule_is_written_as_iptables_prints_it():
+    """Quoted, and before the limit: iptables -S shows matches in the order they were given."""
+    from nfknock.shards import u32_match
+
+    spec = RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200), u32=u32_match(4, 0, 127))
+    assert str(spec) == (
+        f"-A {CHAIN} -p udp -m udp --dport 53 -m conntrack --ctstate NEW "
+        '-m u32 --u32 "0xc&0xff=0x0:0x7f" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 0'
+    )
