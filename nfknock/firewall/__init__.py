@@ -24,6 +24,10 @@ nfknock first starts); it is accepted so that session survives. It cannot open a
 without a socket the host answers it with a RST. There is never a per-client rule, and no rule uses
 `--queue-bypass`: with no daemon bound to the queue the kernel drops, so a dead daemon means
 closed. Backends turn the plan into kernel rules in one atomic step.
+
+With several worker processes (`plan(..., workers=N)`, shards.py) every NFQUEUE rule is repeated
+once per worker, with a u32 match on the last byte of the source address and that worker's
+queues; nothing else in the chain changes.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..errors import FirewallError
 from ..first_steps import FirstStepGroup, first_step_groups
 from ..rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
+from ..shards import byte_ranges, queues, u32_match
 
 CHAIN = "NFKNOCK"
 PASS_MARK = 0x20000000  # default bit of the packet mark (--pass-mark); other bits are left to the host
@@ -76,6 +81,7 @@ class RuleSpec:
     set_mark: tuple[int, int] | None = None  # target MARK: (value, mask), as --set-xmark
     add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
     del_set: str | None = None  # target SET: take the source out of this ipset
+    u32: str | None = None  # an xt_u32 expression, as iptables prints it (shards.u32_match)
 
     def __str__(self) -> str:
         text = f"-A {CHAIN}"
@@ -92,6 +98,11 @@ class RuleSpec:
             text += f" -m conntrack --ctstate {self.ctstate}"
         if self.match_set:
             text += f" -m set --match-set {self.match_set} src"
+        if self.u32:
+            # Quoted as `iptables -S` prints it (the expression has no space; iptables-restore
+            # takes the quotes off). Before the limit: matches are tried in order, and a limit
+            # only spends a token on a packet that got that far, i.e. one of this worker's.
+            text += f' -m u32 --u32 "{self.u32}"'
         if self.limit:
             text += f" -m limit --limit {self.limit[0]} --limit-burst {self.limit[1]}"
         text += f" -j {self.target}"
@@ -115,14 +126,51 @@ def first_step_mark(pass_mark: int = PASS_MARK) -> int:
     return pass_mark >> 1 if pass_mark > 1 else pass_mark << 1
 
 
-def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK) -> Plan:
+def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK, workers: int = 1) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it. Which first
-    steps go to the kernel is decided over all doors, as the engine decides it."""
+    steps go to the kernel is decided over all doors, as the engine decides it. With `workers`
+    above 1 the NFQUEUE rules are split over the workers (see `shard`)."""
     groups = first_step_groups(doors)
     return {
-        family: scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family, groups)
+        family: shard(
+            scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family, groups),
+            queue_num,
+            family,
+            workers,
+        )
         for family in (4, 6)
     }
+
+
+def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> list[RuleSpec]:
+    """The chain for `workers` worker processes (shards.py): each NFQUEUE rule is replaced, in
+    place, by one rule per worker, the same but for a u32 match on the last byte of the source
+    (the worker's range) and the queue (the worker's main or grant queue, as the rule had the
+    daemon's). The ranges partition 0..255, so a packet that would have matched the rule matches
+    exactly one worker's. Every other rule stays as it is, and so do the set names: the granted
+    and first-step sets belong to the daemon, which all its workers share.
+
+    A rule with `-m limit` keeps its rate and burst in each worker's copy: each copy has a bucket
+    of its own, so the kernel lets through up to `workers` times NEW_LIMIT in all, at most
+    NEW_LIMIT to any one worker (a flood from random sources spreads over all of them; one
+    from a single shard fills only that worker's bucket). With one worker the chain is unchanged."""
+    ranges = byte_ranges(workers)  # ValueError for a number of workers nfknock does not run
+    if workers == 1:
+        return specs
+    out: list[RuleSpec] = []
+    for spec in specs:
+        if spec.target != "NFQUEUE":
+            out.append(spec)
+            continue
+        pair = (queue_num, queue_num + 1)  # main, grant
+        if spec.queue_num not in pair:
+            raise ValueError(f"an NFQUEUE rule for queue {spec.queue_num}, not {queue_num} or {queue_num + 1}")
+        which = pair.index(spec.queue_num)
+        out += [
+            replace(spec, u32=u32_match(family, lo, hi), queue_num=queues(queue_num, i)[which])
+            for i, (lo, hi) in enumerate(ranges)
+        ]
+    return out
 
 
 def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:

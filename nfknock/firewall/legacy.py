@@ -122,6 +122,8 @@ def _rule_of(rule_class, spec: RuleSpec):
         rule.create_match("conntrack").ctstate = spec.ctstate
     if spec.match_set:
         rule.create_match("set").match_set = [spec.match_set, "src"]
+    if spec.u32:
+        rule.create_match("u32").u32 = spec.u32  # in RuleSpec.__str__'s order: before the limit
     if spec.limit:
         limit = rule.create_match("limit")
         limit.limit = spec.limit[0]
@@ -155,6 +157,7 @@ def _spec_of(rule) -> RuleSpec:
     flags = ports.get("tcp-flags")
     mark = params.get("mark", {}).get("mark")
     match_set = params.get("set", {}).get("match-set")
+    u32 = params.get("u32", {}).get("u32")  # unquoted (shlex) and in iptables' own form
     limit = params.get("limit", {})
     xmark = target.get("set-xmark")
     value, _, mask = xmark[0].partition("/") if xmark else ("", "", "")
@@ -173,4 +176,5 @@ def _spec_of(rule) -> RuleSpec:
         set_mark=(int(value, 16), int(mask, 16)) if xmark else None,
         add_set=(add_set[0], int(target.get("timeout", ["0"])[0])) if add_set else None,
         del_set=del_set[0] if del_set else None,
+        u32=u32[0] if u32 else None,
     )

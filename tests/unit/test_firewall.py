@@ -286,3 +286,136 @@ def test_auto_means_nft_only_when_the_hosts_iptables_is_nf_tables(monkeypatch):
     assert resolve_flavour("auto") == "nft" and firewall.make_firewall("auto").name == "nft"
     with pytest.raises(ValueError, match="unknown firewall 'pf'"):
         resolve_flavour("pf")
+
+
+def test_one_worker_is_the_plan_of_a_single_process():
+    from nfknock.firewall import plan
+
+    doors = (door(tripwire=8), door(name="e", sequence=[1, 2, 3], protect=["53/udp"], tripwire=0))
+    assert plan(doors, 7, workers=1) == plan(doors, 7)
+    assert not any(spec.u32 for specs in plan(doors, 7).values() for spec in specs)
+
+
+def test_two_workers_get_each_queue_rule_once_with_disjoint_ranges_and_their_queues():
+    from dataclasses import replace
+
+    from nfknock.firewall import plan
+    from nfknock.shards import u32_match
+
+    doors = (door(tripwire=8), door(name="e", sequence=[1, "2/udp", 3], protect=["53/udp"], tripwire=0))
+    single, double = plan(doors, 60), plan(doors, 60, workers=2)
+    for family in (4, 6):
+        expanded = []
+        for spec in single[family]:
+            if spec.target != "NFQUEUE":
+                expanded.append(spec)  # everything else as it was, in the same place
+                continue
+            grant = spec.queue_num == 61
+            assert spec.queue_num in (60, 61)
+            expanded += [
+                replace(spec, u32=u32_match(family, 0, 127), queue_num=61 if grant else 60),
+                replace(spec, u32=u32_match(family, 128, 255), queue_num=63 if grant else 62),
+            ]
+        assert double[family] == expanded
+        queued = [s for s in double[family] if s.target == "NFQUEUE"]
+        assert len(queued) == 2 * sum(1 for s in single[family] if s.target == "NFQUEUE") > 0
+        assert {s.queue_num for s in queued} == {60, 61, 62, 63}
+        # Set names are the daemon's, whatever the number of workers.
+        names = {s.match_set for s in double[family]} | {s.add_set for s in double[family]}
+        assert names == {s.match_set for s in single[family]} | {s.add_set for s in single[family]}
+
+
+def test_a_worker_rule_tests_the_source_before_its_limit():
+    """The limit spends a token on every packet that reaches it: after the u32 match, only
+    packets of that worker's sources do, so each worker has a bucket of its own."""
+    from nfknock.firewall import plan
+
+    limited = [s for s in plan((door(tripwire=0),), 60, workers=2)[6] if s.limit]
+    assert [str(s) for s in limited] == [
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+        f'-m u32 --u32 "0x14&0xff={span}" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num {queue}'
+        for span, queue in (("0x0:0x7f", 60), ("0x80:0xff", 62))
+    ]
+    granted = [str(s) for s in plan((door(tripwire=0),), 60, workers=2)[4] if s.match_set and s.dport == 22]
+    assert granted[1] == (
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+        '-m set --match-set nfknock-q60-v4 src -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 63'
+    )
+
+
+def test_sixteen_workers_use_thirty_two_queues_and_a_bad_number_is_refused():
+    import pytest
+
+    from nfknock.firewall import plan
+
+    queued = [s for s in plan((door(tripwire=0),), 100, workers=16)[4] if s.target == "NFQUEUE"]
+    assert sorted({s.queue_num for s in queued}) == list(range(100, 132))
+    for workers in (0, 17):
+        with pytest.raises(ValueError, match="workers must be 1 to 16"):
+            plan((door(),), 0, workers=workers)
+
+
+def test_nft_restore_script_carries_the_u32_rules_as_iptables_prints_them():
+    from nfknock.firewall import plan
+    from nfknock.firewall.nft import restore_script
+
+    specs = plan((door(tripwire=0),), 60, workers=2)[4]
+    script = restore_script(specs, [], chain_exists=False).splitlines()
+    assert (
+        f'-A {CHAIN} -p tcp -m tcp --dport 40000 -m set --match-set nfknock-q60-v4 src -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 60'
+        in script
+    )
+
+
+class FakeMatch:
+    def __init__(self, name, params):
+        self.name, self.params = name, params
+
+    def get_all_parameters(self):
+        return self.params
+
+
+class FakeRule:
+    """A python-iptables rule as `_spec_of` reads it: what iptc returned for a real u32 rule."""
+
+    def __init__(self, protocol, matches, target, target_params):
+        self.protocol, self.matches = protocol, [FakeMatch(*m) for m in matches]
+        self.target = FakeMatch(target, target_params)
+
+
+def test_legacy_reads_a_u32_rule_back_as_the_plan_wrote_it():
+    from nfknock.firewall.legacy import _spec_of
+    from nfknock.shards import u32_match
+
+    rule = FakeRule(
+        "tcp",
+        [
+            ("tcp", {"dport": ["22"], "tcp-flags": ["FIN,SYN,RST,ACK", "SYN"]}),
+            ("conntrack", {"ctstate": ["NEW"]}),
+            ("u32", {"u32": ["0x14&0xff=0x80:0xff"]}),  # shlex has taken the quotes off
+            ("limit", {"limit": ["100/sec"], "limit-burst": ["200"]}),
+        ],
+        "NFQUEUE",
+        {"queue-num": ["62"]},
+    )
+    assert _spec_of(rule) == RuleSpec(
+        "NFQUEUE",
+        "tcp",
+        22,
+        ctstate="NEW",
+        queue_num=62,
+        tcp_flags=("FIN,SYN,RST,ACK", "SYN"),
+        limit=("100/sec", 200),
+        u32=u32_match(6, 128, 255),
+    )
+
+
+def test_a_u32_rule_is_written_as_iptables_prints_it():
+    """Quoted, and before the limit: iptables -S shows matches in the order they were given."""
+    from nfknock.shards import u32_match
+
+    spec = RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200), u32=u32_match(4, 0, 127))
+    assert str(spec) == (
+        f"-A {CHAIN} -p udp -m udp --dport 53 -m conntrack --ctstate NEW "
+        '-m u32 --u32 "0xc&0xff=0x0:0x7f" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 0'
+    )
