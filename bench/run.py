@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
+from nfknock.shards import queues  # noqa: E402
 from support.sandbox import (  # noqa: E402
     EchoService,
     Sandbox,
@@ -149,10 +150,10 @@ class Bench:
         wait_for_line(self.daemon_log, "ready:", process)
         return process
 
-    def start_bare(self, verdict: str) -> subprocess.Popen:
+    def start_bare(self, verdict: str, workers: int = 1) -> subprocess.Popen:
         process = self.box.spawn(
             self.box.server,
-            [sys.executable, str(BENCH / "bare_queue.py"), str(self.rules), str(QUEUE), verdict],
+            [sys.executable, str(BENCH / "bare_queue.py"), str(self.rules), str(QUEUE), verdict, str(workers)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=REPO,
@@ -174,16 +175,21 @@ class Bench:
             capture_output=True,
         )
 
-    def queue_counters(self) -> tuple[int, int, int]:
-        """(ids handed out, socket overruns, queue-full drops) for QUEUE, server side.
+    def queue_counters(self, workers: int = 1) -> tuple[int, int, int]:
+        """(ids handed out, socket overruns, queue-full drops) for the main queue of each of
+        `workers` (QUEUE, QUEUE+2, ...), summed, server side.
 
         The kernel gives a packet an id only once it fits in the queue; a packet that then
         overruns the socket buffer is counted in user_dropped. So verdicts = ids - overruns.
         """
-        counters = queue_counters(self.box.server, QUEUE)
-        if counters is None:
-            raise RuntimeError("queue not bound")
-        return counters.id_sequence, counters.user_dropped, counters.dropped
+        total = [0, 0, 0]
+        for shard in range(workers):
+            counters = queue_counters(self.box.server, queues(QUEUE, shard)[0])
+            if counters is None:
+                raise RuntimeError(f"queue {queues(QUEUE, shard)[0]} not bound")
+            for i, value in enumerate((counters.id_sequence, counters.user_dropped, counters.dropped)):
+                total[i] += value
+        return total[0], total[1], total[2]
 
     def retransmits(self, client) -> int:
         with entered(client.namespace):
@@ -194,19 +200,25 @@ class Bench:
     # -- 1. verdict throughput -----------------------------------------------------------
 
     def throughput(self) -> None:
+        """Verdicts per second and CPU per verdict of the loops, 1 and 2 processes each (`bare2`:
+        two drop loops on the sharded scaffolding; `nfknock2`: --workers 2)."""
         seconds = 1.5 if self.smoke else 4.0
         for run in range(self.repeat):
             for proto, port in (("udp", 7500), ("tcp", 45000)):  # first steps the daemon decides
-                for loop in ("bare", "nfknock"):
-                    rate = self._verdict_rate(loop, proto, port, seconds)
+                for loop in ("bare", "nfknock", "bare2", "nfknock2"):
+                    rate, cpu = self._verdict_rate(loop, proto, port, seconds)
                     self.figures.add(f"throughput.{proto}.{loop}", rate, "packets/s")
-                    log(f"throughput {proto} {loop} run {run + 1}: {rate:,.0f} verdicts/s")
+                    self.figures.add(f"verdict_cpu.{proto}.{loop}", cpu, "us")
+                    log(f"throughput {proto} {loop} run {run + 1}: {rate:,.0f} verdicts/s, {cpu:.2f} us CPU each")
 
-    def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> float:
-        if loop == "bare":
-            process = self.start_bare("drop")
+    def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> tuple[float, float]:
+        """(verdicts per second, CPU microseconds of the loop's processes per verdict)."""
+        workers = 2 if loop.endswith("2") else 1
+        if loop.startswith("bare"):
+            process = self.start_bare("drop", workers)
         else:
-            process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
+            process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096", "--workers", str(workers))
+        pids = _process_tree(process.pid)
         flood = self.box.spawn(
             self.bob.namespace,
             [str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"],
@@ -214,17 +226,18 @@ class Bench:
             text=True,
         )
         time.sleep(seconds * 0.25)
-        t0, (ids0, over0, full0) = time.monotonic(), self.queue_counters()
+        t0, (ids0, over0, full0), cpu0 = time.monotonic(), self.queue_counters(workers), _cpu_seconds(pids)
         time.sleep(seconds * 0.5)
-        t1, (ids1, over1, full1) = time.monotonic(), self.queue_counters()
+        t1, (ids1, over1, full1), cpu1 = time.monotonic(), self.queue_counters(workers), _cpu_seconds(pids)
         flood.communicate(timeout=30)
         self.stop(process)
         offered = (ids1 - ids0) + (full1 - full0)
+        verdicts = (ids1 - ids0) - (over1 - over0)
         log(
-            f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue, "
+            f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue(s), "
             f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped because it was full"
         )
-        return ((ids1 - ids0) - (over1 - over0)) / (t1 - t0)
+        return verdicts / (t1 - t0), (cpu1 - cpu0) * 1e6 / max(1, verdicts)
 
     # -- 2. knock to connect --------------------------------------------------------------
 
@@ -612,6 +625,32 @@ class Bench:
         finally:
             rules.write_text(saved)
             service.close()
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its children (a supervisor's workers, a baseline's extra loops)."""
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_kib(pid: int) -> int:

@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument(
         "--firewall", choices=("auto", "legacy", "nft"), default="auto", help="the backend nfknock will use"
     )
+    _add_workers(doctor)
     _add_pass_mark(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
@@ -477,7 +478,8 @@ def cmd_doctor(args) -> int:
 
     from .doctor import FAIL, diagnose
 
-    findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark)
+    _check_queues(args)
+    findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
     for finding in findings:
         print(finding)
     return 1 if any(f.level == FAIL for f in findings) else 0

@@ -151,7 +151,8 @@ class Daemon:
         # RulesError: nothing touched yet. A worker gets the supervisor's rules, read once.
         self.ruleset: Ruleset = ruleset if ruleset is not None else load_rules(config.rules_path, strict=True)
         shared = config.fleet is not None or config.workers > 1
-        self.engine = Engine(self.ruleset.doors, config.max_sources, shared=shared)
+        # --max-sources bounds the daemon: each worker tracks its share of the sources.
+        self.engine = Engine(self.ruleset.doors, -(-config.max_sources // config.workers), shared=shared)
         self.fleet: Any = None  # a FleetMember while running in fleet mode
         self.channel = channel  # in a worker: the supervisor's end (workers.py)
         self.claims = claims  # in a worker: the replay records all workers share (claims.py)

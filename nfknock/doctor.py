@@ -26,6 +26,7 @@ from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flav
 from .firewall.legacy import legacy_tables
 from .loading import load_rules, rule_files
 from .rules import KEY_SUFFIX, Door, SpaDoor
+from .shards import queues
 from .stats import QUEUE_PROC, parse_queue_table
 from .trust import why_unsafe
 
@@ -271,11 +272,16 @@ def check_conntrack(host: HostState) -> list[Finding]:
     return [Finding(FAIL, "conntrack is not available: nfknock needs the nf_conntrack module")]
 
 
-def check_queue(host: HostState, queue_num: int) -> list[Finding]:
-    """nfknock binds two queues: N (knocks, strangers) and N+1 (granted sources)."""
+def check_queue(host: HostState, queue_num: int, workers: int = 1) -> list[Finding]:
+    """nfknock binds two queues per worker: N+2i (knocks, strangers) and N+2i+1 (granted sources)."""
     table = parse_queue_table(host.queues)
     findings = []
-    for number, role in ((queue_num, ""), (queue_num + 1, " (the grant queue)")):
+    main, grant = queues(queue_num, 0)
+    numbered = [(main, ""), (grant, " (the grant queue)")] if workers == 1 else []
+    for shard in range(workers if workers > 1 else 0):
+        main, grant = queues(queue_num, shard)
+        numbered += [(main, f" (worker {shard})"), (grant, f" (worker {shard}'s grant queue)")]
+    for number, role in numbered:
         held = table.get(number)
         if held is not None:
             findings.append(
@@ -379,7 +385,12 @@ def _secret_files(door) -> list[Path]:
 
 
 def diagnose(
-    rules: Path, queue_num: int, chosen: str, host: HostState | None = None, pass_mark: int = PASS_MARK
+    rules: Path,
+    queue_num: int,
+    chosen: str,
+    host: HostState | None = None,
+    pass_mark: int = PASS_MARK,
+    workers: int = 1,
 ) -> list[Finding]:
     host = host or gather()
     chosen = resolve_flavour(chosen, lambda: host.flavour)
@@ -397,7 +408,7 @@ def diagnose(
         + check_leftovers(host, chosen)
         + check_earlier_accepts(host, chosen, doors)
         + check_conntrack(host)
-        + check_queue(host, queue_num)
+        + check_queue(host, queue_num, workers)
         + check_pass_mark(host, pass_mark)
         + rule_findings
         + check_local_ports(doors, host.local_ports, host.reserved_ports)

@@ -26,6 +26,18 @@ def test_check_with_bad_rules_exits_2_with_one_line_per_problem(tmp_path, capsys
     assert err == [f"nfknock: {tmp_path / 'x.yaml'}: door 'a': 1/tcp is both a knock port and a protected port"]
 
 
+def test_check_shows_each_workers_share_of_the_queued_packets(capsys):
+    assert main(["check", "--rules", RULES, "--queue-num", "5", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
+    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
+
+
+def test_workers_whose_queues_would_pass_65535_are_refused(capsys):
+    assert main(["check", "--rules", RULES, "--queue-num", "65533", "--workers", "2"]) == 2
+    assert "--queue-num 65533 with --workers 2 needs queues up to 65536: at most 65535" in capsys.readouterr().err
+
+
 def test_run_with_missing_rules_exits_2_before_touching_anything(tmp_path, capsys):
     assert main(["run", "--rules", str(tmp_path / "none")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
@@ -37,6 +49,8 @@ def test_run_with_missing_rules_exits_2_before_touching_anything(tmp_path, capsy
         ["run", "--queue-num", "70000"],
         ["run", "--queue-num", "x"],
         ["run", "--max-sources", "0"],
+        ["run", "--workers", "0"],
+        ["run", "--workers", "17"],
         ["knock", "h", "1", "--delay=-5"],
         ["check", "extra"],
     ],

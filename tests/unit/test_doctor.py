@@ -292,3 +292,10 @@ def test_diagnose_follows_a_rules_symlink(tmp_path):
 )
 def test_a_client_only_install_fails_the_server_extra_check(missing, chosen, level, text):
     assert check_server_extra(HostState("nf_tables", missing_modules=missing), chosen) == [Finding(level, text)]
+
+
+def test_every_workers_queues_are_checked():
+    held = "    9  4242     0 2 65531     0     0        0  1\n"  # worker 1's grant queue of base 6
+    findings = check_queue(HostState(None, queues=held), 6, workers=2)
+    assert [f.level for f in findings] == [OK, OK, OK, FAIL]
+    assert "NFQUEUE 9 (worker 1's grant queue)" in findings[3].text

@@ -1,0 +1,46 @@
+"""Replay records shared by worker processes: a record is used once, by whoever claims it first,
+until it expires; expired claims are swept."""
+
+import multiprocessing
+import os
+
+from nfknock.claims import ReplayClaims
+
+
+def test_a_record_is_claimed_once_until_it_expires(tmp_path):
+    claims = ReplayClaims(tmp_path / "used")
+    assert claims.claim("spa:abc", expires=1100.0, wall=1000.0)
+    assert not claims.claim("spa:abc", expires=1100.0, wall=1050.0)
+    assert claims.claim("spa:other", expires=1100.0, wall=1050.0)
+    assert claims.claim("spa:abc", expires=1300.0, wall=1200.0)  # expired: usable again, as in the engine
+    assert not claims.claim("spa:abc", expires=1300.0, wall=1250.0)
+
+
+def test_expired_claims_are_swept_and_nothing_else(tmp_path):
+    claims = ReplayClaims(tmp_path / "used")
+    claims.claim("old", expires=1100.0, wall=1000.0)
+    claims.claim("new", expires=2000.0, wall=1000.0)
+    assert claims.sweep(1500.0) == 1
+    assert not claims.claim("new", expires=2000.0, wall=1600.0)
+    assert claims.claim("old", expires=2000.0, wall=1600.0)
+
+
+def test_the_directory_is_private(tmp_path):
+    claims = ReplayClaims(tmp_path / "used")
+    assert os.stat(claims.directory).st_mode & 0o777 == 0o700
+
+
+def _race(directory, record, results):
+    results.put(ReplayClaims(directory).claim(record, expires=4e9, wall=1e9))
+
+
+def test_of_processes_claiming_the_same_record_at_once_exactly_one_wins(tmp_path):
+    context = multiprocessing.get_context("fork")
+    for round_ in range(20):
+        results = context.Queue()
+        racers = [context.Process(target=_race, args=(tmp_path / "used", f"r{round_}", results)) for _ in range(4)]
+        for racer in racers:
+            racer.start()
+        for racer in racers:
+            racer.join()
+        assert sorted(results.get() for _ in racers) == [False, False, False, True]
