@@ -43,7 +43,7 @@ def render_status(answer: dict[str, Any]) -> list[str]:
     granted_per_door = Counter(g.get("door") for g in grants)
     locked_per_door = Counter(entry.get("door") for entry in locked)
     lines = [
-        f"nfknock on queue {answer.get('queue', '-')} (firewall {answer.get('firewall', '-')}): "
+        f"nfknock on queue {answer.get('queue', '-')}{_workers(answer)} (firewall {answer.get('firewall', '-')}): "
         f"{len(doors)} door(s), {len(grants)} grant(s), {len(locked)} lockout(s), "
         f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
         "",
@@ -92,3 +92,11 @@ def render_status(answer: dict[str, Any]) -> list[str]:
         ],
     )
     return lines
+
+
+def _workers(answer: dict) -> str:
+    """ ", 2 workers on queues 3-6": each worker binds a queue pair of its own (workers.py)."""
+    workers, first = answer.get("workers", 1), answer.get("queue")
+    if workers == 1 or not isinstance(first, int) or not isinstance(workers, int):
+        return ""
+    return f", {workers} workers on queues {first}-{first + 2 * workers - 1}"

@@ -220,3 +220,21 @@ def test_an_entry_forged_with_redis_cli_opens_nothing(lan, fleet):
     assert "opens nothing" in line
     assert not connect(lan.client(1, server=0), timeout=1).connected
     assert status(a)["fleet"]["rejected"] >= 1
+
+
+def test_a_member_with_workers_shares_grants_and_replay_records_like_any_other(lan, fleet, tmp_path):
+    """Each worker of b is a fleet member of its own (same name): what the fleet says reaches
+    the worker owning the source, and what any worker used is claimed in Redis."""
+    a, b = fleet(0), fleet(1, "--workers", "2")
+    knock(lan, lan.client(0, server=1))  # decided by one of b's workers
+    assert connect(lan.client(0, server=0), timeout=3).connected
+    knock(lan, lan.client(1, server=0))
+    b.wait_log(f"{lan.client(1).address}: openSSH: open, granted on fleet member a")
+    assert connect(lan.client(1, server=1), timeout=3).connected
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("spaSSH: OPEN SESAME")
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    seen = status(b)
+    assert seen["workers"] == 2 and {m["member"] for m in seen["fleet"]["members"]} == {"a", "b"}

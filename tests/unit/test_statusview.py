@@ -37,6 +37,11 @@ def columns(lines, header):
     return rows
 
 
+def test_status_of_workers_names_their_queues():
+    line = render_status({**ANSWER, "workers": 2})[0]
+    assert line.startswith("nfknock on queue 3, 2 workers on queues 3-6 (firewall nft): 2 door(s)")
+
+
 def test_status_is_a_table_of_doors_sources_and_counters():
     lines = render_status(ANSWER)
     assert lines[0] == (
