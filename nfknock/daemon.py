@@ -45,7 +45,7 @@ from .rules import Ruleset
 from .shards import queues
 from .stats import Reporter, read_queue_drops
 from .store import ReplayStore
-from .workers import WorkerPool, serve
+from .workers import WorkerDied, WorkerPool, serve
 
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
 MAX_SLEEP = 1.0
@@ -398,7 +398,8 @@ class Daemon:
         supervisor asked (its end of file means the supervisor is gone: stop)."""
         if self.pool is not None:
             self.pool.pump()
-            self.pool.check()
+            if not self.stopping:  # under systemd a stop signals the workers too: they may go first
+                self.pool.check()
         elif self.channel is not None:
             try:
                 while self.channel.poll():
@@ -437,6 +438,8 @@ class Daemon:
     def _reload_step(self) -> None:
         try:
             self._advance_reload()
+        except WorkerDied:
+            raise  # a worker that could not take the rules: the daemon stops, closed (workers.py)
         except Exception as exc:  # a reload never stops the daemon
             self._reload = None
             self._refuse_reload(exc)

@@ -42,6 +42,7 @@ from .shards import shard_of
 
 START_WAIT = 30.0  # seconds for every worker to bind its queues
 ANSWER_WAIT = 5.0  # seconds for every worker to answer a request (they answer between batches)
+RELOAD_WAIT = 120.0  # seconds for every worker to compile new rules (10k doors take about one)
 STOP_WAIT = 10.0  # seconds for workers to stop before they are killed
 PR_SET_PDEATHSIG = 1
 
@@ -54,7 +55,8 @@ class WorkerDied(NfknockError):
 class _Worker:
     def __init__(self, shard: int, pid: int, conn: Connection):
         self.shard, self.pid, self.conn = shard, pid, conn
-        self.alive = True
+        self.alive = True  # not yet collected (waitpid)
+        self.closed = False  # its end of the channel is gone: it has ended or is ending
 
 
 class WorkerPool:
@@ -66,6 +68,7 @@ class WorkerPool:
         self.count: int = daemon.config.workers
         self.workers: list[_Worker] = []
         self._private: Path | None = None
+        self.failure = ""  # why the pool cannot go on (a worker ended)
         self._replies: dict[int, dict[int, Any]] = {}
         self._ids = itertools.count(1)
         state_dir = daemon.config.state_dir
@@ -136,18 +139,21 @@ class WorkerPool:
             self._private = None
 
     def check(self) -> None:
-        """Raise WorkerDied if a worker has ended (the loop calls this each turn)."""
+        """Raise WorkerDied if a worker has ended (the loop calls this each turn); once one has,
+        always, whoever catches it first."""
         for worker in self.workers:
             if worker.alive and os.waitpid(worker.pid, os.WNOHANG)[0]:
                 worker.alive = False
-                raise WorkerDied(f"worker {worker.shard} (pid {worker.pid}) ended; its queues are unbound")
+                self.failure = self.failure or _ended(worker)
+        if self.failure:
+            raise WorkerDied(self.failure)
 
     @property
     def pids(self) -> list[int]:
         return [worker.pid for worker in self.workers]
 
     def fds(self) -> list[int]:
-        return [worker.conn.fileno() for worker in self.workers if worker.alive]
+        return [worker.conn.fileno() for worker in self.workers if not worker.closed]
 
     # -- messages --------------------------------------------------------------------------
 
@@ -160,30 +166,36 @@ class WorkerPool:
     def pump(self, timeout: float = 0.0) -> None:
         """Handle whatever the workers sent (the loop calls this when one of their fds is readable)."""
         for worker in self.workers:
-            while worker.alive and worker.conn.poll(timeout):
+            while not worker.closed and worker.conn.poll(timeout):
                 message = self._recv(worker)
                 if message is None:
-                    self.check()
+                    worker.closed = True
+                    self.failure = self.failure or _ended(worker)
                     break
                 self._handle(worker, message)
 
     def _handle(self, worker: _Worker, message: tuple) -> None:
-        if message[0] == "reply":
-            self._replies.setdefault(message[1], {})[worker.shard] = message[2]
+        if message[0] == "reply" and message[1] in self._replies:  # a late one is not waited for
+            self._replies[message[1]][worker.shard] = message[2]
 
-    def _ask(self, message: tuple, workers: list[_Worker] | None = None) -> list[Any]:
+    def _ask(self, message: tuple, workers: list[_Worker] | None = None, wait: float = ANSWER_WAIT) -> list[Any]:
         """Send `message` (with a request id) to workers and wait for all their replies."""
-        workers = [worker for worker in (workers or self.workers) if worker.alive]
+        if self.failure:
+            raise WorkerDied(self.failure)
+        workers = workers or self.workers
         rid = next(self._ids)
+        self._replies[rid] = {}
         for worker in workers:
             worker.conn.send((message[0], rid, *message[1:]))
-        deadline = time.monotonic() + ANSWER_WAIT
-        while len(self._replies.get(rid, {})) < len(workers) and time.monotonic() < deadline:
+        deadline = time.monotonic() + wait
+        while len(self._replies[rid]) < len(workers) and time.monotonic() < deadline and not self.failure:
             self.pump(0.01)
-        replies = self._replies.pop(rid, {})
+        replies = self._replies.pop(rid)
+        if self.failure:
+            raise WorkerDied(self.failure)
         missing = [worker.shard for worker in workers if worker.shard not in replies]
         if missing:
-            raise NfknockError(f"worker(s) {missing} did not answer within {ANSWER_WAIT:g}s")
+            raise NfknockError(f"worker(s) {missing} did not answer within {wait:g}s")
         return [replies[worker.shard] for worker in workers]
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -209,16 +221,24 @@ class WorkerPool:
     def reload(self, ruleset) -> list[str]:
         """Give every worker the rules the supervisor just installed; returns the doors whose state
         was reset."""
-        dropped: set[str] = set()
-        for reply in self._ask(("reload", ruleset)):
-            dropped.update(reply)
-        return sorted(dropped)
+        try:
+            replies = self._ask(("reload", ruleset), wait=RELOAD_WAIT)
+        except NfknockError as exc:
+            # The kernel already has the new rules; a worker that cannot take them must not
+            # decide with the old ones: stop, closed.
+            self.failure = f"{exc} to take the new rules"
+            raise WorkerDied(self.failure) from None
+        return sorted({door for reply in replies for door in reply})
 
     def sweep(self, wall: float) -> None:
         try:
             self.claims.sweep(wall)
         except OSError as exc:
             self.log.warning("cannot sweep the replay claims in %s: %s", self.claims.directory, exc)
+
+
+def _ended(worker: _Worker) -> str:
+    return f"worker {worker.shard} (pid {worker.pid}) ended; its queues are unbound"
 
 
 def merge_status(answers: list[dict[str, Any]]) -> dict[str, Any]:

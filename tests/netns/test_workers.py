@@ -194,3 +194,15 @@ def test_a_killed_supervisor_takes_its_workers_with_it(server, alice):
         time.sleep(0.05)
     assert not any(alive(pid) for pid in pids)
     assert not connect(alice, timeout=1).connected
+
+
+def test_a_stop_signal_to_every_process_at_once_is_a_clean_stop(server, alice):
+    """As systemd stops a service: SIGTERM to the whole control group."""
+    server.start("--workers", "2")
+    supervisor = int(re.search(r"ready: pid (\d+)", server.wait_log("ready:")).group(1))
+    for pid in (supervisor, *worker_pids(server)):
+        os.kill(pid, signal.SIGTERM)
+    assert server.process.wait(20) == 0
+    assert "nfknock stopped by a signal" in server.log_text()
+    assert any("NFQUEUE" in rule for rule in server.iptables())
+    assert not connect(alice, timeout=1).connected
