@@ -32,8 +32,10 @@ from support.sandbox import (  # noqa: E402
     EchoService,
     Sandbox,
     connect,
+    cpu_seconds,
     entered,
     nfknock_argv,
+    process_tree,
     queue_counters,
     wait_for_line,
 )
@@ -218,7 +220,7 @@ class Bench:
             process = self.start_bare("drop", workers)
         else:
             process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096", "--workers", str(workers))
-        pids = _process_tree(process.pid)
+        pids = process_tree(process.pid)
         flood = self.box.spawn(
             self.bob.namespace,
             [str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"],
@@ -226,9 +228,9 @@ class Bench:
             text=True,
         )
         time.sleep(seconds * 0.25)
-        t0, (ids0, over0, full0), cpu0 = time.monotonic(), self.queue_counters(workers), _cpu_seconds(pids)
+        t0, (ids0, over0, full0), cpu0 = time.monotonic(), self.queue_counters(workers), cpu_seconds(pids)
         time.sleep(seconds * 0.5)
-        t1, (ids1, over1, full1), cpu1 = time.monotonic(), self.queue_counters(workers), _cpu_seconds(pids)
+        t1, (ids1, over1, full1), cpu1 = time.monotonic(), self.queue_counters(workers), cpu_seconds(pids)
         flood.communicate(timeout=30)
         self.stop(process)
         offered = (ids1 - ids0) + (full1 - full0)
@@ -417,7 +419,8 @@ class Bench:
         sizes = (10_000, 100_000) if self.smoke else (100_000, 1_000_000)
         for cap in (2_000_000, 65_536):
             for size in sizes:
-                daemon = self.start_nfknock("--max-sources", str(cap), "--queue-maxlen", "65536")
+                # One loop: bytes per source are a loop's (each worker holds its share of the sources).
+                daemon = self.start_nfknock("--max-sources", str(cap), "--queue-maxlen", "65536", "--workers", "1")
                 baseline = _rss_kib(daemon.pid)
                 flood = subprocess.run(
                     [
@@ -627,32 +630,6 @@ class Bench:
             service.close()
 
 
-def _process_tree(pid: int) -> list[int]:
-    """`pid` and its children (a supervisor's workers, a baseline's extra loops)."""
-    found = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far."""
-    ticks = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -733,6 +710,22 @@ def render(report: dict) -> str:
                 f"| verdicts/s, {proto.upper()} flood to a knock port, 100k sources | "
                 f"{fig(f'throughput.{proto}.nfknock')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
                 f"{rat(f'throughput.{proto}')} | >= 0.8 |"
+            )
+        )
+        row(
+            lambda proto=proto: (
+                f"| the same, `--workers 2` | {fig(f'throughput.{proto}.nfknock2')} | "
+                f"{fig(f'throughput.{proto}.bare')} (one drop-only loop); two loops sharded the same way: "
+                f"{fig(f'throughput.{proto}.bare2')} | {rat(f'throughput.{proto}.workers2')}; "
+                f"1 -> 2 workers: {rat(f'throughput.{proto}.scaling')}x | >= 0.8 |"
+            )
+        )
+        row(
+            lambda proto=proto: (
+                f"| CPU per verdict, us ({proto.upper()}; 1 / 2 loops) | "
+                f"{fig(f'verdict_cpu.{proto}.nfknock', '{:.1f}')} / {fig(f'verdict_cpu.{proto}.nfknock2', '{:.1f}')} | "
+                f"{fig(f'verdict_cpu.{proto}.bare', '{:.1f}')} / {fig(f'verdict_cpu.{proto}.bare2', '{:.1f}')} | "
+                f"{rat(f'verdict_cpu.{proto}')} | |"
             )
         )
     row(
@@ -832,6 +825,12 @@ MEASUREMENTS = (
 RATIOS = [
     ("throughput.udp", "throughput.udp.nfknock", "throughput.udp.bare"),
     ("throughput.tcp", "throughput.tcp.nfknock", "throughput.tcp.bare"),
+    ("throughput.udp.workers2", "throughput.udp.nfknock2", "throughput.udp.bare"),
+    ("throughput.tcp.workers2", "throughput.tcp.nfknock2", "throughput.tcp.bare"),
+    ("throughput.udp.scaling", "throughput.udp.nfknock2", "throughput.udp.nfknock"),
+    ("throughput.tcp.scaling", "throughput.tcp.nfknock2", "throughput.tcp.nfknock"),
+    ("verdict_cpu.udp", "verdict_cpu.udp.nfknock", "verdict_cpu.udp.bare"),
+    ("verdict_cpu.tcp", "verdict_cpu.tcp.nfknock", "verdict_cpu.tcp.bare"),
     ("knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd"),
     ("established", "established.nfknock", "established.none"),
     ("connection_rate", "connection_rate.nfknock", "connection_rate.none"),
@@ -839,6 +838,12 @@ RATIOS = [
     ("fleet.cpu_per_knock", "fleet.cpu_per_knock.fleet", "fleet.cpu_per_knock.single"),
     ("fleet.cpu_per_syn", "fleet.cpu_per_syn.fleet", "fleet.cpu_per_syn.single"),
 ]
+
+
+def add_ratios(report: dict) -> None:
+    for name, over, base in RATIOS:
+        if over in report["figures"] and base in report["figures"]:
+            ratio(report, name, over, base)
 
 
 def main(argv=None) -> int:
@@ -850,7 +855,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=MEASUREMENTS, action="append", help="run only these measurements")
     args = parser.parse_args(argv)
     if args.render:
-        print(render(json.loads(Path(args.render).read_text())), end="")
+        report = json.loads(Path(args.render).read_text())
+        add_ratios(report)
+        print(render(report), end="")
         return 0
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, iptables, NFQUEUE)")
@@ -875,9 +882,7 @@ def main(argv=None) -> int:
         "ratios": {},
         "figures": {name: bench.figures.summary(name) for name in bench.figures.values},
     }
-    for name, over, base in RATIOS:
-        if over in report["figures"] and base in report["figures"]:
-            ratio(report, name, over, base)
+    add_ratios(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -347,15 +347,24 @@ def cmd_run(args) -> int:
 
 
 def _add_workers(parser) -> None:
-    from .shards import MAX_WORKERS
-
     parser.add_argument(
         "--workers",
-        type=_int_in(1, MAX_WORKERS, "worker count"),
+        type=_workers,
         default=1,
-        help="verdict loops, each a process on its own pair of queues (N+2i, N+2i+1), packets "
-        "shared out by source address; one per core the host can spare (default: %(default)s)",
+        metavar="N|auto",
+        help="verdict loops, each a process on its own pair of queues (N+2i, N+2i+1), packets shared "
+        "out by source address; auto: one per CPU this process may use, at most 16 (default: 1)",
     )
+
+
+def _workers(text: str) -> int:
+    import os
+
+    from .shards import MAX_WORKERS
+
+    if text == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    return _int_in(1, MAX_WORKERS, "worker count")(text)
 
 
 def _check_queues(args) -> None:

@@ -52,6 +52,32 @@ def entered(namespace: str):
         os.close(home)
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its children (a daemon's workers, a baseline's extra loops)."""
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (one that has gone counts 0)."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def queue_counters(namespace: str, queue_num: int) -> QueueCounters | None:
     """The kernel's counters of one NFQUEUE in `namespace` (None: no process has bound it)."""
     with entered(namespace):  # /proc/net is the process's namespace; thread-self is this thread's

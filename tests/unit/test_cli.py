@@ -11,7 +11,7 @@ RULES = str(Path(__file__).resolve().parents[2] / "rules")
 
 
 def test_check_prints_the_doors_and_the_rules(capsys):
-    assert main(["check", "--rules", RULES, "--queue-num", "5"]) == 0
+    assert main(["check", "--rules", RULES, "--queue-num", "5", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "door openSSH" in out
     assert "sequence       40000/tcp 50000/tcp 60000/tcp" in out
@@ -31,6 +31,14 @@ def test_check_shows_each_workers_share_of_the_queued_packets(capsys):
     out = capsys.readouterr().out
     assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
     assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
+
+
+def test_auto_workers_are_one_per_usable_cpu_at_most_16():
+    import os
+
+    args = parse(build_parser(), ["run", "--workers", "auto"])
+    assert args.workers == min(16, len(os.sched_getaffinity(0)))
+    assert parse(build_parser(), ["run"]).workers == 1
 
 
 def test_workers_whose_queues_would_pass_65535_are_refused(capsys):
