@@ -146,7 +146,9 @@ def fleet_metrics(fleet: dict):
         "nfknock_fleet_redis_up", "1 if this member reaches the fleet's Redis", value=fleet["reachable"]
     )
     yield GaugeMetricFamily(
-        "nfknock_fleet_members", "Fleet members seen recently, this one included", value=len(fleet["members"])
+        "nfknock_fleet_members",
+        "Fleet members seen recently, this one included (a member's workers count once)",
+        value=len({member["member"] for member in fleet["members"]}),
     )
     yield GaugeMetricFamily(
         "nfknock_fleet_shared_grants", "Live grants made on other members", value=len(fleet["shared_grants"])

@@ -177,6 +177,8 @@ class WorkerPool:
     def _handle(self, worker: _Worker, message: tuple) -> None:
         if message[0] == "reply" and message[1] in self._replies:  # a late one is not waited for
             self._replies[message[1]][worker.shard] = message[2]
+        elif message[0] == "failed":  # its last word: why it stops (its log has the traceback)
+            self.failure = self.failure or f"worker {worker.shard} (pid {worker.pid}): {message[1]}"
 
     def _ask(self, message: tuple, workers: list[_Worker] | None = None, wait: float = ANSWER_WAIT) -> list[Any]:
         """Send `message` (with a request id) to workers and wait for all their replies."""
@@ -306,13 +308,13 @@ def _worker_main(supervisor: Any, shard: int, conn: Connection, claims: ReplayCl
             channel=conn,
             claims=claims,
         )
+        daemon.run_worker(lambda: conn.send(("bound", shard)))
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - logged by run_worker; the supervisor says why
         try:
-            daemon.run_worker(lambda: conn.send(("bound", shard)))
-            code = 0
-        except QueueError as exc:
-            conn.send(("failed", str(exc)))
-    except BaseException:  # noqa: BLE001 - logged by run_worker; the exit code says it
-        pass
+            conn.send(("failed", str(exc).split("; the rules stay")[0] or type(exc).__name__))
+        except OSError:
+            pass
     finally:
         os._exit(code)
 

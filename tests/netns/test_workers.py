@@ -206,3 +206,25 @@ def test_a_stop_signal_to_every_process_at_once_is_a_clean_stop(server, alice):
     assert "nfknock stopped by a signal" in server.log_text()
     assert any("NFQUEUE" in rule for rule in server.iptables())
     assert not connect(alice, timeout=1).connected
+
+
+def test_ipv6_sources_are_sharded_too_and_metrics_count_every_worker(server, alice, carol):
+    import urllib.request
+
+    from support.sandbox import entered
+
+    server.start("--workers", "2", "--metrics-port", "9471")
+    before = queue_counters(server.sandbox.server, 9).id_sequence
+    result = server.sandbox.run(carol.namespace, ["knock", "-6", carol.server_address6, *SEQUENCE])
+    assert result.returncode == 0, result.stderr
+    assert queue_counters(server.sandbox.server, 9).id_sequence - before == 2  # worker 1's queue
+    assert connect(carol, family=6, timeout=3).connected
+    assert not connect(carol, timeout=1).connected  # the grant is for the IPv6 address
+    knock(server.sandbox, alice, *SEQUENCE)
+    assert connect(alice).connected
+    assert {row["source"] for row in status(server)["grants"]} == {alice.address, carol.address6}
+    with entered(server.sandbox.server):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        body = opener.open("http://127.0.0.1:9471/metrics", timeout=5).read().decode()
+    assert 'nfknock_active_grants{door="openSSH"} 2.0' in body
+    assert 'nfknock_packets_total{verdict="accept"} 2.0' in body
