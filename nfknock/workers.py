@@ -88,8 +88,12 @@ class WorkerPool:
             if expires > wall:
                 self.claims.claim(record, expires, wall)
         for shard in range(self.count):
-            ours, theirs = socket.socketpair()
-            pid = os.fork()
+            try:
+                ours, theirs = socket.socketpair()
+                pid = os.fork()
+            except OSError as exc:
+                self.stop()
+                raise QueueError(f"cannot start worker {shard}: {exc}") from None
             if pid == 0:  # the worker: never returns
                 ours.close()
                 for worker in self.workers:

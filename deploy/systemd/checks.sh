@@ -186,6 +186,20 @@ expect_port open "the upgraded daemon opens on a knock"
 in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "and closes again"
 
+# --- several cores: the same service with --workers 2 (a supervisor and two worker processes) -----
+sed -i 's/^NFKNOCK_OPTS=""/NFKNOCK_OPTS="--workers 2"/' /etc/default/nfknock
+pid=$(prop MainPID)
+systemctl restart nfknock
+[ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" != "$pid" ] || fail "restart with --workers 2: $(prop ActiveState)"
+nfknock status --json | python3 -c 'import json, sys; assert json.load(sys.stdin)["workers"] == 2' \
+  || fail "nfknock status does not show two workers: $(nfknock status)"
+expect_port closed "two workers: protected"
+in_client nfknock knock "$SERVER" "${SEQ[@]}"
+expect_port open "two workers: after the knock"
+in_client nfknock knock "$SERVER" "${CLOSE[@]}"
+expect_port closed "two workers: after the close sequence"
+ok "--workers 2 under systemd: $(journalctl -u nfknock -o cat | grep "ready: pid" | tail -n1)"
+
 # --- stop leaves the rules (closed); the journal is readable, without tracebacks ------------------
 systemctl stop nfknock
 [ "$(prop ActiveState)" = inactive ] || fail "stop: $(prop ActiveState)"
