@@ -240,10 +240,16 @@ class Daemon:
         """A worker's replay check across workers: what another worker used first is a replay."""
         for event in events:
             if type(event) is ClaimNeeded:
-                ours = self.claims.claim(event.record, event.expires, self.wall_clock())
-                follow = self.engine.claimed(event, "ours" if ours else "taken", now, "used through another worker")
+                try:
+                    answer = "ours" if self.claims.claim(event.record, event.expires, self.wall_clock()) else "taken"
+                    detail = "used through another worker"
+                except OSError as exc:  # closed: what cannot be recorded as used does not open
+                    answer, detail = "unrecorded", f"cannot write to {self.claims.directory}: {exc.strerror or exc}"
+                follow = self.engine.claimed(event, answer, now, detail)
                 if follow:
                     self._consume(follow, now)
+                elif answer == "unrecorded":  # a rotating sequence: the engine has no event for it
+                    self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
 
     def _save_replays(self, store: ReplayStore) -> None:
         try:

@@ -503,9 +503,10 @@ class Engine:
         return until
 
     def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
-        """The fleet's answer to a ClaimNeeded: "ours" grants; "taken" (another member used it
-        first) is refused as a replay, a failure of the source; "unreachable" (no answer, and
-        the member refuses then) is refused without counting against the source."""
+        """The fleet's (or the other workers') answer to a ClaimNeeded: "ours" grants; "taken"
+        (another member used it first) is refused as a replay, a failure of the source;
+        "unreachable" (no answer, and the member refuses then) and "unrecorded" (a worker could not
+        write the record down) are refused without counting against the source."""
         state = self._doors.get(claim.door)
         if state is None:
             return []  # the door went away in a reload meanwhile
@@ -521,7 +522,7 @@ class Engine:
                 events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
             return events
         taken = answer == "taken"
-        reason = "replay" if taken else "fleet unreachable"
+        reason = {"taken": "replay", "unrecorded": "replay record not written"}.get(answer, "fleet unreachable")
         if isinstance(state, _SpaDoorState):
             events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
         elif taken:

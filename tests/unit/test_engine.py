@@ -666,3 +666,22 @@ def test_a_gpg_packet_gets_its_own_refusal(spa_door):
     tag = base64.b64encode(hmac_module.new(key, ("hQ" + data).encode(), hashlib.sha256).digest()).decode().rstrip("=")
     packet = Packet(ALICE, "10.0.0.1", "udp", 40000, 62201, 0, (data + tag).encode())
     assert refusals(Engine((spa_door,)).handle(packet, 1.0, WALL))[0][0] == "gpg"
+
+
+def test_a_shared_claim_that_cannot_be_written_refuses_without_blaming_the_source(spa_door):
+    """Workers: the replay record could not be written down for the others; closed, and the
+    client is not counted a failure (it did nothing wrong)."""
+    from nfknock.events import ClaimNeeded
+
+    engine = Engine((spa_door,), shared=True)
+    decision = engine.handle(spa_packet(spa_door), 10.0, WALL)
+    (claim,) = [e for e in decision.events if isinstance(e, ClaimNeeded)]
+    for _ in range(3):  # the door locks out after 3 failures
+        follow = engine.claimed(claim, "unrecorded", 10.0, "cannot write to /x: No space left on device")
+    assert [(e.reason, e.detail) for e in follow] == [
+        ("replay record not written", "cannot write to /x: No space left on device")
+    ]
+    assert engine.locked(11.0) == []
+    assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
+    engine.claimed(claim, "ours", 12.0)
+    assert engine.handle(knock(22), 12.0).verdict is Verdict.ACCEPT
