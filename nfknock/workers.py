@@ -72,11 +72,13 @@ class WorkerPool:
         self._replies: dict[int, dict[int, Any]] = {}
         self._ids = itertools.count(1)
         state_dir = daemon.config.state_dir
-        if state_dir is not None:
-            self.claims = ReplayClaims(Path(state_dir) / SUBDIR)
-        else:
-            self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{daemon.config.queue_num}-"))
-            self.claims = ReplayClaims(self._private / SUBDIR)
+        try:
+            if state_dir is None:
+                self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{daemon.config.queue_num}-"))
+            self.claims = ReplayClaims(Path(state_dir or self._private or ".") / SUBDIR)
+        except OSError as exc:
+            where = f"{state_dir}/{SUBDIR}" if state_dir else "a temporary directory"
+            raise NfknockError(f"--workers: cannot keep the replay records in {where}: {exc.strerror or exc}") from None
 
     # -- start and stop --------------------------------------------------------------------
 
