@@ -215,3 +215,35 @@ def knock(sandbox, client, *ports: str) -> None:
 
 def our_knock(sandbox, client, *args: str) -> subprocess.CompletedProcess:
     return sandbox.run(client.namespace, nfknock_argv("knock", client.server_address, *args), cwd=REPO)
+
+
+def spa_door(server: Server, directory: Path, *settings: str) -> Server:
+    """The server with one SPA door, spaSSH, protecting 22/tcp (plus `settings`, YAML lines), keyed
+    by a fresh key pair in a root-only keys file; `server.keys` holds the pair (base64)."""
+    from nfknock.spa import generate_keys
+
+    encryption, mac = generate_keys()
+    keys = directory / "spa.keys"
+    keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
+    keys.chmod(0o600)
+    lines = [f"    keys_file: {keys}", *(f"    {line}" for line in settings), "    protect: [22/tcp]"]
+    server.write_rules("doors:\n  - name: spaSSH\n    kind: spa\n" + "\n".join(lines) + "\n")
+    server.keys = (encryption, mac)
+    return server
+
+
+@pytest.fixture
+def rotating(server, tmp_path):
+    """The server with one rotating door (20000-29999, 60 s windows) and its secret."""
+    import base64
+
+    secret = tmp_path / "rot.key"
+    secret.write_text(base64.b64encode(b"r" * 32).decode() + "\n")
+    secret.chmod(0o600)
+    server.write_rules(f"""\
+doors:
+  - name: rotSSH
+    rotate: {{secret_file: {secret}, window: 60s, length: 3, ports: 20000-29999}}
+    protect: [22/tcp]
+""")
+    return server

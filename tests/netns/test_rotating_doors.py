@@ -1,7 +1,6 @@
 """Rotating sequences on a real kernel with the stock knock client: the sequence `nfknock otp`
 prints opens the door; the same sequence replayed in its window does not; yesterday's does not."""
 
-import base64
 import time
 
 import pytest
@@ -11,20 +10,6 @@ from nfknock.rotation import derive, window_of
 from support.sandbox import nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
-
-
-@pytest.fixture
-def rotating(server, tmp_path):
-    secret = tmp_path / "rot.key"
-    secret.write_text(base64.b64encode(b"r" * 32).decode() + "\n")
-    secret.chmod(0o600)
-    server.write_rules(f"""\
-doors:
-  - name: rotSSH
-    rotate: {{secret_file: {secret}, window: 60s, length: 3, ports: 20000-29999}}
-    protect: [22/tcp]
-""")
-    return server
 
 
 def otp(server, client):

@@ -7,7 +7,7 @@ import signal
 import socket
 
 import pytest
-from conftest import connect
+from conftest import connect, spa_door
 
 from nfknock.spa import Keys, encode, generate_keys
 from support.sandbox import entered, nfknock_argv
@@ -17,18 +17,7 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 @pytest.fixture
 def spa_server(server, tmp_path):
-    encryption, mac = generate_keys()
-    keys = tmp_path / "spa.keys"
-    keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
-    keys.chmod(0o600)
-    server.write_rules(f"""\
-doors:
-  - name: spaSSH
-    kind: spa
-    keys_file: {keys}
-    protect: [22/tcp]
-""")
-    server.keys = (encryption, mac)
+    spa_door(server, tmp_path)
     server.state = tmp_path / "state"
     return server
 

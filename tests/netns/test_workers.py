@@ -12,7 +12,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from conftest import SEED, connect, knock
+from conftest import SEED, connect, knock, spa_door
 
 from nfknock.shards import shard_of
 from support.sandbox import ip, queue_counters
@@ -105,22 +105,6 @@ def test_a_reload_reaches_every_worker(server, alice, carol):
         assert connect(client).connected
 
 
-@pytest.fixture
-def rotating(server, tmp_path):
-    import base64
-
-    secret = tmp_path / "rot.key"
-    secret.write_text(base64.b64encode(b"r" * 32).decode() + "\n")
-    secret.chmod(0o600)
-    server.write_rules(f"""\
-doors:
-  - name: rotSSH
-    rotate: {{secret_file: {secret}, window: 60s, length: 3, ports: 20000-29999}}
-    protect: [22/tcp]
-""")
-    return server
-
-
 def test_a_rotating_sequence_used_through_one_worker_is_refused_through_the_other(rotating, alice, carol):
     from support.sandbox import nfknock_argv
 
@@ -143,21 +127,7 @@ def test_an_spa_packet_used_through_one_worker_is_refused_through_the_other(serv
     which the worker that saw it first made."""
     from test_spa_doors import fwknop, send_raw
 
-    from nfknock.spa import generate_keys
-
-    encryption, mac = generate_keys()
-    keys = tmp_path / "spa.keys"
-    keys.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
-    keys.chmod(0o600)
-    server.write_rules(f"""\
-doors:
-  - name: spaSSH
-    kind: spa
-    keys_file: {keys}
-    trust_inner_address: true
-    protect: [22/tcp]
-""")
-    server.keys = (encryption, mac)
+    spa_door(server, tmp_path, "trust_inner_address: true")
     server.start("--workers", "2")
     packet_file = tmp_path / "packet"
     fwknop(server, alice, save=packet_file)
