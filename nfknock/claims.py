@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
+
+from .errors import NfknockError
 
 SUBDIR = "used"
 
@@ -22,6 +25,10 @@ class ReplayClaims:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        found = os.lstat(self.directory)
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+            # A link or someone else's directory: what is claimed there could be taken away.
+            raise NotADirectoryError(f"{self.directory} is not a directory of this user's (a symlink?)")
         os.chmod(self.directory, 0o700)
 
     def _path(self, record: str) -> Path:
@@ -66,3 +73,11 @@ class ReplayClaims:
                 except FileNotFoundError:
                     pass
         return removed
+
+
+def open_claims(directory: Path) -> ReplayClaims:
+    """The claims directory, or one line saying why it cannot be used (before anything is touched)."""
+    try:
+        return ReplayClaims(directory)
+    except OSError as exc:
+        raise NfknockError(f"cannot keep the replay records in {directory}: {exc.strerror or exc}") from None

@@ -81,9 +81,20 @@ def canonical_address(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"address must be an IP address, got {value!r}")
     try:
-        return str(ipaddress.ip_address(value.strip()))
+        address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise ValueError(f"address must be an IP address, got {value!r}") from None
+    # Addresses no packet comes from: a grant for them could never be used (and the kernel's
+    # set refuses them); a scope (`%eth0`) is not part of a packet's source either.
+    scope = getattr(address, "scope_id", None)
+    if scope:
+        raise ValueError(f"address must not carry a scope (%{scope}), got {value!r}")
+    if address.is_unspecified or address.is_multicast or (address.version == 4 and address == _BROADCAST):
+        raise ValueError(f"{address} is not the address of a host")
+    return str(address)
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass
@@ -129,7 +140,10 @@ class ControlServer:
             except OSError:
                 return  # closed
             with conn:
-                self._serve_one(conn)
+                try:
+                    self._serve_one(conn)
+                except Exception:  # noqa: BLE001 - whatever one request does, the next is served
+                    pass
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
@@ -137,6 +151,8 @@ class ControlServer:
             request = parse_request(raw)
         except (OSError, ValueError) as exc:
             answer: dict[str, Any] = {"error": f"bad request: {exc}"}
+        except RecursionError:  # JSON nested deeper than the parser goes
+            answer = {"error": "bad request: nested too deeply"}
         else:
             pending = Pending(request)
             self.pending.put(pending)

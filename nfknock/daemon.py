@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from . import control, metrics
+from .claims import SUBDIR, open_claims
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
-from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError
+from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
 from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
 from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_mark, iptables_flavour, plan
@@ -45,6 +46,7 @@ from .rules import Ruleset
 from .shards import queues
 from .stats import Reporter, read_queue_drops
 from .store import ReplayStore
+from .trust import why_unsafe
 from .workers import WorkerDied, WorkerPool, serve
 
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
@@ -150,12 +152,20 @@ class Daemon:
         self.wall_clock = wall_clock
         # RulesError: nothing touched yet. A worker gets the supervisor's rules, read once.
         self.ruleset: Ruleset = ruleset if ruleset is not None else load_rules(config.rules_path, strict=True)
-        shared = config.fleet is not None or config.workers > 1
+        if config.state_dir is not None and (unsafe := why_unsafe(config.state_dir)):
+            # Whoever can write there can make used SPA packets usable again.
+            raise UsageError(f"--state-dir {config.state_dir}: not trusted: {unsafe}")
+        # In a worker: the replay records all workers share (claims.py). A single process reads and
+        # writes them too when an earlier run with workers left some, so none becomes usable again.
+        if claims is None and config.workers == 1 and config.state_dir is not None:
+            if (Path(config.state_dir) / SUBDIR).is_dir():
+                claims = open_claims(Path(config.state_dir) / SUBDIR)
+        self.claims = claims
+        shared = config.fleet is not None or config.workers > 1 or claims is not None
         # --max-sources bounds the daemon: each worker tracks its share of the sources.
         self.engine = Engine(self.ruleset.doors, -(-config.max_sources // config.workers), shared=shared)
         self.fleet: Any = None  # a FleetMember while running in fleet mode
         self.channel = channel  # in a worker: the supervisor's end (workers.py)
-        self.claims = claims  # in a worker: the replay records all workers share (claims.py)
         self.pool: Any = None  # in the supervisor of workers: the WorkerPool
         self.store = ReplayStore(config.state_dir) if config.state_dir and config.workers == 1 else None
         self.granted = GrantedSets(config.queue_num, self.log)
@@ -341,10 +351,10 @@ class Daemon:
             except OSError as exc:
                 for bound in queues:
                     bound.unbind()
+                last = self.config.queue_num + 2 * self.config.workers - 1
                 raise QueueError(
-                    f"cannot bind NFQUEUE {number}: {exc} (nfknock uses queues {self.config.queue_num} and "
-                    f"{self.config.queue_num + 1}; is another nfknock or NFQUEUE listener using one? pick others "
-                    "with --queue-num)"
+                    f"cannot bind NFQUEUE {number}: {exc} (nfknock uses queues {self.config.queue_num} to {last}; "
+                    "is another nfknock or NFQUEUE listener using one? pick others with --queue-num)"
                 ) from None
             # Non-blocking, so that unbinding at the end never waits: after a flood the socket is
             # full and the kernel's answer to the unbind can be lost (measured: a stop hung for
@@ -414,8 +424,17 @@ class Daemon:
                 self.stopping = True
             self.granted.flush()
 
-    def _take_snapshot(self, now: float) -> metrics.Snapshot:
-        return self.pool.snapshot() if self.pool is not None else metrics.take(self, now)
+    def _take_snapshot(self, now: float) -> metrics.Snapshot | None:
+        """A slow worker costs a scrape its freshness, not the daemon: the last snapshot serves."""
+        if self.pool is None:
+            return metrics.take(self, now)
+        try:
+            return self.pool.snapshot()
+        except WorkerDied:
+            raise
+        except NfknockError as exc:
+            self.log.warning("metrics: %s; the last snapshot is served", exc)
+            return self.snapshot
 
     def report_counters(self) -> None:
         if self.pool is not None:  # each worker reports its own; the supervisor sweeps claims
@@ -600,7 +619,13 @@ class Daemon:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""
         try:
             if self.pool is not None:
-                return self.pool.answer(request)
+                try:
+                    return self.pool.answer(request)
+                except WorkerDied:
+                    raise
+                except NfknockError as exc:
+                    self.log.warning("control request %s: %s", request.get("cmd"), exc)
+                    return {"error": str(exc)}
             now = self.clock()
             answer = control.answer(self, request, now)
             if "error" not in answer:

@@ -25,6 +25,7 @@ import ctypes
 import itertools
 import logging
 import os
+import pickle
 import signal
 import socket
 import tempfile
@@ -36,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics
-from .claims import SUBDIR, ReplayClaims
+from .claims import SUBDIR, ReplayClaims, open_claims
 from .errors import NfknockError, QueueError
 from .shards import shard_of
 
 START_WAIT = 30.0  # seconds for every worker to bind its queues
-ANSWER_WAIT = 5.0  # seconds for every worker to answer a request (they answer between batches)
+ANSWER_WAIT = 3.0  # seconds for every worker to answer a request (within control's 5 s deadline)
 RELOAD_WAIT = 120.0  # seconds for every worker to compile new rules (10k doors take about one)
 STOP_WAIT = 10.0  # seconds for workers to stop before they are killed
 PR_SET_PDEATHSIG = 1
@@ -68,17 +69,22 @@ class WorkerPool:
         self.count: int = daemon.config.workers
         self.workers: list[_Worker] = []
         self._private: Path | None = None
+        self._handoff: Path | None = None  # 0700: reloaded rules on their way to the workers
         self.failure = ""  # why the pool cannot go on (a worker ended)
         self._replies: dict[int, dict[int, Any]] = {}
         self._ids = itertools.count(1)
         state_dir = daemon.config.state_dir
         try:
+            self._handoff = Path(tempfile.mkdtemp(prefix="nfknock-rules-"))
             if state_dir is None:
                 self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{daemon.config.queue_num}-"))
-            self.claims = ReplayClaims(Path(state_dir or self._private or ".") / SUBDIR)
         except OSError as exc:
-            where = f"{state_dir}/{SUBDIR}" if state_dir else "a temporary directory"
-            raise NfknockError(f"--workers: cannot keep the replay records in {where}: {exc.strerror or exc}") from None
+            raise NfknockError(f"--workers: cannot make a private directory: {exc.strerror or exc}") from None
+        try:
+            self.claims = open_claims(Path(state_dir or self._private or ".") / SUBDIR)
+        except NfknockError:
+            self._remove_private()
+            raise
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -138,11 +144,15 @@ class WorkerPool:
                 os.waitpid(worker.pid, 0)
                 worker.alive = False
             worker.conn.close()
-        if self._private is not None:
-            for path in sorted(self._private.rglob("*"), reverse=True):
-                path.rmdir() if path.is_dir() else path.unlink()
-            self._private.rmdir()
-            self._private = None
+        self._remove_private()
+
+    def _remove_private(self) -> None:
+        for private in (self._private, self._handoff):
+            if private is not None and private.exists():
+                for path in sorted(private.rglob("*"), reverse=True):
+                    path.rmdir() if path.is_dir() else path.unlink()
+                private.rmdir()
+        self._private = self._handoff = None
 
     def check(self) -> None:
         """Raise WorkerDied if a worker has ended (the loop calls this each turn); once one has,
@@ -193,9 +203,15 @@ class WorkerPool:
         workers = workers or self.workers
         rid = next(self._ids)
         self._replies[rid] = {}
-        for worker in workers:
-            worker.conn.send((message[0], rid, *message[1:]))
         deadline = time.monotonic() + wait
+        for worker in workers:
+            try:
+                # The deadline travels along: a worker that gets to the request later does not
+                # carry it out (a grant the operator was told failed must not happen).
+                worker.conn.send((message[0], rid, deadline, *message[1:]))
+            except OSError as exc:
+                self.failure = self.failure or f"worker {worker.shard} (pid {worker.pid}) cannot be reached: {exc}"
+                raise WorkerDied(self.failure) from None
         while len(self._replies[rid]) < len(workers) and time.monotonic() < deadline and not self.failure:
             self.pump(0.01)
         replies = self._replies.pop(rid)
@@ -228,14 +244,21 @@ class WorkerPool:
 
     def reload(self, ruleset) -> list[str]:
         """Give every worker the rules the supervisor just installed; returns the doors whose state
-        was reset."""
+        was reset. The rules go through a root-only file (a large rule set would not fit a socket
+        buffer, and a worker that does not read must not block the supervisor)."""
+        assert self._handoff is not None  # made with the pool
+        handoff = self._handoff / f"rules-{next(self._ids)}.pickle"
         try:
-            replies = self._ask(("reload", ruleset), wait=RELOAD_WAIT)
-        except NfknockError as exc:
+            with open(os.open(handoff, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+                pickle.dump(ruleset, file, protocol=pickle.HIGHEST_PROTOCOL)
+            replies = self._ask(("reload", str(handoff)), wait=RELOAD_WAIT)
+        except (NfknockError, OSError) as exc:
             # The kernel already has the new rules; a worker that cannot take them must not
             # decide with the old ones: stop, closed.
-            self.failure = f"{exc} to take the new rules"
+            self.failure = self.failure or f"{exc} to take the new rules"
             raise WorkerDied(self.failure) from None
+        finally:
+            handoff.unlink(missing_ok=True)
         return sorted({door for reply in replies for door in reply})
 
     def sweep(self, wall: float) -> None:
@@ -342,8 +365,14 @@ def serve(daemon: Any, message: tuple) -> None:
     if kind == "stop":
         daemon.stopping = True
     elif kind == "control":
-        daemon.channel.send(("reply", message[1], daemon.answer(message[2])))
+        _, rid, deadline, request = message
+        if time.monotonic() > deadline:  # the supervisor has answered "did not answer": so be it
+            daemon.log.warning("control request %s came too late to this worker: not carried out", request["cmd"])
+            return
+        daemon.channel.send(("reply", rid, daemon.answer(request)))
     elif kind == "snapshot":
         daemon.channel.send(("reply", message[1], metrics.take(daemon, daemon.clock())))
     elif kind == "reload":
-        daemon.channel.send(("reply", message[1], daemon.adopt(message[2])))
+        with open(message[3], "rb") as file:
+            ruleset = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
+        daemon.channel.send(("reply", message[1], daemon.adopt(ruleset)))

@@ -138,6 +138,37 @@ def test_an_spa_packet_used_through_one_worker_is_refused_through_the_other(serv
     assert connect(alice).connected
 
 
+def test_an_spa_packet_used_under_workers_stays_used_without_them(server, alice, carol, tmp_path):
+    from test_spa_doors import fwknop, send_raw
+
+    spa_door(server, tmp_path, "trust_inner_address: true")
+    server.start("--workers", "2")
+    packet_file = tmp_path / "packet"
+    fwknop(server, alice, save=packet_file)
+    server.wait_log(f"{alice.address}: spaSSH: OPEN SESAME")
+    assert server.stop() == 0
+    server.start("--workers", "1")  # the same --state-dir
+    send_raw(carol, packet_file.read_text().strip().encode())
+    assert "SPA packet refused: replay" in server.wait_log(f"{carol.address}: spaSSH: SPA packet refused")
+    assert not connect(carol, timeout=1).connected
+
+
+def test_a_reload_larger_than_a_socket_buffer_reaches_every_worker(server, alice, carol):
+    sources = "\n".join(f"      - 10.{i // 250}.{i % 250}.0/24" for i in range(30000))
+    server.write_rules(
+        "doors:\n  - name: big\n    sequence: [1111, 2222]\n    protect: [8080/tcp]\n"
+        f"    sources:\n{sources}\n      - 10.199.0.0/16\n",
+        name="big.yaml",
+    )
+    server.start("--workers", "2")
+    server.write_rules(SEED.replace("40000, 50000, 60000]", "41000, 51000, 61000]"))
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_log("reloaded", timeout=60)
+    for client in (alice, carol):
+        knock(server.sandbox, client, "41000", "51000", "61000")
+        assert connect(client).connected
+
+
 def test_a_worker_that_dies_stops_the_daemon_with_every_port_closed(server, alice, carol):
     server.start("--workers", "2")
     knock(server.sandbox, alice, *SEQUENCE)

@@ -44,3 +44,17 @@ def test_of_processes_claiming_the_same_record_at_once_exactly_one_wins(tmp_path
         for racer in racers:
             racer.join()
         assert sorted(results.get() for _ in racers) == [False, False, False, True]
+
+
+def test_a_claims_directory_that_is_a_symlink_is_refused(tmp_path):
+    import pytest
+
+    from nfknock.claims import open_claims
+    from nfknock.errors import NfknockError
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (tmp_path / "used").symlink_to(elsewhere)
+    with pytest.raises(NfknockError, match="not a directory of this user's"):
+        open_claims(tmp_path / "used")
+    assert os.stat(elsewhere).st_mode & 0o777 == 0o755  # not chmod-ed through the link

@@ -29,11 +29,30 @@ from nfknock.control import canonical_address, parse_request, read_request
         (b'{"cmd": "revoke", "key": 5}', "key must be a key name"),
         (b'{"cmd": "revoke", "key": "alice", "address": "10.0.0.1"}', "an address or a key, not both"),
         (b'{"cmd": "grant", "key": "alice", "door": "d", "seconds": 5}', "address must be an IP address"),
+        (b'{"cmd": "grant", "address": "fe80::1%eth0", "door": "d", "seconds": 5}', "must not carry a scope"),
+        (b'{"cmd": "grant", "address": "::", "door": "d", "seconds": 5}', ":: is not the address of a host"),
+        (b'{"cmd": "grant", "address": "0.0.0.0", "door": "d", "seconds": 5}', "not the address of a host"),
+        (b'{"cmd": "revoke", "address": "255.255.255.255"}', "255.255.255.255 is not the address of a host"),
+        (b'{"cmd": "revoke", "address": "224.0.0.1"}', "not the address of a host"),
     ],
 )
 def test_malformed_requests_are_refused_with_the_reason(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_request(raw)
+
+
+def test_a_request_nested_too_deeply_is_refused_and_the_socket_goes_on(tmp_path):
+    server = control.ControlServer(tmp_path / "c.sock", lambda: None)
+    try:
+        deep = b'{"cmd": "status", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+        for _ in range(2):
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(5)
+                sock.connect(str(tmp_path / "c.sock"))
+                sock.sendall(deep + b"\n")
+                assert b"nested too deeply" in sock.recv(4096)
+    finally:
+        server.close()
 
 
 def test_requests_are_checked_and_addresses_canonical():

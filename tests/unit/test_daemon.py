@@ -260,3 +260,32 @@ def test_an_unreadable_replay_cache_stops_the_start(tmp_path, content):
     (tmp_path / "state" / "replay.json").write_text(content)
     with pytest.raises(NfknockError, match="cannot read the replay cache"):
         Daemon(DaemonConfig(tmp_path / "rules", state_dir=tmp_path / "state"), FakeFirewall())
+
+
+def test_a_state_dir_others_can_write_is_refused_before_anything_is_touched(tmp_path):
+    """Whoever can write it can delete the records of used SPA packets."""
+    from nfknock.errors import UsageError
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "ssh.yaml").write_text(SEED.origin["openSSH"].read_text())
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    firewall = FakeFirewall()
+    with pytest.raises(UsageError, match=f"--state-dir {state}: not trusted: .*writable by group or others"):
+        Daemon(DaemonConfig(tmp_path / "rules", state_dir=state), firewall)
+    assert firewall.calls == []
+
+
+def test_records_left_by_workers_are_honoured_by_a_single_process(tmp_path):
+    """An SPA packet used under --workers stays used after a restart without them."""
+    from nfknock.claims import SUBDIR, ReplayClaims
+
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "ssh.yaml").write_text(SEED.origin["openSSH"].read_text())
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    assert Daemon(DaemonConfig(tmp_path / "rules", state_dir=state), FakeFirewall()).claims is None
+    ReplayClaims(state / SUBDIR)  # what a run with workers leaves
+    single = Daemon(DaemonConfig(tmp_path / "rules", state_dir=state), FakeFirewall())
+    assert single.claims is not None and single.engine.replays.shared

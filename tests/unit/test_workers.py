@@ -55,3 +55,31 @@ def test_metrics_of_workers_are_summed():
     assert merged.handled == {"accept": 3, "drop": 5}
     assert merged.tallies == {("doors_opened", ("ssh",)): 2}
     assert merged.grants_per_door == {"ssh": 3} and merged.tracked == 4 and merged.drops == (1, 4)
+
+
+def test_a_control_request_that_reaches_a_worker_after_its_deadline_is_not_carried_out():
+    """The supervisor told the operator it failed: a late grant must not happen anyway."""
+    import logging
+    import time
+
+    from nfknock.workers import serve
+
+    class Worker:
+        log = logging.getLogger("test")
+        sent: list = []
+
+        class channel:
+            @staticmethod
+            def send(message):
+                Worker.sent.append(message)
+
+        @staticmethod
+        def answer(request):
+            Worker.sent.append(("carried out", request))
+            return {}
+
+    grant = {"cmd": "grant", "address": "10.0.0.200", "door": "ssh", "seconds": 600.0}
+    serve(Worker, ("control", 1, time.monotonic() - 0.1, grant))
+    assert Worker.sent == []
+    serve(Worker, ("control", 2, time.monotonic() + 5, grant))
+    assert Worker.sent == [("carried out", grant), ("reply", 2, {})]
