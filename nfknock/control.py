@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import os
 import queue
@@ -254,7 +255,8 @@ def answer(daemon: Any, request: dict[str, Any], now: float) -> dict[str, Any]:
     if "key" in request:
         pairs = daemon.engine.revoke_key(request["key"], door)
         sources = sorted({src for _, src in pairs})
-        daemon.log.info(
+        daemon.log.log(
+            _quiet_if(not pairs, daemon),
             "key %s: revoked by the operator (%s)",
             request["key"],
             ", ".join(f"{src} on {name}" for name, src in pairs) or "no grant",
@@ -264,11 +266,18 @@ def answer(daemon: Any, request: dict[str, Any], now: float) -> dict[str, Any]:
     address = request["address"]
     if verb == "revoke":
         doors = daemon.engine.revoke(address, door)
-        daemon.log.info("%s: revoked by the operator (%s)", address, ", ".join(doors) or "no grant")
+        daemon.log.log(
+            _quiet_if(not doors, daemon), "%s: revoked by the operator (%s)", address, ", ".join(doors) or "no grant"
+        )
         return {"revoked": doors, "address": address}
     until = daemon.engine.grant(address, door, request["seconds"], now)
     daemon.log.warning("%s: %s: break-glass grant for %gs by the operator", address, door, request["seconds"])
     return {"granted": door, "address": address, "seconds": until - now}
+
+
+def _quiet_if(nothing: bool, daemon: Any) -> int:
+    """Every worker is asked to revoke: the ones that held nothing say so only at debug level."""
+    return logging.DEBUG if nothing and getattr(daemon, "channel", None) is not None else logging.INFO
 
 
 def status(daemon: Any, now: float) -> dict[str, Any]:

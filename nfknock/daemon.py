@@ -620,7 +620,11 @@ class Daemon:
         try:
             if self.pool is not None:
                 try:
-                    return self.pool.answer(request)
+                    answer = self.pool.answer(request)
+                    if request["cmd"] == "revoke" and answer.get("revoked") == []:  # no worker said it
+                        who = request.get("address") or f"key {request.get('key')}"
+                        self.log.info("%s: revoked by the operator (no grant)", who)
+                    return answer
                 except WorkerDied:
                     raise
                 except NfknockError as exc:

@@ -13,7 +13,7 @@ The last byte is what varies among the clients of one network (a /24, a /64 of S
 hosts), so even a small site spreads over the workers; a flood from random sources spreads
 evenly. `shard_of` names the worker that owns a source for what does not come through the
 kernel (a control-socket `revoke` or `grant`, for instance): it must name the same worker as the
-kernel's rule, which tests/netns/test_shards.py checks on a real kernel.
+kernel's rule, which tests/netns/test_shard_rules.py checks on a real kernel.
 """
 
 from __future__ import annotations

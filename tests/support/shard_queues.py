@@ -1,4 +1,4 @@
-"""Stand-ins for the workers of a sharded daemon, for tests/netns/test_shards.py. Run inside the
+"""Stand-ins for the workers of a sharded daemon, for tests/netns/test_shard_rules.py. Run inside the
 server namespace (`ip netns exec`), as root:
 
     python tests/support/shard_queues.py apply FLAVOUR BASE WORKERS DOOR_JSON

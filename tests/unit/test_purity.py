@@ -68,3 +68,13 @@ def test_pure_module_opens_no_files_or_sockets(module):
                 owner = func.value.id if isinstance(func.value, ast.Name) else ""
                 called |= {f"{owner}.{func.attr}", func.attr}
     assert not called & FORBIDDEN_CALLS, f"{module} calls {called & FORBIDDEN_CALLS}"
+
+
+def test_test_files_have_unique_basenames():
+    """pytest imports test modules by basename (rootdir-relative, no packages): two test_x.py in
+    different folders stop the whole run at collection."""
+    from collections import Counter
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(path.name for path in tests.rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
