@@ -24,6 +24,10 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
         "throughput.udp.bare",
         "throughput.tcp.nfknock",
         "throughput.tcp.bare",
+        "throughput.udp.nfknock2",
+        "throughput.udp.bare2",
+        "verdict_cpu.udp.nfknock",
+        "verdict_cpu.udp.bare",
         "knock_to_connect.nfknock",
         "knock_to_connect.knockd",
         "established.nfknock",
@@ -42,6 +46,12 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert set(ratios) == {
         "throughput.udp",
         "throughput.tcp",
+        "throughput.udp.workers2",
+        "throughput.tcp.workers2",
+        "throughput.udp.scaling",
+        "throughput.tcp.scaling",
+        "verdict_cpu.udp",
+        "verdict_cpu.tcp",
         "knock_to_connect",
         "established",
         "connection_rate",
@@ -52,5 +62,6 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert any(name.startswith("memory.") and name.endswith(".bytes_per_source") for name in figures)
     table = (tmp_path / "report.md").read_text()
     assert "| verdicts/s, UDP flood" in table and "knockd 0.8" in table
+    assert "| the same, `--workers 2`" in table and "| CPU per verdict, us (UDP" in table
     assert "| client knock+connect during a SYN flood" in table
     assert "| fleet: grant reaches the other member" in table
