@@ -15,7 +15,8 @@ from dataclasses import replace
 from netfilterqueue import NetfilterQueue
 
 from nfknock.daemon import DEFAULT_QUEUE_MAXLEN
-from nfknock.firewall import make_firewall, plan
+from nfknock.firewall import make_firewall, scaffolding
+from nfknock.firewall import shard as shard_rules
 from nfknock.loading import load_rules
 from nfknock.shards import queues
 
@@ -61,15 +62,21 @@ def main(rules: str, queue_num: int, verdict: str, workers: int) -> None:
         os.read(ready_r, 1)
         children.append((pid, count_r))
     firewall = make_firewall("auto")
-    # nfknock's chain, but every new connection straight to the main queues: no granted set
-    # (only the daemon fills it) and no limit in front of the queue, so the baseline is the queue alone.
-    scaffolding = {
-        family: [replace(spec, limit=None) for spec in specs if spec.match_set is None]
-        for family, specs in plan(load_rules(rules).doors, queue_num, workers=workers).items()
-    }
+    # nfknock's chain, but every knock and new connection straight to the main queues: no first
+    # step recorded by the kernel (groups=()), no granted set (only the daemon fills it) and no
+    # limit in front of the queue, so the baseline is the queue alone.
+    doors = load_rules(rules).doors
+    chain = {}
+    for family in (4, 6):
+        specs = scaffolding(tuple(d for d in doors if family in d.families), queue_num, family=family, groups=())
+        chain[family] = [
+            replace(spec, limit=None)
+            for spec in shard_rules(specs, queue_num, family, workers)
+            if spec.match_set is None
+        ]
 
     def ready() -> None:
-        firewall.apply(scaffolding)
+        firewall.apply(chain)
         print("ready", flush=True)
 
     total = 0

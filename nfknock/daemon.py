@@ -35,7 +35,7 @@ from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
 from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
-from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_mark, iptables_flavour, plan
+from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_marks, iptables_flavour, plan
 from .firewall.granted import GrantedSets, prune_first_step_sets
 from .fleet.link import FleetConfig
 from .loading import load_rules
@@ -169,7 +169,8 @@ class Daemon:
         self.pool: Any = None  # in the supervisor of workers: the WorkerPool
         self.store = ReplayStore(config.state_dir) if config.state_dir and config.workers == 1 else None
         self.granted = GrantedSets(config.queue_num, self.log)
-        self.first_seen_mark = first_step_mark(config.pass_mark)
+        self.first_seen_marks = first_step_marks(config.pass_mark)
+        self.first_seen_field = sum(self.first_seen_marks)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
         self.reporter = Reporter()
@@ -195,8 +196,10 @@ class Daemon:
         verdict = _DROP
         try:
             packet = parse(queued.get_payload())
-            if queued.get_mark() & self.first_seen_mark:
-                packet = packet._replace(first_seen=True)
+            seen = queued.get_mark() & self.first_seen_field
+            if seen:  # only a second step the kernel marked (first_steps.py)
+                bits = sum(1 << i for i, mark in enumerate(self.first_seen_marks) if seen & mark)
+                packet = packet._replace(first_seen=bits)
             now = self.clock()
             decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict

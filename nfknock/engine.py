@@ -187,12 +187,13 @@ class _DoorState:
 class _KnockDoorState(_DoorState):
     """A fixed open sequence and perhaps a close sequence."""
 
-    __slots__ = ("seq_timeout", "first")
+    __slots__ = ("seq_timeout", "first", "first_bit")
 
     def __init__(self, door: KnockDoor | RotatingDoor, pools: _Pools):
         super().__init__(door, pools)
         self.seq_timeout = door.seq_timeout
         self.first: Key | None = None  # the open sequence's first step, when the kernel records it
+        self.first_bit = 0  # the bit of Packet.first_seen that says the kernel saw that step
         if isinstance(door, KnockDoor):
             self.sequences = [self._compile(_OPEN, door.sequence, pools)]
             if door.close_sequence:
@@ -202,16 +203,18 @@ class _KnockDoorState(_DoorState):
         keys = tuple(step if isinstance(step, tuple) else step.key for step in steps)
         return KnockSequence(self.name, kind, keys, self.seq_timeout, pools.attempts.table(), window)
 
-    def first_in_kernel(self, yes: bool) -> None:
-        """Whether the kernel records the open sequence's first step (decided over all doors)."""
+    def first_in_kernel(self, bit: int | None) -> None:
+        """Whether the kernel records the open sequence's first step (decided over all doors),
+        and which bit of the first-step mark field says it did (None: the daemon sees it)."""
         opening = self.sequences[0]
-        self.first, opening.second = (opening.steps[0], opening.steps[1]) if yes else (None, None)
+        self.first, opening.second = (opening.steps[0], opening.steps[1]) if bit is not None else (None, None)
+        self.first_bit = 0 if bit is None else 1 << bit
 
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         src = packet.src
         # The kernel marks a second step only from a source whose first step it recorded and
         # that knocked no other port of the door since (first_steps.py).
-        first_seen = packet.first_seen and self.first is not None
+        first_seen = bool(packet.first_seen & self.first_bit)
         ordered = self.sequences
         if first_seen and src not in ordered[0].attempts and self.first is not None:
             # The first step the kernel saw would have ended a close attempt, as a knock does.
@@ -390,10 +393,10 @@ class Engine:
             states[door.name] = state
         self._doors = states
         self.rekeyed = tuple(rekeyed)
-        in_kernel = {name for group in first_step_groups(doors) for name in group.doors}
+        in_kernel = {name: group.bit for group in first_step_groups(doors) for name in group.doors}
         for state in states.values():
             if type(state) is _KnockDoorState:
-                state.first_in_kernel(state.name in in_kernel)
+                state.first_in_kernel(in_kernel.get(state.name))
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}
         protect: dict[Key, list[_DoorState]] = {}

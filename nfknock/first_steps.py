@@ -20,8 +20,14 @@ A door qualifies when the kernel can tell its first two steps apart from everyth
   window and SPA doors need the whole packet, so they stay in the daemon;
 - its first port is used by no door except as the first step of such doors (which then share
   one set, a *group*) or as a step of a close sequence, and all doors of the group want the same
-  TCP flags; its second port is used only as the second step of the group's doors or in a close
-  sequence; neither port is a tripwire, protected port, SPA port or inside a rotating range.
+  TCP flags; its second port is used only as the second step of doors the kernel serves (its
+  group's or other groups': "twins" that share a second step after different first steps) or in
+  a close sequence; neither port is a tripwire, protected port, SPA port or inside a rotating range.
+
+Twins are why the mark is a small field, not one bit: a second step reaches the daemon with one
+bit per group whose set held the source (MARK_BITS bits below the pass mark, firewall/__init__.py),
+so the engine knows *which* first step the kernel saw. Knocking 44000 must not count as 45000 for
+the twin; one shared bit would have let either first step stand for both.
 
 Close sequences matter only to a source that holds a grant, and packets from sources in the
 granted set (firewall/granted.py) go to the daemon whatever the port, so a close sequence (and a
@@ -31,7 +37,9 @@ resets the attempt (a tripwire hit still does: the engine remembers it), and the
 seq_timeout counts from the second step (the set element's own timeout bounds the first).
 
 At most MAX_GROUPS groups (in port order) go to the kernel: every group is one set per family,
-and the kernel's default limit is 256 sets per namespace.
+and the kernel's default limit is 256 sets per namespace; at most MARK_BITS groups share one
+second port. A group left out stays in the daemon, and so does every group sharing a second
+port with it.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
 
 Key = tuple[str, int]
 MAX_GROUPS = 32
+MARK_BITS = 4  # groups that can share one second port (each marks its own bit of the packet mark)
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,7 @@ class FirstStepGroup:
     timeout: int  # seconds a set element lives: the longest seq_timeout of the group, rounded up
     tcp_flags: TcpFlags | None  # what a TCP first knock must carry (None for UDP)
     families: tuple[int, ...]
+    bit: int = 0  # which of the first-step mark bits its second steps carry (see _mark_bits)
 
 
 def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
@@ -101,31 +111,60 @@ def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
             if (proto, number) not in own:
                 covered.add((proto, number))
 
-    groups = []
-    for first, members in sorted(candidates.items()):
+    def kernel_can_tell(first: Key, members: list[KnockDoor], accepted: set[str]) -> bool:
         names = {door.name for door in members}
-        seconds = tuple(dict.fromkeys(door.sequence[1].key for door in members))
-        flags = {door.tcp_flags for door in members}
-        if len(flags) != 1:
-            continue
+        if len({door.tcp_flags for door in members}) != 1:
+            return False
         if any(not (role == "close" or (role == "first" and name in names)) for name, role in uses[first]):
-            continue
+            return False
+        seconds = {door.sequence[1].key for door in members}
         if any(
-            not (role == "close" or (role == "second" and name in names)) for key in seconds for name, role in uses[key]
+            not (role == "close" or (role == "second" and name in accepted))
+            for key in seconds
+            for name, role in uses[key]
         ):
-            continue
-        if first in covered or covered.intersection(seconds):
-            continue
-        groups.append(
-            FirstStepGroup(
-                first=first,
-                seconds=seconds,
-                doors=frozenset(names),
-                timeout=max(1, math.ceil(max(door.seq_timeout for door in members))),
-                tcp_flags=flags.pop() if first[0] == "tcp" else None,
-                families=tuple(sorted({family for door in members for family in door.families})),
-            )
-        )
-        if len(groups) == MAX_GROUPS:
+            return False
+        return first not in covered and not covered.intersection(seconds)
+
+    # A second port may be shared by several groups (each marks its own bit), but only by doors
+    # the kernel serves: a daemon door's second step there would meet the port's final DROP. So
+    # groups are dropped until what is left only shares with itself (each round only drops).
+    accepted = dict(sorted(candidates.items()))
+    while True:
+        names = {door.name for members in accepted.values() for door in members}
+        kept = {first: members for first, members in accepted.items() if kernel_can_tell(first, members, names)}
+        kept = dict(list(kept.items())[:MAX_GROUPS])
+        bits = _mark_bits(kept)
+        kept = {first: members for first, members in kept.items() if first in bits}
+        if kept.keys() == accepted.keys():
             break
-    return tuple(groups)
+        accepted = kept
+
+    return tuple(
+        FirstStepGroup(
+            first=first,
+            seconds=tuple(dict.fromkeys(door.sequence[1].key for door in members)),
+            doors=frozenset(door.name for door in members),
+            timeout=max(1, math.ceil(max(door.seq_timeout for door in members))),
+            tcp_flags=members[0].tcp_flags if first[0] == "tcp" else None,
+            families=tuple(sorted({family for door in members for family in door.families})),
+            bit=bits[first],
+        )
+        for first, members in accepted.items()
+    )
+
+
+def _mark_bits(groups: dict[Key, list[KnockDoor]]) -> dict[Key, int]:
+    """A mark bit (0..MARK_BITS-1) for each group, distinct among groups that share a second
+    port, lowest first in port order; a group left without one is not in the answer."""
+    taken: dict[Key, set[int]] = defaultdict(set)  # second port -> bits its groups mark
+    bits = {}
+    for first, members in groups.items():
+        seconds = {door.sequence[1].key for door in members}
+        used = set().union(*(taken[key] for key in seconds))
+        free = [bit for bit in range(MARK_BITS) if bit not in used]
+        if free:
+            bits[first] = free[0]
+            for key in seconds:
+                taken[key].add(free[0])
+    return bits

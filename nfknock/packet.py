@@ -43,7 +43,7 @@ class Packet(NamedTuple):
     payload: bytes = b""
     fragment: bool = False  # a first fragment (more fragments follow)
     family: int = 4
-    first_seen: bool = False  # marked by the kernel: it recorded this source's first step
+    first_seen: int = 0  # marked by the kernel: bit i = the group with first-step mark bit i saw this source
 
 
 def parse(data: bytes) -> Packet:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..errors import FirewallError
-from ..first_steps import FirstStepGroup, first_step_groups
+from ..first_steps import MARK_BITS, FirstStepGroup, first_step_groups
 from ..rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
 from ..shards import byte_ranges, queues, u32_match
 
@@ -120,10 +120,13 @@ class RuleSpec:
 Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
 
 
-def first_step_mark(pass_mark: int = PASS_MARK) -> int:
-    """The mark bit saying "the kernel saw this source's first step" (first_steps.py): the bit
-    below the pass mark (above it when the pass mark is bit 0). nfknock owns both bits."""
-    return pass_mark >> 1 if pass_mark > 1 else pass_mark << 1
+def first_step_marks(pass_mark: int = PASS_MARK) -> tuple[int, ...]:
+    """The mark bits saying "the kernel saw this source's first step" (first_steps.py), one per
+    group sharing a second port: the MARK_BITS bits below the pass mark (above it when there is
+    no room below). nfknock owns the pass mark and those of these bits its rules use."""
+    if pass_mark >> MARK_BITS:
+        return tuple(pass_mark >> shift for shift in range(1, MARK_BITS + 1))
+    return tuple(pass_mark << shift for shift in range(1, MARK_BITS + 1))
 
 
 def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK, workers: int = 1) -> Plan:
@@ -195,8 +198,9 @@ def _first_step_rules(
     anyone else's first knock only lands in the group's set, and their second knock is queued,
     marked, only from a source in that set. Everything else on those ports is dropped. (The
     rules that take a source out of the set again are `_forgetting_rules`.)"""
-    seen = first_step_mark(pass_mark)
+    marks = first_step_marks(pass_mark)
     rules: dict[tuple[str, int], list[RuleSpec]] = {}
+    at_second: dict[tuple[str, int], list[tuple[str, int]]] = {}  # port -> (set, mark bit) of its groups
     for group in groups:
         if family not in group.families:
             continue
@@ -208,17 +212,22 @@ def _first_step_rules(
             RuleSpec("SET", proto, port, tcp_flags=flags, add_set=(started, group.timeout)),
             RuleSpec("DROP", proto, port),
         ]
-        for proto, port in group.seconds:
-            rules[(proto, port)] = [
-                RuleSpec("MARK", proto, port, set_mark=(0, seen)),  # whoever set it, it is ours
-                RuleSpec("MARK", proto, port, match_set=started, set_mark=(seen, seen)),
-                # single use: the element is spent on the packet it marks (a later packet to this
-                # port, a close sequence starting here or a spoofed copy, is not marked again)
-                RuleSpec("SET", proto, port, mark=seen, del_set=started),
-                RuleSpec("NFQUEUE", proto, port, mark=seen, queue_num=queue_num),
-                RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
-                RuleSpec("DROP", proto, port),
-            ]
+        for second in group.seconds:
+            at_second.setdefault(second, []).append((started, marks[group.bit]))
+    for (proto, port), marking in at_second.items():
+        field = 0
+        for _, bit in marking:
+            field |= bit
+        rules[(proto, port)] = [
+            RuleSpec("MARK", proto, port, set_mark=(0, field)),  # whoever set them, they are ours
+            *(RuleSpec("MARK", proto, port, match_set=started, set_mark=(bit, bit)) for started, bit in marking),
+            # single use: the element is spent on the packet it marks (a later packet to this
+            # port, a close sequence starting here or a spoofed copy, is not marked again)
+            *(RuleSpec("SET", proto, port, mark=bit, del_set=started) for started, bit in marking),
+            *(RuleSpec("NFQUEUE", proto, port, mark=bit, queue_num=queue_num) for _, bit in marking),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("DROP", proto, port),
+        ]
     return rules
 
 

@@ -20,6 +20,8 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     figures, ratios = report["figures"], report["ratios"]
     for name in (
+        "throughput.udp.kernel",
+        "throughput.tcp.kernel",
         "throughput.udp.nfknock",
         "throughput.udp.bare",
         "throughput.tcp.nfknock",
@@ -44,6 +46,8 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     ):
         assert figures[name]["median"] > 0, name
     assert set(ratios) == {
+        "throughput.udp.kernel",
+        "throughput.tcp.kernel",
         "throughput.udp",
         "throughput.tcp",
         "throughput.udp.workers2",
@@ -62,6 +66,7 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert any(name.startswith("memory.") and name.endswith(".bytes_per_source") for name in figures)
     table = (tmp_path / "report.md").read_text()
     assert "| verdicts/s, UDP flood" in table and "knockd 0.8" in table
+    assert "| first knocks decided/s, TCP flood" in table
     assert "| the same, `--workers 2`" in table and "| CPU per verdict, us (UDP" in table
     assert "| client knock+connect during a SYN flood" in table
     assert "| fleet: grant reaches the other member" in table

@@ -187,11 +187,12 @@ def peak_rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
-# A second door with the same second step but another first: the kernel cannot tell the two
-# apart, so both doors' first steps are the daemon's (first_steps.py).
+# A second door whose second step is openSSH's first: the kernel cannot record a first step on
+# a port where another door's second step must reach the daemon, so both doors' first steps are
+# the daemon's (first_steps.py).
 SHARED_SECOND = """\
   - name: twin
-    sequence: [41000, 50000, 61000]
+    sequence: [41000, 40000, 61000]
     protect: [2222/tcp]
 """
 

@@ -177,3 +177,43 @@ def test_a_two_step_door_closes_with_a_close_sequence_that_starts_on_its_second_
     knock(server.sandbox, alice, "50000", "40000")
     assert not connect(alice, timeout=1).connected
     assert "10.199.1.2: twoStep: closed" in server.log_text()
+
+
+TWINS = """\
+doors:
+  - name: openSSH
+    sequence: [40000, 50000, 60000]
+    protect: [22/tcp]
+  - name: twin
+    sequence: [41000, 50000, 61000]
+    protect: [2222/tcp]
+"""
+
+
+def first_step_entries(server, port: int) -> int:
+    name = f"nfknock-q{server.queue_num}-tcp{port}-v4"
+    listed = server.sandbox.run(server.sandbox.server, ["ipset", "list", "-t", name])
+    assert listed.returncode == 0, listed.stderr
+    return int(listed.stdout.split("Number of entries:")[1].split()[0])
+
+
+def test_twins_sharing_a_second_step_open_only_the_door_whose_first_step_was_knocked(server, alice, bob):
+    """Two doors with the same second step after different first steps: the kernel records both
+    first steps (one set each) and marks the second step with the bit of each set that held the
+    source, so knocking the twin's first step does not count as openSSH's (first_steps.py)."""
+    server.write_rules(TWINS)
+    server.start()
+    knock(server.sandbox, alice, "41000")
+    assert (first_step_entries(server, 41000), first_step_entries(server, 40000)) == (1, 0)
+    knock(server.sandbox, alice, "50000", "60000")  # the twin's first step, then openSSH's later ones
+    assert not connect(alice, timeout=1).connected
+    knock(server.sandbox, alice, "41000", "50000", "61000")
+    server.wait_log("10.199.1.2: twin: OPEN SESAME")
+    assert not connect(alice, timeout=1).connected  # port 22 is openSSH's: still closed to alice
+    assert first_step_entries(server, 41000) == 0  # spent on the marked second step
+    # bob knocks both first steps: the second step is marked for both, the third decides which
+    knock(server.sandbox, bob, "40000", "41000", "50000", "60000")
+    assert connect(bob).connected
+    log = server.log_text()
+    assert f"{bob.address}: openSSH: OPEN SESAME" in log and f"{bob.address}: twin: OPEN SESAME" not in log
+    assert f"{alice.address}: openSSH: OPEN SESAME" not in log

@@ -5,8 +5,8 @@ import pytest
 
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorOpened, KnockAdvanced, SequenceReset
-from nfknock.firewall import first_step_mark, scaffolding
-from nfknock.first_steps import MAX_GROUPS, first_step_groups
+from nfknock.firewall import first_step_marks, scaffolding
+from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups
 from nfknock.packet import Packet
 from nfknock.rules import parse_door
 
@@ -39,7 +39,7 @@ def test_doors_sharing_a_first_step_share_a_group():
     "other",
     [
         dict(name="e", sequence=[1000, 40000, 2000]),  # the first port is another door's later step
-        dict(name="e", sequence=[1000, 50000, 2000]),  # the second port is another door's second step
+        dict(name="e", sequence=[1000, 40000, 50000]),  # the second port is another door's third step
         dict(name="e", sequence=[50000, 3000]),  # the second port is another door's first step
         dict(name="e", sequence=[40000]),  # a one-step door on the first port
         dict(name="e", sequence=[40000, 51000], tcp_flags="syn"),  # the group disagrees on flags
@@ -127,8 +127,71 @@ def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or
     ]
 
 
-def test_the_first_step_mark_is_the_bit_below_the_pass_mark():
-    assert first_step_mark(0x20000000) == 0x10000000 and first_step_mark(1) == 2
+def test_the_first_step_marks_are_the_bits_below_the_pass_mark_or_above_it_when_there_is_no_room():
+    assert first_step_marks(0x20000000) == (0x10000000, 0x08000000, 0x04000000, 0x02000000)
+    assert first_step_marks(1) == (2, 4, 8, 16) and first_step_marks(0x8) == (0x10, 0x20, 0x40, 0x80)
+    assert len(first_step_marks()) == MARK_BITS
+
+
+def twin(n, first, second=50000, **fields):
+    return door(name=f"t{n}", sequence=[first, second, 61000 + n], protect=[f"{2200 + n}/tcp"], **fields)
+
+
+def test_twins_sharing_a_second_step_each_get_their_own_mark_bit():
+    groups = first_step_groups((door(), twin(1, 41000)))
+    assert [(g.first, g.doors, g.bit) for g in groups] == [
+        (("tcp", 40000), {"d"}, 0),
+        (("tcp", 41000), {"t1"}, 1),
+    ]
+    specs = [str(s) for s in scaffolding((door(), twin(1, 41000)), 0) if s.dport == 50000]
+    assert specs == [
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x18000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
+        "-j MARK --set-xmark 0x10000000/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp41000-v4 src "
+        "-j MARK --set-xmark 0x8000000/0x8000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
+        "-j SET --del-set nfknock-q0-tcp40000-v4 src",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x8000000/0x8000000 "
+        "-j SET --del-set nfknock-q0-tcp41000-v4 src",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x8000000/0x8000000 -j NFQUEUE --queue-num 0",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-v4 src -j NFQUEUE --queue-num 0",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
+    ]
+
+
+def test_bits_are_reused_where_groups_share_no_second_port():
+    groups = first_step_groups((door(), twin(1, 41000), twin(2, 42000, second=52000), twin(3, 43000, second=52000)))
+    assert [g.bit for g in groups] == [0, 1, 0, 1]
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        # a fifth group on one second port has no bit left: it stays in the daemon, and so must
+        # every group sharing that port (the daemon's second step would meet the port's DROP)
+        [twin(n, 41000 + n) for n in range(MARK_BITS)],
+        # the twin's first port is another door's later step: the twin is the daemon's, so is 50000
+        [twin(1, 41000), door(name="e", sequence=[1000, 41000, 2000], protect=["23/tcp"])],
+    ],
+)
+def test_a_second_port_shared_with_a_door_the_daemon_serves_keeps_all_its_groups_in_the_daemon(shared):
+    assert not {"d", "t1"} & set(names([door(), *shared]))
+
+
+def test_the_engine_takes_a_second_step_only_for_the_group_whose_bit_is_set():
+    engine, now = Engine((door(), twin(1, 41000))), 100.0
+    # alice knocked 41000 (the twin's first step, bit 1) and now 50000: the twin advances, not d
+    events = engine.handle(knock(50000, seen=0b10), now).events
+    assert events == (KnockAdvanced(ALICE, "t1", "open", 1), KnockAdvanced(ALICE, "t1", "open", 2))
+    assert engine.handle(knock(60000), now + 1).events == ()  # d's third step: d has no attempt
+    assert isinstance(engine.handle(knock(61001), now + 2).events[0], DoorOpened)
+    assert engine.handle(knock(22), now + 3).verdict is Verdict.DROP  # d's port stays closed
+    assert engine.handle(knock(2201), now + 3).verdict is Verdict.ACCEPT
+    # both first steps seen: both advance
+    both = engine.handle(knock(50000, seen=0b11, src="10.0.0.3"), now).events
+    assert {e.door for e in both} == {"d", "t1"}
 
 
 def test_a_first_step_the_kernel_saw_ends_a_close_attempt_as_a_knock_would():
