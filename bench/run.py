@@ -62,21 +62,20 @@ doors:
   - name: openSSHTwin
     sequence: [41000, 50000, 61000]
     protect: [22/tcp]
-  # The first step of daemonTcp/daemonUdp is another door's second step, which must reach the
-  # daemon: the kernel cannot record it, so these first knocks are the daemon's. The
-  # loop-throughput flood hits 45000 and 7500.
-  - name: daemonTcp
-    sequence: [45000, 46000, 47000]
-    protect: [22/tcp]
-  - name: daemonTcpOther
-    sequence: [44000, 45000, 48000]
-    protect: [22/tcp]
-  - name: daemonUdp
-    sequence: [7500/udp, 7600/udp, 7700/udp]
-    protect: [22/tcp]
-  - name: daemonUdpOther
-    sequence: [7400/udp, 7500/udp, 7800/udp]
-    protect: [22/tcp]
+  # Five doors share each of the second steps 46000 and 7600/udp after different first steps:
+  # one more than the kernel has mark bits for (nfknock/first_steps.py, MARK_BITS), so their
+  # first knocks are the daemon's, and a knock on 45000 or 7500 is a step of one door only, as
+  # in earlier runs. The loop-throughput flood hits 45000 and 7500.
+  - {name: daemonTcp, sequence: [45000, 46000, 47000], protect: [22/tcp]}
+  - {name: daemonTcp1, sequence: [44100, 46000, 47100], protect: [22/tcp]}
+  - {name: daemonTcp2, sequence: [44200, 46000, 47200], protect: [22/tcp]}
+  - {name: daemonTcp3, sequence: [44300, 46000, 47300], protect: [22/tcp]}
+  - {name: daemonTcp4, sequence: [44400, 46000, 47400], protect: [22/tcp]}
+  - {name: daemonUdp, sequence: [7500/udp, 7600/udp, 7700/udp], protect: [22/tcp]}
+  - {name: daemonUdp1, sequence: [7300/udp, 7600/udp, 7750/udp], protect: [22/tcp]}
+  - {name: daemonUdp2, sequence: [7350/udp, 7600/udp, 7800/udp], protect: [22/tcp]}
+  - {name: daemonUdp3, sequence: [7400/udp, 7600/udp, 7850/udp], protect: [22/tcp]}
+  - {name: daemonUdp4, sequence: [7450/udp, 7600/udp, 7900/udp], protect: [22/tcp]}
 """
 
 KNOCKD_CONF = """\
@@ -219,18 +218,27 @@ class Bench:
         seconds = 1.5 if self.smoke else 4.0
         for run in range(self.repeat):
             for proto, kernel_port, port in (("udp", 7000, 7500), ("tcp", 41000, 45000)):
-                rate = self._kernel_rate(proto, kernel_port, seconds)
+                rate, host = self._kernel_rate(proto, kernel_port, seconds)
                 self.figures.add(f"throughput.{proto}.kernel", rate, "packets/s")
-                log(f"throughput {proto} kernel-recorded first step run {run + 1}: {rate:,.0f} decided/s")
+                self.figures.add(f"host_cpu.{proto}.kernel", host, "us")
+                log(
+                    f"throughput {proto} kernel-recorded first step run {run + 1}: {rate:,.0f} decided/s, "
+                    f"{host:.2f} us of the machine's CPU each (sender included)"
+                )
                 for loop in ("bare", "nfknock", "bare2", "nfknock2"):
-                    rate, cpu = self._verdict_rate(loop, proto, port, seconds)
+                    rate, cpu, host = self._verdict_rate(loop, proto, port, seconds)
                     self.figures.add(f"throughput.{proto}.{loop}", rate, "packets/s")
                     self.figures.add(f"verdict_cpu.{proto}.{loop}", cpu, "us")
-                    log(f"throughput {proto} {loop} run {run + 1}: {rate:,.0f} verdicts/s, {cpu:.2f} us CPU each")
+                    self.figures.add(f"host_cpu.{proto}.{loop}", host, "us")
+                    log(
+                        f"throughput {proto} {loop} run {run + 1}: {rate:,.0f} verdicts/s, {cpu:.2f} us CPU each "
+                        f"({host:.2f} us of the machine's)"
+                    )
 
-    def _kernel_rate(self, proto: str, port: int, seconds: float) -> float:
-        """First knocks per second the default daemon's chain decided at `port` (the packets its
-        recording rule saw, plus the queue's verdicts: there should be none)."""
+    def _kernel_rate(self, proto: str, port: int, seconds: float) -> tuple[float, float]:
+        """(First knocks per second the default daemon's chain decided at `port` (the packets its
+        recording rule saw, plus the queue's verdicts: there should be none), busy CPU of the
+        whole machine per decided packet in microseconds, the sender's included)."""
         process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
         flood = self.box.spawn(
             self.bob.namespace,
@@ -240,14 +248,17 @@ class Bench:
         )
         time.sleep(seconds * 0.25)
         t0, recorded0, (ids0, over0, _) = time.monotonic(), self._recorded(port), self.queue_counters()
+        busy0 = busy_cpu_seconds()
         time.sleep(seconds * 0.5)
         t1, recorded1, (ids1, over1, _) = time.monotonic(), self._recorded(port), self.queue_counters()
+        busy1 = busy_cpu_seconds()
         flood.communicate(timeout=30)
         self.stop(process)
         verdicts = (ids1 - ids0) - (over1 - over0)
         if verdicts:
             log(f"  kernel: {verdicts} packets of the flood reached the queue")
-        return (recorded1 - recorded0 + verdicts) / (t1 - t0)
+        decided = recorded1 - recorded0 + verdicts
+        return decided / (t1 - t0), (busy1 - busy0) * 1e6 / max(1, decided)
 
     def _recorded(self, port: int) -> int:
         """Packets that reached the rule adding sources to the first-step set of `port`."""
@@ -260,8 +271,9 @@ class Bench:
             raise RuntimeError(f"no rule records first steps on port {port}:\n{listed.stdout}")
         return counts[0]
 
-    def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> tuple[float, float]:
-        """(verdicts per second, CPU microseconds of the loop's processes per verdict)."""
+    def _verdict_rate(self, loop: str, proto: str, port: int, seconds: float) -> tuple[float, float, float]:
+        """(verdicts per second, CPU microseconds of the loop's processes per verdict, busy CPU
+        microseconds of the whole machine per verdict)."""
         workers = 2 if loop.endswith("2") else 1
         if loop.startswith("bare"):
             process = self.start_bare("drop", workers)
@@ -276,8 +288,10 @@ class Bench:
         )
         time.sleep(seconds * 0.25)
         t0, (ids0, over0, full0), cpu0 = time.monotonic(), self.queue_counters(workers), cpu_seconds(pids)
+        busy0 = busy_cpu_seconds()
         time.sleep(seconds * 0.5)
         t1, (ids1, over1, full1), cpu1 = time.monotonic(), self.queue_counters(workers), cpu_seconds(pids)
+        busy1 = busy_cpu_seconds()
         flood.communicate(timeout=30)
         self.stop(process)
         offered = (ids1 - ids0) + (full1 - full0)
@@ -286,7 +300,11 @@ class Bench:
             f"  {loop}: {offered / (t1 - t0):,.0f} packets/s reached the queue(s), "
             f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped because it was full"
         )
-        return verdicts / (t1 - t0), (cpu1 - cpu0) * 1e6 / max(1, verdicts)
+        return (
+            verdicts / (t1 - t0),
+            (cpu1 - cpu0) * 1e6 / max(1, verdicts),
+            (busy1 - busy0) * 1e6 / max(1, verdicts),
+        )
 
     # -- 2. knock to connect --------------------------------------------------------------
 
@@ -677,6 +695,14 @@ class Bench:
             service.close()
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent not idle (all CPUs, every namespace: the sender,
+    softirq work and the loop alike), from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -758,6 +784,13 @@ def render(report: dict) -> str:
                 f"defaults (the kernel records the first step) | "
                 f"{fig(f'throughput.{proto}.kernel')} | {fig(f'throughput.{proto}.bare')} (drop-only loop) | "
                 f"{rat(f'throughput.{proto}.kernel')} | >= 0.8 |"
+            )
+        )
+        row(
+            lambda proto=proto: (
+                f"| the machine's busy CPU per decided first knock, us ({proto.upper()}; sender included) | "
+                f"{fig(f'host_cpu.{proto}.kernel', '{:.2f}')} | {fig(f'host_cpu.{proto}.bare', '{:.2f}')} | "
+                f"{rat(f'host_cpu.{proto}.kernel')} | |"
             )
         )
         row(
@@ -880,6 +913,8 @@ MEASUREMENTS = (
 RATIOS = [
     ("throughput.udp.kernel", "throughput.udp.kernel", "throughput.udp.bare"),
     ("throughput.tcp.kernel", "throughput.tcp.kernel", "throughput.tcp.bare"),
+    ("host_cpu.udp.kernel", "host_cpu.udp.kernel", "host_cpu.udp.bare"),
+    ("host_cpu.tcp.kernel", "host_cpu.tcp.kernel", "host_cpu.tcp.bare"),
     ("throughput.udp", "throughput.udp.nfknock", "throughput.udp.bare"),
     ("throughput.tcp", "throughput.tcp.nfknock", "throughput.tcp.bare"),
     ("throughput.udp.workers2", "throughput.udp.nfknock2", "throughput.udp.bare"),

@@ -24,6 +24,7 @@ from .errors import RulesError
 from .extras import SERVER, SERVER_MODULES, absent
 from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
 from .firewall.legacy import legacy_tables
+from .first_steps import first_step_groups, first_steps_in_daemon
 from .loading import load_rules, rule_files
 from .rules import KEY_SUFFIX, Door, SpaDoor
 from .shards import queues
@@ -304,6 +305,25 @@ def check_rules(path: Path) -> tuple[list[Finding], tuple[Door, ...]]:
     return [Finding(OK, f"{path}: {len(ruleset.doors)} door(s) valid")], ruleset.doors
 
 
+def check_first_steps(doors: tuple[Door, ...]) -> list[Finding]:
+    """Knock doors whose first knocks the daemon decides: a flood of spoofed first knocks there
+    reaches the queue and competes with the clients' knocks, where the kernel would have
+    recorded it (first_steps.py). Nearly always a port collision the administrator can undo."""
+    out = [
+        Finding(
+            WARN,
+            f"door {name}: its first knocks reach the daemon instead of the kernel's first-step set: "
+            f"{reason}; a flood of first knocks there competes with clients' knocks in the queue "
+            "(give the door ports of its own)",
+        )
+        for name, reason in sorted(first_steps_in_daemon(doors).items())
+    ]
+    recorded = sum(len(group.doors) for group in first_step_groups(doors))
+    return out or (
+        [Finding(OK, f"the kernel records the first knocks of {recorded} knock door(s)")] if recorded else []
+    )
+
+
 def check_modes(paths: list[Path], keys: frozenset = frozenset()) -> list[Finding]:
     """Rules decide who gets in and key files are secrets: each is judged by the same
     `trust.why_unsafe` that makes `run` refuse it (symlinks resolved: the target counts)."""
@@ -411,6 +431,7 @@ def diagnose(
         + check_queue(host, queue_num, workers)
         + check_pass_mark(host, pass_mark)
         + rule_findings
+        + check_first_steps(doors)
         + check_local_ports(doors, host.local_ports, host.reserved_ports)
         + check_modes(paths, keys)
     )

@@ -71,12 +71,29 @@ class FirstStepGroup:
 
 def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
     """The groups of doors whose first step goes to the kernel (see the module's docstring)."""
+    return _decide(doors)[0]
+
+
+def first_steps_in_daemon(doors: tuple[Door, ...]) -> dict[str, str]:
+    """Knock doors of two steps or more whose first knocks the daemon decides, each with why:
+    a flood of first knocks on them reaches the queue (`nfknock doctor` says so)."""
+    return _decide(doors)[1]
+
+
+def _name(key: Key) -> str:
+    return f"{key[1]}/{key[0]}"
+
+
+_ROLES = {"first": "as its first step", "second": "as its second step", "other": "as a later step or protected port"}
+
+
+def _decide(doors: tuple[Door, ...]) -> tuple[tuple[FirstStepGroup, ...], dict[str, str]]:
     candidates: dict[Key, list[KnockDoor]] = defaultdict(list)
     for door in doors:
         if isinstance(door, KnockDoor) and len(door.sequence) >= 2:
             candidates[door.sequence[0].key].append(door)
     if not candidates:
-        return ()
+        return (), {}
     # Every use of every port, as (door name, role); roles: "first", "second", "close", "other".
     uses: dict[Key, set[tuple[str, str]]] = defaultdict(set)
     ranges: list[tuple[str, int, int, frozenset[Key]]] = []  # (proto, first, last, except these)
@@ -111,36 +128,55 @@ def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
             if (proto, number) not in own:
                 covered.add((proto, number))
 
-    def kernel_can_tell(first: Key, members: list[KnockDoor], accepted: set[str]) -> bool:
+    def why_not(first: Key, members: list[KnockDoor], accepted: set[str]) -> str | None:
+        """Why the kernel cannot record this first step, or None if it can."""
         names = {door.name for door in members}
         if len({door.tcp_flags for door in members}) != 1:
-            return False
-        if any(not (role == "close" or (role == "first" and name in names)) for name, role in uses[first]):
-            return False
-        seconds = {door.sequence[1].key for door in members}
-        if any(
-            not (role == "close" or (role == "second" and name in accepted))
-            for key in seconds
-            for name, role in uses[key]
-        ):
-            return False
-        return first not in covered and not covered.intersection(seconds)
+            return f"the doors starting on {_name(first)} want different TCP flags"
+        for name, role in sorted(uses[first]):
+            if not (role == "close" or (role == "first" and name in names)):
+                return f"{_name(first)} is also door {name}'s port ({_ROLES[role]})"
+        seconds = sorted({door.sequence[1].key for door in members})
+        for key in seconds:
+            for name, role in sorted(uses[key]):
+                if role == "second" and name not in names and name not in accepted:
+                    return (
+                        f"its second step {_name(key)} is also that of door {name}, whose first step the daemon decides"
+                    )
+                if not (role == "close" or role == "second"):
+                    return f"its second step {_name(key)} is also door {name}'s port ({_ROLES[role]})"
+        for key in (first, *seconds):
+            if key in covered:
+                return f"{_name(key)} lies in another door's tripwire or rotating range"
+        return None
 
     # A second port may be shared by several groups (each marks its own bit), but only by doors
     # the kernel serves: a daemon door's second step there would meet the port's final DROP. So
     # groups are dropped until what is left only shares with itself (each round only drops).
     accepted = dict(sorted(candidates.items()))
+    left: dict[str, str] = {}
     while True:
         names = {door.name for members in accepted.values() for door in members}
-        kept = {first: members for first, members in accepted.items() if kernel_can_tell(first, members, names)}
-        kept = dict(list(kept.items())[:MAX_GROUPS])
+        kept: dict[Key, list[KnockDoor]] = {}
+        for first, members in accepted.items():
+            reason = why_not(first, members, names)
+            if reason is not None:
+                left.update((door.name, reason) for door in members)
+            elif len(kept) == MAX_GROUPS:
+                left.update((door.name, f"more than {MAX_GROUPS} first ports go to the kernel") for door in members)
+            else:
+                kept[first] = members
         bits = _mark_bits(kept)
-        kept = {first: members for first, members in kept.items() if first in bits}
+        for first in [first for first in kept if first not in bits]:
+            for door in kept.pop(first):
+                left[door.name] = (
+                    f"more than {MARK_BITS} first steps share its second step {_name(door.sequence[1].key)}"
+                )
         if kept.keys() == accepted.keys():
             break
         accepted = kept
 
-    return tuple(
+    groups = tuple(
         FirstStepGroup(
             first=first,
             seconds=tuple(dict.fromkeys(door.sequence[1].key for door in members)),
@@ -152,6 +188,7 @@ def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
         )
         for first, members in accepted.items()
     )
+    return groups, left
 
 
 def _mark_bits(groups: dict[Key, list[KnockDoor]]) -> dict[Key, int]:

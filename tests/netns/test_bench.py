@@ -48,6 +48,8 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert set(ratios) == {
         "throughput.udp.kernel",
         "throughput.tcp.kernel",
+        "host_cpu.udp.kernel",
+        "host_cpu.tcp.kernel",
         "throughput.udp",
         "throughput.tcp",
         "throughput.udp.workers2",

@@ -9,13 +9,14 @@ from nfknock.doctor import (
     Finding,
     HostState,
     check_earlier_accepts,
+    check_first_steps,
     check_leftovers,
     check_modes,
     check_queue,
     check_server_extra,
     diagnose,
 )
-from nfknock.rules import KnockDoor, RotatingDoor
+from nfknock.rules import KnockDoor, RotatingDoor, parse_door
 
 SEED = KnockDoor.model_validate(dict(name="openSSH", sequence=[40000, 50000, 60000], protect=["22/tcp"]))
 WITH_CHAIN = "-P INPUT ACCEPT\n-N NFKNOCK\n-A INPUT -j NFKNOCK\n-A NFKNOCK -p tcp -j DROP\n"
@@ -299,3 +300,27 @@ def test_every_workers_queues_are_checked():
     findings = check_queue(HostState(None, queues=held), 6, workers=2)
     assert [f.level for f in findings] == [OK, OK, OK, FAIL]
     assert "NFQUEUE 9 (worker 1's grant queue)" in findings[3].text
+
+
+def test_a_knock_door_whose_first_knocks_reach_the_daemon_is_named_with_the_port_that_keeps_it_there():
+    """A flood of first knocks at such a door reaches the queue; the administrator is told which
+    door, and which other door's port collides, so the door can be given ports of its own."""
+
+    def knock_door(name, sequence, protect="22/tcp"):
+        return parse_door({"name": name, "sequence": sequence, "protect": [protect]})
+
+    plain = knock_door("openSSH", [40000, 50000, 60000])
+    twin = knock_door("twin", [41000, 50000, 61000], "2222/tcp")
+    assert [str(f) for f in check_first_steps((plain, twin))] == [
+        "ok   the kernel records the first knocks of 2 knock door(s)"
+    ]
+    other = knock_door("other", [44000, 40000, 48000], "2223/tcp")
+    findings = [str(f) for f in check_first_steps((plain, twin, other))]
+    assert findings[0].startswith(
+        "warn door openSSH: its first knocks reach the daemon instead of the kernel's first-step set: "
+        "40000/tcp is also door other's port (as its second step)"
+    )
+    # the twin shares 50000 with openSSH, now the daemon's: the twin's first knocks are the daemon's too
+    assert findings[2].startswith("warn door twin:") and "50000/tcp is also that of door openSSH" in findings[2]
+    assert findings[1].startswith("warn door other:")
+    assert check_first_steps(()) == []
