@@ -130,6 +130,7 @@ class Bench:
         self.rules.mkdir()
         (self.rules / "doors.yaml").write_text(RULES)
         self.daemon_log = workdir / "nfknock.log"
+        self.iptables = "iptables"  # the flavour nfknock picks by default (--firewall auto)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class Bench:
     def _recorded(self, port: int) -> int:
         """Packets that reached the rule adding sources to the first-step set of `port`."""
         listed = self.box.run(
-            self.box.server, ["iptables", "-w", "-L", "NFKNOCK", "-v", "-x", "-n"], capture_output=True, text=True
+            self.box.server, [self.iptables, "-w", "-L", "NFKNOCK", "-v", "-x", "-n"], capture_output=True, text=True
         )
         rows = [line.split() for line in listed.stdout.splitlines() if f"dpt:{port} " in line + " "]
         counts = [int(row[0]) for row in rows if len(row) > 2 and row[2] == "SET" and "add-set" in " ".join(row)]

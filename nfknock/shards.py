@@ -4,7 +4,7 @@ Every packet of one source must reach the same worker, whatever its protocol or 
 worker's engine holds that source's knock attempts, grants and lockouts, and a knock on a TCP
 port followed by one on a UDP port is one attempt. So the kernel cannot use `--queue-balance`
 (it hashes the protocol and ports in), nor HMARK (it overwrites the whole packet mark, whose
-bits nfknock uses for the pass mark and the first-step mark). What is left that both iptables
+bits nfknock uses for the pass mark and the first-step marks). What is left that both iptables
 flavours and both families have is xt_u32: the scaffolding's NFQUEUE rules are repeated once per
 worker, each testing the last byte of the source address against that worker's range of byte
 values and sending to that worker's own pair of queues.
