@@ -35,8 +35,9 @@ from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
 from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
-from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_marks, iptables_flavour, plan
+from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_marks, iptables_flavour, marks_installed, plan
 from .firewall.granted import GrantedSets, prune_first_step_sets
+from .first_steps import FirstStepGroup, first_step_groups, marks_held
 from .fleet.link import FleetConfig
 from .loading import load_rules
 from .logs import RateLimit, log_events
@@ -74,9 +75,10 @@ class DaemonConfig:
     workers: int = 1  # verdict loops, each in a process of its own (workers.py)
     shard: int = 0  # in a worker: which one it is
 
-    def plan(self, doors) -> Plan:
-        """The scaffolding these doors need, on this queue, with this pass mark, for these workers."""
-        return plan(doors, self.queue_num, self.pass_mark, self.workers)
+    def plan(self, doors, groups: tuple[FirstStepGroup, ...] | None = None) -> Plan:
+        """The scaffolding these doors need, on this queue, with this pass mark, for these workers
+        (`groups`: the first steps the kernel records, as the daemon decided them)."""
+        return plan(doors, self.queue_num, self.pass_mark, self.workers, groups)
 
     @property
     def queues(self) -> tuple[int, int]:
@@ -113,9 +115,11 @@ class _Reload:
     """New rules read and checked in a thread, so a large rules directory never holds up a
     verdict; the loop applies the result. Any error at all is kept for the loop to report."""
 
-    def __init__(self, config: DaemonConfig, wake: Callable[[], None]):
+    def __init__(self, config: DaemonConfig, wake: Callable[[], None], held: dict):
         self.config = config
+        self.held = held  # a copy: the loop may add to its own meanwhile
         self.ruleset: Ruleset | None = None
+        self.groups: tuple[FirstStepGroup, ...] = ()
         self.plan: Plan | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -125,7 +129,8 @@ class _Reload:
     def _read(self) -> None:
         try:
             self.ruleset = load_rules(self.config.rules_path, strict=True)
-            self.plan = self.config.plan(self.ruleset.doors)
+            self.groups = first_step_groups(self.ruleset.doors, self.held)
+            self.plan = self.config.plan(self.ruleset.doors, self.groups)
         except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
             self.error = exc
         finally:
@@ -170,6 +175,10 @@ class Daemon:
         self.store = ReplayStore(config.state_dir) if config.state_dir and config.workers == 1 else None
         self.granted = GrantedSets(config.queue_num, self.log)
         self.first_seen_marks = first_step_marks(config.pass_mark)
+        # What each (second port, mark bit) has meant in first-step rules installed by or found by
+        # this daemon; the first steps the kernel records now (first_steps.py, `held`).
+        self.marks_held: dict = {}
+        self.first_steps = first_step_groups(self.ruleset.doors)
         self.first_seen_field = sum(self.first_seen_marks)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
@@ -286,6 +295,11 @@ class Daemon:
         require_for_run(self.config.metrics_port, self.firewall.name)
         if self.config.fleet is not None:
             require("redis", FLEET, "--cluster")
+        # Rules left by an earlier run may still mark packets until ours replace them: keep to
+        # what their mark bits mean (first_steps.py), before any queue is bound or worker forked.
+        self.marks_held = self._marks_installed()
+        self.first_steps = first_step_groups(self.ruleset.doors, self.marks_held)
+        self.engine.use_first_steps(self.first_steps)
         if self.config.workers > 1:
             # The workers bind their queues before any rule sends packets there; the supervisor
             # binds none (no packet ever reaches it).
@@ -300,7 +314,8 @@ class Daemon:
             self.granted.create()  # before the rules that refer to the sets
             if self.pool is None:
                 self._start_fleet()  # with workers, each worker is a fleet member of its own
-            self._apply(self.config.plan(self.ruleset.doors))
+            self.marks_held.update(marks_held(self.first_steps))
+            self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
@@ -476,24 +491,34 @@ class Daemon:
         if self._reload_requested and self._reload is None:
             self._reload_requested = False
             sd_notify("RELOADING=1")
-            self._reload = _Reload(self.config, self._wake)
+            self._reload = _Reload(self.config, self._wake, dict(self.marks_held))
         if self._reload is not None and self._reload.done.is_set():
             job, self._reload = self._reload, None
-            self.finish_reload(job.ruleset, job.plan, job.error)
+            self.finish_reload(job.ruleset, job.plan, job.error, job.groups)
             sd_notify("READY=1")
 
     def reload(self) -> bool:
         """Read and apply the rules on disk now (in the caller's thread)."""
         try:
             ruleset = load_rules(self.config.rules_path, strict=True)
-            return self.finish_reload(ruleset, self.config.plan(ruleset.doors), None)
+            groups = first_step_groups(ruleset.doors, self.marks_held)
+            return self.finish_reload(ruleset, self.config.plan(ruleset.doors, groups), None, groups)
         except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
             return self.finish_reload(None, None, exc)
 
-    def finish_reload(self, ruleset: Ruleset | None, new_plan: Plan | None, error: BaseException | None) -> bool:
-        """Switch to rules read by a reload; on any problem keep the old rules and say why."""
+    def finish_reload(
+        self,
+        ruleset: Ruleset | None,
+        new_plan: Plan | None,
+        error: BaseException | None,
+        groups: tuple[FirstStepGroup, ...] = (),
+    ) -> bool:
+        """Switch to rules read by a reload (`groups`: the first steps `new_plan` has the kernel
+        record); on any problem keep the old rules and say why."""
         if error is None and ruleset is not None and new_plan is not None:
             try:
+                # Before the rules go in: from then on packets may carry these meanings.
+                self.marks_held.update(marks_held(groups))
                 self._apply(new_plan)
             except Exception as exc:
                 error = exc
@@ -501,12 +526,13 @@ class Daemon:
         if error is not None or ruleset is None:
             self._refuse_reload(error)
             return False
+        self.first_steps = groups
         if self.pool is not None:
-            self.engine.reload(ruleset.doors)  # the supervisor's engine only names the doors
+            self.engine.reload(ruleset.doors, groups)  # the supervisor's engine only names the doors
             self.ruleset = ruleset
-            dropped = self.pool.reload(ruleset)
+            dropped = self.pool.reload(ruleset, groups)
         else:
-            dropped = self.adopt(ruleset)
+            dropped = self.adopt(ruleset, groups)
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -515,9 +541,10 @@ class Daemon:
         )
         return True
 
-    def adopt(self, ruleset: Ruleset) -> list[str]:
-        """Switch the engine to rules already installed; returns the doors whose state was reset."""
-        dropped = self.engine.reload(ruleset.doors)
+    def adopt(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
+        """Switch the engine to rules already installed (`groups`: their first steps in the
+        kernel); returns the doors whose state was reset."""
+        dropped = self.engine.reload(ruleset.doors, groups)
         self.ruleset = ruleset
         self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
         return dropped
@@ -532,9 +559,16 @@ class Daemon:
         for line in lines:
             self.log.error("reload refused, keeping the current rules: %s", line)
 
+    def _marks_installed(self) -> dict:
+        try:
+            return marks_installed(self.firewall.installed(), self.config.queue_num, self.config.pass_mark)
+        except Exception as exc:  # noqa: BLE001 - applying the rules will say what is wrong
+            self.log.warning("cannot read the rules in place (%s): assuming none", exc)
+            return {}
+
     def _restore_firewall(self) -> None:
         try:
-            self._apply(self.config.plan(self.ruleset.doors))
+            self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
         except Exception as exc:
             self.log.error("could not put the previous rules back after a failed reload: %s", exc)
 

@@ -73,7 +73,7 @@ from .events import (
     SequenceReused,
     SpaRefused,
 )
-from .first_steps import first_step_groups
+from .first_steps import FirstStepGroup, first_step_groups
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
@@ -381,7 +381,15 @@ class Engine:
             return old
         return None
 
-    def _compile(self, doors: tuple[Door, ...]) -> None:
+    def use_first_steps(self, groups: tuple[FirstStepGroup, ...]) -> None:
+        """Take these first steps as the kernel's, with these mark bits: the firewall's plan was
+        made with the same groups (the daemon decides them once, first_steps.py)."""
+        in_kernel = {name: group.bit for group in groups for name in group.doors}
+        for state in self._doors.values():
+            if type(state) is _KnockDoorState:
+                state.first_in_kernel(in_kernel.get(state.name))
+
+    def _compile(self, doors: tuple[Door, ...], groups: tuple[FirstStepGroup, ...] | None = None) -> None:
         states = {}
         rekeyed: list[Event] = []
         for door in doors:
@@ -393,10 +401,7 @@ class Engine:
             states[door.name] = state
         self._doors = states
         self.rekeyed = tuple(rekeyed)
-        in_kernel = {name: group.bit for group in first_step_groups(doors) for name in group.doors}
-        for state in states.values():
-            if type(state) is _KnockDoorState:
-                state.first_in_kernel(in_kernel.get(state.name))
+        self.use_first_steps(first_step_groups(doors) if groups is None else groups)
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}
         protect: dict[Key, list[_DoorState]] = {}
@@ -417,7 +422,7 @@ class Engine:
             for key in set(knock) | set(trip) | set(protect)
         }
 
-    def reload(self, doors: tuple[Door, ...]) -> list[str]:
+    def reload(self, doors: tuple[Door, ...], groups: tuple[FirstStepGroup, ...] | None = None) -> list[str]:
         """Switch to new doors. State of doors that did not change is kept; returns the names
         of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
         keep = {d.name for d in doors if self._reusable(d) is not None}
@@ -425,7 +430,7 @@ class Engine:
         for name in dropped:
             for table in self._doors[name].tables():
                 table.pool.forget(table)
-        self._compile(doors)
+        self._compile(doors, groups)
         return dropped
 
     @property

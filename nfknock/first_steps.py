@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
@@ -69,9 +70,24 @@ class FirstStepGroup:
     bit: int = 0  # which of the first-step mark bits its second steps carry (see _mark_bits)
 
 
-def first_step_groups(doors: tuple[Door, ...]) -> tuple[FirstStepGroup, ...]:
-    """The groups of doors whose first step goes to the kernel (see the module's docstring)."""
-    return _decide(doors)[0]
+Held = Mapping[tuple[Key, int], Key]  # (second port, mark bit) -> the first port it has meant
+
+
+def first_step_groups(doors: tuple[Door, ...], held: Held | None = None) -> tuple[FirstStepGroup, ...]:
+    """The groups of doors whose first step goes to the kernel (see the module's docstring).
+
+    `held`: what each (second port, mark bit) has meant in rules this daemon installed or found
+    installed. A marked packet may wait in the queue while a reload swaps the rules (or, with
+    workers, reach a worker before it has the new ones), so it can be judged by an engine of
+    other rules than marked it; a bit must therefore never change its meaning on a port. A group
+    keeps the bit it holds, takes a bit nothing else held on its second ports, or stays in the
+    daemon (until a restart starts the history afresh from the rules in place)."""
+    return _decide(doors, held or {})[0]
+
+
+def marks_held(groups: tuple[FirstStepGroup, ...]) -> dict[tuple[Key, int], Key]:
+    """What these groups make each (second port, mark bit) mean, for `first_step_groups(held=)`."""
+    return {(second, group.bit): group.first for group in groups for second in group.seconds}
 
 
 def first_steps_in_daemon(doors: tuple[Door, ...]) -> dict[str, str]:
@@ -87,7 +103,7 @@ def _name(key: Key) -> str:
 _ROLES = {"first": "as its first step", "second": "as its second step", "other": "as a later step or protected port"}
 
 
-def _decide(doors: tuple[Door, ...]) -> tuple[tuple[FirstStepGroup, ...], dict[str, str]]:
+def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[FirstStepGroup, ...], dict[str, str]]:
     candidates: dict[Key, list[KnockDoor]] = defaultdict(list)
     for door in doors:
         if isinstance(door, KnockDoor) and len(door.sequence) >= 2:
@@ -166,7 +182,7 @@ def _decide(doors: tuple[Door, ...]) -> tuple[tuple[FirstStepGroup, ...], dict[s
                 left.update((door.name, f"more than {MAX_GROUPS} first ports go to the kernel") for door in members)
             else:
                 kept[first] = members
-        bits = _mark_bits(kept)
+        bits = _mark_bits(kept, held or {})
         for first in [first for first in kept if first not in bits]:
             for door in kept.pop(first):
                 left[door.name] = (
@@ -191,17 +207,24 @@ def _decide(doors: tuple[Door, ...]) -> tuple[tuple[FirstStepGroup, ...], dict[s
     return groups, left
 
 
-def _mark_bits(groups: dict[Key, list[KnockDoor]]) -> dict[Key, int]:
+def _mark_bits(groups: dict[Key, list[KnockDoor]], held: Held) -> dict[Key, int]:
     """A mark bit (0..MARK_BITS-1) for each group, distinct among groups that share a second
-    port, lowest first in port order; a group left without one is not in the answer."""
+    port and never one that meant another first port on any of its second ports (`held`): the
+    bit it already holds first, else the lowest free, in port order; a group left without one is
+    not in the answer."""
     taken: dict[Key, set[int]] = defaultdict(set)  # second port -> bits its groups mark
     bits = {}
     for first, members in groups.items():
         seconds = {door.sequence[1].key for door in members}
         used = set().union(*(taken[key] for key in seconds))
-        free = [bit for bit in range(MARK_BITS) if bit not in used]
+        free = [
+            bit
+            for bit in range(MARK_BITS)
+            if bit not in used and all(held.get((key, bit), first) == first for key in seconds)
+        ]
+        own = [bit for bit in free if any((key, bit) in held for key in seconds)]
         if free:
-            bits[first] = free[0]
+            bits[first] = (own or free)[0]
             for key in seconds:
-                taken[key].add(free[0])
+                taken[key].add(bits[first])
     return bits

@@ -242,15 +242,17 @@ class WorkerPool:
     def snapshot(self) -> metrics.Snapshot:
         return merge_snapshots(self._ask(("snapshot",)))
 
-    def reload(self, ruleset) -> list[str]:
-        """Give every worker the rules the supervisor just installed; returns the doors whose state
-        was reset. The rules go through a root-only file (a large rule set would not fit a socket
-        buffer, and a worker that does not read must not block the supervisor)."""
+    def reload(self, ruleset, groups) -> list[str]:
+        """Give every worker the rules the supervisor just installed, with the first steps they
+        have the kernel record (`groups`: decided once, by the supervisor; first_steps.py);
+        returns the doors whose state was reset. The rules go through a root-only file (a large
+        rule set would not fit a socket buffer, and a worker that does not read must not block
+        the supervisor)."""
         assert self._handoff is not None  # made with the pool
         handoff = self._handoff / f"rules-{next(self._ids)}.pickle"
         try:
             with open(os.open(handoff, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-                pickle.dump(ruleset, file, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump((ruleset, groups), file, protocol=pickle.HIGHEST_PROTOCOL)
             replies = self._ask(("reload", str(handoff)), wait=RELOAD_WAIT)
         except (NfknockError, OSError) as exc:
             # The kernel already has the new rules; a worker that cannot take them must not
@@ -374,5 +376,5 @@ def serve(daemon: Any, message: tuple) -> None:
         daemon.channel.send(("reply", message[1], metrics.take(daemon, daemon.clock())))
     elif kind == "reload":
         with open(message[3], "rb") as file:
-            ruleset = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
-        daemon.channel.send(("reply", message[1], daemon.adopt(ruleset)))
+            ruleset, groups = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
+        daemon.channel.send(("reply", message[1], daemon.adopt(ruleset, groups)))

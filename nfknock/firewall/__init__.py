@@ -129,11 +129,18 @@ def first_step_marks(pass_mark: int = PASS_MARK) -> tuple[int, ...]:
     return tuple(pass_mark << shift for shift in range(1, MARK_BITS + 1))
 
 
-def plan(doors: tuple[Door, ...], queue_num: int, pass_mark: int = PASS_MARK, workers: int = 1) -> Plan:
+def plan(
+    doors: tuple[Door, ...],
+    queue_num: int,
+    pass_mark: int = PASS_MARK,
+    workers: int = 1,
+    groups: tuple[FirstStepGroup, ...] | None = None,
+) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it. Which first
-    steps go to the kernel is decided over all doors, as the engine decides it. With `workers`
-    above 1 the NFQUEUE rules are split over the workers (see `shard`)."""
-    groups = first_step_groups(doors)
+    steps go to the kernel is decided over all doors, as the engine decides it (`groups`, the
+    daemon's decision; from `doors` alone when not given). With `workers` above 1 the NFQUEUE
+    rules are split over the workers (see `shard`)."""
+    groups = first_step_groups(doors) if groups is None else groups
     return {
         family: shard(
             scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family, groups),
@@ -176,6 +183,28 @@ def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> l
     return out
 
 
+_MARKING = re.compile(r"-p (tcp|udp) .*--dport (\d+) .*--match-set (\S+) src -j MARK --set-xmark (0x[0-9a-f]+)/")
+
+
+def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: int = PASS_MARK) -> dict:
+    """What each (second port, mark bit) means in first-step rules already in the kernel (left by
+    an earlier run of this daemon): `first_steps.first_step_groups(held=)` keeps to it, so that a
+    packet those rules marked is not read with another meaning."""
+    marks = first_step_marks(pass_mark)
+    ours = re.compile(rf"{SET_PREFIX}q{queue_num}-(tcp|udp)(\d+)-v[46]")
+    held = {}
+    for lines in installed.values():
+        for line in lines:
+            found = _MARKING.search(line)
+            if found is None or int(found[4], 16) not in marks:
+                continue
+            started = ours.fullmatch(found[3])
+            if started is not None:
+                second, bit = (found[1], int(found[2])), marks.index(int(found[4], 16))
+                held[(second, bit)] = (started[1], int(started[2]))
+    return held
+
+
 def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
     """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
     return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"
@@ -214,12 +243,12 @@ def _first_step_rules(
         ]
         for second in group.seconds:
             at_second.setdefault(second, []).append((started, marks[group.bit]))
+    field = sum(marks)
     for (proto, port), marking in at_second.items():
-        field = 0
-        for _, bit in marking:
-            field |= bit
         rules[(proto, port)] = [
-            RuleSpec("MARK", proto, port, set_mark=(0, field)),  # whoever set them, they are ours
+            # All of them, used here or not: whoever set them, they are ours, and a bit this port
+            # does not use today may mean a first step here after a reload (first_steps.py).
+            RuleSpec("MARK", proto, port, set_mark=(0, field)),
             *(RuleSpec("MARK", proto, port, match_set=started, set_mark=(bit, bit)) for started, bit in marking),
             # single use: the element is spent on the packet it marks (a later packet to this
             # port, a close sequence starting here or a spoofed copy, is not marked again)

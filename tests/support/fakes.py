@@ -9,8 +9,9 @@ class FakeFirewall:
 
     name = "fake"
 
-    def __init__(self):
+    def __init__(self, in_place=None):
         self.calls = []
+        self.in_place = in_place or {}  # what installed() reports: rules an earlier run left
 
     def apply(self, plan):
         self.calls.append(("apply", plan))
@@ -20,7 +21,7 @@ class FakeFirewall:
         return True
 
     def installed(self):
-        return []
+        return self.in_place
 
 
 class Queued:

@@ -8,7 +8,8 @@ import pytest
 
 from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.errors import PacketError
-from nfknock.firewall import PASS_MARK, RuleSpec
+from nfknock.firewall import PASS_MARK, RuleSpec, scaffolding
+from nfknock.first_steps import first_step_groups, marks_held
 from nfknock.loading import load_rules
 from nfknock.packet import parse
 from support.fakes import FakeFirewall, Queued
@@ -289,3 +290,45 @@ def test_records_left_by_workers_are_honoured_by_a_single_process(tmp_path):
     ReplayClaims(state / SUBDIR)  # what a run with workers leaves
     single = Daemon(DaemonConfig(tmp_path / "rules", state_dir=state), FakeFirewall())
     assert single.claims is not None and single.engine.replays.shared
+
+
+TWINS = """\
+doors:
+  - {name: A, sequence: [40000, 50000, 60000], protect: [22/tcp]}
+  - {name: B, sequence: [41000, 50000, 61000], protect: [2222/tcp]}
+"""
+TWINS_AND_C = TWINS + "  - {name: C, sequence: [39000, 50000, 62000], protect: [3333/tcp]}\n"
+
+
+@pytest.mark.parametrize("first, then", [(TWINS, TWINS_AND_C), (TWINS_AND_C, TWINS)])
+def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it(tmp_path, first, then):
+    """The kernel marked a second step with the bit of A's first step; the packet waited in the
+    queue while a reload added or removed a twin. The new engine must read the bit as A's, as
+    the rules that marked it meant, never as another door's (found by an attack run: the bits
+    used to be renumbered in port order)."""
+    (tmp_path / "doors.yaml").write_text(first)
+    daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"))
+    a_bit = next(g.bit for g in daemon.first_steps if "A" in g.doors)
+    daemon.marks_held.update(marks_held(daemon.first_steps))  # as run() does before installing them
+    (tmp_path / "doors.yaml").write_text(then)
+    assert daemon.reload() is True
+    marked = Queued(syn(50000), mark=daemon.first_seen_marks[a_bit])
+    daemon.on_packet(marked)
+    assert verdicts(daemon, syn(60000)) == ["drop"]
+    assert verdicts(daemon, syn(22)) == ["accept"]  # A opened: its first step was the one seen
+    for door in ("B", "C"):
+        assert not any(door in g.doors and g.bit == a_bit for g in daemon.first_steps)
+    assert verdicts(daemon, syn(61000)) + verdicts(daemon, syn(62000)) == ["drop", "drop"]
+    assert verdicts(daemon, syn(2222)) + verdicts(daemon, syn(3333)) == ["drop", "drop"]
+
+
+def test_a_daemon_keeps_to_the_mark_bits_of_the_rules_it_finds_in_place(tmp_path):
+    """Rules left by an earlier run mark packets until the new ones replace them: a restart
+    with another rule set reads what their bits mean and keeps to it."""
+    (tmp_path / "doors.yaml").write_text(TWINS)
+    left = {4: [str(s) for s in scaffolding(load_rules(tmp_path).doors, 0)], 6: []}
+    (tmp_path / "doors.yaml").write_text(TWINS_AND_C)
+    daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(left), logger=logging.getLogger("test-nfknock"))
+    held = daemon._marks_installed()
+    groups = {g.first[1]: g.bit for g in first_step_groups(daemon.ruleset.doors, held)}
+    assert groups == {39000: 2, 40000: 0, 41000: 1}

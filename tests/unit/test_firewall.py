@@ -24,7 +24,7 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q3-tcp40000-v4 src --exist --timeout 15",
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j DROP",
         # ... and only the second step of a source in that set reaches the daemon, marked.
-        f"-A {CHAIN} -p udp -m udp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-tcp40000-v4 src -j MARK --set-xmark 0x10000000/0x10000000",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set nfknock-q3-tcp40000-v4 src",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 3",

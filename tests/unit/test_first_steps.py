@@ -5,8 +5,8 @@ import pytest
 
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorOpened, KnockAdvanced, SequenceReset
-from nfknock.firewall import first_step_marks, scaffolding
-from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups
+from nfknock.firewall import first_step_marks, marks_installed, scaffolding
+from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, marks_held
 from nfknock.packet import Packet
 from nfknock.rules import parse_door
 
@@ -116,7 +116,7 @@ def test_another_doors_overlapping_tripwire_cannot_hide_a_tripwire_port():
 def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or_granted():
     specs = [str(s) for s in scaffolding((door(),), 0) if s.dport == 50000]
     assert specs == [
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
         "-j MARK --set-xmark 0x10000000/0x10000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
@@ -145,7 +145,7 @@ def test_twins_sharing_a_second_step_each_get_their_own_mark_bit():
     ]
     specs = [str(s) for s in scaffolding((door(), twin(1, 41000)), 0) if s.dport == 50000]
     assert specs == [
-        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x18000000",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
         "-j MARK --set-xmark 0x10000000/0x10000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp41000-v4 src "
@@ -206,3 +206,38 @@ def test_a_two_step_door_completes_on_the_marked_second_step():
     engine = Engine((door(sequence=[40000, 50000]),))
     events = engine.handle(knock(50000, seen=True), 100.0).events
     assert [type(e) for e in events] == [KnockAdvanced, DoorOpened]
+
+
+def test_a_mark_bit_never_changes_its_meaning_on_a_port_across_reloads():
+    """A second step marked under the old rules may be judged by the new engine (it waited in
+    the queue during the swap) or the other way round (workers): so a group keeps its bit, and
+    a new group takes a bit nothing else has held on its second ports."""
+    a, b, c = twin(0, 40000), twin(1, 41000), twin(2, 39000)
+    before = first_step_groups((a, b))
+    assert {g.first[1]: g.bit for g in before} == {40000: 0, 41000: 1}
+    held = marks_held(before)
+    after = first_step_groups((a, b, c), held)  # 39000 comes first in port order: fresh, it would take bit 0
+    assert {g.first[1]: g.bit for g in after} == {39000: 2, 40000: 0, 41000: 1}
+    held.update(marks_held(after))
+    back = first_step_groups((a, b), held)
+    assert {g.first[1]: g.bit for g in back} == {40000: 0, 41000: 1}
+    # a group whose port has no bit left that never meant anything else stays in the daemon,
+    # and so does every group sharing that port with it
+    held.update({(("tcp", 50000), 3): ("tcp", 38000)})
+    assert first_step_groups((a, b, twin(4, 37000)), held) == ()
+
+
+def test_the_meanings_in_place_are_read_back_from_the_installed_rules():
+    doors = (door(), twin(1, 41000))
+    installed = {4: [str(s) for s in scaffolding(doors, 7)], 6: []}
+    expected = marks_held(first_step_groups(doors))
+    assert (
+        marks_installed(installed, 7)
+        == expected
+        == {
+            (("tcp", 50000), 0): ("tcp", 40000),
+            (("tcp", 50000), 1): ("tcp", 41000),
+        }
+    )
+    assert marks_installed(installed, 8) == {}  # another daemon's rules
+    assert marks_installed(installed, 7, pass_mark=0x100) == {}  # other bits: not first-step marks
