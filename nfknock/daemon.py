@@ -37,7 +37,7 @@ from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
 from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_marks, iptables_flavour, marks_installed, plan
 from .firewall.granted import GrantedSets, prune_first_step_sets
-from .first_steps import FirstStepGroup, first_step_groups, marks_held
+from .first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
 from .fleet.link import FleetConfig
 from .loading import load_rules
 from .logs import RateLimit, log_events
@@ -526,6 +526,7 @@ class Daemon:
         if error is not None or ruleset is None:
             self._refuse_reload(error)
             return False
+        served = {name for group in self.first_steps for name in group.doors}
         self.first_steps = groups
         if self.pool is not None:
             self.engine.reload(ruleset.doors, groups)  # the supervisor's engine only names the doors
@@ -539,6 +540,7 @@ class Daemon:
             len(ruleset.doors),
             f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
         )
+        self._name_daemon_first_steps(served)
         return True
 
     def adopt(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
@@ -558,6 +560,18 @@ class Daemon:
             lines = [f"{self.config.rules_path}: unexpected {type(error).__name__} while reading: {str(error)[:200]}"]
         for line in lines:
             self.log.error("reload refused, keeping the current rules: %s", line)
+
+    def _name_daemon_first_steps(self, before: set[str] | None) -> None:
+        """Warn about knock doors whose first knocks reach the queue (a flood there competes with
+        clients' knocks; first_steps.py): all of them at start, and after a reload those the
+        kernel served before it (`before`: the doors it did)."""
+        in_kernel = {name for group in self.first_steps for name in group.doors}
+        doors = {door.name for door in self.ruleset.doors}
+        if before is not None and not (before & doors) - in_kernel:
+            return
+        for name, reason in sorted(first_steps_in_daemon(self.ruleset.doors, self.marks_held).items()):
+            if before is None or name in before:
+                self.log.warning("door %s: its first knocks go to the daemon, not the kernel: %s", name, reason)
 
     def _marks_installed(self) -> dict:
         try:
@@ -737,6 +751,7 @@ class Daemon:
     def _log_ready(self) -> None:
         for door in self.ruleset.doors:
             self.log.info("%s", as_line(door))
+        self._name_daemon_first_steps(None)
         if self.pool is None:
             self.log.info(
                 "ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name

@@ -90,10 +90,10 @@ def marks_held(groups: tuple[FirstStepGroup, ...]) -> dict[tuple[Key, int], Key]
     return {(second, group.bit): group.first for group in groups for second in group.seconds}
 
 
-def first_steps_in_daemon(doors: tuple[Door, ...]) -> dict[str, str]:
+def first_steps_in_daemon(doors: tuple[Door, ...], held: Held | None = None) -> dict[str, str]:
     """Knock doors of two steps or more whose first knocks the daemon decides, each with why:
-    a flood of first knocks on them reaches the queue (`nfknock doctor` says so)."""
-    return _decide(doors)[1]
+    a flood of first knocks on them reaches the queue (`nfknock doctor` and reloads say so)."""
+    return _decide(doors, held or {})[1]
 
 
 def _name(key: Key) -> str:
@@ -156,8 +156,9 @@ def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[Fi
         for key in seconds:
             for name, role in sorted(uses[key]):
                 if role == "second" and name not in names and name not in accepted:
+                    why = f" ({left[name]})" if name in left else ""
                     return (
-                        f"its second step {_name(key)} is also that of door {name}, whose first step the daemon decides"
+                        f"its second step {_name(key)} is also door {name}'s, whose first step the daemon decides{why}"
                     )
                 if not (role == "close" or role == "second"):
                     return f"its second step {_name(key)} is also door {name}'s port ({_ROLES[role]})"
@@ -186,7 +187,9 @@ def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[Fi
         for first in [first for first in kept if first not in bits]:
             for door in kept.pop(first):
                 left[door.name] = (
-                    f"more than {MARK_BITS} first steps share its second step {_name(door.sequence[1].key)}"
+                    f"no first-step mark bit is free on its second step {_name(door.sequence[1].key)} (at most "
+                    f"{MARK_BITS} first steps share one; a bit that meant another first step since the daemon "
+                    "started stays that step's until a restart)"
                 )
         if kept.keys() == accepted.keys():
             break

@@ -332,3 +332,13 @@ def test_a_daemon_keeps_to_the_mark_bits_of_the_rules_it_finds_in_place(tmp_path
     held = daemon._marks_installed()
     groups = {g.first[1]: g.bit for g in first_step_groups(daemon.ruleset.doors, held)}
     assert groups == {39000: 2, 40000: 0, 41000: 1}
+
+
+def test_a_reload_that_sends_a_doors_first_knocks_back_to_the_daemon_says_so(tmp_path, caplog):
+    (tmp_path / "doors.yaml").write_text(TWINS)
+    daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"))
+    (tmp_path / "doors.yaml").write_text(TWINS + "  - {name: D, sequence: [1000, 40000, 2000], protect: [23/tcp]}\n")
+    with caplog.at_level(logging.WARNING, logger="test-nfknock"):
+        assert daemon.reload() is True
+    assert "door A: its first knocks go to the daemon, not the kernel: 40000/tcp is also door D's port" in caplog.text
+    assert "door B:" in caplog.text and "door D:" not in caplog.text  # D's were never the kernel's
