@@ -314,7 +314,7 @@ class Daemon:
             self.granted.create()  # before the rules that refer to the sets
             if self.pool is None:
                 self._start_fleet()  # with workers, each worker is a fleet member of its own
-            self.marks_held.update(marks_held(self.first_steps))
+            self.marks_held = marks_held(self.first_steps, self.marks_held)
             self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
             self._start_control()
             self._log_ready()
@@ -518,7 +518,7 @@ class Daemon:
         if error is None and ruleset is not None and new_plan is not None:
             try:
                 # Before the rules go in: from then on packets may carry these meanings.
-                self.marks_held.update(marks_held(groups))
+                self.marks_held = marks_held(groups, self.marks_held)
                 self._apply(new_plan)
             except Exception as exc:
                 error = exc

@@ -70,7 +70,10 @@ class FirstStepGroup:
     bit: int = 0  # which of the first-step mark bits its second steps carry (see _mark_bits)
 
 
-Held = Mapping[tuple[Key, int], Key]  # (second port, mark bit) -> the first port it has meant
+# What a (second port, mark bit) has meant: the first port whose set marked it, and the doors of
+# that group (None: not known, read back from rules in place).
+Meaning = tuple[Key, frozenset[str] | None]
+Held = Mapping[tuple[Key, int], frozenset[Meaning]]
 
 
 def first_step_groups(doors: tuple[Door, ...], held: Held | None = None) -> tuple[FirstStepGroup, ...]:
@@ -79,15 +82,24 @@ def first_step_groups(doors: tuple[Door, ...], held: Held | None = None) -> tupl
     `held`: what each (second port, mark bit) has meant in rules this daemon installed or found
     installed. A marked packet may wait in the queue while a reload swaps the rules (or, with
     workers, reach a worker before it has the new ones), so it can be judged by an engine of
-    other rules than marked it; a bit must therefore never change its meaning on a port. A group
-    keeps the bit it holds, takes a bit nothing else held on its second ports, or stays in the
-    daemon (until a restart starts the history afresh from the rules in place)."""
+    other rules than marked it; a bit must therefore never come to mean another door's first
+    step on a port. A group may take a bit whose every earlier meaning there was its own first
+    port, or its own doors (the same doors, their first step changed: at worst a packet in
+    flight counts their old first step for the new one), else a bit nothing held there, else it
+    stays in the daemon (until a restart starts the history afresh from the rules in place)."""
     return _decide(doors, held or {})[0]
 
 
-def marks_held(groups: tuple[FirstStepGroup, ...]) -> dict[tuple[Key, int], Key]:
-    """What these groups make each (second port, mark bit) mean, for `first_step_groups(held=)`."""
-    return {(second, group.bit): group.first for group in groups for second in group.seconds}
+def marks_held(
+    groups: tuple[FirstStepGroup, ...], held: Held | None = None
+) -> dict[tuple[Key, int], frozenset[Meaning]]:
+    """`held` and what these groups make each (second port, mark bit) mean, for
+    `first_step_groups(held=)`."""
+    merged = dict(held or {})
+    for group in groups:
+        for second in group.seconds:
+            merged[(second, group.bit)] = merged.get((second, group.bit), frozenset()) | {(group.first, group.doors)}
+    return merged
 
 
 def first_steps_in_daemon(doors: tuple[Door, ...], held: Held | None = None) -> dict[str, str]:
@@ -210,20 +222,26 @@ def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[Fi
     return groups, left
 
 
+def _same(new: Meaning, old: Meaning) -> bool:
+    """Whether a packet marked with meaning `old` may be read as `new` (first_step_groups)."""
+    return new[0] == old[0] or (old[1] is not None and new[1] == old[1])
+
+
 def _mark_bits(groups: dict[Key, list[KnockDoor]], held: Held) -> dict[Key, int]:
     """A mark bit (0..MARK_BITS-1) for each group, distinct among groups that share a second
-    port and never one that meant another first port on any of its second ports (`held`): the
-    bit it already holds first, else the lowest free, in port order; a group left without one is
-    not in the answer."""
+    port and never one that meant another door's first step on any of its second ports (`held`,
+    see first_step_groups): one it already holds first, else the lowest free, in port order; a
+    group left without one is not in the answer."""
     taken: dict[Key, set[int]] = defaultdict(set)  # second port -> bits its groups mark
     bits = {}
     for first, members in groups.items():
         seconds = {door.sequence[1].key for door in members}
         used = set().union(*(taken[key] for key in seconds))
+        meaning = (first, frozenset(door.name for door in members))
         free = [
             bit
             for bit in range(MARK_BITS)
-            if bit not in used and all(held.get((key, bit), first) == first for key in seconds)
+            if bit not in used and all(_same(meaning, old) for key in seconds for old in held.get((key, bit), ()))
         ]
         own = [bit for bit in free if any((key, bit) in held for key in seconds)]
         if free:

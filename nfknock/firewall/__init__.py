@@ -192,7 +192,7 @@ def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: 
     packet those rules marked is not read with another meaning."""
     marks = first_step_marks(pass_mark)
     ours = re.compile(rf"{SET_PREFIX}q{queue_num}-(tcp|udp)(\d+)-v[46]")
-    held = {}
+    held: dict = {}
     for lines in installed.values():
         for line in lines:
             found = _MARKING.search(line)
@@ -201,7 +201,7 @@ def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: 
             started = ours.fullmatch(found[3])
             if started is not None:
                 second, bit = (found[1], int(found[2])), marks.index(int(found[4], 16))
-                held[(second, bit)] = (started[1], int(started[2]))
+                held[(second, bit)] = held.get((second, bit), frozenset()) | {((started[1], int(started[2])), None)}
     return held
 
 

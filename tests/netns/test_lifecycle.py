@@ -39,7 +39,7 @@ def scaffolding(family: int = 4) -> list[str]:
             f"-A NFKNOCK -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set {first} src --exist "
             "--timeout 15",
             "-A NFKNOCK -p tcp -m tcp --dport 40000 -j DROP",
-            "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x10000000",
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
             "0x10000000/0x10000000",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set {first} src",

@@ -6,7 +6,7 @@ import pytest
 from nfknock.engine import Engine, Verdict
 from nfknock.events import DoorOpened, KnockAdvanced, SequenceReset
 from nfknock.firewall import first_step_marks, marks_installed, scaffolding
-from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, marks_held
+from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, first_steps_in_daemon, marks_held
 from nfknock.packet import Packet
 from nfknock.rules import parse_door
 
@@ -211,33 +211,52 @@ def test_a_two_step_door_completes_on_the_marked_second_step():
 def test_a_mark_bit_never_changes_its_meaning_on_a_port_across_reloads():
     """A second step marked under the old rules may be judged by the new engine (it waited in
     the queue during the swap) or the other way round (workers): so a group keeps its bit, and
-    a new group takes a bit nothing else has held on its second ports."""
+    a new group takes a bit no other door's first step has held on its second ports."""
     a, b, c = twin(0, 40000), twin(1, 41000), twin(2, 39000)
     before = first_step_groups((a, b))
     assert {g.first[1]: g.bit for g in before} == {40000: 0, 41000: 1}
     held = marks_held(before)
     after = first_step_groups((a, b, c), held)  # 39000 comes first in port order: fresh, it would take bit 0
     assert {g.first[1]: g.bit for g in after} == {39000: 2, 40000: 0, 41000: 1}
-    held.update(marks_held(after))
+    held = marks_held(after, held)
     back = first_step_groups((a, b), held)
     assert {g.first[1]: g.bit for g in back} == {40000: 0, 41000: 1}
-    # a group whose port has no bit left that never meant anything else stays in the daemon,
-    # and so does every group sharing that port with it
-    held.update({(("tcp", 50000), 3): ("tcp", 38000)})
-    assert first_step_groups((a, b, twin(4, 37000)), held) == ()
+    # a group whose port has no bit left that never meant another door stays in the daemon, and
+    # so does every group sharing that port with it
+    alone = first_step_groups((twin(3, 38000),), held)
+    assert [g.bit for g in alone] == [3]  # bits 0-2 meant other doors' first steps on 50000
+    held = marks_held(alone, held)
+    # every bit of 50000 has meant another door: a fifth door there cannot have one, even with
+    # only two doors left on the port; both stay in the daemon until a restart
+    assert first_step_groups((a, twin(4, 37000)), held) == ()
+    assert (
+        "no first-step mark bit is free on its second step 50000/tcp"
+        in first_steps_in_daemon((a, twin(4, 37000)), held)["t4"]
+    )
+
+
+def test_a_door_whose_first_step_changes_keeps_its_bit():
+    """Editing a door's first step again and again must not use up the bits of its second port:
+    a packet in flight at worst counts the door's old first step for its new one."""
+    held: dict = {}
+    for first in range(1000, 1010):
+        (group,) = first_step_groups((door(sequence=[first, 2000]),), held)
+        assert group.bit == 0
+        held = marks_held((group,), held)
+    # another door on that port, though, gets a bit of its own
+    other = first_step_groups((door(name="x", sequence=[999, 2000], protect=["23/tcp"]),), held)
+    assert [g.bit for g in other] == [1]
 
 
 def test_the_meanings_in_place_are_read_back_from_the_installed_rules():
     doors = (door(), twin(1, 41000))
     installed = {4: [str(s) for s in scaffolding(doors, 7)], 6: []}
-    expected = marks_held(first_step_groups(doors))
-    assert (
-        marks_installed(installed, 7)
-        == expected
-        == {
-            (("tcp", 50000), 0): ("tcp", 40000),
-            (("tcp", 50000), 1): ("tcp", 41000),
-        }
-    )
+    assert marks_installed(installed, 7) == {
+        (("tcp", 50000), 0): {(("tcp", 40000), None)},
+        (("tcp", 50000), 1): {(("tcp", 41000), None)},
+    }
     assert marks_installed(installed, 8) == {}  # another daemon's rules
     assert marks_installed(installed, 7, pass_mark=0x100) == {}  # other bits: not first-step marks
+    # the doors are not known from the rules: only the same first port keeps its bit
+    renamed = first_step_groups((door(name="renamed"), twin(1, 42000)), marks_installed(installed, 7))
+    assert {g.first[1]: g.bit for g in renamed} == {40000: 0, 42000: 2}
