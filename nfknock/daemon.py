@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -35,7 +36,18 @@ from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
 from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from .extras import FLEET, require, require_for_run
-from .firewall import PASS_MARK, Firewall, PerFamily, Plan, first_step_marks, iptables_flavour, marks_installed, plan
+from .firewall import (
+    FLAVOURS,
+    PASS_MARK,
+    Firewall,
+    PerFamily,
+    Plan,
+    first_step_marks,
+    iptables_flavour,
+    marks_installed,
+    plan,
+    saved_chain,
+)
 from .firewall.granted import GrantedSets, prune_first_step_sets
 from .first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
 from .fleet.link import FleetConfig
@@ -149,6 +161,7 @@ class Daemon:
         ruleset: Ruleset | None = None,
         channel: Any = None,
         claims: Any = None,
+        first_steps: tuple[FirstStepGroup, ...] | None = None,
     ):
         self.config = config
         self.firewall = firewall
@@ -177,8 +190,11 @@ class Daemon:
         self.first_seen_marks = first_step_marks(config.pass_mark)
         # What each (second port, mark bit) has meant in first-step rules installed by or found by
         # this daemon; the first steps the kernel records now (first_steps.py, `held`).
+        # A worker gets the supervisor's decision (it made the rules in place), never its own.
         self.marks_held: dict = {}
-        self.first_steps = first_step_groups(self.ruleset.doors)
+        self._named_in_daemon: set[str] = set()  # knock doors the log named for their first knocks
+        self.first_steps = first_step_groups(self.ruleset.doors) if first_steps is None else first_steps
+        self.engine.use_first_steps(self.first_steps)
         self.first_seen_field = sum(self.first_seen_marks)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
@@ -526,7 +542,6 @@ class Daemon:
         if error is not None or ruleset is None:
             self._refuse_reload(error)
             return False
-        served = {name for group in self.first_steps for name in group.doors}
         self.first_steps = groups
         if self.pool is not None:
             self.engine.reload(ruleset.doors, groups)  # the supervisor's engine only names the doors
@@ -540,7 +555,7 @@ class Daemon:
             len(ruleset.doors),
             f"; state reset for changed door(s): {', '.join(dropped)}" if dropped else "",
         )
-        self._name_daemon_first_steps(served)
+        self._name_daemon_first_steps()
         return True
 
     def adopt(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
@@ -561,24 +576,43 @@ class Daemon:
         for line in lines:
             self.log.error("reload refused, keeping the current rules: %s", line)
 
-    def _name_daemon_first_steps(self, before: set[str] | None) -> None:
+    def _name_daemon_first_steps(self) -> None:
         """Warn about knock doors whose first knocks reach the queue (a flood there competes with
-        clients' knocks; first_steps.py): all of them at start, and after a reload those the
-        kernel served before it (`before`: the doors it did)."""
-        in_kernel = {name for group in self.first_steps for name in group.doors}
-        doors = {door.name for door in self.ruleset.doors}
-        if before is not None and not (before & doors) - in_kernel:
-            return
-        for name, reason in sorted(first_steps_in_daemon(self.ruleset.doors, self.marks_held).items()):
-            if before is None or name in before:
+        clients' knocks; first_steps.py): all of them at start, and after a reload those that
+        were not there before it (new doors included)."""
+        now = first_steps_in_daemon(self.ruleset.doors, self.marks_held)
+        for name, reason in sorted(now.items()):
+            if name not in self._named_in_daemon:
                 self.log.warning("door %s: its first knocks go to the daemon, not the kernel: %s", name, reason)
+        self._named_in_daemon = set(now)
 
     def _marks_installed(self) -> dict:
+        """What the first-step marks of rules in place mean: ours, and a chain the other iptables
+        flavour may still hold (an earlier run with the other --firewall) that marks packets
+        for our queues too."""
+        queue, pass_mark = self.config.queue_num, self.config.pass_mark
         try:
-            return marks_installed(self.firewall.installed(), self.config.queue_num, self.config.pass_mark)
+            held = marks_installed(self.firewall.installed(), queue, pass_mark)
         except Exception as exc:  # noqa: BLE001 - applying the rules will say what is wrong
             self.log.warning("cannot read the rules in place (%s): assuming none", exc)
-            return {}
+            held = {}
+        if self.firewall.name not in FLAVOURS:
+            return held
+        other = next(flavour for flavour in FLAVOURS if flavour != self.firewall.name)
+        elsewhere = saved_chain(other)
+        ours = range(queue, queue + 2 * self.config.workers)
+        numbers = {int(n) for lines in elsewhere.values() for line in lines for n in _QUEUE_NUM.findall(line)}
+        if numbers.intersection(ours):
+            self.log.warning(
+                "the %s tables still hold an NFKNOCK chain that sends packets to these queues (an earlier "
+                "run with --firewall %s?): the kernel applies both chains; stop nfknock, run 'nfknock down' "
+                "and start it again",
+                other,
+                other,
+            )
+        for key, meanings in marks_installed(elsewhere, queue, pass_mark).items():
+            held[key] = held.get(key, frozenset()) | meanings
+        return held
 
     def _restore_firewall(self) -> None:
         try:
@@ -751,7 +785,7 @@ class Daemon:
     def _log_ready(self) -> None:
         for door in self.ruleset.doors:
             self.log.info("%s", as_line(door))
-        self._name_daemon_first_steps(None)
+        self._name_daemon_first_steps()
         if self.pool is None:
             self.log.info(
                 "ready: pid %d, queue %d, firewall %s", os.getpid(), self.config.queue_num, self.firewall.name
@@ -767,6 +801,9 @@ class Daemon:
             last,
             self.firewall.name,
         )
+
+
+_QUEUE_NUM = re.compile(r"--queue-num (\d+)")
 
 
 def _drain(sock: socket.socket) -> None:

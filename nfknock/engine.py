@@ -214,7 +214,8 @@ class _KnockDoorState(_DoorState):
         src = packet.src
         # The kernel marks a second step only from a source whose first step it recorded and
         # that knocked no other port of the door since (first_steps.py).
-        first_seen = bool(packet.first_seen & self.first_bit)
+        # A bit is the door's only on its own second port (bits are distinct per second port).
+        first_seen = bool(packet.first_seen & self.first_bit) and key == self.sequences[0].second
         ordered = self.sequences
         if first_seen and src not in ordered[0].attempts and self.first is not None:
             # The first step the kernel saw would have ended a close attempt, as a knock does.

@@ -338,6 +338,7 @@ def _worker_main(supervisor: Any, shard: int, conn: Connection, claims: ReplayCl
             ruleset=supervisor.ruleset,
             channel=conn,
             claims=claims,
+            first_steps=supervisor.first_steps,
         )
         daemon.run_worker(lambda: conn.send(("bound", shard)))
         code = 0

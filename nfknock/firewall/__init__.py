@@ -205,6 +205,25 @@ def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: 
     return held
 
 
+def saved_chain(flavour: str) -> dict[int, list[str]]:
+    """Our chain's rules as the tables of `flavour` hold them (both families), read with
+    iptables-*-save, which dumps only tables that exist; no legacy tool runs where no legacy
+    table exists (it would create one). Empty where there is nothing to read."""
+    from .legacy import legacy_tables  # legacy.py imports this module
+
+    chain: dict[int, list[str]] = {4: [], 6: []}
+    for family, tool in ((4, "iptables"), (6, "ip6tables")):
+        binary = shutil.which(f"{tool}-{flavour}-save")
+        if binary is None or (flavour == "legacy" and "filter" not in legacy_tables(family)):
+            continue
+        try:
+            saved = subprocess.run([binary, "-t", "filter"], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        chain[family] = [line for line in saved.splitlines() if line.startswith(f"-A {CHAIN} ")]
+    return chain
+
+
 def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
     """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
     return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"

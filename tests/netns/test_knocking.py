@@ -251,3 +251,32 @@ def test_a_twin_added_by_a_reload_or_a_restart_leaves_the_other_twins_their_mark
     assert marks(server) == {39000: "0x4000000", 40000: "0x10000000", 41000: "0x8000000"}
     knock(server.sandbox, alice, "40000", "50000", "60000")
     assert connect(alice).connected
+
+
+WITH_THIRD = TWINS + "  - name: third\n    sequence: [39000, 50000, 62000]\n    protect: [3333/tcp]\n"
+
+
+@pytest.mark.parametrize("how", ["workers", "other flavour"])
+def test_a_restart_reads_the_mark_bits_of_every_chain_in_place(server, alice, bob, how):
+    """Restarted on a rule set with a new twin: the rules in place (the stopped daemon's, in
+    this flavour or, after a switch of --firewall, in the other one, which the kernel still
+    applies) keep their meaning for every process that judges packets, workers included. Found
+    by an attack run: the workers, or a daemon of the other flavour, numbered the bits afresh
+    and a knock on the twin's first step counted for openSSH."""
+    server.write_rules(TWINS)
+    server.start()
+    assert server.stop() == 0  # the rules stay
+    server.write_rules(WITH_THIRD)
+    if how == "workers":
+        server.start("--workers", "2")
+    else:
+        other = "nft" if server.flavour == "legacy" else "legacy"
+        server.start("--firewall", other)
+        assert f"the {server.flavour} tables still hold an NFKNOCK chain" in server.log_text()
+    knock(server.sandbox, alice, "41000", "50000", "60000")  # the twin's first step, openSSH's rest
+    assert not connect(alice, timeout=1).connected
+    knock(server.sandbox, bob, "39000", "50000", "61000")  # the third's first step, the twin's rest
+    assert f"{bob.address}: twin: OPEN SESAME" not in server.log_text()
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    assert "10.199.1.2: openSSH: OPEN SESAME" in server.log_text()

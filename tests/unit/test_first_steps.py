@@ -260,3 +260,16 @@ def test_the_meanings_in_place_are_read_back_from_the_installed_rules():
     # the doors are not known from the rules: only the same first port keeps its bit
     renamed = first_step_groups((door(name="renamed"), twin(1, 42000)), marks_installed(installed, 7))
     assert {g.first[1]: g.bit for g in renamed} == {40000: 0, 42000: 2}
+
+
+def test_a_bit_counts_for_a_door_only_on_its_own_second_port():
+    """Bits are distinct per second port only: d (40000, 50000) and e (41000, 51000) both mark
+    bit 0. A packet on 51000 marked for e must not touch d, here d's close attempt on 51000."""
+    d = door(close_sequence=[60000, 51000, 40000])
+    e = door(name="e", sequence=[41000, 51000, 61000], protect=["23/tcp"])
+    assert {g.first[1]: g.bit for g in first_step_groups((d, e))} == {40000: 0, 41000: 0}
+    engine, now = Engine((d, e)), 100.0
+    engine.handle(knock(60000), now)  # d's close sequence, stage 1
+    events = engine.handle(knock(51000, seen=0b1), now + 1).events
+    assert SequenceReset(ALICE, "d", "close", 1, "40000/tcp") not in events
+    assert KnockAdvanced(ALICE, "d", "close", 2) in events and KnockAdvanced(ALICE, "e", "open", 2) in events
