@@ -131,6 +131,7 @@ class Bench:
         (self.rules / "doors.yaml").write_text(RULES)
         self.daemon_log = workdir / "nfknock.log"
         self.iptables = "iptables"  # the flavour nfknock picks by default (--firewall auto)
+        self.pinned: tuple[int, int] | None = None  # one_core: (the sender's CPU, the host's CPU)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class Bench:
             text=True,
         )
         wait_for_line(self.daemon_log, "ready:", process)
-        return process
+        return self._pin(process)
 
     def start_bare(self, verdict: str, workers: int = 1) -> subprocess.Popen:
         process = self.box.spawn(
@@ -167,7 +168,20 @@ class Bench:
             cwd=REPO,
         )
         assert process.stdout.readline().strip() == "ready"
+        return self._pin(process)
+
+    def _pin(self, process: subprocess.Popen) -> subprocess.Popen:
+        """In one_core: every thread of the loop's processes on the host's CPU."""
+        if self.pinned:
+            for pid in process_tree(process.pid):
+                subprocess.run(
+                    ["taskset", "-a", "-p", "-c", str(self.pinned[1]), str(pid)], capture_output=True, check=True
+                )
         return process
+
+    def _sender(self, argv: list[str]) -> list[str]:
+        """In one_core: the flood sender on a CPU of its own, as if it were another machine."""
+        return ["taskset", "-c", str(self.pinned[0]), *argv] if self.pinned else argv
 
     def stop(self, process: subprocess.Popen) -> str:
         """Stop a daemon or a baseline loop, and take its rules away (nfknock leaves them on stop)."""
@@ -243,7 +257,7 @@ class Bench:
         process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
         flood = self.box.spawn(
             self.bob.namespace,
-            [str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"],
+            self._sender([str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"]),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -260,6 +274,31 @@ class Bench:
             log(f"  kernel: {verdicts} packets of the flood reached the queue")
         decided = recorded1 - recorded0 + verdicts
         return decided / (t1 - t0), (busy1 - busy0) * 1e6 / max(1, decided)
+
+    def one_core(self) -> None:
+        """The first-knock flood of `throughput` on a host with one core for everything, as a small
+        VPS bastion has: receive steering (RPS) sends the server link's packets to one CPU, where the
+        loop is pinned too, and the sender is pinned to another (as if it were elsewhere). The
+        kernel's receive work and the loop share that core; softirq work comes first."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            log("one_core: skipped (needs 2 CPUs)")
+            return
+        seconds = 1.5 if self.smoke else 4.0
+        rps = f"/sys/class/net/nk{self.box.token}2s/queues/rx-0/rps_cpus"  # bob's link, server side
+        self.box.run(self.box.server, ["sh", "-c", f"echo {1 << cpus[1]:x} > {rps}"], check=True)
+        self.pinned = (cpus[0], cpus[1])
+        try:
+            for run in range(self.repeat):
+                for proto, kernel_port, port in (("udp", 7000, 7500), ("tcp", 41000, 45000)):
+                    kernel, _ = self._kernel_rate(proto, kernel_port, seconds)
+                    bare, _, _ = self._verdict_rate("bare", proto, port, seconds)
+                    self.figures.add(f"one_core.{proto}.kernel", kernel, "packets/s")
+                    self.figures.add(f"one_core.{proto}.bare", bare, "packets/s")
+                    log(f"one core {proto} run {run + 1}: kernel-recorded {kernel:,.0f}/s, bare loop {bare:,.0f}/s")
+        finally:
+            self.pinned = None
+            self.box.run(self.box.server, ["sh", "-c", f"echo 0 > {rps}"])
 
     def _recorded(self, port: int) -> int:
         """Packets that reached the rule adding sources to the first-step set of `port`."""
@@ -283,7 +322,7 @@ class Bench:
         pids = process_tree(process.pid)
         flood = self.box.spawn(
             self.bob.namespace,
-            [str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"],
+            self._sender([str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"]),
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -789,6 +828,13 @@ def render(report: dict) -> str:
         )
         row(
             lambda proto=proto: (
+                f"| the same, one host core (RPS and the loop on CPU 1, the sender on CPU 0) | "
+                f"{fig(f'one_core.{proto}.kernel')} | {fig(f'one_core.{proto}.bare')} (drop-only loop) | "
+                f"{rat(f'one_core.{proto}')} | >= 0.8 |"
+            )
+        )
+        row(
+            lambda proto=proto: (
                 f"| the machine's busy CPU per decided first knock, us ({proto.upper()}; sender included) | "
                 f"{fig(f'host_cpu.{proto}.kernel', '{:.2f}')} | {fig(f'host_cpu.{proto}.bare', '{:.2f}')} | "
                 f"{rat(f'host_cpu.{proto}.kernel')} | |"
@@ -902,6 +948,7 @@ def render(report: dict) -> str:
 
 MEASUREMENTS = (
     "throughput",
+    "one_core",
     "knock_to_connect",
     "established",
     "connection_rate",
@@ -914,6 +961,8 @@ MEASUREMENTS = (
 RATIOS = [
     ("throughput.udp.kernel", "throughput.udp.kernel", "throughput.udp.bare"),
     ("throughput.tcp.kernel", "throughput.tcp.kernel", "throughput.tcp.bare"),
+    ("one_core.udp", "one_core.udp.kernel", "one_core.udp.bare"),
+    ("one_core.tcp", "one_core.tcp.kernel", "one_core.tcp.bare"),
     ("host_cpu.udp.kernel", "host_cpu.udp.kernel", "host_cpu.udp.bare"),
     ("host_cpu.tcp.kernel", "host_cpu.tcp.kernel", "host_cpu.tcp.bare"),
     ("throughput.udp", "throughput.udp.nfknock", "throughput.udp.bare"),
