@@ -828,7 +828,7 @@ def render(report: dict) -> str:
         )
         row(
             lambda proto=proto: (
-                f"| the same, one host core (RPS and the loop on CPU 1, the sender on CPU 0) | "
+                f"| the same, one host core (RPS and the loop on one CPU, the sender on the other) | "
                 f"{fig(f'one_core.{proto}.kernel')} | {fig(f'one_core.{proto}.bare')} (drop-only loop) | "
                 f"{rat(f'one_core.{proto}')} | >= 0.8 |"
             )
