@@ -255,12 +255,7 @@ class Bench:
         recording rule saw, plus the queue's verdicts: there should be none), busy CPU of the
         whole machine per decided packet in microseconds, the sender's included)."""
         process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
-        flood = self.box.spawn(
-            self.bob.namespace,
-            self._sender([str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        flood = self._first_knock_flood(proto, port, seconds)
         time.sleep(seconds * 0.25)
         t0, recorded0, (ids0, over0, _) = time.monotonic(), self._recorded(port), self.queue_counters()
         busy0 = busy_cpu_seconds()
@@ -300,6 +295,15 @@ class Bench:
             self.pinned = None
             self.box.run(self.box.server, ["sh", "-c", f"echo 0 > {rps}"])
 
+    def _first_knock_flood(self, proto: str, port: int, seconds: float) -> subprocess.Popen:
+        """The C sender at full rate from 100k spoofed sources at `port`, from bob's namespace."""
+        return self.box.spawn(
+            self.bob.namespace,
+            self._sender([str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
     def _recorded(self, port: int) -> int:
         """Packets that reached the rule adding sources to the first-step set of `port`."""
         listed = self.box.run(
@@ -320,12 +324,7 @@ class Bench:
         else:
             process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096", "--workers", str(workers))
         pids = process_tree(process.pid)
-        flood = self.box.spawn(
-            self.bob.namespace,
-            self._sender([str(FLOOD), self.bob.server_address, proto, str(port), str(seconds), "11.0.0.1", "100000"]),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        flood = self._first_knock_flood(proto, port, seconds)
         time.sleep(seconds * 0.25)
         t0, (ids0, over0, full0), cpu0 = time.monotonic(), self.queue_counters(workers), cpu_seconds(pids)
         busy0 = busy_cpu_seconds()
