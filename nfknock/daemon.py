@@ -49,6 +49,8 @@ from .firewall import (
     saved_chain,
 )
 from .firewall.granted import GrantedSets, prune_first_step_sets
+from .firewall.sessions import SYNC_EVERY as SESSIONS_EVERY
+from .firewall.sessions import SessionSets, prune_session_sets
 from .first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
 from .fleet.link import FleetConfig
 from .loading import load_rules
@@ -214,6 +216,10 @@ class Daemon:
         self._budget = 0
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        # The process that installs the rules keeps the sessions sets (firewall/sessions.py).
+        self.sessions: SessionSets | None = None
+        self.sessions_failed = 0
+        self.applied_plan: Plan | None = None
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -402,7 +408,7 @@ class Daemon:
         served = [(queue.get_fd(), queue) for queue in reversed(queues)]
         wake_r = self._wake_r
         assert wake_r is not None  # _guarded made it
-        next_stats = self.clock()
+        next_stats = next_sessions = self.clock()
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
@@ -431,6 +437,9 @@ class Daemon:
             if now >= next_stats:
                 next_stats = now + STATS_EVERY
                 self.report_counters()
+            if now >= next_sessions:
+                next_sessions = now + SESSIONS_EVERY
+                self._sync_sessions(now)
             if self._snapshot_wanted:
                 self._snapshot_wanted = False
                 self.snapshot = self._take_snapshot(now)
@@ -682,15 +691,37 @@ class Daemon:
         return self.snapshot
 
     def _apply(self, new_plan: Plan) -> None:
-        """Install the plan; then first-step sets it no longer uses go (a failure there is logged:
-        a leftover set holds no rule and opens nothing)."""
+        """Install the plan, its sessions sets filled first (sessions.py: the host's sessions
+        survive the switch even where conntrack does not know them); then sets it no longer uses
+        go (a failure there is logged: a leftover set holds no rule and opens nothing)."""
+        real = self.firewall if isinstance(self.firewall, PerFamily) else None  # real sets too
+        if real is not None:
+            if self.sessions is None:
+                self.sessions = SessionSets(real.set_runner())
+            self.sessions.sync(new_plan, self.clock())
         self.firewall.apply(new_plan)
-        if isinstance(self.firewall, PerFamily):  # a real backend: the sets are real too
+        self.applied_plan = new_plan
+        if real is not None:
+            runner = real.set_runner()
             try:
-                for name in prune_first_step_sets(self.config.queue_num, new_plan, self.firewall.set_runner()):
+                for name in prune_first_step_sets(self.config.queue_num, new_plan, runner):
                     self.log.info("removed the first-step set %s (no door uses it any more)", name)
+                for name in prune_session_sets(self.config.queue_num, new_plan, runner):
+                    self.log.info("removed the sessions set %s (no door protects its port any more)", name)
             except FirewallError as exc:
                 self.log.warning("%s", exc)
+
+    def _sync_sessions(self, now: float) -> None:
+        """The sessions sets follow the host's sockets (sessions.py); a failure is logged (at
+        worst a session without conntrack entry is dropped: closed)."""
+        if self.sessions is None or self.applied_plan is None:
+            return
+        try:
+            self.sessions.sync(self.applied_plan, now)
+        except FirewallError as exc:
+            self.sessions_failed += 1
+            if self.sessions_failed <= 10 or self.sessions_failed % 100 == 0:
+                self.log.warning("%s (%d so far)", exc, self.sessions_failed)
 
     def sync_granted(self, src: str, now: float) -> None:
         """Tell the kernel's granted set what the engine now says about `src`."""

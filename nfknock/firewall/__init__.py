@@ -18,10 +18,13 @@ too, and nfknock hands each one back with PASS_MARK set (NF_REPEAT); the first r
 returns marked packets, so the rest of the host's firewall decides on them as if nfknock were
 not there.
 
-For TCP, only a SYN is a new connection. A mid-stream ACK that conntrack sees as NEW is a
-connection that existed before conntrack tracked this namespace (an admin's SSH session when
-nfknock first starts); it is accepted so that session survives. It cannot open a connection:
-without a socket the host answers it with a RST. There is never a per-client rule, and no rule uses
+For TCP, only a SYN is a new connection. A mid-stream ACK that conntrack sees as NEW is either
+a session conntrack does not know (an admin's SSH session when nfknock first starts, every
+session after a conntrack flush) or a stranger's guess at a SYN cookie: an ACK that reaches a
+listener is checked as one, and a valid cookie opens a connection without any SYN passing here.
+So it is accepted only when it belongs to a session the host has, exactly (client address and
+port, local address: the sessions set, sessions.py), and dropped otherwise. Ports a door protects
+are closed in both address families, whichever the door listens on. There is never a per-client rule, and no rule uses
 `--queue-bypass`: with no daemon bound to the queue the kernel drops, so a dead daemon means
 closed. Backends turn the plan into kernel rules in one atomic step.
 
@@ -65,6 +68,7 @@ SET_PREFIX = "nfknock-"
 NEW_LIMIT = ("100/sec", 200)
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
+SESSION_DIRS = "src,src,dst"  # a sessions set matches client address, client port, local address
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,9 @@ class RuleSpec:
     queue_num: int | None = None
     tcp_flags: tuple[str, str] | None = None  # (mask, set), as iptables --tcp-flags
     mark: int | None = None  # match packets that carry this mark bit
-    match_set: str | None = None  # match sources in this ipset (see granted.py)
+    match_set: str | None = None  # match packets in this ipset (see granted.py, sessions.py) ...
+    match_dirs: str = "src"  # ... by these fields, as iptables --match-set NAME src,src,dst
+    in_interface: str | None = None  # match packets that arrived on this interface
     limit: tuple[str, int] | None = None  # (rate, burst), as iptables -m limit
     set_mark: tuple[int, int] | None = None  # target MARK: (value, mask), as --set-xmark
     add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
@@ -85,6 +91,8 @@ class RuleSpec:
 
     def __str__(self) -> str:
         text = f"-A {CHAIN}"
+        if self.in_interface:
+            text += f" -i {self.in_interface}"
         if self.proto:
             text += f" -p {self.proto} -m {self.proto}"
         if self.dport is not None:
@@ -97,7 +105,7 @@ class RuleSpec:
         if self.ctstate:
             text += f" -m conntrack --ctstate {self.ctstate}"
         if self.match_set:
-            text += f" -m set --match-set {self.match_set} src"
+            text += f" -m set --match-set {self.match_set} {self.match_dirs}"
         if self.u32:
             # Quoted as `iptables -S` prints it (the expression has no space; iptables-restore
             # takes the quotes off). Before the limit: matches are tried in order, and a limit
@@ -136,14 +144,23 @@ def plan(
     workers: int = 1,
     groups: tuple[FirstStepGroup, ...] | None = None,
 ) -> Plan:
-    """The scaffolding for each address family, from the doors that listen on it. Which first
+    """The scaffolding for each address family, from the doors that listen on it; a port a door
+    protects is closed in both families, whichever it listens on (a service on `::` answers IPv6
+    too), so a family no door listens on gets a chain that only closes. Which first
     steps go to the kernel is decided over all doors, as the engine decides it (`groups`, the
     daemon's decision; from `doors` alone when not given). With `workers` above 1 the NFQUEUE
     rules are split over the workers (see `shard`)."""
     groups = first_step_groups(doors) if groups is None else groups
     return {
         family: shard(
-            scaffolding(tuple(d for d in doors if family in d.families), queue_num, pass_mark, family, groups),
+            scaffolding(
+                tuple(d for d in doors if family in d.families),
+                queue_num,
+                pass_mark,
+                family,
+                groups,
+                closed=tuple(p.key for d in doors if family not in d.families for p in d.protect),
+            ),
             queue_num,
             family,
             workers,
@@ -331,22 +348,59 @@ def granted_set(queue_num: int, family: int) -> str:
     return f"{SET_PREFIX}q{queue_num}-v{family}"
 
 
+def sessions_set(queue_num: int, family: int, port: int) -> str:
+    """The ipset of the host's established TCP sessions on one protected port (sessions.py):
+    (client address, client port, local address), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-s{port}-v{family}"
+
+
+def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted: str | None) -> list[RuleSpec]:
+    """One protected port: established traffic accepted, NEW connections queued (`granted`: the
+    granted set; None in a family where no door of this port listens: nothing is queued, the
+    port is only closed), a TCP packet that conntrack picks up mid-stream accepted only for a
+    session the host has (sessions.py), the rest dropped."""
+    specs = [RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED")]
+    flags = SYN_ONLY if proto == "tcp" else None
+    if granted is not None:
+        specs += [
+            RuleSpec(
+                "NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num + 1, tcp_flags=flags, match_set=granted
+            ),
+            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=flags, limit=NEW_LIMIT),
+        ]
+    if proto == "tcp":
+        sessions = sessions_set(queue_num, family, port)
+        specs.append(
+            RuleSpec(
+                "ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM, match_set=sessions, match_dirs=SESSION_DIRS
+            )
+        )
+    specs.append(RuleSpec("DROP", proto, port))
+    return specs
+
+
 def scaffolding(
     doors: tuple[Door, ...],
     queue_num: int,
     pass_mark: int = PASS_MARK,
     family: int = 4,
     groups: tuple[FirstStepGroup, ...] | None = None,
+    closed: tuple[tuple[str, int], ...] = (),
 ) -> list[RuleSpec]:
     """The chain for one family. New connections to a protected port from a source in the granted
     set go to the grant queue (queue_num + 1), which a flood of strangers never reaches; from
     anyone else at most NEW_LIMIT per second go to the main queue (so a client whose grant is not
     in the set yet still gets in on its first SYN), and the rest is dropped by the kernel: what
     the daemon would have dropped anyway. Either way the daemon decides every packet it sees.
-    `groups`: the first steps the kernel records (first_steps.py; from `doors` when not given)."""
-    if not doors:
+    `groups`: the first steps the kernel records (first_steps.py; from `doors` when not given).
+    `closed`: ports that doors listening on other families protect; here they are only closed.
+
+    The host's own connections (they arrive on `lo`, to 127.0.0.1, ::1 or any address of the
+    host) are left to the rest of the firewall: a health check or a local port forward to the
+    protected port keeps working, and nothing from outside arrives on `lo`."""
+    if not doors and not closed:
         return []
-    granted, grant_queue = granted_set(queue_num, family), queue_num + 1
+    granted = granted_set(queue_num, family)
     groups = first_step_groups(doors) if groups is None else groups
     in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
     forget = _forgetting_rules(groups, doors, queue_num, family)
@@ -354,17 +408,14 @@ def scaffolding(
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
     knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
     tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
-    specs: list[RuleSpec] = [RuleSpec("RETURN", mark=pass_mark)] if tripwires else []
+    specs: list[RuleSpec] = [RuleSpec("RETURN", in_interface="lo")]
+    if tripwires:
+        specs.append(RuleSpec("RETURN", mark=pass_mark))
     for proto, port in protected:
-        specs.append(RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED"))
-        flags = SYN_ONLY if proto == "tcp" else None
-        specs += [
-            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=grant_queue, tcp_flags=flags, match_set=granted),
-            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=flags, limit=NEW_LIMIT),
-        ]
-        if proto == "tcp":
-            specs.append(RuleSpec("ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM))
-        specs.append(RuleSpec("DROP", proto, port))
+        specs += _protected_rules(proto, port, queue_num, family, granted)
+    for proto, port in dict.fromkeys(closed):
+        if (proto, port) not in protected:
+            specs += _protected_rules(proto, port, queue_num, family, None)
     if knocks or knock_ranges or tripwires:
         # Not ours from here on: replies to the host's own connections from a knock port.
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
@@ -411,8 +462,10 @@ class PerFamily:
 
     def apply(self, plan: Plan) -> None:
         from .granted import create_first_step_sets  # granted.py imports this module
+        from .sessions import create_session_sets  # so does sessions.py
 
         create_first_step_sets(plan, self.set_runner())  # the rules refer to them
+        create_session_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
 

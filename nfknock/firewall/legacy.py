@@ -96,7 +96,7 @@ class LegacyFirewall(PerFamily):
                     chain.append_rule(_rule_of(rule_class, spec))
                 jump = rule_class()
                 if self.interface:
-                    jump.in_interface = self.interface
+                    set_in_interface(jump, self.interface)
                 jump.create_target(CHAIN)
                 builtin_input.insert_rule(jump, 0)
             table.commit()
@@ -107,8 +107,25 @@ class LegacyFirewall(PerFamily):
             table.refresh()
 
 
+IFNAMSIZ = 16
+
+
+def set_in_interface(rule, name: str) -> None:
+    """`-i name` on a python-iptables rule. Its IPv6 rules (ip6tc, 1.0.x) write the interface mask
+    as 0x01 bytes instead of 0xff, and the kernel compares names under that mask: only the lowest
+    bit of each character counts, so `-i lo` also matched a veth whose name agreed in those bits
+    (seen on a real kernel: a RETURN for `lo` let a stranger's IPv6 SYN through). The mask is
+    written here as iptables writes it, for both families."""
+    rule.in_interface = name
+    entry = getattr(rule.entry, "ipv6", None) or rule.entry.ip
+    length = len(name) + 1 if not name.endswith("+") else len(name) - 1
+    entry.iniface_mask = b"\xff" * length + b"\x00" * (IFNAMSIZ - length)
+
+
 def _rule_of(rule_class, spec: RuleSpec):
     rule = rule_class()
+    if spec.in_interface:
+        set_in_interface(rule, spec.in_interface)
     if spec.proto:
         rule.protocol = spec.proto
         match = rule.create_match(spec.proto)
@@ -121,7 +138,7 @@ def _rule_of(rule_class, spec: RuleSpec):
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
     if spec.match_set:
-        rule.create_match("set").match_set = [spec.match_set, "src"]
+        rule.create_match("set").match_set = [spec.match_set, spec.match_dirs]
     if spec.u32:
         rule.create_match("u32").u32 = spec.u32  # in RuleSpec.__str__'s order: before the limit
     if spec.limit:
@@ -172,6 +189,8 @@ def _spec_of(rule) -> RuleSpec:
         tcp_flags=tuple(flags) if flags else None,
         mark=int(mark[0].split("/")[0], 16) if mark else None,
         match_set=match_set[0] if match_set else None,
+        match_dirs=match_set[1] if match_set else "src",
+        in_interface=rule.in_interface,
         limit=(limit["limit"][0], int(limit["limit-burst"][0])) if "limit" in limit else None,
         set_mark=(int(value, 16), int(mask, 16)) if xmark else None,
         add_set=(add_set[0], int(target.get("timeout", ["0"])[0])) if add_set else None,

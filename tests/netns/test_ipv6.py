@@ -52,8 +52,11 @@ def test_own_client_over_ipv6(server, alice):
 def test_door_for_one_family_and_ipv6_sources(server, alice, bob):
     server.write_rules(V6_ONLY)
     server.start()
-    assert server.iptables(4) == []  # nothing to do for IPv4
+    # No knock is taken over IPv4, but the port stays closed there: the service listens on both.
+    assert not any("--dport 41000" in rule or "NFQUEUE" in rule for rule in server.iptables(4))
+    assert any("--dport 22 -j DROP" in rule for rule in server.iptables(4))
     assert any("--dport 41000" in rule for rule in server.iptables(6))
+    assert not connect(alice, family=4, timeout=1).connected
     knock6(server, bob, "41000", "42000:udp", "43000")
     assert not connect(bob, family=6, timeout=1).connected  # bob is outside the sources
     knock6(server, alice, "41000", "42000:udp", "43000")
@@ -71,3 +74,22 @@ def test_udp_knock_behind_a_hop_by_hop_header_counts(server, alice):
     sock.close()
     knock6(server, alice, "43000")
     assert connect(alice, family=6).connected
+
+
+V4_ONLY = V6_ONLY.replace("v6door", "v4door").replace("ipv6", "ipv4").replace('"fd00:199:1::/64"', '"10.199.1.0/24"')
+
+
+def test_a_door_for_ipv4_keeps_its_port_closed_over_ipv6(server, alice, bob):
+    """`family` says where knocks are taken, never where the port is closed: a service on `::`
+    answers IPv6 too, and a stranger must not reach it there."""
+    server.write_rules(V4_ONLY)
+    server.start()
+    assert not any("NFQUEUE" in rule for rule in server.iptables(6))
+    assert not connect(bob, family=6, timeout=1).connected
+    assert not connect(alice, family=6, timeout=1).connected
+    knock6(server, alice, "41000", "42000:udp", "43000")  # not taken over IPv6
+    assert not connect(alice, family=6, timeout=1).connected
+    result = server.sandbox.run(alice.namespace, ["knock", alice.server_address, "41000", "42000:udp", "43000"])
+    assert result.returncode == 0, result.stderr
+    assert connect(alice, family=4).connected
+    assert not connect(alice, family=6, timeout=1).connected  # a grant is for the address that knocked

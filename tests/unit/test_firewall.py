@@ -13,10 +13,12 @@ def door(**fields):
 def test_plan_for_one_door_without_tripwires():
     plan = [str(s) for s in scaffolding((door(tripwire=0),), 3)]
     assert plan == [
+        f"-A {CHAIN} -i lo -j RETURN",  # the host's own connections are the rest of the firewall's
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 4",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
-        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+        # A NEW mid-stream ACK passes only for a session the host has (not to a listener's cookie check)
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q3-s22-v4 src,src,dst -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         # The first step goes to the kernel's set (the granted still reach the daemon) ...
@@ -35,7 +37,7 @@ def test_plan_for_one_door_without_tripwires():
 
 def test_tripwires_are_queued_and_marked_packets_return_first():
     plan = scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
-    assert plan[0] == RuleSpec("RETURN", mark=PASS_MARK)
+    assert plan[:2] == [RuleSpec("RETURN", in_interface="lo"), RuleSpec("RETURN", mark=PASS_MARK)]
     assert [str(s) for s in plan if s.target == "NFQUEUE" and isinstance(s.dport, tuple)] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 39992:40018 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p udp -m udp --dport 49992:50008 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
@@ -56,7 +58,7 @@ def test_no_rule_bypasses_the_queue_and_none_names_a_client():
 
 def test_udp_protected_port_queues_every_new_flow():
     plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0, family=6)
-    assert plan[:4] == [
+    assert plan[1:5] == [
         RuleSpec("ACCEPT", "udp", 53, ctstate="RELATED,ESTABLISHED"),
         RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=1, match_set="nfknock-q0-v6"),
         RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200)),
@@ -74,7 +76,11 @@ def test_granted_sources_go_to_their_own_queue_and_strangers_are_limited_before_
             (6, "nfknock-q5-v4", None),
             (5, None, ("100/sec", 200)),
         ]
-    assert not any(s.target == "ACCEPT" and (s.match_set or s.limit) for s in plan)
+    # The only ACCEPT with a set is the mid-stream one, for the host's own sessions (sessions.py).
+    assert [s.match_set for s in plan if s.target == "ACCEPT" and (s.match_set or s.limit)] == [
+        "nfknock-q5-s22-v4",
+        "nfknock-q5-s2222-v4",
+    ]
 
 
 def test_shared_ports_appear_once():
@@ -93,9 +99,28 @@ def test_plan_covers_the_families_each_door_listens_on():
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["2222/tcp"], tripwire=0)
     both = plan((v4, v6), 0)
-    assert {s.dport for s in both[4]} - {None} == {22, 1000, 2000}
-    assert {s.dport for s in both[6]} - {None} == {2222, 3000, 4000}
-    assert plan((v4,), 0)[6] == []  # no IPv6 door: no IPv6 chain at all
+    # Knocks are queued where the door listens; both protected ports are closed in both families.
+    assert {s.dport for s in both[4]} - {None} == {22, 2222, 1000, 2000}
+    assert {s.dport for s in both[6]} - {None} == {22, 2222, 3000, 4000}
+    assert not [s for s in both[4] if s.dport == 2222 and s.target == "NFQUEUE"]
+    assert not [s for s in both[6] if s.dport == 22 and s.target == "NFQUEUE"]
+    # No IPv6 door: the IPv6 chain only closes the protected port (a service on :: answers IPv6).
+    assert [str(s) for s in plan((v4,), 0)[6]] == [
+        f"-A {CHAIN} -i lo -j RETURN",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q0-s22-v6 src,src,dst -j ACCEPT",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
+    ]
+
+
+def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_where_it_listens():
+    from nfknock.firewall import plan
+
+    v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
+    v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
+    for family, specs in plan((v4, v6), 0).items():
+        at_22 = [s for s in specs if s.dport == 22]
+        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "ACCEPT", "DROP"], family
 
 
 def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
@@ -135,7 +160,7 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
         assert len(returns) == 1
         (cut,) = returns
         # Protected ports keep accepting their established traffic first ...
-        assert all(s.dport in (22, 23, 2222) or s.mark for s in specs[:cut])
+        assert all(s.dport in (22, 23, 2222) or s.mark or s.in_interface == "lo" for s in specs[:cut])
         # ... and every knock, range, SPA and tripwire rule comes after the cut.
         assert specs[cut + 1 :] and all(
             s.target in ("NFQUEUE", "SET", "MARK", "DROP") and s.dport not in (22, 23, 2222) for s in specs[cut + 1 :]
@@ -259,8 +284,8 @@ def test_the_pass_mark_bit_is_the_one_chosen():
 
     chosen = plan((door(tripwire=8),), 0, pass_mark=0x100)
     for family in (4, 6):
-        assert str(chosen[family][0]) == f"-A {CHAIN} -m mark --mark 0x100/0x100 -j RETURN"
-    assert plan((door(tripwire=8),), 0)[4][0].mark == PASS_MARK == 0x20000000
+        assert str(chosen[family][1]) == f"-A {CHAIN} -m mark --mark 0x100/0x100 -j RETURN"
+    assert plan((door(tripwire=8),), 0)[4][1].mark == PASS_MARK == 0x20000000
     assert parse_pass_mark("0x80000000") == 1 << 31 and parse_pass_mark("256") == 0x100
     for bad in ("0x3", "0", "0x100000000", "x"):
         try:
@@ -380,6 +405,7 @@ class FakeRule:
 
     def __init__(self, protocol, matches, target, target_params):
         self.protocol, self.matches = protocol, [FakeMatch(*m) for m in matches]
+        self.in_interface = None
         self.target = FakeMatch(target, target_params)
 
 
@@ -419,3 +445,19 @@ def test_a_u32_rule_is_written_as_iptables_prints_it():
         f"-A {CHAIN} -p udp -m udp --dport 53 -m conntrack --ctstate NEW "
         '-m u32 --u32 "0xc&0xff=0x0:0x7f" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 0'
     )
+
+
+def test_legacy_interface_match_compares_whole_names_in_both_families():
+    """python-iptables writes IPv6 interface masks as 0x01 bytes: the kernel then compares only
+    the lowest bit of each character, and `-i lo` matched veth interfaces too. Our rules carry
+    the mask iptables itself writes."""
+    import pytest
+
+    iptc = pytest.importorskip("iptc")
+    from nfknock.firewall.legacy import set_in_interface
+
+    for rule, entry in ((iptc.Rule(), "ip"), (iptc.Rule6(), "ipv6")):
+        set_in_interface(rule, "lo")
+        mask = bytes(getattr(rule.entry, entry).iniface_mask)
+        assert mask == b"\xff" * 3, entry  # "lo" and its NUL (ctypes stops at the first zero byte)
+        assert rule.in_interface == "lo"
