@@ -150,7 +150,7 @@ class GrantedSets:
         self._put(granted_set(self.queue_num, _family(address)), address, None)
 
     def _put(self, name: str, address: str, timeout: int | None) -> None:
-        if self._sent.get((name, address)) == timeout:
+        if timeout is not None and self._sent.get((name, address)) == timeout:
             return  # add_now sent exactly this in this turn
         self._sent.pop((name, address), None)
         if len(self._pending) >= MAX_PENDING and (name, address) not in self._pending:

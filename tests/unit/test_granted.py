@@ -133,3 +133,12 @@ def test_add_now_without_a_link_waits_for_it(caplog):
     failing.create()
     failing.add_now("10.0.0.2", 5)
     assert failing.failed == 1 and "could not update the set nfknock-q0-v4 for 10.0.0.2" in caplog.text
+
+
+def test_a_removal_is_sent_whatever_add_now_sent_before():
+    link = FakeLink()
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), lambda: link)
+    sets.create()
+    sets.remove("10.0.0.2")  # a close sequence, no add this turn
+    sets.flush()
+    assert link.calls == [("del", "nfknock-q0-v4", "10.0.0.2")]
