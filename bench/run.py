@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and 
 
 from nfknock.shards import queues  # noqa: E402
 from support.sandbox import (  # noqa: E402
+    Attempt,
     EchoService,
     Sandbox,
     connect,
@@ -679,6 +681,77 @@ class Bench:
         finally:
             service.close()
 
+    def first_syn(self) -> None:
+        """The first SYN after a door opens, under a SYN flood at 22 from a million spoofed sources
+        (which keeps the kernel's limit for strangers' new connections empty). 20 trials each:
+        the stock `knock` client, the stock `fwknop` client, and an SPA packet followed 0.1 ms
+        later by the SYN; each trial's connect counts when it got in without TCP's 1 s SYN
+        retransmit, i.e. on its first SYN. 1 and 2 workers. The grant is revoked after each trial
+        (control socket), so every trial starts closed."""
+        import base64
+
+        from nfknock import control
+        from nfknock.spa import Keys, encode, generate_keys
+
+        trials = 5 if self.smoke else 20
+        encryption, mac = generate_keys()
+        keys_file = self.workdir / "spa.keys"
+        keys_file.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64: {mac}\n")
+        keys_file.chmod(0o600)
+        spa_rules = self.rules / "spa.yaml"
+        spa_rules.write_text(f"doors:\n  - {{name: spaSSH, kind: spa, keys_file: {keys_file}, protect: [22/tcp]}}\n")
+        keys = Keys(base64.b64decode(encryption), base64.b64decode(mac), "sha256")
+        alice, sock = self.alice, self.workdir / "first_syn.sock"
+        fwknop = [
+            "fwknop",
+            *("-A", "tcp/22", "-a", alice.address, "-D", alice.server_address, "--use-hmac", "--rc-file", "/dev/null"),
+            *("--key-base64-rijndael", encryption, "--key-base64-hmac", mac),
+        ]
+        with entered(alice.namespace):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+        def spa_then_syn() -> Attempt:
+            udp.sendto(encode(keys, alice.address, [("tcp", 22)], time.time()), (alice.server_address, 62201))
+            until = time.perf_counter() + 0.0001
+            while time.perf_counter() < until:
+                pass
+            return connect(alice, timeout=3)
+
+        openers = {
+            "knock": lambda: (self.knock(alice, "40000", "50000", "60000"), connect(alice, timeout=3))[1],
+            "fwknop": lambda: (self.box.run(alice.namespace, fwknop, check=True), connect(alice, timeout=3))[1],
+            "spa_0.1ms": spa_then_syn,
+        }
+        service = EchoService(self.box.server)
+        try:
+            for run in range(self.repeat):
+                for workers in (1, 2):
+                    daemon = self.start_nfknock("--workers", str(workers), "--control-socket", str(sock))
+                    flood = self._flood(22, 600)
+                    try:
+                        time.sleep(1.0)
+                        for who, opener in openers.items():
+                            first = 0
+                            for _ in range(trials):
+                                attempt = opener()
+                                first += attempt.connected and attempt.seconds < 0.9
+                                control.call(sock, {"cmd": "revoke", "address": alice.address})
+                            still = flood.poll() is None
+                            self.figures.add(f"first_syn.{who}.workers{workers}", first, f"of {trials}")
+                            log(
+                                f"first SYN under a SYN flood at 22, run {run + 1}, {who}, --workers {workers}: "
+                                f"{first}/{trials} connected on the first SYN"
+                                f"{'' if still else ' (the flood ended early: figure not under flood)'}"
+                            )
+                    finally:
+                        flood.kill()
+                        flood.wait(10)
+                        self.stop(daemon)
+        finally:
+            udp.close()
+            spa_rules.unlink()
+            service.close()
+
     def fleet(self) -> None:
         """Fleet mode beside single-host (bench/fleet.py): CPU per knock and per SYN, grant and
         revoke propagation between two members (median and max), first SYN on another member."""
@@ -905,6 +978,14 @@ def render(report: dict) -> str:
             f"{fig('syn_flood.kernel_rule.ok')}, median {fig('syn_flood.kernel_rule.ms', '{:.2f}')} ms "
             f"(knockd's kernel rule) | | 20/20, <= 5 ms |"
         )
+    openers = (("knock", "stock knock"), ("fwknop", "stock fwknop"), ("spa_0.1ms", "SPA packet, SYN 0.1 ms later"))
+    for who, label in openers:
+        if f"first_syn.{who}.workers1" in f:
+            lines.append(
+                f"| SYN flood at 22 from 1M spoofed sources: door opened ({label}), then connect: on the first SYN | "
+                f"{fig(f'first_syn.{who}.workers1')} (1 process); {fig(f'first_syn.{who}.workers2')} (--workers 2) "
+                f"| | | >= 19/20 |"
+            )
     if "knock_flood.nfknock.ok" in f:
         lines.append(
             f"| flood at the first knock port, 1M spoofed sources: knock then connect, successes | "
@@ -954,6 +1035,7 @@ MEASUREMENTS = (
     "memory",
     "flood_knock",
     "syn_flood",
+    "first_syn",
     "knock_flood",
     "fleet",
 )

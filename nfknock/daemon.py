@@ -34,7 +34,7 @@ from .claims import SUBDIR, open_claims
 from .describe import as_line
 from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
-from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
+from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
 from .extras import FLEET, require, require_for_run
 from .firewall import (
     FLAVOURS,
@@ -57,7 +57,7 @@ from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .packet import parse
-from .rules import Ruleset
+from .rules import KnockDoor, Ruleset, SpaDoor
 from .shards import queues
 from .stats import Reporter, read_queue_drops
 from .store import ReplayStore
@@ -261,10 +261,13 @@ class Daemon:
                         pass
 
     def _consume(self, events, now: float) -> None:
+        self._route_first(events, now)
+        if self.store is not None and any(type(event) is Recorded for event in events):
+            events = self._save_replays(self.store, events, now)
         log_events(self.log, events, self.log_limit, now)
         for event in events:
             kind = type(event)
-            if kind is DoorOpened or kind is DoorClosed:
+            if kind is DoorClosed:
                 self.sync_granted(event.src, now)
             elif kind is GrantsRevoked:
                 for src in event.sources:
@@ -277,8 +280,19 @@ class Daemon:
                 self._consume(follow, now)
         elif self.claims is not None:
             self._claim(events, now)
-        if self.store is not None and any(type(event) is Recorded for event in events):
-            self._save_replays(self.store)
+
+    def _route_first(self, events, now: float) -> None:
+        """Route first, decide after: a source the engine just granted, or whose SPA packet or
+        rotating sequence now waits for its durable record or claim, goes into the kernel's
+        granted set at once, before any disk or network work (granted.py). Its first SYN then
+        waits in the grant queue, out of a flood's way, and is judged after the grant took effect;
+        or dropped, and the element removed, if the record or the claim failed."""
+        for event in events:
+            kind = type(event)
+            if kind is DoorOpened:
+                self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
+            elif kind is ClaimNeeded:
+                self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
 
     def _claim(self, events, now: float) -> None:
         """A worker's replay check across workers: what another worker used first is a replay."""
@@ -294,14 +308,31 @@ class Daemon:
                     self._consume(follow, now)
                 elif answer == "unrecorded":  # a rotating sequence: the engine has no event for it
                     self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
+                self.sync_granted(event.src, now)  # a claim lost: out of the set again
 
-    def _save_replays(self, store: ReplayStore) -> None:
+    def _save_replays(self, store: ReplayStore, events: tuple, now: float) -> tuple:
+        """The durable record before the grant takes effect (the SYN waiting in the grant queue is
+        judged after this). When it cannot be written, what these records opened is withdrawn:
+        what cannot be recorded as used does not open (as a worker's failed claim)."""
         try:
             store.save(self.engine.replays.snapshot())
+            return events
         except OSError as exc:
-            self.log.error(
-                "cannot write the replay cache %s: %s (a restart would forget what was used)", store.path, exc
-            )
+            detail = f"cannot write the replay cache {store.path}: {exc.strerror or exc}"
+            self.log.error("%s (a restart would forget what was used)", detail)
+        kept = []
+        for event in events:
+            door = self.engine.doors.get(event.door) if type(event) is DoorOpened else None
+            if door is None or isinstance(door, KnockDoor):
+                kept.append(event)  # not a record's grant (a knock door opened by the same packet)
+                continue
+            self.engine.revoke(event.src, event.door)
+            self.sync_granted(event.src, now)
+            if isinstance(door, SpaDoor):
+                kept.append(SpaRefused(event.src, event.door, "replay record not written", detail, event.key))
+            else:
+                self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
+        return tuple(kept)
 
     def _on_queued(self, queued) -> None:
         self.on_packet(queued)

@@ -7,12 +7,20 @@ ports whose first step the kernel records go to the daemon (first_steps.py); the
 decides (a revoked or expired grant is refused at once, whatever the set says). Nothing in the
 kernel accepts on its own, and with no daemon bound to the queues everything stays closed.
 
-Updates are sent over netlink (pyroute2) by the verdict loop itself, after it has served the
-packets waiting in the queues: the client's first SYN, usually right behind its last knock, is
-verdicted first (through the main queue), and the set is up to date before the loop reads the
-next packets. So a granted client's close sequence, which ends on the first step's port, never
-races the update. (`ipset restore` in a thread needed a fork per batch and lagged by tens of
-milliseconds; a pipe to a long-lived `ipset restore` applies nothing until it exits.)
+Updates are sent over netlink (pyroute2) by the verdict loop itself. A grant is routed first
+and decided after (`add_now`): the source goes into the set the moment the engine grants it, or
+an SPA packet has passed its HMAC and waits for its durable replay record or claim, before any
+disk or network work. The client's first SYN, right behind its last knock or SPA packet, then
+reaches the grant queue, which no flood reaches, and waits there while the daemon writes; it is
+judged once the grant has taken effect (or dropped if the record could not be made: the element
+is removed again, and routed nothing open meanwhile). Through the main queue it would meet the
+kernel's limit for strangers, which a SYN flood at the protected port keeps empty. Removals
+(close, revoke, expiry) wait for the end of the loop's turn (`remove`, `flush`), after the
+packets that were waiting: a close sequence ends on a port that granted sources knock through
+the daemon, never racing the update. One address's updates are sent in the order they were
+made: a removal is never sent after a later add. (`ipset restore` in a thread needed a fork
+per batch and lagged by tens of milliseconds; a pipe to a long-lived `ipset restore` applies
+nothing until it exits.)
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ class GrantedSets:
         self._make_link = link
         self._link: SetLink | None = None
         self._pending: dict[tuple[str, str], int | None] = {}  # (set, address) -> timeout (None: delete)
+        self._sent: dict[tuple[str, str], int] = {}  # written at once this turn (add_now): (set, address) -> timeout
 
     def names(self) -> dict[int, str]:
         return {family: granted_set(self.queue_num, family) for family in (4, 6)}
@@ -122,14 +131,28 @@ class GrantedSets:
             self._link = None
 
     def add(self, address: str, seconds: float) -> None:
-        self._put(
-            granted_set(self.queue_num, _family(address)), address, min(MAX_TIMEOUT, max(1, math.ceil(seconds) + 1))
-        )
+        """Put `address` in the set for `seconds` at the end of the loop's turn."""
+        self._put(granted_set(self.queue_num, _family(address)), address, _timeout(seconds))
+
+    def add_now(self, address: str, seconds: float) -> None:
+        """Put `address` in the set for `seconds` at once: one netlink message, before the caller
+        goes on to disk or network work, so that the client's next SYN is routed to the grant
+        queue. What was waiting for this address is superseded (it was said earlier)."""
+        key, timeout = (granted_set(self.queue_num, _family(address)), address), _timeout(seconds)
+        if self._link is None or self._sent.get(key) == timeout:
+            self._put(*key, timeout)
+            return
+        self._pending.pop(key, None)
+        if self._send(*key, timeout):
+            self._sent[key] = timeout
 
     def remove(self, address: str) -> None:
         self._put(granted_set(self.queue_num, _family(address)), address, None)
 
     def _put(self, name: str, address: str, timeout: int | None) -> None:
+        if timeout is not None and self._sent.get((name, address)) == timeout:
+            return  # add_now sent exactly this in this turn
+        self._sent.pop((name, address), None)
         if len(self._pending) >= MAX_PENDING and (name, address) not in self._pending:
             self.dropped += 1
             return
@@ -137,26 +160,40 @@ class GrantedSets:
 
     def flush(self) -> None:
         """Send what changed since the last flush (the loop calls this after each turn)."""
+        self._sent.clear()
         if not self._pending or self._link is None:
             return
         pending, self._pending = self._pending, {}
         for (name, address), timeout in pending.items():
-            try:
-                if timeout is None:
-                    self._link.delete(name, address)
-                else:
-                    self._link.add(name, address, timeout)
-            except Exception as exc:
-                self.failed += 1
-                if self.failed <= 10 or self.failed % 1000 == 0:
-                    self.log.warning(
-                        "could not update the set %s for %s (%s; %d so far); granted clients still get in, "
-                        "through the main queue",
-                        name,
-                        address,
-                        exc,
-                        self.failed,
-                    )
+            self._send(name, address, timeout)
+
+    def _send(self, name: str, address: str, timeout: int | None) -> bool:
+        """One update over netlink; a failure is logged and counted, never raised."""
+        assert self._link is not None
+        try:
+            if timeout is None:
+                self._link.delete(name, address)
+            else:
+                self._link.add(name, address, timeout)
+            return True
+        except Exception as exc:
+            self.failed += 1
+            if self.failed <= 10 or self.failed % 1000 == 0:
+                self.log.warning(
+                    "could not update the set %s for %s (%s; %d so far); granted clients still get in, "
+                    "through the main queue",
+                    name,
+                    address,
+                    exc,
+                    self.failed,
+                )
+            return False
+
+
+def _timeout(seconds: float) -> int:
+    """An element's timeout for a grant with `seconds` left: whole seconds, rounded up, with one to
+    spare (the set only routes: the daemon ends the grant on time)."""
+    return min(MAX_TIMEOUT, max(1, math.ceil(seconds) + 1))
 
 
 # Sizes of a first-step set. The kernel cannot grow a hash set from the packet path: an add to a

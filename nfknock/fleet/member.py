@@ -123,7 +123,8 @@ class FleetMember:
 
     def step(self, now: float, wall: float) -> tuple[list[Event], set[str]]:
         """What the fleet said since the last turn: events to consume (claims answered) and the
-        sources whose grants changed (for the kernel's granted set)."""
+        sources whose grants changed (for the kernel's granted set; a claimed source is in it
+        while its claim is in flight, and leaves it if the claim is lost)."""
         events: list[Event] = []
         touched: set[str] = set()
         self.applied.forget_expired(wall)
@@ -134,6 +135,7 @@ class FleetMember:
                 break
             if isinstance(message, Answer):
                 events += self._answered(message, now)
+                touched.add(message.claim.src)
             elif isinstance(message, Received):
                 touched |= self._apply(message.entry, now, wall)
             elif isinstance(message, Rejected):

@@ -96,7 +96,7 @@ class Server:
         path.write_text(text)
         return path
 
-    def argv(self, log: Path, *extra: str, fault: tuple[str, int] | None = None) -> list[str]:
+    def argv(self, log: Path, *extra: str, fault: tuple | None = None) -> list[str]:
         args = (
             "run",
             "--rules",
@@ -113,11 +113,11 @@ class Server:
             str(self.workdir / "state"),
             *extra,
         )
-        if fault is not None:  # tests/support/faulty.py breaks one function of this run
-            return [sys.executable, str(REPO / "tests" / "support" / "faulty.py"), fault[0], str(fault[1]), *args]
+        if fault is not None:  # tests/support/faulty.py breaks (or holds) one function of this run
+            return [sys.executable, str(REPO / "tests" / "support" / "faulty.py"), *map(str, fault), *args]
         return nfknock_argv(*args)
 
-    def start(self, *extra: str, expect_ready: bool = True, fault: tuple[str, int] | None = None) -> subprocess.Popen:
+    def start(self, *extra: str, expect_ready: bool = True, fault: tuple | None = None) -> subprocess.Popen:
         argv = self.argv(self.log, *extra, fault=fault)
         self.process = self.sandbox.spawn(
             self.sandbox.server, argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

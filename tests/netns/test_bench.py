@@ -76,3 +76,5 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert "| the same, `--workers 2`" in table and "| CPU per verdict, us (UDP" in table
     assert "| client knock+connect during a SYN flood" in table
     assert "| fleet: grant reaches the other member" in table
+    assert "door opened (stock fwknop), then connect: on the first SYN" in table
+    assert "door opened (SPA packet, SYN 0.1 ms later)" in table

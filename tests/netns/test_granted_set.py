@@ -1,14 +1,18 @@
 """The kernel's set of granted sources, on a real kernel: a knock puts the client in it, close
 and revoke take it out; a flood of strangers at the protected port is shed by the kernel before
-the queue; a granted client's connections go to a queue of their own. Both backends."""
+the queue; a granted client's connections go to a queue of their own, its first SYN included.
+Both backends."""
 
 import json
+import select
+import socket
 import time
 
 import pytest
-from conftest import connect, knock
+from conftest import connect, knock, spa_door
 
-from support.sandbox import SynFlood, queue_counters
+from nfknock.shards import queues, shard_of
+from support.sandbox import SynFlood, entered, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 SEQUENCE, CLOSE = ("40000", "50000", "60000"), ("60000", "50000", "40000")
@@ -75,3 +79,57 @@ def test_a_syn_flood_from_strangers_is_shed_before_the_queue(server, alice, mall
         server.nfknock("status", "--json", "--control-socket", str(server.workdir / "nfknock.sock")).stdout
     )
     assert [g["source"] for g in status["grants"]] == [alice.address]
+
+
+def _wait_for(path, timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path.name} never appeared"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("door", ["knock", "spa"])
+def test_the_first_syn_after_the_door_opens_reaches_the_grant_queue(server, alice, tmp_path, door, workers):
+    """Route first, decide after. The daemon is held where it logs the last knock's grant, or
+    writes the SPA packet's replay record (one process) or claims it (workers), and the client's
+    SYN is sent then: it must reach the grant queue, which no flood reaches, and not the main
+    queue through the strangers' limit, which a SYN flood at 22 keeps empty (its first SYN was
+    lost, TCP retried after 1 s). Once the daemon goes on, that very SYN is accepted."""
+    gate = tmp_path / "gate"
+    if door == "spa":
+        spa_door(server, tmp_path)
+        target = "nfknock.claims.ReplayClaims.claim" if workers == 2 else "nfknock.store.ReplayStore.save"
+        call = 1
+    else:
+        target, call = "nfknock.daemon.log_events", 2  # the third knock's (the kernel records the first)
+    server.start("--workers", str(workers), fault=("--hold", target, call, gate))
+    if door == "spa":
+        encryption, mac = server.keys
+        argv = ["fwknop", "-A", "tcp/22", "-a", alice.address, "-D", alice.server_address, "--use-hmac"]
+        argv += ["--rc-file", "/dev/null", "--key-base64-rijndael", encryption, "--key-base64-hmac", mac]
+        assert server.sandbox.run(alice.namespace, argv).returncode == 0
+    else:
+        knock(server.sandbox, alice, *SEQUENCE)
+    _wait_for(gate.with_name("gate.held"))
+    main, grant = queues(server.queue_num, shard_of(alice.address, workers))
+    before = {q: queue_counters(server.sandbox.server, q).id_sequence for q in (main, grant)}
+    with entered(alice.namespace):
+        sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        sock.connect_ex((alice.server_address, 22))  # one SYN, while the daemon is held
+        end = time.monotonic() + 10
+        while sum(queue_counters(server.sandbox.server, q).id_sequence - before[q] for q in before) == 0:
+            assert time.monotonic() < end, "the SYN reached neither queue"
+            time.sleep(0.01)
+        queued = {q: queue_counters(server.sandbox.server, q).id_sequence - before[q] for q in before}
+        gate.touch()
+        assert queued == {main: 0, grant: 1}
+        assert select.select([], [sock], [], 10)[1] and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        sock.setblocking(True)
+        sock.settimeout(3)
+        assert sock.recv(16) == b"hello\n"
+    finally:
+        gate.touch()
+        sock.close()

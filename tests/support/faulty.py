@@ -2,18 +2,24 @@
 tests. `python tests/support/faulty.py TARGET N run --rules ...` makes the N-th and every later
 call of TARGET (a dotted path to a function or method) raise RuntimeError, then runs nfknock.
 
+`python tests/support/faulty.py --hold TARGET N GATE run ...` instead holds the N-th call of
+TARGET (in each process: forked workers count their own): it creates GATE.held, waits until GATE
+exists (30 s at most), then makes the call. A test then sees what the kernel does with packets
+that arrive while the daemon is at that point, without timing anything.
+
 Nothing here is part of nfknock; the patch is made in this process only.
 """
 
 import functools
 import importlib
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's nfknock, not an installed one
 
 
-def break_target(target: str, from_call: int) -> None:
+def _owner(target: str) -> tuple[object, str]:
     module_name, _, attribute = target.rpartition(".")
     owner, name = None, attribute
     try:
@@ -21,6 +27,11 @@ def break_target(target: str, from_call: int) -> None:
     except ModuleNotFoundError:  # a method: module.Class.method
         module_name, _, class_name = module_name.rpartition(".")
         owner = getattr(importlib.import_module(module_name), class_name)
+    return owner, name
+
+
+def break_target(target: str, from_call: int) -> None:
+    owner, name = _owner(target)
     original = getattr(owner, name)
     calls = [0]
 
@@ -34,9 +45,31 @@ def break_target(target: str, from_call: int) -> None:
     setattr(owner, name, broken)
 
 
+def hold_target(target: str, call: int, gate: Path) -> None:
+    owner, name = _owner(target)
+    original = getattr(owner, name)
+    calls = [0]
+
+    @functools.wraps(original)
+    def held(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            gate.with_name(gate.name + ".held").touch()
+            end = time.monotonic() + 30
+            while not gate.exists() and time.monotonic() < end:
+                time.sleep(0.01)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, held)
+
+
 if __name__ == "__main__":
-    target, from_call, *argv = sys.argv[1:]
-    break_target(target, int(from_call))
+    if sys.argv[1] == "--hold":
+        target, call, gate, *argv = sys.argv[2:]
+        hold_target(target, int(call), Path(gate))
+    else:
+        target, from_call, *argv = sys.argv[1:]
+        break_target(target, int(from_call))
     from nfknock.cli import main
 
     sys.exit(main(argv))

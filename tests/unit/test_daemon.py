@@ -346,3 +346,154 @@ def test_a_reload_that_sends_a_doors_first_knocks_back_to_the_daemon_says_so(tmp
     with caplog.at_level(logging.WARNING, logger="test-nfknock"):
         assert daemon.reload() is True  # nothing moved: nothing to say again
     assert "its first knocks go to the daemon" not in caplog.text
+
+
+# -- route first, decide after: the granted set before disk work and before the next packet --------
+
+
+class Journal(list):
+    """One list for everything the daemon does to the outside, in order."""
+
+    def link(self):
+        journal = self
+
+        class Link:
+            def add(self, name, address, timeout):
+                journal.append(("set add", address))
+
+            def delete(self, name, address):
+                journal.append(("set del", address))
+
+            def close(self):
+                pass
+
+        return Link()
+
+    def judge(self, daemon, payload):
+        journal = self
+
+        class Judged(Queued):
+            def accept(self):
+                journal.append(("accept", payload[-4:]))
+
+            def drop(self):
+                journal.append(("drop", payload[-4:]))
+
+        daemon.on_packet(Judged(payload))
+        return journal[-1][0]
+
+
+def udp(dport, data, src="10.0.0.2"):
+    ip = dpkt.ip.IP(
+        src=socket.inet_aton(src),
+        dst=socket.inet_aton("10.0.0.1"),
+        p=17,
+        data=dpkt.udp.UDP(sport=50000, dport=dport, data=data),
+    )
+    ip.data.ulen = len(ip.data)
+    ip.len = len(ip)
+    return bytes(ip)
+
+
+def journalled(daemon, journal):
+    from nfknock.firewall.granted import GrantedSets
+
+    daemon.granted = GrantedSets(0, daemon.log, link=journal.link)
+    daemon.granted.connect()
+    return daemon
+
+
+@pytest.fixture
+def spa(tmp_path, monkeypatch):
+    """A single-process daemon with one SPA door and a replay cache on disk; returns it and a
+    maker of SPA packets from 10.0.0.2 for 22/tcp."""
+    import base64
+    import time
+
+    from nfknock.spa import Keys, encode, generate_keys
+
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("UNITSPA_KEY_BASE64", encryption)
+    monkeypatch.setenv("UNITSPA_HMAC_KEY_BASE64", mac)
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "spa.yaml").write_text(
+        "doors: [{name: spaSSH, kind: spa, keys_env: UNITSPA, protect: [22/tcp]}]\n"
+    )
+    (tmp_path / "state").mkdir(mode=0o700)
+    keys = Keys(base64.b64decode(encryption), base64.b64decode(mac), "sha256")
+
+    def daemon(claims=None, **config):
+        config.setdefault("state_dir", tmp_path / "state")
+        config = DaemonConfig(tmp_path / "rules", **config)
+        return Daemon(config, FakeFirewall(), logger=logging.getLogger("t-spa"), claims=claims)
+
+    return daemon, lambda: udp(62201, encode(keys, "10.0.0.2", [("tcp", 22)], time.time()))
+
+
+def test_a_knock_grant_is_in_the_kernels_set_before_the_next_packet_is_judged(daemon):
+    """The client's SYN right behind its last knock must find its source in the granted set (it
+    then reaches the grant queue, out of a SYN flood's way), not wait for the end of the turn."""
+    journal = Journal()
+    journalled(daemon, journal)
+    for port in (40000, 50000, 60000):
+        assert journal.judge(daemon, syn(port)) == "drop"
+    assert journal[-2:] == [("set add", "10.0.0.2"), ("drop", syn(60000)[-4:])]  # before the knock's verdict
+    assert journal.judge(daemon, syn(22)) == "accept"
+    daemon.granted.flush()
+    assert journal.count(("set add", "10.0.0.2")) == 1  # one message per grant
+
+
+def test_an_spa_source_is_in_the_set_before_its_replay_record_is_written(spa, monkeypatch):
+    make, packet = spa
+    daemon = journalled(make(), journal := Journal())
+    monkeypatch.setattr(daemon.store, "save", lambda entries: journal.append(("save", len(entries))))
+    assert journal.judge(daemon, packet()) == "drop"
+    assert [entry[0] for entry in journal] == ["set add", "save", "drop"]
+    assert journal.judge(daemon, syn(22)) == "accept"
+
+
+def test_a_replay_record_that_cannot_be_written_opens_nothing(spa, monkeypatch, caplog):
+    """DESIGN rule 11: the durable record before the grant takes effect. The SYN that waited in
+    the grant queue meanwhile is dropped, and the source leaves the set again."""
+    make, packet = spa
+    daemon = journalled(make(), journal := Journal())
+
+    def full(entries):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon.store, "save", full)
+    with caplog.at_level(logging.INFO, logger="t-spa"):
+        assert journal.judge(daemon, packet()) == "drop"
+        assert journal.judge(daemon, syn(22)) == "drop"
+    daemon.granted.flush()
+    assert [entry[0] for entry in journal] == ["set add", "drop", "drop", "set del"]
+    assert daemon.engine.grants(daemon.clock()) == []
+    assert "replay record not written" in caplog.text and "No space left on device" in caplog.text
+    assert "OPEN SESAME" not in caplog.text
+
+
+@pytest.mark.parametrize("answer", ["ours", "taken", "unwritable"])
+def test_a_workers_claim_waits_with_the_source_in_the_set(spa, answer):
+    """With --workers the record is a claim in the shared directory: the source is routed before
+    it is made; a claim lost (another worker used the packet) or not written takes it out again."""
+    make, packet = spa
+
+    class Claims:
+        directory = "used"
+
+        def claim(self, record, expires, wall):
+            journal.append(("claim", answer))
+            if answer == "unwritable":
+                raise OSError(30, "Read-only file system")
+            return answer == "ours"
+
+    journal = Journal()
+    daemon = journalled(make(claims=Claims(), workers=2, shard=1, state_dir=None), journal)
+    assert journal.judge(daemon, packet()) == "drop"
+    assert journal.judge(daemon, syn(22)) == ("accept" if answer == "ours" else "drop")
+    daemon.granted.flush()
+    kinds = [entry[0] for entry in journal]
+    if answer == "ours":
+        assert kinds == ["set add", "claim", "drop", "accept"]
+    else:
+        assert kinds == ["set add", "claim", "drop", "drop", "set del"]

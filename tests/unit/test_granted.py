@@ -97,3 +97,48 @@ def test_destroy_takes_only_our_sets():
     fake = FakeIpset(listed="other\nnfknock-q0-v4\nnfknock-q0-v6\n")
     assert destroy_all(fake) == ["nfknock-q0-v4", "nfknock-q0-v6"]
     assert fake.calls[-1][1].splitlines() == ["destroy nfknock-q0-v4", "destroy nfknock-q0-v6"]
+
+
+def test_add_now_is_sent_at_once_and_nothing_said_earlier_overtakes_it():
+    """Route first: a grant's add goes out at once; a removal still waiting for the end of the
+    turn was said earlier and is dropped, never sent after the add; a removal said after the add
+    goes out at the end of the turn; the same add said again in that turn costs no message."""
+    link = FakeLink()
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), lambda: link)
+    sets.create()
+    sets.remove("10.0.0.2")  # a close sequence, then the open sequence again, in one turn
+    sets.add_now("10.0.0.2", 29.2)
+    assert link.calls == [("add", "nfknock-q0-v4", "10.0.0.2", 31)]
+    sets.add("10.0.0.2", 29.2)  # the grant's sync at the end of a claim: already sent
+    sets.flush()
+    assert link.calls == [("add", "nfknock-q0-v4", "10.0.0.2", 31)]
+    sets.add_now("10.0.0.3", 10)
+    sets.remove("10.0.0.3")  # a lost claim: out again, after the add
+    assert link.calls[-1] == ("add", "nfknock-q0-v4", "10.0.0.3", 11)
+    sets.flush()
+    assert link.calls[-1] == ("del", "nfknock-q0-v4", "10.0.0.3")
+    sets.add_now("10.0.0.3", 10)  # a new turn: sent again
+    assert link.calls[-1] == ("add", "nfknock-q0-v4", "10.0.0.3", 11) and len(link.calls) == 4
+
+
+def test_add_now_without_a_link_waits_for_it(caplog):
+    link = FakeLink()
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), lambda: link)
+    sets.add_now("10.0.0.2", 5)
+    assert link.calls == []
+    sets.create()
+    sets.flush()
+    assert link.calls == [("add", "nfknock-q0-v4", "10.0.0.2", 6)]
+    failing = GrantedSets(0, logging.getLogger("t-granted"), FakeIpset(), lambda: FakeLink(fail="set is full"))
+    failing.create()
+    failing.add_now("10.0.0.2", 5)
+    assert failing.failed == 1 and "could not update the set nfknock-q0-v4 for 10.0.0.2" in caplog.text
+
+
+def test_a_removal_is_sent_whatever_add_now_sent_before():
+    link = FakeLink()
+    sets = GrantedSets(0, logging.getLogger("t"), FakeIpset(), lambda: link)
+    sets.create()
+    sets.remove("10.0.0.2")  # a close sequence, no add this turn
+    sets.flush()
+    assert link.calls == [("del", "nfknock-q0-v4", "10.0.0.2")]
