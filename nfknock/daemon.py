@@ -49,6 +49,7 @@ from .firewall import (
     saved_chain,
 )
 from .firewall.granted import GrantedSets, prune_first_step_sets
+from .firewall.handshakes import Handshakes
 from .firewall.sessions import SYNC_EVERY as SESSIONS_EVERY
 from .firewall.sessions import SessionSets, prune_session_sets
 from .first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
@@ -218,6 +219,7 @@ class Daemon:
         self._wake_w: socket.socket | None = None
         # The process that installs the rules keeps the sessions sets (firewall/sessions.py).
         self.sessions: SessionSets | None = None
+        self.handshakes = Handshakes()
         self.sessions_failed = 0
         self.applied_plan: Plan | None = None
 
@@ -667,6 +669,7 @@ class Daemon:
         what the scaffolding queues, so the protected ports stay closed."""
         sd_notify("STOPPING=1")
         steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
+        steps.append(self.handshakes.close)
         if self.fleet is not None:
             steps.append(self.fleet.stop)
         if self.pool is not None:
@@ -761,6 +764,21 @@ class Daemon:
             self.granted.add(src, left)
         else:
             self.granted.remove(src)
+            self._cut_handshakes(src)
+
+    def _cut_handshakes(self, src: str) -> None:
+        """No new connection once a grant is gone, not even one whose SYN was accepted before
+        (firewall/handshakes.py). Only with real firewall rules: a test's fake has no conntrack."""
+        if not isinstance(self.firewall, PerFamily):
+            return
+        ports = {p.port for door in self.ruleset.doors for p in door.protect if p.proto == "tcp"}
+        try:
+            cut = self.handshakes.cut(src, ports)
+        except FirewallError as exc:
+            self.log.warning("%s: a handshake it started during its grant may still complete", exc)
+            return
+        if cut:
+            self.log.info("%s: %d handshake(s) begun during the grant will not complete", src, cut)
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import socket
+import sys
 import time
 
 import dpkt
@@ -21,16 +22,18 @@ def sysctl(server, setting: str) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def in_conntrack(server, code: str) -> str:
+    """Run pyroute2 code against the server namespace's conntrack table, in a process started in
+    that namespace (pyroute2's netlink socket does not follow a thread's setns); its stdout."""
+    program = f"from pyroute2 import Conntrack\nfrom pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple\ntable = Conntrack()\n{code}\n"
+    result = server.sandbox.run(server.sandbox.server, [sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def flush_conntrack(server) -> None:
     """What `conntrack -F` does, in the server's namespace."""
-    from pyroute2 import Conntrack  # type: ignore[import-untyped]
-
-    with entered(server.sandbox.server):
-        table = Conntrack()
-    try:
-        table.flush()
-    finally:
-        table.close()
+    in_conntrack(server, "table.flush()")
 
 
 def established_peers(server, port: int = 22) -> set[tuple[str, int]]:
@@ -154,3 +157,38 @@ def test_the_hosts_own_connections_to_a_protected_port_are_left_alone(server, al
         finally:
             sock.close()
     assert not connect(alice, timeout=1).connected
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_handshake_begun_during_a_grant_does_not_complete_after_a_revoke(server, alice, workers):
+    """Alice's SYN is accepted during her grant, but the server's SYN-ACK is held back (a rule in
+    her own namespace) until the operator has revoked her: the handshake she then completes must
+    not become a connection, and no data may reach the service."""
+    server.start("--workers", workers)
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    hold_back = ["INPUT", "-p", "tcp", "--sport", "22", "--tcp-flags", "SYN,ACK", "SYN,ACK", "-j", "DROP"]
+    server.sandbox.run(alice.namespace, ["iptables-nft", "-A", *hold_back], check=True)
+    with entered(alice.namespace):
+        sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        assert sock.connect_ex((alice.server_address, 22)) == 115  # EINPROGRESS: the SYN is out
+        port = sock.getsockname()[1]
+        tracked = f"print(len(list(table.dump_entries(tuple_orig=NFCTAttrTuple(saddr='{alice.address}', proto=6, sport={port})))))"
+        deadline = time.monotonic() + 10
+        while in_conntrack(server, tracked).strip() == "0":  # the SYN was accepted: conntrack follows it
+            assert time.monotonic() < deadline, "the SYN of the granted client never passed"
+            time.sleep(0.05)
+        revoked = server.nfknock("revoke", alice.address, "--control-socket", str(server.workdir / "nfknock.sock"))
+        assert revoked.returncode == 0, revoked.stderr
+        server.sandbox.run(alice.namespace, ["iptables-nft", "-D", *hold_back], check=True)
+        sock.setblocking(True)
+        sock.settimeout(4)  # the server resends its SYN-ACK after 1 s and 3 s
+        try:
+            greeting = sock.recv(16)
+        except OSError:
+            greeting = b""
+        assert greeting != b"hello\n"
+        assert not [peer for peer in established_peers(server) if peer == (alice.address, port)]
+    finally:
+        sock.close()

@@ -1,0 +1,74 @@
+"""Handshakes a revoke interrupts: a SYN accepted during a grant must not become a connection
+after the grant ends.
+
+Why: the daemon judges a connection on its SYN. Once that SYN is accepted, conntrack tracks the
+connection, and the client's final ACK of the handshake is ESTABLISHED traffic, accepted before
+the queue — so a handshake started during a grant and completed after `nfknock revoke` (or a
+close sequence, or a key removed) would open a connection after the revoke. A revoke means no
+new connection from that moment: the daemon deletes the source's conntrack entries for protected
+TCP ports that conntrack has not yet *assured* (a completed handshake sets IPS_ASSURED), so the
+handshake's last ACK arrives as a NEW mid-stream ACK, which the chain drops unless it belongs to
+a session the host already has (sessions.py). Connections already established are kept.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import FirewallError
+
+IPS_ASSURED = 1 << 2  # include/uapi/linux/netfilter/nf_conntrack_common.h
+
+
+class Handshakes:
+    """The conntrack side of a revoke, over netlink (pyroute2), from the loop's thread only."""
+
+    def __init__(self) -> None:
+        self._table: Any = None
+
+    def cut(self, src: str, ports: Iterable[int]) -> int:
+        """Delete `src`'s unassured conntrack entries towards these local TCP ports; how many.
+        Raises FirewallError when conntrack cannot be read or changed."""
+        ports = set(ports)
+        if not ports:
+            return 0
+        try:
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple  # type: ignore[import-untyped]
+
+            table = self._open()
+            family = socket.AF_INET6 if ":" in src else socket.AF_INET
+            wanted = NFCTAttrTuple(family=family, saddr=src, proto=socket.IPPROTO_TCP)
+            doomed = [
+                entry
+                for entry in table.dump_entries(tuple_orig=wanted)
+                if not entry.status & IPS_ASSURED and entry.tuple_orig.dport in ports
+            ]
+            cut = 0
+            for entry in doomed:
+                try:
+                    table.delete(entry)
+                    cut += 1
+                except Exception as exc:
+                    if getattr(exc, "code", None) != 2:  # ENOENT: it went by itself meanwhile
+                        raise
+            return cut
+        except Exception as exc:
+            self.close()  # a fresh socket next time
+            raise FirewallError(f"cannot cut {src}'s pending handshakes in conntrack: {exc}") from None
+
+    def _open(self) -> Any:
+        if self._table is None:
+            from pyroute2 import Conntrack  # type: ignore[import-untyped]
+
+            self._table = Conntrack()
+        return self._table
+
+    def close(self) -> None:
+        if self._table is not None:
+            try:
+                self._table.close()
+            except Exception:
+                pass
+            self._table = None
