@@ -141,11 +141,13 @@ def check_earlier_accepts(host: HostState, chosen: str, doors: tuple[Door, ...])
     out = []
     for family in (4, 6):
         text = host.rules_s.get((chosen, family), "")
-        protected = {p.key for d in doors if family in d.families for p in d.protect}
+        protected = {p.key for d in doors for p in d.protect}  # closed in both families
         for number, rule in enumerate((r for r in text.splitlines() if r.startswith("-A INPUT ")), start=1):
             if rule.split()[-2:] == ["-j", CHAIN]:
                 break
             if not rule.endswith("-j ACCEPT") or re.search(r"--ctstate (RELATED,)?ESTABLISHED(,RELATED)?\b", rule):
+                continue
+            if re.search(r"(^| )-i lo( |$)", rule):  # the host's own connections: nfknock leaves them alone too
                 continue
             proto = re.search(r"-p (\w+)", rule)
             ports = _ports_of(rule)

@@ -33,6 +33,7 @@ def test_accept_ahead_of_our_jump_is_a_failure():
 def test_harmless_earlier_rules_pass():
     rules = (
         "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+        "-A INPUT -i lo -j ACCEPT\n"  # the host's own connections: nfknock leaves them alone too
         "-A INPUT -p tcp -m multiport --dports 80,443 -j ACCEPT\n"
         "-A INPUT -p udp -j ACCEPT\n"
         "-A INPUT -j NFKNOCK\n"
@@ -50,6 +51,15 @@ def test_port_ranges_and_catch_alls_are_caught():
     ):
         (finding,) = check_earlier_accepts(HostState("legacy", {("legacy", 6): rule + "\n"}), "legacy", (SEED,))
         assert finding.level == FAIL and "(IPv6)" in finding.text, rule
+
+
+def test_an_ipv4_door_s_port_accepted_ahead_of_the_ip6tables_jump_is_a_failure():
+    """The port is closed in both families whatever the door listens on, so an IPv6 ACCEPT ahead
+    of the chain undoes it."""
+    ipv4_door = KnockDoor.model_validate(dict(name="v4", sequence=[1, 2], protect=["22/tcp"], family="ipv4"))
+    rules = "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT\n-A INPUT -j NFKNOCK\n"
+    (finding,) = check_earlier_accepts(HostState("legacy", {("legacy", 6): rules}), "legacy", (ipv4_door,))
+    assert finding.level == FAIL and "(IPv6)" in finding.text
 
 
 def test_leftovers_in_the_other_flavour_are_reported():
