@@ -236,7 +236,7 @@ def _headers(runner: Callable) -> dict[str, dict[str, str]]:
             name = value.strip()
         elif key == "Header" and name is not None:
             words = value.split()
-            headers[name] = dict(zip(words[::2], words[1::2]))
+            headers[name] = dict(zip(words[::2], words[1::2], strict=False))
     return headers
 
 
@@ -244,7 +244,7 @@ def _same_size(header: dict[str, str], kind: str) -> bool:
     """Whether an existing set was created as create_first_step_sets creates it now (`forceadd`
     is not listed by ipset 7.x, so it is not compared)."""
     words = f"family {kind} {FIRST_STEP_SIZE}".split()
-    return all(header.get(key) == value for key, value in zip(words[::2], words[1::2]))
+    return all(header.get(key) == value for key, value in zip(words[::2], words[1::2], strict=True))
 
 
 def prune_first_step_sets(queue_num: int, plan: Plan, runner: Callable = subprocess.run) -> list[str]:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import SEED, connect, knock, rss_kib
 
-from support.sandbox import EchoService, SynFlood, entered, queue_counters
-
 from nfknock.firewall.granted import FIRST_STEP_ELEMENTS
+from support.sandbox import EchoService, SynFlood, entered, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
@@ -238,7 +237,9 @@ def test_million_spoofed_first_knocks_never_reach_the_daemon_and_the_client_gets
     answer = status(server)
     assert [(g["door"], g["source"]) for g in answer["grants"]] == [("openSSH", alice.address)]
     assert answer["tracked_attempts"] == 0 and server.process.poll() is None
-    print(f"\nflood: {sent} spoofed first knocks in {took:.1f} s, {entries} in the kernel's set, {judged(answer)} judged")
+    print(
+        f"\nflood: {sent} spoofed first knocks in {took:.1f} s, {entries} in the kernel's set, {judged(answer)} judged"
+    )
 
 
 def test_million_spoofed_first_knocks_stay_bounded_and_the_client_gets_in(server, alice, mallory):

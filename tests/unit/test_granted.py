@@ -152,7 +152,8 @@ def test_a_first_step_set_an_earlier_version_made_is_swapped_for_one_of_this_siz
     """ipset refuses `create -exist` over a set with another maxelem or timeout: the daemon
     would not start over the sets an earlier version left (or kept another size silently)."""
     old = "hashsize 65536 maxelem 262144 timeout 86400 bucketsize 12"
-    headers = _header("nfknock-q3-tcp40000-v6", "inet6", old) + "\n" + _header("nfknock-q3-tcp40000-v6-new", "inet6", old)
+    spare = _header("nfknock-q3-tcp40000-v6-new", "inet6", old)
+    headers = _header("nfknock-q3-tcp40000-v6", "inet6", old) + "\n" + spare
     fake = FakeIpset(headers=headers)
     create_first_step_sets(FIRST_STEPS, fake)
     assert fake.calls[1][1].splitlines() == [
