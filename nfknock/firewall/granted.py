@@ -172,10 +172,10 @@ class GrantedSets:
 # bucket (12 elements at most), whether the set holds 100 or a million sources. Beyond the cap
 # (more distinct sources than it within seq_timeout) `forceadd` takes over as before.
 #
-# Memory: the bucket table is allocated at creation, 8 bytes a bucket (2 MiB a set); elements
-# only as sources arrive, about 32 bytes each for IPv4 and 48 for IPv6 with their buckets
-# (measured), so at the cap about 40 and 60 MiB a set, back to the table within
-# seq_timeout + FIRST_STEP_SWEEP after a flood.
+# Memory: the bucket table is allocated at creation, 8 bytes a bucket (2 MiB a set, which
+# `ipset list -t` leaves out of "Size in memory"); elements only as sources arrive, 36 bytes each
+# for IPv4 and 45 for IPv6 with their buckets (measured with a million), so at the cap about 47
+# and 59 MiB a set, back to the table within seq_timeout + 26 s after a flood (FIRST_STEP_SWEEP).
 FIRST_STEP_BUCKETS = 262144  # 2**18: a million sources are ~4 a bucket, a full one (12) is rare
 FIRST_STEP_ELEMENTS = 5 * FIRST_STEP_BUCKETS  # 1,310,720: each region's share, 5120, is never
 # reached with a million sources in the set (a region of 1024 buckets then holds 3906 +- 63)
