@@ -135,6 +135,7 @@ class Bench:
         self.daemon_log = workdir / "nfknock.log"
         self.iptables = "iptables"  # the flavour nfknock picks by default (--firewall auto)
         self.pinned: tuple[int, int] | None = None  # one_core: (the sender's CPU, the host's CPU)
+        self.flood_sources = 1_000_000  # first_step_set: spoofed sources that fill the set
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -748,7 +749,7 @@ class Bench:
         set's kernel memory (`ipset list -t`) with the million in it; and how many of 10 trials
         of a slow client (stock `knock -d 500` then a connect, over IPv6) get in during that
         flood. The door's seq_timeout is 10 minutes: no source leaves the set during a run."""
-        seconds, trials = (2.0, 3) if self.smoke else (4.0, 10)
+        seconds, trials, self.flood_sources = (2.0, 3, 300_000) if self.smoke else (4.0, 10, 1_000_000)
         rules = self.rules / "doors.yaml"
         saved = rules.read_text()
         rules.write_text(saved.replace("open_for: 10m", "open_for: 1s", 1))  # each trial starts closed
@@ -775,7 +776,7 @@ class Bench:
         flood.communicate(timeout=30)
         self.figures.add(f"first_step.{sizing}.unfilled.host_us", cost[0], "us")
         self.figures.add(f"first_step.{sizing}.unfilled.sender_us", cost[1], "us")
-        flood = self._flood6(1_000_000, "2001:db8:2::", 600)
+        flood = self._flood6(self.flood_sources, "2001:db8:2::", 600)
         try:
             entries = self._settled(name, flood)
             full = self._spoofed_first_knock_cost(flood, seconds)
@@ -801,7 +802,8 @@ class Bench:
             flood.wait(10)
         log(
             f"first-step set, {sizing} sizing, run {run + 1}: per spoofed first knock {cost[0]:.1f} us of the "
-            f"machine ({cost[1]:.1f} us the sender's) with 100k sources, {full[0]:.1f} us ({full[1]:.1f}) with 1M; "
+            f"machine ({cost[1]:.1f} us the sender's) with 100k sources, {full[0]:.1f} us ({full[1]:.1f}) with "
+            f"{self.flood_sources:,}; "
             f"{entries:,} sources in {memory / 2**20:.1f} MiB; slow client (knock -d 500) got in {ok}/{trials}"
         )
 
@@ -845,10 +847,11 @@ class Bench:
         while time.monotonic() < deadline and flood.poll() is None:
             time.sleep(1.0)
             entries = self._set_size(name)[1]
-            if entries >= 990_000 or entries <= last:
+            if entries >= 0.99 * self.flood_sources or entries <= last:
                 return entries
             last = entries
-        raise RuntimeError(f"first_step_set: the set never settled ({last:,} sources)")
+        log(f"  first_step_set: the set was still growing after a minute ({last:,} sources)")
+        return last
 
 
 def busy_cpu_seconds() -> float:
