@@ -5,8 +5,9 @@ nothing can shed it before the queue; the daemon can decide only a fraction of a
 flood, and the client's knock is lost with the rest. A door's first step, though, decides nothing
 by itself: it only says "this source may take the second step within seq_timeout". The kernel
 can record that at line rate in a set with timeouts (an ipset per first port and family, hash:ip
-with `forceadd`, so that a full set gives the newcomer the place of an element of its hash
-bucket instead of refusing it), and the flood never reaches the queue. The daemon still decides
+sized to hold a million sources at a flat cost per knock, with `forceadd` beyond that, so that a
+full set gives the newcomer the place of an element of its hash bucket instead of refusing it:
+firewall/granted.py), and the flood never reaches the queue. The daemon still decides
 everything that matters: a second step reaches the queue marked "the first step was seen" only
 from a source in that set, and marking spends the element (a later packet to that port is not
 marked again); the engine then takes it as the second step of an attempt that the kernel

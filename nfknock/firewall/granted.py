@@ -196,31 +196,92 @@ def _timeout(seconds: float) -> int:
     return min(MAX_TIMEOUT, max(1, math.ceil(seconds) + 1))
 
 
-# Sizes of a first-step set. The kernel cannot grow a hash set from the packet path: an add to a
-# full bucket fails. With 4 elements per bucket on average when the set is full, buckets (12 at
-# most) practically never fill first, so a flood fills the set to its maximum, where `forceadd`
-# takes over: a new source replaces an element of its bucket (an empty bucket, e^-4 = 2% of them,
-# waits for expired elements to be collected).
-FIRST_STEP_BUCKETS = 65536
-FIRST_STEP_ELEMENTS = 4 * FIRST_STEP_BUCKETS  # ~9 MB per set when full
+# Sizes of a first-step set, from how the kernel's hash sets behave (ip_set_hash_gen.h, 6.x; the
+# evidence is bench/run.py's first_step_set). The table is cut into regions of 1024 buckets, and
+# `maxelem` is checked per region: once a region holds maxelem / regions elements, *every* add
+# there first walks the region's 1024 buckets to collect expired elements (and, with `forceadd`,
+# then overwrites slot 0 of the newcomer's bucket, the slot the previous newcomer took). A
+# flood of spoofed first knocks keeps a set in that state: each one cost 3.2x the machine's CPU
+# of an unfilled set, 57% of it in that walk. So the set is sized for the flood it has to hold
+# (every source stays in it for seq_timeout; at ~120k first knocks a second, the rate this 2-core
+# machine sends, a million sources are all there at once with the default 15 s), with maxelem
+# far enough above that no region reaches its share: then an add only hashes and scans its own
+# bucket (12 elements at most), whether the set holds 100 or a million sources. Beyond the cap
+# (more distinct sources than it within seq_timeout) `forceadd` takes over as before.
+#
+# Memory: the bucket table is allocated at creation, 8 bytes a bucket (2 MiB a set, which
+# `ipset list -t` leaves out of "Size in memory"); elements only as sources arrive, 36 bytes each
+# for IPv4 and 45 for IPv6 with their buckets (measured with a million), so at the cap about 47
+# and 59 MiB a set, back to the table within seq_timeout + 26 s after a flood (FIRST_STEP_SWEEP).
+FIRST_STEP_BUCKETS = 262144  # 2**18: a million sources are ~4 a bucket, a full one (12) is rare
+FIRST_STEP_ELEMENTS = 5 * FIRST_STEP_BUCKETS  # 1,310,720: each region's share, 5120, is never
+# reached with a million sources in the set (a region of 1024 buckets then holds 3906 +- 63)
+FIRST_STEP_BUCKETSIZE = 12  # the kernel's default and maximum; each element at most 12 compares
+# The set's own timeout is not an element's (the rules give each element its door's seq_timeout);
+# it only paces the kernel's garbage collector: one region every max(timeout / 3 s, 1 s) / regions,
+# 0.1 s at least, so 3 sweeps the whole set in 25.6 s. With 86400, a set stayed full of expired
+# elements for hours after a flood, and each add there walked its region as if it were full.
+FIRST_STEP_SWEEP = 3
+FIRST_STEP_SIZE = (
+    f"hashsize {FIRST_STEP_BUCKETS} maxelem {FIRST_STEP_ELEMENTS} timeout {FIRST_STEP_SWEEP} "
+    f"bucketsize {FIRST_STEP_BUCKETSIZE}"
+)
 
 
 def create_first_step_sets(plan: Plan, runner: Callable = subprocess.run) -> None:
     """Create the sets the plan's first-step rules add to (first_steps.py), before the rules.
 
-    `forceadd`: when a flood has filled a set, a new source takes the place of an entry in its
-    hash bucket instead of being refused, so a flood cannot keep a client's first knock out.
-    Existing sets are kept as they are (their elements expire by themselves)."""
-    lines = []
+    `forceadd`: when a flood of more sources than FIRST_STEP_ELEMENTS has filled a set, a new
+    source takes the place of an entry in its hash bucket instead of being refused, so a flood
+    cannot keep a client's first knock out. An existing set of this size is kept as it is (its
+    elements expire by themselves); one of another size (an earlier version's) is replaced in
+    place by `ipset swap`, so the rules that refer to it never lose it, and its first steps are
+    forgotten (a client in the middle of a knock knocks again)."""
+    wanted = {}
     for family, specs in plan.items():
-        kind = "inet" if family == 4 else "inet6"
         for name in dict.fromkeys(spec.add_set[0] for spec in specs if spec.add_set is not None):
-            size = f"hashsize {FIRST_STEP_BUCKETS} maxelem {FIRST_STEP_ELEMENTS} forceadd"
-            lines.append(f"create {name} hash:ip family {kind} timeout {MAX_TIMEOUT} {size} -exist")
-    if lines:
-        error = _restore(runner, lines)
-        if error:
-            raise FirewallError(f"cannot create the first-step sets: {error} (is the 'ipset' package installed?)")
+            wanted[name] = "inet" if family == 4 else "inet6"
+    if not wanted:
+        return
+    existing = _headers(runner)
+    lines = []
+    for name, kind in wanted.items():
+        create = f"hash:ip family {kind} {FIRST_STEP_SIZE} forceadd"
+        if name not in existing or _same_size(existing[name], kind):
+            lines.append(f"create {name} {create} -exist")
+            continue
+        spare = f"{name}-new"  # pruned later like any set of ours the plan does not use
+        if spare in existing:
+            lines.append(f"destroy {spare}")
+        lines += [f"create {spare} {create}", f"swap {name} {spare}", f"destroy {spare}"]
+    error = _restore(runner, lines)
+    if error:
+        raise FirewallError(f"cannot create the first-step sets: {error} (is the 'ipset' package installed?)")
+
+
+def _headers(runner: Callable) -> dict[str, dict[str, str]]:
+    """Every set's creation parameters, by name ({} without ipset: creating then says why)."""
+    try:
+        listed = runner(["ipset", "list", "-t"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    headers: dict[str, dict[str, str]] = {}
+    name = None
+    for line in listed.stdout.splitlines():
+        key, _, value = line.partition(": ")
+        if key == "Name":
+            name = value.strip()
+        elif key == "Header" and name is not None:
+            words = value.split()
+            headers[name] = dict(zip(words[::2], words[1::2], strict=False))
+    return headers
+
+
+def _same_size(header: dict[str, str], kind: str) -> bool:
+    """Whether an existing set was created as create_first_step_sets creates it now (`forceadd`
+    is not listed by ipset 7.x, so it is not compared)."""
+    words = f"family {kind} {FIRST_STEP_SIZE}".split()
+    return all(header.get(key) == value for key, value in zip(words[::2], words[1::2], strict=True))
 
 
 def prune_first_step_sets(queue_num: int, plan: Plan, runner: Callable = subprocess.run) -> list[str]:

@@ -180,6 +180,29 @@ def test_a_two_step_door_closes_with_a_close_sequence_that_starts_on_its_second_
     assert "10.199.1.2: twoStep: closed" in server.log_text()
 
 
+def test_first_step_sets_of_another_size_are_replaced_in_place_at_start(server, alice):
+    """The sets outlive the daemon (a stop leaves the scaffolding), so a new version starts over
+    the sets an older one made, of another size; ipset refuses to create a set over one with
+    another maxelem or timeout. The daemon swaps in sets of its own size under the same names
+    (their first steps are forgotten) and the door works."""
+    sandbox = server.sandbox
+    old = ["timeout", "86400", "hashsize", "65536", "maxelem", "262144", "forceadd"]
+    names = {family: f"nfknock-q{server.queue_num}-tcp40000-v{family}" for family in (4, 6)}
+    for family, address in ((4, "11.0.0.1"), (6, "2001:db8::1")):
+        kind = "inet" if family == 4 else "inet6"
+        sandbox.run(sandbox.server, ["ipset", "create", names[family], "hash:ip", "family", kind, *old], check=True)
+        sandbox.run(sandbox.server, ["ipset", "add", names[family], address], check=True)
+    server.start()
+    for name in names.values():
+        listed = sandbox.run(sandbox.server, ["ipset", "list", "-t", name], check=True).stdout
+        assert "hashsize 262144 maxelem 1310720 timeout 3 bucketsize 12" in listed
+        assert "Number of entries: 0" in listed
+    listed = set(sandbox.run(sandbox.server, ["ipset", "list", "-n"], check=True).stdout.split())
+    assert listed == {f"nfknock-q{server.queue_num}-v4", f"nfknock-q{server.queue_num}-v6", *names.values()}
+    knock(sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+
+
 TWINS = """\
 doors:
   - name: openSSH

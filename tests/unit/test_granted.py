@@ -6,16 +6,24 @@ import subprocess
 import pytest
 
 from nfknock.errors import FirewallError
-from nfknock.firewall.granted import GrantedSets, destroy_all
+from nfknock.firewall import RuleSpec
+from nfknock.firewall.granted import (
+    FIRST_STEP_BUCKETS,
+    FIRST_STEP_ELEMENTS,
+    GrantedSets,
+    create_first_step_sets,
+    destroy_all,
+)
 
 
 class FakeIpset:
-    def __init__(self, returncode=0, stderr="", listed=""):
+    def __init__(self, returncode=0, stderr="", listed="", headers=""):
         self.calls, self.returncode, self.stderr, self.listed = [], returncode, stderr, listed
+        self.headers = headers  # what `ipset list -t` prints
 
     def __call__(self, argv, input=None, **kwargs):
         self.calls.append((argv, input))
-        stdout = self.listed if argv[1:] == ["list", "-n"] else ""
+        stdout = self.listed if argv[1:] == ["list", "-n"] else self.headers if argv[1:] == ["list", "-t"] else ""
         return subprocess.CompletedProcess(argv, self.returncode, stdout, self.stderr)
 
 
@@ -142,3 +150,67 @@ def test_a_removal_is_sent_whatever_add_now_sent_before():
     sets.remove("10.0.0.2")  # a close sequence, no add this turn
     sets.flush()
     assert link.calls == [("del", "nfknock-q0-v4", "10.0.0.2")]
+
+
+FIRST_STEPS = {
+    4: [RuleSpec("SET", "tcp", 40000, add_set=("nfknock-q3-tcp40000-v4", 15)), RuleSpec("DROP", "tcp", 40000)],
+    6: [RuleSpec("SET", "tcp", 40000, add_set=("nfknock-q3-tcp40000-v6", 15)), RuleSpec("DROP", "tcp", 40000)],
+}
+SIZE = "hashsize 262144 maxelem 1310720 timeout 3 bucketsize 12 forceadd"
+
+
+def _header(name, family, size):
+    return f"Name: {name}\nType: hash:ip\nRevision: 6\nHeader: family {family} {size} initval 0x1234abcd\n"
+
+
+def test_first_step_sets_are_made_for_a_million_sources():
+    fake = FakeIpset()
+    create_first_step_sets(FIRST_STEPS, fake)
+    assert fake.calls[0][0] == ["ipset", "list", "-t"]
+    argv, script = fake.calls[1]
+    assert argv == ["ipset", "restore"]
+    assert script.splitlines() == [
+        f"create nfknock-q3-tcp40000-v4 hash:ip family inet {SIZE} -exist",
+        f"create nfknock-q3-tcp40000-v6 hash:ip family inet6 {SIZE} -exist",
+    ]
+
+
+def test_a_million_sources_leave_every_region_of_the_set_below_its_share():
+    """The kernel walks a region of 1024 buckets at every add once the region holds its share of
+    maxelem (granted.py): a million sources, spread evenly by the hash, stay 18 standard
+    deviations below it, so an add never walks; and they leave a bucket (12 at most) room."""
+    regions = FIRST_STEP_BUCKETS // 1024
+    share = FIRST_STEP_ELEMENTS / regions
+    mean = 1_000_000 / regions
+    assert share > mean + 18 * mean**0.5
+    assert 1_000_000 / FIRST_STEP_BUCKETS < 4  # on average per bucket, against 12 room
+
+
+def test_a_first_step_set_of_this_size_is_kept_with_its_elements():
+    headers = _header("nfknock-q3-tcp40000-v4", "inet", SIZE.replace(" forceadd", ""))
+    fake = FakeIpset(headers=headers)
+    create_first_step_sets(FIRST_STEPS, fake)
+    assert fake.calls[1][1].splitlines()[0] == f"create nfknock-q3-tcp40000-v4 hash:ip family inet {SIZE} -exist"
+
+
+def test_a_first_step_set_an_earlier_version_made_is_swapped_for_one_of_this_size():
+    """ipset refuses `create -exist` over a set with another maxelem or timeout: the daemon
+    would not start over the sets an earlier version left (or kept another size silently)."""
+    old = "hashsize 65536 maxelem 262144 timeout 86400 bucketsize 12"
+    spare = _header("nfknock-q3-tcp40000-v6-new", "inet6", old)
+    headers = _header("nfknock-q3-tcp40000-v6", "inet6", old) + "\n" + spare
+    fake = FakeIpset(headers=headers)
+    create_first_step_sets(FIRST_STEPS, fake)
+    assert fake.calls[1][1].splitlines() == [
+        f"create nfknock-q3-tcp40000-v4 hash:ip family inet {SIZE} -exist",
+        "destroy nfknock-q3-tcp40000-v6-new",  # left by an interrupted swap
+        f"create nfknock-q3-tcp40000-v6-new hash:ip family inet6 {SIZE}",
+        "swap nfknock-q3-tcp40000-v6 nfknock-q3-tcp40000-v6-new",
+        "destroy nfknock-q3-tcp40000-v6-new",
+    ]
+
+
+def test_no_first_step_set_no_ipset_call():
+    fake = FakeIpset()
+    create_first_step_sets({4: [RuleSpec("DROP", "tcp", 40000)], 6: []}, fake)
+    assert fake.calls == []
