@@ -450,6 +450,7 @@ class Daemon:
             self.pool.pump()
             if not self.stopping:  # under systemd a stop signals the workers too: they may go first
                 self.pool.check()
+                self.pool.watch(self.clock())  # and whether they all answer
         elif self.channel is not None:
             try:
                 while self.channel.poll():
