@@ -419,3 +419,28 @@ def test_a_u32_rule_is_written_as_iptables_prints_it():
         f"-A {CHAIN} -p udp -m udp --dport 53 -m conntrack --ctstate NEW "
         '-m u32 --u32 "0xc&0xff=0x0:0x7f" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 0'
     )
+
+
+def test_a_chain_of_the_other_flavour_is_named_with_its_queues_and_the_command_that_removes_it():
+    from nfknock.firewall import other_flavour_chain, spans
+
+    chain = {
+        4: [
+            "-A NFKNOCK -p tcp -m tcp --dport 22 -j NFQUEUE --queue-num 8",
+            "-A NFKNOCK -p tcp -j NFQUEUE --queue-num 7",
+        ],
+        6: [],
+    }
+    nobody = other_flavour_chain("legacy", chain, ours={20, 21}, listened={20, 21})
+    assert nobody is not None
+    assert nobody.startswith("the legacy tables still hold an NFKNOCK chain (IPv4) that sends packets to queues 7-8")
+    assert "no process listens on 7-8" in nobody and "never reach this daemon (queues 20-21)" in nobody
+    assert nobody.endswith(
+        "remove it with 'nfknock down --firewall legacy' (it leaves the other flavour's rules alone)"
+    )
+    shared = other_flavour_chain("legacy", chain, ours={7, 8}, listened={7, 8})
+    assert "which this daemon binds too" in shared and "no process listens" not in shared
+    another = other_flavour_chain("nft", chain, ours={20, 21}, listened={7, 8, 20, 21})
+    assert "another process listens on 7-8" in another and "nfknock down --firewall nft" in another
+    assert other_flavour_chain("legacy", {4: [], 6: []}, ours={0, 1}, listened=set()) is None
+    assert spans([9, 7, 8, 20, 10, 22]) == "7-10, 20, 22"
