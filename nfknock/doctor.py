@@ -124,15 +124,15 @@ def check_leftovers(host: HostState, chosen: str, queue_num: int = 0, workers: i
             continue
         tools = ", ".join(f"{'iptables' if family == 4 else 'ip6tables'}-{flavour} -S {CHAIN}" for family in chain)
         if flavour == chosen:
-            queued = chain_queues(chain)
-            out.append(
+            out += [
                 Finding(
                     OK,
-                    f"nfknock's chain is installed ({tools}){f', queueing to {spans(queued)}' if queued else ''}: "
-                    "a daemon runs, or was killed (then 'nfknock run' replaces it, whatever its queues, or "
-                    "'nfknock down' removes it)",
+                    f"nfknock's chain is installed ({'iptables' if family == 4 else 'ip6tables'}-{flavour})"
+                    f"{f', queueing to {spans(chain_queues({family: lines}))}' if lines else ''}: a daemon runs, "
+                    "or was killed (then 'nfknock run' replaces it, whatever its queues, or 'nfknock down' removes it)",
                 )
-            )
+                for family, lines in chain.items()
+            ]
             continue
         who = f"nfknock on --queue-num {queue_num}"
         text = other_flavour_chain(flavour, chain, ours, listened, who)
