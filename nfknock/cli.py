@@ -256,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "down",
         help="remove nfknock's firewall rules, both iptables flavours, both families (after a daemon was killed)",
     )
+    down.add_argument(
+        "--firewall",
+        choices=("legacy", "nft"),
+        help="only this flavour's chain (one an earlier run left there while a daemon runs with the other), "
+        "and the sets no other chain uses",
+    )
     down.set_defaults(func=cmd_down)
     return parser
 
@@ -698,6 +704,8 @@ def cmd_down(args) -> int:
     from .firewall import FLAVOURS, make_firewall
     from .firewall.granted import destroy_all
 
+    if args.firewall is not None:
+        return _down_one(args.firewall)
     removed, failed = [], False
     for flavour in FLAVOURS:  # both flavours, even when one fails
         try:
@@ -719,6 +727,38 @@ def cmd_down(args) -> int:
     elif not failed:
         print("nfknock: no nfknock rules were installed")
     return 1 if failed else 0
+
+
+def _down_one(flavour: str) -> int:
+    """`nfknock down --firewall F`: F's chain and jumps go, the other flavour's rules (a running
+    daemon's, usually) stay, and so do the sets its chain uses; F's other sets go."""
+    from .firewall import FLAVOURS, chain_sets, make_firewall, saved_chain
+    from .firewall.granted import destroy
+
+    firewall = make_firewall(flavour)
+    try:
+        used = chain_sets(firewall.installed())
+        removed = firewall.remove()
+    except NfknockError as exc:
+        print(f"nfknock: {flavour}: {exc}", file=sys.stderr)
+        return 1
+    other = next(name for name in FLAVOURS if name != flavour)
+    kept = saved_chain(other)
+    try:
+        destroy(sorted(used - chain_sets(kept)))
+    except NfknockError as exc:
+        print(f"nfknock: {exc}", file=sys.stderr)
+        return 1
+    if not removed:
+        print(f"nfknock: no nfknock rules were installed in the {flavour} tables")
+    elif any(kept.values()):
+        print(f"nfknock: scaffolding removed ({flavour}); nfknock's chain in the {other} tables stays")
+    else:
+        print(
+            f"nfknock: scaffolding removed ({flavour}); no other nfknock chain is installed: protected ports now "
+            "follow the rest of your firewall"
+        )
+    return 0
 
 
 if __name__ == "__main__":

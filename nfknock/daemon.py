@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -45,6 +44,7 @@ from .firewall import (
     first_step_marks,
     iptables_flavour,
     marks_installed,
+    other_flavour_chain,
     plan,
     saved_chain,
 )
@@ -60,7 +60,7 @@ from .metrics import tally
 from .packet import parse
 from .rules import KnockDoor, Ruleset, SpaDoor
 from .shards import queues
-from .stats import Reporter, read_queue_drops
+from .stats import QUEUE_PROC, Reporter, parse_queue_table, read_queue_drops
 from .store import ReplayStore
 from .trust import why_unsafe
 from .workers import WorkerDied, WorkerPool, serve
@@ -492,6 +492,7 @@ class Daemon:
             self.pool.pump()
             if not self.stopping:  # under systemd a stop signals the workers too: they may go first
                 self.pool.check()
+                self.pool.watch(self.clock())  # and whether they all answer
         elif self.channel is not None:
             try:
                 while self.channel.poll():
@@ -642,19 +643,20 @@ class Daemon:
             return held
         other = next(flavour for flavour in FLAVOURS if flavour != self.firewall.name)
         elsewhere = saved_chain(other)
-        ours = range(queue, queue + 2 * self.config.workers)
-        numbers = {int(n) for lines in elsewhere.values() for line in lines for n in _QUEUE_NUM.findall(line)}
-        if numbers.intersection(ours):
-            self.log.warning(
-                "the %s tables still hold an NFKNOCK chain that sends packets to these queues (an earlier "
-                "run with --firewall %s?): the kernel applies both chains; stop nfknock, run 'nfknock down' "
-                "and start it again",
-                other,
-                other,
-            )
+        self._warn_about_other_chain(other, elsewhere)
         for key, meanings in marks_installed(elsewhere, queue, pass_mark).items():
             held[key] = held.get(key, frozenset()) | meanings
         return held
+
+    def _warn_about_other_chain(self, other: str, chain: dict[int, list[str]]) -> None:
+        """Name a chain the other iptables flavour still holds (a stop leaves the rules, and a
+        start replaces only its own flavour's): it sends packets to our queues or to queues no
+        one listens to, and either way this daemon cannot tell from what it sees."""
+        ours = set(range(self.config.queue_num, self.config.queue_num + 2 * self.config.workers))
+        listened = set(parse_queue_table(_read(QUEUE_PROC)))
+        text = other_flavour_chain(other, chain, ours, listened)
+        if text is not None:
+            self.log.warning("%s", text)
 
     def _restore_firewall(self) -> None:
         try:
@@ -883,7 +885,11 @@ class Daemon:
         )
 
 
-_QUEUE_NUM = re.compile(r"--queue-num (\d+)")
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _drain(sock: socket.socket) -> None:

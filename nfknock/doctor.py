@@ -22,7 +22,16 @@ from pathlib import Path
 
 from .errors import RulesError
 from .extras import SERVER, SERVER_MODULES, absent
-from .firewall import CHAIN, FLAVOURS, PASS_MARK, iptables_flavour, resolve_flavour
+from .firewall import (
+    CHAIN,
+    FLAVOURS,
+    PASS_MARK,
+    chain_queues,
+    iptables_flavour,
+    other_flavour_chain,
+    resolve_flavour,
+    spans,
+)
 from .firewall.legacy import legacy_tables
 from .first_steps import first_step_groups, first_steps_in_daemon
 from .loading import load_rules, rule_files
@@ -97,27 +106,39 @@ def check_server_extra(host: HostState, chosen: str) -> list[Finding]:
     return [Finding(OK, f"the {SERVER} extra is installed ({', '.join(SERVER_MODULES[m] for m in needed)})")]
 
 
-def check_leftovers(host: HostState, chosen: str) -> list[Finding]:
+def check_leftovers(host: HostState, chosen: str, queue_num: int = 0, workers: int = 1) -> list[Finding]:
+    """nfknock's chain in either flavour: in the chosen one `run` replaces it (whatever queues it
+    names); in the other one it stays, and the kernel applies it too: to our queues, or to
+    queues nobody listens to, where it drops the knocks our daemon waits for (firewall.
+    other_flavour_chain says which)."""
     out = []
-    for (flavour, family), text in sorted(host.rules_s.items()):
-        if f"-N {CHAIN}" not in text.splitlines():
+    ours = set(range(queue_num, queue_num + 2 * workers))
+    listened = set(parse_queue_table(host.queues))
+    for flavour in FLAVOURS:
+        chain = {
+            family: [line for line in text.splitlines() if line.startswith(f"-A {CHAIN} ")]
+            for (held, family), text in sorted(host.rules_s.items())
+            if held == flavour and f"-N {CHAIN}" in text.splitlines()
+        }
+        if not chain:
             continue
-        tool = f"{'iptables' if family == 4 else 'ip6tables'}-{flavour}"
+        tools = ", ".join(f"{'iptables' if family == 4 else 'ip6tables'}-{flavour} -S {CHAIN}" for family in chain)
         if flavour == chosen:
-            out.append(
+            out += [
                 Finding(
                     OK,
-                    f"nfknock's chain is installed ({tool}): a daemon runs, or was killed "
-                    "(then 'nfknock run' or 'nfknock down' cleans up)",
+                    f"nfknock's chain is installed ({'iptables' if family == 4 else 'ip6tables'}-{flavour})"
+                    f"{f', queueing to {spans(chain_queues({family: lines}))}' if lines else ''}: a daemon runs, "
+                    "or was killed (then 'nfknock run' replaces it, whatever its queues, or 'nfknock down' removes it)",
                 )
-            )
-        else:
-            out.append(
-                Finding(
-                    WARN,
-                    f"nfknock rules are left in the {flavour} tables ({tool} -S {CHAIN}); 'nfknock down' removes them",
-                )
-            )
+                for family, lines in chain.items()
+            ]
+            continue
+        who = f"nfknock on --queue-num {queue_num}"
+        text = other_flavour_chain(flavour, chain, ours, listened, who)
+        if text is None:
+            text = f"the {flavour} tables hold an empty NFKNOCK chain; 'nfknock down --firewall {flavour}' removes it"
+        out.append(Finding(WARN, f"{text} ({tools})"))
     return out or [Finding(OK, "no nfknock rules are installed")]
 
 
@@ -427,7 +448,7 @@ def diagnose(
     return (
         check_flavour(host, chosen)
         + check_server_extra(host, chosen)
-        + check_leftovers(host, chosen)
+        + check_leftovers(host, chosen, queue_num, workers)
         + check_earlier_accepts(host, chosen, doors)
         + check_conntrack(host)
         + check_queue(host, queue_num, workers)

@@ -77,6 +77,7 @@ class Snapshot:
     tracked: int
     fleet: dict | None = None  # the fleet's part of status, in fleet mode
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
+    workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -137,6 +138,15 @@ class Collector:
             dropped.add_metric(("queue_full",), snapshot.drops[0])
             dropped.add_metric(("socket_full",), snapshot.drops[1])
             yield dropped
+        if snapshot.workers_up:
+            up = GaugeMetricFamily(
+                "nfknock_worker_up",
+                "1 if the worker answers the supervisor; 0: stopped or stuck, its sources cannot knock or connect",
+                labels=("worker",),
+            )
+            for worker, answers in snapshot.workers_up:
+                up.add_metric((str(worker),), 1 if answers else 0)
+            yield up
 
 
 def fleet_metrics(fleet: dict):

@@ -46,6 +46,7 @@ def render_status(answer: dict[str, Any]) -> list[str]:
         f"nfknock on queue {answer.get('queue', '-')}{_workers(answer)} (firewall {answer.get('firewall', '-')}): "
         f"{len(doors)} door(s), {len(grants)} grant(s), {len(locked)} lockout(s), "
         f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
+        *_stuck_workers(answer),
         "",
     ]
     lines += table(
@@ -100,3 +101,16 @@ def _workers(answer: dict) -> str:
     if workers == 1 or not isinstance(first, int) or not isinstance(workers, int):
         return ""
     return f", {workers} workers on queues {first}-{first + 2 * workers - 1}"
+
+
+def _stuck_workers(answer: dict) -> list[str]:
+    """One line per worker that does not answer the supervisor (workers.py): its shard is closed."""
+    lines = []
+    for row in answer.get("stuck_workers") or []:
+        queues = row.get("queues") or ["-", "-"]
+        lines.append(
+            f"WARNING: worker {row.get('worker')} (pid {row.get('pid')}, queues {queues[0]}-{queues[-1]}) has not "
+            f"answered for {_cell(row.get('silent_for'))}s ({row.get('state', '-')}): sources whose address ends "
+            f"in byte {row.get('sources', '-')} cannot knock or connect (closed)"
+        )
+    return lines

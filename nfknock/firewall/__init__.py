@@ -241,6 +241,74 @@ def saved_chain(flavour: str) -> dict[int, list[str]]:
     return chain
 
 
+_QUEUE_NUM = re.compile(r"--queue-num (\d+)")
+_SET_NAME = re.compile(r"--(?:match-set|add-set|del-set) (\S+)")
+
+
+def chain_queues(chain: dict[int, list[str]]) -> set[int]:
+    """The queue numbers an NFKNOCK chain (`-A NFKNOCK ...` lines per family) sends packets to."""
+    return {int(n) for lines in chain.values() for line in lines for n in _QUEUE_NUM.findall(line)}
+
+
+def chain_sets(chain: dict[int, list[str]]) -> set[str]:
+    """The ipsets an NFKNOCK chain's rules name."""
+    return {name for lines in chain.values() for line in lines for name in _SET_NAME.findall(line)}
+
+
+def spans(numbers) -> str:
+    """Queue numbers as people write them: `7-8`, `7-10, 20`."""
+    out: list[list[int]] = []
+    for n in sorted(set(numbers)):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def other_flavour_chain(
+    flavour: str, chain: dict[int, list[str]], ours: set[int], listened: set[int], who: str = "this daemon"
+) -> str | None:
+    """What to say about an NFKNOCK chain the `flavour` tables hold while a daemon (`who`) with
+    the other --firewall binds, or will bind, the queues `ours` (`listened`: the queues some
+    process binds now, /proc/net/netfilter/nfnetlink_queue). None when the chain has no rule.
+
+    `apply` replaces the chain and every jump to it in its own flavour, whatever queues they
+    name, so a leftover of the same flavour never outlives a start; the other flavour's is never
+    touched, and the kernel applies both. Its rules queue packets to the queues of the run that
+    installed them: ours (both daemons' rules judge each packet), or queues nobody listens to
+    (the kernel drops what they get: closed, but knocks and connections it catches never reach
+    this daemon, which sees nothing and cannot say why), or another listener's. The fix removes
+    that chain alone, while this daemon runs: its own chain keeps the ports closed meanwhile."""
+    if not any(chain.values()):
+        return None
+    queued = chain_queues(chain)
+    theirs = queued - ours
+    families = ", ".join(f"IPv{family}" for family in sorted(chain) if chain[family])
+    text = f"the {flavour} tables still hold an NFKNOCK chain ({families})"
+    if queued:
+        text += f" that sends packets to queues {spans(queued)}"
+    if not queued:
+        text += f": the kernel applies it as well as the chain of {who}"
+    elif not theirs:
+        text += (
+            f", which {who} binds too (an earlier run with --firewall {flavour}?): the kernel applies both "
+            "chains, so both judge each packet"
+        )
+    elif not theirs & listened:
+        text += (
+            f"; no process listens on {spans(theirs)} (an earlier run with --firewall {flavour} "
+            f"--queue-num {min(theirs)}?): the kernel applies both chains and drops what that one queues, so the "
+            f"knocks and new connections it catches never reach {who} (queues {spans(ours)})"
+        )
+    else:
+        text += (
+            f"; another process listens on {spans(theirs & listened)} (another nfknock?): the kernel applies both "
+            "chains, so a packet must pass both"
+        )
+    return text + f"; remove it with 'nfknock down --firewall {flavour}' (it leaves the other flavour's rules alone)"
+
+
 def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
     """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
     return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"

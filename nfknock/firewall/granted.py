@@ -318,6 +318,14 @@ def _restore(runner: Callable, lines: list[str]) -> str | None:
     return None
 
 
+def destroy(names: list[str], runner: Callable = subprocess.run) -> None:
+    """Destroy these sets (after the rules that use them are gone); FirewallError if one cannot go."""
+    if names:
+        error = _restore(runner, [f"destroy {name}" for name in names])
+        if error:
+            raise FirewallError(f"sets not removed: {error}")
+
+
 def destroy_all(runner: Callable = subprocess.run) -> list[str]:
     """Destroy every nfknock set (after the rules that use them are gone); returns their names.
     Raises FirewallError naming what could not be destroyed."""

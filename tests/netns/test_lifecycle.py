@@ -236,3 +236,31 @@ def test_interface_limits_the_guard_to_one_link(server, alice, bob):
     assert f"-A INPUT -i {alice_link} -j NFKNOCK" in server.iptables()
     server.nfknock("down")
     assert server.iptables() == []
+
+
+def test_a_switch_of_flavour_and_queue_names_the_chain_left_behind_and_how_to_remove_it(server, alice):
+    """Started again with the other --firewall and another --queue-num, without 'nfknock down':
+    the stopped daemon's chain still sends knocks and connections to queues nobody listens to,
+    so the kernel drops them and the new daemon would see nothing. It says so at start, and so
+    does doctor, with the command that removes that chain alone (the new one stays: closed)."""
+    old = server.flavour
+    server.start()
+    assert server.stop() == 0  # the rules stay
+    server.firewall = server.flavour = "nft" if old == "legacy" else "legacy"
+    server.queue_num = 20
+    server.start()
+    line = server.wait_log(f"the {old} tables still hold an NFKNOCK chain")
+    assert "queues 7-8" in line and "no process listens" in line and f"nfknock down --firewall {old}" in line
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert not connect(alice, timeout=1).connected  # the old chain drops what the new daemon waits for
+    doctor = server.nfknock("doctor", "--rules", str(server.rules), "--queue-num", "20", "--firewall", server.flavour)
+    found = [line for line in doctor.stdout.splitlines() if line.startswith("warn") and f"the {old} tables" in line]
+    assert found and "queues 7-8" in found[0] and f"nfknock down --firewall {old}" in found[0], doctor.stdout
+    down = server.nfknock("down", "--firewall", old)
+    assert down.returncode == 0, down.stderr
+    assert any("NFQUEUE --queue-num 20" in rule for rule in server.iptables())  # the running daemon's stays
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    server.stop()
+    server.start()  # nothing left behind: nothing to say
+    assert f"the {old} tables still hold" not in server.log_text().split("ready:")[-2]

@@ -229,3 +229,47 @@ def test_ipv6_sources_are_sharded_too_and_metrics_count_every_worker(server, ali
         body = opener.open("http://127.0.0.1:9471/metrics", timeout=5).read().decode()
     assert 'nfknock_active_grants{door="openSSH"} 2.0' in body
     assert 'nfknock_packets_total{verdict="accept"} 2.0' in body
+
+
+def test_a_stopped_worker_is_named_in_the_log_status_and_metrics_until_it_answers_again(server, alice, carol):
+    """SIGSTOP on one worker (a debugger, an admin's mistake): its shard is closed, which is the
+    safe side, but it must not be silent. The supervisor names the worker, its queues and what
+    it means, keeps answering status for the others, and says when the worker answers again;
+    it neither kills nor restarts it (a debugger session is not a crash)."""
+    import urllib.request
+
+    from support.sandbox import entered
+
+    def scrape() -> str:
+        with entered(server.sandbox.server):
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            return opener.open("http://127.0.0.1:9471/metrics", timeout=10).read().decode()
+
+    server.start("--workers", "2", "--metrics-port", "9471")
+    pids = worker_pids(server)
+    knock(server.sandbox, carol, *SEQUENCE)
+    assert connect(carol).connected
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        line = server.wait_log(f"worker 1 (pid {pids[1]}, queues 9-10) has not answered", timeout=60)
+        assert "stopped" in line and "closed" in line and "128-255" in line
+        assert not connect(carol, timeout=1).connected  # its shard: closed, never open
+        answer = status(server)  # the other worker still answers
+        assert [(row["worker"], row["pid"], row["queues"]) for row in answer["stuck_workers"]] == [
+            (1, pids[1], [9, 10])
+        ]
+        text = server.nfknock("status", "--control-socket", str(server.workdir / "nfknock.sock"))
+        assert text.returncode == 0, text.stderr
+        assert f"worker 1 (pid {pids[1]}, queues 9-10) has not answered" in text.stdout
+        body = scrape()
+        assert 'nfknock_worker_up{worker="0"} 1.0' in body and 'nfknock_worker_up{worker="1"} 0.0' in body
+        knock(server.sandbox, alice, *SEQUENCE)  # worker 0's shard is served as before
+        assert connect(alice).connected
+        assert alive(pids[1])  # not killed, not restarted
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    server.wait_log(f"worker 1 (pid {pids[1]}, queues 9-10) answers again", timeout=60)
+    assert status(server)["stuck_workers"] == []
+    assert 'nfknock_worker_up{worker="1"} 1.0' in scrape()
+    knock(server.sandbox, carol, *SEQUENCE)
+    assert connect(carol).connected

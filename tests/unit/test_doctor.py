@@ -338,3 +338,17 @@ def test_a_knock_door_whose_first_knocks_reach_the_daemon_is_named_with_the_port
     )
     assert findings[1].startswith("warn door other:")
     assert check_first_steps(()) == []
+
+
+def test_a_chain_of_the_other_flavour_that_queues_to_nobody_names_its_queues_and_the_fix():
+    """After a switch of --firewall and --queue-num without 'nfknock down': the old chain drops
+    the knocks the new daemon waits for."""
+    old = WITH_CHAIN + "-A NFKNOCK -p tcp -m tcp --dport 40000 -j NFQUEUE --queue-num 7\n"
+    running = "    20  4242     0 2 65531     0     0        0  1\n    21  4242     0 2 65531     0     0        0  1\n"
+    host = HostState("nf_tables", {("legacy", 4): old, ("nft", 4): WITH_CHAIN}, queues=running)
+    theirs, ours = check_leftovers(host, "nft", queue_num=20)  # legacy first
+    assert theirs.level == WARN and "iptables-legacy -S NFKNOCK" in theirs.text
+    assert "queues 7" in theirs.text and "no process listens on 7" in theirs.text
+    assert "never reach nfknock on --queue-num 20 (queues 20-21)" in theirs.text
+    assert "'nfknock down --firewall legacy'" in theirs.text
+    assert ours.level == OK  # the chosen flavour's chain: 'nfknock run' replaces it

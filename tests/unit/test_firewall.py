@@ -461,3 +461,28 @@ def test_legacy_interface_match_compares_whole_names_in_both_families():
         mask = bytes(getattr(rule.entry, entry).iniface_mask)
         assert mask == b"\xff" * 3, entry  # "lo" and its NUL (ctypes stops at the first zero byte)
         assert rule.in_interface == "lo"
+
+
+def test_a_chain_of_the_other_flavour_is_named_with_its_queues_and_the_command_that_removes_it():
+    from nfknock.firewall import other_flavour_chain, spans
+
+    chain = {
+        4: [
+            "-A NFKNOCK -p tcp -m tcp --dport 22 -j NFQUEUE --queue-num 8",
+            "-A NFKNOCK -p tcp -j NFQUEUE --queue-num 7",
+        ],
+        6: [],
+    }
+    nobody = other_flavour_chain("legacy", chain, ours={20, 21}, listened={20, 21})
+    assert nobody is not None
+    assert nobody.startswith("the legacy tables still hold an NFKNOCK chain (IPv4) that sends packets to queues 7-8")
+    assert "no process listens on 7-8" in nobody and "never reach this daemon (queues 20-21)" in nobody
+    assert nobody.endswith(
+        "remove it with 'nfknock down --firewall legacy' (it leaves the other flavour's rules alone)"
+    )
+    shared = other_flavour_chain("legacy", chain, ours={7, 8}, listened={7, 8})
+    assert "which this daemon binds too" in shared and "no process listens" not in shared
+    another = other_flavour_chain("nft", chain, ours={20, 21}, listened={7, 8, 20, 21})
+    assert "another process listens on 7-8" in another and "nfknock down --firewall nft" in another
+    assert other_flavour_chain("legacy", {4: [], 6: []}, ours={0, 1}, listened=set()) is None
+    assert spans([9, 7, 8, 20, 10, 22]) == "7-10, 20, 22"

@@ -40,3 +40,15 @@ def test_spa_openings_by_key_and_knock_doors_unchanged():
     refused = (("door", "team"), ("key", "carol"), ("reason", "key expired"))
     assert found[("nfknock_spa_refused_total", refused)] == 1
     assert found[("nfknock_spa_refused_total", (("door", "team"), ("key", ""), ("reason", "bad hmac")))] == 1
+
+
+def test_a_worker_that_does_not_answer_is_down():
+    snapshot = Snapshot(0, {}, {}, {}, {}, 0, workers_up=((0, True), (1, False)))
+    up = {
+        sample.labels["worker"]: sample.value
+        for family in Collector(lambda: snapshot).collect()
+        if family.name == "nfknock_worker_up"
+        for sample in family.samples
+    }
+    assert up == {"0": 1, "1": 0}
+    assert not [f for f in Collector(lambda: Snapshot(0, {}, {}, {}, {}, 0)).collect() if f.name == "nfknock_worker_up"]

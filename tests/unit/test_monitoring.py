@@ -21,7 +21,9 @@ def exported_names() -> set[str]:
     from prometheus_client.core import CollectorRegistry
 
     tallies = {(name, tuple("x" for _ in labels)): 1 for name, _, labels, _ in TALLIED.values()}
-    snapshot = Snapshot(0, {"accept": 1, "drop": 2}, {"short": 1}, tallies, {"openSSH": 1}, 3, drops=(1, 2))
+    snapshot = Snapshot(
+        0, {"accept": 1, "drop": 2}, {"short": 1}, tallies, {"openSSH": 1}, 3, drops=(1, 2), workers_up=((0, True),)
+    )
     registry = CollectorRegistry()
     registry.register(Collector(lambda: snapshot))
     text = generate_latest(registry).decode()
@@ -60,6 +62,7 @@ def test_the_alerts_cover_down_drops_lockouts_and_spa():
         "NfknockLockouts",
         "NfknockSpaRefusals",
         "NfknockSpaReplay",
+        "NfknockWorkerStuck",
     }
 
 

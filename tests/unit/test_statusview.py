@@ -81,3 +81,13 @@ def test_cli_prints_the_table_or_the_answer_as_json(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines() == render_status(ANSWER)
     assert main(["status", "--json", "--control-socket", "/nonexistent"]) == 0
     assert json.loads(capsys.readouterr().out) == ANSWER
+
+
+def test_a_worker_that_does_not_answer_is_a_warning_line_of_the_summary():
+    stuck = {"worker": 1, "pid": 4242, "queues": [5, 6], "silent_for": 12.3, "state": "stopped", "sources": "128-255"}
+    lines = render_status({**ANSWER, "workers": 2, "stuck_workers": [stuck]})
+    assert lines[1] == (
+        "WARNING: worker 1 (pid 4242, queues 5-6) has not answered for 12.3s (stopped): sources whose address "
+        "ends in byte 128-255 cannot knock or connect (closed)"
+    )
+    assert not any("WARNING" in line for line in render_status({**ANSWER, "workers": 2, "stuck_workers": []}))

@@ -83,3 +83,56 @@ def test_a_control_request_that_reaches_a_worker_after_its_deadline_is_not_carri
     assert Worker.sent == []
     serve(Worker, ("control", 2, time.monotonic() + 5, grant))
     assert Worker.sent == [("carried out", grant), ("reply", 2, {})]
+
+
+def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(tmp_path, caplog):
+    """The supervisor's watch, with time written into the test: a ping every PING_EVERY seconds
+    after an answer, a warning once one waits STUCK_AFTER, again every STUCK_REPEAT, and a line
+    when the worker answers; status names it meanwhile. It is never killed."""
+    import logging
+    import os
+    import socket
+    from multiprocessing.connection import Connection
+    from types import SimpleNamespace
+
+    from nfknock.workers import PING_EVERY, STUCK_AFTER, STUCK_REPEAT, WorkerPool, _Worker
+
+    now = [100.0]
+    config = SimpleNamespace(workers=2, queue_num=7, state_dir=tmp_path)
+    daemon = SimpleNamespace(config=config, log=logging.getLogger("test-workers"), clock=lambda: now[0])
+    pool = WorkerPool(daemon)
+    try:
+        ours, theirs = socket.socketpair()
+        worker_end = Connection(theirs.detach())
+        pool.workers = [_Worker(1, os.getpid(), Connection(ours.detach()), (9, 10))]
+        pool.count = 2
+        with caplog.at_level(logging.INFO, logger="test-workers"):
+            pool.watch(now[0])
+            assert worker_end.recv() == ("ping",)
+            now[0] += STUCK_AFTER - 0.1
+            pool.watch(now[0])
+            assert "has not answered" not in caplog.text
+            now[0] += 0.1
+            pool.watch(now[0])
+            (warning,) = [r.getMessage() for r in caplog.records if "has not answered" in r.getMessage()]
+            assert warning.startswith(f"worker 1 (pid {os.getpid()}, queues 9-10) has not answered for 5s")
+            assert "Sources whose address ends in byte 128-255 cannot knock or connect" in warning
+            assert "closed, not open" in warning and "neither kills nor restarts it" in warning
+            assert [row["worker"] for row in [pool.stuck_row(w, now[0]) for w in pool.workers]] == [1]
+            now[0] += STUCK_REPEAT
+            pool.watch(now[0])
+            assert sum("has not answered" in r.getMessage() for r in caplog.records) == 2
+            assert not worker_end.poll()  # one ping at a time: nothing piles up in its socket
+            worker_end.send(("pong",))
+            pool.pump(0.5)
+            assert (
+                f"worker 1 (pid {os.getpid()}, queues 9-10) answers again after {STUCK_AFTER + STUCK_REPEAT:.0f}s"
+                in (caplog.text)
+            )
+            pool.watch(now[0] + PING_EVERY - 0.1)
+            assert not worker_end.poll()
+            pool.watch(now[0] + PING_EVERY)
+            assert worker_end.recv() == ("ping",)
+    finally:
+        pool.workers = []
+        pool._remove_private()
