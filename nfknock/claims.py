@@ -7,6 +7,12 @@ atomic across processes, it needs no broker and no round trip, so a claim is ans
 packet that needs it (an SPA client's first SYN does not wait for anyone). The file's mtime is the
 record's expiry (wall clock); an expired file is taken over by the next claim and swept by the
 supervisor. Under --state-dir the directory survives restarts, as the replay cache does.
+
+Every SPA packet that passed its HMAC is written here, not only those that open something: a
+packet refused (for its ports, "from the future", ...) by one worker must stay used for the others
+and after a restart, or the operator widening the door, or the packet's time coming, would let a
+captured copy in through another worker (`record`). A claim is on disk (fsynced, file and
+directory) before it is answered, so a crash right after a grant cannot make the packet usable again.
 """
 
 from __future__ import annotations
@@ -35,18 +41,26 @@ class ReplayClaims:
         # Records are the engine's keys (digests, door names); hashing keeps the name a plain file name.
         return self.directory / hashlib.sha256(record.encode()).hexdigest()
 
-    def claim(self, record: str, expires: float, wall: float) -> bool:
-        """True if no live claim on `record` existed and this one is now recorded until `expires`."""
+    def claim(self, record: str, expires: float, wall: float, durable: bool = True) -> bool:
+        """True if no live claim on `record` existed and this one is now recorded until `expires`.
+        `durable`: on disk before the answer (False only for records already kept elsewhere)."""
         path = self._path(record)
         # Written aside with its expiry, then linked into place: link() fails if the name exists,
         # and no other worker ever sees a claim without its expiry.
         fresh = self.directory / f".{path.name}.{os.getpid()}"
-        fresh.touch(mode=0o600)
-        os.utime(fresh, (expires, expires))
+        descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.utime(descriptor, (expires, expires))
+            if durable:
+                os.fsync(descriptor)  # the expiry (the file's inode) before the name that points to it
+        finally:
+            os.close(descriptor)
         try:
             for _ in range(2):
                 try:
                     os.link(fresh, path)
+                    if durable:
+                        self._sync_directory()
                     return True
                 except FileExistsError:
                     try:
@@ -58,6 +72,20 @@ class ReplayClaims:
             return False  # another worker took it over in between: it is used
         finally:
             fresh.unlink(missing_ok=True)
+
+    def record(self, record: str, expires: float, wall: float) -> None:
+        """Keep `record` used until `expires` although it opened nothing (an SPA packet refused
+        after its HMAC): whoever claims it later is refused. A live claim already there stays as
+        it is: it lasts as long, since a packet's record ends when the packet would be too old
+        anyway, whoever saw it. OSError is the caller's to report."""
+        self.claim(record, expires, wall)
+
+    def _sync_directory(self) -> None:
+        descriptor = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def sweep(self, wall: float) -> int:
         """Remove expired claims; returns how many."""

@@ -276,12 +276,12 @@ class Daemon:
                     self.sync_granted(src, now)
         if self.config.metrics_port:  # metrics are off by default: no per-event cost then
             tally(self.tallies, events)
+        if self.claims is not None:
+            events = self._claim(events, now)
         if self.fleet is not None:
             follow = self.fleet.on_events(events, now, self.wall_clock())
             if follow:
                 self._consume(follow, now)
-        elif self.claims is not None:
-            self._claim(events, now)
 
     def _route_first(self, events, now: float) -> None:
         """Route first, decide after: a source the engine just granted, or whose SPA packet or
@@ -296,21 +296,49 @@ class Daemon:
             elif kind is ClaimNeeded:
                 self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
 
-    def _claim(self, events, now: float) -> None:
-        """A worker's replay check across workers: what another worker used first is a replay."""
+    def _claim(self, events, now: float) -> list:
+        """The replay check across workers and restarts (claims.py): what another worker, or an
+        earlier run, used first is a replay. Every record goes to the claims directory, also
+        those of packets refused after their HMAC (no ClaimNeeded), so that none of them opens
+        through another worker or after a restart either. In a fleet the local claims come
+        first (they are on disk, Redis may forget): returns the events left for the fleet, a
+        claim only if it is ours here."""
+        claimed = {event.record for event in events if type(event) is ClaimNeeded}
+        left = []
         for event in events:
-            if type(event) is ClaimNeeded:
+            kind = type(event)
+            if kind is Recorded and event.key not in claimed:
+                self._record(event)
+            elif kind is ClaimNeeded:
                 try:
                     answer = "ours" if self.claims.claim(event.record, event.expires, self.wall_clock()) else "taken"
-                    detail = "used through another worker"
+                    detail = "used through another worker or before a restart"
                 except OSError as exc:  # closed: what cannot be recorded as used does not open
                     answer, detail = "unrecorded", f"cannot write to {self.claims.directory}: {exc.strerror or exc}"
+                if answer == "ours" and self.fleet is not None:
+                    left.append(event)  # the fleet has the last word
+                    continue
                 follow = self.engine.claimed(event, answer, now, detail)
                 if follow:
                     self._consume(follow, now)
                 elif answer == "unrecorded":  # a rotating sequence: the engine has no event for it
                     self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
                 self.sync_granted(event.src, now)  # a claim lost: out of the set again
+                continue
+            left.append(event)
+        return left
+
+    def _record(self, event: Recorded) -> None:
+        """A record that opened nothing (its packet was refused anyway), kept for every worker."""
+        try:
+            self.claims.record(event.key, event.expires, self.wall_clock())
+        except OSError as exc:
+            self.log.error(
+                "cannot write a replay record to %s: %s (an SPA packet refused here could open once through "
+                "another worker or after a restart)",
+                self.claims.directory,
+                exc.strerror or exc,
+            )
 
     def _save_replays(self, store: ReplayStore, events: tuple, now: float) -> tuple:
         """The durable record before the grant takes effect (the SYN waiting in the grant queue is

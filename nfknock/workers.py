@@ -120,7 +120,7 @@ class WorkerPool:
         wall = time.time()
         for record, expires in (seed or {}).items():
             if expires > wall:
-                self.claims.claim(record, expires, wall)
+                self.claims.claim(record, expires, wall, durable=False)  # replay.json keeps them
         for shard in range(self.count):
             try:
                 ours, theirs = socket.socketpair()

@@ -11,7 +11,8 @@ from its start.
 
 What Redis holds (all under the fleet's name, so two fleets can share one Redis):
   NAME:stream         grants and revocations, signed (records.py), trimmed to ~STREAM_LENGTH
-  NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim)
+  NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim); also
+                      for an SPA packet a member refused after its HMAC (told, not asked)
   NAME:members        instance -> signed presence (who is there, seen when)
 Answers and entries come back through `inbox`; `wake` tells the loop to look.
 """
@@ -124,6 +125,17 @@ class _Claim:
     late: bool = False  # used while Redis was unreachable: recorded afterwards, nobody waits
 
 
+@dataclass(frozen=True)
+class _Record:
+    """A record used without opening anything (an SPA packet refused after its HMAC): told to the
+    fleet so that no member grants it later (the door widened, its time came); nobody waits."""
+
+    record: str
+    expires: float
+
+
+_Job = _Publish | _Claim | _Record
+
 Message = Answer | Received | Rejected | LinkState
 
 
@@ -152,7 +164,7 @@ class Link:
         self.received = 0
         self.members: dict[str, tuple[str, float, int]] = {}  # instance -> (member, seen, grants)
         self.local_grants = 0  # reported in our presence; set by the member
-        self._jobs: deque[_Publish | _Claim] = deque()
+        self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -181,11 +193,16 @@ class Link:
         """Ask (or, `late`, just tell) the fleet; the answer comes back in the inbox."""
         self._put(_Claim(claim, late))
 
+    def record(self, record: str, expires: float) -> None:
+        """Tell the fleet that `record` is used until `expires` although it opened nothing: a
+        member that claims it later is refused. No answer comes back."""
+        self._put(_Record(record, expires))
+
     @property
     def backlog(self) -> int:
         return len(self._jobs)
 
-    def _put(self, job: _Publish | _Claim) -> None:
+    def _put(self, job: _Job) -> None:
         with self._cond:
             if len(self._jobs) >= MAX_BACKLOG:
                 self._evict()
@@ -246,13 +263,16 @@ class Link:
                 self._set_connected(False, failed.reason)
         _close(client)
 
-    def _do(self, client, jobs: list[_Publish | _Claim]) -> None:
+    def _do(self, client, jobs: list[_Job]) -> None:
         wall = self.wall()
         for at, job in enumerate(jobs):
             try:
                 if isinstance(job, _Publish):
                     if job.expires > wall:
                         self._xadd(client, job.entry)
+                elif isinstance(job, _Record):
+                    if job.expires > wall:
+                        self._record(client, job, wall)
                 else:
                     self._claim(client, job, wall)
             except Exception as exc:  # noqa: BLE001 - the connection's failure, whatever it is
@@ -291,6 +311,13 @@ class Link:
             self._tell(Answer(claim, "late", by=holder.member))
         else:
             self._tell(Answer(claim, "taken", by=holder.member, detail=f"used on member {holder.member}"))
+
+    def _record(self, client, job: _Record, wall: float) -> None:
+        """A claim nobody waits for: if another member holds it already, it is used either way."""
+        mine = Claim(self.config.member, self.instance, job.expires)
+        milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
+        name = self.signer.claim_name(job.record)
+        client.set(name, self.signer.sign_claim(job.record, mine), nx=True, px=milliseconds)
 
     def _heartbeat(self, client) -> None:
         wall = self.wall()

@@ -18,10 +18,10 @@ import queue
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..events import ClaimNeeded, DoorClosed, DoorOpened, Event
+from ..events import ClaimNeeded, DoorClosed, DoorOpened, Event, Recorded
 from ..replay import ReplayCache
 from .link import Answer, FleetConfig, Link, LinkState, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
@@ -73,12 +73,17 @@ class FleetMember:
 
     # -- after the engine decided -----------------------------------------------------------
 
-    def on_events(self, events: Iterable[Event], now: float, wall: float) -> list[Event]:
+    def on_events(self, events: Sequence[Event], now: float, wall: float) -> list[Event]:
         """Tell the fleet what this member's engine did; returns events to consume in turn
         (a claim answered at once because Redis is unreachable)."""
         follow: list[Event] = []
         for event in events:
-            if isinstance(event, DoorOpened):
+            if isinstance(event, Recorded):
+                if not any(isinstance(other, ClaimNeeded) and other.record == event.key for other in events):
+                    # An SPA packet refused after its HMAC: used fleet-wide too, or a copy replayed
+                    # to another member would open there once the door widens or its time comes.
+                    self.link.record(event.key, event.expires)
+            elif isinstance(event, DoorOpened):
                 self._publish_grant(event.src, event.door, now, wall)
             elif isinstance(event, DoorClosed) and event.was_open:
                 revoke = Revoke(_id(), self.member, self.instance, event.src, event.door, wall)

@@ -238,3 +238,28 @@ def test_a_member_with_workers_shares_grants_and_replay_records_like_any_other(l
     assert "replay (used on member a)" in b.wait_log("SPA packet refused")
     seen = status(b)
     assert seen["workers"] == 2 and {m["member"] for m in seen["fleet"]["members"]} == {"a", "b"}
+
+
+def test_an_spa_packet_refused_on_one_member_is_refused_on_another_after_the_doors_widen(lan, fleet):
+    """Refused on a for a port its door does not open, the packet is used fleet-wide: once the
+    operator widens the doors, the captured copy sent to b is a replay there."""
+    import signal
+
+    from nfknock.spa import Keys, encode
+
+    a, b = fleet(0), fleet(1)
+    alice = lan.client(0, server=0)
+    keys = Keys(base64.b64decode(fleet.spa[0]), base64.b64decode(fleet.spa[1]))
+    wire = encode(keys, alice.address, [("tcp", 22), ("tcp", 2222)], time.time())
+    send_udp(alice, wire)
+    assert "SPA packet refused: port not allowed" in a.wait_log("SPA packet refused")
+    for member in (a, b):
+        rules = member.rules / "doors.yaml"
+        text = rules.read_text()
+        member.write_rules(text[: text.rindex("protect: [22/tcp]")] + "protect: [22/tcp, 2222/tcp]\n")
+        member.process.send_signal(signal.SIGHUP)
+        member.wait_log("reloaded")
+    send_udp(lan.client(0, server=1), wire)  # the captured packet, to b
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    assert "OPEN SESAME" not in b.log_text()
+    assert not connect(lan.client(0, server=1), timeout=1).connected

@@ -273,3 +273,91 @@ def test_a_stopped_worker_is_named_in_the_log_status_and_metrics_until_it_answer
     assert 'nfknock_worker_up{worker="1"} 1.0' in scrape()
     knock(server.sandbox, carol, *SEQUENCE)
     assert connect(carol).connected
+
+
+# -- SPA packets refused after their HMAC: used, for every worker and after a restart ------------
+
+
+def spa_outcome(server, client, after: int = 0, timeout: float = 20) -> str:
+    """The (after+1)-th thing the SPA door said about `client`'s packets: opened, or refused."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        lines = [
+            line
+            for line in server.log_text().splitlines()
+            if f"{client.address}: spaSSH: " in line and ("OPEN SESAME" in line or "SPA packet refused" in line)
+        ]
+        if len(lines) > after:
+            return lines[after]
+        time.sleep(0.02)
+    raise TimeoutError(f"the door said nothing about {client.address}:\n{server.log_text()}")
+
+
+def widen(server) -> None:
+    """The operator lets the door open 2222/tcp too."""
+    rules = server.rules / "doors.yaml"
+    server.write_rules(rules.read_text().replace("protect: [22/tcp]", "protect: [22/tcp, 2222/tcp]"))
+
+
+def refused_for_its_ports(server, client, tmp_path) -> bytes:
+    """A genuine packet (stock fwknop) asking for 22 and 2222, which the door does not protect yet."""
+    from test_spa_doors import fwknop
+
+    packet_file = tmp_path / "packet"
+    fwknop(server, client, access="tcp/22,tcp/2222", save=packet_file)
+    assert "SPA packet refused: port not allowed" in spa_outcome(server, client)
+    return packet_file.read_text().strip().encode()
+
+
+def test_an_spa_packet_refused_through_one_worker_stays_used_through_the_other_after_the_door_widens(
+    server, alice, carol, tmp_path
+):
+    from test_spa_doors import send_raw
+
+    spa_door(server, tmp_path, "trust_inner_address: true")
+    server.start("--workers", "2")
+    wire = refused_for_its_ports(server, alice, tmp_path)
+    widen(server)
+    server.process.send_signal(signal.SIGHUP)
+    server.wait_log("reloaded")
+    send_raw(carol, wire)  # captured, and sent again from worker 1's address
+    assert "SPA packet refused: replay" in spa_outcome(server, carol)
+    assert not connect(carol, timeout=1).connected
+    assert "OPEN SESAME" not in server.log_text()
+
+
+def test_an_spa_packet_refused_as_from_the_future_is_refused_through_the_other_worker_when_its_time_comes(
+    server, alice, carol, tmp_path
+):
+    import base64
+
+    from test_spa_doors import send_raw
+
+    from nfknock.spa import Keys, encode
+
+    spa_door(server, tmp_path, "trust_inner_address: true", "max_age: 5s")
+    server.start("--workers", "2")
+    keys = Keys(base64.b64decode(server.keys[0]), base64.b64decode(server.keys[1]))
+    stamped = time.time() + 10  # 10 s ahead: refused; from 5 s before that time on it would be fresh
+    wire = encode(keys, alice.address, [("tcp", 22)], stamped)
+    send_raw(alice, wire)
+    assert "SPA packet refused: from the future" in spa_outcome(server, alice)
+    time.sleep(max(0.0, stamped - 4 - time.time()))
+    send_raw(carol, wire)  # now within max_age, from worker 1's address
+    assert "SPA packet refused: replay" in spa_outcome(server, carol)
+    assert not connect(carol, timeout=1).connected
+
+
+@pytest.mark.parametrize("before, after", [(1, 1), (2, 2), (2, 1), (1, 2)])
+def test_an_spa_packet_refused_before_a_restart_stays_used_after_it(server, alice, tmp_path, before, after):
+    from test_spa_doors import send_raw
+
+    spa_door(server, tmp_path)
+    server.start("--workers", str(before))
+    wire = refused_for_its_ports(server, alice, tmp_path)
+    assert server.stop() == 0
+    widen(server)
+    server.start("--workers", str(after))  # the same --state-dir
+    send_raw(alice, wire)  # from its own source
+    assert "SPA packet refused: replay" in spa_outcome(server, alice, after=1)
+    assert not connect(alice, timeout=1).connected

@@ -58,3 +58,34 @@ def test_a_claims_directory_that_is_a_symlink_is_refused(tmp_path):
     with pytest.raises(NfknockError, match="not a directory of this user's"):
         open_claims(tmp_path / "used")
     assert os.stat(elsewhere).st_mode & 0o777 == 0o755  # not chmod-ed through the link
+
+
+def test_a_record_of_a_refused_packet_makes_any_later_claim_a_replay_until_it_expires(tmp_path):
+    """What a worker refused after the HMAC (its ports, its time) is used for every worker."""
+    claims = ReplayClaims(tmp_path / "used")
+    claims.record("spa:refused", expires=1100.0, wall=1000.0)
+    assert not claims.claim("spa:refused", expires=1100.0, wall=1050.0)
+    assert not ReplayClaims(tmp_path / "used").claim("spa:refused", expires=1100.0, wall=1099.0)  # a restart
+    claims.record("spa:refused", expires=1100.0, wall=1060.0)  # refused again elsewhere: still used
+    assert not claims.claim("spa:refused", expires=1100.0, wall=1070.0)
+    claims.record("spa:refused", expires=1300.0, wall=1200.0)  # expired: recorded afresh
+    assert not claims.claim("spa:refused", expires=1300.0, wall=1250.0)
+
+
+def test_a_claim_is_on_disk_before_it_is_answered(tmp_path, monkeypatch):
+    """Its file (with the expiry) and then the directory entry are fsynced: a crash right after a
+    grant leaves the packet used. Records another file keeps (replay.json, at a start) are not."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr("nfknock.claims.os.fsync", fsync)
+    claims = ReplayClaims(tmp_path / "used")
+    assert claims.claim("spa:abc", expires=1100.0, wall=1000.0)
+    assert len(synced) == 2 and synced[0].startswith(str(claims.directory / ".")) and synced[1] == str(claims.directory)
+    synced.clear()
+    assert claims.claim("spa:seeded", expires=1100.0, wall=1000.0, durable=False)
+    assert synced == []

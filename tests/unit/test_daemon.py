@@ -497,3 +497,106 @@ def test_a_workers_claim_waits_with_the_source_in_the_set(spa, answer):
         assert kinds == ["set add", "claim", "drop", "accept"]
     else:
         assert kinds == ["set add", "claim", "drop", "drop", "set del"]
+
+
+# -- SPA records across workers: every packet that passed its HMAC is used for all ------------
+
+SPA_DOOR = "doors:\n  - {name: spaSSH, kind: spa, keys_env: DAEMONSPA, trust_inner_address: true, protect: [%s]}\n"
+
+
+def spa_udp(payload, src):
+    datagram = dpkt.udp.UDP(sport=40000, dport=62201, data=payload)
+    datagram.ulen = len(datagram)
+    ip = dpkt.ip.IP(src=socket.inet_aton(src), dst=socket.inet_aton("10.0.0.1"), p=17, data=datagram)
+    ip.len = len(ip)
+    return bytes(ip)
+
+
+@pytest.fixture
+def spa_keys(monkeypatch):
+    from nfknock.spa import Keys, generate_keys
+
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("DAEMONSPA_KEY_BASE64", encryption)
+    monkeypatch.setenv("DAEMONSPA_HMAC_KEY_BASE64", mac)
+    import base64
+
+    return Keys(base64.b64decode(encryption), base64.b64decode(mac))
+
+
+def spa_worker(tmp_path, claims, shard, protect="22/tcp", fleet=None):
+    """Worker `shard` of two, with its own copy of the rules (a reload may have widened them)."""
+    rules = tmp_path / f"rules-{shard}"
+    rules.mkdir()
+    (rules / "spa.yaml").write_text(SPA_DOOR % protect)
+    worker = Daemon(
+        DaemonConfig(rules, workers=2, shard=shard),
+        FakeFirewall(),
+        logger=logging.getLogger("test-nfknock"),
+        claims=claims,
+    )
+    worker.fleet = fleet
+    return worker
+
+
+class HeardByTheFleet:
+    """Stands in for a FleetMember: what the daemon would ask Redis."""
+
+    def __init__(self):
+        self.heard = []
+
+    def on_events(self, events, now, wall):
+        self.heard += events
+        return []
+
+
+@pytest.mark.parametrize("in_a_fleet", [False, True])
+def test_an_spa_packet_refused_by_one_worker_is_a_replay_for_the_other_after_the_door_widens(
+    tmp_path, spa_keys, caplog, in_a_fleet
+):
+    import time
+
+    from nfknock.claims import ReplayClaims
+    from nfknock.events import ClaimNeeded
+    from nfknock.spa import encode
+
+    claims = ReplayClaims(tmp_path / "used")
+    fleet = HeardByTheFleet() if in_a_fleet else None
+    narrow = spa_worker(tmp_path, claims, 0, fleet=fleet)
+    wide = spa_worker(tmp_path, claims, 1, "22/tcp, 2222/tcp", fleet=fleet)
+    packet = encode(spa_keys, "10.0.0.2", [("tcp", 22), ("tcp", 2222)], time.time())
+    with caplog.at_level(logging.INFO, "test-nfknock"):
+        assert verdicts(narrow, spa_udp(packet, "10.0.0.2")) == ["drop"]
+        assert "SPA packet refused: port not allowed" in caplog.text
+        assert verdicts(wide, spa_udp(packet, "10.0.0.200")) == ["drop"]  # captured, sent from the other shard
+        assert "10.0.0.200: spaSSH: SPA packet refused: replay" in caplog.text
+    assert verdicts(wide, syn(22, src="10.0.0.200")) == ["drop"]
+    if in_a_fleet:  # refused here, on disk: Redis was never asked (it may have forgotten)
+        assert not any(isinstance(event, ClaimNeeded) for event in fleet.heard)
+        fresh = encode(spa_keys, "10.0.0.200", [("tcp", 22)], time.time())
+        verdicts(wide, spa_udp(fresh, "10.0.0.200"))
+        assert [type(event) for event in fleet.heard].count(ClaimNeeded) == 1  # ours here: the fleet decides
+
+
+def test_an_spa_packet_whose_record_cannot_be_written_opens_nothing(tmp_path, spa_keys, caplog, monkeypatch):
+    import errno
+    import time
+
+    from nfknock.claims import ReplayClaims
+    from nfknock.spa import encode
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    claims = ReplayClaims(tmp_path / "used")
+    worker = spa_worker(tmp_path, claims, 0)
+    monkeypatch.setattr(claims, "claim", full)
+    with caplog.at_level(logging.INFO, "test-nfknock"):
+        refused = encode(spa_keys, "10.0.0.2", [("tcp", 2222)], time.time())
+        assert verdicts(worker, spa_udp(refused, "10.0.0.2")) == ["drop"]
+        assert "cannot write a replay record" in caplog.text  # said, and the loop goes on
+        good = encode(spa_keys, "10.0.0.2", [("tcp", 22)], time.time())
+        assert verdicts(worker, spa_udp(good, "10.0.0.2")) == ["drop"]
+        assert "SPA packet refused: replay record not written" in caplog.text
+    assert verdicts(worker, syn(22)) == ["drop"]
+    assert worker.errors == 0

@@ -332,3 +332,22 @@ def test_spa_grants_travel_with_their_key_and_a_key_revoke_reaches_every_member(
     a.fleet.on_control(request, {"revoked": ["spaSSH"], "addresses": [ALICE]}, a.now, time.time())
     b.until(lambda result: ALICE in result[1], "got the key's revocation")
     assert b.engine.handle(packet(22), b.now).verdict is Verdict.DROP
+
+
+def test_an_spa_packet_refused_on_one_member_is_a_replay_on_another_whose_door_is_wider(fleet, spa_door):
+    """Refused on a for its ports, the packet is recorded in Redis too: replayed to b, whose door
+    opens those ports, it is refused as used on member a."""
+    wide = SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="FLEETSPA", protect=["22/tcp", "2222/tcp"]))
+    load_secrets(wide)
+    a, b = fleet("a", (spa_door,)), fleet("b", (wide,))
+    payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22), ("tcp", 2222)], time.time())
+    decision, _ = a.handle(packet(62201, proto="udp", payload=payload))
+    assert [e.reason for e in decision.events if isinstance(e, SpaRefused)] == ["port not allowed"]
+    redis_client = fakeredis.FakeRedis(server=fleet.server)
+    end = time.monotonic() + 10
+    while not redis_client.keys("nfknock:used:*") and time.monotonic() < end:
+        time.sleep(0.01)
+    b.handle(packet(62201, proto="udp", payload=payload))  # replayed to b
+    refused = b.until(lambda result: any(isinstance(e, SpaRefused) for e in result[0]), "was refused")[0]
+    assert [(e.reason, e.detail) for e in refused if isinstance(e, SpaRefused)] == [("replay", "used on member a")]
+    assert b.engine.handle(packet(22), b.now).verdict is Verdict.DROP
