@@ -12,17 +12,20 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 def scaffolding(family: int = 4) -> list[str]:
     granted, first = f"nfknock-q7-v{family}", f"nfknock-q7-tcp40000-v{family}"
+    sessions = f"nfknock-q7-s22-v{family}"
     return (
         [
             "-N NFKNOCK",
             "-A INPUT -j NFKNOCK",
+            "-A NFKNOCK -i lo -j RETURN",
             "-A NFKNOCK -m mark --mark 0x20000000/0x20000000 -j RETURN",
             "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
             f"-m set --match-set {granted} src -j NFQUEUE --queue-num 8",
             "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
             "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
-            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -j ACCEPT",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW "
+            f"-m set --match-set {sessions} src,src,dst -j ACCEPT",
             "-A NFKNOCK -p tcp -m tcp --dport 22 -j DROP",
             "-A NFKNOCK -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
             # the first step goes to the kernel's set, the second is queued only marked or granted
