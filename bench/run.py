@@ -317,7 +317,11 @@ class Bench:
             self.box.server, [tool, "-w", "-L", "NFKNOCK", "-v", "-x", "-n"], capture_output=True, text=True
         )
         rows = [line.split() for line in listed.stdout.splitlines() if f"dpt:{port} " in line + " "]
-        counts = [int(row[0]) for row in rows if len(row) > 2 and row[2] == "SET" and "add-set" in " ".join(row)]
+        counts = [
+            int(row[0])
+            for row in rows
+            if len(row) > 2 and row[2] == "SET" and "add-set" in " ".join(row) and "-recent-" not in " ".join(row)
+        ]
         if len(counts) != 1:
             raise RuntimeError(f"no rule records first steps on port {port}:\n{listed.stdout}")
         return counts[0]

@@ -66,6 +66,11 @@ SET_PREFIX = "nfknock-"
 # New connections per second (per protected port) from sources not in the granted set that may
 # reach the main queue; a flood beyond it is dropped by the kernel.
 NEW_LIMIT = ("100/sec", 200)
+# New connections per second (per protected port) from sources that sent a packet to a knock or
+# SPA port in the last RECENT_SECONDS (the recent set) and hold no grant yet: a bucket of their
+# own, which a SYN flood alone never empties (see _noting_recent).
+RECENT_LIMIT = ("100/sec", 200)
+RECENT_SECONDS = 3
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
 MID_STREAM = ("SYN,ACK", "ACK")
 SESSION_DIRS = "src,src,dst"  # a sessions set matches client address, client port, local address
@@ -422,6 +427,12 @@ def sessions_set(queue_num: int, family: int, port: int) -> str:
     return f"{SET_PREFIX}q{queue_num}-s{port}-v{family}"
 
 
+def recent_set(queue_num: int, family: int) -> str:
+    """The ipset of sources whose packet reached a knock or SPA port's queue in the last
+    RECENT_SECONDS (a first-step set's kind: hash:ip, forceadd), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-recent-v{family}"
+
+
 def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted: str | None) -> list[RuleSpec]:
     """One protected port: established traffic accepted, NEW connections queued (`granted`: the
     granted set; None in a family where no door of this port listens: nothing is queued, the
@@ -433,6 +444,16 @@ def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted
         specs += [
             RuleSpec(
                 "NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num + 1, tcp_flags=flags, match_set=granted
+            ),
+            RuleSpec(
+                "NFQUEUE",
+                proto,
+                port,
+                ctstate="NEW",
+                queue_num=queue_num,
+                tcp_flags=flags,
+                match_set=recent_set(queue_num, family),
+                limit=RECENT_LIMIT,
             ),
             RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=flags, limit=NEW_LIMIT),
         ]
@@ -488,10 +509,12 @@ def scaffolding(
         # Not ours from here on: replies to the host's own connections from a knock port.
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
     specs += forget
+    knocking: list[RuleSpec] = []
     for proto, port in knocks:
-        specs += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
+        knocking += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
     for proto, first, last in knock_ranges:
-        specs.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
+        knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
+    specs += _noting_recent(knocking, recent_set(queue_num, family))
     for proto, first, last in tripwires:
         specs.append(
             RuleSpec(
@@ -504,6 +527,23 @@ def scaffolding(
             )
         )
     return specs
+
+
+def _noting_recent(knocking: list[RuleSpec], recent: str) -> list[RuleSpec]:
+    """Before each rule that queues a knock or SPA packet, the same match adds its source to the
+    recent set. Why: the client's SYN follows its last knock or SPA packet within a millisecond,
+    often before the daemon has read that packet, so the source is not in the granted set yet and
+    its SYN would meet the strangers' limit, which a SYN flood at the protected port keeps empty.
+    From a recent source it takes a bucket of its own to the *same* main queue, behind the
+    packet that opens the door (one queue is first in, first out, and one worker owns both), and
+    is judged after it. A flood must send a knock from each spoofed source first to compete for
+    that bucket. First knocks the kernel records are not queued, and do not count."""
+    out = []
+    for spec in knocking:
+        if spec.target == "NFQUEUE":
+            out.append(replace(spec, target="SET", queue_num=None, add_set=(recent, RECENT_SECONDS)))
+        out.append(spec)
+    return out
 
 
 class Firewall(Protocol):

@@ -133,3 +133,60 @@ def test_the_first_syn_after_the_door_opens_reaches_the_grant_queue(server, alic
     finally:
         gate.touch()
         sock.close()
+
+
+def _syn_rule_counts(server) -> tuple[int, int]:
+    """Packets counted so far by the rules that send strangers' SYNs at 22 to the main queue:
+    (through the recent set's bucket, through the strangers' limit), all workers' copies."""
+    listed = server.sandbox.run(
+        server.sandbox.server,
+        [f"iptables-{server.flavour}", "-w", "-L", "NFKNOCK", "-v", "-x", "-n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    recent = limited = 0
+    for line in listed.splitlines():
+        if "dpt:22 " not in line + " " or "NFQUEUE" not in line or "limit:" not in line:
+            continue
+        if f"nfknock-q{server.queue_num}-recent-v4" in line:
+            recent += int(line.split()[0])
+        elif "match-set" not in line:
+            limited += int(line.split()[0])
+    return recent, limited
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_syn_that_beats_the_daemon_to_the_last_knock_takes_the_recent_bucket(server, alice, tmp_path, workers):
+    """The SYN right behind the last knock often reaches the kernel before the daemon has read
+    that knock: not granted yet, it used to meet the strangers' limit, which a SYN flood at 22
+    keeps empty. The knock noted alice as recent, so her SYN goes through a bucket no SYN flood
+    alone touches, into the same queue behind her knock, and is accepted once the knock opened
+    the door. The daemon is held before it judges the last knock; nothing here is timed."""
+    gate = tmp_path / "gate"
+    # Engine.handle's second call in alice's process: the third knock (the kernel records the first)
+    server.start("--workers", str(workers), fault=("--hold", "nfknock.engine.Engine.handle", 2, gate))
+    knock(server.sandbox, alice, *SEQUENCE)
+    _wait_for(gate.with_name("gate.held"))
+    before = _syn_rule_counts(server)
+    main, _ = queues(server.queue_num, shard_of(alice.address, workers))
+    queued = queue_counters(server.sandbox.server, main).id_sequence
+    with entered(alice.namespace):
+        sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        sock.connect_ex((alice.server_address, 22))  # one SYN, while the last knock waits
+        end = time.monotonic() + 10
+        while queue_counters(server.sandbox.server, main).id_sequence == queued:
+            assert time.monotonic() < end, "the SYN never reached the main queue"
+            time.sleep(0.01)
+        after = _syn_rule_counts(server)
+        gate.touch()
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 0)
+        assert select.select([], [sock], [], 10)[1] and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        sock.setblocking(True)
+        sock.settimeout(3)
+        assert sock.recv(16) == b"hello\n"
+    finally:
+        gate.touch()
+        sock.close()

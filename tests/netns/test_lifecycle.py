@@ -12,7 +12,7 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 
 def scaffolding(family: int = 4) -> list[str]:
     granted, first = f"nfknock-q7-v{family}", f"nfknock-q7-tcp40000-v{family}"
-    sessions = f"nfknock-q7-s22-v{family}"
+    sessions, recent = f"nfknock-q7-s22-v{family}", f"nfknock-q7-recent-v{family}"
     return (
         [
             "-N NFKNOCK",
@@ -22,6 +22,8 @@ def scaffolding(family: int = 4) -> list[str]:
             "-A NFKNOCK -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
             "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
             f"-m set --match-set {granted} src -j NFQUEUE --queue-num 8",
+            "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
+            f"-m set --match-set {recent} src -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
             "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
             "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
             "-A NFKNOCK -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW "
@@ -38,6 +40,8 @@ def scaffolding(family: int = 4) -> list[str]:
             for span in (f"{step - 16}:{step - 1}", f"{step + 1}:{step + 16}")
         ]
         + [
+            f"-A NFKNOCK -p tcp -m tcp --dport 40000 -m set --match-set {granted} src -j SET --add-set {recent} src "
+            "--exist --timeout 3",
             f"-A NFKNOCK -p tcp -m tcp --dport 40000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
             f"-A NFKNOCK -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set {first} src --exist "
             "--timeout 15",
@@ -46,9 +50,14 @@ def scaffolding(family: int = 4) -> list[str]:
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
             "0x10000000/0x10000000",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set {first} src",
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --add-set "
+            f"{recent} src --exist --timeout 3",
             "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7",
+            f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j SET --add-set {recent} src "
+            "--exist --timeout 3",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
             "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
+            f"-A NFKNOCK -p tcp -m tcp --dport 60000 -j SET --add-set {recent} src --exist --timeout 3",
             "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
         ]
         + [

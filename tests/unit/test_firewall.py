@@ -16,12 +16,15 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -i lo -j RETURN",  # the host's own connections are the rest of the firewall's
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 4",
+        # A source that just knocked has a bucket of its own, which a SYN flood alone never empties
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m set --match-set nfknock-q3-recent-v4 src -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
         # A NEW mid-stream ACK passes only for a session the host has (not to a listener's cookie check)
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q3-s22-v4 src,src,dst -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
         # The first step goes to the kernel's set (the granted still reach the daemon) ...
+        f"-A {CHAIN} -p tcp -m tcp --dport 40000 -m set --match-set nfknock-q3-v4 src -j SET --add-set nfknock-q3-recent-v4 src --exist --timeout 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q3-tcp40000-v4 src --exist --timeout 15",
         f"-A {CHAIN} -p tcp -m tcp --dport 40000 -j DROP",
@@ -29,7 +32,10 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -p udp -m udp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-tcp40000-v4 src -j MARK --set-xmark 0x10000000/0x10000000",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set nfknock-q3-tcp40000-v4 src",
+        # every queued knock notes its source as recent first
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --add-set nfknock-q3-recent-v4 src --exist --timeout 3",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 3",
+        f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-v4 src -j SET --add-set nfknock-q3-recent-v4 src --exist --timeout 3",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -m set --match-set nfknock-q3-v4 src -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p udp -m udp --dport 50000 -j DROP",
     ]
@@ -58,9 +64,12 @@ def test_no_rule_bypasses_the_queue_and_none_names_a_client():
 
 def test_udp_protected_port_queues_every_new_flow():
     plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0, family=6)
-    assert plan[1:5] == [
+    assert plan[1:6] == [
         RuleSpec("ACCEPT", "udp", 53, ctstate="RELATED,ESTABLISHED"),
         RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=1, match_set="nfknock-q0-v6"),
+        RuleSpec(
+            "NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, match_set="nfknock-q0-recent-v6", limit=("100/sec", 200)
+        ),
         RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200)),
         RuleSpec("DROP", "udp", 53),
     ]
@@ -74,6 +83,7 @@ def test_granted_sources_go_to_their_own_queue_and_strangers_are_limited_before_
         queued = [s for s in plan if s.dport == port and s.target == "NFQUEUE"]
         assert [(s.queue_num, s.match_set, s.limit) for s in queued] == [
             (6, "nfknock-q5-v4", None),
+            (5, "nfknock-q5-recent-v4", ("100/sec", 200)),
             (5, None, ("100/sec", 200)),
         ]
     # The only ACCEPT with a set is the mid-stream one, for the host's own sessions (sessions.py).
@@ -87,7 +97,7 @@ def test_shared_ports_appear_once():
     a = door(name="a", sequence=[1, 2], close_sequence=[2, 1])
     b = door(name="b", sequence=[2, 3], protect=["22/tcp"])
     plan = scaffolding((a, b), 0)
-    assert sum(1 for s in plan if s.dport == 2) == 1
+    assert sum(1 for s in plan if s.dport == 2 and s.target == "NFQUEUE") == 1
     assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1
     assert sum(1 for s in plan if s.target == "RETURN" and s.mark) == 1
     assert sum(1 for s in plan if s.target == "RETURN" and s.ctstate) == 1
@@ -120,7 +130,7 @@ def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
     for family, specs in plan((v4, v6), 0).items():
         at_22 = [s for s in specs if s.dport == 22]
-        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "ACCEPT", "DROP"], family
+        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "ACCEPT", "DROP"], family
 
 
 def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
@@ -355,7 +365,7 @@ def test_a_worker_rule_tests_the_source_before_its_limit():
     packets of that worker's sources do, so each worker has a bucket of its own."""
     from nfknock.firewall import plan
 
-    limited = [s for s in plan((door(tripwire=0),), 60, workers=2)[6] if s.limit]
+    limited = [s for s in plan((door(tripwire=0),), 60, workers=2)[6] if s.limit and not s.match_set]
     assert [str(s) for s in limited] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
         f'-m u32 --u32 "0x14&0xff={span}" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num {queue}'
@@ -486,3 +496,21 @@ def test_a_chain_of_the_other_flavour_is_named_with_its_queues_and_the_command_t
     assert "another process listens on 7-8" in another and "nfknock down --firewall nft" in another
     assert other_flavour_chain("legacy", {4: [], 6: []}, ours={0, 1}, listened=set()) is None
     assert spans([9, 7, 8, 20, 10, 22]) == "7-10, 20, 22"
+
+
+def test_every_queued_knock_notes_its_source_as_recent_and_nothing_else_does():
+    """The recent set lets a client's SYN right behind its last knock or SPA packet past a SYN
+    flood at the protected port: so exactly what is queued as a knock (not a first step the
+    kernel records, not a tripwire hit) notes its source, with the same match, right before."""
+    plan = scaffolding((door(sequence=[40000, 41000, "50000/udp"], tripwire=4),), 0)
+    for i, spec in enumerate(plan):
+        noting = spec.add_set is not None and spec.add_set[0] == "nfknock-q0-recent-v4"
+        if spec.target == "NFQUEUE" and spec.dport in (41000, 50000):
+            assert plan[i - 1] == RuleSpec(
+                **{**vars(spec), "target": "SET", "queue_num": None, "add_set": ("nfknock-q0-recent-v4", 3)}
+            )
+        if noting:
+            assert plan[i + 1].target == "NFQUEUE" and plan[i + 1].dport == spec.dport
+            assert not isinstance(spec.dport, tuple)  # never a tripwire range
+    first = [s for s in plan if s.dport == 40000 and s.add_set and "recent" in s.add_set[0]]
+    assert [s.match_set for s in first] == ["nfknock-q0-v4"]  # only a granted source's knock there
