@@ -14,11 +14,12 @@ from dataclasses import replace
 
 from netfilterqueue import NetfilterQueue
 
-from nfknock.daemon import DEFAULT_QUEUE_MAXLEN
-from nfknock.firewall import make_firewall, scaffolding
-from nfknock.firewall import shard as shard_rules
+from nfknock.daemon.core import DEFAULT_QUEUE_MAXLEN
+from nfknock.firewall import make_firewall
+from nfknock.firewall.plan import scaffolding
+from nfknock.firewall.plan import shard as shard_rules
+from nfknock.firewall.shards import queues
 from nfknock.loading import load_rules
-from nfknock.shards import queues
 
 
 def serve(queue_num: int, verdict: str, bound) -> int:

@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from nfknock.control import call
+from nfknock.daemon.control import call
 from support.sandbox import (
     EchoService,
     Lan,

@@ -27,10 +27,10 @@ from support.fakes import FakeFirewall, Queued  # noqa: E402  (not instrumented:
 with atheris.instrument_imports():
     import dpkt
 
-    import nfknock.engine  # noqa: F401  (imported here so that atheris instruments them)
-    import nfknock.packet  # noqa: F401
-    import nfknock.state  # noqa: F401
-    from nfknock.daemon import Daemon, DaemonConfig
+    import nfknock.doors.engine  # noqa: F401  (imported here so that atheris instruments them)
+    import nfknock.doors.packet  # noqa: F401
+    import nfknock.doors.state  # noqa: F401
+    from nfknock.daemon.core import Daemon, DaemonConfig
 
 RULES = """\
 doors:

@@ -28,8 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
-from nfknock.firewall import first_step_set  # noqa: E402
-from nfknock.shards import queues  # noqa: E402
+from nfknock.firewall.plan import first_step_set  # noqa: E402
+from nfknock.firewall.shards import queues  # noqa: E402
 from support.sandbox import (  # noqa: E402
     Attempt,
     EchoService,
@@ -699,8 +699,8 @@ class Bench:
         (control socket), so every trial starts closed."""
         import base64
 
-        from nfknock import control
-        from nfknock.spa import Keys, encode, generate_keys
+        from nfknock.daemon import control
+        from nfknock.doors.spa import Keys, encode, generate_keys
 
         trials = 5 if self.smoke else 20
         encryption, mac = generate_keys()

@@ -6,11 +6,11 @@ import argparse
 import sys
 
 from . import __version__
-from .client import DEFAULT_REPEAT
-from .control import DEFAULT_SOCKET
+from .daemon.control import DEFAULT_SOCKET
+from .doors.rules import Port, RotatingDoor, SpaDoor
 from .errors import NfknockError, UsageError
 from .loading import load_rules
-from .rules import Port, RotatingDoor, SpaDoor
+from .tools.client import DEFAULT_REPEAT
 
 DEFAULT_RULES = "/etc/nfknock/rules"
 
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_pass_mark(verb: argparse.ArgumentParser) -> None:
-    from .firewall import PASS_MARK
+    from .firewall.plan import PASS_MARK
 
     verb.add_argument(
         "--pass-mark",
@@ -298,7 +298,7 @@ def _add_cluster(run: argparse.ArgumentParser) -> None:
 
 
 def _pass_mark(text: str) -> int:
-    from .firewall import parse_pass_mark
+    from .firewall.plan import parse_pass_mark
 
     try:
         return parse_pass_mark(text)
@@ -328,8 +328,8 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from .daemon import Daemon, DaemonConfig
+    from .daemon.logs import setup_logging
     from .firewall import make_firewall
-    from .logs import setup_logging
 
     try:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
@@ -366,7 +366,7 @@ def _add_workers(parser) -> None:
 def _workers(text: str) -> int:
     import os
 
-    from .shards import MAX_WORKERS
+    from .firewall.shards import MAX_WORKERS
 
     if text == "auto":
         return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
@@ -399,8 +399,8 @@ def _fleet(args):
 
 
 def cmd_check(args) -> int:
-    from .describe import as_block
-    from .firewall import plan
+    from .doors.describe import as_block
+    from .firewall.plan import plan
 
     ruleset = load_rules(args.rules)
     for line in ruleset.warnings:  # what 'run' refuses; 'check' also serves to look at others' files
@@ -415,7 +415,7 @@ def cmd_check(args) -> int:
             print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
             for spec in specs:
                 print(f"  {spec}")
-    from .doctor import WARN, check_local_ports, read_local_ports
+    from .tools.doctor import WARN, check_local_ports, read_local_ports
 
     for finding in check_local_ports(ruleset.doors, *read_local_ports()):
         if finding.level == WARN:
@@ -424,7 +424,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_knock(args) -> int:
-    from .client import knock
+    from .tools.client import knock
 
     steps = _knock_steps(args)
     results = knock(args.host, steps, args.delay, args.family, args.repeat)
@@ -437,7 +437,7 @@ def cmd_knock(args) -> int:
 def current_sequence(door: RotatingDoor) -> list[Port]:
     import time
 
-    from .rotation import current_steps
+    from .doors.rotation import current_steps
 
     return [
         Port.model_validate({"port": port, "proto": proto})
@@ -491,7 +491,7 @@ def port_argument(text: str, option: str = "") -> Port:
 def cmd_doctor(args) -> int:
     from pathlib import Path
 
-    from .doctor import FAIL, diagnose
+    from .tools.doctor import FAIL, diagnose
 
     _check_queues(args)
     findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
@@ -503,7 +503,7 @@ def cmd_doctor(args) -> int:
 def cmd_spa(args) -> int:
     import ipaddress
 
-    from .client import send_spa
+    from .tools.client import send_spa
 
     ports = [port_argument(text, "--access") for text in args.access or ()]
     if args.allow_ip:
@@ -531,7 +531,7 @@ def cmd_spa(args) -> int:
 def _answer(args, request: dict) -> dict:
     import json
 
-    from .control import call
+    from .daemon.control import call
 
     answer = call(args.control_socket, request)
     if args.json:
@@ -540,7 +540,7 @@ def _answer(args, request: dict) -> dict:
 
 
 def cmd_status(args) -> int:
-    from .statusview import render_status
+    from .tools.statusview import render_status
 
     answer = _answer(args, {"cmd": "status"})
     if not args.json:
@@ -591,7 +591,7 @@ def cmd_revoke(args) -> int:
 
 
 def cmd_grant(args) -> int:
-    from .rules import parse_duration
+    from .doors.rules import parse_duration
 
     try:
         seconds = parse_duration(args.duration)
@@ -616,8 +616,8 @@ def _read_config(path: str) -> str:
 def cmd_import_knockd(args) -> int:
     from pathlib import Path
 
-    from .knockd_import import import_knockd
-    from .rules import parse_rules_text
+    from .doors.rules import parse_rules_text
+    from .tools.knockd_import import import_knockd
 
     text = _read_config(args.config)
     imported = import_knockd(text)
@@ -639,14 +639,14 @@ def cmd_import_knockd(args) -> int:
 def cmd_schema(args) -> int:
     import json
 
-    from .rules import RuleFile
+    from .doors.rules import RuleFile
 
     print(json.dumps(RuleFile.model_json_schema(), indent=2))
     return 0
 
 
 def cmd_keygen(args) -> int:
-    from .spa import generate_keys
+    from .doors.spa import generate_keys
 
     encryption, mac = generate_keys()
     if args.name is None:
@@ -657,7 +657,7 @@ def cmd_keygen(args) -> int:
         return 0
     from pathlib import Path
 
-    from .keyfiles import client_command, key_file_text, write_key_file
+    from .tools.keyfiles import client_command, key_file_text, write_key_file
 
     text = key_file_text(
         args.name, encryption, mac, username=args.username, sources=args.sources, expires=args.expires, ports=args.ports
@@ -671,9 +671,9 @@ def cmd_keygen(args) -> int:
 def cmd_import_fwknop(args) -> int:
     from pathlib import Path
 
-    from .fwknop_import import import_fwknop
-    from .keyfiles import write_key_file
-    from .rules import parse_rules_text
+    from .doors.rules import parse_rules_text
+    from .tools.fwknop_import import import_fwknop
+    from .tools.keyfiles import write_key_file
 
     text = _read_config(args.config)
     protect = [str(port_argument(text, "--protect")) for text in args.protect]
@@ -732,8 +732,9 @@ def cmd_down(args) -> int:
 def _down_one(flavour: str) -> int:
     """`nfknock down --firewall F`: F's chain and jumps go, the other flavour's rules (a running
     daemon's, usually) stay, and so do the sets its chain uses; F's other sets go."""
-    from .firewall import FLAVOURS, chain_sets, make_firewall, saved_chain
+    from .firewall import FLAVOURS, make_firewall
     from .firewall.granted import destroy
+    from .firewall.host import chain_sets, saved_chain
 
     firewall = make_firewall(flavour)
     try:

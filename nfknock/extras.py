@@ -14,7 +14,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from .errors import NfknockError
+from .errors import FirewallError, NfknockError
 
 SERVER = "server"
 METRICS = "metrics"
@@ -52,8 +52,6 @@ def require_for_run(metrics_port: int | None, firewall_name: str) -> None:
     require("netfilterqueue", SERVER, "nfknock run")
     require("pyroute2", SERVER, "nfknock run")
     if firewall_name == "legacy":  # the nft backend runs the nft command instead
-        from .firewall.legacy import load_iptc
-
         load_iptc()
     if metrics_port:
         require("prometheus_client", METRICS, "--metrics-port")
@@ -62,3 +60,19 @@ def require_for_run(metrics_port: int | None, firewall_name: str) -> None:
 def absent(modules) -> list[str]:
     """Which of these modules are not installed (looked up, not imported: for `nfknock doctor`)."""
     return [module for module in modules if importlib.util.find_spec(module) is None]
+
+
+def load_iptc():
+    """python-iptables (the `server` extra), or one error that says what is wrong with it."""
+    try:
+        import iptc
+    except ModuleNotFoundError as exc:
+        if exc.name == "iptc":
+            raise MissingExtra(
+                f"the legacy iptables backend needs the {SERVER} extra: "
+                f"pip install 'nfknock[{SERVER}]' (python-iptables is not installed)"
+            ) from None
+        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
+    except Exception as exc:  # missing libxtables/libip4tc raises assorted errors
+        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
+    return iptc

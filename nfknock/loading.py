@@ -15,8 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .errors import RulesError
-from .rules import (
+from .doors.rules import (
     KEY_SUFFIX,
     MAX_LINES_PER_FILE,
     Door,
@@ -31,7 +30,8 @@ from .rules import (
     _read_keys,
     read_key_file,
 )
-from .spa import Keys
+from .doors.spa import Keys
+from .errors import RulesError
 from .trust import why_unsafe
 
 

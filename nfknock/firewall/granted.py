@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import FirewallError
-from . import SET_PREFIX, Plan, granted_set
+from .plan import SET_PREFIX, Plan, granted_set
 
 MAX_ELEMENTS = 65536
 MAX_PENDING = 4096  # updates waiting for the end of the loop's turn; more are dropped (and counted)

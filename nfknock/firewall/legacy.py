@@ -8,27 +8,11 @@ iptc is not thread-safe: call from one thread only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..errors import FirewallError
-from ..extras import SERVER, MissingExtra
-from . import CHAIN, PerFamily, RuleSpec
-
-
-def load_iptc():
-    """python-iptables (the `server` extra), or one error that says what is wrong with it."""
-    try:
-        import iptc
-    except ModuleNotFoundError as exc:
-        if exc.name == "iptc":
-            raise MissingExtra(
-                f"the legacy iptables backend needs the {SERVER} extra: "
-                f"pip install 'nfknock[{SERVER}]' (python-iptables is not installed)"
-            ) from None
-        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
-    except Exception as exc:  # missing libxtables/libip4tc raises assorted errors
-        raise FirewallError(f"python-iptables cannot load the iptables libraries: {exc}") from None
-    return iptc
+from ..extras import load_iptc
+from .backend import PerFamily
+from .host import legacy_tables
+from .plan import CHAIN, RuleSpec
 
 
 def _classes(family: int):
@@ -36,19 +20,6 @@ def _classes(family: int):
     if family == 4:
         return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
     return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
-
-
-TABLE_NAMES = {4: Path("/proc/net/ip_tables_names"), 6: Path("/proc/net/ip6_tables_names")}
-
-
-def legacy_tables(family: int) -> set[str]:
-    """The legacy tables that exist in this network namespace. Opening one through iptc (or
-    `iptables-legacy -S`) creates it, and from then on every iptables-nft command warns
-    'iptables-legacy tables present': look here before touching one that may not exist."""
-    try:
-        return set(TABLE_NAMES[family].read_text().split())
-    except OSError:  # ip_tables not loaded: no legacy table at all
-        return set()
 
 
 class LegacyFirewall(PerFamily):

@@ -13,7 +13,8 @@ import signal
 import subprocess
 
 from ..errors import FirewallError
-from . import CHAIN, PerFamily, RuleSpec
+from .backend import PerFamily
+from .plan import CHAIN, RuleSpec
 
 TIMEOUT = 30  # seconds for one iptables-nft command
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}

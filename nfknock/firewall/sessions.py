@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ..errors import FirewallError
-from . import SESSION_DIRS, SET_PREFIX, Plan
 from .granted import _restore as restore
+from .plan import SESSION_DIRS, SET_PREFIX, Plan
 
 SYNC_EVERY = 5.0  # seconds between looks at the host's sockets
 REFRESH_EVERY = 30.0  # seconds between re-writes of every element's timeout

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..doors.events import ClaimNeeded
 from ..errors import UsageError
-from ..events import ClaimNeeded
 from .records import Claim, Entry, Forged, Grant, Signer
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)

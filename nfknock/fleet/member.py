@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..events import ClaimNeeded, DoorClosed, DoorOpened, Event, Recorded
-from ..replay import ReplayCache
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, Recorded
+from ..doors.replay import ReplayCache
 from .link import Answer, FleetConfig, Link, LinkState, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
 

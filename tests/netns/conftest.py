@@ -220,7 +220,7 @@ def our_knock(sandbox, client, *args: str) -> subprocess.CompletedProcess:
 def spa_door(server: Server, directory: Path, *settings: str) -> Server:
     """The server with one SPA door, spaSSH, protecting 22/tcp (plus `settings`, YAML lines), keyed
     by a fresh key pair in a root-only keys file; `server.keys` holds the pair (base64)."""
-    from nfknock.spa import generate_keys
+    from nfknock.doors.spa import generate_keys
 
     encryption, mac = generate_keys()
     keys = directory / "spa.keys"

@@ -68,9 +68,9 @@ def assert_closed_then_reopens(server, alice, bob):
 @pytest.mark.parametrize(
     "target,call,trigger",
     [
-        ("nfknock.engine.Engine.expire", 1, first_knock),  # timers
-        ("nfknock.daemon.Daemon.report_counters", 2, None),  # the counters, 5 s after the start
-        ("nfknock.metrics.take", 2, scrape),  # the metrics snapshot (the first is taken at start)
+        ("nfknock.doors.engine.Engine.expire", 1, first_knock),  # timers
+        ("nfknock.daemon.core.Daemon.report_counters", 2, None),  # the counters, 5 s after the start
+        ("nfknock.daemon.metrics.take", 2, scrape),  # the metrics snapshot (the first is taken at start)
     ],
 )
 def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alice, bob, target, call, trigger):
@@ -88,11 +88,11 @@ def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alic
 @pytest.mark.parametrize(
     "target,call,trigger,logged",
     [
-        ("nfknock.daemon.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
-        ("nfknock.daemon._Reload.__init__", 1, sighup, "reload refused"),  # starting the reload
-        ("nfknock.daemon.sd_notify", 2, sighup, "reload refused"),  # telling systemd (call 1: READY)
-        ("nfknock.firewall.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules
-        ("nfknock.control.answer", 1, status, "control request status failed"),
+        ("nfknock.daemon.core.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
+        ("nfknock.daemon.core._Reload.__init__", 1, sighup, "reload refused"),  # starting the reload
+        ("nfknock.daemon.core.sd_notify", 2, sighup, "reload refused"),  # telling systemd (call 1: READY)
+        ("nfknock.firewall.backend.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules
+        ("nfknock.daemon.control.answer", 1, status, "control request status failed"),
     ],
 )
 def test_a_fault_in_a_reload_or_a_request_is_refused_and_the_daemon_goes_on(

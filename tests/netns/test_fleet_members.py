@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from conftest import Server, connect
 
-from nfknock.spa import generate_keys
+from nfknock.doors.spa import generate_keys
 from support.sandbox import EchoService, Lan, RedisServer, entered
 
 SEQUENCE = ("40000", "50000", "60000")
@@ -245,7 +245,7 @@ def test_an_spa_packet_refused_on_one_member_is_refused_on_another_after_the_doo
     operator widens the doors, the captured copy sent to b is a replay there."""
     import signal
 
-    from nfknock.spa import Keys, encode
+    from nfknock.doors.spa import Keys, encode
 
     a, b = fleet(0), fleet(1)
     alice = lan.client(0, server=0)

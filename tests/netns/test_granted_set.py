@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import connect, knock, spa_door
 
-from nfknock.shards import queues, shard_of
+from nfknock.firewall.shards import queues, shard_of
 from support.sandbox import SynFlood, entered, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -109,10 +109,10 @@ def test_the_first_syn_after_the_door_opens_reaches_the_grant_queue(server, alic
     gate = tmp_path / "gate"
     if door == "spa":
         spa_door(server, tmp_path)
-        target = "nfknock.claims.ReplayClaims.claim" if workers == 2 else "nfknock.store.ReplayStore.save"
+        target = "nfknock.daemon.claims.ReplayClaims.claim" if workers == 2 else "nfknock.daemon.store.ReplayStore.save"
         call = 1
     else:
-        target, call = "nfknock.daemon.log_events", 2  # the third knock's (the kernel records the first)
+        target, call = "nfknock.daemon.core.log_events", 2  # the third knock's (the kernel records the first)
     server.start("--workers", str(workers), fault=("--hold", target, call, gate))
     if door == "spa":
         encryption, mac = server.keys
@@ -172,7 +172,7 @@ def test_a_syn_that_beats_the_daemon_to_the_last_knock_takes_the_recent_bucket(s
     the door. The daemon is held before it judges the last knock; nothing here is timed."""
     gate = tmp_path / "gate"
     # Engine.handle's second call in alice's process: the third knock (the kernel records the first)
-    server.start("--workers", str(workers), fault=("--hold", "nfknock.engine.Engine.handle", 2, gate))
+    server.start("--workers", str(workers), fault=("--hold", "nfknock.doors.engine.Engine.handle", 2, gate))
     knock(server.sandbox, alice, *SEQUENCE)
     _wait_for(gate.with_name("gate.held"))
     before = _syn_rule_counts(server)

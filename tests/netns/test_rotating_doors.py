@@ -6,7 +6,7 @@ import time
 import pytest
 from conftest import connect, knock
 
-from nfknock.rotation import derive, window_of
+from nfknock.doors.rotation import derive, window_of
 from support.sandbox import nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from nfknock.firewall import granted_set, plan
-from nfknock.rules import parse_door
-from nfknock.shards import queues, shard_of
+from nfknock.doors.rules import parse_door
+from nfknock.firewall.plan import granted_set, plan
+from nfknock.firewall.shards import queues, shard_of
 from support.sandbox import entered
 
 BASE, WORKERS = 60, 2  # queues 60..63: no other test's

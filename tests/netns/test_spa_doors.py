@@ -9,7 +9,7 @@ import socket
 import pytest
 from conftest import connect, spa_door
 
-from nfknock.spa import Keys, encode, generate_keys
+from nfknock.doors.spa import Keys, encode, generate_keys
 from support.sandbox import entered, nfknock_argv
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nfknock.spa import Keys, encode, generate_keys
+from nfknock.doors.spa import Keys, encode, generate_keys
 from support.sandbox import entered, wait_for_line
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import connect
 
-from nfknock.spa import generate_keys
+from nfknock.doors.spa import generate_keys
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 

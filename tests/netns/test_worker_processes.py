@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 from conftest import SEED, connect, knock, spa_door
 
-from nfknock.shards import shard_of
+from nfknock.firewall.shards import shard_of
 from support.sandbox import ip, queue_counters
 
 pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
@@ -333,7 +333,7 @@ def test_an_spa_packet_refused_as_from_the_future_is_refused_through_the_other_w
 
     from test_spa_doors import send_raw
 
-    from nfknock.spa import Keys, encode
+    from nfknock.doors.spa import Keys, encode
 
     spa_door(server, tmp_path, "trust_inner_address: true", "max_age: 5s")
     server.start("--workers", "2")

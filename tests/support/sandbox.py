@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nfknock.stats import QueueCounters, read_queue_counters
+from nfknock.daemon.stats import QueueCounters, read_queue_counters
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

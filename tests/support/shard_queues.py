@@ -25,10 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's nfknock, not an installed one
 
-from nfknock.firewall import make_firewall, plan  # noqa: E402
+from nfknock.doors.rules import parse_door  # noqa: E402
+from nfknock.firewall import make_firewall
 from nfknock.firewall.granted import GrantedSets, destroy_all  # noqa: E402
-from nfknock.rules import parse_door  # noqa: E402
-from nfknock.shards import queues  # noqa: E402
+from nfknock.firewall.plan import plan  # noqa: E402
+from nfknock.firewall.shards import queues  # noqa: E402
 
 
 def apply(flavour: str, base: int, workers: int, door: str) -> None:

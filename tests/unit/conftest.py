@@ -8,4 +8,4 @@ def no_real_daemon(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("a unit test tried to start the real daemon on the host")
 
-    monkeypatch.setattr("nfknock.daemon.Daemon.run", refuse)
+    monkeypatch.setattr("nfknock.daemon.core.Daemon.run", refuse)

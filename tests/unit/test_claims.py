@@ -4,7 +4,7 @@ until it expires; expired claims are swept."""
 import multiprocessing
 import os
 
-from nfknock.claims import ReplayClaims
+from nfknock.daemon.claims import ReplayClaims
 
 
 def test_a_record_is_claimed_once_until_it_expires(tmp_path):
@@ -49,7 +49,7 @@ def test_of_processes_claiming_the_same_record_at_once_exactly_one_wins(tmp_path
 def test_a_claims_directory_that_is_a_symlink_is_refused(tmp_path):
     import pytest
 
-    from nfknock.claims import open_claims
+    from nfknock.daemon.claims import open_claims
     from nfknock.errors import NfknockError
 
     elsewhere = tmp_path / "elsewhere"
@@ -82,7 +82,7 @@ def test_a_claim_is_on_disk_before_it_is_answered(tmp_path, monkeypatch):
         synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
         real_fsync(descriptor)
 
-    monkeypatch.setattr("nfknock.claims.os.fsync", fsync)
+    monkeypatch.setattr("nfknock.daemon.claims.os.fsync", fsync)
     claims = ReplayClaims(tmp_path / "used")
     assert claims.claim("spa:abc", expires=1100.0, wall=1000.0)
     assert len(synced) == 2 and synced[0].startswith(str(claims.directory / ".")) and synced[1] == str(claims.directory)

@@ -110,7 +110,7 @@ def test_unresolvable_host_is_a_usage_error(capsys):
 def test_keygen_prints_fwknop_style_keys_that_work(capsys):
     import base64
 
-    from nfknock.spa import Keys, decode, encode
+    from nfknock.doors.spa import Keys, decode, encode
 
     assert main(["keygen"]) == 0
     lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
@@ -166,7 +166,7 @@ def test_pass_mark_must_be_one_bit(verb, value, capsys):
 
 
 def test_check_shows_the_chosen_pass_mark_and_warns_about_ephemeral_ports(monkeypatch, capsys):
-    from nfknock import doctor
+    from nfknock.tools import doctor
 
     monkeypatch.setattr(doctor, "read_local_ports", lambda: ((32768, 60999), ""))
     assert main(["check", "--rules", RULES, "--pass-mark", "0x100"]) == 0
@@ -182,7 +182,7 @@ def test_check_shows_the_chosen_pass_mark_and_warns_about_ephemeral_ports(monkey
 
 
 def test_run_hands_the_pass_mark_to_the_daemon(monkeypatch, tmp_path):
-    from nfknock import daemon
+    import nfknock.daemon as daemon
 
     seen = {}
 
@@ -204,7 +204,7 @@ def test_run_hands_the_pass_mark_to_the_daemon(monkeypatch, tmp_path):
 
 
 def test_doctor_warns_about_other_users_of_the_pass_mark(monkeypatch, capsys):
-    from nfknock import doctor
+    from nfknock.tools import doctor
 
     host = doctor.HostState(
         "nf_tables",
@@ -220,7 +220,7 @@ def test_doctor_warns_about_other_users_of_the_pass_mark(monkeypatch, capsys):
 
 @pytest.fixture
 def spa_rules(tmp_path, monkeypatch):
-    from nfknock.spa import generate_keys
+    from nfknock.doors.spa import generate_keys
 
     encryption, mac = generate_keys()
     monkeypatch.setenv("CLISPA_KEY_BASE64", encryption)
@@ -252,7 +252,7 @@ def test_grant_duration_mistake_is_one_named_line(capsys):
 
 
 def test_spa_on_a_team_door_needs_a_key_name(tmp_path, monkeypatch, capsys):
-    from nfknock.spa import generate_keys
+    from nfknock.doors.spa import generate_keys
 
     for prefix in ("ALICE", "BOB"):
         encryption, mac = generate_keys()

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from nfknock import control
-from nfknock.control import canonical_address, parse_request, read_request
+from nfknock.daemon import control
+from nfknock.daemon.control import canonical_address, parse_request, read_request
 
 
 @pytest.mark.parametrize(

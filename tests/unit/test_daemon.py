@@ -6,12 +6,12 @@ import socket
 import dpkt
 import pytest
 
-from nfknock.daemon import Daemon, DaemonConfig
+from nfknock.daemon.core import Daemon, DaemonConfig
+from nfknock.doors.first_steps import first_step_groups, marks_held
+from nfknock.doors.packet import parse
 from nfknock.errors import PacketError
-from nfknock.firewall import PASS_MARK, RuleSpec, scaffolding
-from nfknock.first_steps import first_step_groups, marks_held
+from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
 from nfknock.loading import load_rules
-from nfknock.packet import parse
 from support.fakes import FakeFirewall, Queued
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -166,7 +166,7 @@ def test_reload_installs_the_new_scaffolding(daemon):
 def test_sd_notify_reaches_the_socket_systemd_names(tmp_path, monkeypatch):
     import socket as sockets
 
-    from nfknock.daemon import sd_notify
+    from nfknock.daemon.core import sd_notify
 
     path = tmp_path / "notify"
     listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
@@ -208,7 +208,7 @@ def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkey
     def broken(path, strict=False):
         raise error
 
-    monkeypatch.setattr("nfknock.daemon.load_rules", broken)
+    monkeypatch.setattr("nfknock.daemon.core.load_rules", broken)
     with caplog.at_level(logging.ERROR, logger="test-nfknock"):
         assert daemon.reload() is False
     assert (
@@ -242,7 +242,7 @@ def test_a_firewall_failure_on_reload_puts_the_old_rules_back(daemon, caplog):
 
 
 def test_the_replay_cache_is_kept_in_the_state_dir(tmp_path):
-    from nfknock.store import ReplayStore
+    from nfknock.daemon.store import ReplayStore
 
     store = ReplayStore(tmp_path / "state")
     assert store.load() == {}
@@ -280,7 +280,7 @@ def test_a_state_dir_others_can_write_is_refused_before_anything_is_touched(tmp_
 
 def test_records_left_by_workers_are_honoured_by_a_single_process(tmp_path):
     """An SPA packet used under --workers stays used after a restart without them."""
-    from nfknock.claims import SUBDIR, ReplayClaims
+    from nfknock.daemon.claims import SUBDIR, ReplayClaims
 
     (tmp_path / "rules").mkdir()
     (tmp_path / "rules" / "ssh.yaml").write_text(SEED.origin["openSSH"].read_text())
@@ -410,7 +410,7 @@ def spa(tmp_path, monkeypatch):
     import base64
     import time
 
-    from nfknock.spa import Keys, encode, generate_keys
+    from nfknock.doors.spa import Keys, encode, generate_keys
 
     encryption, mac = generate_keys()
     monkeypatch.setenv("UNITSPA_KEY_BASE64", encryption)
@@ -514,7 +514,7 @@ def spa_udp(payload, src):
 
 @pytest.fixture
 def spa_keys(monkeypatch):
-    from nfknock.spa import Keys, generate_keys
+    from nfknock.doors.spa import Keys, generate_keys
 
     encryption, mac = generate_keys()
     monkeypatch.setenv("DAEMONSPA_KEY_BASE64", encryption)
@@ -556,9 +556,9 @@ def test_an_spa_packet_refused_by_one_worker_is_a_replay_for_the_other_after_the
 ):
     import time
 
-    from nfknock.claims import ReplayClaims
-    from nfknock.events import ClaimNeeded
-    from nfknock.spa import encode
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.events import ClaimNeeded
+    from nfknock.doors.spa import encode
 
     claims = ReplayClaims(tmp_path / "used")
     fleet = HeardByTheFleet() if in_a_fleet else None
@@ -582,8 +582,8 @@ def test_an_spa_packet_whose_record_cannot_be_written_opens_nothing(tmp_path, sp
     import errno
     import time
 
-    from nfknock.claims import ReplayClaims
-    from nfknock.spa import encode
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.spa import encode
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from nfknock.engine import Engine, Verdict
-from nfknock.events import (
+from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.events import (
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,
@@ -16,8 +16,8 @@ from nfknock.events import (
     SequenceReset,
     SequenceTimeout,
 )
-from nfknock.packet import Packet
-from nfknock.rules import KnockDoor
+from nfknock.doors.packet import Packet
+from nfknock.doors.rules import KnockDoor
 
 ALICE, BOB = "10.0.0.2", "10.0.0.3"
 SYN, SYNACK, ACK = 0x02, 0x12, 0x10
@@ -342,10 +342,10 @@ def test_lockout_can_be_switched_off():
 
 import base64  # noqa: E402
 
-from nfknock.events import SpaRefused  # noqa: E402
+from nfknock.doors.events import SpaRefused  # noqa: E402
+from nfknock.doors.rules import SpaDoor  # noqa: E402
+from nfknock.doors.spa import Keys, encode, generate_keys  # noqa: E402
 from nfknock.loading import load_secrets  # noqa: E402
-from nfknock.rules import SpaDoor  # noqa: E402
-from nfknock.spa import Keys, encode, generate_keys  # noqa: E402
 
 WALL = 1_800_000_000.0
 
@@ -478,8 +478,8 @@ def test_every_step_sent_three_times_opens_the_door(clock):
 
 # -- SPA doors for a team: a key per person ------------------------------------------------
 
-from nfknock.events import GrantsRevoked  # noqa: E402
-from nfknock.rules import SpaKey  # noqa: E402
+from nfknock.doors.events import GrantsRevoked  # noqa: E402
+from nfknock.doors.rules import SpaKey  # noqa: E402
 
 CAROL = "10.0.2.7"
 
@@ -671,7 +671,7 @@ def test_a_gpg_packet_gets_its_own_refusal(spa_door):
 def test_a_shared_claim_that_cannot_be_written_refuses_without_blaming_the_source(spa_door):
     """Workers: the replay record could not be written down for the others; closed, and the
     client is not counted a failure (it did nothing wrong)."""
-    from nfknock.events import ClaimNeeded
+    from nfknock.doors.events import ClaimNeeded
 
     engine = Engine((spa_door,), shared=True)
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL)

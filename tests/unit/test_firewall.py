@@ -1,7 +1,7 @@
 """The scaffolding plan: what goes into the kernel, as data (no root needed)."""
 
-from nfknock.firewall import CHAIN, PASS_MARK, RuleSpec, scaffolding
-from nfknock.rules import parse_door
+from nfknock.doors.rules import parse_door
+from nfknock.firewall.plan import CHAIN, PASS_MARK, RuleSpec, scaffolding
 
 
 def door(**fields):
@@ -104,7 +104,7 @@ def test_shared_ports_appear_once():
 
 
 def test_plan_covers_the_families_each_door_listens_on():
-    from nfknock.firewall import plan
+    from nfknock.firewall.plan import plan
 
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["2222/tcp"], tripwire=0)
@@ -124,7 +124,7 @@ def test_plan_covers_the_families_each_door_listens_on():
 
 
 def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_where_it_listens():
-    from nfknock.firewall import plan
+    from nfknock.firewall.plan import plan
 
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
@@ -156,8 +156,8 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
     Linux's ephemeral range): their replies are not ours to queue or drop."""
     import base64
 
-    from nfknock.rules import SpaDoor
-    from nfknock.spa import generate_keys
+    from nfknock.doors.rules import SpaDoor
+    from nfknock.doors.spa import generate_keys
 
     encryption, mac = generate_keys()
     monkeypatch.setenv("T_KEY_BASE64", encryption)
@@ -290,7 +290,7 @@ def test_remove_tries_both_families_and_reports_every_failure():
 
 
 def test_the_pass_mark_bit_is_the_one_chosen():
-    from nfknock.firewall import parse_pass_mark, plan
+    from nfknock.firewall.plan import parse_pass_mark, plan
 
     chosen = plan((door(tripwire=8),), 0, pass_mark=0x100)
     for family in (4, 6):
@@ -324,7 +324,7 @@ def test_auto_means_nft_only_when_the_hosts_iptables_is_nf_tables(monkeypatch):
 
 
 def test_one_worker_is_the_plan_of_a_single_process():
-    from nfknock.firewall import plan
+    from nfknock.firewall.plan import plan
 
     doors = (door(tripwire=8), door(name="e", sequence=[1, 2, 3], protect=["53/udp"], tripwire=0))
     assert plan(doors, 7, workers=1) == plan(doors, 7)
@@ -334,8 +334,8 @@ def test_one_worker_is_the_plan_of_a_single_process():
 def test_two_workers_get_each_queue_rule_once_with_disjoint_ranges_and_their_queues():
     from dataclasses import replace
 
-    from nfknock.firewall import plan
-    from nfknock.shards import u32_match
+    from nfknock.firewall.plan import plan
+    from nfknock.firewall.shards import u32_match
 
     doors = (door(tripwire=8), door(name="e", sequence=[1, "2/udp", 3], protect=["53/udp"], tripwire=0))
     single, double = plan(doors, 60), plan(doors, 60, workers=2)
@@ -363,7 +363,7 @@ def test_two_workers_get_each_queue_rule_once_with_disjoint_ranges_and_their_que
 def test_a_worker_rule_tests_the_source_before_its_limit():
     """The limit spends a token on every packet that reaches it: after the u32 match, only
     packets of that worker's sources do, so each worker has a bucket of its own."""
-    from nfknock.firewall import plan
+    from nfknock.firewall.plan import plan
 
     limited = [s for s in plan((door(tripwire=0),), 60, workers=2)[6] if s.limit and not s.match_set]
     assert [str(s) for s in limited] == [
@@ -381,7 +381,7 @@ def test_a_worker_rule_tests_the_source_before_its_limit():
 def test_sixteen_workers_use_thirty_two_queues_and_a_bad_number_is_refused():
     import pytest
 
-    from nfknock.firewall import plan
+    from nfknock.firewall.plan import plan
 
     queued = [s for s in plan((door(tripwire=0),), 100, workers=16)[4] if s.target == "NFQUEUE"]
     assert sorted({s.queue_num for s in queued}) == list(range(100, 132))
@@ -391,8 +391,8 @@ def test_sixteen_workers_use_thirty_two_queues_and_a_bad_number_is_refused():
 
 
 def test_nft_restore_script_carries_the_u32_rules_as_iptables_prints_them():
-    from nfknock.firewall import plan
     from nfknock.firewall.nft import restore_script
+    from nfknock.firewall.plan import plan
 
     specs = plan((door(tripwire=0),), 60, workers=2)[4]
     script = restore_script(specs, [], chain_exists=False).splitlines()
@@ -421,7 +421,7 @@ class FakeRule:
 
 def test_legacy_reads_a_u32_rule_back_as_the_plan_wrote_it():
     from nfknock.firewall.legacy import _spec_of
-    from nfknock.shards import u32_match
+    from nfknock.firewall.shards import u32_match
 
     rule = FakeRule(
         "tcp",
@@ -448,7 +448,7 @@ def test_legacy_reads_a_u32_rule_back_as_the_plan_wrote_it():
 
 def test_a_u32_rule_is_written_as_iptables_prints_it():
     """Quoted, and before the limit: iptables -S shows matches in the order they were given."""
-    from nfknock.shards import u32_match
+    from nfknock.firewall.shards import u32_match
 
     spec = RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=0, limit=("100/sec", 200), u32=u32_match(4, 0, 127))
     assert str(spec) == (
@@ -474,7 +474,7 @@ def test_legacy_interface_match_compares_whole_names_in_both_families():
 
 
 def test_a_chain_of_the_other_flavour_is_named_with_its_queues_and_the_command_that_removes_it():
-    from nfknock.firewall import other_flavour_chain, spans
+    from nfknock.firewall.host import other_flavour_chain, spans
 
     chain = {
         4: [

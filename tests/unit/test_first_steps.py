@@ -3,12 +3,13 @@ step it is then handed (sequence.py phase KERNEL). Time is written into the test
 
 import pytest
 
-from nfknock.engine import Engine, Verdict
-from nfknock.events import DoorOpened, KnockAdvanced, SequenceReset
-from nfknock.firewall import first_step_marks, marks_installed, scaffolding
-from nfknock.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, first_steps_in_daemon, marks_held
-from nfknock.packet import Packet
-from nfknock.rules import parse_door
+from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.events import DoorOpened, KnockAdvanced, SequenceReset
+from nfknock.doors.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, first_steps_in_daemon, marks_held
+from nfknock.doors.packet import Packet
+from nfknock.doors.rules import parse_door
+from nfknock.firewall.host import marks_installed
+from nfknock.firewall.plan import first_step_marks, scaffolding
 
 ALICE = "10.0.0.2"
 

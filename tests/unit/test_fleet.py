@@ -10,17 +10,17 @@ import fakeredis
 import pytest
 import redis
 
-from nfknock.engine import Engine, Verdict
+from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.events import ClaimNeeded, DoorOpened, SpaRefused
+from nfknock.doors.packet import Packet
+from nfknock.doors.rules import KnockDoor, SpaDoor
+from nfknock.doors.spa import encode, generate_keys
 from nfknock.errors import UsageError
-from nfknock.events import ClaimNeeded, DoorOpened, SpaRefused
 from nfknock.fleet.config import fleet_config
 from nfknock.fleet.link import FleetConfig, check_url
 from nfknock.fleet.member import FleetMember
 from nfknock.fleet.records import Forged, Grant, Revoke, Signer, parse_key
 from nfknock.loading import load_secrets
-from nfknock.packet import Packet
-from nfknock.rules import KnockDoor, SpaDoor
-from nfknock.spa import encode, generate_keys
 
 KEY = b"k" * 32
 ALICE = "10.0.0.2"
@@ -256,7 +256,7 @@ def test_without_redis_members_serve_locally_by_their_policy(fleet, spa_door):
 def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypatch):
     from test_daemon import syn
 
-    from nfknock.daemon import Daemon, DaemonConfig
+    from nfknock.daemon.core import Daemon, DaemonConfig
     from support.fakes import FakeFirewall, Queued
 
     server = fakeredis.FakeServer()

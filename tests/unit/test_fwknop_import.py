@@ -7,8 +7,8 @@ import stat
 from pathlib import Path
 
 from nfknock.cli import main
+from nfknock.doors.rules import parse_expiry
 from nfknock.loading import load_rules
-from nfknock.rules import parse_expiry
 
 CONFS = Path(__file__).parent / "fwknop_conf"
 

@@ -6,7 +6,6 @@ import subprocess
 import pytest
 
 from nfknock.errors import FirewallError
-from nfknock.firewall import RuleSpec
 from nfknock.firewall.granted import (
     FIRST_STEP_BUCKETS,
     FIRST_STEP_ELEMENTS,
@@ -14,6 +13,7 @@ from nfknock.firewall.granted import (
     create_first_step_sets,
     destroy_all,
 )
+from nfknock.firewall.plan import RuleSpec
 
 
 class FakeIpset:

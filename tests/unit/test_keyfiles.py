@@ -6,9 +6,9 @@ import stat
 import pytest
 
 from nfknock.cli import main
+from nfknock.doors.spa import generate_keys
 from nfknock.errors import RulesError
 from nfknock.loading import load_rules
-from nfknock.spa import generate_keys
 
 
 def key_text(*settings):

@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 
 from nfknock.cli import main
-from nfknock.knockd_import import import_knockd
 from nfknock.loading import load_rules
+from nfknock.tools.knockd_import import import_knockd
 
 CONFS = Path(__file__).parent / "knockd_conf"
 

@@ -1,9 +1,9 @@
 """Failures and lockouts of one door, time written into the test."""
 
-from nfknock.events import LockedOut, LockReleased
-from nfknock.lockout import Lockouts
-from nfknock.rules import Lockout
-from nfknock.state import Pool
+from nfknock.doors.events import LockedOut, LockReleased
+from nfknock.doors.lockout import Lockouts
+from nfknock.doors.rules import Lockout
+from nfknock.doors.state import Pool
 
 
 def test_failures_within_the_window_lock_the_source_out_until_lock_for_ends():

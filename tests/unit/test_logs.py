@@ -2,7 +2,8 @@
 
 import logging
 
-from nfknock.events import (
+from nfknock.daemon.logs import RENDERERS, log_events, render, setup_logging
+from nfknock.doors.events import (
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,
@@ -13,7 +14,6 @@ from nfknock.events import (
     SequenceReset,
     SequenceTimeout,
 )
-from nfknock.logs import RENDERERS, log_events, render, setup_logging
 
 
 def test_knockd_compatible_lines():
@@ -37,7 +37,7 @@ def test_close_sequence_lines_are_told_apart():
 
 
 def test_every_event_type_has_a_line():
-    from nfknock import events
+    from nfknock.doors import events
 
     assert set(RENDERERS) == set(events.Event.__args__)
 
@@ -63,7 +63,7 @@ def test_verbose_logs_refused_connections(tmp_path):
 
 
 def test_rate_limit_holds_back_a_flood_per_event_type_and_says_so():
-    from nfknock.logs import RateLimit
+    from nfknock.daemon.logs import RateLimit
 
     limit = RateLimit(per_second=10, burst=5)
     stage = KnockAdvanced("10.0.0.2", "d", Sequence.OPEN, 1)
@@ -91,7 +91,7 @@ def test_json_lines_carry_the_event_and_its_fields(tmp_path):
 
 
 def test_spa_lines_name_the_key_after_knockds_words():
-    from nfknock.events import GrantsRevoked, SpaRefused
+    from nfknock.doors.events import GrantsRevoked, SpaRefused
 
     opened = DoorOpened("10.0.0.2", "team", 5.0, "alice", 5.0)
     assert render(opened) == "10.0.0.2: team: OPEN SESAME (key alice, 5s)"

@@ -7,7 +7,7 @@ import pytest
 
 from nfknock import __version__
 from nfknock.cli import build_parser
-from nfknock.manpage import escape, main, render
+from nfknock.tools.manpage import escape, main, render
 
 
 def verbs_and_options(parser):

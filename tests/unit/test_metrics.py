@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from nfknock.events import DoorOpened, SpaRefused
-from nfknock.metrics import Collector, Snapshot, tally
+from nfknock.daemon.metrics import Collector, Snapshot, tally
+from nfknock.doors.events import DoorOpened, SpaRefused
 
 pytest.importorskip("prometheus_client")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nfknock.metrics import TALLIED, Collector, Snapshot
+from nfknock.daemon.metrics import TALLIED, Collector, Snapshot
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 ALERTS = MONITORING / "nfknock-alerts.yml"

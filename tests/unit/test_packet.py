@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nfknock.doors.packet import Packet, parse
 from nfknock.errors import PacketError
-from nfknock.packet import Packet, parse
 
 
 def ipv4(l4, p, src="10.0.0.2", dst="10.0.0.1", **kw):
@@ -165,7 +165,7 @@ def test_corrupted_real_packets_give_a_packet_or_packet_error(real, noise, at, f
 
 # -- the fast path must agree with dpkt ---------------------------------------------------
 
-from nfknock.packet import parse_with_dpkt  # noqa: E402
+from nfknock.doors.packet import parse_with_dpkt  # noqa: E402
 
 
 def outcome(parser, data):

@@ -6,11 +6,11 @@ import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfknock.daemon import Daemon, DaemonConfig
-from nfknock.engine import Engine, Verdict
-from nfknock.events import DoorClosed, DoorOpened
-from nfknock.packet import Packet
-from nfknock.rules import KnockDoor
+from nfknock.daemon.core import Daemon, DaemonConfig
+from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.events import DoorClosed, DoorOpened
+from nfknock.doors.packet import Packet
+from nfknock.doors.rules import KnockDoor
 from support.fakes import FakeFirewall, Queued
 
 DOOR = KnockDoor.model_validate(

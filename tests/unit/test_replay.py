@@ -1,7 +1,7 @@
 """Records of what may be used once, wall-clock time written into the test."""
 
-from nfknock.events import Recorded
-from nfknock.replay import ReplayCache
+from nfknock.doors.events import Recorded
+from nfknock.doors.replay import ReplayCache
 
 
 def test_a_record_is_reported_and_kept_until_its_time():

@@ -5,12 +5,12 @@ import base64
 
 import pytest
 
-from nfknock.engine import Engine, Verdict
-from nfknock.events import DoorOpened, SequenceReused
+from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.events import DoorOpened, SequenceReused
+from nfknock.doors.packet import Packet
+from nfknock.doors.rotation import derive, window_of
+from nfknock.doors.rules import RotatingDoor
 from nfknock.loading import load_secrets
-from nfknock.packet import Packet
-from nfknock.rotation import derive, window_of
-from nfknock.rules import RotatingDoor
 
 SECRET = b"s" * 32
 WALL = 1_800_000_000.0  # a multiple of 60: window 30,000,000 starts here

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from nfknock.doors.rules import Port, parse_duration
 from nfknock.errors import RulesError
 from nfknock.loading import load_rules
-from nfknock.rules import Port, parse_duration
 
 REPO_RULES = Path(__file__).resolve().parents[2] / "rules"
 
@@ -212,7 +212,7 @@ def test_conflicts_between_many_doors_are_all_found(tmp_path, monkeypatch):
 
     import yaml
 
-    from nfknock.rules import parse_door
+    from nfknock.doors.rules import parse_door
 
     monkeypatch.setenv("ROT_SECRET", "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0")
     rng = random.Random(7)
@@ -290,7 +290,7 @@ def test_anchors_and_aliases_still_work(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("loader", __import__("nfknock.yamlsafe").yamlsafe.LOADERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("loader", __import__("nfknock.doors.yamlsafe").doors.yamlsafe.LOADERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
     "text,reason",
     [
@@ -307,7 +307,7 @@ def test_anchors_and_aliases_still_work(tmp_path):
     ],
 )
 def test_yaml_shape_limits_with_and_without_libyaml(loader, text, reason):
-    from nfknock import yamlsafe
+    from nfknock.doors import yamlsafe
 
     with pytest.raises(yamlsafe.LimitError, match=reason):
         yamlsafe.load(text, loader)
@@ -349,7 +349,8 @@ def test_problems_of_one_file_are_capped(tmp_path):
 
 
 def test_load_rules_raises_only_rules_errors(tmp_path, monkeypatch):
-    from nfknock import loading, rules
+    from nfknock import loading
+    from nfknock.doors import rules
 
     path = write(tmp_path, "doors:\n" + GOOD_DOOR)
 

@@ -5,9 +5,9 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nfknock.events import KnockAdvanced, Sequence, SequenceReset, SequenceTimeout
-from nfknock.sequence import TRANSITIONS, Action, KnockSequence, Match, Phase, classify
-from nfknock.state import Pool
+from nfknock.doors.events import KnockAdvanced, Sequence, SequenceReset, SequenceTimeout
+from nfknock.doors.sequence import TRANSITIONS, Action, KnockSequence, Match, Phase, classify
+from nfknock.doors.state import Pool
 
 STEPS = (("tcp", 1), ("tcp", 2), ("tcp", 3))
 

@@ -4,10 +4,10 @@ import subprocess
 
 import pytest
 
+from nfknock.doors.rules import parse_door
 from nfknock.errors import FirewallError
-from nfknock.firewall import plan
+from nfknock.firewall.plan import plan
 from nfknock.firewall.sessions import SESSION_TIMEOUT, SessionSets, open_sessions, session_sets
-from nfknock.rules import parse_door
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nfknock.shards import MAX_WORKERS, byte_ranges, queues, shard_of, u32_match
+from nfknock.firewall.shards import MAX_WORKERS, byte_ranges, queues, shard_of, u32_match
 
 
 @pytest.mark.parametrize("workers", range(1, MAX_WORKERS + 1))

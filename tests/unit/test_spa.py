@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nfknock.doors.spa import SALTED_B64, Keys, decode, encode, generate_keys
 from nfknock.errors import SpaError
-from nfknock.spa import SALTED_B64, Keys, decode, encode, generate_keys
 
 VECTORS = [
     json.loads(line) for line in (Path(__file__).parent / "spa_vectors" / "vectors.jsonl").read_text().splitlines()
@@ -113,7 +113,7 @@ def test_flipped_bit_anywhere_is_refused():
 
 
 def test_nat_and_command_messages_are_refused_by_type():
-    from nfknock import spa
+    from nfknock.doors import spa
 
     keys = keys_of(VECTORS[0])
     original = spa.ACCESS

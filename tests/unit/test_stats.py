@@ -1,6 +1,13 @@
 """Drop counters: read from the kernel's table, reported only when they grow."""
 
-from nfknock.stats import QueueCounters, QueueDrops, Reporter, parse_queue_table, read_queue_counters, read_queue_drops
+from nfknock.daemon.stats import (
+    QueueCounters,
+    QueueDrops,
+    Reporter,
+    parse_queue_table,
+    read_queue_counters,
+    read_queue_drops,
+)
 
 PROC = """\
     0  12345     0 2 65531     0     0        0  1

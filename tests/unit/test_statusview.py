@@ -2,9 +2,9 @@
 
 import json
 
-from nfknock import control
 from nfknock.cli import main
-from nfknock.statusview import render_status, table
+from nfknock.daemon import control
+from nfknock.tools.statusview import render_status, table
 
 ANSWER = {
     "queue": 3,

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from nfknock.cli import main
+from nfknock.doors.spa import generate_keys
 from nfknock.errors import RulesError
 from nfknock.loading import load_rules
-from nfknock.spa import generate_keys
 from nfknock.trust import why_unsafe
 
 DOOR = "doors:\n  - {name: a, sequence: [1, 2], protect: [22]}\n"

@@ -1,7 +1,7 @@
 """The supervisor's merging of its workers' answers: one daemon's status and metrics."""
 
-from nfknock.metrics import Snapshot
-from nfknock.workers import merge_snapshots, merge_status
+from nfknock.daemon.metrics import Snapshot
+from nfknock.daemon.workers import merge_snapshots, merge_status
 
 
 def answer(grants, locked, packets, tracked):
@@ -62,7 +62,7 @@ def test_a_control_request_that_reaches_a_worker_after_its_deadline_is_not_carri
     import logging
     import time
 
-    from nfknock.workers import serve
+    from nfknock.daemon.workers import serve
 
     class Worker:
         log = logging.getLogger("test")
@@ -95,7 +95,7 @@ def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(
     from multiprocessing.connection import Connection
     from types import SimpleNamespace
 
-    from nfknock.workers import PING_EVERY, STUCK_AFTER, STUCK_REPEAT, WorkerPool, _Worker
+    from nfknock.daemon.workers import PING_EVERY, STUCK_AFTER, STUCK_REPEAT, WorkerPool, _Worker
 
     now = [100.0]
     config = SimpleNamespace(workers=2, queue_num=7, state_dir=tmp_path)

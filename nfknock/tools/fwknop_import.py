@@ -20,9 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UsageError
+from ..doors.spa import generate_keys
+from ..errors import UsageError
 from .keyfiles import key_file_text
-from .spa import generate_keys
 
 PLACEHOLDER = "__CHANGEME__"
 DIGESTS = {"SHA1": "sha1", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sha512"}

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .errors import UsageError
-from .rules import KEY_FILE_SETTINGS, KEY_SUFFIX, SpaKey, read_key_file
+from ..doors.rules import KEY_FILE_SETTINGS, KEY_SUFFIX, SpaKey, read_key_file
+from ..errors import UsageError
 
 
 def key_file_text(

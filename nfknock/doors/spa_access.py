@@ -21,8 +21,8 @@ from __future__ import annotations
 import ipaddress
 from typing import NamedTuple
 
+from ..errors import SpaError
 from . import spa
-from .errors import SpaError
 from .events import Event
 from .packet import Packet
 from .replay import ReplayCache

@@ -34,8 +34,8 @@ from pydantic import (
     model_validator,
 )
 
+from ..errors import RulesError
 from . import yamlsafe
-from .errors import RulesError
 from .spa import Keys
 
 Proto = Literal["tcp", "udp"]

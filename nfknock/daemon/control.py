@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import NfknockError, UsageError
+from ..errors import NfknockError, UsageError
 
 DEFAULT_SOCKET = "/run/nfknock.sock"
 MAX_REQUEST = 4096  # bytes; a request is a few dozen

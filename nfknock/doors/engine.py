@@ -56,8 +56,8 @@ import ipaddress
 from enum import Enum
 from typing import NamedTuple
 
+from ..errors import SpaError
 from . import rotation
-from .errors import SpaError
 from .events import (
     ClaimNeeded,
     ConnectionAccepted,

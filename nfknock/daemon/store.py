@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import NfknockError
+from ..errors import NfknockError
 
 FILE_NAME = "replay.json"
 

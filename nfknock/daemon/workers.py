@@ -48,10 +48,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from ..errors import NfknockError, QueueError
+from ..firewall.shards import byte_ranges, queues, shard_of
 from . import metrics
 from .claims import SUBDIR, ReplayClaims, open_claims
-from .errors import NfknockError, QueueError
-from .shards import byte_ranges, queues, shard_of
 from .stats import read_queue_counters
 
 START_WAIT = 30.0  # seconds for every worker to bind its queues
@@ -470,7 +470,7 @@ def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:
 
 def _worker_main(supervisor: Any, shard: int, conn: Connection, claims: ReplayClaims) -> None:
     """The body of a forked worker: a Daemon bound to its shard's queues. Never returns."""
-    from .daemon import Daemon
+    from .core import Daemon
 
     code = 1
     try:

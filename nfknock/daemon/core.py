@@ -28,41 +28,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..doors.describe import as_line
+from ..doors.engine import DEFAULT_MAX_SOURCES, Engine, Verdict
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
+from ..doors.first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
+from ..doors.packet import parse
+from ..doors.rules import KnockDoor, Ruleset, SpaDoor
+from ..errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
+from ..extras import FLEET, require, require_for_run
+from ..firewall import FLAVOURS
+from ..firewall.backend import Firewall, PerFamily
+from ..firewall.granted import GrantedSets, prune_first_step_sets
+from ..firewall.handshakes import Handshakes
+from ..firewall.host import iptables_flavour, marks_installed, other_flavour_chain, saved_chain
+from ..firewall.plan import PASS_MARK, Plan, first_step_marks, plan
+from ..firewall.sessions import SYNC_EVERY as SESSIONS_EVERY
+from ..firewall.sessions import SessionSets, prune_session_sets
+from ..firewall.shards import queues
+from ..fleet.link import FleetConfig
+from ..loading import load_rules
+from ..trust import why_unsafe
 from . import control, metrics
 from .claims import SUBDIR, open_claims
-from .describe import as_line
-from .engine import DEFAULT_MAX_SOURCES, Engine, Verdict
-from .errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
-from .events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
-from .extras import FLEET, require, require_for_run
-from .firewall import (
-    FLAVOURS,
-    PASS_MARK,
-    Firewall,
-    PerFamily,
-    Plan,
-    first_step_marks,
-    iptables_flavour,
-    marks_installed,
-    other_flavour_chain,
-    plan,
-    saved_chain,
-)
-from .firewall.granted import GrantedSets, prune_first_step_sets
-from .firewall.handshakes import Handshakes
-from .firewall.sessions import SYNC_EVERY as SESSIONS_EVERY
-from .firewall.sessions import SessionSets, prune_session_sets
-from .first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
-from .fleet.link import FleetConfig
-from .loading import load_rules
 from .logs import RateLimit, log_events
 from .metrics import tally
-from .packet import parse
-from .rules import KnockDoor, Ruleset, SpaDoor
-from .shards import queues
 from .stats import QUEUE_PROC, Reporter, parse_queue_table, read_queue_drops
 from .store import ReplayStore
-from .trust import why_unsafe
 from .workers import WorkerDied, WorkerPool, serve
 
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
@@ -844,7 +835,7 @@ class Daemon:
         """The Redis link (threads of its own); the loop only ever hands it work and reads its
         answers, between batches of packets."""
         if self.config.fleet is not None:
-            from .fleet.member import FleetMember
+            from ..fleet.member import FleetMember
 
             self.fleet = FleetMember(self.config.fleet, self.engine, self.log, self._wake, wall=self.wall_clock)
             self.fleet.start()

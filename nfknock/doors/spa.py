@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .errors import SpaError
+from ..errors import SpaError
 
 SALTED_B64 = "U2FsdGVkX1"  # base64 of "Salted__": fwknop strips it from the wire
 # fwknop strips "hQ" (the base64 start of an OpenPGP packet) from GPG-mode packets and puts it

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .events import (
+from ..doors.events import (
     ConnectionAccepted,
     ConnectionRefused,
     DoorClosed,

@@ -7,8 +7,8 @@ import socket
 import time
 from dataclasses import dataclass
 
-from .errors import UsageError
-from .rules import Port
+from ..doors.rules import Port
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def send_spa(
     """One SPA datagram to `host`; the address put inside is `allow_ip` or, as fwknop's `-R`
     would, this host's source address towards `host`. `user` and `timeout` are fwknop's -U and
     -f. Returns the address put inside."""
-    from .spa import encode
+    from ..doors.spa import encode
 
     family, address = resolve(host)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:

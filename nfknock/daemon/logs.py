@@ -12,7 +12,7 @@ import logging
 import logging.handlers
 import sys
 
-from .events import (
+from ..doors.events import (
     ClaimNeeded,
     ConnectionAccepted,
     ConnectionRefused,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from .rules import MAX_SEQUENCE
+from ..doors.rules import MAX_SEQUENCE
 
 _ACCEPT = re.compile(
     r"\biptables\S*\s+(?P<op>-A|-I|-D)\s+INPUT\b.*?(?:-p\s+(?P<proto>tcp|udp)\b)?.*?"

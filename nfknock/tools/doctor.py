@@ -20,25 +20,18 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RulesError
-from .extras import SERVER, SERVER_MODULES, absent
-from .firewall import (
-    CHAIN,
-    FLAVOURS,
-    PASS_MARK,
-    chain_queues,
-    iptables_flavour,
-    other_flavour_chain,
-    resolve_flavour,
-    spans,
-)
-from .firewall.legacy import legacy_tables
-from .first_steps import first_step_groups, first_steps_in_daemon
-from .loading import load_rules, rule_files
-from .rules import KEY_SUFFIX, Door, SpaDoor
-from .shards import queues
-from .stats import QUEUE_PROC, parse_queue_table
-from .trust import why_unsafe
+from ..daemon.stats import QUEUE_PROC, parse_queue_table
+from ..doors.first_steps import first_step_groups, first_steps_in_daemon
+from ..doors.rules import KEY_SUFFIX, Door, SpaDoor
+from ..errors import RulesError
+from ..extras import SERVER, SERVER_MODULES, absent
+from ..firewall import FLAVOURS, resolve_flavour
+from ..firewall.host import chain_queues, iptables_flavour, other_flavour_chain, spans
+from ..firewall.legacy import legacy_tables
+from ..firewall.plan import CHAIN, PASS_MARK
+from ..firewall.shards import queues
+from ..loading import load_rules, rule_files
+from ..trust import why_unsafe
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 

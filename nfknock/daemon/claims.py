@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import NfknockError
+from ..errors import NfknockError
 
 SUBDIR = "used"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+from .. import __version__
 
 SECTION = "8"
 FILES = (
@@ -108,7 +108,7 @@ def render(parser: argparse.ArgumentParser, date: str = "") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import build_parser
+    from ..cli import build_parser
 
     args = argparse.ArgumentParser(prog="python -m nfknock.manpage", description="write nfknock(8) as roff")
     args.add_argument("--date", default="", help="the date in the page's footer (e.g. the release date)")

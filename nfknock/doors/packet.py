@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import dpkt
 
-from .errors import PacketError
+from ..errors import PacketError
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17

@@ -1,0 +1,445 @@
+"""The fixed scaffolding nfknock installs, and the backends that install it.
+
+`scaffolding()` is the whole plan, as data: per protected port, established traffic is accepted
+before the queue (bulk traffic never reaches Python), NEW connections are queued, anything else
+is dropped; every knock port is queued.
+
+Knock ports are ordinary port numbers, and the host's own connections use them too: 40000 may
+be the local port the kernel picks for an outbound connection (it lies in Linux's default
+ephemeral range), and the replies arrive with destination port 40000. So once the protected
+ports have had their say, packets of RELATED/ESTABLISHED connections return from the chain and
+the rest of the host's firewall decides on them; only the others (NEW, and INVALID or UNTRACKED:
+a knock with odd TCP flags may look INVALID to conntrack) reach the knock rules. A knock never
+becomes established: it is dropped, so conntrack never confirms its entry (an unanswered UDP
+knock stays NEW).
+
+Ports near the knock steps are tripwires (see engine.py): new connections to them are queued
+too, and nfknock hands each one back with PASS_MARK set (NF_REPEAT); the first rule of the chain
+returns marked packets, so the rest of the host's firewall decides on them as if nfknock were
+not there.
+
+For TCP, only a SYN is a new connection. A mid-stream ACK that conntrack sees as NEW is either
+a session conntrack does not know (an admin's SSH session when nfknock first starts, every
+session after a conntrack flush) or a stranger's guess at a SYN cookie: an ACK that reaches a
+listener is checked as one, and a valid cookie opens a connection without any SYN passing here.
+So it is accepted only when it belongs to a session the host has, exactly (client address and
+port, local address: the sessions set, sessions.py), and dropped otherwise. Ports a door protects
+are closed in both address families, whichever the door listens on. There is never a per-client rule, and no rule uses
+`--queue-bypass`: with no daemon bound to the queue the kernel drops, so a dead daemon means
+closed. Backends turn the plan into kernel rules in one atomic step.
+
+With several worker processes (`plan(..., workers=N)`, shards.py) every NFQUEUE rule is repeated
+once per worker, with a u32 match on the last byte of the source address and that worker's
+queues; nothing else in the chain changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..doors.first_steps import MARK_BITS, FirstStepGroup, first_step_groups
+from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
+from .shards import byte_ranges, queues, u32_match
+
+CHAIN = "NFKNOCK"
+
+
+PASS_MARK = 0x20000000  # default bit of the packet mark (--pass-mark); other bits are left to the host
+
+
+def parse_pass_mark(text: str) -> int:
+    """A --pass-mark value: one bit of the 32-bit packet mark, 0xHEX (or decimal)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        value = 0
+    if not 0 < value < 1 << 32 or value & (value - 1):
+        raise ValueError(f"must be a single bit of the 32-bit packet mark, such as {PASS_MARK:#x}; got {text!r}")
+    return value
+
+
+SET_PREFIX = "nfknock-"
+
+
+# New connections per second (per protected port) from sources not in the granted set that may
+# reach the main queue; a flood beyond it is dropped by the kernel.
+NEW_LIMIT = ("100/sec", 200)
+
+
+# New connections per second (per protected port) from sources that sent a packet to a knock or
+# SPA port in the last RECENT_SECONDS (the recent set) and hold no grant yet: a bucket of their
+# own, which a SYN flood alone never empties (see _noting_recent).
+RECENT_LIMIT = ("100/sec", 200)
+
+
+RECENT_SECONDS = 3
+
+
+SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
+
+
+MID_STREAM = ("SYN,ACK", "ACK")
+
+
+SESSION_DIRS = "src,src,dst"  # a sessions set matches client address, client port, local address
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    target: str  # ACCEPT, NFQUEUE, DROP or RETURN
+    proto: str | None = None
+    dport: int | tuple[int, int] | None = None
+    ctstate: str | None = None
+    queue_num: int | None = None
+    tcp_flags: tuple[str, str] | None = None  # (mask, set), as iptables --tcp-flags
+    mark: int | None = None  # match packets that carry this mark bit
+    match_set: str | None = None  # match packets in this ipset (see granted.py, sessions.py) ...
+    match_dirs: str = "src"  # ... by these fields, as iptables --match-set NAME src,src,dst
+    in_interface: str | None = None  # match packets that arrived on this interface
+    limit: tuple[str, int] | None = None  # (rate, burst), as iptables -m limit
+    set_mark: tuple[int, int] | None = None  # target MARK: (value, mask), as --set-xmark
+    add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
+    del_set: str | None = None  # target SET: take the source out of this ipset
+    u32: str | None = None  # an xt_u32 expression, as iptables prints it (shards.u32_match)
+
+    def __str__(self) -> str:
+        text = f"-A {CHAIN}"
+        if self.in_interface:
+            text += f" -i {self.in_interface}"
+        if self.proto:
+            text += f" -p {self.proto} -m {self.proto}"
+        if self.dport is not None:
+            dport = f"{self.dport[0]}:{self.dport[1]}" if isinstance(self.dport, tuple) else self.dport
+            text += f" --dport {dport}"
+        if self.tcp_flags:
+            text += f" --tcp-flags {' '.join(self.tcp_flags)}"
+        if self.mark is not None:
+            text += f" -m mark --mark {self.mark:#x}/{self.mark:#x}"
+        if self.ctstate:
+            text += f" -m conntrack --ctstate {self.ctstate}"
+        if self.match_set:
+            text += f" -m set --match-set {self.match_set} {self.match_dirs}"
+        if self.u32:
+            # Quoted as `iptables -S` prints it (the expression has no space; iptables-restore
+            # takes the quotes off). Before the limit: matches are tried in order, and a limit
+            # only spends a token on a packet that got that far, i.e. one of this worker's.
+            text += f' -m u32 --u32 "{self.u32}"'
+        if self.limit:
+            text += f" -m limit --limit {self.limit[0]} --limit-burst {self.limit[1]}"
+        text += f" -j {self.target}"
+        if self.set_mark is not None:
+            text += f" --set-xmark {self.set_mark[0]:#x}/{self.set_mark[1]:#x}"
+        if self.add_set is not None:
+            text += f" --add-set {self.add_set[0]} src --exist --timeout {self.add_set[1]}"
+        if self.del_set is not None:
+            text += f" --del-set {self.del_set} src"
+        if self.queue_num is not None:
+            text += f" --queue-num {self.queue_num}"
+        return text
+
+
+Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
+
+
+def first_step_marks(pass_mark: int = PASS_MARK) -> tuple[int, ...]:
+    """The mark bits saying "the kernel saw this source's first step" (first_steps.py), one per
+    group sharing a second port: the MARK_BITS bits below the pass mark (above it when there is
+    no room below). nfknock owns the pass mark and those of these bits its rules use."""
+    if pass_mark >> MARK_BITS:
+        return tuple(pass_mark >> shift for shift in range(1, MARK_BITS + 1))
+    return tuple(pass_mark << shift for shift in range(1, MARK_BITS + 1))
+
+
+def plan(
+    doors: tuple[Door, ...],
+    queue_num: int,
+    pass_mark: int = PASS_MARK,
+    workers: int = 1,
+    groups: tuple[FirstStepGroup, ...] | None = None,
+) -> Plan:
+    """The scaffolding for each address family, from the doors that listen on it; a port a door
+    protects is closed in both families, whichever it listens on (a service on `::` answers IPv6
+    too), so a family no door listens on gets a chain that only closes. Which first
+    steps go to the kernel is decided over all doors, as the engine decides it (`groups`, the
+    daemon's decision; from `doors` alone when not given). With `workers` above 1 the NFQUEUE
+    rules are split over the workers (see `shard`)."""
+    groups = first_step_groups(doors) if groups is None else groups
+    return {
+        family: shard(
+            scaffolding(
+                tuple(d for d in doors if family in d.families),
+                queue_num,
+                pass_mark,
+                family,
+                groups,
+                closed=tuple(p.key for d in doors if family not in d.families for p in d.protect),
+            ),
+            queue_num,
+            family,
+            workers,
+        )
+        for family in (4, 6)
+    }
+
+
+def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> list[RuleSpec]:
+    """The chain for `workers` worker processes (shards.py): each NFQUEUE rule is replaced, in
+    place, by one rule per worker, the same but for a u32 match on the last byte of the source
+    (the worker's range) and the queue (the worker's main or grant queue, as the rule had the
+    daemon's). The ranges partition 0..255, so a packet that would have matched the rule matches
+    exactly one worker's. Every other rule stays as it is, and so do the set names: the granted
+    and first-step sets belong to the daemon, which all its workers share.
+
+    A rule with `-m limit` keeps its rate and burst in each worker's copy: each copy has a bucket
+    of its own, so the kernel lets through up to `workers` times NEW_LIMIT in all, at most
+    NEW_LIMIT to any one worker (a flood from random sources spreads over all of them; one
+    from a single shard fills only that worker's bucket). With one worker the chain is unchanged."""
+    ranges = byte_ranges(workers)  # ValueError for a number of workers nfknock does not run
+    if workers == 1:
+        return specs
+    out: list[RuleSpec] = []
+    for spec in specs:
+        if spec.target != "NFQUEUE":
+            out.append(spec)
+            continue
+        pair = (queue_num, queue_num + 1)  # main, grant
+        if spec.queue_num not in pair:
+            raise ValueError(f"an NFQUEUE rule for queue {spec.queue_num}, not {queue_num} or {queue_num + 1}")
+        which = pair.index(spec.queue_num)
+        out += [
+            replace(spec, u32=u32_match(family, lo, hi), queue_num=queues(queue_num, i)[which])
+            for i, (lo, hi) in enumerate(ranges)
+        ]
+    return out
+
+
+def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
+    """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"
+
+
+def iptables_flags(flags: TcpFlags) -> tuple[str, str]:
+    """knockd-style required/forbidden bits as iptables --tcp-flags (mask, comparison)."""
+
+    def names(bits: int) -> str:
+        return ",".join(name.upper() for name, bit in TCP_FLAG_BITS.items() if bits & bit) or "NONE"
+
+    return names(flags.required | flags.forbidden), names(flags.required)
+
+
+def _first_step_rules(
+    groups: tuple[FirstStepGroup, ...], queue_num: int, pass_mark: int, family: int, granted: str
+) -> dict[tuple[str, int], list[RuleSpec]]:
+    """The rules of the knock ports whose first steps the kernel records, per port. A source in
+    the granted set is always queued (close sequences, knocking again: the daemon's semantics);
+    anyone else's first knock only lands in the group's set, and their second knock is queued,
+    marked, only from a source in that set. Everything else on those ports is dropped. (The
+    rules that take a source out of the set again are `_forgetting_rules`.)"""
+    marks = first_step_marks(pass_mark)
+    rules: dict[tuple[str, int], list[RuleSpec]] = {}
+    at_second: dict[tuple[str, int], list[tuple[str, int]]] = {}  # port -> (set, mark bit) of its groups
+    for group in groups:
+        if family not in group.families:
+            continue
+        proto, port = group.first
+        started = first_step_set(queue_num, family, group.first)
+        flags = iptables_flags(group.tcp_flags) if group.tcp_flags else None
+        rules[group.first] = [
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("SET", proto, port, tcp_flags=flags, add_set=(started, group.timeout)),
+            RuleSpec("DROP", proto, port),
+        ]
+        for second in group.seconds:
+            at_second.setdefault(second, []).append((started, marks[group.bit]))
+    field = sum(marks)
+    for (proto, port), marking in at_second.items():
+        rules[(proto, port)] = [
+            # All of them, used here or not: whoever set them, they are ours, and a bit this port
+            # does not use today may mean a first step here after a reload (first_steps.py).
+            RuleSpec("MARK", proto, port, set_mark=(0, field)),
+            *(RuleSpec("MARK", proto, port, match_set=started, set_mark=(bit, bit)) for started, bit in marking),
+            # single use: the element is spent on the packet it marks (a later packet to this
+            # port, a close sequence starting here or a spoofed copy, is not marked again)
+            *(RuleSpec("SET", proto, port, mark=bit, del_set=started) for started, bit in marking),
+            *(RuleSpec("NFQUEUE", proto, port, mark=bit, queue_num=queue_num) for _, bit in marking),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("DROP", proto, port),
+        ]
+    return rules
+
+
+def _outside(first: int, last: int, holes: list[int]) -> list[int | tuple[int, int]]:
+    """The ports first..last without `holes`, as single ports and ranges."""
+    spans: list[int | tuple[int, int]] = []
+    start = first
+    for hole in sorted(h for h in set(holes) if first <= h <= last) + [last + 1]:
+        if start < hole:
+            spans.append(start if start == hole - 1 else (start, hole - 1))
+        start = hole + 1
+    return spans
+
+
+def _forgetting_rules(
+    groups: tuple[FirstStepGroup, ...], doors: tuple[Door, ...], queue_num: int, family: int
+) -> list[RuleSpec]:
+    """For each group, on every knock port and tripwire port of its doors but its own first and
+    second steps: take the source out of the group's set. A knock there after the first step
+    would have reset the attempt in the daemon; in the kernel it happens in packet order, before
+    a second step can be marked. They come before every knock and tripwire rule (SET does not
+    end the chain), so that no other door's rule on an overlapping port takes the packet first."""
+    forget: list[RuleSpec] = []
+    by_name = {door.name: door for door in doors}
+    for group in groups:
+        if family not in group.families:
+            continue
+        started = first_step_set(queue_num, family, group.first)
+        spared = {group.first, *group.seconds}
+        for name in sorted(group.doors):
+            door = by_name.get(name)
+            if door is None:
+                continue
+            assert isinstance(door, KnockDoor)  # only knock doors form groups
+            flags = iptables_flags(door.tcp_flags)
+            # What the door would have taken as a knock (its TCP flags) or as a tripwire hit.
+            rules = [
+                RuleSpec("SET", p.proto, p.port, tcp_flags=flags if p.proto == "tcp" else None, del_set=started)
+                for p in door.knock_ports
+                if p.key not in spared
+            ]
+            steps = [p.key for p in door.knock_ports] + list(spared)
+            for proto, first, last in door.tripwire_ranges:
+                for span in _outside(first, last, [port for kind, port in steps if kind == proto]):
+                    syn = SYN_ONLY if proto == "tcp" else None
+                    rules.append(RuleSpec("SET", proto, span, ctstate="NEW", tcp_flags=syn, del_set=started))
+            forget += [rule for rule in rules if rule not in forget]
+    return forget
+
+
+def granted_set(queue_num: int, family: int) -> str:
+    """The ipset of sources holding a grant, for one daemon (its queue) and one family."""
+    return f"{SET_PREFIX}q{queue_num}-v{family}"
+
+
+def sessions_set(queue_num: int, family: int, port: int) -> str:
+    """The ipset of the host's established TCP sessions on one protected port (sessions.py):
+    (client address, client port, local address), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-s{port}-v{family}"
+
+
+def recent_set(queue_num: int, family: int) -> str:
+    """The ipset of sources whose packet reached a knock or SPA port's queue in the last
+    RECENT_SECONDS (a first-step set's kind: hash:ip, forceadd), for one daemon and family."""
+    return f"{SET_PREFIX}q{queue_num}-recent-v{family}"
+
+
+def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted: str | None) -> list[RuleSpec]:
+    """One protected port: established traffic accepted, NEW connections queued (`granted`: the
+    granted set; None in a family where no door of this port listens: nothing is queued, the
+    port is only closed), a TCP packet that conntrack picks up mid-stream accepted only for a
+    session the host has (sessions.py), the rest dropped."""
+    specs = [RuleSpec("ACCEPT", proto, port, ctstate="RELATED,ESTABLISHED")]
+    flags = SYN_ONLY if proto == "tcp" else None
+    if granted is not None:
+        specs += [
+            RuleSpec(
+                "NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num + 1, tcp_flags=flags, match_set=granted
+            ),
+            RuleSpec(
+                "NFQUEUE",
+                proto,
+                port,
+                ctstate="NEW",
+                queue_num=queue_num,
+                tcp_flags=flags,
+                match_set=recent_set(queue_num, family),
+                limit=RECENT_LIMIT,
+            ),
+            RuleSpec("NFQUEUE", proto, port, ctstate="NEW", queue_num=queue_num, tcp_flags=flags, limit=NEW_LIMIT),
+        ]
+    if proto == "tcp":
+        sessions = sessions_set(queue_num, family, port)
+        specs.append(
+            RuleSpec(
+                "ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM, match_set=sessions, match_dirs=SESSION_DIRS
+            )
+        )
+    specs.append(RuleSpec("DROP", proto, port))
+    return specs
+
+
+def scaffolding(
+    doors: tuple[Door, ...],
+    queue_num: int,
+    pass_mark: int = PASS_MARK,
+    family: int = 4,
+    groups: tuple[FirstStepGroup, ...] | None = None,
+    closed: tuple[tuple[str, int], ...] = (),
+) -> list[RuleSpec]:
+    """The chain for one family. New connections to a protected port from a source in the granted
+    set go to the grant queue (queue_num + 1), which a flood of strangers never reaches; from
+    anyone else at most NEW_LIMIT per second go to the main queue (so a client whose grant is not
+    in the set yet still gets in on its first SYN), and the rest is dropped by the kernel: what
+    the daemon would have dropped anyway. Either way the daemon decides every packet it sees.
+    `groups`: the first steps the kernel records (first_steps.py; from `doors` when not given).
+    `closed`: ports that doors listening on other families protect; here they are only closed.
+
+    The host's own connections (they arrive on `lo`, to 127.0.0.1, ::1 or any address of the
+    host) are left to the rest of the firewall: a health check or a local port forward to the
+    protected port keeps working, and nothing from outside arrives on `lo`."""
+    if not doors and not closed:
+        return []
+    granted = granted_set(queue_num, family)
+    groups = first_step_groups(doors) if groups is None else groups
+    in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
+    forget = _forgetting_rules(groups, doors, queue_num, family)
+    protected = dict.fromkeys(p.key for door in doors for p in door.protect)
+    knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
+    knock_ranges = dict.fromkeys(r for door in doors for r in door.knock_ranges)
+    tripwires = dict.fromkeys(r for door in doors for r in door.tripwire_ranges)
+    specs: list[RuleSpec] = [RuleSpec("RETURN", in_interface="lo")]
+    if tripwires:
+        specs.append(RuleSpec("RETURN", mark=pass_mark))
+    for proto, port in protected:
+        specs += _protected_rules(proto, port, queue_num, family, granted)
+    for proto, port in dict.fromkeys(closed):
+        if (proto, port) not in protected:
+            specs += _protected_rules(proto, port, queue_num, family, None)
+    if knocks or knock_ranges or tripwires:
+        # Not ours from here on: replies to the host's own connections from a knock port.
+        specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
+    specs += forget
+    knocking: list[RuleSpec] = []
+    for proto, port in knocks:
+        knocking += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
+    for proto, first, last in knock_ranges:
+        knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
+    specs += _noting_recent(knocking, recent_set(queue_num, family))
+    for proto, first, last in tripwires:
+        specs.append(
+            RuleSpec(
+                "NFQUEUE",
+                proto,
+                (first, last),
+                ctstate="NEW",
+                queue_num=queue_num,
+                tcp_flags=SYN_ONLY if proto == "tcp" else None,
+            )
+        )
+    return specs
+
+
+def _noting_recent(knocking: list[RuleSpec], recent: str) -> list[RuleSpec]:
+    """Before each rule that queues a knock or SPA packet, the same match adds its source to the
+    recent set. Why: the client's SYN follows its last knock or SPA packet within a millisecond,
+    often before the daemon has read that packet, so the source is not in the granted set yet and
+    its SYN would meet the strangers' limit, which a SYN flood at the protected port keeps empty.
+    From a recent source it takes a bucket of its own to the *same* main queue, behind the
+    packet that opens the door (one queue is first in, first out, and one worker owns both), and
+    is judged after it. A flood must send a knock from each spoofed source first to compete for
+    that bucket. First knocks the kernel records are not queued, and do not count."""
+    out = []
+    for spec in knocking:
+        if spec.target == "NFQUEUE":
+            out.append(replace(spec, target="SET", queue_num=None, add_set=(recent, RECENT_SECONDS)))
+        out.append(spec)
+    return out
