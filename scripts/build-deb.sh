@@ -44,7 +44,7 @@ import cryptography.hazmat.bindings._rust, nfknock.cli'
 
 echo "build-deb: the man page, from the CLI's parser"
 install -d "$root/usr/share/man/man8"
-"$venv/bin/python" -m nfknock.manpage --date "$(date -u -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}" +%Y-%m-%d)" \
+"$venv/bin/python" -m nfknock.tools.manpage --date "$(date -u -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}" +%Y-%m-%d)" \
   | gzip -9n > "$root/usr/share/man/man8/nfknock.8.gz"
 
 # Third-party licences, read from the installed distributions, for the copyright file.
