@@ -79,6 +79,22 @@ def test_replay_is_refused_also_after_a_restart(spa_server, alice, tmp_path):
     assert not connect(alice, timeout=1).connected
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_packet_that_opened_is_refused_after_a_crash(spa_server, alice, tmp_path, workers):
+    """The replay record is durable before the grant's effect is visible: once the client has
+    connected, a SIGKILL (no chance to write anything more) and a restart still refuse the same
+    bytes. With workers the record is a claim file; alone, the replay cache."""
+    spa_server.start("--state-dir", str(spa_server.state), "--workers", str(workers))
+    packet_file = tmp_path / "packet"
+    fwknop(spa_server, alice, save=packet_file)
+    assert connect(alice, timeout=3).connected  # the effect is visible...
+    spa_server.stop(signal.SIGKILL)  # ...and then the daemon dies at once
+    spa_server.start("--state-dir", str(spa_server.state), "--workers", str(workers))
+    send_raw(alice, packet_file.read_text().strip().encode())
+    assert "SPA packet refused: replay" in spa_server.wait_log("SPA packet refused")
+    assert not connect(alice, timeout=1).connected
+
+
 def test_wrong_keys_ports_and_addresses_are_refused(spa_server, alice, bob):
     spa_server.start("--state-dir", str(spa_server.state))
     other_key, other_hmac = generate_keys()
