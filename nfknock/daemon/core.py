@@ -31,7 +31,7 @@ from typing import Any
 from ..doors.describe import as_line
 from ..doors.engine import DEFAULT_MAX_SOURCES, Engine, Verdict
 from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
-from ..doors.first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
+from ..doors.first_steps import FirstSteps, MarkHistory, decide
 from ..doors.packet import parse
 from ..doors.rules import KnockDoor, Ruleset, SpaDoor
 from ..errors import FirewallError, NfknockError, PacketError, QueueError, RulesError, UsageError
@@ -81,10 +81,10 @@ class DaemonConfig:
     workers: int = 1  # verdict loops, each in a process of its own (workers.py)
     shard: int = 0  # in a worker: which one it is
 
-    def plan(self, doors, groups: tuple[FirstStepGroup, ...] | None = None) -> Plan:
+    def plan(self, doors, first_steps: FirstSteps) -> Plan:
         """The scaffolding these doors need, on this queue, with this pass mark, for these workers
-        (`groups`: the first steps the kernel records, as the daemon decided them)."""
-        return plan(doors, self.queue_num, self.pass_mark, self.workers, groups)
+        (`first_steps`: what the kernel records, as the daemon decided it)."""
+        return plan(doors, self.queue_num, self.pass_mark, self.workers, first_steps=first_steps)
 
     @property
     def queues(self) -> tuple[int, int]:
@@ -121,11 +121,11 @@ class _Reload:
     """New rules read and checked in a thread, so a large rules directory never holds up a
     verdict; the loop applies the result. Any error at all is kept for the loop to report."""
 
-    def __init__(self, config: DaemonConfig, wake: Callable[[], None], held: dict):
+    def __init__(self, config: DaemonConfig, wake: Callable[[], None], history: MarkHistory):
         self.config = config
-        self.held = held  # a copy: the loop may add to its own meanwhile
+        self.history = history  # the daemon's, retired at the reload's start (immutable)
         self.ruleset: Ruleset | None = None
-        self.groups: tuple[FirstStepGroup, ...] = ()
+        self.first_steps: FirstSteps | None = None
         self.plan: Plan | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -135,8 +135,8 @@ class _Reload:
     def _read(self) -> None:
         try:
             self.ruleset = load_rules(self.config.rules_path, strict=True)
-            self.groups = first_step_groups(self.ruleset.doors, self.held)
-            self.plan = self.config.plan(self.ruleset.doors, self.groups)
+            self.first_steps = decide(self.ruleset.doors, self.history)
+            self.plan = self.config.plan(self.ruleset.doors, self.first_steps)
         except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
             self.error = exc
         finally:
@@ -155,7 +155,7 @@ class Daemon:
         ruleset: Ruleset | None = None,
         channel: Any = None,
         claims: Any = None,
-        first_steps: tuple[FirstStepGroup, ...] | None = None,
+        first_steps: FirstSteps | None = None,
     ):
         self.config = config
         self.firewall = firewall
@@ -175,20 +175,22 @@ class Daemon:
         self.claims = claims
         shared = config.fleet is not None or config.workers > 1 or claims is not None
         # --max-sources bounds the daemon: each worker tracks its share of the sources.
-        self.engine = Engine(self.ruleset.doors, -(-config.max_sources // config.workers), shared=shared)
+        # What each (second port, mark bit) has meant (first_steps.MarkHistory): the daemon's one
+        # history; run() starts it from the rules in place, reloads retire and extend it. The first
+        # steps the kernel records: decided again by run() before any queue is bound; a worker
+        # gets the supervisor's decision (it made the rules in place), never its own.
+        self.mark_history = MarkHistory()
+        self.first_steps = decide(self.ruleset.doors, self.mark_history) if first_steps is None else first_steps
+        self.engine = Engine(
+            self.ruleset.doors, -(-config.max_sources // config.workers), shared=shared, first_steps=self.first_steps
+        )
         self.fleet: Any = None  # a FleetMember while running in fleet mode
         self.channel = channel  # in a worker: the supervisor's end (workers.py)
         self.pool: Any = None  # in the supervisor of workers: the WorkerPool
         self.store = ReplayStore(config.state_dir) if config.state_dir and config.workers == 1 else None
         self.granted = GrantedSets(config.queue_num, self.log)
         self.first_seen_marks = first_step_marks(config.pass_mark)
-        # What each (second port, mark bit) has meant in first-step rules installed by or found by
-        # this daemon; the first steps the kernel records now (first_steps.py, `held`).
-        # A worker gets the supervisor's decision (it made the rules in place), never its own.
-        self.marks_held: dict = {}
         self._named_in_daemon: set[str] = set()  # knock doors the log named for their first knocks
-        self.first_steps = first_step_groups(self.ruleset.doors) if first_steps is None else first_steps
-        self.engine.use_first_steps(self.first_steps)
         self.first_seen_field = sum(self.first_seen_marks)
         if self.store is not None:
             self.engine.restore_replays(self.store.load(), wall_clock())
@@ -371,8 +373,8 @@ class Daemon:
             require("redis", FLEET, "--cluster")
         # Rules left by an earlier run may still mark packets until ours replace them: keep to
         # what their mark bits mean (first_steps.py), before any queue is bound or worker forked.
-        self.marks_held = self._marks_installed()
-        self.first_steps = first_step_groups(self.ruleset.doors, self.marks_held)
+        self.first_steps = decide(self.ruleset.doors, self._marks_installed())
+        self.mark_history = self.first_steps.history
         self.engine.use_first_steps(self.first_steps)
         if self.config.workers > 1:
             # The workers bind their queues before any rule sends packets there; the supervisor
@@ -388,8 +390,8 @@ class Daemon:
             self.granted.create()  # before the rules that refer to the sets
             if self.pool is None:
                 self._start_fleet()  # with workers, each worker is a fleet member of its own
-            self.marks_held = marks_held(self.first_steps, self.marks_held)
             self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
+            self.mark_history = self.mark_history.retire(self.clock())  # the rules in place before are gone
             self._start_control()
             self._log_ready()
             sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
@@ -569,18 +571,18 @@ class Daemon:
         if self._reload_requested and self._reload is None:
             self._reload_requested = False
             sd_notify("RELOADING=1")
-            self._reload = _Reload(self.config, self._wake, dict(self.marks_held))
+            self._reload = _Reload(self.config, self._wake, self.mark_history.retire(self.clock()))
         if self._reload is not None and self._reload.done.is_set():
             job, self._reload = self._reload, None
-            self.finish_reload(job.ruleset, job.plan, job.error, job.groups)
+            self.finish_reload(job.ruleset, job.plan, job.error, job.first_steps)
             sd_notify("READY=1")
 
     def reload(self) -> bool:
         """Read and apply the rules on disk now (in the caller's thread)."""
         try:
             ruleset = load_rules(self.config.rules_path, strict=True)
-            groups = first_step_groups(ruleset.doors, self.marks_held)
-            return self.finish_reload(ruleset, self.config.plan(ruleset.doors, groups), None, groups)
+            first_steps = decide(ruleset.doors, self.mark_history.retire(self.clock()))
+            return self.finish_reload(ruleset, self.config.plan(ruleset.doors, first_steps), None, first_steps)
         except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
             return self.finish_reload(None, None, exc)
 
@@ -589,28 +591,32 @@ class Daemon:
         ruleset: Ruleset | None,
         new_plan: Plan | None,
         error: BaseException | None,
-        groups: tuple[FirstStepGroup, ...] = (),
+        first_steps: FirstSteps | None = None,
     ) -> bool:
-        """Switch to rules read by a reload (`groups`: the first steps `new_plan` has the kernel
+        """Switch to rules read by a reload (`first_steps`: what `new_plan` has the kernel
         record); on any problem keep the old rules and say why."""
-        if error is None and ruleset is not None and new_plan is not None:
+        if error is None and ruleset is not None and new_plan is not None and first_steps is not None:
             try:
                 # Before the rules go in: from then on packets may carry these meanings.
-                self.marks_held = marks_held(groups, self.marks_held)
+                self.mark_history = first_steps.history
                 self._apply(new_plan)
             except Exception as exc:
                 error = exc
+                # Whichever rules the kernel holds now may mark: both decisions' meanings stay.
+                self.mark_history = first_steps.history.installed(self.first_steps.groups + first_steps.groups)
                 self._restore_firewall()
-        if error is not None or ruleset is None:
+        if error is not None or ruleset is None or first_steps is None:
             self._refuse_reload(error)
             return False
-        self.first_steps = groups
+        self.first_steps = first_steps
         if self.pool is not None:
-            self.engine.reload(ruleset.doors, groups)  # the supervisor's engine only names the doors
+            self.engine.reload(ruleset.doors, first_steps)  # the supervisor's engine only names the doors
             self.ruleset = ruleset
-            dropped = self.pool.reload(ruleset, groups)
+            dropped = self.pool.reload(ruleset, first_steps)
         else:
-            dropped = self.adopt(ruleset, groups)
+            dropped = self.adopt(ruleset, first_steps)
+        # The rules and every engine switched: the meanings only the old rules marked with leave now.
+        self.mark_history = self.mark_history.retire(self.clock())
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -620,10 +626,10 @@ class Daemon:
         self._name_daemon_first_steps()
         return True
 
-    def adopt(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
-        """Switch the engine to rules already installed (`groups`: their first steps in the
-        kernel); returns the doors whose state was reset."""
-        dropped = self.engine.reload(ruleset.doors, groups)
+    def adopt(self, ruleset: Ruleset, first_steps: FirstSteps) -> list[str]:
+        """Switch the engine to rules already installed (`first_steps`: what the kernel records
+        with them); returns the doors whose state was reset."""
+        dropped = self.engine.reload(ruleset.doors, first_steps)
         self.ruleset = ruleset
         self._consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
         return dropped
@@ -642,13 +648,13 @@ class Daemon:
         """Warn about knock doors whose first knocks reach the queue (a flood there competes with
         clients' knocks; first_steps.py): all of them at start, and after a reload those that
         were not there before it (new doors included)."""
-        now = first_steps_in_daemon(self.ruleset.doors, self.marks_held)
+        now = self.first_steps.in_daemon
         for name, reason in sorted(now.items()):
             if name not in self._named_in_daemon:
                 self.log.warning("door %s: its first knocks go to the daemon, not the kernel: %s", name, reason)
         self._named_in_daemon = set(now)
 
-    def _marks_installed(self) -> dict:
+    def _marks_installed(self) -> MarkHistory:
         """What the first-step marks of rules in place mean: ours, and a chain the other iptables
         flavour may still hold (an earlier run with the other --firewall) that marks packets
         for our queues too."""
@@ -657,15 +663,13 @@ class Daemon:
             held = marks_installed(self.firewall.installed(), queue, pass_mark)
         except Exception as exc:  # noqa: BLE001 - applying the rules will say what is wrong
             self.log.warning("cannot read the rules in place (%s): assuming none", exc)
-            held = {}
+            held = MarkHistory()
         if self.firewall.name not in FLAVOURS:
             return held
         other = next(flavour for flavour in FLAVOURS if flavour != self.firewall.name)
         elsewhere = saved_chain(other)
         self._warn_about_other_chain(other, elsewhere)
-        for key, meanings in marks_installed(elsewhere, queue, pass_mark).items():
-            held[key] = held.get(key, frozenset()) | meanings
-        return held
+        return held | marks_installed(elsewhere, queue, pass_mark)
 
     def _warn_about_other_chain(self, other: str, chain: dict[int, list[str]]) -> None:
         """Name a chain the other iptables flavour still holds (a stop leaves the rules, and a

@@ -7,11 +7,12 @@ import dpkt
 import pytest
 
 from nfknock.daemon.core import Daemon, DaemonConfig
-from nfknock.doors.first_steps import first_step_groups, marks_held
+from nfknock.doors.first_steps import decide
 from nfknock.doors.packet import parse
 from nfknock.errors import PacketError
 from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
 from nfknock.loading import load_rules
+from support.decisions import fresh
 from support.fakes import FakeFirewall, Queued
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -308,8 +309,8 @@ def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it
     used to be renumbered in port order)."""
     (tmp_path / "doors.yaml").write_text(first)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"))
-    a_bit = next(g.bit for g in daemon.first_steps if "A" in g.doors)
-    daemon.marks_held.update(marks_held(daemon.first_steps))  # as run() does before installing them
+    a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
+    daemon.mark_history = daemon.first_steps.history  # as run() does before installing them
     (tmp_path / "doors.yaml").write_text(then)
     assert daemon.reload() is True
     marked = Queued(syn(50000), mark=daemon.first_seen_marks[a_bit])
@@ -317,7 +318,7 @@ def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it
     assert verdicts(daemon, syn(60000)) == ["drop"]
     assert verdicts(daemon, syn(22)) == ["accept"]  # A opened: its first step was the one seen
     for door in ("B", "C"):
-        assert not any(door in g.doors and g.bit == a_bit for g in daemon.first_steps)
+        assert not any(door in g.doors and g.bit == a_bit for g in daemon.first_steps.groups)
     assert verdicts(daemon, syn(61000)) + verdicts(daemon, syn(62000)) == ["drop", "drop"]
     assert verdicts(daemon, syn(2222)) + verdicts(daemon, syn(3333)) == ["drop", "drop"]
 
@@ -326,11 +327,12 @@ def test_a_daemon_keeps_to_the_mark_bits_of_the_rules_it_finds_in_place(tmp_path
     """Rules left by an earlier run mark packets until the new ones replace them: a restart
     with another rule set reads what their bits mean and keeps to it."""
     (tmp_path / "doors.yaml").write_text(TWINS)
-    left = {4: [str(s) for s in scaffolding(load_rules(tmp_path).doors, 0)], 6: []}
+    doors = load_rules(tmp_path).doors
+    left = {4: [str(s) for s in scaffolding(doors, 0, first_steps=fresh(doors))], 6: []}
     (tmp_path / "doors.yaml").write_text(TWINS_AND_C)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(left), logger=logging.getLogger("test-nfknock"))
     held = daemon._marks_installed()
-    groups = {g.first[1]: g.bit for g in first_step_groups(daemon.ruleset.doors, held)}
+    groups = {g.first[1]: g.bit for g in decide(daemon.ruleset.doors, held).groups}
     assert groups == {39000: 2, 40000: 0, 41000: 1}
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from nfknock.doors.rules import parse_door
 from nfknock.errors import FirewallError
-from nfknock.firewall.plan import plan
 from nfknock.firewall.sessions import SESSION_TIMEOUT, SessionSets, open_sessions, session_sets
+from support.decisions import fresh_plan
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
@@ -66,7 +66,7 @@ class FakeIpset:
 
 def doors_plan():
     door = parse_door(dict(name="d", sequence=[40000, 50000], protect=["22/tcp", "53/udp"], family="ipv4"))
-    return plan((door,), 0)
+    return fresh_plan((door,), 0)
 
 
 def test_every_protected_tcp_port_has_a_sessions_set_per_family():
