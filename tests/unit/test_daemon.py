@@ -7,7 +7,7 @@ import dpkt
 import pytest
 
 from nfknock.daemon.core import Daemon, DaemonConfig
-from nfknock.doors.first_steps import decide
+from nfknock.doors.first_steps import GRACE, decide
 from nfknock.doors.packet import parse
 from nfknock.errors import PacketError
 from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
@@ -602,3 +602,28 @@ def test_an_spa_packet_whose_record_cannot_be_written_opens_nothing(tmp_path, sp
         assert "SPA packet refused: replay record not written" in caplog.text
     assert verdicts(worker, syn(22)) == ["drop"]
     assert worker.errors == 0
+
+
+def test_reloads_that_swap_twins_keep_every_door_in_the_kernel(tmp_path, caplog):
+    """The daemon holds one mark history and retires it at each reload: a meaning leaves GRACE
+    seconds after the rules that marked with it were replaced. Reloads a few seconds apart that
+    swap one twin of A for another never run out of bits on A's second port (they did after
+    MARK_BITS - 1 reloads, and A's first knocks went to the daemon until a restart), and A keeps
+    its bit throughout."""
+    now = [1000.0]
+    (tmp_path / "doors.yaml").write_text(TWINS)
+    daemon = Daemon(
+        DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: now[0]
+    )
+    daemon.mark_history = daemon.first_steps.history.retire(now[0])  # as run() does once its rules are in
+    a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
+    for n in range(12):
+        now[0] += GRACE
+        twin = f"  - {{name: T{n}, sequence: [{39000 - n}, 50000, 62000], protect: [3333/tcp]}}\n"
+        (tmp_path / "doors.yaml").write_text(TWINS + twin)
+        with caplog.at_level(logging.WARNING, logger="test-nfknock"):
+            assert daemon.reload() is True
+        assert daemon.first_steps.in_daemon == {}, n
+        assert next(g.bit for g in daemon.first_steps.groups if "A" in g.doors) == a_bit
+    assert "its first knocks go to the daemon" not in caplog.text
+    assert len(daemon.mark_history.past) <= 2

@@ -1,7 +1,12 @@
 """The scaffolding plan: what goes into the kernel, as data (no root needed)."""
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nfknock.doors.first_steps import MARK_BITS
 from nfknock.doors.rules import parse_door
-from nfknock.firewall.plan import CHAIN, PASS_MARK, RuleSpec
+from nfknock.firewall.plan import CHAIN, PASS_MARK, SET_PREFIX, MarkBits, RuleSpec, SetName
 from support.decisions import fresh_plan, fresh_scaffolding
 
 
@@ -507,3 +512,81 @@ def test_every_queued_knock_notes_its_source_as_recent_and_nothing_else_does():
             assert not isinstance(spec.dport, tuple)  # never a tripwire range
     first = [s for s in plan if s.dport == 40000 and s.add_set and "recent" in s.add_set[0]]
     assert [s.match_set for s in first] == ["nfknock-q0-v4"]  # only a granted source's knock there
+
+
+# -- the codecs: one for the first-step mark bits, one for set names -------------------------------
+
+PASS_MARKS = st.integers(0, 31).map(lambda shift: 1 << shift)
+
+
+@given(PASS_MARKS, st.integers(0, MARK_BITS - 1))
+def test_a_mark_bit_round_trips_through_its_value(pass_mark, bit):
+    marks = MarkBits(pass_mark)
+    value = marks.value(bit)
+    assert marks.bit(value) == bit
+    assert value & (value - 1) == 0 and value & pass_mark == 0  # one bit, never the pass mark
+    assert 0 < value < 1 << 32 and marks.field & value  # within the packet mark, in the field
+
+
+@given(PASS_MARKS, st.integers(0, (1 << 32) - 1))
+def test_a_mark_value_round_trips_or_is_not_a_first_step_mark(pass_mark, value):
+    marks = MarkBits(pass_mark)
+    bit = marks.bit(value)
+    assert (bit is None) == (value not in marks.values)
+    if bit is not None:
+        assert marks.value(bit) == value
+
+
+def test_a_bit_index_outside_the_field_is_refused():
+    with pytest.raises(ValueError, match="0..3"):
+        MarkBits().value(MARK_BITS)
+
+
+KEYED = st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(0, 65535))
+SET_NAMES = st.one_of(
+    st.builds(SetName, st.just("granted"), st.integers(0, 65535), st.sampled_from([4, 6])),
+    st.builds(SetName, st.just("recent"), st.integers(0, 65535), st.sampled_from([4, 6])),
+    st.builds(SetName, st.just("first-step"), st.integers(0, 65535), st.sampled_from([4, 6]), KEYED),
+    st.builds(
+        SetName, st.just("sessions"), st.integers(0, 65535), st.sampled_from([4, 6]), KEYED.map(lambda k: ("tcp", k[1]))
+    ),
+)
+
+
+@given(SET_NAMES)
+def test_a_set_name_round_trips_through_its_fields(name):
+    text = str(name)
+    assert SetName.parse(text) == name
+    assert text.startswith(f"{SET_PREFIX}q{name.queue_num}-") and len(text) <= 31  # ipset's limit
+
+
+@given(st.from_regex(r"nfknock-q[0-9]{1,6}-((tcp|udp|s)[0-9]{1,6}-|recent-)?v[0-9]", fullmatch=True) | st.text())
+def test_a_name_that_parses_has_exactly_that_spelling(text):
+    """Text round trip: whatever parses prints back as itself, so no two names mean one set."""
+    parsed = SetName.parse(text)
+    if parsed is not None:
+        assert str(parsed) == text
+
+
+def test_the_plans_set_names_are_the_codecs():
+    names = {
+        name
+        for specs in fresh_plan((door(protect=["22/tcp"], tripwire=0),), 7).values()
+        for spec in specs
+        for name in (spec.match_set, spec.add_set and spec.add_set[0], spec.del_set)
+        if name
+    }
+    assert {(n.kind, n.family, n.key) for n in map(SetName.parse, names) if n is not None and n.queue_num == 7} == {
+        ("granted", 4, None),
+        ("granted", 6, None),
+        ("recent", 4, None),
+        ("recent", 6, None),
+        ("sessions", 4, ("tcp", 22)),
+        ("sessions", 6, ("tcp", 22)),
+        ("first-step", 4, ("tcp", 40000)),
+        ("first-step", 6, ("tcp", 40000)),
+    }
+    assert len(names) == 8
+    assert SetName.parse("nfknock-q7-tcp040000-v4") is None  # not a spelling nfknock writes
+    assert SetName.parse("nfknock-q7-tcp70000-v4") is None  # no such port
+    assert SetName.parse("f2b-sshd") is None  # another program's set
