@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from netfilterqueue import NetfilterQueue
 
-from nfknock.daemon.core import DEFAULT_QUEUE_MAXLEN
+from nfknock.daemon.config import DEFAULT_QUEUE_MAXLEN
 from nfknock.doors.first_steps import FirstSteps, MarkHistory
 from nfknock.firewall import make_firewall
 from nfknock.firewall.plan import scaffolding

@@ -30,7 +30,7 @@ with atheris.instrument_imports():
     import nfknock.doors.engine  # noqa: F401  (imported here so that atheris instruments them)
     import nfknock.doors.packet  # noqa: F401
     import nfknock.doors.state  # noqa: F401
-    from nfknock.daemon.core import Daemon, DaemonConfig
+    from nfknock.daemon import Daemon, DaemonConfig
 
 RULES = """\
 doors:

@@ -33,7 +33,6 @@ it (SIGKILL after STOP_WAIT).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 import os
@@ -43,6 +42,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -51,17 +51,18 @@ from typing import Any
 from ..errors import NfknockError, QueueError
 from ..firewall.shards import byte_ranges, queues, shard_of
 from . import metrics
-from .claims import SUBDIR, ReplayClaims, open_claims
+from .claims import SUBDIR, open_claims
+from .config import DaemonConfig
 from .stats import read_queue_counters
 
 START_WAIT = 30.0  # seconds for every worker to bind its queues
 ANSWER_WAIT = 3.0  # seconds for every worker to answer a request (within control's 5 s deadline)
 RELOAD_WAIT = 120.0  # seconds for every worker to compile new rules (10k doors take about one)
+Spawn = Callable[[int, Connection, Any], None]  # (shard, channel, claims): a worker's life, never returns
 STOP_WAIT = 10.0  # seconds for workers to stop before they are killed
 PING_EVERY = 2.0  # seconds between a worker's answer and the supervisor's next ping
 STUCK_AFTER = 5.0  # seconds a ping may wait for its answer (a worker answers within a turn, <= 1 s)
 STUCK_REPEAT = 60.0  # seconds between the warnings about a worker that still does not answer
-PR_SET_PDEATHSIG = 1
 
 
 class WorkerDied(NfknockError):
@@ -86,12 +87,11 @@ class _Worker:
 class WorkerPool:
     """The supervisor's side: start the workers, route what crosses them, stop them."""
 
-    def __init__(self, daemon: Any):
-        self.daemon = daemon
-        self.log: logging.Logger = daemon.log
-        self.count: int = daemon.config.workers
-        self.queue_num: int = daemon.config.queue_num
-        self.clock = daemon.clock
+    def __init__(self, config: DaemonConfig, log: logging.Logger, clock: Callable[[], float]):
+        self.log = log
+        self.count: int = config.workers
+        self.queue_num: int = config.queue_num
+        self.clock = clock
         self._snapshots: dict[int, metrics.Snapshot] = {}  # each worker's last, for one that is stuck
         self.workers: list[_Worker] = []
         self._private: Path | None = None
@@ -99,11 +99,11 @@ class WorkerPool:
         self.failure = ""  # why the pool cannot go on (a worker ended)
         self._replies: dict[int, dict[int, Any]] = {}
         self._ids = itertools.count(1)
-        state_dir = daemon.config.state_dir
+        state_dir = config.state_dir
         try:
             self._handoff = Path(tempfile.mkdtemp(prefix="nfknock-rules-"))
             if state_dir is None:
-                self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{daemon.config.queue_num}-"))
+                self._private = Path(tempfile.mkdtemp(prefix=f"nfknock-q{config.queue_num}-"))
         except OSError as exc:
             raise NfknockError(f"--workers: cannot make a private directory: {exc.strerror or exc}") from None
         try:
@@ -114,9 +114,10 @@ class WorkerPool:
 
     # -- start and stop --------------------------------------------------------------------
 
-    def start(self, seed: dict[str, float] | None = None) -> None:
-        """Fork the workers and wait until each has bound its queues (before any rule sends packets
-        there). `seed`: replay records from a single-process run's cache, claimed for all."""
+    def start(self, spawn: Spawn, seed: dict[str, float] | None = None) -> None:
+        """Fork the workers, each running `spawn` (worker.py: never returns), and wait until each
+        has bound its queues (before any rule sends packets there). `seed`: replay records from a
+        single-process run's cache, claimed for all."""
         wall = time.time()
         for record, expires in (seed or {}).items():
             if expires > wall:
@@ -132,7 +133,7 @@ class WorkerPool:
                 ours.close()
                 for worker in self.workers:
                     worker.conn.close()
-                _worker_main(self.daemon, shard, Connection(theirs.detach()), self.claims)
+                spawn(shard, Connection(theirs.detach()), self.claims)
             theirs.close()
             self.workers.append(_Worker(shard, pid, Connection(ours.detach()), queues(self.queue_num, shard)))
         deadline = time.monotonic() + START_WAIT
@@ -466,66 +467,3 @@ def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:
 
 
 # -- the worker's side ------------------------------------------------------------------------
-
-
-def _worker_main(supervisor: Any, shard: int, conn: Connection, claims: ReplayClaims) -> None:
-    """The body of a forked worker: a Daemon bound to its shard's queues. Never returns."""
-    from .core import Daemon
-
-    code = 1
-    try:
-        os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
-        _die_with_parent()
-        config = replace(supervisor.config, shard=shard)
-        daemon = Daemon(
-            config,
-            supervisor.firewall,
-            supervisor.log,
-            supervisor.clock,
-            supervisor.wall_clock,
-            ruleset=supervisor.ruleset,
-            channel=conn,
-            claims=claims,
-            first_steps=supervisor.first_steps,
-        )
-        daemon.run_worker(lambda: conn.send(("bound", shard)))
-        code = 0
-    except BaseException as exc:  # noqa: BLE001 - logged by run_worker; the supervisor says why
-        try:
-            conn.send(("failed", str(exc).split("; the rules stay")[0] or type(exc).__name__))
-        except OSError:
-            pass
-    finally:
-        os._exit(code)
-
-
-def _die_with_parent() -> None:
-    """SIGTERM this worker when the supervisor dies, however it dies."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # it died before the call
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def serve(daemon: Any, message: tuple) -> None:
-    """One message from the supervisor, in the worker's loop between batches."""
-    kind = message[0]
-    if kind == "stop":
-        daemon.stopping = True
-    elif kind == "ping":  # the supervisor's check that this loop turns (WorkerPool.watch)
-        daemon.channel.send(("pong",))
-    elif kind == "control":
-        _, rid, deadline, request = message
-        if time.monotonic() > deadline:  # the supervisor has answered "did not answer": so be it
-            daemon.log.warning("control request %s came too late to this worker: not carried out", request["cmd"])
-            return
-        daemon.channel.send(("reply", rid, daemon.answer(request)))
-    elif kind == "snapshot":
-        daemon.channel.send(("reply", message[1], metrics.take(daemon, daemon.clock())))
-    elif kind == "reload":
-        with open(message[3], "rb") as file:
-            ruleset, first_steps = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
-        daemon.channel.send(("reply", message[1], daemon.adopt(ruleset, first_steps)))

@@ -134,7 +134,7 @@ class MarkHistory:
 
     def __or__(self, other: MarkHistory) -> MarkHistory:
         """Both histories' meanings (rules in place in both iptables flavours)."""
-        return replace(self, current=self.current | other.current, past=self.past + other.past)
+        return replace(self, current=self.current | other.current, past=self.past | other.past)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def assert_closed_then_reopens(server, alice, bob):
     "target,call,trigger",
     [
         ("nfknock.doors.engine.Engine.expire", 1, first_knock),  # timers
-        ("nfknock.daemon.core.Daemon.report_counters", 2, None),  # the counters, 5 s after the start
+        ("nfknock.daemon.judge.Judge.report_counters", 2, None),  # the counters, 5 s after the start
         ("nfknock.daemon.metrics.take", 2, scrape),  # the metrics snapshot (the first is taken at start)
     ],
 )
@@ -88,9 +88,9 @@ def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alic
 @pytest.mark.parametrize(
     "target,call,trigger,logged",
     [
-        ("nfknock.daemon.core.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
-        ("nfknock.daemon.core._Reload.__init__", 1, sighup, "reload refused"),  # starting the reload
-        ("nfknock.daemon.core.sd_notify", 2, sighup, "reload refused"),  # telling systemd (call 1: READY)
+        ("nfknock.daemon.reload.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
+        ("nfknock.daemon.reload.ReloadJob.__init__", 1, sighup, "reload refused"),  # starting the reload
+        ("nfknock.daemon.reload.sd_notify", 1, sighup, "reload refused"),  # telling systemd the reload begins
         ("nfknock.firewall.backend.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules
         ("nfknock.daemon.control.answer", 1, status, "control request status failed"),
     ],

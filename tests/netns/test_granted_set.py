@@ -112,7 +112,7 @@ def test_the_first_syn_after_the_door_opens_reaches_the_grant_queue(server, alic
         target = "nfknock.daemon.claims.ReplayClaims.claim" if workers == 2 else "nfknock.daemon.store.ReplayStore.save"
         call = 1
     else:
-        target, call = "nfknock.daemon.core.log_events", 2  # the third knock's (the kernel records the first)
+        target, call = "nfknock.daemon.sinks.log_events", 2  # the third knock's (the kernel records the first)
     server.start("--workers", str(workers), fault=("--hold", target, call, gate))
     if door == "spa":
         encryption, mac = server.keys

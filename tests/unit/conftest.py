@@ -1,4 +1,4 @@
-"""Unit tests never touch the host: a test that reaches Daemon.run (the queue, the firewall) fails."""
+"""Unit tests never touch the host: a test that reaches a role's run (the queue, the firewall) fails."""
 
 import pytest
 
@@ -8,4 +8,5 @@ def no_real_daemon(monkeypatch):
     def refuse(self, *args, **kwargs):
         raise AssertionError("a unit test tried to start the real daemon on the host")
 
-    monkeypatch.setattr("nfknock.daemon.core.Daemon.run", refuse)
+    for role in ("single.Single", "supervisor.Supervisor", "worker.Worker"):
+        monkeypatch.setattr(f"nfknock.daemon.{role}.run", refuse)

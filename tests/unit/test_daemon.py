@@ -6,8 +6,8 @@ import socket
 import dpkt
 import pytest
 
-from nfknock.daemon.core import Daemon, DaemonConfig
-from nfknock.doors.first_steps import GRACE, decide
+from nfknock.daemon import Daemon, DaemonConfig
+from nfknock.doors.first_steps import GRACE, MarkHistory, decide
 from nfknock.doors.packet import parse
 from nfknock.errors import PacketError
 from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
@@ -32,6 +32,18 @@ def daemon(tmp_path):
     return Daemon(
         DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: float(clock())
     )
+
+
+def a_worker(config, claims, logger):
+    """Worker `config.shard` of a daemon with workers, seeded as its supervisor seeds it."""
+    import time
+
+    from nfknock.daemon.reload import read
+    from nfknock.daemon.worker import Worker, WorkerSeed
+
+    ruleset = read(config)
+    seed = WorkerSeed(config, FakeFirewall(), logger, time.monotonic, time.time, ruleset, fresh(ruleset.doors))
+    return Worker(seed, config.shard, claims)
 
 
 def verdicts(daemon, payload):
@@ -167,7 +179,7 @@ def test_reload_installs_the_new_scaffolding(daemon):
 def test_sd_notify_reaches_the_socket_systemd_names(tmp_path, monkeypatch):
     import socket as sockets
 
-    from nfknock.daemon.core import sd_notify
+    from nfknock.daemon.config import sd_notify
 
     path = tmp_path / "notify"
     listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
@@ -209,7 +221,7 @@ def test_reload_refuses_any_error_and_keeps_the_old_rules(daemon, caplog, monkey
     def broken(path, strict=False):
         raise error
 
-    monkeypatch.setattr("nfknock.daemon.core.load_rules", broken)
+    monkeypatch.setattr("nfknock.daemon.reload.load_rules", broken)
     with caplog.at_level(logging.ERROR, logger="test-nfknock"):
         assert daemon.reload() is False
     assert (
@@ -310,10 +322,10 @@ def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it
     (tmp_path / "doors.yaml").write_text(first)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"))
     a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
-    daemon.mark_history = daemon.first_steps.history  # as run() does before installing them
+    daemon.reloader.start(MarkHistory())  # as run() does before installing them
     (tmp_path / "doors.yaml").write_text(then)
     assert daemon.reload() is True
-    marked = Queued(syn(50000), mark=daemon.first_seen_marks[a_bit])
+    marked = Queued(syn(50000), mark=daemon.verdicts.first_seen_marks[a_bit])
     daemon.on_packet(marked)
     assert verdicts(daemon, syn(60000)) == ["drop"]
     assert verdicts(daemon, syn(22)) == ["accept"]  # A opened: its first step was the one seen
@@ -331,7 +343,7 @@ def test_a_daemon_keeps_to_the_mark_bits_of_the_rules_it_finds_in_place(tmp_path
     left = {4: [str(s) for s in scaffolding(doors, 0, first_steps=fresh(doors))], 6: []}
     (tmp_path / "doors.yaml").write_text(TWINS_AND_C)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(left), logger=logging.getLogger("test-nfknock"))
-    held = daemon._marks_installed()
+    held = daemon.scaffold.marks_installed()
     groups = {g.first[1]: g.bit for g in decide(daemon.ruleset.doors, held).groups}
     assert groups == {39000: 2, 40000: 0, 41000: 1}
 
@@ -427,6 +439,8 @@ def spa(tmp_path, monkeypatch):
     def daemon(claims=None, **config):
         config.setdefault("state_dir", tmp_path / "state")
         config = DaemonConfig(tmp_path / "rules", **config)
+        if config.workers > 1:
+            return a_worker(config, claims, logging.getLogger("t-spa"))
         return Daemon(config, FakeFirewall(), logger=logging.getLogger("t-spa"), claims=claims)
 
     return daemon, lambda: udp(62201, encode(keys, "10.0.0.2", [("tcp", 22)], time.time()))
@@ -531,12 +545,7 @@ def spa_worker(tmp_path, claims, shard, protect="22/tcp", fleet=None):
     rules = tmp_path / f"rules-{shard}"
     rules.mkdir()
     (rules / "spa.yaml").write_text(SPA_DOOR % protect)
-    worker = Daemon(
-        DaemonConfig(rules, workers=2, shard=shard),
-        FakeFirewall(),
-        logger=logging.getLogger("test-nfknock"),
-        claims=claims,
-    )
+    worker = a_worker(DaemonConfig(rules, workers=2, shard=shard), claims, logging.getLogger("test-nfknock"))
     worker.fleet = fleet
     return worker
 
@@ -615,7 +624,7 @@ def test_reloads_that_swap_twins_keep_every_door_in_the_kernel(tmp_path, caplog)
     daemon = Daemon(
         DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: now[0]
     )
-    daemon.mark_history = daemon.first_steps.history.retire(now[0])  # as run() does once its rules are in
+    daemon.reloader.start(MarkHistory())  # as run() does
     a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
     for n in range(12):
         now[0] += GRACE

@@ -257,7 +257,7 @@ def test_without_redis_members_serve_locally_by_their_policy(fleet, spa_door):
 def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypatch):
     from test_daemon import syn
 
-    from nfknock.daemon.core import Daemon, DaemonConfig
+    from nfknock.daemon import Daemon, DaemonConfig
     from support.fakes import FakeFirewall, Queued
 
     server = fakeredis.FakeServer()
@@ -267,7 +267,7 @@ def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypa
     )
     config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", "a")
     daemon = Daemon(DaemonConfig(tmp_path, fleet=config), FakeFirewall(), logger=LOG)
-    daemon._start_fleet()
+    daemon.start_fleet(lambda: None)
     try:
         peer = Signer(KEY, "nfknock")
         stream = fakeredis.FakeRedis(server=server)

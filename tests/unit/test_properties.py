@@ -6,7 +6,7 @@ import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfknock.daemon.core import Daemon, DaemonConfig
+from nfknock.daemon import Daemon, DaemonConfig
 from nfknock.doors.engine import Verdict
 from nfknock.doors.events import DoorClosed, DoorOpened
 from nfknock.doors.packet import Packet

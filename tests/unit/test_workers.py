@@ -62,7 +62,7 @@ def test_a_control_request_that_reaches_a_worker_after_its_deadline_is_not_carri
     import logging
     import time
 
-    from nfknock.daemon.workers import serve
+    from nfknock.daemon.worker import serve
 
     class Worker:
         log = logging.getLogger("test")
@@ -100,7 +100,7 @@ def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(
     now = [100.0]
     config = SimpleNamespace(workers=2, queue_num=7, state_dir=tmp_path)
     daemon = SimpleNamespace(config=config, log=logging.getLogger("test-workers"), clock=lambda: now[0])
-    pool = WorkerPool(daemon)
+    pool = WorkerPool(config, daemon.log, daemon.clock)
     try:
         ours, theirs = socket.socketpair()
         worker_end = Connection(theirs.detach())

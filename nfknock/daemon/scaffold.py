@@ -1,0 +1,105 @@
+"""The daemon's side of the firewall: install a plan (its sessions sets filled first), prune the
+sets it no longer uses, keep the sessions sets following the host's sockets, and read what rules
+in place mean before replacing them. Owned by the process that installs the rules: the single
+process, or the supervisor of workers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..doors.first_steps import MarkHistory
+from ..errors import FirewallError
+from ..firewall import FLAVOURS
+from ..firewall.backend import Firewall, PerFamily
+from ..firewall.granted import prune_first_step_sets
+from ..firewall.host import iptables_flavour, marks_installed, other_flavour_chain, saved_chain
+from ..firewall.plan import CHAIN, Plan
+from ..firewall.sessions import SYNC_EVERY, SessionSets, prune_session_sets
+from .config import DaemonConfig
+from .stats import QUEUE_PROC, parse_queue_table
+
+SESSIONS_EVERY = SYNC_EVERY
+
+
+class Scaffold:
+    def __init__(self, config: DaemonConfig, firewall: Firewall, log: logging.Logger):
+        self.config, self.firewall, self.log = config, firewall, log
+        self.real = firewall if isinstance(firewall, PerFamily) else None  # a test's fake has no sets
+        self.sessions: SessionSets | None = None
+        self.sessions_failed = 0
+        self.applied: Plan | None = None
+
+    def apply(self, plan: Plan, now: float) -> None:
+        """Install the plan, its sessions sets filled first (sessions.py: the host's sessions
+        survive the switch even where conntrack does not know them); then sets it no longer uses
+        go (a failure there is logged: a leftover set holds no rule and opens nothing)."""
+        if self.real is not None:
+            if self.sessions is None:
+                self.sessions = SessionSets(self.real.set_runner())
+            self.sessions.sync(plan, now)
+        self.firewall.apply(plan)
+        self.applied = plan
+        if self.real is not None:
+            runner = self.real.set_runner()
+            try:
+                for name in prune_first_step_sets(self.config.queue_num, plan, runner):
+                    self.log.info("removed the first-step set %s (no door uses it any more)", name)
+                for name in prune_session_sets(self.config.queue_num, plan, runner):
+                    self.log.info("removed the sessions set %s (no door protects its port any more)", name)
+            except FirewallError as exc:
+                self.log.warning("%s", exc)
+
+    def sync_sessions(self, now: float) -> None:
+        """The sessions sets follow the host's sockets (sessions.py); a failure is logged (at
+        worst a session without conntrack entry is dropped: closed)."""
+        if self.sessions is None or self.applied is None:
+            return
+        try:
+            self.sessions.sync(self.applied, now)
+        except FirewallError as exc:
+            self.sessions_failed += 1
+            if self.sessions_failed <= 10 or self.sessions_failed % 100 == 0:
+                self.log.warning("%s (%d so far)", exc, self.sessions_failed)
+
+    def marks_installed(self) -> MarkHistory:
+        """What the first-step marks of rules in place mean: ours, and a chain the other iptables
+        flavour may still hold (an earlier run with the other --firewall) that marks packets for
+        our queues too (doors/first_steps.py keeps to these meanings)."""
+        queue, pass_mark = self.config.queue_num, self.config.pass_mark
+        try:
+            held = marks_installed(self.firewall.installed(), queue, pass_mark)
+        except Exception as exc:  # noqa: BLE001 - applying the rules will say what is wrong
+            self.log.warning("cannot read the rules in place (%s): assuming none", exc)
+            held = MarkHistory()
+        if self.firewall.name not in FLAVOURS:
+            return held
+        other = next(flavour for flavour in FLAVOURS if flavour != self.firewall.name)
+        elsewhere = saved_chain(other)
+        self._warn_about_other_chain(other, elsewhere)
+        return held | marks_installed(elsewhere, queue, pass_mark)
+
+    def _warn_about_other_chain(self, other: str, chain: dict[int, list[str]]) -> None:
+        """Name a chain the other iptables flavour still holds (a stop leaves the rules, and a
+        start replaces only its own flavour's): it sends packets to our queues or to queues no
+        one listens to, and either way this daemon cannot tell from what it sees."""
+        listened = set(parse_queue_table(_read(QUEUE_PROC)))
+        text = other_flavour_chain(other, chain, set(self.config.all_queues), listened)
+        if text is not None:
+            self.log.warning("%s", text)
+
+    def warn_about_flavour(self) -> None:
+        if self.firewall.name == "legacy" and iptables_flavour() == "nf_tables":
+            self.log.warning(
+                "this host's 'iptables' is the nf_tables flavour but --firewall legacy was chosen; nfknock's "
+                "rules live in the legacy tables: list them with 'iptables-legacy -S %s' (the kernel applies "
+                "both)",
+                CHAIN,
+            )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""

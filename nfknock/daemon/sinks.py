@@ -1,0 +1,238 @@
+"""Where the engine's events go: one pipeline of sinks, chosen once per role.
+
+The engine decides and returns events; everything with a side effect happens here, in a fixed
+order (each sink gets what the one before passed on):
+
+1. `GrantedSink.route_first`: a source the engine just granted (or whose SPA packet waits for its
+   durable record or claim) enters the kernel's granted set at once, before any disk or network
+   work: its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
+2. `ReplayStoreSink` (a single process with a state directory): the replay cache is durable
+   before the grant takes effect, or what it opened is withdrawn;
+3. `LogSink`: the knockd-style lines;
+4. `GrantedSink.follow`: grants that ended (a close sequence, a revocation) leave the set;
+5. `TallySink` (with --metrics-port): the counters behind the metrics;
+6. `ClaimsSink` (workers, or a single process after a run with workers): the replay check
+   across processes and restarts (claims.py);
+7. `FleetSink` (--cluster): grants, revocations and replay claims shared with the fleet.
+
+Every change of a grant, whoever makes it (an event, a control request, the fleet), reaches the
+kernel through the one `GrantedSink.sync`. A new side effect is a new sink, not a branch in the
+packet path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from ..doors.engine import Engine
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
+from ..doors.rules import KnockDoor, SpaDoor
+from ..errors import FirewallError
+from ..firewall.granted import GrantedSets
+from ..firewall.handshakes import Handshakes
+from .logs import RateLimit, log_events
+from .metrics import tally
+from .store import ReplayStore
+
+Sink = Callable[[tuple, float], tuple]  # (events, now) -> the events passed on
+
+
+class Sinks:
+    """The pipeline. Sinks that produce events of their own (a claim's answer, the fleet's)
+    feed them back in at the top with `consume`."""
+
+    def __init__(self) -> None:
+        self.sinks: list[Sink] = []
+
+    def add(self, *sinks: Sink | None) -> None:
+        self.sinks += [sink for sink in sinks if sink is not None]
+
+    def consume(self, events, now: float) -> None:
+        events = tuple(events)
+        for sink in self.sinks:
+            events = sink(events, now)
+
+
+class GrantedSink:
+    """The kernel's granted set follows the engine (firewall/granted.py); a grant that ends also
+    cuts the handshakes its source began meanwhile (firewall/handshakes.py)."""
+
+    def __init__(self, engine: Engine, granted: GrantedSets, log: logging.Logger, protected: Callable[[], set[int]]):
+        self.engine = engine
+        self.granted = granted
+        self.log = log
+        self.protected = protected  # the TCP ports the doors protect now; None: no real conntrack
+        self.handshakes: Handshakes | None = None  # only with real firewall rules (not a test's fake)
+
+    def route_first(self, events: tuple, now: float) -> tuple:
+        """Route first, decide after: a grant, or an SPA packet or rotating sequence that now waits
+        for its durable record or claim, goes into the set before any disk or network work; if the
+        record or the claim fails, its element is removed again (and the waiting SYN dropped)."""
+        for event in events:
+            kind = type(event)
+            if kind is DoorOpened:
+                self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
+            elif kind is ClaimNeeded:
+                self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
+        return events
+
+    def follow(self, events: tuple, now: float) -> tuple:
+        for event in events:
+            kind = type(event)
+            if kind is DoorClosed:
+                self.sync(event.src, now)
+            elif kind is GrantsRevoked:
+                for src in event.sources:
+                    self.sync(src, now)
+        return events
+
+    def sync(self, src: str, now: float) -> None:
+        """Tell the kernel's granted set what the engine now says about `src`."""
+        left = self.engine.grant_left(src, now)
+        if left > 0:
+            self.granted.add(src, left)
+        else:
+            self.granted.remove(src)
+            self._cut_handshakes(src)
+
+    def _cut_handshakes(self, src: str) -> None:
+        """No new connection once a grant is gone, not even one whose SYN was accepted before."""
+        if self.handshakes is None:
+            return
+        try:
+            cut = self.handshakes.cut(src, self.protected())
+        except FirewallError as exc:
+            self.log.warning("%s: a handshake it started during its grant may still complete", exc)
+            return
+        if cut:
+            self.log.info("%s: %d handshake(s) begun during the grant will not complete", src, cut)
+
+
+class ReplayStoreSink:
+    """A single process's replay cache (store.py): durable before the grant takes effect (the SYN
+    waiting in the grant queue is judged after this). When it cannot be written, what these
+    records opened is withdrawn: what cannot be recorded as used does not open."""
+
+    def __init__(self, store: ReplayStore, engine: Engine, granted: GrantedSink, log: logging.Logger):
+        self.store, self.engine, self.granted, self.log = store, engine, granted, log
+
+    def __call__(self, events: tuple, now: float) -> tuple:
+        if not any(type(event) is Recorded for event in events):
+            return events
+        try:
+            self.store.save(self.engine.replays.snapshot())
+            return events
+        except OSError as exc:
+            detail = f"cannot write the replay cache {self.store.path}: {exc.strerror or exc}"
+            self.log.error("%s (a restart would forget what was used)", detail)
+        kept = []
+        for event in events:
+            door = self.engine.doors.get(event.door) if type(event) is DoorOpened else None
+            if door is None or isinstance(door, KnockDoor):
+                kept.append(event)  # not a record's grant (a knock door opened by the same packet)
+                continue
+            self.engine.revoke(event.src, event.door)
+            self.granted.sync(event.src, now)
+            if isinstance(door, SpaDoor):
+                kept.append(SpaRefused(event.src, event.door, "replay record not written", detail, event.key))
+            else:
+                self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
+        return tuple(kept)
+
+
+class LogSink:
+    def __init__(self, log: logging.Logger, limit: RateLimit):
+        self.log, self.limit = log, limit
+
+    def __call__(self, events: tuple, now: float) -> tuple:
+        log_events(self.log, events, self.limit, now)
+        return events
+
+
+class TallySink:
+    """The event counters behind the metrics (off by default: no per-event cost then)."""
+
+    def __init__(self) -> None:
+        self.tallies: Counter = Counter()
+
+    def __call__(self, events: tuple, now: float) -> tuple:
+        tally(self.tallies, events)
+        return events
+
+
+class FleetSink:
+    """Hands events to the fleet member (fleet/member.py) once it runs; what it answers at once
+    goes through the pipeline again."""
+
+    def __init__(self, again: Callable[..., None], wall_clock: Callable[[], float]):
+        self.again, self.wall_clock = again, wall_clock
+        self.member: Any = None
+
+    def __call__(self, events: tuple, now: float) -> tuple:
+        if self.member is not None:
+            follow = self.member.on_events(events, now, self.wall_clock())
+            if follow:
+                self.again(follow, now)
+        return events
+
+
+class ClaimsSink:
+    """The replay check across workers and restarts (claims.py): what another worker, or an
+    earlier run, used first is a replay. Every record goes to the claims directory, also those
+    of packets refused after their HMAC (no ClaimNeeded), so that none of them opens through
+    another worker or after a restart either. In a fleet the local claims come first (they are
+    on disk, Redis may forget): a claim that is ours here is passed on for the fleet's word."""
+
+    def __init__(
+        self,
+        claims: Any,
+        engine: Engine,
+        granted: GrantedSink,
+        fleet: FleetSink,
+        again: Callable[..., None],
+        log: logging.Logger,
+        wall_clock: Callable[[], float],
+    ):
+        self.claims, self.engine, self.granted, self.fleet = claims, engine, granted, fleet
+        self.again, self.log, self.wall_clock = again, log, wall_clock
+
+    def __call__(self, events: tuple, now: float) -> tuple:
+        claimed = {event.record for event in events if type(event) is ClaimNeeded}
+        left = []
+        for event in events:
+            kind = type(event)
+            if kind is Recorded and event.key not in claimed:
+                self._record(event)
+            elif kind is ClaimNeeded:
+                try:
+                    answer = "ours" if self.claims.claim(event.record, event.expires, self.wall_clock()) else "taken"
+                    detail = "used through another worker or before a restart"
+                except OSError as exc:  # closed: what cannot be recorded as used does not open
+                    answer, detail = "unrecorded", f"cannot write to {self.claims.directory}: {exc.strerror or exc}"
+                if answer == "ours" and self.fleet.member is not None:
+                    left.append(event)  # the fleet has the last word
+                    continue
+                follow = self.engine.claimed(event, answer, now, detail)
+                if follow:
+                    self.again(follow, now)
+                elif answer == "unrecorded":  # a rotating sequence: the engine has no event for it
+                    self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
+                self.granted.sync(event.src, now)  # a claim lost: out of the set again
+                continue
+            left.append(event)
+        return tuple(left)
+
+    def _record(self, event: Recorded) -> None:
+        """A record that opened nothing (its packet was refused anyway), kept for every worker."""
+        try:
+            self.claims.record(event.key, event.expires, self.wall_clock())
+        except OSError as exc:
+            self.log.error(
+                "cannot write a replay record to %s: %s (an SPA packet refused here could open once through "
+                "another worker or after a restart)",
+                self.claims.directory,
+                exc.strerror or exc,
+            )
