@@ -379,3 +379,16 @@ def test_a_bit_counts_for_a_door_only_on_its_own_second_port():
     events = engine.handle(knock(51000, seen=0b1), now + 1).events
     assert SequenceReset(ALICE, "d", "close", 1, "40000/tcp") not in events
     assert KnockAdvanced(ALICE, "d", "close", 2) in events and KnockAdvanced(ALICE, "e", "open", 2) in events
+
+
+def test_the_meanings_of_chains_in_both_flavours_are_kept_together():
+    """An earlier run with the other --firewall may have left a chain that marks too: a bit
+    either chain sets means what each meant, and no door takes a bit the two disagree on."""
+
+    def chain(*doors):
+        return {4: [str(s) for s in scaffolding(doors, 7, first_steps=fresh(doors))], 6: []}
+
+    legacy, nft = marks_installed(chain(door(), twin(1, 41000)), 7), marks_installed(chain(twin(2, 42000)), 7)
+    both = legacy | nft
+    assert both.held()[(("tcp", 50000), 0)] == {(("tcp", 40000), None), (("tcp", 42000), None)}
+    assert bits(decide((door(), twin(1, 41000), twin(2, 42000)), both)) == {40000: 2, 41000: 1, 42000: 3}
