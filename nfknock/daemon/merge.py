@@ -1,0 +1,53 @@
+"""The workers' answers as one daemon's: `nfknock status` and the metrics read the same whether
+one process or N workers judge the packets."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+from . import metrics
+
+
+def merge_status(answers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Workers' status answers as one daemon's: sums of counters, one row per grant."""
+    merged = dict(answers[0])
+    grants: dict[tuple[str, str], dict] = {}
+    for answer in answers:
+        for row in answer["grants"]:
+            key = (row["door"], row["source"])
+            if key not in grants or row["seconds_left"] > grants[key]["seconds_left"]:
+                grants[key] = row
+    merged["grants"] = [grants[key] for key in sorted(grants)]
+    merged["locked"] = sorted(
+        (row for answer in answers for row in answer["locked"]), key=lambda r: (r["door"], r["source"])
+    )
+    for field in ("tracked_attempts", "internal_errors", "evicted", "kernel_queue_drops"):
+        merged[field] = sum(answer[field] for answer in answers)
+    for field in ("packets", "unparsable"):
+        total: Counter = Counter()
+        for answer in answers:
+            total.update(answer[field])
+        merged[field] = dict(total)
+    merged["workers"] = len(answers)
+    return merged
+
+
+def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:
+    def total(field: str) -> dict:
+        summed: Counter = Counter()
+        for snapshot in snapshots:
+            summed.update(getattr(snapshot, field))
+        return dict(summed)
+
+    drops = [snapshot.drops for snapshot in snapshots if snapshot.drops is not None]
+    return replace(
+        snapshots[0],
+        handled=total("handled"),
+        unparsable=total("unparsable"),
+        tallies=total("tallies"),
+        grants_per_door=total("grants_per_door"),
+        tracked=sum(snapshot.tracked for snapshot in snapshots),
+        drops=(sum(d[0] for d in drops), sum(d[1] for d in drops)) if drops else None,
+    )
