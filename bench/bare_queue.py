@@ -15,6 +15,7 @@ from dataclasses import replace
 from netfilterqueue import NetfilterQueue
 
 from nfknock.daemon.config import DEFAULT_QUEUE_MAXLEN
+from nfknock.doors.first_steps import FirstSteps, MarkHistory
 from nfknock.firewall import make_firewall
 from nfknock.firewall.plan import scaffolding
 from nfknock.firewall.plan import shard as shard_rules
@@ -64,12 +65,13 @@ def main(rules: str, queue_num: int, verdict: str, workers: int) -> None:
         children.append((pid, count_r))
     firewall = make_firewall("auto")
     # nfknock's chain, but every knock and new connection straight to the main queues: no first
-    # step recorded by the kernel (groups=()), no granted set (only the daemon fills it) and no
+    # step recorded by the kernel (no group), no granted set (only the daemon fills it) and no
     # limit in front of the queue, so the baseline is the queue alone.
     doors = load_rules(rules).doors
+    none = FirstSteps((), {}, MarkHistory())
     chain = {}
     for family in (4, 6):
-        specs = scaffolding(tuple(d for d in doors if family in d.families), queue_num, family=family, groups=())
+        specs = scaffolding(tuple(d for d in doors if family in d.families), queue_num, family=family, first_steps=none)
         chain[family] = [
             replace(spec, limit=None)
             for spec in shard_rules(specs, queue_num, family, workers)

@@ -400,6 +400,7 @@ def _fleet(args):
 
 def cmd_check(args) -> int:
     from .doors.describe import as_block
+    from .doors.first_steps import MarkHistory, decide
     from .firewall.plan import plan
 
     ruleset = load_rules(args.rules)
@@ -409,7 +410,11 @@ def cmd_check(args) -> int:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         print("\n".join(as_block(door)))
     _check_queues(args)
-    for family, specs in plan(ruleset.doors, args.queue_num, args.pass_mark, args.workers).items():
+    # What a start installs where no rules are in place (no earlier meaning of a mark bit to keep).
+    first_steps = decide(ruleset.doors, MarkHistory())
+    for family, specs in plan(
+        ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps
+    ).items():
         if specs:
             tool = "iptables" if family == 4 else "ip6tables"
             print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")

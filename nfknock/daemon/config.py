@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..doors.engine import DEFAULT_MAX_SOURCES
-from ..doors.first_steps import FirstStepGroup
+from ..doors.first_steps import FirstSteps
 from ..errors import NfknockError
 from ..firewall.plan import PASS_MARK, Plan, plan
 from ..firewall.shards import queues
@@ -35,10 +35,10 @@ class DaemonConfig:
     workers: int = 1  # verdict loops, each in a process of its own (workers.py)
     shard: int = 0  # in a worker: which one it is
 
-    def plan(self, doors, groups: tuple[FirstStepGroup, ...] | None = None) -> Plan:
+    def plan(self, doors, first_steps: FirstSteps) -> Plan:
         """The scaffolding these doors need, on this queue, with this pass mark, for these workers
-        (`groups`: the first steps the kernel records, as the daemon decided them)."""
-        return plan(doors, self.queue_num, self.pass_mark, self.workers, groups)
+        (`first_steps`: what the kernel records, as the daemon decided it)."""
+        return plan(doors, self.queue_num, self.pass_mark, self.workers, first_steps=first_steps)
 
     @property
     def queues(self) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..doors.engine import Engine, Verdict
-from ..doors.first_steps import FirstStepGroup
+from ..doors.first_steps import FirstSteps
 from ..doors.rules import Ruleset
 from ..firewall.backend import Firewall, PerFamily
 from ..firewall.granted import GrantedSets
@@ -34,7 +34,7 @@ class Judge:
         clock: Callable[[], float],
         wall_clock: Callable[[], float],
         ruleset: Ruleset,
-        first_steps: tuple[FirstStepGroup, ...],
+        first_steps: FirstSteps,
         claims: Any = None,
         store: ReplayStore | None = None,
     ):
@@ -44,8 +44,9 @@ class Judge:
         self.claims, self.store = claims, store
         shared = config.fleet is not None or config.workers > 1 or claims is not None
         # --max-sources bounds the daemon: each worker tracks its share of the sources.
-        self.engine = Engine(ruleset.doors, -(-config.max_sources // config.workers), shared=shared)
-        self.engine.use_first_steps(first_steps)
+        self.engine = Engine(
+            ruleset.doors, -(-config.max_sources // config.workers), shared=shared, first_steps=first_steps
+        )
         if store is not None:
             self.engine.restore_replays(store.load(), wall_clock())
         self.log_limit = RateLimit()
@@ -109,11 +110,11 @@ class Judge:
     def sync_granted(self, src: str, now: float) -> None:
         self.grants.sync(src, now)
 
-    def adopt(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
-        """Switch the engine to rules already installed (`groups`: their first steps in the
+    def adopt(self, ruleset: Ruleset, first_steps: FirstSteps) -> list[str]:
+        """Switch the engine to rules already installed (`first_steps`: what the kernel records with
         kernel); returns the doors whose state was reset."""
-        dropped = self.engine.reload(ruleset.doors, groups)
-        self.ruleset, self.first_steps = ruleset, groups
+        dropped = self.engine.reload(ruleset.doors, first_steps)
+        self.ruleset, self.first_steps = ruleset, first_steps
         self.sinks.consume(self.engine.rekeyed, self.clock())  # SPA keys that left, with their grants
         return dropped
 

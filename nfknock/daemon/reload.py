@@ -4,11 +4,14 @@ A reload never stops the daemon: new rules are read and checked in a thread (a l
 directory never holds up a verdict), the loop installs them, and on any problem at all the old
 rules stay (the firewall put back as it was) and the log says why, one line per problem.
 
-This module is the one owner of the first-step history (doors/first_steps.py): what each
-(second port, mark bit) has meant in rules this daemon installed or found installed. A packet
-marked under the old rules may still wait in a queue when new ones go in, so a bit never
-comes to mean another door's first step; every decision about first steps is made here, from
-this history, and handed to the plan, the engine and the workers as one value.
+This module is the one owner of the first-step history (doors/first_steps.py MarkHistory):
+what each (second port, mark bit) has meant in rules this daemon installed or found installed.
+A packet marked under the old rules may still wait in a queue when new ones go in, so a bit
+never comes to mean another door's first step while such a packet can be judged; every
+decision about first steps is made here, once per start or reload (first_steps.decide), from
+this history, and handed to the plan, the engine and the workers as one FirstSteps value. The
+history is retired at each reload's start, and stamped once the rules and every engine are
+switched: a meaning leaves GRACE seconds after the last rule that marked with it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from ..doors.first_steps import FirstStepGroup, first_step_groups, first_steps_in_daemon, marks_held
+from ..doors.first_steps import FirstSteps, MarkHistory, decide
 from ..doors.rules import Ruleset
 from ..errors import NfknockError, RulesError
 from ..firewall.plan import Plan
@@ -25,7 +28,7 @@ from ..loading import load_rules
 from .config import DaemonConfig, sd_notify
 from .scaffold import Scaffold
 
-Switch = Callable[[Ruleset, tuple[FirstStepGroup, ...]], list[str]]  # -> doors whose state was reset
+Switch = Callable[[Ruleset, FirstSteps], list[str]]  # -> doors whose state was reset
 
 
 def read(config: DaemonConfig) -> Ruleset:
@@ -37,11 +40,11 @@ class ReloadJob:
     """New rules read and checked in a thread; the loop applies the result. Any error at all is
     kept for the loop to report."""
 
-    def __init__(self, config: DaemonConfig, wake: Callable[[], None], held: dict):
+    def __init__(self, config: DaemonConfig, wake: Callable[[], None], history: MarkHistory):
         self.config = config
-        self.held = held  # a copy: the loop may add to its own meanwhile
+        self.history = history  # the reloader's, retired at the job's start (a value: nothing shared)
         self.ruleset: Ruleset | None = None
-        self.groups: tuple[FirstStepGroup, ...] = ()
+        self.first_steps: FirstSteps | None = None
         self.plan: Plan | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
@@ -51,8 +54,8 @@ class ReloadJob:
     def _read(self) -> None:
         try:
             self.ruleset = read(self.config)
-            self.groups = first_step_groups(self.ruleset.doors, self.held)
-            self.plan = self.config.plan(self.ruleset.doors, self.groups)
+            self.first_steps = decide(self.ruleset.doors, self.history)
+            self.plan = self.config.plan(self.ruleset.doors, self.first_steps)
         except BaseException as exc:  # noqa: BLE001 - reported by the loop, whatever it is
             self.error = exc
         finally:
@@ -74,19 +77,22 @@ class Reloader:
     ):
         self.config, self.scaffold, self.log, self.clock = config, scaffold, log, clock
         self.ruleset = ruleset
-        self.held: dict = {}
-        self.first_steps: tuple[FirstStepGroup, ...] = first_step_groups(ruleset.doors)
+        # Until start() reads the rules in place: an engine built before it (a role's) must have a
+        # decision, and this one is made with the history explicitly empty; start() decides again
+        # before any queue is bound or any rule installed.
+        self.history = MarkHistory()
+        self.first_steps: FirstSteps = decide(ruleset.doors, self.history)
         self.switch: Switch = lambda ruleset, groups: []  # the role's: hand the rules to its engine(s)
         self.reraise = reraise  # errors that must stop the daemon (a worker that cannot take the rules)
         self._named_in_daemon: set[str] = set()
         self._job: ReloadJob | None = None
 
-    def start(self, held: dict) -> Plan:
-        """At start, before any queue is bound: keep to what the rules in place mean (`held`),
-        decide the first steps, and return the plan to install."""
-        self.held = held
-        self.first_steps = first_step_groups(self.ruleset.doors, held)
-        self.held = marks_held(self.first_steps, held)
+    def start(self, in_place: MarkHistory) -> Plan:
+        """At start, before any queue is bound: keep to what the rules in place mean (`in_place`,
+        Scaffold.marks_installed), decide the first steps, and return the plan to install. (Their
+        meanings are stamped as gone at the first reload, which comes after the install.)"""
+        self.first_steps = decide(self.ruleset.doors, in_place)
+        self.history = self.first_steps.history
         return self.config.plan(self.ruleset.doors, self.first_steps)
 
     def step(self, requested: bool, wake: Callable[[], None]) -> bool:
@@ -96,10 +102,10 @@ class Reloader:
             taken = requested and self._job is None
             if taken:
                 sd_notify("RELOADING=1")
-                self._job = ReloadJob(self.config, wake, dict(self.held))
+                self._job = ReloadJob(self.config, wake, self.history.retire(self.clock()))
             if self._job is not None and self._job.done.is_set():
                 job, self._job = self._job, None
-                self.finish(job.ruleset, job.plan, job.error, job.groups)
+                self.finish(job.ruleset, job.plan, job.error, job.first_steps)
                 sd_notify("READY=1")
             return taken
         except self.reraise:
@@ -113,8 +119,8 @@ class Reloader:
         """Read and apply the rules on disk now (in the caller's thread)."""
         try:
             ruleset = read(self.config)
-            groups = first_step_groups(ruleset.doors, self.held)
-            return self.finish(ruleset, self.config.plan(ruleset.doors, groups), None, groups)
+            first_steps = decide(ruleset.doors, self.history.retire(self.clock()))
+            return self.finish(ruleset, self.config.plan(ruleset.doors, first_steps), None, first_steps)
         except BaseException as exc:  # noqa: BLE001 - the same report as from the reload thread
             return self.finish(None, None, exc)
 
@@ -123,24 +129,28 @@ class Reloader:
         ruleset: Ruleset | None,
         new_plan: Plan | None,
         error: BaseException | None,
-        groups: tuple[FirstStepGroup, ...] = (),
+        first_steps: FirstSteps | None = None,
     ) -> bool:
-        """Switch to rules read by a reload (`groups`: the first steps `new_plan` has the kernel
+        """Switch to rules read by a reload (`first_steps`: what `new_plan` has the kernel
         record); on any problem keep the old rules and say why."""
-        if error is None and ruleset is not None and new_plan is not None:
+        if error is None and ruleset is not None and new_plan is not None and first_steps is not None:
             try:
                 # Before the rules go in: from then on packets may carry these meanings.
-                self.held = marks_held(groups, self.held)
+                self.history = first_steps.history
                 self.scaffold.apply(new_plan, self.clock())
             except Exception as exc:
                 error = exc
+                # Whichever rules the kernel holds now may mark: both decisions' meanings stay.
+                self.history = first_steps.history.installed(self.first_steps.groups + first_steps.groups)
                 self._restore_firewall()
-        if error is not None or ruleset is None:
+        if error is not None or ruleset is None or first_steps is None:
             self.refuse(error)
             return False
-        self.first_steps = groups
+        self.first_steps = first_steps
         self.ruleset = ruleset
-        dropped = self.switch(ruleset, groups)
+        dropped = self.switch(ruleset, first_steps)
+        # The rules and every engine switched: the meanings only the old rules marked with leave now.
+        self.history = self.history.retire(self.clock())
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -164,7 +174,7 @@ class Reloader:
         """Warn about knock doors whose first knocks reach the queue (a flood there competes with
         clients' knocks; first_steps.py): all of them at start, and after a reload those that
         were not there before it (new doors included)."""
-        now = first_steps_in_daemon(self.ruleset.doors, self.held)
+        now = self.first_steps.in_daemon
         for name, reason in sorted(now.items()):
             if name not in self._named_in_daemon:
                 self.log.warning("door %s: its first knocks go to the daemon, not the kernel: %s", name, reason)

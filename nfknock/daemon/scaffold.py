@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..doors.first_steps import MarkHistory
 from ..errors import FirewallError
 from ..firewall import FLAVOURS
 from ..firewall.backend import Firewall, PerFamily
@@ -61,7 +62,7 @@ class Scaffold:
             if self.sessions_failed <= 10 or self.sessions_failed % 100 == 0:
                 self.log.warning("%s (%d so far)", exc, self.sessions_failed)
 
-    def marks_installed(self) -> dict:
+    def marks_installed(self) -> MarkHistory:
         """What the first-step marks of rules in place mean: ours, and a chain the other iptables
         flavour may still hold (an earlier run with the other --firewall) that marks packets for
         our queues too (doors/first_steps.py keeps to these meanings)."""
@@ -70,15 +71,13 @@ class Scaffold:
             held = marks_installed(self.firewall.installed(), queue, pass_mark)
         except Exception as exc:  # noqa: BLE001 - applying the rules will say what is wrong
             self.log.warning("cannot read the rules in place (%s): assuming none", exc)
-            held = {}
+            held = MarkHistory()
         if self.firewall.name not in FLAVOURS:
             return held
         other = next(flavour for flavour in FLAVOURS if flavour != self.firewall.name)
         elsewhere = saved_chain(other)
         self._warn_about_other_chain(other, elsewhere)
-        for key, meanings in marks_installed(elsewhere, queue, pass_mark).items():
-            held[key] = held.get(key, frozenset()) | meanings
-        return held
+        return held | marks_installed(elsewhere, queue, pass_mark)
 
     def _warn_about_other_chain(self, other: str, chain: dict[int, list[str]]) -> None:
         """Name a chain the other iptables flavour still holds (a stop leaves the rules, and a

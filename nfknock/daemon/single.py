@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..doors.describe import as_line
+from ..doors.first_steps import MarkHistory
 from ..doors.rules import Ruleset
 from ..errors import UsageError
 from ..extras import FLEET, require, require_for_run
@@ -70,8 +71,8 @@ class Single(Judge):
         self.front = Front(config, log, self.answer, self.snapshot, self.loop.wake)
 
     @property
-    def marks_held(self) -> dict:
-        return self.reloader.held
+    def mark_history(self) -> MarkHistory:
+        return self.reloader.history
 
     def reload(self) -> bool:
         return self.reloader.reload()

@@ -15,7 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..doors.describe import as_line
-from ..doors.first_steps import FirstStepGroup
+from ..doors.first_steps import FirstSteps
 from ..doors.rules import Ruleset
 from ..errors import NfknockError
 from ..extras import FLEET, require, require_for_run
@@ -60,7 +60,7 @@ class Supervisor:
         return self.reloader.ruleset
 
     @property
-    def first_steps(self) -> tuple[FirstStepGroup, ...]:
+    def first_steps(self) -> FirstSteps:
         return self.reloader.first_steps
 
     def run(self, ready: Callable[[], None] | None = None) -> None:
@@ -116,10 +116,10 @@ class Supervisor:
         if self.reloader.step(self.loop.hup, self.loop.wake):
             self.loop.hup = False
 
-    def _hand_over(self, ruleset: Ruleset, groups: tuple[FirstStepGroup, ...]) -> list[str]:
+    def _hand_over(self, ruleset: Ruleset, first_steps: FirstSteps) -> list[str]:
         """Every worker takes the rules just installed, with the first steps decided here."""
         assert self.pool is not None
-        return self.pool.reload(ruleset, groups)
+        return self.pool.reload(ruleset, first_steps)
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """A control request for all workers as one daemon. A failure is the request's, not the

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..doors.first_steps import FirstStepGroup
+from ..doors.first_steps import FirstSteps
 from ..doors.rules import Ruleset
 from ..firewall.backend import Firewall
 from .config import STATS_EVERY, DaemonConfig
@@ -37,7 +37,7 @@ class WorkerSeed:
     clock: Callable[[], float]
     wall_clock: Callable[[], float]
     ruleset: Ruleset
-    first_steps: tuple[FirstStepGroup, ...]
+    first_steps: FirstSteps
 
 
 class Worker(Judge):
@@ -108,8 +108,8 @@ def serve(worker: Any, message: tuple) -> None:
         worker.channel.send(("reply", message[1], worker.snapshot(worker.clock())))
     elif kind == "reload":
         with open(message[3], "rb") as file:
-            ruleset, groups = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
-        worker.channel.send(("reply", message[1], worker.adopt(ruleset, groups)))
+            ruleset, first_steps = pickle.load(file)  # written by the supervisor, root-only  # noqa: S301
+        worker.channel.send(("reply", message[1], worker.adopt(ruleset, first_steps)))
 
 
 def main(seed: WorkerSeed, shard: int, conn: Connection, claims: Any) -> None:

@@ -373,9 +373,9 @@ class WorkerPool:
             return f"its queues dropped {dropped} packets since it started; a dropped knock must be sent again"
         return f"the kernel holds {waiting} packets in its queues and drops what does not fit, {dropped} so far"
 
-    def reload(self, ruleset, groups) -> list[str]:
+    def reload(self, ruleset, first_steps) -> list[str]:
         """Give every worker the rules the supervisor just installed, with the first steps they
-        have the kernel record (`groups`: decided once, by the supervisor; first_steps.py);
+        have the kernel record (`first_steps`: decided once, by the supervisor; first_steps.py);
         returns the doors whose state was reset. The rules go through a root-only file (a large
         rule set would not fit a socket buffer, and a worker that does not read must not block
         the supervisor)."""
@@ -383,7 +383,7 @@ class WorkerPool:
         handoff = self._handoff / f"rules-{next(self._ids)}.pickle"
         try:
             with open(os.open(handoff, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
-                pickle.dump((ruleset, groups), file, protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.dump((ruleset, first_steps), file, protocol=pickle.HIGHEST_PROTOCOL)
             replies = self._ask(("reload", str(handoff)), wait=RELOAD_WAIT)
         except (NfknockError, OSError) as exc:
             # The kernel already has the new rules; a worker that cannot take them must not

@@ -73,7 +73,7 @@ from .events import (
     SequenceReused,
     SpaRefused,
 )
-from .first_steps import FirstStepGroup, first_step_groups
+from .first_steps import FirstSteps, require
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
@@ -357,7 +357,16 @@ def _door_state(door: Door, pools: _Pools, replays: ReplayCache) -> _DoorState:
 class Engine:
     """Per-source knock progress, grants and lockouts for a set of doors."""
 
-    def __init__(self, doors: tuple[Door, ...], max_sources: int = DEFAULT_MAX_SOURCES, shared: bool = False):
+    def __init__(
+        self,
+        doors: tuple[Door, ...],
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        shared: bool = False,
+        *,
+        first_steps: FirstSteps,
+    ):
+        """`first_steps`: which first steps the kernel records, with their mark bits
+        (first_steps.decide: the firewall's plan was made from the same value)."""
         self.max_sources = max_sources
         self._pools = _Pools(Pool(max_sources), Pool(max_sources), Pool(max_sources))
         self._doors: dict[str, _DoorState] = {}
@@ -366,7 +375,7 @@ class Engine:
         self.replays = ReplayCache(max_sources)
         self.replays.shared = shared
         self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
-        self._compile(doors)
+        self._compile(doors, first_steps)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -382,15 +391,16 @@ class Engine:
             return old
         return None
 
-    def use_first_steps(self, groups: tuple[FirstStepGroup, ...]) -> None:
+    def use_first_steps(self, first_steps: FirstSteps) -> None:
         """Take these first steps as the kernel's, with these mark bits: the firewall's plan was
-        made with the same groups (the daemon decides them once, first_steps.py)."""
-        in_kernel = {name: group.bit for group in groups for name in group.doors}
+        made with the same value (the daemon decides it once, first_steps.decide)."""
+        in_kernel = {name: group.bit for group in require(first_steps).groups for name in group.doors}
         for state in self._doors.values():
             if type(state) is _KnockDoorState:
                 state.first_in_kernel(in_kernel.get(state.name))
 
-    def _compile(self, doors: tuple[Door, ...], groups: tuple[FirstStepGroup, ...] | None = None) -> None:
+    def _compile(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> None:
+        require(first_steps)  # before anything changes
         states = {}
         rekeyed: list[Event] = []
         for door in doors:
@@ -402,7 +412,7 @@ class Engine:
             states[door.name] = state
         self._doors = states
         self.rekeyed = tuple(rekeyed)
-        self.use_first_steps(first_step_groups(doors) if groups is None else groups)
+        self.use_first_steps(first_steps)
         knock: dict[Key, list[_DoorState]] = {}
         trip: dict[Key, list[_DoorState]] = {}
         protect: dict[Key, list[_DoorState]] = {}
@@ -423,15 +433,17 @@ class Engine:
             for key in set(knock) | set(trip) | set(protect)
         }
 
-    def reload(self, doors: tuple[Door, ...], groups: tuple[FirstStepGroup, ...] | None = None) -> list[str]:
-        """Switch to new doors. State of doors that did not change is kept; returns the names
-        of doors whose attempts, grants and lockouts were dropped (changed or removed)."""
+    def reload(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> list[str]:
+        """Switch to new doors, whose first steps the kernel records as `first_steps` says. State
+        of doors that did not change is kept; returns the names of doors whose attempts, grants
+        and lockouts were dropped (changed or removed)."""
+        require(first_steps)  # before anything is dropped
         keep = {d.name for d in doors if self._reusable(d) is not None}
         dropped = sorted(set(self._doors) - keep)
         for name in dropped:
             for table in self._doors[name].tables():
                 table.pool.forget(table)
-        self._compile(doors, groups)
+        self._compile(doors, first_steps)
         return dropped
 
     @property

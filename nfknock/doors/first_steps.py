@@ -26,7 +26,7 @@ A door qualifies when the kernel can tell its first two steps apart from everyth
   a close sequence; neither port is a tripwire, protected port, SPA port or inside a rotating range.
 
 Twins are why the mark is a small field, not one bit: a second step reaches the daemon with one
-bit per group whose set held the source (MARK_BITS bits below the pass mark, firewall/__init__.py),
+bit per group whose set held the source (MARK_BITS bits below the pass mark, firewall/plan.py MarkBits),
 so the engine knows *which* first step the kernel saw. Knocking 44000 must not count as 45000 for
 the twin; one shared bit would have let either first step stand for both.
 
@@ -49,7 +49,7 @@ import math
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
 
@@ -74,39 +74,107 @@ class FirstStepGroup:
 # What a (second port, mark bit) has meant: the first port whose set marked it, and the doors of
 # that group (None: not known, read back from rules in place).
 Meaning = tuple[Key, frozenset[str] | None]
-Held = Mapping[tuple[Key, int], frozenset[Meaning]]
+Slot = tuple[Key, int]  # (second port, mark bit)
+Held = Mapping[Slot, frozenset[Meaning]]
+
+# Seconds a meaning is kept once no installed rule marks with it any more. A packet marked under
+# it waits in the queue for milliseconds (the queue holds a few thousand packets at most), and a
+# reload reaches every worker before it is done; a few seconds is far beyond both.
+GRACE = 5.0
 
 
-def first_step_groups(doors: tuple[Door, ...], held: Held | None = None) -> tuple[FirstStepGroup, ...]:
-    """The groups of doors whose first step goes to the kernel (see the module's docstring).
+@dataclass(frozen=True)
+class MarkHistory:
+    """What each (second port, mark bit) has meant, as long as a packet marked under a meaning
+    can still be judged (see decide): a bit must never be read with another meaning than the
+    rule that set it had.
 
-    `held`: what each (second port, mark bit) has meant in rules this daemon installed or found
-    installed. A marked packet may wait in the queue while a reload swaps the rules (or, with
-    workers, reach a worker before it has the new ones), so it can be judged by an engine of
-    other rules than marked it; a bit must therefore never come to mean another door's first
-    step on a port. A group may take a bit whose every earlier meaning there was its own first
-    port, or its own doors (the same doors, their first step changed: at worst a packet in
-    flight counts their old first step for the new one), else a bit nothing held there, else it
-    stays in the daemon (until a restart starts the history afresh from the rules in place)."""
-    return _decide(doors, held or {})[0]
+    `current`: what installed rules mark with (or rules found in place, or rules about to be
+    installed). `past`: meanings no rule marks with any more, with the monotonic time since when
+    (None: not known yet: the rules that mark with it may still be in place until the new ones are
+    installed; `retire(now)` stamps it). A past meaning older than `grace` is dropped by `retire`,
+    so a few reloads that add and remove twins never use up a port's bits (before, every meaning
+    was kept until a restart)."""
+
+    current: frozenset[tuple[Slot, Meaning]] = frozenset()
+    past: frozenset[tuple[Slot, Meaning, float | None]] = frozenset()
+    grace: float = GRACE
+
+    @classmethod
+    def in_place(cls, held: Held) -> MarkHistory:
+        """The meanings of rules found in place (firewall/host.py marks_installed): they mark
+        packets until ours replace them."""
+        return cls(frozenset((slot, meaning) for slot, meanings in held.items() for meaning in meanings))
+
+    def held(self) -> dict[Slot, frozenset[Meaning]]:
+        """Every meaning each slot may still carry on a packet: current and past alike."""
+        out: dict[Slot, frozenset[Meaning]] = {}
+        for slot, meaning in (*self.current, *((slot, meaning) for slot, meaning, _ in self.past)):
+            out[slot] = out.get(slot, frozenset()) | {meaning}
+        return out
+
+    def installed(self, groups: tuple[FirstStepGroup, ...]) -> MarkHistory:
+        """This history once rules that record `groups` replace the ones in place: their meanings
+        are current, the meanings current before and not now are past since a time not known yet."""
+        current = frozenset(_meanings(groups))
+        past = {entry for entry in self.past if (entry[0], entry[1]) not in current}
+        past |= {(slot, meaning, None) for slot, meaning in self.current - current}
+        return replace(self, current=current, past=frozenset(past))
+
+    def retire(self, now: float) -> MarkHistory:
+        """This history at monotonic time `now`, with the rules of `current` installed and every
+        worker switched to them: past meanings of unknown time left at `now`, and those that left
+        more than `grace` seconds ago dropped (no packet marked under them can still be judged)."""
+        past = frozenset(
+            (slot, meaning, now if since is None else since)
+            for slot, meaning, since in self.past
+            if since is None or now - since < self.grace
+        )
+        return replace(self, past=past)
+
+    def __or__(self, other: MarkHistory) -> MarkHistory:
+        """Both histories' meanings (rules in place in both iptables flavours)."""
+        return replace(self, current=self.current | other.current, past=self.past | other.past)
 
 
-def marks_held(
-    groups: tuple[FirstStepGroup, ...], held: Held | None = None
-) -> dict[tuple[Key, int], frozenset[Meaning]]:
-    """`held` and what these groups make each (second port, mark bit) mean, for
-    `first_step_groups(held=)`."""
-    merged = dict(held or {})
-    for group in groups:
-        for second in group.seconds:
-            merged[(second, group.bit)] = merged.get((second, group.bit), frozenset()) | {(group.first, group.doors)}
-    return merged
+@dataclass(frozen=True)
+class FirstSteps:
+    """The one decision about first steps, which the plan, the engine and the workers all take:
+    the groups the kernel records, the knock doors of two steps or more whose first knocks the
+    daemon decides (each with why: `nfknock doctor` and reloads say so), and the mark history as
+    it is once rules that record these groups are installed."""
+
+    groups: tuple[FirstStepGroup, ...]
+    in_daemon: Mapping[str, str]
+    history: MarkHistory
 
 
-def first_steps_in_daemon(doors: tuple[Door, ...], held: Held | None = None) -> dict[str, str]:
-    """Knock doors of two steps or more whose first knocks the daemon decides, each with why:
-    a flood of first knocks on them reaches the queue (`nfknock doctor` and reloads say so)."""
-    return _decide(doors, held or {})[1]
+def require(first_steps: object) -> FirstSteps:
+    """`first_steps` itself if it is the one decision, else TypeError: a bare tuple of groups (what
+    callers passed before there was a FirstSteps) or None would leave the mark history out."""
+    if not isinstance(first_steps, FirstSteps):
+        raise TypeError(f"first_steps must be a FirstSteps (first_steps.decide), not {type(first_steps).__name__}")
+    return first_steps
+
+
+def decide(doors: tuple[Door, ...], history: MarkHistory) -> FirstSteps:
+    """Which first steps the kernel records (see the module's docstring), keeping to `history`.
+
+    A marked packet may wait in the queue while a reload swaps the rules (or, with workers, reach
+    a worker before it has the new ones), so it can be judged by an engine of other rules than
+    marked it; a bit must therefore never come to mean another door's first step on a port while
+    a packet marked under an earlier meaning may still be judged. A group may take a bit whose
+    every meaning there still held was its own first port, or its own doors (the same doors,
+    their first step changed: at worst a packet in flight counts their old first step for the
+    new one), else a bit nothing holds there, else it stays in the daemon (until the meanings in
+    its way retire: `MarkHistory.retire`)."""
+    groups, in_daemon = _decide(doors, history.held())
+    return FirstSteps(groups, in_daemon, history.installed(groups))
+
+
+def _meanings(groups: tuple[FirstStepGroup, ...]) -> set[tuple[Slot, Meaning]]:
+    """What these groups make each (second port, mark bit) mean."""
+    return {((second, group.bit), (group.first, group.doors)) for group in groups for second in group.seconds}
 
 
 def _name(key: Key) -> str:
@@ -116,7 +184,7 @@ def _name(key: Key) -> str:
 _ROLES = {"first": "as its first step", "second": "as its second step", "other": "as a later step or protected port"}
 
 
-def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[FirstStepGroup, ...], dict[str, str]]:
+def _decide(doors: tuple[Door, ...], held: Held) -> tuple[tuple[FirstStepGroup, ...], dict[str, str]]:
     candidates: dict[Key, list[KnockDoor]] = defaultdict(list)
     for door in doors:
         if isinstance(door, KnockDoor) and len(door.sequence) >= 2:
@@ -196,13 +264,13 @@ def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[Fi
                 left.update((door.name, f"more than {MAX_GROUPS} first ports go to the kernel") for door in members)
             else:
                 kept[first] = members
-        bits = _mark_bits(kept, held or {})
+        bits = _mark_bits(kept, held)
         for first in [first for first in kept if first not in bits]:
             for door in kept.pop(first):
                 left[door.name] = (
                     f"no first-step mark bit is free on its second step {_name(door.sequence[1].key)} (at most "
-                    f"{MARK_BITS} first steps share one; a bit that meant another first step since the daemon "
-                    "started stays that step's until a restart)"
+                    f"{MARK_BITS} first steps share one; a bit that meant another first step stays that step's "
+                    f"until {GRACE:g} s after the rules that marked with it are gone)"
                 )
         if kept.keys() == accepted.keys():
             break
@@ -224,14 +292,14 @@ def _decide(doors: tuple[Door, ...], held: Held | None = None) -> tuple[tuple[Fi
 
 
 def _same(new: Meaning, old: Meaning) -> bool:
-    """Whether a packet marked with meaning `old` may be read as `new` (first_step_groups)."""
+    """Whether a packet marked with meaning `old` may be read as `new` (decide)."""
     return new[0] == old[0] or (old[1] is not None and new[1] == old[1])
 
 
 def _mark_bits(groups: dict[Key, list[KnockDoor]], held: Held) -> dict[Key, int]:
     """A mark bit (0..MARK_BITS-1) for each group, distinct among groups that share a second
     port and never one that meant another door's first step on any of its second ports (`held`,
-    see first_step_groups): one it already holds first, else the lowest free, in port order; a
+    see decide): one it already holds first, else the lowest free, in port order; a
     group left without one is not in the answer."""
     taken: dict[Key, set[int]] = defaultdict(set)  # second port -> bits its groups mark
     bits = {}

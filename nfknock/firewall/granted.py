@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import FirewallError
-from .plan import SET_PREFIX, Plan, granted_set
+from .plan import SET_PREFIX, Plan, SetName, granted_set
 
 MAX_ELEMENTS = 65536
 MAX_PENDING = 4096  # updates waiting for the end of the loop's turn; more are dropped (and counted)
@@ -289,21 +289,23 @@ def prune_first_step_sets(queue_num: int, plan: Plan, runner: Callable = subproc
     applied, so no rule uses them), so that reloads do not pile sets up. Returns their names;
     raises FirewallError naming what could not be destroyed."""
     wanted = {spec.add_set[0] for specs in plan.values() for spec in specs if spec.add_set is not None}
-    prefix = f"{SET_PREFIX}q{queue_num}-"
     try:
         listed = runner(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         raise FirewallError(f"ipset: {exc}") from None
-    stale = [
-        name
-        for name in listed.stdout.split()
-        if name.startswith(prefix) and name[len(prefix) : len(prefix) + 3] in ("tcp", "udp") and name not in wanted
-    ]
+    stale = [name for name in listed.stdout.split() if _first_step_set_of(name, queue_num) and name not in wanted]
     if stale:
         error = _restore(runner, [f"destroy {name}" for name in stale])
         if error:
             raise FirewallError(f"first-step sets not removed: {error}")
     return stale
+
+
+def _first_step_set_of(name: str, queue_num: int) -> bool:
+    """Whether `name` is a first-step set of the daemon on `queue_num` (plan.SetName), or the
+    spare a swap of one made (create_first_step_sets)."""
+    fields = SetName.parse(name.removesuffix("-new"))
+    return fields is not None and fields.kind == "first-step" and fields.queue_num == queue_num
 
 
 def _restore(runner: Callable, lines: list[str]) -> str | None:

@@ -9,28 +9,47 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .plan import CHAIN, PASS_MARK, SET_PREFIX, first_step_marks
+from ..doors.first_steps import MarkHistory
+from .plan import CHAIN, PASS_MARK, MarkBits, SetName
 
-_MARKING = re.compile(r"-p (tcp|udp) .*--dport (\d+) .*--match-set (\S+) src -j MARK --set-xmark (0x[0-9a-f]+)/")
 
-
-def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: int = PASS_MARK) -> dict:
+def marks_installed(installed: dict[int, list[str]], queue_num: int, pass_mark: int = PASS_MARK) -> MarkHistory:
     """What each (second port, mark bit) means in first-step rules already in the kernel (left by
-    an earlier run of this daemon): `first_steps.first_step_groups(held=)` keeps to it, so that a
-    packet those rules marked is not read with another meaning."""
-    marks = first_step_marks(pass_mark)
-    ours = re.compile(rf"{SET_PREFIX}q{queue_num}-(tcp|udp)(\d+)-v[46]")
+    an earlier run of this daemon, `iptables -S` lines per family): `first_steps.decide` keeps to
+    it, so that a packet those rules marked is not read with another meaning. A marking rule is
+    read through the plan's codecs (SetName, MarkBits): the set it matches must be one of this
+    daemon's first-step sets and the mark one of the first-step bits under `pass_mark`."""
+    marks = MarkBits(pass_mark)
     held: dict = {}
     for lines in installed.values():
         for line in lines:
-            found = _MARKING.search(line)
-            if found is None or int(found[4], 16) not in marks:
+            found = _marking(line)
+            if found is None:
                 continue
-            started = ours.fullmatch(found[3])
-            if started is not None:
-                second, bit = (found[1], int(found[2])), marks.index(int(found[4], 16))
-                held[(second, bit)] = held.get((second, bit), frozenset()) | {((started[1], int(started[2])), None)}
-    return held
+            second, name, value = found
+            started, bit = SetName.parse(name), marks.bit(value)
+            if bit is None or started is None or started.kind != "first-step" or started.queue_num != queue_num:
+                continue
+            held[(second, bit)] = held.get((second, bit), frozenset()) | {(started.key, None)}
+    return MarkHistory.in_place(held)
+
+
+def _marking(line: str) -> tuple[tuple[str, int], str, int] | None:
+    """(port, set, mark value) of a rule that marks packets to one port from a set's sources, as
+    plan.RuleSpec writes it and `iptables -S` prints it
+    (`-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set NAME src -j MARK --set-xmark V/M`);
+    None for any other rule."""
+    words = line.split()
+    options = {word: words[i + 1] for i, word in enumerate(words[:-1]) if word.startswith("-")}
+    if options.get("-j") != "MARK" or options.get("-p") not in ("tcp", "udp"):
+        return None
+    try:
+        port = int(options["--dport"])
+        name = options["--match-set"]
+        value = int(options["--set-xmark"].split("/")[0], 16)
+    except (KeyError, ValueError):
+        return None
+    return (options["-p"], port), name, value
 
 
 def saved_chain(flavour: str) -> dict[int, list[str]]:

@@ -35,9 +35,10 @@ queues; nothing else in the chain changes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
-from ..doors.first_steps import MARK_BITS, FirstStepGroup, first_step_groups
+from ..doors.first_steps import MARK_BITS, FirstStepGroup, FirstSteps, require
 from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
 from .shards import byte_ranges, queues, u32_match
 
@@ -141,13 +142,43 @@ class RuleSpec:
 Plan = dict[int, list[RuleSpec]]  # IP version -> the chain's rules; an empty list: no chain
 
 
+@dataclass(frozen=True)
+class MarkBits:
+    """The codec of the first-step mark bits (first_steps.py): bit index (0..MARK_BITS-1, what a
+    group's `bit` says) <-> mark value, under a pass mark. They are the MARK_BITS bits below the
+    pass mark (above it when there is no room below); nfknock owns the pass mark and those of
+    these bits its rules use. The plan writes marks and the host reads rules in place (host.py
+    marks_installed) through this one codec."""
+
+    pass_mark: int = PASS_MARK
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        """The mark value of each bit index, in index order."""
+        if self.pass_mark >> MARK_BITS:
+            return tuple(self.pass_mark >> shift for shift in range(1, MARK_BITS + 1))
+        return tuple(self.pass_mark << shift for shift in range(1, MARK_BITS + 1))
+
+    @property
+    def field(self) -> int:
+        """All of them: the mask a second-step port clears before marking."""
+        return sum(self.values)
+
+    def value(self, bit: int) -> int:
+        """The mark value of bit index `bit`; ValueError outside 0..MARK_BITS-1."""
+        if not 0 <= bit < MARK_BITS:
+            raise ValueError(f"a first-step mark bit is 0..{MARK_BITS - 1}, not {bit}")
+        return self.values[bit]
+
+    def bit(self, value: int) -> int | None:
+        """The bit index a mark value stands for; None for a value that is not one of them."""
+        values = self.values
+        return values.index(value) if value in values else None
+
+
 def first_step_marks(pass_mark: int = PASS_MARK) -> tuple[int, ...]:
-    """The mark bits saying "the kernel saw this source's first step" (first_steps.py), one per
-    group sharing a second port: the MARK_BITS bits below the pass mark (above it when there is
-    no room below). nfknock owns the pass mark and those of these bits its rules use."""
-    if pass_mark >> MARK_BITS:
-        return tuple(pass_mark >> shift for shift in range(1, MARK_BITS + 1))
-    return tuple(pass_mark << shift for shift in range(1, MARK_BITS + 1))
+    """The mark values saying "the kernel saw this source's first step", in bit index order."""
+    return MarkBits(pass_mark).values
 
 
 def plan(
@@ -155,15 +186,16 @@ def plan(
     queue_num: int,
     pass_mark: int = PASS_MARK,
     workers: int = 1,
-    groups: tuple[FirstStepGroup, ...] | None = None,
+    *,
+    first_steps: FirstSteps,
 ) -> Plan:
     """The scaffolding for each address family, from the doors that listen on it; a port a door
     protects is closed in both families, whichever it listens on (a service on `::` answers IPv6
     too), so a family no door listens on gets a chain that only closes. Which first
-    steps go to the kernel is decided over all doors, as the engine decides it (`groups`, the
-    daemon's decision; from `doors` alone when not given). With `workers` above 1 the NFQUEUE
-    rules are split over the workers (see `shard`)."""
-    groups = first_step_groups(doors) if groups is None else groups
+    steps go to the kernel is decided over all doors, once (`first_steps`: first_steps.decide,
+    the value the engine takes too; required, so that no caller can leave the mark history out).
+    With `workers` above 1 the NFQUEUE rules are split over the workers (see `shard`)."""
+    require(first_steps)
     return {
         family: shard(
             scaffolding(
@@ -171,7 +203,7 @@ def plan(
                 queue_num,
                 pass_mark,
                 family,
-                groups,
+                first_steps=first_steps,
                 closed=tuple(p.key for d in doors if family not in d.families for p in d.protect),
             ),
             queue_num,
@@ -213,11 +245,6 @@ def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> l
     return out
 
 
-def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
-    """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
-    return f"{SET_PREFIX}q{queue_num}-{key[0]}{key[1]}-v{family}"
-
-
 def iptables_flags(flags: TcpFlags) -> tuple[str, str]:
     """knockd-style required/forbidden bits as iptables --tcp-flags (mask, comparison)."""
 
@@ -235,7 +262,7 @@ def _first_step_rules(
     anyone else's first knock only lands in the group's set, and their second knock is queued,
     marked, only from a source in that set. Everything else on those ports is dropped. (The
     rules that take a source out of the set again are `_forgetting_rules`.)"""
-    marks = first_step_marks(pass_mark)
+    marks = MarkBits(pass_mark)
     rules: dict[tuple[str, int], list[RuleSpec]] = {}
     at_second: dict[tuple[str, int], list[tuple[str, int]]] = {}  # port -> (set, mark bit) of its groups
     for group in groups:
@@ -250,8 +277,8 @@ def _first_step_rules(
             RuleSpec("DROP", proto, port),
         ]
         for second in group.seconds:
-            at_second.setdefault(second, []).append((started, marks[group.bit]))
-    field = sum(marks)
+            at_second.setdefault(second, []).append((started, marks.value(group.bit)))
+    field = marks.field
     for (proto, port), marking in at_second.items():
         rules[(proto, port)] = [
             # All of them, used here or not: whoever set them, they are ours, and a bit this port
@@ -315,21 +342,91 @@ def _forgetting_rules(
     return forget
 
 
+SET_KINDS = ("granted", "first-step", "sessions", "recent")
+
+
+@dataclass(frozen=True)
+class SetName:
+    """The codec of nfknock's ipset names: name <-> (kind, daemon, family, port). Every set of one
+    daemon (its queue_num) starts `nfknock-q<queue_num>-`, so that one daemon's pruning never
+    touches another's; an ipset name has at most 31 characters, and these stay under 27.
+
+    - granted: sources holding a grant (granted.py): `nfknock-q0-v4`;
+    - first-step: sources that knocked a first step (first_steps.py), per first port (`key`):
+      `nfknock-q0-tcp40000-v4`;
+    - sessions: the host's established TCP sessions on one protected port (sessions.py; `key` is
+      ("tcp", port)): `nfknock-q0-s22-v4`;
+    - recent: sources whose packet reached a knock or SPA port's queue in the last RECENT_SECONDS:
+      `nfknock-q0-recent-v4`."""
+
+    kind: str
+    queue_num: int
+    family: int
+    key: tuple[str, int] | None = None  # first-step: the first port; sessions: the protected port
+
+    def __post_init__(self) -> None:
+        keyed = self.kind in ("first-step", "sessions")
+        if (
+            self.kind not in SET_KINDS
+            or self.family not in (4, 6)
+            or not 0 <= self.queue_num <= 65535
+            or keyed != (self.key is not None)
+            or (self.key is not None and (self.key[0] not in ("tcp", "udp") or not 0 <= self.key[1] <= 65535))
+            or (self.kind == "sessions" and self.key is not None and self.key[0] != "tcp")
+        ):
+            raise ValueError(f"not an nfknock set: {self!r}")
+
+    def __str__(self) -> str:
+        middle = {
+            "granted": "",
+            "first-step": f"{self.key[0]}{self.key[1]}-" if self.key else "",
+            "sessions": f"s{self.key[1]}-" if self.key else "",
+            "recent": "recent-",
+        }[self.kind]
+        return f"{SET_PREFIX}q{self.queue_num}-{middle}v{self.family}"
+
+    @classmethod
+    def parse(cls, name: str) -> SetName | None:
+        """The fields of an nfknock set's name; None for any other name (another program's set,
+        or one no version of nfknock makes)."""
+        found = _SET_NAME.fullmatch(name)
+        if found is None:
+            return None
+        queue, proto, first, session, recent, family = found.groups()
+        try:
+            if proto is not None:
+                return cls("first-step", int(queue), int(family), (proto, int(first)))
+            if session is not None:
+                return cls("sessions", int(queue), int(family), ("tcp", int(session)))
+            return cls("recent" if recent else "granted", int(queue), int(family))
+        except ValueError:  # a number out of range
+            return None
+
+
+_NUMBER = r"(0|[1-9][0-9]{0,4})"  # as str(int) writes it: a name has one spelling
+_SET_NAME = re.compile(rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|(recent)-)?v([46])")
+
+
 def granted_set(queue_num: int, family: int) -> str:
     """The ipset of sources holding a grant, for one daemon (its queue) and one family."""
-    return f"{SET_PREFIX}q{queue_num}-v{family}"
+    return str(SetName("granted", queue_num, family))
+
+
+def first_step_set(queue_num: int, family: int, key: tuple[str, int]) -> str:
+    """The ipset of sources that knocked a first step (first_steps.py), for one daemon and family."""
+    return str(SetName("first-step", queue_num, family, key))
 
 
 def sessions_set(queue_num: int, family: int, port: int) -> str:
     """The ipset of the host's established TCP sessions on one protected port (sessions.py):
     (client address, client port, local address), for one daemon and family."""
-    return f"{SET_PREFIX}q{queue_num}-s{port}-v{family}"
+    return str(SetName("sessions", queue_num, family, ("tcp", port)))
 
 
 def recent_set(queue_num: int, family: int) -> str:
     """The ipset of sources whose packet reached a knock or SPA port's queue in the last
     RECENT_SECONDS (a first-step set's kind: hash:ip, forceadd), for one daemon and family."""
-    return f"{SET_PREFIX}q{queue_num}-recent-v{family}"
+    return str(SetName("recent", queue_num, family))
 
 
 def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted: str | None) -> list[RuleSpec]:
@@ -372,7 +469,8 @@ def scaffolding(
     queue_num: int,
     pass_mark: int = PASS_MARK,
     family: int = 4,
-    groups: tuple[FirstStepGroup, ...] | None = None,
+    *,
+    first_steps: FirstSteps,
     closed: tuple[tuple[str, int], ...] = (),
 ) -> list[RuleSpec]:
     """The chain for one family. New connections to a protected port from a source in the granted
@@ -380,7 +478,7 @@ def scaffolding(
     anyone else at most NEW_LIMIT per second go to the main queue (so a client whose grant is not
     in the set yet still gets in on its first SYN), and the rest is dropped by the kernel: what
     the daemon would have dropped anyway. Either way the daemon decides every packet it sees.
-    `groups`: the first steps the kernel records (first_steps.py; from `doors` when not given).
+    `first_steps`: what the kernel records (first_steps.decide, over all doors of all families).
     `closed`: ports that doors listening on other families protect; here they are only closed.
 
     The host's own connections (they arrive on `lo`, to 127.0.0.1, ::1 or any address of the
@@ -388,8 +486,9 @@ def scaffolding(
     protected port keeps working, and nothing from outside arrives on `lo`."""
     if not doors and not closed:
         return []
+    require(first_steps)
+    groups = first_steps.groups
     granted = granted_set(queue_num, family)
-    groups = first_step_groups(doors) if groups is None else groups
     in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
     forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)

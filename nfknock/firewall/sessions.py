@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import FirewallError
 from .granted import _restore as restore
-from .plan import SESSION_DIRS, SET_PREFIX, Plan
+from .plan import SESSION_DIRS, Plan, SetName
 
 SYNC_EVERY = 5.0  # seconds between looks at the host's sockets
 REFRESH_EVERY = 30.0  # seconds between re-writes of every element's timeout
@@ -170,12 +170,16 @@ def prune_session_sets(queue_num: int, plan: Plan, runner: Callable = subprocess
     so no rule uses them): a port no door protects any more. Returns their names; raises
     FirewallError naming what could not be destroyed."""
     wanted = session_sets(plan)
-    prefix = f"{SET_PREFIX}q{queue_num}-s"
     try:
         listed = runner(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         raise FirewallError(f"ipset: {exc}") from None
-    stale = [name for name in listed.stdout.split() if name.startswith(prefix) and name not in wanted]
+    stale = [
+        name
+        for name in listed.stdout.split()
+        if (fields := SetName.parse(name)) and fields.kind == "sessions" and fields.queue_num == queue_num
+        if name not in wanted
+    ]
     if stale:
         error = restore(runner, [f"destroy {name}" for name in stale])
         if error:

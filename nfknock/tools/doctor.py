@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..daemon.stats import QUEUE_PROC, parse_queue_table
-from ..doors.first_steps import first_step_groups, first_steps_in_daemon
+from ..doors.first_steps import MarkHistory, decide
 from ..doors.rules import KEY_SUFFIX, Door, SpaDoor
 from ..errors import RulesError
 from ..extras import SERVER, SERVER_MODULES, absent
@@ -325,6 +325,7 @@ def check_first_steps(doors: tuple[Door, ...]) -> list[Finding]:
     """Knock doors whose first knocks the daemon decides: a flood of spoofed first knocks there
     reaches the queue and competes with the clients' knocks, where the kernel would have
     recorded it (first_steps.py). Nearly always a port collision the administrator can undo."""
+    first_steps = decide(doors, MarkHistory())  # as a start with no rules in place decides
     out = [
         Finding(
             WARN,
@@ -332,9 +333,9 @@ def check_first_steps(doors: tuple[Door, ...]) -> list[Finding]:
             f"{reason}; a flood of first knocks there competes with clients' knocks in the queue "
             "(give the door ports of its own)",
         )
-        for name, reason in sorted(first_steps_in_daemon(doors).items())
+        for name, reason in sorted(first_steps.in_daemon.items())
     ]
-    recorded = sum(len(group.doors) for group in first_step_groups(doors))
+    recorded = sum(len(group.doors) for group in first_steps.groups)
     return out or (
         [Finding(OK, f"the kernel records the first knocks of {recorded} knock door(s)")] if recorded else []
     )

@@ -15,8 +15,9 @@ import pytest
 from conftest import REPO
 
 from nfknock.doors.rules import parse_door
-from nfknock.firewall.plan import granted_set, plan
+from nfknock.firewall.plan import granted_set
 from nfknock.firewall.shards import queues, shard_of
+from support.decisions import fresh_plan
 from support.sandbox import entered
 
 BASE, WORKERS = 60, 2  # queues 60..63: no other test's
@@ -124,7 +125,7 @@ def test_each_source_reaches_only_the_queues_of_its_worker(sandbox, flavour, tmp
     ]
     assert {shard_of(address, WORKERS) for _, address in sources} == {0, 1}
 
-    expected = plan((parse_door(DOOR),), BASE, workers=WORKERS)
+    expected = fresh_plan((parse_door(DOOR),), BASE, workers=WORKERS)
     wanted = {family: [str(spec) for spec in specs] for family, specs in expected.items()}
     assert all(any("-m u32 --u32" in line for line in lines) for lines in wanted.values())
     recorder = None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's nfknock, not an installed one
 
+from nfknock.doors.first_steps import MarkHistory, decide  # noqa: E402
 from nfknock.doors.rules import parse_door  # noqa: E402
 from nfknock.firewall import make_firewall
 from nfknock.firewall.granted import GrantedSets, destroy_all  # noqa: E402
@@ -37,7 +38,8 @@ def apply(flavour: str, base: int, workers: int, door: str) -> None:
     sets.create()  # the rules refer to the granted sets
     sets.close()
     firewall = make_firewall(flavour)
-    firewall.apply(plan((parse_door(json.loads(door)),), base, workers=workers))
+    doors = (parse_door(json.loads(door)),)
+    firewall.apply(plan(doors, base, workers=workers, first_steps=decide(doors, MarkHistory())))
     print(json.dumps({"installed": firewall.installed()}), flush=True)
 
 

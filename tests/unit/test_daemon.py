@@ -7,11 +7,12 @@ import dpkt
 import pytest
 
 from nfknock.daemon import Daemon, DaemonConfig
-from nfknock.doors.first_steps import first_step_groups, marks_held
+from nfknock.doors.first_steps import GRACE, MarkHistory, decide
 from nfknock.doors.packet import parse
 from nfknock.errors import PacketError
 from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
 from nfknock.loading import load_rules
+from support.decisions import fresh
 from support.fakes import FakeFirewall, Queued
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
@@ -41,9 +42,7 @@ def a_worker(config, claims, logger):
     from nfknock.daemon.worker import Worker, WorkerSeed
 
     ruleset = read(config)
-    seed = WorkerSeed(
-        config, FakeFirewall(), logger, time.monotonic, time.time, ruleset, first_step_groups(ruleset.doors)
-    )
+    seed = WorkerSeed(config, FakeFirewall(), logger, time.monotonic, time.time, ruleset, fresh(ruleset.doors))
     return Worker(seed, config.shard, claims)
 
 
@@ -322,8 +321,8 @@ def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it
     used to be renumbered in port order)."""
     (tmp_path / "doors.yaml").write_text(first)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"))
-    a_bit = next(g.bit for g in daemon.first_steps if "A" in g.doors)
-    daemon.marks_held.update(marks_held(daemon.first_steps))  # as run() does before installing them
+    a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
+    daemon.reloader.start(MarkHistory())  # as run() does before installing them
     (tmp_path / "doors.yaml").write_text(then)
     assert daemon.reload() is True
     marked = Queued(syn(50000), mark=daemon.verdicts.first_seen_marks[a_bit])
@@ -331,7 +330,7 @@ def test_a_second_step_marked_before_a_reload_counts_for_the_door_that_marked_it
     assert verdicts(daemon, syn(60000)) == ["drop"]
     assert verdicts(daemon, syn(22)) == ["accept"]  # A opened: its first step was the one seen
     for door in ("B", "C"):
-        assert not any(door in g.doors and g.bit == a_bit for g in daemon.first_steps)
+        assert not any(door in g.doors and g.bit == a_bit for g in daemon.first_steps.groups)
     assert verdicts(daemon, syn(61000)) + verdicts(daemon, syn(62000)) == ["drop", "drop"]
     assert verdicts(daemon, syn(2222)) + verdicts(daemon, syn(3333)) == ["drop", "drop"]
 
@@ -340,11 +339,12 @@ def test_a_daemon_keeps_to_the_mark_bits_of_the_rules_it_finds_in_place(tmp_path
     """Rules left by an earlier run mark packets until the new ones replace them: a restart
     with another rule set reads what their bits mean and keeps to it."""
     (tmp_path / "doors.yaml").write_text(TWINS)
-    left = {4: [str(s) for s in scaffolding(load_rules(tmp_path).doors, 0)], 6: []}
+    doors = load_rules(tmp_path).doors
+    left = {4: [str(s) for s in scaffolding(doors, 0, first_steps=fresh(doors))], 6: []}
     (tmp_path / "doors.yaml").write_text(TWINS_AND_C)
     daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(left), logger=logging.getLogger("test-nfknock"))
     held = daemon.scaffold.marks_installed()
-    groups = {g.first[1]: g.bit for g in first_step_groups(daemon.ruleset.doors, held)}
+    groups = {g.first[1]: g.bit for g in decide(daemon.ruleset.doors, held).groups}
     assert groups == {39000: 2, 40000: 0, 41000: 1}
 
 
@@ -611,3 +611,28 @@ def test_an_spa_packet_whose_record_cannot_be_written_opens_nothing(tmp_path, sp
         assert "SPA packet refused: replay record not written" in caplog.text
     assert verdicts(worker, syn(22)) == ["drop"]
     assert worker.errors == 0
+
+
+def test_reloads_that_swap_twins_keep_every_door_in_the_kernel(tmp_path, caplog):
+    """The daemon holds one mark history and retires it at each reload: a meaning leaves GRACE
+    seconds after the rules that marked with it were replaced. Reloads a few seconds apart that
+    swap one twin of A for another never run out of bits on A's second port (they did after
+    MARK_BITS - 1 reloads, and A's first knocks went to the daemon until a restart), and A keeps
+    its bit throughout."""
+    now = [1000.0]
+    (tmp_path / "doors.yaml").write_text(TWINS)
+    daemon = Daemon(
+        DaemonConfig(tmp_path), FakeFirewall(), logger=logging.getLogger("test-nfknock"), clock=lambda: now[0]
+    )
+    daemon.reloader.start(MarkHistory())  # as run() does
+    a_bit = next(g.bit for g in daemon.first_steps.groups if "A" in g.doors)
+    for n in range(12):
+        now[0] += GRACE
+        twin = f"  - {{name: T{n}, sequence: [{39000 - n}, 50000, 62000], protect: [3333/tcp]}}\n"
+        (tmp_path / "doors.yaml").write_text(TWINS + twin)
+        with caplog.at_level(logging.WARNING, logger="test-nfknock"):
+            assert daemon.reload() is True
+        assert daemon.first_steps.in_daemon == {}, n
+        assert next(g.bit for g in daemon.first_steps.groups if "A" in g.doors) == a_bit
+    assert "its first knocks go to the daemon" not in caplog.text
+    assert len(daemon.mark_history.past) <= 2

@@ -2,7 +2,7 @@
 
 import pytest
 
-from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.engine import Verdict
 from nfknock.doors.events import (
     ConnectionAccepted,
     ConnectionRefused,
@@ -18,6 +18,8 @@ from nfknock.doors.events import (
 )
 from nfknock.doors.packet import Packet
 from nfknock.doors.rules import KnockDoor
+from support.decisions import fresh as decided
+from support.decisions import fresh_engine
 
 ALICE, BOB = "10.0.0.2", "10.0.0.3"
 SYN, SYNACK, ACK = 0x02, 0x12, 0x10
@@ -63,7 +65,7 @@ class Clock:
 
 @pytest.fixture
 def clock():
-    return Clock(Engine((seed(),)))
+    return Clock(fresh_engine((seed(),)))
 
 
 def test_protected_port_is_dropped_before_any_knock(clock):
@@ -190,7 +192,7 @@ def test_tcp_knock_without_syn_is_ignored_not_reset(clock):
 
 
 def test_udp_steps_need_udp_packets():
-    clock = Clock(Engine((seed(sequence=["1000/udp", "2000/tcp", "3000/udp"], close_sequence=None),)))
+    clock = Clock(fresh_engine((seed(sequence=["1000/udp", "2000/tcp", "3000/udp"], close_sequence=None),)))
     assert clock.send(1000, proto="tcp") == []  # 1000/tcp is not a port of this door
     clock.send(1000, proto="udp")
     clock.send(2000, proto="tcp")
@@ -198,7 +200,7 @@ def test_udp_steps_need_udp_packets():
 
 
 def test_sources_limit_who_may_knock():
-    clock = Clock(Engine((seed(sources=["10.0.0.0/30"]),)))
+    clock = Clock(fresh_engine((seed(sources=["10.0.0.0/30"]),)))
     assert clock.send(40000, 50000, 60000, src="10.0.0.9") == []
     assert clock.connect(src="10.0.0.9").verdict is Verdict.DROP
     assert isinstance(clock.send(40000, 50000, 60000, src=ALICE)[-1], DoorOpened)
@@ -207,7 +209,7 @@ def test_sources_limit_who_may_knock():
 def test_two_doors_sharing_ports_progress_independently():
     a = seed(name="a", sequence=[1000, 2000], close_sequence=None, protect=["22/tcp"])
     b = seed(name="b", sequence=[2000, 1000], close_sequence=None, protect=["80/tcp"])
-    clock = Clock(Engine((a, b)))
+    clock = Clock(fresh_engine((a, b)))
     events = clock.send(1000, 2000)
     assert DoorOpened(ALICE, "a", clock.now + 30) in events
     assert not any(isinstance(e, DoorOpened) and e.door == "b" for e in events)
@@ -216,7 +218,7 @@ def test_two_doors_sharing_ports_progress_independently():
 
 
 def test_attempts_are_bounded_and_the_oldest_goes():
-    clock = Clock(Engine((seed(),), max_sources=3))
+    clock = Clock(fresh_engine((seed(),), max_sources=3))
     for i in range(5):
         clock.send(40000, src=f"10.1.0.{i}")
     assert clock.engine.tracked == 3
@@ -227,7 +229,7 @@ def test_attempts_are_bounded_and_the_oldest_goes():
 
 
 def test_spoofed_first_knocks_do_not_evict_grants():
-    clock = Clock(Engine((seed(),), max_sources=10))
+    clock = Clock(fresh_engine((seed(),), max_sources=10))
     clock.send(40000, 50000, 60000)
     for i in range(1000):
         clock.send(40000, src=f"10.2.{i // 250}.{i % 250}", gap=0.001)
@@ -235,12 +237,17 @@ def test_spoofed_first_knocks_do_not_evict_grants():
     assert clock.engine.tracked == 10
 
 
+def both(doors):
+    """(doors, their first steps): what Engine.reload takes."""
+    return doors, decided(doors)
+
+
 def test_reload_keeps_state_of_unchanged_doors_only():
     keep, change = seed(name="keep"), seed(name="change", sequence=[1, 2], close_sequence=None, protect=["80/tcp"])
-    clock = Clock(Engine((keep, change)))
+    clock = Clock(fresh_engine((keep, change)))
     clock.send(40000, 50000, 60000)
     clock.send(1, 2)
-    dropped = clock.engine.reload((keep, change.model_copy(update={"open_for": 5.0})))
+    dropped = clock.engine.reload(*both((keep, change.model_copy(update={"open_for": 5.0}))))
     assert dropped == ["change"]
     assert clock.connect().verdict is Verdict.ACCEPT
     assert clock.engine.handle(knock(80), clock.now).verdict is Verdict.DROP
@@ -249,7 +256,7 @@ def test_reload_keeps_state_of_unchanged_doors_only():
 def test_reload_that_removes_a_door_forgets_its_grants(clock):
     clock.send(40000, 50000, 60000)
     other = seed(name="other", sequence=[1, 2], close_sequence=None, protect=["80/tcp"])
-    assert clock.engine.reload((other,)) == ["openSSH"]
+    assert clock.engine.reload(*both((other,))) == ["openSSH"]
     assert clock.connect().verdict is Verdict.DROP
     assert clock.engine.grants(clock.now) == []
 
@@ -282,7 +289,7 @@ def test_a_random_scan_of_every_port_opens_nothing():
     import random
 
     rng = random.Random(7)
-    clock = Clock(Engine((seed(),)))
+    clock = Clock(fresh_engine((seed(),)))
     for trial in range(20):
         ports = list(range(1, 65536))
         rng.shuffle(ports)
@@ -293,7 +300,7 @@ def test_a_random_scan_of_every_port_opens_nothing():
 
 
 def test_failures_lock_the_source_out_and_the_lock_ends():
-    clock = Clock(Engine((seed(lockout={"failures": 3, "window": "60s", "lock_for": "5m"}),)))
+    clock = Clock(fresh_engine((seed(lockout={"failures": 3, "window": "60s", "lock_for": "5m"}),)))
     clock.send(40000, 40001, 40000, 40002)  # two tripwire hits: two failures
     events = clock.send(39990)
     locked = [e for e in events if isinstance(e, LockedOut)]
@@ -308,7 +315,7 @@ def test_failures_lock_the_source_out_and_the_lock_ends():
 
 
 def test_wrong_door_port_counts_as_a_failure_but_restarts_do_not():
-    clock = Clock(Engine((seed(close_sequence=None, lockout={"failures": 2}),)))
+    clock = Clock(fresh_engine((seed(close_sequence=None, lockout={"failures": 2}),)))
     clock.send(40000, 40000, 50000, 40000, 50000)  # duplicate and restart: no failure
     assert clock.engine.locked(clock.now) == []
     clock.send(40000, 60000, 40000, 60000)  # two resets
@@ -316,7 +323,7 @@ def test_wrong_door_port_counts_as_a_failure_but_restarts_do_not():
 
 
 def test_failures_outside_the_window_do_not_add_up():
-    clock = Clock(Engine((seed(lockout={"failures": 2, "window": "10s"}),)))
+    clock = Clock(fresh_engine((seed(lockout={"failures": 2, "window": "10s"}),)))
     clock.send(40001)
     clock.now += 11
     clock.send(40001)
@@ -332,7 +339,7 @@ def test_a_locked_source_keeps_its_grant(clock):
 
 
 def test_lockout_can_be_switched_off():
-    clock = Clock(Engine((seed(lockout=False),)))
+    clock = Clock(fresh_engine((seed(lockout=False),)))
     clock.send(*range(40001, 40016))
     assert clock.engine.locked(clock.now) == []
     assert isinstance(clock.send(40000, 50000, 60000)[-1], DoorOpened)
@@ -372,7 +379,7 @@ def refusals(decision):
 
 
 def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL + 1)
     assert decision.verdict is Verdict.DROP
     recorded, opened = decision.events
@@ -384,11 +391,11 @@ def test_spa_packet_opens_the_requested_port_for_its_source(spa_door):
 
 
 def test_spa_replay_is_refused_also_after_a_restart(spa_door):
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     packet = spa_packet(spa_door)
     engine.handle(packet, 10.0, WALL)
     assert refusals(engine.handle(packet, 11.0, WALL + 1))[0][0] == "replay"
-    restarted = Engine((spa_door,))
+    restarted = fresh_engine((spa_door,))
     restarted.restore_replays(engine.replays.snapshot(), WALL + 2)
     assert refusals(restarted.handle(packet, 0.0, WALL + 2))[0][0] == "replay"
     assert restarted.handle(knock(22), 1.0).verdict is Verdict.DROP
@@ -396,14 +403,14 @@ def test_spa_replay_is_refused_also_after_a_restart(spa_door):
 
 def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
     """Refused now as 'from the future', it must not open the door once its time has come."""
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     packet = spa_packet(spa_door, at=WALL + 500)
     assert refusals(engine.handle(packet, 10.0, WALL))[0][0] == "from the future"
     for i, later in enumerate((WALL + 400, WALL + 500, WALL + 619)):  # within max_age of its timestamp
         replayer = packet._replace(src=f"10.0.1.{i}")  # a captured copy, from anywhere
         assert refusals(engine.handle(replayer, 11.0, later))[0][0] == "replay"
     assert engine.handle(knock(22), 12.0).verdict is Verdict.DROP
-    restarted = Engine((spa_door,))
+    restarted = fresh_engine((spa_door,))
     restarted.restore_replays(engine.replays.snapshot(), WALL + 450)
     assert refusals(restarted.handle(packet, 0.0, WALL + 450))[0][0] == "replay"
 
@@ -412,14 +419,14 @@ def test_a_packet_from_the_future_is_remembered_until_it_is_too_old(spa_door):
 def test_every_packet_that_passes_the_hmac_is_remembered(spa_door, change):
     if change.get("keys") == "wrong key":
         change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     packet = spa_packet(spa_door, **change)
     assert refusals(engine.handle(packet, 10.0, WALL))[0][0] != "replay"
     assert refusals(engine.handle(packet, 11.0, WALL + 1))[0][0] == "replay"
 
 
 def test_a_forged_packet_is_not_remembered(spa_door):
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     forged = spa_packet(spa_door, keys=Keys(spa_door.keyring[0].keys.encryption, b"h" * 64))
     engine.handle(forged, 10.0, WALL)
     assert len(engine.replays) == 0
@@ -441,7 +448,7 @@ def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
         change["keys"] = Keys(spa_door.keyring[0].keys.encryption, b"h" * 64)
     elif change.get("keys") == "wrong key":
         change["keys"] = Keys(b"k" * 32, spa_door.keyring[0].keys.hmac)
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     decision = engine.handle(spa_packet(spa_door, **change), 10.0, WALL)
     assert refusals(decision)[0][0] == reason
     for secret in (spa_door.keyring[0].keys.encryption, spa_door.keyring[0].keys.hmac):
@@ -452,13 +459,13 @@ def test_every_spa_refusal_has_its_reason(spa_door, change, reason):
 def test_trusting_the_inner_address_is_an_option(spa_door):
     trusting = spa_door.model_copy(update={"trust_inner_address": True})
     trusting._keyring = spa_door.keyring
-    engine = Engine((trusting,))
+    engine = fresh_engine((trusting,))
     engine.handle(spa_packet(trusting, address="0.0.0.0"), 10.0, WALL)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT  # the grant still goes to the sender
 
 
 def test_junk_spa_packets_count_towards_lockout(spa_door):
-    engine = Engine((spa_door,))
+    engine = fresh_engine((spa_door,))
     junk = Packet(ALICE, "10.0.0.1", "udp", 1, 62201, 0, b"junk" * 40)
     events = [e for i in range(3) for e in engine.handle(junk, float(i), WALL).events]
     assert any(isinstance(e, LockedOut) for e in events)
@@ -513,7 +520,7 @@ def opened(decision):
 
 def test_each_person_opens_the_door_with_their_own_key_and_is_named():
     door = team_door(alice={}, bob={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     assert opened(engine.handle(team_packet(door, "alice"), 10.0, WALL)) == [
         DoorOpened(ALICE, "team", 40.0, "alice", 30.0)
     ]
@@ -552,7 +559,7 @@ def test_each_person_opens_the_door_with_their_own_key_and_is_named():
 def test_a_key_is_refused_with_a_reason_naming_it(settings, change, reason, detail):
     wall = change.pop("at", WALL)
     door = team_door(alice={}, carol=settings)
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     packet = team_packet(door, "carol", at=wall, **change)
     decision = engine.handle(packet, 10.0, wall)
     refused = [e for e in decision.events if isinstance(e, SpaRefused)]
@@ -564,7 +571,7 @@ def test_a_key_is_refused_with_a_reason_naming_it(settings, change, reason, deta
 
 def test_a_key_is_fine_before_its_expiry_and_with_its_username_from_its_network():
     door = team_door(carol=dict(expires="2027-01-31", username="carol", sources=["10.0.0.0/24"], ports=["22/tcp"]))
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     wall = 1_801_353_599.0  # 2027-01-30 23:59:59 UTC
     decision = engine.handle(team_packet(door, "carol", user="carol", at=wall), 10.0, wall)
     assert opened(decision)[0].key == "carol"
@@ -582,7 +589,7 @@ def test_a_key_is_fine_before_its_expiry_and_with_its_username_from_its_network(
 )
 def test_client_timeouts_up_to_max_open_for(max_open_for, timeout, seconds):
     door = team_door(max_open_for=max_open_for, alice={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     decision = engine.handle(team_packet(door, "alice", timeout=timeout), 10.0, WALL)
     assert opened(decision) == [DoorOpened(ALICE, "team", 10.0 + seconds, "alice", seconds)]
     assert engine.handle(knock(22), 10.0 + seconds - 0.01).verdict is Verdict.ACCEPT
@@ -591,7 +598,7 @@ def test_client_timeouts_up_to_max_open_for(max_open_for, timeout, seconds):
 
 def test_a_short_grant_expires_on_time_behind_longer_ones():
     door = team_door(alice={}, bob={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     engine.handle(team_packet(door, "alice", timeout=100), 10.0, WALL)
     engine.handle(team_packet(door, "bob", src=BOB, timeout=5), 11.0, WALL)
     assert engine.next_deadline() == 16.0
@@ -601,7 +608,7 @@ def test_a_short_grant_expires_on_time_behind_longer_ones():
 
 def test_per_key_open_for_and_max_open_for():
     door = team_door(max_open_for=None, alice=dict(open_for="10s", max_open_for="1h"), bob={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     assert opened(engine.handle(team_packet(door, "alice"), 0.0, WALL))[0].seconds == 10.0
     assert opened(engine.handle(team_packet(door, "alice", timeout=7200), 0.0, WALL))[0].seconds == 3600.0
     assert opened(engine.handle(team_packet(door, "bob", src=BOB, timeout=7200), 0.0, WALL))[0].seconds == 30.0
@@ -609,7 +616,7 @@ def test_per_key_open_for_and_max_open_for():
 
 def test_revoke_key_ends_that_persons_grants_only():
     door = team_door(alice={}, bob={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     engine.handle(team_packet(door, "alice"), 10.0, WALL)
     engine.handle(team_packet(door, "alice", src=CAROL), 10.0, WALL)  # alice from another host
     engine.handle(team_packet(door, "bob", src=BOB), 10.0, WALL)
@@ -621,13 +628,13 @@ def test_revoke_key_ends_that_persons_grants_only():
 
 def test_reload_without_a_key_ends_its_grants_and_keeps_everyone_elses():
     door = team_door(alice={}, bob={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     alice_packet = team_packet(door, "alice")
     engine.handle(alice_packet, 10.0, WALL)
     engine.handle(team_packet(door, "bob", src=BOB), 10.0, WALL)
     without_alice = door.model_copy()
     without_alice._keyring = (key_of(door, "bob"),)
-    assert engine.reload((without_alice,)) == []  # the door's state is kept
+    assert engine.reload(*both((without_alice,))) == []  # the door's state is kept
     assert engine.rekeyed == (GrantsRevoked("team", "alice", (ALICE,)),)
     assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
     assert engine.handle(knock(22, src=BOB), 11.0).verdict is Verdict.ACCEPT
@@ -638,18 +645,18 @@ def test_reload_without_a_key_ends_its_grants_and_keeps_everyone_elses():
 
 def test_changing_a_door_setting_still_resets_it():
     door = team_door(alice={})
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     engine.handle(team_packet(door, "alice"), 10.0, WALL)
     longer = door.model_copy(update={"open_for": 60.0})
     longer._keyring = door.keyring
-    assert engine.reload((longer,)) == ["team"]
+    assert engine.reload(*both((longer,))) == ["team"]
     assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
 
 
 def test_a_door_with_no_keys_opens_for_nobody():
     door = team_door(alice={})
     door._keyring = ()
-    decision = Engine((door,)).handle(
+    decision = fresh_engine((door,)).handle(
         spa_packet(team_door(alice={}), src=ALICE, keys=Keys(b"k" * 32, b"h" * 64)), 1, WALL
     )
     assert refusals(decision) == [("bad hmac", "the door has no keys (its keys_dir is empty)")]
@@ -665,7 +672,7 @@ def test_a_gpg_packet_gets_its_own_refusal(spa_door):
     key = spa_door.keyring[0].keys.hmac
     tag = base64.b64encode(hmac_module.new(key, ("hQ" + data).encode(), hashlib.sha256).digest()).decode().rstrip("=")
     packet = Packet(ALICE, "10.0.0.1", "udp", 40000, 62201, 0, (data + tag).encode())
-    assert refusals(Engine((spa_door,)).handle(packet, 1.0, WALL))[0][0] == "gpg"
+    assert refusals(fresh_engine((spa_door,)).handle(packet, 1.0, WALL))[0][0] == "gpg"
 
 
 def test_a_shared_claim_that_cannot_be_written_refuses_without_blaming_the_source(spa_door):
@@ -673,7 +680,7 @@ def test_a_shared_claim_that_cannot_be_written_refuses_without_blaming_the_sourc
     client is not counted a failure (it did nothing wrong)."""
     from nfknock.doors.events import ClaimNeeded
 
-    engine = Engine((spa_door,), shared=True)
+    engine = fresh_engine((spa_door,), shared=True)
     decision = engine.handle(spa_packet(spa_door), 10.0, WALL)
     (claim,) = [e for e in decision.events if isinstance(e, ClaimNeeded)]
     for _ in range(3):  # the door locks out after 3 failures

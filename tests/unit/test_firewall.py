@@ -1,7 +1,13 @@
 """The scaffolding plan: what goes into the kernel, as data (no root needed)."""
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nfknock.doors.first_steps import MARK_BITS
 from nfknock.doors.rules import parse_door
-from nfknock.firewall.plan import CHAIN, PASS_MARK, RuleSpec, scaffolding
+from nfknock.firewall.plan import CHAIN, PASS_MARK, SET_PREFIX, MarkBits, RuleSpec, SetName
+from support.decisions import fresh_plan, fresh_scaffolding
 
 
 def door(**fields):
@@ -11,7 +17,7 @@ def door(**fields):
 
 
 def test_plan_for_one_door_without_tripwires():
-    plan = [str(s) for s in scaffolding((door(tripwire=0),), 3)]
+    plan = [str(s) for s in fresh_scaffolding((door(tripwire=0),), 3)]
     assert plan == [
         f"-A {CHAIN} -i lo -j RETURN",  # the host's own connections are the rest of the firewall's
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -42,7 +48,7 @@ def test_plan_for_one_door_without_tripwires():
 
 
 def test_tripwires_are_queued_and_marked_packets_return_first():
-    plan = scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
+    plan = fresh_scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
     assert plan[:2] == [RuleSpec("RETURN", in_interface="lo"), RuleSpec("RETURN", mark=PASS_MARK)]
     assert [str(s) for s in plan if s.target == "NFQUEUE" and isinstance(s.dport, tuple)] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 39992:40018 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",
@@ -56,14 +62,14 @@ def test_tripwire_ranges_stay_within_port_numbers():
 
 
 def test_no_rule_bypasses_the_queue_and_none_names_a_client():
-    plan = scaffolding((door(), door(name="e", sequence=[1, 2], protect=["53/udp"])), 0)
+    plan = fresh_scaffolding((door(), door(name="e", sequence=[1, 2], protect=["53/udp"])), 0)
     for spec in plan:
         assert "bypass" not in str(spec)
         assert " -s " not in str(spec)
 
 
 def test_udp_protected_port_queues_every_new_flow():
-    plan = scaffolding((door(protect=["53/udp"], tripwire=0),), 0, family=6)
+    plan = fresh_scaffolding((door(protect=["53/udp"], tripwire=0),), 0, family=6)
     assert plan[1:6] == [
         RuleSpec("ACCEPT", "udp", 53, ctstate="RELATED,ESTABLISHED"),
         RuleSpec("NFQUEUE", "udp", 53, ctstate="NEW", queue_num=1, match_set="nfknock-q0-v6"),
@@ -78,7 +84,7 @@ def test_udp_protected_port_queues_every_new_flow():
 def test_granted_sources_go_to_their_own_queue_and_strangers_are_limited_before_the_queue():
     """A flood of strangers can fill the main queue only up to the limit; a granted source's
     new connection goes to the grant queue. Neither rule accepts: the daemon decides both."""
-    plan = scaffolding((door(protect=["22/tcp", "2222/tcp"]),), 5)
+    plan = fresh_scaffolding((door(protect=["22/tcp", "2222/tcp"]),), 5)
     for port in (22, 2222):
         queued = [s for s in plan if s.dport == port and s.target == "NFQUEUE"]
         assert [(s.queue_num, s.match_set, s.limit) for s in queued] == [
@@ -96,7 +102,7 @@ def test_granted_sources_go_to_their_own_queue_and_strangers_are_limited_before_
 def test_shared_ports_appear_once():
     a = door(name="a", sequence=[1, 2], close_sequence=[2, 1])
     b = door(name="b", sequence=[2, 3], protect=["22/tcp"])
-    plan = scaffolding((a, b), 0)
+    plan = fresh_scaffolding((a, b), 0)
     assert sum(1 for s in plan if s.dport == 2 and s.target == "NFQUEUE") == 1
     assert sum(1 for s in plan if s.dport == 22 and s.target == "DROP") == 1
     assert sum(1 for s in plan if s.target == "RETURN" and s.mark) == 1
@@ -104,18 +110,17 @@ def test_shared_ports_appear_once():
 
 
 def test_plan_covers_the_families_each_door_listens_on():
-    from nfknock.firewall.plan import plan
 
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["2222/tcp"], tripwire=0)
-    both = plan((v4, v6), 0)
+    both = fresh_plan((v4, v6), 0)
     # Knocks are queued where the door listens; both protected ports are closed in both families.
     assert {s.dport for s in both[4]} - {None} == {22, 2222, 1000, 2000}
     assert {s.dport for s in both[6]} - {None} == {22, 2222, 3000, 4000}
     assert not [s for s in both[4] if s.dport == 2222 and s.target == "NFQUEUE"]
     assert not [s for s in both[6] if s.dport == 22 and s.target == "NFQUEUE"]
     # No IPv6 door: the IPv6 chain only closes the protected port (a service on :: answers IPv6).
-    assert [str(s) for s in plan((v4,), 0)[6]] == [
+    assert [str(s) for s in fresh_plan((v4,), 0)[6]] == [
         f"-A {CHAIN} -i lo -j RETURN",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q0-s22-v6 src,src,dst -j ACCEPT",
@@ -124,11 +129,10 @@ def test_plan_covers_the_families_each_door_listens_on():
 
 
 def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_where_it_listens():
-    from nfknock.firewall.plan import plan
 
     v4 = door(name="v4", family="ipv4", sequence=[1000, 2000], protect=["22/tcp"], tripwire=0)
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
-    for family, specs in plan((v4, v6), 0).items():
+    for family, specs in fresh_plan((v4, v6), 0).items():
         at_22 = [s for s in specs if s.dport == 22]
         assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "ACCEPT", "DROP"], family
 
@@ -136,7 +140,7 @@ def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_
 def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():
     from nfknock.firewall.nft import restore_script
 
-    specs = scaffolding((door(tripwire=0),), 3)
+    specs = fresh_scaffolding((door(tripwire=0),), 3)
     jumps = [f"-A INPUT -j {CHAIN}", f"-A INPUT -i eth1 -j {CHAIN}"]
     script = restore_script(specs, jumps, chain_exists=True, interface="eth0").splitlines()
     assert script[:4] == ["*filter", f":{CHAIN} - [0:0]", f"-D INPUT -j {CHAIN}", f"-D INPUT -i eth1 -j {CHAIN}"]
@@ -165,7 +169,7 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
     monkeypatch.setenv("T_SECRET", base64.b64encode(b"s" * 32).decode())
     spa = SpaDoor.model_validate(dict(kind="spa", name="s", keys_env="T", protect=["2222/tcp"]))
     rotating = door(name="r", sequence=None, rotate={"secret_env": "T_SECRET", "proto": "udp"}, protect=["23/tcp"])
-    for specs in (scaffolding((door(tripwire=8), rotating, spa), 0), scaffolding((door(tripwire=0),), 0)):
+    for specs in (fresh_scaffolding((door(tripwire=8), rotating, spa), 0), fresh_scaffolding((door(tripwire=0),), 0)):
         returns = [i for i, s in enumerate(specs) if s == RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED")]
         assert len(returns) == 1
         (cut,) = returns
@@ -178,7 +182,7 @@ def test_established_traffic_on_knock_ports_returns_before_any_knock_rule(monkey
 
 
 def test_no_knock_rules_means_no_established_return():
-    assert scaffolding((), 0) == []
+    assert fresh_scaffolding((), 0) == []
 
 
 class FakeIptablesNft:
@@ -222,7 +226,7 @@ def test_nft_errors_say_the_signal_that_killed_the_tool():
 
     fake = FakeIptablesNft({"iptables-nft-restore": (-15, LEGACY_WARNING)})
     with pytest.raises(FirewallError) as info:
-        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+        NftFirewall(runner=fake).apply({4: fresh_scaffolding((door(),), 0)})
     assert str(info.value).startswith("iptables-nft-restore was killed by signal 15 (SIGTERM)")
 
 
@@ -234,11 +238,11 @@ def test_nft_errors_say_the_exit_status_and_what_the_tool_said():
 
     fake = FakeIptablesNft({"iptables-nft-restore": (4, "iptables-nft-restore: line 3 failed\n")})
     with pytest.raises(FirewallError) as info:
-        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+        NftFirewall(runner=fake).apply({4: fresh_scaffolding((door(),), 0)})
     assert str(info.value) == "iptables-nft-restore exited with status 4: iptables-nft-restore: line 3 failed"
     fake = FakeIptablesNft({"iptables-nft-restore": (1, "")})
     with pytest.raises(FirewallError, match="^iptables-nft-restore exited with status 1$"):
-        NftFirewall(runner=fake).apply({4: scaffolding((door(),), 0)})
+        NftFirewall(runner=fake).apply({4: fresh_scaffolding((door(),), 0)})
 
 
 def test_nft_tool_that_cannot_start_or_hangs_is_named():
@@ -290,12 +294,12 @@ def test_remove_tries_both_families_and_reports_every_failure():
 
 
 def test_the_pass_mark_bit_is_the_one_chosen():
-    from nfknock.firewall.plan import parse_pass_mark, plan
+    from nfknock.firewall.plan import parse_pass_mark
 
-    chosen = plan((door(tripwire=8),), 0, pass_mark=0x100)
+    chosen = fresh_plan((door(tripwire=8),), 0, pass_mark=0x100)
     for family in (4, 6):
         assert str(chosen[family][1]) == f"-A {CHAIN} -m mark --mark 0x100/0x100 -j RETURN"
-    assert plan((door(tripwire=8),), 0)[4][1].mark == PASS_MARK == 0x20000000
+    assert fresh_plan((door(tripwire=8),), 0)[4][1].mark == PASS_MARK == 0x20000000
     assert parse_pass_mark("0x80000000") == 1 << 31 and parse_pass_mark("256") == 0x100
     for bad in ("0x3", "0", "0x100000000", "x"):
         try:
@@ -324,21 +328,19 @@ def test_auto_means_nft_only_when_the_hosts_iptables_is_nf_tables(monkeypatch):
 
 
 def test_one_worker_is_the_plan_of_a_single_process():
-    from nfknock.firewall.plan import plan
 
     doors = (door(tripwire=8), door(name="e", sequence=[1, 2, 3], protect=["53/udp"], tripwire=0))
-    assert plan(doors, 7, workers=1) == plan(doors, 7)
-    assert not any(spec.u32 for specs in plan(doors, 7).values() for spec in specs)
+    assert fresh_plan(doors, 7, workers=1) == fresh_plan(doors, 7)
+    assert not any(spec.u32 for specs in fresh_plan(doors, 7).values() for spec in specs)
 
 
 def test_two_workers_get_each_queue_rule_once_with_disjoint_ranges_and_their_queues():
     from dataclasses import replace
 
-    from nfknock.firewall.plan import plan
     from nfknock.firewall.shards import u32_match
 
     doors = (door(tripwire=8), door(name="e", sequence=[1, "2/udp", 3], protect=["53/udp"], tripwire=0))
-    single, double = plan(doors, 60), plan(doors, 60, workers=2)
+    single, double = fresh_plan(doors, 60), fresh_plan(doors, 60, workers=2)
     for family in (4, 6):
         expanded = []
         for spec in single[family]:
@@ -363,15 +365,14 @@ def test_two_workers_get_each_queue_rule_once_with_disjoint_ranges_and_their_que
 def test_a_worker_rule_tests_the_source_before_its_limit():
     """The limit spends a token on every packet that reaches it: after the u32 match, only
     packets of that worker's sources do, so each worker has a bucket of its own."""
-    from nfknock.firewall.plan import plan
 
-    limited = [s for s in plan((door(tripwire=0),), 60, workers=2)[6] if s.limit and not s.match_set]
+    limited = [s for s in fresh_plan((door(tripwire=0),), 60, workers=2)[6] if s.limit and not s.match_set]
     assert [str(s) for s in limited] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
         f'-m u32 --u32 "0x14&0xff={span}" -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num {queue}'
         for span, queue in (("0x0:0x7f", 60), ("0x80:0xff", 62))
     ]
-    granted = [str(s) for s in plan((door(tripwire=0),), 60, workers=2)[4] if s.match_set and s.dport == 22]
+    granted = [str(s) for s in fresh_plan((door(tripwire=0),), 60, workers=2)[4] if s.match_set and s.dport == 22]
     assert granted[1] == (
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW "
         '-m set --match-set nfknock-q60-v4 src -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 63'
@@ -381,20 +382,17 @@ def test_a_worker_rule_tests_the_source_before_its_limit():
 def test_sixteen_workers_use_thirty_two_queues_and_a_bad_number_is_refused():
     import pytest
 
-    from nfknock.firewall.plan import plan
-
-    queued = [s for s in plan((door(tripwire=0),), 100, workers=16)[4] if s.target == "NFQUEUE"]
+    queued = [s for s in fresh_plan((door(tripwire=0),), 100, workers=16)[4] if s.target == "NFQUEUE"]
     assert sorted({s.queue_num for s in queued}) == list(range(100, 132))
     for workers in (0, 17):
         with pytest.raises(ValueError, match="workers must be 1 to 16"):
-            plan((door(),), 0, workers=workers)
+            fresh_plan((door(),), 0, workers=workers)
 
 
 def test_nft_restore_script_carries_the_u32_rules_as_iptables_prints_them():
     from nfknock.firewall.nft import restore_script
-    from nfknock.firewall.plan import plan
 
-    specs = plan((door(tripwire=0),), 60, workers=2)[4]
+    specs = fresh_plan((door(tripwire=0),), 60, workers=2)[4]
     script = restore_script(specs, [], chain_exists=False).splitlines()
     assert (
         f'-A {CHAIN} -p tcp -m tcp --dport 40000 -m set --match-set nfknock-q60-v4 src -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 60'
@@ -502,7 +500,7 @@ def test_every_queued_knock_notes_its_source_as_recent_and_nothing_else_does():
     """The recent set lets a client's SYN right behind its last knock or SPA packet past a SYN
     flood at the protected port: so exactly what is queued as a knock (not a first step the
     kernel records, not a tripwire hit) notes its source, with the same match, right before."""
-    plan = scaffolding((door(sequence=[40000, 41000, "50000/udp"], tripwire=4),), 0)
+    plan = fresh_scaffolding((door(sequence=[40000, 41000, "50000/udp"], tripwire=4),), 0)
     for i, spec in enumerate(plan):
         noting = spec.add_set is not None and spec.add_set[0] == "nfknock-q0-recent-v4"
         if spec.target == "NFQUEUE" and spec.dport in (41000, 50000):
@@ -514,3 +512,81 @@ def test_every_queued_knock_notes_its_source_as_recent_and_nothing_else_does():
             assert not isinstance(spec.dport, tuple)  # never a tripwire range
     first = [s for s in plan if s.dport == 40000 and s.add_set and "recent" in s.add_set[0]]
     assert [s.match_set for s in first] == ["nfknock-q0-v4"]  # only a granted source's knock there
+
+
+# -- the codecs: one for the first-step mark bits, one for set names -------------------------------
+
+PASS_MARKS = st.integers(0, 31).map(lambda shift: 1 << shift)
+
+
+@given(PASS_MARKS, st.integers(0, MARK_BITS - 1))
+def test_a_mark_bit_round_trips_through_its_value(pass_mark, bit):
+    marks = MarkBits(pass_mark)
+    value = marks.value(bit)
+    assert marks.bit(value) == bit
+    assert value & (value - 1) == 0 and value & pass_mark == 0  # one bit, never the pass mark
+    assert 0 < value < 1 << 32 and marks.field & value  # within the packet mark, in the field
+
+
+@given(PASS_MARKS, st.integers(0, (1 << 32) - 1))
+def test_a_mark_value_round_trips_or_is_not_a_first_step_mark(pass_mark, value):
+    marks = MarkBits(pass_mark)
+    bit = marks.bit(value)
+    assert (bit is None) == (value not in marks.values)
+    if bit is not None:
+        assert marks.value(bit) == value
+
+
+def test_a_bit_index_outside_the_field_is_refused():
+    with pytest.raises(ValueError, match="0..3"):
+        MarkBits().value(MARK_BITS)
+
+
+KEYED = st.tuples(st.sampled_from(["tcp", "udp"]), st.integers(0, 65535))
+SET_NAMES = st.one_of(
+    st.builds(SetName, st.just("granted"), st.integers(0, 65535), st.sampled_from([4, 6])),
+    st.builds(SetName, st.just("recent"), st.integers(0, 65535), st.sampled_from([4, 6])),
+    st.builds(SetName, st.just("first-step"), st.integers(0, 65535), st.sampled_from([4, 6]), KEYED),
+    st.builds(
+        SetName, st.just("sessions"), st.integers(0, 65535), st.sampled_from([4, 6]), KEYED.map(lambda k: ("tcp", k[1]))
+    ),
+)
+
+
+@given(SET_NAMES)
+def test_a_set_name_round_trips_through_its_fields(name):
+    text = str(name)
+    assert SetName.parse(text) == name
+    assert text.startswith(f"{SET_PREFIX}q{name.queue_num}-") and len(text) <= 31  # ipset's limit
+
+
+@given(st.from_regex(r"nfknock-q[0-9]{1,6}-((tcp|udp|s)[0-9]{1,6}-|recent-)?v[0-9]", fullmatch=True) | st.text())
+def test_a_name_that_parses_has_exactly_that_spelling(text):
+    """Text round trip: whatever parses prints back as itself, so no two names mean one set."""
+    parsed = SetName.parse(text)
+    if parsed is not None:
+        assert str(parsed) == text
+
+
+def test_the_plans_set_names_are_the_codecs():
+    names = {
+        name
+        for specs in fresh_plan((door(protect=["22/tcp"], tripwire=0),), 7).values()
+        for spec in specs
+        for name in (spec.match_set, spec.add_set and spec.add_set[0], spec.del_set)
+        if name
+    }
+    assert {(n.kind, n.family, n.key) for n in map(SetName.parse, names) if n is not None and n.queue_num == 7} == {
+        ("granted", 4, None),
+        ("granted", 6, None),
+        ("recent", 4, None),
+        ("recent", 6, None),
+        ("sessions", 4, ("tcp", 22)),
+        ("sessions", 6, ("tcp", 22)),
+        ("first-step", 4, ("tcp", 40000)),
+        ("first-step", 6, ("tcp", 40000)),
+    }
+    assert len(names) == 8
+    assert SetName.parse("nfknock-q7-tcp040000-v4") is None  # not a spelling nfknock writes
+    assert SetName.parse("nfknock-q7-tcp70000-v4") is None  # no such port
+    assert SetName.parse("f2b-sshd") is None  # another program's set

@@ -5,11 +5,12 @@ import pytest
 
 from nfknock.doors.engine import Engine, Verdict
 from nfknock.doors.events import DoorOpened, KnockAdvanced, SequenceReset
-from nfknock.doors.first_steps import MARK_BITS, MAX_GROUPS, first_step_groups, first_steps_in_daemon, marks_held
+from nfknock.doors.first_steps import GRACE, MARK_BITS, MAX_GROUPS, MarkHistory, decide
 from nfknock.doors.packet import Packet
 from nfknock.doors.rules import parse_door
 from nfknock.firewall.host import marks_installed
-from nfknock.firewall.plan import first_step_marks, scaffolding
+from nfknock.firewall.plan import first_step_marks, plan, scaffolding
+from support.decisions import fresh, fresh_engine, fresh_scaffolding
 
 ALICE = "10.0.0.2"
 
@@ -21,18 +22,18 @@ def door(**fields):
 
 
 def names(doors):
-    return sorted(name for group in first_step_groups(tuple(doors)) for name in group.doors)
+    return sorted(name for group in fresh(doors).groups for name in group.doors)
 
 
 def test_a_plain_door_and_its_reverse_close_sequence_qualify():
-    (group,) = first_step_groups((door(close_sequence=[60000, 50000, 40000], seq_timeout="7.5s"),))
+    (group,) = fresh((door(close_sequence=[60000, 50000, 40000], seq_timeout="7.5s"),)).groups
     assert group.first == ("tcp", 40000) and group.seconds == (("tcp", 50000),)
     assert group.timeout == 8 and group.families == (4, 6)
     assert str(group.tcp_flags) == "syn,!ack"
 
 
 def test_doors_sharing_a_first_step_share_a_group():
-    (group,) = first_step_groups((door(), door(name="e", sequence=[40000, 51000], protect=["23/tcp"])))
+    (group,) = fresh((door(), door(name="e", sequence=[40000, 51000], protect=["23/tcp"]))).groups
     assert group.doors == {"d", "e"} and set(group.seconds) == {("tcp", 50000), ("tcp", 51000)}
 
 
@@ -58,7 +59,7 @@ def test_rotating_spa_and_one_step_doors_stay_in_the_daemon(monkeypatch):
 
 def test_groups_are_capped_in_port_order():
     doors = [door(name=f"d{n}", sequence=[10000 + n, 20000 + n], protect=[f"{100 + n}/tcp"]) for n in range(40)]
-    groups = first_step_groups(tuple(doors))
+    groups = fresh(doors).groups
     assert len(groups) == MAX_GROUPS and groups[0].first == ("tcp", 10000)
 
 
@@ -67,7 +68,7 @@ def knock(port, seen=False, src=ALICE):
 
 
 def test_a_marked_second_step_opens_with_the_rest_of_the_sequence():
-    engine, now = Engine((door(),)), 100.0
+    engine, now = fresh_engine((door(),)), 100.0
     events = engine.handle(knock(50000, seen=True), now).events
     assert events == (KnockAdvanced(ALICE, "d", "open", 1), KnockAdvanced(ALICE, "d", "open", 2))
     assert isinstance(engine.handle(knock(60000), now + 1).events[0], DoorOpened)
@@ -75,14 +76,14 @@ def test_a_marked_second_step_opens_with_the_rest_of_the_sequence():
 
 
 def test_an_unmarked_second_step_from_a_stranger_does_nothing():
-    engine = Engine((door(),))
+    engine = fresh_engine((door(),))
     assert engine.handle(knock(50000), 100.0).events == ()
     engine.handle(knock(60000), 101.0)
     assert engine.handle(knock(22), 102.0).verdict is Verdict.DROP
 
 
 def test_the_mark_means_nothing_on_a_door_the_kernel_does_not_serve():
-    engine = Engine((door(), door(name="e", sequence=[1000, 40000, 2000], protect=["23/tcp"])))
+    engine = fresh_engine((door(), door(name="e", sequence=[1000, 40000, 2000], protect=["23/tcp"])))
     assert engine.handle(knock(50000, seen=True), 100.0).events == ()
 
 
@@ -90,7 +91,7 @@ def test_the_kernel_forgets_a_first_step_on_any_other_port_of_the_door_before_ma
     """What would have reset the attempt in the daemon takes the source out of the set, in
     packet order: another knock port of the door (with the door's flags) and its tripwires (not
     its steps), before any knock or tripwire rule can take the packet."""
-    specs = [str(s) for s in scaffolding((door(close_sequence=[60000, 50000, 40000], tripwire=4),), 0)]
+    specs = [str(s) for s in fresh_scaffolding((door(close_sequence=[60000, 50000, 40000], tripwire=4),), 0)]
     forget = [s for s in specs if "--del-set nfknock-q0-tcp40000-v4" in s and "--mark" not in s]
     assert forget == [
         "-A NFKNOCK -p tcp -m tcp --dport 60000 --tcp-flags SYN,ACK SYN -j SET --del-set nfknock-q0-tcp40000-v4 src",
@@ -106,7 +107,7 @@ def test_the_kernel_forgets_a_first_step_on_any_other_port_of_the_door_before_ma
 
 def test_another_doors_overlapping_tripwire_cannot_hide_a_tripwire_port():
     other = door(name="other", sequence=[40030, 45000], protect=["23/tcp"], tripwire=16)
-    specs = [str(s) for s in scaffolding((other, door(tripwire=16)), 0)]
+    specs = [str(s) for s in fresh_scaffolding((other, door(tripwire=16)), 0)]
     forgets_40015 = [
         i for i, s in enumerate(specs) if "--del-set nfknock-q0-tcp40000-v4" in s and "--dport 40001:40016" in s
     ]
@@ -120,7 +121,7 @@ def noting_recent(spec):
 
 
 def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or_granted():
-    specs = [str(s) for s in scaffolding((door(),), 0) if s.dport == 50000 and not noting_recent(s)]
+    specs = [str(s) for s in fresh_scaffolding((door(),), 0) if s.dport == 50000 and not noting_recent(s)]
     assert specs == [
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
@@ -144,12 +145,14 @@ def twin(n, first, second=50000, **fields):
 
 
 def test_twins_sharing_a_second_step_each_get_their_own_mark_bit():
-    groups = first_step_groups((door(), twin(1, 41000)))
+    groups = fresh((door(), twin(1, 41000))).groups
     assert [(g.first, g.doors, g.bit) for g in groups] == [
         (("tcp", 40000), {"d"}, 0),
         (("tcp", 41000), {"t1"}, 1),
     ]
-    specs = [str(s) for s in scaffolding((door(), twin(1, 41000)), 0) if s.dport == 50000 and not noting_recent(s)]
+    specs = [
+        str(s) for s in fresh_scaffolding((door(), twin(1, 41000)), 0) if s.dport == 50000 and not noting_recent(s)
+    ]
     assert specs == [
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -j MARK --set-xmark 0x0/0x1e000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-tcp40000-v4 src "
@@ -168,7 +171,7 @@ def test_twins_sharing_a_second_step_each_get_their_own_mark_bit():
 
 
 def test_bits_are_reused_where_groups_share_no_second_port():
-    groups = first_step_groups((door(), twin(1, 41000), twin(2, 42000, second=52000), twin(3, 43000, second=52000)))
+    groups = fresh((door(), twin(1, 41000), twin(2, 42000, second=52000), twin(3, 43000, second=52000))).groups
     assert [g.bit for g in groups] == [0, 1, 0, 1]
 
 
@@ -187,7 +190,7 @@ def test_a_second_port_shared_with_a_door_the_daemon_serves_keeps_all_its_groups
 
 
 def test_the_engine_takes_a_second_step_only_for_the_group_whose_bit_is_set():
-    engine, now = Engine((door(), twin(1, 41000))), 100.0
+    engine, now = fresh_engine((door(), twin(1, 41000))), 100.0
     # alice knocked 41000 (the twin's first step, bit 1) and now 50000: the twin advances, not d
     events = engine.handle(knock(50000, seen=0b10), now).events
     assert events == (KnockAdvanced(ALICE, "t1", "open", 1), KnockAdvanced(ALICE, "t1", "open", 2))
@@ -201,7 +204,7 @@ def test_the_engine_takes_a_second_step_only_for_the_group_whose_bit_is_set():
 
 
 def test_a_first_step_the_kernel_saw_ends_a_close_attempt_as_a_knock_would():
-    engine, now = Engine((door(close_sequence=[60000, 50000, 40000]),)), 100.0
+    engine, now = fresh_engine((door(close_sequence=[60000, 50000, 40000]),)), 100.0
     engine.handle(knock(60000), now)  # close, stage 1
     events = engine.handle(knock(50000, seen=True), now + 1).events
     assert events[0] == SequenceReset(ALICE, "d", "close", 1, "40000/tcp")
@@ -209,63 +212,160 @@ def test_a_first_step_the_kernel_saw_ends_a_close_attempt_as_a_knock_would():
 
 
 def test_a_two_step_door_completes_on_the_marked_second_step():
-    engine = Engine((door(sequence=[40000, 50000]),))
+    engine = fresh_engine((door(sequence=[40000, 50000]),))
     events = engine.handle(knock(50000, seen=True), 100.0).events
     assert [type(e) for e in events] == [KnockAdvanced, DoorOpened]
+
+
+def bits(first_steps):
+    return {g.first[1]: g.bit for g in first_steps.groups}
+
+
+def switched(first_steps, now):
+    """The daemon's history once rules and engines run `first_steps` at engine time `now`."""
+    return first_steps.history.retire(now)
 
 
 def test_a_mark_bit_never_changes_its_meaning_on_a_port_across_reloads():
     """A second step marked under the old rules may be judged by the new engine (it waited in
     the queue during the swap) or the other way round (workers): so a group keeps its bit, and
-    a new group takes a bit no other door's first step has held on its second ports."""
+    a new group takes a bit no other door's first step has held on its second ports while a
+    packet marked under it can still be judged (here: reloads within GRACE of each other)."""
     a, b, c = twin(0, 40000), twin(1, 41000), twin(2, 39000)
-    before = first_step_groups((a, b))
-    assert {g.first[1]: g.bit for g in before} == {40000: 0, 41000: 1}
-    held = marks_held(before)
-    after = first_step_groups((a, b, c), held)  # 39000 comes first in port order: fresh, it would take bit 0
-    assert {g.first[1]: g.bit for g in after} == {39000: 2, 40000: 0, 41000: 1}
-    held = marks_held(after, held)
-    back = first_step_groups((a, b), held)
-    assert {g.first[1]: g.bit for g in back} == {40000: 0, 41000: 1}
+    before = decide((a, b), MarkHistory())
+    assert bits(before) == {40000: 0, 41000: 1}
+    after = decide((a, b, c), switched(before, 0.0))  # 39000 comes first in port order: fresh, it would take bit 0
+    assert bits(after) == {39000: 2, 40000: 0, 41000: 1}
+    back = decide((a, b), switched(after, 1.0))
+    assert bits(back) == {40000: 0, 41000: 1}
     # a group whose port has no bit left that never meant another door stays in the daemon, and
     # so does every group sharing that port with it
-    alone = first_step_groups((twin(3, 38000),), held)
-    assert [g.bit for g in alone] == [3]  # bits 0-2 meant other doors' first steps on 50000
-    held = marks_held(alone, held)
-    # every bit of 50000 has meant another door: a fifth door there cannot have one, even with
-    # only two doors left on the port; both stay in the daemon until a restart
-    assert first_step_groups((a, twin(4, 37000)), held) == ()
-    assert (
-        "no first-step mark bit is free on its second step 50000/tcp"
-        in first_steps_in_daemon((a, twin(4, 37000)), held)["t4"]
-    )
+    alone = decide((twin(3, 38000),), switched(back, 2.0))
+    assert [g.bit for g in alone.groups] == [3]  # bits 0-2 meant other doors' first steps on 50000
+    # every bit of 50000 has meant another door lately: a fifth door there cannot have one, even
+    # with only two doors left on the port; both stay in the daemon until the meanings retire
+    late = decide((a, twin(4, 37000)), switched(alone, 3.0))
+    assert late.groups == ()
+    assert "no first-step mark bit is free on its second step 50000/tcp" in late.in_daemon["t4"]
+    assert late.in_daemon["t0"].startswith("its second step 50000/tcp is also door t4's")
+
+
+def test_a_meaning_retires_once_no_packet_marked_under_it_can_be_judged():
+    """A bit is free again GRACE seconds after the rules that marked with it were replaced (the
+    queue holds a packet for milliseconds), not before, and not while rules still mark with it."""
+    a, b = twin(0, 40000), twin(1, 41000)
+    history = switched(decide((a, b), MarkHistory()), 100.0)
+    gone = decide((a,), history)  # b's rules go: its meaning is past, since a time not known yet
+    assert not decide((a, twin(2, 39000)), gone.history.retire(100.0 + 10 * GRACE)).groups[0].bit == 1
+    history = switched(gone, 200.0)  # installed at 200: b's meaning left then
+    assert bits(decide((a, twin(2, 39000)), history.retire(200.0 + GRACE - 0.1))) == {39000: 2, 40000: 0}
+    assert bits(decide((a, twin(2, 39000)), history.retire(200.0 + GRACE))) == {39000: 1, 40000: 0}
+    # a meaning current rules mark with never retires, however long they stay
+    assert bits(decide((a, twin(2, 39000)), history.retire(1e9))) == {39000: 1, 40000: 0}
+
+
+def test_reloads_that_swap_twins_never_use_up_the_bits_of_a_port():
+    """Before the history retired meanings, every twin a reload added took a bit of its second
+    port for good: after MARK_BITS - 1 of them the next door on that port (unrelated to every
+    twin before it) went to the daemon, and with it the door that had been there all along,
+    until a restart. Reloads a few seconds apart now go on for ever."""
+    a = twin(0, 40000)
+    first_steps = decide((a,), MarkHistory())
+    history, now = switched(first_steps, 0.0), 0.0
+    for n in range(1, 4 * MARK_BITS):
+        now += GRACE
+        first_steps = decide((a, twin(n, 39000 - n)), history.retire(now))  # the reload: the last twin goes
+        assert first_steps.in_daemon == {}, n
+        assert bits(first_steps)[40000] == 0 and bits(first_steps)[39000 - n] != 0
+        history = switched(first_steps, now + 0.5)  # rules and workers switched half a second later
+        assert len(history.held()[(("tcp", 50000), bits(first_steps)[39000 - n])]) == 1
+    assert len(history.past) <= 2  # the history does not grow with the reloads
 
 
 def test_a_door_whose_first_step_changes_keeps_its_bit():
     """Editing a door's first step again and again must not use up the bits of its second port:
     a packet in flight at worst counts the door's old first step for its new one."""
-    held: dict = {}
+    history = MarkHistory()
     for first in range(1000, 1010):
-        (group,) = first_step_groups((door(sequence=[first, 2000]),), held)
-        assert group.bit == 0
-        held = marks_held((group,), held)
+        first_steps = decide((door(sequence=[first, 2000]),), history)
+        assert [g.bit for g in first_steps.groups] == [0]
+        history = switched(first_steps, 0.0)
     # another door on that port, though, gets a bit of its own
-    other = first_step_groups((door(name="x", sequence=[999, 2000], protect=["23/tcp"]),), held)
-    assert [g.bit for g in other] == [1]
+    other = decide((door(name="x", sequence=[999, 2000], protect=["23/tcp"]),), history)
+    assert [g.bit for g in other.groups] == [1]
 
 
 def test_the_meanings_in_place_are_read_back_from_the_installed_rules():
     doors = (door(), twin(1, 41000))
-    installed = {4: [str(s) for s in scaffolding(doors, 7)], 6: []}
-    assert marks_installed(installed, 7) == {
+    installed = {4: [str(s) for s in scaffolding(doors, 7, first_steps=fresh(doors))], 6: []}
+    assert marks_installed(installed, 7).held() == {
         (("tcp", 50000), 0): {(("tcp", 40000), None)},
         (("tcp", 50000), 1): {(("tcp", 41000), None)},
     }
-    assert marks_installed(installed, 8) == {}  # another daemon's rules
-    assert marks_installed(installed, 7, pass_mark=0x100) == {}  # other bits: not first-step marks
-    # the doors are not known from the rules: only the same first port keeps its bit
-    renamed = first_step_groups((door(name="renamed"), twin(1, 42000)), marks_installed(installed, 7))
-    assert {g.first[1]: g.bit for g in renamed} == {40000: 0, 42000: 2}
+    assert marks_installed(installed, 8) == MarkHistory()  # another daemon's rules
+    assert marks_installed(installed, 7, pass_mark=0x100) == MarkHistory()  # other bits: not first-step marks
+
+
+def test_a_restart_with_rules_in_place_keeps_their_meanings_until_they_retire():
+    """The doors are not known from rules in place: only the same first port keeps its bit, and
+    a new first port takes none of theirs until the rules that marked with them are replaced and
+    GRACE has passed."""
+    doors = (door(), twin(1, 41000))
+    in_place = marks_installed({4: [str(s) for s in scaffolding(doors, 7, first_steps=fresh(doors))], 6: []}, 7)
+    restart = decide((door(name="renamed"), twin(1, 42000)), in_place)
+    assert bits(restart) == {40000: 0, 42000: 2}
+    assert bits(fresh((door(name="renamed"), twin(1, 42000)))) == {40000: 0, 42000: 1}  # without the history
+    history = switched(restart, 50.0)  # our rules replaced theirs at 50
+    assert bits(decide((door(name="renamed"), twin(1, 42000), twin(3, 43000)), history.retire(50.0))) == {
+        40000: 0,
+        42000: 2,
+        43000: 3,
+    }
+    assert bits(decide((door(name="renamed"), twin(1, 42000), twin(3, 43000)), history.retire(50.0 + GRACE))) == {
+        40000: 0,
+        42000: 2,
+        43000: 1,
+    }
+
+
+def test_the_plan_and_the_engine_take_nothing_but_the_decision():
+    """No caller can leave the mark history out: plan, scaffolding, Engine and Engine.reload
+    require the FirstSteps value (a TypeError when it is missing, or a bare tuple of groups)."""
+    doors = (door(), twin(1, 41000))
+    decided = fresh(doors)
+    with pytest.raises(TypeError):
+        plan(doors, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        scaffolding(doors, 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Engine(doors)  # type: ignore[call-arg]
+    for wrong in (decided.groups, None):
+        with pytest.raises(TypeError, match="FirstSteps"):
+            plan(doors, 0, first_steps=wrong)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="FirstSteps"):
+            Engine(doors, first_steps=wrong)  # type: ignore[arg-type]
+    engine = Engine(doors, first_steps=decided)
+    with pytest.raises(TypeError):
+        engine.reload(doors)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="FirstSteps"):
+        engine.reload((door(),), decided.groups)  # type: ignore[arg-type]
+    assert set(engine.doors) == {"d", "t1"}  # a refused reload changed nothing
+
+
+def test_one_decision_feeds_the_plan_and_the_engine_alike():
+    """The bits the engine reads are the bits the plan's rules set: both come from one value."""
+    doors = (door(), twin(1, 41000), twin(2, 39000))
+    history = switched(decide(doors[:2], MarkHistory()), 0.0)
+    decided = decide(doors, history)  # 39000 takes bit 2: bits 0 and 1 are held
+    marking = {
+        spec.match_set: spec.set_mark[0]
+        for spec in plan(doors, 0, first_steps=decided)[4]
+        if spec.target == "MARK" and spec.match_set
+    }
+    assert marking["nfknock-q0-tcp39000-v4"] == first_step_marks()[2]
+    engine = Engine(doors, first_steps=decided)
+    events = engine.handle(knock(50000, seen=0b100), 100.0).events
+    assert {e.door for e in events} == {"t2"}
 
 
 def test_a_bit_counts_for_a_door_only_on_its_own_second_port():
@@ -273,9 +373,22 @@ def test_a_bit_counts_for_a_door_only_on_its_own_second_port():
     bit 0. A packet on 51000 marked for e must not touch d, here d's close attempt on 51000."""
     d = door(close_sequence=[60000, 51000, 40000])
     e = door(name="e", sequence=[41000, 51000, 61000], protect=["23/tcp"])
-    assert {g.first[1]: g.bit for g in first_step_groups((d, e))} == {40000: 0, 41000: 0}
-    engine, now = Engine((d, e)), 100.0
+    assert bits(fresh((d, e))) == {40000: 0, 41000: 0}
+    engine, now = fresh_engine((d, e)), 100.0
     engine.handle(knock(60000), now)  # d's close sequence, stage 1
     events = engine.handle(knock(51000, seen=0b1), now + 1).events
     assert SequenceReset(ALICE, "d", "close", 1, "40000/tcp") not in events
     assert KnockAdvanced(ALICE, "d", "close", 2) in events and KnockAdvanced(ALICE, "e", "open", 2) in events
+
+
+def test_the_meanings_of_chains_in_both_flavours_are_kept_together():
+    """An earlier run with the other --firewall may have left a chain that marks too: a bit
+    either chain sets means what each meant, and no door takes a bit the two disagree on."""
+
+    def chain(*doors):
+        return {4: [str(s) for s in scaffolding(doors, 7, first_steps=fresh(doors))], 6: []}
+
+    legacy, nft = marks_installed(chain(door(), twin(1, 41000)), 7), marks_installed(chain(twin(2, 42000)), 7)
+    both = legacy | nft
+    assert both.held()[(("tcp", 50000), 0)] == {(("tcp", 40000), None), (("tcp", 42000), None)}
+    assert bits(decide((door(), twin(1, 41000), twin(2, 42000)), both)) == {40000: 2, 41000: 1, 42000: 3}

@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 import redis
 
-from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.engine import Verdict
 from nfknock.doors.events import ClaimNeeded, DoorOpened, SpaRefused
 from nfknock.doors.packet import Packet
 from nfknock.doors.rules import KnockDoor, SpaDoor
@@ -21,6 +21,7 @@ from nfknock.fleet.link import FleetConfig, check_url
 from nfknock.fleet.member import FleetMember
 from nfknock.fleet.records import Forged, Grant, Revoke, Signer, parse_key
 from nfknock.loading import load_secrets
+from support.decisions import fresh_engine
 
 KEY = b"k" * 32
 ALICE = "10.0.0.2"
@@ -108,7 +109,7 @@ def test_fleet_key_and_url_checks(tmp_path):
 
 
 def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door):
-    engine = Engine((spa_door,), shared=True)
+    engine = fresh_engine((spa_door,), shared=True)
     payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22)], WALL)
     decision = engine.handle(packet(62201, proto="udp", payload=payload), 10.0, WALL)
     claims = [e for e in decision.events if isinstance(e, ClaimNeeded)]
@@ -117,7 +118,7 @@ def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door
     assert isinstance(engine.claimed(claims[0], "ours", 10.2)[0], DoorOpened)
     assert engine.handle(packet(22), 10.3).verdict is Verdict.ACCEPT
 
-    other = Engine((spa_door,), shared=True)  # another member, to which the packet was replayed
+    other = fresh_engine((spa_door,), shared=True)  # another member, to which the packet was replayed
     decision = other.handle(packet(62201, proto="udp", payload=payload), 10.0, WALL + 1)
     claim = next(e for e in decision.events if isinstance(e, ClaimNeeded))
     refused = other.claimed(claim, "taken", 10.1, "used on member a")
@@ -126,7 +127,7 @@ def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door
 
 
 def test_knock_doors_need_no_claim():
-    engine = Engine((door(),), shared=True)
+    engine = fresh_engine((door(),), shared=True)
     events = [e for port in (40000, 50000, 60000) for e in engine.handle(packet(port), 1.0).events]
     assert any(isinstance(e, DoorOpened) for e in events) and not any(isinstance(e, ClaimNeeded) for e in events)
 
@@ -136,7 +137,7 @@ def test_knock_doors_need_no_claim():
 
 class Member:
     def __init__(self, server, name, doors, offline="accept"):
-        self.engine = Engine(doors, shared=True)
+        self.engine = fresh_engine(doors, shared=True)
         config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", name, offline)
         self.fleet = FleetMember(config, self.engine, LOG, lambda: None, connect=lambda *a, **k: _client(server))
         self.now = 1.0
@@ -286,7 +287,7 @@ def test_the_daemon_publishes_its_grants_and_operator_revokes(tmp_path, monkeypa
 
 
 def test_a_remote_grant_never_narrows_or_shortens_a_local_one():
-    engine = Engine((door(),), shared=True)
+    engine = fresh_engine((door(),), shared=True)
     config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", "b")
     member = FleetMember(config, engine, LOG, lambda: None, connect=lambda *a, **k: None)
     engine.grant(ALICE, "openSSH", 300, now=1.0)  # all the door's ports, for 5 minutes

@@ -12,6 +12,7 @@ from nfknock.firewall.granted import (
     GrantedSets,
     create_first_step_sets,
     destroy_all,
+    prune_first_step_sets,
 )
 from nfknock.firewall.plan import RuleSpec
 
@@ -214,3 +215,21 @@ def test_no_first_step_set_no_ipset_call():
     fake = FakeIpset()
     create_first_step_sets({4: [RuleSpec("DROP", "tcp", 40000)], 6: []}, fake)
     assert fake.calls == []
+
+
+def test_only_this_daemons_first_step_sets_that_the_plan_no_longer_uses_are_pruned():
+    listed = "\n".join(
+        [
+            "nfknock-q3-tcp40000-v4",  # the plan's
+            "nfknock-q3-tcp41000-v4",  # a first step a reload removed
+            "nfknock-q3-udp41000-v6-new",  # the spare of an interrupted swap
+            "nfknock-q4-tcp41000-v4",  # another daemon's
+            "nfknock-q3-v4",  # the granted set
+            "nfknock-q3-recent-v4",
+            "nfknock-q3-s22-v4",  # a sessions set
+            "f2b-sshd",  # another program's
+        ]
+    )
+    fake = FakeIpset(listed=listed)
+    assert prune_first_step_sets(3, FIRST_STEPS, fake) == ["nfknock-q3-tcp41000-v4", "nfknock-q3-udp41000-v6-new"]
+    assert fake.calls[-1][1].splitlines() == ["destroy nfknock-q3-tcp41000-v4", "destroy nfknock-q3-udp41000-v6-new"]

@@ -7,10 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfknock.daemon import Daemon, DaemonConfig
-from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.engine import Verdict
 from nfknock.doors.events import DoorClosed, DoorOpened
 from nfknock.doors.packet import Packet
 from nfknock.doors.rules import KnockDoor
+from support.decisions import fresh_engine
 from support.fakes import FakeFirewall, Queued
 
 DOOR = KnockDoor.model_validate(
@@ -86,7 +87,7 @@ knocks = st.tuples(
 @settings(max_examples=400, deadline=None)
 @given(st.lists(knocks, max_size=60), st.integers(1, 4))
 def test_only_a_live_grant_ever_accepts(steps, cap):
-    engine, now = Engine((DOOR,), max_sources=cap), 0.0
+    engine, now = fresh_engine((DOOR,), max_sources=cap), 0.0
     granted: dict[str, float] = {}  # what the events say: source -> open until
     for src, port, proto, flags, gap in steps:
         now += gap

@@ -5,12 +5,13 @@ import base64
 
 import pytest
 
-from nfknock.doors.engine import Engine, Verdict
+from nfknock.doors.engine import Verdict
 from nfknock.doors.events import DoorOpened, SequenceReused
 from nfknock.doors.packet import Packet
 from nfknock.doors.rotation import derive, window_of
 from nfknock.doors.rules import RotatingDoor
 from nfknock.loading import load_secrets
+from support.decisions import fresh_engine
 
 SECRET = b"s" * 32
 WALL = 1_800_000_000.0  # a multiple of 60: window 30,000,000 starts here
@@ -63,7 +64,7 @@ def sequence(door, index):
 
 
 def test_current_window_opens_once(door):
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     ports = sequence(door, window_of(WALL, 60))
     assert isinstance(knock_all(engine, ports, 1)[-1], DoorOpened)
     assert engine.handle(Packet("10.0.0.2", "10.0.0.1", "tcp", 1, 22, 0x02), 102.0).verdict is Verdict.ACCEPT
@@ -74,20 +75,20 @@ def test_current_window_opens_once(door):
 
 def test_a_used_sequence_stays_used_after_a_restart(door):
     """The record of used sequences goes with the replay cache the daemon keeps on disk."""
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     ports = sequence(door, window_of(WALL, 60))
     assert isinstance(knock_all(engine, ports, 1)[-1], DoorOpened)
-    restarted = Engine((door,))
+    restarted = fresh_engine((door,))
     restarted.restore_replays(engine.replays.snapshot(), WALL + 2)
     assert knock_all(restarted, ports, 3, src="10.0.0.3")[-1] == SequenceReused("10.0.0.3", "rot")
     # Records end once the window can no longer be used: the cache stays bounded.
-    after = Engine((door,))
+    after = fresh_engine((door,))
     after.restore_replays(engine.replays.snapshot(), (window_of(WALL, 60) + 2) * 60 + 1)
     assert len(after.replays) == 0
 
 
 def test_previous_window_still_opens_older_ones_do_not(door):
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     previous = sequence(door, window_of(WALL, 60) - 1)
     assert isinstance(knock_all(engine, previous, 1)[-1], DoorOpened)
     yesterday = sequence(door, window_of(WALL - 86400, 60))
@@ -95,7 +96,7 @@ def test_previous_window_still_opens_older_ones_do_not(door):
 
 
 def test_next_window_brings_a_fresh_sequence(door):
-    engine = Engine((door,))
+    engine = fresh_engine((door,))
     knock_all(engine, sequence(door, window_of(WALL, 60)), 1)
     later = sequence(door, window_of(WALL, 60) + 1)
     assert isinstance(knock_all(engine, later, 61)[-1], DoorOpened)

@@ -6,8 +6,8 @@ import pytest
 
 from nfknock.doors.rules import parse_door
 from nfknock.errors import FirewallError
-from nfknock.firewall.plan import plan
-from nfknock.firewall.sessions import SESSION_TIMEOUT, SessionSets, open_sessions, session_sets
+from nfknock.firewall.sessions import SESSION_TIMEOUT, SessionSets, open_sessions, prune_session_sets, session_sets
+from support.decisions import fresh_plan
 
 HEADER = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
 
@@ -66,7 +66,7 @@ class FakeIpset:
 
 def doors_plan():
     door = parse_door(dict(name="d", sequence=[40000, 50000], protect=["22/tcp", "53/udp"], family="ipv4"))
-    return plan((door,), 0)
+    return fresh_plan((door,), 0)
 
 
 def test_every_protected_tcp_port_has_a_sessions_set_per_family():
@@ -99,3 +99,15 @@ def test_a_refused_update_is_an_error_naming_the_sets():
     sets = SessionSets(FakeIpset(returncode=1), reader=lambda ports: {})
     with pytest.raises(FirewallError, match="cannot update the sessions sets: ipset restore exited with status 1"):
         sets.sync(doors_plan(), now=0.0)
+
+
+def test_only_this_daemons_sessions_sets_of_ports_no_door_protects_any_more_are_pruned():
+    listed = "nfknock-q0-s22-v4\nnfknock-q0-s2222-v4\nnfknock-q1-s2222-v4\nnfknock-q0-v4\nnfknock-q0-tcp40000-v4\n"
+    calls = []
+
+    def runner(argv, input=None, **kwargs):
+        calls.append(input)
+        return subprocess.CompletedProcess(argv, 0, listed if argv[1:] == ["list", "-n"] else "", "")
+
+    assert prune_session_sets(0, doors_plan(), runner) == ["nfknock-q0-s2222-v4"]
+    assert calls[-1] == "destroy nfknock-q0-s2222-v4\n"
