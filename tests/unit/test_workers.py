@@ -1,7 +1,7 @@
 """The supervisor's merging of its workers' answers: one daemon's status and metrics."""
 
-from nfknock.daemon.metrics import Snapshot
 from nfknock.daemon.merge import merge_snapshots, merge_status
+from nfknock.daemon.metrics import Snapshot
 
 
 def answer(grants, locked, packets, tracked):
