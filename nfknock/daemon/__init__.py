@@ -9,7 +9,7 @@
 - scaffold.py   installing the plan, its sets, the sessions sets; what rules in place mean
 - front.py      the control socket and the metrics exporter
 - single.py, supervisor.py, worker.py   the three roles, each composed of the above
-- workers.py    the supervisor's pool of worker processes
+- workers.py    the supervisor's pool of worker processes; watchdog.py: workers that do not answer
 - control.py, metrics.py, logs.py, stats.py, store.py, claims.py   what those use
 
 `Daemon(config, firewall, ...)` picks the role for the configuration.

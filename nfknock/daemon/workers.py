@@ -18,17 +18,11 @@ unbound, so the kernel drops its share of the packets, and the supervisor then s
 and exits non-zero with the rules in place; a supervisor that dies takes its workers with it
 (PR_SET_PDEATHSIG, and end of file on their channel).
 
-A worker that lives but does not answer (SIGSTOP, a debugger, a loop that never returns) keeps
-its queues bound: the kernel holds what they get and drops what does not fit, so its share of
-the sources can neither knock nor connect. That is closed, the safe side, but it must not be
-silent: the supervisor pings every worker every few seconds between its own turns, and one
-that leaves a ping unanswered for STUCK_AFTER seconds is named in the log (pid, queues, the
-sources it owns, what its process state says, what its queues hold and dropped), in `nfknock
-status` and in the metrics, again every STUCK_REPEAT seconds while it lasts, and once more when
-it answers again. Nothing else is done to it: a stopped process may be an administrator's
-debugger session, which a kill or a restart would destroy, and a restarted worker would not
-make the shard any safer (it is closed already); SIGCONT resumes it, a stop of the daemon ends
-it (SIGKILL after STOP_WAIT).
+A worker that lives but does not answer keeps its queues bound: closed for its share of the
+sources, and named by the supervisor's watchdog (watchdog.py). Nothing else is done to it: a
+stopped process may be an administrator's debugger session, which a kill or a restart would
+destroy, and a restarted worker would not make the shard any safer (it is closed already);
+SIGCONT resumes it, a stop of the daemon ends it (SIGKILL after STOP_WAIT).
 """
 
 from __future__ import annotations
@@ -48,40 +42,23 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NfknockError, QueueError
-from ..firewall.shards import byte_ranges, queues, shard_of
+from ..firewall.shards import queues, shard_of
 from . import metrics
 from .claims import SUBDIR, open_claims
 from .config import DaemonConfig
 from .merge import merge_snapshots, merge_status
-from .stats import read_queue_counters
+from .watchdog import Watchdog, _Worker
 
 START_WAIT = 30.0  # seconds for every worker to bind its queues
 ANSWER_WAIT = 3.0  # seconds for every worker to answer a request (within control's 5 s deadline)
 RELOAD_WAIT = 120.0  # seconds for every worker to compile new rules (10k doors take about one)
 Spawn = Callable[[int, Connection, Any], None]  # (shard, channel, claims): a worker's life, never returns
 STOP_WAIT = 10.0  # seconds for workers to stop before they are killed
-PING_EVERY = 2.0  # seconds between a worker's answer and the supervisor's next ping
-STUCK_AFTER = 5.0  # seconds a ping may wait for its answer (a worker answers within a turn, <= 1 s)
-STUCK_REPEAT = 60.0  # seconds between the warnings about a worker that still does not answer
 
 
 class WorkerDied(NfknockError):
     """A worker process ended on its own: its share of the sources is closed (the kernel drops what
     its queues would get); the daemon stops, the rules stay."""
-
-
-class _Worker:
-    def __init__(self, shard: int, pid: int, conn: Connection, queues: tuple[int, int]):
-        self.shard, self.pid, self.conn, self.queues = shard, pid, conn, queues
-        self.alive = True  # not yet collected (waitpid)
-        self.closed = False  # its end of the channel is gone: it has ended or is ending
-        self.next_ping = 0.0  # (the supervisor's clock) when to ping it next
-        self.pinged: float | None = None  # when the ping it has not answered yet went out
-        self.stuck: float | None = None  # when the log said it does not answer (None: it answers)
-        self.said: float = 0.0  # when the log last said so
-
-    def silent_for(self, now: float) -> float:
-        return 0.0 if self.pinged is None else now - self.pinged
 
 
 class WorkerPool:
@@ -92,6 +69,7 @@ class WorkerPool:
         self.count: int = config.workers
         self.queue_num: int = config.queue_num
         self.clock = clock
+        self.watchdog = Watchdog(log, config.workers, clock)
         self._snapshots: dict[int, metrics.Snapshot] = {}  # each worker's last, for one that is stuck
         self.workers: list[_Worker] = []
         self._private: Path | None = None
@@ -218,7 +196,7 @@ class WorkerPool:
                 self._handle(worker, message)
 
     def _handle(self, worker: _Worker, message: tuple) -> None:
-        self._heard(worker)  # any message: it reached its loop
+        self.watchdog.heard(worker)  # any message: it reached its loop
         if message[0] == "reply" and message[1] in self._replies:  # a late one is not waited for
             self._replies[message[1]][worker.shard] = message[2]
         elif message[0] == "failed":  # its last word: why it stops (its log has the traceback)
@@ -230,7 +208,11 @@ class WorkerPool:
         replies = self._gather(message, workers, wait)
         missing = [worker.shard for worker in workers if worker.shard not in replies]
         if missing:
-            stuck = [self._named(worker) for worker in workers if worker.shard in missing and worker.stuck is not None]
+            stuck = [
+                self.watchdog.named(worker)
+                for worker in workers
+                if worker.shard in missing and worker.stuck is not None
+            ]
             hint = f" ({', '.join(stuck)} does not answer pings either: see 'nfknock status')" if stuck else ""
             raise NfknockError(f"worker(s) {missing} did not answer within {wait:g}s{hint}")
         return [replies[worker.shard] for worker in workers]
@@ -282,22 +264,11 @@ class WorkerPool:
         replies = self._gather(("control", request), answering, ANSWER_WAIT) if answering else {}
         silent = [worker for worker in self.workers if worker.shard not in replies]
         if not replies:
-            return {"error": "no worker answers: " + "; ".join(self._named(worker) for worker in silent)}
+            return {"error": "no worker answers: " + "; ".join(self.watchdog.named(worker) for worker in silent)}
         merged = merge_status([replies[shard] for shard in sorted(replies)])
         merged["workers"] = self.count
-        merged["stuck_workers"] = [self.stuck_row(worker, self.clock()) for worker in silent]
+        merged["stuck_workers"] = [self.watchdog.stuck_row(worker, self.clock()) for worker in silent]
         return merged
-
-    def stuck_row(self, worker: _Worker, now: float) -> dict[str, Any]:
-        lo, hi = byte_ranges(self.count)[worker.shard]
-        return {
-            "worker": worker.shard,
-            "pid": worker.pid,
-            "queues": list(worker.queues),
-            "silent_for": round(worker.silent_for(now), 1),
-            "state": process_state(worker.pid),
-            "sources": f"{lo}-{hi}",
-        }
 
     def snapshot(self) -> metrics.Snapshot:
         """The workers' counters as one daemon's; a worker that does not answer counts with its
@@ -311,67 +282,9 @@ class WorkerPool:
         up = tuple((worker.shard, worker.shard in replies) for worker in self.workers)
         return replace(merge_snapshots(known), workers_up=up)
 
-    # -- workers that live but do not answer ----------------------------------------------------
-
     def watch(self, now: float) -> None:
-        """Ping each worker whose last answer is PING_EVERY old; name one that leaves a ping
-        unanswered for STUCK_AFTER seconds (the supervisor's loop calls this each turn)."""
-        for worker in self.workers:
-            if worker.closed or not worker.alive:
-                continue
-            if worker.pinged is None:
-                if now >= worker.next_ping:
-                    try:
-                        worker.conn.send(("ping",))
-                    except OSError:
-                        continue  # its end is gone: pump() and check() say so
-                    worker.pinged = now
-                continue
-            silent = now - worker.pinged
-            if worker.stuck is None and silent >= STUCK_AFTER:
-                worker.stuck = worker.said = now
-                self.log.warning("%s", self._stuck_line(worker, silent, first=True))
-            elif worker.stuck is not None and now - worker.said >= STUCK_REPEAT:
-                worker.said = now
-                self.log.warning("%s", self._stuck_line(worker, silent, first=False))
-
-    def _heard(self, worker: _Worker) -> None:
-        now = self.clock()
-        if worker.stuck is not None:
-            self.log.warning(
-                "%s answers again after %.0fs: its sources are served again (%s)",
-                self._named(worker),
-                worker.silent_for(now),
-                self._queue_load(worker, while_stuck=True),
-            )
-        worker.pinged = worker.stuck = None
-        worker.next_ping = now + PING_EVERY
-
-    def _named(self, worker: _Worker) -> str:
-        return f"worker {worker.shard} (pid {worker.pid}, queues {worker.queues[0]}-{worker.queues[1]})"
-
-    def _stuck_line(self, worker: _Worker, silent: float, first: bool) -> str:
-        lo, hi = byte_ranges(self.count)[worker.shard]
-        what = STATES.get(process_state(worker.pid), STATES["running"])
-        text = (
-            f"{self._named(worker)} has not answered for {silent:.0f}s: {what}. Sources whose address ends in "
-            f"byte {lo}-{hi} cannot knock or connect until it answers (closed, not open: {self._queue_load(worker)})"
-        )
-        if first:
-            text += (
-                "; nfknock neither kills nor restarts it (a stopped worker may be a debugger session): "
-                f"'kill -CONT {worker.pid}' resumes it, stopping nfknock ends it"
-            )
-        return text
-
-    def _queue_load(self, worker: _Worker, while_stuck: bool = False) -> str:
-        """What the kernel holds and dropped in the worker's queues, as the log says it."""
-        counters = [read_queue_counters(number) for number in worker.queues]
-        waiting = sum(c.queue_total for c in counters if c is not None)
-        dropped = sum(c.dropped + c.user_dropped for c in counters if c is not None)
-        if while_stuck:
-            return f"its queues dropped {dropped} packets since it started; a dropped knock must be sent again"
-        return f"the kernel holds {waiting} packets in its queues and drops what does not fit, {dropped} so far"
+        """Ping the workers; name one that does not answer (watchdog.py). Each loop turn."""
+        self.watchdog.watch(self.workers, now)
 
     def reload(self, ruleset, first_steps) -> list[str]:
         """Give every worker the rules the supervisor just installed, with the first steps they
@@ -399,24 +312,6 @@ class WorkerPool:
             self.claims.sweep(wall)
         except OSError as exc:
             self.log.warning("cannot sweep the replay claims in %s: %s", self.claims.directory, exc)
-
-
-# What a worker's process state (process_state) says about a worker that does not answer.
-STATES = {
-    "stopped": "it is stopped (SIGSTOP or SIGTSTP)",
-    "traced": "it is stopped by a debugger (tracing stop)",
-    "waiting": "it waits in the kernel (uninterruptible sleep)",
-    "running": "it runs but does not get back to its loop",
-}
-
-
-def process_state(pid: int) -> str:
-    """`stopped`, `traced`, `waiting` or `running`, from the state letter in /proc/PID/stat."""
-    try:
-        letter = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "running"
-    return {"T": "stopped", "t": "traced", "D": "waiting"}.get(letter, "running")
 
 
 def _ended(worker: _Worker) -> str:

@@ -95,7 +95,8 @@ def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(
     from multiprocessing.connection import Connection
     from types import SimpleNamespace
 
-    from nfknock.daemon.workers import PING_EVERY, STUCK_AFTER, STUCK_REPEAT, WorkerPool, _Worker
+    from nfknock.daemon.watchdog import PING_EVERY, STUCK_AFTER, STUCK_REPEAT, _Worker
+    from nfknock.daemon.workers import WorkerPool
 
     now = [100.0]
     config = SimpleNamespace(workers=2, queue_num=7, state_dir=tmp_path)
@@ -118,7 +119,7 @@ def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(
             assert warning.startswith(f"worker 1 (pid {os.getpid()}, queues 9-10) has not answered for 5s")
             assert "Sources whose address ends in byte 128-255 cannot knock or connect" in warning
             assert "closed, not open" in warning and "neither kills nor restarts it" in warning
-            assert [row["worker"] for row in [pool.stuck_row(w, now[0]) for w in pool.workers]] == [1]
+            assert [row["worker"] for row in [pool.watchdog.stuck_row(w, now[0]) for w in pool.workers]] == [1]
             now[0] += STUCK_REPEAT
             pool.watch(now[0])
             assert sum("has not answered" in r.getMessage() for r in caplog.records) == 2
