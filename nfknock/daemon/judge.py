@@ -201,7 +201,9 @@ class Judge:
         )
 
     def close(self) -> None:
-        """Everything a judge holds open but the rules: the set link, conntrack, the fleet."""
+        """Everything a judge holds open but the rules: held connections (dropped), the set link,
+        conntrack, the fleet."""
+        self.verdicts.drop_held()
         self.granted.close()
         if self.grants.handshakes is not None:
             self.grants.handshakes.close()

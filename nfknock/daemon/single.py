@@ -115,6 +115,7 @@ class Single(Judge):
             self.fleet_step,
             self._reload_step,
             self.expire,
+            self.verdicts.release,
             Every(STATS_EVERY, lambda now: self.report_counters()),
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
             self.front.serve_snapshot,

@@ -636,3 +636,50 @@ def test_reloads_that_swap_twins_keep_every_door_in_the_kernel(tmp_path, caplog)
         assert next(g.bit for g in daemon.first_steps.groups if "A" in g.doors) == a_bit
     assert "its first knocks go to the daemon" not in caplog.text
     assert len(daemon.mark_history.past) <= 2
+
+
+def test_a_syn_behind_a_claim_in_flight_waits_for_the_answer_and_gets_one_verdict(tmp_path, spa_keys):
+    """Fleet mode: an SPA packet's grant waits for the fleet's answer (one Redis round trip). The
+    client's first SYN, sent meanwhile, is held (no verdict yet), not refused: once the answer
+    grants, it is accepted; a stranger's SYN is refused at once; a SYN whose claim is lost is
+    refused when the answer comes. Each held packet gets exactly one verdict."""
+    import time
+
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.events import ClaimNeeded
+    from nfknock.doors.spa import encode
+
+    fleet = HeardByTheFleet()
+    worker = spa_worker(tmp_path, ReplayClaims(tmp_path / "used"), 0, fleet=fleet)
+    now = worker.clock()
+    for answer, client in (("ours", "10.0.0.2"), ("taken", "10.0.0.4")):
+        assert verdicts(worker, spa_udp(encode(spa_keys, client, [("tcp", 22)], time.time()), client)) == ["drop"]
+        (claim,) = [event for event in fleet.heard if isinstance(event, ClaimNeeded) and event.src == client]
+        held = Queued(syn(22, src=client))
+        worker.on_packet(held)
+        assert held.verdicts == []  # waits for the answer
+        assert verdicts(worker, syn(22, src="10.0.0.66")) == ["drop"]  # a stranger is not held
+        worker.verdicts.release(now)
+        assert held.verdicts == []  # still no answer
+        worker.sinks.consume(worker.engine.claimed(claim, answer, now), now)  # what FleetMember.step does
+        worker.verdicts.release(now)
+        assert held.verdicts == (["accept"] if answer == "ours" else ["drop"])
+        worker.verdicts.release(now)
+        assert len(held.verdicts) == 1
+    assert worker.verdicts.held == {}
+
+
+def test_held_connections_are_dropped_at_a_stop(tmp_path, spa_keys):
+    import time
+
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.spa import encode
+
+    worker = spa_worker(tmp_path, ReplayClaims(tmp_path / "used"), 0, fleet=HeardByTheFleet())
+    verdicts(worker, spa_udp(encode(spa_keys, "10.0.0.2", [("tcp", 22)], time.time()), "10.0.0.2"))
+    held = [Queued(syn(22)) for _ in range(12)]
+    for queued in held:
+        worker.on_packet(queued)
+    assert [q.verdicts for q in held[8:]] == [["drop"]] * 4  # beyond HELD_PER_SOURCE: refused at once
+    worker.verdicts.drop_held()
+    assert all(q.verdicts == ["drop"] for q in held)
