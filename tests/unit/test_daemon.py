@@ -459,18 +459,39 @@ def test_a_knock_grant_is_in_the_kernels_set_before_the_next_packet_is_judged(da
     assert journal.count(("set add", "10.0.0.2")) == 1  # one message per grant
 
 
-def test_an_spa_source_is_in_the_set_before_its_replay_record_is_written(spa, monkeypatch):
+def test_an_spa_packet_opens_once_its_replay_record_is_durable_and_its_syn_waits_for_that(spa, monkeypatch):
+    """Route first, write after, grant last. The source enters the granted set at once; the
+    replay cache is written by a thread, off the verdict path (the loop judges other packets
+    meanwhile); the client's SYN is held, without a verdict, until the record is durable, and
+    then accepted: never before the write."""
+    import threading
+
     make, packet = spa
     daemon = journalled(make(), journal := Journal())
-    monkeypatch.setattr(daemon.store, "save", lambda entries: journal.append(("save", len(entries))))
+    gate = threading.Event()
+
+    def save(entries):
+        gate.wait(5)
+        journal.append(("save", len(entries)))
+
+    monkeypatch.setattr(daemon.store, "save", save)
     assert journal.judge(daemon, packet()) == "drop"
-    assert [entry[0] for entry in journal] == ["set add", "save", "drop"]
+    assert [entry[0] for entry in journal] == ["set add", "drop"]  # the verdict did not wait for the disk
+    assert journal.judge(daemon, syn(22, src="10.0.0.66")) == "drop"  # the loop goes on meanwhile
+    held = len(journal)
+    journal.judge(daemon, syn(22))
+    daemon.settle(daemon.clock())
+    assert len(journal) == held  # the SYN waits
+    gate.set()
+    assert daemon.store_sink.writer.wait_idle()
+    daemon.settle(daemon.clock())
+    assert [entry[0] for entry in journal[held:]] == ["save", "accept"]
     assert journal.judge(daemon, syn(22)) == "accept"
 
 
 def test_a_replay_record_that_cannot_be_written_opens_nothing(spa, monkeypatch, caplog):
-    """DESIGN rule 11: the durable record before the grant takes effect. The SYN that waited in
-    the grant queue meanwhile is dropped, and the source leaves the set again."""
+    """DESIGN rule 11: the durable record before the grant takes effect. The SYN held meanwhile
+    is dropped once the write failed, and the source leaves the set again."""
     make, packet = spa
     daemon = journalled(make(), journal := Journal())
 
@@ -480,7 +501,9 @@ def test_a_replay_record_that_cannot_be_written_opens_nothing(spa, monkeypatch, 
     monkeypatch.setattr(daemon.store, "save", full)
     with caplog.at_level(logging.INFO, logger="t-spa"):
         assert journal.judge(daemon, packet()) == "drop"
-        assert journal.judge(daemon, syn(22)) == "drop"
+        journal.judge(daemon, syn(22))
+        assert daemon.store_sink.writer.wait_idle()
+        daemon.settle(daemon.clock())
     daemon.granted.flush()
     assert [entry[0] for entry in journal] == ["set add", "drop", "drop", "set del"]
     assert daemon.engine.grants(daemon.clock()) == []
