@@ -239,6 +239,8 @@ class Daemon:
             self.handled[verdict] += 1
             try:
                 if verdict is _ACCEPT:
+                    # the pass mark says "nfknock let it in" to the host's base rule (tools/export.py)
+                    queued.set_mark(queued.get_mark() | self.config.pass_mark)
                     queued.accept()
                 elif verdict is _PASS:
                     queued.set_mark(queued.get_mark() | self.config.pass_mark)
