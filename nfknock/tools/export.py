@@ -172,9 +172,7 @@ def ufw(doors: tuple[Door, ...], source: str, pass_mark: int = PASS_MARK) -> str
     """Lines for /etc/ufw/before.rules and before6.rules (the same for both), right after their
     `# End required lines`: in ufw's own chain, which ufw refills in one step on every reload."""
     lines = _intro("ufw", source, doors, pass_mark, "#")
-    lines.append(
-        "# Put these lines in /etc/ufw/before.rules and /etc/ufw/before6.rules, after '# End required lines'."
-    )
+    lines.append("# Put these lines in /etc/ufw/before.rules and /etc/ufw/before6.rules, after '# End required lines'.")
     lines += [_iptables_rule("ufw-before-input", proto, port, pass_mark) for proto, port in protected_ports(doors)]
     return "\n".join(lines) + "\n"
 
