@@ -57,10 +57,11 @@ touch /tmp/nft-watch.stop
 wait "$watcher" || { cat /tmp/nft-watch.out; fail "port 22 connected during systemctl reload nftables"; }
 probes=$(cut -d' ' -f1 /tmp/nft-watch.out)
 [ "$probes" -ge "$RELOADS" ] || fail "too few probes: $(cat /tmp/nft-watch.out)"
-ok "$RELOADS x systemctl reload nftables (${took} ms) under a 2 ms prober: $(cat /tmp/nft-watch.out)"
+ok "$RELOADS x systemctl reload nftables (${took} ms) under a 2 ms prober: $(cat /tmp/nft-watch.out); nfknock's rules left: $(iptables -S | grep -c NFKNOCK || true) (0: the base rule held alone)"
 
 systemctl stop nftables   # `nft flush ruleset`: nfknock's chain too
 cp /tmp/nftables.conf.stock /etc/nftables.conf
 rm -f "$INCLUDE"
 systemctl restart nfknock
 expect_port closed "nftables.service stopped, nfknock restarted"
+ok "the nftables.service checks took ${SECONDS} s"

@@ -132,7 +132,9 @@ def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
     for family, specs in plan((v4, v6), 0).items():
         at_22 = [s for s in specs if s.dport == 22]
-        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "MARK", "ACCEPT", "DROP"], family
+        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "MARK", "ACCEPT", "DROP"], (
+            family
+        )
 
 
 def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():

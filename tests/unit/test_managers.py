@@ -73,7 +73,8 @@ def test_netfilter_persistent_needs_the_base_rule_in_each_file(tmp_path):
     (manager,) = find_managers(tmp_path)
     first, second = check_base_rules([manager], (SSH,), RULES)
     assert first.level == WARN and first.text.startswith(
-        f"netfilter-persistent: the nfknock base rule in {v4} is stale (it still closes tcp/2222, which no door protects)"
+        f"netfilter-persistent: the nfknock base rule in {v4} is stale "
+        "(it still closes tcp/2222, which no door protects)"
     )
     assert second.level == WARN and second.text.startswith(
         f"netfilter-persistent: {v4} and {v6} exist, and {v6} holds no nfknock base rule"
