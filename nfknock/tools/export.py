@@ -170,7 +170,9 @@ def firewalld(doors: tuple[Door, ...], source: str, pass_mark: int = PASS_MARK) 
 
 def ufw(doors: tuple[Door, ...], source: str, pass_mark: int = PASS_MARK) -> str:
     """Lines for /etc/ufw/before.rules and before6.rules (the same for both), right after their
-    `# End required lines`: in ufw's own chain, which ufw refills in one step on every reload."""
+    `# End required lines`: in ufw's own chain, which ufw loads from those files whenever it
+    starts or reloads (not tested against ufw itself: whether its reload leaves a gap between
+    flushing that chain and refilling it depends on ufw's version)."""
     lines = _intro("ufw", source, doors, pass_mark, "#")
     lines.append("# Put these lines in /etc/ufw/before.rules and /etc/ufw/before6.rules, after '# End required lines'.")
     lines += [_iptables_rule("ufw-before-input", proto, port, pass_mark) for proto, port in protected_ports(doors)]
