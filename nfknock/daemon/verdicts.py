@@ -72,6 +72,9 @@ class Verdicts:
                 self.handled[verdict] += 1
                 try:
                     if verdict is _ACCEPT:
+                        # Marked as ours: a firewall manager's base rule (tools/export.py), in a
+                        # table the packet meets after ours, lets through what nfknock accepted.
+                        queued.set_mark(queued.get_mark() | self.pass_mark)
                         queued.accept()
                     elif verdict is _PASS:
                         queued.set_mark(queued.get_mark() | self.pass_mark)
@@ -118,7 +121,11 @@ class Verdicts:
         finally:
             self.handled[verdict] += 1
             try:
-                queued.accept() if verdict is _ACCEPT else queued.drop()
+                if verdict is _ACCEPT:
+                    queued.set_mark(queued.get_mark() | self.pass_mark)  # as on_packet does
+                    queued.accept()
+                else:
+                    queued.drop()
             except Exception:
                 self.errors += 1
 

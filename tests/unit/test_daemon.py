@@ -138,6 +138,17 @@ def test_tripwire_packets_go_back_to_the_firewall_with_our_mark_added(daemon):
     assert queued.mark == 0x5 | PASS_MARK
 
 
+def test_an_accepted_connection_carries_our_mark_for_the_hosts_base_rule(daemon):
+    """The firewall manager's base rule (nfknock export) lets through only marked new connections:
+    an accept without the mark would be dropped there, whatever nfknock decided."""
+    for port in (40000, 50000, 60000):
+        daemon.on_packet(Queued(syn(port)))
+    queued = Queued(syn(22), mark=0x5)
+    daemon.on_packet(queued)
+    assert queued.verdicts == ["accept"]
+    assert queued.mark == 0x5 | PASS_MARK
+
+
 def test_a_failing_verdict_call_falls_back_to_drop(daemon):
     class Broken(Queued):
         def accept(self):
