@@ -50,6 +50,7 @@ from ..loading import load_rules
 from ..trust import why_unsafe
 from . import control, metrics
 from .claims import SUBDIR, open_claims
+from .guard import start_guard
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .stats import QUEUE_PROC, Reporter, parse_queue_table, read_queue_drops
@@ -213,6 +214,7 @@ class Daemon:
         self.handshakes = Handshakes()
         self.sessions_failed = 0
         self.applied_plan: Plan | None = None
+        self.guard: Any = None  # the scaffolding watcher (guard.py), in the process that installs the rules
 
     # -- the packet path -----------------------------------------------------------------
 
@@ -389,6 +391,7 @@ class Daemon:
             if self.pool is None:
                 self._start_fleet()  # with workers, each worker is a fleet member of its own
             self.marks_held = marks_held(self.first_steps, self.marks_held)
+            self.guard = start_guard(self)  # guard.py: watching before our rules go in
             self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
             self._start_control()
             self._log_ready()
@@ -464,7 +467,13 @@ class Daemon:
         while not self.stopping:
             deadline = self.engine.next_deadline()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
-            readable, _, _ = select.select([fd for fd, _ in served] + [wake_r] + self._channels(), [], [], sleep)
+            guard = self.guard.fds() if self.guard is not None else []
+            sleep = sleep if self.guard is None else min(sleep, self.guard.sleep(self.clock()))
+            readable, _, _ = select.select(
+                [fd for fd, _ in served] + [wake_r] + self._channels() + guard, [], [], sleep
+            )
+            if self.guard is not None:
+                self.guard.step(readable, self.clock())  # before the packets: closed first
             for fd, queue in served:
                 if fd in readable:
                     self._budget = BATCH
@@ -691,6 +700,8 @@ class Daemon:
         sd_notify("STOPPING=1")
         steps = [self._close_control, lambda: self._restore_signals(previous), self._log_totals, self.granted.close]
         steps.append(self.handshakes.close)
+        if self.guard is not None:
+            steps.append(self.guard.close)
         if self.fleet is not None:
             steps.append(self.fleet.stop)
         if self.pool is not None:
@@ -756,6 +767,8 @@ class Daemon:
             self.sessions.sync(new_plan, self.clock())
         self.firewall.apply(new_plan)
         self.applied_plan = new_plan
+        if self.guard is not None:
+            self.guard.applied(new_plan)
         if real is not None:
             runner = real.set_runner()
             try:

@@ -284,6 +284,7 @@ class WorkerPool:
             return {"error": "no worker answers: " + "; ".join(self._named(worker) for worker in silent)}
         merged = merge_status([replies[shard] for shard in sorted(replies)])
         merged["workers"] = self.count
+        merged["scaffolding"] = None if self.daemon.guard is None else self.daemon.guard.status()  # guard.py
         merged["stuck_workers"] = [self.stuck_row(worker, self.clock()) for worker in silent]
         return merged
 
@@ -308,7 +309,7 @@ class WorkerPool:
         if not known:
             raise NfknockError("no worker answered for the metrics")
         up = tuple((worker.shard, worker.shard in replies) for worker in self.workers)
-        return replace(merge_snapshots(known), workers_up=up)
+        return replace(merge_snapshots(known), workers_up=up, scaffolding_restored=metrics.restored(self.daemon))
 
     # -- workers that live but do not answer ----------------------------------------------------
 
