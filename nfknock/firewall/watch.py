@@ -204,35 +204,19 @@ class NftEvents:
             return None
         return Changes(tuple(found), ", ".join(dict.fromkeys(who)))
 
-    def wait_for(
-        self,
-        commits: dict[int, int],
-        timeout: float,
-        alive: Callable[[int], bool] = lambda pid: True,
-        first: Callable[[], None] = lambda: None,
-    ) -> set[int]:
-        """Wait until each pid in `commits` has committed that many transactions; returns the
-        pids that did not within `timeout` seconds, or ended first (`alive`). `first` is called
-        once every pid has committed its first. What others change meanwhile is kept for
-        `changes()`."""
-        waiting = dict(commits)
-        firsts = set(commits)
+    def wait_for(self, pids: set[int], timeout: float, alive: Callable[[int], bool] = lambda pid: True) -> set[int]:
+        """Wait until each of `pids` has committed a transaction; returns those that did not
+        within `timeout` seconds, or ended first (`alive`). What others change meanwhile is
+        kept for `changes()`."""
+        waiting = set(pids)
         deadline = time.monotonic() + timeout
         while waiting:
-            for pid in self._read():
-                firsts.discard(pid)
-                if pid in waiting:
-                    waiting[pid] -= 1
-                    if waiting[pid] <= 0:
-                        del waiting[pid]
-            if not firsts:
-                first()
-                firsts = {-1}  # said once
+            waiting -= set(self._read())
             left = deadline - time.monotonic()
             if not waiting or left <= 0 or not all(alive(pid) for pid in waiting):
                 break
             select.select([self.sock], [], [], min(left, 0.01))
-        return set(waiting)
+        return waiting
 
     def discard(self) -> None:
         """Forget what is waiting: after a change of our own made by a process we did not name."""
@@ -341,36 +325,32 @@ class Restorer:
 
 def repair_script(
     specs: list[RuleSpec], hurt: Damage, interface: str | None, protected: Iterable[tuple[str, int]] = ()
-) -> tuple[str, int]:
-    """The restore input that undoes `hurt`, and how many transactions it commits. Only the jump
-    gone (`iptables -F INPUT`): the jump alone. Our chain's content gone or changed: the chain
+) -> list[str]:
+    """The restore input that undoes `hurt`, one transaction after the other. Only the jump gone
+    (`iptables -F INPUT`): the jump alone. Our chain's content gone or changed: the chain
     declared (created or emptied) and refilled, the jump inserted where it went and re-placed
     where it is still there.
 
-    With `protected` ports (nf_tables), a refill is two transactions. Each iptables match or
-    target that nf_tables runs through its xtables compatibility layer (the sets, NFQUEUE)
-    first waits for the kernel to free the rules just deleted, one RCU grace period (seen: 8-15
-    ms here under load), while the port is open. So the first transaction closes the protected
-    ports with native expressions only (established traffic accepted, the rest dropped: ~0.4
-    ms), and the second replaces that with the whole chain; meanwhile a knock or a granted
-    client's new connection is dropped (its client retries): closed, for a few milliseconds."""
+    With `protected` ports (nf_tables), a refill is two transactions. nf_tables runs each
+    iptables match or target it has no expression of its own for (the sets, NFQUEUE, conntrack)
+    through its xtables compatibility layer, and adding one first waits for the kernel to free
+    the rules just deleted: one RCU grace period (seen: 8-15 ms here, under load), while the
+    port is open. So the first transaction closes the protected ports with native expressions
+    only (port and protocol, drop: ~0.6 ms), and the second replaces it with the whole chain.
+    Meanwhile every packet to a protected port is dropped, an established session's too (TCP
+    resends it), and so is a knock: closed, for the length of one grace period."""
     jump = f"-I INPUT 1{f' -i {interface}' if interface else ''} -j {CHAIN}"
     if not hurt.chain:
-        return f"*filter\n{jump}\nCOMMIT\n", 1
+        return [f"*filter\n{jump}\nCOMMIT\n"]
     protected = sorted(set(protected))
     if not protected:
-        return restore_script(specs, [] if hurt.jump else [jump_rule(interface)], True, interface), 1
+        return [restore_script(specs, [] if hurt.jump else [jump_rule(interface)], True, interface)]
     closing = ["*filter", f":{CHAIN} - [0:0]"]
-    for proto, port in protected:
-        closing.append(
-            f"-A {CHAIN} -p {proto} -m {proto} --dport {port} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
-        )
-        closing.append(f"-A {CHAIN} -p {proto} -m {proto} --dport {port} -j DROP")
+    closing += [f"-A {CHAIN} -p {proto} -m {proto} --dport {port} -j DROP" for proto, port in protected]
     if hurt.jump:
         closing.append(jump)
     closing.append("COMMIT")
-    whole = restore_script(specs, [jump_rule(interface)], True, interface)
-    return "\n".join(closing) + "\n" + whole, 2
+    return ["\n".join(closing) + "\n", restore_script(specs, [jump_rule(interface)], True, interface)]
 
 
 def nft_repair(
@@ -383,29 +363,39 @@ def nft_repair(
     closed: Callable[[], None] = lambda: None,
     timeout: float = 1.0,
 ) -> list[str]:
-    """Put our chain back in each damaged family through its Restorer, all families at once, and
-    wait for their commits (repair_script; `closed` is called when the protected ports are
-    closed again, before the whole chain is back). Returns the failures (empty: all back)."""
-    waiting: dict[int, int] = {}
-    commits: dict[int, int] = {}
-    failures = []
-    for family, hurt in damage.items():
-        restorer = restorers.setdefault(family, Restorer(family))
-        script, count = repair_script(specs_by_family.get(family) or [], hurt, interface, protected)
-        try:
-            pid = restorer.send(script)
-        except OSError as exc:
-            failures.append(f"IPv{family}: {restorer.tool}: {exc.strerror or exc}")
-            restorer.failure()
-            continue
-        events.own_pids.add(pid)
-        waiting[family], commits[pid] = pid, count
-    running = {restorers[family].pid: restorers[family] for family in waiting}
-    missing = events.wait_for(commits, timeout, lambda pid: running[pid].running, closed)
-    for family, pid in waiting.items():
-        if pid in missing:
-            failures.append(f"IPv{family}: {restorers[family].failure()}")
-    return failures
+    """Put our chain back in each damaged family through its Restorer and wait for the commits:
+    every family's first transaction (repair_script) before any second one, since each
+    transaction holds the ruleset's lock while it waits, and a second one would hold up another
+    family's closing one. `closed` is called once the protected ports are closed again.
+    Returns the failures (empty: all back)."""
+    protected = list(protected)
+    scripts = {
+        family: repair_script(specs_by_family.get(family) or [], hurt, interface, protected)
+        for family, hurt in damage.items()
+    }
+    failures: dict[int, str] = {}
+    for phase in range(max(len(steps) for steps in scripts.values())):
+        waiting: dict[int, int] = {}
+        for family, steps in scripts.items():
+            if phase >= len(steps) or family in failures:
+                continue
+            restorer = restorers.setdefault(family, Restorer(family))
+            try:
+                pid = restorer.send(steps[phase])
+            except OSError as exc:
+                failures[family] = f"IPv{family}: {restorer.tool}: {exc.strerror or exc}"
+                restorer.failure()
+                continue
+            events.own_pids.add(pid)
+            waiting[family] = pid
+        by_pid = {pid: restorers[family] for family, pid in waiting.items()}
+        missing = events.wait_for(set(by_pid), timeout, lambda pid, by_pid=by_pid: by_pid[pid].running)
+        for family, pid in waiting.items():
+            if pid in missing:
+                failures[family] = f"IPv{family}: {restorers[family].failure()}"
+        if phase == 0:
+            closed()
+    return [failures[family] for family in sorted(failures)]
 
 
 # -- legacy x_tables -------------------------------------------------------------------------
@@ -554,7 +544,9 @@ def legacy_repair(
             )
         except OSError as exc:
             return [f"IPv{family}: {tool}: {exc.strerror or exc}"]
-        started.append((family, tool, process, repair_script(specs_by_family.get(family) or [], hurt, interface)[0]))
+        started.append(
+            (family, tool, process, "".join(repair_script(specs_by_family.get(family) or [], hurt, interface)))
+        )
     failures = []
     for family, tool, process, script in started:
         try:
