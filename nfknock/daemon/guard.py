@@ -46,6 +46,8 @@ class Guard:
         sets_recreated: Callable[[], None] = lambda: None,
         protected: Callable[[], set[tuple[str, int]]] = set,
         timer: Callable[[], float] = time.perf_counter,
+        events: Any = None,
+        probe: Any = None,
     ):
         self.firewall = firewall
         self.log = log
@@ -59,17 +61,18 @@ class Guard:
         self.restored = 0  # repairs done
         self.failed = 0  # repairs that did not succeed (retried)
         self.last: str | None = None  # what the last repair was about
-        self.events: NftEvents | None = None
-        self.probe: LegacyProbe | None = None
+        self.events: NftEvents | None = events  # given: a test's fake
+        self.probe: LegacyProbe | None = probe
         self.restorers: dict[int, Restorer] = {}
         self._baseline: dict[int, LegacyView | None] = {}  # legacy: the tables as we left them
         self._next_poll = 0.0
         self._retry: dict[int, Damage] = {}
         self._retry_at: float | None = None
-        if firewall.name == "nft":
-            self.events = NftEvents()
-        else:
-            self.probe = LegacyProbe()
+        if events is None and probe is None:
+            if firewall.name == "nft":
+                self.events = NftEvents()
+            else:
+                self.probe = LegacyProbe()
 
     @property
     def how(self) -> str:
