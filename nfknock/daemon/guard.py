@@ -119,22 +119,23 @@ class Guard:
         if failures:
             self.log.warning("the scaffolding watcher's iptables-nft-restore is not ready: %s", "; ".join(failures))
 
-    def step(self, readable: list, now: float) -> None:
+    def step(self, readable: list | None, now: float) -> None:
+        """After a wake-up of the loop (`readable`: what its select returned; None: look anyway,
+        for a loop that does not say, which costs one recv or read that finds nothing)."""
         if self.plan is None:
             return
         started = self.timer()
         damage: dict[int, list[Damage]] = {}
         by = ""
         if self.events is not None:
-            if self.events.fileno() in readable or self.events.pending:
+            if readable is None or self.events.fileno() in readable or self.events.pending:
                 changes = self.events.changes()
                 if changes is not None:
                     by = changes.by
                     for hurt in changes.damage:
                         damage.setdefault(hurt.family, []).append(hurt)
         elif self.probe is not None:
-            if self.probe.fileno() in readable or now >= self._next_poll:
-                self.probe.drain()
+            if self.probe.drain() or now >= self._next_poll:
                 self._next_poll = now + POLL_EVERY
                 for family, hurt in self._legacy_damage().items():
                     damage.setdefault(family, []).append(hurt)

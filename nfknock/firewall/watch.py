@@ -460,13 +460,16 @@ class LegacyProbe:
         """The inotify descriptor on the xtables lock file (None: polling only)."""
         return self._inotify if self._inotify >= 0 else None
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
+        """Read the lock file's events; True if there were any (an iptables command ran)."""
+        seen = False
         if self._inotify >= 0:
             try:
                 while os.read(self._inotify, 4096):
-                    pass
+                    seen = True
             except BlockingIOError:
                 pass
+        return seen
 
     def view(self, family: int) -> LegacyView | None:
         """The table as the kernel has it now (None: no legacy filter table)."""
