@@ -35,6 +35,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from .nft import TOOLS, describe_failure, restore_script
 from .plan import CHAIN, RuleSpec
@@ -254,6 +255,10 @@ def jump_rule(interface: str | None) -> str:
 PRIORITY = -10  # nice value of the Restorer processes
 
 
+def _running(restorers: dict[int, Restorer], pid: int) -> bool:
+    return restorers[pid].running
+
+
 class Restorer:
     """A long-lived `iptables-nft-restore --noflush` (one per family), fed over a pipe: it commits
     each COMMIT as it reads it, with its extensions already loaded and no fork, so a repair of
@@ -388,8 +393,8 @@ def nft_repair(
                 continue
             events.own_pids.add(pid)
             waiting[family] = pid
-        by_pid = {pid: restorers[family] for family, pid in waiting.items()}
-        missing = events.wait_for(set(by_pid), timeout, lambda pid, by_pid=by_pid: by_pid[pid].running)
+        running = {pid: restorers[family] for family, pid in waiting.items()}
+        missing = events.wait_for(set(running), timeout, partial(_running, running))
         for family, pid in waiting.items():
             if pid in missing:
                 failures[family] = f"IPv{family}: {restorers[family].failure()}"
@@ -510,18 +515,19 @@ def read_table(family: int, raw: bytes, input_first: int, input_last: int) -> Le
         blob[offset + comefrom : offset + comefrom + 4] = bytes(4)
         blob[offset + counters : offset + counters + COUNTERS] = bytes(COUNTERS)
         target, step = struct.unpack_from("=HH", blob, offset + target_at)
-        name = bytes(blob[offset + target + 2 : offset + target + 31]).split(b"\0", 1)[0]
+        kind = bytes(blob[offset + target + 2 : offset + target + 31]).split(b"\0", 1)[0]
         data = offset + target + TARGET_HEADER
-        if name == b"ERROR":
+        if kind == b"ERROR":
             heads.append((offset, _text(bytes(blob[data : data + 32])), offset + step))
-        elif name == b"" and data + 4 <= len(blob):
+        elif kind == b"" and data + 4 <= len(blob):
             verdicts.append((offset, struct.unpack_from("=i", blob, data)[0]))
         if step == 0:
             break
         offset += step
-    chain, jumps = None, 0
-    for index, (_, name, first) in enumerate(heads):
-        if name == CHAIN:
+    chain: bytes | None = None
+    jumps = 0
+    for index, (_, chain_name, first) in enumerate(heads):
+        if chain_name == CHAIN:
             end = heads[index + 1][0] if index + 1 < len(heads) else len(blob)
             chain = bytes(blob[first:end])
             jumps = sum(1 for at, verdict in verdicts if input_first <= at <= input_last and verdict == first)
