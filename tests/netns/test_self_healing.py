@@ -158,3 +158,59 @@ def test_rules_taken_away_come_back_at_once(server, alice, bob, mallory, family,
         # rules, when the deleting process closes its socket, and our repair waits for that lock;
         # on legacy tables, a fork of iptables-legacy-restore (~5 ms). Everything else above holds.
         pytest.xfail(f"window wider than 2 connects: {window}")
+
+
+def granted_members(server, family: int = 4) -> set[str]:
+    out = server.sandbox.run(server.sandbox.server, ["ipset", "list", f"nfknock-q7-v{family}"], check=True).stdout
+    return {line.split()[0] for line in out.split("Members:", 1)[1].splitlines() if line.strip()}
+
+
+def test_sets_destroyed_while_unreferenced_come_back_and_the_granted_set_is_refilled(server, alice, bob, mallory):
+    """A flush leaves nfknock's sets unreferenced, and netfilter-persistent's ipset plugin (or an
+    admin) may destroy them before the daemon is back: the daemon is held (SIGSTOP) over both
+    steps here, so that its quick repair fails and the slow one has to re-create the sets."""
+    import signal
+
+    box = server.sandbox
+    server.start()
+    rules = server.iptables(4)
+    knock(server, alice, 4)
+    assert connect(alice).connected
+    assert alice.address in granted_members(server)
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        if server.flavour == "nft":
+            box.run(box.server, ["nft", "flush", "ruleset"], check=True)
+        else:
+            for family in (4, 6):
+                tool = f"{'ip6tables' if family == 6 else 'iptables'}-legacy"
+                box.run(box.server, [tool, "-F", "NFKNOCK"], check=True)
+        listed = box.run(box.server, ["ipset", "list", "-n"], check=True).stdout.split()
+        ours = [name for name in listed if name.startswith("nfknock-")]
+        assert "nfknock-q7-v4" in ours
+        for name in ours:
+            box.run(box.server, ["ipset", "destroy", name], check=True)
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    server.wait_log("the sets were re-created and the granted set refilled")
+    assert server.iptables(4) == rules
+    assert granted_members(server) == {alice.address}  # refilled from the grants the daemon holds
+    assert connect(alice).connected
+    assert not connect(bob, timeout=0.5).connected
+    knock(server, mallory, 4)
+    assert connect(mallory).connected
+
+
+def test_with_workers_the_supervisor_puts_the_rules_back(server, bob, mallory):
+    box = server.sandbox
+    server.start("--workers", "2")
+    rules = server.iptables(4)
+    tool = f"iptables-{server.flavour}"
+    box.run(box.server, [tool, "-F", "INPUT"], check=True)
+    server.wait_log(WARNING)
+    assert server.iptables(4) == rules
+    assert not connect(bob, timeout=0.5).connected
+    knock(server, mallory, 4)
+    assert connect(mallory).connected
+    watch = status(server)["scaffolding"]
+    assert watch["restored"] == 1 and "jump from INPUT" in watch["last"]
