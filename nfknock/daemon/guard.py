@@ -5,7 +5,7 @@ reload all take nfknock's chain or its jump away, and from then on a protected p
 rest of the firewall: open, on most hosts. The daemon cannot stop that from happening, but it can
 make the window short: it re-installs the plan it applied last as soon as the kernel shows the
 change (nf_tables: a netlink notification wakes the loop; legacy tables: the xtables lock file's
-inotify event, or a fingerprint of the table every POLL_EVERY seconds), re-creates the sets the
+inotify event, or a look at the tables' headers every POLL_EVERY seconds), re-creates the sets the
 rules need if they were destroyed meanwhile, and refills the granted set from the grants the
 engine holds, so a granted client keeps its access and a knock works right after.
 
@@ -28,7 +28,8 @@ from ..firewall.granted import GrantedSets
 from ..firewall.plan import CHAIN, Plan
 from ..firewall.watch import Damage, LegacyProbe, LegacyView, NftEvents, Restorer, legacy_repair, nft_repair
 
-POLL_EVERY = 0.02  # seconds between looks at the legacy tables (writers that skip the lock file)
+POLL_EVERY = 0.02  # seconds between looks at the legacy tables' headers (writers that skip the lock file)
+FULL_EVERY = 10  # every this many looks, the whole tables (a rule replaced by one of the same size)
 RETRY_EVERY = 1.0  # seconds between attempts while the scaffolding cannot be put back
 
 
@@ -66,6 +67,7 @@ class Guard:
         self.restorers: dict[int, Restorer] = {}
         self._baseline: dict[int, LegacyView | None] = {}  # legacy: the tables as we left them
         self._next_poll = 0.0
+        self._polls = 0
         self._retry: dict[int, Damage] = {}
         self._retry_at: float | None = None
         if events is None and probe is None:
@@ -78,7 +80,7 @@ class Guard:
     def how(self) -> str:
         if self.events is not None:
             return "nf_tables notifications"
-        return f"legacy table fingerprint every {POLL_EVERY * 1000:g} ms and on the xtables lock"
+        return f"legacy tables: on the xtables lock, their headers every {POLL_EVERY * 1000:g} ms"
 
     def status(self) -> dict[str, Any]:
         """For `nfknock status` and the metrics."""
@@ -135,9 +137,12 @@ class Guard:
                     for hurt in changes.damage:
                         damage.setdefault(hurt.family, []).append(hurt)
         elif self.probe is not None:
-            if self.probe.drain() or now >= self._next_poll:
+            ran = self.probe.drain()  # an iptables command ran: look at all of it
+            if ran or now >= self._next_poll:
                 self._next_poll = now + POLL_EVERY
-                for family, hurt in self._legacy_damage().items():
+                self._polls += 1
+                full = ran or self._polls % FULL_EVERY == 0
+                for family, hurt in self._legacy_damage(full).items():
                     damage.setdefault(family, []).append(hurt)
         if self._retry_at is not None and now >= self._retry_at:
             for family, hurt in self._retry.items():
@@ -161,13 +166,16 @@ class Guard:
         assert self.probe is not None
         return {family: self.probe.view(family) for family in (4, 6)}
 
-    def _legacy_damage(self) -> dict[int, Damage]:
+    def _legacy_damage(self, full: bool = True) -> dict[int, Damage]:
         """Families whose table changed in a way that touches us (a change elsewhere in the
-        table only moves the baseline)."""
+        table only moves the baseline). Unless `full`, a table whose header did not change is
+        taken as unchanged (the header is one system call; the whole table ~100 us of Python)."""
         assert self.probe is not None
         found = {}
         for family in (4, 6):
             before = self._baseline.get(family)
+            if not full and before is not None and self.probe.info(family) == before.info:
+                continue
             now = self.probe.view(family)
             if before is None or (now is not None and now.table == before.table):
                 continue
