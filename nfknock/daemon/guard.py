@@ -110,16 +110,22 @@ class Guard:
             self._warm_up(plan)
         else:
             self._baseline = self._look()
+            self._warm_up(plan)
 
     def _warm_up(self, plan: Plan) -> None:
         """Have each family's Restorer load its extensions now, by writing the plan just applied
         once more (one atomic replacement by the same rules), so that the first repair is as fast
         as the next ones. A failure here only costs speed: a repair starts a new Restorer."""
-        assert self.events is not None
         intact = {family: Damage(family, "", chain=True, jump=False) for family, specs in plan.items() if specs}
-        failures = nft_repair(self.restorers, self.events, plan, intact, self.firewall.interface)
+        if self.events is not None:
+            failures = nft_repair(self.restorers, self.events, plan, intact, self.firewall.interface)
+        else:
+            assert self.probe is not None
+            expected = {family: view.chain if view is not None else None for family, view in self._baseline.items()}
+            failures = legacy_repair(self.restorers, self.probe, plan, intact, self.firewall.interface, expected)
+            self._baseline = self._look()
         if failures:
-            self.log.warning("the scaffolding watcher's iptables-nft-restore is not ready: %s", "; ".join(failures))
+            self.log.warning("the scaffolding watcher's restore helper is not ready: %s", "; ".join(failures))
 
     def step(self, readable: list | None, now: float) -> None:
         """After a wake-up of the loop (`readable`: what its select returned; None: look anyway,
@@ -251,7 +257,9 @@ class Guard:
             return nft_repair(
                 self.restorers, self.events, self.plan, damage, self.firewall.interface, self.protected(), closed
             )
-        failures = legacy_repair(self.plan, damage, self.firewall.interface)
+        assert self.probe is not None
+        expected = {family: view.chain if view is not None else None for family, view in self._baseline.items()}
+        failures = legacy_repair(self.restorers, self.probe, self.plan, damage, self.firewall.interface, expected)
         if not failures:
             self._baseline = self._look()
         return failures
