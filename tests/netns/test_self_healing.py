@@ -156,7 +156,7 @@ def test_rules_taken_away_come_back_at_once(server, alice, bob, mallory, family,
         # guessed (nfknock/firewall/watch.py): on nf_tables, the kernel holds the ruleset's lock
         # for one RCU grace period (8-15 ms on 2 loaded cores) after a transaction that deleted
         # rules, when the deleting process closes its socket, and our repair waits for that lock;
-        # on legacy tables, a fork of iptables-legacy-restore (~5 ms). Everything else above holds.
+        # on legacy tables (1-2 ms repairs), a busy machine's scheduling. Everything else holds.
         pytest.xfail(f"window wider than 2 connects: {window}")
 
 
