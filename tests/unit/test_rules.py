@@ -290,9 +290,7 @@ def test_anchors_and_aliases_still_work(tmp_path):
     ]
 
 
-@pytest.mark.parametrize(
-    "loader", __import__("nfknock.doors.yamlsafe").doors.yamlsafe.LOADERS, ids=lambda c: c.__name__
-)
+@pytest.mark.parametrize("loader", __import__("nfknock.doors.yamlsafe").doors.yamlsafe.LOADERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
     "text,reason",
     [
