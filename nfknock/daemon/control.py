@@ -310,4 +310,11 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
         "evicted": engine.evicted,
         "kernel_queue_drops": drops.total if drops else 0,
         "fleet": None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
+        "scaffolding": scaffolding(daemon),
     }
+
+
+def scaffolding(daemon: Any) -> dict[str, Any] | None:
+    """What the scaffolding watcher (guard.py) did; None where no watcher runs (a worker, a fake)."""
+    guard = getattr(daemon, "guard", None)
+    return None if guard is None else guard.status()

@@ -78,6 +78,7 @@ class Snapshot:
     fleet: dict | None = None  # the fleet's part of status, in fleet mode
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
     workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
+    scaffolding_restored: int | None = None  # repairs by the scaffolding watcher (guard.py)
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -95,7 +96,13 @@ def take(daemon, now: float) -> Snapshot:
         tracked=daemon.engine.tracked,
         fleet=None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
         drops=None if drops is None else (drops.queue_full, drops.socket_full),
+        scaffolding_restored=restored(daemon),
     )
+
+
+def restored(daemon) -> int | None:
+    guard = getattr(daemon, "guard", None)
+    return None if guard is None else guard.restored
 
 
 class Collector:
@@ -138,6 +145,12 @@ class Collector:
             dropped.add_metric(("queue_full",), snapshot.drops[0])
             dropped.add_metric(("socket_full",), snapshot.drops[1])
             yield dropped
+        if snapshot.scaffolding_restored is not None:
+            yield CounterMetricFamily(
+                "nfknock_scaffolding_restored",
+                "Times another program removed or changed nfknock's rules and the daemon put them back",
+                value=snapshot.scaffolding_restored,
+            )
         if snapshot.workers_up:
             up = GaugeMetricFamily(
                 "nfknock_worker_up",

@@ -160,6 +160,10 @@ class Reloader:
         self.name_daemon_first_steps()
         return True
 
+    def protected_ports(self) -> set[tuple[str, int]]:
+        """(proto, port) of every port the rules in force protect."""
+        return {(port.proto, port.port) for door in self.ruleset.doors for port in door.protect}
+
     def refuse(self, error: BaseException | None) -> None:
         if isinstance(error, RulesError):
             lines = list(error.lines)

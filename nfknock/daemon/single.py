@@ -63,7 +63,7 @@ class Single(Judge):
         if claims is None and config.state_dir is not None and (Path(config.state_dir) / SUBDIR).is_dir():
             claims = open_claims(Path(config.state_dir) / SUBDIR)
         store = ReplayStore(config.state_dir) if config.state_dir else None
-        self.scaffold = Scaffold(config, firewall, log)
+        self.scaffold = Scaffold(config, firewall, log, clock)
         self.reloader = Reloader(config, ruleset, self.scaffold, log, clock)
         super().__init__(config, firewall, log, clock, wall_clock, ruleset, self.reloader.first_steps, claims, store)
         self.reloader.switch = self.adopt
@@ -95,6 +95,7 @@ class Single(Judge):
             self.scaffold.warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
             self.start_fleet(self.loop.wake)
+            self.scaffold.watch(self.loop, self.granted, self._grants, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
             self.front.start(self.clock())
             self._log_ready()
@@ -105,7 +106,9 @@ class Single(Judge):
             self.loop.run(queues)
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
-        shutdown = [self.front.close, self.log_totals, self.close] + [queue.unbind for queue in queues]
+        shutdown = [self.front.close, self.log_totals, self.close, self.scaffold.close] + [
+            queue.unbind for queue in queues
+        ]
         self.loop.guarded(body, shutdown)
 
     def _hook_into(self, loop: Loop) -> None:
@@ -121,6 +124,15 @@ class Single(Judge):
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
             self.front.serve_snapshot,
         ]
+
+    @property
+    def guard(self):
+        """The scaffolding watcher (guard.py), for status and the metrics."""
+        return self.scaffold.guard
+
+    def _grants(self) -> list[tuple[str, float]]:
+        now = self.clock()
+        return [(src, self.engine.grant_left(src, now)) for _, src, _ in self.engine.grants(now)]
 
     def _reload_step(self, now: float) -> None:
         if self.reloader.step(self.loop.hup, self.loop.wake):

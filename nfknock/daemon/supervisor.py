@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -47,7 +48,7 @@ class Supervisor:
         self.log = logger or logging.getLogger("nfknock")
         ruleset = ruleset if ruleset is not None else read(config)  # RulesError: nothing touched yet
         check_state_dir(config)
-        self.scaffold = Scaffold(config, firewall, self.log)
+        self.scaffold = Scaffold(config, firewall, self.log, clock)
         self.reloader = Reloader(config, ruleset, self.scaffold, self.log, clock, reraise=(WorkerDied,))
         self.reloader.switch = self._hand_over
         self.granted = GrantedSets(config.queue_num, self.log)  # created here, filled by the workers
@@ -84,6 +85,9 @@ class Supervisor:
         def body() -> None:
             self.scaffold.warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
+            # The grants live in the workers: a granted set destroyed by someone is not refilled
+            # here (their sources' SYNs then take the main queue, judged by their worker as before).
+            self.scaffold.watch(self.loop, self.granted, list, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
             self.front.start(self.clock())
             self._log_ready(pool)
@@ -102,7 +106,7 @@ class Supervisor:
             self.loop.run([])
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
-        self.loop.guarded(body, [self.front.close, self.granted.close, pool.stop])
+        self.loop.guarded(body, [self.front.close, self.granted.close, self.scaffold.close, pool.stop])
 
     def _serve_pool(self, now: float) -> None:
         """What the workers sent, and whether they all live and answer."""
@@ -127,6 +131,8 @@ class Supervisor:
         assert self.pool is not None
         try:
             answer = self.pool.answer(request)
+            if request["cmd"] == "status" and "error" not in answer:
+                answer["scaffolding"] = None if self.scaffold.guard is None else self.scaffold.guard.status()
             if request["cmd"] == "revoke" and answer.get("revoked") == []:  # no worker said it
                 who = request.get("address") or f"key {request.get('key')}"
                 self.log.info("%s: revoked by the operator (no grant)", who)
@@ -144,7 +150,8 @@ class Supervisor:
         """A slow worker costs a scrape its freshness, not the daemon: the last snapshot serves."""
         assert self.pool is not None
         try:
-            return self.pool.snapshot()
+            guard = self.scaffold.guard
+            return replace(self.pool.snapshot(), scaffolding_restored=None if guard is None else guard.restored)
         except WorkerDied:
             raise
         except NfknockError as exc:

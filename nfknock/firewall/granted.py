@@ -121,6 +121,26 @@ class GrantedSets:
             raise FirewallError(f"cannot create the granted-source sets: {error} (is the 'ipset' package installed?)")
         self.connect()
 
+    def ensure(self) -> bool:
+        """Create the sets again if another program destroyed them (after a `flush ruleset` left
+        them unreferenced), keeping what they hold when they are there. True if one was missing:
+        the caller then refills it from the grants it holds (daemon/guard.py)."""
+        try:
+            listed = self.runner(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
+            present = set(listed.stdout.split())
+        except (OSError, subprocess.SubprocessError):
+            present = set()
+        missing = [(family, name) for family, name in self.names().items() if name not in present]
+        lines = [
+            f"create {name} hash:ip family {'inet' if family == 4 else 'inet6'} timeout {MAX_TIMEOUT} "
+            f"maxelem {MAX_ELEMENTS} -exist"
+            for family, name in missing
+        ]
+        error = _restore(self.runner, lines) if lines else None
+        if error:
+            raise FirewallError(f"cannot create the granted-source sets: {error}")
+        return bool(missing)
+
     def connect(self) -> None:
         """Open this process's netlink link to sets that exist (a worker's: the supervisor made them)."""
         self._link = self._make_link()

@@ -47,6 +47,7 @@ def render_status(answer: dict[str, Any]) -> list[str]:
         f"{len(doors)} door(s), {len(grants)} grant(s), {len(locked)} lockout(s), "
         f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
         *_stuck_workers(answer),
+        *_scaffolding(answer),
         "",
     ]
     lines += table(
@@ -101,6 +102,17 @@ def _workers(answer: dict) -> str:
     if workers == 1 or not isinstance(first, int) or not isinstance(workers, int):
         return ""
     return f", {workers} workers on queues {first}-{first + 2 * workers - 1}"
+
+
+def _scaffolding(answer: dict) -> list[str]:
+    """A line when another program removed nfknock's rules and the daemon put them back."""
+    watch = answer.get("scaffolding")
+    if not isinstance(watch, dict) or not (watch.get("restored") or watch.get("failed")):
+        return []
+    line = f"rules put back {watch.get('restored', 0)} time(s) after another program changed them"
+    if watch.get("failed"):
+        line = f"WARNING: {line}; {watch['failed']} repair(s) failed (see the log)"
+    return [f"{line}; last: {watch.get('last') or '-'}"]
 
 
 def _stuck_workers(answer: dict) -> list[str]:

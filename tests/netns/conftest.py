@@ -18,7 +18,8 @@ from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv
 
 REPO = Path(__file__).resolve().parents[2]
 # Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables
-# (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server.
+# (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server;
+# nft (a ruleset flush, as nftables.service does).
 TOOLS = (
     "ip",
     "iptables-legacy",
@@ -32,6 +33,7 @@ TOOLS = (
     "nmap",
     "fwknop",
     "fwknopd",
+    "nft",
 )
 SERVICE_PORT = 22
 
