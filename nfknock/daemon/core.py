@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +156,10 @@ class Daemon:
         channel: Any = None,
         claims: Any = None,
         first_steps: tuple[FirstStepGroup, ...] | None = None,
+        last_good: Any = None,
     ):
         self.config = config
+        self.last_good = last_good  # lastgood.LastGood: keeps the rules installed; degraded start
         self.firewall = firewall
         self.log = logger or logging.getLogger("nfknock")
         self.clock = clock
@@ -390,9 +392,13 @@ class Daemon:
                 self._start_fleet()  # with workers, each worker is a fleet member of its own
             self.marks_held = marks_held(self.first_steps, self.marks_held)
             self._apply(self.config.plan(self.ruleset.doors, self.first_steps))
+            if self.last_good is not None:  # hook: last good rules (lastgood.py)
+                self.last_good.installed(self.ruleset)
             self._start_control()
             self._log_ready()
-            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
+            doors = len(self.ruleset.doors)
+            status = f"guarding {doors} door(s)" if self.last_good is None else self.last_good.ready_status(doors)
+            sd_notify(f"READY=1\nSTATUS={status} on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
             self._loop(queues)
@@ -611,6 +617,8 @@ class Daemon:
             dropped = self.pool.reload(ruleset, groups)
         else:
             dropped = self.adopt(ruleset, groups)
+        if self.last_good is not None:  # hook: last good rules (lastgood.py)
+            self.last_good.installed(ruleset)
         self.log.info(
             "reloaded %s: %d door(s)%s",
             self.config.rules_path,
@@ -743,6 +751,8 @@ class Daemon:
         self._snapshot_wanted = True
         self._wake()
         self._snapshot_taken.wait(SNAPSHOT_WAIT)
+        if self.snapshot is not None and self.last_good is not None:  # hook: last good rules
+            return replace(self.snapshot, last_good=self.last_good.degraded is not None)
         return self.snapshot
 
     def _apply(self, new_plan: Plan) -> None:
@@ -802,6 +812,14 @@ class Daemon:
             self.log.info("%s: %d handshake(s) begun during the grant will not complete", src, cut)
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One checked control request, from the loop; status says whether the daemon runs on the
+        last good rules (lastgood.py)."""
+        answer = self._answer(request)
+        if request["cmd"] == "status" and "error" not in answer:  # hook: last good rules
+            answer["degraded"] = None if self.last_good is None else self.last_good.status()
+        return answer
+
+    def _answer(self, request: dict[str, Any]) -> dict[str, Any]:
         """One checked control request, from the loop. A failure is the request's, not the daemon's."""
         try:
             if self.pool is not None:

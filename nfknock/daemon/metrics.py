@@ -78,6 +78,7 @@ class Snapshot:
     fleet: dict | None = None  # the fleet's part of status, in fleet mode
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
     workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
+    last_good: bool = False  # running on the last good rules (lastgood.py): the rules on disk do not load
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -129,6 +130,11 @@ class Collector:
             grants.add_metric((door,), count)
         yield grants
         yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
+        yield GaugeMetricFamily(
+            "nfknock_running_on_last_good_rules",
+            "1 while the daemon runs on its last good rules because the rules on disk do not load",
+            value=int(snapshot.last_good),
+        )
         if snapshot.fleet is not None:
             yield from fleet_metrics(snapshot.fleet)
         if snapshot.drops is not None:
