@@ -182,12 +182,12 @@ class Store:
         """Keep the rules at `rules_path` as the last good ones, if they still are `ruleset` (the
         rules just installed); False when they changed on disk meanwhile. OSError and the
         loaders' errors are the caller's."""
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         copy = capture(rules_path)
         if not same_doors(load_copy(copy, self.scratch).doors, ruleset.doors):
             return False
         copy["saved"] = wall
         copy["doors"] = [door.name for door in ruleset.doors]
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_private(self.path.with_suffix(".tmp"), json.dumps(copy), replace=self.path)
         return True
 

@@ -118,6 +118,12 @@ def test_the_copy_survives_what_breaks_the_originals(host):
     assert len(ruleset.doors) == 4
 
 
+def test_a_missing_state_directory_is_made_root_only(host):
+    etc, rules, state = host
+    keep(rules, state / "new")
+    assert stat.S_IMODE((state / "new").stat().st_mode) == 0o700 and (state / "new" / FILE_NAME).exists()
+
+
 def test_keys_from_the_environment_stay_there(host, monkeypatch):
     etc, rules, state = host
     encryption, mac = generate_keys()
