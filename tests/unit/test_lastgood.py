@@ -129,7 +129,8 @@ def test_keys_from_the_environment_stay_there(host, monkeypatch):
     encryption, mac = generate_keys()
     monkeypatch.setenv("ENVSPA_KEY_BASE64", encryption)
     monkeypatch.setenv("ENVSPA_HMAC_KEY_BASE64", mac)
-    write(rules / "30-env.yaml", "doors:\n  - {name: envspa, kind: spa, port: 62203/udp, keys_env: ENVSPA, protect: [22]}\n")
+    door = "{name: envspa, kind: spa, port: 62203/udp, keys_env: ENVSPA, protect: [22]}"
+    write(rules / "30-env.yaml", f"doors:\n  - {door}\n")
     keep(rules, state)
     assert encryption not in (state / FILE_NAME).read_text()
     assert Store(state).load()[0].doors[-1].keyring[0].keys.encryption == base64.b64decode(encryption)
@@ -252,10 +253,13 @@ def test_a_failure_to_close_is_said(host):
 @pytest.mark.parametrize(
     "text,ports",
     [
-        ("doors:\n  - {name: a, sequence: [1, 2], protect: [22/tcp, 53/udp]}\n  - {name: b, kind: bogus, protect: 8080}\n",
+        ("doors:\n  - {name: a, sequence: [1, 2], protect: [22/tcp, 53/udp]}\n"
+         "  - {name: b, kind: bogus, protect: 8080}\n",
          [("tcp", 22), ("udp", 53), ("tcp", 8080)]),
-        ("doors:\n  - name: a\n    sequence: [1, 2\n    protect: [22/tcp, 443]  # ssh\n", [("tcp", 22), ("tcp", 443)]),
-        ("doors:\n  - name: a\n    protect:\n      - 22/tcp\n      - 2222\n    sequence: [1,\n", [("tcp", 22), ("tcp", 2222)]),
+        ("doors:\n  - name: a\n    sequence: [1, 2\n    protect: [22/tcp, 443]  # ssh\n",
+         [("tcp", 22), ("tcp", 443)]),
+        ("doors:\n  - name: a\n    protect:\n      - 22/tcp\n      - 2222\n    sequence: [1,\n",
+         [("tcp", 22), ("tcp", 2222)]),
         ("doors:\n\t- name: a\n  protect: [22/TCP, 70000, x/tcp, 0]\n", [("tcp", 22)]),
         ("doors: []\n", []),
     ],
