@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     status = verbs.add_parser(
-        "status", help="doors, live grants (source, time left), lockouts and counters of the running daemon"
+        "status",
+        help="doors, live grants (source, time left), lockouts and counters of the running daemon; exits 3 "
+        "while it runs on its last good rules (the rules on disk did not load at start)",
     )
     revoke = verbs.add_parser(
         "revoke", help="end the grants of an address, or of an SPA key, now (established connections stay)"
