@@ -42,12 +42,12 @@ install -d "$pyhome/bin" "$pyhome/lib"
 cp -L "$(readlink -f "$PYTHON")" "$pyhome/bin/python$pyver"
 ln -s "python$pyver" "$pyhome/bin/python3"
 # The standard library without what a daemon never imports (tests, IDLE, Tk, build files) and
-# without compiled modules for terminals, dbm, NIS and sqlite (fewer libraries to depend on).
+# without compiled modules for terminals, dbm and NIS (fewer libraries to depend on; pyroute2 needs sqlite3).
 tar -C /usr/lib -c --exclude=__pycache__ --exclude="python$pyver/test" --exclude="python$pyver/idlelib" \
     --exclude="python$pyver/tkinter" --exclude="python$pyver/turtledemo" --exclude="python$pyver/lib2to3" \
     --exclude="python$pyver/config-*" --exclude="python$pyver/dist-packages" --exclude="python$pyver/site-packages" \
     --exclude='_test*' --exclude='_ctypes_test*' --exclude='xxlimited*' --exclude='_xx*' --exclude='_curses*' \
-    --exclude='readline.*' --exclude='_dbm.*' --exclude='_gdbm.*' --exclude='nis.*' --exclude='_sqlite3.*' \
+    --exclude='readline.*' --exclude='_dbm.*' --exclude='_gdbm.*' --exclude='nis.*' \
     --exclude='_tkinter*' --exclude='ossaudiodev.*' --exclude='audioop.*' "python$pyver" | tar -C "$pyhome/lib" -x
 find "$pyhome/lib" -name '*.py' -type f -perm /111 -exec chmod a-x {} +   # modules, imported, never run
 "$pyhome/bin/python$pyver" -c 'import sys; assert sys.base_prefix.endswith("/opt/nfknock/python"), sys.base_prefix'
@@ -62,7 +62,7 @@ rmdir "$venv/include/python$pyver" "$venv/include" 2>/dev/null || true
 # Compiled modules stripped as dh_strip would (smaller; no build paths), then imported once.
 find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
 "$venv/bin/python" -c 'import netfilterqueue, iptc, yaml, _cffi_backend, pydantic_core, prometheus_client
-import cryptography.hazmat.bindings._rust, nfknock.cli'
+import cryptography.hazmat.bindings._rust, nfknock.cli, pyroute2, sqlite3, ssl, ctypes'
 
 echo "build-deb: the man page, from the CLI's parser"
 install -d "$root/usr/share/man/man8"

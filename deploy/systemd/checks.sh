@@ -117,7 +117,7 @@ chmod 0600 /etc/nfknock/rules/*.yaml
 nfknock check --rules /etc/nfknock/rules >/dev/null 2>/tmp/check.err || { cat /tmp/check.err; fail "nfknock check refuses the admin's rules"; }
 
 # --- start: Type=notify, active only once ready ---------------------------------------------------
-systemctl start nfknock   # returns once READY=1 arrived (Type=notify)
+systemctl start nfknock || fail "systemctl start"   # returns once READY=1 arrived (Type=notify)
 [ "$(prop Type)" = notify ] && [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ] \
   || fail "not active/running with Type=notify: $(prop Type) $(prop ActiveState) $(prop SubState)"
 prop StatusText | grep -q "guarding 2 door" || fail "no readiness status: $(prop StatusText)"
