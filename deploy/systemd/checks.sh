@@ -230,8 +230,8 @@ nfknock check --rules /etc/nfknock/rules >/dev/null 2>&1 && fail "the rules shou
 systemctl start nfknock || fail "the unit did not start on the last good rules"
 prop StatusText | grep -q "^DEGRADED: on the last good rules" || fail "the unit's status does not say DEGRADED: $(prop StatusText)"
 [ "$(journal_count "STARTING ON THE LAST GOOD RULES")" -ge 1 ] || fail "no error line about the last good rules in the journal"
-journalctl -u nfknock -p err --no-pager -o cat | grep -q "the rules do not load: /etc/nfknock/rules/ssh.yaml" \
-  || fail "the journal (priority err) does not name the file that failed"
+[ "$(journal_count "the rules do not load: /etc/nfknock/rules/ssh.yaml")" -ge 1 ] \
+  || fail "the journal does not name the file that failed"
 set +e; nfknock status >/tmp/status.out; code=$?; set -e
 [ "$code" = 3 ] && grep -q "^DEGRADED: running on the last good rules" /tmp/status.out || fail "nfknock status: exit $code, $(cat /tmp/status.out)"
 ok "started on the last good rules: status '$(prop StatusText)', nfknock status exits 3 and says DEGRADED"

@@ -11,8 +11,9 @@ doors of that copy. The next reload that loads the rules ends it.
 
 With no copy (the first start, or no --state-dir), the daemon installs rules that only close: every
 port the broken files still let us read as protected gets the scaffolding's established/sessions
-rules and a DROP, no door, no queue; then it exits non-zero (the unit fails, which an admin sees).
-When not even one protected port can be read, nothing is installed and it exits as before.
+rules and a DROP, no door, no queue; then it exits 2 with the problems and what it did, one line
+each (the unit fails, which an admin sees). When not even one protected port can be read, nothing
+is installed and it exits as before.
 
 The copy (`last-good.json`, 0600, written atomically in the root-only state directory) holds the
 rules files' doors and the content of the key and secret files they name, with those paths
@@ -391,8 +392,6 @@ def starting_rules(
         return ruleset, LastGood(state_dir, rules_path, log, wall_clock, notify=notify)
     except RulesError as exc:
         error = exc
-    for line in error.lines:
-        log.error("the rules do not load: %s", line)
     why_not = "no --state-dir"
     if state_dir is not None:
         try:
@@ -403,6 +402,8 @@ def starting_rules(
         except LastGoodError as exc:
             why_not = str(exc)
         else:
+            for line in error.lines:
+                log.error("the rules do not load: %s", line)
             saved = about.get("saved") if isinstance(about.get("saved"), (int, float)) else None
             when = _when(saved)
             log.error(
@@ -416,25 +417,23 @@ def starting_rules(
             )
             degraded = Degraded(error.lines[0], saved, wall_clock())
             return fallback, LastGood(state_dir, rules_path, log, wall_clock, degraded, fallback, notify)
+    # From here the start fails: the CLI prints these lines (stderr: the journal under systemd),
+    # as it always printed the problems of rules that do not load; nothing is logged twice.
     ports = readable_ports(rules_path)
     shown = ", ".join(f"{port}/{proto}" for proto, port in ports)
     if not ports:
-        log.error(
-            "no last good rules (%s) and no protected port readable in %s: nothing installed", why_not, rules_path
+        raise RulesError(
+            [*error.lines, f"no last good rules ({why_not}) and no protected port readable: nothing installed"]
         )
-        raise RulesError([*error.lines, f"no last good rules ({why_not}); no protected port could be read"])
     try:
         close(closed_plan(ports, queue_num, pass_mark))
     except Exception as exc:  # noqa: BLE001 - said, and the start fails anyway
-        log.error("no last good rules (%s); could not close %s either: %s", why_not, shown, _reason(exc))
-        raise RulesError([*error.lines, f"could not install rules closing {shown}: {_reason(exc)}"]) from None
-    log.error(
-        "no last good rules (%s): installed rules that keep %s closed (no door opens them); fix %s and start again",
-        why_not,
-        shown,
-        rules_path,
+        raise RulesError(
+            [*error.lines, f"no last good rules ({why_not}); could not install rules closing {shown}: {_reason(exc)}"]
+        ) from None
+    raise RulesError(
+        [*error.lines, f"no last good rules ({why_not}): installed rules that keep {shown} closed (no door opens them)"]
     )
-    raise RulesError([*error.lines, f"no last good rules ({why_not}): {shown} kept closed, no door opens them"])
 
 
 # -- files -----------------------------------------------------------------------------------------

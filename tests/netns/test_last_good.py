@@ -66,7 +66,7 @@ def test_broken_rules_and_no_last_good_keep_22_closed(server, alice, bob):
     server.write_rules(BROKEN)
     server.start(expect_ready=False)
     assert server.process.wait(30) == 2
-    assert "installed rules that keep 22/tcp closed" in server.log_text()
+    assert "installed rules that keep 22/tcp closed" in server.process.stderr.read()
     rules = server.iptables()
     assert "-A INPUT -j NFKNOCK" in rules and not any("NFQUEUE" in rule for rule in rules), rules
     assert not connect(bob, timeout=1).connected

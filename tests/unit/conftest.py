@@ -1,4 +1,5 @@
-"""Unit tests never touch the host: a test that reaches Daemon.run (the queue, the firewall) fails."""
+"""Unit tests never touch the host: a test that reaches Daemon.run (the queue, the firewall) fails,
+and `nfknock run` gets a fake firewall."""
 
 import pytest
 
@@ -9,3 +10,16 @@ def no_real_daemon(monkeypatch):
         raise AssertionError("a unit test tried to start the real daemon on the host")
 
     monkeypatch.setattr("nfknock.daemon.core.Daemon.run", refuse)
+
+
+@pytest.fixture(autouse=True)
+def no_real_firewall(request, monkeypatch):
+    """`nfknock run` on rules that do not load installs rules that close their ports (lastgood.py):
+    in a unit test that firewall is a recording fake, never the host's (test_firewall.py checks the
+    registry itself, and installs nothing)."""
+    from support.fakes import FakeFirewall
+
+    if request.module.__name__.endswith("test_firewall"):
+        return
+
+    monkeypatch.setattr("nfknock.firewall.make_firewall", lambda *args, **kwargs: FakeFirewall())
