@@ -195,7 +195,7 @@ class Store:
     def load(self) -> tuple[Ruleset, dict[str, Any]]:
         """The last good rules and what the copy says about itself (saved, source, doors)."""
         if not self.path.exists():
-            raise LastGoodError(f"no last good rules in {self.state_dir}")
+            raise LastGoodError(f"none in {self.state_dir}")
         unsafe = why_unsafe(self.path, secret=True)
         if unsafe:
             raise LastGoodError(f"{self.path}: not trusted: {unsafe}")

@@ -217,7 +217,7 @@ def test_no_copy_closes_the_ports_it_can_read_and_fails(host, caplog):
     assert closed == [closed_plan((("tcp", 22), ("tcp", 2222), ("tcp", 443)), 0, 0x40000000)]
     assert error.value.lines[0].startswith(f"{rules / '10-ssh.yaml'}: invalid YAML")
     assert error.value.lines[-1] == (
-        f"no last good rules (no last good rules in {state}): installed rules that keep 22/tcp, 2222/tcp, "
+        f"no last good rules (none in {state}): installed rules that keep 22/tcp, 2222/tcp, "
         "443/tcp closed (no door opens them)"
     )
     assert caplog.records == []  # the CLI prints the lines: not twice
