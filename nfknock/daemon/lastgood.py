@@ -371,7 +371,7 @@ class LastGood:
         """The unit's status line (sd_notify STATUS) once ready."""
         if self.degraded is None:
             return f"guarding {doors} door(s)"
-        return f"DEGRADED: on the last good rules ({doors} door(s)): {self.rules_path} does not load"
+        return f"DEGRADED: on the last good rules, {self.rules_path} does not load; guarding {doors} door(s)"
 
 
 def starting_rules(
