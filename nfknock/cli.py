@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     status = verbs.add_parser(
-        "status", help="doors, live grants (source, time left), lockouts and counters of the running daemon"
+        "status",
+        help="doors, live grants (source, time left), lockouts and counters of the running daemon; exits 3 "
+        "while it runs on its last good rules (the rules on disk did not load at start)",
     )
     revoke = verbs.add_parser(
         "revoke", help="end the grants of an address, or of an SPA key, now (established connections stay)"
@@ -337,6 +339,8 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from .daemon import Daemon, DaemonConfig
+    from .daemon.config import sd_notify
+    from .daemon.lastgood import starting_rules
     from .daemon.logs import setup_logging
     from .firewall import make_firewall
 
@@ -357,7 +361,18 @@ def cmd_run(args) -> int:
         pass_mark=args.pass_mark,
         fleet=_fleet(args),
     )
-    Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
+    firewall = make_firewall(args.firewall, args.interface)
+    # The rules on disk, or the last good ones (loudly), or ports closed and a non-zero exit.
+    ruleset, last_good = starting_rules(
+        config.rules_path,
+        config.state_dir,
+        logger,
+        firewall.apply,
+        config.queue_num,
+        config.pass_mark,
+        notify=sd_notify,
+    )
+    Daemon(config, firewall, logger, ruleset=ruleset, last_good=last_good).run()
     return 0
 
 
@@ -554,6 +569,7 @@ def _answer(args, request: dict) -> dict:
 
 
 def cmd_status(args) -> int:
+    from .daemon.lastgood import EXIT_DEGRADED
     from .tools.statusview import render_status
 
     answer = _answer(args, {"cmd": "status"})
@@ -561,7 +577,7 @@ def cmd_status(args) -> int:
         print("\n".join(render_status(answer)))
     if not args.json and answer.get("fleet"):
         print("\n".join(["", *fleet_lines(answer["fleet"])]))
-    return 0
+    return EXIT_DEGRADED if answer.get("degraded") else 0  # on the last good rules: monitoring sees it
 
 
 def fleet_lines(fleet: dict) -> list[str]:

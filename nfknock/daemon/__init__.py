@@ -39,8 +39,11 @@ def Daemon(  # noqa: N802 - reads as the class it stands for
     wall_clock: Callable[[], float] = time.time,
     ruleset: Ruleset | None = None,
     claims: Any = None,
+    last_good: Any = None,
 ) -> Single | Supervisor:
-    """The daemon for `config`: one process, or a supervisor of `config.workers` workers."""
+    """The daemon for `config`: one process, or a supervisor of `config.workers` workers.
+    `last_good` (lastgood.py): keeps a copy of the rules each install, and says whether the
+    daemon started on such a copy because the rules on disk did not load."""
     if config.workers > 1:
-        return Supervisor(config, firewall, logger, clock, wall_clock, ruleset)
-    return Single(config, firewall, logger, clock, wall_clock, ruleset, claims)
+        return Supervisor(config, firewall, logger, clock, wall_clock, ruleset, last_good)
+    return Single(config, firewall, logger, clock, wall_clock, ruleset, claims, last_good)

@@ -83,6 +83,7 @@ class Reloader:
         self.history = MarkHistory()
         self.first_steps: FirstSteps = decide(ruleset.doors, self.history)
         self.switch: Switch = lambda ruleset, groups: []  # the role's: hand the rules to its engine(s)
+        self.installed: list[Callable[[Ruleset], None]] = []  # told of every ruleset now in force
         self.reraise = reraise  # errors that must stop the daemon (a worker that cannot take the rules)
         self._named_in_daemon: set[str] = set()
         self._job: ReloadJob | None = None
@@ -149,6 +150,8 @@ class Reloader:
         self.first_steps = first_steps
         self.ruleset = ruleset
         dropped = self.switch(ruleset, first_steps)
+        for installed in self.installed:
+            installed(ruleset)
         # The rules and every engine switched: the meanings only the old rules marked with leave now.
         self.history = self.history.retire(self.clock())
         self.log.info(

@@ -32,6 +32,7 @@ from .claims import SUBDIR, open_claims
 from .config import CLOSED, STATS_EVERY, DaemonConfig, sd_notify
 from .front import Front
 from .judge import Judge
+from .lastgood import ready_status
 from .loop import Every, Loop, bind_queues
 from .reload import Reloader, read
 from .scaffold import SESSIONS_EVERY, Scaffold
@@ -54,6 +55,7 @@ class Single(Judge):
         wall_clock: Callable[[], float] = time.time,
         ruleset: Ruleset | None = None,
         claims: Any = None,
+        last_good: Any = None,
     ):
         log = logger or logging.getLogger("nfknock")
         ruleset = ruleset if ruleset is not None else read(config)  # RulesError: nothing touched yet
@@ -67,6 +69,9 @@ class Single(Judge):
         self.reloader = Reloader(config, ruleset, self.scaffold, log, clock)
         super().__init__(config, firewall, log, clock, wall_clock, ruleset, self.reloader.first_steps, claims, store)
         self.reloader.switch = self.adopt
+        self.last_good = last_good  # lastgood.LastGood, or None (tests)
+        if last_good is not None:
+            self.reloader.installed.append(last_good.installed)
         self.loop = Loop(clock, log)
         self.wake = self.loop.wake
         self.front = Front(config, log, self.answer, self.snapshot, self.loop.wake)
@@ -97,9 +102,12 @@ class Single(Judge):
             self.start_fleet(self.loop.wake)
             self.scaffold.watch(self.loop, self.granted, self._grants, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
+            if self.last_good is not None:
+                self.last_good.installed(self.ruleset)
             self.front.start(self.clock())
             self._log_ready()
-            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
+            status = ready_status(self.last_good, len(self.ruleset.doors))
+            sd_notify(f"READY=1\nSTATUS={status} on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
             self._hook_into(self.loop)

@@ -7,6 +7,7 @@ A key missing from the answer (a daemon of another version) shows as `-`, never 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -48,6 +49,7 @@ def render_status(answer: dict[str, Any]) -> list[str]:
         f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
         *_stuck_workers(answer),
         *_scaffolding(answer),
+        *_degraded(answer),
         "",
     ]
     lines += table(
@@ -126,3 +128,17 @@ def _stuck_workers(answer: dict) -> list[str]:
             f"in byte {row.get('sources', '-')} cannot knock or connect (closed)"
         )
     return lines
+
+
+def _degraded(answer: dict[str, Any]) -> list[str]:
+    """The line an admin must not miss: the rules on disk do not load (lastgood.py)."""
+    degraded = answer.get("degraded")
+    if not isinstance(degraded, dict):
+        return []
+    saved = degraded.get("saved")
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(saved)) if isinstance(saved, (int, float)) else "-"
+    return [
+        f"DEGRADED: running on the last good rules (kept {when}): {degraded.get('rules', '-')} does not load: "
+        f"{degraded.get('reason', '-')}",
+        "  fix the rules (nfknock check), then: systemctl reload nfknock",
+    ]

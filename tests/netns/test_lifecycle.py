@@ -129,14 +129,21 @@ def test_established_session_survives_start_and_stop(server, alice):
     assert echoes(session)
 
 
-def test_bad_rules_refuse_to_start_and_touch_nothing(server):
+def test_bad_rules_refuse_to_start_and_only_close_their_ports(server):
+    """No last good rules (a first start): the ports the file protects are closed, no door opens
+    them, and the start fails with the problem and what was done, one line each (lastgood.py)."""
     server.write_rules("doors:\n  - name: bad\n    sequence: [70000]\n    protect: [22]\n")
     process = server.start(expect_ready=False)
     assert process.wait(20) == 2
-    stderr = process.stderr.read()
-    assert "door 'bad': sequence[1]: port 70000 is outside 1..65535" in stderr
-    assert len(stderr.strip().splitlines()) == 1
-    assert server.iptables() == []
+    stderr = process.stderr.read().strip().splitlines()
+    assert len(stderr) == 2, stderr
+    assert "door 'bad': sequence[1]: port 70000 is outside 1..65535" in stderr[0]
+    assert (
+        "no last good rules" in stderr[1]
+        and "installed rules that keep 22/tcp closed (no door opens them)" in stderr[1]
+    )
+    rules = server.iptables()
+    assert any("--dport 22 -j DROP" in rule for rule in rules) and not any("NFQUEUE" in rule for rule in rules)
 
 
 def test_second_daemon_on_the_same_queue_is_refused(server):
