@@ -66,15 +66,13 @@ class Judge:
             else ReplayStoreSink(store, self.engine, self.grants, self.sinks, last_word, log, lambda: self.wake())
         )
         self.sinks.add(
-            self.grants.route_first,
+            self.grants,
             self.store_sink,
             LogSink(log, self.log_limit),
-            self.grants.follow,
             self.tally,
             None
             if claims is None
             else ClaimsSink(claims, self.engine, self.grants, self.fleet_sink, self.sinks.consume, log, wall_clock),
-            self.fleet_sink,
         )
         self.verdicts = Verdicts(self.engine, self.sinks, clock, wall_clock, config.pass_mark, log)
         self.on_packet = self.verdicts.on_packet
@@ -111,7 +109,10 @@ class Judge:
 
     @fleet.setter
     def fleet(self, member: Any) -> None:
+        """The fleet's sink joins the pipeline (last) once there is a member: no cost without."""
         self.fleet_sink.member = member
+        if member is not None and self.fleet_sink not in self.sinks.sinks:
+            self.sinks.add(self.fleet_sink)
 
     def _protected_tcp(self) -> set[int]:
         return {p.port for door in self.ruleset.doors for p in door.protect if p.proto == "tcp"}

@@ -3,17 +3,17 @@
 The engine decides and returns events; everything with a side effect happens here, in a fixed
 order (each sink gets what the one before passed on):
 
-1. `GrantedSink.route_first`: a source the engine just granted (or whose SPA packet waits for its
-   durable record or claim) enters the kernel's granted set at once, before any disk or network
-   work: its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
+1. `GrantedSink`: a source the engine just granted (or whose SPA packet waits for its durable
+   record or claim) enters the kernel's granted set at once, before any disk or network work:
+   its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
+   a grant that ended (a close sequence, a revocation) leaves it;
 2. `ReplayStoreSink` (a single process with a state directory): the replay cache is written
    off the verdict path, and a claim waits until its record is durable (or is refused);
 3. `LogSink`: the knockd-style lines;
-4. `GrantedSink.follow`: grants that ended (a close sequence, a revocation) leave the set;
-5. `TallySink` (with --metrics-port): the counters behind the metrics;
-6. `ClaimsSink` (workers, or a single process after a run with workers): the replay check
+4. `TallySink` (with --metrics-port): the counters behind the metrics;
+5. `ClaimsSink` (workers, or a single process after a run with workers): the replay check
    across processes and restarts (claims.py);
-7. `FleetSink` (--cluster): grants, revocations and replay claims shared with the fleet.
+6. `FleetSink` (--cluster): grants, revocations and replay claims shared with the fleet.
 
 Every change of a grant, whoever makes it (an event, a control request, the fleet), reaches the
 kernel through the one `GrantedSink.sync`. A new side effect is a new sink, not a branch in the
@@ -50,11 +50,17 @@ class Sinks:
     def add(self, *sinks: Sink | None) -> None:
         self.sinks += [sink for sink in sinks if sink is not None]
 
-    def consume(self, events, now: float, after: Sink | None = None) -> None:
-        """Events through every sink, or only through those after `after` (what a sink held back
-        and now lets go on)."""
+    def consume(self, events, now: float) -> None:
+        """Events through every sink (the packet path: kept lean)."""
+        if type(events) is not tuple:
+            events = tuple(events)
+        for sink in self.sinks:
+            events = sink(events, now)
+
+    def consume_after(self, after: Sink, events, now: float) -> None:
+        """Events through the sinks after `after` (what a sink held back and now lets go on)."""
         events = tuple(events)
-        for sink in self.sinks if after is None else self.sinks[self.sinks.index(after) + 1 :]:
+        for sink in self.sinks[self.sinks.index(after) + 1 :]:
             events = sink(events, now)
 
 
@@ -69,22 +75,18 @@ class GrantedSink:
         self.protected = protected  # the TCP ports the doors protect now; None: no real conntrack
         self.handshakes: Handshakes | None = None  # only with real firewall rules (not a test's fake)
 
-    def route_first(self, events: tuple, now: float) -> tuple:
+    def __call__(self, events: tuple, now: float) -> tuple:
         """Route first, decide after: a grant, or an SPA packet or rotating sequence that now waits
-        for its durable record or claim, goes into the set before any disk or network work; if the
-        record or the claim fails, its element is removed again (and the waiting SYN dropped)."""
+        for its durable record or claim, goes into the set before any disk or network work (if
+        the record or the claim fails, its element is removed again and the held SYN dropped);
+        a grant that ended (a close sequence, a revocation) leaves it."""
         for event in events:
             kind = type(event)
             if kind is DoorOpened:
                 self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
             elif kind is ClaimNeeded:
                 self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
-        return events
-
-    def follow(self, events: tuple, now: float) -> tuple:
-        for event in events:
-            kind = type(event)
-            if kind is DoorClosed:
+            elif kind is DoorClosed:
                 self.sync(event.src, now)
             elif kind is GrantsRevoked:
                 for src in event.sources:
@@ -158,7 +160,7 @@ class ReplayStoreSink:
                 self.log.error("%s (a restart would forget what was used)", detail)
             for claim in ready:
                 if error is None and not self.last_word:
-                    self.sinks.consume((claim,), now, after=self)
+                    self.sinks.consume_after(self, (claim,), now)
                     continue
                 follow = self.engine.claimed(claim, "ours" if error is None else "unrecorded", now, detail)
                 if follow:

@@ -475,9 +475,10 @@ class Engine:
         for state in trip_doors:
             if state.admits(packet, now):
                 state.tripwire(packet.src, key, now, events)
-        for event in events:
-            if type(event) is ClaimNeeded and len(self.pending) < self.max_sources:
-                self.pending[event.src] = now + HOLD_SECONDS
+        if self.replays.shared:  # only a shared cache asks before it grants
+            for event in events:
+                if type(event) is ClaimNeeded and len(self.pending) < self.max_sources:
+                    self.pending[event.src] = now + HOLD_SECONDS
         return Decision(_DROP if knock_doors else _PASS, tuple(events))
 
     def _connect(self, doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:

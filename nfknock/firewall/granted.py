@@ -102,9 +102,10 @@ class GrantedSets:
         self._link: SetLink | None = None
         self._pending: dict[tuple[str, str], int | None] = {}  # (set, address) -> timeout (None: delete)
         self._sent: dict[tuple[str, str], int] = {}  # written at once this turn (add_now): (set, address) -> timeout
+        self._names = {family: granted_set(queue_num, family) for family in (4, 6)}  # named once: per grant
 
     def names(self) -> dict[int, str]:
-        return {family: granted_set(self.queue_num, family) for family in (4, 6)}
+        return dict(self._names)
 
     def create(self) -> None:
         """Create both sets (empty: the daemon's grants start empty too); before the rules that
@@ -152,13 +153,13 @@ class GrantedSets:
 
     def add(self, address: str, seconds: float) -> None:
         """Put `address` in the set for `seconds` at the end of the loop's turn."""
-        self._put(granted_set(self.queue_num, _family(address)), address, _timeout(seconds))
+        self._put(self._names[_family(address)], address, _timeout(seconds))
 
     def add_now(self, address: str, seconds: float) -> None:
         """Put `address` in the set for `seconds` at once: one netlink message, before the caller
         goes on to disk or network work, so that the client's next SYN is routed to the grant
         queue. What was waiting for this address is superseded (it was said earlier)."""
-        key, timeout = (granted_set(self.queue_num, _family(address)), address), _timeout(seconds)
+        key, timeout = (self._names[_family(address)], address), _timeout(seconds)
         if self._link is None or self._sent.get(key) == timeout:
             self._put(*key, timeout)
             return
@@ -167,7 +168,7 @@ class GrantedSets:
             self._sent[key] = timeout
 
     def remove(self, address: str) -> None:
-        self._put(granted_set(self.queue_num, _family(address)), address, None)
+        self._put(self._names[_family(address)], address, None)
 
     def _put(self, name: str, address: str, timeout: int | None) -> None:
         if timeout is not None and self._sent.get((name, address)) == timeout:
