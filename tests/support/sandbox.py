@@ -26,6 +26,8 @@ from pathlib import Path
 
 from nfknock.daemon.stats import QueueCounters, read_queue_counters
 
+from . import secretcheck
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -115,7 +117,11 @@ class _Processes:
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", 60)
-        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        result = subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        command = " ".join(argv[:3])[:60]
+        secretcheck.see(f"stdout of {command}", result.stdout)  # checked for test keys at teardown
+        secretcheck.see(f"stderr of {command}", result.stderr)
+        return result
 
 
 @dataclass
