@@ -609,13 +609,11 @@ def cmd_grant(args) -> int:
 
 
 def _read_config(path: str) -> str:
-    """The text of a file to import (knockd.conf, access.conf), or one line saying why not."""
-    from pathlib import Path
+    """The text of a file to import (knockd.conf, access.conf), or one line saying why not:
+    bounded, never a FIFO or device (tools/importfile.py)."""
+    from .tools.importfile import read_config
 
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return read_config(path)
 
 
 def cmd_import_knockd(args) -> int:
