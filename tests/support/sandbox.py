@@ -113,13 +113,18 @@ class _Processes:
         self.processes.append(process)
         return process
 
-    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    def run(
+        self, namespace: str, argv: list[str], prints_keys: bool = False, **kwargs
+    ) -> subprocess.CompletedProcess:
+        """Run a command in a namespace. Its output is checked for test keys at the test's end
+        (secretcheck); `prints_keys`: its stdout shows keys by design (`nfknock keygen`)."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", 60)
         result = subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
-        command = " ".join(argv[:3])[:60]
-        secretcheck.see(f"stdout of {command}", result.stdout)  # checked for test keys at teardown
+        command = " ".join(argv[:4])[:80]
+        if not prints_keys:
+            secretcheck.see(f"stdout of {command}", result.stdout)
         secretcheck.see(f"stderr of {command}", result.stderr)
         return result
 
