@@ -29,9 +29,10 @@ takes it depends on its kind, decided once when the doors are compiled:
   age, the key's expiry, sources and username, address, ports) and grants the ports it asked
   for, for the time it asked for (up to the key's max_open_for) or open_for; a refusal is a
   failure only when no one but a key holder could have caused it (spa_access.counts_against_source:
-  never junk, a bad HMAC, a replay or a stale copy, whose UDP source anyone can forge). The grant remembers whose key it was: `revoke_key` ends a person's grants, and a
-  reload that only adds or removes keys keeps the door's state but the grants of keys that
-  left (GrantsRevoked).
+  never junk, a bad HMAC, a replay or a stale copy, whose UDP source anyone can forge). The
+  grant remembers whose key it was: `revoke_key` ends a person's grants, and a reload that
+  only adds or removes keys keeps the door's state but the grants of keys that left
+  (GrantsRevoked).
 
 Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
 check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon

@@ -187,7 +187,9 @@ def _stanza(
             unmapped.append(f"line {number}: {_keyword(f'{keyword} {value}')} ({why})")
     mode = values.get("ENCRYPTION_MODE", (0, "CBC"))[1].upper()
     if mode != "CBC":
-        raise ValueError(f"line {values['ENCRYPTION_MODE'][0]}: ENCRYPTION_MODE is not CBC: nfknock speaks fwknop's default")
+        raise ValueError(
+            f"line {values['ENCRYPTION_MODE'][0]}: ENCRYPTION_MODE is not CBC: nfknock speaks fwknop's default"
+        )
     digest_text = values.get("HMAC_DIGEST_TYPE", (0, "SHA256"))[1].upper()
     digest = DIGESTS.get(digest_text)
     if digest is None:

@@ -113,9 +113,7 @@ class _Processes:
         self.processes.append(process)
         return process
 
-    def run(
-        self, namespace: str, argv: list[str], prints_keys: bool = False, **kwargs
-    ) -> subprocess.CompletedProcess:
+    def run(self, namespace: str, argv: list[str], prints_keys: bool = False, **kwargs) -> subprocess.CompletedProcess:
         """Run a command in a namespace. Its output is checked for test keys at the test's end
         (secretcheck); `prints_keys`: its stdout shows keys by design (`nfknock keygen`)."""
         kwargs.setdefault("capture_output", True)

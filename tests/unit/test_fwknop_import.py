@@ -94,9 +94,8 @@ def test_no_key_or_passphrase_of_access_conf_is_ever_printed(tmp_path, capsys):
     """Keys on the lines nfknock reads, on lines it does not (GPG_DECRYPT_PW, a misspelt keyword,
     a key on a line of its own, `KEY_BASE64=...`), and on the wrong keyword's line: none of them
     reaches stdout or stderr, whatever the import makes of the file."""
-    from support.secretcheck import Registry
-
     from nfknock.doors.spa import generate_keys
+    from support.secretcheck import Registry
 
     encryption, mac = generate_keys()
     other, passphrase = generate_keys()

@@ -25,7 +25,7 @@ def test_a_clipped_piece_of_a_key_is_a_leak_and_honest_text_is_not():
 
 def test_the_plugin_fails_a_test_that_shows_a_key_and_passes_the_others(tmp_path):
     (tmp_path / "test_inner.py").write_text(
-        textwrap.dedent('''
+        textwrap.dedent("""
         import logging, sys
         from nfknock.doors.spa import generate_keys
 
@@ -50,7 +50,7 @@ def test_the_plugin_fails_a_test_that_shows_a_key_and_passes_the_others(tmp_path
         def test_honest(capsys):
             generate_keys()
             print("keys loaded: alice, bob")
-        ''')
+        """)
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
