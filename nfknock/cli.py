@@ -632,11 +632,21 @@ def cmd_import_knockd(args) -> int:
         raise UsageError(f"{args.config}: no door could be imported")
     output = imported.yaml()
     parse_rules_text(output, Path(args.output or "imported.yaml"))  # what we write must be valid rules
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
     return 0
+
+
+def _write_output(path: str | None, text: str) -> None:
+    """An importer's doors to -o PATH (one line if it cannot be written), or to stdout."""
+    if path is None:
+        print(text, end="")
+        return
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
 
 
 def cmd_schema(args) -> int:
@@ -696,10 +706,7 @@ def cmd_import_fwknop(args) -> int:
     for name, key_text in imported.key_files.items():
         path = write_key_file(keys_dir, name, key_text)
         print(f"nfknock: wrote {path}", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
     return 0
 
 

@@ -262,7 +262,7 @@ def _stanza(
         notes.append(f"line {number}: ACCESS_EXPIRE counted from 00:00 UTC (fwknopd: the server's local time)")
     if "ACCESS_EXPIRE_EPOCH" in values:
         number, text = values["ACCESS_EXPIRE_EPOCH"]
-        if not text.strip().isdigit():
+        if not text.strip().isdigit() or not 0 < int(text) < 2**40:
             raise ValueError(f"line {number}: ACCESS_EXPIRE_EPOCH is not Unix seconds")
         moment = datetime.fromtimestamp(int(text), UTC)
         settings["expires"] = moment.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -187,3 +187,17 @@ def test_importers_refuse_what_is_not_a_config_file_in_one_line(tmp_path, import
     assert result.stderr == f"nfknock: {path}: cannot read: {why}" + result.stderr.split(why, 1)[-1]
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not (tmp_path / "keys").exists()
+
+
+def test_an_out_of_range_value_or_an_unwritable_output_is_one_line(tmp_path, capsys):
+    from nfknock.doors.spa import generate_keys
+
+    encryption, mac = generate_keys()
+    conf = tmp_path / "access.conf"
+    keys = f"KEY_BASE64 {encryption}\nHMAC_KEY_BASE64 {mac}\n"
+    conf.write_text(f"SOURCE ANY\n{keys}ACCESS_EXPIRE_EPOCH 99999999999999999999\n\nSOURCE ANY\n{keys}")
+    out = tmp_path / "missing" / "fwknop.yaml"
+    assert main(["import-fwknop", str(conf), "--keys-dir", str(tmp_path / "keys"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "line 4: ACCESS_EXPIRE_EPOCH is not Unix seconds (stanza skipped)" in err
+    assert err.splitlines()[-1] == f"nfknock: {out}: cannot write: No such file or directory"
