@@ -195,7 +195,7 @@ ENABLE_CMD_EXEC     Y
         "bastion",
     )
     assert result.returncode == 0, result.stderr
-    assert "line 13: ENABLE_CMD_EXEC Y (commands" in result.stderr
+    assert "line 13: ENABLE_CMD_EXEC (commands" in result.stderr
     check = server.nfknock("check", "--rules", str(server.rules))
     assert check.returncode == 0, check.stderr
     server.start()
