@@ -156,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pass_mark(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
+    export = verbs.add_parser(
+        "export",
+        help="print the host firewall manager's base rule that keeps the protected ports closed through its reloads",
+    )
+    export.add_argument("manager", choices=("nftables", "iptables", "firewalld", "ufw"), help="the firewall manager")
+    export.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
+    _add_pass_mark(export)
+    export.set_defaults(func=cmd_export)
+
     spa = verbs.add_parser("spa", help="send one SPA packet (fwknop-compatible) to open an SPA door")
     spa.add_argument("host")
     spa.add_argument("--door", required=True, help="the SPA door (keys, port and protected ports come from it)")
@@ -647,6 +656,18 @@ def _write_output(path: str | None, text: str) -> None:
         Path(path).write_text(text)
     except OSError as exc:
         raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .tools.export import export
+
+    ruleset = load_rules(args.rules)
+    for line in ruleset.warnings:
+        print(f"nfknock: warning: {line}", file=sys.stderr)
+    sys.stdout.write(export(args.manager, ruleset.doors, str(Path(args.rules).absolute()), args.pass_mark))
+    return 0
 
 
 def cmd_schema(args) -> int:

@@ -141,6 +141,10 @@ expect_port open "the restarted daemon opens on a knock"
 in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "and closes again"
 
+# --- nftables.service with nfknock's base rule: its reloads never open port 22 (README recipe) ------
+bash "$here/nftables.sh" "$SERVER" "$NS" "${SEQ[*]}" "${CLOSE[*]}" || fail "nftables.service and nfknock's base rule"
+expect_chain_once "after nftables.service was stopped and nfknock restarted"
+
 # --- SPA: a packet captured on the wire opens once; its replay must stay refused after upgrade -----
 /usr/bin/python3 "$here/sniff.py" sd-srv 62201 /tmp/spa.packet &
 sniffer=$!

@@ -68,6 +68,7 @@ class Single(Judge):
         super().__init__(config, firewall, log, clock, wall_clock, ruleset, self.reloader.first_steps, claims, store)
         self.reloader.switch = self.adopt
         self.loop = Loop(clock, log)
+        self.wake = self.loop.wake
         self.front = Front(config, log, self.answer, self.snapshot, self.loop.wake)
 
     @property
@@ -115,6 +116,7 @@ class Single(Judge):
             self.fleet_step,
             self._reload_step,
             self.expire,
+            self.settle,
             Every(STATS_EVERY, lambda now: self.report_counters()),
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
             self.front.serve_snapshot,

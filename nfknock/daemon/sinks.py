@@ -6,8 +6,8 @@ order (each sink gets what the one before passed on):
 1. `GrantedSink.route_first`: a source the engine just granted (or whose SPA packet waits for its
    durable record or claim) enters the kernel's granted set at once, before any disk or network
    work: its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
-2. `ReplayStoreSink` (a single process with a state directory): the replay cache is durable
-   before the grant takes effect, or what it opened is withdrawn;
+2. `ReplayStoreSink` (a single process with a state directory): the replay cache is written
+   off the verdict path, and a claim waits until its record is durable (or is refused);
 3. `LogSink`: the knockd-style lines;
 4. `GrantedSink.follow`: grants that ended (a close sequence, a revocation) leave the set;
 5. `TallySink` (with --metrics-port): the counters behind the metrics;
@@ -28,14 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..doors.engine import Engine
-from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
-from ..doors.rules import KnockDoor, SpaDoor
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from ..errors import FirewallError
 from ..firewall.granted import GrantedSets
 from ..firewall.handshakes import Handshakes
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .store import ReplayStore
+from .writer import DurableWriter
 
 Sink = Callable[[tuple, float], tuple]  # (events, now) -> the events passed on
 
@@ -50,9 +50,11 @@ class Sinks:
     def add(self, *sinks: Sink | None) -> None:
         self.sinks += [sink for sink in sinks if sink is not None]
 
-    def consume(self, events, now: float) -> None:
+    def consume(self, events, now: float, after: Sink | None = None) -> None:
+        """Events through every sink, or only through those after `after` (what a sink held back
+        and now lets go on)."""
         events = tuple(events)
-        for sink in self.sinks:
+        for sink in self.sinks if after is None else self.sinks[self.sinks.index(after) + 1 :]:
             events = sink(events, now)
 
 
@@ -112,35 +114,58 @@ class GrantedSink:
 
 
 class ReplayStoreSink:
-    """A single process's replay cache (store.py): durable before the grant takes effect (the SYN
-    waiting in the grant queue is judged after this). When it cannot be written, what these
-    records opened is withdrawn: what cannot be recorded as used does not open."""
+    """A single process's replay cache (store.py), written off the verdict path (writer.py).
 
-    def __init__(self, store: ReplayStore, engine: Engine, granted: GrantedSink, log: logging.Logger):
-        self.store, self.engine, self.granted, self.log = store, engine, granted, log
+    The engine asks first (ClaimNeeded: its cache is `shared` when there is a store): a claim
+    waits here until the snapshot that holds its record is durable, meanwhile the source is in the
+    granted set and its SYNs are held (Verdict.HOLD); then the claim goes on to the sinks after
+    this one (the workers' claims, the fleet), or, when nothing else has a word, is granted. When
+    the write fails, the claim is refused: what cannot be recorded as used does not open."""
+
+    def __init__(
+        self,
+        store: ReplayStore,
+        engine: Engine,
+        granted: GrantedSink,
+        sinks: Sinks,
+        last_word: bool,
+        log: logging.Logger,
+        wake: Callable[[], None],
+    ):
+        self.store, self.engine, self.granted, self.sinks, self.log = store, engine, granted, sinks, log
+        self.last_word = last_word  # no claims directory and no fleet: this sink grants
+        self.writer = DurableWriter(lambda entries: self.store.save(entries), wake)
+        self.waiting: list[tuple[int, ClaimNeeded]] = []
 
     def __call__(self, events: tuple, now: float) -> tuple:
         if not any(type(event) is Recorded for event in events):
             return events
-        try:
-            self.store.save(self.engine.replays.snapshot())
-            return events
-        except OSError as exc:
-            detail = f"cannot write the replay cache {self.store.path}: {exc.strerror or exc}"
-            self.log.error("%s (a restart would forget what was used)", detail)
-        kept = []
-        for event in events:
-            door = self.engine.doors.get(event.door) if type(event) is DoorOpened else None
-            if door is None or isinstance(door, KnockDoor):
-                kept.append(event)  # not a record's grant (a knock door opened by the same packet)
-                continue
-            self.engine.revoke(event.src, event.door)
-            self.granted.sync(event.src, now)
-            if isinstance(door, SpaDoor):
-                kept.append(SpaRefused(event.src, event.door, "replay record not written", detail, event.key))
-            else:
-                self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
-        return tuple(kept)
+        generation = self.writer.submit(self.engine.replays.snapshot())
+        claims = [event for event in events if type(event) is ClaimNeeded]
+        if not claims:
+            return events  # records of refused packets: nothing waits for them
+        self.waiting += [(generation, claim) for claim in claims]
+        return tuple(event for event in events if type(event) is not ClaimNeeded)
+
+    def step(self, now: float) -> None:
+        """The loop's hook: answer the claims whose record is now durable (or failed)."""
+        for generation, error in self.writer.finished():
+            detail = ""
+            ready = [claim for wanted, claim in self.waiting if wanted <= generation]
+            self.waiting = [(wanted, claim) for wanted, claim in self.waiting if wanted > generation]
+            if error is not None:
+                detail = f"cannot write the replay cache {self.store.path}: {getattr(error, 'strerror', None) or error}"
+                self.log.error("%s (a restart would forget what was used)", detail)
+            for claim in ready:
+                if error is None and not self.last_word:
+                    self.sinks.consume((claim,), now, after=self)
+                    continue
+                follow = self.engine.claimed(claim, "ours" if error is None else "unrecorded", now, detail)
+                if follow:
+                    self.sinks.consume(follow, now)
+                elif error is not None:  # a rotating sequence: the engine has no event for it
+                    self.log.warning("%s: %s: sequence not honoured: %s", claim.src, claim.door, detail)
+                self.granted.sync(claim.src, now)
 
 
 class LogSink:

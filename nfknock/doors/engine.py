@@ -91,6 +91,7 @@ class Verdict(_FastHash, Enum):
     ACCEPT = "accept"
     DROP = "drop"
     PASS = "pass"  # not ours to decide: hand the packet back to the rest of the firewall
+    HOLD = "hold"  # a new connection whose source waits for a claim's answer: judged again then
 
 
 class Decision(NamedTuple):
@@ -99,7 +100,7 @@ class Decision(NamedTuple):
 
 
 # Enum member access costs ~50 ns on Python 3.11 (it showed in the per-packet profile).
-_ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS
+_ACCEPT, _DROP, _PASS, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS, Verdict.HOLD
 _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET = (
     Action.ADVANCE,
     Action.COMPLETE,
@@ -109,6 +110,8 @@ _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET = (
 )
 _OPEN, _CLOSE = Sequence.OPEN, Sequence.CLOSE
 _DROP_NOTHING = Decision(_DROP)
+_HOLD_NOTHING = Decision(_HOLD)
+HOLD_SECONDS = 3.0  # at most this long a new connection waits for its source's claim (TCP retries after 1 s)
 
 
 class _Pools(NamedTuple):
@@ -378,6 +381,10 @@ class Engine:
         self.replays = ReplayCache(max_sources)
         self.replays.shared = shared
         self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
+        # Sources whose SPA packet or rotating sequence waits for its claim (a shared cache), until
+        # when: their new connections are held (HOLD), not refused, and judged again once the
+        # claim is answered, so the client's first SYN is not lost to a Redis round trip.
+        self.pending: dict[str, float] = {}
         self._compile(doors, first_steps)
 
     # -- configuration ------------------------------------------------------------------
@@ -471,10 +478,12 @@ class Engine:
         for state in trip_doors:
             if state.admits(packet, now):
                 state.tripwire(packet.src, key, now, events)
+        for event in events:
+            if type(event) is ClaimNeeded and len(self.pending) < self.max_sources:
+                self.pending[event.src] = now + HOLD_SECONDS
         return Decision(_DROP if knock_doors else _PASS, tuple(events))
 
-    @staticmethod
-    def _connect(doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
+    def _connect(self, doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
         port = f"{packet.dport}/{packet.proto}"
         for state in doors:
             # Grants are per exact address: a knock over IPv4 opens IPv4 only. An SPA grant
@@ -482,6 +491,8 @@ class Engine:
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
+        if self.pending and self.pending.get(packet.src, 0.0) > now:
+            return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
     def restore_replays(self, entries: dict[str, float], wall: float) -> None:
@@ -501,6 +512,8 @@ class Engine:
                 for src, value in state.grants.expire(now)
             )
             events.extend(state.lockouts.expire(now))
+        for src in [src for src, until in self.pending.items() if until <= now]:
+            del self.pending[src]  # no answer in time: its held connections are refused
         return events
 
     def next_deadline(self) -> float | None:
@@ -511,6 +524,8 @@ class Engine:
             for table in state.tables()
             if (deadline := table.next_deadline()) is not None
         ]
+        if self.pending:
+            deadlines.append(min(self.pending.values()))
         return min(deadlines, default=None)
 
     # -- operator actions (the control socket) --------------------------------------------
@@ -532,6 +547,7 @@ class Engine:
         rotating door (an SPA packet's copy can come from any address: no failure);
         "unreachable" (no answer, and the member refuses then) and "unrecorded" (a worker could not
         write the record down) are refused without counting against the source."""
+        self.pending.pop(claim.src, None)
         state = self._doors.get(claim.door)
         if state is None:
             return []  # the door went away in a reload meanwhile
