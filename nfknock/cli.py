@@ -724,6 +724,8 @@ def cmd_import_fwknop(args) -> int:
     existing = [name for name in imported.key_files if (keys_dir / f"{name}.keys").exists()]
     if existing:
         raise UsageError(f"{keys_dir}: {existing[0]}.keys exists already (nothing written; pick another --keys-dir)")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise UsageError(f"{args.output}: cannot write: no such directory (nothing written)")
     for name, key_text in imported.key_files.items():
         path = write_key_file(keys_dir, name, key_text)
         print(f"nfknock: wrote {path}", file=sys.stderr)

@@ -200,4 +200,5 @@ def test_an_out_of_range_value_or_an_unwritable_output_is_one_line(tmp_path, cap
     assert main(["import-fwknop", str(conf), "--keys-dir", str(tmp_path / "keys"), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert "line 4: ACCESS_EXPIRE_EPOCH is not Unix seconds (stanza skipped)" in err
-    assert err.splitlines()[-1] == f"nfknock: {out}: cannot write: No such file or directory"
+    assert err.splitlines()[-1] == f"nfknock: {out}: cannot write: no such directory (nothing written)"
+    assert not (tmp_path / "keys").exists()
