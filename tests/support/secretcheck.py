@@ -6,8 +6,10 @@ test of the suite a witness.
 How it stays cheap and not flaky:
 - Secrets are registered when they are made, not guessed: every key `generate_keys` returns in
   the test process (patched once per session), every key line (KEY_BASE64, HMAC_KEY_BASE64, KEY,
-  HMAC_KEY, GPG_DECRYPT_PW, a secret file's base64) of the suite's data files and of the files a
-  test leaves in its tmp_path, and whatever a test registers by hand (`register`).
+  HMAC_KEY, GPG_DECRYPT_PW) of the suite's data files (access.conf samples, the stock client's
+  vectors) and of the files a test leaves in its tmp_path, the content of its secret files
+  (`*.key`, `*.password`: a fleet key, a rotating door's secret), and whatever a test registers
+  by hand (`register`).
 - A leak is any 16-character piece of a secret (a message clipped to 80 characters still leaks
   72 of an 88-character key). Only runs of base64 characters are looked at (a C-speed regex),
   and each is checked against a set of every 16-character window of every secret: linear in
@@ -159,7 +161,7 @@ def see(where: str, text: str | bytes | None) -> None:
 
 # -- the plugin ------------------------------------------------------------------------------
 
-_DATA = ("unit/fwknop_conf", "unit/spa_vectors", "unit/broken_rules")
+_DATA = ("unit/fwknop_conf", "unit/broken_rules")
 
 
 def pytest_configure(config):
@@ -181,7 +183,22 @@ def pytest_configure(config):
     tests = Path(__file__).resolve().parents[1]
     for folder in _DATA:
         REGISTRY.register_files(tests / folder)
+    _register_vectors(tests / "unit" / "spa_vectors" / "vectors.jsonl")
     _wrap_readouterr()
+
+
+def _register_vectors(path: Path) -> None:
+    """The keys of the stock client's packets the SPA tests decode (one JSON object a line)."""
+    import json
+
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        if line.strip():
+            vector = json.loads(line)
+            REGISTRY.register(vector.get("key", ""), vector.get("hmac_key", ""))
 
 
 def _wrap_readouterr() -> None:
