@@ -634,13 +634,11 @@ def cmd_grant(args) -> int:
 
 
 def _read_config(path: str) -> str:
-    """The text of a file to import (knockd.conf, access.conf), or one line saying why not."""
-    from pathlib import Path
+    """The text of a file to import (knockd.conf, access.conf), or one line saying why not:
+    bounded, never a FIFO or device (tools/importfile.py)."""
+    from .tools.importfile import read_config
 
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return read_config(path)
 
 
 def cmd_import_knockd(args) -> int:
@@ -659,11 +657,21 @@ def cmd_import_knockd(args) -> int:
         raise UsageError(f"{args.config}: no door could be imported")
     output = imported.yaml()
     parse_rules_text(output, Path(args.output or "imported.yaml"))  # what we write must be valid rules
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
     return 0
+
+
+def _write_output(path: str | None, text: str) -> None:
+    """An importer's doors to -o PATH (one line if it cannot be written), or to stdout."""
+    if path is None:
+        print(text, end="")
+        return
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
 
 
 def cmd_export(args) -> int:
@@ -732,13 +740,12 @@ def cmd_import_fwknop(args) -> int:
     existing = [name for name in imported.key_files if (keys_dir / f"{name}.keys").exists()]
     if existing:
         raise UsageError(f"{keys_dir}: {existing[0]}.keys exists already (nothing written; pick another --keys-dir)")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise UsageError(f"{args.output}: cannot write: no such directory (nothing written)")
     for name, key_text in imported.key_files.items():
         path = write_key_file(keys_dir, name, key_text)
         print(f"nfknock: wrote {path}", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
     return 0
 
 

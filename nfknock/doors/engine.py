@@ -28,9 +28,11 @@ takes it depends on its kind, decided once when the doors are compiled:
 - an SPA door checks the packet (spa_access.py: which person's key by its HMAC, replay cache,
   age, the key's expiry, sources and username, address, ports) and grants the ports it asked
   for, for the time it asked for (up to the key's max_open_for) or open_for; a refusal is a
-  failure. The grant remembers whose key it was: `revoke_key` ends a person's grants, and a
-  reload that only adds or removes keys keeps the door's state but the grants of keys that
-  left (GrantsRevoked).
+  failure only when no one but a key holder could have caused it (spa_access.counts_against_source:
+  never junk, a bad HMAC, a replay or a stale copy, whose UDP source anyone can forge). The
+  grant remembers whose key it was: `revoke_key` ends a person's grants, and a reload that
+  only adds or removes keys keeps the door's state but the grants of keys that left
+  (GrantsRevoked).
 
 Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
 check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon
@@ -79,7 +81,7 @@ from .packet import Packet
 from .replay import ReplayCache
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor
 from .sequence import Action, Key, KnockSequence, _FastHash
-from .spa_access import KeyRefused, SpaGrant, authorize
+from .spa_access import KeyRefused, SpaGrant, authorize, counts_against_source
 from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
@@ -316,7 +318,8 @@ class _SpaDoorState(_DoorState):
         except SpaError as exc:
             who = exc.key if isinstance(exc, KeyRefused) else None
             events.append(SpaRefused(src, self.name, exc.reason, exc.detail, who))
-            self.failed(src, now, events)
+            if counts_against_source(exc):  # never junk, a bad HMAC, a replay: anyone can forge those
+                self.failed(src, now, events)
             return
         record = next(event for event in reversed(events) if type(event) is Recorded)  # authorize recorded it
         self.open_once(src, record, self.replays.shared, now, events, grant)
@@ -541,7 +544,8 @@ class Engine:
 
     def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
         """The fleet's (or the other workers') answer to a ClaimNeeded: "ours" grants; "taken"
-        (another member used it first) is refused as a replay, a failure of the source;
+        (another member used it first) is refused as a replay, a failure of the source for a
+        rotating door (an SPA packet's copy can come from any address: no failure);
         "unreachable" (no answer, and the member refuses then) and "unrecorded" (a worker could not
         write the record down) are refused without counting against the source."""
         self.pending.pop(claim.src, None)
@@ -565,7 +569,7 @@ class Engine:
             events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
         elif taken:
             events.append(SequenceReused(claim.src, claim.door))
-        if taken:
+        if taken and not isinstance(state, _SpaDoorState):  # an SPA packet used elsewhere: a replay
             state.failed(claim.src, now, events)
         return events
 
