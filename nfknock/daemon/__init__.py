@@ -8,6 +8,8 @@
 - reload.py     rules read in a thread and switched; the one owner of first-step history
 - scaffold.py   installing the plan, its sets, the sessions sets; what rules in place mean
 - front.py      the control socket and the metrics exporter
+- guard.py      the scaffolding watcher: puts back what other programs remove
+- lastgood.py   the last good rules (rulescopy.py: the copy on disk); writer.py: the replay cache's writer
 - single.py, supervisor.py, worker.py   the three roles, each composed of the above
 - workers.py    the supervisor's pool of worker processes; watchdog.py: workers that do not answer
 - control.py, metrics.py, logs.py, stats.py, store.py, claims.py   what those use
