@@ -755,6 +755,14 @@ def cmd_down(args) -> int:
 
     if args.firewall is not None:
         return _down_one(args.firewall)
+    running = _running_queues()
+    if running:
+        print(
+            f"nfknock: a running nfknock binds queue(s) {running} and would put its rules back at once: stop it "
+            "first (systemctl stop nfknock), then run nfknock down; the rules stay in place",
+            file=sys.stderr,
+        )
+        return 1
     removed, failed = [], False
     for flavour in FLAVOURS:  # both flavours, even when one fails
         try:
@@ -776,6 +784,26 @@ def cmd_down(args) -> int:
     elif not failed:
         print("nfknock: no nfknock rules were installed")
     return 1 if failed else 0
+
+
+def _running_queues() -> str:
+    """The queues our chains (either flavour) send to that a process binds now: a daemon that
+    watches its rules (daemon/guard.py) would re-install them right after a `down`."""
+    from .daemon.stats import QUEUE_PROC, parse_queue_table
+    from .firewall import FLAVOURS, make_firewall
+    from .firewall.host import chain_queues, spans
+
+    queues: set[int] = set()
+    for flavour in FLAVOURS:
+        try:
+            queues |= chain_queues(make_firewall(flavour).installed())
+        except NfknockError:
+            continue  # down says what is wrong with that flavour
+    try:
+        listened = set(parse_queue_table(QUEUE_PROC.read_text()))
+    except OSError:
+        return ""
+    return spans(queues & listened)
 
 
 def _down_one(flavour: str) -> int:

@@ -111,6 +111,20 @@ def test_sigkill_leaves_protected_ports_closed_and_restart_is_clean(server, alic
     assert echoes(session)
 
 
+def test_down_refuses_while_the_daemon_runs(server, alice):
+    """A running daemon puts back what others remove (guard.py), `nfknock down` included: down says
+    so and leaves everything as it is, instead of a removal undone a few milliseconds later."""
+    server.start()
+    rules = server.iptables(4)
+    result = server.nfknock("down")
+    assert result.returncode == 1 and "stop it first" in result.stderr, result.stderr
+    assert server.iptables(4) == rules
+    assert not connect(alice, timeout=1).connected
+    server.stop()
+    assert server.nfknock("down").returncode == 0
+    assert server.iptables(4) == []
+
+
 def test_down_removes_what_a_killed_daemon_left(server):
     server.start()
     server.stop(signal.SIGKILL)
