@@ -21,11 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except NfknockError as exc:
+        priority = _journal_error_prefix()
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"nfknock: {line}", file=sys.stderr)
+            print(f"{priority}nfknock: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _journal_error_prefix() -> str:
+    """ "<3>" (error) when stderr is the journal's stream (a unit that fails to start: `journalctl
+    -p err` shows why), nothing on a terminal."""
+    from .daemon.logs import to_journal
+
+    return "<3>" if to_journal() else ""
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -256,6 +256,10 @@ systemctl start nfknock 2>/dev/null && fail "the unit started without rules that
 expect_chain_once "no last good rules: the ports of the broken file closed"
 expect_port closed "a host that never knocked, after a boot with a broken rules file and no last good rules"
 ok "no last good rules: the unit fails ($(prop ActiveState)/$(prop Result)), 22/tcp closed"
+# The journal: the daemon's own identifier, and priorities journalctl can filter on.
+journalctl -t nfknock -p err -o cat --no-pager | grep -q "do not load" || fail "journalctl -t nfknock -p err: no 'do not load' line"
+if journalctl -t nfknock -p warning -o cat --no-pager | grep -q "ready: pid"; then fail "an info line ('ready') at warning priority"; fi
+ok "journalctl -t nfknock -p err shows why the rules do not load; info lines stay at info"
 cp /tmp/ssh.yaml.good /etc/nfknock/rules/ssh.yaml
 systemctl reset-failed nfknock 2>/dev/null || true
 systemctl restart nfknock

@@ -139,6 +139,9 @@ def test_down_tries_both_flavours_and_fails_loudly_if_one_fails(monkeypatch, cap
         def __init__(self, flavour):
             self.flavour = flavour
 
+        def installed(self):
+            return {4: [], 6: []}
+
         def remove(self):
             tried.append(self.flavour)
             if self.flavour == "legacy":
