@@ -101,7 +101,7 @@ def parse_messages(data: bytes, own_pids: set[int]) -> tuple[list[Damage], list[
     committed: list[int] = []
     offset = 0
     while offset + NLMSG_HDR.size <= len(data):
-        length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, offset)
+        length, kind, _, _, portid = NLMSG_HDR.unpack_from(data, offset)
         if length < NLMSG_HDR.size:
             break
         body = data[offset + NLMSG_HDR.size + 4 : offset + length]  # after the nfgenmsg
@@ -113,9 +113,13 @@ def parse_messages(data: bytes, own_pids: set[int]) -> tuple[list[Damage], list[
         if msg == NFT_MSG_NEWGEN:
             attrs = dict(_attrs(body))
             pid = struct.unpack(">I", attrs[2])[0] if 2 in attrs and len(attrs[2]) == 4 else None
-            if pid is not None:
-                committed.append(pid)
-            if pid not in own_pids and batch:
+            # The kernel names the committer by its pid in the initial pid namespace, and the
+            # message header carries the committer's netlink port id, which a socket that bound
+            # itself gets from its pid as its own namespace sees it: in a container only the
+            # second matches the pid we know our restore helper by.
+            ids = {pid, portid} - {None, 0}
+            committed += sorted(ids)
+            if not ids & own_pids and batch:
                 found += batch
                 name = _text(attrs.get(3, b""))
                 who.append(f"pid {pid} ({name})" if pid is not None else "an unnamed process")

@@ -24,8 +24,9 @@ def message(msg: int, family: int, *attrs: bytes) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), (10 << 8) | msg, 0, 0, 0) + body
 
 
-def newgen(pid: int, name: str = "nft") -> bytes:
-    return message(NEWGEN, 0, attr(1, struct.pack(">I", 7)), attr(2, struct.pack(">I", pid)), attr(3, text(name)))
+def newgen(pid: int, name: str = "nft", portid: int = 0) -> bytes:
+    raw = message(NEWGEN, 0, attr(1, struct.pack(">I", 7)), attr(2, struct.pack(">I", pid)), attr(3, text(name)))
+    return raw[:12] + struct.pack("=I", portid) + raw[16:]
 
 
 def jump_rule_expressions() -> bytes:
@@ -77,6 +78,17 @@ def test_our_own_transactions_are_not_damage_and_an_unfinished_one_waits():
     assert found == [] and who == [] and committed == [77]
     found, _, open_batch, _ = parse_messages(message(DELTABLE, IPV4, attr(1, text("filter"))), set())
     assert found == [] and open_batch  # judged once its NEWGEN is read
+
+
+def test_in_a_container_our_transactions_are_known_by_their_netlink_port_id():
+    """In a pid namespace the kernel's NEWGEN names the global pid (400077), which the daemon
+    does not know; the header's port id is the helper's pid as the daemon sees it (77)."""
+    ours = message(DELTABLE, IPV4, attr(1, text("filter"))) + newgen(400077, "iptables-nft-re", portid=77)
+    found, who, _, committed = parse_messages(ours, {77})
+    assert found == [] and who == [] and 77 in committed
+    theirs = message(DELTABLE, IPV4, attr(1, text("filter"))) + newgen(400078, "nft", portid=78)
+    found, who, _, _ = parse_messages(theirs, {77})
+    assert found and who == ["pid 400078 (nft)"]
 
 
 SPECS = [
