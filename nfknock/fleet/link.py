@@ -14,6 +14,11 @@ What Redis holds (all under the fleet's name, so two fleets can share one Redis)
   NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim); also
                       for an SPA packet a member refused after its HMAC (told, not asked)
   NAME:members        instance -> signed presence (who is there, seen when)
+  NAME:revoked        revocation id -> the signed revocation with its place in the stream: a
+                      second copy, read before the stream on every (re)connection and checked
+                      every REASSERT seconds; each member puts back what it keeps
+                      (revocations.py) when it is missing, so a trimmed stream or a writer
+                      without the fleet key deleting an entry (XDEL, HDEL) undoes no revocation
 Answers and entries come back through `inbox`; `wake` tells the loop to look.
 """
 
@@ -25,13 +30,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..doors.events import ClaimNeeded
 from ..errors import UsageError
-from .records import Claim, Entry, Forged, Grant, Signer
+from .records import MAX_GRANT_SECONDS, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
 STREAM_LENGTH = 10000  # entries kept in the stream (approximately): the catch-up horizon
@@ -42,6 +47,7 @@ HEARTBEAT = 2.0  # seconds between presence updates
 SEEN_RECENTLY = 10.0  # a member not heard from in this long is no longer listed
 FORGET_MEMBERS = 86400.0  # presence entries older than this are removed
 CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may differ
+REASSERT = 10.0  # seconds between checks of the revocations' second copy
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,14 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Placed:
+    """Our revocation `id` is in the stream at `pos` (Redis's clock)."""
+
+    id: str
+    pos: str
+
+
+@dataclass(frozen=True)
 class LinkState:
     connected: bool
     detail: str = ""
@@ -136,7 +150,7 @@ class _Record:
 
 _Job = _Publish | _Claim | _Record
 
-Message = Answer | Received | Rejected | LinkState
+Message = Answer | Received | Rejected | LinkState | Placed
 
 
 class Link:
@@ -170,6 +184,10 @@ class Link:
         self._threads: list[threading.Thread] = []
         self.stream = f"{config.name}:stream"
         self.members_key = f"{config.name}:members"
+        self.revoked_key = f"{config.name}:revoked"
+        self.revocations: Callable[[], list[Revoke]] = list  # what this member keeps (member.py)
+        self.last_seen = "0-0"  # the newest stream id read or written: a grant's base
+        self._written = "0-0"  # the newest stream id this writer added
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -210,8 +228,11 @@ class Link:
             self._cond.notify()
 
     def _evict(self) -> None:
-        """Make room: the oldest publish goes; a waiting claim is answered, never dropped."""
-        oldest = self._jobs.popleft()
+        """Make room: the oldest publish goes (a revocation only when nothing else is left); a
+        waiting claim is answered, never dropped."""
+        at = next((n for n, job in enumerate(self._jobs) if not _is_revoke(job)), 0)
+        oldest = self._jobs[at]
+        del self._jobs[at]
         if isinstance(oldest, _Claim) and not oldest.late:
             self._tell(Answer(oldest.claim, "unreachable", detail="backlog full"))
         else:
@@ -226,7 +247,7 @@ class Link:
     def _write(self) -> None:
         client = None
         delay = RETRY_FIRST
-        next_beat = 0.0
+        next_beat = next_check = 0.0
         while not self._stopping.is_set():
             if client is None:
                 self._answer_claims_offline()
@@ -241,11 +262,14 @@ class Link:
                     continue
                 delay = RETRY_FIRST
                 self._set_connected(True)
-                next_beat = 0.0
+                next_beat = next_check = 0.0
             try:
                 if time.monotonic() >= next_beat:
                     self._heartbeat(client)
                     next_beat = time.monotonic() + HEARTBEAT
+                if time.monotonic() >= next_check:
+                    self._reassert(client)
+                    next_check = time.monotonic() + REASSERT
                 with self._cond:
                     if not self._jobs and not self._stopping.is_set():
                         self._cond.wait(max(0.0, next_beat - time.monotonic()))
@@ -279,8 +303,53 @@ class Link:
                 raise _Failed(jobs[at:], _reason(exc)) from None
 
     def _xadd(self, client, entry: Entry) -> None:
-        client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        if isinstance(entry, Grant) and stream_order(self._written) > stream_order(entry.base):
+            # Our own revocations published before it (the jobs are in order) came before it.
+            entry = replace(entry, base=self._written)
+        added = client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        pos = added.decode() if isinstance(added, bytes) else str(added)
+        self._written = pos
+        self._seen(pos)
         self.published += 1
+        if isinstance(entry, Revoke):
+            placed = replace(entry, pos=pos)
+            client.hset(self.revoked_key, entry.id, self.signer.sign(placed))
+            self._tell(Placed(entry.id, pos))
+
+    def _seen(self, pos: str) -> None:
+        if stream_order(pos) > stream_order(self.last_seen):
+            self.last_seen = pos
+
+    def _reassert(self, client) -> None:
+        """The revocations' second copy: learn the ones missed, put back the ones missing, and
+        remove what is over or does not verify (the hash stays bounded)."""
+        wall = self.wall()
+        there: dict[str, bytes] = {}
+        stale = []
+        for field_name, raw in client.hgetall(self.revoked_key).items():
+            name = field_name.decode(errors="replace") if isinstance(field_name, bytes) else str(field_name)
+            try:
+                revoke = self.signer.verify(raw)
+                if not isinstance(revoke, Revoke) or revoke.id != name or revoke.pos is None:
+                    raise Forged("not a placed revocation under its own id")
+            except Forged as exc:
+                self._tell(Rejected(f"revocation entry {name!r}", str(exc)))
+                stale.append(field_name)
+                continue
+            if revoke.at + MAX_GRANT_SECONDS < wall:
+                stale.append(field_name)
+                continue
+            there[name] = raw
+            self._tell(Received(revoke))  # known ones are ignored by the member
+        if stale:
+            client.hdel(self.revoked_key, *stale)
+        missing = {
+            revoke.id: self.signer.sign(revoke)
+            for revoke in self.revocations()
+            if revoke.pos is not None and revoke.id not in there and revoke.at + MAX_GRANT_SECONDS >= wall
+        }
+        if missing:
+            client.hset(self.revoked_key, mapping=missing)
 
     def _claim(self, client, job: _Claim, wall: float) -> None:
         claim = job.claim
@@ -380,11 +449,13 @@ class Link:
                 if client is None:
                     client = self._connect(self.config, reader=True)
                     last_id = self._resume_from(client, last_id)
+                    self._read_revocations(client)  # before any grant of the stream
                     delay = RETRY_FIRST
                 answer = client.xread({self.stream: last_id}, count=500, block=READ_BLOCK_MS)
                 for _stream, entries in answer or ():
                     for entry_id, fields in entries:
                         last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                        self._seen(last_id)
                         try:
                             self._receive(last_id, fields)
                         except Exception as exc:  # noqa: BLE001 - one odd entry never stalls the stream
@@ -406,6 +477,16 @@ class Link:
         newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else str(newest[0][0])
         return last_id if _order(newest_id) >= _order(last_id) else "0-0"
 
+    def _read_revocations(self, client) -> None:
+        for field_name, raw in client.hgetall(self.revoked_key).items():
+            try:
+                revoke = self.signer.verify(raw)
+            except Forged as exc:
+                self._tell(Rejected(f"revocation entry {field_name!r:.60}", str(exc)))
+                continue
+            if isinstance(revoke, Revoke) and revoke.pos is not None:
+                self._tell(Received(revoke))
+
     def _receive(self, entry_id: str, fields: dict) -> None:
         raw = fields.get(b"e", fields.get("e"))
         if raw is None:
@@ -420,6 +501,8 @@ class Link:
             return  # our own
         if isinstance(entry, Grant) and entry.until <= self.wall():
             return  # over already (catching up on old entries)
+        if isinstance(entry, Revoke) and entry.pos is None:
+            entry = replace(entry, pos=entry_id)  # its place: where Redis put it
         self.received += 1
         self._tell(Received(entry))
 
@@ -431,9 +514,11 @@ class _Failed(Exception):
         self.reason = reason
 
 
-def _order(entry_id: str) -> tuple[int, int]:
-    milliseconds, _, sequence = entry_id.partition("-")
-    return int(milliseconds), int(sequence or 0)
+_order = stream_order
+
+
+def _is_revoke(job: _Job) -> bool:
+    return isinstance(job, _Publish) and isinstance(job.entry, Revoke)
 
 
 def _reason(exc: BaseException) -> str:

@@ -9,6 +9,11 @@ member's own engine are), so nothing echoes round the fleet.
 Grants travel with their expiry in wall-clock time (members' monotonic clocks mean nothing to
 each other); a member's clock that is a few seconds off makes a remote grant a few seconds
 longer or shorter there, nothing else.
+
+A revocation is never undone (records.py says how they are ordered): every revocation this member
+issues or reads is kept (revocations.py, durably under --state-dir) until what it covers is over,
+and a grant from the fleet is applied only if none of them covers it and its SPA key is still on
+the door here. A key that leaves a door at a reload is published as a revocation of that key.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, Recorded
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
-from .link import Answer, FleetConfig, Link, LinkState, Received, Rejected
+from ..doors.rules import SpaDoor
+from .link import Answer, FleetConfig, Link, LinkState, Placed, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
+from .revocations import SUBDIR, Revocations
 
 MAX_APPLIED = 65536  # ids of entries applied, remembered until they are useless
 REJECTED_LOGGED = 10  # the first unauthenticated entries are logged one by one, then every 100th
@@ -40,6 +48,7 @@ class FleetMember:
         wake: Callable[[], None],
         connect: Callable[..., Any] | None = None,
         wall: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
     ):
         self.config = config
         self.engine = engine
@@ -50,6 +59,9 @@ class FleetMember:
         link_config = config if config.member else _named(config, self.member)
         self.link = Link(link_config, self.signer, self.instance, wake, log, connect, wall)
         self.applied = ReplayCache(MAX_APPLIED)
+        self.revocations = Revocations(self.signer, log, None if state_dir is None else Path(state_dir) / SUBDIR)
+        self.link.revocations = lambda: list(self.revocations.entries.values())
+        self._next_sweep = 0.0
         self.origins: dict[tuple[str, str], str] = {}  # (source, door) -> member, for grants from the fleet
         self.rejected = 0
         self.claims_refused = 0
@@ -66,6 +78,13 @@ class FleetMember:
             self.config.where,
             self.config.offline,
         )
+        wall = self.link.wall()
+        if self.revocations.load(wall):
+            self.log.info("fleet: %d revocation(s) kept from before apply", len(self.revocations))
+        for revoke in list(self.revocations.entries.values()):
+            self.applied.record(revoke.id, revoke.at + MAX_GRANT_SECONDS)
+            if revoke.pos is None:  # issued, never placed in the stream: the others still need it
+                self.link.publish(revoke, revoke.at + MAX_GRANT_SECONDS)
         self.link.start()
 
     def stop(self) -> None:
@@ -86,8 +105,11 @@ class FleetMember:
             elif isinstance(event, DoorOpened):
                 self._publish_grant(event.src, event.door, now, wall)
             elif isinstance(event, DoorClosed) and event.was_open:
-                revoke = Revoke(_id(), self.member, self.instance, event.src, event.door, wall)
-                self._publish(revoke, wall + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
+                self._revoke(Revoke(_id(), self.member, self.instance, event.src, event.door, wall))
+            elif isinstance(event, GrantsRevoked):
+                # A key that left the door (a reload): its grants end fleet-wide, and stay ended
+                # for members that restart or join and read the stream again.
+                self._revoke(Revoke(_id(), self.member, self.instance, None, event.door, wall, event.key))
             elif isinstance(event, ClaimNeeded):
                 if self.link.connected:
                     self.link.claim(event)
@@ -101,8 +123,7 @@ class FleetMember:
             return
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
-            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
-            self._publish(revoke, wall + MAX_GRANT_SECONDS)
+            self._revoke(Revoke(_id(), self.member, self.instance, address, request["door"], wall, key))
             for source in answer.get("addresses", [address]):
                 for pair in [pair for pair in self.origins if pair[0] == source]:
                     if request["door"] in (None, pair[1]):
@@ -118,7 +139,13 @@ class FleetMember:
         until = wall + (deadline - now)
         self.origins.pop((src, door), None)
         ports, key = (None, None) if spa is None else (spa.ports, spa.key)
-        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key), until)
+        base = self.link.last_seen  # no revocation after this was known here: it came before them
+        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key, base), until)
+
+    def _revoke(self, revoke: Revoke) -> None:
+        """Kept (and refused to every grant it covers) before it is even published."""
+        self.revocations.add(revoke)
+        self._publish(revoke, revoke.at + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
 
     def _publish(self, entry: Grant | Revoke, expires: float) -> None:
         self.applied.record(entry.id, expires)  # ours: never applied again if it comes back
@@ -147,6 +174,11 @@ class FleetMember:
                 self._rejected(message)
             elif isinstance(message, LinkState):
                 self._state(message, wall)
+            elif isinstance(message, Placed):
+                self.revocations.placed(message.id, message.pos)
+        if wall >= self._next_sweep:
+            self._next_sweep = wall + 60.0
+            self.revocations.sweep(wall)
         if wall >= self._next_count:  # for our presence entry; not every turn (it walks the grants)
             self._next_count = wall + 2.0
             self._prune(now)
@@ -194,6 +226,8 @@ class FleetMember:
 
     def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
         """Apply another member's entry; returns the sources whose grants changed here."""
+        if isinstance(entry, Revoke):
+            self.revocations.add(entry)  # kept whatever else happens: it may come before its grant
         if entry.id in self.applied:
             return set()
         if entry.door is not None and entry.door not in self.engine.doors:
@@ -236,6 +270,8 @@ class FleetMember:
             return {entry.src} if revoked else set()
         self.applied.record(entry.id, entry.until)
         door = entry.door
+        if not self._may_apply(entry):
+            return set()
         seconds = grant_seconds(entry, wall)
         if seconds <= 0:
             return set()
@@ -259,6 +295,29 @@ class FleetMember:
             seconds,
         )
         return {entry.src}
+
+    def _may_apply(self, grant: Grant) -> bool:
+        revoke = self.revocations.covering(grant)
+        if revoke is not None:
+            self.log.info(
+                "%s: %s: grant from fleet member %s not applied: revoked on member %s after it was issued",
+                grant.src,
+                grant.door,
+                grant.member,
+                revoke.member,
+            )
+            return False
+        spa = self.engine.doors.get(grant.door)
+        if grant.key is not None and isinstance(spa, SpaDoor) and grant.key not in {k.name for k in spa.keyring}:
+            self.log.warning(
+                "%s: %s: grant from fleet member %s not applied: key %s is not on this door (removed?)",
+                grant.src,
+                grant.door,
+                grant.member,
+                grant.key,
+            )
+            return False
+        return True
 
     def _rejected(self, message: Rejected) -> None:
         self.rejected += 1
@@ -316,6 +375,7 @@ class FleetMember:
             "backlog": link.backlog,
             "dropped": link.dropped,
             "rejected": self.rejected,
+            "revocations": len(self.revocations),
             "claims_refused": self.claims_refused,
         }
 

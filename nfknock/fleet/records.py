@@ -13,6 +13,13 @@ packet was used, and nobody without the key can pre-claim a packet to have it re
 Every grant and revocation has a random id: a member applies an id once (ReplayCache, until the
 entry would be useless anyway), so a genuine entry re-added by someone with write access to
 Redis cannot re-open a grant that was revoked since.
+
+Order (one clock, Redis's): a revocation's place is the id Redis gave its stream entry (`pos`,
+from Redis's clock, the same for every member); a grant carries `base`, the newest stream id its
+member had seen (read or written) when it granted. A revocation covers every matching grant
+whose base is before its place: whatever its issuer knew, it did not know of the revocation, so
+the grant was issued before it, however late it reached Redis (a member cut off publishes late).
+Members' wall clocks order nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ class Grant:
     until: float
     ports: frozenset[tuple[str, int]] | None = None
     key: str | None = None
+    base: str = "0-0"  # the newest stream id the issuer had seen: it knew of no revocation after
 
 
 @dataclass(frozen=True)
@@ -83,9 +91,33 @@ class Revoke:
     door: str | None
     at: float
     key: str | None = None
+    pos: str | None = None  # its stream id (Redis's clock); None while not yet placed
+
+    def covers(self, grant: Grant) -> bool:
+        """Whether this revocation ends `grant`: the same source (or key) and door, and the grant
+        issued before the revocation's place (unplaced: before anything, it is still to come)."""
+        if self.door is not None and self.door != grant.door:
+            return False
+        if self.src is not None and self.src != grant.src:
+            return False
+        if self.key is not None and self.key != grant.key:
+            return False
+        return self.pos is None or stream_order(grant.base) < stream_order(self.pos)
 
 
 Entry = Grant | Revoke
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id (milliseconds-sequence, Redis's clock) as something to compare."""
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def check_stream_id(value: Any) -> str:
+    text = _text(value)
+    stream_order(text)  # ValueError if it is not one
+    return text
 
 
 @dataclass(frozen=True)
@@ -150,9 +182,12 @@ class Signer:
                 "until": entry.until,
                 "ports": None if entry.ports is None else sorted([proto, port] for proto, port in entry.ports),
                 "key": entry.key,
+                "base": entry.base,
             }
         else:
             payload |= {"kind": "revoke", "door": entry.door, "at": entry.at, "key": entry.key}
+            if entry.pos is not None:
+                payload["pos"] = entry.pos
         return self._seal("entry", payload)
 
     def verify(self, raw: bytes | str) -> Entry:
@@ -167,12 +202,14 @@ class Signer:
                     raise ValueError("a grant names its source")
                 ports = _ports(payload["ports"])
                 until = _number(payload["until"])
-                return Grant(*ids, src, _text(payload["door"]), until, ports, key)
+                base = check_stream_id(payload.get("base", "0-0"))
+                return Grant(*ids, src, _text(payload["door"]), until, ports, key, base)
             if payload["kind"] == "revoke":
                 if (src is None) == (key is None):
                     raise ValueError("a revocation names a source or a key")
                 door = payload["door"]
-                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key)
+                pos = None if payload.get("pos") is None else check_stream_id(payload["pos"])
+                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key, pos)
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
         raise Forged(f"signed but of unknown kind {payload.get('kind')!r}")
