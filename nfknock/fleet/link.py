@@ -14,6 +14,10 @@ What Redis holds (all under the fleet's name, so two fleets can share one Redis)
   NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim); also
                       for an SPA packet a member refused after its HMAC (told, not asked)
   NAME:members        instance -> signed presence (who is there, seen when)
+  NAME:epoch          a signed marker, set once by the first member: when it is gone or another,
+                      Redis lost data (restarted without it, evicted it, failed over to a
+                      replica that missed it); each member then puts back its live claims
+                      before it asks Redis about any claim again, and says so at error level
   NAME:revoked        revocation id -> the signed revocation with its place in the stream: a
                       second copy, read before the stream on every (re)connection and checked
                       every REASSERT seconds; each member puts back what it keeps
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
@@ -48,6 +53,10 @@ SEEN_RECENTLY = 10.0  # a member not heard from in this long is no longer listed
 FORGET_MEMBERS = 86400.0  # presence entries older than this are removed
 CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may differ
 REASSERT = 10.0  # seconds between checks of the revocations' second copy
+MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
+MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
+SAFE_POLICIES = ("noeviction",)
+RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,15 @@ class _Record:
 
 _Job = _Publish | _Claim | _Record
 
-Message = Answer | Received | Rejected | LinkState | Placed
+@dataclass(frozen=True)
+class Alarm:
+    """Something about Redis that weakens a promise (data lost, keys evicted, a clock off)."""
+
+    what: str
+    detail: str
+
+
+Message = Answer | Received | Rejected | LinkState | Placed | Alarm
 
 
 class Link:
@@ -185,9 +202,17 @@ class Link:
         self.stream = f"{config.name}:stream"
         self.members_key = f"{config.name}:members"
         self.revoked_key = f"{config.name}:revoked"
+        self.epoch_key = f"{config.name}:epoch"
         self.revocations: Callable[[], list[Revoke]] = list  # what this member keeps (member.py)
         self.last_seen = "0-0"  # the newest stream id read or written: a grant's base
         self._written = "0-0"  # the newest stream id this writer added
+        self.epoch: str | None = None  # the marker of the Redis data we trust
+        self.skew = 0.0  # this member's clock minus Redis's (TIME), at the last heartbeat
+        self.policy = "unknown"  # Redis's maxmemory-policy
+        self._evicted: int | None = None
+        self._held: dict[str, tuple[bytes, float]] = {}  # claim name -> (signed claim, expires)
+        self.reasserted = 0  # claims put back after Redis lost them
+        self._recovering_until = 0.0  # monotonic: claims are not asked before (the others put theirs back)
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -263,6 +288,10 @@ class Link:
                 delay = RETRY_FIRST
                 self._set_connected(True)
                 next_beat = next_check = 0.0
+                try:
+                    self._check_deployment(client)
+                except Exception:  # noqa: BLE001 - CONFIG may be refused (ACL, managed Redis)
+                    self.policy = "unknown"
             try:
                 if time.monotonic() >= next_beat:
                     self._heartbeat(client)
@@ -289,6 +318,11 @@ class Link:
 
     def _do(self, client, jobs: list[_Job]) -> None:
         wall = self.wall()
+        if any(isinstance(job, _Claim) for job in jobs):
+            try:
+                self._check_epoch(client)  # before any answer: Redis must not have forgotten
+            except Exception as exc:  # noqa: BLE001
+                raise _Failed(jobs, _reason(exc)) from None
         for at, job in enumerate(jobs):
             try:
                 if isinstance(job, _Publish):
@@ -353,16 +387,27 @@ class Link:
 
     def _claim(self, client, job: _Claim, wall: float) -> None:
         claim = job.claim
+        if abs(self.skew) > MAX_SKEW and not job.late:
+            detail = f"this member's clock is {self.skew:+.0f}s off Redis's (more than {MAX_SKEW:.0f}s): cannot check"
+            self._tell(Answer(claim, "skewed", detail=detail))
+            return
+        if time.monotonic() < self._recovering_until and not job.late:
+            # Redis lost data moments ago: what other members used is not back in it yet.
+            self._tell(Answer(claim, "unreachable", detail="Redis lost its data; members are putting their claims back"))
+            return
         mine = Claim(self.config.member, self.instance, claim.expires)
         milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
         name = self.signer.claim_name(claim.record)
-        if client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds):
+        signed = self.signer.sign_claim(claim.record, mine)
+        if client.set(name, signed, nx=True, px=milliseconds):
+            self._hold(name, signed, claim.expires + CLAIM_MARGIN)
             if not job.late:
                 self._tell(Answer(claim, "ours"))
             return
         raw = client.get(name)
         if raw is None:  # expired between the two commands: nobody holds it now
-            client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds)
+            client.set(name, signed, nx=True, px=milliseconds)
+            self._hold(name, signed, claim.expires + CLAIM_MARGIN)
             if not job.late:
                 self._tell(Answer(claim, "ours"))
             return
@@ -386,9 +431,112 @@ class Link:
         mine = Claim(self.config.member, self.instance, job.expires)
         milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
         name = self.signer.claim_name(job.record)
-        client.set(name, self.signer.sign_claim(job.record, mine), nx=True, px=milliseconds)
+        signed = self.signer.sign_claim(job.record, mine)
+        client.set(name, signed, nx=True, px=milliseconds)
+        self._hold(name, signed, job.expires + CLAIM_MARGIN)
+
+    def hold_records(self, records: dict[str, float]) -> None:
+        """Records this member keeps on disk (its replay cache, from before a restart): put back
+        in Redis, like its own claims, whenever Redis lost data. From the loop, before start()."""
+        for record, expires in records.items():
+            mine = Claim(self.config.member, self.instance, expires)
+            self._hold(self.signer.claim_name(record), self.signer.sign_claim(record, mine), expires + CLAIM_MARGIN)
+
+    def _hold(self, name: str, signed: bytes, expires: float) -> None:
+        if len(self._held) >= MAX_HELD:
+            self._held.pop(next(iter(self._held)))
+        self._held[name] = (signed, expires)
+
+    # -- what Redis may have lost --------------------------------------------------------------
+
+    def _check_deployment(self, client) -> None:
+        """Say once per connection what the Redis deployment risks (an evicting policy)."""
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown")
+        self.policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if self.policy not in SAFE_POLICIES:
+            self._tell(
+                Alarm(
+                    "evicting",
+                    f"Redis's maxmemory-policy is {self.policy}: it may evict replay claims; members notice "
+                    "evictions and put their claims back, but a packet may open twice in between "
+                    "(set maxmemory-policy noeviction)",
+                )
+            )
+
+    def _check_epoch(self, client) -> None:
+        """Is this still the Redis data we trusted? If not, put our live claims back first."""
+        raw = client.get(self.epoch_key)
+        epoch = None
+        if raw is not None:
+            try:
+                epoch = self.signer.verify_epoch(raw)
+            except Forged as exc:
+                self._tell(Rejected("the epoch marker", str(exc)))
+                client.delete(self.epoch_key)
+        if epoch is not None and epoch == self.epoch:
+            return
+        if self.epoch is not None or epoch is None and self._held:
+            lost = "gone" if epoch is None else "replaced"
+            self._recovering_until = time.monotonic() + RECOVERY
+            count = self._reassert_claims(client)
+            self._tell(
+                Alarm(
+                    "data lost",
+                    f"Redis lost the fleet's data (its epoch marker is {lost}: restarted without its data, "
+                    f"evicted, or failed over); {count} live claim(s) of this member put back before trusting it",
+                )
+            )
+        if epoch is None:
+            marker = self.signer.sign_epoch(secrets.token_hex(8))
+            client.set(self.epoch_key, marker, nx=True)
+            raw = client.get(self.epoch_key)
+            epoch = None if raw is None else self.signer.verify_epoch(raw)
+        self.epoch = epoch
+
+    def _reassert_claims(self, client) -> int:
+        wall = self.wall()
+        for name in [name for name, (_, expires) in self._held.items() if expires <= wall]:
+            del self._held[name]
+        for name, (signed, expires) in list(self._held.items()):
+            client.set(name, signed, nx=True, px=max(1000, int((expires - wall) * 1000)))
+        self.reasserted += len(self._held)
+        return len(self._held)
+
+    def _check_evictions(self, client) -> None:
+        evicted = int(client.info("stats").get("evicted_keys", 0))
+        if self._evicted is not None and evicted > self._evicted:
+            count = self._reassert_claims(client)
+            self._tell(
+                Alarm(
+                    "evicted",
+                    f"Redis evicted {evicted - self._evicted} key(s) (maxmemory-policy {self.policy}); "
+                    f"{count} live claim(s) of this member put back",
+                )
+            )
+        self._evicted = evicted
+
+    def _check_clock(self, client) -> None:
+        seconds, microseconds = client.time()
+        skew = self.wall() - (seconds + microseconds / 1e6)
+        if abs(skew) > MAX_SKEW and abs(self.skew) <= MAX_SKEW:
+            self._tell(
+                Alarm(
+                    "clock",
+                    f"this member's clock is {skew:+.0f}s off Redis's (more than {MAX_SKEW:.0f}s): SPA and rotating "
+                    "doors refused until it is fixed (used packets cannot be checked across the fleet)",
+                )
+            )
+        elif abs(skew) <= MAX_SKEW < abs(self.skew):
+            self._tell(Alarm("clock", f"this member's clock is back within {MAX_SKEW:.0f}s of Redis's"))
+        self.skew = skew
 
     def _heartbeat(self, client) -> None:
+        self._check_clock(client)
+        self._check_epoch(client)
+        try:
+            self._check_evictions(client)
+        except Exception:  # noqa: BLE001 - INFO may be refused (ACL)
+            pass
         wall = self.wall()
         client.hset(
             self.members_key,

@@ -30,7 +30,7 @@ from typing import Any
 from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
 from ..doors.rules import SpaDoor
-from .link import Answer, FleetConfig, Link, LinkState, Placed, Received, Rejected
+from .link import Alarm, Answer, FleetConfig, Link, LinkState, Placed, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
 from .revocations import SUBDIR, Revocations
 
@@ -62,6 +62,7 @@ class FleetMember:
         self.revocations = Revocations(self.signer, log, None if state_dir is None else Path(state_dir) / SUBDIR)
         self.link.revocations = lambda: list(self.revocations.entries.values())
         self._next_sweep = 0.0
+        self.alarms: dict[str, str] = {}  # what -> the last thing said about it (status)
         self.origins: dict[tuple[str, str], str] = {}  # (source, door) -> member, for grants from the fleet
         self.rejected = 0
         self.claims_refused = 0
@@ -85,6 +86,8 @@ class FleetMember:
             self.applied.record(revoke.id, revoke.at + MAX_GRANT_SECONDS)
             if revoke.pos is None:  # issued, never placed in the stream: the others still need it
                 self.link.publish(revoke, revoke.at + MAX_GRANT_SECONDS)
+        # What this member used before (its replay cache on disk): put back if Redis lost it.
+        self.link.hold_records(self.engine.replays.snapshot())
         self.link.start()
 
     def stop(self) -> None:
@@ -176,6 +179,9 @@ class FleetMember:
                 self._state(message, wall)
             elif isinstance(message, Placed):
                 self.revocations.placed(message.id, message.pos)
+            elif isinstance(message, Alarm):
+                self.alarms[message.what] = message.detail
+                self.log.error("fleet: %s", message.detail)
         if wall >= self._next_sweep:
             self._next_sweep = wall + 60.0
             self.revocations.sweep(wall)
@@ -197,6 +203,9 @@ class FleetMember:
         if answer.answer == "taken":
             self.claims_refused += 1
             return self.engine.claimed(claim, "taken", now, answer.detail)
+        if answer.answer == "skewed":  # whatever the offline policy: this is not an outage
+            self.claims_refused += 1
+            return self._refuse(claim, now, answer.detail)
         if answer.answer == "late":
             self.log.warning(
                 "%s: %s: fleet: what this member accepted while Redis was unreachable was also used on member %s "
@@ -212,16 +221,14 @@ class FleetMember:
         if self.config.offline == "accept":
             self.link.claim(claim, late=True)  # the others learn of it once Redis is back
             return self.engine.claimed(claim, "ours", now)
-        events = self.engine.claimed(
-            claim, "unreachable", now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
+        return self._refuse(
+            claim, now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
         )
+
+    def _refuse(self, claim: ClaimNeeded, now: float, detail: str) -> list[Event]:
+        events = self.engine.claimed(claim, "unreachable", now, detail)
         if not events:  # a rotating door's sequence: the engine has no refusal event for this
-            self.log.warning(
-                "%s: %s: sequence not honoured: Redis cannot be asked whether another member used it "
-                "(--cluster-offline refuse)",
-                claim.src,
-                claim.door,
-            )
+            self.log.warning("%s: %s: sequence not honoured: %s", claim.src, claim.door, detail)
         return events
 
     def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
@@ -376,6 +383,10 @@ class FleetMember:
             "dropped": link.dropped,
             "rejected": self.rejected,
             "revocations": len(self.revocations),
+            "redis_policy": link.policy,
+            "clock_skew": round(link.skew, 1),
+            "reasserted": link.reasserted,
+            "alarms": dict(self.alarms),
             "claims_refused": self.claims_refused,
         }
 

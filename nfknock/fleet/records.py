@@ -233,6 +233,17 @@ class Signer:
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
 
+    # -- the epoch marker (has Redis lost data?) -------------------------------------------
+
+    def sign_epoch(self, epoch: str) -> bytes:
+        return self._seal("epoch", {"epoch": epoch})
+
+    def verify_epoch(self, raw: bytes | str) -> str:
+        try:
+            return _text(self._open("epoch", raw)["epoch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
     # -- members (who is there) ------------------------------------------------------------
 
     def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:

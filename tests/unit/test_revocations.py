@@ -32,6 +32,7 @@ class Cut:
 
     def __init__(self, server):
         self.server, self.cut = server, False
+        self.evicted, self.policy = 0, "noeviction"  # what INFO and CONFIG GET say (fakeredis has neither)
 
     def __call__(self, *args, **kwargs):
         if self.cut:
@@ -39,9 +40,19 @@ class Cut:
         return _Guarded(fakeredis.FakeRedis(server=self.server), self)
 
 
+def _cut_init(line, server, policy):
+    line.server, line.cut, line.evicted, line.policy = server, False, 0, policy
+
+
 class _Guarded:
     def __init__(self, client, line):
         self._client, self._line = client, line
+
+    def info(self, section):
+        return {"evicted_keys": self._line.evicted}
+
+    def config_get(self, name):
+        return {name: self._line.policy}
 
     def __getattr__(self, name):
         attribute = getattr(self._client, name)
@@ -295,3 +306,86 @@ def test_revocations_are_kept_signed_on_disk_and_a_changed_file_is_ignored(tmp_p
     late = Grant("g", "b", "i2", ALICE, "openSSH", wall + 60, None, None, "1000-0")
     assert fresh_copy.covering(early) is not None and fresh_copy.covering(late) is None
     assert fresh_copy.sweep(wall + 2 * 86400) == 1 and len(fresh_copy) == 0
+
+
+# -- Redis that forgets: restarted empty, evicting; a member's clock off ------------------------
+
+
+@pytest.fixture
+def spa(monkeypatch):
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("REVSPA_KEY_BASE64", encryption)
+    monkeypatch.setenv("REVSPA_HMAC_KEY_BASE64", mac)
+    door = SpaDoor.model_validate(dict(kind="spa", name="spaSSH", keys_env="REVSPA", protect=["22/tcp"]))
+    load_secrets(door)
+    return door
+
+
+def replay_refused(member, payload, reason="replay"):
+    member.handle(packet(62201, proto="udp", payload=payload))
+    events = member.until(lambda result: result[0], "got the claim's answer")[0]
+    return [(e.reason, e.detail) for e in events if isinstance(e, SpaRefused)]
+
+
+def test_a_packet_used_before_redis_lost_its_data_is_refused_after(fleet, spa, caplog):
+    """Item 6: Redis restarted empty (FLUSHALL here): a notices (epoch marker), says so, and puts
+    its live claim back; the captured packet replayed to b is refused as used on a."""
+    a, b = fleet("a", (spa,)), fleet("b", (spa,))
+    payload = encode(spa.keyring[0].keys, ALICE, [("tcp", 22)], time.time())
+    a.handle(packet(62201, proto="udp", payload=payload))
+    assert isinstance(a.until(lambda result: result[0], "got the claim's answer")[0][0], DoorOpened)
+    fakeredis.FakeRedis(server=fleet.server).flushall()
+    with caplog.at_level(logging.ERROR):
+        a.until(lambda _: a.fleet.link.reasserted >= 1, "put its claim back")
+        a.step()
+    assert "Redis lost the fleet's data" in caplog.text
+    time.sleep(link_module.RECOVERY)
+    assert replay_refused(b, payload) == [("replay", "used on member a")]
+
+
+def test_right_after_a_loss_claims_follow_the_offline_policy(fleet, spa):
+    a = fleet("a", (spa,))
+    a.fleet.config = a.fleet.link.config = FleetConfig("redis://fake:6379/0", KEY, None, "nfknock", "a", "refuse")
+    fakeredis.FakeRedis(server=fleet.server).flushall()
+    payload = encode(spa.keyring[0].keys, "10.0.0.7", [("tcp", 22)], time.time())
+    a.handle(packet(62201, src="10.0.0.7", proto="udp", payload=payload))
+    refused = a.until(lambda result: result[0], "got the claim's answer")[0]
+    assert [e.reason for e in refused if isinstance(e, SpaRefused)] == ["fleet unreachable"]
+
+
+def test_a_member_whose_clock_is_off_refuses_what_it_cannot_check(fleet, spa, caplog):
+    """Item 9: more than MAX_SKEW off Redis's TIME: refused (whatever the offline policy), and said."""
+    a = fleet("a", (spa,))
+    a.fleet.link.wall = lambda: time.time() - 90
+    with caplog.at_level(logging.ERROR):
+        a.until(lambda _: abs(a.fleet.link.skew) > 60, "measured the skew")
+        a.step()
+    assert "clock is -90s off Redis's" in caplog.text
+    payload = encode(spa.keyring[0].keys, ALICE, [("tcp", 22)], time.time() - 90)
+    a.handle(packet(62201, proto="udp", payload=payload))
+    events = a.until(lambda result: result[0], "got the claim's answer")[0]
+    assert [e.reason for e in events if isinstance(e, SpaRefused)] == ["fleet unreachable"]
+    assert a.engine.handle(packet(22), a.now).verdict is Verdict.DROP
+    assert "alarm" not in a.fleet.status(a.now, time.time()) and a.fleet.status(a.now, time.time())["alarms"]["clock"]
+
+
+def test_an_evicting_redis_is_an_alarm_and_evicted_claims_are_put_back(fleet, spa, caplog, monkeypatch):
+    """Item 7: an evicting maxmemory-policy is said at connection; keys evicted (INFO stats) are
+    put back by the member that holds them."""
+    monkeypatch.setattr(Cut, "__init__", lambda self, server: _cut_init(self, server, "allkeys-lru"))
+    with caplog.at_level(logging.ERROR):
+        a = fleet("a", (spa,))
+        a.until(lambda _: "evicting" in a.fleet.alarms, "said what the policy risks")
+    assert "maxmemory-policy is allkeys-lru" in caplog.text
+    assert a.fleet.status(a.now, time.time())["redis_policy"] == "allkeys-lru"
+    payload = encode(spa.keyring[0].keys, ALICE, [("tcp", 22)], time.time())
+    a.handle(packet(62201, proto="udp", payload=payload))
+    a.until(lambda result: result[0], "got the claim's answer")
+    client = fakeredis.FakeRedis(server=fleet.server)
+    (name,) = client.keys("nfknock:used:*")
+    client.delete(name)  # evicted (fakeredis does not evict: INFO says so below)
+    a.line.evicted += 1
+    with caplog.at_level(logging.ERROR):
+        a.until(lambda _: client.exists(name), "put the evicted claim back")
+        a.step()
+    assert "Redis evicted 1 key(s)" in caplog.text
