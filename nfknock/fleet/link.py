@@ -159,6 +159,7 @@ class _Record:
 
 _Job = _Publish | _Claim | _Record
 
+
 @dataclass(frozen=True)
 class Alarm:
     """Something about Redis that weakens a promise (data lost, keys evicted, a clock off)."""
@@ -393,7 +394,9 @@ class Link:
             return
         if time.monotonic() < self._recovering_until and not job.late:
             # Redis lost data moments ago: what other members used is not back in it yet.
-            self._tell(Answer(claim, "unreachable", detail="Redis lost its data; members are putting their claims back"))
+            self._tell(
+                Answer(claim, "unreachable", detail="Redis lost its data; members are putting their claims back")
+            )
             return
         mine = Claim(self.config.member, self.instance, claim.expires)
         milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))

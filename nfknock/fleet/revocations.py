@@ -50,16 +50,16 @@ class Revocations:
         Redis, it must not cover grants it never covered (nor less)."""
         known = self.entries.get(revoke.id)
         if known is not None:
-            if known.pos is not None and (
-                revoke.pos is None or stream_order(known.pos) <= stream_order(revoke.pos)
-            ):
+            if known.pos is not None and (revoke.pos is None or stream_order(known.pos) <= stream_order(revoke.pos)):
                 return False
             if known.pos is None and revoke.pos is None:
                 return False
             revoke = replace(known, pos=revoke.pos)  # placed at last (ours, or read back)
         if known is None and len(self.entries) >= MAX_REVOCATIONS:
             oldest = min(self.entries.values(), key=lambda entry: entry.at)
-            self.log.error("fleet: more than %d live revocations; the oldest (%s) is forgotten", MAX_REVOCATIONS, oldest.id)
+            self.log.error(
+                "fleet: more than %d live revocations; the oldest (%s) is forgotten", MAX_REVOCATIONS, oldest.id
+            )
             self._drop(oldest.id)
         self.entries[revoke.id] = revoke
         self._write(revoke)
