@@ -69,6 +69,7 @@ class FleetConfig:
     name: str = "nfknock"
     member: str = ""
     offline: str = "accept"  # what SPA / rotating doors do when the fleet cannot be asked
+    older_keys: tuple[bytes, ...] = field(default=(), repr=False)  # still accepted (a rotation)
 
     @property
     def where(self) -> str:
@@ -207,7 +208,7 @@ class Link:
         self.revocations: Callable[[], list[Revoke]] = list  # what this member keeps (member.py)
         self.last_seen = "0-0"  # the newest stream id read or written: a grant's base
         self._written = "0-0"  # the newest stream id this writer added
-        self.epoch: str | None = None  # the marker of the Redis data we trust
+        self.epoch: tuple[str, float] | None = None  # the marker of the Redis data we trust (and when set)
         self.skew = 0.0  # this member's clock minus Redis's (TIME), at the last heartbeat
         self.policy = "unknown"  # Redis's maxmemory-policy
         self._evicted: int | None = None
@@ -400,50 +401,56 @@ class Link:
             return
         mine = Claim(self.config.member, self.instance, claim.expires)
         milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
-        name = self.signer.claim_name(claim.record)
-        signed = self.signer.sign_claim(claim.record, mine)
-        if client.set(name, signed, nx=True, px=milliseconds):
-            self._hold(name, signed, claim.expires + CLAIM_MARGIN)
+        other = None  # who else holds it, under any of the fleet's keys
+        for index, name in enumerate(self.signer.claim_names(claim.record)):
+            found = self._claim_one(client, claim.record, index, name, mine, milliseconds)
+            other = other or found
+        if other is None:  # ours (or our own earlier try got through)
             if not job.late:
                 self._tell(Answer(claim, "ours"))
-            return
+        elif other == "":
+            self._tell(Answer(claim, "taken", detail="an unauthenticated claim holds it"))
+        elif job.late:
+            self._tell(Answer(claim, "late", by=other))
+        else:
+            self._tell(Answer(claim, "taken", by=other, detail=f"used on member {other}"))
+
+    def _claim_one(self, client, record: str, index: int, name: str, mine: Claim, milliseconds: int) -> str | None:
+        """Claim `record` under one key's name: None if it is ours now, else who holds it ("" if
+        nobody we can verify: the name is keyed with the fleet key, so someone wrote exactly there
+        without it)."""
+        signed = self.signer.sign_claim(record, mine, index)
+        if client.set(name, signed, nx=True, px=milliseconds):
+            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
+            return None
         raw = client.get(name)
         if raw is None:  # expired between the two commands: nobody holds it now
             client.set(name, signed, nx=True, px=milliseconds)
-            self._hold(name, signed, claim.expires + CLAIM_MARGIN)
-            if not job.late:
-                self._tell(Answer(claim, "ours"))
-            return
+            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
+            return None
         try:
-            holder = self.signer.verify_claim(claim.record, raw)
+            holder = self.signer.verify_claim(record, raw, index)
         except Forged as exc:
-            # The name is keyed with the fleet key: something wrote exactly there without it.
             self._tell(Rejected(f"claim {name}", str(exc)))
-            self._tell(Answer(claim, "taken", detail="an unauthenticated claim holds it"))
-            return
-        if holder.instance == self.instance:  # our own earlier try got through
-            if not job.late:
-                self._tell(Answer(claim, "ours"))
-        elif job.late:
-            self._tell(Answer(claim, "late", by=holder.member))
-        else:
-            self._tell(Answer(claim, "taken", by=holder.member, detail=f"used on member {holder.member}"))
+            return ""
+        return None if holder.instance == self.instance else holder.member
 
     def _record(self, client, job: _Record, wall: float) -> None:
         """A claim nobody waits for: if another member holds it already, it is used either way."""
         mine = Claim(self.config.member, self.instance, job.expires)
         milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
-        name = self.signer.claim_name(job.record)
-        signed = self.signer.sign_claim(job.record, mine)
-        client.set(name, signed, nx=True, px=milliseconds)
-        self._hold(name, signed, job.expires + CLAIM_MARGIN)
+        for index, name in enumerate(self.signer.claim_names(job.record)):
+            signed = self.signer.sign_claim(job.record, mine, index)
+            client.set(name, signed, nx=True, px=milliseconds)
+            self._hold(name, signed, job.expires + CLAIM_MARGIN)
 
     def hold_records(self, records: dict[str, float]) -> None:
         """Records this member keeps on disk (its replay cache, from before a restart): put back
         in Redis, like its own claims, whenever Redis lost data. From the loop, before start()."""
         for record, expires in records.items():
             mine = Claim(self.config.member, self.instance, expires)
-            self._hold(self.signer.claim_name(record), self.signer.sign_claim(record, mine), expires + CLAIM_MARGIN)
+            for index, name in enumerate(self.signer.claim_names(record)):
+                self._hold(name, self.signer.sign_claim(record, mine, index), expires + CLAIM_MARGIN)
 
     def _hold(self, name: str, signed: bytes, expires: float) -> None:
         if len(self._held) >= MAX_HELD:
@@ -469,18 +476,27 @@ class Link:
     def _check_epoch(self, client) -> None:
         """Is this still the Redis data we trusted? If not, put our live claims back first."""
         raw = client.get(self.epoch_key)
-        epoch = None
+        epoch: tuple[str, float] | None = None
         if raw is not None:
             try:
                 epoch = self.signer.verify_epoch(raw)
             except Forged as exc:
                 self._tell(Rejected("the epoch marker", str(exc)))
                 client.delete(self.epoch_key)
+        if epoch is not None and raw != self.signer.sign_epoch(*epoch):
+            # Signed with an older key (a rotation): signed again with ours, so that members
+            # that keep only the new key at the end of the rotation still recognise it.
+            client.set(self.epoch_key, self.signer.sign_epoch(*epoch), xx=True)
         if epoch is not None and epoch == self.epoch:
             return
+        seconds, microseconds = client.time()
+        redis_now = seconds + microseconds / 1e6
         if self.epoch is not None or epoch is None and self._held:
             lost = "gone" if epoch is None else "replaced"
-            self._recovering_until = time.monotonic() + RECOVERY
+            # Claims are not asked until every member had a heartbeat to put its own back since
+            # the marker was set again (by Redis's clock: whoever found the loss first).
+            since = 0.0 if epoch is None else max(0.0, redis_now - epoch[1])
+            self._recovering_until = time.monotonic() + max(0.0, RECOVERY - since)
             count = self._reassert_claims(client)
             self._tell(
                 Alarm(
@@ -490,7 +506,7 @@ class Link:
                 )
             )
         if epoch is None:
-            marker = self.signer.sign_epoch(secrets.token_hex(8))
+            marker = self.signer.sign_epoch(secrets.token_hex(8), redis_now)
             client.set(self.epoch_key, marker, nx=True)
             raw = client.get(self.epoch_key)
             epoch = None if raw is None else self.signer.verify_epoch(raw)

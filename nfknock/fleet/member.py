@@ -55,7 +55,7 @@ class FleetMember:
         self.log = log
         self.member = config.member or socket.gethostname()
         self.instance = secrets.token_hex(6)
-        self.signer = Signer(config.key, config.name)
+        self.signer = Signer(config.key, config.name, config.older_keys)
         link_config = config if config.member else _named(config, self.member)
         self.link = Link(link_config, self.signer, self.instance, wake, log, connect, wall)
         self.applied = ReplayCache(MAX_APPLIED)

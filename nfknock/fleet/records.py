@@ -51,6 +51,23 @@ class Forged(Exception):
     """An entry that does not verify with the fleet key, or is not one of ours."""
 
 
+MAX_KEYS = 4
+
+
+def parse_keys(text: str, where: str) -> tuple[bytes, ...]:
+    """The fleet key file: one key per line, the first signs, the others are still accepted (a
+    rotation in progress: README "Rotating the fleet key"); # starts a comment line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise FleetKeyError(f"{where}: no key in it (make one with: openssl rand -base64 48)")
+    if len(lines) > MAX_KEYS:
+        raise FleetKeyError(f"{where}: {len(lines)} keys; at most {MAX_KEYS} (the current one first)")
+    keys = tuple(parse_key(line, f"{where}, key {n}") for n, line in enumerate(lines, 1))
+    if len(set(keys)) != len(keys):
+        raise FleetKeyError(f"{where}: the same key twice")
+    return keys
+
+
 def parse_key(text: str, where: str) -> bytes:
     """The fleet key: base64 of at least MIN_KEY_BYTES random bytes (`openssl rand -base64 48`)."""
     try:
@@ -132,18 +149,19 @@ class Claim:
 class Signer:
     """Signs and verifies entries of one fleet with its key."""
 
-    def __init__(self, key: bytes, fleet: str):
+    def __init__(self, key: bytes, fleet: str, older: tuple[bytes, ...] = ()):
         self._key = key
+        self._keys = (key, *older)  # the first signs; all verify (a rotation in progress)
         self.fleet = fleet
 
-    def _tag(self, purpose: str, body: bytes) -> bytes:
-        mac = hmac.HMAC(self._key, hashes.SHA256())
+    def _tag(self, purpose: str, body: bytes, key: bytes | None = None) -> bytes:
+        mac = hmac.HMAC(key or self._key, hashes.SHA256())
         mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
         return mac.finalize()
 
-    def _seal(self, purpose: str, payload: dict[str, Any]) -> bytes:
+    def _seal(self, purpose: str, payload: dict[str, Any], key: bytes | None = None) -> bytes:
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-        return base64.b64encode(self._tag(purpose, body)) + b"." + body
+        return base64.b64encode(self._tag(purpose, body, key)) + b"." + body
 
     def _open(self, purpose: str, raw: bytes | str) -> dict[str, Any]:
         if isinstance(raw, str):
@@ -157,12 +175,16 @@ class Signer:
             tag = base64.b64decode(tag64, validate=True)
         except (binascii.Error, ValueError):
             raise Forged("not a signed entry") from None
-        mac = hmac.HMAC(self._key, hashes.SHA256())
-        mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
-        try:
-            mac.verify(tag)
-        except Exception:  # cryptography's InvalidSignature
-            raise Forged("its tag does not verify with the fleet key") from None
+        for key in self._keys:
+            mac = hmac.HMAC(key, hashes.SHA256())
+            mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
+            try:
+                mac.verify(tag)
+                break
+            except Exception:  # cryptography's InvalidSignature
+                continue
+        else:
+            raise Forged("its tag does not verify with the fleet key")
         try:
             payload = json.loads(body)
         except ValueError:
@@ -216,18 +238,23 @@ class Signer:
 
     # -- replay claims ---------------------------------------------------------------------
 
-    def claim_name(self, record: str) -> str:
-        """The Redis key under which `record` (a replay-cache key) is claimed."""
-        return f"{self.fleet}:used:{self._tag('used', record.encode()).hex()[:40]}"
+    def claim_name(self, record: str, index: int = 0) -> str:
+        """The Redis key under which `record` (a replay-cache key) is claimed (with key `index`)."""
+        return f"{self.fleet}:used:{self._tag('used', record.encode(), self._keys[index]).hex()[:40]}"
 
-    def sign_claim(self, record: str, claim: Claim) -> bytes:
-        payload = {"record": self.claim_name(record), "member": claim.member, "instance": claim.instance}
-        return self._seal("claim", payload | {"expires": claim.expires})
+    def claim_names(self, record: str) -> list[str]:
+        """One name per key: during a rotation a record is claimed (and checked) under each, so
+        members with the old key first and members with the new key first see the same claims."""
+        return [self.claim_name(record, index) for index in range(len(self._keys))]
 
-    def verify_claim(self, record: str, raw: bytes | str) -> Claim:
+    def sign_claim(self, record: str, claim: Claim, index: int = 0) -> bytes:
+        payload = {"record": self.claim_name(record, index), "member": claim.member, "instance": claim.instance}
+        return self._seal("claim", payload | {"expires": claim.expires}, self._keys[index])
+
+    def verify_claim(self, record: str, raw: bytes | str, index: int = 0) -> Claim:
         payload = self._open("claim", raw)
         try:
-            if payload["record"] != self.claim_name(record):
+            if payload["record"] != self.claim_name(record, index):
                 raise Forged("a claim of another record")
             return Claim(_text(payload["member"]), _text(payload["instance"]), _number(payload["expires"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -235,12 +262,14 @@ class Signer:
 
     # -- the epoch marker (has Redis lost data?) -------------------------------------------
 
-    def sign_epoch(self, epoch: str) -> bytes:
-        return self._seal("epoch", {"epoch": epoch})
+    def sign_epoch(self, epoch: str, at: float) -> bytes:
+        """`at`: when it was set, by Redis's clock (TIME)."""
+        return self._seal("epoch", {"epoch": epoch, "at": at})
 
-    def verify_epoch(self, raw: bytes | str) -> str:
+    def verify_epoch(self, raw: bytes | str) -> tuple[str, float]:
         try:
-            return _text(self._open("epoch", raw)["epoch"])
+            payload = self._open("epoch", raw)
+            return _text(payload["epoch"]), _number(payload["at"])
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
 

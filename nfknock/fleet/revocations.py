@@ -94,8 +94,9 @@ class Revocations:
             except (OSError, Forged):
                 bad += 1
                 continue
-            if revoke.at + MAX_GRANT_SECONDS >= wall:
-                self.entries.setdefault(revoke.id, revoke)
+            if revoke.at + MAX_GRANT_SECONDS >= wall and revoke.id not in self.entries:
+                self.entries[revoke.id] = revoke
+                self._write(revoke)  # signed again with the current key: a rotated-out key loses none
         if bad:
             self.log.warning(
                 "fleet: %d file(s) in %s are not revocations signed with the fleet key (ignored)", bad, self.directory

@@ -389,3 +389,67 @@ def test_an_evicting_redis_is_an_alarm_and_evicted_claims_are_put_back(fleet, sp
         a.until(lambda _: client.exists(name), "put the evicted claim back")
         a.step()
     assert "Redis evicted 1 key(s)" in caplog.text
+
+
+# -- rotating the fleet key ------------------------------------------------------------------
+
+
+def test_a_used_packet_stays_used_through_a_rolling_fleet_key_rotation(fleet, spa, monkeypatch):
+    """Item 8 (README "Rotating the fleet key"): at every step of the rotation two kinds of member
+    meet (old key only and new key added second; new key added and new key first; new key first
+    and new key only): a packet used on one is a replay on the other, and grants go both ways."""
+    new = b"n" * 32
+    phases = {"old": (KEY, ()), "added": (KEY, (new,)), "first": (new, (KEY,)), "new": (new, ())}
+    original = FleetMember.__init__
+
+    def member(name, phase):
+        key, older = phases[phase]
+
+        def keyed(self, config, *args, **kwargs):
+            from dataclasses import replace
+
+            original(self, replace(config, key=key, older_keys=older), *args, **kwargs)
+
+        monkeypatch.setattr(FleetMember, "__init__", keyed)
+        try:
+            return fleet(name, (spa,))
+        finally:
+            monkeypatch.setattr(FleetMember, "__init__", original)
+
+    def both_ways(one, other, n):
+        for used_on, replayed_to, src in ((one, other, f"10.0.{n}.1"), (other, one, f"10.0.{n}.2")):
+            used_and_replayed(spa, used_on, replayed_to, src)
+
+    a, b = member("a", "old"), member("b", "added")  # step 1 under way
+    both_ways(a, b, 1)
+    a.fleet.stop()
+    c = member("c", "first")  # step 1 done everywhere, step 2 under way
+    both_ways(b, c, 2)
+    b.fleet.stop()
+    marker = Signer(new, "nfknock")  # c signs the fleet's marker again with the new key by itself
+    c.until(lambda _: _verifies(marker, fakeredis.FakeRedis(server=fleet.server).get("nfknock:epoch")), "signed")
+    d = member("d", "new")  # step 2 done everywhere, step 3 under way
+    both_ways(c, d, 3)
+    assert c.fleet.rejected == 0  # (d, with the new key only, ignores what a and b signed with the old one)
+
+
+def _verifies(signer, raw):
+    try:
+        return raw is not None and signer.verify_epoch(raw)
+    except Exception:
+        return False
+
+
+def used_and_replayed(spa, used_on, replayed_to, src):
+    """`src` uses an SPA packet on one member; replayed to the other, it is refused there."""
+    payload = encode(spa.keyring[0].keys, src, [("tcp", 22)], time.time())
+    used_on.handle(packet(62201, src=src, proto="udp", payload=payload))
+    opened = used_on.until(lambda result: result[0], "answered")[0]
+    assert isinstance(opened[0], DoorOpened)
+    used_on.fleet.on_events(opened, used_on.now, time.time())  # as the daemon does: published
+    replayed_to.handle(packet(62201, src=src, proto="udp", payload=payload))
+    events = replayed_to.until(lambda result: result[0], "answered")[0]
+    refused = [e.reason for e in events if isinstance(e, SpaRefused)]
+    assert refused == ["replay"], (used_on.fleet.member, replayed_to.fleet.member, events)
+    granted = replayed_to.until(lambda _: replayed_to.engine.grant_of(src, "spaSSH", replayed_to.now), "granted")
+    assert granted is not None  # the grant itself, signed with the other's first key, applies
