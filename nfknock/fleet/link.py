@@ -52,7 +52,9 @@ HEARTBEAT = 2.0  # seconds between presence updates
 SEEN_RECENTLY = 10.0  # a member not heard from in this long is no longer listed
 FORGET_MEMBERS = 86400.0  # presence entries older than this are removed
 CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may differ
-REASSERT = 10.0  # seconds between checks of the revocations' second copy
+REASSERT = 2.0  # seconds between checks of the revocations' second copy
+WATCH = 15.0  # seconds during which a member follows who confirmed its revocation
+WATCH_EVERY = 0.1
 MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
 MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
 SAFE_POLICIES = ("noeviction",)
@@ -158,7 +160,19 @@ class _Record:
     expires: float
 
 
-_Job = _Publish | _Claim | _Record
+@dataclass(frozen=True)
+class Confirmed:
+    """Who applied our revocation `id` so far: instance -> member."""
+
+    id: str
+    by: dict
+
+
+@dataclass(frozen=True)
+class _Ack:
+    """Tell the member that issued revocation `id` that we applied it."""
+
+    id: str
 
 
 @dataclass(frozen=True)
@@ -169,7 +183,9 @@ class Alarm:
     detail: str
 
 
-Message = Answer | Received | Rejected | LinkState | Placed | Alarm
+_Job = _Publish | _Claim | _Record | _Ack
+
+Message = Answer | Received | Rejected | LinkState | Placed | Alarm | Confirmed
 
 
 class Link:
@@ -196,6 +212,8 @@ class Link:
         self.published = 0
         self.received = 0
         self.members: dict[str, tuple[str, float, int]] = {}  # instance -> (member, seen, grants)
+        self.known: dict[str, tuple[str, float]] = {}  # every instance in the members hash -> (member, seen)
+        self._watching: dict[str, float] = {}  # our revocation id -> until when we follow its confirmations
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -237,6 +255,9 @@ class Link:
     def claim(self, claim: ClaimNeeded, late: bool = False) -> None:
         """Ask (or, `late`, just tell) the fleet; the answer comes back in the inbox."""
         self._put(_Claim(claim, late))
+
+    def ack(self, revoke_id: str) -> None:
+        self._put(_Ack(revoke_id))
 
     def record(self, record: str, expires: float) -> None:
         """Tell the fleet that `record` is used until `expires` although it opened nothing: a
@@ -303,10 +324,13 @@ class Link:
                     next_check = time.monotonic() + REASSERT
                 with self._cond:
                     if not self._jobs and not self._stopping.is_set():
-                        self._cond.wait(max(0.0, next_beat - time.monotonic()))
+                        wait = next_beat - time.monotonic()
+                        self._cond.wait(max(0.0, min(wait, WATCH_EVERY) if self._watching else wait))
                     jobs = list(self._jobs)
                     self._jobs.clear()
                 self._do(client, jobs)
+                if self._watching:
+                    self._follow_confirmations(client)
             except Exception as exc:  # noqa: BLE001 - whatever Redis or the network did
                 failed = exc if isinstance(exc, _Failed) else _Failed([], _reason(exc))
                 with self._cond:  # what was not done goes back, in order, in front
@@ -333,6 +357,10 @@ class Link:
                 elif isinstance(job, _Record):
                     if job.expires > wall:
                         self._record(client, job, wall)
+                elif isinstance(job, _Ack):
+                    name = f"{self.config.name}:acks:{job.id}"
+                    client.hset(name, self.instance, self.signer.sign_ack(job.id, self.config.member, self.instance))
+                    client.expire(name, int(MAX_GRANT_SECONDS))
                 else:
                     self._claim(client, job, wall)
             except Exception as exc:  # noqa: BLE001 - the connection's failure, whatever it is
@@ -351,6 +379,22 @@ class Link:
             placed = replace(entry, pos=pos)
             client.hset(self.revoked_key, entry.id, self.signer.sign(placed))
             self._tell(Placed(entry.id, pos))
+            self._watching[entry.id] = time.monotonic() + WATCH
+
+    def _follow_confirmations(self, client) -> None:
+        now = time.monotonic()
+        for revoke_id, until in list(self._watching.items()):
+            if now > until:
+                del self._watching[revoke_id]
+                continue
+            by = {}
+            for raw in client.hgetall(f"{self.config.name}:acks:{revoke_id}").values():
+                try:
+                    member, instance = self.signer.verify_ack(revoke_id, raw)
+                except Forged:
+                    continue  # says nothing: only what verifies counts as confirmed
+                by[instance] = member
+            self._tell(Confirmed(revoke_id, by))
 
     def _seen(self, pos: str) -> None:
         if stream_order(pos) > stream_order(self.last_seen):
@@ -563,6 +607,7 @@ class Link:
             self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants),
         )
         members: dict[str, tuple[str, float, int]] = {}
+        known: dict[str, tuple[str, float]] = {}
         stale = []
         for instance, raw in client.hgetall(self.members_key).items():
             key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
@@ -574,11 +619,13 @@ class Link:
                 continue
             if said_instance != key or wall - seen > FORGET_MEMBERS:
                 stale.append(instance)
-            elif wall - seen <= SEEN_RECENTLY:
-                members[key] = (member, seen, grants)
+            else:
+                known[key] = (member, seen)
+                if wall - seen <= SEEN_RECENTLY:
+                    members[key] = (member, seen, grants)
         if stale:
             client.hdel(self.members_key, *stale)
-        self.members = members
+        self.members, self.known = members, known
 
     def _pause(self, seconds: float) -> None:
         """Wait before reconnecting, answering claims that come meanwhile at once."""

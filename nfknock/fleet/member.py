@@ -30,7 +30,7 @@ from typing import Any
 from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
 from ..doors.rules import SpaDoor
-from .link import Alarm, Answer, FleetConfig, Link, LinkState, Placed, Received, Rejected
+from .link import Alarm, Answer, Confirmed, FleetConfig, Link, LinkState, Placed, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
 from .revocations import SUBDIR, Revocations
 
@@ -63,6 +63,7 @@ class FleetMember:
         self.link.revocations = lambda: list(self.revocations.entries.values())
         self._next_sweep = 0.0
         self.alarms: dict[str, str] = {}  # what -> the last thing said about it (status)
+        self.confirmations: dict[str, dict[str, str]] = {}  # our recent revocations: id -> {instance: member}
         self.origins: dict[tuple[str, str], str] = {}  # (source, door) -> member, for grants from the fleet
         self.rejected = 0
         self.claims_refused = 0
@@ -126,7 +127,12 @@ class FleetMember:
             return
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
-            self._revoke(Revoke(_id(), self.member, self.instance, address, request["door"], wall, key))
+            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            self._revoke(revoke)
+            self.confirmations[revoke.id] = {}
+            while len(self.confirmations) > 16:
+                self.confirmations.pop(next(iter(self.confirmations)))
+            answer["fleet_revoke"] = revoke.id  # `nfknock revoke` follows who confirms it
             for source in answer.get("addresses", [address]):
                 for pair in [pair for pair in self.origins if pair[0] == source]:
                     if request["door"] in (None, pair[1]):
@@ -179,6 +185,9 @@ class FleetMember:
                 self._state(message, wall)
             elif isinstance(message, Placed):
                 self.revocations.placed(message.id, message.pos)
+            elif isinstance(message, Confirmed):
+                if message.id in self.confirmations:
+                    self.confirmations[message.id] = dict(message.by)
             elif isinstance(message, Alarm):
                 self.alarms[message.what] = message.detail
                 self.log.error("fleet: %s", message.detail)
@@ -190,6 +199,19 @@ class FleetMember:
             self._prune(now)
             self.link.local_grants = len(self.engine.grants(now)) - len(self.origins)
         return events, touched
+
+    def _revokes(self, wall: float) -> list[dict[str, Any]]:
+        """Our recent revocations: which members confirmed them, which did not (cut off, or
+        stale: the door may still be open there)."""
+        rows = []
+        for revoke_id, by in self.confirmations.items():
+            confirmed = set(by.values())
+            missing: dict[str, float] = {}
+            for instance, (member, seen) in self.link.known.items():
+                if instance != self.instance and instance not in by and member not in confirmed:
+                    missing[member] = min(missing.get(member, 1e18), round(max(0.0, wall - seen), 1))
+            rows.append({"id": revoke_id, "confirmed": sorted(confirmed), "missing": missing})
+        return rows
 
     def _prune(self, now: float) -> None:
         """Forget where grants came from once they are over."""
@@ -250,6 +272,7 @@ class FleetMember:
             return set()
         if isinstance(entry, Revoke):
             self.applied.record(entry.id, entry.at + MAX_GRANT_SECONDS)
+            self.link.ack(entry.id)  # its issuer names who confirmed it (`nfknock revoke`)
             if entry.key is not None:
                 pairs = self.engine.revoke_key(entry.key, entry.door)
                 for pair in pairs:
@@ -387,6 +410,7 @@ class FleetMember:
             "clock_skew": round(link.skew, 1),
             "reasserted": link.reasserted,
             "alarms": dict(self.alarms),
+            "revokes": self._revokes(wall),
             "claims_refused": self.claims_refused,
         }
 

@@ -273,6 +273,21 @@ class Signer:
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
 
+    # -- confirmations of a revocation -----------------------------------------------------
+
+    def sign_ack(self, revoke_id: str, member: str, instance: str) -> bytes:
+        return self._seal("ack", {"revoke": revoke_id, "member": member, "instance": instance})
+
+    def verify_ack(self, revoke_id: str, raw: bytes | str) -> tuple[str, str]:
+        """(member, instance) that applied revocation `revoke_id`."""
+        payload = self._open("ack", raw)
+        try:
+            if payload["revoke"] != revoke_id:
+                raise Forged("a confirmation of another revocation")
+            return _text(payload["member"]), _text(payload["instance"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
     # -- members (who is there) ------------------------------------------------------------
 
     def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:

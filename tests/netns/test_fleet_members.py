@@ -284,7 +284,9 @@ def test_a_revoke_issued_while_cut_off_wins_over_the_grant_read_after_it(lan, fl
     b.wait_log("unreachable")
     knock(lan, lan.client(0, server=0))
     assert connect(lan.client(0, server=0), timeout=3).connected
-    assert ctl(b, "revoke", "10.198.0.101").returncode == 0
+    answer = ctl(b, "revoke", "10.198.0.101")
+    assert answer.returncode == 0, answer.stderr
+    assert "fleet: NOT confirmed by a" in answer.stdout  # b cannot even publish it yet
     mend()
     b.wait_log("reachable;", after=1)
     a.wait_log("10.198.0.101: revoked on fleet member b")
@@ -292,6 +294,22 @@ def test_a_revoke_issued_while_cut_off_wins_over_the_grant_read_after_it(lan, fl
     assert not connect(lan.client(0, server=1), timeout=1).connected
     assert not connect(lan.client(0, server=0), timeout=1).connected
     assert "not applied: revoked on member b" in b.wait_log("grant from fleet member a not applied")
+
+
+def test_revoke_names_the_members_that_confirmed_it_and_those_that_did_not(lan, fleet):
+    a, b, c = fleet(0), fleet(1), fleet(2)
+    knock(lan, lan.client(0, server=0))
+    c.wait_log("granted on fleet member a")
+    mend = cut_from_redis(lan, 2)
+    c.wait_log("unreachable")
+    answer = ctl(a, "revoke", "10.198.0.101")
+    assert answer.returncode == 0, answer.stderr
+    assert "fleet: confirmed by b" in answer.stdout
+    assert "fleet: NOT confirmed by c" in answer.stdout and "the door may still be open there" in answer.stdout
+    assert connect(lan.client(0, server=2), timeout=3).connected  # indeed: c has not heard of it
+    mend()
+    c.wait_log("10.198.0.101: revoked on fleet member a")
+    assert not connect(lan.client(0, server=2), timeout=1).connected
 
 
 def test_a_revocation_deleted_from_redis_is_not_undone_by_a_restart_or_a_join(lan, fleet):
