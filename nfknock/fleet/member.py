@@ -205,10 +205,10 @@ class FleetMember:
         stale: the door may still be open there)."""
         rows = []
         for revoke_id, by in self.confirmations.items():
-            confirmed = set(by.values())
+            confirmed = set(by.values()) - {self.member}  # (our own workers read it too)
             missing: dict[str, float] = {}
             for instance, (member, seen) in self.link.known.items():
-                if instance != self.instance and instance not in by and member not in confirmed:
+                if member != self.member and instance not in by and member not in confirmed:
                     missing[member] = min(missing.get(member, 1e18), round(max(0.0, wall - seen), 1))
             rows.append({"id": revoke_id, "confirmed": sorted(confirmed), "missing": missing})
         return rows

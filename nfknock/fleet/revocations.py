@@ -29,7 +29,11 @@ class Revocations:
         self.signer, self.log, self.directory = signer, log, directory
         self.entries: dict[str, Revoke] = {}  # revocation id -> the revocation (with its place)
         if directory is not None:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            try:
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                self.directory = None  # this run still keeps them in memory
+                log.error("fleet: cannot keep revocations in %s: %s (a restart may forget them)", directory, exc)
 
     def __len__(self) -> int:
         return len(self.entries)
