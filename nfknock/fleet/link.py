@@ -214,6 +214,9 @@ class Link:
         self.members: dict[str, tuple[str, float, int]] = {}  # instance -> (member, seen, grants)
         self.known: dict[str, tuple[str, float]] = {}  # every instance in the members hash -> (member, seen)
         self._watching: dict[str, float] = {}  # our revocation id -> until when we follow its confirmations
+        self.watch: set[str] = set()  # revocation ids an operator waits on (`nfknock revoke`)
+        self._next_follow = 0.0
+        self._told: set[str] = set()  # revocation ids of the second copy already handed to the member
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -379,10 +382,15 @@ class Link:
             placed = replace(entry, pos=pos)
             client.hset(self.revoked_key, entry.id, self.signer.sign(placed))
             self._tell(Placed(entry.id, pos))
-            self._watching[entry.id] = time.monotonic() + WATCH
+            if entry.id in self.watch:
+                self.watch.discard(entry.id)
+                self._watching[entry.id] = time.monotonic() + WATCH
 
     def _follow_confirmations(self, client) -> None:
         now = time.monotonic()
+        if now < self._next_follow:
+            return
+        self._next_follow = now + WATCH_EVERY
         for revoke_id, until in list(self._watching.items()):
             if now > until:
                 del self._watching[revoke_id]
@@ -420,9 +428,12 @@ class Link:
                 stale.append(field_name)
                 continue
             there[name] = raw
-            self._tell(Received(revoke))  # known ones are ignored by the member
+            if name not in self._told:  # new here (the member ignores known ones anyway)
+                self._told.add(name)
+                self._tell(Received(revoke))
         if stale:
             client.hdel(self.revoked_key, *stale)
+        self._told &= set(there)
         missing = {
             revoke.id: self.signer.sign(revoke)
             for revoke in self.revocations()

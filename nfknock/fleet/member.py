@@ -128,6 +128,7 @@ class FleetMember:
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
             revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            self.link.watch.add(revoke.id)
             self._revoke(revoke)
             self.confirmations[revoke.id] = {}
             while len(self.confirmations) > 16:
