@@ -21,11 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except NfknockError as exc:
+        priority = _journal_error_prefix()
         for line in str(exc).splitlines() or [type(exc).__name__]:
-            print(f"nfknock: {line}", file=sys.stderr)
+            print(f"{priority}nfknock: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _journal_error_prefix() -> str:
+    """ "<3>" (error) when stderr is the journal's stream (a unit that fails to start: `journalctl
+    -p err` shows why), nothing on a terminal."""
+    from .daemon.logs import to_journal
+
+    return "<3>" if to_journal() else ""
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -156,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pass_mark(doctor)
     doctor.set_defaults(func=cmd_doctor)
 
+    export = verbs.add_parser(
+        "export",
+        help="print the host firewall manager's base rule that keeps the protected ports closed through its reloads",
+    )
+    export.add_argument("manager", choices=("nftables", "iptables", "firewalld", "ufw"), help="the firewall manager")
+    export.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
+    _add_pass_mark(export)
+    export.set_defaults(func=cmd_export)
+
     spa = verbs.add_parser("spa", help="send one SPA packet (fwknop-compatible) to open an SPA door")
     spa.add_argument("host")
     spa.add_argument("--door", required=True, help="the SPA door (keys, port and protected ports come from it)")
@@ -190,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     status = verbs.add_parser(
-        "status", help="doors, live grants (source, time left), lockouts and counters of the running daemon"
+        "status",
+        help="doors, live grants (source, time left), lockouts and counters of the running daemon; exits 3 "
+        "while it runs on its last good rules (the rules on disk did not load at start)",
     )
     revoke = verbs.add_parser(
         "revoke", help="end the grants of an address, or of an SPA key, now (established connections stay)"
@@ -328,6 +348,8 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     from .daemon import Daemon, DaemonConfig
+    from .daemon.config import sd_notify
+    from .daemon.lastgood import starting_rules
     from .daemon.logs import setup_logging
     from .firewall import make_firewall
 
@@ -348,7 +370,18 @@ def cmd_run(args) -> int:
         pass_mark=args.pass_mark,
         fleet=_fleet(args),
     )
-    Daemon(config, make_firewall(args.firewall, args.interface), logger).run()
+    firewall = make_firewall(args.firewall, args.interface)
+    # The rules on disk, or the last good ones (loudly), or ports closed and a non-zero exit.
+    ruleset, last_good = starting_rules(
+        config.rules_path,
+        config.state_dir,
+        logger,
+        firewall.apply,
+        config.queue_num,
+        config.pass_mark,
+        notify=sd_notify,
+    )
+    Daemon(config, firewall, logger, ruleset=ruleset, last_good=last_good).run()
     return 0
 
 
@@ -545,6 +578,7 @@ def _answer(args, request: dict) -> dict:
 
 
 def cmd_status(args) -> int:
+    from .daemon.lastgood import EXIT_DEGRADED
     from .tools.statusview import render_status
 
     answer = _answer(args, {"cmd": "status"})
@@ -552,7 +586,7 @@ def cmd_status(args) -> int:
         print("\n".join(render_status(answer)))
     if not args.json and answer.get("fleet"):
         print("\n".join(["", *fleet_lines(answer["fleet"])]))
-    return 0
+    return EXIT_DEGRADED if answer.get("degraded") else 0  # on the last good rules: monitoring sees it
 
 
 def fleet_lines(fleet: dict) -> list[str]:
@@ -637,13 +671,11 @@ def cmd_grant(args) -> int:
 
 
 def _read_config(path: str) -> str:
-    """The text of a file to import (knockd.conf, access.conf), or one line saying why not."""
-    from pathlib import Path
+    """The text of a file to import (knockd.conf, access.conf), or one line saying why not:
+    bounded, never a FIFO or device (tools/importfile.py)."""
+    from .tools.importfile import read_config
 
-    try:
-        return Path(path).read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    return read_config(path)
 
 
 def cmd_import_knockd(args) -> int:
@@ -662,10 +694,32 @@ def cmd_import_knockd(args) -> int:
         raise UsageError(f"{args.config}: no door could be imported")
     output = imported.yaml()
     parse_rules_text(output, Path(args.output or "imported.yaml"))  # what we write must be valid rules
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
+    return 0
+
+
+def _write_output(path: str | None, text: str) -> None:
+    """An importer's doors to -o PATH (one line if it cannot be written), or to stdout."""
+    if path is None:
+        print(text, end="")
+        return
+    from pathlib import Path
+
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write: {exc.strerror}") from None
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .tools.export import export
+
+    ruleset = load_rules(args.rules)
+    for line in ruleset.warnings:
+        print(f"nfknock: warning: {line}", file=sys.stderr)
+    sys.stdout.write(export(args.manager, ruleset.doors, str(Path(args.rules).absolute()), args.pass_mark))
     return 0
 
 
@@ -723,13 +777,12 @@ def cmd_import_fwknop(args) -> int:
     existing = [name for name in imported.key_files if (keys_dir / f"{name}.keys").exists()]
     if existing:
         raise UsageError(f"{keys_dir}: {existing[0]}.keys exists already (nothing written; pick another --keys-dir)")
+    if args.output and not Path(args.output).parent.is_dir():
+        raise UsageError(f"{args.output}: cannot write: no such directory (nothing written)")
     for name, key_text in imported.key_files.items():
         path = write_key_file(keys_dir, name, key_text)
         print(f"nfknock: wrote {path}", file=sys.stderr)
-    if args.output:
-        Path(args.output).write_text(output)
-    else:
-        print(output, end="")
+    _write_output(args.output, output)
     return 0
 
 
@@ -739,6 +792,14 @@ def cmd_down(args) -> int:
 
     if args.firewall is not None:
         return _down_one(args.firewall)
+    running = _running_queues()
+    if running:
+        print(
+            f"nfknock: a running nfknock binds queue(s) {running} and would put its rules back at once: stop it "
+            "first (systemctl stop nfknock), then run nfknock down; the rules stay in place",
+            file=sys.stderr,
+        )
+        return 1
     removed, failed = [], False
     for flavour in FLAVOURS:  # both flavours, even when one fails
         try:
@@ -760,6 +821,26 @@ def cmd_down(args) -> int:
     elif not failed:
         print("nfknock: no nfknock rules were installed")
     return 1 if failed else 0
+
+
+def _running_queues() -> str:
+    """The queues our chains (either flavour) send to that a process binds now: a daemon that
+    watches its rules (daemon/guard.py) would re-install them right after a `down`."""
+    from .daemon.stats import QUEUE_PROC, parse_queue_table
+    from .firewall import FLAVOURS, make_firewall
+    from .firewall.host import chain_queues, spans
+
+    queues: set[int] = set()
+    for flavour in FLAVOURS:
+        try:
+            queues |= chain_queues(make_firewall(flavour).installed())
+        except NfknockError:
+            continue  # down says what is wrong with that flavour
+    try:
+        listened = set(parse_queue_table(QUEUE_PROC.read_text()))
+    except OSError:
+        return ""
+    return spans(queues & listened)
 
 
 def _down_one(flavour: str) -> int:

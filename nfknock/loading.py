@@ -28,6 +28,7 @@ from .doors.rules import (
     _conflicts,
     _parse_text,
     _read_keys,
+    hide_values,
     read_key_file,
 )
 from .doors.spa import Keys
@@ -103,7 +104,8 @@ def _person_key(door: SpaDoor, spec: SpaKey, file: Path | None, where: str) -> D
         text = _read_secret(file)
     except OSError as exc:
         raise ValueError(f"{where}: cannot read: {exc.strerror}") from None
-    keys, settings = read_key_file(text, where)
+    lines: dict[str, int] = {}
+    keys, settings = read_key_file(text, where, lines)
     given = spec.model_dump(exclude_unset=True, exclude={"name", "file", "env"})
     both = sorted(set(given) & set(settings))
     if both:
@@ -111,12 +113,24 @@ def _person_key(door: SpaDoor, spec: SpaKey, file: Path | None, where: str) -> D
     try:
         spec = SpaKey.model_validate({**spec.model_dump(exclude_unset=True), **settings})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg'].removeprefix('Value error, ')}"
-            for err in exc.errors()
-        )
-        raise ValueError(f"{where}: {_clip(problems)}") from None
+        raise ValueError(f"{where}: {_clip(_settings_problems(exc, lines))}") from None
     return door.resolve(spec, keys, where)
+
+
+def _settings_problems(exc: ValidationError, lines: dict[str, int]) -> str:
+    """A key file's bad settings by line and name, without their values (the file holds keys:
+    a key pasted on the SOURCES line must not reach the log). Pydantic's own messages never
+    quote the input (str(exc) does: never used); the validators' value errors do, and are
+    stripped of what they quote."""
+    problems = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] in ("value_error", "assertion_error"):
+            message = hide_values(message)
+        where = f"line {lines[field]}: {field.upper()}" if field in lines else ".".join(map(str, err["loc"]))
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def _keyring(door: SpaDoor, strict: bool, warnings: list[str]) -> tuple[DoorKey, ...]:
@@ -267,8 +281,9 @@ def _load_rules(path: Path, strict: bool) -> Ruleset:
     for i, door in enumerate(doors):
         try:
             found = load_secrets(door, strict)
-        except ValueError as exc:
-            problems.setdefault(i, []).append(f"{files[i]}: door {door.name!r}: {exc}")
+        except ValueError as exc:  # str() of a ValidationError quotes the input: never that
+            why = _settings_problems(exc, {}) if isinstance(exc, ValidationError) else exc
+            problems.setdefault(i, []).append(f"{files[i]}: door {door.name!r}: {why}")
         else:
             warnings += [f"{files[i]}: door {door.name!r}: {line}" for line in found]
     errors: list[str] = top_errors

@@ -2,10 +2,16 @@
 # Builds dist/nfknock_<version>_<arch>.deb from this checkout (`make deb`).
 #
 # The package carries its own virtualenv in /opt/nfknock (netfilterqueue is not packaged by Debian
-# and Debian's pydantic is 1.x), made with Debian's /usr/bin/python3 in a staging root and then
-# moved to its final path: every text file that names the staging root is rewritten to /opt
-# (shebangs, activate scripts, pyvenv.cfg), and the build fails if a binary file names it. No
-# bytecode is shipped: postinst compiles it for the python3 that is installed.
+# and Debian's pydantic is 1.x), and the interpreter that venv runs on: a copy of Debian's
+# python3.X and its standard library in /opt/nfknock/python. Why: a venv's compiled modules
+# (netfilterqueue, pydantic_core, cffi) are built for one Python minor version, so a package that
+# used Debian's python3 had to depend on `python3 (<< 3.X+1)`, and a release upgrade that moves
+# python3 on lets apt remove nfknock to satisfy that. With its own interpreter the package has no
+# python3 dependency at all, only on the C libraries the interpreter and modules link against
+# (found below, as dh_shlibdeps would). It is made in a staging root and then moved to its final
+# path: every text file that names the staging root is rewritten to /opt (shebangs, activate
+# scripts, pyvenv.cfg), symlinks are re-pointed, and the build fails if a binary file names it.
+# No bytecode is shipped: postinst compiles it.
 #
 # DEB_VERSION=... overrides the version (default: nfknock.__version__); DIST=dir the output
 # directory; PIP_* variables reach pip (e.g. PIP_FIND_LINKS for a wheelhouse). lintian, when
@@ -15,7 +21,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 bash scripts/setup.sh   # gcc, python3-dev, libnetfilter-queue-dev (to build netfilterqueue), lintian, make
 
-PYTHON=/usr/bin/python3   # Debian's interpreter: the package depends on it
+PYTHON=/usr/bin/python3   # Debian's interpreter: copied into the package
 version=${DEB_VERSION:-$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' nfknock/__init__.py)}
 [ -n "$version" ] || { echo "build-deb: no version in nfknock/__init__.py" >&2; exit 1; }
 arch=$(dpkg --print-architecture)
@@ -29,18 +35,34 @@ work=$(mktemp -d /tmp/nfknock-deb.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 root="$work/root"
 venv="$root/opt/nfknock"
+pyhome="$venv/python"   # the interpreter the venv runs on (its `home`)
 
+echo "build-deb: python $pyver carried in /opt/nfknock/python"
+install -d "$pyhome/bin" "$pyhome/lib"
+cp -L "$(readlink -f "$PYTHON")" "$pyhome/bin/python$pyver"
+ln -s "python$pyver" "$pyhome/bin/python3"
+# The standard library without what a daemon never imports (tests, IDLE, Tk, build files) and
+# without compiled modules for terminals, dbm and NIS (fewer libraries to depend on; pyroute2 needs sqlite3).
+tar -C /usr/lib -c --exclude=__pycache__ --exclude="python$pyver/test" --exclude="python$pyver/idlelib" \
+    --exclude="python$pyver/tkinter" --exclude="python$pyver/turtledemo" --exclude="python$pyver/lib2to3" \
+    --exclude="python$pyver/config-*" --exclude="python$pyver/dist-packages" --exclude="python$pyver/site-packages" \
+    --exclude='_test*' --exclude='_ctypes_test*' --exclude='xxlimited*' --exclude='_xx*' --exclude='_curses*' \
+    --exclude='readline.*' --exclude='_dbm.*' --exclude='_gdbm.*' --exclude='nis.*' \
+    --exclude='_tkinter*' --exclude='ossaudiodev.*' --exclude='audioop.*' "python$pyver" | tar -C "$pyhome/lib" -x
+find "$pyhome/lib" -name '*.py' -type f -perm /111 -exec chmod a-x {} +   # modules, imported, never run
+"$pyhome/bin/python$pyver" -c 'import sys; assert sys.base_prefix.endswith("/opt/nfknock/python"), sys.base_prefix'
 echo "build-deb: virtualenv for python $pyver"
-"$PYTHON" -m venv "$venv"
+"$pyhome/bin/python$pyver" -m venv "$venv"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile "$repo[server,metrics,fleet]"
 "$venv/bin/python" -m pip uninstall -q -y pip setuptools   # not needed at run time
+rm -rf "$pyhome/lib/python$pyver/ensurepip"   # made the venv; not needed at run time
 rm -rf "$repo/build" "$repo"/*.egg-info
 find "$venv" -name __pycache__ -type d -prune -exec rm -rf {} +
 rmdir "$venv/include/python$pyver" "$venv/include" 2>/dev/null || true
 # Compiled modules stripped as dh_strip would (smaller; no build paths), then imported once.
 find "$venv" -name '*.so' -type f -exec strip --strip-unneeded --remove-section=.comment --remove-section=.note {} +
 "$venv/bin/python" -c 'import netfilterqueue, iptc, yaml, _cffi_backend, pydantic_core, prometheus_client
-import cryptography.hazmat.bindings._rust, nfknock.cli'
+import cryptography.hazmat.bindings._rust, nfknock.cli, pyroute2, sqlite3, ssl, ctypes'
 
 echo "build-deb: the man page, from the CLI's parser"
 install -d "$root/usr/share/man/man8"
@@ -66,6 +88,10 @@ echo "build-deb: moving the staging root to /opt/nfknock"
 while IFS= read -r -d '' file; do
   sed -i "s|$root||g" "$file"
 done < <(grep -rlIZ --fixed-strings "$root" "$root" || true)
+while IFS= read -r -d '' link; do
+  target=$(readlink "$link")
+  case "$target" in "$root"/*) ln -sfnr "$target" "$link" ;; esac   # relative: it stays inside the package
+done < <(find "$root" -type l -print0)
 leftover=$(grep -rl --fixed-strings "$root" "$root" || true)
 [ -z "$leftover" ] || { echo "build-deb: binary files name the staging root: $leftover" >&2; exit 1; }
 case "$(head -n1 "$venv/bin/nfknock")" in
@@ -110,7 +136,7 @@ install -m 0644 deploy/debian/lintian-overrides "$root/usr/share/lintian/overrid
 
 echo "build-deb: control"
 # Libraries the compiled modules link against, owned by Debian packages (not by the venv).
-shlibs=$(find "$venv" -name '*.so*' -type f -exec readelf -d {} + 2>/dev/null \
+shlibs=$(find "$venv" \( -name '*.so*' -o -path "$pyhome/bin/python$pyver" \) -type f -exec readelf -d {} + 2>/dev/null \
   | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | sort -u)
 libdeps=()
 cache=$(ldconfig -p)
@@ -120,9 +146,9 @@ for lib in $shlibs; do
   owner=$( (dpkg -S "$(readlink -f "$path")" 2>/dev/null || dpkg -S "$path" 2>/dev/null || true) | head -n1)
   [ -n "$owner" ] && libdeps+=("${owner%%:*}")
 done
-# python3 of this minor version (the venv's lib/pythonX.Y and compiled modules), the tools the
-# firewall backends and the granted set run, and the libraries above.
-depends="python3 (>= $pyver), python3 (<< ${pyver%.*}.$(( ${pyver#*.} + 1 ))), iptables, ipset"
+# No python3: the package carries its interpreter (above). The tools the firewall backends and
+# the granted set run, and the libraries above (the interpreter's and the compiled modules').
+depends="iptables, ipset"
 for pkg in $(printf '%s\n' libnetfilter-queue1 "${libdeps[@]}" | sort -u); do depends="$depends, $pkg"; done
 install -d "$root/DEBIAN"
 install -m 0755 deploy/debian/postinst deploy/debian/prerm deploy/debian/postrm "$root/DEBIAN/"

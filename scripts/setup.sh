@@ -23,6 +23,7 @@ APT_PACKAGES=(
   prometheus                                       # promtool: tests/unit/test_monitoring.py checks the alert rules
                                                    # (its server is neither started nor enabled: see below)
   redis-server redis-tools                         # fleet mode: the tests start their own redis-server; redis-cli
+  nftables                                         # nft: tests/netns/test_self_healing.py runs `nft flush ruleset`
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
@@ -56,7 +57,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$status" -eq 0 ] || exit "$status"
   for pkg in "${missing[@]}"; do
     case "$pkg" in
-      prometheus|fwknop-server|redis-server)
+      prometheus|fwknop-server|redis-server|nftables)
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
           as_root systemctl disable --now "$pkg" >/dev/null 2>&1 || true
         fi ;;

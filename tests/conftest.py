@@ -18,6 +18,9 @@ if TESTS not in sys.path:
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# No test key in any output of the suite (README: keys never appear in any log).
+pytest_plugins = ["support.secretcheck"]
+
 
 def pytest_configure(config):
     config.addinivalue_line(

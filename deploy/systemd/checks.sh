@@ -58,7 +58,7 @@ cat > /checks-probe.sh <<'EOF'
 timeout 1.5 bash -c 'exec 3<>/dev/tcp/$0/22; head -c 4 <&3' "$1" 2>/dev/null
 EOF
 
-for pkg in iptables ipset libnetfilter-queue1 python3; do
+for pkg in iptables ipset libnetfilter-queue1 python3 python3-minimal; do
   ! installed "$pkg" || fail "$pkg is installed before nfknock: the test could not tell whether Depends brings it"
 done
 [ "$(in_client bash /checks-probe.sh "$SERVER")" = "SSH-" ] || fail "sshd does not answer the client before nfknock"
@@ -69,8 +69,19 @@ cp "$old_deb" "$new_deb" /tmp/ && chmod 0644 /tmp/*.deb
 old=/tmp/$(basename "$old_deb") new=/tmp/$(basename "$new_deb")
 out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$old" 2>&1) || { echo "$out"; fail "apt install $old"; }
 echo "$out" | grep -q "nfknock: not started: no rules in /etc/nfknock/rules" || { echo "$out"; fail "postinst did not say why it did not start"; }
-for pkg in iptables ipset libnetfilter-queue1 python3; do installed "$pkg" || fail "Depends did not bring $pkg"; done
-ok "apt installed $(basename "$old") and its Depends (iptables ipset libnetfilter-queue1 python3)"
+for pkg in iptables ipset libnetfilter-queue1; do installed "$pkg" || fail "Depends did not bring $pkg"; done
+ok "apt installed $(basename "$old") and its Depends (iptables ipset libnetfilter-queue1)"
+# It carries its interpreter: no python3 on the host, and none in Depends that a release upgrade
+# (python3 moving to a new minor version) could resolve by removing nfknock.
+installed python3-minimal && fail "the package brought Debian's python3: a python3 transition could remove it"
+nfknock --version | grep -q '^nfknock ' || fail "nfknock does not run without Debian's python3"
+dpkg-query -W -f='${Depends}' nfknock | grep -q python3 && fail "Depends names python3: $(dpkg-query -W -f='${Depends}' nfknock)"
+ok "nfknock runs on the python it carries; Depends names no python3"
+# The checks' own probes (probe.py, watch.py, sniff.py) use Debian's python3: installed for them.
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 >/dev/null 2>&1 || fail "apt install python3 (for the probes)"
+sim=$(apt-get -s remove python3 python3-minimal "python3.$(python3 -c 'import sys; print(sys.version_info[1])')-minimal" 2>&1)
+echo "$sim" | grep -q '^Remv nfknock' && { echo "$sim"; fail "removing Debian's python3 would remove nfknock"; }
+ok "removing Debian's python3 (as a release upgrade replaces it) leaves nfknock installed (apt-get -s)"
 [ "$(command -v nfknock)" = /usr/bin/nfknock ] || fail "nfknock is not /usr/bin/nfknock on PATH"
 nfknock --version | grep -q '^nfknock ' || fail "nfknock --version"
 zcat /usr/share/man/man8/nfknock.8.gz | grep -q '^\.SS nfknock run' || fail "no nfknock(8)"
@@ -79,6 +90,10 @@ zcat /usr/share/man/man8/nfknock.8.gz | grep -q '^\.SS nfknock run' || fail "no 
 [ -f /etc/nfknock/rules/ssh.yaml.example ] && [ -f /etc/default/nfknock ] || fail "example rules or /etc/default/nfknock missing"
 ok "nfknock on PATH, nfknock(8), /etc/default/nfknock, /etc/nfknock and /var/lib/nfknock (0700), example door disabled"
 [ "$(systemctl is-enabled nfknock)" = enabled ] || fail "the unit is not enabled"
+prop Before | tr ' ' '\n' | grep -qx network-pre.target && prop Wants | tr ' ' '\n' | grep -qx network-pre.target \
+  || fail "the unit is not ordered before network-pre.target: Before=$(prop Before) Wants=$(prop Wants)"
+prop After | tr ' ' '\n' | grep -qx sysinit.target && fail "the unit waits for sysinit.target: it cannot run before the network"
+ok "the unit runs before the network (Before= and Wants=network-pre.target, no default dependencies)"
 [ "$(prop ActiveState)" = inactive ] || fail "the daemon runs without rules"
 expect_no_chain "after install"
 expect_port open "install neither opens nor closes anything"
@@ -102,7 +117,7 @@ chmod 0600 /etc/nfknock/rules/*.yaml
 nfknock check --rules /etc/nfknock/rules >/dev/null 2>/tmp/check.err || { cat /tmp/check.err; fail "nfknock check refuses the admin's rules"; }
 
 # --- start: Type=notify, active only once ready ---------------------------------------------------
-systemctl start nfknock   # returns once READY=1 arrived (Type=notify)
+systemctl start nfknock || fail "systemctl start"   # returns once READY=1 arrived (Type=notify)
 [ "$(prop Type)" = notify ] && [ "$(prop ActiveState)" = active ] && [ "$(prop SubState)" = running ] \
   || fail "not active/running with Type=notify: $(prop Type) $(prop ActiveState) $(prop SubState)"
 prop StatusText | grep -q "guarding 2 door" || fail "no readiness status: $(prop StatusText)"
@@ -140,6 +155,10 @@ in_client nfknock knock "$SERVER" "${SEQ[@]}"
 expect_port open "the restarted daemon opens on a knock"
 in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "and closes again"
+
+# --- nftables.service with nfknock's base rule: its reloads never open port 22 (README recipe) ------
+bash "$here/nftables.sh" "$SERVER" "$NS" "${SEQ[*]}" "${CLOSE[*]}" || fail "nftables.service and nfknock's base rule"
+expect_chain_once "after nftables.service was stopped and nfknock restarted"
 
 # --- SPA: a packet captured on the wire opens once; its replay must stay refused after upgrade -----
 /usr/bin/python3 "$here/sniff.py" sd-srv 62201 /tmp/spa.packet &
@@ -200,6 +219,53 @@ in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "two workers: after the close sequence"
 ok "--workers 2 under systemd: $(journalctl -u nfknock -o cat | grep "ready: pid" | tail -n1)"
 
+# --- a boot with a broken rules file: empty tables, the unit started as at boot --------------------
+[ "$(stat -c %a /var/lib/nfknock/last-good.json)" = 600 ] || fail "no last good rules (0600) in /var/lib/nfknock"
+cp /etc/nfknock/rules/ssh.yaml /tmp/ssh.yaml.good
+as_at_boot() {  # the daemon gone and the kernel without nfknock's rules, as after a reboot
+  systemctl stop nfknock
+  nfknock down >/dev/null
+  expect_no_chain "$1"
+  expect_port open "$1: nothing guards 22, so the checks can tell"
+}
+as_at_boot "boot with a broken rules file and last good rules"
+sed -i 's/^    protect: \[22\/tcp\]/    protect: [22\/tcp/' /etc/nfknock/rules/ssh.yaml   # yesterday's edit, never reloaded
+nfknock check --rules /etc/nfknock/rules >/dev/null 2>&1 && fail "the rules should be broken now"
+systemctl start nfknock || fail "the unit did not start on the last good rules"
+prop StatusText | grep -q "^DEGRADED: on the last good rules" || fail "the unit's status does not say DEGRADED: $(prop StatusText)"
+[ "$(journal_count "STARTING ON THE LAST GOOD RULES")" -ge 1 ] || fail "no error line about the last good rules in the journal"
+[ "$(journal_count "the rules do not load: /etc/nfknock/rules/ssh.yaml")" -ge 1 ] \
+  || fail "the journal does not name the file that failed"
+set +e; nfknock status >/tmp/status.out; code=$?; set -e
+[ "$code" = 3 ] && grep -q "^DEGRADED: running on the last good rules" /tmp/status.out || fail "nfknock status: exit $code, $(cat /tmp/status.out)"
+ok "started on the last good rules: status '$(prop StatusText)', nfknock status exits 3 and says DEGRADED"
+expect_port closed "a host that never knocked, after a boot with a broken rules file"
+in_client nfknock knock "$SERVER" "${SEQ[@]}"
+expect_port open "the last good doors open on a knock"
+in_client nfknock knock "$SERVER" "${CLOSE[@]}"
+cp /tmp/ssh.yaml.good /etc/nfknock/rules/ssh.yaml
+systemctl reload nfknock
+for _ in $(seq 50); do nfknock status >/dev/null 2>&1 && break; sleep 0.1; done
+nfknock status >/dev/null || fail "still degraded after the rules were fixed and reloaded"
+ok "fixed and reloaded: no longer degraded ($(prop StatusText))"
+as_at_boot "boot with a broken rules file and no last good rules"
+rm /var/lib/nfknock/last-good.json
+sed -i 's/^    protect: \[22\/tcp\]/    protect: [22\/tcp/' /etc/nfknock/rules/ssh.yaml
+systemctl start nfknock 2>/dev/null && fail "the unit started without rules that load nor last good rules"
+[ "$(journal_count "installed rules that keep 22/tcp closed")" -ge 1 ] || fail "the journal does not say 22/tcp was kept closed"
+expect_chain_once "no last good rules: the ports of the broken file closed"
+expect_port closed "a host that never knocked, after a boot with a broken rules file and no last good rules"
+ok "no last good rules: the unit fails ($(prop ActiveState)/$(prop Result)), 22/tcp closed"
+# The journal: the daemon's own identifier, and priorities journalctl can filter on.
+journalctl -t nfknock -p err -o cat --no-pager | grep -q "do not load" || fail "journalctl -t nfknock -p err: no 'do not load' line"
+if journalctl -t nfknock -p warning -o cat --no-pager | grep -q "ready: pid"; then fail "an info line ('ready') at warning priority"; fi
+ok "journalctl -t nfknock -p err shows why the rules do not load; info lines stay at info"
+cp /tmp/ssh.yaml.good /etc/nfknock/rules/ssh.yaml
+systemctl reset-failed nfknock 2>/dev/null || true
+systemctl restart nfknock
+[ "$(prop ActiveState)" = active ] || fail "not active once the rules were fixed: $(prop ActiveState)"
+ok "fixed: systemctl restart serves again"
+
 # --- stop leaves the rules (closed); the journal is readable, without tracebacks ------------------
 systemctl stop nfknock
 [ "$(prop ActiveState)" = inactive ] || fail "stop: $(prop ActiveState)"
@@ -210,18 +276,23 @@ echo "$journal" | grep -q "ready: pid" || fail "journalctl -u nfknock shows no '
 if echo "$journal" | grep -q "Traceback"; then echo "$journal" | grep -B2 -A20 Traceback; fail "a traceback in the journal"; fi
 ok "journalctl -u nfknock: $(echo "$journal" | wc -l) lines, no traceback"
 
-# --- remove takes the scaffolding away and says so; purge removes config and state ----------------
+# --- remove (as apt's resolver does in a release upgrade) leaves the rules and says so; purge removes
+# everything: config, state, last good rules and the rules a removal left --------------------------
 out=$(DEBIAN_FRONTEND=noninteractive apt-get remove -y nfknock 2>&1) || { echo "$out"; fail "apt remove"; }
 echo "$out" | grep "^nfknock:" || true
-echo "$out" | grep -q "taking nfknock's firewall rules away" || { echo "$out"; fail "remove did not say it removes the rules"; }
-expect_no_chain "after apt remove"
-ipset list -n | grep -q '^nfknock-' && fail "ipsets left after remove: $(ipset list -n)"
-expect_port open "after remove the port follows the rest of the firewall (none here)"
-[ -f /etc/nfknock/rules/ssh.yaml ] && [ -f /var/lib/nfknock/replay.json ] || fail "remove must keep the rules and the state"
-ok "apt remove kept /etc/nfknock and /var/lib/nfknock"
-DEBIAN_FRONTEND=noninteractive apt-get purge -y nfknock >/dev/null 2>&1 || fail "apt purge"
+echo "$out" | grep -q "nfknock's firewall rules STAY IN PLACE" || { echo "$out"; fail "remove did not say the rules stay"; }
+expect_chain_once "after apt remove"
+expect_port closed "after apt remove (nothing opens it now)"
+[ -f /etc/nfknock/rules/ssh.yaml ] && [ -f /var/lib/nfknock/replay.json ] && [ -f /var/lib/nfknock/last-good.json ] \
+  || fail "remove must keep the rules and the state"
+ok "apt remove kept the firewall rules, /etc/nfknock and /var/lib/nfknock"
+out=$(DEBIAN_FRONTEND=noninteractive apt-get purge -y nfknock 2>&1) || { echo "$out"; fail "apt purge"; }
+echo "$out" | grep "^nfknock:" || true
 for path in /etc/nfknock /var/lib/nfknock /etc/default/nfknock /opt/nfknock /usr/bin/nfknock; do
   [ ! -e "$path" ] || fail "$path is still there after purge"
 done
-ok "apt purge removed /etc/nfknock, /var/lib/nfknock, /etc/default/nfknock and /opt/nfknock"
+expect_no_chain "after apt purge"
+ipset list -n | grep -q '^nfknock-' && fail "ipsets left after purge: $(ipset list -n)"
+expect_port open "after purge the port follows the rest of the firewall (none here)"
+ok "apt purge removed the rules, /etc/nfknock, /var/lib/nfknock (last good rules too), /etc/default/nfknock and /opt/nfknock"
 echo "systemd: all checks passed"

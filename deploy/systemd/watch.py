@@ -1,5 +1,6 @@
-"""watch.py HOST PORT STOPFILE: start a TCP connect to HOST:PORT every 20 ms, each given 0.25 s,
-until STOPFILE exists; print how many probes ran and how many connected, exit 1 if any did.
+"""watch.py HOST PORT STOPFILE [MS]: start a TCP connect to HOST:PORT every MS milliseconds
+(default 20; HOST may be IPv6), each given 0.25 s, until STOPFILE exists; print how many probes
+ran and how many connected, exit 1 if any did.
 
 Run from the client namespace while the package is upgraded: a port open for more than a few
 tens of milliseconds would show here (non-blocking connects overlap, so a dropped SYN does not
@@ -14,7 +15,8 @@ import sys
 import time
 
 host, port, stopfile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-INTERVAL, TIMEOUT = 0.02, 0.25
+INTERVAL, TIMEOUT = (float(sys.argv[4]) / 1000 if len(sys.argv) > 4 else 0.02), 0.25
+FAMILY = socket.AF_INET6 if ":" in host else socket.AF_INET
 probes, opened = 0, []
 pending: dict[socket.socket, float] = {}
 selector = selectors.DefaultSelector()
@@ -22,7 +24,7 @@ started = next_probe = time.monotonic()
 while not os.path.exists(stopfile) or pending:
     now = time.monotonic()
     if now >= next_probe and not os.path.exists(stopfile):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(FAMILY, socket.SOCK_STREAM)
         sock.setblocking(False)
         if sock.connect_ex((host, port)) in (0, errno.EINPROGRESS):
             pending[sock] = now

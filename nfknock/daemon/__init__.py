@@ -8,6 +8,8 @@
 - reload.py     rules read in a thread and switched; the one owner of first-step history
 - scaffold.py   installing the plan, its sets, the sessions sets; what rules in place mean
 - front.py      the control socket and the metrics exporter
+- guard.py      the scaffolding watcher: puts back what other programs remove
+- lastgood.py   the last good rules (rulescopy.py: the copy on disk); writer.py: the replay cache's writer
 - single.py, supervisor.py, worker.py   the three roles, each composed of the above
 - workers.py    the supervisor's pool of worker processes; watchdog.py: workers that do not answer
 - control.py, metrics.py, logs.py, stats.py, store.py, claims.py   what those use
@@ -39,8 +41,11 @@ def Daemon(  # noqa: N802 - reads as the class it stands for
     wall_clock: Callable[[], float] = time.time,
     ruleset: Ruleset | None = None,
     claims: Any = None,
+    last_good: Any = None,
 ) -> Single | Supervisor:
-    """The daemon for `config`: one process, or a supervisor of `config.workers` workers."""
+    """The daemon for `config`: one process, or a supervisor of `config.workers` workers.
+    `last_good` (lastgood.py): keeps a copy of the rules each install, and says whether the
+    daemon started on such a copy because the rules on disk did not load."""
     if config.workers > 1:
-        return Supervisor(config, firewall, logger, clock, wall_clock, ruleset)
-    return Single(config, firewall, logger, clock, wall_clock, ruleset, claims)
+        return Supervisor(config, firewall, logger, clock, wall_clock, ruleset, last_good)
+    return Single(config, firewall, logger, clock, wall_clock, ruleset, claims, last_good)

@@ -310,4 +310,16 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
         "evicted": engine.evicted,
         "kernel_queue_drops": drops.total if drops else 0,
         "fleet": None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
+        **process_status(daemon),
+    }
+
+
+def process_status(daemon: Any) -> dict[str, Any]:
+    """What the process that owns the rules knows (a single process, or the supervisor): what the
+    scaffolding watcher did (guard.py), and whether it runs on its last good rules (lastgood.py).
+    None where there is no such thing (a worker, a test's fake)."""
+    guard, last_good = getattr(daemon, "guard", None), getattr(daemon, "last_good", None)
+    return {
+        "scaffolding": None if guard is None else guard.status(),
+        "degraded": None if last_good is None else last_good.status(),
     }

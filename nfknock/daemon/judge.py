@@ -42,7 +42,10 @@ class Judge:
         self.ruleset = ruleset
         self.first_steps = first_steps
         self.claims, self.store = claims, store
-        shared = config.fleet is not None or config.workers > 1 or claims is not None
+        # A shared replay cache asks before it grants (ClaimNeeded): the other workers, the fleet,
+        # or the replay cache on disk, which is written off the verdict path (sinks.py).
+        shared = config.fleet is not None or config.workers > 1 or claims is not None or store is not None
+        self.wake: Callable[[], None] = lambda: None  # the loop's, once the role has one
         # --max-sources bounds the daemon: each worker tracks its share of the sources.
         self.engine = Engine(
             ruleset.doors, -(-config.max_sources // config.workers), shared=shared, first_steps=first_steps
@@ -56,16 +59,20 @@ class Judge:
             self.grants.handshakes = Handshakes()
         self.fleet_sink = FleetSink(self.sinks.consume, wall_clock)
         self.tally = TallySink() if config.metrics_port else None
+        last_word = claims is None and config.fleet is None
+        self.store_sink = (
+            None
+            if store is None
+            else ReplayStoreSink(store, self.engine, self.grants, self.sinks, last_word, log, lambda: self.wake())
+        )
         self.sinks.add(
-            self.grants.route_first,
-            None if store is None else ReplayStoreSink(store, self.engine, self.grants, log),
+            self.grants,
+            self.store_sink,
             LogSink(log, self.log_limit),
-            self.grants.follow,
             self.tally,
             None
             if claims is None
             else ClaimsSink(claims, self.engine, self.grants, self.fleet_sink, self.sinks.consume, log, wall_clock),
-            self.fleet_sink,
         )
         self.verdicts = Verdicts(self.engine, self.sinks, clock, wall_clock, config.pass_mark, log)
         self.on_packet = self.verdicts.on_packet
@@ -102,7 +109,10 @@ class Judge:
 
     @fleet.setter
     def fleet(self, member: Any) -> None:
+        """The fleet's sink joins the pipeline (last) once there is a member: no cost without."""
         self.fleet_sink.member = member
+        if member is not None and self.fleet_sink not in self.sinks.sinks:
+            self.sinks.add(self.fleet_sink)
 
     def _protected_tcp(self) -> set[int]:
         return {p.port for door in self.ruleset.doors for p in door.protect if p.proto == "tcp"}
@@ -122,6 +132,13 @@ class Judge:
         """What every judging loop does each turn, in this order (a role adds its own around)."""
         loop.deadline = self.engine.next_deadline
         loop.hooks.append(lambda now: self.granted.flush())  # after the packets that were waiting: granted.py
+
+    def settle(self, now: float) -> None:
+        """Claims answered by a durable write, then the connections held behind them judged again
+        (the loop's hook, each turn)."""
+        if self.store_sink is not None:
+            self.store_sink.step(now)
+        self.verdicts.release(now)
 
     def expire(self, now: float) -> None:
         deadline = self.engine.next_deadline()
@@ -203,7 +220,11 @@ class Judge:
         )
 
     def close(self) -> None:
-        """Everything a judge holds open but the rules: the set link, conntrack, the fleet."""
+        """Everything a judge holds open but the rules: held connections (dropped), the set link,
+        conntrack, the fleet."""
+        self.verdicts.drop_held()
+        if self.store_sink is not None:
+            self.store_sink.writer.stop()
         self.granted.close()
         if self.grants.handshakes is not None:
             self.grants.handshakes.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import os
 import sys
 
 from ..doors.events import (
@@ -138,6 +139,30 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
+# syslog priorities (sd-daemon(3)): journald reads a "<N>" prefix on each line of a stream
+JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def to_journal() -> bool:
+    """Whether stderr is journald's stream for this service (systemd sets JOURNAL_STREAM to its
+    device:inode): then each line carries its priority and no timestamp of ours."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        stat = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{stat.st_dev}:{stat.st_ino}"
+
+
+class JournalFormatter(logging.Formatter):
+    """`<priority>message` for journald: `journalctl -p warning` shows warnings and worse, and the
+    journal's own timestamp is the only one. Every line of a traceback carries the priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{JOURNAL_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
+
+
 def setup_logging(
     log_file: str | None = None, syslog: bool = False, verbose: bool = False, log_format: str = "text"
 ) -> logging.Logger:
@@ -150,14 +175,14 @@ def setup_logging(
     handlers: list[logging.Handler] = []
     if log_file:
         handlers.append(logging.FileHandler(log_file))
+        handlers[0].setFormatter(stamped)
     else:
         handlers.append(logging.StreamHandler(sys.stderr))
-    for handler in handlers:
-        handler.setFormatter(stamped)
+        handlers[0].setFormatter(JournalFormatter() if log_format == "text" and to_journal() else stamped)
     if syslog:
-        handler = logging.handlers.SysLogHandler(address="/dev/log", facility="daemon")
-        handler.setFormatter(logging.Formatter("nfknock: %(message)s"))
-        handlers.append(handler)
+        to_syslog = logging.handlers.SysLogHandler(address="/dev/log", facility="daemon")
+        to_syslog.setFormatter(logging.Formatter("nfknock: %(message)s"))
+        handlers.append(to_syslog)
     for handler in handlers:
         logger.addHandler(handler)
     return logger

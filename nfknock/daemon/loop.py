@@ -50,6 +50,8 @@ class Loop:
         self.stopping = False
         self.hup = False  # SIGHUP came and has not been taken yet (reload.py takes it)
         self.hooks: list[Hook] = []  # after every turn, in order
+        self.first: list[Callable[[list], None]] = []  # right after the select, before the packets (readable fds)
+        self.timers: list[Callable[[float], float]] = []  # seconds until each wants a turn without a wake-up
         self.readers: list[Callable[[], list[int]]] = []  # fds a role waits on besides the queues
         self.deadline: Callable[[], float | None] = lambda: None  # the engine's next timer
         self._budget = 0
@@ -108,9 +110,13 @@ class Loop:
         assert wake_r is not None  # guarded made it
         while not self.stopping:
             deadline = self.deadline()
-            sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - self.clock()))
+            now = self.clock()
+            sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - now))
+            sleep = min([sleep, *(timer(now) for timer in self.timers)])
             waited = [fd for fd, _ in served] + [wake_r.fileno()] + [fd for fds in self.readers for fd in fds()]
             readable, _, _ = select.select(waited, [], [], sleep)
+            for first in self.first:
+                first(readable)
             for fd, queue in served:
                 if fd in readable:
                     self._budget = BATCH

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..doors.events import (
     ConnectionAccepted,
@@ -78,6 +78,8 @@ class Snapshot:
     fleet: dict | None = None  # the fleet's part of status, in fleet mode
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
     workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
+    scaffolding_restored: int | None = None  # repairs by the scaffolding watcher (guard.py)
+    last_good: bool = False  # running on the last good rules (lastgood.py): the rules on disk do not load
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -86,7 +88,7 @@ def take(daemon, now: float) -> Snapshot:
 
     per_door = Counter(door for door, _, _ in daemon.engine.grants(now))
     drops = read_queue_drops(daemon.config.queues[0])
-    return Snapshot(
+    snapshot = Snapshot(
         queue_num=daemon.config.queue_num,
         handled={verdict.value: count for verdict, count in daemon.handled.items()},
         unparsable=dict(daemon.unparsable),
@@ -95,6 +97,17 @@ def take(daemon, now: float) -> Snapshot:
         tracked=daemon.engine.tracked,
         fleet=None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
         drops=None if drops is None else (drops.queue_full, drops.socket_full),
+    )
+    return of_process(daemon, snapshot)
+
+
+def of_process(daemon, snapshot: Snapshot) -> Snapshot:
+    """What the process that owns the rules adds: the watcher's repairs, the last good rules."""
+    guard, last_good = getattr(daemon, "guard", None), getattr(daemon, "last_good", None)
+    return replace(
+        snapshot,
+        scaffolding_restored=None if guard is None else guard.restored,
+        last_good=last_good is not None and last_good.degraded is not None,
     )
 
 
@@ -129,6 +142,11 @@ class Collector:
             grants.add_metric((door,), count)
         yield grants
         yield GaugeMetricFamily("nfknock_tracked_attempts", "Knock attempts in progress", value=snapshot.tracked)
+        yield GaugeMetricFamily(
+            "nfknock_running_on_last_good_rules",
+            "1 while the daemon runs on its last good rules because the rules on disk do not load",
+            value=int(snapshot.last_good),
+        )
         if snapshot.fleet is not None:
             yield from fleet_metrics(snapshot.fleet)
         if snapshot.drops is not None:
@@ -138,6 +156,12 @@ class Collector:
             dropped.add_metric(("queue_full",), snapshot.drops[0])
             dropped.add_metric(("socket_full",), snapshot.drops[1])
             yield dropped
+        if snapshot.scaffolding_restored is not None:
+            yield CounterMetricFamily(
+                "nfknock_scaffolding_restored",
+                "Times another program removed or changed nfknock's rules and the daemon put them back",
+                value=snapshot.scaffolding_restored,
+            )
         if snapshot.workers_up:
             up = GaugeMetricFamily(
                 "nfknock_worker_up",

@@ -83,6 +83,7 @@ class Reloader:
         self.history = MarkHistory()
         self.first_steps: FirstSteps = decide(ruleset.doors, self.history)
         self.switch: Switch = lambda ruleset, groups: []  # the role's: hand the rules to its engine(s)
+        self.installed: list[Callable[[Ruleset], None]] = []  # told of every ruleset now in force
         self.reraise = reraise  # errors that must stop the daemon (a worker that cannot take the rules)
         self._named_in_daemon: set[str] = set()
         self._job: ReloadJob | None = None
@@ -149,6 +150,8 @@ class Reloader:
         self.first_steps = first_steps
         self.ruleset = ruleset
         dropped = self.switch(ruleset, first_steps)
+        for installed in self.installed:
+            installed(ruleset)
         # The rules and every engine switched: the meanings only the old rules marked with leave now.
         self.history = self.history.retire(self.clock())
         self.log.info(
@@ -159,6 +162,10 @@ class Reloader:
         )
         self.name_daemon_first_steps()
         return True
+
+    def protected_ports(self) -> set[tuple[str, int]]:
+        """(proto, port) of every port the rules in force protect."""
+        return {(port.proto, port.port) for door in self.ruleset.doors for port in door.protect}
 
     def refuse(self, error: BaseException | None) -> None:
         if isinstance(error, RulesError):

@@ -6,29 +6,33 @@ process, or the supervisor of workers."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from ..doors.first_steps import MarkHistory
 from ..errors import FirewallError
 from ..firewall import FLAVOURS
 from ..firewall.backend import Firewall, PerFamily
-from ..firewall.granted import prune_first_step_sets
+from ..firewall.granted import GrantedSets, prune_first_step_sets
 from ..firewall.host import iptables_flavour, marks_installed, other_flavour_chain, saved_chain
 from ..firewall.plan import CHAIN, Plan
 from ..firewall.sessions import SYNC_EVERY, SessionSets, prune_session_sets
 from .config import DaemonConfig
+from .guard import Guard, start_guard
+from .loop import Loop
 from .stats import QUEUE_PROC, parse_queue_table
 
 SESSIONS_EVERY = SYNC_EVERY
 
 
 class Scaffold:
-    def __init__(self, config: DaemonConfig, firewall: Firewall, log: logging.Logger):
-        self.config, self.firewall, self.log = config, firewall, log
+    def __init__(self, config: DaemonConfig, firewall: Firewall, log: logging.Logger, clock: Callable[[], float]):
+        self.config, self.firewall, self.log, self.clock = config, firewall, log, clock
         self.real = firewall if isinstance(firewall, PerFamily) else None  # a test's fake has no sets
         self.sessions: SessionSets | None = None
         self.sessions_failed = 0
         self.applied: Plan | None = None
+        self.guard: Guard | None = None  # the watcher that puts back what others remove (guard.py)
 
     def apply(self, plan: Plan, now: float) -> None:
         """Install the plan, its sessions sets filled first (sessions.py: the host's sessions
@@ -40,6 +44,8 @@ class Scaffold:
             self.sessions.sync(plan, now)
         self.firewall.apply(plan)
         self.applied = plan
+        if self.guard is not None:
+            self.guard.applied(plan)
         if self.real is not None:
             runner = self.real.set_runner()
             try:
@@ -49,6 +55,31 @@ class Scaffold:
                     self.log.info("removed the sessions set %s (no door protects its port any more)", name)
             except FirewallError as exc:
                 self.log.warning("%s", exc)
+
+    def watch(
+        self,
+        loop: Loop,
+        granted: GrantedSets,
+        grants: Callable[[], list[tuple[str, float]]],
+        protected: Callable[[], set[tuple[str, int]]],
+    ) -> None:
+        """Start the watcher before the first install (guard.py): its fd in the loop's select, a
+        look right after every wake-up, before the packets (closed first), and its timers."""
+        self.guard = guard = start_guard(self.firewall, self.log, granted, grants, self._sessions_anew, protected)
+        if guard is None:
+            return
+        loop.readers.append(guard.fds)
+        loop.first.append(lambda readable: guard.step(readable, self.clock()))
+        loop.timers.append(guard.sleep)
+
+    def _sessions_anew(self) -> None:
+        """The sets were re-created: every session goes in again at the next sync."""
+        if self.sessions is not None:
+            self.sessions.written, self.sessions.refreshed = {}, None
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
 
     def sync_sessions(self, now: float) -> None:
         """The sessions sets follow the host's sockets (sessions.py); a failure is logged (at

@@ -32,6 +32,7 @@ from .claims import SUBDIR, open_claims
 from .config import CLOSED, STATS_EVERY, DaemonConfig, sd_notify
 from .front import Front
 from .judge import Judge
+from .lastgood import ready_status
 from .loop import Every, Loop, bind_queues
 from .reload import Reloader, read
 from .scaffold import SESSIONS_EVERY, Scaffold
@@ -54,6 +55,7 @@ class Single(Judge):
         wall_clock: Callable[[], float] = time.time,
         ruleset: Ruleset | None = None,
         claims: Any = None,
+        last_good: Any = None,
     ):
         log = logger or logging.getLogger("nfknock")
         ruleset = ruleset if ruleset is not None else read(config)  # RulesError: nothing touched yet
@@ -63,11 +65,15 @@ class Single(Judge):
         if claims is None and config.state_dir is not None and (Path(config.state_dir) / SUBDIR).is_dir():
             claims = open_claims(Path(config.state_dir) / SUBDIR)
         store = ReplayStore(config.state_dir) if config.state_dir else None
-        self.scaffold = Scaffold(config, firewall, log)
+        self.scaffold = Scaffold(config, firewall, log, clock)
         self.reloader = Reloader(config, ruleset, self.scaffold, log, clock)
         super().__init__(config, firewall, log, clock, wall_clock, ruleset, self.reloader.first_steps, claims, store)
         self.reloader.switch = self.adopt
+        self.last_good = last_good  # lastgood.LastGood, or None (tests)
+        if last_good is not None:
+            self.reloader.installed.append(last_good.installed)
         self.loop = Loop(clock, log)
+        self.wake = self.loop.wake
         self.front = Front(config, log, self.answer, self.snapshot, self.loop.wake)
 
     @property
@@ -94,17 +100,23 @@ class Single(Judge):
             self.scaffold.warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
             self.start_fleet(self.loop.wake)
+            self.scaffold.watch(self.loop, self.granted, self._grants, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
+            if self.last_good is not None:
+                self.last_good.installed(self.ruleset)
             self.front.start(self.clock())
             self._log_ready()
-            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
+            status = ready_status(self.last_good, len(self.ruleset.doors))
+            sd_notify(f"READY=1\nSTATUS={status} on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
             self._hook_into(self.loop)
             self.loop.run(queues)
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
-        shutdown = [self.front.close, self.log_totals, self.close] + [queue.unbind for queue in queues]
+        shutdown = [self.front.close, self.log_totals, self.close, self.scaffold.close] + [
+            queue.unbind for queue in queues
+        ]
         self.loop.guarded(body, shutdown)
 
     def _hook_into(self, loop: Loop) -> None:
@@ -115,10 +127,20 @@ class Single(Judge):
             self.fleet_step,
             self._reload_step,
             self.expire,
+            self.settle,
             Every(STATS_EVERY, lambda now: self.report_counters()),
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
             self.front.serve_snapshot,
         ]
+
+    @property
+    def guard(self):
+        """The scaffolding watcher (guard.py), for status and the metrics."""
+        return self.scaffold.guard
+
+    def _grants(self) -> list[tuple[str, float]]:
+        now = self.clock()
+        return [(src, self.engine.grant_left(src, now)) for _, src, _ in self.engine.grants(now)]
 
     def _reload_step(self, now: float) -> None:
         if self.reloader.step(self.loop.hup, self.loop.wake):

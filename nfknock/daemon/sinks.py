@@ -3,17 +3,17 @@
 The engine decides and returns events; everything with a side effect happens here, in a fixed
 order (each sink gets what the one before passed on):
 
-1. `GrantedSink.route_first`: a source the engine just granted (or whose SPA packet waits for its
-   durable record or claim) enters the kernel's granted set at once, before any disk or network
-   work: its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
-2. `ReplayStoreSink` (a single process with a state directory): the replay cache is durable
-   before the grant takes effect, or what it opened is withdrawn;
+1. `GrantedSink`: a source the engine just granted (or whose SPA packet waits for its durable
+   record or claim) enters the kernel's granted set at once, before any disk or network work:
+   its first SYN then waits in the grant queue, out of a flood's way (firewall/granted.py);
+   a grant that ended (a close sequence, a revocation) leaves it;
+2. `ReplayStoreSink` (a single process with a state directory): the replay cache is written
+   off the verdict path, and a claim waits until its record is durable (or is refused);
 3. `LogSink`: the knockd-style lines;
-4. `GrantedSink.follow`: grants that ended (a close sequence, a revocation) leave the set;
-5. `TallySink` (with --metrics-port): the counters behind the metrics;
-6. `ClaimsSink` (workers, or a single process after a run with workers): the replay check
+4. `TallySink` (with --metrics-port): the counters behind the metrics;
+5. `ClaimsSink` (workers, or a single process after a run with workers): the replay check
    across processes and restarts (claims.py);
-7. `FleetSink` (--cluster): grants, revocations and replay claims shared with the fleet.
+6. `FleetSink` (--cluster): grants, revocations and replay claims shared with the fleet.
 
 Every change of a grant, whoever makes it (an event, a control request, the fleet), reaches the
 kernel through the one `GrantedSink.sync`. A new side effect is a new sink, not a branch in the
@@ -28,14 +28,14 @@ from collections.abc import Callable
 from typing import Any
 
 from ..doors.engine import Engine
-from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded, SpaRefused
-from ..doors.rules import KnockDoor, SpaDoor
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from ..errors import FirewallError
 from ..firewall.granted import GrantedSets
 from ..firewall.handshakes import Handshakes
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .store import ReplayStore
+from .writer import DurableWriter
 
 Sink = Callable[[tuple, float], tuple]  # (events, now) -> the events passed on
 
@@ -51,8 +51,16 @@ class Sinks:
         self.sinks += [sink for sink in sinks if sink is not None]
 
     def consume(self, events, now: float) -> None:
-        events = tuple(events)
+        """Events through every sink (the packet path: kept lean)."""
+        if type(events) is not tuple:
+            events = tuple(events)
         for sink in self.sinks:
+            events = sink(events, now)
+
+    def consume_after(self, after: Sink, events, now: float) -> None:
+        """Events through the sinks after `after` (what a sink held back and now lets go on)."""
+        events = tuple(events)
+        for sink in self.sinks[self.sinks.index(after) + 1 :]:
             events = sink(events, now)
 
 
@@ -67,22 +75,18 @@ class GrantedSink:
         self.protected = protected  # the TCP ports the doors protect now; None: no real conntrack
         self.handshakes: Handshakes | None = None  # only with real firewall rules (not a test's fake)
 
-    def route_first(self, events: tuple, now: float) -> tuple:
+    def __call__(self, events: tuple, now: float) -> tuple:
         """Route first, decide after: a grant, or an SPA packet or rotating sequence that now waits
-        for its durable record or claim, goes into the set before any disk or network work; if the
-        record or the claim fails, its element is removed again (and the waiting SYN dropped)."""
+        for its durable record or claim, goes into the set before any disk or network work (if
+        the record or the claim fails, its element is removed again and the held SYN dropped);
+        a grant that ended (a close sequence, a revocation) leaves it."""
         for event in events:
             kind = type(event)
             if kind is DoorOpened:
                 self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
             elif kind is ClaimNeeded:
                 self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
-        return events
-
-    def follow(self, events: tuple, now: float) -> tuple:
-        for event in events:
-            kind = type(event)
-            if kind is DoorClosed:
+            elif kind is DoorClosed:
                 self.sync(event.src, now)
             elif kind is GrantsRevoked:
                 for src in event.sources:
@@ -112,35 +116,58 @@ class GrantedSink:
 
 
 class ReplayStoreSink:
-    """A single process's replay cache (store.py): durable before the grant takes effect (the SYN
-    waiting in the grant queue is judged after this). When it cannot be written, what these
-    records opened is withdrawn: what cannot be recorded as used does not open."""
+    """A single process's replay cache (store.py), written off the verdict path (writer.py).
 
-    def __init__(self, store: ReplayStore, engine: Engine, granted: GrantedSink, log: logging.Logger):
-        self.store, self.engine, self.granted, self.log = store, engine, granted, log
+    The engine asks first (ClaimNeeded: its cache is `shared` when there is a store): a claim
+    waits here until the snapshot that holds its record is durable, meanwhile the source is in the
+    granted set and its SYNs are held (Verdict.HOLD); then the claim goes on to the sinks after
+    this one (the workers' claims, the fleet), or, when nothing else has a word, is granted. When
+    the write fails, the claim is refused: what cannot be recorded as used does not open."""
+
+    def __init__(
+        self,
+        store: ReplayStore,
+        engine: Engine,
+        granted: GrantedSink,
+        sinks: Sinks,
+        last_word: bool,
+        log: logging.Logger,
+        wake: Callable[[], None],
+    ):
+        self.store, self.engine, self.granted, self.sinks, self.log = store, engine, granted, sinks, log
+        self.last_word = last_word  # no claims directory and no fleet: this sink grants
+        self.writer = DurableWriter(lambda entries: self.store.save(entries), wake)
+        self.waiting: list[tuple[int, ClaimNeeded]] = []
 
     def __call__(self, events: tuple, now: float) -> tuple:
         if not any(type(event) is Recorded for event in events):
             return events
-        try:
-            self.store.save(self.engine.replays.snapshot())
-            return events
-        except OSError as exc:
-            detail = f"cannot write the replay cache {self.store.path}: {exc.strerror or exc}"
-            self.log.error("%s (a restart would forget what was used)", detail)
-        kept = []
-        for event in events:
-            door = self.engine.doors.get(event.door) if type(event) is DoorOpened else None
-            if door is None or isinstance(door, KnockDoor):
-                kept.append(event)  # not a record's grant (a knock door opened by the same packet)
-                continue
-            self.engine.revoke(event.src, event.door)
-            self.granted.sync(event.src, now)
-            if isinstance(door, SpaDoor):
-                kept.append(SpaRefused(event.src, event.door, "replay record not written", detail, event.key))
-            else:
-                self.log.warning("%s: %s: sequence not honoured: %s", event.src, event.door, detail)
-        return tuple(kept)
+        generation = self.writer.submit(self.engine.replays.snapshot())
+        claims = [event for event in events if type(event) is ClaimNeeded]
+        if not claims:
+            return events  # records of refused packets: nothing waits for them
+        self.waiting += [(generation, claim) for claim in claims]
+        return tuple(event for event in events if type(event) is not ClaimNeeded)
+
+    def step(self, now: float) -> None:
+        """The loop's hook: answer the claims whose record is now durable (or failed)."""
+        for generation, error in self.writer.finished():
+            detail = ""
+            ready = [claim for wanted, claim in self.waiting if wanted <= generation]
+            self.waiting = [(wanted, claim) for wanted, claim in self.waiting if wanted > generation]
+            if error is not None:
+                detail = f"cannot write the replay cache {self.store.path}: {getattr(error, 'strerror', None) or error}"
+                self.log.error("%s (a restart would forget what was used)", detail)
+            for claim in ready:
+                if error is None and not self.last_word:
+                    self.sinks.consume_after(self, (claim,), now)
+                    continue
+                follow = self.engine.claimed(claim, "ours" if error is None else "unrecorded", now, detail)
+                if follow:
+                    self.sinks.consume(follow, now)
+                elif error is not None:  # a rotating sequence: the engine has no event for it
+                    self.log.warning("%s: %s: sequence not honoured: %s", claim.src, claim.door, detail)
+                self.granted.sync(claim.src, now)
 
 
 class LogSink:

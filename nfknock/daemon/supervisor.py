@@ -21,9 +21,10 @@ from ..errors import NfknockError
 from ..extras import FLEET, require, require_for_run
 from ..firewall.backend import Firewall
 from ..firewall.granted import GrantedSets
-from . import metrics
+from . import control, metrics
 from .config import CLOSED, STATS_EVERY, DaemonConfig, sd_notify
 from .front import Front
+from .lastgood import ready_status
 from .loop import Every, Loop
 from .reload import Reloader, read
 from .scaffold import SESSIONS_EVERY, Scaffold
@@ -42,14 +43,18 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         ruleset: Ruleset | None = None,
+        last_good: Any = None,
     ):
         self.config, self.firewall, self.clock, self.wall_clock = config, firewall, clock, wall_clock
         self.log = logger or logging.getLogger("nfknock")
         ruleset = ruleset if ruleset is not None else read(config)  # RulesError: nothing touched yet
         check_state_dir(config)
-        self.scaffold = Scaffold(config, firewall, self.log)
+        self.scaffold = Scaffold(config, firewall, self.log, clock)
         self.reloader = Reloader(config, ruleset, self.scaffold, self.log, clock, reraise=(WorkerDied,))
         self.reloader.switch = self._hand_over
+        self.last_good = last_good  # lastgood.LastGood, or None (tests)
+        if last_good is not None:
+            self.reloader.installed.append(last_good.installed)
         self.granted = GrantedSets(config.queue_num, self.log)  # created here, filled by the workers
         self.pool: WorkerPool | None = None
         self.loop = Loop(clock, self.log)
@@ -84,10 +89,16 @@ class Supervisor:
         def body() -> None:
             self.scaffold.warn_about_flavour()
             self.granted.create()  # before the rules that refer to the sets
+            # The grants live in the workers: a granted set destroyed by someone is not refilled
+            # here (their sources' SYNs then take the main queue, judged by their worker as before).
+            self.scaffold.watch(self.loop, self.granted, list, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
+            if self.last_good is not None:
+                self.last_good.installed(self.ruleset)
             self.front.start(self.clock())
             self._log_ready(pool)
-            sd_notify(f"READY=1\nSTATUS=guarding {len(self.ruleset.doors)} door(s) on queue {self.config.queue_num}")
+            status = ready_status(self.last_good, len(self.ruleset.doors))
+            sd_notify(f"READY=1\nSTATUS={status} on queue {self.config.queue_num}")
             if ready is not None:
                 ready()
             self.loop.readers.append(pool.fds)
@@ -102,7 +113,12 @@ class Supervisor:
             self.loop.run([])
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
-        self.loop.guarded(body, [self.front.close, self.granted.close, pool.stop])
+        self.loop.guarded(body, [self.front.close, self.granted.close, self.scaffold.close, pool.stop])
+
+    @property
+    def guard(self):
+        """The scaffolding watcher (guard.py), for status and the metrics."""
+        return self.scaffold.guard
 
     def _serve_pool(self, now: float) -> None:
         """What the workers sent, and whether they all live and answer."""
@@ -127,6 +143,8 @@ class Supervisor:
         assert self.pool is not None
         try:
             answer = self.pool.answer(request)
+            if request["cmd"] == "status" and "error" not in answer:
+                answer.update(control.process_status(self))  # what the supervisor alone knows
             if request["cmd"] == "revoke" and answer.get("revoked") == []:  # no worker said it
                 who = request.get("address") or f"key {request.get('key')}"
                 self.log.info("%s: revoked by the operator (no grant)", who)
@@ -144,7 +162,7 @@ class Supervisor:
         """A slow worker costs a scrape its freshness, not the daemon: the last snapshot serves."""
         assert self.pool is not None
         try:
-            return self.pool.snapshot()
+            return metrics.of_process(self, self.pool.snapshot())
         except WorkerDied:
             raise
         except NfknockError as exc:

@@ -73,6 +73,7 @@ class Worker(Judge):
                 self._serve_channel,
                 self.fleet_step,
                 self.expire,
+                self.settle,
                 Every(STATS_EVERY, lambda now: self.report_counters()),
             ]
             self.loop.run(queues)

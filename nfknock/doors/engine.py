@@ -28,9 +28,11 @@ takes it depends on its kind, decided once when the doors are compiled:
 - an SPA door checks the packet (spa_access.py: which person's key by its HMAC, replay cache,
   age, the key's expiry, sources and username, address, ports) and grants the ports it asked
   for, for the time it asked for (up to the key's max_open_for) or open_for; a refusal is a
-  failure. The grant remembers whose key it was: `revoke_key` ends a person's grants, and a
-  reload that only adds or removes keys keeps the door's state but the grants of keys that
-  left (GrantsRevoked).
+  failure only when no one but a key holder could have caused it (spa_access.counts_against_source:
+  never junk, a bad HMAC, a replay or a stale copy, whose UDP source anyone can forge). The
+  grant remembers whose key it was: `revoke_key` ends a person's grants, and a reload that
+  only adds or removes keys keeps the door's state but the grants of keys that left
+  (GrantsRevoked).
 
 Fleet mode (a `shared` replay cache): an SPA packet or rotating sequence that passed every local
 check is recorded as always, but instead of granting, the door reports ClaimNeeded; the daemon
@@ -79,7 +81,7 @@ from .packet import Packet
 from .replay import ReplayCache
 from .rules import Door, KnockDoor, RotatingDoor, SpaDoor
 from .sequence import Action, Key, KnockSequence, _FastHash
-from .spa_access import KeyRefused, SpaGrant, authorize
+from .spa_access import KeyRefused, SpaGrant, authorize, counts_against_source
 from .state import Pool, Table
 
 DEFAULT_MAX_SOURCES = 65536
@@ -89,6 +91,7 @@ class Verdict(_FastHash, Enum):
     ACCEPT = "accept"
     DROP = "drop"
     PASS = "pass"  # not ours to decide: hand the packet back to the rest of the firewall
+    HOLD = "hold"  # a new connection whose source waits for a claim's answer: judged again then
 
 
 class Decision(NamedTuple):
@@ -97,7 +100,7 @@ class Decision(NamedTuple):
 
 
 # Enum member access costs ~50 ns on Python 3.11 (it showed in the per-packet profile).
-_ACCEPT, _DROP, _PASS = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS
+_ACCEPT, _DROP, _PASS, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS, Verdict.HOLD
 _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET = (
     Action.ADVANCE,
     Action.COMPLETE,
@@ -107,6 +110,8 @@ _ADVANCE, _COMPLETE, _ABSORB, _RESTART, _RESET = (
 )
 _OPEN, _CLOSE = Sequence.OPEN, Sequence.CLOSE
 _DROP_NOTHING = Decision(_DROP)
+_HOLD_NOTHING = Decision(_HOLD)
+HOLD_SECONDS = 3.0  # at most this long a new connection waits for its source's claim (TCP retries after 1 s)
 
 
 class _Pools(NamedTuple):
@@ -313,7 +318,8 @@ class _SpaDoorState(_DoorState):
         except SpaError as exc:
             who = exc.key if isinstance(exc, KeyRefused) else None
             events.append(SpaRefused(src, self.name, exc.reason, exc.detail, who))
-            self.failed(src, now, events)
+            if counts_against_source(exc):  # never junk, a bad HMAC, a replay: anyone can forge those
+                self.failed(src, now, events)
             return
         record = next(event for event in reversed(events) if type(event) is Recorded)  # authorize recorded it
         self.open_once(src, record, self.replays.shared, now, events, grant)
@@ -375,6 +381,10 @@ class Engine:
         self.replays = ReplayCache(max_sources)
         self.replays.shared = shared
         self.rekeyed: tuple[Event, ...] = ()  # what the last reload did to SPA doors' keys
+        # Sources whose SPA packet or rotating sequence waits for its claim (a shared cache), until
+        # when: their new connections are held (HOLD), not refused, and judged again once the
+        # claim is answered, so the client's first SYN is not lost to a Redis round trip.
+        self.pending: dict[str, float] = {}
         self._compile(doors, first_steps)
 
     # -- configuration ------------------------------------------------------------------
@@ -468,10 +478,13 @@ class Engine:
         for state in trip_doors:
             if state.admits(packet, now):
                 state.tripwire(packet.src, key, now, events)
+        if self.replays.shared:  # only a shared cache asks before it grants
+            for event in events:
+                if type(event) is ClaimNeeded and len(self.pending) < self.max_sources:
+                    self.pending[event.src] = now + HOLD_SECONDS
         return Decision(_DROP if knock_doors else _PASS, tuple(events))
 
-    @staticmethod
-    def _connect(doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
+    def _connect(self, doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
         port = f"{packet.dport}/{packet.proto}"
         for state in doors:
             # Grants are per exact address: a knock over IPv4 opens IPv4 only. An SPA grant
@@ -479,6 +492,8 @@ class Engine:
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
                 return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
+        if self.pending and self.pending.get(packet.src, 0.0) > now:
+            return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
 
     def restore_replays(self, entries: dict[str, float], wall: float) -> None:
@@ -498,6 +513,8 @@ class Engine:
                 for src, value in state.grants.expire(now)
             )
             events.extend(state.lockouts.expire(now))
+        for src in [src for src, until in self.pending.items() if until <= now]:
+            del self.pending[src]  # no answer in time: its held connections are refused
         return events
 
     def next_deadline(self) -> float | None:
@@ -508,6 +525,8 @@ class Engine:
             for table in state.tables()
             if (deadline := table.next_deadline()) is not None
         ]
+        if self.pending:
+            deadlines.append(min(self.pending.values()))
         return min(deadlines, default=None)
 
     # -- operator actions (the control socket) --------------------------------------------
@@ -525,11 +544,13 @@ class Engine:
 
     def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:
         """The fleet's (or the other workers') answer to a ClaimNeeded: "ours" grants; "taken"
-        (another member used it first) is refused as a replay, a failure of the source;
+        (another member used it first) is refused as a replay, a failure of the source for a
+        rotating door (an SPA packet's copy can come from any address: no failure);
         "unreachable" (no answer, and the member refuses then) and "unrecorded" (a worker could not
         write the record down) are refused without counting against the source. An "ours" for an
         SPA key that left the door while the claim was asked is refused too: the keyring has the
         last word."""
+        self.pending.pop(claim.src, None)
         state = self._doors.get(claim.door)
         if state is None:
             return []  # the door went away in a reload meanwhile
@@ -555,7 +576,7 @@ class Engine:
             events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
         elif taken:
             events.append(SequenceReused(claim.src, claim.door))
-        if taken:
+        if taken and not isinstance(state, _SpaDoorState):  # an SPA packet used elsewhere: a replay
             state.failed(claim.src, now, events)
         return events
 

@@ -1,8 +1,10 @@
 """Failed attempts and lockouts of one door. Pure, `now` passed in.
 
-A failure is a reset attempt, a tripwire hit, a reused rotating sequence or a refused SPA
-packet. `failures` of them within `window` of the first lock the source out of the door for
-`lock_for`: its knocks are ignored (grants it already has keep working).
+A failure is a reset attempt, a tripwire hit, a reused rotating sequence or an SPA packet that
+only a key holder could have sent, refused (spa_access.counts_against_source: junk, a bad HMAC or
+a replayed copy comes from any address anyone cares to forge, and never counts). `failures` of
+them within `window` of the first lock the source out of the door for `lock_for`: its knocks
+are ignored (grants it already has keep working).
 """
 
 from __future__ import annotations

@@ -489,11 +489,15 @@ KEY_FILE_SETTINGS = ("username", "sources", "expires", "ports", "open_for", "max
 _LISTS = ("sources", "ports")
 
 
-def read_key_file(text: str, where: str) -> tuple[Keys, dict[str, Any]]:
+def read_key_file(text: str, where: str, lines: dict[str, int] | None = None) -> tuple[Keys, dict[str, Any]]:
     """A per-person key file: KEY_BASE64 and HMAC_KEY_BASE64 lines (as `fwknop --key-gen` and
     `nfknock keygen` print them) and optional settings, one `NAME: value` per line, `#` comments.
     Unlike a door's single keys_file, any other line is refused: a misspelt EXPIRES must not
-    leave a key that never expires."""
+    leave a key that never expires. `lines`, when given, gets each setting's line number.
+
+    The file holds keys, so an error names the line and what is wrong, never the line's text: a
+    `KEY_BASE64=...` line or a bare key is not a setting, and quoting it would put the key in the
+    log. Only a name shaped like a setting's (`EXPIRE:`) is quoted."""
     values: dict[str, str] = {}
     settings: dict[str, Any] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -507,10 +511,27 @@ def read_key_file(text: str, where: str) -> tuple[Keys, dict[str, Any]]:
         elif name.lower() in KEY_FILE_SETTINGS and name.isupper() and sep:
             field = name.lower()
             settings[field] = [item for item in re.split(r"[\s,]+", value) if item] if field in _LISTS else value
+            if lines is not None:
+                lines[field] = number
         else:
             known = ", ".join(["KEY_BASE64", "HMAC_KEY_BASE64", *(s.upper() for s in KEY_FILE_SETTINGS)])
-            raise ValueError(f"{where}: line {number}: unknown setting {_short(name)} (known: {known})")
+            if sep and re.fullmatch(r"[A-Z][A-Z0-9_]{0,31}", name):
+                raise ValueError(f"{where}: line {number}: unknown setting {name!r} (known: {known})")
+            raise ValueError(
+                f"{where}: line {number}: not a 'NAME: value' line (the line is not shown: key files hold "
+                f"keys; known names: {known})"
+            )
     return _decode_keys(values, where), settings
+
+
+_QUOTED = re.compile(r"""'(?:[^'\\]|\\.)*(?:'|$)|"(?:[^"\\]|\\.)*(?:"|$)""")
+
+
+def hide_values(message: str) -> str:
+    """A validator's message without the values it quotes (every value in a message is quoted,
+    `_short` does it): for what came from a file that holds keys, where a value can be a key
+    pasted on the wrong line."""
+    return _QUOTED.sub("(value not shown)", message)
 
 
 @dataclass(frozen=True)

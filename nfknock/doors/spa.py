@@ -21,7 +21,7 @@ import base64
 import binascii
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, padding
@@ -64,8 +64,11 @@ VERSION = "3.0.0"
 
 @dataclass(frozen=True)
 class Keys:
-    encryption: bytes
-    hmac: bytes
+    """A key pair. Its repr (and so a DoorKey's, a door's keyring's) never shows the keys: a
+    repr ends up in exception messages and debug lines."""
+
+    encryption: bytes = field(repr=False)
+    hmac: bytes = field(repr=False)
     digest: str = "sha256"
 
 

@@ -11,6 +11,14 @@ now as "from the future" can then never be replayed once its time has come, and 
 for its ports, its inner address, its key's expiry, sources or username cannot be sent again
 from elsewhere, or after the operator changes the key's settings.
 
+What counts against the source (lockout): only a refusal that someone without the key cannot
+produce. UDP sources are free to forge, so a packet that fails before its HMAC verifies (junk,
+wrong size, bad HMAC) proves nothing about its source and never counts; neither do "replay" and
+"too old": anyone who has seen one genuine packet can send copies of it from any address, during
+its replay record's life and after it. What is left is a fresh packet made with a door's key and
+refused on its merits (its ports, its inner address, its key's expiry, sources or username, a
+timestamp ahead): only a key holder makes one (`counts_against_source`).
+
 How long a grant lasts: the time the client asked for (fwknop -f N, a message of type 3), at
 most the key's max_open_for (the door's, by default its open_for: no client extends its own
 access unless the operator allows it); the key's open_for when the packet asks for none.
@@ -43,6 +51,17 @@ class KeyRefused(SpaError):
     def __init__(self, reason: str, detail: str, key: str):
         super().__init__(reason, detail)
         self.key = key
+
+
+# Refusals of an authenticated packet that a copy of any genuine packet, sent from a forged
+# source, also gets: they say nothing about who sent it.
+FORGEABLE = frozenset({"replay", "too old"})
+
+
+def counts_against_source(exc: SpaError) -> bool:
+    """Whether a refusal is a failure of the packet's source for its lockout: a fresh packet
+    made with one of the door's keys and refused on its merits (see the module's docstring)."""
+    return isinstance(exc, KeyRefused) and exc.reason not in FORGEABLE
 
 
 # When no key's HMAC verifies, the reason that says most: a GPG packet (its HMAC matched under

@@ -102,9 +102,10 @@ class GrantedSets:
         self._link: SetLink | None = None
         self._pending: dict[tuple[str, str], int | None] = {}  # (set, address) -> timeout (None: delete)
         self._sent: dict[tuple[str, str], int] = {}  # written at once this turn (add_now): (set, address) -> timeout
+        self._names = {family: granted_set(queue_num, family) for family in (4, 6)}  # named once: per grant
 
     def names(self) -> dict[int, str]:
-        return {family: granted_set(self.queue_num, family) for family in (4, 6)}
+        return dict(self._names)
 
     def create(self) -> None:
         """Create both sets (empty: the daemon's grants start empty too); before the rules that
@@ -121,6 +122,26 @@ class GrantedSets:
             raise FirewallError(f"cannot create the granted-source sets: {error} (is the 'ipset' package installed?)")
         self.connect()
 
+    def ensure(self) -> bool:
+        """Create the sets again if another program destroyed them (after a `flush ruleset` left
+        them unreferenced), keeping what they hold when they are there. True if one was missing:
+        the caller then refills it from the grants it holds (daemon/guard.py)."""
+        try:
+            listed = self.runner(["ipset", "list", "-n"], capture_output=True, text=True, timeout=30)
+            present = set(listed.stdout.split())
+        except (OSError, subprocess.SubprocessError):
+            present = set()
+        missing = [(family, name) for family, name in self.names().items() if name not in present]
+        lines = [
+            f"create {name} hash:ip family {'inet' if family == 4 else 'inet6'} timeout {MAX_TIMEOUT} "
+            f"maxelem {MAX_ELEMENTS} -exist"
+            for family, name in missing
+        ]
+        error = _restore(self.runner, lines) if lines else None
+        if error:
+            raise FirewallError(f"cannot create the granted-source sets: {error}")
+        return bool(missing)
+
     def connect(self) -> None:
         """Open this process's netlink link to sets that exist (a worker's: the supervisor made them)."""
         self._link = self._make_link()
@@ -132,13 +153,13 @@ class GrantedSets:
 
     def add(self, address: str, seconds: float) -> None:
         """Put `address` in the set for `seconds` at the end of the loop's turn."""
-        self._put(granted_set(self.queue_num, _family(address)), address, _timeout(seconds))
+        self._put(self._names[_family(address)], address, _timeout(seconds))
 
     def add_now(self, address: str, seconds: float) -> None:
         """Put `address` in the set for `seconds` at once: one netlink message, before the caller
         goes on to disk or network work, so that the client's next SYN is routed to the grant
         queue. What was waiting for this address is superseded (it was said earlier)."""
-        key, timeout = (granted_set(self.queue_num, _family(address)), address), _timeout(seconds)
+        key, timeout = (self._names[_family(address)], address), _timeout(seconds)
         if self._link is None or self._sent.get(key) == timeout:
             self._put(*key, timeout)
             return
@@ -147,7 +168,7 @@ class GrantedSets:
             self._sent[key] = timeout
 
     def remove(self, address: str) -> None:
-        self._put(granted_set(self.queue_num, _family(address)), address, None)
+        self._put(self._names[_family(address)], address, None)
 
     def _put(self, name: str, address: str, timeout: int | None) -> None:
         if timeout is not None and self._sent.get((name, address)) == timeout:

@@ -429,7 +429,9 @@ def recent_set(queue_num: int, family: int) -> str:
     return str(SetName("recent", queue_num, family))
 
 
-def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted: str | None) -> list[RuleSpec]:
+def _protected_rules(
+    proto: str, port: int, queue_num: int, family: int, granted: str | None, pass_mark: int = PASS_MARK
+) -> list[RuleSpec]:
     """One protected port: established traffic accepted, NEW connections queued (`granted`: the
     granted set; None in a family where no door of this port listens: nothing is queued, the
     port is only closed), a TCP packet that conntrack picks up mid-stream accepted only for a
@@ -455,11 +457,12 @@ def _protected_rules(proto: str, port: int, queue_num: int, family: int, granted
         ]
     if proto == "tcp":
         sessions = sessions_set(queue_num, family, port)
-        specs.append(
-            RuleSpec(
-                "ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM, match_set=sessions, match_dirs=SESSION_DIRS
-            )
+        session = RuleSpec(
+            "ACCEPT", proto, port, ctstate="NEW", tcp_flags=MID_STREAM, match_set=sessions, match_dirs=SESSION_DIRS
         )
+        # Marked first, like every packet nfknock lets through: the host's base rule (tools/export.py)
+        # lets marked packets past, and an ACCEPT here does not end the other tables' chains.
+        specs += [replace(session, target="MARK", set_mark=(pass_mark, pass_mark)), session]
     specs.append(RuleSpec("DROP", proto, port))
     return specs
 
@@ -499,10 +502,10 @@ def scaffolding(
     if tripwires:
         specs.append(RuleSpec("RETURN", mark=pass_mark))
     for proto, port in protected:
-        specs += _protected_rules(proto, port, queue_num, family, granted)
+        specs += _protected_rules(proto, port, queue_num, family, granted, pass_mark)
     for proto, port in dict.fromkeys(closed):
         if (proto, port) not in protected:
-            specs += _protected_rules(proto, port, queue_num, family, None)
+            specs += _protected_rules(proto, port, queue_num, family, None, pass_mark)
     if knocks or knock_ranges or tripwires:
         # Not ours from here on: replies to the host's own connections from a knock port.
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))

@@ -32,6 +32,9 @@ from ..firewall.plan import CHAIN, PASS_MARK
 from ..firewall.shards import queues
 from ..loading import load_rules, rule_files
 from ..trust import why_unsafe
+from .export import NFT_INCLUDE, Header, parse_header, protected_ports
+from .export import digest as base_digest
+from .managers import Manager, find_managers
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -55,6 +58,7 @@ class HostState:
     local_ports: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range
     reserved_ports: str = ""  # net.ipv4.ip_local_reserved_ports
     missing_modules: tuple[str, ...] = ()  # of the server extra, in this Python
+    managers: list[Manager] = field(default_factory=list)  # firewall managers in use (managers.py)
 
 
 def filter_rules(saved: str) -> str:
@@ -283,6 +287,91 @@ def check_pass_mark(host: HostState, bit: int = PASS_MARK) -> list[Finding]:
     return out or [Finding(OK, f"no other iptables rule uses the pass-mark bit {bit:#x}")]
 
 
+def _fix(manager: Manager, rules: Path, pass_mark: int, where: str | None) -> str:
+    """The command(s) that put a current base rule where `manager` reads it."""
+    command = f"nfknock export {manager.export} --rules {rules.absolute()}"
+    if pass_mark != PASS_MARK:
+        command += f" --pass-mark {pass_mark:#x}"
+    if manager.export == "nftables":
+        if where is None:
+            where = NFT_INCLUDE
+            return f'{command} > {where}, add `include "{where}"` to /etc/nftables.conf, then {manager.reload}'
+        return f"{command} > {where}, then {manager.reload}"
+    if manager.export == "firewalld":
+        return f"{command} > {where} (or merge its rules into yours), then {manager.reload}"
+    if manager.export == "iptables":
+        return f"put the output of `{command}` in {where} (its *security section), then {manager.reload}"
+    return f"put the lines `{command}` prints in {where}, after '# End required lines', then {manager.reload}"
+
+
+def _stale(header: Header, ports: tuple[tuple[str, int], ...], pass_mark: int) -> str | None:
+    """Why a base rule no longer matches the doors, or None when it does."""
+    if header.ports == ports and header.pass_mark == pass_mark and header.digest == base_digest(ports, pass_mark):
+        return None
+    reasons = []
+    open_ = [f"{proto}/{port}" for proto, port in ports if (proto, port) not in header.ports]
+    extra = [f"{proto}/{port}" for proto, port in header.ports if (proto, port) not in ports]
+    if open_:
+        reasons.append(f"it leaves {' '.join(open_)} open through a reload")
+    if extra:
+        reasons.append(f"it still closes {' '.join(extra)}, which no door protects")
+    if header.pass_mark != pass_mark:
+        reasons.append(f"it lets pass mark {header.pass_mark:#x} through, nfknock sets {pass_mark:#x}")
+    return "; ".join(reasons) or "its digest does not match its ports (edited by hand?)"
+
+
+def check_base_rules(
+    managers: list[Manager], doors: tuple[Door, ...], rules: Path, pass_mark: int = PASS_MARK
+) -> list[Finding]:
+    """Each firewall manager in use should hold nfknock's base rule (tools/export.py), current
+    with the doors: a reload of the manager can take nfknock's chain away, and only that rule
+    keeps the protected ports closed meanwhile."""
+    if not doors:
+        return []  # the rules check says why
+    if not managers:
+        return [Finding(OK, "no firewall manager (nftables.service, netfilter-persistent, firewalld, ufw) found")]
+    ports = protected_ports(doors)
+    out = []
+    for manager in managers:
+        found = {path: parse_header(text) for path, text in manager.files.items() if text is not None}
+        held = {path: header for path, header in found.items() if header is not None}
+        wanted = list(held) if manager.any_of else list(manager.files)
+        if manager.any_of and not held:
+            out.append(
+                Finding(
+                    WARN,
+                    f"{manager.name}: {manager.why}, and no nfknock base rule is in {', '.join(manager.files)}: "
+                    f"`{manager.reload}` opens the protected ports until nfknock's chain is back; fix: "
+                    f"{_fix(manager, rules, pass_mark, None)}",
+                )
+            )
+            continue
+        for path in wanted:
+            header = held.get(path)
+            if header is None:
+                out.append(
+                    Finding(
+                        WARN,
+                        f"{manager.name}: {manager.why}, and {path} holds no nfknock base rule: "
+                        f"`{manager.reload}` opens the protected ports until nfknock's chain is back; fix: "
+                        f"{_fix(manager, rules, pass_mark, path)}",
+                    )
+                )
+                continue
+            why = _stale(header, ports, pass_mark)
+            if why:
+                out.append(
+                    Finding(
+                        WARN,
+                        f"{manager.name}: the nfknock base rule in {path} is stale ({why}); fix: "
+                        f"{_fix(manager, rules, pass_mark, path)}",
+                    )
+                )
+            else:
+                out.append(Finding(OK, f"{manager.name}: the nfknock base rule in {path} matches the doors"))
+    return out
+
+
 def check_conntrack(host: HostState) -> list[Finding]:
     if host.conntrack:
         return [Finding(OK, "conntrack is available (established connections bypass the queue)")]
@@ -382,6 +471,7 @@ def gather() -> HostState:
             host.saved[(flavour, family)] = saved
             host.rules_s[(flavour, family)] = filter_rules(saved)
     host.local_ports, host.reserved_ports = read_local_ports()
+    host.managers = find_managers()
     host.conntrack = (
         Path("/sys/module/nf_conntrack").exists()
         or subprocess.run(["modprobe", "-n", "-q", "nf_conntrack"], capture_output=True).returncode == 0
@@ -451,4 +541,5 @@ def diagnose(
         + check_first_steps(doors)
         + check_local_ports(doors, host.local_ports, host.reserved_ports)
         + check_modes(paths, keys)
+        + check_base_rules(host.managers, doors, rules, pass_mark)
     )

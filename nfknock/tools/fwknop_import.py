@@ -6,6 +6,10 @@ sender by the HMAC key, so a stanza becomes a person's key: its SOURCE the key's
 OPEN_PORTS its ports, FW_ACCESS_TIMEOUT / MAX_FW_TIMEOUT its open_for / max_open_for,
 REQUIRE_USERNAME its username, ACCESS_EXPIRE(_EPOCH) its expiry. What nfknock does not do
 (GPG, commands, NAT) is reported, never guessed at. Pure: text in, texts out; the CLI writes.
+
+access.conf holds keys (KEY, HMAC_KEY, GPG_DECRYPT_PW and their _BASE64 forms), and a key typed
+on a wrong or misspelt line is still a key: what this prints names the line and the keyword,
+never a value, but for SOURCE and DESTINATION when they read as addresses (`_shown`).
 """
 
 from __future__ import annotations
@@ -69,10 +73,31 @@ def parse_stanzas(text: str) -> tuple[list[Stanza], list[str]]:
         if keyword == "SOURCE":
             stanzas.append(Stanza(number))
         if not stanzas or keyword.startswith("%"):
-            outside.append(f"line {number}: {_clip(line)} ({_why_not(keyword) or 'outside any stanza'})")
+            outside.append(f"line {number}: {_keyword(raw)} ({_why_not(keyword) or 'outside any stanza'})")
             continue
         stanzas[-1].values[keyword] = (number, value)
     return stanzas, outside
+
+
+def _keyword(raw: str) -> str:
+    """How a message names a line's keyword: as written if it has a value after it and is shaped
+    like a keyword; a bare token (a key on a line of its own, `KEY_BASE64=...`) is not shown."""
+    keyword, _, value = raw.strip().partition(" ") if " " in raw.strip() else raw.strip().partition("\t")
+    if value.strip() and re.fullmatch(r"%?[A-Za-z][A-Za-z0-9_]{0,39}", keyword):
+        return keyword
+    return "a line that is not 'KEYWORD value' (not shown: access.conf holds keys)"
+
+
+def _shown(keyword: str, value: str) -> str:
+    """`SOURCE 10.0.1.0/24` when the value reads as addresses (or ANY); the keyword alone otherwise."""
+    items = [item for item in re.split(r"[,\s]+", value) if item]
+    try:
+        for item in items:
+            if item.upper() != "ANY":
+                ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return f"{keyword} (not an address list; not shown)"
+    return _clip(f"{keyword} {value}") if items else keyword
 
 
 def _why_not(keyword: str) -> str | None:
@@ -92,7 +117,7 @@ def _ports(value: str) -> list[str]:
     for item in filter(None, (part.strip() for part in re.split(r"[,\s]+", value))):
         match = re.fullmatch(r"(tcp|udp)/(\d+)", item.lower())
         if not match or not 1 <= int(match.group(2)) <= 65535:
-            raise ValueError(f"{item!r} is not proto/port")
+            raise ValueError("an item is not proto/port (like tcp/22; the value is not shown)")
         ports.append(f"{int(match.group(2))}/{match.group(1)}")
     return ports
 
@@ -122,7 +147,7 @@ def import_fwknop(text: str, door_name: str, keys_dir: Path, protect: list[str])
     macs: dict[bytes, tuple[str, int]] = {}
     for index, stanza in enumerate(stanzas, start=1):
         values = stanza.values
-        where = f"line {stanza.line}: stanza {index} (SOURCE {values['SOURCE'][1]})"
+        where = f"line {stanza.line}: stanza {index} ({_shown('SOURCE', values['SOURCE'][1])})"
         try:
             name, file_text, ports, mac = _stanza(index, stanza, protect, unmapped, notes, set(key_files))
         except ValueError as exc:
@@ -134,6 +159,9 @@ def import_fwknop(text: str, door_name: str, keys_dir: Path, protect: list[str])
                 f"{where}: same HMAC key as the stanza of line {line} (key {other}); nfknock tells people "
                 "apart by their HMAC key: merge the two stanzas by hand (stanza skipped)"
             )
+            continue
+        if name in key_files:  # _stanza picks a free name: never overwrite someone's key
+            unmapped.append(f"{where}: key name {name} is taken (stanza skipped)")
             continue
         macs[mac] = (name, stanza.line)
         key_files[name] = file_text
@@ -156,21 +184,28 @@ def _stanza(
     for keyword, (number, value) in values.items():
         if keyword not in used:
             why = _why_not(keyword) or "no nfknock equivalent"
-            unmapped.append(f"line {number}: {_clip(f'{keyword} {value}')} ({why})")
+            unmapped.append(f"line {number}: {_keyword(f'{keyword} {value}')} ({why})")
     mode = values.get("ENCRYPTION_MODE", (0, "CBC"))[1].upper()
     if mode != "CBC":
-        raise ValueError(f"ENCRYPTION_MODE {mode}: nfknock speaks fwknop's default, CBC")
+        raise ValueError(
+            f"line {values['ENCRYPTION_MODE'][0]}: ENCRYPTION_MODE is not CBC: nfknock speaks fwknop's default"
+        )
     digest_text = values.get("HMAC_DIGEST_TYPE", (0, "SHA256"))[1].upper()
     digest = DIGESTS.get(digest_text)
     if digest is None:
-        raise ValueError(f"HMAC_DIGEST_TYPE {digest_text}: nfknock takes {', '.join(DIGESTS)}")
+        raise ValueError(f"line {values['HMAC_DIGEST_TYPE'][0]}: HMAC_DIGEST_TYPE: nfknock takes {', '.join(DIGESTS)}")
     settings: dict[str, str | list[str] | None] = {}
     comments = [f"imported from fwknopd's access.conf, stanza {index} (line {stanza.line})"]
 
     username = values.get("REQUIRE_USERNAME", (0, None))[1]
     settings["username"] = username
-    base = username if username and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", username) else "stanza"
-    name = base if base != "stanza" and base not in taken else f"{base}{index}"
+    base = username if username and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,60}", username) else "stanza"
+    name = _free_name(base, index, taken)
+    if base != "stanza" and name != base:
+        notes.append(
+            f"line {stanza.line}: stanza {index}: key {base} is another stanza's already: this one is key {name} "
+            f"({name}.keys)"
+        )
 
     source = values["SOURCE"][1]
     if source.strip().upper() != "ANY":
@@ -179,12 +214,12 @@ def _stanza(
             try:
                 networks.append(str(ipaddress.ip_network(item, strict=False)))
             except ValueError:
-                raise ValueError(f"SOURCE {item!r} is not an address or network") from None
+                raise ValueError("SOURCE: an item is not an address or network (not shown)") from None
         settings["sources"] = networks
     destination = values.get("DESTINATION")
     if destination and destination[1].strip().upper() != "ANY":
         unmapped.append(
-            f"line {destination[0]}: DESTINATION {_clip(destination[1])} (nfknock guards this host; "
+            f"line {destination[0]}: {_shown('DESTINATION', destination[1])} (nfknock guards this host; "
             "--interface narrows it to one interface)"
         )
 
@@ -223,12 +258,12 @@ def _stanza(
         try:
             settings["expires"] = datetime.strptime(text.strip(), "%m/%d/%Y").strftime("%Y-%m-%d")
         except ValueError:
-            raise ValueError(f"line {number}: ACCESS_EXPIRE {text!r} is not MM/DD/YYYY") from None
+            raise ValueError(f"line {number}: ACCESS_EXPIRE is not MM/DD/YYYY") from None
         notes.append(f"line {number}: ACCESS_EXPIRE counted from 00:00 UTC (fwknopd: the server's local time)")
     if "ACCESS_EXPIRE_EPOCH" in values:
         number, text = values["ACCESS_EXPIRE_EPOCH"]
-        if not text.strip().isdigit():
-            raise ValueError(f"line {number}: ACCESS_EXPIRE_EPOCH {text!r} is not Unix seconds")
+        if not text.strip().isdigit() or not 0 < int(text) < 2**40:
+            raise ValueError(f"line {number}: ACCESS_EXPIRE_EPOCH is not Unix seconds")
         moment = datetime.fromtimestamp(int(text), UTC)
         settings["expires"] = moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     if digest != "sha256":
@@ -270,10 +305,18 @@ def _stanza(
     return name, text, ports, mac
 
 
+def _free_name(base: str, index: int, taken: set[str]) -> str:
+    """The stanza's key name: its username, else `stanza<N>`; never one taken by an earlier
+    stanza (two stanzas with one username, or a username `stanza2` before stanza 2)."""
+    candidates = [base] if base != "stanza" else []
+    candidates += [f"{base}{index}"] + [f"{base}{index}_{n}" for n in range(2, len(taken) + 3)]
+    return next(name for name in candidates if name not in taken)
+
+
 def _seconds(values: dict[str, tuple[int, str]], keyword: str) -> int | None:
     if keyword not in values:
         return None
     number, text = values[keyword]
     if not text.strip().isdigit() or not 0 < int(text) <= 86400:
-        raise ValueError(f"line {number}: {keyword} {text!r} is not a number of seconds in 1..86400")
+        raise ValueError(f"line {number}: {keyword} is not a number of seconds in 1..86400")
     return int(text)

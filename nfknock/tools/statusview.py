@@ -7,6 +7,7 @@ A key missing from the answer (a daemon of another version) shows as `-`, never 
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,8 @@ def render_status(answer: dict[str, Any]) -> list[str]:
         f"{len(doors)} door(s), {len(grants)} grant(s), {len(locked)} lockout(s), "
         f"{answer.get('tracked_attempts', '-')} knock attempt(s) in progress",
         *_stuck_workers(answer),
+        *_scaffolding(answer),
+        *_degraded(answer),
         "",
     ]
     lines += table(
@@ -103,6 +106,17 @@ def _workers(answer: dict) -> str:
     return f", {workers} workers on queues {first}-{first + 2 * workers - 1}"
 
 
+def _scaffolding(answer: dict) -> list[str]:
+    """A line when another program removed nfknock's rules and the daemon put them back."""
+    watch = answer.get("scaffolding")
+    if not isinstance(watch, dict) or not (watch.get("restored") or watch.get("failed")):
+        return []
+    line = f"rules put back {watch.get('restored', 0)} time(s) after another program changed them"
+    if watch.get("failed"):
+        line = f"WARNING: {line}; {watch['failed']} repair(s) failed (see the log)"
+    return [f"{line}; last: {watch.get('last') or '-'}"]
+
+
 def _stuck_workers(answer: dict) -> list[str]:
     """One line per worker that does not answer the supervisor (workers.py): its shard is closed."""
     lines = []
@@ -114,3 +128,17 @@ def _stuck_workers(answer: dict) -> list[str]:
             f"in byte {row.get('sources', '-')} cannot knock or connect (closed)"
         )
     return lines
+
+
+def _degraded(answer: dict[str, Any]) -> list[str]:
+    """The line an admin must not miss: the rules on disk do not load (lastgood.py)."""
+    degraded = answer.get("degraded")
+    if not isinstance(degraded, dict):
+        return []
+    saved = degraded.get("saved")
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(saved)) if isinstance(saved, (int, float)) else "-"
+    return [
+        f"DEGRADED: running on the last good rules (kept {when}): {degraded.get('rules', '-')} does not load: "
+        f"{degraded.get('reason', '-')}",
+        "  fix the rules (nfknock check), then: systemctl reload nfknock",
+    ]

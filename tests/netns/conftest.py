@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 
 from nfknock.firewall import resolve_flavour
+from support import secretcheck
 from support.sandbox import EchoService, Sandbox, connect, entered, nfknock_argv  # noqa: F401 (connect: for tests)
 
 REPO = Path(__file__).resolve().parents[2]
 # Every command the real-kernel tests run (scripts/setup.sh installs them): iproute2; iptables
-# (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server.
+# (both flavours: the tests run with each backend); knockd's client; nmap; fwknop client and server;
+# nft (a ruleset flush, as nftables.service does).
 TOOLS = (
     "ip",
     "iptables-legacy",
@@ -32,6 +34,7 @@ TOOLS = (
     "nmap",
     "fwknop",
     "fwknopd",
+    "nft",
 )
 SERVICE_PORT = 22
 
@@ -157,7 +160,10 @@ class Server:
         return [line for line in out.splitlines() if "NFKNOCK" in line]
 
     def nfknock(self, *args: str) -> subprocess.CompletedProcess:
-        return self.sandbox.run(self.sandbox.server, nfknock_argv(*args), cwd=REPO)
+        """`nfknock ARGS` in the server's namespace; keygen's stdout shows keys by design (the
+        suite's secret check looks at everything else)."""
+        keygen = args[:1] == ("keygen",)
+        return self.sandbox.run(self.sandbox.server, nfknock_argv(*args), cwd=REPO, prints_keys=keygen)
 
 
 SEED = (REPO / "rules" / "ssh.yaml").read_text()
@@ -182,6 +188,28 @@ def server(request, sandbox, tmp_path):
     yield srv
     if srv.process is not None and srv.process.poll() is None:
         srv.stop()
+    unread_stderr(srv.process)
+
+
+def unread_stderr(process: subprocess.Popen | None) -> None:
+    """What a stopped daemon wrote on stderr and no test read, to the suite's secret check (its
+    log file is checked by the check itself). Never blocks: a process still holding the pipe
+    gets two seconds."""
+    if process is None or process.stderr is None or process.poll() is None or process.stderr.closed:
+        return
+    fd = process.stderr.fileno()
+    os.set_blocking(fd, False)
+    chunks, end = [], time.monotonic() + 2
+    while time.monotonic() < end:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            time.sleep(0.02)
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    secretcheck.see("the daemon's stderr", b"".join(chunks))
 
 
 @pytest.fixture

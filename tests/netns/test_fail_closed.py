@@ -88,7 +88,12 @@ def test_an_unexpected_error_stops_the_daemon_with_the_ports_closed(server, alic
 @pytest.mark.parametrize(
     "target,call,trigger,logged",
     [
-        ("nfknock.daemon.reload.load_rules", 2, sighup, "reload refused"),  # reading the new rules (call 1: the start)
+        (
+            "nfknock.daemon.reload.load_rules",
+            1,
+            sighup,
+            "reload refused",
+        ),  # reading the new rules (the start reads in lastgood.py)
         ("nfknock.daemon.reload.ReloadJob.__init__", 1, sighup, "reload refused"),  # starting the reload
         ("nfknock.daemon.reload.sd_notify", 1, sighup, "reload refused"),  # telling systemd the reload begins
         ("nfknock.firewall.backend.PerFamily.apply", 2, sighup, "reload refused"),  # installing the new rules

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import secrets
+import select
 import shutil
 import socket
 import time
@@ -15,7 +16,8 @@ import pytest
 from conftest import Server, connect
 
 from nfknock.doors.spa import generate_keys
-from support.sandbox import EchoService, Lan, RedisServer, entered
+from nfknock.firewall.shards import queues, shard_of
+from support.sandbox import EchoService, Lan, RedisServer, entered, queue_counters
 
 SEQUENCE = ("40000", "50000", "60000")
 
@@ -389,3 +391,37 @@ def test_an_evicting_redis_is_said_at_start(lan, fleet):
     a = fleet(0)
     assert "maxmemory-policy is allkeys-lru" in a.wait_log("maxmemory-policy")
     assert status(a)["fleet"]["redis_policy"] == "allkeys-lru"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_first_syn_behind_an_spa_packet_waits_for_the_fleets_answer(lan, fleet, tmp_path, workers):
+    """An SPA packet's grant waits for one Redis round trip (its replay claim). The client's
+    first SYN, sent meanwhile, is held by the daemon, not dropped (it used to be, and TCP
+    retried after a second): once the claim is answered, that very SYN is accepted, and it is
+    the only one the queues saw. The claim is held in the fleet link's thread; nothing is timed."""
+    gate = tmp_path / "gate"
+    a = fleet(0, "--workers", str(workers), fault=("--hold", "nfknock.fleet.link.Link._claim", 1, gate))
+    client = lan.client(0, server=0)
+    fwknop(lan, client, fleet.spa)
+    end = time.monotonic() + 20
+    while not gate.with_name("gate.held").exists():
+        assert time.monotonic() < end, "the claim never reached the link"
+        time.sleep(0.01)
+    namespace = lan.server(0)
+    pair = queues(a.queue_num, shard_of(client.address, workers))
+    before = {q: queue_counters(namespace, q).id_sequence for q in pair}
+    with entered(client.namespace):
+        sock = socket.socket()
+    try:
+        sock.setblocking(False)
+        sock.connect_ex((client.server_address, 22))  # one SYN, while the claim is in flight
+        while sum(queue_counters(namespace, q).id_sequence - before[q] for q in pair) == 0:
+            assert time.monotonic() < end, "the SYN reached no queue"
+            time.sleep(0.01)
+        gate.touch()
+        assert select.select([], [sock], [], 10)[1] and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert sum(queue_counters(namespace, q).id_sequence - before[q] for q in pair) == 1  # no retransmit
+    finally:
+        gate.touch()
+        sock.close()
+    assert "10.198.0.101: spaSSH: OPEN SESAME" in a.log_text()

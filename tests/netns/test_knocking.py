@@ -252,7 +252,7 @@ def marks(server) -> dict[int, str]:
     """First port -> the mark its second steps get, as the kernel has the rules."""
     found = {}
     for line in server.iptables():
-        if "-j MARK --set-xmark" in line and "--match-set" in line:
+        if "-j MARK --set-xmark" in line and "--match-set" in line and "src,src,dst" not in line:  # not sessions
             first = int(line.split("--match-set ")[1].split()[0].split("-tcp")[1].split("-")[0])
             found[first] = line.split("--set-xmark ")[1].split("/")[0]
     return found

@@ -195,7 +195,7 @@ ENABLE_CMD_EXEC     Y
         "bastion",
     )
     assert result.returncode == 0, result.stderr
-    assert "line 13: ENABLE_CMD_EXEC Y (commands" in result.stderr
+    assert "line 13: ENABLE_CMD_EXEC (commands" in result.stderr
     check = server.nfknock("check", "--rules", str(server.rules))
     assert check.returncode == 0, check.stderr
     server.start()
@@ -210,3 +210,54 @@ ENABLE_CMD_EXEC     Y
     assert "10.199.1.2: bastion: OPEN SESAME (key alice, 45s)" in log
     assert "10.199.2.2: bastion: SPA packet refused: source not allowed" in log  # bob's stanza: 10.199.1.0/24
     assert connect(alice).connected and not connect(bob, timeout=1).connected
+
+
+def test_a_key_file_with_a_key_on_a_wrong_line_is_refused_without_quoting_it(team, alice):
+    """`HMAC_KEY_BASE64=<key>` (an `=` for a `:`) and a bare key: the reload is refused naming the
+    file and line, the door keeps working, and no piece of the key reaches the log or `check`
+    (0.x quoted the line: 72 of a 64-byte key's 88 characters)."""
+    from support.secretcheck import Registry
+
+    team.keygen("alice")
+    team.server.start()
+    encryption, mac = generate_keys()
+    bob = team.keys_dir / "bob.keys"
+    bob.write_text(f"KEY_BASE64: {encryption}\nHMAC_KEY_BASE64={mac}\n{mac}\n")
+    bob.chmod(0o600)
+    team.server.process.send_signal(signal.SIGHUP)
+    line = team.server.wait_log("reload refused")
+    assert "bob.keys: line 2: not a 'NAME: value' line (the line is not shown" in line
+    check = team.server.nfknock("check", "--rules", str(team.server.rules))
+    assert check.returncode == 2 and "bob.keys: line 2" in check.stderr
+    registry = Registry()
+    registry.register(encryption, mac)
+    assert registry.leaks(team.server.log_text() + check.stdout + check.stderr) == []
+    team.fwknop("alice", alice)  # the old rules, alice's key with them, stay in force
+    assert connect(alice).connected
+
+
+def test_forged_spa_packets_do_not_lock_their_source_out(team, alice, tmp_path):
+    """Garbage, wrong sizes, bad HMACs and replays of a used packet, ten of each, from Alice's
+    address (as anyone can send, UDP sources being free to forge): the door's lockout (5
+    failures) never locks her out; her next packet opens at once."""
+    import socket
+
+    from support.sandbox import entered
+
+    team.keygen("alice")
+    team.server.start()
+    saved = tmp_path / "packet"
+    team.fwknop("alice", alice, "--save-packet", str(saved))
+    team.server.wait_log("OPEN SESAME")
+    used = saved.read_text().strip().encode()
+    with entered(alice.namespace):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for payload in (b"junk", b"x" * 1500, used[:-10] + b"A" * 10, used):
+            for _ in range(10):
+                sock.sendto(payload, (alice.server_address, 62201))
+    team.server.wait_log("SPA packet refused")
+    team.fwknop("alice", alice)
+    team.server.wait_log("OPEN SESAME", after=1)
+    assert "locked out" not in team.server.log_text()
+    assert connect(alice).connected

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from nfknock.daemon.stats import QueueCounters, read_queue_counters
 
+from . import secretcheck
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -111,11 +113,18 @@ class _Processes:
         self.processes.append(process)
         return process
 
-    def run(self, namespace: str, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    def run(self, namespace: str, argv: list[str], prints_keys: bool = False, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command in a namespace. Its output is checked for test keys at the test's end
+        (secretcheck); `prints_keys`: its stdout shows keys by design (`nfknock keygen`)."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         kwargs.setdefault("timeout", 60)
-        return subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        result = subprocess.run(["ip", "netns", "exec", namespace, *argv], **kwargs)
+        command = " ".join(argv[:4])[:80]
+        if not prints_keys:
+            secretcheck.see(f"stdout of {command}", result.stdout)
+        secretcheck.see(f"stderr of {command}", result.stderr)
+        return result
 
 
 @dataclass

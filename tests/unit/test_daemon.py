@@ -138,6 +138,17 @@ def test_tripwire_packets_go_back_to_the_firewall_with_our_mark_added(daemon):
     assert queued.mark == 0x5 | PASS_MARK
 
 
+def test_an_accepted_connection_carries_our_mark_for_the_hosts_base_rule(daemon):
+    """The firewall manager's base rule (nfknock export) lets through only marked new connections:
+    an accept without the mark would be dropped there, whatever nfknock decided."""
+    for port in (40000, 50000, 60000):
+        daemon.on_packet(Queued(syn(port)))
+    queued = Queued(syn(22), mark=0x5)
+    daemon.on_packet(queued)
+    assert queued.verdicts == ["accept"]
+    assert queued.mark == 0x5 | PASS_MARK
+
+
 def test_a_failing_verdict_call_falls_back_to_drop(daemon):
     class Broken(Queued):
         def accept(self):
@@ -459,18 +470,39 @@ def test_a_knock_grant_is_in_the_kernels_set_before_the_next_packet_is_judged(da
     assert journal.count(("set add", "10.0.0.2")) == 1  # one message per grant
 
 
-def test_an_spa_source_is_in_the_set_before_its_replay_record_is_written(spa, monkeypatch):
+def test_an_spa_packet_opens_once_its_replay_record_is_durable_and_its_syn_waits_for_that(spa, monkeypatch):
+    """Route first, write after, grant last. The source enters the granted set at once; the
+    replay cache is written by a thread, off the verdict path (the loop judges other packets
+    meanwhile); the client's SYN is held, without a verdict, until the record is durable, and
+    then accepted: never before the write."""
+    import threading
+
     make, packet = spa
     daemon = journalled(make(), journal := Journal())
-    monkeypatch.setattr(daemon.store, "save", lambda entries: journal.append(("save", len(entries))))
+    gate = threading.Event()
+
+    def save(entries):
+        gate.wait(5)
+        journal.append(("save", len(entries)))
+
+    monkeypatch.setattr(daemon.store, "save", save)
     assert journal.judge(daemon, packet()) == "drop"
-    assert [entry[0] for entry in journal] == ["set add", "save", "drop"]
+    assert [entry[0] for entry in journal] == ["set add", "drop"]  # the verdict did not wait for the disk
+    assert journal.judge(daemon, syn(22, src="10.0.0.66")) == "drop"  # the loop goes on meanwhile
+    held = len(journal)
+    journal.judge(daemon, syn(22))
+    daemon.settle(daemon.clock())
+    assert len(journal) == held  # the SYN waits
+    gate.set()
+    assert daemon.store_sink.writer.wait_idle()
+    daemon.settle(daemon.clock())
+    assert [entry[0] for entry in journal[held:]] == ["save", "accept"]
     assert journal.judge(daemon, syn(22)) == "accept"
 
 
 def test_a_replay_record_that_cannot_be_written_opens_nothing(spa, monkeypatch, caplog):
-    """DESIGN rule 11: the durable record before the grant takes effect. The SYN that waited in
-    the grant queue meanwhile is dropped, and the source leaves the set again."""
+    """DESIGN rule 11: the durable record before the grant takes effect. The SYN held meanwhile
+    is dropped once the write failed, and the source leaves the set again."""
     make, packet = spa
     daemon = journalled(make(), journal := Journal())
 
@@ -480,7 +512,9 @@ def test_a_replay_record_that_cannot_be_written_opens_nothing(spa, monkeypatch, 
     monkeypatch.setattr(daemon.store, "save", full)
     with caplog.at_level(logging.INFO, logger="t-spa"):
         assert journal.judge(daemon, packet()) == "drop"
-        assert journal.judge(daemon, syn(22)) == "drop"
+        journal.judge(daemon, syn(22))
+        assert daemon.store_sink.writer.wait_idle()
+        daemon.settle(daemon.clock())
     daemon.granted.flush()
     assert [entry[0] for entry in journal] == ["set add", "drop", "drop", "set del"]
     assert daemon.engine.grants(daemon.clock()) == []
@@ -636,3 +670,50 @@ def test_reloads_that_swap_twins_keep_every_door_in_the_kernel(tmp_path, caplog)
         assert next(g.bit for g in daemon.first_steps.groups if "A" in g.doors) == a_bit
     assert "its first knocks go to the daemon" not in caplog.text
     assert len(daemon.mark_history.past) <= 2
+
+
+def test_a_syn_behind_a_claim_in_flight_waits_for_the_answer_and_gets_one_verdict(tmp_path, spa_keys):
+    """Fleet mode: an SPA packet's grant waits for the fleet's answer (one Redis round trip). The
+    client's first SYN, sent meanwhile, is held (no verdict yet), not refused: once the answer
+    grants, it is accepted; a stranger's SYN is refused at once; a SYN whose claim is lost is
+    refused when the answer comes. Each held packet gets exactly one verdict."""
+    import time
+
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.events import ClaimNeeded
+    from nfknock.doors.spa import encode
+
+    fleet = HeardByTheFleet()
+    worker = spa_worker(tmp_path, ReplayClaims(tmp_path / "used"), 0, fleet=fleet)
+    now = worker.clock()
+    for answer, client in (("ours", "10.0.0.2"), ("taken", "10.0.0.4")):
+        assert verdicts(worker, spa_udp(encode(spa_keys, client, [("tcp", 22)], time.time()), client)) == ["drop"]
+        (claim,) = [event for event in fleet.heard if isinstance(event, ClaimNeeded) and event.src == client]
+        held = Queued(syn(22, src=client))
+        worker.on_packet(held)
+        assert held.verdicts == []  # waits for the answer
+        assert verdicts(worker, syn(22, src="10.0.0.66")) == ["drop"]  # a stranger is not held
+        worker.verdicts.release(now)
+        assert held.verdicts == []  # still no answer
+        worker.sinks.consume(worker.engine.claimed(claim, answer, now), now)  # what FleetMember.step does
+        worker.verdicts.release(now)
+        assert held.verdicts == (["accept"] if answer == "ours" else ["drop"])
+        worker.verdicts.release(now)
+        assert len(held.verdicts) == 1
+    assert worker.verdicts.held == {}
+
+
+def test_held_connections_are_dropped_at_a_stop(tmp_path, spa_keys):
+    import time
+
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.doors.spa import encode
+
+    worker = spa_worker(tmp_path, ReplayClaims(tmp_path / "used"), 0, fleet=HeardByTheFleet())
+    verdicts(worker, spa_udp(encode(spa_keys, "10.0.0.2", [("tcp", 22)], time.time()), "10.0.0.2"))
+    held = [Queued(syn(22)) for _ in range(12)]
+    for queued in held:
+        worker.on_packet(queued)
+    assert [q.verdicts for q in held[8:]] == [["drop"]] * 4  # beyond HELD_PER_SOURCE: refused at once
+    worker.verdicts.drop_held()
+    assert all(q.verdicts == ["drop"] for q in held)

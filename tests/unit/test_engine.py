@@ -464,12 +464,82 @@ def test_trusting_the_inner_address_is_an_option(spa_door):
     assert engine.handle(knock(22), 11.0).verdict is Verdict.ACCEPT  # the grant still goes to the sender
 
 
-def test_junk_spa_packets_count_towards_lockout(spa_door):
+def locked_out(events):
+    return [e for e in events if isinstance(e, LockedOut)]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "junk",
+        "short",
+        "not ascii",
+        "bad hmac",
+        "replay",
+        "too old",
+    ],
+)
+def test_spa_packets_anyone_can_forge_never_lock_the_source_out(spa_door, forged):
+    """UDP sources are free to forge: a stranger without the key sends junk, wrong sizes, bad
+    HMACs, or copies of a packet it saw, in Alice's name. None of it counts: Alice still gets in."""
     engine = fresh_engine((spa_door,))
-    junk = Packet(ALICE, "10.0.0.1", "udp", 1, 62201, 0, b"junk" * 40)
-    events = [e for i in range(3) for e in engine.handle(junk, float(i), WALL).events]
-    assert any(isinstance(e, LockedOut) for e in events)
-    assert engine.handle(spa_packet(spa_door), 5.0, WALL).events == ()  # ignored while locked
+    seen = spa_packet(spa_door, src=BOB, address=BOB, at=WALL - 200)  # Bob's packet, used long ago
+    engine.handle(seen, 0.0, WALL - 200)
+    payloads = {
+        "junk": b"junk" * 40,
+        "short": b"x" * 10,
+        "not ascii": bytes(range(256)),
+        "bad hmac": spa_packet(spa_door, keys=Keys(spa_door.keyring[0].keys.encryption, b"h" * 64)).payload,
+        "too old": seen.payload,  # its replay record is gone: refused as too old
+    }
+    if forged == "replay":
+        recent = spa_packet(spa_door, src=BOB, address=BOB, at=WALL - 1)
+        engine.handle(recent, 0.5, WALL - 1)
+        payloads["replay"] = recent.payload
+    events = []
+    for i in range(10):  # more than the door's 3 failures
+        decision = engine.handle(Packet(ALICE, "10.0.0.1", "udp", 1, 62201, 0, payloads[forged]), 1.0 + i, WALL + i)
+        assert decision.verdict is Verdict.DROP
+        events += decision.events
+    assert [e for e in events if isinstance(e, SpaRefused)], "each forged packet is refused (and logged)"
+    assert locked_out(events) == []
+    assert opened_by(engine.handle(spa_packet(spa_door, at=WALL + 10), 12.0, WALL + 10))
+
+
+def opened_by(decision):
+    return [e for e in decision.events if isinstance(e, DoorOpened)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(ports=(("tcp", 80),)),  # a port the key may not open
+        dict(address="10.9.9.9"),  # an inner address that is not the source
+        dict(at="ahead"),  # a clock far ahead
+    ],
+)
+def test_fresh_authenticated_spa_refusals_lock_the_source_out(spa_door, change):
+    """Only a key holder makes a fresh packet that passes the HMAC: those refusals count."""
+    engine = fresh_engine((spa_door,))
+    events = []
+    for i in range(3):
+        at = WALL + 500 + i if change.get("at") == "ahead" else WALL + i
+        packet = spa_packet(spa_door, **{**change, "at": at})
+        events += engine.handle(packet, float(i), WALL + i).events
+    assert [(e.src, e.door, e.failures) for e in locked_out(events)] == [(ALICE, "spaSSH", 3)]
+    assert engine.handle(spa_packet(spa_door, at=WALL + 4), 4.0, WALL + 4).events == ()  # ignored while locked
+
+
+def test_an_spa_packet_used_on_another_member_is_no_failure_of_its_sender(spa_door):
+    """The fleet's 'taken' is a replay: a copy anyone could send from this source."""
+    engine = fresh_engine((spa_door,), shared=True)
+    events = []
+    for i in range(5):
+        decision = engine.handle(spa_packet(spa_door, at=WALL + i), float(i), WALL + i)
+        claim = next(e for e in decision.events if type(e).__name__ == "ClaimNeeded")
+        events += engine.claimed(claim, "taken", float(i))
+    assert [e.reason for e in events if isinstance(e, SpaRefused)] == ["replay"] * 5
+    assert locked_out(events) == []
 
 
 def test_every_step_sent_three_times_opens_the_door(clock):

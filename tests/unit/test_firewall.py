@@ -26,6 +26,7 @@ def test_plan_for_one_door_without_tripwires():
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m set --match-set nfknock-q3-recent-v4 src -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 3",
         # A NEW mid-stream ACK passes only for a session the host has (not to a listener's cookie check)
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q3-s22-v4 src,src,dst -j MARK --set-xmark 0x20000000/0x20000000",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q3-s22-v4 src,src,dst -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
         f"-A {CHAIN} -m conntrack --ctstate RELATED,ESTABLISHED -j RETURN",
@@ -123,6 +124,7 @@ def test_plan_covers_the_families_each_door_listens_on():
     assert [str(s) for s in fresh_plan((v4,), 0)[6]] == [
         f"-A {CHAIN} -i lo -j RETURN",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q0-s22-v6 src,src,dst -j MARK --set-xmark 0x20000000/0x20000000",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 --tcp-flags SYN,ACK ACK -m conntrack --ctstate NEW -m set --match-set nfknock-q0-s22-v6 src,src,dst -j ACCEPT",
         f"-A {CHAIN} -p tcp -m tcp --dport 22 -j DROP",
     ]
@@ -134,7 +136,9 @@ def test_a_port_protected_in_one_family_and_listened_for_in_the_other_is_queued_
     v6 = door(name="v6", family="ipv6", sequence=[3000, 4000], protect=["22/tcp"], tripwire=0)
     for family, specs in fresh_plan((v4, v6), 0).items():
         at_22 = [s for s in specs if s.dport == 22]
-        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "ACCEPT", "DROP"], family
+        assert [s.target for s in at_22] == ["ACCEPT", "NFQUEUE", "NFQUEUE", "NFQUEUE", "MARK", "ACCEPT", "DROP"], (
+            family
+        )
 
 
 def test_nft_restore_script_replaces_chain_and_jumps_in_one_transaction():

@@ -114,7 +114,8 @@ def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door
     decision = engine.handle(packet(62201, proto="udp", payload=payload), 10.0, WALL)
     claims = [e for e in decision.events if isinstance(e, ClaimNeeded)]
     assert len(claims) == 1 and not any(isinstance(e, DoorOpened) for e in decision.events)
-    assert engine.handle(packet(22), 10.1).verdict is Verdict.DROP  # not before the answer
+    assert engine.handle(packet(22), 10.1).verdict is Verdict.HOLD  # not before the answer: held
+    assert engine.handle(packet(22, src="10.0.0.3"), 10.1).verdict is Verdict.DROP  # only the claimant's
     assert isinstance(engine.claimed(claims[0], "ours", 10.2)[0], DoorOpened)
     assert engine.handle(packet(22), 10.3).verdict is Verdict.ACCEPT
 
@@ -124,6 +125,19 @@ def test_a_shared_engine_grants_spa_only_when_the_fleet_says_it_is_ours(spa_door
     refused = other.claimed(claim, "taken", 10.1, "used on member a")
     assert [(e.reason, e.detail) for e in refused if isinstance(e, SpaRefused)] == [("replay", "used on member a")]
     assert other.handle(packet(22), 10.2).verdict is Verdict.DROP
+
+
+def test_a_claim_never_answered_holds_connections_for_hold_seconds_then_refuses(spa_door):
+    from nfknock.doors.engine import HOLD_SECONDS
+
+    engine = fresh_engine((spa_door,), shared=True)
+    payload = encode(spa_door.keyring[0].keys, ALICE, [("tcp", 22)], WALL)
+    engine.handle(packet(62201, proto="udp", payload=payload), 10.0, WALL)
+    assert engine.next_deadline() == 10.0 + HOLD_SECONDS
+    assert engine.handle(packet(22), 10.0 + HOLD_SECONDS - 0.01).verdict is Verdict.HOLD
+    engine.expire(10.0 + HOLD_SECONDS)
+    assert engine.handle(packet(22), 10.0 + HOLD_SECONDS).verdict is Verdict.DROP
+    assert engine.pending == {}
 
 
 def test_knock_doors_need_no_claim():

@@ -112,3 +112,36 @@ def test_json_lines_carry_the_key(capsys):
     log_events(logger, [DoorOpened("10.0.0.2", "team", 5.0, "alice", 5.0)])
     line = json.loads(capsys.readouterr().err)
     assert (line["event"], line["key"], line["seconds"]) == ("DoorOpened", "alice", 5.0)
+
+
+def test_under_journald_each_line_carries_its_priority_and_no_timestamp(monkeypatch, capfd):
+    """journald reads a "<N>" prefix on each line of the service's stderr: `journalctl -p warning`
+    then shows a refused reload and hides the door lines; the journal stamps the time itself."""
+    import os
+    import sys
+
+    from nfknock.daemon.logs import setup_logging
+
+    stat = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    log = setup_logging()
+    log.info("door ssh: sequence 40000/tcp")
+    log.error("reload refused, keeping the current rules: broken")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.critical("nfknock stopped on an unexpected error", exc_info=True)
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == "<6>door ssh: sequence 40000/tcp"
+    assert lines[1] == "<3>reload refused, keeping the current rules: broken"
+    assert lines[2] == "<2>nfknock stopped on an unexpected error"
+    assert all(line.startswith("<2>") for line in lines[3:]) and "RuntimeError: boom" in lines[-1]
+
+
+def test_without_journald_lines_keep_their_timestamp(monkeypatch, capfd):
+    from nfknock.daemon.logs import setup_logging
+
+    monkeypatch.setenv("JOURNAL_STREAM", "0:0")  # another stream's: stderr is not the journal
+    setup_logging().warning("hello")
+    (line,) = capfd.readouterr().err.splitlines()
+    assert line.startswith("[") and line.endswith("] hello")

@@ -125,3 +125,15 @@ def test_nat_and_command_messages_are_refused_by_type():
     with pytest.raises(SpaError) as info:
         decode(wire, keys)
     assert info.value.reason == "refused type" and "NAT access" in info.value.detail
+
+
+def test_a_key_pair_never_shows_its_keys_in_a_repr():
+    """A repr ends up in exception messages and debug lines: a DoorKey's, a keyring's too."""
+    from nfknock.doors.rules import DoorKey
+
+    encryption, mac = generate_keys()
+    keys = Keys(base64.b64decode(encryption), base64.b64decode(mac))
+    shown = repr((keys, DoorKey("alice", keys, 30.0, 30.0)))
+    assert "digest='sha256'" in shown and "alice" in shown
+    for secret in (keys.encryption, keys.hmac):
+        assert repr(secret)[2:20] not in shown and base64.b64encode(secret).decode()[:16] not in shown
