@@ -453,3 +453,16 @@ def used_and_replayed(spa, used_on, replayed_to, src):
     assert refused == ["replay"], (used_on.fleet.member, replayed_to.fleet.member, events)
     granted = replayed_to.until(lambda _: replayed_to.engine.grant_of(src, "spaSSH", replayed_to.now), "granted")
     assert granted is not None  # the grant itself, signed with the other's first key, applies
+
+
+def test_the_fleet_key_file_takes_the_current_key_first_and_says_what_is_wrong_in_one_line():
+    import base64
+
+    from nfknock.fleet.records import FleetKeyError, parse_keys
+
+    old, new = base64.b64encode(KEY).decode(), base64.b64encode(b"n" * 32).decode()
+    assert parse_keys(f"# rotation, step 2\n{new}\n{old}\n", "fleet.key") == (b"n" * 32, KEY)
+    for text, said in (("", "no key"), (f"{old}\n{old}\n", "the same key twice"), ("abc!\n", "key 1")):
+        with pytest.raises(FleetKeyError) as caught:
+            parse_keys(text, "fleet.key")
+        assert said in str(caught.value) and "\n" not in str(caught.value) and old not in str(caught.value)
