@@ -181,6 +181,7 @@ class Alarm:
 
     what: str
     detail: str
+    cleared: bool = False  # the condition is over (a clock back within bounds)
 
 
 _Job = _Publish | _Claim | _Record | _Ack
@@ -601,7 +602,7 @@ class Link:
                 )
             )
         elif abs(skew) <= MAX_SKEW < abs(self.skew):
-            self._tell(Alarm("clock", f"this member's clock is back within {MAX_SKEW:.0f}s of Redis's"))
+            self._tell(Alarm("clock", f"this member's clock is back within {MAX_SKEW:.0f}s of Redis's", cleared=True))
         self.skew = skew
 
     def _heartbeat(self, client) -> None:

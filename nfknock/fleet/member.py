@@ -189,6 +189,9 @@ class FleetMember:
             elif isinstance(message, Confirmed):
                 if message.id in self.confirmations:
                     self.confirmations[message.id] = dict(message.by)
+            elif isinstance(message, Alarm) and message.cleared:
+                self.alarms.pop(message.what, None)
+                self.log.warning("fleet: %s", message.detail)
             elif isinstance(message, Alarm):
                 self.alarms[message.what] = message.detail
                 self.log.error("fleet: %s", message.detail)

@@ -466,3 +466,16 @@ def test_the_fleet_key_file_takes_the_current_key_first_and_says_what_is_wrong_i
         with pytest.raises(FleetKeyError) as caught:
             parse_keys(text, "fleet.key")
         assert said in str(caught.value) and "\n" not in str(caught.value) and old not in str(caught.value)
+
+
+def test_the_alarms_reach_the_metrics(fleet, spa, monkeypatch):
+    from nfknock.daemon.metrics import fleet_metrics
+
+    a = fleet("a", (spa,))
+    a.fleet.link.wall = lambda: time.time() - 90
+    a.until(lambda _: "clock" in a.fleet.alarms, "raised the clock alarm")
+    families = {family.name: family for family in fleet_metrics(a.fleet.status(a.now, time.time()))}
+    assert [(s.labels, s.value) for s in families["nfknock_fleet_alarm"].samples] == [({"what": "clock"}, 1)]
+    assert families["nfknock_fleet_clock_skew_seconds"].samples[0].value < -60
+    a.fleet.link.wall = time.time
+    a.until(lambda _: "clock" not in a.fleet.alarms, "cleared it once the clock is back")
