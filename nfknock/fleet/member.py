@@ -93,6 +93,7 @@ class FleetMember:
 
     def stop(self) -> None:
         self.link.stop()
+        self.revocations.flush()
 
     # -- after the engine decided -----------------------------------------------------------
 

@@ -8,6 +8,9 @@ One file per revocation (named after a hash of its id; the workers of one daemon
 share the directory: the same revocation written twice is the same file). A revocation covers
 grants issued before its place in the stream (records.py); those last at most MAX_GRANT_SECONDS,
 so it is kept that long after it was issued, then swept.
+
+The files are written (and fsynced) by a thread of their own, after the revocation took effect
+in memory: closing never waits for a disk, and the packet loop never waits for an fsync.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,6 +33,9 @@ class Revocations:
     def __init__(self, signer: Signer, log: logging.Logger, directory: Path | None = None):
         self.signer, self.log, self.directory = signer, log, directory
         self.entries: dict[str, Revoke] = {}  # revocation id -> the revocation (with its place)
+        self._by: dict[str, set[str]] = {}  # its source, or "key:" + its key -> revocation ids
+        self._writes: queue.SimpleQueue[tuple[str, Revoke | None]] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         if directory is not None:
             try:
                 directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -41,12 +49,59 @@ class Revocations:
     def __contains__(self, revoke_id: str) -> bool:
         return revoke_id in self.entries
 
+    def flush(self) -> None:
+        """Wait until what was kept is on disk (at a stop, and in tests)."""
+        if self._writer is not None:
+            self._writes.put(("", None))
+            self._writer.join(timeout=10)
+            self._writer = None
+
+    def _write(self, revoke: Revoke) -> None:
+        self._queue(revoke.id, revoke)
+
+    def _drop(self, revoke_id: str) -> None:
+        gone = self.entries.pop(revoke_id, None)
+        if gone is not None:
+            self._by.get(gone.src or f"key:{gone.key}", set()).discard(revoke_id)
+        self._queue(revoke_id, None)
+
+    def _queue(self, revoke_id: str, revoke: Revoke | None) -> None:
+        """In order, by the writer thread: a file written, or (None) removed."""
+        if self.directory is None:
+            return
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_all, name="nfknock-fleet-revoked", daemon=True)
+            self._writer.start()
+        self._writes.put((revoke_id, revoke))
+
+    def _write_all(self) -> None:
+        while True:
+            revoke_id, revoke = self._writes.get()
+            if not revoke_id:
+                return
+            self._write_all_now(revoke_id, revoke)
+
+    def _write_all_now(self, revoke_id: str, revoke: Revoke | None) -> None:
+        path = self._path(revoke_id)
+        if path is None:
+            return
+        if revoke is None:
+            path.unlink(missing_ok=True)
+        else:
+            self._write_file(path, revoke)
+
     def covering(self, grant: Grant) -> Revoke | None:
         """A revocation that ends `grant` (issued before it), if this member has seen one."""
-        for revoke in self.entries.values():
-            if revoke.covers(grant):
-                return revoke
+        for index in (grant.src, f"key:{grant.key}"):
+            for revoke_id in self._by.get(index, ()):
+                revoke = self.entries[revoke_id]
+                if revoke.covers(grant):
+                    return revoke
         return None
+
+    def _keep(self, revoke: Revoke) -> None:
+        self.entries[revoke.id] = revoke
+        self._by.setdefault(revoke.src or f"key:{revoke.key}", set()).add(revoke.id)
 
     def add(self, revoke: Revoke) -> bool:
         """Keep `revoke` (durably when there is a state directory); True if it is new here. A
@@ -65,7 +120,7 @@ class Revocations:
                 "fleet: more than %d live revocations; the oldest (%s) is forgotten", MAX_REVOCATIONS, oldest.id
             )
             self._drop(oldest.id)
-        self.entries[revoke.id] = revoke
+        self._keep(revoke)
         self._write(revoke)
         return known is None
 
@@ -99,7 +154,7 @@ class Revocations:
                 bad += 1
                 continue
             if revoke.at + MAX_GRANT_SECONDS >= wall and revoke.id not in self.entries:
-                self.entries[revoke.id] = revoke
+                self._keep(revoke)
                 self._write(revoke)  # signed again with the current key: a rotated-out key loses none
         if bad:
             self.log.warning(
@@ -112,10 +167,7 @@ class Revocations:
             return None
         return self.directory / hashlib.sha256(revoke_id.encode()).hexdigest()[:40]
 
-    def _write(self, revoke: Revoke) -> None:
-        path = self._path(revoke.id)
-        if path is None:
-            return
+    def _write_file(self, path: Path, revoke: Revoke) -> None:
         fresh = path.with_name(f".{path.name}.{os.getpid()}")
         try:
             descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -134,9 +186,3 @@ class Revocations:
                 self.directory,
                 exc.strerror or exc,
             )
-
-    def _drop(self, revoke_id: str) -> None:
-        self.entries.pop(revoke_id, None)
-        path = self._path(revoke_id)
-        if path is not None:
-            path.unlink(missing_ok=True)

@@ -295,6 +295,7 @@ def test_revocations_are_kept_signed_on_disk_and_a_changed_file_is_ignored(tmp_p
     kept.add(Revoke("r1", "a", "i1", ALICE, None, wall, None, "1000-0"))
     kept.add(Revoke("r1", "a", "i1", ALICE, None, wall, None, "9000-0"))  # re-added later: keeps its place
     kept.add(Revoke("r2", "a", "i1", "10.0.0.9", None, wall - 2 * 86400, None, "5-0"))  # over
+    kept.flush()
     (next(tmp_path.iterdir())).write_bytes(b"junk")  # one file changed by hand
     again = Revocations(signer, LOG, tmp_path)
     with caplog.at_level(logging.WARNING):
