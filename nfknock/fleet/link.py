@@ -55,6 +55,7 @@ CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may di
 REASSERT = 2.0  # seconds between checks of the revocations' second copy
 WATCH = 15.0  # seconds during which a member follows who confirmed its revocation
 WATCH_EVERY = 0.1
+MAX_WATCHED = 4
 MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
 MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
 SAFE_POLICIES = ("noeviction",)
@@ -386,6 +387,8 @@ class Link:
             if entry.id in self.watch:
                 self.watch.discard(entry.id)
                 self._watching[entry.id] = time.monotonic() + WATCH
+                while len(self._watching) > MAX_WATCHED:  # an operator waits on the newest only
+                    del self._watching[next(iter(self._watching))]
 
     def _follow_confirmations(self, client) -> None:
         now = time.monotonic()
