@@ -621,12 +621,40 @@ def cmd_revoke(args) -> int:
                 if doors
                 else f"key {args.key} had no grant"
             )
+            _fleet_confirmations(args, answer)
         return 0
     answer = _answer(args, {"cmd": "revoke", "address": args.address, "door": args.door})
     if not args.json:
         doors = answer["revoked"]
         print(f"revoked {args.address} on {', '.join(doors)}" if doors else f"{args.address} had no grant")
+        _fleet_confirmations(args, answer)
     return 0
+
+
+def _fleet_confirmations(args, answer: dict, wait: float = 3.0) -> None:
+    """In a fleet: which members confirmed the revocation within `wait` seconds, which did not."""
+    import time
+
+    from .daemon.control import call
+
+    revoke_id = answer.get("fleet_revoke")
+    if not revoke_id:
+        return
+    end = time.monotonic() + wait
+    row: dict = {"confirmed": [], "missing": {}}
+    while True:
+        fleet = call(args.control_socket, {"cmd": "status"}).get("fleet") or {}
+        row = next((r for r in fleet.get("revokes", []) if r["id"] == revoke_id), row)
+        if (row["confirmed"] and not row["missing"]) or time.monotonic() > end:
+            break
+        time.sleep(0.1)
+    print(f"fleet: confirmed by {', '.join(row['confirmed']) or 'no other member'}")
+    if row["missing"]:
+        names = ", ".join(f"{name} (seen {ago:.0f}s ago)" for name, ago in sorted(row["missing"].items()))
+        print(
+            f"fleet: NOT confirmed by {names}: cut off or stale, the door may still be open there "
+            "until it reads the revocation"
+        )
 
 
 def cmd_grant(args) -> int:

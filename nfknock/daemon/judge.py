@@ -171,7 +171,9 @@ class Judge:
         if self.config.fleet is not None:
             from ..fleet.member import FleetMember
 
-            self.fleet = FleetMember(self.config.fleet, self.engine, self.log, wake, wall=self.wall_clock)
+            self.fleet = FleetMember(
+                self.config.fleet, self.engine, self.log, wake, wall=self.wall_clock, state_dir=self.config.state_dir
+            )
             self.fleet.start()
 
     def fleet_step(self, now: float) -> None:

@@ -188,6 +188,20 @@ def fleet_metrics(fleet: dict):
         "nfknock_fleet_shared_grants", "Live grants made on other members", value=len(fleet["shared_grants"])
     )
     yield GaugeMetricFamily("nfknock_fleet_backlog", "Fleet writes waiting for Redis", value=fleet["backlog"])
+    yield GaugeMetricFamily(
+        "nfknock_fleet_clock_skew_seconds", "This member's clock minus Redis's TIME", value=fleet["clock_skew"]
+    )
+    alarm = GaugeMetricFamily(
+        "nfknock_fleet_alarm",
+        "1: said since the start: Redis lost data, evicted keys, evicts; or this member's clock is off now",
+        labels=("what",),
+    )
+    for what in fleet["alarms"]:
+        alarm.add_metric((what,), 1)
+    yield alarm
+    yield CounterMetricFamily(
+        "nfknock_fleet_reasserted", "Live claims put back after Redis lost or evicted them", value=fleet["reasserted"]
+    )
     for name, help_text in (
         ("published", "Grants and revocations this member published"),
         ("received", "Grants and revocations received from other members"),

@@ -547,12 +547,17 @@ class Engine:
         (another member used it first) is refused as a replay, a failure of the source for a
         rotating door (an SPA packet's copy can come from any address: no failure);
         "unreachable" (no answer, and the member refuses then) and "unrecorded" (a worker could not
-        write the record down) are refused without counting against the source."""
+        write the record down) are refused without counting against the source. An "ours" for an
+        SPA key that left the door while the claim was asked is refused too: the keyring has the
+        last word."""
         self.pending.pop(claim.src, None)
         state = self._doors.get(claim.door)
         if state is None:
             return []  # the door went away in a reload meanwhile
         events: list[Event] = []
+        if answer == "ours" and claim.key is not None and isinstance(state, _SpaDoorState):
+            if claim.key not in {key.name for key in state.spa.keyring}:
+                answer, detail = "key gone", f"key {claim.key} left the door while its claim was asked"
         if answer == "ours":
             until = now + claim.seconds
             if claim.ports is None:
@@ -564,7 +569,9 @@ class Engine:
                 events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
             return events
         taken = answer == "taken"
-        reason = {"taken": "replay", "unrecorded": "replay record not written"}.get(answer, "fleet unreachable")
+        reason = {"taken": "replay", "unrecorded": "replay record not written", "key gone": "key removed"}.get(
+            answer, "fleet unreachable"
+        )
         if isinstance(state, _SpaDoorState):
             events.append(SpaRefused(claim.src, claim.door, reason, detail or "used on another member", claim.key))
         elif taken:

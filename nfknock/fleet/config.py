@@ -9,7 +9,7 @@ import re
 from ..errors import UsageError
 from ..trust import why_unsafe
 from .link import FleetConfig, check_url
-from .records import parse_key
+from .records import parse_keys
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_SECRET_FILE = 4096
@@ -30,9 +30,9 @@ def fleet_config(
         raise UsageError(f"--cluster-name: letters, digits, '_', '.', '-' (at most 64), got {name!r}")
     if member and not NAME.fullmatch(member):
         raise UsageError(f"--cluster-member: letters, digits, '_', '.', '-' (at most 64), got {member!r}")
-    key = parse_key(_read_secret(key_file, "--cluster-key-file"), key_file)
+    key, *older = parse_keys(_read_secret(key_file, "--cluster-key-file"), key_file)
     password = _read_secret(password_file, "--cluster-password-file").strip() if password_file else None
-    return FleetConfig(url, key, password or None, name, member, offline)
+    return FleetConfig(url, key, password or None, name, member, offline, tuple(older))
 
 
 def _read_secret(path: str, option: str) -> str:

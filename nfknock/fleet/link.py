@@ -14,6 +14,15 @@ What Redis holds (all under the fleet's name, so two fleets can share one Redis)
   NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim); also
                       for an SPA packet a member refused after its HMAC (told, not asked)
   NAME:members        instance -> signed presence (who is there, seen when)
+  NAME:epoch          a signed marker, set once by the first member: when it is gone or another,
+                      Redis lost data (restarted without it, evicted it, failed over to a
+                      replica that missed it); each member then puts back its live claims
+                      before it asks Redis about any claim again, and says so at error level
+  NAME:revoked        revocation id -> the signed revocation with its place in the stream: a
+                      second copy, read before the stream on every (re)connection and checked
+                      every REASSERT seconds; each member puts back what it keeps
+                      (revocations.py) when it is missing, so a trimmed stream or a writer
+                      without the fleet key deleting an entry (XDEL, HDEL) undoes no revocation
 Answers and entries come back through `inbox`; `wake` tells the loop to look.
 """
 
@@ -21,17 +30,18 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..doors.events import ClaimNeeded
 from ..errors import UsageError
-from .records import Claim, Entry, Forged, Grant, Signer
+from .records import MAX_GRANT_SECONDS, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
 STREAM_LENGTH = 10000  # entries kept in the stream (approximately): the catch-up horizon
@@ -42,6 +52,14 @@ HEARTBEAT = 2.0  # seconds between presence updates
 SEEN_RECENTLY = 10.0  # a member not heard from in this long is no longer listed
 FORGET_MEMBERS = 86400.0  # presence entries older than this are removed
 CLAIM_MARGIN = 60.0  # seconds added to a claim's expiry: members' clocks may differ
+REASSERT = 2.0  # seconds between checks of the revocations' second copy
+WATCH = 15.0  # seconds during which a member follows who confirmed its revocation
+WATCH_EVERY = 0.1
+MAX_WATCHED = 4
+MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
+MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
+SAFE_POLICIES = ("noeviction",)
+RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
 
 
 @dataclass(frozen=True)
@@ -54,6 +72,7 @@ class FleetConfig:
     name: str = "nfknock"
     member: str = ""
     offline: str = "accept"  # what SPA / rotating doors do when the fleet cannot be asked
+    older_keys: tuple[bytes, ...] = field(default=(), repr=False)  # still accepted (a rotation)
 
     @property
     def where(self) -> str:
@@ -108,6 +127,14 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class Placed:
+    """Our revocation `id` is in the stream at `pos` (Redis's clock)."""
+
+    id: str
+    pos: str
+
+
+@dataclass(frozen=True)
 class LinkState:
     connected: bool
     detail: str = ""
@@ -134,9 +161,33 @@ class _Record:
     expires: float
 
 
-_Job = _Publish | _Claim | _Record
+@dataclass(frozen=True)
+class Confirmed:
+    """Who applied our revocation `id` so far: instance -> member."""
 
-Message = Answer | Received | Rejected | LinkState
+    id: str
+    by: dict
+
+
+@dataclass(frozen=True)
+class _Ack:
+    """Tell the member that issued revocation `id` that we applied it."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """Something about Redis that weakens a promise (data lost, keys evicted, a clock off)."""
+
+    what: str
+    detail: str
+    cleared: bool = False  # the condition is over (a clock back within bounds)
+
+
+_Job = _Publish | _Claim | _Record | _Ack
+
+Message = Answer | Received | Rejected | LinkState | Placed | Alarm | Confirmed
 
 
 class Link:
@@ -163,6 +214,11 @@ class Link:
         self.published = 0
         self.received = 0
         self.members: dict[str, tuple[str, float, int]] = {}  # instance -> (member, seen, grants)
+        self.known: dict[str, tuple[str, float]] = {}  # every instance in the members hash -> (member, seen)
+        self._watching: dict[str, float] = {}  # our revocation id -> until when we follow its confirmations
+        self.watch: set[str] = set()  # revocation ids an operator waits on (`nfknock revoke`)
+        self._next_follow = 0.0
+        self._told: set[str] = set()  # revocation ids of the second copy already handed to the member
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -170,6 +226,18 @@ class Link:
         self._threads: list[threading.Thread] = []
         self.stream = f"{config.name}:stream"
         self.members_key = f"{config.name}:members"
+        self.revoked_key = f"{config.name}:revoked"
+        self.epoch_key = f"{config.name}:epoch"
+        self.revocations: Callable[[], list[Revoke]] = list  # what this member keeps (member.py)
+        self.last_seen = "0-0"  # the newest stream id read or written: a grant's base
+        self._written = "0-0"  # the newest stream id this writer added
+        self.epoch: tuple[str, float] | None = None  # the marker of the Redis data we trust (and when set)
+        self.skew = 0.0  # this member's clock minus Redis's (TIME), at the last heartbeat
+        self.policy = "unknown"  # Redis's maxmemory-policy
+        self._evicted: int | None = None
+        self._held: dict[str, tuple[bytes, float]] = {}  # claim name -> (signed claim, expires)
+        self.reasserted = 0  # claims put back after Redis lost them
+        self._recovering_until = 0.0  # monotonic: claims are not asked before (the others put theirs back)
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -193,6 +261,9 @@ class Link:
         """Ask (or, `late`, just tell) the fleet; the answer comes back in the inbox."""
         self._put(_Claim(claim, late))
 
+    def ack(self, revoke_id: str) -> None:
+        self._put(_Ack(revoke_id))
+
     def record(self, record: str, expires: float) -> None:
         """Tell the fleet that `record` is used until `expires` although it opened nothing: a
         member that claims it later is refused. No answer comes back."""
@@ -210,8 +281,11 @@ class Link:
             self._cond.notify()
 
     def _evict(self) -> None:
-        """Make room: the oldest publish goes; a waiting claim is answered, never dropped."""
-        oldest = self._jobs.popleft()
+        """Make room: the oldest publish goes (a revocation only when nothing else is left); a
+        waiting claim is answered, never dropped."""
+        at = next((n for n, job in enumerate(self._jobs) if not _is_revoke(job)), 0)
+        oldest = self._jobs[at]
+        del self._jobs[at]
         if isinstance(oldest, _Claim) and not oldest.late:
             self._tell(Answer(oldest.claim, "unreachable", detail="backlog full"))
         else:
@@ -226,7 +300,7 @@ class Link:
     def _write(self) -> None:
         client = None
         delay = RETRY_FIRST
-        next_beat = 0.0
+        next_beat = next_check = 0.0
         while not self._stopping.is_set():
             if client is None:
                 self._answer_claims_offline()
@@ -241,17 +315,27 @@ class Link:
                     continue
                 delay = RETRY_FIRST
                 self._set_connected(True)
-                next_beat = 0.0
+                next_beat = next_check = 0.0
+                try:
+                    self._check_deployment(client)
+                except Exception:  # noqa: BLE001 - CONFIG may be refused (ACL, managed Redis)
+                    self.policy = "unknown"
             try:
                 if time.monotonic() >= next_beat:
                     self._heartbeat(client)
                     next_beat = time.monotonic() + HEARTBEAT
+                if time.monotonic() >= next_check:
+                    self._reassert(client)
+                    next_check = time.monotonic() + REASSERT
                 with self._cond:
                     if not self._jobs and not self._stopping.is_set():
-                        self._cond.wait(max(0.0, next_beat - time.monotonic()))
+                        wait = next_beat - time.monotonic()
+                        self._cond.wait(max(0.0, min(wait, WATCH_EVERY) if self._watching else wait))
                     jobs = list(self._jobs)
                     self._jobs.clear()
                 self._do(client, jobs)
+                if self._watching:
+                    self._follow_confirmations(client)
             except Exception as exc:  # noqa: BLE001 - whatever Redis or the network did
                 failed = exc if isinstance(exc, _Failed) else _Failed([], _reason(exc))
                 with self._cond:  # what was not done goes back, in order, in front
@@ -265,6 +349,11 @@ class Link:
 
     def _do(self, client, jobs: list[_Job]) -> None:
         wall = self.wall()
+        if any(isinstance(job, _Claim) for job in jobs):
+            try:
+                self._check_epoch(client)  # before any answer: Redis must not have forgotten
+            except Exception as exc:  # noqa: BLE001
+                raise _Failed(jobs, _reason(exc)) from None
         for at, job in enumerate(jobs):
             try:
                 if isinstance(job, _Publish):
@@ -273,53 +362,259 @@ class Link:
                 elif isinstance(job, _Record):
                     if job.expires > wall:
                         self._record(client, job, wall)
+                elif isinstance(job, _Ack):
+                    name = f"{self.config.name}:acks:{job.id}"
+                    client.hset(name, self.instance, self.signer.sign_ack(job.id, self.config.member, self.instance))
+                    client.expire(name, int(MAX_GRANT_SECONDS))
                 else:
                     self._claim(client, job, wall)
             except Exception as exc:  # noqa: BLE001 - the connection's failure, whatever it is
                 raise _Failed(jobs[at:], _reason(exc)) from None
 
     def _xadd(self, client, entry: Entry) -> None:
-        client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        if isinstance(entry, Grant) and stream_order(self._written) > stream_order(entry.base):
+            # Our own revocations published before it (the jobs are in order) came before it.
+            entry = replace(entry, base=self._written)
+        added = client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        pos = added.decode() if isinstance(added, bytes) else str(added)
+        self._written = pos
+        self._seen(pos)
         self.published += 1
+        if isinstance(entry, Revoke):
+            placed = replace(entry, pos=pos)
+            client.hset(self.revoked_key, entry.id, self.signer.sign(placed))
+            self._tell(Placed(entry.id, pos))
+            if entry.id in self.watch:
+                self.watch.discard(entry.id)
+                self._watching[entry.id] = time.monotonic() + WATCH
+                while len(self._watching) > MAX_WATCHED:  # an operator waits on the newest only
+                    del self._watching[next(iter(self._watching))]
+
+    def _follow_confirmations(self, client) -> None:
+        now = time.monotonic()
+        if now < self._next_follow:
+            return
+        self._next_follow = now + WATCH_EVERY
+        for revoke_id, until in list(self._watching.items()):
+            if now > until:
+                del self._watching[revoke_id]
+                continue
+            by = {}
+            for raw in client.hgetall(f"{self.config.name}:acks:{revoke_id}").values():
+                try:
+                    member, instance = self.signer.verify_ack(revoke_id, raw)
+                except Forged:
+                    continue  # says nothing: only what verifies counts as confirmed
+                by[instance] = member
+            self._tell(Confirmed(revoke_id, by))
+
+    def _seen(self, pos: str) -> None:
+        if stream_order(pos) > stream_order(self.last_seen):
+            self.last_seen = pos
+
+    def _reassert(self, client) -> None:
+        """The revocations' second copy: learn the ones missed, put back the ones missing, and
+        remove what is over or does not verify (the hash stays bounded)."""
+        wall = self.wall()
+        there: dict[str, bytes] = {}
+        stale = []
+        for field_name, raw in client.hgetall(self.revoked_key).items():
+            name = field_name.decode(errors="replace") if isinstance(field_name, bytes) else str(field_name)
+            try:
+                revoke = self.signer.verify(raw)
+                if not isinstance(revoke, Revoke) or revoke.id != name or revoke.pos is None:
+                    raise Forged("not a placed revocation under its own id")
+            except Forged as exc:
+                self._tell(Rejected(f"revocation entry {name!r}", str(exc)))
+                stale.append(field_name)
+                continue
+            if revoke.at + MAX_GRANT_SECONDS < wall:
+                stale.append(field_name)
+                continue
+            there[name] = raw
+            if name not in self._told:  # new here (the member ignores known ones anyway)
+                self._told.add(name)
+                self._tell(Received(revoke))
+        if stale:
+            client.hdel(self.revoked_key, *stale)
+        self._told &= set(there)
+        missing = {
+            revoke.id: self.signer.sign(revoke)
+            for revoke in self.revocations()
+            if revoke.pos is not None and revoke.id not in there and revoke.at + MAX_GRANT_SECONDS >= wall
+        }
+        if missing:
+            client.hset(self.revoked_key, mapping=missing)
 
     def _claim(self, client, job: _Claim, wall: float) -> None:
         claim = job.claim
+        if abs(self.skew) > MAX_SKEW and not job.late:
+            detail = f"this member's clock is {self.skew:+.0f}s off Redis's (more than {MAX_SKEW:.0f}s): cannot check"
+            self._tell(Answer(claim, "skewed", detail=detail))
+            return
+        if time.monotonic() < self._recovering_until and not job.late:
+            # Redis lost data moments ago: what other members used is not back in it yet.
+            self._tell(
+                Answer(claim, "unreachable", detail="Redis lost its data; members are putting their claims back")
+            )
+            return
         mine = Claim(self.config.member, self.instance, claim.expires)
         milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
-        name = self.signer.claim_name(claim.record)
-        if client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds):
+        other = None  # who else holds it, under any of the fleet's keys
+        for index, name in enumerate(self.signer.claim_names(claim.record)):
+            found = self._claim_one(client, claim.record, index, name, mine, milliseconds)
+            other = other or found
+        if other is None:  # ours (or our own earlier try got through)
             if not job.late:
                 self._tell(Answer(claim, "ours"))
-            return
+        elif other == "":
+            self._tell(Answer(claim, "taken", detail="an unauthenticated claim holds it"))
+        elif job.late:
+            self._tell(Answer(claim, "late", by=other))
+        else:
+            self._tell(Answer(claim, "taken", by=other, detail=f"used on member {other}"))
+
+    def _claim_one(self, client, record: str, index: int, name: str, mine: Claim, milliseconds: int) -> str | None:
+        """Claim `record` under one key's name: None if it is ours now, else who holds it ("" if
+        nobody we can verify: the name is keyed with the fleet key, so someone wrote exactly there
+        without it)."""
+        signed = self.signer.sign_claim(record, mine, index)
+        if client.set(name, signed, nx=True, px=milliseconds):
+            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
+            return None
         raw = client.get(name)
         if raw is None:  # expired between the two commands: nobody holds it now
-            client.set(name, self.signer.sign_claim(claim.record, mine), nx=True, px=milliseconds)
-            if not job.late:
-                self._tell(Answer(claim, "ours"))
-            return
+            client.set(name, signed, nx=True, px=milliseconds)
+            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
+            return None
         try:
-            holder = self.signer.verify_claim(claim.record, raw)
+            holder = self.signer.verify_claim(record, raw, index)
         except Forged as exc:
-            # The name is keyed with the fleet key: something wrote exactly there without it.
             self._tell(Rejected(f"claim {name}", str(exc)))
-            self._tell(Answer(claim, "taken", detail="an unauthenticated claim holds it"))
-            return
-        if holder.instance == self.instance:  # our own earlier try got through
-            if not job.late:
-                self._tell(Answer(claim, "ours"))
-        elif job.late:
-            self._tell(Answer(claim, "late", by=holder.member))
-        else:
-            self._tell(Answer(claim, "taken", by=holder.member, detail=f"used on member {holder.member}"))
+            return ""
+        return None if holder.instance == self.instance else holder.member
 
     def _record(self, client, job: _Record, wall: float) -> None:
         """A claim nobody waits for: if another member holds it already, it is used either way."""
         mine = Claim(self.config.member, self.instance, job.expires)
         milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
-        name = self.signer.claim_name(job.record)
-        client.set(name, self.signer.sign_claim(job.record, mine), nx=True, px=milliseconds)
+        for index, name in enumerate(self.signer.claim_names(job.record)):
+            signed = self.signer.sign_claim(job.record, mine, index)
+            client.set(name, signed, nx=True, px=milliseconds)
+            self._hold(name, signed, job.expires + CLAIM_MARGIN)
+
+    def hold_records(self, records: dict[str, float]) -> None:
+        """Records this member keeps on disk (its replay cache, from before a restart): put back
+        in Redis, like its own claims, whenever Redis lost data. From the loop, before start()."""
+        for record, expires in records.items():
+            mine = Claim(self.config.member, self.instance, expires)
+            for index, name in enumerate(self.signer.claim_names(record)):
+                self._hold(name, self.signer.sign_claim(record, mine, index), expires + CLAIM_MARGIN)
+
+    def _hold(self, name: str, signed: bytes, expires: float) -> None:
+        if len(self._held) >= MAX_HELD:
+            self._held.pop(next(iter(self._held)))
+        self._held[name] = (signed, expires)
+
+    # -- what Redis may have lost --------------------------------------------------------------
+
+    def _check_deployment(self, client) -> None:
+        """Say once per connection what the Redis deployment risks (an evicting policy)."""
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown")
+        self.policy = policy.decode() if isinstance(policy, bytes) else str(policy)
+        if self.policy not in SAFE_POLICIES:
+            self._tell(
+                Alarm(
+                    "evicting",
+                    f"Redis's maxmemory-policy is {self.policy}: it may evict replay claims; members notice "
+                    "evictions and put their claims back, but a packet may open twice in between "
+                    "(set maxmemory-policy noeviction)",
+                )
+            )
+
+    def _check_epoch(self, client) -> None:
+        """Is this still the Redis data we trusted? If not, put our live claims back first."""
+        raw = client.get(self.epoch_key)
+        epoch: tuple[str, float] | None = None
+        if raw is not None:
+            try:
+                epoch = self.signer.verify_epoch(raw)
+            except Forged as exc:
+                self._tell(Rejected("the epoch marker", str(exc)))
+                client.delete(self.epoch_key)
+        if epoch is not None and raw != self.signer.sign_epoch(*epoch):
+            # Signed with an older key (a rotation): signed again with ours, so that members
+            # that keep only the new key at the end of the rotation still recognise it.
+            client.set(self.epoch_key, self.signer.sign_epoch(*epoch), xx=True)
+        if epoch is not None and epoch == self.epoch:
+            return
+        seconds, microseconds = client.time()
+        redis_now = seconds + microseconds / 1e6
+        if self.epoch is not None or epoch is None and self._held:
+            lost = "gone" if epoch is None else "replaced"
+            # Claims are not asked until every member had a heartbeat to put its own back since
+            # the marker was set again (by Redis's clock: whoever found the loss first).
+            since = 0.0 if epoch is None else max(0.0, redis_now - epoch[1])
+            self._recovering_until = time.monotonic() + max(0.0, RECOVERY - since)
+            count = self._reassert_claims(client)
+            self._tell(
+                Alarm(
+                    "data lost",
+                    f"Redis lost the fleet's data (its epoch marker is {lost}: restarted without its data, "
+                    f"evicted, or failed over); {count} live claim(s) of this member put back before trusting it",
+                )
+            )
+        if epoch is None:
+            marker = self.signer.sign_epoch(secrets.token_hex(8), redis_now)
+            client.set(self.epoch_key, marker, nx=True)
+            raw = client.get(self.epoch_key)
+            epoch = None if raw is None else self.signer.verify_epoch(raw)
+        self.epoch = epoch
+
+    def _reassert_claims(self, client) -> int:
+        wall = self.wall()
+        for name in [name for name, (_, expires) in self._held.items() if expires <= wall]:
+            del self._held[name]
+        for name, (signed, expires) in list(self._held.items()):
+            client.set(name, signed, nx=True, px=max(1000, int((expires - wall) * 1000)))
+        self.reasserted += len(self._held)
+        return len(self._held)
+
+    def _check_evictions(self, client) -> None:
+        evicted = int(client.info("stats").get("evicted_keys", 0))
+        if self._evicted is not None and evicted > self._evicted:
+            count = self._reassert_claims(client)
+            self._tell(
+                Alarm(
+                    "evicted",
+                    f"Redis evicted {evicted - self._evicted} key(s) (maxmemory-policy {self.policy}); "
+                    f"{count} live claim(s) of this member put back",
+                )
+            )
+        self._evicted = evicted
+
+    def _check_clock(self, client) -> None:
+        seconds, microseconds = client.time()
+        skew = self.wall() - (seconds + microseconds / 1e6)
+        if abs(skew) > MAX_SKEW and abs(self.skew) <= MAX_SKEW:
+            self._tell(
+                Alarm(
+                    "clock",
+                    f"this member's clock is {skew:+.0f}s off Redis's (more than {MAX_SKEW:.0f}s): SPA and rotating "
+                    "doors refused until it is fixed (used packets cannot be checked across the fleet)",
+                )
+            )
+        elif abs(skew) <= MAX_SKEW < abs(self.skew):
+            self._tell(Alarm("clock", f"this member's clock is back within {MAX_SKEW:.0f}s of Redis's", cleared=True))
+        self.skew = skew
 
     def _heartbeat(self, client) -> None:
+        self._check_clock(client)
+        self._check_epoch(client)
+        try:
+            self._check_evictions(client)
+        except Exception:  # noqa: BLE001 - INFO may be refused (ACL)
+            pass
         wall = self.wall()
         client.hset(
             self.members_key,
@@ -327,6 +622,7 @@ class Link:
             self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants),
         )
         members: dict[str, tuple[str, float, int]] = {}
+        known: dict[str, tuple[str, float]] = {}
         stale = []
         for instance, raw in client.hgetall(self.members_key).items():
             key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
@@ -338,11 +634,13 @@ class Link:
                 continue
             if said_instance != key or wall - seen > FORGET_MEMBERS:
                 stale.append(instance)
-            elif wall - seen <= SEEN_RECENTLY:
-                members[key] = (member, seen, grants)
+            else:
+                known[key] = (member, seen)
+                if wall - seen <= SEEN_RECENTLY:
+                    members[key] = (member, seen, grants)
         if stale:
             client.hdel(self.members_key, *stale)
-        self.members = members
+        self.members, self.known = members, known
 
     def _pause(self, seconds: float) -> None:
         """Wait before reconnecting, answering claims that come meanwhile at once."""
@@ -380,11 +678,13 @@ class Link:
                 if client is None:
                     client = self._connect(self.config, reader=True)
                     last_id = self._resume_from(client, last_id)
+                    self._read_revocations(client)  # before any grant of the stream
                     delay = RETRY_FIRST
                 answer = client.xread({self.stream: last_id}, count=500, block=READ_BLOCK_MS)
                 for _stream, entries in answer or ():
                     for entry_id, fields in entries:
                         last_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                        self._seen(last_id)
                         try:
                             self._receive(last_id, fields)
                         except Exception as exc:  # noqa: BLE001 - one odd entry never stalls the stream
@@ -406,6 +706,16 @@ class Link:
         newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else str(newest[0][0])
         return last_id if _order(newest_id) >= _order(last_id) else "0-0"
 
+    def _read_revocations(self, client) -> None:
+        for field_name, raw in client.hgetall(self.revoked_key).items():
+            try:
+                revoke = self.signer.verify(raw)
+            except Forged as exc:
+                self._tell(Rejected(f"revocation entry {field_name!r:.60}", str(exc)))
+                continue
+            if isinstance(revoke, Revoke) and revoke.pos is not None:
+                self._tell(Received(revoke))
+
     def _receive(self, entry_id: str, fields: dict) -> None:
         raw = fields.get(b"e", fields.get("e"))
         if raw is None:
@@ -420,6 +730,8 @@ class Link:
             return  # our own
         if isinstance(entry, Grant) and entry.until <= self.wall():
             return  # over already (catching up on old entries)
+        if isinstance(entry, Revoke) and entry.pos is None:
+            entry = replace(entry, pos=entry_id)  # its place: where Redis put it
         self.received += 1
         self._tell(Received(entry))
 
@@ -431,9 +743,11 @@ class _Failed(Exception):
         self.reason = reason
 
 
-def _order(entry_id: str) -> tuple[int, int]:
-    milliseconds, _, sequence = entry_id.partition("-")
-    return int(milliseconds), int(sequence or 0)
+_order = stream_order
+
+
+def _is_revoke(job: _Job) -> bool:
+    return isinstance(job, _Publish) and isinstance(job.entry, Revoke)
 
 
 def _reason(exc: BaseException) -> str:

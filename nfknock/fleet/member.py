@@ -9,6 +9,11 @@ member's own engine are), so nothing echoes round the fleet.
 Grants travel with their expiry in wall-clock time (members' monotonic clocks mean nothing to
 each other); a member's clock that is a few seconds off makes a remote grant a few seconds
 longer or shorter there, nothing else.
+
+A revocation is never undone (records.py says how they are ordered): every revocation this member
+issues or reads is kept (revocations.py, durably under --state-dir) until what it covers is over,
+and a grant from the fleet is applied only if none of them covers it and its SPA key is still on
+the door here. A key that leaves a door at a reload is published as a revocation of that key.
 """
 
 from __future__ import annotations
@@ -19,12 +24,15 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, Recorded
+from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
-from .link import Answer, FleetConfig, Link, LinkState, Received, Rejected
+from ..doors.rules import SpaDoor
+from .link import Alarm, Answer, Confirmed, FleetConfig, Link, LinkState, Placed, Received, Rejected
 from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
+from .revocations import SUBDIR, Revocations
 
 MAX_APPLIED = 65536  # ids of entries applied, remembered until they are useless
 REJECTED_LOGGED = 10  # the first unauthenticated entries are logged one by one, then every 100th
@@ -40,16 +48,22 @@ class FleetMember:
         wake: Callable[[], None],
         connect: Callable[..., Any] | None = None,
         wall: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
     ):
         self.config = config
         self.engine = engine
         self.log = log
         self.member = config.member or socket.gethostname()
         self.instance = secrets.token_hex(6)
-        self.signer = Signer(config.key, config.name)
+        self.signer = Signer(config.key, config.name, config.older_keys)
         link_config = config if config.member else _named(config, self.member)
         self.link = Link(link_config, self.signer, self.instance, wake, log, connect, wall)
         self.applied = ReplayCache(MAX_APPLIED)
+        self.revocations = Revocations(self.signer, log, None if state_dir is None else Path(state_dir) / SUBDIR)
+        self.link.revocations = lambda: list(self.revocations.entries.values())
+        self._next_sweep = 0.0
+        self.alarms: dict[str, str] = {}  # what -> the last thing said about it (status)
+        self.confirmations: dict[str, dict[str, str]] = {}  # our recent revocations: id -> {instance: member}
         self.origins: dict[tuple[str, str], str] = {}  # (source, door) -> member, for grants from the fleet
         self.rejected = 0
         self.claims_refused = 0
@@ -66,10 +80,20 @@ class FleetMember:
             self.config.where,
             self.config.offline,
         )
+        wall = self.link.wall()
+        if self.revocations.load(wall):
+            self.log.info("fleet: %d revocation(s) kept from before apply", len(self.revocations))
+        for revoke in list(self.revocations.entries.values()):
+            self.applied.record(revoke.id, revoke.at + MAX_GRANT_SECONDS)
+            if revoke.pos is None:  # issued, never placed in the stream: the others still need it
+                self.link.publish(revoke, revoke.at + MAX_GRANT_SECONDS)
+        # What this member used before (its replay cache on disk): put back if Redis lost it.
+        self.link.hold_records(self.engine.replays.snapshot())
         self.link.start()
 
     def stop(self) -> None:
         self.link.stop()
+        self.revocations.flush()
 
     # -- after the engine decided -----------------------------------------------------------
 
@@ -86,8 +110,11 @@ class FleetMember:
             elif isinstance(event, DoorOpened):
                 self._publish_grant(event.src, event.door, now, wall)
             elif isinstance(event, DoorClosed) and event.was_open:
-                revoke = Revoke(_id(), self.member, self.instance, event.src, event.door, wall)
-                self._publish(revoke, wall + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
+                self._revoke(Revoke(_id(), self.member, self.instance, event.src, event.door, wall))
+            elif isinstance(event, GrantsRevoked):
+                # A key that left the door (a reload): its grants end fleet-wide, and stay ended
+                # for members that restart or join and read the stream again.
+                self._revoke(Revoke(_id(), self.member, self.instance, None, event.door, wall, event.key))
             elif isinstance(event, ClaimNeeded):
                 if self.link.connected:
                     self.link.claim(event)
@@ -102,7 +129,12 @@ class FleetMember:
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
             revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
-            self._publish(revoke, wall + MAX_GRANT_SECONDS)
+            self.link.watch.add(revoke.id)
+            self._revoke(revoke)
+            self.confirmations[revoke.id] = {}
+            while len(self.confirmations) > 16:
+                self.confirmations.pop(next(iter(self.confirmations)))
+            answer["fleet_revoke"] = revoke.id  # `nfknock revoke` follows who confirms it
             for source in answer.get("addresses", [address]):
                 for pair in [pair for pair in self.origins if pair[0] == source]:
                     if request["door"] in (None, pair[1]):
@@ -118,7 +150,13 @@ class FleetMember:
         until = wall + (deadline - now)
         self.origins.pop((src, door), None)
         ports, key = (None, None) if spa is None else (spa.ports, spa.key)
-        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key), until)
+        base = self.link.last_seen  # no revocation after this was known here: it came before them
+        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key, base), until)
+
+    def _revoke(self, revoke: Revoke) -> None:
+        """Kept (and refused to every grant it covers) before it is even published."""
+        self.revocations.add(revoke)
+        self._publish(revoke, revoke.at + MAX_GRANT_SECONDS)  # a grant elsewhere may last that long
 
     def _publish(self, entry: Grant | Revoke, expires: float) -> None:
         self.applied.record(entry.id, expires)  # ours: never applied again if it comes back
@@ -147,11 +185,38 @@ class FleetMember:
                 self._rejected(message)
             elif isinstance(message, LinkState):
                 self._state(message, wall)
+            elif isinstance(message, Placed):
+                self.revocations.placed(message.id, message.pos)
+            elif isinstance(message, Confirmed):
+                if message.id in self.confirmations:
+                    self.confirmations[message.id] = dict(message.by)
+            elif isinstance(message, Alarm) and message.cleared:
+                self.alarms.pop(message.what, None)
+                self.log.warning("fleet: %s", message.detail)
+            elif isinstance(message, Alarm):
+                self.alarms[message.what] = message.detail
+                self.log.error("fleet: %s", message.detail)
+        if wall >= self._next_sweep:
+            self._next_sweep = wall + 60.0
+            self.revocations.sweep(wall)
         if wall >= self._next_count:  # for our presence entry; not every turn (it walks the grants)
             self._next_count = wall + 2.0
             self._prune(now)
             self.link.local_grants = len(self.engine.grants(now)) - len(self.origins)
         return events, touched
+
+    def _revokes(self, wall: float) -> list[dict[str, Any]]:
+        """Our recent revocations: which members confirmed them, which did not (cut off, or
+        stale: the door may still be open there)."""
+        rows = []
+        for revoke_id, by in self.confirmations.items():
+            confirmed = set(by.values()) - {self.member}  # (our own workers read it too)
+            missing: dict[str, float] = {}
+            for instance, (member, seen) in self.link.known.items():
+                if member != self.member and instance not in by and member not in confirmed:
+                    missing[member] = min(missing.get(member, 1e18), round(max(0.0, wall - seen), 1))
+            rows.append({"id": revoke_id, "confirmed": sorted(confirmed), "missing": missing})
+        return rows
 
     def _prune(self, now: float) -> None:
         """Forget where grants came from once they are over."""
@@ -165,6 +230,9 @@ class FleetMember:
         if answer.answer == "taken":
             self.claims_refused += 1
             return self.engine.claimed(claim, "taken", now, answer.detail)
+        if answer.answer == "skewed":  # whatever the offline policy: this is not an outage
+            self.claims_refused += 1
+            return self._refuse(claim, now, answer.detail)
         if answer.answer == "late":
             self.log.warning(
                 "%s: %s: fleet: what this member accepted while Redis was unreachable was also used on member %s "
@@ -180,20 +248,20 @@ class FleetMember:
         if self.config.offline == "accept":
             self.link.claim(claim, late=True)  # the others learn of it once Redis is back
             return self.engine.claimed(claim, "ours", now)
-        events = self.engine.claimed(
-            claim, "unreachable", now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
+        return self._refuse(
+            claim, now, "Redis cannot be asked whether another member used it (--cluster-offline refuse)"
         )
+
+    def _refuse(self, claim: ClaimNeeded, now: float, detail: str) -> list[Event]:
+        events = self.engine.claimed(claim, "unreachable", now, detail)
         if not events:  # a rotating door's sequence: the engine has no refusal event for this
-            self.log.warning(
-                "%s: %s: sequence not honoured: Redis cannot be asked whether another member used it "
-                "(--cluster-offline refuse)",
-                claim.src,
-                claim.door,
-            )
+            self.log.warning("%s: %s: sequence not honoured: %s", claim.src, claim.door, detail)
         return events
 
     def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
         """Apply another member's entry; returns the sources whose grants changed here."""
+        if isinstance(entry, Revoke):
+            self.revocations.add(entry)  # kept whatever else happens: it may come before its grant
         if entry.id in self.applied:
             return set()
         if entry.door is not None and entry.door not in self.engine.doors:
@@ -209,6 +277,7 @@ class FleetMember:
             return set()
         if isinstance(entry, Revoke):
             self.applied.record(entry.id, entry.at + MAX_GRANT_SECONDS)
+            self.link.ack(entry.id)  # its issuer names who confirmed it (`nfknock revoke`)
             if entry.key is not None:
                 pairs = self.engine.revoke_key(entry.key, entry.door)
                 for pair in pairs:
@@ -236,6 +305,8 @@ class FleetMember:
             return {entry.src} if revoked else set()
         self.applied.record(entry.id, entry.until)
         door = entry.door
+        if not self._may_apply(entry):
+            return set()
         seconds = grant_seconds(entry, wall)
         if seconds <= 0:
             return set()
@@ -259,6 +330,29 @@ class FleetMember:
             seconds,
         )
         return {entry.src}
+
+    def _may_apply(self, grant: Grant) -> bool:
+        revoke = self.revocations.covering(grant)
+        if revoke is not None:
+            self.log.info(
+                "%s: %s: grant from fleet member %s not applied: revoked on member %s after it was issued",
+                grant.src,
+                grant.door,
+                grant.member,
+                revoke.member,
+            )
+            return False
+        spa = self.engine.doors.get(grant.door)
+        if grant.key is not None and isinstance(spa, SpaDoor) and grant.key not in {k.name for k in spa.keyring}:
+            self.log.warning(
+                "%s: %s: grant from fleet member %s not applied: key %s is not on this door (removed?)",
+                grant.src,
+                grant.door,
+                grant.member,
+                grant.key,
+            )
+            return False
+        return True
 
     def _rejected(self, message: Rejected) -> None:
         self.rejected += 1
@@ -316,6 +410,12 @@ class FleetMember:
             "backlog": link.backlog,
             "dropped": link.dropped,
             "rejected": self.rejected,
+            "revocations": len(self.revocations),
+            "redis_policy": link.policy,
+            "clock_skew": round(link.skew, 1),
+            "reasserted": link.reasserted,
+            "alarms": dict(self.alarms),
+            "revokes": self._revokes(wall),
             "claims_refused": self.claims_refused,
         }
 

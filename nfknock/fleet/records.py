@@ -13,6 +13,13 @@ packet was used, and nobody without the key can pre-claim a packet to have it re
 Every grant and revocation has a random id: a member applies an id once (ReplayCache, until the
 entry would be useless anyway), so a genuine entry re-added by someone with write access to
 Redis cannot re-open a grant that was revoked since.
+
+Order (one clock, Redis's): a revocation's place is the id Redis gave its stream entry (`pos`,
+from Redis's clock, the same for every member); a grant carries `base`, the newest stream id its
+member had seen (read or written) when it granted. A revocation covers every matching grant
+whose base is before its place: whatever its issuer knew, it did not know of the revocation, so
+the grant was issued before it, however late it reached Redis (a member cut off publishes late).
+Members' wall clocks order nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +51,23 @@ class Forged(Exception):
     """An entry that does not verify with the fleet key, or is not one of ours."""
 
 
+MAX_KEYS = 4
+
+
+def parse_keys(text: str, where: str) -> tuple[bytes, ...]:
+    """The fleet key file: one key per line, the first signs, the others are still accepted (a
+    rotation in progress: README "Rotating the fleet key"); # starts a comment line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not lines:
+        raise FleetKeyError(f"{where}: no key in it (make one with: openssl rand -base64 48)")
+    if len(lines) > MAX_KEYS:
+        raise FleetKeyError(f"{where}: {len(lines)} keys; at most {MAX_KEYS} (the current one first)")
+    keys = tuple(parse_key(line, f"{where}, key {n}") for n, line in enumerate(lines, 1))
+    if len(set(keys)) != len(keys):
+        raise FleetKeyError(f"{where}: the same key twice")
+    return keys
+
+
 def parse_key(text: str, where: str) -> bytes:
     """The fleet key: base64 of at least MIN_KEY_BYTES random bytes (`openssl rand -base64 48`)."""
     try:
@@ -69,6 +93,7 @@ class Grant:
     until: float
     ports: frozenset[tuple[str, int]] | None = None
     key: str | None = None
+    base: str = "0-0"  # the newest stream id the issuer had seen: it knew of no revocation after
 
 
 @dataclass(frozen=True)
@@ -83,9 +108,33 @@ class Revoke:
     door: str | None
     at: float
     key: str | None = None
+    pos: str | None = None  # its stream id (Redis's clock); None while not yet placed
+
+    def covers(self, grant: Grant) -> bool:
+        """Whether this revocation ends `grant`: the same source (or key) and door, and the grant
+        issued before the revocation's place (unplaced: before anything, it is still to come)."""
+        if self.door is not None and self.door != grant.door:
+            return False
+        if self.src is not None and self.src != grant.src:
+            return False
+        if self.key is not None and self.key != grant.key:
+            return False
+        return self.pos is None or stream_order(grant.base) < stream_order(self.pos)
 
 
 Entry = Grant | Revoke
+
+
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id (milliseconds-sequence, Redis's clock) as something to compare."""
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
+
+def check_stream_id(value: Any) -> str:
+    text = _text(value)
+    stream_order(text)  # ValueError if it is not one
+    return text
 
 
 @dataclass(frozen=True)
@@ -100,18 +149,19 @@ class Claim:
 class Signer:
     """Signs and verifies entries of one fleet with its key."""
 
-    def __init__(self, key: bytes, fleet: str):
+    def __init__(self, key: bytes, fleet: str, older: tuple[bytes, ...] = ()):
         self._key = key
+        self._keys = (key, *older)  # the first signs; all verify (a rotation in progress)
         self.fleet = fleet
 
-    def _tag(self, purpose: str, body: bytes) -> bytes:
-        mac = hmac.HMAC(self._key, hashes.SHA256())
+    def _tag(self, purpose: str, body: bytes, key: bytes | None = None) -> bytes:
+        mac = hmac.HMAC(key or self._key, hashes.SHA256())
         mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
         return mac.finalize()
 
-    def _seal(self, purpose: str, payload: dict[str, Any]) -> bytes:
+    def _seal(self, purpose: str, payload: dict[str, Any], key: bytes | None = None) -> bytes:
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-        return base64.b64encode(self._tag(purpose, body)) + b"." + body
+        return base64.b64encode(self._tag(purpose, body, key)) + b"." + body
 
     def _open(self, purpose: str, raw: bytes | str) -> dict[str, Any]:
         if isinstance(raw, str):
@@ -125,12 +175,16 @@ class Signer:
             tag = base64.b64decode(tag64, validate=True)
         except (binascii.Error, ValueError):
             raise Forged("not a signed entry") from None
-        mac = hmac.HMAC(self._key, hashes.SHA256())
-        mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
-        try:
-            mac.verify(tag)
-        except Exception:  # cryptography's InvalidSignature
-            raise Forged("its tag does not verify with the fleet key") from None
+        for key in self._keys:
+            mac = hmac.HMAC(key, hashes.SHA256())
+            mac.update(f"nfknock-fleet:{self.fleet}:{purpose}\0".encode() + body)
+            try:
+                mac.verify(tag)
+                break
+            except Exception:  # cryptography's InvalidSignature
+                continue
+        else:
+            raise Forged("its tag does not verify with the fleet key")
         try:
             payload = json.loads(body)
         except ValueError:
@@ -150,9 +204,12 @@ class Signer:
                 "until": entry.until,
                 "ports": None if entry.ports is None else sorted([proto, port] for proto, port in entry.ports),
                 "key": entry.key,
+                "base": entry.base,
             }
         else:
             payload |= {"kind": "revoke", "door": entry.door, "at": entry.at, "key": entry.key}
+            if entry.pos is not None:
+                payload["pos"] = entry.pos
         return self._seal("entry", payload)
 
     def verify(self, raw: bytes | str) -> Entry:
@@ -167,32 +224,67 @@ class Signer:
                     raise ValueError("a grant names its source")
                 ports = _ports(payload["ports"])
                 until = _number(payload["until"])
-                return Grant(*ids, src, _text(payload["door"]), until, ports, key)
+                base = check_stream_id(payload.get("base", "0-0"))
+                return Grant(*ids, src, _text(payload["door"]), until, ports, key, base)
             if payload["kind"] == "revoke":
                 if (src is None) == (key is None):
                     raise ValueError("a revocation names a source or a key")
                 door = payload["door"]
-                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key)
+                pos = None if payload.get("pos") is None else check_stream_id(payload["pos"])
+                return Revoke(*ids, src, None if door is None else _text(door), _number(payload["at"]), key, pos)
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
         raise Forged(f"signed but of unknown kind {payload.get('kind')!r}")
 
     # -- replay claims ---------------------------------------------------------------------
 
-    def claim_name(self, record: str) -> str:
-        """The Redis key under which `record` (a replay-cache key) is claimed."""
-        return f"{self.fleet}:used:{self._tag('used', record.encode()).hex()[:40]}"
+    def claim_name(self, record: str, index: int = 0) -> str:
+        """The Redis key under which `record` (a replay-cache key) is claimed (with key `index`)."""
+        return f"{self.fleet}:used:{self._tag('used', record.encode(), self._keys[index]).hex()[:40]}"
 
-    def sign_claim(self, record: str, claim: Claim) -> bytes:
-        payload = {"record": self.claim_name(record), "member": claim.member, "instance": claim.instance}
-        return self._seal("claim", payload | {"expires": claim.expires})
+    def claim_names(self, record: str) -> list[str]:
+        """One name per key: during a rotation a record is claimed (and checked) under each, so
+        members with the old key first and members with the new key first see the same claims."""
+        return [self.claim_name(record, index) for index in range(len(self._keys))]
 
-    def verify_claim(self, record: str, raw: bytes | str) -> Claim:
+    def sign_claim(self, record: str, claim: Claim, index: int = 0) -> bytes:
+        payload = {"record": self.claim_name(record, index), "member": claim.member, "instance": claim.instance}
+        return self._seal("claim", payload | {"expires": claim.expires}, self._keys[index])
+
+    def verify_claim(self, record: str, raw: bytes | str, index: int = 0) -> Claim:
         payload = self._open("claim", raw)
         try:
-            if payload["record"] != self.claim_name(record):
+            if payload["record"] != self.claim_name(record, index):
                 raise Forged("a claim of another record")
             return Claim(_text(payload["member"]), _text(payload["instance"]), _number(payload["expires"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
+    # -- the epoch marker (has Redis lost data?) -------------------------------------------
+
+    def sign_epoch(self, epoch: str, at: float) -> bytes:
+        """`at`: when it was set, by Redis's clock (TIME)."""
+        return self._seal("epoch", {"epoch": epoch, "at": at})
+
+    def verify_epoch(self, raw: bytes | str) -> tuple[str, float]:
+        try:
+            payload = self._open("epoch", raw)
+            return _text(payload["epoch"]), _number(payload["at"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
+
+    # -- confirmations of a revocation -----------------------------------------------------
+
+    def sign_ack(self, revoke_id: str, member: str, instance: str) -> bytes:
+        return self._seal("ack", {"revoke": revoke_id, "member": member, "instance": instance})
+
+    def verify_ack(self, revoke_id: str, raw: bytes | str) -> tuple[str, str]:
+        """(member, instance) that applied revocation `revoke_id`."""
+        payload = self._open("ack", raw)
+        try:
+            if payload["revoke"] != revoke_id:
+                raise Forged("a confirmation of another revocation")
+            return _text(payload["member"]), _text(payload["instance"])
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
 

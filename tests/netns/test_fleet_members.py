@@ -60,6 +60,7 @@ def fleet(lan, tmp_path):
         member = Server(lan.view(index), workdir)
         member.write_rules(SEED_RULES.format(keys=spa_keys))
         member.name = "abc"[index]
+        seen = member.log_text().count("fleet: Redis at")
         member.start(
             "--cluster",
             redis.url,
@@ -72,8 +73,7 @@ def fleet(lan, tmp_path):
             *extra,
             fault=fault,
         )
-        member.wait_log("fleet: Redis at")
-        assert "reachable;" in member.wait_log("fleet: Redis at"), member.log_text()
+        assert "reachable;" in member.wait_log("fleet: Redis at", after=seen), member.log_text()
         members.append(member)
         return member
 
@@ -266,6 +266,131 @@ def test_an_spa_packet_refused_on_one_member_is_refused_on_another_after_the_doo
     assert "replay (used on member a)" in b.wait_log("SPA packet refused")
     assert "OPEN SESAME" not in b.log_text()
     assert not connect(lan.client(0, server=1), timeout=1).connected
+
+
+# -- issue 23: a revocation is never undone; a used packet never works twice --------------------
+
+
+def cut_from_redis(lan, index):
+    """Member `index` loses its way to Redis (the hub's address, and only that): a namespace route."""
+    route = ["route", "add", "prohibit", f"{lan.hub_address}/32"]
+    lan.run(lan.server(index), ["ip", *route], check=True)
+    return lambda: lan.run(lan.server(index), ["ip", "route", "del", "prohibit", f"{lan.hub_address}/32"], check=True)
+
+
+def test_a_revoke_issued_while_cut_off_wins_over_the_grant_read_after_it(lan, fleet):
+    """b is cut off from Redis; alice knocks on a; the operator revokes on b; b is back: the
+    grant b reads then was issued before the revocation and opens nothing, on b or on a."""
+    a, b = fleet(0), fleet(1)
+    mend = cut_from_redis(lan, 1)
+    b.wait_log("unreachable")
+    knock(lan, lan.client(0, server=0))
+    assert connect(lan.client(0, server=0), timeout=3).connected
+    answer = ctl(b, "revoke", "10.198.0.101")
+    assert answer.returncode == 0, answer.stderr
+    assert "fleet: NOT confirmed by a" in answer.stdout  # b cannot even publish it yet
+    mend()
+    b.wait_log("reachable;", after=1)
+    a.wait_log("10.198.0.101: revoked on fleet member b")
+    time.sleep(0.5)  # b reads what it missed
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    assert not connect(lan.client(0, server=0), timeout=1).connected
+    assert "not applied: revoked on member b" in b.wait_log("grant from fleet member a not applied")
+
+
+def test_revoke_names_the_members_that_confirmed_it_and_those_that_did_not(lan, fleet):
+    a, c = fleet(0), fleet(2)
+    fleet(1)
+    knock(lan, lan.client(0, server=0))
+    c.wait_log("granted on fleet member a")
+    mend = cut_from_redis(lan, 2)
+    c.wait_log("unreachable")
+    answer = ctl(a, "revoke", "10.198.0.101")
+    assert answer.returncode == 0, answer.stderr
+    assert "fleet: confirmed by b" in answer.stdout
+    assert "fleet: NOT confirmed by c" in answer.stdout and "the door may still be open there" in answer.stdout
+    assert connect(lan.client(0, server=2), timeout=3).connected  # indeed: c has not heard of it
+    mend()
+    c.wait_log("10.198.0.101: revoked on fleet member a")
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+
+
+def test_a_revocation_deleted_from_redis_is_not_undone_by_a_restart_or_a_join(lan, fleet):
+    """Someone with the Redis password but not the fleet key deletes the revoke entry (XDEL) and
+    its second copy; b restarts (its own copy on disk), later c joins (a put the copy back)."""
+    a, b = fleet(0), fleet(1)
+    knock(lan, lan.client(0, server=0))
+    b.wait_log("10.198.0.101: openSSH: open, granted on fleet member a")
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0
+    b.wait_log("10.198.0.101: revoked on fleet member a")
+    newest = fleet.redis.cli("XREVRANGE", "nfknock:stream", "+", "-", "COUNT", "1").stdout.split()[0]
+    assert fleet.redis.cli("XDEL", "nfknock:stream", newest).stdout.strip() == "1"
+    assert fleet.redis.cli("DEL", "nfknock:revoked").stdout.strip() == "1"
+    b.stop()
+    b = fleet(1)
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    end = time.monotonic() + 20  # a puts the second copy back by itself
+    while fleet.redis.cli("HLEN", "nfknock:revoked").stdout.strip() == "0" and time.monotonic() < end:
+        time.sleep(0.1)
+    c = fleet(2)
+    time.sleep(1)
+    assert "granted on fleet member a" not in c.log_text()
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+
+
+def test_a_packet_used_before_redis_restarted_empty_is_refused_after(lan, fleet, tmp_path):
+    """Redis restarted without its data: a notices (the epoch marker is gone), says so, puts its
+    live claim back; the captured packet sent to b is a replay."""
+    a, b = fleet(0), fleet(1)
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0  # closed everywhere again
+    b.wait_log("revoked on fleet member a")
+    fleet.redis.kill()
+    fleet.redis.start()
+    assert "put back" in a.wait_log("Redis lost the fleet's data")
+    time.sleep(6)  # RECOVERY: every live member has put its claims back
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+
+
+def test_a_member_with_workers_refuses_a_used_packet_after_a_restart_with_redis_empty(lan, fleet, tmp_path):
+    """Item 5: the claims directory is written with --workers and --cluster too."""
+    a = fleet(0, "--workers", "2")
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("spaSSH: OPEN SESAME")
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0
+    a.stop()
+    fleet.redis.kill()
+    fleet.redis.start()
+    a = fleet(0, "--workers", "2")
+    send_udp(lan.client(0, server=0), saved.read_text().strip().encode())
+    assert "replay" in a.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=0), timeout=1).connected
+
+
+def test_a_member_whose_clock_is_off_refuses_spa_and_says_why(lan, fleet):
+    """Item 9: 90 s behind Redis's TIME (more than the 30 s bound): the member cannot check what
+    others used, so SPA is refused whatever --cluster-offline says, with an alarm."""
+    fleet(0)
+    b = fleet(1, fault=("--clock-offset", "-90"))
+    time.sleep(2.5)  # a heartbeat: b has compared its clock with Redis's
+    fwknop(lan, lan.client(0, server=1), fleet.spa)
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    assert "OPEN SESAME" not in b.log_text()
+    assert "off Redis's" in b.wait_log("SPA packet refused")
+    assert "off Redis's" in b.wait_log("clock is -90s off")
+
+
+def test_an_evicting_redis_is_said_at_start(lan, fleet):
+    fleet.redis.cli("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    a = fleet(0)
+    assert "maxmemory-policy is allkeys-lru" in a.wait_log("maxmemory-policy")
+    assert status(a)["fleet"]["redis_policy"] == "allkeys-lru"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

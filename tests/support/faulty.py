@@ -7,6 +7,10 @@ TARGET (in each process: forked workers count their own): it creates GATE.held, 
 exists (30 s at most), then makes the call. A test then sees what the kernel does with packets
 that arrive while the daemon is at that point, without timing anything.
 
+`python tests/support/faulty.py --clock-offset SECONDS run ...` runs nfknock with a wall clock
+(time.time) that many seconds off, as on a host whose clock is wrong (faketime-style; patched
+before nfknock is imported, so its default wall clocks are the patched one).
+
 Nothing here is part of nfknock; the patch is made in this process only.
 """
 
@@ -63,8 +67,16 @@ def hold_target(target: str, call: int, gate: Path) -> None:
     setattr(owner, name, held)
 
 
+def offset_clock(seconds: float) -> None:
+    real = time.time
+    time.time = lambda: real() + seconds
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "--hold":
+    if sys.argv[1] == "--clock-offset":
+        offset, *argv = sys.argv[2:]
+        offset_clock(float(offset))
+    elif sys.argv[1] == "--hold":
         target, call, gate, *argv = sys.argv[2:]
         hold_target(target, int(call), Path(gate))
     else:
