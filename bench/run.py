@@ -4,8 +4,10 @@
 
 Everything runs in throwaway network namespaces on veth links (tests/support/sandbox.py). Writes
 DIR/report.json and DIR/report.md: every figure as the median and the spread (min..max) of
-the repeated runs. --smoke runs each measurement once, briefly: it proves the harness works,
-its figures mean little.
+the repeated runs, with when and on which commit it was measured. A run replaces the figures it
+measured in DIR/report.json and keeps the others (--fresh starts over); --readme copies
+report.md into README.md (bench/report.py says why). --smoke runs each measurement once,
+briefly: it proves the harness works, its figures mean little.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
+
+from report import BEGIN, END, commit_of, merge, provenance, stamp, with_block  # noqa: E402
 
 from nfknock.firewall.plan import first_step_set  # noqa: E402
 from nfknock.firewall.shards import queues  # noqa: E402
@@ -995,11 +999,10 @@ def render(report: dict) -> str:
         s = r[name]
         return f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
 
-    m = report["machine"]
     lines = [
-        f"nfknock benchmarks — {m['date']}, {m['cpus']} x {m['cpu']}, kernel {m['kernel']}, "
-        f"Python {m['python']}{', SMOKE RUN (figures not meaningful)' if report['smoke'] else ''}; "
-        f"median (min..max) of {report['repeat']} runs",
+        f"nfknock benchmarks — {provenance(report)}"
+        f"{'; SMOKE RUN (figures not meaningful)' if report['smoke'] else ''}; "
+        f"each figure: median (min..max) of its run's repeats",
         "",
         "| measurement | nfknock | baseline | ratio | goal |",
         "|---|---|---|---|---|",
@@ -1205,8 +1208,10 @@ RATIOS = [
 
 
 def add_ratios(report: dict) -> None:
+    """Ratios of figures measured side by side in one run (never of figures from different runs)."""
+    figures = report["figures"]
     for name, over, base in RATIOS:
-        if over in report["figures"] and base in report["figures"]:
+        if over in figures and base in figures and figures[over].get("measured") == figures[base].get("measured"):
             ratio(report, name, over, base)
 
 
@@ -1217,11 +1222,30 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(BENCH / "results"), help="where report.json/.md go")
     parser.add_argument("--render", metavar="REPORT_JSON", help="only turn an existing report.json into markdown")
     parser.add_argument("--only", choices=MEASUREMENTS, action="append", help="run only these measurements")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start a new report instead of replacing the measured figures in OUT"
+    )
+    parser.add_argument(
+        "--merge", metavar="REPORT_JSON", nargs="+", help="merge these reports' figures into OUT/report.json (no run)"
+    )
+    parser.add_argument("--readme", action="store_true", help="write OUT/report.md into README.md's generated block")
     args = parser.parse_args(argv)
+    out = Path(args.out)
     if args.render:
         report = json.loads(Path(args.render).read_text())
         add_ratios(report)
         print(render(report), end="")
+        return 0
+    if args.merge:
+        report = json.loads((out / "report.json").read_text())
+        for name in args.merge:
+            report = merge(report, stamp(json.loads(Path(name).read_text())))
+        write(out, report)
+        return 0
+    if args.readme:
+        readme = REPO / "README.md"
+        readme.write_text(with_block(readme.read_text(), (out / "report.md").read_text()))
+        print(f"README.md: the block between {BEGIN!r} and {END!r} now holds {out / 'report.md'}")
         return 0
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, iptables, NFQUEUE)")
@@ -1239,20 +1263,31 @@ def main(argv=None) -> int:
                 getattr(bench, name)()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    report = {
-        "machine": machine(),
-        "smoke": args.smoke,
-        "repeat": repeat,
-        "ratios": {},
-        "figures": {name: bench.figures.summary(name) for name in bench.figures.values},
-    }
+    report = stamp(
+        {
+            "machine": machine(),
+            "commit": commit_of(REPO),
+            "smoke": args.smoke,
+            "repeat": repeat,
+            "ratios": {},
+            "figures": {name: bench.figures.summary(name) for name in bench.figures.values},
+        }
+    )
+    kept = out / "report.json"
+    if kept.exists() and not args.fresh:
+        report = merge(json.loads(kept.read_text()), report)
+    write(out, report)
+    return 0
+
+
+def write(out: Path, report: dict) -> None:
+    """report.json and its rendering, report.md, side by side (the README quotes report.md)."""
+    report["ratios"] = {}
     add_ratios(report)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(render(report))
     print(render(report))
-    return 0
 
 
 if __name__ == "__main__":
