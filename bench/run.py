@@ -48,6 +48,7 @@ from support.sandbox import (  # noqa: E402
 )
 
 BENCH = REPO / "bench"
+QUOTING = (REPO / "README.md", REPO / "docs" / "performance.md")  # the documents that quote the report
 FLOOD = BENCH / "build" / "flood"
 QUEUE = 3
 # The first-step set's sizing before issue 27 (nfknock/firewall/granted.py has today's).
@@ -1166,6 +1167,15 @@ def render(report: dict) -> str:
             f"{fig('fleet.first_syn_on_other_member')} of {f['fleet.first_syn_on_other_member']['unit'][3:]} | | "
             f"| >= 19/20 |",
         ]
+    for name in sorted(n for n in f if n.startswith("self_healing.") and n.endswith(".closed")):
+        backend, operation = name.split(".")[1], ".".join(name.split(".")[2:-1])
+        back = name.removesuffix(".closed") + ".back"
+        lines.append(
+            f"| another program flushes nfknock's rules ({backend} tables, `{operation}`): ms until the protected "
+            f"ports are closed again; until the whole chain is back (`bench/self_healing.py`, "
+            f"{len(f[name]['runs'])} trials) | {fig(name, '{:.1f}')}; {fig(back, '{:.1f}')} | "
+            f"without the watcher: open until nfknock restarts | | |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1243,9 +1253,11 @@ def main(argv=None) -> int:
         write(out, report)
         return 0
     if args.readme:
-        readme = REPO / "README.md"
-        readme.write_text(with_block(readme.read_text(), (out / "report.md").read_text()))
-        print(f"README.md: the block between {BEGIN!r} and {END!r} now holds {out / 'report.md'}")
+        for document in QUOTING:
+            document.write_text(with_block(document.read_text(), (out / "report.md").read_text()))
+            print(
+                f"{document.relative_to(REPO)}: the block between {BEGIN!r} and {END!r} now holds {out / 'report.md'}"
+            )
         return 0
     if os.geteuid() != 0:
         parser.error("needs root (network namespaces, iptables, NFQUEUE)")

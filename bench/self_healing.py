@@ -219,7 +219,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--backend", choices=("legacy", "nft"), action="append")
+    parser.add_argument(
+        "--report", action="store_true", help="also put the figures into bench/results/report.json (and report.md)"
+    )
     args = parser.parse_args(argv)
+    figures: dict[str, dict] = {}
     print(f"self-healing: {args.trials} trials per operation; ms from the change to the scaffolding back")
     print("baseline (no watcher, before issue 22): the ports stay open until nfknock restarts")
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,15 +232,46 @@ def main(argv=None) -> int:
             print(f"\n{backend}: idle CPU of the daemon {results.pop('idle cpu %'):.2f}% of one core")
             own = results.pop("daemon's own figure (wake-up to back)")
             print(f"  {'operation':28} {'closed median':>14} {'closed max':>11} {'back median':>12} {'back max':>9}")
-            for operation, figures in results.items():
-                closed, back = figures["closed"], figures["back"]
+            for operation, measured in results.items():
+                closed, back = measured["closed"], measured["back"]
+                for what, values in (("closed", closed), ("back", back)):
+                    figures[f"self_healing.{backend}.{operation}.{what}"] = summary(values, "ms")
                 print(
                     f"  {operation:28} {statistics.median(closed):14.1f} {max(closed):11.1f} "
                     f"{statistics.median(back):12.1f} {max(back):9.1f}"
                 )
             if own:
                 print(f"  daemon's own figure, wake-up to back: median {statistics.median(own):.1f} max {max(own):.1f}")
+    if args.report:
+        into_report(figures, args.trials)
     return 0
+
+
+def summary(values: list[float], unit: str) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values, "unit": unit}
+
+
+def into_report(figures: dict[str, dict], trials: int) -> None:
+    """Replace this bench's figures in the one report (bench/report.py), keeping every other figure."""
+    import json
+
+    sys.path[:0] = [str(REPO / "bench")]
+    import run
+    from report import commit_of, merge, stamp
+
+    out = REPO / "bench" / "results"
+    new = stamp(
+        {
+            "machine": run.machine(),
+            "commit": commit_of(REPO),
+            "smoke": False,
+            "repeat": trials,
+            "ratios": {},
+            "figures": figures,
+        }
+    )
+    kept = out / "report.json"
+    run.write(out, merge(json.loads(kept.read_text()), new) if kept.exists() else new)
 
 
 if __name__ == "__main__":

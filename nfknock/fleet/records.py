@@ -56,7 +56,7 @@ MAX_KEYS = 4
 
 def parse_keys(text: str, where: str) -> tuple[bytes, ...]:
     """The fleet key file: one key per line, the first signs, the others are still accepted (a
-    rotation in progress: README "Rotating the fleet key"); # starts a comment line."""
+    rotation in progress: docs/fleet.md "Rotating the fleet key"); # starts a comment line."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
     if not lines:
         raise FleetKeyError(f"{where}: no key in it (make one with: openssl rand -base64 48)")

@@ -33,7 +33,7 @@ DIGESTS = {"SHA1": "sha1", "SHA256": "sha256", "SHA384": "sha384", "SHA512": "sh
 FWKNOPD_MAX_FW_TIMEOUT = 300  # fwknopd's default when a stanza sets none
 # Keywords read below; every other one is listed as not imported, with why.
 WHY_NOT = {
-    "GPG": "GPG mode: nfknock takes Rijndael keys only (see README, SPA doors: GPG)",
+    "GPG": "GPG mode: nfknock takes Rijndael keys only (see docs/rules.md, GPG)",
     "CMD": "commands: nfknock refuses command messages and never runs commands",
     "ENABLE_CMD": "commands: nfknock refuses command messages and never runs commands",
     "FORCE": "NAT: nfknock opens ports on this host only",
@@ -180,7 +180,7 @@ def _stanza(
     used |= {"HMAC_DIGEST_TYPE", "ENCRYPTION_MODE", "REQUIRE_SOURCE_ADDRESS", "DESTINATION", "USE_HMAC"}
     gpg_only = "KEY" not in values and "KEY_BASE64" not in values and any(k.startswith("GPG") for k in values)
     if gpg_only:
-        raise ValueError("a GPG-only stanza: nfknock takes Rijndael keys only (see README)")
+        raise ValueError("a GPG-only stanza: nfknock takes Rijndael keys only (see docs/rules.md, GPG)")
     for keyword, (number, value) in values.items():
         if keyword not in used:
             why = _why_not(keyword) or "no nfknock equivalent"
