@@ -396,7 +396,7 @@ def test_an_evicting_redis_is_an_alarm_and_evicted_claims_are_put_back(fleet, sp
 
 
 def test_a_used_packet_stays_used_through_a_rolling_fleet_key_rotation(fleet, spa, monkeypatch):
-    """Item 8 (README "Rotating the fleet key"): at every step of the rotation two kinds of member
+    """Item 8 (docs/fleet.md "Rotating the fleet key"): at every step of the rotation two kinds of member
     meet (old key only and new key added second; new key added and new key first; new key first
     and new key only): a packet used on one is a replay on the other, and grants go both ways."""
     new = b"n" * 32
