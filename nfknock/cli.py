@@ -103,10 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOCKET,
         help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)",
     )
-    run.add_argument(
+    listen = run.add_mutually_exclusive_group()
+    listen.add_argument(
         "--metrics-port",
         type=_int_in(1, 65535, "port"),
         help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)",
+    )
+    listen.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on this address: an IP literal, IPv6 in brackets "
+        "(127.0.0.1:9474, [::1]:9474, 0.0.0.0:9474 for every interface); off by default",
     )
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
@@ -339,6 +347,15 @@ def _int_in(low: int, high: int, what: str):
     return convert
 
 
+def _listen(text: str) -> tuple[str, int]:
+    from .daemon.metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 _queue_num = _int_in(0, 65534, "queue number")
 _positive = _int_in(1, 100_000_000, "value")
 _non_negative = _int_in(0, 3_600_000, "delay")
@@ -366,7 +383,7 @@ def cmd_run(args) -> int:
         queue_maxlen=args.queue_maxlen,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         control_socket=Path(args.control_socket) if args.control_socket else None,
-        metrics_port=args.metrics_port,
+        **_metrics_listen(args),
         pass_mark=args.pass_mark,
         fleet=_fleet(args),
     )
@@ -383,6 +400,14 @@ def cmd_run(args) -> int:
     )
     Daemon(config, firewall, logger, ruleset=ruleset, last_good=last_good).run()
     return 0
+
+
+def _metrics_listen(args) -> dict:
+    """DaemonConfig's metrics fields from --metrics-port PORT (localhost) or --metrics-listen."""
+    if args.metrics_listen is not None:
+        addr, port = args.metrics_listen
+        return {"metrics_addr": addr, "metrics_port": port}
+    return {"metrics_port": args.metrics_port}
 
 
 def _add_workers(parser) -> None:
