@@ -539,7 +539,8 @@ def _knock_steps(args) -> list[Port]:
         raise UsageError("--close needs --door")
     if not args.ports:
         raise UsageError("nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR")
-    return [port_argument(text + "/udp" if args.udp and "/" not in text else text) for text in args.ports]
+    # knockd spells a protocol 7000:udp, nfknock 7000/udp: -u adds one only where neither is given
+    return [port_argument(text if "/" in text or ":" in text or not args.udp else text + "/udp") for text in args.ports]
 
 
 def port_argument(text: str, option: str = "") -> Port:

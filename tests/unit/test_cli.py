@@ -79,6 +79,7 @@ def parse_knock(*argv):
 def test_knock_steps_from_ports_and_from_a_door():
     assert [str(s) for s in parse_knock("1", "2/udp")] == ["1/tcp", "2/udp"]
     assert [str(s) for s in parse_knock("-u", "1", "2/tcp")] == ["1/udp", "2/tcp"]
+    assert [str(s) for s in parse_knock("-u", "1", "2:tcp", "3:udp")] == ["1/udp", "2/tcp", "3/udp"]  # knock's
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES)] == [40000, 50000, 60000]
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES, "--close")] == [60000, 50000, 40000]
 
