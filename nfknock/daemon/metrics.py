@@ -167,6 +167,7 @@ class Snapshot:
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
     workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
     scaffolding_restored: int | None = None  # repairs by the scaffolding watcher (guard.py)
+    scaffolding_failed: int | None = None  # repairs that failed (retried; ports may be open meanwhile)
     last_good: bool = False  # running on the last good rules (lastgood.py): the rules on disk do not load
     doors: tuple[DoorSeries, ...] | None = None  # the doors in force: their series exist at 0
     errors: int = 0  # packets dropped after an internal error
@@ -209,6 +210,7 @@ def of_process(daemon, snapshot: Snapshot) -> Snapshot:
     return replace(
         snapshot,
         scaffolding_restored=None if guard is None else guard.restored,
+        scaffolding_failed=None if guard is None else guard.failed,
         last_good=last_good is not None and last_good.degraded is not None,
         reload=None if reloader is None else (reloader.last_ok, reloader.last_success),
     )
@@ -276,6 +278,13 @@ class Collector:
                 "nfknock_scaffolding_restored",
                 "Times another program removed or changed nfknock's rules and the daemon put them back",
                 value=snapshot.scaffolding_restored,
+            )
+        if snapshot.scaffolding_failed is not None:
+            yield CounterMetricFamily(
+                "nfknock_scaffolding_restore_failures",
+                "Times nfknock's rules were removed or changed and could not be put back (retried; the "
+                "protected ports may be open meanwhile)",
+                value=snapshot.scaffolding_failed,
             )
         if snapshot.workers_up:
             up = GaugeMetricFamily(

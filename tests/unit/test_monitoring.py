@@ -61,7 +61,14 @@ def fresh(doors, tallies=None, **fields) -> Snapshot:
 def exported_names(doors) -> set[str]:
     """Metric names in the exposition of a daemon with these doors, every optional part on."""
     snapshot = replace(
-        fresh(doors, workers_up=((0, True),), scaffolding_restored=0, reload=(True, WALL), worker_rss=((0, 1 << 20),)),
+        fresh(
+            doors,
+            workers_up=((0, True),),
+            scaffolding_restored=0,
+            scaffolding_failed=0,
+            reload=(True, WALL),
+            worker_rss=((0, 1 << 20),),
+        ),
         unparsable={"short": 1},  # its reasons are born with their first packet (no alert watches them)
     )
     return {name.split("{")[0] for name in samples(exposition(snapshot))}
@@ -105,6 +112,7 @@ def test_the_alerts_cover_down_drops_lockouts_and_spa():
         "NfknockStateFull",
         "NfknockGrantedSetFailures",
         "NfknockScaffoldingRestored",
+        "NfknockScaffoldingNotRestored",
     }
 
 
@@ -134,7 +142,7 @@ def watched_counters() -> set[str]:
 
 def test_every_counter_an_alert_watches_is_at_zero_before_its_first_event(doors):
     """A series born at 1 has no increase(): the alert would miss the first event."""
-    found = samples(exposition(fresh(doors, scaffolding_restored=0)))
+    found = samples(exposition(fresh(doors, scaffolding_restored=0, scaffolding_failed=0)))
     for name in watched_counters():
         values = [value for series, value in found.items() if series.startswith(name + "{")]
         assert values and set(values) == {0}, name
@@ -221,6 +229,7 @@ def test_the_first_spa_replay_fires_the_critical_alert(doors, tmp_path):
         ("granted_failed", "NfknockGrantedSetFailures"),
         ("granted_dropped", "NfknockGrantedSetFailures"),
         ("scaffolding_restored", "NfknockScaffoldingRestored"),
+        ("scaffolding_failed", "NfknockScaffoldingNotRestored"),
     ],
 )
 def test_the_first_health_event_fires_its_alert(doors, tmp_path, field, alert):
@@ -251,7 +260,7 @@ def test_a_refused_reload_fires_until_a_reload_succeeds(doors, tmp_path):
 def test_the_shipped_alert_tests_seed_only_series_the_exporter_emits_at_zero(doors):
     """nfknock-alerts.test.yml starts counters at 0 only where a fresh daemon emits them at 0
     (a hand-written 0 the exporter never emits hid the first-replay bug)."""
-    fresh_series = samples(exposition(fresh(doors, scaffolding_restored=0)))
+    fresh_series = samples(exposition(fresh(doors, scaffolding_restored=0, scaffolding_failed=0)))
 
     def shape(series: str) -> tuple[str, frozenset]:
         name, _, labels = series.partition("{")
