@@ -14,6 +14,7 @@ their series and those of removed ones go (`zero_series`).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -104,8 +105,9 @@ def door_series(doors: Iterable) -> tuple[DoorSeries, ...]:
     )
 
 
-def zero_series(doors: Iterable[DoorSeries]) -> dict[tuple[str, tuple[str, ...]], int]:
-    """Every tallied series these doors can have, at 0."""
+@functools.lru_cache(maxsize=4)  # the same doors scrape after scrape, until a reload
+def zero_series(doors: tuple[DoorSeries, ...]) -> dict[tuple[str, tuple[str, ...]], int]:
+    """Every tallied series these doors can have, at 0 (shared: copy before changing it)."""
     zeros: dict[tuple[str, tuple[str, ...]], int] = {}
     for door in doors:
         name = door.name
@@ -135,7 +137,7 @@ def series(snapshot: Snapshot) -> dict[tuple[str, tuple[str, ...]], int]:
     if snapshot.doors is None:  # not known (a snapshot made by hand): what was counted
         return dict(snapshot.tallies)
     names = {door.name for door in snapshot.doors} | {""}
-    shown = zero_series(snapshot.doors)
+    shown = dict(zero_series(snapshot.doors))
     for (name, labels), count in snapshot.tallies.items():
         if labels[0] in names:
             shown[(name, labels)] = count
