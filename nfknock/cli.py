@@ -103,10 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOCKET,
         help="unix socket (mode 0600) for status/revoke/grant; '' for none (default: %(default)s)",
     )
-    run.add_argument(
+    listen = run.add_mutually_exclusive_group()
+    listen.add_argument(
         "--metrics-port",
         type=_int_in(1, 65535, "port"),
         help="serve Prometheus metrics on 127.0.0.1:PORT (off by default)",
+    )
+    listen.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics on this address: an IP literal, IPv6 in brackets "
+        "(127.0.0.1:9474, [::1]:9474, 0.0.0.0:9474 for every interface); off by default",
     )
     run.add_argument("--log-file", help="append log lines to this file instead of stderr")
     run.add_argument("--syslog", action="store_true", help="also log to syslog (facility daemon)")
@@ -126,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
     _add_workers(check)
     _add_pass_mark(check)
+    _add_json(check, '"ok", "exit_code", "errors", "warnings", "doors", "rules_installed"')
     check.set_defaults(func=cmd_check)
 
     knock = verbs.add_parser("knock", help="knock on a host: PORT[/tcp|/udp]... or a door's sequence")
@@ -163,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_workers(doctor)
     _add_pass_mark(doctor)
+    _add_json(doctor, '"ok", "exit_code", "errors", "findings" (level ok/warn/fail, text), "counts"')
     doctor.set_defaults(func=cmd_doctor)
 
     export = verbs.add_parser(
@@ -286,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_json(verb: argparse.ArgumentParser, keys: str) -> None:
+    verb.add_argument(
+        "--json",
+        action="store_true",
+        help=f"print one JSON object on stdout, errors included (keys: {keys}); the exit code is unchanged",
+    )
+
+
 def _add_pass_mark(verb: argparse.ArgumentParser) -> None:
     from .firewall.plan import PASS_MARK
 
@@ -339,6 +357,15 @@ def _int_in(low: int, high: int, what: str):
     return convert
 
 
+def _listen(text: str) -> tuple[str, int]:
+    from .daemon.metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 _queue_num = _int_in(0, 65534, "queue number")
 _positive = _int_in(1, 100_000_000, "value")
 _non_negative = _int_in(0, 3_600_000, "delay")
@@ -366,7 +393,7 @@ def cmd_run(args) -> int:
         queue_maxlen=args.queue_maxlen,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         control_socket=Path(args.control_socket) if args.control_socket else None,
-        metrics_port=args.metrics_port,
+        **_metrics_listen(args),
         pass_mark=args.pass_mark,
         fleet=_fleet(args),
     )
@@ -383,6 +410,14 @@ def cmd_run(args) -> int:
     )
     Daemon(config, firewall, logger, ruleset=ruleset, last_good=last_good).run()
     return 0
+
+
+def _metrics_listen(args) -> dict:
+    """DaemonConfig's metrics fields from --metrics-port PORT (localhost) or --metrics-listen."""
+    if args.metrics_listen is not None:
+        addr, port = args.metrics_listen
+        return {"metrics_addr": addr, "metrics_port": port}
+    return {"metrics_port": args.metrics_port}
 
 
 def _add_workers(parser) -> None:
@@ -432,33 +467,75 @@ def _fleet(args):
 
 
 def cmd_check(args) -> int:
-    from .doors.describe import as_block
-    from .doors.first_steps import MarkHistory, decide
-    from .firewall.plan import plan
-
-    ruleset = load_rules(args.rules)
+    if args.json:
+        return _json_report(CHECK_KEYS, lambda: _check_report(args))
+    ruleset, specs, port_warnings = _checked(args)
     for line in ruleset.warnings:  # what 'run' refuses; 'check' also serves to look at others' files
         print(f"nfknock: warning: {line}", file=sys.stderr)
+    from .doors.describe import as_block
+
     for door in ruleset.doors:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         print("\n".join(as_block(door)))
+    for tool, lines in specs.items():
+        print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
+        for spec in lines:
+            print(f"  {spec}")
+    for text in port_warnings:
+        print(f"nfknock: warning: {text}", file=sys.stderr)
+    return 0
+
+
+def _checked(args):
+    """What `check` says: the rules, the scaffolding per tool (iptables, ip6tables), warnings
+    about the local port range."""
+    from .doors.first_steps import MarkHistory, decide
+    from .firewall.plan import plan
+    from .tools.doctor import WARN, check_local_ports, read_local_ports
+
+    ruleset = load_rules(args.rules)
     _check_queues(args)
     # What a start installs where no rules are in place (no earlier meaning of a mark bit to keep).
     first_steps = decide(ruleset.doors, MarkHistory())
-    for family, specs in plan(
-        ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps
-    ).items():
-        if specs:
-            tool = "iptables" if family == 4 else "ip6tables"
-            print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
-            for spec in specs:
-                print(f"  {spec}")
-    from .tools.doctor import WARN, check_local_ports, read_local_ports
+    specs = {
+        "iptables" if family == 4 else "ip6tables": [str(spec) for spec in family_specs]
+        for family, family_specs in plan(
+            ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps
+        ).items()
+        if family_specs
+    }
+    ports = [f.text for f in check_local_ports(ruleset.doors, *read_local_ports()) if f.level == WARN]
+    return ruleset, specs, ports
 
-    for finding in check_local_ports(ruleset.doors, *read_local_ports()):
-        if finding.level == WARN:
-            print(f"nfknock: warning: {finding.text}", file=sys.stderr)
-    return 0
+
+# The keys of `check --json` and `doctor --json`, always all present (CI scripts read them).
+CHECK_KEYS = {"ok": True, "exit_code": 0, "errors": [], "warnings": [], "doors": [], "rules_installed": {}}
+DOCTOR_KEYS = {"ok": True, "exit_code": 0, "errors": [], "findings": [], "counts": {"ok": 0, "warn": 0, "fail": 0}}
+
+
+def _check_report(args) -> dict:
+    from .doors.describe import describe
+
+    ruleset, specs, port_warnings = _checked(args)
+    doors = [
+        {"name": door.name, "kind": door.kind, "file": str(ruleset.origin[door.name]), "fields": dict(describe(door))}
+        for door in ruleset.doors
+    ]
+    return {"warnings": [*ruleset.warnings, *port_warnings], "doors": doors, "rules_installed": specs}
+
+
+def _json_report(keys: dict, report) -> int:
+    """Print `report()` as one JSON object with every key of `keys`; an error is in it too
+    ("errors": its lines), with the exit code the text form has."""
+    import json
+
+    try:
+        result = {**keys, **report()}
+    except NfknockError as exc:
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        result = {**keys, "ok": False, "exit_code": exc.exit_code, "errors": lines}
+    print(json.dumps(result, indent=2, sort_keys=False))
+    return result["exit_code"]
 
 
 def cmd_knock(args) -> int:
@@ -514,7 +591,8 @@ def _knock_steps(args) -> list[Port]:
         raise UsageError("--close needs --door")
     if not args.ports:
         raise UsageError("nothing to knock: give PORT[/PROTO]... or --door NAME --rules DIR")
-    return [port_argument(text + "/udp" if args.udp and "/" not in text else text) for text in args.ports]
+    # knockd spells a protocol 7000:udp, nfknock 7000/udp: -u adds one only where neither is given
+    return [port_argument(text if "/" in text or ":" in text or not args.udp else text + "/udp") for text in args.ports]
 
 
 def port_argument(text: str, option: str = "") -> Port:
@@ -527,15 +605,35 @@ def port_argument(text: str, option: str = "") -> Port:
 
 
 def cmd_doctor(args) -> int:
-    from pathlib import Path
-
-    from .tools.doctor import FAIL, diagnose
-
-    _check_queues(args)
-    findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
+    if args.json:
+        return _json_report(DOCTOR_KEYS, lambda: _doctor_report(args))
+    findings = _diagnose(args)
     for finding in findings:
         print(finding)
+    return _doctor_exit(findings)
+
+
+def _diagnose(args) -> list:
+    from pathlib import Path
+
+    from .tools.doctor import diagnose
+
+    _check_queues(args)
+    return diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
+
+
+def _doctor_exit(findings) -> int:
+    from .tools.doctor import FAIL
+
     return 1 if any(f.level == FAIL for f in findings) else 0
+
+
+def _doctor_report(args) -> dict:
+    findings = _diagnose(args)
+    rows = [{"level": finding.level.lower(), "text": finding.text} for finding in findings]
+    counts = {level: sum(row["level"] == level for row in rows) for level in ("ok", "warn", "fail")}
+    code = _doctor_exit(findings)
+    return {"ok": code == 0, "exit_code": code, "findings": rows, "counts": counts}
 
 
 def cmd_spa(args) -> int:

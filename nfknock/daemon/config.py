@@ -30,6 +30,7 @@ class DaemonConfig:
     state_dir: Path | None = None
     control_socket: Path | None = None
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # --metrics-listen's address (an IP literal, metrics.parse_listen)
     pass_mark: int = PASS_MARK
     fleet: FleetConfig | None = None  # fleet mode (--cluster): shared grants and replay records
     workers: int = 1  # verdict loops, each in a process of its own (workers.py)

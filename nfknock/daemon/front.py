@@ -39,11 +39,12 @@ class Front:
                 )
         if self.config.metrics_port:
             self.snapshot = self.take_snapshot(now)
+            where = metrics.url(self.config.metrics_addr, self.config.metrics_port)
             try:
-                metrics.serve(self._fresh_snapshot, self.config.metrics_port)
-                self.log.info("metrics on http://127.0.0.1:%d/metrics", self.config.metrics_port)
+                metrics.serve(self._fresh_snapshot, self.config.metrics_port, self.config.metrics_addr)
+                self.log.info("metrics on %s", where)
             except OSError as exc:
-                self.log.error("no metrics on 127.0.0.1:%d: %s", self.config.metrics_port, exc)
+                self.log.error("no metrics on %s: %s", where, exc)
 
     def serve_control(self, now: float) -> None:
         if self.control is not None:

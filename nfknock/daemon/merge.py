@@ -50,4 +50,8 @@ def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:
         grants_per_door=total("grants_per_door"),
         tracked=sum(snapshot.tracked for snapshot in snapshots),
         drops=(sum(d[0] for d in drops), sum(d[1] for d in drops)) if drops else None,
+        **{
+            field: sum(getattr(snapshot, field) for snapshot in snapshots)
+            for field in ("errors", "evicted", "granted_failed", "granted_dropped")
+        },
     )

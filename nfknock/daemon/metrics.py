@@ -1,16 +1,24 @@
-"""Prometheus metrics (prometheus-client), off unless --metrics-port is given, bound to localhost.
+"""Prometheus metrics (prometheus-client), off unless --metrics-port (localhost) or
+--metrics-listen ADDR:PORT is given.
 
 Nothing is counted per packet for Prometheus: the daemon already keeps counters (verdicts,
 unparsable packets) and tallies events; a custom collector turns them into metric families at
 scrape time, from a snapshot the loop takes when a scrape asks for one (the scrape runs in
 prometheus-client's thread and never touches the engine).
+
+Every labelled counter an alert watches exists at 0 from the first scrape, for every door (and
+SPA reason and key) of the rules in force: a series born at 1 has no increase() in Prometheus,
+so the first SPA replay would never fire the alert. After a reload, new doors and keys get
+their series and those of removed ones go (`zero_series`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from ..doors.events import (
     ConnectionAccepted,
@@ -54,6 +62,88 @@ SPA_OPENED = ("spa_opened", "SPA doors opened, by the key (person) that opened t
 SPECS = {spec[0]: spec for spec in (*TALLIED.values(), SPA_OPENED)}
 
 
+# SPA refusal reasons (doors/spa.py, doors/spa_access.py, doors/engine.py), pre-created at 0:
+# those said before a key is known (the key label is empty), those said once the HMAC named a key.
+SPA_UNKEYED = ("malformed", "bad hmac", "gpg", "no clock", "config")
+SPA_KEYED = (
+    "replay",
+    "too old",
+    "from the future",
+    "key expired",
+    "source not allowed",
+    "username mismatch",
+    "source mismatch",
+    "port not allowed",
+    "bad key",
+    "malformed",
+    "refused type",
+    "replay record not written",
+    "key removed",
+    "fleet unreachable",
+)
+
+
+class DoorSeries(NamedTuple):
+    """What of a door decides its series: its name, kind, SPA key names, whether it closes."""
+
+    name: str
+    kind: str
+    keys: tuple[str, ...] = ()
+    closes: bool = False
+
+
+def door_series(doors: Iterable) -> tuple[DoorSeries, ...]:
+    """The series-deciding part of the doors in force (picklable: workers send it)."""
+    return tuple(
+        DoorSeries(
+            door.name,
+            door.kind,
+            tuple(key.name for key in getattr(door, "keyring", ())),
+            bool(getattr(door, "close_sequence", None)),
+        )
+        for door in doors
+    )
+
+
+@functools.lru_cache(maxsize=4)  # the same doors scrape after scrape, until a reload
+def zero_series(doors: tuple[DoorSeries, ...]) -> dict[tuple[str, tuple[str, ...]], int]:
+    """Every tallied series these doors can have, at 0 (shared: copy before changing it)."""
+    zeros: dict[tuple[str, tuple[str, ...]], int] = {}
+    for door in doors:
+        name = door.name
+        for family in ("doors_opened", "lockouts"):
+            zeros[(family, (name,))] = 0
+        zeros[("connections", (name, "accepted"))] = 0
+        zeros[("connections", ("", "refused"))] = 0
+        if door.kind == "spa":
+            for reason in SPA_UNKEYED:
+                zeros[("spa_refused", (name, reason, ""))] = 0
+            for key in door.keys:
+                zeros[("spa_opened", (name, key))] = 0
+                for reason in SPA_KEYED:
+                    zeros[("spa_refused", (name, reason, key))] = 0
+        else:
+            zeros[("knock_stages", (name, "open"))] = 0
+            if door.closes:
+                zeros[("knock_stages", (name, "close"))] = 0
+                zeros[("doors_closed", (name,))] = 0
+    return zeros
+
+
+def series(snapshot: Snapshot) -> dict[tuple[str, tuple[str, ...]], int]:
+    """The tallied series a scrape shows: the doors' zeros, overlaid with what was counted, less
+    the series of doors that left at a reload (the first label of every tally is the door; ""
+    is a connection no door took)."""
+    if snapshot.doors is None:  # not known (a snapshot made by hand): what was counted
+        return dict(snapshot.tallies)
+    names = {door.name for door in snapshot.doors} | {""}
+    shown = dict(zero_series(snapshot.doors))
+    for (name, labels), count in snapshot.tallies.items():
+        if labels[0] in names:
+            shown[(name, labels)] = count
+    return shown
+
+
 def tally(counter: Counter, events) -> None:
     for event in events:
         kind = type(event)
@@ -79,7 +169,15 @@ class Snapshot:
     drops: tuple[int, int] | None = None  # (queue full, socket full) of the main queue(s)
     workers_up: tuple[tuple[int, bool], ...] = ()  # with workers: (worker, answers the supervisor)
     scaffolding_restored: int | None = None  # repairs by the scaffolding watcher (guard.py)
+    scaffolding_failed: int | None = None  # repairs that failed (retried; ports may be open meanwhile)
     last_good: bool = False  # running on the last good rules (lastgood.py): the rules on disk do not load
+    doors: tuple[DoorSeries, ...] | None = None  # the doors in force: their series exist at 0
+    errors: int = 0  # packets dropped after an internal error
+    evicted: int = 0  # state entries evicted because --max-sources was reached
+    granted_failed: int = 0  # granted-set updates the kernel refused
+    granted_dropped: int = 0  # granted-set updates lost because too many were waiting
+    reload: tuple[bool, float] | None = None  # (last reload succeeded, wall time of the last success)
+    worker_rss: tuple[tuple[int, int], ...] = ()  # with workers: (worker, resident bytes)
 
 
 def take(daemon, now: float) -> Snapshot:
@@ -97,18 +195,38 @@ def take(daemon, now: float) -> Snapshot:
         tracked=daemon.engine.tracked,
         fleet=None if daemon.fleet is None else daemon.fleet.status(now, daemon.wall_clock()),
         drops=None if drops is None else (drops.queue_full, drops.socket_full),
+        doors=door_series(daemon.ruleset.doors),
+        errors=daemon.errors,
+        evicted=daemon.engine.evicted,
+        granted_failed=daemon.granted.failed,
+        granted_dropped=daemon.granted.dropped,
     )
     return of_process(daemon, snapshot)
 
 
 def of_process(daemon, snapshot: Snapshot) -> Snapshot:
-    """What the process that owns the rules adds: the watcher's repairs, the last good rules."""
+    """What the process that owns the rules adds: the watcher's repairs, the last good rules,
+    the last reload."""
     guard, last_good = getattr(daemon, "guard", None), getattr(daemon, "last_good", None)
+    reloader = getattr(daemon, "reloader", None)
     return replace(
         snapshot,
         scaffolding_restored=None if guard is None else guard.restored,
+        scaffolding_failed=None if guard is None else guard.failed,
         last_good=last_good is not None and last_good.degraded is not None,
+        reload=None if reloader is None else (reloader.last_ok, reloader.last_success),
     )
+
+
+def resident_bytes(pid: int, proc: str = "/proc") -> int | None:
+    """A process's resident memory (statm's second field, in pages), or None if it is gone."""
+    import os
+
+    try:
+        with open(f"{proc}/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Collector:
@@ -130,7 +248,7 @@ class Collector:
             unparsable.add_metric((reason,), count)
         yield unparsable
         families: dict[str, CounterMetricFamily] = {}
-        for (name, labels), count in snapshot.tallies.items():
+        for (name, labels), count in sorted(series(snapshot).items()):
             spec = SPECS[name]
             family = families.get(name)
             if family is None:
@@ -147,6 +265,7 @@ class Collector:
             "1 while the daemon runs on its last good rules because the rules on disk do not load",
             value=int(snapshot.last_good),
         )
+        yield from health_metrics(snapshot)
         if snapshot.fleet is not None:
             yield from fleet_metrics(snapshot.fleet)
         if snapshot.drops is not None:
@@ -162,6 +281,13 @@ class Collector:
                 "Times another program removed or changed nfknock's rules and the daemon put them back",
                 value=snapshot.scaffolding_restored,
             )
+        if snapshot.scaffolding_failed is not None:
+            yield CounterMetricFamily(
+                "nfknock_scaffolding_restore_failures",
+                "Times nfknock's rules were removed or changed and could not be put back (retried; the "
+                "protected ports may be open meanwhile)",
+                value=snapshot.scaffolding_failed,
+            )
         if snapshot.workers_up:
             up = GaugeMetricFamily(
                 "nfknock_worker_up",
@@ -171,6 +297,59 @@ class Collector:
             for worker, answers in snapshot.workers_up:
                 up.add_metric((str(worker),), 1 if answers else 0)
             yield up
+
+
+def health_metrics(snapshot: Snapshot):
+    """What `nfknock status` says about the daemon's own health, and its version."""
+    import platform
+
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    from .. import __version__
+
+    info = GaugeMetricFamily("nfknock_build_info", "1, labelled with nfknock's version", labels=("version", "python"))
+    info.add_metric((__version__, platform.python_version()), 1)
+    yield info
+    for name, help_text, value in (
+        (
+            "internal_errors",
+            "Packets dropped after an internal error (a bug: the log has the traceback)",
+            snapshot.errors,
+        ),
+        ("evicted", "Oldest knock attempts or grants evicted because --max-sources was reached", snapshot.evicted),
+        (
+            "granted_set_failures",
+            "Granted-set updates the kernel refused (the source's SYNs take the main queue; still judged)",
+            snapshot.granted_failed,
+        ),
+        (
+            "granted_set_dropped",
+            "Granted-set updates lost because too many were waiting (as a failure: still judged)",
+            snapshot.granted_dropped,
+        ),
+    ):
+        yield CounterMetricFamily(f"nfknock_{name}", help_text, value=value)
+    if snapshot.reload is not None:
+        ok, when = snapshot.reload
+        yield GaugeMetricFamily(
+            "nfknock_last_reload_successful",
+            "1 if the last reload (or the start) took the rules on disk; 0: refused, the rules before it stay",
+            value=int(ok),
+        )
+        yield GaugeMetricFamily(
+            "nfknock_last_reload_success_timestamp_seconds",
+            "When the rules in force were taken (start or reload), Unix time",
+            value=when,
+        )
+    if snapshot.worker_rss:
+        rss = GaugeMetricFamily(
+            "nfknock_worker_resident_memory_bytes",
+            "Resident memory of each worker (the supervisor's is process_resident_memory_bytes)",
+            labels=("worker",),
+        )
+        for worker, size in snapshot.worker_rss:
+            rss.add_metric((str(worker),), size)
+        yield rss
 
 
 def fleet_metrics(fleet: dict):
@@ -212,11 +391,43 @@ def fleet_metrics(fleet: dict):
         yield CounterMetricFamily(f"nfknock_fleet_{name}", help_text, value=fleet[name])
 
 
-def serve(latest: Callable[[], Snapshot | None], port: int):
-    """Start the exporter on 127.0.0.1:port (a thread of prometheus-client)."""
-    from prometheus_client import start_http_server
+def serve(latest: Callable[[], Snapshot | None], port: int, addr: str = "127.0.0.1"):
+    """Start the exporter on addr:port (a thread of prometheus-client), with the process's own
+    metrics (process_resident_memory_bytes: the check of the bounded-memory promise)."""
+    from prometheus_client import ProcessCollector, start_http_server
     from prometheus_client.core import CollectorRegistry
 
     registry = CollectorRegistry()
     registry.register(Collector(latest))
-    return start_http_server(port, addr="127.0.0.1", registry=registry)
+    ProcessCollector(registry=registry)
+    return start_http_server(port, addr=addr, registry=registry)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT as exporters take it (`127.0.0.1:9474`, `[::1]:9474`, `0.0.0.0:9474`), or
+    ValueError saying what is wrong. The address is an IP literal: a name could resolve to
+    an address nobody meant to serve on."""
+    import ipaddress
+
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected ADDR:PORT (e.g. 127.0.0.1:9474 or [::1]:9474), got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host, bracketed = host[1:-1], True
+    else:
+        bracketed = False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} in {text!r} is not an IP address (IPv6 in brackets: [::1]:9474)") from None
+    if address.version == 6 and not bracketed:
+        raise ValueError(f"an IPv6 address goes in brackets ([::1]:9474), got {text!r}")
+    if address.version == 4 and bracketed:
+        raise ValueError(f"only IPv6 addresses go in brackets, got {text!r}")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be in 1..65535, got {port_text!r} in {text!r}")
+    return str(address), int(port_text)
+
+
+def url(addr: str, port: int) -> str:
+    return f"http://[{addr}]:{port}/metrics" if ":" in addr else f"http://{addr}:{port}/metrics"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from ..doors.first_steps import FirstSteps, MarkHistory, decide
@@ -87,6 +88,9 @@ class Reloader:
         self.reraise = reraise  # errors that must stop the daemon (a worker that cannot take the rules)
         self._named_in_daemon: set[str] = set()
         self._job: ReloadJob | None = None
+        # For the metrics: whether the last reload took the rules on disk, and when rules were
+        # last taken (Unix time; the start counts as one).
+        self.last_ok, self.last_success = True, time.time()
 
     def start(self, in_place: MarkHistory) -> Plan:
         """At start, before any queue is bound: keep to what the rules in place mean (`in_place`,
@@ -149,6 +153,7 @@ class Reloader:
             return False
         self.first_steps = first_steps
         self.ruleset = ruleset
+        self.last_ok, self.last_success = True, time.time()
         dropped = self.switch(ruleset, first_steps)
         for installed in self.installed:
             installed(ruleset)
@@ -168,6 +173,7 @@ class Reloader:
         return {(port.proto, port.port) for door in self.ruleset.doors for port in door.protect}
 
     def refuse(self, error: BaseException | None) -> None:
+        self.last_ok = False
         if isinstance(error, RulesError):
             lines = list(error.lines)
         elif isinstance(error, NfknockError):

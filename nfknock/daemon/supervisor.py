@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -162,7 +163,9 @@ class Supervisor:
         """A slow worker costs a scrape its freshness, not the daemon: the last snapshot serves."""
         assert self.pool is not None
         try:
-            return metrics.of_process(self, self.pool.snapshot())
+            snapshot = metrics.of_process(self, self.pool.snapshot())
+            rss = [(worker.shard, metrics.resident_bytes(worker.pid)) for worker in self.pool.workers]
+            return replace(snapshot, worker_rss=tuple((shard, size) for shard, size in rss if size is not None))
         except WorkerDied:
             raise
         except NfknockError as exc:

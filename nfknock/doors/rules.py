@@ -46,7 +46,8 @@ MAX_SEQUENCE = 32  # knockd's limit; longer sequences only cost the user typing
 
 
 class Port(BaseModel):
-    """A port and its protocol; written `22/tcp`, `40000` (tcp is the default) or `53/udp`."""
+    """A port and its protocol; written `22/tcp`, `40000` (tcp is the default) or `53/udp`, or
+    in knockd's spelling, `53:udp` (so a knockd sequence can be pasted as it is)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -61,7 +62,7 @@ class Port(BaseModel):
         if isinstance(value, int):
             port, proto = value, "tcp"
         elif isinstance(value, str):
-            match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*([A-Za-z]+)\s*)?", value)
+            match = re.fullmatch(r"\s*(\d+)\s*(?:[/:]\s*([A-Za-z]+)\s*)?", value)
             if not match:
                 raise ValueError(f"expected a port like 40000 or 40000/udp, got {_short(value)}")
             port, proto = int(match.group(1)), (match.group(2) or "tcp").lower()

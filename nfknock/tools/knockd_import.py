@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from ..doors.rules import MAX_SEQUENCE
+from ..doors.rules import MAX_SEQUENCE, Port
 
 _ACCEPT = re.compile(
     r"\biptables\S*\s+(?P<op>-A|-I|-D)\s+INPUT\b.*?(?:-p\s+(?P<proto>tcp|udp)\b)?.*?"
@@ -70,10 +70,15 @@ def _grant_of(command: str) -> tuple[str, str, int] | None:
 
 
 def _steps(value: str) -> list[str]:
+    """knockd's `7000:udp,8000` as nfknock writes it (`7000/udp`, `8000/tcp`), read by the rules'
+    own port parser (it takes knockd's spelling); ValueError names the step it cannot read."""
     steps = []
     for item in value.split(","):
-        port, _, proto = item.strip().partition(":")
-        steps.append(f"{port.strip()}/{(proto or 'tcp').strip().lower()}")
+        try:
+            steps.append(str(Port.model_validate(item.strip())))
+        except ValueError as exc:  # pydantic's ValidationError is one
+            reason = exc.errors()[0]["msg"].removeprefix("Value error, ") if hasattr(exc, "errors") else exc
+            raise ValueError(f"{item.strip()!r}: {reason}") from None
     return steps
 
 
@@ -108,7 +113,12 @@ def import_knockd(text: str) -> Imported:
             )
             continue
         op, proto, port = grant
-        steps = _steps(values["sequence"][1])
+        try:
+            steps = _steps(values["sequence"][1])
+        except ValueError as exc:
+            line = values["sequence"][0]
+            unmapped.append(f"line {line}: [{section.name}] {raw[line]} ({exc}: door skipped)")
+            continue
         if op == "-D":
             closers.append((section, (proto, port), steps))
             continue

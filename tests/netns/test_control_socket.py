@@ -59,5 +59,8 @@ def test_metrics_on_localhost(controlled, alice):
     assert 'nfknock_connections_total{door="openSSH",result="accepted"} 1.0' in body
     assert 'nfknock_packets_total{verdict="accept"} 1.0' in body
     assert "nfknock_queue_dropped_total" in body
+    assert 'nfknock_lockouts_total{door="openSSH"} 0.0' in body  # at 0 before the first one
+    assert "nfknock_last_reload_successful 1.0" in body and "nfknock_internal_errors_total 0.0" in body
+    assert 'nfknock_build_info{python="' in body and "process_resident_memory_bytes " in body
     with entered(controlled.sandbox.server), pytest.raises(OSError):  # bound to localhost only
         DIRECT.open(f"http://{alice.server_address}:9474/metrics", timeout=2)

@@ -171,8 +171,20 @@ def test_second_daemon_on_the_same_queue_is_refused(server):
     assert server.iptables() == SCAFFOLDING
 
 
+def metrics(server, port: int) -> str:
+    """The running daemon's metrics, from inside its namespace (never through a proxy)."""
+    import urllib.request
+
+    from support.sandbox import entered
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with entered(server.sandbox.server):
+        return opener.open(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def test_sighup_with_a_bad_file_keeps_the_old_rules(server, alice):
-    server.start()
+    server.start("--metrics-port", "9478")
+    assert "nfknock_last_reload_successful 1.0" in metrics(server, 9478)
     good = (server.rules / "doors.yaml").read_text()
     server.write_rules(good.replace("40000, 50000, 60000]", "40000, 50000, 99999]"))
     server.process.send_signal(signal.SIGHUP)
@@ -181,15 +193,19 @@ def test_sighup_with_a_bad_file_keeps_the_old_rules(server, alice):
     knock(server.sandbox, alice, "40000", "50000", "60000")
     assert connect(alice).connected
     assert server.iptables() == SCAFFOLDING
+    assert "nfknock_last_reload_successful 0.0" in metrics(server, 9478)  # the NfknockReloadRefused alert
 
 
 def test_sighup_applies_new_rules_and_keeps_unchanged_grants(server, alice, bob):
-    server.start()
+    server.start("--metrics-port", "9478")
     knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert 'door="web"' not in metrics(server, 9478)
     extra = "doors:\n  - name: web\n    sequence: [1111, 2222]\n    protect: [8080/tcp]\n"
     server.write_rules(extra, name="web.yaml")
     server.process.send_signal(signal.SIGHUP)
     server.wait_log("reloaded")
+    after = metrics(server, 9478)
+    assert 'nfknock_lockouts_total{door="web"} 0.0' in after and "nfknock_last_reload_successful 1.0" in after
     assert connect(alice).connected  # openSSH did not change: Alice's grant lives on
     rules = server.iptables()
     assert (

@@ -121,3 +121,41 @@ def test_our_spa_client(spa_server, alice):
     )
     assert result.returncode == 0, result.stderr
     assert connect(alice).connected
+
+
+@pytest.mark.needs_tools("promtool")
+def test_the_first_replay_a_real_daemon_reports_fires_the_critical_alert(spa_server, alice, tmp_path):
+    """Scrapes of a running daemon (on an IPv6 listen address), before anything, after an
+    opening and after its replay, one a minute for promtool: NfknockSpaReplay fires on the
+    first replay because its series was there at 0 from the start."""
+    import urllib.request
+    from pathlib import Path
+
+    from support.scrapes import expected_alert, promtool_test, samples
+
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    spa_server.start("--state-dir", str(spa_server.state), "--metrics-listen", "[::1]:9477")
+
+    def scrape() -> str:
+        with entered(spa_server.sandbox.server):
+            return direct.open("http://[::1]:9477/metrics", timeout=5).read().decode()
+
+    fresh = scrape()
+    replays = {series: value for series, value in samples(fresh).items() if 'reason="replay"' in series}
+    assert list(replays.values()) == [0]
+    packet_file = tmp_path / "packet"
+    fwknop(spa_server, alice, save=packet_file)
+    spa_server.wait_log("OPEN SESAME")
+    opened = scrape()
+    send_raw(alice, packet_file.read_text().strip().encode())
+    spa_server.wait_log("SPA packet refused")
+    replayed = scrape()
+    assert 'nfknock_spa_refused_total{door="spaSSH",key="default",reason="replay"} 1.0' in replayed
+    alerts = Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "nfknock-alerts.yml"
+    fired = expected_alert(alerts, "NfknockSpaReplay", {"instance": "bastion:9474", "door": "spaSSH"})
+    checks = [
+        {"eval_time": "4m", "alertname": "NfknockSpaReplay", "exp_alerts": []},
+        {"eval_time": "6m", "alertname": "NfknockSpaReplay", "exp_alerts": [fired]},
+    ]
+    result = promtool_test(alerts, [fresh] * 3 + [opened] * 2 + [replayed] * 3, checks, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

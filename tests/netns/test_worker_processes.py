@@ -229,6 +229,11 @@ def test_ipv6_sources_are_sharded_too_and_metrics_count_every_worker(server, ali
         body = opener.open("http://127.0.0.1:9471/metrics", timeout=5).read().decode()
     assert 'nfknock_active_grants{door="openSSH"} 2.0' in body
     assert 'nfknock_packets_total{verdict="accept"} 2.0' in body
+    # Memory of every process (bounded by --max-sources): the supervisor's and each worker's.
+    assert "process_resident_memory_bytes " in body
+    for worker in ("0", "1"):
+        assert f'nfknock_worker_resident_memory_bytes{{worker="{worker}"}} ' in body
+    assert 'nfknock_lockouts_total{door="openSSH"} 0.0' in body  # there from the start, at 0
 
 
 def test_a_stopped_worker_is_named_in_the_log_status_and_metrics_until_it_answers_again(server, alice, carol):

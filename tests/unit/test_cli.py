@@ -79,6 +79,7 @@ def parse_knock(*argv):
 def test_knock_steps_from_ports_and_from_a_door():
     assert [str(s) for s in parse_knock("1", "2/udp")] == ["1/tcp", "2/udp"]
     assert [str(s) for s in parse_knock("-u", "1", "2/tcp")] == ["1/udp", "2/tcp"]
+    assert [str(s) for s in parse_knock("-u", "1", "2:tcp", "3:udp")] == ["1/udp", "2/tcp", "3/udp"]  # knock's
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES)] == [40000, 50000, 60000]
     assert [s.port for s in parse_knock("--door", "openSSH", "--rules", RULES, "--close")] == [60000, 50000, 40000]
 
@@ -275,3 +276,77 @@ def test_spa_on_a_team_door_needs_a_key_name(tmp_path, monkeypatch, capsys):
 def test_revoke_takes_an_address_or_a_key(capsys):
     assert main(["revoke", "--control-socket", "/nonexistent"]) == 2
     assert "give an ADDRESS or --key NAME" in capsys.readouterr().err
+
+
+# -- check --json, doctor --json: what CI scripts parse -------------------------------------
+
+CHECK_KEYS = ["ok", "exit_code", "errors", "warnings", "doors", "rules_installed"]
+DOCTOR_KEYS = ["ok", "exit_code", "errors", "findings", "counts"]
+
+
+def json_out(capsys) -> dict:
+    import json
+
+    captured = capsys.readouterr()
+    assert captured.err == ""  # everything a script needs is in the JSON
+    return json.loads(captured.out)
+
+
+def test_check_json_has_the_doors_and_the_rules(monkeypatch, capsys):
+    from nfknock.tools import doctor
+
+    monkeypatch.setattr(doctor, "read_local_ports", lambda: ((32768, 60999), ""))
+    assert main(["check", "--rules", RULES, "--queue-num", "5", "--json"]) == 0
+    report = json_out(capsys)
+    assert list(report) == CHECK_KEYS
+    assert report["ok"] is True and report["exit_code"] == 0 and report["errors"] == []
+    (door,) = report["doors"]
+    assert (door["name"], door["kind"]) == ("openSSH", "knock")
+    assert door["file"].endswith("ssh.yaml") and door["fields"]["sequence"] == "40000/tcp 50000/tcp 60000/tcp"
+    assert "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 5" in report["rules_installed"]["iptables"]
+    assert set(report["rules_installed"]) == {"iptables", "ip6tables"}
+    assert any("ip_local_reserved_ports" in line for line in report["warnings"])
+
+
+def test_check_json_reports_bad_rules_with_the_same_exit_code(tmp_path, capsys):
+    (tmp_path / "x.yaml").write_text("doors:\n  - name: a\n    sequence: [1]\n    protect: [1]\n")
+    assert main(["check", "--rules", str(tmp_path), "--json"]) == 2
+    report = json_out(capsys)
+    assert list(report) == CHECK_KEYS
+    assert (report["ok"], report["exit_code"], report["doors"]) == (False, 2, [])
+    assert report["errors"] == [f"{tmp_path / 'x.yaml'}: door 'a': 1/tcp is both a knock port and a protected port"]
+    assert main(["check", "--rules", RULES, "--queue-num", "65533", "--workers", "2", "--json"]) == 2
+    assert json_out(capsys)["errors"] == ["--queue-num 65533 with --workers 2 needs queues up to 65536: at most 65535"]
+
+
+def test_doctor_json_lists_the_findings_and_exits_as_the_text_does(monkeypatch, capsys):
+    from nfknock.tools import doctor
+
+    healthy = doctor.HostState("nf_tables", conntrack=True)
+    monkeypatch.setattr(doctor, "gather", lambda: healthy)
+    code = main(["doctor", "--rules", RULES])
+    text = capsys.readouterr().out
+    assert main(["doctor", "--rules", RULES, "--json"]) == code
+    report = json_out(capsys)
+    assert list(report) == DOCTOR_KEYS
+    assert [
+        f"{row['level'].upper() if row['level'] == 'fail' else row['level']:<4} {row['text']}"
+        for row in report["findings"]
+    ] == text.splitlines()
+    assert report["ok"] is (code == 0) and report["exit_code"] == code
+    assert sum(report["counts"].values()) == len(report["findings"])
+
+    monkeypatch.setattr(doctor, "gather", lambda: doctor.HostState("nf_tables", conntrack=False))
+    assert main(["doctor", "--rules", RULES, "--json"]) == 1
+    report = json_out(capsys)
+    assert report["ok"] is False and report["counts"]["fail"] >= 1
+    assert {"level": "fail", "text": "conntrack is not available: nfknock needs the nf_conntrack module"} in report[
+        "findings"
+    ]
+    assert main(["doctor", "--rules", RULES, "--queue-num", "65534", "--workers", "2", "--json"]) == 2
+    report = json_out(capsys)
+    assert (report["ok"], report["findings"], report["errors"]) == (
+        False,
+        [],
+        ["--queue-num 65534 with --workers 2 needs queues up to 65537: at most 65535"],
+    )

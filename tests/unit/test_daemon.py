@@ -187,6 +187,24 @@ def test_reload_installs_the_new_scaffolding(daemon):
     assert RuleSpec("DROP", "tcp", 2222) in call[1][4] and RuleSpec("DROP", "tcp", 2222) in call[1][6]
 
 
+def test_the_metrics_follow_reloads_refused_and_taken(daemon):
+    """nfknock_last_reload_successful and the doors whose series exist, through a refused
+    reload (old rules stay) and a taken one (a renamed door: new series, old ones gone)."""
+    before = daemon.snapshot(0.0)
+    assert before.reload[0] is True and [d.name for d in before.doors] == ["openSSH"]
+    path = daemon.config.rules_path / "ssh.yaml"
+    good = path.read_text()
+    path.write_text("doors: [\n")
+    assert daemon.reload() is False
+    refused = daemon.snapshot(0.0)
+    assert refused.reload == (False, before.reload[1]) and [d.name for d in refused.doors] == ["openSSH"]
+    path.write_text(good.replace("openSSH", "webSSH"))
+    assert daemon.reload() is True
+    taken = daemon.snapshot(0.0)
+    assert taken.reload[0] is True and taken.reload[1] >= before.reload[1]
+    assert [d.name for d in taken.doors] == ["webSSH"]
+
+
 def test_sd_notify_reaches_the_socket_systemd_names(tmp_path, monkeypatch):
     import socket as sockets
 

@@ -65,3 +65,16 @@ def test_cli_with_nothing_importable(tmp_path, capsys):
     conf.write_text("[x]\n  sequence = 1,2\n  command = /bin/true\n")
     assert main(["import-knockd", str(conf)]) == 2
     assert "no door could be imported" in capsys.readouterr().err
+
+
+def test_a_step_the_rules_cannot_take_skips_its_door_and_names_the_line():
+    text = (
+        "[good]\n  sequence = 7000:UDP, 8000\n  command = /sbin/iptables -A INPUT -s %IP% -p tcp --dport 22 -j ACCEPT\n"
+        "[bad]\n  sequence = 7000:icmp,8000\n  command = /sbin/iptables -A INPUT -s %IP% -p tcp --dport 23 -j ACCEPT\n"
+    )
+    result = import_knockd(text)
+    assert [door["sequence"] for door in result.doors] == [["7000/udp", "8000/tcp"]]
+    assert (
+        "line 5: [bad] sequence = 7000:icmp,8000 ('7000:icmp': protocol must be tcp or udp, got 'icmp': door skipped)"
+        in result.unmapped
+    )

@@ -169,6 +169,33 @@ def test_unreadable_file(tmp_path):
     assert line.startswith(f"{path}: cannot read")
 
 
+def test_knockd_port_spelling_is_taken_in_rules_files(tmp_path):
+    """A knockd sequence pasted as it is (`7000:udp`), in flow and block lists, reads as 7000/udp."""
+    path = write(
+        tmp_path,
+        """\
+        doors:
+          - name: pasted
+            sequence: [7000:udp, 8000:tcp, 9000, 9100/udp]
+            close_sequence:
+              - 9000:UDP
+              - 8000
+            protect: [22:tcp]
+        """,
+    )
+    (door,) = load_rules(path).doors
+    assert [str(p) for p in door.sequence] == ["7000/udp", "8000/tcp", "9000/tcp", "9100/udp"]
+    assert [str(p) for p in door.close_sequence] == ["9000/udp", "8000/tcp"]
+    assert [str(p) for p in door.protect] == ["22/tcp"]
+    for bad, says in (
+        ("7000:icmp", "protocol must be tcp or udp"),
+        ("7000:", "expected a port"),
+        ("7000/:udp", "expected a port"),
+    ):
+        with pytest.raises(ValueError, match=says):
+            Port.model_validate(bad)
+
+
 def test_port_text_forms():
     assert Port.model_validate("53/UDP").key == ("udp", 53)
     assert Port.model_validate(22).key == ("tcp", 22)
