@@ -50,8 +50,12 @@ def stamp(report: dict) -> dict:
 
 
 def merge(kept: dict, new: dict) -> dict:
-    """`kept` with every figure of `new` in place of its namesake; ratios are recomputed by the caller."""
-    figures = dict(kept.get("figures", {}))
+    """`kept` with every figure of `new` in place of its namesake; ratios are recomputed by the caller.
+
+    Figures of a report written before figures carried their context get the context of that
+    report (its one run), so they are never mistaken for figures of the new run.
+    """
+    figures = dict(stamp({**kept, "figures": dict(kept.get("figures", {}))})["figures"]) if kept.get("figures") else {}
     for name, figure in new["figures"].items():
         figures[name] = figure
     return {

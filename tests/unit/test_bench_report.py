@@ -65,7 +65,9 @@ def one_run(report_mod, date: str, figures: dict[str, list[float]]) -> dict:
             "smoke": False,
             "repeat": 2,
             "ratios": {},
-            "figures": {n: {"median": v[0], "min": min(v), "max": max(v), "runs": v, "unit": "x"} for n, v in figures.items()},
+            "figures": {
+                n: {"median": v[0], "min": min(v), "max": max(v), "runs": v, "unit": "x"} for n, v in figures.items()
+            },
         }
     )
 
@@ -99,3 +101,12 @@ def test_the_block_is_replaced_whole(report_mod):
     assert replaced.startswith("intro\n") and replaced.endswith("after\n") and "old figures" not in replaced
     with pytest.raises(ValueError):
         report_mod.with_block("no markers", "x")
+
+
+def test_figures_of_an_old_report_keep_their_own_date(report_mod):
+    old = one_run(report_mod, "2026-11-26", {"a": [1.0, 1.0]})
+    for figure in old["figures"].values():
+        del figure["measured"]  # written before figures carried their context
+    merged = report_mod.merge(old, one_run(report_mod, "2026-12-03", {"b": [2.0, 2.0]}))
+    assert merged["figures"]["a"]["measured"]["date"] == "2026-11-26"
+    assert "2026-11-26 to 2026-12-03" in report_mod.provenance(merged)
