@@ -273,3 +273,57 @@ def test_admin_log_tools_read_what_the_daemon_writes(server, alice, bob, mallory
         assert "**Unmatched Entries**" not in report, form
     default = sections(logwatch_report(logdir, tmp_path / "default"))  # the syslog and the file
     assert default["Lockouts"] == [f"openSSH: {mallory.address}: 2 time(s)"]
+
+
+def logrotate(server, tmp_path: Path) -> Path:
+    """Debian's logrotate with the shipped file, pointed at the server's log; the rotated file."""
+    conf = tmp_path / "logrotate.conf"
+    shipped = (DEPLOY / "logrotate" / "nfknock").read_text()
+    assert "/var/log/nfknock/nfknock.log {" in shipped
+    conf.write_text(shipped.replace("/var/log/nfknock/nfknock.log", str(server.log)))
+    result = subprocess.run(
+        ["logrotate", "--force", "--state", str(tmp_path / "logrotate.state"), str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    rotated = server.log.with_name(server.log.name + ".1")  # delaycompress: plain text this time
+    assert rotated.exists() and server.log.exists() and server.log.stat().st_size == 0
+    return rotated
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_logrotate_rotates_the_log_file_nothing_is_lost_and_the_daemon_runs_on(server, alice, tmp_path, workers):
+    """Lines before the rotation in the rotated file, every line after it in the new one, none
+    twice; no signal, no reload. With workers, the line of a knock is written by a worker
+    process: it follows the rotation by itself."""
+    tools("logrotate")
+    server.start("--workers", workers)
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    server.wait_log(f"{alice.address}: openSSH: accepted new connection")
+    before = server.log_text()
+    rotated = logrotate(server, tmp_path)
+    knock(server.sandbox, alice, "60000", "50000", "40000")
+    server.wait_log(f"{alice.address}: openSSH: closed")
+    knock(server.sandbox, alice, "40000", "50000", "60000")
+    assert connect(alice).connected
+    server.wait_log(f"{alice.address}: openSSH: accepted new connection")
+    after = server.log_text()
+    assert server.process.poll() is None  # undisturbed: running, and no reload
+    assert "reload" not in before + after
+    assert rotated.read_text() == before
+    messages = [line[19:] for line in after.splitlines()]
+    assert messages == [
+        f"{alice.address}: openSSH: close Stage 1",
+        f"{alice.address}: openSSH: close Stage 2",
+        f"{alice.address}: openSSH: closed",
+        f"{alice.address}: openSSH: Stage 1",
+        f"{alice.address}: openSSH: Stage 2",
+        f"{alice.address}: openSSH: OPEN SESAME",
+        f"{alice.address}: openSSH: accepted new connection to 22/tcp",
+    ]
+    assert server.stop() == 0
+    assert "nfknock stopped by a signal" in server.log_text()  # the supervisor's line, new file too
+    assert not rotated.read_text().count("stopped")
