@@ -47,7 +47,7 @@ class ReopeningFileHandler(logging.FileHandler):
         """Close the stream and open the path again (made if it is missing). OSError if it
         cannot be opened: the handler then has no stream and tries again at the next line."""
         if self.stream is not None:
-            stream, self.stream = self.stream, None  # type: ignore[assignment]
+            stream, self.stream = self.stream, None
             try:
                 stream.flush()
             except OSError:

@@ -120,10 +120,14 @@ def test_under_journald_each_line_carries_its_priority_and_no_timestamp(monkeypa
     import os
     import sys
 
+    from nfknock.daemon import logs
     from nfknock.daemon.logs import setup_logging
 
     stat = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    monkeypatch.setattr(
+        logs, "JOURNAL_SOCKET", "/nonexistent/journal.socket"
+    )  # the stream (test_journal.py: the socket)
     log = setup_logging()
     log.info("door ssh: sequence 40000/tcp")
     log.error("reload refused, keeping the current rules: broken")
@@ -165,6 +169,7 @@ def test_the_file_syslog_and_journal_carry_the_same_message(monkeypatch, tmp_pat
     log_events(file_log, [event])
     stat = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(tmp_path / "none"))  # the stream; the socket: test_journal.py
     log_events(setup_logging(), [event])
     file_line = (tmp_path / "nfknock.log").read_text().splitlines()[0]
     assert file_line[19:] == "10.0.0.2: openSSH: OPEN SESAME"
