@@ -85,7 +85,7 @@ def test_a_traceback_is_one_entry_at_its_priority(under_journald):
 def test_what_the_socket_cannot_take_goes_to_the_stream_without_waiting(under_journald, capfd):
     """journald not reading (its queue full), then gone: no line lost, none blocks."""
     log = setup_logging()
-    sent = 3000  # more than a datagram queue holds (max_dgram_qlen, 512 by default)
+    sent = 3000  # more than a datagram queue holds (net.unix.max_dgram_qlen: 10, or 512 under systemd)
     refused = SpaRefused("10.0.0.9", "spa", "bad hmac", "HMAC does not match")
     for _ in range(sent):
         log_events(log, [refused])
