@@ -24,6 +24,8 @@ APT_PACKAGES=(
                                                    # (its server is neither started nor enabled: see below)
   redis-server redis-tools                         # fleet mode: the tests start their own redis-server; redis-cli
   nftables                                         # nft: tests/netns/test_self_healing.py runs `nft flush ruleset`
+  logwatch fail2ban logcheck logcheck-database     # tests/unit/test_log_tools.py runs the admin's log tools on
+                                                   # nfknock's lines (no fail2ban server is started: see below)
 )
 # Nothing here needs procps (kill, ps, pkill): minimal Debian has none, and the tests signal
 # processes with os.kill / Popen.send_signal.
@@ -57,7 +59,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ "$status" -eq 0 ] || exit "$status"
   for pkg in "${missing[@]}"; do
     case "$pkg" in
-      prometheus|fwknop-server|redis-server|nftables)
+      prometheus|fwknop-server|redis-server|nftables|fail2ban)
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
           as_root systemctl disable --now "$pkg" >/dev/null 2>&1 || true
         fi ;;

@@ -32,8 +32,12 @@ from ..doors.events import (
     SequenceTimeout,
     SpaRefused,
 )
+from . import journal
+from .logfile import ReopeningFileHandler
 
 LOGGER_NAME = "nfknock"
+SYSLOG_ADDRESS = "/dev/log"  # --syslog; tests point it at their own socket
+JOURNAL_SOCKET = journal.SOCKET  # journald's native protocol (journal.py); tests point it elsewhere
 TIME_FORMAT = "%Y-%m-%d %H:%M"
 
 
@@ -174,13 +178,20 @@ def setup_logging(
     stamped = JsonFormatter() if log_format == "json" else logging.Formatter("[%(asctime)s] %(message)s", TIME_FORMAT)
     handlers: list[logging.Handler] = []
     if log_file:
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(ReopeningFileHandler(log_file))  # follows logrotate (logfile.py)
         handlers[0].setFormatter(stamped)
+    elif log_format == "text" and to_journal():
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(JournalFormatter())
+        if journal.available(JOURNAL_SOCKET):  # the event's fields as journal fields
+            handlers.append(journal.JournalHandler(stream, JOURNAL_SOCKET))
+        else:
+            handlers.append(stream)
     else:
         handlers.append(logging.StreamHandler(sys.stderr))
-        handlers[0].setFormatter(JournalFormatter() if log_format == "text" and to_journal() else stamped)
+        handlers[0].setFormatter(stamped)
     if syslog:
-        to_syslog = logging.handlers.SysLogHandler(address="/dev/log", facility="daemon")
+        to_syslog = logging.handlers.SysLogHandler(address=SYSLOG_ADDRESS, facility="daemon")
         to_syslog.setFormatter(logging.Formatter("nfknock: %(message)s"))
         handlers.append(to_syslog)
     for handler in handlers:

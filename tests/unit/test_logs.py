@@ -120,10 +120,14 @@ def test_under_journald_each_line_carries_its_priority_and_no_timestamp(monkeypa
     import os
     import sys
 
+    from nfknock.daemon import logs
     from nfknock.daemon.logs import setup_logging
 
     stat = os.fstat(sys.stderr.fileno())
     monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    monkeypatch.setattr(
+        logs, "JOURNAL_SOCKET", "/nonexistent/journal.socket"
+    )  # the stream (test_journal.py: the socket)
     log = setup_logging()
     log.info("door ssh: sequence 40000/tcp")
     log.error("reload refused, keeping the current rules: broken")
@@ -145,3 +149,31 @@ def test_without_journald_lines_keep_their_timestamp(monkeypatch, capfd):
     setup_logging().warning("hello")
     (line,) = capfd.readouterr().err.splitlines()
     assert line.startswith("[") and line.endswith("] hello")
+
+
+def test_the_file_syslog_and_journal_carry_the_same_message(monkeypatch, tmp_path, capfd):
+    """The admin's log tools (deploy/, tests/netns/test_log_tools.py) read the message after
+    each form's own stamp: `[YYYY-MM-DD HH:MM] ` in the file, `nfknock: ` to syslog (rsyslog puts
+    its stamp and host in front), `<6>` to the journal (journald strips it)."""
+    import os
+    import socket
+    import sys
+
+    from nfknock.daemon import logs
+
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(tmp_path / "log"))
+    monkeypatch.setattr(logs, "SYSLOG_ADDRESS", str(tmp_path / "log"))
+    event = DoorOpened("10.0.0.2", "openSSH", 1.0)
+    file_log = setup_logging(str(tmp_path / "nfknock.log"), syslog=True)
+    log_events(file_log, [event])
+    stat = os.fstat(sys.stderr.fileno())
+    monkeypatch.setenv("JOURNAL_STREAM", f"{stat.st_dev}:{stat.st_ino}")
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(tmp_path / "none"))  # the stream; the socket: test_journal.py
+    log_events(setup_logging(), [event])
+    file_line = (tmp_path / "nfknock.log").read_text().splitlines()[0]
+    assert file_line[19:] == "10.0.0.2: openSSH: OPEN SESAME"
+    assert receiver.recv(4096) == b"<30>nfknock: 10.0.0.2: openSSH: OPEN SESAME\x00"  # daemon.info
+    assert capfd.readouterr().err == "<6>10.0.0.2: openSSH: OPEN SESAME\n"
+    receiver.close()
+    logging.getLogger("nfknock").handlers.clear()
