@@ -178,7 +178,8 @@ class _DoorState:
         if shared:
             ports = None if grant is None else tuple(sorted(grant.ports))
             key = None if grant is None else grant.key
-            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key))
+            dests = () if grant is None else tuple(sorted(grant.dests))
+            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key, dests))
             return
         until = now + seconds
         if grant is None:
@@ -442,6 +443,13 @@ class Engine:
             key: (tuple(knock.get(key, ())), tuple(trip.get(key, ())), tuple(protect.get(key, ())))
             for key in set(knock) | set(trip) | set(protect)
         }
+        # Gateway doors (docs/gateway.md): (proto, address, port) of a destination behind this host
+        # -> the doors whose grant opens it. Only forwarded packets carry such a destination.
+        dests: dict[tuple[str, str, int], list[_DoorState]] = {}
+        for state in states.values():
+            for dest in state.door.destinations:
+                dests.setdefault(dest.key, []).append(state)
+        self._dests = {key: tuple(doors) for key, doors in dests.items()}
 
     def reload(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> list[str]:
         """Switch to new doors, whose first steps the kernel records as `first_steps` says. State
@@ -464,6 +472,10 @@ class Engine:
 
     def handle(self, packet: Packet, now: float, wall: float | None = None) -> Decision:
         """`now`: monotonic engine time; `wall`: Unix time, needed only by SPA and rotating doors."""
+        if self._dests:
+            behind = self._dests.get((packet.proto, packet.dst, packet.dport))
+            if behind is not None:
+                return self._forward(behind, packet, now)
         key = (packet.proto, packet.dport)
         route = self._routes.get(key)
         if route is None:
@@ -495,6 +507,22 @@ class Engine:
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
+
+    def _forward(self, doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
+        """A new connection forwarded to a destination behind this host (routed, or published:
+        after the DNAT the packet has the destination's address). Accepted when its source holds
+        a grant of a door with that destination: a knock grant opens all the door's
+        destinations, an SPA grant the ones its packet asked for (or the door's force_nat)."""
+        key = (packet.proto, packet.dst, packet.dport)
+        host = f"[{packet.dst}]" if packet.family == 6 else packet.dst
+        where = f"{host}:{packet.dport}/{packet.proto}"
+        for state in doors:
+            grant = state.grants.live(packet.src, now)
+            if grant is not None and (grant[1] is None or key in grant[1].dests):
+                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, where),))
+        if self.pending and self.pending.get(packet.src, 0.0) > now:
+            return _HOLD_NOTHING
+        return Decision(_DROP, (ConnectionRefused(packet.src, where),))
 
     def restore_replays(self, entries: dict[str, float], wall: float) -> None:
         """Records saved by an earlier run (see replay.py)."""
@@ -564,7 +592,7 @@ class Engine:
                 state.grants.put(claim.src, until)
                 events.append(DoorOpened(claim.src, claim.door, until))
             else:
-                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds)
+                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds, frozenset(claim.dests))
                 state.grants.put(claim.src, until, spa)
                 events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
             return events

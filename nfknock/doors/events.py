@@ -156,6 +156,7 @@ class ClaimNeeded:
     seconds: float
     ports: tuple[tuple[str, int], ...] | None = None
     key: str | None = None
+    dests: tuple[tuple[str, str, int], ...] = ()  # an SPA packet's destinations behind this host (gateway)
 
 
 Event = (

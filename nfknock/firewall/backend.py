@@ -9,7 +9,7 @@ from typing import Protocol
 
 from ..errors import FirewallError
 from .granted import create_first_step_sets
-from .plan import Plan, RuleSpec
+from .plan import FORWARD_CHAIN, NAT_CHAIN, Plan, RuleSpec
 from .sessions import create_session_sets
 
 
@@ -41,6 +41,11 @@ class PerFamily:
         create_session_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
+        gateway = getattr(plan, "gateway", None)  # plan.GatedPlan; a plain dict leaves those chains alone
+        if gateway is not None:
+            for family in (4, 6):
+                self._gateway(family, FORWARD_CHAIN, gateway.forward.get(family) or None)
+                self._gateway(family, NAT_CHAIN, gateway.nat.get(family) or None)
 
     def set_runner(self) -> Callable:
         return subprocess.run
@@ -56,6 +61,8 @@ class PerFamily:
             try:
                 present = bool(self._rules(family)) or self._jumps(family) > 0 or present
                 self._transaction(family, None)
+                for chain in (FORWARD_CHAIN, NAT_CHAIN):
+                    present = self._gateway(family, chain, None) or present
             except FirewallError as exc:
                 failures.append(f"IPv{family}: {exc}")
         if failures:
@@ -70,6 +77,11 @@ class PerFamily:
         raise NotImplementedError
 
     def _rules(self, family: int) -> list[str]:
+        raise NotImplementedError
+
+    def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
+        """Replace a gateway chain (plan.FORWARD_CHAIN or NAT_CHAIN) and its jump with `specs`
+        in one transaction (None: remove them); True if there was one before."""
         raise NotImplementedError
 
     def _jumps(self, family: int) -> int:

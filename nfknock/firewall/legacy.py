@@ -12,14 +12,17 @@ from ..errors import FirewallError
 from ..extras import load_iptc
 from .backend import PerFamily
 from .host import legacy_tables
-from .plan import CHAIN, RuleSpec
+from .plan import CHAIN, FORWARD_CHAIN, NAT_CHAIN, RuleSpec
+
+# The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
+GATEWAY_CHAINS = {FORWARD_CHAIN: ("filter", "FORWARD"), NAT_CHAIN: ("nat", "PREROUTING")}
 
 
-def _classes(family: int):
+def _classes(family: int, table: str = "filter"):
     iptc = load_iptc()
     if family == 4:
-        return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
-    return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
+        return iptc, iptc.Table(table), iptc.Rule
+    return iptc, iptc.Table6(table), iptc.Rule6
 
 
 class LegacyFirewall(PerFamily):
@@ -78,6 +81,44 @@ class LegacyFirewall(PerFamily):
             table.refresh()
 
 
+    def _gateway(self, family: int, chain_name: str, specs: list[RuleSpec] | None) -> bool:
+        table_name, builtin_name = GATEWAY_CHAINS[chain_name]
+        if specs is None and table_name not in legacy_tables(family):
+            return False  # nothing to remove, and no table to create by looking
+        iptc, table, rule_class = _classes(family, table_name)
+        table.autocommit = False
+        try:
+            table.refresh()
+            builtin = iptc.Chain(table, builtin_name)
+            for rule in [r for r in builtin.rules if r.target.name == chain_name]:
+                builtin.delete_rule(rule)
+            existed = table.is_chain(chain_name)
+            if existed:
+                chain = iptc.Chain(table, chain_name)
+                chain.flush()
+            else:
+                chain = table.create_chain(chain_name) if specs is not None else None
+            if specs is None:
+                if chain is not None:
+                    chain.delete()
+            else:
+                for spec in specs:
+                    chain.append_rule(_rule_of(rule_class, spec))
+                jump = rule_class()
+                if self.interface:
+                    set_in_interface(jump, self.interface)
+                jump.create_target(chain_name)
+                builtin.insert_rule(jump, 0)
+            table.commit()
+            return existed
+        except (iptc.IPTCError, ValueError) as exc:
+            tool = "ip6tables" if family == 6 else "iptables"
+            raise FirewallError(f"{tool} (legacy, {table_name} {chain_name}): {exc}") from None
+        finally:
+            table.autocommit = True
+            table.refresh()
+
+
 IFNAMSIZ = 16
 
 
@@ -97,6 +138,8 @@ def _rule_of(rule_class, spec: RuleSpec):
     rule = rule_class()
     if spec.in_interface:
         set_in_interface(rule, spec.in_interface)
+    if spec.destination:
+        rule.dst = spec.destination
     if spec.proto:
         rule.protocol = spec.proto
         match = rule.create_match(spec.proto)
@@ -106,6 +149,8 @@ def _rule_of(rule_class, spec: RuleSpec):
             match.tcp_flags = list(spec.tcp_flags)
     if spec.mark is not None:
         rule.create_match("mark").mark = f"{spec.mark:#x}/{spec.mark:#x}"
+    if spec.dst_local:
+        rule.create_match("addrtype").dst_type = "LOCAL"
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
     if spec.match_set:
@@ -127,6 +172,8 @@ def _rule_of(rule_class, spec: RuleSpec):
         target.del_set = [spec.del_set, "src"]
     if spec.queue_num is not None:
         target.queue_num = str(spec.queue_num)
+    if spec.to_destination is not None:
+        target.to_destination = spec.to_destination
     return rule
 
 
