@@ -519,7 +519,7 @@ class Engine:
         for state in doors:
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or key in grant[1].dests):
-                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, where),))
+                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, where, True),))
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, where),))

@@ -123,7 +123,8 @@ class GrantsRevoked:
 class ConnectionAccepted:
     src: str
     door: str
-    port: str
+    port: str  # "22/tcp"; forwarded: the destination, "10.0.0.5:22/tcp"
+    forwarded: bool = False  # to a destination behind this host (a gateway door)
 
 
 @dataclass(frozen=True, slots=True)

@@ -318,7 +318,9 @@ class _DoorBase(BaseModel):
     @model_validator(mode="after")
     def _common(self):
         if not self.protect and not self.forward and not self.publish:
-            raise ValueError("protect: required, at least 1 port (or forward or publish: destinations behind this host)")
+            raise ValueError(
+                "protect: required, at least 1 port (or forward or publish: destinations behind this host)"
+            )
         protected = set(self.protect)
         for entry in self.publish:
             if entry.port in protected:

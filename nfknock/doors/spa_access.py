@@ -153,11 +153,11 @@ def _nat_destination(door: SpaDoor, name: str, request: spa.SpaRequest) -> tuple
     try:
         address = str(ipaddress.ip_address(host))
     except ValueError:
-        raise KeyRefused("destination not allowed", f"key {name}: NAT access to {host[:64]!r}, not an address", name)
+        detail = f"key {name}: NAT access to {host[:64]!r}, not an address"
+        raise KeyRefused("destination not allowed", detail, name) from None
     wanted = (proto, address, port)
     if wanted not in {d.key for d in door.destinations}:
         shown = f"[{address}]" if ":" in address else address
-        raise KeyRefused(
-            "destination not allowed", f"key {name} may not reach {shown}:{port}/{proto} (not in the door's forward or publish)", name
-        ) from None
+        detail = f"key {name} may not reach {shown}:{port}/{proto} (not in the door's forward or publish)"
+        raise KeyRefused("destination not allowed", detail, name)
     return wanted

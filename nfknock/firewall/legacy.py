@@ -80,7 +80,6 @@ class LegacyFirewall(PerFamily):
             table.autocommit = True
             table.refresh()
 
-
     def _gateway(self, family: int, chain_name: str, specs: list[RuleSpec] | None) -> bool:
         table_name, builtin_name = GATEWAY_CHAINS[chain_name]
         if specs is None and table_name not in legacy_tables(family):

@@ -635,9 +635,7 @@ def gateway_plan(doors: tuple[Door, ...], queue_num: int, workers: int = 1) -> G
                     to_destination=f"{host}:{entry.to.port}",
                 )
             )
-    return GatewayPlan(
-        {family: shard(specs, queue_num, family, workers) for family, specs in forward.items()}, nat
-    )
+    return GatewayPlan({family: shard(specs, queue_num, family, workers) for family, specs in forward.items()}, nat)
 
 
 def with_gateway(chains: Plan, gateway: GatewayPlan) -> GatedPlan:
