@@ -266,3 +266,35 @@ def test_status_shows_a_doors_destinations():
 
     door = {"protect": ["22/tcp"], "forward": ["10.0.0.5:22/tcp"], "publish": ["2222/tcp -> 10.0.0.5:5432/tcp"]}
     assert _protects(door) == "22/tcp fwd 10.0.0.5:22/tcp pub 2222/tcp -> 10.0.0.5:5432/tcp"
+
+
+# -- doctor --------------------------------------------------------------------------------
+
+
+def test_doctor_says_forwarding_is_off_and_an_earlier_forward_accept_lets_strangers_through():
+    from nfknock.tools.doctor import FAIL, OK, WARN, HostState, check_gateway
+
+    rules = (
+        "-P FORWARD ACCEPT\n"
+        "-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"  # harmless
+        "-A FORWARD -d 10.0.0.0/24 -p tcp -m tcp --dport 20:30 -j ACCEPT\n"
+        "-A FORWARD -d 10.9.0.0/24 -j ACCEPT\n"  # another network: harmless
+        "-A FORWARD -j NFKNOCK-FWD\n"
+        "-A FORWARD -j ACCEPT\n"  # after our jump: harmless
+    )
+    host = HostState("legacy", {("legacy", 4): rules}, forwarding={4: False, 6: True})
+    findings = check_gateway(host, "legacy", (gateway(forward=[f"{INNER}:22/tcp"]),))
+    levels = {(f.level, f.text.split(" ")[0]) for f in findings}
+    assert (WARN, "net.ipv4.ip_forward") in levels
+    assert any(f.level == WARN and "FORWARD policy is ACCEPT" in f.text for f in findings)
+    (failed,) = [f for f in findings if f.level == FAIL]
+    assert "FORWARD rule 2 accepts 10.0.0.5:22/tcp" in failed.text
+    quiet = HostState("legacy", {("legacy", 4): "-P FORWARD DROP\n-A FORWARD -j NFKNOCK-FWD\n"}, forwarding={4: True})
+    assert {f.level for f in check_gateway(quiet, "legacy", (gateway(forward=[f"{INNER}:22/tcp"]),))} == {OK}
+
+
+def test_doctor_has_nothing_to_say_about_doors_without_destinations():
+    from nfknock.tools.doctor import HostState, check_gateway
+
+    door = KnockDoor.model_validate(dict(name="ssh", sequence=[6001, 6002], protect=["22/tcp"]))
+    assert check_gateway(HostState("legacy", forwarding={4: False}), "legacy", (door,)) == []
