@@ -573,6 +573,7 @@ class SpaKey(BaseModel):
     open_for: Duration | None = None
     max_open_for: Duration | None = None
     hmac_digest: Digest | None = None
+    force_nat: Destination | None = None  # fwknop's FORCE_NAT for this person: their grants go there only
 
     @model_validator(mode="after")
     def _check(self):
@@ -582,7 +583,16 @@ class SpaKey(BaseModel):
 
 
 # Settings a key file may carry besides its two keys, as upper-case lines (`USERNAME: alice`).
-KEY_FILE_SETTINGS = ("username", "sources", "expires", "ports", "open_for", "max_open_for", "hmac_digest")
+KEY_FILE_SETTINGS = (
+    "username",
+    "sources",
+    "expires",
+    "ports",
+    "open_for",
+    "max_open_for",
+    "hmac_digest",
+    "force_nat",
+)
 _LISTS = ("sources", "ports")
 
 
@@ -645,6 +655,7 @@ class DoorKey:
     expires: float | None = None
     ports: frozenset[tuple[str, int]] | None = None  # None: any port the door protects
     origin: str = ""  # where it came from, for messages
+    force_nat: Destination | None = None  # every grant of this key goes to this destination only
 
     def describe(self) -> str:
         parts = []
@@ -656,6 +667,8 @@ class DoorKey:
             parts.append(f"until {describe_expiry(self.expires)}")
         if self.ports is not None:
             parts.append(" ".join(f"{port}/{proto}" for proto, port in sorted(self.ports)))
+        if self.force_nat is not None:
+            parts.append(f"force_nat {self.force_nat}")
         parts.append(f"open_for {self.open_for:g}s max {self.max_open_for:g}s")
         return f"{self.name} ({', '.join(parts)})"
 
@@ -718,6 +731,10 @@ class SpaDoor(_DoorBase):
             raise ValueError(
                 f"key {spec.name!r}: sources {', '.join(wrong)} cannot match a door of family {self.family}"
             )
+        if spec.force_nat is not None and spec.force_nat not in self.destinations:
+            raise ValueError(
+                f"key {spec.name!r}: force_nat {spec.force_nat} is not one of the door's forward or publish destinations"
+            )
         open_for = spec.open_for if spec.open_for is not None else self.open_for
         most = spec.max_open_for if spec.max_open_for is not None else self.max_open_for
         if most is None:
@@ -735,6 +752,7 @@ class SpaDoor(_DoorBase):
             spec.expires,
             ports,
             origin,
+            spec.force_nat,
         )
 
     def single_key(self, keys: Keys, origin: str) -> DoorKey:

@@ -131,9 +131,10 @@ def _grant(door: SpaDoor, key: DoorKey, packet: Packet, request: spa.SpaRequest,
         raise refuse("source mismatch", f"key {name}: the packet asks access for {request.address}")
     asked = request.client_timeout
     seconds = key.open_for if not asked or asked <= 0 else min(float(asked), key.max_open_for)
-    if door.force_nat is not None:
+    forced = key.force_nat or door.force_nat
+    if forced is not None:
         # fwknop's FORCE_NAT: whatever the packet asks for, its sender gets this one destination.
-        return SpaGrant(frozenset(), name, seconds, frozenset({door.force_nat.key}))
+        return SpaGrant(frozenset(), name, seconds, frozenset({forced.key}))
     if request.nat is not None:
         return SpaGrant(frozenset(), name, seconds, frozenset({_nat_destination(door, name, request)}))
     wanted = frozenset(request.ports)

@@ -298,3 +298,42 @@ def test_doctor_has_nothing_to_say_about_doors_without_destinations():
 
     door = KnockDoor.model_validate(dict(name="ssh", sequence=[6001, 6002], protect=["22/tcp"]))
     assert check_gateway(HostState("legacy", forwarding={4: False}), "legacy", (door,)) == []
+
+
+# -- import-fwknop -------------------------------------------------------------------------
+
+
+def test_import_fwknop_maps_force_nat_to_a_key_that_reaches_its_destination_only(tmp_path):
+    from nfknock.loading import load_rules
+    from nfknock.tools.fwknop_import import import_fwknop
+
+    encryption, mac = generate_keys()
+    text = (
+        f"SOURCE ANY\nKEY_BASE64 {encryption}\nHMAC_KEY_BASE64 {mac}\nOPEN_PORTS tcp/22\nREQUIRE_USERNAME alice\n"
+        f"ENABLE_IPT_FORWARDING Y\n\n"
+        f"SOURCE ANY\nKEY_BASE64 {encryption}\nHMAC_KEY_BASE64 {generate_keys()[1]}\nOPEN_PORTS tcp/22\n"
+        f"REQUIRE_USERNAME bob\nFORCE_NAT {INNER} 22\nFORCE_SNAT 10.0.0.1\n"
+    )
+    imported = import_fwknop(text, "spaGw", tmp_path / "keys", ["22/tcp"])
+    assert imported.door["forward"] == [f"{INNER}:22/tcp"] and imported.door["protect"] == ["22/tcp"]
+    assert "FORCE_NAT: 10.0.0.5:22/tcp" in imported.key_files["bob"]
+    assert not any("FORCE_NAT" in line or "ENABLE_IPT_FORWARDING" in line for line in imported.unmapped)
+    assert any("FORCE_SNAT" in line and "never rewrites sources" in line for line in imported.unmapped)
+    assert any("ENABLE_IPT_FORWARDING" in note for note in imported.notes)
+    # What it wrote loads, and bob's grants go to the destination only.
+    (tmp_path / "keys").mkdir(mode=0o700)
+    for name, key_text in imported.key_files.items():
+        path = tmp_path / "keys" / f"{name}.keys"
+        path.write_text(key_text)
+        path.chmod(0o600)
+    rules = tmp_path / "doors.yaml"
+    rules.write_text(imported.yaml())
+    rules.chmod(0o600)
+    (door,) = load_rules(rules).doors
+    bob = next(key for key in door.keyring if key.name == "bob")
+    assert str(bob.force_nat) == f"{INNER}:22/tcp"
+    engine = fresh_engine((door,))
+    payload = encode(bob.keys, ALICE, [("tcp", 22)], WALL, user="bob")
+    engine.handle(Packet(ALICE, BASTION, "udp", 40000, 62201, 0, payload), 10.0, WALL)
+    assert engine.handle(syn(INNER, 22), 11.0).verdict is Verdict.ACCEPT
+    assert engine.handle(syn(BASTION, 22), 11.0).verdict is Verdict.DROP
