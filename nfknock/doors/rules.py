@@ -732,9 +732,7 @@ class SpaDoor(_DoorBase):
                 f"key {spec.name!r}: sources {', '.join(wrong)} cannot match a door of family {self.family}"
             )
         if spec.force_nat is not None and spec.force_nat not in self.destinations:
-            raise ValueError(
-                f"key {spec.name!r}: force_nat {spec.force_nat} is not one of the door's forward or publish destinations"
-            )
+            raise ValueError(f"key {spec.name!r}: force_nat {spec.force_nat} is not a forward or publish destination")
         open_for = spec.open_for if spec.open_for is not None else self.open_for
         most = spec.max_open_for if spec.max_open_for is not None else self.max_open_for
         if most is None:
