@@ -406,6 +406,23 @@ def _workers(text: str) -> int:
     return _int_in(1, MAX_WORKERS, "worker count")(text)
 
 
+def _print_gateway(planned) -> None:
+    """The gateway doors' chains of `check` (docs/gateway.md), as the main chain is printed."""
+    gateway = getattr(planned, "gateway", None)
+    if gateway is None:
+        return
+    for family in (4, 6):
+        tool = "iptables" if family == 4 else "ip6tables"
+        for specs, where in (
+            (gateway.forward.get(family), "filter table, chain jumped to from FORWARD position 1"),
+            (gateway.nat.get(family), "nat table, chain jumped to from PREROUTING position 1"),
+        ):
+            if specs:
+                print(f"{tool} rules ({where}):")
+                for spec in specs:
+                    print(f"  {spec}")
+
+
 def _check_queues(args) -> None:
     last = args.queue_num + 2 * args.workers - 1
     if last > 65535:
@@ -445,14 +462,14 @@ def cmd_check(args) -> int:
     _check_queues(args)
     # What a start installs where no rules are in place (no earlier meaning of a mark bit to keep).
     first_steps = decide(ruleset.doors, MarkHistory())
-    for family, specs in plan(
-        ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps
-    ).items():
+    planned = plan(ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps)
+    for family, specs in planned.items():
         if specs:
             tool = "iptables" if family == 4 else "ip6tables"
             print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
             for spec in specs:
                 print(f"  {spec}")
+    _print_gateway(planned)
     from .tools.doctor import WARN, check_local_ports, read_local_ports
 
     for finding in check_local_ports(ruleset.doors, *read_local_ports()):

@@ -22,7 +22,8 @@ def describe(door: Door) -> list[tuple[str, str]]:
         extra.append(("publish", " ".join(f"{entry.port}->{entry.to}" for entry in door.publish)))
     if isinstance(door, SpaDoor) and door.force_nat is not None:
         extra.append(("force_nat", f"{door.force_nat} (every grant of the door goes there, and only there)"))
-    return lines[:at] + extra + lines[at:]
+    lines = lines[:at] + extra + lines[at:]
+    return [(field, value) for field, value in lines if field != "protect" or value]  # a gateway-only door
 
 
 def _describe(door: Door) -> list[tuple[str, str]]:
