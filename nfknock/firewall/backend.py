@@ -41,7 +41,12 @@ class PerFamily:
         create_session_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
-        gateway = getattr(plan, "gateway", None)  # plan.GatedPlan; a plain dict leaves those chains alone
+        self.apply_gateway(plan)
+
+    def apply_gateway(self, plan: Plan) -> None:
+        """The gateway doors' chains of `plan` (plan.GatedPlan, docs/gateway.md), each replaced
+        with its jump in one transaction; a plain Plan (a dict) leaves them as they are."""
+        gateway = getattr(plan, "gateway", None)
         if gateway is not None:
             for family in (4, 6):
                 self._gateway(family, FORWARD_CHAIN, gateway.forward.get(family) or None)

@@ -145,3 +145,20 @@ def test_fwknop_nat_access_to_another_destination_is_refused_with_a_reason(serve
     line = server.wait_log("destination not allowed")
     assert f"{internal.address}:2200/tcp" in line
     assert not reaches(alice, internal.address)
+
+
+def test_a_flush_that_takes_the_rules_away_takes_the_gateway_chains_back_too(server, internal, alice, mallory):
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    installed = server.iptables()
+    assert any(line.startswith("-A NFKNOCK-FWD") for line in installed)
+    knock(server.sandbox, alice, *SEQUENCE)
+    assert reaches(alice, internal.address), server.log_text()
+    # nftables.service's `flush ruleset` (every nf_tables table), or an admin's `iptables -F`
+    # (every chain of the legacy filter table): the main chain goes, and so do the FORWARD rules.
+    argv = ["nft", "flush", "ruleset"] if server.flavour == "nft" else ["iptables-legacy", "-F"]
+    server.sandbox.run(server.sandbox.server, argv, check=True)
+    server.wait_log("nfknock's rules were changed")
+    assert server.iptables() == installed
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    assert reaches(alice, internal.address) and reaches(alice, alice.server_address, 2222)
