@@ -574,6 +574,7 @@ class SpaKey(BaseModel):
     max_open_for: Duration | None = None
     hmac_digest: Digest | None = None
     force_nat: Destination | None = None  # fwknop's FORCE_NAT for this person: their grants go there only
+    destinations: tuple[Destination, ...] | None = Field(default=None, min_length=1)  # NAT access: None = the door's
 
     @model_validator(mode="after")
     def _check(self):
@@ -592,8 +593,9 @@ KEY_FILE_SETTINGS = (
     "max_open_for",
     "hmac_digest",
     "force_nat",
+    "destinations",
 )
-_LISTS = ("sources", "ports")
+_LISTS = ("sources", "ports", "destinations")
 
 
 def read_key_file(text: str, where: str, lines: dict[str, int] | None = None) -> tuple[Keys, dict[str, Any]]:
@@ -656,6 +658,7 @@ class DoorKey:
     ports: frozenset[tuple[str, int]] | None = None  # None: any port the door protects
     origin: str = ""  # where it came from, for messages
     force_nat: Destination | None = None  # every grant of this key goes to this destination only
+    destinations: frozenset[tuple[str, str, int]] | None = None  # NAT access may ask for these; None: the door's
 
     def describe(self) -> str:
         parts = []
@@ -669,6 +672,8 @@ class DoorKey:
             parts.append(" ".join(f"{port}/{proto}" for proto, port in sorted(self.ports)))
         if self.force_nat is not None:
             parts.append(f"force_nat {self.force_nat}")
+        if self.destinations is not None:
+            parts.append("to " + " ".join(f"{host}:{port}/{proto}" for proto, host, port in sorted(self.destinations)))
         parts.append(f"open_for {self.open_for:g}s max {self.max_open_for:g}s")
         return f"{self.name} ({', '.join(parts)})"
 
@@ -733,6 +738,9 @@ class SpaDoor(_DoorBase):
             )
         if spec.force_nat is not None and spec.force_nat not in self.destinations:
             raise ValueError(f"key {spec.name!r}: force_nat {spec.force_nat} is not a forward or publish destination")
+        far = [str(d) for d in spec.destinations or () if d not in self.destinations]
+        if far:
+            raise ValueError(f"key {spec.name!r}: destinations {', '.join(far)} not in the door's forward or publish")
         open_for = spec.open_for if spec.open_for is not None else self.open_for
         most = spec.max_open_for if spec.max_open_for is not None else self.max_open_for
         if most is None:
@@ -751,6 +759,7 @@ class SpaDoor(_DoorBase):
             ports,
             origin,
             spec.force_nat,
+            None if spec.destinations is None else frozenset(d.key for d in spec.destinations),
         )
 
     def single_key(self, keys: Keys, origin: str) -> DoorKey:

@@ -136,7 +136,7 @@ def _grant(door: SpaDoor, key: DoorKey, packet: Packet, request: spa.SpaRequest,
         # fwknop's FORCE_NAT: whatever the packet asks for, its sender gets this one destination.
         return SpaGrant(frozenset(), name, seconds, frozenset({forced.key}))
     if request.nat is not None:
-        return SpaGrant(frozenset(), name, seconds, frozenset({_nat_destination(door, name, request)}))
+        return SpaGrant(frozenset(), name, seconds, frozenset({_nat_destination(door, key, request)}))
     wanted = frozenset(request.ports)
     allowed = {p.key for p in door.protect} if key.ports is None else key.ports
     if not wanted <= allowed:
@@ -145,10 +145,12 @@ def _grant(door: SpaDoor, key: DoorKey, packet: Packet, request: spa.SpaRequest,
     return SpaGrant(wanted, name, seconds)
 
 
-def _nat_destination(door: SpaDoor, name: str, request: spa.SpaRequest) -> tuple[str, str, int]:
-    """The destination a NAT access message (fwknop -N host:port) asks for, if the door has it
-    (forward, or publish's `to`), in the protocol of the packet's access port; KeyRefused otherwise."""
+def _nat_destination(door: SpaDoor, key: DoorKey, request: spa.SpaRequest) -> tuple[str, str, int]:
+    """The destination a NAT access message (fwknop -N host:port) asks for, if the key may reach
+    it (its `destinations`, by default all the door's: forward, and publish's `to`), in the
+    protocol of the packet's access port; KeyRefused otherwise."""
     assert request.nat is not None
+    name = key.name
     host, port = request.nat
     proto = request.ports[0][0] if request.ports else "tcp"
     try:
@@ -157,8 +159,10 @@ def _nat_destination(door: SpaDoor, name: str, request: spa.SpaRequest) -> tuple
         detail = f"key {name}: NAT access to {host[:64]!r}, not an address"
         raise KeyRefused("destination not allowed", detail, name) from None
     wanted = (proto, address, port)
-    if wanted not in {d.key for d in door.destinations}:
+    allowed = {d.key for d in door.destinations} if key.destinations is None else key.destinations
+    if wanted not in allowed:
         shown = f"[{address}]" if ":" in address else address
-        detail = f"key {name} may not reach {shown}:{port}/{proto} (not in the door's forward or publish)"
+        where = "the door's forward or publish" if key.destinations is None else "the key's destinations"
+        detail = f"key {name} may not reach {shown}:{port}/{proto} (not in {where})"
         raise KeyRefused("destination not allowed", detail, name)
     return wanted

@@ -174,6 +174,39 @@ def test_a_force_nat_door_sends_every_grant_to_its_destination_only(keys_env):
     assert engine.handle(syn(BASTION, 22), 11.0).verdict is Verdict.DROP
 
 
+def test_a_key_may_reach_only_its_own_destinations(keys_env, tmp_path):
+    from nfknock.doors.rules import SpaKey
+
+    door = SpaDoor.model_validate(
+        dict(
+            kind="spa",
+            name="spaGw",
+            forward=[f"{INNER}:22/tcp", "10.0.0.6:22/tcp"],
+            keys=[{"name": "alice", "env": "GWSPA", "destinations": [f"{INNER}:22/tcp"]}],
+        )
+    )
+    load_secrets(door)
+    (alice,) = door.keyring
+    assert alice.destinations == frozenset({("tcp", INNER, 22)})
+    engine = fresh_engine((door,))
+    decision = engine.handle(spa_packet(door, nat=("10.0.0.6", 22)), 10.0, WALL)
+    (refused,) = [e for e in decision.events if isinstance(e, SpaRefused)]
+    assert refused.reason == "destination not allowed" and "the key's destinations" in refused.detail
+    engine.handle(spa_packet(door, nat=(INNER, 22)), 12.0, WALL + 1)
+    assert engine.handle(syn(INNER, 22), 13.0).verdict is Verdict.ACCEPT
+    assert engine.handle(syn("10.0.0.6", 22), 13.0).verdict is Verdict.DROP
+    with pytest.raises(ValidationError) as info:
+        SpaDoor.model_validate(
+            dict(
+                kind="spa",
+                name="s",
+                forward=[f"{INNER}:22"],
+                keys=[SpaKey(name="b", env="GWSPA", destinations=["10.9.9.9:22"])],
+            )
+        )
+    assert "destinations 10.9.9.9:22/tcp not in the door's forward or publish" in str(info.value)
+
+
 def test_force_nat_must_be_a_destination_of_the_door(keys_env):
     with pytest.raises(ValidationError) as info:
         SpaDoor.model_validate(dict(kind="spa", name="s", keys_env="GWSPA", protect=[22], force_nat="10.0.0.9:22"))
