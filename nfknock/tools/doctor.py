@@ -33,7 +33,8 @@ from ..firewall.plan import CHAIN, FORWARD_CHAIN, PASS_MARK
 from ..firewall.shards import queues
 from ..loading import load_rules, rule_files
 from ..trust import why_unsafe
-from .export import NFT_INCLUDE, Header, parse_header, protected_ports
+from .export import COVERS_DESTINATIONS, NFT_INCLUDE, Header, parse_header, protected_ports
+from .export import destinations as gateway_destinations
 from .export import digest as base_digest
 from .managers import Manager, find_managers
 
@@ -306,13 +307,23 @@ def _fix(manager: Manager, rules: Path, pass_mark: int, where: str | None) -> st
     return f"put the lines `{command}` prints in {where}, after '# End required lines', then {manager.reload}"
 
 
-def _stale(header: Header, ports: tuple[tuple[str, int], ...], pass_mark: int) -> str | None:
-    """Why a base rule no longer matches the doors, or None when it does."""
-    if header.ports == ports and header.pass_mark == pass_mark and header.digest == base_digest(ports, pass_mark):
+def _stale(
+    header: Header, ports: tuple[tuple[str, int], ...], pass_mark: int, dests: tuple[str, ...] = ()
+) -> str | None:
+    """Why a base rule no longer matches the doors, or None when it does (`dests`: the gateway
+    destinations it should close, where the manager's rule covers them)."""
+    if (
+        header.ports == ports
+        and header.pass_mark == pass_mark
+        and header.destinations == dests
+        and header.digest == base_digest(ports, pass_mark, dests)
+    ):
         return None
     reasons = []
     open_ = [f"{proto}/{port}" for proto, port in ports if (proto, port) not in header.ports]
+    open_ += [dest for dest in dests if dest not in header.destinations]
     extra = [f"{proto}/{port}" for proto, port in header.ports if (proto, port) not in ports]
+    extra += [dest for dest in header.destinations if dest not in dests]
     if open_:
         reasons.append(f"it leaves {' '.join(open_)} open through a reload")
     if extra:
@@ -360,7 +371,8 @@ def check_base_rules(
                     )
                 )
                 continue
-            why = _stale(header, ports, pass_mark)
+            dests = gateway_destinations(doors) if manager.export in COVERS_DESTINATIONS else ()
+            why = _stale(header, ports, pass_mark, dests)
             if why:
                 out.append(
                     Finding(

@@ -162,3 +162,29 @@ def test_a_flush_that_takes_the_rules_away_takes_the_gateway_chains_back_too(ser
     assert server.iptables() == installed
     assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
     assert reaches(alice, internal.address) and reaches(alice, alice.server_address, 2222)
+
+
+def test_the_exported_nftables_base_rule_keeps_the_destinations_closed_without_nfknock(
+    server, internal, alice, mallory, tmp_path
+):
+    rules = server.write_rules(gateway_rules(internal))
+    base = tmp_path / "nfknock.nft"
+    exported = server.nfknock("export", "nftables", "--rules", str(rules))
+    assert exported.returncode == 0, exported.stderr
+    base.write_text(exported.stdout)
+    server.sandbox.run(server.sandbox.server, ["nft", "-f", str(base)], check=True)
+    server.start()
+    knock(server.sandbox, alice, *SEQUENCE)
+    held = reach(alice, internal.address)  # nfknock's verdict marks it: the base rule lets it by
+    assert held is not None and reaches(alice, alice.server_address, 2222), server.log_text()
+    assert not reaches(mallory, internal.address)
+    try:
+        server.stop(signal.SIGKILL)
+        down = server.nfknock("down")
+        assert down.returncode == 0, down.stderr
+        assert not any("NFKNOCK" in line for line in server.iptables())  # only the base rule is left
+        held.sendall(b"ping\n")
+        assert held.recv(64) == b"ping\n"  # established: let by
+        assert not reaches(mallory, internal.address) and not reaches(alice, internal.address)
+    finally:
+        held.close()

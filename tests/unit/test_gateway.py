@@ -370,3 +370,57 @@ def test_import_fwknop_maps_force_nat_to_a_key_that_reaches_its_destination_only
     engine.handle(Packet(ALICE, BASTION, "udp", 40000, 62201, 0, payload), 10.0, WALL)
     assert engine.handle(syn(INNER, 22), 11.0).verdict is Verdict.ACCEPT
     assert engine.handle(syn(BASTION, 22), 11.0).verdict is Verdict.DROP
+
+
+# -- export: the managers' base rules ------------------------------------------------------
+
+
+def test_the_nftables_base_rule_closes_the_destinations_in_a_forward_chain_of_its_own():
+    from nfknock.tools.export import export, parse_header
+
+    text = export("nftables", (gateway(),), "/etc/nfknock/rules")
+    lines = text.splitlines()
+    at = lines.index("\tchain forward {")
+    assert lines[at + 1 :] == [
+        "\t\t# after iptables' FORWARD (priority filter), where nfknock's gateway chain is",
+        "\t\ttype filter hook forward priority filter + 10; policy accept;",
+        "\t\tct state established,related accept",
+        "\t\tmeta mark & 0x20000000 == 0x20000000 accept",
+        "\t\tip daddr 10.0.0.5 tcp dport 22 drop",
+        "\t\tip daddr 10.0.0.5 tcp dport 5432 drop",
+        "\t\tip6 daddr fd00::5 tcp dport 22 drop",
+        "\t}",
+        "}",
+    ]
+    header = parse_header(text)
+    assert header is not None
+    assert header.destinations == ("10.0.0.5:22/tcp", "10.0.0.5:5432/tcp", "[fd00::5]:22/tcp")
+
+
+def test_firewalld_closes_each_destination_in_its_family_and_iptables_says_it_does_not():
+    from nfknock.tools.export import export, parse_header
+
+    xml = export("firewalld", (gateway(),), "/etc/nfknock/rules")
+    assert (
+        '<rule ipv="ipv6" table="security" chain="FORWARD" priority="0">-d fd00::5/128 -p tcp -m tcp --dport 22 '
+        "-m conntrack ! --ctstate RELATED,ESTABLISHED -m mark ! --mark 0x20000000/0x20000000 -j DROP</rule>"
+    ) in xml
+    assert xml.count('chain="FORWARD"') == 3
+    text = export("iptables", (gateway(),), "/etc/nfknock/rules")
+    assert "FORWARD -d" not in text and "Not covered here: the gateway destinations" in text
+    assert parse_header(text).destinations == ()
+
+
+def test_doctor_calls_a_base_rule_without_a_new_destination_stale(tmp_path):
+    from nfknock.tools.doctor import WARN, check_base_rules
+    from nfknock.tools.export import export
+    from nfknock.tools.managers import Manager
+
+    before = export("nftables", (gateway(forward=[f"{INNER}:22/tcp"]),), "r")
+    manager = Manager("nftables.service", "nftables", "enabled", "systemctl reload nftables", {"/x.nft": before})
+    findings = check_base_rules([manager], (gateway(),), tmp_path)
+    (stale,) = findings
+    assert stale.level == WARN and "leaves [fd00::5]:22/tcp open through a reload" in stale.text
+    now = {"/x.nft": export("nftables", (gateway(),), "r")}
+    current = Manager("nftables.service", "nftables", "enabled", "systemctl reload nftables", now)
+    assert "matches the doors" in check_base_rules([current], (gateway(),), tmp_path)[0].text
