@@ -10,6 +10,10 @@ grant of a door protecting that port (an SPA grant: only for the ports the packe
 everything else is dropped. Established connections never come here: the firewall scaffolding
 accepts them before the queue.
 
+A *forwarded* new connection (queued on the FORWARD hook: a gateway door's destination behind
+this host, docs/gateway.md) is routed by (proto, destination address, port) instead, never by
+port alone, and accepted only for a source with a grant of a door that lists that destination.
+
 A *knock* is offered to each door on that port that admits it: the packet's family is the
 door's, a TCP knock's flags match the door's `tcp_flags` (non-matching TCP packets are ignored,
 as knockd does), the source is in the door's `sources` and is not locked out. How the door
@@ -472,10 +476,8 @@ class Engine:
 
     def handle(self, packet: Packet, now: float, wall: float | None = None) -> Decision:
         """`now`: monotonic engine time; `wall`: Unix time, needed only by SPA and rotating doors."""
-        if self._dests:
-            behind = self._dests.get((packet.proto, packet.dst, packet.dport))
-            if behind is not None:
-                return self._forward(behind, packet, now)
+        if packet.forwarded:  # never judged as a port of this host, whatever its port number
+            return self._forward(self._dests.get((packet.proto, packet.dst, packet.dport), ()), packet, now)
         key = (packet.proto, packet.dport)
         route = self._routes.get(key)
         if route is None:
@@ -512,7 +514,9 @@ class Engine:
         """A new connection forwarded to a destination behind this host (routed, or published:
         after the DNAT the packet has the destination's address). Accepted when its source holds
         a grant of a door with that destination: a knock grant opens all the door's
-        destinations, an SPA grant the ones its packet asked for (or the door's force_nat)."""
+        destinations, an SPA grant the ones its packet asked for (or the door's force_nat).
+        A forwarded packet to no destination of the current doors (a reload under way) is
+        refused: a grant of a port of this host never opens a host behind it."""
         key = (packet.proto, packet.dst, packet.dport)
         host = f"[{packet.dst}]" if packet.family == 6 else packet.dst
         where = f"{host}:{packet.dport}/{packet.proto}"

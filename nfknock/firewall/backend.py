@@ -12,6 +12,28 @@ from .granted import create_first_step_sets
 from .plan import FORWARD_CHAIN, NAT_CHAIN, Plan, RuleSpec
 from .sessions import create_session_sets
 
+# The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
+GATEWAY_CHAINS = {FORWARD_CHAIN: ("filter", "FORWARD"), NAT_CHAIN: ("nat", "PREROUTING")}
+
+
+def gateway_script(
+    chain: str, specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool, interface: str | None = None
+) -> str:
+    """The restore input that replaces a gateway chain and its jump (None: removes them), as
+    restore_script does for the main chain."""
+    table, builtin = GATEWAY_CHAINS[chain]
+    lines = [f"*{table}"]
+    if specs is not None:
+        lines.append(f":{chain} - [0:0]")
+    lines += ["-D" + jump[2:] for jump in jumps]
+    if specs is not None:
+        lines += [str(spec) for spec in specs]
+        lines.append(f"-I {builtin} 1{f' -i {interface}' if interface else ''} -j {chain}")
+    elif chain_exists:
+        lines += [f"-F {chain}", f"-X {chain}"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
 
 class Firewall(Protocol):
     """What the daemon needs from a backend. `apply` replaces whatever scaffolding is there
@@ -88,6 +110,25 @@ class PerFamily:
         """Replace a gateway chain (plan.FORWARD_CHAIN or NAT_CHAIN) and its jump with `specs`
         in one transaction (None: remove them); True if there was one before."""
         raise NotImplementedError
+
+    def _gateway_by_restore(
+        self,
+        tools: tuple[str, str],
+        family: int,
+        chain: str,
+        specs: list[RuleSpec] | None,
+        run: Callable[[list[str], str | None], str],
+    ) -> bool:
+        """`_gateway` through the iptables tools of one flavour (`tools`: the listing command
+        and its -restore): one `-restore --noflush` is one transaction of that table."""
+        table, builtin = GATEWAY_CHAINS[chain]
+        listing = run([tools[0], "-w", "-t", table, "-S"], None).splitlines()
+        exists = f"-N {chain}" in listing
+        jumps = [line for line in listing if line.startswith(f"-A {builtin} ") and line.split()[-2:] == ["-j", chain]]
+        if specs is None and not exists and not jumps:
+            return False
+        run([tools[1], "--noflush", "--wait"], gateway_script(chain, specs, jumps, exists, self.interface))
+        return exists
 
     def _jumps(self, family: int) -> int:
         raise NotImplementedError

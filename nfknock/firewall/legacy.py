@@ -8,21 +8,26 @@ iptc is not thread-safe: call from one thread only.
 
 from __future__ import annotations
 
+import subprocess
+
 from ..errors import FirewallError
 from ..extras import load_iptc
-from .backend import PerFamily
+from .backend import GATEWAY_CHAINS, PerFamily
 from .host import legacy_tables
-from .plan import CHAIN, FORWARD_CHAIN, NAT_CHAIN, RuleSpec
+from .nft import describe_failure
+from .plan import CHAIN, RuleSpec
 
-# The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
-GATEWAY_CHAINS = {FORWARD_CHAIN: ("filter", "FORWARD"), NAT_CHAIN: ("nat", "PREROUTING")}
+LEGACY_TOOLS = {4: ("iptables-legacy", "iptables-legacy-restore"), 6: ("ip6tables-legacy", "ip6tables-legacy-restore")}
 
 
-def _classes(family: int, table: str = "filter"):
+def _classes(family: int):
     iptc = load_iptc()
     if family == 4:
-        return iptc, iptc.Table(table), iptc.Rule
-    return iptc, iptc.Table6(table), iptc.Rule6
+        return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
+    return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
+
+
+TIMEOUT = 30  # seconds for one iptables-legacy command (the gateway chains)
 
 
 class LegacyFirewall(PerFamily):
@@ -80,42 +85,26 @@ class LegacyFirewall(PerFamily):
             table.autocommit = True
             table.refresh()
 
-    def _gateway(self, family: int, chain_name: str, specs: list[RuleSpec] | None) -> bool:
-        table_name, builtin_name = GATEWAY_CHAINS[chain_name]
-        if specs is None and table_name not in legacy_tables(family):
+    def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
+        # Through iptables-legacy-restore, not python-iptables: its IPv6 DNAT target does not
+        # load ("can't find target DNAT"), and one restore is one transaction of the table too.
+        table = GATEWAY_CHAINS[chain][0]
+        if specs is None and table not in legacy_tables(family):
             return False  # nothing to remove, and no table to create by looking
-        iptc, table, rule_class = _classes(family, table_name)
-        table.autocommit = False
-        try:
-            table.refresh()
-            builtin = iptc.Chain(table, builtin_name)
-            for rule in [r for r in builtin.rules if r.target.name == chain_name]:
-                builtin.delete_rule(rule)
-            existed = table.is_chain(chain_name)
-            if existed:
-                chain = iptc.Chain(table, chain_name)
-                chain.flush()
-            else:
-                chain = table.create_chain(chain_name) if specs is not None else None
-            if specs is None:
-                if chain is not None:
-                    chain.delete()
-            else:
-                for spec in specs:
-                    chain.append_rule(_rule_of(rule_class, spec))
-                jump = rule_class()
-                if self.interface:
-                    set_in_interface(jump, self.interface)
-                jump.create_target(chain_name)
-                builtin.insert_rule(jump, 0)
-            table.commit()
-            return existed
-        except (iptc.IPTCError, ValueError) as exc:
-            tool = "ip6tables" if family == 6 else "iptables"
-            raise FirewallError(f"{tool} (legacy, {table_name} {chain_name}): {exc}") from None
-        finally:
-            table.autocommit = True
-            table.refresh()
+        tools = LEGACY_TOOLS[family]
+
+        def run(argv: list[str], stdin: str | None) -> str:
+            try:
+                result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise FirewallError(f"{argv[0]} did not finish within {TIMEOUT} s") from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise FirewallError(f"{argv[0]}: cannot run: {getattr(exc, 'strerror', None) or exc}") from None
+            if result.returncode != 0:
+                raise FirewallError(describe_failure(argv[0], result.returncode, result.stderr or ""))
+            return result.stdout
+
+        return self._gateway_by_restore(tools, family, chain, specs, run)
 
 
 IFNAMSIZ = 16

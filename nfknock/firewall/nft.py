@@ -13,8 +13,8 @@ import signal
 import subprocess
 
 from ..errors import FirewallError
-from .backend import PerFamily
-from .plan import CHAIN, FORWARD_CHAIN, NAT_CHAIN, RuleSpec
+from .backend import PerFamily, gateway_script  # noqa: F401 (gateway_script: also the nft module's)
+from .plan import CHAIN, RuleSpec
 
 TIMEOUT = 30  # seconds for one iptables-nft command
 TOOLS = {4: ("iptables-nft", "iptables-nft-restore"), 6: ("ip6tables-nft", "ip6tables-nft-restore")}
@@ -34,29 +34,6 @@ def restore_script(
         lines.append(f"-I INPUT 1{f' -i {interface}' if interface else ''} -j {CHAIN}")
     elif chain_exists:
         lines += [f"-F {CHAIN}", f"-X {CHAIN}"]
-    lines.append("COMMIT")
-    return "\n".join(lines) + "\n"
-
-
-# The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
-GATEWAY_CHAINS = {FORWARD_CHAIN: ("filter", "FORWARD"), NAT_CHAIN: ("nat", "PREROUTING")}
-
-
-def gateway_script(
-    chain: str, specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool, interface: str | None = None
-) -> str:
-    """The restore input that replaces a gateway chain and its jump (None: removes them), as
-    restore_script does for the main chain."""
-    table, builtin = GATEWAY_CHAINS[chain]
-    lines = [f"*{table}"]
-    if specs is not None:
-        lines.append(f":{chain} - [0:0]")
-    lines += ["-D" + jump[2:] for jump in jumps]
-    if specs is not None:
-        lines += [str(spec) for spec in specs]
-        lines.append(f"-I {builtin} 1{f' -i {interface}' if interface else ''} -j {chain}")
-    elif chain_exists:
-        lines += [f"-F {chain}", f"-X {chain}"]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -93,14 +70,9 @@ class NftFirewall(PerFamily):
         self._run([TOOLS[family][1], "--noflush"], family, script)
 
     def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
-        table, builtin = GATEWAY_CHAINS[chain]
-        listing = self._run([TOOLS[family][0], "-t", table, "-S"], family).splitlines()
-        exists = f"-N {chain}" in listing
-        jumps = [line for line in listing if line.startswith(f"-A {builtin} ") and line.split()[-2:] == ["-j", chain]]
-        if specs is None and not exists and not jumps:
-            return False
-        self._run([TOOLS[family][1], "--noflush"], family, gateway_script(chain, specs, jumps, exists, self.interface))
-        return exists
+        return self._gateway_by_restore(
+            TOOLS[family], family, chain, specs, lambda argv, text: self._run(argv, family, text)
+        )
 
     def _rules(self, family: int) -> list[str]:
         if not self._chain_exists(family):

@@ -591,7 +591,8 @@ def gateway_plan(doors: tuple[Door, ...], queue_num: int, workers: int = 1) -> G
     """The gateway scaffolding for `doors` (pure). Per destination, in the FORWARD chain and
     exactly as for a protected port of this host: RELATED/ESTABLISHED accepted (bulk traffic
     never reaches Python), a new connection (a SYN for TCP) queued (grant queue for a source in
-    the granted set, the main queue under NEW_LIMIT for anyone else), everything else to that
+    the granted set, the main queue under RECENT_LIMIT for a recent knocker and under NEW_LIMIT
+    for anyone else), everything else to that
     destination dropped: a TCP packet conntrack picks up mid-stream too (a session the host
     forwards is not in a sessions set; after a conntrack flush its client reconnects). No rule
     has --queue-bypass: with no daemon, nothing new is forwarded. Published ports: a DNAT in
@@ -615,6 +616,17 @@ def gateway_plan(doors: tuple[Door, ...], queue_num: int, workers: int = 1) -> G
                 replace(base, ctstate="RELATED,ESTABLISHED"),
                 replace(
                     base, target="NFQUEUE", ctstate="NEW", tcp_flags=flags, queue_num=queue_num + 1, match_set=granted
+                ),
+                # A knocker's first SYN, often ahead of its grant in the set (see _noting_recent):
+                # a bucket of its own, which the door's knock rules in INPUT fill (and create).
+                replace(
+                    base,
+                    target="NFQUEUE",
+                    ctstate="NEW",
+                    tcp_flags=flags,
+                    queue_num=queue_num,
+                    match_set=recent_set(queue_num, family),
+                    limit=RECENT_LIMIT,
                 ),
                 replace(base, target="NFQUEUE", ctstate="NEW", tcp_flags=flags, queue_num=queue_num, limit=NEW_LIMIT),
                 replace(base, target="DROP"),

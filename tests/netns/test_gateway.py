@@ -67,7 +67,7 @@ doors:
     sequence: [{", ".join(SEQUENCE)}]
     family: {family}
     forward: [{internal.address}:22/tcp, "[{internal.address6}]:22/tcp"]
-    publish: [{{port: 2222/tcp, to: {internal.address}:22}}]
+    publish: [{{port: 2222/tcp, to: {internal.address}:22}}, {{port: 2223/tcp, to: "[{internal.address6}]:22"}}]
 """
 
 
@@ -97,7 +97,9 @@ def test_an_ipv6_knock_opens_the_routed_ipv6_destination(server, internal, alice
     result = server.sandbox.run(alice.namespace, ["knock", "-6", alice.server_address6, *SEQUENCE])
     assert result.returncode == 0, result.stderr
     assert reaches(alice, internal.address6, family=6), server.log_text()
+    assert reaches(alice, alice.server_address6, 2223, family=6), server.log_text()  # published (ip6tables DNAT)
     assert not reaches(mallory, internal.address6, family=6)
+    assert not reaches(mallory, mallory.server_address6, 2223, family=6)
     assert not reaches(alice, internal.address)  # a grant is per address: IPv4 stays closed
 
 

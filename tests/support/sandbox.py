@@ -216,6 +216,15 @@ def add_internal(box: Sandbox) -> Internal:
         ip("-n", client.namespace, "-6", "route", "add", "fd00:199:100::/64", "via", client.server_address6)
     for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
         subprocess.run(["ip", "netns", "exec", box.server, "sysctl", "-qw", f"{key}=1"], check=True)
+    # IPv6 neighbour discovery waits for the link-local addresses' duplicate address detection
+    # (about a second after a link comes up): until then the first routed IPv6 connect is lost.
+    end = time.monotonic() + 10
+    for ns in (box.server, host.namespace, *(client.namespace for client in box.clients)):
+        while time.monotonic() < end:
+            out = subprocess.run(["ip", "-n", ns, "-6", "addr", "show", "tentative"], capture_output=True, text=True)
+            if not out.stdout.strip():
+                break
+            time.sleep(0.05)
     return host
 
 

@@ -39,7 +39,9 @@ def gateway(**overrides) -> KnockDoor:
 
 
 def syn(dst: str, port: int, src: str = ALICE, family: int = 4) -> Packet:
-    return Packet(src=src, dst=dst, proto="tcp", sport=40000, dport=port, flags=SYN, family=family)
+    """A SYN; one to an address other than the bastion's came through the FORWARD hook."""
+    forwarded = dst not in (BASTION, "fd00:199:1::1")
+    return Packet(src=src, dst=dst, proto="tcp", sport=40000, dport=port, flags=SYN, family=family, forwarded=forwarded)
 
 
 def open_door(engine, src: str = ALICE, now: float = 10.0) -> None:
@@ -106,6 +108,18 @@ def test_a_forwarded_packet_never_uses_a_grant_of_a_door_without_that_destinatio
         engine.handle(syn(BASTION, port), 10.0 + i * 0.1)
     assert engine.handle(syn(BASTION, 22), 11.0).verdict is Verdict.ACCEPT  # this host's port 22
     assert engine.handle(syn(INNER, 22), 11.0).verdict is Verdict.DROP  # the one behind it: another door
+
+
+def test_a_forwarded_packet_is_never_judged_as_a_port_of_this_host():
+    """Even to a destination no door lists (a reload under way, a leftover chain): a grant of
+    this host's port 22 does not open port 22 of a host behind it."""
+    local = KnockDoor.model_validate(dict(name="ssh", sequence=[6001, 6002, 6003], protect=["22/tcp"]))
+    engine = fresh_engine((local,))
+    for i, port in enumerate((6001, 6002, 6003)):
+        engine.handle(syn(BASTION, port), 10.0 + i * 0.1)
+    assert engine.handle(syn(BASTION, 22), 11.0).verdict is Verdict.ACCEPT
+    refused = engine.handle(syn("10.0.0.9", 22), 11.0)
+    assert refused.verdict is Verdict.DROP and refused.events == (ConnectionRefused(ALICE, "10.0.0.9:22/tcp"),)
 
 
 def test_an_ipv6_destination_is_matched_by_its_address():
@@ -219,17 +233,20 @@ def test_force_nat_must_be_a_destination_of_the_door(keys_env):
 def test_the_forward_chain_queues_new_connections_without_bypass_and_drops_the_rest():
     planned = fresh_plan((gateway(),), 7)
     forward = [str(spec) for spec in planned.gateway.forward[4]]
-    assert forward[:4] == [
+    assert forward[:5] == [
         f"-A {FORWARD_CHAIN} -d 10.0.0.5/32 -p tcp -m tcp --dport 22 "
         "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         f"-A {FORWARD_CHAIN} -d 10.0.0.5/32 -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN "
         "-m conntrack --ctstate NEW -m set --match-set nfknock-q7-v4 src -j NFQUEUE --queue-num 8",
         f"-A {FORWARD_CHAIN} -d 10.0.0.5/32 -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN "
+        "-m conntrack --ctstate NEW -m set --match-set nfknock-q7-recent-v4 src "
+        "-m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
+        f"-A {FORWARD_CHAIN} -d 10.0.0.5/32 -p tcp -m tcp --dport 22 --tcp-flags FIN,SYN,RST,ACK SYN "
         "-m conntrack --ctstate NEW -m limit --limit 100/sec --limit-burst 200 -j NFQUEUE --queue-num 7",
         f"-A {FORWARD_CHAIN} -d 10.0.0.5/32 -p tcp -m tcp --dport 22 -j DROP",
     ]
-    assert forward[4:] == [line.replace("--dport 22", "--dport 5432") for line in forward[:4]]  # published
-    assert len(forward) == 8 and all("bypass" not in line for line in forward)
+    assert forward[5:] == [line.replace("--dport 22", "--dport 5432") for line in forward[:5]]  # published
+    assert len(forward) == 10 and all("bypass" not in line for line in forward)
     assert [str(spec) for spec in planned.gateway.nat[4]] == [
         f"-A {NAT_CHAIN} -p tcp -m tcp --dport 2222 -m addrtype --dst-type LOCAL -j DNAT --to-destination 10.0.0.5:5432"
     ]
@@ -245,7 +262,7 @@ def test_doors_without_destinations_plan_no_gateway_chains():
 def test_workers_share_the_forward_chain_out_by_source():
     forward = gateway_plan((gateway(),), 7, workers=2).forward[4]
     queued = [spec for spec in forward if spec.target == "NFQUEUE"]
-    assert len(queued) == 8 and all(spec.u32 for spec in queued)
+    assert len(queued) == 12 and all(spec.u32 for spec in queued)  # 3 queue rules x 2 destinations x 2 workers
 
 
 def test_the_nft_backend_replaces_a_gateway_chain_and_its_jump_in_one_restore():
