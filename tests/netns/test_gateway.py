@@ -190,3 +190,14 @@ def test_the_exported_nftables_base_rule_keeps_the_destinations_closed_without_n
         assert not reaches(mallory, internal.address) and not reaches(alice, internal.address)
     finally:
         held.close()
+
+
+def test_with_workers_a_knock_opens_the_destination_for_the_knocker_only(server, internal, alice, bob, mallory):
+    server.write_rules(gateway_rules(internal))
+    server.start("--workers", "2")
+    # The FORWARD queue rules are sharded as INPUT's are (by the source's last byte, which is 2
+    # for every client here: one worker judges them, the other's copies must not get in the way).
+    for client in (alice, bob):
+        knock(server.sandbox, client, *SEQUENCE)
+        assert reaches(client, internal.address) and reaches(client, client.server_address, 2222), server.log_text()
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
