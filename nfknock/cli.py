@@ -441,6 +441,27 @@ def _workers(text: str) -> int:
     return _int_in(1, MAX_WORKERS, "worker count")(text)
 
 
+# Where the gateway doors' chains hang (docs/gateway.md), by the suffix of their key in `check`'s rules.
+GATEWAY_WHERE = {
+    "forward": "filter table, chain jumped to from FORWARD position 1",
+    "nat": "nat table, chain jumped to from PREROUTING position 1",
+}
+
+
+def _gateway_specs(planned) -> dict[str, list[str]]:
+    """The gateway doors' chains, keyed "iptables forward", "ip6tables nat", ... (none without destinations)."""
+    gateway = getattr(planned, "gateway", None)
+    if gateway is None:
+        return {}
+    found = {}
+    for family in (4, 6):
+        tool = "iptables" if family == 4 else "ip6tables"
+        for specs, chain in ((gateway.forward.get(family), "forward"), (gateway.nat.get(family), "nat")):
+            if specs:
+                found[f"{tool} {chain}"] = [str(spec) for spec in specs]
+    return found
+
+
 def _check_queues(args) -> None:
     last = args.queue_num + 2 * args.workers - 1
     if last > 65535:
@@ -478,7 +499,8 @@ def cmd_check(args) -> int:
         print(f"door {door.name} ({ruleset.origin[door.name]})")
         print("\n".join(as_block(door)))
     for tool, lines in specs.items():
-        print(f"{tool} rules (filter table, chain jumped to from INPUT position 1):")
+        where = GATEWAY_WHERE.get(tool.split(" ", 1)[-1], "filter table, chain jumped to from INPUT position 1")
+        print(f"{tool.split(' ', 1)[0]} rules ({where}):")
         for spec in lines:
             print(f"  {spec}")
     for text in port_warnings:
@@ -497,13 +519,13 @@ def _checked(args):
     _check_queues(args)
     # What a start installs where no rules are in place (no earlier meaning of a mark bit to keep).
     first_steps = decide(ruleset.doors, MarkHistory())
+    planned = plan(ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps)
     specs = {
         "iptables" if family == 4 else "ip6tables": [str(spec) for spec in family_specs]
-        for family, family_specs in plan(
-            ruleset.doors, args.queue_num, args.pass_mark, args.workers, first_steps=first_steps
-        ).items()
+        for family, family_specs in planned.items()
         if family_specs
     }
+    specs.update(_gateway_specs(planned))
     ports = [f.text for f in check_local_ports(ruleset.doors, *read_local_ports()) if f.level == WARN]
     return ruleset, specs, ports
 

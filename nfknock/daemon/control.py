@@ -289,7 +289,14 @@ def status(daemon: Any, now: float) -> dict[str, Any]:
         "queue": daemon.config.queue_num,
         "firewall": daemon.firewall.name,
         "doors": [
-            {"name": d.name, "kind": d.kind, "protect": [str(p) for p in d.protect]} for d in daemon.ruleset.doors
+            {
+                "name": d.name,
+                "kind": d.kind,
+                "protect": [str(p) for p in d.protect],
+                "forward": [str(dest) for dest in d.forward],
+                "publish": [f"{entry.port} -> {entry.to}" for entry in d.publish],
+            }
+            for d in daemon.ruleset.doors
         ],
         "grants": [
             {

@@ -209,6 +209,8 @@ class Guard:
         assert self.plan is not None
         self._closed_at = None
         failures = self._put_back(damage)
+        if not failures:
+            failures = self._gateway_back()
         recreated = False
         if failures:  # a set the rules name may be gone too: make everything again, then the rules
             try:
@@ -263,6 +265,24 @@ class Guard:
         if not failures:
             self._baseline = self._look()
         return failures
+
+    def _gateway_back(self) -> list[str]:
+        """The gateway doors' chains (FORWARD and nat, docs/gateway.md), put back whole once the
+        main chain is: what removed that (a flush, a table restore) took them too. They are not
+        watched on their own. Failures: the slow path (_rebuild) follows."""
+        gateway = getattr(self.plan, "gateway", None)
+        apply = getattr(self.firewall, "apply_gateway", None)
+        if gateway is None or gateway.empty or apply is None:
+            return []
+        try:
+            apply(self.plan)
+        except Exception as exc:  # noqa: BLE001 - the rebuild follows, and logs it if that fails too
+            return [f"gateway chains: {exc}"]
+        if self.events is not None:
+            self.events.discard()  # our own changes
+        else:
+            self._baseline = self._look()
+        return []
 
     def _rebuild(self) -> bool:
         """The slow path: every set the plan names (created again if gone, kept if there), the

@@ -59,7 +59,14 @@ TALLIED = {
 
 # Also counted for a DoorOpened that names its key (SPA): who opens the door, by person.
 SPA_OPENED = ("spa_opened", "SPA doors opened, by the key (person) that opened them", ("door", "key"), None)
-SPECS = {spec[0]: spec for spec in (*TALLIED.values(), SPA_OPENED)}
+# Also counted for a ConnectionAccepted to a destination behind this host (gateway doors).
+FORWARDED = (
+    "forwarded",
+    "New connections forwarded to destinations behind this host, by door and destination",
+    ("door", "destination"),
+    None,
+)
+SPECS = {spec[0]: spec for spec in (*TALLIED.values(), SPA_OPENED, FORWARDED)}
 
 
 # SPA refusal reasons (doors/spa.py, doors/spa_access.py, doors/engine.py), pre-created at 0:
@@ -74,6 +81,7 @@ SPA_KEYED = (
     "username mismatch",
     "source mismatch",
     "port not allowed",
+    "destination not allowed",
     "bad key",
     "malformed",
     "refused type",
@@ -152,6 +160,8 @@ def tally(counter: Counter, events) -> None:
             counter[(spec[0], spec[3](event))] += 1
             if kind is DoorOpened and event.key is not None:
                 counter[("spa_opened", (event.door, event.key))] += 1
+            elif kind is ConnectionAccepted and event.forwarded:
+                counter[("forwarded", (event.door, event.port))] += 1
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ..firewall.plan import first_step_marks
 from .sinks import Sinks
 
 _ACCEPT, _DROP, _PASS, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS, Verdict.HOLD  # enum access is slow
+NF_INET_FORWARD = 2  # the hook a queued packet came from (netfilterqueue's `hook`): the FORWARD chain
 HELD_PER_SOURCE = 8  # new connections a source may have waiting for its claim (a client opens one or two)
 HELD_MAX = 1024  # and all sources together; beyond, a connection is refused as before holds existed
 
@@ -54,6 +55,8 @@ class Verdicts:
             if seen:  # only a second step the kernel marked (first_steps.py)
                 bits = sum(1 << i for i, mark in enumerate(self.first_seen_marks) if seen & mark)
                 packet = packet._replace(first_seen=bits)
+            if getattr(queued, "hook", 0) == NF_INET_FORWARD:  # a gateway door's (docs/gateway.md)
+                packet = packet._replace(forwarded=True)
             now = self.clock()
             decision = self.engine.handle(packet, now, self.wall_clock())
             verdict = decision.verdict

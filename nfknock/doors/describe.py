@@ -11,7 +11,22 @@ def _ports(ports) -> str:
 
 
 def describe(door: Door) -> list[tuple[str, str]]:
-    """(field, value) pairs, in the order a reader wants them."""
+    """(field, value) pairs, in the order a reader wants them; a gateway door's destinations
+    (docs/gateway.md) follow its own ports."""
+    lines = _describe(door)
+    at = next((i + 1 for i, (field, _) in enumerate(lines) if field == "protect"), len(lines))
+    extra = []
+    if door.forward:
+        extra.append(("forward", _ports(door.forward)))
+    if door.publish:
+        extra.append(("publish", " ".join(f"{entry.port}->{entry.to}" for entry in door.publish)))
+    if isinstance(door, SpaDoor) and door.force_nat is not None:
+        extra.append(("force_nat", f"{door.force_nat} (every grant of the door goes there, and only there)"))
+    lines = lines[:at] + extra + lines[at:]
+    return [(field, value) for field, value in lines if field != "protect" or value]  # a gateway-only door
+
+
+def _describe(door: Door) -> list[tuple[str, str]]:
     if isinstance(door, SpaDoor):
         where = []
         if door.keys_file or door.keys_env:

@@ -10,6 +10,10 @@ grant of a door protecting that port (an SPA grant: only for the ports the packe
 everything else is dropped. Established connections never come here: the firewall scaffolding
 accepts them before the queue.
 
+A *forwarded* new connection (queued on the FORWARD hook: a gateway door's destination behind
+this host, docs/gateway.md) is routed by (proto, destination address, port) instead, never by
+port alone, and accepted only for a source with a grant of a door that lists that destination.
+
 A *knock* is offered to each door on that port that admits it: the packet's family is the
 door's, a TCP knock's flags match the door's `tcp_flags` (non-matching TCP packets are ignored,
 as knockd does), the source is in the door's `sources` and is not locked out. How the door
@@ -178,7 +182,8 @@ class _DoorState:
         if shared:
             ports = None if grant is None else tuple(sorted(grant.ports))
             key = None if grant is None else grant.key
-            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key))
+            dests = () if grant is None else tuple(sorted(grant.dests))
+            events.append(ClaimNeeded(src, self.name, record.key, record.expires, seconds, ports, key, dests))
             return
         until = now + seconds
         if grant is None:
@@ -442,6 +447,13 @@ class Engine:
             key: (tuple(knock.get(key, ())), tuple(trip.get(key, ())), tuple(protect.get(key, ())))
             for key in set(knock) | set(trip) | set(protect)
         }
+        # Gateway doors (docs/gateway.md): (proto, address, port) of a destination behind this host
+        # -> the doors whose grant opens it. Only forwarded packets carry such a destination.
+        dests: dict[tuple[str, str, int], list[_DoorState]] = {}
+        for state in states.values():
+            for dest in state.door.destinations:
+                dests.setdefault(dest.key, []).append(state)
+        self._dests = {key: tuple(doors) for key, doors in dests.items()}
 
     def reload(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> list[str]:
         """Switch to new doors, whose first steps the kernel records as `first_steps` says. State
@@ -464,6 +476,8 @@ class Engine:
 
     def handle(self, packet: Packet, now: float, wall: float | None = None) -> Decision:
         """`now`: monotonic engine time; `wall`: Unix time, needed only by SPA and rotating doors."""
+        if packet.forwarded:  # never judged as a port of this host, whatever its port number
+            return self._forward(self._dests.get((packet.proto, packet.dst, packet.dport), ()), packet, now)
         key = (packet.proto, packet.dport)
         route = self._routes.get(key)
         if route is None:
@@ -495,6 +509,24 @@ class Engine:
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
+
+    def _forward(self, doors: tuple[_DoorState, ...], packet: Packet, now: float) -> Decision:
+        """A new connection forwarded to a destination behind this host (routed, or published:
+        after the DNAT the packet has the destination's address). Accepted when its source holds
+        a grant of a door with that destination: a knock grant opens all the door's
+        destinations, an SPA grant the ones its packet asked for (or the door's force_nat).
+        A forwarded packet to no destination of the current doors (a reload under way) is
+        refused: a grant of a port of this host never opens a host behind it."""
+        key = (packet.proto, packet.dst, packet.dport)
+        host = f"[{packet.dst}]" if packet.family == 6 else packet.dst
+        where = f"{host}:{packet.dport}/{packet.proto}"
+        for state in doors:
+            grant = state.grants.live(packet.src, now)
+            if grant is not None and (grant[1] is None or key in grant[1].dests):
+                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, where, True),))
+        if self.pending and self.pending.get(packet.src, 0.0) > now:
+            return _HOLD_NOTHING
+        return Decision(_DROP, (ConnectionRefused(packet.src, where),))
 
     def restore_replays(self, entries: dict[str, float], wall: float) -> None:
         """Records saved by an earlier run (see replay.py)."""
@@ -564,7 +596,7 @@ class Engine:
                 state.grants.put(claim.src, until)
                 events.append(DoorOpened(claim.src, claim.door, until))
             else:
-                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds)
+                spa = SpaGrant(frozenset(claim.ports), claim.key or "", claim.seconds, frozenset(claim.dests))
                 state.grants.put(claim.src, until, spa)
                 events.append(DoorOpened(claim.src, claim.door, until, spa.key, spa.seconds))
             return events

@@ -123,7 +123,8 @@ class GrantsRevoked:
 class ConnectionAccepted:
     src: str
     door: str
-    port: str
+    port: str  # "22/tcp"; forwarded: the destination, "10.0.0.5:22/tcp"
+    forwarded: bool = False  # to a destination behind this host (a gateway door)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +157,7 @@ class ClaimNeeded:
     seconds: float
     ports: tuple[tuple[str, int], ...] | None = None
     key: str | None = None
+    dests: tuple[tuple[str, str, int], ...] = ()  # an SPA packet's destinations behind this host (gateway)
 
 
 Event = (

@@ -44,6 +44,7 @@ class Packet(NamedTuple):
     fragment: bool = False  # a first fragment (more fragments follow)
     family: int = 4
     first_seen: int = 0  # marked by the kernel: bit i = the group with first-step mark bit i saw this source
+    forwarded: bool = False  # queued on the FORWARD hook: for a destination behind this host (gateway doors)
 
 
 def parse(data: bytes) -> Packet:

@@ -83,6 +83,80 @@ class Port(BaseModel):
         return f"{self.port}/{self.proto}"
 
 
+class Destination(BaseModel):
+    """A host and port behind this one (the gateway doors, docs/gateway.md): written
+    `10.0.0.5:22/tcp`, `10.0.0.5:22` (tcp is the default) or `[fd00::5]:22/tcp`. One address,
+    never a network: a grant opens exactly this service, no more."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int = Field(ge=1, le=65535)
+    proto: Proto = "tcp"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        match = re.fullmatch(r"\s*(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+)):(\d+)\s*(?:/\s*([A-Za-z]+)\s*)?", value)
+        if not match:
+            raise ValueError(f"expected a destination like 10.0.0.5:22/tcp or [fd00::5]:22/tcp, got {_short(value)}")
+        host = match.group(1) or match.group(2)
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"invalid address {_short(host)} in destination {_short(value)}") from None
+        if address.version == 6 and match.group(1) is None or address.version == 4 and match.group(1) is not None:
+            raise ValueError(f"write an IPv6 destination in brackets ([fd00::5]:22), got {_short(value)}")
+        port, proto = int(match.group(3)), (match.group(4) or "tcp").lower()
+        if proto not in ("tcp", "udp"):
+            raise ValueError(f"protocol must be tcp or udp, got {_short(match.group(4))}")
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is outside 1..65535")
+        return {"host": address, "port": port, "proto": proto}
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """(proto, address, port): what the engine matches a forwarded packet's destination on."""
+        return (self.proto, str(self.host), self.port)
+
+    @property
+    def family(self) -> int:
+        return self.host.version
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if self.host.version == 6 else str(self.host)
+        return f"{host}:{self.port}/{self.proto}"
+
+
+class Publish(BaseModel):
+    """A port of this host published for a destination behind it (`{port: 2222/tcp, to:
+    10.0.0.5:22}`): the fixed DNAT sends every new connection to `to`, and the verdict on the
+    forwarded packet decides who may use it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: Port
+    to: Destination
+
+    @model_validator(mode="before")
+    @classmethod
+    def _to_inherits_proto(cls, value: Any) -> Any:
+        # `to: 10.0.0.5:22` takes the published port's protocol; a different one is a mistake.
+        if isinstance(value, dict) and isinstance(value.get("to"), str) and isinstance(value.get("port"), str):
+            port = Port.model_validate(value["port"])
+            if "/" not in value["to"].rpartition("]")[2]:
+                value = {**value, "to": f"{value['to']}/{port.proto}"}
+        return value
+
+    @model_validator(mode="after")
+    def _same_proto(self):
+        if self.port.proto != self.to.proto:
+            raise ValueError(f"publish {self.port} goes to {self.to}: the protocols differ")
+        return self
+
+
 def parse_duration(value: Any) -> float:
     """Seconds from `10s`, `2m`, `1h`, `500ms` or a bare number of seconds."""
     if isinstance(value, bool):
@@ -234,7 +308,9 @@ class _DoorBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: DoorName
-    protect: Steps = Field(min_length=1)
+    protect: Steps = ()
+    forward: tuple[Destination, ...] = ()
+    publish: tuple[Publish, ...] = ()
     open_for: Duration = DEFAULT_OPEN_FOR
     sources: tuple[Source, ...] = ()
     family: Family = "any"
@@ -242,7 +318,23 @@ class _DoorBase(BaseModel):
 
     @model_validator(mode="after")
     def _common(self):
+        if not self.protect and not self.forward and not self.publish:
+            raise ValueError(
+                "protect: required, at least 1 port (or forward or publish: destinations behind this host)"
+            )
         protected = set(self.protect)
+        for entry in self.publish:
+            if entry.port in protected:
+                raise ValueError(f"{entry.port} is both a protected port and a published port")
+            if entry.port in self.knock_ports:
+                raise ValueError(f"{entry.port} is both a knock port and a published port")
+        if len({entry.port for entry in self.publish}) != len(self.publish):
+            raise ValueError("publish lists a port twice")
+        if len(set(self.forward)) != len(self.forward):
+            raise ValueError("forward lists a destination twice")
+        far = [str(d) for d in self.destinations if self.family != "any" and f"ipv{d.family}" != self.family]
+        if far:
+            raise ValueError(f"destinations {', '.join(far)} cannot be reached by a door of family {self.family}")
         for step in self.knock_ports:
             if step in protected:
                 raise ValueError(f"{step} is both a knock port and a protected port")
@@ -257,6 +349,11 @@ class _DoorBase(BaseModel):
     def families(self) -> tuple[int, ...]:
         """IP versions this door listens on."""
         return FAMILIES[self.family]
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        """Every destination behind this host a grant of the door opens: routed and published."""
+        return tuple(dict.fromkeys(self.forward + tuple(entry.to for entry in self.publish)))
 
     @property
     def knock_ports(self) -> Steps:
@@ -477,6 +574,8 @@ class SpaKey(BaseModel):
     open_for: Duration | None = None
     max_open_for: Duration | None = None
     hmac_digest: Digest | None = None
+    force_nat: Destination | None = None  # fwknop's FORCE_NAT for this person: their grants go there only
+    destinations: tuple[Destination, ...] | None = Field(default=None, min_length=1)  # NAT access: None = the door's
 
     @model_validator(mode="after")
     def _check(self):
@@ -486,8 +585,18 @@ class SpaKey(BaseModel):
 
 
 # Settings a key file may carry besides its two keys, as upper-case lines (`USERNAME: alice`).
-KEY_FILE_SETTINGS = ("username", "sources", "expires", "ports", "open_for", "max_open_for", "hmac_digest")
-_LISTS = ("sources", "ports")
+KEY_FILE_SETTINGS = (
+    "username",
+    "sources",
+    "expires",
+    "ports",
+    "open_for",
+    "max_open_for",
+    "hmac_digest",
+    "force_nat",
+    "destinations",
+)
+_LISTS = ("sources", "ports", "destinations")
 
 
 def read_key_file(text: str, where: str, lines: dict[str, int] | None = None) -> tuple[Keys, dict[str, Any]]:
@@ -549,6 +658,8 @@ class DoorKey:
     expires: float | None = None
     ports: frozenset[tuple[str, int]] | None = None  # None: any port the door protects
     origin: str = ""  # where it came from, for messages
+    force_nat: Destination | None = None  # every grant of this key goes to this destination only
+    destinations: frozenset[tuple[str, str, int]] | None = None  # NAT access may ask for these; None: the door's
 
     def describe(self) -> str:
         parts = []
@@ -560,6 +671,10 @@ class DoorKey:
             parts.append(f"until {describe_expiry(self.expires)}")
         if self.ports is not None:
             parts.append(" ".join(f"{port}/{proto}" for proto, port in sorted(self.ports)))
+        if self.force_nat is not None:
+            parts.append(f"force_nat {self.force_nat}")
+        if self.destinations is not None:
+            parts.append("to " + " ".join(f"{host}:{port}/{proto}" for proto, host, port in sorted(self.destinations)))
         parts.append(f"open_for {self.open_for:g}s max {self.max_open_for:g}s")
         return f"{self.name} ({', '.join(parts)})"
 
@@ -584,6 +699,7 @@ class SpaDoor(_DoorBase):
     max_open_for: Duration | None = None
     max_age: Duration = 120.0
     trust_inner_address: bool = False
+    force_nat: Destination | None = None  # fwknop's FORCE_NAT: every grant is for this destination only
     _keyring: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -594,6 +710,8 @@ class SpaDoor(_DoorBase):
             raise ValueError("give keys_dir, keys, keys_file or keys_env")
         if self.port in self.protect:
             raise ValueError(f"{self.port} is both the SPA port and a protected port")
+        if self.force_nat is not None and self.force_nat not in self.destinations:
+            raise ValueError(f"force_nat {self.force_nat} is not one of the door's forward or publish destinations")
         if self.max_open_for is not None and self.max_open_for < self.open_for:
             raise ValueError(
                 f"max_open_for {self.max_open_for:g}s is below open_for {self.open_for:g}s "
@@ -619,6 +737,11 @@ class SpaDoor(_DoorBase):
             raise ValueError(
                 f"key {spec.name!r}: sources {', '.join(wrong)} cannot match a door of family {self.family}"
             )
+        if spec.force_nat is not None and spec.force_nat not in self.destinations:
+            raise ValueError(f"key {spec.name!r}: force_nat {spec.force_nat} is not a forward or publish destination")
+        far = [str(d) for d in spec.destinations or () if d not in self.destinations]
+        if far:
+            raise ValueError(f"key {spec.name!r}: destinations {', '.join(far)} not in the door's forward or publish")
         open_for = spec.open_for if spec.open_for is not None else self.open_for
         most = spec.max_open_for if spec.max_open_for is not None else self.max_open_for
         if most is None:
@@ -636,6 +759,8 @@ class SpaDoor(_DoorBase):
             spec.expires,
             ports,
             origin,
+            spec.force_nat,
+            None if spec.destinations is None else frozenset(d.key for d in spec.destinations),
         )
 
     def single_key(self, keys: Keys, origin: str) -> DoorKey:

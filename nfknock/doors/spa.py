@@ -8,7 +8,7 @@ The wire format, as fwknop's client sends it:
     HMAC   = HMAC-<digest>(hmac_key, "U2FsdGVkX1" + b64(ciphertext))     (SHA-256 by default)
     cipher = "Salted__" + salt(8) + AES-256-CBC(PKCS#7), key and IV from OpenSSL's
              EVP_BytesToKey(MD5, 1 round) over the encryption key and the salt
-    plain  = rand16:b64(user):timestamp:version:type:b64(access)[:client_timeout]:b64(SHA-256 digest)
+    plain  = rand16:b64(user):timestamp:version:type:b64(access)[:b64(nat)][:client_timeout]:b64(SHA-256 digest)
     access = "IP,proto/port[,proto/port...]"
 
 The HMAC is checked (in constant time, by `cryptography`) before anything is decrypted.
@@ -50,6 +50,7 @@ INNER_DIGESTS: dict[int, Callable[[], hashes.HashAlgorithm]] = {
     86: hashes.SHA512,
 }
 ACCESS, ACCESS_WITH_TIMEOUT = 1, 3
+NAT_ACCESS, NAT_ACCESS_WITH_TIMEOUT = 2, 4  # fwknop -N host:port: b64("host,port") after the access field
 MESSAGE_TYPES = {
     0: "command",
     1: "access",
@@ -85,6 +86,7 @@ class SpaRequest:
     ports: tuple[tuple[str, int], ...]  # (proto, port) requested
     client_timeout: int | None
     digest: str  # the inner digest, base64
+    nat: tuple[str, int] | None = None  # a NAT access message's destination (fwknop -N host:port)
 
 
 def _b64decode(text: str) -> bytes:
@@ -202,13 +204,18 @@ def _parse(plain: str) -> SpaRequest:
         user_text = _b64decode(user).decode("utf-8", "replace")
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise SpaError("malformed", "unreadable fields") from None
-    if message_type not in (ACCESS, ACCESS_WITH_TIMEOUT):
+    if message_type not in (ACCESS, ACCESS_WITH_TIMEOUT, NAT_ACCESS, NAT_ACCESS_WITH_TIMEOUT):
         kind = MESSAGE_TYPES.get(message_type, f"type {message_type}")
-        raise SpaError("refused type", f"{kind} messages are not accepted (access messages only)")
+        raise SpaError("refused type", f"{kind} messages are not accepted (access and NAT access messages only)")
+    rest = fields[6:]
+    nat = None
+    if message_type in (NAT_ACCESS, NAT_ACCESS_WITH_TIMEOUT):
+        nat = _nat_access(rest[0] if rest else "")
+        rest = rest[1:]
     client_timeout = None
-    if message_type == ACCESS_WITH_TIMEOUT:
+    if message_type in (ACCESS_WITH_TIMEOUT, NAT_ACCESS_WITH_TIMEOUT):
         try:
-            client_timeout = int(fields[6])
+            client_timeout = int(rest[0])
         except (IndexError, ValueError):
             raise SpaError("malformed", "access-with-timeout message without a timeout") from None
     address, _, port_list = access_text.partition(",")
@@ -219,8 +226,20 @@ def _parse(plain: str) -> SpaRequest:
             raise SpaError("malformed", f"bad port request {item!r}")
         ports.append((proto, int(port)))
     return SpaRequest(
-        random, user_text, timestamp_value, version, message_type, address, tuple(ports), client_timeout, digest
+        random, user_text, timestamp_value, version, message_type, address, tuple(ports), client_timeout, digest, nat
     )
+
+
+def _nat_access(field_text: str) -> tuple[str, int]:
+    """A NAT access message's destination: b64("host,port") as fwknop's `-N host:port` writes it."""
+    try:
+        text = _b64decode(field_text).decode("ascii")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise SpaError("malformed", "unreadable NAT access field") from None
+    host, _, port = text.rpartition(",")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535 or len(host) > 255:
+        raise SpaError("malformed", f"bad NAT access request {text[:80]!r}")
+    return host, int(port)
 
 
 def encode(
@@ -230,9 +249,14 @@ def encode(
     now: float,
     user: str = "nfknock",
     client_timeout: int | None = None,
+    nat: tuple[str, int] | None = None,
 ) -> bytes:
-    """Build a datagram that fwknopd (and nfknock) accept."""
-    message_type = ACCESS if client_timeout is None else ACCESS_WITH_TIMEOUT
+    """Build a datagram that fwknopd (and nfknock) accept; `nat`: a NAT access message's
+    destination (host, port), as fwknop -N sends it."""
+    if nat is None:
+        message_type = ACCESS if client_timeout is None else ACCESS_WITH_TIMEOUT
+    else:
+        message_type = NAT_ACCESS if client_timeout is None else NAT_ACCESS_WITH_TIMEOUT
     access = address + "," + ",".join(f"{proto}/{port}" for proto, port in ports)
     fields = [
         f"{secrets.randbelow(10**16):016d}",
@@ -242,6 +266,8 @@ def encode(
         str(message_type),
         _b64encode(access.encode()),
     ]
+    if nat is not None:
+        fields.append(_b64encode(f"{nat[0]},{nat[1]}".encode()))
     if client_timeout is not None:
         fields.append(str(client_timeout))
     body = ":".join(fields)

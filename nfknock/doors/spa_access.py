@@ -43,6 +43,7 @@ class SpaGrant(NamedTuple):
     ports: frozenset[tuple[str, int]]
     key: str
     seconds: float
+    dests: frozenset[tuple[str, str, int]] = frozenset()  # (proto, address, port) behind this host
 
 
 class KeyRefused(SpaError):
@@ -128,11 +129,40 @@ def _grant(door: SpaDoor, key: DoorKey, packet: Packet, request: spa.SpaRequest,
         )
     if not door.trust_inner_address and request.address != packet.src:
         raise refuse("source mismatch", f"key {name}: the packet asks access for {request.address}")
+    asked = request.client_timeout
+    seconds = key.open_for if not asked or asked <= 0 else min(float(asked), key.max_open_for)
+    forced = key.force_nat or door.force_nat
+    if forced is not None:
+        # fwknop's FORCE_NAT: whatever the packet asks for, its sender gets this one destination.
+        return SpaGrant(frozenset(), name, seconds, frozenset({forced.key}))
+    if request.nat is not None:
+        return SpaGrant(frozenset(), name, seconds, frozenset({_nat_destination(door, key, request)}))
     wanted = frozenset(request.ports)
     allowed = {p.key for p in door.protect} if key.ports is None else key.ports
     if not wanted <= allowed:
         refused = ", ".join(f"{port}/{proto}" for proto, port in sorted(wanted - allowed))
         raise refuse("port not allowed", f"key {name} may not open {refused}")
-    asked = request.client_timeout
-    seconds = key.open_for if not asked or asked <= 0 else min(float(asked), key.max_open_for)
     return SpaGrant(wanted, name, seconds)
+
+
+def _nat_destination(door: SpaDoor, key: DoorKey, request: spa.SpaRequest) -> tuple[str, str, int]:
+    """The destination a NAT access message (fwknop -N host:port) asks for, if the key may reach
+    it (its `destinations`, by default all the door's: forward, and publish's `to`), in the
+    protocol of the packet's access port; KeyRefused otherwise."""
+    assert request.nat is not None
+    name = key.name
+    host, port = request.nat
+    proto = request.ports[0][0] if request.ports else "tcp"
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        detail = f"key {name}: NAT access to {host[:64]!r}, not an address"
+        raise KeyRefused("destination not allowed", detail, name) from None
+    wanted = (proto, address, port)
+    allowed = {d.key for d in door.destinations} if key.destinations is None else key.destinations
+    if wanted not in allowed:
+        shown = f"[{address}]" if ":" in address else address
+        where = "the door's forward or publish" if key.destinations is None else "the key's destinations"
+        detail = f"key {name} may not reach {shown}:{port}/{proto} (not in {where})"
+        raise KeyRefused("destination not allowed", detail, name)
+    return wanted

@@ -9,8 +9,30 @@ from typing import Protocol
 
 from ..errors import FirewallError
 from .granted import create_first_step_sets
-from .plan import Plan, RuleSpec
+from .plan import FORWARD_CHAIN, NAT_CHAIN, Plan, RuleSpec
 from .sessions import create_session_sets
+
+# The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
+GATEWAY_CHAINS = {FORWARD_CHAIN: ("filter", "FORWARD"), NAT_CHAIN: ("nat", "PREROUTING")}
+
+
+def gateway_script(
+    chain: str, specs: list[RuleSpec] | None, jumps: list[str], chain_exists: bool, interface: str | None = None
+) -> str:
+    """The restore input that replaces a gateway chain and its jump (None: removes them), as
+    restore_script does for the main chain."""
+    table, builtin = GATEWAY_CHAINS[chain]
+    lines = [f"*{table}"]
+    if specs is not None:
+        lines.append(f":{chain} - [0:0]")
+    lines += ["-D" + jump[2:] for jump in jumps]
+    if specs is not None:
+        lines += [str(spec) for spec in specs]
+        lines.append(f"-I {builtin} 1{f' -i {interface}' if interface else ''} -j {chain}")
+    elif chain_exists:
+        lines += [f"-F {chain}", f"-X {chain}"]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
 
 
 class Firewall(Protocol):
@@ -41,6 +63,16 @@ class PerFamily:
         create_session_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
+        self.apply_gateway(plan)
+
+    def apply_gateway(self, plan: Plan) -> None:
+        """The gateway doors' chains of `plan` (plan.GatedPlan, docs/gateway.md), each replaced
+        with its jump in one transaction; a plain Plan (a dict) leaves them as they are."""
+        gateway = getattr(plan, "gateway", None)
+        if gateway is not None:
+            for family in (4, 6):
+                self._gateway(family, FORWARD_CHAIN, gateway.forward.get(family) or None)
+                self._gateway(family, NAT_CHAIN, gateway.nat.get(family) or None)
 
     def set_runner(self) -> Callable:
         return subprocess.run
@@ -56,6 +88,8 @@ class PerFamily:
             try:
                 present = bool(self._rules(family)) or self._jumps(family) > 0 or present
                 self._transaction(family, None)
+                for chain in (FORWARD_CHAIN, NAT_CHAIN):
+                    present = self._gateway(family, chain, None) or present
             except FirewallError as exc:
                 failures.append(f"IPv{family}: {exc}")
         if failures:
@@ -71,6 +105,30 @@ class PerFamily:
 
     def _rules(self, family: int) -> list[str]:
         raise NotImplementedError
+
+    def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
+        """Replace a gateway chain (plan.FORWARD_CHAIN or NAT_CHAIN) and its jump with `specs`
+        in one transaction (None: remove them); True if there was one before."""
+        raise NotImplementedError
+
+    def _gateway_by_restore(
+        self,
+        tools: tuple[str, str],
+        family: int,
+        chain: str,
+        specs: list[RuleSpec] | None,
+        run: Callable[[list[str], str | None], str],
+    ) -> bool:
+        """`_gateway` through the iptables tools of one flavour (`tools`: the listing command
+        and its -restore): one `-restore --noflush` is one transaction of that table."""
+        table, builtin = GATEWAY_CHAINS[chain]
+        listing = run([tools[0], "-w", "-t", table, "-S"], None).splitlines()
+        exists = f"-N {chain}" in listing
+        jumps = [line for line in listing if line.startswith(f"-A {builtin} ") and line.split()[-2:] == ["-j", chain]]
+        if specs is None and not exists and not jumps:
+            return False
+        run([tools[1], "--noflush", "--wait"], gateway_script(chain, specs, jumps, exists, self.interface))
+        return exists
 
     def _jumps(self, family: int) -> int:
         raise NotImplementedError

@@ -8,11 +8,16 @@ iptc is not thread-safe: call from one thread only.
 
 from __future__ import annotations
 
+import subprocess
+
 from ..errors import FirewallError
 from ..extras import load_iptc
-from .backend import PerFamily
+from .backend import GATEWAY_CHAINS, PerFamily
 from .host import legacy_tables
+from .nft import describe_failure
 from .plan import CHAIN, RuleSpec
+
+LEGACY_TOOLS = {4: ("iptables-legacy", "iptables-legacy-restore"), 6: ("ip6tables-legacy", "ip6tables-legacy-restore")}
 
 
 def _classes(family: int):
@@ -20,6 +25,9 @@ def _classes(family: int):
     if family == 4:
         return iptc, iptc.Table(iptc.Table.FILTER), iptc.Rule
     return iptc, iptc.Table6(iptc.Table6.FILTER), iptc.Rule6
+
+
+TIMEOUT = 30  # seconds for one iptables-legacy command (the gateway chains)
 
 
 class LegacyFirewall(PerFamily):
@@ -77,6 +85,27 @@ class LegacyFirewall(PerFamily):
             table.autocommit = True
             table.refresh()
 
+    def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
+        # Through iptables-legacy-restore, not python-iptables: its IPv6 DNAT target does not
+        # load ("can't find target DNAT"), and one restore is one transaction of the table too.
+        table = GATEWAY_CHAINS[chain][0]
+        if specs is None and table not in legacy_tables(family):
+            return False  # nothing to remove, and no table to create by looking
+        tools = LEGACY_TOOLS[family]
+
+        def run(argv: list[str], stdin: str | None) -> str:
+            try:
+                result = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise FirewallError(f"{argv[0]} did not finish within {TIMEOUT} s") from None
+            except (OSError, subprocess.SubprocessError) as exc:
+                raise FirewallError(f"{argv[0]}: cannot run: {getattr(exc, 'strerror', None) or exc}") from None
+            if result.returncode != 0:
+                raise FirewallError(describe_failure(argv[0], result.returncode, result.stderr or ""))
+            return result.stdout
+
+        return self._gateway_by_restore(tools, family, chain, specs, run)
+
 
 IFNAMSIZ = 16
 
@@ -97,6 +126,8 @@ def _rule_of(rule_class, spec: RuleSpec):
     rule = rule_class()
     if spec.in_interface:
         set_in_interface(rule, spec.in_interface)
+    if spec.destination:
+        rule.dst = spec.destination
     if spec.proto:
         rule.protocol = spec.proto
         match = rule.create_match(spec.proto)
@@ -106,6 +137,8 @@ def _rule_of(rule_class, spec: RuleSpec):
             match.tcp_flags = list(spec.tcp_flags)
     if spec.mark is not None:
         rule.create_match("mark").mark = f"{spec.mark:#x}/{spec.mark:#x}"
+    if spec.dst_local:
+        rule.create_match("addrtype").dst_type = "LOCAL"
     if spec.ctstate:
         rule.create_match("conntrack").ctstate = spec.ctstate
     if spec.match_set:
@@ -127,6 +160,8 @@ def _rule_of(rule_class, spec: RuleSpec):
         target.del_set = [spec.del_set, "src"]
     if spec.queue_num is not None:
         target.queue_num = str(spec.queue_num)
+    if spec.to_destination is not None:
+        target.to_destination = spec.to_destination
     return rule
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 
 from ..errors import FirewallError
-from .backend import PerFamily
+from .backend import PerFamily, gateway_script  # noqa: F401 (gateway_script: also the nft module's)
 from .plan import CHAIN, RuleSpec
 
 TIMEOUT = 30  # seconds for one iptables-nft command
@@ -68,6 +68,11 @@ class NftFirewall(PerFamily):
         if specs is None and not exists and script.count("\n") == 2:
             return  # nothing there, nothing to do
         self._run([TOOLS[family][1], "--noflush"], family, script)
+
+    def _gateway(self, family: int, chain: str, specs: list[RuleSpec] | None) -> bool:
+        return self._gateway_by_restore(
+            TOOLS[family], family, chain, specs, lambda argv, text: self._run(argv, family, text)
+        )
 
     def _rules(self, family: int) -> list[str]:
         if not self._chain_exists(family):

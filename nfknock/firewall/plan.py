@@ -102,9 +102,16 @@ class RuleSpec:
     add_set: tuple[str, int] | None = None  # target SET: add the source to (ipset, timeout seconds)
     del_set: str | None = None  # target SET: take the source out of this ipset
     u32: str | None = None  # an xt_u32 expression, as iptables prints it (shards.u32_match)
+    # The gateway chains' (gateway_plan): the chain, `-d ADDR`, addrtype LOCAL and DNAT's target.
+    chain: str = CHAIN
+    destination: str | None = None
+    dst_local: bool = False
+    to_destination: str | None = None
 
     def __str__(self) -> str:
-        text = f"-A {CHAIN}"
+        text = f"-A {self.chain}"
+        if self.destination:
+            text += f" -d {self.destination}"
         if self.in_interface:
             text += f" -i {self.in_interface}"
         if self.proto:
@@ -116,6 +123,8 @@ class RuleSpec:
             text += f" --tcp-flags {' '.join(self.tcp_flags)}"
         if self.mark is not None:
             text += f" -m mark --mark {self.mark:#x}/{self.mark:#x}"
+        if self.dst_local:
+            text += " -m addrtype --dst-type LOCAL"
         if self.ctstate:
             text += f" -m conntrack --ctstate {self.ctstate}"
         if self.match_set:
@@ -136,6 +145,8 @@ class RuleSpec:
             text += f" --del-set {self.del_set} src"
         if self.queue_num is not None:
             text += f" --queue-num {self.queue_num}"
+        if self.to_destination is not None:
+            text += f" --to-destination {self.to_destination}"
         return text
 
 
@@ -196,7 +207,7 @@ def plan(
     the value the engine takes too; required, so that no caller can leave the mark history out).
     With `workers` above 1 the NFQUEUE rules are split over the workers (see `shard`)."""
     require(first_steps)
-    return {
+    chains = {
         family: shard(
             scaffolding(
                 tuple(d for d in doors if family in d.families),
@@ -212,6 +223,7 @@ def plan(
         )
         for family in (4, 6)
     }
+    return with_gateway(chains, gateway_plan(doors, queue_num, workers))
 
 
 def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> list[RuleSpec]:
@@ -545,3 +557,101 @@ def _noting_recent(knocking: list[RuleSpec], recent: str) -> list[RuleSpec]:
             out.append(replace(spec, target="SET", queue_num=None, add_set=(recent, RECENT_SECONDS)))
         out.append(spec)
     return out
+
+
+# -- gateway doors (docs/gateway.md) -------------------------------------------------------------
+
+FORWARD_CHAIN = "NFKNOCK-FWD"  # filter table, jumped to from FORWARD position 1
+NAT_CHAIN = "NFKNOCK-NAT"  # nat table, jumped to from PREROUTING position 1
+
+
+@dataclass(frozen=True)
+class GatewayPlan:
+    """The fixed scaffolding of gateway doors, per family: the FORWARD chain (destinations
+    behind this host: established accepted, new connections queued, the rest dropped) and the
+    nat chain (published ports: one DNAT each). Empty lists: no chain (and no jump)."""
+
+    forward: dict[int, list[RuleSpec]]
+    nat: dict[int, list[RuleSpec]]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.forward.values()) and not any(self.nat.values())
+
+
+class GatedPlan(dict[int, list[RuleSpec]]):
+    """A Plan that also carries the gateway scaffolding (`gateway`). A plain Plan (a dict: the
+    boot-time closed plan, a test's) says nothing about the gateway chains, and a backend leaves
+    them as they are; a GatedPlan with an empty gateway removes them."""
+
+    gateway: GatewayPlan
+
+
+def gateway_plan(doors: tuple[Door, ...], queue_num: int, workers: int = 1) -> GatewayPlan:
+    """The gateway scaffolding for `doors` (pure). Per destination, in the FORWARD chain and
+    exactly as for a protected port of this host: RELATED/ESTABLISHED accepted (bulk traffic
+    never reaches Python), a new connection (a SYN for TCP) queued (grant queue for a source in
+    the granted set, the main queue under RECENT_LIMIT for a recent knocker and under NEW_LIMIT
+    for anyone else), everything else to that
+    destination dropped: a TCP packet conntrack picks up mid-stream too (a session the host
+    forwards is not in a sessions set; after a conntrack flush its client reconnects). No rule
+    has --queue-bypass: with no daemon, nothing new is forwarded. Published ports: a DNAT in
+    PREROUTING for packets addressed to this host; the forwarded packet then has the
+    destination's address and meets the same FORWARD rules, so the verdict decides who uses it."""
+    forward: dict[int, list[RuleSpec]] = {4: [], 6: []}
+    nat: dict[int, list[RuleSpec]] = {4: [], 6: []}
+    seen: set[tuple[str, str, int]] = set()
+    published: set[tuple[str, int, int]] = set()
+    for door in doors:
+        for dest in door.destinations:
+            if dest.key in seen:
+                continue
+            seen.add(dest.key)
+            family, host = dest.family, str(dest.host)
+            address = f"{host}/{32 if family == 4 else 128}"
+            flags = SYN_ONLY if dest.proto == "tcp" else None
+            base = RuleSpec("ACCEPT", dest.proto, dest.port, chain=FORWARD_CHAIN, destination=address)
+            granted = granted_set(queue_num, family)
+            forward[family] += [
+                replace(base, ctstate="RELATED,ESTABLISHED"),
+                replace(
+                    base, target="NFQUEUE", ctstate="NEW", tcp_flags=flags, queue_num=queue_num + 1, match_set=granted
+                ),
+                # A knocker's first SYN, often ahead of its grant in the set (see _noting_recent):
+                # a bucket of its own, which the door's knock rules in INPUT fill (and create).
+                replace(
+                    base,
+                    target="NFQUEUE",
+                    ctstate="NEW",
+                    tcp_flags=flags,
+                    queue_num=queue_num,
+                    match_set=recent_set(queue_num, family),
+                    limit=RECENT_LIMIT,
+                ),
+                replace(base, target="NFQUEUE", ctstate="NEW", tcp_flags=flags, queue_num=queue_num, limit=NEW_LIMIT),
+                replace(base, target="DROP"),
+            ]
+        for entry in door.publish:
+            family = entry.to.family
+            if (entry.port.proto, entry.port.port, family) in published:
+                continue
+            published.add((entry.port.proto, entry.port.port, family))
+            host = str(entry.to.host) if family == 4 else f"[{entry.to.host}]"
+            nat[family].append(
+                RuleSpec(
+                    "DNAT",
+                    entry.port.proto,
+                    entry.port.port,
+                    chain=NAT_CHAIN,
+                    dst_local=True,
+                    to_destination=f"{host}:{entry.to.port}",
+                )
+            )
+    return GatewayPlan({family: shard(specs, queue_num, family, workers) for family, specs in forward.items()}, nat)
+
+
+def with_gateway(chains: Plan, gateway: GatewayPlan) -> GatedPlan:
+    """`chains` (plan()'s) carrying `gateway`."""
+    gated = GatedPlan(chains)
+    gated.gateway = gateway
+    return gated

@@ -12,6 +12,7 @@ tables that exist, and the legacy tools are not run at all in a namespace withou
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -28,11 +29,12 @@ from ..extras import SERVER, SERVER_MODULES, absent
 from ..firewall import FLAVOURS, resolve_flavour
 from ..firewall.host import chain_queues, iptables_flavour, other_flavour_chain, spans
 from ..firewall.legacy import legacy_tables
-from ..firewall.plan import CHAIN, PASS_MARK
+from ..firewall.plan import CHAIN, FORWARD_CHAIN, PASS_MARK
 from ..firewall.shards import queues
 from ..loading import load_rules, rule_files
 from ..trust import why_unsafe
-from .export import NFT_INCLUDE, Header, parse_header, protected_ports
+from .export import COVERS_DESTINATIONS, NFT_INCLUDE, Header, parse_header, protected_ports
+from .export import destinations as gateway_destinations
 from .export import digest as base_digest
 from .managers import Manager, find_managers
 
@@ -58,6 +60,7 @@ class HostState:
     local_ports: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range
     reserved_ports: str = ""  # net.ipv4.ip_local_reserved_ports
     missing_modules: tuple[str, ...] = ()  # of the server extra, in this Python
+    forwarding: dict[int, bool | None] = field(default_factory=dict)  # family -> the forwarding sysctl (gateway)
     managers: list[Manager] = field(default_factory=list)  # firewall managers in use (managers.py)
 
 
@@ -304,13 +307,23 @@ def _fix(manager: Manager, rules: Path, pass_mark: int, where: str | None) -> st
     return f"put the lines `{command}` prints in {where}, after '# End required lines', then {manager.reload}"
 
 
-def _stale(header: Header, ports: tuple[tuple[str, int], ...], pass_mark: int) -> str | None:
-    """Why a base rule no longer matches the doors, or None when it does."""
-    if header.ports == ports and header.pass_mark == pass_mark and header.digest == base_digest(ports, pass_mark):
+def _stale(
+    header: Header, ports: tuple[tuple[str, int], ...], pass_mark: int, dests: tuple[str, ...] = ()
+) -> str | None:
+    """Why a base rule no longer matches the doors, or None when it does (`dests`: the gateway
+    destinations it should close, where the manager's rule covers them)."""
+    if (
+        header.ports == ports
+        and header.pass_mark == pass_mark
+        and header.destinations == dests
+        and header.digest == base_digest(ports, pass_mark, dests)
+    ):
         return None
     reasons = []
     open_ = [f"{proto}/{port}" for proto, port in ports if (proto, port) not in header.ports]
+    open_ += [dest for dest in dests if dest not in header.destinations]
     extra = [f"{proto}/{port}" for proto, port in header.ports if (proto, port) not in ports]
+    extra += [dest for dest in header.destinations if dest not in dests]
     if open_:
         reasons.append(f"it leaves {' '.join(open_)} open through a reload")
     if extra:
@@ -358,7 +371,8 @@ def check_base_rules(
                     )
                 )
                 continue
-            why = _stale(header, ports, pass_mark)
+            dests = gateway_destinations(doors) if manager.export in COVERS_DESTINATIONS else ()
+            why = _stale(header, ports, pass_mark, dests)
             if why:
                 out.append(
                     Finding(
@@ -451,6 +465,91 @@ def check_modes(paths: list[Path], keys: frozenset = frozenset()) -> list[Findin
     return out or [Finding(OK, "rules and key files are root's and not readable by others")]
 
 
+FORWARDING_SYSCTL = {4: "net.ipv4.ip_forward", 6: "net.ipv6.conf.all.forwarding"}
+
+
+def _accepts_destination(rule: str, dest) -> bool:
+    """Whether a FORWARD rule (iptables -S) may accept new connections to `dest`: an ACCEPT that
+    is not limited to established traffic, whose -d, -p and --dport (if any) cover it."""
+    if not rule.endswith("-j ACCEPT") or re.search(r"--ctstate (RELATED,)?ESTABLISHED(,RELATED)?\b", rule):
+        return False
+    address = re.search(r"(^| )-d (\S+)", rule)
+    if address is not None:
+        try:
+            if dest.host not in ipaddress.ip_network(address.group(2), strict=False):
+                return False
+        except (ValueError, TypeError):
+            return False
+    proto = re.search(r"-p (\w+)", rule)
+    ports = _ports_of(rule)
+    return (proto is None or proto.group(1) == dest.proto) and (
+        ports is None or any(a <= dest.port <= b for a, b in ports)
+    )
+
+
+def check_gateway(host: HostState, chosen: str, doors: tuple[Door, ...]) -> list[Finding]:
+    """Gateway doors (docs/gateway.md): the family's forwarding sysctl must be on (else nothing
+    reaches the destinations), no FORWARD rule ahead of nfknock's jump may accept them, and a
+    FORWARD policy of ACCEPT leaves them open whenever nfknock's chain is not there (before the
+    first start, after `nfknock down`)."""
+    destinations = [dest for door in doors for dest in door.destinations]
+    if not destinations:
+        return []
+    out = []
+    for family in (4, 6):
+        mine = [dest for dest in destinations if dest.family == family]
+        if not mine:
+            continue
+        name = FORWARDING_SYSCTL[family]
+        on = host.forwarding.get(family)
+        if on is False:
+            out.append(
+                Finding(
+                    WARN,
+                    f"{name} is 0: the gateway doors' IPv{family} destinations are unreachable "
+                    f"(sysctl -w {name}=1, and in /etc/sysctl.d)",
+                )
+            )
+        elif on:
+            out.append(Finding(OK, f"{name} is 1: this host forwards to the gateway doors' IPv{family} destinations"))
+        text = host.rules_s.get((chosen, family), "")
+        lines = text.splitlines()
+        if "-P FORWARD ACCEPT" in lines:
+            out.append(
+                Finding(
+                    WARN,
+                    f"the FORWARD policy is ACCEPT (IPv{family}): without nfknock's chain (before "
+                    "its first start, after `nfknock down`) the gateway destinations are open "
+                    "to everyone; set it to DROP or add a base rule",
+                )
+            )
+        for number, rule in enumerate((r for r in lines if r.startswith("-A FORWARD ")), start=1):
+            if rule.split()[-2:] == ["-j", FORWARD_CHAIN]:
+                break
+            hit = [str(dest) for dest in mine if _accepts_destination(rule, dest)]
+            if hit:
+                out.append(
+                    Finding(
+                        FAIL,
+                        f"FORWARD rule {number} accepts {', '.join(hit)} before nfknock's chain (IPv{family}): {rule}",
+                    )
+                )
+    if not any(finding.level == FAIL for finding in out):
+        out.append(Finding(OK, "no FORWARD rule ahead of nfknock's chain accepts a gateway destination"))
+    return out  # fmt: skip
+
+
+def read_forwarding() -> dict[int, bool | None]:
+    """The forwarding sysctls, per family (None: unreadable)."""
+    found: dict[int, bool | None] = {}
+    for family, name in FORWARDING_SYSCTL.items():
+        try:
+            found[family] = Path("/proc/sys", *name.split(".")).read_text().strip() == "1"
+        except OSError:
+            found[family] = None
+    return found
+
+
 def gather() -> HostState:
     def run(argv):
         try:
@@ -471,6 +570,7 @@ def gather() -> HostState:
             host.saved[(flavour, family)] = saved
             host.rules_s[(flavour, family)] = filter_rules(saved)
     host.local_ports, host.reserved_ports = read_local_ports()
+    host.forwarding = read_forwarding()
     host.managers = find_managers()
     host.conntrack = (
         Path("/sys/module/nf_conntrack").exists()
@@ -534,6 +634,7 @@ def diagnose(
         + check_server_extra(host, chosen)
         + check_leftovers(host, chosen, queue_num, workers)
         + check_earlier_accepts(host, chosen, doors)
+        + check_gateway(host, chosen, doors)
         + check_conntrack(host)
         + check_queue(host, queue_num, workers)
         + check_pass_mark(host, pass_mark)

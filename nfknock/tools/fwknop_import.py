@@ -36,9 +36,11 @@ WHY_NOT = {
     "GPG": "GPG mode: nfknock takes Rijndael keys only (see docs/rules.md, GPG)",
     "CMD": "commands: nfknock refuses command messages and never runs commands",
     "ENABLE_CMD": "commands: nfknock refuses command messages and never runs commands",
-    "FORCE": "NAT: nfknock opens ports on this host only",
-    "DISABLE_DNAT": "NAT: nfknock opens ports on this host only",
-    "FORWARD_ALL": "NAT: nfknock opens ports on this host only",
+    "FORCE_SNAT": "SNAT: nfknock never rewrites sources; route the replies via this host (docs/gateway.md)",
+    "FORCE_MASQUERADE": "SNAT: nfknock never rewrites sources; route the replies via this host (docs/gateway.md)",
+    "FORCE": "NAT: no nfknock equivalent",
+    "DISABLE_DNAT": "NAT: nfknock's published ports are fixed DNAT rules of the door (publish)",
+    "FORWARD_ALL": "NAT: nfknock forwards only to the destinations a door lists (forward)",
     "%INCLUDE": "include directives are not followed: import each file on its own",
 }
 
@@ -141,7 +143,16 @@ def _secret(values: dict[str, tuple[int, str]], plain: str, b64: str) -> tuple[b
 
 def import_fwknop(text: str, door_name: str, keys_dir: Path, protect: list[str]) -> Imported:
     stanzas, unmapped = parse_stanzas(text)
+    forwarding = next(
+        (
+            values["ENABLE_IPT_FORWARDING"][0]
+            for values in (s.values for s in stanzas)
+            if values.get("ENABLE_IPT_FORWARDING", (0, "N"))[1].upper() == "Y"
+        ),
+        None,
+    )
     notes: list[str] = []
+    forward: list[str] = []
     key_files: dict[str, str] = {}
     door_ports: list[str] = []
     macs: dict[bytes, tuple[str, int]] = {}
@@ -165,9 +176,48 @@ def import_fwknop(text: str, door_name: str, keys_dir: Path, protect: list[str])
             continue
         macs[mac] = (name, stanza.line)
         key_files[name] = file_text
+        forced = _force_nat(stanza.values)
+        if forced is not None:  # its holders reach that destination only: not a port of this host
+            if forced not in forward:
+                forward.append(forced)
+            continue
         door_ports += [port for port in ports if port not in door_ports]
-    door = {"name": door_name, "kind": "spa", "keys_dir": str(keys_dir), "protect": door_ports or list(protect)}
+    door: dict = {"name": door_name, "kind": "spa", "keys_dir": str(keys_dir)}
+    if door_ports or not forward:
+        door["protect"] = door_ports or list(protect)
+    if forward:
+        door["forward"] = forward
+        notes.append(
+            f"FORCE_NAT: the door forwards to {', '.join(forward)}: fwknopd DNATs the port the client asks "
+            "for; with nfknock the client connects to the destination itself (routed via this host), or add "
+            "a `publish: [{port: ..., to: ...}]` entry for a fixed port of this host (docs/gateway.md)"
+        )
+    if forwarding:
+        notes.append(
+            f"line {forwarding}: ENABLE_IPT_FORWARDING: NAT access messages (fwknop -N host:port) are accepted "
+            "for the door's forward and publish destinations only: list them (docs/gateway.md)"
+        )
     return Imported(door, key_files, unmapped, notes)
+
+
+def _force_nat(values: dict[str, tuple[int, str]]) -> str | None:
+    """A stanza's FORCE_NAT (`IP PORT`) as an nfknock destination (`10.0.0.5:22/tcp`, the
+    protocol of its first OPEN_PORTS entry); None without one. ValueError names the line."""
+    if "FORCE_NAT" not in values:
+        return None
+    number, text = values["FORCE_NAT"]
+    parts = text.split()
+    try:
+        address = ipaddress.ip_address(parts[0])
+        port = int(parts[1])
+        if len(parts) != 2 or not 1 <= port <= 65535:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"line {number}: FORCE_NAT is not 'IP PORT'") from None
+    ports = _ports(values["OPEN_PORTS"][1]) if "OPEN_PORTS" in values else []
+    proto = ports[0].split("/")[1] if ports else "tcp"
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}/{proto}"
 
 
 def _stanza(
@@ -178,6 +228,7 @@ def _stanza(
     used = {"SOURCE", "KEY", "KEY_BASE64", "HMAC_KEY", "HMAC_KEY_BASE64", "OPEN_PORTS", "RESTRICT_PORTS"}
     used |= {"FW_ACCESS_TIMEOUT", "MAX_FW_TIMEOUT", "REQUIRE_USERNAME", "ACCESS_EXPIRE", "ACCESS_EXPIRE_EPOCH"}
     used |= {"HMAC_DIGEST_TYPE", "ENCRYPTION_MODE", "REQUIRE_SOURCE_ADDRESS", "DESTINATION", "USE_HMAC"}
+    used |= {"FORCE_NAT", "ENABLE_IPT_FORWARDING"}  # gateway doors (docs/gateway.md)
     gpg_only = "KEY" not in values and "KEY_BASE64" not in values and any(k.startswith("GPG") for k in values)
     if gpg_only:
         raise ValueError("a GPG-only stanza: nfknock takes Rijndael keys only (see docs/rules.md, GPG)")
@@ -223,20 +274,25 @@ def _stanza(
             "--interface narrows it to one interface)"
         )
 
-    ports = _ports(values["OPEN_PORTS"][1]) if "OPEN_PORTS" in values else []
-    if "RESTRICT_PORTS" in values:
-        restricted = set(_ports(values["RESTRICT_PORTS"][1]))
-        ports = [port for port in (ports or protect) if port not in restricted]
-        if not ports:
-            raise ValueError("RESTRICT_PORTS leaves no port to open")
-    if ports:
-        settings["ports"] = ports
+    forced = _force_nat(values)
+    if forced is not None:  # the key's holder reaches that destination only (docs/gateway.md)
+        settings["force_nat"] = forced
+        ports: list[str] = []
     else:
-        ports = list(protect)
-        notes.append(
-            f"line {stanza.line}: stanza {index} has no OPEN_PORTS (fwknopd opens whatever a packet asks); "
-            f"key {name} may open the door's ports: {' '.join(protect)} (--protect)"
-        )
+        ports = _ports(values["OPEN_PORTS"][1]) if "OPEN_PORTS" in values else []
+        if "RESTRICT_PORTS" in values:
+            restricted = set(_ports(values["RESTRICT_PORTS"][1]))
+            ports = [port for port in (ports or protect) if port not in restricted]
+            if not ports:
+                raise ValueError("RESTRICT_PORTS leaves no port to open")
+        if ports:
+            settings["ports"] = ports
+        else:
+            ports = list(protect)
+            notes.append(
+                f"line {stanza.line}: stanza {index} has no OPEN_PORTS (fwknopd opens whatever a packet asks); "
+                f"key {name} may open the door's ports: {' '.join(protect)} (--protect)"
+            )
 
     open_for = _seconds(values, "FW_ACCESS_TIMEOUT")
     most = _seconds(values, "MAX_FW_TIMEOUT")

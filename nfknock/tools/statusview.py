@@ -55,7 +55,7 @@ def render_status(answer: dict[str, Any]) -> list[str]:
     lines += table(
         ("DOOR", "KIND", "PROTECTS", "GRANTS", "LOCKED OUT"),
         [
-            (d.get("name"), d.get("kind"), " ".join(d.get("protect", [])), granted_per_door[d.get("name")],
+            (d.get("name"), d.get("kind"), _protects(d), granted_per_door[d.get("name")],
              locked_per_door[d.get("name")])
             for d in doors
         ],
@@ -142,3 +142,12 @@ def _degraded(answer: dict[str, Any]) -> list[str]:
         f"{degraded.get('reason', '-')}",
         "  fix the rules (nfknock check), then: systemctl reload nfknock",
     ]
+
+
+def _protects(door: dict) -> str:
+    """Ports of this host, then destinations behind it (gateway doors: `forward` routed,
+    `publish` a port of this host DNAT'd to one)."""
+    parts = list(door.get("protect", []))
+    parts += [f"fwd {dest}" for dest in door.get("forward", [])]
+    parts += [f"pub {entry}" for entry in door.get("publish", [])]
+    return " ".join(parts)

@@ -136,6 +136,7 @@ class Sandbox(_Processes):
     token: str = field(default_factory=lambda: secrets.token_hex(3))
     clients: list[Client] = field(default_factory=list)
     processes: list[subprocess.Popen] = field(default_factory=list)
+    extra_namespaces: list[str] = field(default_factory=list)  # add_internal's
 
     @property
     def server(self) -> str:
@@ -176,8 +177,55 @@ class Sandbox(_Processes):
                     process.wait(5)
                 except subprocess.TimeoutExpired:
                     pass
-        for name in [self.server, *(c.namespace for c in self.clients)]:
+        for name in [self.server, *(c.namespace for c in self.clients), *self.extra_namespaces]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass
+class Internal:
+    """A host behind the sandbox's server (the bastion), for gateway doors: its own namespace
+    on a link to the server (10.199.100.0/24, fd00:199:100::/64), its default routes via the
+    server, which forwards; every client routes that network via the server too."""
+
+    namespace: str
+    address: str = "10.199.100.5"
+    address6: str = "fd00:199:100::5"
+
+    def of(self, family: int) -> str:
+        return self.address6 if family == 6 else self.address
+
+
+def add_internal(box: Sandbox) -> Internal:
+    """Build the internal host of `box` (deleted by box.close(), which deletes every namespace
+    named after its token)."""
+    host = Internal(f"nfk-{box.token}-int")
+    box.extra_namespaces.append(host.namespace)
+    ip("netns", "add", host.namespace)
+    near, far = f"nk{box.token}is", f"nk{box.token}ii"
+    ip("link", "add", near, "netns", box.server, "type", "veth", "peer", "name", far, "netns", host.namespace)
+    ip("-n", box.server, "addr", "add", "10.199.100.1/24", "dev", near)
+    ip("-n", box.server, "addr", "add", "fd00:199:100::1/64", "dev", near, "nodad")
+    ip("-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", far)
+    ip("-n", host.namespace, "addr", "add", f"{host.address6}/64", "dev", far, "nodad")
+    for ns, dev in ((box.server, near), (host.namespace, far), (host.namespace, "lo")):
+        ip("-n", ns, "link", "set", dev, "up")
+    ip("-n", host.namespace, "route", "add", "default", "via", "10.199.100.1")
+    ip("-n", host.namespace, "-6", "route", "add", "default", "via", "fd00:199:100::1")
+    for client in box.clients:
+        ip("-n", client.namespace, "route", "add", "10.199.100.0/24", "via", client.server_address)
+        ip("-n", client.namespace, "-6", "route", "add", "fd00:199:100::/64", "via", client.server_address6)
+    for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        subprocess.run(["ip", "netns", "exec", box.server, "sysctl", "-qw", f"{key}=1"], check=True)
+    # IPv6 neighbour discovery waits for the link-local addresses' duplicate address detection
+    # (about a second after a link comes up): until then the first routed IPv6 connect is lost.
+    end = time.monotonic() + 10
+    for ns in (box.server, host.namespace, *(client.namespace for client in box.clients)):
+        while time.monotonic() < end:
+            out = subprocess.run(["ip", "-n", ns, "-6", "addr", "show", "tentative"], capture_output=True, text=True)
+            if not out.stdout.strip():
+                break
+            time.sleep(0.05)
+    return host
 
 
 def nfknock_argv(*args: str) -> list[str]:

@@ -70,13 +70,15 @@ def test_a_team_file_maps_stanzas_to_keys_and_lists_the_rest_by_line(tmp_path, c
     assert bob.keys.digest == "sha512" and bob.ports == frozenset({("tcp", 22), ("tcp", 443)})
     assert bob.expires == 1801353600 and bob.sources == ()
     assert passphrase.keys.encryption == b"a passphrase long enough"  # KEY: used as it is, as fwknop does
+    # FORCE_NAT (docs/gateway.md): the door forwards to it, and that key's grants go there only.
+    assert [str(d) for d in door.forward] == ["192.168.1.2:22/tcp"]
+    assert str(passphrase.force_nat) == "192.168.1.2:22/tcp"
     not_imported = [line for line in err.splitlines() if line.endswith("NOT IMPORTED")]
     for where in (
         "line 2: %include_keys",
         "line 19: ENABLE_CMD_EXEC (commands",  # keyword and line, never a value: access.conf holds keys
         "line 20: CMD_EXEC_USER (commands",
         "line 23: stanza 3 (SOURCE ANY): a GPG-only stanza",
-        "line 32: FORCE_NAT",
         "line 34: stanza 5 (SOURCE 10.0.9.0/24): same HMAC key as the stanza of line 13 (key bob)",
     ):
         assert any(where in line for line in not_imported), where

@@ -112,19 +112,45 @@ def test_flipped_bit_anywhere_is_refused():
             decode(bytes(mangled), keys_of(vector))
 
 
-def test_nat_and_command_messages_are_refused_by_type():
+@pytest.mark.parametrize("message_type, kind", [(5, "local NAT access"), (0, "command")])
+def test_local_nat_and_command_messages_are_refused_by_type(message_type, kind):
     from nfknock.doors import spa
 
     keys = keys_of(VECTORS[0])
     original = spa.ACCESS
     try:
-        spa.ACCESS = 2  # make the encoder emit a NAT-access type
+        spa.ACCESS = message_type  # make the encoder emit that type
         wire = encode(keys, "10.0.0.2", [("tcp", 22)], now=1)
     finally:
         spa.ACCESS = original
     with pytest.raises(SpaError) as info:
         decode(wire, keys)
-    assert info.value.reason == "refused type" and "NAT access" in info.value.detail
+    assert info.value.reason == "refused type" and kind in info.value.detail
+
+
+@pytest.mark.parametrize("timeout", [None, 60])
+def test_a_nat_access_message_carries_its_destination(timeout):
+    keys = keys_of(VECTORS[0])
+    wire = encode(keys, "10.0.0.2", [("tcp", 22)], now=1, client_timeout=timeout, nat=("10.0.0.5", 2200))
+    request = decode(wire, keys)
+    assert request.message_type == (2 if timeout is None else 4)
+    assert request.nat == ("10.0.0.5", 2200) and request.ports == (("tcp", 22),)
+    assert request.client_timeout == timeout
+
+
+def test_a_nat_access_message_without_its_destination_is_malformed():
+    from nfknock.doors import spa
+
+    keys = keys_of(VECTORS[0])
+    original = spa.ACCESS
+    try:
+        spa.ACCESS = 2  # a NAT-access type, but no NAT field
+        wire = encode(keys, "10.0.0.2", [("tcp", 22)], now=1)
+    finally:
+        spa.ACCESS = original
+    with pytest.raises(SpaError) as info:
+        decode(wire, keys)
+    assert info.value.reason == "malformed"
 
 
 def test_a_key_pair_never_shows_its_keys_in_a_repr():

@@ -1,0 +1,203 @@
+"""Gateway doors on a real kernel: client — bastion (nfknock) — internal host. A knock or a stock
+`fwknop -N` opens the internal service through the bastion for the knocker only, routed and
+published (DNAT); a host that never knocked gets nothing before, during and after; a daemon
+killed mid-session leaves the established session up and lets nothing new through."""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+from conftest import knock, spa_door
+
+from support.sandbox import EchoService, add_internal, entered
+
+pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
+
+SEQUENCE = ("7001", "7002", "7003")
+
+
+@pytest.fixture
+def internal(sandbox):
+    host = add_internal(sandbox)
+    service = EchoService(host.namespace)
+    try:
+        yield host
+    finally:
+        service.close()
+
+
+def fwknop(server, client, *extra: str, access: str = "tcp/22") -> None:
+    """The stock fwknop client (as test_spa_doors.py drives it), with the door's keys."""
+    argv = ["fwknop", "-A", access, "-a", client.address, "-D", client.server_address]
+    argv += ["--key-base64-rijndael", server.keys[0], "--key-base64-hmac", server.keys[1]]
+    argv += ["--use-hmac", "--rc-file", "/dev/null", *extra]
+    result = server.sandbox.run(client.namespace, argv)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def reach(client, address: str, port: int = 22, family: int = 4, timeout: float = 1.5) -> socket.socket | None:
+    """A connection from `client` to address:port that got the internal service's greeting, or None."""
+    with entered(client.namespace):
+        sock = socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET)
+    sock.settimeout(timeout)
+    try:
+        sock.connect((address, port))
+        if sock.recv(16) == b"hello\n":
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
+
+
+def reaches(client, address: str, port: int = 22, family: int = 4) -> bool:
+    sock = reach(client, address, port, family)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def gateway_rules(internal, family: str = "any") -> str:
+    return f"""\
+doors:
+  - name: gwSSH
+    sequence: [{", ".join(SEQUENCE)}]
+    family: {family}
+    forward: [{internal.address}:22/tcp, "[{internal.address6}]:22/tcp"]
+    publish: [{{port: 2222/tcp, to: {internal.address}:22}}, {{port: 2223/tcp, to: "[{internal.address6}]:22"}}]
+"""
+
+
+def test_a_knock_opens_the_internal_service_for_the_knocker_only(server, internal, alice, mallory):
+    assert reaches(mallory, internal.address)  # the bastion forwards: what stops mallory below is nfknock
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    assert not reaches(alice, internal.address) and not reaches(alice, alice.server_address, 2222)
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    knock(server.sandbox, alice, *SEQUENCE)
+    assert reaches(alice, internal.address), server.log_text()  # routed
+    assert reaches(alice, alice.server_address, 2222), server.log_text()  # published (DNAT)
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    line = server.wait_log("gwSSH: accepted new connection to")
+    assert f"{internal.address}:22/tcp" in line
+    revoked = server.nfknock("revoke", alice.address, "--control-socket", str(server.workdir / "nfknock.sock"))
+    assert revoked.returncode == 0, revoked.stderr
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    assert not reaches(alice, internal.address)
+
+
+def test_an_ipv6_knock_opens_the_routed_ipv6_destination(server, internal, alice, mallory):
+    assert reaches(mallory, internal.address6, family=6)  # the bastion forwards IPv6 too
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    assert not reaches(alice, internal.address6, family=6)
+    result = server.sandbox.run(alice.namespace, ["knock", "-6", alice.server_address6, *SEQUENCE])
+    assert result.returncode == 0, result.stderr
+    assert reaches(alice, internal.address6, family=6), server.log_text()
+    assert reaches(alice, alice.server_address6, 2223, family=6), server.log_text()  # published (ip6tables DNAT)
+    assert not reaches(mallory, internal.address6, family=6)
+    assert not reaches(mallory, mallory.server_address6, 2223, family=6)
+    assert not reaches(alice, internal.address)  # a grant is per address: IPv4 stays closed
+
+
+def test_a_killed_daemon_keeps_established_sessions_and_forwards_nothing_new(server, internal, alice, mallory):
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    knock(server.sandbox, alice, *SEQUENCE)
+    routed = reach(alice, internal.address)
+    published = reach(alice, alice.server_address, 2222)
+    assert routed is not None and published is not None, server.log_text()
+    try:
+        server.stop(signal.SIGKILL)
+        for sock in (routed, published):
+            sock.sendall(b"ping\n")
+            assert sock.recv(64) == b"ping\n"
+        assert not reaches(alice, internal.address) and not reaches(alice, alice.server_address, 2222)
+        assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    finally:
+        routed.close()
+        published.close()
+
+
+def test_stock_fwknop_nat_access_opens_the_published_port(server, internal, alice, mallory, tmp_path):
+    spa_door(
+        server,
+        tmp_path,
+        f"forward: [{internal.address}:22/tcp]",
+        f"publish: [{{port: 2222/tcp, to: {internal.address}:22}}]",
+    )
+    text = (server.rules / "doors.yaml").read_text().replace("    protect: [22/tcp]\n", "")
+    server.write_rules(text)
+    server.start()
+    assert not reaches(alice, alice.server_address, 2222)
+    fwknop(server, alice, "-N", f"{internal.address}:22", access="tcp/2222")
+    server.wait_log("spaSSH: OPEN")
+    assert reaches(alice, alice.server_address, 2222), server.log_text()
+    assert reaches(alice, internal.address), server.log_text()
+    assert not reaches(mallory, mallory.server_address, 2222) and not reaches(mallory, internal.address)
+
+
+def test_fwknop_nat_access_to_another_destination_is_refused_with_a_reason(server, internal, alice, tmp_path):
+    spa_door(server, tmp_path, f"forward: [{internal.address}:22/tcp]")
+    server.start()
+    fwknop(server, alice, "-N", f"{internal.address}:2200", access="tcp/22")
+    line = server.wait_log("destination not allowed")
+    assert f"{internal.address}:2200/tcp" in line
+    assert not reaches(alice, internal.address)
+
+
+def test_a_flush_that_takes_the_rules_away_takes_the_gateway_chains_back_too(server, internal, alice, mallory):
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    installed = server.iptables()
+    assert any(line.startswith("-A NFKNOCK-FWD") for line in installed)
+    knock(server.sandbox, alice, *SEQUENCE)
+    assert reaches(alice, internal.address), server.log_text()
+    # nftables.service's `flush ruleset` (every nf_tables table), or an admin's `iptables -F`
+    # (every chain of the legacy filter table): the main chain goes, and so do the FORWARD rules.
+    argv = ["nft", "flush", "ruleset"] if server.flavour == "nft" else ["iptables-legacy", "-F"]
+    server.sandbox.run(server.sandbox.server, argv, check=True)
+    server.wait_log("nfknock's rules were changed")
+    assert server.iptables() == installed
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+    assert reaches(alice, internal.address) and reaches(alice, alice.server_address, 2222)
+
+
+def test_the_exported_nftables_base_rule_keeps_the_destinations_closed_without_nfknock(
+    server, internal, alice, mallory, tmp_path
+):
+    rules = server.write_rules(gateway_rules(internal))
+    base = tmp_path / "nfknock.nft"
+    exported = server.nfknock("export", "nftables", "--rules", str(rules))
+    assert exported.returncode == 0, exported.stderr
+    base.write_text(exported.stdout)
+    server.sandbox.run(server.sandbox.server, ["nft", "-f", str(base)], check=True)
+    server.start()
+    knock(server.sandbox, alice, *SEQUENCE)
+    held = reach(alice, internal.address)  # nfknock's verdict marks it: the base rule lets it by
+    assert held is not None and reaches(alice, alice.server_address, 2222), server.log_text()
+    assert not reaches(mallory, internal.address)
+    try:
+        server.stop(signal.SIGKILL)
+        down = server.nfknock("down")
+        assert down.returncode == 0, down.stderr
+        assert not any("NFKNOCK" in line for line in server.iptables())  # only the base rule is left
+        held.sendall(b"ping\n")
+        assert held.recv(64) == b"ping\n"  # established: let by
+        assert not reaches(mallory, internal.address) and not reaches(alice, internal.address)
+    finally:
+        held.close()
+
+
+def test_with_workers_a_knock_opens_the_destination_for_the_knocker_only(server, internal, alice, bob, mallory):
+    server.write_rules(gateway_rules(internal))
+    server.start("--workers", "2")
+    # The FORWARD queue rules are sharded as INPUT's are (by the source's last byte, which is 2
+    # for every client here: one worker judges them, the other's copies must not get in the way).
+    for client in (alice, bob):
+        knock(server.sandbox, client, *SEQUENCE)
+        assert reaches(client, internal.address) and reaches(client, client.server_address, 2222), server.log_text()
+    assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
