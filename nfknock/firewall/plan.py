@@ -514,7 +514,9 @@ def scaffolding(
     knocking: list[RuleSpec] = []
     shaped = spa_ports(doors)
     for proto, port in knocks:
-        knocking += in_kernel.get((proto, port)) or _knock_rules(proto, port, queue_num, family, (proto, port) in shaped)
+        knocking += in_kernel.get((proto, port)) or _knock_rules(
+            proto, port, queue_num, family, (proto, port) in shaped
+        )
     for proto, first, last in knock_ranges:
         knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     specs += _noting_recent(knocking, recent_set(queue_num, family))

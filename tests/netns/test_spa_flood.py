@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import time
 
 import pytest
 from conftest import connect, spa_door
@@ -107,7 +108,6 @@ def test_ipv6_junk_is_dropped_and_our_packet_opens(spa_server, alice):
     send(alice, junk(), family=6)
     assert queued(spa_server) == before
     keys = Keys(base64.b64decode(spa_server.keys[0]), base64.b64decode(spa_server.keys[1]))
-    import time
 
     send(alice, [encode(keys, alice.address6, [("tcp", 22)], time.time())], family=6)
     assert queued(spa_server) == before + 1
@@ -132,7 +132,6 @@ doors:
     lockout: {{failures: 3, window: 10m, lock_for: 10m}}
 """)
     server.start()
-    import time
 
     # Well-formed junk from alice's own address: the shape of a real packet, made with keys the
     # door does not have. It reaches the daemon (only an HMAC tells it apart) and is refused,
