@@ -13,16 +13,15 @@ The wire format, as fwknop's client sends it:
 
 The HMAC is checked (in constant time) before anything is decrypted, and before any HMAC what
 needs no key: the text's alphabet, the ciphertext's length and first character, the tag's
-spelling (`Shape`, once per packet for all the keys of a door). Every primitive comes from
-`cryptography`, the HMAC check from the standard library's `hmac` (OpenSSL, a precomputed
-state per key: the per-packet cost of a door with many keys); this module only arranges fields.
+spelling (`Shape`, once per packet for all the keys of a door); each key then costs one HMAC of
+the packet, copied from a state with the key's pads already hashed (the per-packet cost of a
+door with many keys). Every primitive comes from `cryptography`; this module only arranges fields.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hmac as stdlib_hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,14 +174,31 @@ RIJNDAEL_FIRST = frozenset("89+/")
 # long modulo 64, and at least 43 long (one block).
 _CIPHERTEXT_LENGTHS = frozenset({0, 22, 43})
 _MIN_CIPHERTEXT = 43
+_PADDING = {0: "", 2: "==", 3: "="}
+
+
+def _tag_ends(size: int) -> frozenset[str]:
+    """The characters the unpadded base64 of `size` bytes can end with: those whose unused low
+    bits are zero (2 spare bits: 16 of them; 4 spare bits: 4; none spare: all 64)."""
+    spare = {0: 0, 1: 4, 2: 2}[size % 3]
+    return frozenset(_ALPHABET[i : i + 1].decode() for i in range(64) if not i & ((1 << spare) - 1))
+
+
+_TAG_ENDS = {name: _tag_ends(make().digest_size) for name, make in HMAC_DIGESTS.items()}
 
 
 @lru_cache(maxsize=4096)
-def _mac_state(key: bytes, digest: str) -> stdlib_hmac.HMAC:
+def _mac_state(key: bytes, digest: str) -> hmac.HMAC:
     """The key's HMAC with its inner and outer pads already hashed: each packet copies it and
-    hashes only its own text (stdlib hmac over OpenSSL). Cached by value: a reload that keeps a
-    key keeps its state; at most 4096 keys' states (a few hundred bytes each) stay."""
-    return stdlib_hmac.new(key, digestmod=digest)
+    hashes only its own text. Cached by value: a reload that keeps a key keeps its state; at
+    most 4096 keys' states (a few hundred bytes each) stay."""
+    return hmac.HMAC(key, HMAC_DIGESTS[digest]())
+
+
+def _mac_of(keys: Keys, message: bytes) -> bytes:
+    mac = _mac_state(keys.hmac, keys.digest).copy()
+    mac.update(message)
+    return mac.finalize()
 
 
 class Shape:
@@ -207,26 +223,23 @@ class Shape:
     def split(self, digest: str) -> tuple[str, bytes, bytes] | None:
         """(base64 ciphertext, the text its HMAC covers, the tag's bytes) for an HMAC of
         `digest`, or None when the text cannot be a Rijndael packet with such a tag."""
-        try:
-            return self._splits[digest]
-        except KeyError:
-            pass
+        found = self._splits.get(digest, self)
+        if found is not self:
+            return found  # type: ignore[return-value]
         found = None
         length = _tag_length(digest)
-        data, tag = self.text[:-length], self.text[-length:]
+        text = self.text
+        data = text[:-length]
         stripped = len(data) + len(SALTED_B64)
         if (
             self.base64
+            and text[-1] in _TAG_ENDS[digest]  # the one spelling fwknop writes (no stray low bits)
             and data[:1] in RIJNDAEL_FIRST
             and stripped >= _MIN_CIPHERTEXT
             and stripped % 64 in _CIPHERTEXT_LENGTHS
         ):
-            try:
-                raw = _b64decode(tag)
-            except (binascii.Error, ValueError):
-                raw = b""
-            if raw and _b64encode(raw) == tag:  # the one spelling fwknop writes (no stray low bits)
-                found = (data, (SALTED_B64 + data).encode(), raw)
+            tag = text[-length:]
+            found = (data, (SALTED_B64 + data).encode(), binascii.a2b_base64(tag + _PADDING[length % 4]))
         self._splits[digest] = found
         return found
 
@@ -236,9 +249,7 @@ class Shape:
         if found is None:
             return None
         data, message, tag = found
-        mac = _mac_state(keys.hmac, keys.digest).copy()
-        mac.update(message)
-        return data if stdlib_hmac.compare_digest(mac.digest(), tag) else None
+        return data if secrets.compare_digest(_mac_of(keys, message), tag) else None
 
     def is_gpg(self, keys: Keys) -> bool:
         """Whether the packet is a long GPG-mode packet with the HMAC of `keys` (fwknop strips
@@ -251,9 +262,7 @@ class Shape:
             raw = _b64decode(tag)
         except (binascii.Error, ValueError):
             return False
-        mac = _mac_state(keys.hmac, keys.digest).copy()
-        mac.update((GPG_B64 + data).encode())
-        return stdlib_hmac.compare_digest(mac.digest(), raw)
+        return secrets.compare_digest(_mac_of(keys, (GPG_B64 + data).encode()), raw)
 
 
 def packet_id(data: str) -> str:
