@@ -1,11 +1,12 @@
 """SPA under a junk flood (issue 24, goal 3), run from bench/run.py (`--only spa_flood`).
 
-A flood at the SPA port from 100k spoofed sources on alice's link (bench/spaflood.c, full rate),
+A flood at the SPA port from 100k spoofed sources from bob's side (bench/spaflood.c, full rate; the
+client is alice, on another link, as in the other flood measurements),
 of two kinds: random bytes of an SPA packet's length, and well-formed junk: real packets made
 with keys the door does not have (only an HMAC tells them apart from a client's; the worst case
 for the daemon). With a door of 1 and of 20 keys (the client uses the last key: 20 HMACs to
 find it), 10 tries each of the stock `fwknop` client (one packet), and our own (`nfknock spa
---repeat 5`), each followed by a connect (2 s); and in the same run fwknopd 2.6 (pcap, --test:
+--repeat 10`: 10 copies 20 ms apart), each followed by a connect (2 s); and in the same run fwknopd 2.6 (pcap, --test:
 a try counts when it accepted the packet within 2 s) under the same floods. Then the capacity:
 junk packets the daemon decides per second of its CPU (one core), well-formed junk, 1 and 20
 keys; and the daemon's side alone (no kernel): CPU per junk packet of spa_access.identify beside
@@ -21,7 +22,7 @@ import subprocess
 import time
 import timeit
 
-from support.sandbox import connect, cpu_seconds, nfknock_argv, process_tree, wait_for_line
+from support.sandbox import EchoService, connect, cpu_seconds, nfknock_argv, process_tree, wait_for_line
 
 KINDS = ("random", "wellformed")
 KEYS = (1, 20)
@@ -52,9 +53,17 @@ class SpaFlood:
         self.trials = 4 if bench.smoke else 10
 
     def run(self, run: int) -> None:
-        from nfknock.doors.spa import generate_keys
 
         self.python_cost(run)
+        service = EchoService(self.box.server)  # what the door protects: 22/tcp
+        try:
+            self._floods(run)
+        finally:
+            service.close()
+
+    def _floods(self, run: int) -> None:
+        from nfknock.doors.spa import generate_keys
+
         for count in KEYS:
             keys_dir = self.workdir / f"keys{count}"
             keys_dir.mkdir(mode=0o700, exist_ok=True)
@@ -85,10 +94,10 @@ class SpaFlood:
 
     def _flood(self, payloads, seconds: float = 600) -> subprocess.Popen:
         return self.box.spawn(
-            self.alice.namespace,
+            self.bench.bob.namespace,
             [
                 str(self.sender),
-                self.alice.server_address,
+                self.bench.bob.server_address,
                 str(PORT),
                 str(seconds),
                 "11.0.0.1",
@@ -112,7 +121,7 @@ class SpaFlood:
         sock = self.workdir / "spa_flood.sock"
         rules = str(self.bench.rules)
         ours = nfknock_argv(
-            "spa", self.alice.server_address, "--door", "spaFlood", "--rules", rules, "--key", key, "--repeat", "5"
+            "spa", self.alice.server_address, "--door", "spaFlood", "--rules", rules, "--key", key, "--repeat", "10"
         )
         openers = {"stock": self._stock(pair), "ours": ours}
         daemon = self.bench.start_nfknock("--control-socket", str(sock))
@@ -131,7 +140,8 @@ class SpaFlood:
                 self.log(
                     f"SPA flood run {run + 1}, {count} key(s): the daemon decides {decided / (t1 - t0):,.0f} "
                     f"well-formed junk packets/s, {per_core:,.0f} per second of its CPU; "
-                    f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped at the full queue"
+                    f"{(full1 - full0) / (t1 - t0):,.0f}/s dropped at the full queue, "
+                    f"{(over1 - over0) / (t1 - t0):,.0f}/s at the socket's full buffer"
                 )
             for who, argv in openers.items():
                 ok = 0
@@ -171,7 +181,7 @@ class SpaFlood:
             )
         )
         config = directory / "fwknopd.conf"
-        config.write_text(f"PCAP_INTF nk{self.box.token}1s\n")
+        config.write_text("PCAP_INTF any\n")  # the flood's link and the client's
         access.chmod(0o600)
         config.chmod(0o600)
         log = directory / "fwknopd.log"
@@ -311,7 +321,7 @@ def render_rows(f: dict) -> list[str]:
                 continue
             rows.append(
                 f"| SPA flood at 62201 from 100k spoofed sources, {LABELS[kind]}, {count} key(s): tries that got in | "
-                f"stock fwknop {fig(base + '.stock')}; `nfknock spa --repeat 5` {fig(base + '.ours')} of "
+                f"stock fwknop {fig(base + '.stock')}; `nfknock spa --repeat 10` {fig(base + '.ours')} of "
                 f"{f[base + '.stock']['unit'][3:]} | fwknopd 2.6 (pcap) {fig(base + '.fwknopd')} | "
                 f"junk that reached the daemon's queue: {fig(base + '.queued')}/s; lockouts: "
                 f"{fig(base + '.lockouts')} | {GOALS[kind]} |"
