@@ -275,3 +275,23 @@ def test_spa_on_a_team_door_needs_a_key_name(tmp_path, monkeypatch, capsys):
 def test_revoke_takes_an_address_or_a_key(capsys):
     assert main(["revoke", "--control-socket", "/nonexistent"]) == 2
     assert "give an ADDRESS or --key NAME" in capsys.readouterr().err
+
+
+def test_spa_repeat_sends_the_same_packet_n_times_apart():
+    """`nfknock spa --repeat N`: copies of one packet (harmless replays), COPY_SPACING apart."""
+    import socket
+
+    from nfknock.doors.spa import Keys, decode
+    from nfknock.tools.client import COPY_SPACING, send_spa
+
+    keys = Keys(b"k" * 32, b"h" * 64)
+    slept = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(5)
+        send_spa("127.0.0.1", keys, server.getsockname()[1], [("tcp", 22)], copies=3, sleep=slept.append)
+        copies = [server.recv(2048) for _ in range(3)]
+    assert len(set(copies)) == 1 and decode(copies[0], keys).ports == (("tcp", 22),)
+    assert slept == [COPY_SPACING, COPY_SPACING]
+    with pytest.raises(SystemExit):
+        main(["spa", "127.0.0.1", "--door", "s", "--rules", "/nonexistent", "--repeat", "21"])
