@@ -6,7 +6,7 @@ of two kinds: random bytes of an SPA packet's length, and well-formed junk: real
 with keys the door does not have (only an HMAC tells them apart from a client's; the worst case
 for the daemon). With a door of 1 and of 20 keys (the client uses the last key: 20 HMACs to
 find it), 10 tries each of the stock `fwknop` client (one packet), and our own (`nfknock spa
---repeat 10`: 10 copies 20 ms apart), each followed by a connect (2 s); and in the same run fwknopd 2.6 (pcap, --test:
+--repeat 10`: 10 copies 100 ms apart), each followed by a connect (2 s); and in the same run fwknopd 2.6 (pcap, --test:
 a try counts when it accepted the packet within 2 s) under the same floods. Then the capacity:
 junk packets the daemon decides per second of its CPU (one core), well-formed junk, 1 and 20
 keys; and the daemon's side alone (no kernel): CPU per junk packet of spa_access.identify beside
@@ -196,18 +196,27 @@ class SpaFlood:
             daemon = self.box.spawn(self.box.server, argv, stdout=out, stderr=subprocess.STDOUT)
         accepted = "skipping firewall manipulation"
         flood = None
+
+        def attempt() -> bool:
+            before = log.read_text().count(accepted)
+            self.box.run(self.alice.namespace, self._stock(pairs[-1]))
+            end = time.monotonic() + 2
+            while time.monotonic() < end and log.read_text().count(accepted) == before:
+                time.sleep(0.05)
+            return log.read_text().count(accepted) > before
+
         try:
             wait_for_line(log, "Sniffing interface", daemon)
+            time.sleep(0.5)
+            # Without a flood first: a figure of 0 under the flood means something only if
+            # fwknopd accepts the same client's packet here at all.
+            control = attempt()
+            self.figures.add(f"spa_flood.keys{count}.fwknopd_without_flood", float(control), "of 1")
+            if not control:
+                self.log(f"  fwknopd did not accept a packet without a flood:\n{log.read_text()[-2000:]}")
             flood = self._flood(payloads)
             time.sleep(1.0)
-            ok = 0
-            for _ in range(self.trials):
-                before = log.read_text().count(accepted)
-                self.box.run(self.alice.namespace, self._stock(pairs[-1]))
-                end = time.monotonic() + 2
-                while time.monotonic() < end and log.read_text().count(accepted) == before:
-                    time.sleep(0.05)
-                ok += log.read_text().count(accepted) > before
+            ok = sum(attempt() for _ in range(self.trials))
             self.figures.add(f"spa_flood.{kind}.keys{count}.fwknopd", ok, f"of {self.trials}")
             self.log(f"SPA flood run {run + 1}, {kind} junk, {count} key(s), fwknopd: {ok}/{self.trials} accepted")
         finally:
@@ -323,8 +332,13 @@ def render_rows(f: dict) -> list[str]:
                 f"| SPA flood at 62201 from 100k spoofed sources, {LABELS[kind]}, {count} key(s): tries that got in | "
                 f"stock fwknop {fig(base + '.stock')}; `nfknock spa --repeat 10` {fig(base + '.ours')} of "
                 f"{f[base + '.stock']['unit'][3:]} | fwknopd 2.6 (pcap) {fig(base + '.fwknopd')} | "
-                f"junk that reached the daemon's queue: {fig(base + '.queued')}/s; lockouts: "
+                f"junk the daemon decided: {fig(base + '.queued')}/s; lockouts: "
                 f"{fig(base + '.lockouts')} | {GOALS[kind]} |"
+                + (
+                    ""
+                    if f.get(f"spa_flood.keys{count}.fwknopd_without_flood", {}).get("min", 1)
+                    else " (fwknopd refused a packet without a flood too: its figure means nothing)"
+                )
             )
     for count in KEYS:
         name = f"spa_flood.capacity.keys{count}"

@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_in(1, 20, "repeat"),
         default=1,
         metavar="N",
-        help="send the packet N times, 20 ms apart (default: %(default)s): copies are harmless replays, and "
+        help="send the packet N times, 100 ms apart (default: %(default)s): copies are harmless replays, and "
         "one of them gets through a junk flood that fills the server's queue (docs/spa-flood.md)",
     )
     spa.set_defaults(func=cmd_spa)

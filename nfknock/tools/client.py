@@ -98,4 +98,4 @@ def send_spa(
     return allow
 
 
-COPY_SPACING = 0.02  # seconds between copies of an SPA packet (send_spa)
+COPY_SPACING = 0.1  # seconds between copies of an SPA packet (send_spa)
