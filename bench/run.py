@@ -50,6 +50,7 @@ from support.sandbox import (  # noqa: E402
 BENCH = REPO / "bench"
 QUOTING = (REPO / "README.md", REPO / "docs" / "performance.md")  # the documents that quote the report
 FLOOD = BENCH / "build" / "flood"
+SPA_FLOOD = BENCH / "build" / "spaflood"  # bench/spa_flood.py's junk sender
 QUEUE = 3
 # The first-step set's sizing before issue 27 (nfknock/firewall/granted.py has today's).
 OLD_FIRST_STEP_SIZE = "hashsize 65536 maxelem 262144 timeout 86400 forceadd"
@@ -766,6 +767,17 @@ class Bench:
             spa_rules.unlink()
             service.close()
 
+    def spa_flood(self) -> None:
+        """Goal 3: SPA under a junk flood (bench/spa_flood.py): random-byte and well-formed junk,
+        1 and 20 keys, the stock fwknop client and ours, fwknopd in the same run, the capacity."""
+        from spa_flood import SpaFlood
+
+        if not (shutil.which("fwknop") and shutil.which("fwknopd")):
+            log("spa_flood: skipped (no fwknop/fwknopd: run scripts/setup.sh)")
+            return
+        for run in range(self.repeat):
+            SpaFlood(self, SPA_FLOOD, log).run(run)
+
     def fleet(self) -> None:
         """Fleet mode beside single-host (bench/fleet.py): CPU per knock and per SYN, grant and
         revoke propagation between two members (median and max), first SYN on another member."""
@@ -1176,6 +1188,9 @@ def render(report: dict) -> str:
             f"{len(f[name]['runs'])} trials) | {fig(name, '{:.1f}')}; {fig(back, '{:.1f}')} | "
             f"without the watcher: open until nfknock restarts | | |"
         )
+    from spa_flood import render_rows
+
+    lines += render_rows(f)
     return "\n".join(lines) + "\n"
 
 
@@ -1192,6 +1207,7 @@ MEASUREMENTS = (
     "knock_flood",
     "first_step_set",
     "fleet",
+    "spa_flood",
 )
 RATIOS = [
     ("throughput.udp.kernel", "throughput.udp.kernel", "throughput.udp.bare"),
@@ -1267,6 +1283,7 @@ def main(argv=None) -> int:
     repeat = 1 if args.smoke else args.repeat
     FLOOD.parent.mkdir(exist_ok=True)
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(FLOOD), str(BENCH / "flood.c")], check=True)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(SPA_FLOOD), str(BENCH / "spaflood.c")], check=True)
     workdir = Path(tempfile.mkdtemp(prefix="nfknock-bench-"))
     try:
         with Sandbox(clients_wanted=2) as box:

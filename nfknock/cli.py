@@ -204,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="ask for this long, as fwknop -f (the door grants at most its max_open_for)",
     )
+    spa.add_argument(
+        "--repeat",
+        type=_int_in(1, 20, "repeat"),
+        default=1,
+        metavar="N",
+        help="send the packet N times, 100 ms apart (default: %(default)s): copies are harmless replays, and "
+        "one of them gets through a junk flood that fills the server's queue (docs/spa-flood.md)",
+    )
     spa.set_defaults(func=cmd_spa)
 
     otp = verbs.add_parser(
@@ -682,7 +690,16 @@ def cmd_spa(args) -> int:
     else:
         raise UsageError(f"door {door.name!r} has {len(names)} keys: pick one with --key ({', '.join(names)})")
     wanted = [p.key for p in ports] or sorted(key.ports or (p.key for p in door.protect))
-    send_spa(args.host, key.keys, door.port.port, wanted, args.allow_ip, user=args.user, timeout=args.fw_timeout)
+    send_spa(
+        args.host,
+        key.keys,
+        door.port.port,
+        wanted,
+        args.allow_ip,
+        user=args.user,
+        timeout=args.fw_timeout,
+        copies=args.repeat,
+    )
     return 0
 
 

@@ -11,8 +11,11 @@ The wire format, as fwknop's client sends it:
     plain  = rand16:b64(user):timestamp:version:type:b64(access)[:b64(nat)][:client_timeout]:b64(SHA-256 digest)
     access = "IP,proto/port[,proto/port...]"
 
-The HMAC is checked (in constant time, by `cryptography`) before anything is decrypted.
-Every primitive comes from `cryptography`; this module only arranges fields.
+The HMAC is checked (in constant time) before anything is decrypted, and before any HMAC what
+needs no key: the text's alphabet, the ciphertext's length and first character, the tag's
+spelling (`Shape`, once per packet for all the keys of a door); each key then costs one HMAC of
+the packet, copied from a state with the key's pads already hashed (the per-packet cost of a
+door with many keys). Every primitive comes from `cryptography`; this module only arranges fields.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ import binascii
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -124,38 +127,144 @@ def authenticate(wire: bytes, keys: Keys) -> str:
     """The HMAC-authenticated part of a datagram (its base64 ciphertext), or SpaError.
 
     Everything that passes here must be remembered by the replay cache, whatever is refused
-    after it; `packet_id` names it. The tag is not part of the identity: its base64 can be
-    spelled more than one way, the authenticated text cannot.
+    after it; `packet_id` names it. The tag is not part of the identity: it is checked in the
+    one spelling fwknop writes (fwknopd compares the base64 text), the authenticated text is
+    the identity.
     """
+    shape = Shape(wire_text(wire))
+    shape.check_length((keys.digest,))
+    data = shape.verified(keys)
+    if data is not None:
+        return data
+    if shape.is_gpg(keys):
+        raise gpg_error()
+    raise SpaError("bad hmac", "HMAC does not match (wrong HMAC key or digest, or a forged packet)")
+
+
+def wire_text(wire: bytes) -> str:
+    """A datagram's text; SpaError("malformed") for what no key can make."""
     try:
         text = wire.decode("ascii").strip()
     except UnicodeDecodeError:
         raise SpaError("malformed", "not ASCII") from None
     if text.startswith(SALTED_B64):
         raise SpaError("malformed", "starts with the 'Salted__' prefix fwknop never sends")
-    tag_length = len(_b64encode(bytes(HMAC_DIGESTS.get(keys.digest, hashes.SHA256)().digest_size)))
-    if len(text) <= tag_length + 16:
-        raise SpaError("malformed", f"too short ({len(text)} characters)")
-    data, tag = text[:-tag_length], text[-tag_length:]
-    if _verifies(keys, SALTED_B64 + data, tag):
-        return data
-    if len(data) >= GPG_MIN_LENGTH and _verifies(keys, GPG_B64 + data, tag):
-        raise SpaError(
-            "gpg",
-            "a GPG-encrypted packet (fwknop --gpg-recipient): nfknock takes Rijndael keys only "
-            "(fwknop --key-gen, nfknock keygen)",
-        )
-    raise SpaError("bad hmac", "HMAC does not match (wrong HMAC key or digest, or a forged packet)")
+    return text
 
 
-def _verifies(keys: Keys, text: str, tag: str) -> bool:
-    check = _hmac(keys)
-    check.update(text.encode())
+def gpg_error() -> SpaError:
+    return SpaError(
+        "gpg",
+        "a GPG-encrypted packet (fwknop --gpg-recipient): nfknock takes Rijndael keys only "
+        "(fwknop --key-gen, nfknock keygen)",
+    )
+
+
+def _tag_length(digest: str) -> int:
     try:
-        check.verify(_b64decode(tag))
-    except (InvalidSignature, binascii.Error, ValueError):
-        return False
-    return True
+        return TAG_LENGTHS[digest]
+    except KeyError:
+        raise SpaError("config", f"unknown HMAC digest {digest!r}") from None
+
+
+TAG_LENGTHS = {name: len(_b64encode(bytes(make().digest_size))) for name, make in HMAC_DIGESTS.items()}
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+# fwknop strips "U2FsdGVkX1" (10 of the 11 characters that carry "Salted__"); the character after
+# it holds the last 4 bits of "_" (1111) and 2 bits of the salt: one of these four, always.
+RIJNDAEL_FIRST = frozenset("89+/")
+# Unpadded base64 of "Salted__" + salt + n AES blocks (16 + 16n bytes) is 0, 22 or 43 characters
+# long modulo 64, and at least 43 long (one block).
+_CIPHERTEXT_LENGTHS = frozenset({0, 22, 43})
+_MIN_CIPHERTEXT = 43
+_PADDING = {0: "", 2: "==", 3: "="}
+
+
+def _tag_ends(size: int) -> frozenset[str]:
+    """The characters the unpadded base64 of `size` bytes can end with: those whose unused low
+    bits are zero (2 spare bits: 16 of them; 4 spare bits: 4; none spare: all 64)."""
+    spare = {0: 0, 1: 4, 2: 2}[size % 3]
+    return frozenset(_ALPHABET[i : i + 1].decode() for i in range(64) if not i & ((1 << spare) - 1))
+
+
+_TAG_ENDS = {name: _tag_ends(make().digest_size) for name, make in HMAC_DIGESTS.items()}
+
+
+@lru_cache(maxsize=4096)
+def _mac_state(key: bytes, digest: str) -> hmac.HMAC:
+    """The key's HMAC with its inner and outer pads already hashed: each packet copies it and
+    hashes only its own text. Cached by value: a reload that keeps a key keeps its state; at
+    most 4096 keys' states (a few hundred bytes each) stay."""
+    return hmac.HMAC(key, HMAC_DIGESTS[digest]())
+
+
+def _mac_of(keys: Keys, message: bytes) -> bytes:
+    mac = _mac_state(keys.hmac, keys.digest).copy()
+    mac.update(message)
+    return mac.finalize()
+
+
+class Shape:
+    """One datagram's text, checked once for all the keys of a door: the checks that need no key
+    (alphabet, the ciphertext's length and first character, the tag's spelling) run once per
+    HMAC digest, and each key then costs one HMAC of the text from a precomputed state. A packet
+    that fails a shape check cannot carry a valid HMAC: no key is tried on it."""
+
+    __slots__ = ("text", "base64", "_splits")
+
+    def __init__(self, text: str):
+        self.text = text
+        self.base64 = not text.encode().translate(None, _ALPHABET)
+        self._splits: dict[str, tuple[str, bytes, bytes] | None] = {}
+
+    def check_length(self, digests) -> None:
+        """SpaError("malformed") when the text is too short to hold a tag of any of `digests`
+        and some ciphertext."""
+        if all(len(self.text) <= _tag_length(digest) + 16 for digest in digests):
+            raise SpaError("malformed", f"too short ({len(self.text)} characters)")
+
+    def split(self, digest: str) -> tuple[str, bytes, bytes] | None:
+        """(base64 ciphertext, the text its HMAC covers, the tag's bytes) for an HMAC of
+        `digest`, or None when the text cannot be a Rijndael packet with such a tag."""
+        found = self._splits.get(digest, self)
+        if found is not self:
+            return found  # type: ignore[return-value]
+        found = None
+        length = _tag_length(digest)
+        text = self.text
+        data = text[:-length]
+        stripped = len(data) + len(SALTED_B64)
+        if (
+            self.base64
+            and text[-1] in _TAG_ENDS[digest]  # the one spelling fwknop writes (no stray low bits)
+            and data[:1] in RIJNDAEL_FIRST
+            and stripped >= _MIN_CIPHERTEXT
+            and stripped % 64 in _CIPHERTEXT_LENGTHS
+        ):
+            tag = text[-length:]
+            found = (data, (SALTED_B64 + data).encode(), binascii.a2b_base64(tag + _PADDING[length % 4]))
+        self._splits[digest] = found
+        return found
+
+    def verified(self, keys: Keys) -> str | None:
+        """The ciphertext if the packet carries the HMAC of `keys`; None otherwise."""
+        found = self.split(keys.digest)
+        if found is None:
+            return None
+        data, message, tag = found
+        return data if secrets.compare_digest(_mac_of(keys, message), tag) else None
+
+    def is_gpg(self, keys: Keys) -> bool:
+        """Whether the packet is a long GPG-mode packet with the HMAC of `keys` (fwknop strips
+        "hQ" and HMACs it back on): worth its own refusal, and a second HMAC, only when long."""
+        length = _tag_length(keys.digest)
+        data, tag = self.text[:-length], self.text[-length:]
+        if len(data) < GPG_MIN_LENGTH or not self.base64:
+            return False
+        try:
+            raw = _b64decode(tag)
+        except (binascii.Error, ValueError):
+            return False
+        return secrets.compare_digest(_mac_of(keys, (GPG_B64 + data).encode()), raw)
 
 
 def packet_id(data: str) -> str:

@@ -39,8 +39,9 @@ import re
 from dataclasses import dataclass, replace
 
 from ..doors.first_steps import MARK_BITS, FirstStepGroup, FirstSteps, require
-from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
+from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, SpaDoor, TcpFlags
 from .shards import byte_ranges, queues, u32_match
+from .spa_shape import joined, spa_shape
 
 CHAIN = "NFKNOCK"
 
@@ -251,7 +252,7 @@ def shard(specs: list[RuleSpec], queue_num: int, family: int, workers: int) -> l
             raise ValueError(f"an NFQUEUE rule for queue {spec.queue_num}, not {queue_num} or {queue_num + 1}")
         which = pair.index(spec.queue_num)
         out += [
-            replace(spec, u32=u32_match(family, lo, hi), queue_num=queues(queue_num, i)[which])
+            replace(spec, u32=joined(u32_match(family, lo, hi), spec.u32), queue_num=queues(queue_num, i)[which])
             for i, (lo, hi) in enumerate(ranges)
         ]
     return out
@@ -523,8 +524,11 @@ def scaffolding(
         specs.append(RuleSpec("RETURN", ctstate="RELATED,ESTABLISHED"))
     specs += forget
     knocking: list[RuleSpec] = []
+    shaped = spa_ports(doors)
     for proto, port in knocks:
-        knocking += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
+        knocking += in_kernel.get((proto, port)) or _knock_rules(
+            proto, port, queue_num, family, (proto, port) in shaped
+        )
     for proto, first, last in knock_ranges:
         knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     specs += _noting_recent(knocking, recent_set(queue_num, family))
@@ -540,6 +544,33 @@ def scaffolding(
             )
         )
     return specs
+
+
+def spa_ports(doors: tuple[Door, ...]) -> frozenset[tuple[str, int]]:
+    """The SPA doors' ports where the kernel queues only what can be an SPA packet (spa_shape.py)
+    and drops the rest: every SPA port but one that a knock or rotating door also listens on
+    (a step, a rotating range, a tripwire range), whose packets are that door's business too."""
+    spa = {door.port.key for door in doors if isinstance(door, SpaDoor)}
+    others = [door for door in doors if not isinstance(door, SpaDoor)]
+    taken = {p.key for door in others for p in door.knock_ports}
+    ranges = [r for door in others for r in (*door.knock_ranges, *door.tripwire_ranges)]
+    return frozenset(
+        (proto, port)
+        for proto, port in spa
+        if (proto, port) not in taken and not any(kind == proto and lo <= port <= hi for kind, lo, hi in ranges)
+    )
+
+
+def _knock_rules(proto: str, port: int, queue_num: int, family: int, spa: bool) -> list[RuleSpec]:
+    """A knock port's queue rule; at an SPA port (`spa_ports`), only for what can be an SPA packet
+    (one xt_u32 match: length, alphabet, first character), and the rest dropped by the kernel,
+    so a junk flood never reaches the daemon's queue."""
+    if not spa:
+        return [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
+    return [
+        RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, u32=spa_shape(proto, family)),
+        RuleSpec("DROP", proto, port),
+    ]
 
 
 def _noting_recent(knocking: list[RuleSpec], recent: str) -> list[RuleSpec]:

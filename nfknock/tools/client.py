@@ -76,15 +76,26 @@ def send_spa(
     now: float | None = None,
     user: str = "nfknock",
     timeout: int | None = None,
+    copies: int = 1,
+    sleep=time.sleep,
 ) -> str:
     """One SPA datagram to `host`; the address put inside is `allow_ip` or, as fwknop's `-R`
     would, this host's source address towards `host`. `user` and `timeout` are fwknop's -U and
-    -f. Returns the address put inside."""
+    -f. `copies`: the same datagram that many times, COPY_SPACING apart (the server takes the
+    first that arrives and refuses the others as replays, which count against nobody; under a
+    junk flood that fills its queue, each copy is another chance). Returns the address put inside."""
     from ..doors.spa import encode
 
     family, address = resolve(host)
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.connect((address, spa_port))
         allow = allow_ip or sock.getsockname()[0]
-        sock.send(encode(keys, allow, ports, time.time() if now is None else now, user, timeout))
+        packet = encode(keys, allow, ports, time.time() if now is None else now, user, timeout)
+        for i in range(copies):
+            if i:
+                sleep(COPY_SPACING)
+            sock.send(packet)
     return allow
+
+
+COPY_SPACING = 0.1  # seconds between copies of an SPA packet (send_spa)

@@ -350,3 +350,23 @@ def test_doctor_json_lists_the_findings_and_exits_as_the_text_does(monkeypatch, 
         [],
         ["--queue-num 65534 with --workers 2 needs queues up to 65537: at most 65535"],
     )
+
+
+def test_spa_repeat_sends_the_same_packet_n_times_apart():
+    """`nfknock spa --repeat N`: copies of one packet (harmless replays), COPY_SPACING apart."""
+    import socket
+
+    from nfknock.doors.spa import Keys, decode
+    from nfknock.tools.client import COPY_SPACING, send_spa
+
+    keys = Keys(b"k" * 32, b"h" * 64)
+    slept = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(5)
+        send_spa("127.0.0.1", keys, server.getsockname()[1], [("tcp", 22)], copies=3, sleep=slept.append)
+        copies = [server.recv(2048) for _ in range(3)]
+    assert len(set(copies)) == 1 and decode(copies[0], keys).ports == (("tcp", 22),)
+    assert slept == [COPY_SPACING, COPY_SPACING]
+    with pytest.raises(SystemExit):
+        main(["spa", "127.0.0.1", "--door", "s", "--rules", "/nonexistent", "--repeat", "21"])

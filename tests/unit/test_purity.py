@@ -12,7 +12,7 @@ from support.layout import PACKAGE, imports, modules
 FORBIDDEN_MODULES = {"netfilterqueue", "iptc", "os", "time", "logging", "subprocess", "select", "shutil", "signal"}
 FORBIDDEN_CALLS = {"open", "socket.socket", "socket.create_connection", "Path.open", "read_text", "write_text"}
 PURE_FOLDERS = ("doors",)
-PURE_MODULES = ("firewall.plan", "firewall.shards")
+PURE_MODULES = ("firewall.plan", "firewall.shards", "firewall.spa_shape")
 
 PURE = sorted(m for m in modules() if m.split(".")[0] in PURE_FOLDERS or m in PURE_MODULES)
 
