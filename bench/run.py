@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and tests/support as `support`
 
 from report import BEGIN, END, commit_of, merge, provenance, stamp, with_block  # noqa: E402
+from spa_flood import render_rows as spa_flood_rows  # noqa: E402
 
 from nfknock.firewall.plan import first_step_set  # noqa: E402
 from nfknock.firewall.shards import queues  # noqa: E402
@@ -1188,9 +1189,7 @@ def render(report: dict) -> str:
             f"{len(f[name]['runs'])} trials) | {fig(name, '{:.1f}')}; {fig(back, '{:.1f}')} | "
             f"without the watcher: open until nfknock restarts | | |"
         )
-    from spa_flood import render_rows
-
-    lines += render_rows(f)
+    lines += spa_flood_rows(f)
     return "\n".join(lines) + "\n"
 
 
