@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
     check.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
     check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse what the daemon refuses (rules or key files others may write or read) instead of warning; "
+        "the systemd unit's reload checks this way before it signals",
+    )
     _add_workers(check)
     _add_pass_mark(check)
     check.set_defaults(func=cmd_check)
@@ -436,7 +442,7 @@ def cmd_check(args) -> int:
     from .doors.first_steps import MarkHistory, decide
     from .firewall.plan import plan
 
-    ruleset = load_rules(args.rules)
+    ruleset = load_rules(args.rules, strict=args.strict)
     for line in ruleset.warnings:  # what 'run' refuses; 'check' also serves to look at others' files
         print(f"nfknock: warning: {line}", file=sys.stderr)
     for door in ruleset.doors:
