@@ -363,6 +363,9 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
+    import faulthandler
+
+    faulthandler.enable()  # a SIGABRT (systemd's watchdog) prints every thread's stack to stderr (the journal)
     _check_queues(args)
     config = DaemonConfig(
         rules_path=Path(args.rules),
