@@ -138,7 +138,8 @@ def test_the_default_reaches_a_daemon_of_an_earlier_version_on_its_old_socket(tm
     old = control.ControlServer(tmp_path / "nfknock.sock", woken.set)
     try:
         answers: list = []
-        caller = threading.Thread(target=lambda: answers.append(control.call(control.DEFAULT_SOCKET, {"cmd": "status"})))
+        default = control.DEFAULT_SOCKET
+        caller = threading.Thread(target=lambda: answers.append(control.call(default, {"cmd": "status"})))
         caller.start()
         assert woken.wait(5)
         old.answer_pending(lambda request: {"seen": request["cmd"]})
