@@ -365,7 +365,10 @@ def cmd_run(args) -> int:
         raise UsageError(f"cannot open the log: {exc}") from None
     import faulthandler
 
-    faulthandler.enable()  # a SIGABRT (systemd's watchdog) prints every thread's stack to stderr (the journal)
+    try:
+        faulthandler.enable()  # a SIGABRT (systemd's watchdog) prints every thread's stack to stderr (the journal)
+    except (OSError, ValueError):
+        pass  # stderr is not a file (an embedding caller, tests): no stacks, nothing else changes
     _check_queues(args)
     config = DaemonConfig(
         rules_path=Path(args.rules),
