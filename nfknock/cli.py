@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = verbs.add_parser("check", help="validate the rules and print the doors and the rules they install")
     check.add_argument("--rules", default=DEFAULT_RULES, help="rules file or directory (default: %(default)s)")
     check.add_argument("--queue-num", type=_queue_num, default=0, help="queue number to show in the rules")
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse what the daemon refuses (rules or key files others may write or read) instead of warning; "
+        "the systemd unit's reload checks this way before it signals",
+    )
     _add_workers(check)
     _add_pass_mark(check)
     _add_json(check, '"ok", "exit_code", "errors", "warnings", "doors", "rules_installed"')
@@ -392,6 +398,12 @@ def cmd_run(args) -> int:
         logger = setup_logging(args.log_file, args.syslog, args.verbose, args.log_format)
     except OSError as exc:
         raise UsageError(f"cannot open the log: {exc}") from None
+    import faulthandler
+
+    try:
+        faulthandler.enable()  # a SIGABRT (systemd's watchdog) prints every thread's stack to stderr (the journal)
+    except (OSError, ValueError):
+        pass  # stderr is not a file (an embedding caller, tests): no stacks, nothing else changes
     _check_queues(args)
     config = DaemonConfig(
         rules_path=Path(args.rules),
@@ -523,7 +535,7 @@ def _checked(args):
     from .firewall.plan import plan
     from .tools.doctor import WARN, check_local_ports, read_local_ports
 
-    ruleset = load_rules(args.rules)
+    ruleset = load_rules(args.rules, strict=args.strict)
     _check_queues(args)
     # What a start installs where no rules are in place (no earlier meaning of a mark bit to keep).
     first_steps = decide(ruleset.doors, MarkHistory())

@@ -107,6 +107,7 @@ sed 's|/usr/local/bin/nfknock|/usr/bin/nfknock|g' deploy/nfknock.service > "$roo
 grep -q 'exec /usr/bin/nfknock run' "$root/lib/systemd/system/nfknock.service" \
   || { echo "build-deb: the unit does not run /usr/bin/nfknock" >&2; exit 1; }
 chmod 0644 "$root/lib/systemd/system/nfknock.service"
+install -D -m 0644 deploy/modules-load.d/nfknock.conf "$root/usr/lib/modules-load.d/nfknock.conf"  # the unit has no CAP_SYS_MODULE
 install -m 0644 deploy/nfknock.default "$root/etc/default/nfknock"
 install -d -m 0700 "$root/etc/nfknock" "$root/etc/nfknock/rules"
 { printf '%s\n' \

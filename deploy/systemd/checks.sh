@@ -156,6 +156,10 @@ expect_port open "the restarted daemon opens on a knock"
 in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "and closes again"
 
+# --- the unit: sandbox, control socket, reload that checks first, watchdog (deploy/systemd/unit.sh) --
+bash "$here/unit.sh" single "$SERVER" "$NS" "${SEQ[*]}" "${CLOSE[*]}" || fail "the unit (unit.sh single)"
+expect_chain_once "after the unit's checks"
+
 # --- nftables.service with nfknock's base rule: its reloads never open port 22 (README recipe) ------
 bash "$here/nftables.sh" "$SERVER" "$NS" "${SEQ[*]}" "${CLOSE[*]}" || fail "nftables.service and nfknock's base rule"
 expect_chain_once "after nftables.service was stopped and nfknock restarted"
@@ -218,6 +222,7 @@ expect_port open "two workers: after the knock"
 in_client nfknock knock "$SERVER" "${CLOSE[@]}"
 expect_port closed "two workers: after the close sequence"
 ok "--workers 2 under systemd: $(journalctl -u nfknock -o cat | grep "ready: pid" | tail -n1)"
+bash "$here/unit.sh" workers "$SERVER" "$NS" "${SEQ[*]}" "${CLOSE[*]}" || fail "the unit with workers (unit.sh workers)"
 
 # --- a boot with a broken rules file: empty tables, the unit started as at boot --------------------
 [ "$(stat -c %a /var/lib/nfknock/last-good.json)" = 600 ] || fail "no last good rules (0600) in /var/lib/nfknock"
@@ -251,8 +256,13 @@ ok "fixed and reloaded: no longer degraded ($(prop StatusText))"
 as_at_boot "boot with a broken rules file and no last good rules"
 rm /var/lib/nfknock/last-good.json
 sed -i 's/^    protect: \[22\/tcp\]/    protect: [22\/tcp/' /etc/nfknock/rules/ssh.yaml
+restarts=$(prop NRestarts)
 systemctl start nfknock 2>/dev/null && fail "the unit started without rules that load nor last good rules"
 [ "$(journal_count "installed rules that keep 22/tcp closed")" -ge 1 ] || fail "the journal does not say 22/tcp was kept closed"
+sleep 5  # RestartSec=2: two restarts by now, were exit status 2 not in RestartPreventExitStatus=
+[ "$(prop ActiveState)" = failed ] && [ "$(prop ExecMainStatus)" = 2 ] && [ "$(prop NRestarts)" = "$restarts" ] \
+  || fail "a start that fails on the rules should not be retried: $(prop ActiveState), status $(prop ExecMainStatus), NRestarts $restarts -> $(prop NRestarts)"
+ok "exit status 2 (rules that do not load): the unit stays failed, no restart loop (RestartPreventExitStatus=2)"
 expect_chain_once "no last good rules: the ports of the broken file closed"
 expect_port closed "a host that never knocked, after a boot with a broken rules file and no last good rules"
 ok "no last good rules: the unit fails ($(prop ActiveState)/$(prop Result)), 22/tcp closed"

@@ -60,6 +60,11 @@ probes=$(cut -d' ' -f1 /tmp/nft-watch.out)
 ok "$RELOADS x systemctl reload nftables (${took} ms) under a 2 ms prober: $(cat /tmp/nft-watch.out); nfknock's rules left: $(iptables -S | grep -c NFKNOCK || true) (0: the base rule held alone)"
 
 systemctl stop nftables   # `nft flush ruleset`: nfknock's chain too
+# No PartOf=nftables.service: nfknock runs on and puts its chain back itself.
+[ "$(systemctl show nfknock -p ActiveState --value)" = active ] || fail "systemctl stop nftables stopped nfknock"
+for _ in $(seq 50); do [ "$(iptables -S INPUT | grep -c -- '-j NFKNOCK' || true)" = 1 ] && break; sleep 0.1; done
+[ "$(iptables -S INPUT | grep -c -- '-j NFKNOCK' || true)" = 1 ] || fail "nfknock's chain not back after systemctl stop nftables"
+expect_port closed "systemctl stop nftables flushed the ruleset: nfknock, still running, put its chain back"
 cp /tmp/nftables.conf.stock /etc/nftables.conf
 rm -f "$INCLUDE"
 systemctl restart nfknock

@@ -31,8 +31,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The kernel modules the daemon needs: a container cannot load them.
-for module in nfnetlink_queue xt_NFQUEUE nf_conntrack xt_conntrack ip_set ip_set_hash_ip xt_set xt_limit veth; do
+# The kernel modules the daemon needs (the list the package installs in modules-load.d), and veth
+# for the client: a container cannot load them.
+for module in $(grep -v '^#' deploy/modules-load.d/nfknock.conf) veth; do
   modprobe -q "$module" 2>/dev/null || true
 done
 

@@ -28,7 +28,12 @@ from typing import Any
 
 from ..errors import NfknockError, UsageError
 
-DEFAULT_SOCKET = "/run/nfknock.sock"
+# In a directory of its own: the systemd unit makes the file system read-only but for its
+# RuntimeDirectory (/run/nfknock, 0700, removed when the daemon stops); run by hand, the daemon
+# makes the directory itself. Earlier versions used /run/nfknock.sock: `call` still finds a
+# daemon started by one of them.
+DEFAULT_SOCKET = "/run/nfknock/nfknock.sock"
+OLD_DEFAULT_SOCKET = "/run/nfknock.sock"
 MAX_REQUEST = 4096  # bytes; a request is a few dozen
 REQUEST_DEADLINE = 1.0  # seconds for a client to send its whole request
 ANSWER_DEADLINE = 5.0  # seconds the thread waits for the loop's answer
@@ -115,6 +120,8 @@ class ControlServer:
         self.wake = wake  # tells the loop a request is waiting
         self.pending: queue.SimpleQueue[Pending] = queue.SimpleQueue()
         self._closed = threading.Event()
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(mode=0o700)  # root's alone, as the socket (the default's /run/nfknock)
         if self.path.is_socket():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 if probe.connect_ex(str(self.path)) == 0:
@@ -222,6 +229,8 @@ def _read_answer(conn: socket.socket, limit: int = 1 << 24) -> bytes:
 
 def call(path: str | Path, request: dict) -> dict:
     """Ask the daemon; raise a one-line error when it cannot be reached or refuses."""
+    if str(path) == DEFAULT_SOCKET and not Path(path).exists() and Path(OLD_DEFAULT_SOCKET).is_socket():
+        path = OLD_DEFAULT_SOCKET  # a daemon of an older version, until it is restarted
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(ANSWER_DEADLINE + 2)

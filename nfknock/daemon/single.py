@@ -31,6 +31,7 @@ from ..trust import why_unsafe
 from .claims import SUBDIR, open_claims
 from .config import CLOSED, STATS_EVERY, DaemonConfig, sd_notify
 from .front import Front
+from .heartbeat import heartbeat
 from .judge import Judge
 from .lastgood import ready_status
 from .loop import Every, Loop, bind_queues
@@ -132,6 +133,9 @@ class Single(Judge):
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
             self.front.serve_snapshot,
         ]
+        # systemd's watchdog (WatchdogSec=): pinged from this loop's turns only (heartbeat.py).
+        if (beat := heartbeat(os.environ, os.getpid(), sd_notify)) is not None:
+            loop.hooks.append(beat)
 
     @property
     def guard(self):

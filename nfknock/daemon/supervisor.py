@@ -25,6 +25,7 @@ from ..firewall.granted import GrantedSets
 from . import control, metrics
 from .config import CLOSED, STATS_EVERY, DaemonConfig, sd_notify
 from .front import Front
+from .heartbeat import heartbeat
 from .lastgood import ready_status
 from .loop import Every, Loop
 from .reload import Reloader, read
@@ -111,6 +112,11 @@ class Supervisor:
                 Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
                 self.front.serve_snapshot,
             ]
+            # systemd's watchdog: pinged from this loop, and only while every worker answers
+            # (heartbeat.py): a stuck worker gets the daemon restarted, closed meanwhile.
+            if (beat := heartbeat(os.environ, os.getpid(), sd_notify, pool.answering)) is not None:
+                pool.watchdog.restarted_after = 2 * beat.every
+                self.loop.hooks.append(beat)
             self.loop.run([])
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 

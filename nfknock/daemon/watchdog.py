@@ -41,6 +41,12 @@ class _Worker:
 class Watchdog:
     def __init__(self, log: logging.Logger, count: int, clock: Callable[[], float]):
         self.log, self.count, self.clock = log, count, clock
+        self.restarted_after: float | None = None  # WatchdogSec, when systemd's watchdog is on (heartbeat.py)
+
+    def answering(self, workers: list[_Worker], now: float) -> bool:
+        """Whether every worker lives and has answered its last ping within STUCK_AFTER: the
+        supervisor pings systemd's watchdog only then (heartbeat.py)."""
+        return all(w.alive and not w.closed and w.silent_for(now) < STUCK_AFTER for w in workers)
 
     def stuck_row(self, worker: _Worker, now: float) -> dict[str, Any]:
         lo, hi = byte_ranges(self.count)[worker.shard]
@@ -97,7 +103,12 @@ class Watchdog:
             f"{self.named(worker)} has not answered for {silent:.0f}s: {what}. Sources whose address ends in "
             f"byte {lo}-{hi} cannot knock or connect until it answers (closed, not open: {self._queue_load(worker)})"
         )
-        if first:
+        if first and self.restarted_after is not None:
+            text += (
+                f"; systemd's watchdog (WatchdogSec={self.restarted_after:g}s) restarts nfknock unless it "
+                f"answers before: 'kill -CONT {worker.pid}' resumes it"
+            )
+        elif first:
             text += (
                 "; nfknock neither kills nor restarts it (a stopped worker may be a debugger session): "
                 f"'kill -CONT {worker.pid}' resumes it, stopping nfknock ends it"

@@ -117,7 +117,8 @@ def main(seed: WorkerSeed, shard: int, conn: Connection, claims: Any) -> None:
     """The body of a forked worker. Never returns."""
     code = 1
     try:
-        os.environ.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)  # only the supervisor speaks to systemd
         _die_with_parent()
         Worker(seed, shard, claims, conn).run(lambda: conn.send(("bound", shard)))
         code = 0

@@ -282,6 +282,10 @@ class WorkerPool:
         up = tuple((worker.shard, worker.shard in replies) for worker in self.workers)
         return replace(merge_snapshots(known), workers_up=up)
 
+    def answering(self, now: float) -> bool:
+        """Every worker lives and answers its pings (the supervisor's heartbeat.py hook asks)."""
+        return not self.failure and self.watchdog.answering(self.workers, now)
+
     def watch(self, now: float) -> None:
         """Ping the workers; name one that does not answer (watchdog.py). Each loop turn."""
         self.watchdog.watch(self.workers, now)

@@ -17,7 +17,7 @@ FILES = (
     ("/etc/nfknock/rules/*.yaml", "the doors, root's alone (mode 0600 in a 0700 directory)"),
     ("/etc/default/nfknock", "NFKNOCK_ENABLE, NFKNOCK_INTERFACE and NFKNOCK_OPTS for the systemd unit"),
     ("/var/lib/nfknock", "the replay cache (SPA packets and rotating sequences already used), kept across restarts"),
-    ("/run/nfknock.sock", "the control socket of status, revoke and grant (mode 0600)"),
+    ("/run/nfknock/nfknock.sock", "the control socket of status, revoke and grant (mode 0600, in a 0700 directory)"),
 )
 FAIL_CLOSED = (
     "Stopping, a crash or a kill leave nfknock's firewall rules in place: with no process bound to the "

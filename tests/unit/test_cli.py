@@ -26,6 +26,22 @@ def test_check_with_bad_rules_exits_2_with_one_line_per_problem(tmp_path, capsys
     assert err == [f"nfknock: {tmp_path / 'x.yaml'}: door 'a': 1/tcp is both a knock port and a protected port"]
 
 
+def test_check_strict_refuses_what_the_daemon_refuses(tmp_path, capsys):
+    """A rules file others may write: a warning for `check` (it also serves to read others'
+    files), an error with --strict, as a start or reload of the daemon would refuse it (the unit's
+    ExecReload runs `check --strict` so that such a reload fails)."""
+    rules = tmp_path / "rules"
+    rules.mkdir(mode=0o700)
+    (rules / "ssh.yaml").write_text((Path(RULES) / "ssh.yaml").read_text())
+    (rules / "ssh.yaml").chmod(0o666)
+    assert main(["check", "--rules", str(rules)]) == 0
+    assert "warning:" in capsys.readouterr().err
+    assert main(["check", "--strict", "--rules", str(rules)]) == 2
+    assert f"{rules / 'ssh.yaml'}: not trusted" in capsys.readouterr().err
+    (rules / "ssh.yaml").chmod(0o600)
+    assert main(["check", "--strict", "--rules", str(rules)]) == 0
+
+
 def test_check_shows_each_workers_share_of_the_queued_packets(capsys):
     assert main(["check", "--rules", RULES, "--queue-num", "5", "--workers", "2"]) == 0
     out = capsys.readouterr().out

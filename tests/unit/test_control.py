@@ -2,8 +2,10 @@
 client is cut off by a whole-request deadline, not per read."""
 
 import socket
+import stat
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +116,34 @@ def test_requests_wait_for_the_loop_and_get_its_answer(tmp_path):
     finally:
         server.close()
     assert not (tmp_path / "ctl.sock").exists()
+
+
+def test_the_default_socket_lives_in_a_directory_of_its_own_that_the_daemon_makes_root_only(tmp_path):
+    """Under systemd that directory is the unit's RuntimeDirectory (the rest of /run is read-only
+    to the daemon there); run by hand, the daemon makes it, 0700."""
+    assert Path(control.DEFAULT_SOCKET).parent == Path("/run/nfknock")
+    path = tmp_path / "run" / "nfknock.sock"
+    server = control.ControlServer(path, lambda: None)
+    try:
+        assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        server.close()
+
+
+def test_the_default_reaches_a_daemon_of_an_earlier_version_on_its_old_socket(tmp_path, monkeypatch):
+    monkeypatch.setattr(control, "DEFAULT_SOCKET", str(tmp_path / "run" / "nfknock.sock"))
+    monkeypatch.setattr(control, "OLD_DEFAULT_SOCKET", str(tmp_path / "nfknock.sock"))
+    woken = threading.Event()
+    old = control.ControlServer(tmp_path / "nfknock.sock", woken.set)
+    try:
+        answers: list = []
+        default = control.DEFAULT_SOCKET
+        caller = threading.Thread(target=lambda: answers.append(control.call(default, {"cmd": "status"})))
+        caller.start()
+        assert woken.wait(5)
+        old.answer_pending(lambda request: {"seen": request["cmd"]})
+        caller.join(5)
+        assert answers == [{"seen": "status"}]
+    finally:
+        old.close()
