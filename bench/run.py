@@ -1141,7 +1141,10 @@ def render(report: dict) -> str:
             f"{fig('flood_knock.attempts')} knocks | in during the flood in {sum(during):.0f} of "
             f"{len(during)} runs | | |"
         )
-    for sizing, what in (("old", "before (65,536 buckets, maxelem 262,144)"), ("new", "today's")):
+    for sizing, what in (
+        ("old", "before (65,536 buckets, maxelem 262,144)"),
+        ("new", "current (262,144 buckets, maxelem 1,310,720)"),
+    ):
         if f"first_step.{sizing}.slow_client_ok" not in f:
             continue
         filled, unfilled = f"first_step.{sizing}.filled", f"first_step.{sizing}.unfilled"

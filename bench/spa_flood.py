@@ -345,7 +345,7 @@ def render_rows(f: dict) -> list[str]:
         if name in f:
             rows.append(
                 f"| capacity: well-formed SPA junk the daemon decides per second of one core, {count} key(s) | "
-                f"{fig(name)} | | | stated in README |"
+                f"{fig(name)} | | | see docs/spa-flood.md |"
             )
         new, old = f"spa_flood.python_us.keys{count}.identify", f"spa_flood.python_us.keys{count}.per_key_hmac"
         if new in f and old in f:
