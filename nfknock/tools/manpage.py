@@ -101,8 +101,8 @@ def render(parser: argparse.ArgumentParser, date: str = "") -> str:
         ".SH EXIT STATUS",
         "0 on success; 1 when a check or a command failed; 2 for a usage error or invalid rules.",
         ".SH SEE ALSO",
-        "\\fBsystemctl\\fR(1), \\fBiptables\\fR(8), \\fBknockd\\fR(1), \\fBfwknop\\fR(8); the README and the guides (*.md) in "
-        "/usr/share/doc/nfknock.",
+        "\\fBsystemctl\\fR(1), \\fBiptables\\fR(8), \\fBknockd\\fR(1), \\fBfwknop\\fR(8); "
+        "the README and the guides (docs/*.md) in /usr/share/doc/nfknock.",
     ]
     return "\n".join(lines) + "\n"
 
