@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from ..doors import later_steps
 from ..doors.first_steps import MARK_BITS, FirstStepGroup, FirstSteps, require
 from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, TcpFlags
 from .shards import byte_ranges, queues, u32_match
@@ -74,6 +75,12 @@ RECENT_LIMIT = ("100/sec", 200)
 
 
 RECENT_SECONDS = 3
+
+
+# New connections per second (per tripwire range) to a tripwire port of doors whose first step
+# the kernel records, from sources in none of the sets that can be mid-attempt (later_steps.py):
+# enough for a scanner's hits to count toward its lockout, too few for a flood to fill the queue.
+TRIPWIRE_LIMIT = ("50/sec", 100)
 
 
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
@@ -255,16 +262,25 @@ def iptables_flags(flags: TcpFlags) -> tuple[str, str]:
 
 
 def _first_step_rules(
-    groups: tuple[FirstStepGroup, ...], queue_num: int, pass_mark: int, family: int, granted: str
+    groups: tuple[FirstStepGroup, ...],
+    queue_num: int,
+    pass_mark: int,
+    family: int,
+    granted: str,
+    midway: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> dict[tuple[str, int], list[RuleSpec]]:
     """The rules of the knock ports whose first steps the kernel records, per port. A source in
     the granted set is always queued (close sequences, knocking again: the daemon's semantics);
     anyone else's first knock only lands in the group's set, and their second knock is queued,
     marked, only from a source in that set. Everything else on those ports is dropped. (The
-    rules that take a source out of the set again are `_forgetting_rules`.)"""
+    rules that take a source out of the set again are `_forgetting_rules`.) `midway`: first port
+    -> (midway set, timeout) of the groups whose marked second step also enters the midway set
+    (later_steps.py)."""
     marks = MarkBits(pass_mark)
+    midway = midway or {}
     rules: dict[tuple[str, int], list[RuleSpec]] = {}
     at_second: dict[tuple[str, int], list[tuple[str, int]]] = {}  # port -> (set, mark bit) of its groups
+    entering: dict[tuple[str, int], list[RuleSpec]] = {}  # port -> its groups' midway rules
     for group in groups:
         if family not in group.families:
             continue
@@ -278,6 +294,9 @@ def _first_step_rules(
         ]
         for second in group.seconds:
             at_second.setdefault(second, []).append((started, marks.value(group.bit)))
+            if group.first in midway:
+                spec = RuleSpec("SET", second[0], second[1], mark=marks.value(group.bit), add_set=midway[group.first])
+                entering.setdefault(second, []).append(spec)
     field = marks.field
     for (proto, port), marking in at_second.items():
         rules[(proto, port)] = [
@@ -288,6 +307,7 @@ def _first_step_rules(
             # single use: the element is spent on the packet it marks (a later packet to this
             # port, a close sequence starting here or a spoofed copy, is not marked again)
             *(RuleSpec("SET", proto, port, mark=bit, del_set=started) for started, bit in marking),
+            *entering.get((proto, port), ()),  # mid-attempt from here on (later_steps.py)
             *(RuleSpec("NFQUEUE", proto, port, mark=bit, queue_num=queue_num) for _, bit in marking),
             RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
             RuleSpec("DROP", proto, port),
@@ -342,7 +362,7 @@ def _forgetting_rules(
     return forget
 
 
-SET_KINDS = ("granted", "first-step", "sessions", "recent")
+SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway")
 
 
 @dataclass(frozen=True)
@@ -357,7 +377,9 @@ class SetName:
     - sessions: the host's established TCP sessions on one protected port (sessions.py; `key` is
       ("tcp", port)): `nfknock-q0-s22-v4`;
     - recent: sources whose packet reached a knock or SPA port's queue in the last RECENT_SECONDS:
-      `nfknock-q0-recent-v4`."""
+      `nfknock-q0-recent-v4`;
+    - midway: sources whose second step of a door the kernel records was queued, for the door's
+      seq_timeout (later_steps.py): `nfknock-q0-midway-v4`."""
 
     kind: str
     queue_num: int
@@ -382,6 +404,7 @@ class SetName:
             "first-step": f"{self.key[0]}{self.key[1]}-" if self.key else "",
             "sessions": f"s{self.key[1]}-" if self.key else "",
             "recent": "recent-",
+            "midway": "midway-",
         }[self.kind]
         return f"{SET_PREFIX}q{self.queue_num}-{middle}v{self.family}"
 
@@ -393,6 +416,8 @@ class SetName:
         if found is None:
             return None
         queue, proto, first, session, recent, family = found.groups()
+        if recent == "midway":
+            return cls("midway", int(queue), int(family))
         try:
             if proto is not None:
                 return cls("first-step", int(queue), int(family), (proto, int(first)))
@@ -404,7 +429,9 @@ class SetName:
 
 
 _NUMBER = r"(0|[1-9][0-9]{0,4})"  # as str(int) writes it: a name has one spelling
-_SET_NAME = re.compile(rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|(recent)-)?v([46])")
+_SET_NAME = re.compile(
+    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|(recent|midway)-)?v([46])"
+)
 
 
 def granted_set(queue_num: int, family: int) -> str:
@@ -427,6 +454,51 @@ def recent_set(queue_num: int, family: int) -> str:
     """The ipset of sources whose packet reached a knock or SPA port's queue in the last
     RECENT_SECONDS (a first-step set's kind: hash:ip, forceadd), for one daemon and family."""
     return str(SetName("recent", queue_num, family))
+
+
+def midway_set(queue_num: int, family: int) -> str:
+    """The ipset of sources mid-attempt at a door whose first step the kernel records (their
+    second step was queued, later_steps.py; a first-step set's kind), for one daemon and family."""
+    return str(SetName("midway", queue_num, family))
+
+
+def _later_step_rules(
+    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str
+) -> tuple[dict[tuple[str, int], list[RuleSpec]], dict[tuple[str, int, int], list[RuleSpec]]]:
+    """The rules of the later-step ports and tripwire ranges the kernel gates (later_steps.py):
+    queued from a source in the granted or midway set, or the recent set (a bucket of its own:
+    a reload that moved a door into the kernel, a source that knocked within RECENT_SECONDS);
+    a later step from anyone else is dropped, as the engine would have ignored it; a tripwire
+    hit from anyone else is queued within TRIPWIRE_LIMIT, and beyond it goes on to the rest of
+    the firewall (what a PASS verdict does), so no rule here drops a tripwire packet."""
+    midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    ports = {
+        (proto, port): [
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=midway),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=recent, limit=RECENT_LIMIT),
+            RuleSpec("DROP", proto, port),
+        ]
+        for proto, port in gated.ports
+    }
+    tripwires = {}
+    for span in gated.tripwires:
+        proto, first, last = span
+        hit = RuleSpec(
+            "NFQUEUE",
+            proto,
+            (first, last),
+            ctstate="NEW",
+            queue_num=queue_num,
+            tcp_flags=SYN_ONLY if proto == "tcp" else None,
+        )
+        tripwires[span] = [
+            replace(hit, match_set=granted),
+            replace(hit, match_set=midway),
+            replace(hit, match_set=recent, limit=RECENT_LIMIT),
+            replace(hit, limit=TRIPWIRE_LIMIT),
+        ]
+    return ports, tripwires
 
 
 def _protected_rules(
@@ -492,7 +564,10 @@ def scaffolding(
     require(first_steps)
     groups = first_steps.groups
     granted = granted_set(queue_num, family)
-    in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
+    gated = later_steps.decide(doors, first_steps, family)
+    midway = {first: (midway_set(queue_num, family), timeout) for first, timeout in gated.feeding}
+    later, gated_tripwires = _later_step_rules(gated, queue_num, family, granted)
+    in_kernel = {**later, **_first_step_rules(groups, queue_num, pass_mark, family, granted, midway)}
     forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
@@ -517,6 +592,9 @@ def scaffolding(
         knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
     specs += _noting_recent(knocking, recent_set(queue_num, family))
     for proto, first, last in tripwires:
+        if (proto, first, last) in gated_tripwires:
+            specs += gated_tripwires[(proto, first, last)]
+            continue
         specs.append(
             RuleSpec(
                 "NFQUEUE",
