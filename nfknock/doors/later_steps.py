@@ -34,15 +34,27 @@ one door gets its packets at another door's later step queued, where the engine 
 Its elements are state, not meanings: a reload keeps the set (it is never pruned) and does not
 need the care mark bits need. A door that moves into the kernel in a reload loses the attempts in
 progress at that moment, as its first steps do (first_steps.py).
+
+Rotating doors (rotation.py) queue their whole port range, and their steps change every window.
+The daemon keeps the steps of the windows that open the door now and of the next one in a
+kernel set of port numbers (one per range and family, bitmap:port; each port with a timeout
+that ends when its window stops opening the door: firewall/rotation_sets.py refreshes it once a
+window), so the kernel can tell: a packet to one of those ports is queued for anyone (and its
+source enters the midway set), any other port of the range only from a source that is mid-attempt,
+granted or recent, and the rest is dropped (the engine ignores a stranger's knock on a port of no
+current sequence). A flood at random ports of the range, not knowing the secret, then stays in
+the kernel but for the few current steps it happens to hit. A range is gated only when rotating
+doors of exactly that range are its only users (`rotating_ranges`).
 """
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 from .first_steps import FirstSteps, require
-from .rules import Door, KnockDoor
+from .rules import Door, KnockDoor, RotatingDoor
 
 Key = tuple[str, int]
 Range = tuple[str, int, int]
@@ -57,9 +69,40 @@ class LaterSteps:
     ports: tuple[Key, ...] = ()
     tripwires: tuple[Range, ...] = ()
     feeding: tuple[tuple[Key, int], ...] = ()
+    rotating: tuple[tuple[Range, int], ...] = ()  # rotating doors' ranges, with the midway timeout
 
     def __bool__(self) -> bool:
-        return bool(self.ports or self.tripwires)
+        return bool(self.ports or self.tripwires or self.rotating)
+
+
+def rotating_ranges(doors: tuple[Door, ...]) -> tuple[tuple[Range, int], ...]:
+    """The rotating doors' port ranges the kernel gates (see the module's docstring), each with
+    the longest seq_timeout of its doors (whole seconds): ranges that only rotating doors of
+    exactly that range use, and that no other door's port, protected port, tripwire or rotating
+    range touches."""
+    owners: dict[Range, list[RotatingDoor]] = {}
+    for door in doors:
+        if isinstance(door, RotatingDoor):
+            owners.setdefault(door.rotate.range, []).append(door)
+    gated = []
+    for span, members in sorted(owners.items()):
+        proto, low, high = span
+
+        def inside(key: Key) -> bool:
+            return key[0] == proto and low <= key[1] <= high  # noqa: B023 - used at once
+
+        def overlaps(other: Range) -> bool:
+            return other[0] == proto and other[1] <= high and low <= other[2]  # noqa: B023 - used at once
+
+        touched = any(
+            any(inside(port.key) for port in (*door.knock_ports, *door.protect))
+            or any(overlaps(other) for other in door.tripwire_ranges)
+            or any(overlaps(other) and other != span for other in door.knock_ranges)
+            for door in doors
+        )
+        if not touched:
+            gated.append((span, math.ceil(max(door.seq_timeout for door in members))))
+    return tuple(gated)
 
 
 def decide(doors: tuple[Door, ...], first_steps: FirstSteps, family: int) -> LaterSteps:
@@ -67,8 +110,9 @@ def decide(doors: tuple[Door, ...], first_steps: FirstSteps, family: int) -> Lat
     doors that listen on that family: see the module's docstring)."""
     groups = [group for group in require(first_steps).groups if family in group.families]
     kernel = {name for group in groups for name in group.doors}
+    rotating = rotating_ranges(doors)
     if not kernel:
-        return LaterSteps()
+        return LaterSteps(rotating=rotating)
     allowed: set[Key] = set()  # ports a kernel door uses as a later or close step
     forbidden: set[Key] = set()  # ports some door needs queued for everyone
     for door in doors:
@@ -99,9 +143,9 @@ def decide(doors: tuple[Door, ...], first_steps: FirstSteps, family: int) -> Lat
             owners.setdefault(span, set()).add(door.name in kernel)
     tripwires = tuple(span for span, kinds in owners.items() if kinds == {True})
     if not ports and not tripwires:
-        return LaterSteps()
+        return LaterSteps(rotating=rotating)
     # Only a door of three steps or more has an attempt after its second step (which completes
     # a two-step door); the other groups' second steps add nothing to the midway set.
     long = {door.name for door in doors if isinstance(door, KnockDoor) and len(door.sequence) > 2}
     feeding = tuple((group.first, group.timeout) for group in groups if group.doors & long)
-    return LaterSteps(ports, tripwires, feeding)
+    return LaterSteps(ports, tripwires, feeding, rotating)

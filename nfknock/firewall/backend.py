@@ -10,6 +10,7 @@ from typing import Protocol
 from ..errors import FirewallError
 from .granted import create_first_step_sets
 from .plan import Plan, RuleSpec
+from .rotation_sets import create_rotation_sets
 from .sessions import create_session_sets
 
 
@@ -39,6 +40,7 @@ class PerFamily:
 
         create_first_step_sets(plan, self.set_runner())  # the rules refer to them
         create_session_sets(plan, self.set_runner())
+        create_rotation_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
 

@@ -362,7 +362,7 @@ def _forgetting_rules(
     return forget
 
 
-SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway")
+SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway", "rotation")
 
 
 @dataclass(frozen=True)
@@ -379,7 +379,9 @@ class SetName:
     - recent: sources whose packet reached a knock or SPA port's queue in the last RECENT_SECONDS:
       `nfknock-q0-recent-v4`;
     - midway: sources whose second step of a door the kernel records was queued, for the door's
-      seq_timeout (later_steps.py): `nfknock-q0-midway-v4`."""
+      seq_timeout (later_steps.py): `nfknock-q0-midway-v4`;
+    - rotation: the current steps of the rotating doors of one port range (`key`: its protocol
+      and first port; later_steps.py, rotation_sets.py), port numbers: `nfknock-q0-rtcp20000-v4`."""
 
     kind: str
     queue_num: int
@@ -387,7 +389,7 @@ class SetName:
     key: tuple[str, int] | None = None  # first-step: the first port; sessions: the protected port
 
     def __post_init__(self) -> None:
-        keyed = self.kind in ("first-step", "sessions")
+        keyed = self.kind in ("first-step", "sessions", "rotation")
         if (
             self.kind not in SET_KINDS
             or self.family not in (4, 6)
@@ -405,6 +407,7 @@ class SetName:
             "sessions": f"s{self.key[1]}-" if self.key else "",
             "recent": "recent-",
             "midway": "midway-",
+            "rotation": f"r{self.key[0]}{self.key[1]}-" if self.key else "",
         }[self.kind]
         return f"{SET_PREFIX}q{self.queue_num}-{middle}v{self.family}"
 
@@ -415,9 +418,14 @@ class SetName:
         found = _SET_NAME.fullmatch(name)
         if found is None:
             return None
-        queue, proto, first, session, recent, family = found.groups()
+        queue, proto, first, session, rproto, rfirst, recent, family = found.groups()
         if recent == "midway":
             return cls("midway", int(queue), int(family))
+        if rproto is not None:
+            try:
+                return cls("rotation", int(queue), int(family), (rproto, int(rfirst)))
+            except ValueError:
+                return None
         try:
             if proto is not None:
                 return cls("first-step", int(queue), int(family), (proto, int(first)))
@@ -430,7 +438,7 @@ class SetName:
 
 _NUMBER = r"(0|[1-9][0-9]{0,4})"  # as str(int) writes it: a name has one spelling
 _SET_NAME = re.compile(
-    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|(recent|midway)-)?v([46])"
+    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|r(tcp|udp){_NUMBER}-|(recent|midway)-)?v([46])"
 )
 
 
@@ -460,6 +468,35 @@ def midway_set(queue_num: int, family: int) -> str:
     """The ipset of sources mid-attempt at a door whose first step the kernel records (their
     second step was queued, later_steps.py; a first-step set's kind), for one daemon and family."""
     return str(SetName("midway", queue_num, family))
+
+
+def rotation_set(queue_num: int, family: int, span: tuple[str, int, int]) -> str:
+    """The ipset of the current steps of the rotating doors of port range `span` (port numbers,
+    later_steps.py; filled by rotation_sets.py), for one daemon and family."""
+    return str(SetName("rotation", queue_num, family, (span[0], span[1])))
+
+
+def _rotating_rules(
+    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str
+) -> dict[tuple[str, int, int], list[RuleSpec]]:
+    """The rules of the rotating ranges the kernel gates (later_steps.py): a packet to a current
+    step is queued and its source is mid-attempt from then on; any other port of the range only
+    from a source in the granted, midway or (a bucket of its own) recent set; the rest is dropped."""
+    midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    rules = {}
+    for span, timeout in gated.rotating:
+        proto, first, last = span
+        steps = rotation_set(queue_num, family, span)
+        whole = RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num)
+        rules[span] = [
+            replace(whole, match_set=granted),
+            RuleSpec("SET", proto, (first, last), match_set=steps, match_dirs="dst", add_set=(midway, timeout)),
+            replace(whole, match_set=steps, match_dirs="dst"),
+            replace(whole, match_set=midway),
+            replace(whole, match_set=recent, limit=RECENT_LIMIT),
+            RuleSpec("DROP", proto, (first, last)),
+        ]
+    return rules
 
 
 def _later_step_rules(
@@ -567,6 +604,7 @@ def scaffolding(
     gated = later_steps.decide(doors, first_steps, family)
     midway = {first: (midway_set(queue_num, family), timeout) for first, timeout in gated.feeding}
     later, gated_tripwires = _later_step_rules(gated, queue_num, family, granted)
+    rotating = _rotating_rules(gated, queue_num, family, granted)
     in_kernel = {**later, **_first_step_rules(groups, queue_num, pass_mark, family, granted, midway)}
     forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
@@ -589,7 +627,9 @@ def scaffolding(
     for proto, port in knocks:
         knocking += in_kernel.get((proto, port)) or [RuleSpec("NFQUEUE", proto, port, queue_num=queue_num)]
     for proto, first, last in knock_ranges:
-        knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
+        knocking += rotating.get((proto, first, last)) or [
+            RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num)
+        ]
     specs += _noting_recent(knocking, recent_set(queue_num, family))
     for proto, first, last in tripwires:
         if (proto, first, last) in gated_tripwires:

@@ -135,3 +135,49 @@ def test_the_midway_set_name_round_trips():
     assert midway_set(7, 6) == "nfknock-q7-midway-v6"
     assert SetName.parse("nfknock-q7-midway-v6") == SetName("midway", 7, 6)
     assert SetName.parse("nfknock-q7-midway-v5") is None
+
+
+def rotating(name="rot", ports="20000-20999", **fields):
+    return door(name=name, sequence=None, rotate={"secret_env": "S", "ports": ports}, **fields)
+
+
+def test_a_rotating_range_queues_its_current_steps_and_sources_mid_attempt_and_drops_the_rest(monkeypatch):
+    monkeypatch.setenv("S", "c2VjcmV0")
+    specs = rules_for([rotating(seq_timeout="9.5s")], (20000, 20999))
+    whole = RuleSpec("NFQUEUE", "tcp", (20000, 20999), queue_num=0)
+    assert specs == [
+        RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-v4"}),
+        RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-rtcp20000-v4", "match_dirs": "dst"}),
+        RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-midway-v4"}),
+        RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-recent-v4", "limit": RECENT_LIMIT}),
+        RuleSpec("DROP", "tcp", (20000, 20999)),
+    ]
+    entering = [
+        s for s in fresh_scaffolding((rotating(seq_timeout="9.5s"),), 0) if s.add_set and "midway" in s.add_set[0]
+    ]
+    assert [(s.match_set, s.match_dirs, s.add_set) for s in entering] == [
+        ("nfknock-q0-rtcp20000-v4", "dst", ("nfknock-q0-midway-v4", 10))
+    ]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        dict(name="e", sequence=[20500, 3000]),  # a knock door's step inside the range
+        dict(name="e", sequence=[1000, 2000], protect=["20500/tcp"]),  # a protected port inside
+        dict(name="e", sequence=[19990, 3000], tripwire=16),  # a tripwire range reaching into it
+        dict(name="e", sequence=None, rotate={"secret_env": "S", "ports": "20500-21999"}),  # an overlapping range
+    ],
+)
+def test_a_rotating_range_another_door_uses_stays_queued_for_everyone(other, monkeypatch):
+    monkeypatch.setenv("S", "c2VjcmV0")
+    doors = [rotating(), door(**{"protect": ["23/tcp"], **other})]
+    assert ("tcp", 20000, 20999) not in {span for span, _ in gated(doors).rotating}
+    assert RuleSpec("NFQUEUE", "tcp", (20000, 20999), queue_num=0) in fresh_scaffolding(tuple(doors), 0)
+
+
+def test_rotating_doors_of_one_range_share_its_set(monkeypatch):
+    monkeypatch.setenv("S", "c2VjcmV0")
+    doors = [rotating(), rotating(name="rot2", seq_timeout="30s")]
+    assert gated(doors).rotating == ((("tcp", 20000, 20999), 30),)
+    assert SetName.parse("nfknock-q0-rtcp20000-v6") == SetName("rotation", 0, 6, ("tcp", 20000))
