@@ -518,6 +518,9 @@ def _later_step_rules(
         ]
         for proto, port in gated.ports
     }
+    # No midway set without a door that feeds it (doors of two steps only: no attempt after the
+    # second step); the rules must not name a set nothing creates.
+    fed = bool(gated.feeding or gated.rotating)
     tripwires = {}
     for span in gated.tripwires:
         proto, first, last = span
@@ -531,7 +534,7 @@ def _later_step_rules(
         )
         tripwires[span] = [
             replace(hit, match_set=granted),
-            replace(hit, match_set=midway),
+            *([replace(hit, match_set=midway)] if fed else []),
             replace(hit, match_set=recent, limit=RECENT_LIMIT),
             replace(hit, limit=TRIPWIRE_LIMIT),
         ]

@@ -181,3 +181,11 @@ def test_rotating_doors_of_one_range_share_its_set(monkeypatch):
     doors = [rotating(), rotating(name="rot2", seq_timeout="30s")]
     assert gated(doors).rotating == ((("tcp", 20000, 20999), 30),)
     assert SetName.parse("nfknock-q0-rtcp20000-v6") == SetName("rotation", 0, 6, ("tcp", 20000))
+
+
+def test_doors_of_two_steps_name_no_midway_set_nothing_creates():
+    plan = fresh_scaffolding((door(sequence=[40000, 50000], tripwire=4),), 0)
+    assert not any(
+        "midway" in (spec.match_set or "") or (spec.add_set and "midway" in spec.add_set[0]) for spec in plan
+    )
+    assert any(spec.limit == TRIPWIRE_LIMIT for spec in plan)  # its tripwires are still gated
