@@ -114,6 +114,10 @@ _HOLD_NOTHING = Decision(_HOLD)
 HOLD_SECONDS = 3.0  # at most this long a new connection waits for its source's claim (TCP retries after 1 s)
 
 
+# (knock doors, tripwire doors, protecting doors, the attempt tables of the lean path or None)
+_Route = tuple[tuple["_DoorState", ...], tuple["_DoorState", ...], tuple["_DoorState", ...], tuple[dict, ...] | None]
+
+
 class _Pools(NamedTuple):
     attempts: Pool
     grants: Pool
@@ -440,7 +444,7 @@ class Engine:
             for port in door.protect:
                 protect.setdefault(port.key, []).append(state)
         # One lookup per packet: (proto, port) -> (knock doors, tripwire doors, protecting doors).
-        self._routes = {
+        self._routes: dict[Key, _Route] = {
             key: (tuple(knock.get(key, ())), tuple(trip.get(key, ())), tuple(protect.get(key, ())), None)
             for key in set(knock) | set(trip) | set(protect)
         }
@@ -454,7 +458,7 @@ class Engine:
         IGNORE (sequence.py), and no failure, whatever its flags or lockout. So the route keeps
         those sequences' attempt tables, and `handle` drops such a source after one membership
         test per sequence: no admission check, no event list."""
-        routes = {}
+        routes: dict[Key, _Route] = {}
         for key, (knock_doors, trip_doors, protect_doors, _) in self._routes.items():
             lean = None
             if knock_doors and not trip_doors and not protect_doors:

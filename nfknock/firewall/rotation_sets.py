@@ -27,12 +27,13 @@ SWEEP = 3  # the set's own timeout: only paces the kernel's collection of expire
 
 def rotation_sets(plan: Plan) -> dict[str, tuple[int, int]]:
     """The rotation sets the plan's rules refer to, with their port range."""
-    found = {}
+    found: dict[str, tuple[int, int]] = {}
     for specs in plan.values():
         for spec in specs:
-            fields = SetName.parse(spec.match_set) if spec.match_set else None
-            if fields is not None and fields.kind == "rotation" and isinstance(spec.dport, tuple):
-                found[spec.match_set] = spec.dport
+            name = spec.match_set
+            fields = SetName.parse(name) if name else None
+            if name and fields is not None and fields.kind == "rotation" and isinstance(spec.dport, tuple):
+                found[name] = spec.dport
     return found
 
 
