@@ -428,7 +428,11 @@ class Bench:
 
     def _stop_knockd(self, process) -> None:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:  # still busy with a flood's backlog
+            process.kill()
+            process.wait(10)
         subprocess.run(["ip", "netns", "exec", self.box.server, "iptables-legacy", "-F", "INPUT"], check=True)
 
     # -- 3. established throughput ----------------------------------------------------------

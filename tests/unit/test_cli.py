@@ -15,7 +15,8 @@ def test_check_prints_the_doors_and_the_rules(capsys):
     out = capsys.readouterr().out
     assert "door openSSH" in out
     assert "sequence       40000/tcp 50000/tcp 60000/tcp" in out
-    assert "--dport 60000 -j NFQUEUE --queue-num 5" in out
+    # the third step is queued only for sources mid-attempt (later_steps.py)
+    assert "--dport 60000 -m set --match-set nfknock-q5-midway-v4 src -j NFQUEUE --queue-num 5" in out
     assert "--dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q5-tcp40000-v4 src" in out
 
 
@@ -29,8 +30,9 @@ def test_check_with_bad_rules_exits_2_with_one_line_per_problem(tmp_path, capsys
 def test_check_shows_each_workers_share_of_the_queued_packets(capsys):
     assert main(["check", "--rules", RULES, "--queue-num", "5", "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
-    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
+    midway = "-m set --match-set nfknock-q5-midway-v4 src"
+    assert f'--dport 60000 {midway} -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
+    assert f'--dport 60000 {midway} -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
 
 
 def test_auto_workers_are_one_per_usable_cpu_at_most_16():
