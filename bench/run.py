@@ -435,7 +435,11 @@ class Bench:
 
     def _stop_knockd(self, process) -> None:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:  # still busy with a flood's backlog
+            process.kill()
+            process.wait(10)
         subprocess.run(["ip", "netns", "exec", self.box.server, "iptables-legacy", "-F", "INPUT"], check=True)
 
     # -- 3. established throughput ----------------------------------------------------------
@@ -833,6 +837,147 @@ class Bench:
             rules.write_text(saved)
             service.close()
 
+    # -- later steps and tripwires (issue 24, goals 1 and 2) ------------------------------------
+
+    def later_rate(self) -> None:
+        """A saturating flood from 100k spoofed sources at the seed door's third step (60000):
+        packets decided per second by nfknock's chain (the kernel drops a stranger's later step,
+        later_steps.py; decided = packets that met that DROP, plus any verdicts) against a
+        drop-only netfilterqueue loop at the same port. Then the Python loop's lean path
+        (engine._route_strangers) at a later step the kernel cannot gate (47000: daemonTcp's,
+        whose first step the daemon decides) against the bare loop at that port."""
+        seconds = 1.5 if self.smoke else 4.0
+        for run in range(self.repeat):
+            rate = self._later_kernel_rate(60000, seconds)
+            bare, _, _ = self._verdict_rate("bare", "tcp", 60000, seconds)
+            loop, cpu, _ = self._verdict_rate("nfknock", "tcp", 47000, seconds)
+            bare_loop, bare_cpu, _ = self._verdict_rate("bare", "tcp", 47000, seconds)
+            for name, value, unit in (
+                ("later_rate.kernel", rate, "packets/s"),
+                ("later_rate.bare", bare, "packets/s"),
+                ("later_rate.loop", loop, "packets/s"),
+                ("later_rate.loop_bare", bare_loop, "packets/s"),
+                ("later_rate.loop_cpu", cpu, "us"),
+                ("later_rate.loop_bare_cpu", bare_cpu, "us"),
+            ):
+                self.figures.add(name, value, unit)
+            log(
+                f"later step flood run {run + 1}: kernel {rate:,.0f}/s vs bare loop {bare:,.0f}/s at 60000; "
+                f"loop at 47000 {loop:,.0f}/s ({cpu:.2f} us each) vs bare {bare_loop:,.0f}/s ({bare_cpu:.2f} us)"
+            )
+
+    def _later_kernel_rate(self, port: int, seconds: float) -> float:
+        process = self.start_nfknock("--max-sources", "100000", "--queue-maxlen", "4096")
+        flood = self._first_knock_flood("tcp", port, seconds)
+        time.sleep(seconds * 0.25)
+        t0, dropped0, (ids0, over0, _) = time.monotonic(), self._dropped_at(port), self.queue_counters()
+        time.sleep(seconds * 0.5)
+        t1, dropped1, (ids1, over1, _) = time.monotonic(), self._dropped_at(port), self.queue_counters()
+        flood.communicate(timeout=30)
+        self.stop(process)
+        verdicts = (ids1 - ids0) - (over1 - over0)
+        if verdicts:
+            log(f"  kernel: {verdicts} packets of the flood reached the queue")
+        return (dropped1 - dropped0 + verdicts) / (t1 - t0)
+
+    def _dropped_at(self, port: int) -> int:
+        """Packets that met the DROP rule of `port` (a later step the kernel gates)."""
+        listed = self.box.run(
+            self.box.server, [self.iptables, "-w", "-L", "NFKNOCK", "-v", "-x", "-n"], capture_output=True, text=True
+        )
+        rows = [line.split() for line in listed.stdout.splitlines() if f"dpt:{port} " in line + " "]
+        counts = [int(row[0]) for row in rows if len(row) > 2 and row[2] == "DROP"]
+        if len(counts) != 1:
+            raise RuntimeError(f"no DROP rule on port {port}:\n{listed.stdout}")
+        return counts[0]
+
+    def later_flood(self) -> None:
+        """Goal 1: a full-rate flood from 100k spoofed sources at the seed door's third step
+        (60000) and at one of its tripwire ports (60005), sent on the client's own link (where
+        knockd listens); 10 trials of knock-then-connect each for `nfknock knock` (its defaults),
+        the stock `knock` with every step listed 3 times, and knockd in the same run (its door,
+        the stock `knock` once per step: knockd takes a repeated first knock as a wrong one).
+        Also how many packets a second reached nfknock's queue during the flood, and how many
+        the server's side of the link received."""
+        trials = 4 if self.smoke else 10
+        rules = self.rules / "doors.yaml"
+        saved = rules.read_text()
+        rules.write_text(saved.replace("open_for: 10m", "open_for: 1s", 1))  # each trial starts closed
+        service = EchoService(self.box.server)
+        steps = ("40000", "50000", "60000")
+        clients = {
+            "nfknock": nfknock_argv("knock", self.alice.server_address, *steps),
+            "stock_x3": ["knock", self.alice.server_address, *[p for p in steps for _ in range(3)]],
+        }
+        try:
+            for run in range(self.repeat):
+                for target, port in (("later", 60000), ("tripwire", 60005)):
+                    daemon = self.start_nfknock("--max-sources", "50000")
+                    flood = self._client_link_flood(port)
+                    try:
+                        time.sleep(1.0)
+                        t0, (ids0, _, full0), rx0 = time.monotonic(), self.queue_counters(), self._rx_packets()
+                        for who, argv in clients.items():
+                            ok = 0
+                            for _ in range(trials):
+                                time.sleep(1.1)  # the last grant is over
+                                self.box.run(self.alice.namespace, argv, cwd=REPO)
+                                ok += connect(self.alice, timeout=2).connected
+                            self.figures.add(f"later_flood.{target}.{who}.ok", ok, f"of {trials}")
+                            log(f"{target} flood run {run + 1}, {who}: {ok}/{trials} got in")
+                        t1, (ids1, _, full1), rx1 = time.monotonic(), self.queue_counters(), self._rx_packets()
+                        if flood.poll() is not None:
+                            raise RuntimeError("later_flood: the flood ended before the trials did")
+                    finally:
+                        flood.kill()
+                        flood.wait(10)
+                        self.stop(daemon)
+                    queued, arrived = (ids1 - ids0 + full1 - full0) / (t1 - t0), (rx1 - rx0) / (t1 - t0)
+                    self.figures.add(f"later_flood.{target}.queued", queued, "packets/s")
+                    self.figures.add(f"later_flood.{target}.arrived", arrived, "packets/s")
+                    log(f"{target} flood run {run + 1}: {queued:,.0f}/s reached the queue of {arrived:,.0f}/s arriving")
+                    knockd = self._start_knockd()
+                    flood = self._client_link_flood(port)
+                    try:
+                        time.sleep(1.0)
+                        ok = 0
+                        for _ in range(trials):
+                            self._knockd_closed()
+                            self.knock(self.alice, *steps)
+                            ok += connect(self.alice, timeout=2).connected
+                        if flood.poll() is not None:
+                            raise RuntimeError("later_flood: the flood ended before the trials did")
+                    finally:
+                        flood.kill()
+                        flood.wait(10)
+                        self._stop_knockd(knockd)
+                    self.figures.add(f"later_flood.{target}.knockd.ok", ok, f"of {trials}")
+                    log(f"{target} flood run {run + 1}, knockd: {ok}/{trials} got in")
+        finally:
+            rules.write_text(saved)
+            service.close()
+
+    def _client_link_flood(self, port: int) -> subprocess.Popen:
+        """The C sender at full rate from 100k spoofed sources at `port`, from alice's namespace:
+        the flood shares the client's link, which knockd watches."""
+        return self.box.spawn(
+            self.alice.namespace,
+            [str(FLOOD), self.alice.server_address, "tcp", str(port), "600", "11.0.0.1", "100000"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def _rx_packets(self) -> int:
+        """Packets the server's side of alice's link received so far."""
+        path = f"/sys/class/net/nk{self.box.token}1s/statistics/rx_packets"
+        return int(self.box.run(self.box.server, ["cat", path], check=True).stdout)
+
+    def _knockd_closed(self) -> None:
+        """Take away every rule knockd's door added for alice: each trial starts closed."""
+        rule = ["-p", "tcp", "-s", self.alice.address, "--dport", "22", "-j", "ACCEPT"]
+        while self.box.run(self.box.server, ["iptables-legacy", "-w", "-D", "INPUT", *rule]).returncode == 0:
+            pass
+
     # -- 7. the kernel's first-step set under spoofed IPv6 first knocks -------------------------
 
     def first_step_set(self) -> None:
@@ -1133,6 +1278,26 @@ def render(report: dict) -> str:
             f"{fig('knock_flood.nfknock.ok')} (nfknock knock, defaults) | {fig('knock_flood.stock_x8.ok')} "
             f"(stock knock, each step 8 times) | | >= 9/10, stock >= 8/10 |"
         )
+    for target, where in (("later", "the third step (60000)"), ("tripwire", "a tripwire port (60005)")):
+        if f"later_flood.{target}.nfknock.ok" in f:
+            lines += [
+                f"| flood at {where}, 100k spoofed sources on the client's link: knock then connect, successes | "
+                f"{fig(f'later_flood.{target}.nfknock.ok')} (nfknock knock, defaults); "
+                f"{fig(f'later_flood.{target}.stock_x3.ok')} (stock knock, each step 3 times) | "
+                f"{fig(f'later_flood.{target}.knockd.ok')} (knockd, stock knock) | | >= 9/10, stock >= 8/10 |",
+                f"| the same flood: packets/s reaching nfknock's queue | {fig(f'later_flood.{target}.queued')} | "
+                f"{fig(f'later_flood.{target}.arrived')} (arriving on the link) | | |",
+            ]
+    if "later_rate.kernel" in f:
+        lines += [
+            f"| decided/s, TCP flood at the third step (60000), 100k sources | {fig('later_rate.kernel')} (kernel "
+            f"drops strangers' later steps) | {fig('later_rate.bare')} (drop-only loop) | {rat('later_rate.kernel')} "
+            f"| >= 0.8 |",
+            f"| verdicts/s, TCP flood at a later step the kernel cannot gate (47000), 100k sources | "
+            f"{fig('later_rate.loop')}, {fig('later_rate.loop_cpu', '{:.2f}')} us CPU each | "
+            f"{fig('later_rate.loop_bare')}, {fig('later_rate.loop_bare_cpu', '{:.2f}')} us (drop-only loop) | "
+            f"{rat('later_rate.loop')} | >= 0.8 |",
+        ]
     if "flood_knock.seconds" in f:  # reports from before this measurement lack it
         during = f["flood_knock.during"]["runs"]
         lines.append(
@@ -1207,6 +1372,8 @@ MEASUREMENTS = (
     "syn_flood",
     "first_syn",
     "knock_flood",
+    "later_flood",
+    "later_rate",
     "first_step_set",
     "fleet",
     "spa_flood",
@@ -1224,6 +1391,9 @@ RATIOS = [
     ("throughput.tcp.workers2", "throughput.tcp.nfknock2", "throughput.tcp.bare"),
     ("throughput.udp.scaling", "throughput.udp.nfknock2", "throughput.udp.nfknock"),
     ("throughput.tcp.scaling", "throughput.tcp.nfknock2", "throughput.tcp.nfknock"),
+    ("later_rate.kernel", "later_rate.kernel", "later_rate.bare"),
+    ("later_rate.loop", "later_rate.loop", "later_rate.loop_bare"),
+    ("later_rate.loop_cpu", "later_rate.loop_cpu", "later_rate.loop_bare_cpu"),
     ("verdict_cpu.udp", "verdict_cpu.udp.nfknock", "verdict_cpu.udp.bare"),
     ("verdict_cpu.tcp", "verdict_cpu.tcp.nfknock", "verdict_cpu.tcp.bare"),
     ("knock_to_connect", "knock_to_connect.nfknock", "knock_to_connect.knockd"),

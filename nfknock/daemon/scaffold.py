@@ -10,12 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..doors.first_steps import MarkHistory
+from ..doors.rules import Door
 from ..errors import FirewallError
 from ..firewall import FLAVOURS
 from ..firewall.backend import Firewall, PerFamily
 from ..firewall.granted import GrantedSets, prune_first_step_sets
 from ..firewall.host import iptables_flavour, marks_installed, other_flavour_chain, saved_chain
 from ..firewall.plan import CHAIN, Plan
+from ..firewall.rotation_sets import RotationSets
 from ..firewall.sessions import SYNC_EVERY, SessionSets, prune_session_sets
 from .config import DaemonConfig
 from .guard import Guard, start_guard
@@ -23,6 +25,7 @@ from .loop import Loop
 from .stats import QUEUE_PROC, parse_queue_table
 
 SESSIONS_EVERY = SYNC_EVERY
+ROTATION_EVERY = 2.0  # seconds between looks at the rotating doors' windows (rotation_sets.py)
 
 
 class Scaffold:
@@ -31,6 +34,8 @@ class Scaffold:
         self.real = firewall if isinstance(firewall, PerFamily) else None  # a test's fake has no sets
         self.sessions: SessionSets | None = None
         self.sessions_failed = 0
+        self.rotation: RotationSets | None = None
+        self.rotation_failed = 0
         self.applied: Plan | None = None
         self.guard: Guard | None = None  # the watcher that puts back what others remove (guard.py)
 
@@ -76,6 +81,8 @@ class Scaffold:
         """The sets were re-created: every session goes in again at the next sync."""
         if self.sessions is not None:
             self.sessions.written, self.sessions.refreshed = {}, None
+        if self.rotation is not None:
+            self.rotation.written = {}
 
     def close(self) -> None:
         if self.guard is not None:
@@ -92,6 +99,21 @@ class Scaffold:
             self.sessions_failed += 1
             if self.sessions_failed <= 10 or self.sessions_failed % 100 == 0:
                 self.log.warning("%s (%d so far)", exc, self.sessions_failed)
+
+    def sync_rotation(self, doors: tuple[Door, ...], wall: float) -> None:
+        """The rotating doors' sets hold their current steps (rotation_sets.py); a failure is
+        logged (at worst a current step is dropped by the kernel: closed). Hook point: right
+        after the first apply, and every ROTATION_EVERY seconds (single.py, supervisor.py)."""
+        if self.real is None or self.applied is None:
+            return
+        if self.rotation is None:
+            self.rotation = RotationSets(self.real.set_runner())
+        try:
+            self.rotation.sync(self.applied, doors, wall)
+        except FirewallError as exc:
+            self.rotation_failed += 1
+            if self.rotation_failed <= 10 or self.rotation_failed % 100 == 0:
+                self.log.warning("%s (%d so far)", exc, self.rotation_failed)
 
     def marks_installed(self) -> MarkHistory:
         """What the first-step marks of rules in place mean: ours, and a chain the other iptables

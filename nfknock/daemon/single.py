@@ -36,7 +36,7 @@ from .judge import Judge
 from .lastgood import ready_status
 from .loop import Every, Loop, bind_queues
 from .reload import Reloader, read
-from .scaffold import SESSIONS_EVERY, Scaffold
+from .scaffold import ROTATION_EVERY, SESSIONS_EVERY, Scaffold
 from .store import ReplayStore
 
 
@@ -103,6 +103,7 @@ class Single(Judge):
             self.start_fleet(self.loop.wake)
             self.scaffold.watch(self.loop, self.granted, self._grants, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
+            self.scaffold.sync_rotation(self.ruleset.doors, self.wall_clock())  # rotating doors' current steps
             if self.last_good is not None:
                 self.last_good.installed(self.ruleset)
             self.front.start(self.clock())
@@ -131,6 +132,7 @@ class Single(Judge):
             self.settle,
             Every(STATS_EVERY, lambda now: self.report_counters()),
             Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
+            Every(ROTATION_EVERY, lambda now: self.scaffold.sync_rotation(self.ruleset.doors, self.wall_clock())),
             self.front.serve_snapshot,
         ]
         # systemd's watchdog (WatchdogSec=): pinged from this loop's turns only (heartbeat.py).

@@ -29,7 +29,7 @@ from .heartbeat import heartbeat
 from .lastgood import ready_status
 from .loop import Every, Loop
 from .reload import Reloader, read
-from .scaffold import SESSIONS_EVERY, Scaffold
+from .scaffold import ROTATION_EVERY, SESSIONS_EVERY, Scaffold
 from .single import check_state_dir
 from .store import ReplayStore
 from .worker import WorkerSeed, main
@@ -95,6 +95,7 @@ class Supervisor:
             # here (their sources' SYNs then take the main queue, judged by their worker as before).
             self.scaffold.watch(self.loop, self.granted, list, self.reloader.protected_ports)
             self.scaffold.apply(plan, self.clock())
+            self.scaffold.sync_rotation(self.ruleset.doors, self.wall_clock())  # rotating doors' current steps
             if self.last_good is not None:
                 self.last_good.installed(self.ruleset)
             self.front.start(self.clock())
@@ -110,6 +111,7 @@ class Supervisor:
                 self._reload_step,
                 Every(STATS_EVERY, lambda now: pool.sweep(self.wall_clock())),  # each worker reports its own
                 Every(SESSIONS_EVERY, self.scaffold.sync_sessions),
+                Every(ROTATION_EVERY, lambda now: self.scaffold.sync_rotation(self.ruleset.doors, self.wall_clock())),
                 self.front.serve_snapshot,
             ]
             # systemd's watchdog: pinged from this loop, and only while every worker answers

@@ -118,6 +118,10 @@ _HOLD_NOTHING = Decision(_HOLD)
 HOLD_SECONDS = 3.0  # at most this long a new connection waits for its source's claim (TCP retries after 1 s)
 
 
+# (knock doors, tripwire doors, protecting doors, the attempt tables of the lean path or None)
+_Route = tuple[tuple["_DoorState", ...], tuple["_DoorState", ...], tuple["_DoorState", ...], tuple[dict, ...] | None]
+
+
 class _Pools(NamedTuple):
     attempts: Pool
     grants: Pool
@@ -413,6 +417,8 @@ class Engine:
         for state in self._doors.values():
             if type(state) is _KnockDoorState:
                 state.first_in_kernel(in_kernel.get(state.name))
+        if hasattr(self, "_routes"):
+            self._route_strangers()
 
     def _compile(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> None:
         require(first_steps)  # before anything changes
@@ -443,8 +449,8 @@ class Engine:
             for port in door.protect:
                 protect.setdefault(port.key, []).append(state)
         # One lookup per packet: (proto, port) -> (knock doors, tripwire doors, protecting doors).
-        self._routes = {
-            key: (tuple(knock.get(key, ())), tuple(trip.get(key, ())), tuple(protect.get(key, ())))
+        self._routes: dict[Key, _Route] = {
+            key: (tuple(knock.get(key, ())), tuple(trip.get(key, ())), tuple(protect.get(key, ())), None)
             for key in set(knock) | set(trip) | set(protect)
         }
         # Gateway doors (docs/gateway.md): (proto, address, port) of a destination behind this host
@@ -454,6 +460,27 @@ class Engine:
             for dest in state.door.destinations:
                 dests.setdefault(dest.key, []).append(state)
         self._dests = {key: tuple(doors) for key, doors in dests.items()}
+        self._route_strangers()
+
+    def _route_strangers(self) -> None:
+        """The lean path of a flood at a later step (later_steps.py; the kernel sheds most of it,
+        but not where a door's first step is the daemon's): on a port that only knock doors use,
+        and none of them as the first step of a sequence or as a second step the kernel marks, a
+        source with no attempt at any of their sequences can only meet IDLE and OTHER, which is
+        IGNORE (sequence.py), and no failure, whatever its flags or lockout. So the route keeps
+        those sequences' attempt tables, and `handle` drops such a source after one membership
+        test per sequence: no admission check, no event list."""
+        routes: dict[Key, _Route] = {}
+        for key, (knock_doors, trip_doors, protect_doors, _) in self._routes.items():
+            lean = None
+            if knock_doors and not trip_doors and not protect_doors:
+                sequences = [seq for state in knock_doors for seq in state.sequences]
+                if all(type(state) is _KnockDoorState for state in knock_doors) and not any(
+                    key == seq.steps[0] or key == seq.second for seq in sequences
+                ):
+                    lean = tuple(seq.attempts.entries for seq in sequences)
+            routes[key] = (knock_doors, trip_doors, protect_doors, lean)
+        self._routes = routes
 
     def reload(self, doors: tuple[Door, ...], first_steps: FirstSteps) -> list[str]:
         """Switch to new doors, whose first steps the kernel records as `first_steps` says. State
@@ -482,7 +509,14 @@ class Engine:
         route = self._routes.get(key)
         if route is None:
             return _DROP_NOTHING
-        knock_doors, trip_doors, protect_doors = route
+        knock_doors, trip_doors, protect_doors, lean = route
+        if lean is not None:
+            src = packet.src
+            for attempts in lean:
+                if src in attempts:
+                    break
+            else:
+                return _DROP_NOTHING  # a stranger at a later step: nothing to do (_route_strangers)
         if not knock_doors and protect_doors:
             return self._connect(protect_doors, packet, now)
         events: list[Event] = []

@@ -4,6 +4,8 @@ passed. Pure: secret, door name and window index in, ports out."""
 
 from __future__ import annotations
 
+import math
+
 from cryptography.hazmat.primitives import hashes, hmac
 
 
@@ -52,3 +54,19 @@ def current_steps(rotate, door: str, wall: float) -> tuple[tuple[str, int], ...]
     proto, first, last = rotate.range
     current, _ = accepted_windows(wall, rotate.window)
     return steps_of(rotate.secret, door, current, rotate.length, proto, first, last)
+
+
+def kernel_ports(rotate, door: str, wall: float, margin: float = 2.0) -> dict[int, int]:
+    """The ports the kernel lets through to the daemon for a rotating door (later_steps.py), each
+    with the whole seconds it stays there: every step of the windows whose sequences open the door
+    now (the current and the previous one), and of the next window, so that the kernel has them
+    before it begins whenever the daemon refreshes within a window. A step leaves when its window
+    stops opening the door (the end of the window after it), `margin` seconds later."""
+    proto, first, last = rotate.range
+    current = window_of(wall, rotate.window)
+    ports: dict[int, int] = {}
+    for index in (current - 1, current, current + 1):
+        seconds = math.ceil((index + 2) * rotate.window - wall + margin)
+        for port in derive(rotate.secret, door, index, rotate.length, first, last):
+            ports[port] = max(ports.get(port, 0), seconds)
+    return ports

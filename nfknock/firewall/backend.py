@@ -10,6 +10,7 @@ from typing import Protocol
 from ..errors import FirewallError
 from .granted import create_first_step_sets
 from .plan import FORWARD_CHAIN, NAT_CHAIN, Plan, RuleSpec
+from .rotation_sets import create_rotation_sets
 from .sessions import create_session_sets
 
 # The gateway chains (plan.gateway_plan): chain -> (table, the built-in chain that jumps to it).
@@ -61,6 +62,7 @@ class PerFamily:
 
         create_first_step_sets(plan, self.set_runner())  # the rules refer to them
         create_session_sets(plan, self.set_runner())
+        create_rotation_sets(plan, self.set_runner())
         for family, specs in plan.items():
             self._transaction(family, specs or None)
         self.apply_gateway(plan)

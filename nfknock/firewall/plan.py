@@ -38,6 +38,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from ..doors import later_steps
 from ..doors.first_steps import MARK_BITS, FirstStepGroup, FirstSteps, require
 from ..doors.rules import TCP_FLAG_BITS, Door, KnockDoor, SpaDoor, TcpFlags
 from .shards import byte_ranges, queues, u32_match
@@ -75,6 +76,12 @@ RECENT_LIMIT = ("100/sec", 200)
 
 
 RECENT_SECONDS = 3
+
+
+# New connections per second (per tripwire range) to a tripwire port of doors whose first step
+# the kernel records, from sources in none of the sets that can be mid-attempt (later_steps.py):
+# enough for a scanner's hits to count toward its lockout, too few for a flood to fill the queue.
+TRIPWIRE_LIMIT = ("50/sec", 100)
 
 
 SYN_ONLY = ("FIN,SYN,RST,ACK", "SYN")
@@ -268,16 +275,25 @@ def iptables_flags(flags: TcpFlags) -> tuple[str, str]:
 
 
 def _first_step_rules(
-    groups: tuple[FirstStepGroup, ...], queue_num: int, pass_mark: int, family: int, granted: str
+    groups: tuple[FirstStepGroup, ...],
+    queue_num: int,
+    pass_mark: int,
+    family: int,
+    granted: str,
+    midway: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> dict[tuple[str, int], list[RuleSpec]]:
     """The rules of the knock ports whose first steps the kernel records, per port. A source in
     the granted set is always queued (close sequences, knocking again: the daemon's semantics);
     anyone else's first knock only lands in the group's set, and their second knock is queued,
     marked, only from a source in that set. Everything else on those ports is dropped. (The
-    rules that take a source out of the set again are `_forgetting_rules`.)"""
+    rules that take a source out of the set again are `_forgetting_rules`.) `midway`: first port
+    -> (midway set, timeout) of the groups whose marked second step also enters the midway set
+    (later_steps.py)."""
     marks = MarkBits(pass_mark)
+    midway = midway or {}
     rules: dict[tuple[str, int], list[RuleSpec]] = {}
     at_second: dict[tuple[str, int], list[tuple[str, int]]] = {}  # port -> (set, mark bit) of its groups
+    entering: dict[tuple[str, int], list[RuleSpec]] = {}  # port -> its groups' midway rules
     for group in groups:
         if family not in group.families:
             continue
@@ -291,6 +307,9 @@ def _first_step_rules(
         ]
         for second in group.seconds:
             at_second.setdefault(second, []).append((started, marks.value(group.bit)))
+            if group.first in midway:
+                spec = RuleSpec("SET", second[0], second[1], mark=marks.value(group.bit), add_set=midway[group.first])
+                entering.setdefault(second, []).append(spec)
     field = marks.field
     for (proto, port), marking in at_second.items():
         rules[(proto, port)] = [
@@ -301,6 +320,7 @@ def _first_step_rules(
             # single use: the element is spent on the packet it marks (a later packet to this
             # port, a close sequence starting here or a spoofed copy, is not marked again)
             *(RuleSpec("SET", proto, port, mark=bit, del_set=started) for started, bit in marking),
+            *entering.get((proto, port), ()),  # mid-attempt from here on (later_steps.py)
             *(RuleSpec("NFQUEUE", proto, port, mark=bit, queue_num=queue_num) for _, bit in marking),
             RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
             RuleSpec("DROP", proto, port),
@@ -355,7 +375,7 @@ def _forgetting_rules(
     return forget
 
 
-SET_KINDS = ("granted", "first-step", "sessions", "recent")
+SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway", "rotation")
 
 
 @dataclass(frozen=True)
@@ -370,7 +390,11 @@ class SetName:
     - sessions: the host's established TCP sessions on one protected port (sessions.py; `key` is
       ("tcp", port)): `nfknock-q0-s22-v4`;
     - recent: sources whose packet reached a knock or SPA port's queue in the last RECENT_SECONDS:
-      `nfknock-q0-recent-v4`."""
+      `nfknock-q0-recent-v4`;
+    - midway: sources whose second step of a door the kernel records was queued, for the door's
+      seq_timeout (later_steps.py): `nfknock-q0-midway-v4`;
+    - rotation: the current steps of the rotating doors of one port range (`key`: its protocol
+      and first port; later_steps.py, rotation_sets.py), port numbers: `nfknock-q0-rtcp20000-v4`."""
 
     kind: str
     queue_num: int
@@ -378,7 +402,7 @@ class SetName:
     key: tuple[str, int] | None = None  # first-step: the first port; sessions: the protected port
 
     def __post_init__(self) -> None:
-        keyed = self.kind in ("first-step", "sessions")
+        keyed = self.kind in ("first-step", "sessions", "rotation")
         if (
             self.kind not in SET_KINDS
             or self.family not in (4, 6)
@@ -395,6 +419,8 @@ class SetName:
             "first-step": f"{self.key[0]}{self.key[1]}-" if self.key else "",
             "sessions": f"s{self.key[1]}-" if self.key else "",
             "recent": "recent-",
+            "midway": "midway-",
+            "rotation": f"r{self.key[0]}{self.key[1]}-" if self.key else "",
         }[self.kind]
         return f"{SET_PREFIX}q{self.queue_num}-{middle}v{self.family}"
 
@@ -405,7 +431,14 @@ class SetName:
         found = _SET_NAME.fullmatch(name)
         if found is None:
             return None
-        queue, proto, first, session, recent, family = found.groups()
+        queue, proto, first, session, rproto, rfirst, recent, family = found.groups()
+        if recent == "midway":
+            return cls("midway", int(queue), int(family))
+        if rproto is not None:
+            try:
+                return cls("rotation", int(queue), int(family), (rproto, int(rfirst)))
+            except ValueError:
+                return None
         try:
             if proto is not None:
                 return cls("first-step", int(queue), int(family), (proto, int(first)))
@@ -417,7 +450,9 @@ class SetName:
 
 
 _NUMBER = r"(0|[1-9][0-9]{0,4})"  # as str(int) writes it: a name has one spelling
-_SET_NAME = re.compile(rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|(recent)-)?v([46])")
+_SET_NAME = re.compile(
+    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|r(tcp|udp){_NUMBER}-|(recent|midway)-)?v([46])"
+)
 
 
 def granted_set(queue_num: int, family: int) -> str:
@@ -440,6 +475,83 @@ def recent_set(queue_num: int, family: int) -> str:
     """The ipset of sources whose packet reached a knock or SPA port's queue in the last
     RECENT_SECONDS (a first-step set's kind: hash:ip, forceadd), for one daemon and family."""
     return str(SetName("recent", queue_num, family))
+
+
+def midway_set(queue_num: int, family: int) -> str:
+    """The ipset of sources mid-attempt at a door whose first step the kernel records (their
+    second step was queued, later_steps.py; a first-step set's kind), for one daemon and family."""
+    return str(SetName("midway", queue_num, family))
+
+
+def rotation_set(queue_num: int, family: int, span: tuple[str, int, int]) -> str:
+    """The ipset of the current steps of the rotating doors of port range `span` (port numbers,
+    later_steps.py; filled by rotation_sets.py), for one daemon and family."""
+    return str(SetName("rotation", queue_num, family, (span[0], span[1])))
+
+
+def _rotating_rules(
+    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str
+) -> dict[tuple[str, int, int], list[RuleSpec]]:
+    """The rules of the rotating ranges the kernel gates (later_steps.py): a packet to a current
+    step is queued and its source is mid-attempt from then on; any other port of the range only
+    from a source in the granted, midway or (a bucket of its own) recent set; the rest is dropped."""
+    midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    rules = {}
+    for span, timeout in gated.rotating:
+        proto, first, last = span
+        steps = rotation_set(queue_num, family, span)
+        whole = RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num)
+        rules[span] = [
+            replace(whole, match_set=granted),
+            RuleSpec("SET", proto, (first, last), match_set=steps, match_dirs="dst", add_set=(midway, timeout)),
+            replace(whole, match_set=steps, match_dirs="dst"),
+            replace(whole, match_set=midway),
+            replace(whole, match_set=recent, limit=RECENT_LIMIT),
+            RuleSpec("DROP", proto, (first, last)),
+        ]
+    return rules
+
+
+def _later_step_rules(
+    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str
+) -> tuple[dict[tuple[str, int], list[RuleSpec]], dict[tuple[str, int, int], list[RuleSpec]]]:
+    """The rules of the later-step ports and tripwire ranges the kernel gates (later_steps.py):
+    queued from a source in the granted or midway set, or the recent set (a bucket of its own:
+    a reload that moved a door into the kernel, a source that knocked within RECENT_SECONDS);
+    a later step from anyone else is dropped, as the engine would have ignored it; a tripwire
+    hit from anyone else is queued within TRIPWIRE_LIMIT, and beyond it goes on to the rest of
+    the firewall (what a PASS verdict does), so no rule here drops a tripwire packet."""
+    midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    ports = {
+        (proto, port): [
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=granted),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=midway),
+            RuleSpec("NFQUEUE", proto, port, queue_num=queue_num, match_set=recent, limit=RECENT_LIMIT),
+            RuleSpec("DROP", proto, port),
+        ]
+        for proto, port in gated.ports
+    }
+    # No midway set without a door that feeds it (doors of two steps only: no attempt after the
+    # second step); the rules must not name a set nothing creates.
+    fed = bool(gated.feeding or gated.rotating)
+    tripwires = {}
+    for span in gated.tripwires:
+        proto, first, last = span
+        hit = RuleSpec(
+            "NFQUEUE",
+            proto,
+            (first, last),
+            ctstate="NEW",
+            queue_num=queue_num,
+            tcp_flags=SYN_ONLY if proto == "tcp" else None,
+        )
+        tripwires[span] = [
+            replace(hit, match_set=granted),
+            *([replace(hit, match_set=midway)] if fed else []),
+            replace(hit, match_set=recent, limit=RECENT_LIMIT),
+            replace(hit, limit=TRIPWIRE_LIMIT),
+        ]
+    return ports, tripwires
 
 
 def _protected_rules(
@@ -505,7 +617,11 @@ def scaffolding(
     require(first_steps)
     groups = first_steps.groups
     granted = granted_set(queue_num, family)
-    in_kernel = _first_step_rules(groups, queue_num, pass_mark, family, granted)
+    gated = later_steps.decide(doors, first_steps, family)
+    midway = {first: (midway_set(queue_num, family), timeout) for first, timeout in gated.feeding}
+    later, gated_tripwires = _later_step_rules(gated, queue_num, family, granted)
+    rotating = _rotating_rules(gated, queue_num, family, granted)
+    in_kernel = {**later, **_first_step_rules(groups, queue_num, pass_mark, family, granted, midway)}
     forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)
     knocks = dict.fromkeys(p.key for door in doors for p in door.knock_ports)
@@ -530,9 +646,14 @@ def scaffolding(
             proto, port, queue_num, family, (proto, port) in shaped
         )
     for proto, first, last in knock_ranges:
-        knocking.append(RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num))
+        knocking += rotating.get((proto, first, last)) or [
+            RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num)
+        ]
     specs += _noting_recent(knocking, recent_set(queue_num, family))
     for proto, first, last in tripwires:
+        if (proto, first, last) in gated_tripwires:
+            specs += gated_tripwires[(proto, first, last)]
+            continue
         specs.append(
             RuleSpec(
                 "NFQUEUE",

@@ -65,6 +65,9 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
         "connection_rate.queue",
         "fleet.cpu_per_knock",
         "fleet.cpu_per_syn",
+        "later_rate.kernel",
+        "later_rate.loop",
+        "later_rate.loop_cpu",
     }
     if len(os.sched_getaffinity(0)) >= 2:  # one_core pins the sender and the host apart
         assert figures["one_core.tcp.kernel"]["median"] > 0 and figures["one_core.tcp.bare"]["median"] > 0
@@ -76,5 +79,7 @@ def test_bench_smoke_run_writes_a_complete_report(kernel, tmp_path):
     assert "| the same, `--workers 2`" in table and "| CPU per verdict, us (UDP" in table
     assert "| client knock+connect during a SYN flood" in table
     assert "| fleet: grant reaches the other member" in table
+    assert "| flood at the third step (60000)" in table and "| flood at a tripwire port (60005)" in table
+    assert "| decided/s, TCP flood at the third step" in table
     assert "door opened (stock fwknop), then connect: on the first SYN" in table
     assert "door opened (SPA packet, SYN 0.1 ms later)" in table

@@ -202,7 +202,8 @@ def test_first_step_sets_of_another_size_are_replaced_in_place_at_start(server, 
         assert "Number of entries: 0" in listed
     listed = set(sandbox.run(sandbox.server, ["ipset", "list", "-n"], check=True).stdout.split())
     q = server.queue_num
-    others = {f"nfknock-q{q}-{kind}-v{family}" for kind in ("s22", "recent") for family in (4, 6)}  # sessions, recent
+    # sessions, recent, and the sources mid-attempt (the third step is the kernel's: later_steps.py)
+    others = {f"nfknock-q{q}-{kind}-v{family}" for kind in ("s22", "recent", "midway") for family in (4, 6)}
     assert listed == {f"nfknock-q{q}-v4", f"nfknock-q{q}-v6", *names.values(), *others}
     knock(sandbox, alice, "40000", "50000", "60000")
     assert connect(alice).connected

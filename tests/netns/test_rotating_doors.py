@@ -20,7 +20,11 @@ def otp(server, client):
 
 def test_otp_sequence_opens_once_and_yesterdays_never(rotating, alice, bob):
     rotating.start()
-    assert any("--dport 20000:29999 -j NFQUEUE" in rule for rule in rotating.iptables())
+    # the range is queued for its current steps (a set of ports the daemon refreshes: later_steps.py)
+    assert any(
+        "--dport 20000:29999 -m set --match-set nfknock-q7-rtcp20000-v4 dst -j NFQUEUE" in rule
+        for rule in rotating.iptables()
+    )
     ports = otp(rotating, alice)
     assert len(ports) == 3
     knock(rotating.sandbox, alice, *ports)
@@ -56,3 +60,26 @@ def test_a_used_sequence_stays_used_across_a_restart(rotating, alice, bob, tmp_p
     knock(rotating.sandbox, bob, *ports)  # sniffed before the restart, replayed after it
     rotating.wait_log("10.199.2.2: rotSSH: sequence already used in this window")
     assert not connect(bob, timeout=1).connected
+
+
+def test_a_flood_at_the_range_stays_in_the_kernel_but_for_the_current_steps(rotating, alice, mallory):
+    """Goal 4 of issue 24: the current windows' steps are in the kernel (rotation_sets.py); a
+    stranger's packet at any other port of the range never reaches the queue."""
+    from support.sandbox import SynFlood, queue_counters
+
+    rotating.start()
+    listed = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", "nfknock-q7-rtcp20000-v4"]).stdout
+    ports = otp(rotating, alice)
+    assert all(f"\n{port} timeout" in listed for port in ports), listed
+    steps = {int(port) for port in listed.split("Members:")[1].split() if port.isdigit() and int(port) >= 20000}
+    before = queue_counters(rotating.sandbox.server, 7).id_sequence
+    spoofed = 0
+    for port in range(20000, 30000, 7):  # a walk over the range from spoofed sources
+        if port not in steps:
+            flood = SynFlood(mallory.namespace, mallory.server_address, port)
+            spoofed += flood.send(0x0B000000 + port, 3)
+            flood.close()
+    knock(rotating.sandbox, alice, *ports)
+    rotating.wait_log("10.199.1.2: rotSSH: OPEN SESAME")
+    assert connect(alice).connected
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 3, spoofed  # alice's three knocks

@@ -15,7 +15,8 @@ def test_check_prints_the_doors_and_the_rules(capsys):
     out = capsys.readouterr().out
     assert "door openSSH" in out
     assert "sequence       40000/tcp 50000/tcp 60000/tcp" in out
-    assert "--dport 60000 -j NFQUEUE --queue-num 5" in out
+    # the third step is queued only for sources mid-attempt (later_steps.py)
+    assert "--dport 60000 -m set --match-set nfknock-q5-midway-v4 src -j NFQUEUE --queue-num 5" in out
     assert "--dport 40000 --tcp-flags SYN,ACK SYN -j SET --add-set nfknock-q5-tcp40000-v4 src" in out
 
 
@@ -45,8 +46,9 @@ def test_check_strict_refuses_what_the_daemon_refuses(tmp_path, capsys):
 def test_check_shows_each_workers_share_of_the_queued_packets(capsys):
     assert main(["check", "--rules", RULES, "--queue-num", "5", "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
-    assert '--dport 60000 -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
+    midway = "-m set --match-set nfknock-q5-midway-v4 src"
+    assert f'--dport 60000 {midway} -m u32 --u32 "0xc&0xff=0x0:0x7f" -j NFQUEUE --queue-num 5' in out
+    assert f'--dport 60000 {midway} -m u32 --u32 "0xc&0xff=0x80:0xff" -j NFQUEUE --queue-num 7' in out
 
 
 def test_auto_workers_are_one_per_usable_cpu_at_most_16():
@@ -319,7 +321,10 @@ def test_check_json_has_the_doors_and_the_rules(monkeypatch, capsys):
     (door,) = report["doors"]
     assert (door["name"], door["kind"]) == ("openSSH", "knock")
     assert door["file"].endswith("ssh.yaml") and door["fields"]["sequence"] == "40000/tcp 50000/tcp 60000/tcp"
-    assert "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 5" in report["rules_installed"]["iptables"]
+    assert any(
+        "--dport 60000" in rule and rule.endswith("-j NFQUEUE --queue-num 5")
+        for rule in report["rules_installed"]["iptables"]
+    )
     assert set(report["rules_installed"]) == {"iptables", "ip6tables"}
     assert any("ip_local_reserved_ports" in line for line in report["warnings"])
 

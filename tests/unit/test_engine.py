@@ -762,3 +762,29 @@ def test_a_shared_claim_that_cannot_be_written_refuses_without_blaming_the_sourc
     assert engine.handle(knock(22), 11.0).verdict is Verdict.DROP
     engine.claimed(claim, "ours", 12.0)
     assert engine.handle(knock(22), 12.0).verdict is Verdict.ACCEPT
+
+
+def test_a_strangers_later_step_is_dropped_after_one_lookup(monkeypatch):
+    """The lean path (engine._route_strangers): a source with no attempt at a port that is only
+    a later step is dropped without an admission check; one with an attempt is judged in full."""
+    from nfknock.doors import engine as engine_module
+
+    door = seed(close_sequence=None, tripwire=0)
+    engine = fresh_engine((door,))
+    clock = Clock(engine)
+    assert clock.send(40000, 50000, src=BOB)  # bob is mid-attempt
+    judged = []
+    original = engine_module._DoorState.admits
+    monkeypatch.setattr(engine_module._DoorState, "admits", lambda self, *a: judged.append(a) or original(self, *a))
+    assert engine.handle(knock(60000), clock.now) == (Verdict.DROP, ())
+    assert judged == []  # alice: no attempt, nothing to judge
+    assert any(isinstance(e, DoorOpened) for e in clock.send(60000, src=BOB)) and len(judged) == 1
+
+
+def test_the_lean_path_leaves_first_steps_and_tripwires_to_the_full_path():
+    engine = fresh_engine((seed(close_sequence=[60000, 50000, 40000], tripwire=4, lockout={"failures": 1}),))
+    clock = Clock(engine)
+    # 60000 also starts the close sequence: a stranger's knock there is a step like any other
+    assert clock.send(60000) == [KnockAdvanced(ALICE, "openSSH", Sequence.CLOSE, 1)]
+    # 60002 is a tripwire: the stranger's hit still counts against it
+    assert [type(e) for e in clock.send(60002, src=BOB)] == [LockedOut]

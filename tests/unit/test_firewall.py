@@ -49,7 +49,12 @@ def test_plan_for_one_door_without_tripwires():
 
 
 def test_tripwires_are_queued_and_marked_packets_return_first():
-    plan = fresh_scaffolding((door(sequence=[40000, 40010, "50000/udp"], tripwire=8),), 3)
+    # 40000 is also another door's later step: the kernel does not record the first step of d
+    doors = (
+        door(sequence=[40000, 40010, "50000/udp"], tripwire=8),
+        door(name="e", sequence=[1000, 2000, 40000], tripwire=0, protect=["23/tcp"]),
+    )
+    plan = fresh_scaffolding(doors, 3)
     assert plan[:2] == [RuleSpec("RETURN", in_interface="lo"), RuleSpec("RETURN", mark=PASS_MARK)]
     assert [str(s) for s in plan if s.target == "NFQUEUE" and isinstance(s.dport, tuple)] == [
         f"-A {CHAIN} -p tcp -m tcp --dport 39992:40018 --tcp-flags FIN,SYN,RST,ACK SYN -m conntrack --ctstate NEW -j NFQUEUE --queue-num 3",

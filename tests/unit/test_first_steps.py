@@ -128,6 +128,9 @@ def test_a_second_step_is_marked_only_for_the_set_and_queued_only_when_marked_or
         "-j MARK --set-xmark 0x10000000/0x10000000",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
         "-j SET --del-set nfknock-q0-tcp40000-v4 src",
+        # the source is mid-attempt from here on: its third step will be queued (later_steps.py)
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
+        "-j SET --add-set nfknock-q0-midway-v4 src --exist --timeout 15",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-v4 src -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
@@ -163,6 +166,10 @@ def test_twins_sharing_a_second_step_each_get_their_own_mark_bit():
         "-j SET --del-set nfknock-q0-tcp40000-v4 src",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x8000000/0x8000000 "
         "-j SET --del-set nfknock-q0-tcp41000-v4 src",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 "
+        "-j SET --add-set nfknock-q0-midway-v4 src --exist --timeout 15",
+        "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x8000000/0x8000000 "
+        "-j SET --add-set nfknock-q0-midway-v4 src --exist --timeout 15",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x8000000/0x8000000 -j NFQUEUE --queue-num 0",
         "-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set nfknock-q0-v4 src -j NFQUEUE --queue-num 0",

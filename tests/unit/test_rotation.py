@@ -122,3 +122,21 @@ def test_protected_port_inside_the_range_is_refused(door):
         RotatingDoor.model_validate(
             dict(name="rot", protect=["20500/tcp"], rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"})
         )
+
+
+def test_the_kernel_gets_the_steps_of_the_windows_that_open_the_door_now_and_next(door):
+    """rotation.kernel_ports (later_steps.py): every step of the previous, current and next window,
+    each until its window stops opening the door (the end of the window after it)."""
+    from nfknock.doors.rotation import kernel_ports
+
+    at = WALL + 15  # 15 s into window w
+    w = window_of(at, 60)
+    ports = kernel_ports(door.rotate, "rot", at)
+    for index, left in ((w - 1, 45), (w, 105), (w + 1, 165)):
+        for port in derive(SECRET, "rot", index, 3, 20000, 20999):
+            assert ports[port] >= left + 2  # with its margin (a port in two windows keeps the later end)
+    assert len(ports) <= 9 and max(ports.values()) == 165 + 2
+    # a sequence the engine no longer accepts (two windows back) is not there
+    accepted = {p for i in (w - 1, w, w + 1) for p in derive(SECRET, "rot", i, 3, 20000, 20999)}
+    assert set(ports) == accepted
+    assert not (set(derive(SECRET, "rot", w - 2, 3, 20000, 20999)) - accepted) & set(ports)
