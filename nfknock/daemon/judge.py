@@ -17,6 +17,7 @@ from ..firewall.granted import GrantedSets
 from ..firewall.handshakes import Handshakes
 from . import control, metrics
 from .config import DaemonConfig
+from .cutter import HandshakeCutter
 from .logs import RateLimit, log_events
 from .loop import Loop
 from .sinks import ClaimsSink, FleetSink, GrantedSink, LogSink, ReplayStoreSink, Sinks, TallySink
@@ -56,7 +57,7 @@ class Judge:
         self.sinks = Sinks()
         self.grants = GrantedSink(self.engine, GrantedSets(config.queue_num, log), log, self._protected_tcp)
         if isinstance(firewall, PerFamily):  # a test's fake firewall has no conntrack to cut
-            self.grants.handshakes = Handshakes()
+            self.grants.handshakes = HandshakeCutter(Handshakes(), log, clock())  # off the loop (cutter.py)
         self.fleet_sink = FleetSink(self.sinks.consume, wall_clock)
         self.tally = TallySink() if config.metrics_port else None
         last_word = claims is None and config.fleet is None

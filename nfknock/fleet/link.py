@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 
 from ..doors.events import ClaimNeeded
 from ..errors import UsageError
+from .deployment import ERROR, OK, read_facts, risks
 from .records import MAX_GRANT_SECONDS, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
@@ -58,7 +59,6 @@ WATCH_EVERY = 0.1
 MAX_WATCHED = 4
 MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
 MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
-SAFE_POLICIES = ("noeviction",)
 RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
 
 
@@ -238,6 +238,7 @@ class Link:
         self._held: dict[str, tuple[bytes, float]] = {}  # claim name -> (signed claim, expires)
         self.reasserted = 0  # claims put back after Redis lost them
         self._recovering_until = 0.0  # monotonic: claims are not asked before (the others put theirs back)
+        self._said: dict[str, str] = {}  # deployment risks logged: what -> text
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -519,18 +520,23 @@ class Link:
     # -- what Redis may have lost --------------------------------------------------------------
 
     def _check_deployment(self, client) -> None:
-        """Say once per connection what the Redis deployment risks (an evicting policy)."""
-        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown")
-        self.policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-        if self.policy not in SAFE_POLICIES:
-            self._tell(
-                Alarm(
-                    "evicting",
-                    f"Redis's maxmemory-policy is {self.policy}: it may evict replay claims; members notice "
-                    "evictions and put their claims back, but a packet may open twice in between "
-                    "(set maxmemory-policy noeviction)",
-                )
-            )
+        """Say what the Redis deployment risks (deployment.py, the judgement doctor gives too): an
+        evicting policy is an alarm at each connection; no password or weak persistence is said
+        once per run (and whenever it changes)."""
+        anonymous = None
+        if self.config.password:
+            try:
+                anonymous = self._connect(replace(self.config, password=None))
+            except Exception:  # noqa: BLE001 - cannot tell; said as unknown
+                anonymous = None
+        facts = read_facts(client, anonymous, bool(self.config.password))
+        self.policy = facts.policy or "unknown"
+        for risk in risks(facts):
+            if risk.what == "evicting" and risk.level == ERROR:
+                self._tell(Alarm("evicting", risk.text))
+            elif risk.level != OK and self._said.get(risk.what) != risk.text:
+                self._said[risk.what] = risk.text
+                self.log.log(logging.ERROR if risk.level == ERROR else logging.WARNING, "fleet: %s", risk.text)
 
     def _check_epoch(self, client) -> None:
         """Is this still the Redis data we trusted? If not, put our live claims back first."""

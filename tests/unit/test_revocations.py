@@ -480,3 +480,55 @@ def test_the_alarms_reach_the_metrics(fleet, spa, monkeypatch):
     assert families["nfknock_fleet_clock_skew_seconds"].samples[0].value < -60
     a.fleet.link.wall = time.time
     a.until(lambda _: "clock" not in a.fleet.alarms, "cleared it once the clock is back")
+
+
+def _brute_covering(kept, grant):
+    return [revoke for revoke in kept if revoke.covers(grant)]
+
+
+def test_whether_a_grant_is_revoked_is_answered_without_scanning_every_revocation_of_its_source(monkeypatch):
+    """A source revoked 2,000 times (a close sequence per session, each kept a day): applying a
+    grant looks at a few revocations, not all of them, and gives the answer a full scan gives,
+    also after revocations seen again with an earlier place, unplaced ones, and sweeps."""
+    import random
+
+    from nfknock.fleet import records
+
+    rng = random.Random(23)
+    kept = Revocations(Signer(KEY, "nfknock"), LOG)
+    for n in range(2000):
+        door = rng.choice(["openSSH", "spaSSH", None])
+        src, key = (ALICE, None) if rng.random() < 0.8 else (None, rng.choice(["alice", "bob"]))
+        pos = f"{1000 + rng.randrange(5000)}-{rng.randrange(3)}"
+        if n in (7, 1500):  # ours, not yet placed: covers every grant of bob's key on spaSSH
+            src, key, door, pos = None, "bob", "spaSSH", None
+        kept.add(Revoke(f"r{n}", "a", "i", src, door, 1000.0 + n, key, pos))
+    truth = dict(kept.entries)
+    for revoke_id in rng.sample(sorted(truth), 300):  # seen again, sometimes with an earlier place
+        known = truth[revoke_id]
+        if known.pos is not None:
+            earlier = f"{records.stream_order(known.pos)[0] - rng.randrange(50)}-0"
+            kept.add(Revoke(known.id, "a", "i", known.src, known.door, known.at, known.key, earlier))
+    kept.sweep(1000.0 + 500 + records.MAX_GRANT_SECONDS)  # the first 500 are over
+    calls = 0
+    real = Revoke.covers
+
+    def counting(self, grant):
+        nonlocal calls
+        calls += 1
+        return real(self, grant)
+
+    grants = [
+        Grant(f"g{n}", "b", "j", ALICE, rng.choice(["openSSH", "spaSSH"]), 9e9, None, key, base)
+        for n in range(300)
+        for key, base in [(rng.choice([None, "alice", "bob"]), f"{5000 + rng.randrange(2000)}-{rng.randrange(3)}")]
+    ]
+    answers = []
+    monkeypatch.setattr(Revoke, "covers", counting)
+    for grant in grants:
+        calls = 0
+        answers.append(kept.covering(grant) is not None)
+        assert calls <= 6, calls  # the newest per (source or key, door), and the one unplaced
+    monkeypatch.setattr(Revoke, "covers", real)
+    assert answers == [bool(_brute_covering(kept.entries.values(), grant)) for grant in grants]
+    assert 0 < sum(answers) < len(answers)
