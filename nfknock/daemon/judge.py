@@ -16,6 +16,7 @@ from ..firewall.backend import Firewall, PerFamily
 from ..firewall.granted import GrantedSets
 from ..firewall.handshakes import Handshakes
 from . import control, metrics
+from .claims import live_records
 from .config import DaemonConfig
 from .cutter import HandshakeCutter
 from .logs import RateLimit, log_events
@@ -175,6 +176,8 @@ class Judge:
             self.fleet = FleetMember(
                 self.config.fleet, self.engine, self.log, wake, wall=self.wall_clock, state_dir=self.config.state_dir
             )
+            if self.claims is not None:  # what the workers used before a restart: put back if Redis loses it
+                self.fleet.link.hold_records(live_records(self.claims, self.wall_clock()))
             self.fleet.start()
 
     def fleet_step(self, now: float) -> None:

@@ -128,7 +128,8 @@ class FleetMember:
             return
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
-            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            revoke_id = request.get("fleet_revoke_id") or _id()  # the same in every worker (workers.py)
+            revoke = Revoke(revoke_id, self.member, self.instance, address, request["door"], wall, key)
             self.link.watch.add(revoke.id)
             self._revoke(revoke)
             self.confirmations[revoke.id] = {}
@@ -209,8 +210,14 @@ class FleetMember:
         """Our recent revocations: which members confirmed them, which did not (cut off, or
         stale: the door may still be open there)."""
         rows = []
+        live: dict[str, set[str]] = {}  # member -> its instances seen lately (a member's workers)
+        for instance, (member, _seen, _grants) in self.link.members.items():
+            live.setdefault(member, set()).add(instance)
         for revoke_id, by in self.confirmations.items():
-            confirmed = set(by.values()) - {self.member}  # (our own workers read it too)
+            # A member with workers is confirmed once every worker seen lately applied it: the
+            # one that holds the source's grant may be the one cut off (our own workers revoked
+            # it from the control request, they do not count).
+            confirmed = {member for member in set(by.values()) - {self.member} if live.get(member, set()) <= set(by)}
             missing: dict[str, float] = {}
             for instance, (member, seen) in self.link.known.items():
                 if member != self.member and instance not in by and member not in confirmed:

@@ -532,3 +532,21 @@ def test_whether_a_grant_is_revoked_is_answered_without_scanning_every_revocatio
     monkeypatch.setattr(Revoke, "covers", real)
     assert answers == [bool(_brute_covering(kept.entries.values(), grant)) for grant in grants]
     assert 0 < sum(answers) < len(answers)
+
+
+def test_a_member_with_workers_confirms_a_revocation_once_every_worker_applied_it(fleet, monkeypatch):
+    """b runs two workers (two instances of one member); the one cut off from Redis may hold the
+    source's grant: b is not named as confirmed until both applied the revocation."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 0.2)
+    a, b0, b1 = fleet("a"), fleet("b"), fleet("b")
+    a.until(lambda _: len(a.fleet.link.members) == 3, "saw both of b's workers")
+    cut(b1)
+    revoke(a, address=ALICE)
+    b0.until(lambda _: any(r.src == ALICE for r in b0.fleet.revocations.entries.values()), "b0 applied it")
+    settle(a, 1.0)  # b0's acknowledgement is in
+    (row,) = a.fleet.status(a.now, time.time())["revokes"]
+    assert row["confirmed"] == [] and "b" in row["missing"]
+    mend(b1)
+    b1.until(lambda _: any(r.src == ALICE for r in b1.fleet.revocations.entries.values()), "b1 applied it")
+    a.until(lambda _: a.fleet.status(a.now, time.time())["revokes"][0]["confirmed"] == ["b"], "confirmed by b")
+    assert a.fleet.status(a.now, time.time())["revokes"][0]["missing"] == {}
