@@ -550,3 +550,51 @@ def test_a_member_with_workers_confirms_a_revocation_once_every_worker_applied_i
     b1.until(lambda _: any(r.src == ALICE for r in b1.fleet.revocations.entries.values()), "b1 applied it")
     a.until(lambda _: a.fleet.status(a.now, time.time())["revokes"][0]["confirmed"] == ["b"], "confirmed by b")
     assert a.fleet.status(a.now, time.time())["revokes"][0]["missing"] == {}
+
+
+def test_a_member_joining_right_after_a_revocation_was_deleted_does_not_apply_the_grant(fleet, monkeypatch):
+    """The join window: someone with the Redis password deletes the revocation's stream entry and
+    its second copy, and c joins before a (which keeps it) puts the copy back. c holds the grants
+    it catches up on until every member had its turn to put copies back and c read them again:
+    it never opens, and a grant issued after the revocation still opens there."""
+    monkeypatch.setattr(link_module, "REASSERT", 1.0)  # a puts the copy back within a second
+    a, b = fleet("a"), fleet("b")
+    knock(a)
+    b.until(lambda result: ALICE in result[1], "got the grant")
+    revoke(a, address=ALICE)
+    placed(a)
+    b.until(lambda _: not opens(b), "got the revocation")
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    signer = Signer(KEY, "nfknock")
+    for entry_id, fields in attacker.xrange("nfknock:stream"):
+        if isinstance(signer.verify(fields[b"e"]), Revoke):
+            attacker.xdel("nfknock:stream", entry_id)
+    attacker.delete("nfknock:revoked")
+    c = fleet("c")
+    end = time.monotonic() + 3.5  # past c's settling (REASSERT + its margin, then a read)
+    while time.monotonic() < end:
+        a.step()
+        assert not opens(c)
+        time.sleep(0.02)
+    c.until(
+        lambda _: c.fleet.link.settled and any(r.src == ALICE for r in c.fleet.revocations.entries.values()), "kept"
+    )
+    assert not opens(c)
+    knock(a)  # a new grant, issued after the revocation: applied at once
+    c.until(lambda _: opens(c), "the new grant")
+
+
+def test_a_member_of_an_older_version_is_an_alarm_naming_it(fleet, monkeypatch):
+    """Members before protocol 2 ignore the revocations' order: mixing is said at error, in
+    status (and the metrics' alarm), naming the old member, until it is gone."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 0.2)
+    a = fleet("a")
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    old = Signer(KEY, "nfknock")._seal(
+        "presence", {"member": "oldie", "instance": "0ld", "seen": time.time(), "grants": 0}
+    )
+    attacker.hset("nfknock:members", "0ld", old)
+    a.until(lambda _: "version" in a.fleet.alarms, "the alarm")
+    assert "oldie" in a.fleet.status(a.now, time.time())["alarms"]["version"]
+    attacker.hdel("nfknock:members", "0ld")
+    a.until(lambda _: "version" not in a.fleet.alarms, "the alarm cleared")
