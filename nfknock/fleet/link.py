@@ -227,6 +227,7 @@ class Link:
         self._watching: dict[str, float] = {}  # our revocation id -> until when we follow its confirmations
         self.watch: set[str] = set()  # revocation ids an operator waits on (`nfknock revoke`)
         self._next_follow = 0.0
+        self._confirmed: dict[str, dict] = {}  # what was last told of each followed revocation
         self._told: set[str] = set()  # revocation ids of the second copy already handed to the member
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
@@ -414,6 +415,7 @@ class Link:
         for revoke_id, until in list(self._watching.items()):
             if now > until:
                 del self._watching[revoke_id]
+                self._confirmed.pop(revoke_id, None)
                 continue
             by = {}
             for raw in client.hgetall(f"{self.config.name}:acks:{revoke_id}").values():
@@ -422,7 +424,15 @@ class Link:
                 except Forged:
                     continue  # says nothing: only what verifies counts as confirmed
                 by[instance] = member
-            self._tell(Confirmed(revoke_id, by))
+            if by != self._confirmed.get(revoke_id):  # the loop is woken for news only
+                self._confirmed[revoke_id] = by
+                self._tell(Confirmed(revoke_id, by))
+            # Every instance of another member listed (stale ones too: they may come back) has
+            # confirmed: nothing more to learn (the status keeps the last rows).
+            others = {instance for instance, row in self.known.items() if row[0] != self.config.member}
+            if others and others <= set(by):
+                del self._watching[revoke_id]
+                self._confirmed.pop(revoke_id, None)
 
     def _seen(self, pos: str) -> None:
         if stream_order(pos) > stream_order(self.last_seen):
