@@ -59,6 +59,7 @@ class Judge:
         self.grants = GrantedSink(self.engine, GrantedSets(config.queue_num, log), log, self._protected_tcp)
         if isinstance(firewall, PerFamily):  # a test's fake firewall has no conntrack to cut
             self.grants.handshakes = HandshakeCutter(Handshakes(), log, clock())  # off the loop (cutter.py)
+            self.grants.handshakes.survey()
         self.fleet_sink = FleetSink(self.sinks.consume, wall_clock)
         self.tally = TallySink() if config.metrics_port else None
         last_word = claims is None and config.fleet is None

@@ -84,7 +84,7 @@ class GrantedSink:
             kind = type(event)
             if kind is ConnectionAccepted:  # its handshake may need cutting at a revoke (cutter.py)
                 if self.handshakes is not None:
-                    self.handshakes.accepted(event.src, now)
+                    self.handshakes.accepted(event.src, now, event.dst, event.sport, event.port)
             elif kind is DoorOpened:
                 self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
             elif kind is ClaimNeeded:

@@ -491,7 +491,7 @@ class Engine:
             # holds the ports the packet asked for; a knock grant (None) all of the door's.
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
-                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
+                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port, packet.dst, packet.sport),))
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))

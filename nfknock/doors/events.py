@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -124,6 +124,10 @@ class ConnectionAccepted:
     src: str
     door: str
     port: str
+    # The connection's own address and port: a revoke cuts its handshake by this exact conntrack
+    # tuple (daemon/cutter.py) instead of dumping the whole table. Not part of what it means.
+    dst: str = field(default="", compare=False)
+    sport: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

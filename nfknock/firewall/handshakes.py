@@ -59,6 +59,51 @@ class Handshakes:
             self.close()  # a fresh socket next time
             raise FirewallError(f"cannot cut {src}'s pending handshakes in conntrack: {exc}") from None
 
+    def cut_exact(self, src: str, tuples: Iterable[tuple[str, int, int]]) -> int:
+        """Delete `src`'s unassured conntrack entries among these exact (local address, source
+        port, local port) TCP tuples: one lookup each, no walk of the table. How many."""
+        try:
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+            table = self._open()
+            family = socket.AF_INET6 if ":" in src else socket.AF_INET
+            cut = 0
+            for dst, sport, dport in tuples:
+                exact = NFCTAttrTuple(
+                    family=family, saddr=src, daddr=dst, proto=socket.IPPROTO_TCP, sport=sport, dport=dport
+                )
+                try:
+                    found = table.entry("get", tuple_orig=exact)
+                    if found is None or found.get_attr("CTA_STATUS") & IPS_ASSURED:
+                        continue
+                    table.entry("del", tuple_orig=exact)
+                    cut += 1
+                except Exception as exc:
+                    if getattr(exc, "code", None) != 2:  # ENOENT: gone (closed, expired) or never tracked
+                        raise
+            return cut
+        except Exception as exc:
+            self.close()
+            raise FirewallError(f"cannot cut {src}'s pending handshakes in conntrack: {exc}") from None
+
+    def pending(self) -> list[tuple[str, str, int, int]]:
+        """Every unassured TCP entry of this namespace as (source, local address, source port,
+        local port): the handshakes an earlier process may have let begin. One dump per family."""
+        try:
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+            table = self._open()
+            found = []
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for entry in self._unassured(table, NFCTAttrTuple(family=family, proto=socket.IPPROTO_TCP)):
+                    if not entry.status & IPS_ASSURED:
+                        orig = entry.tuple_orig
+                        found.append((str(orig.saddr), str(orig.daddr), int(orig.sport), int(orig.dport)))
+            return found
+        except Exception as exc:
+            self.close()
+            raise FirewallError(f"cannot read conntrack's pending handshakes: {exc}") from None
+
     def _unassured(self, table: Any, wanted: Any) -> Any:
         """The source's TCP entries, only the unassured ones when the kernel can say (5.15+:
         status filter beside the tuple filter). A busy client's finished connections (TIME_WAIT,
