@@ -58,7 +58,9 @@ class Judge:
         self.sinks = Sinks()
         self.grants = GrantedSink(self.engine, GrantedSets(config.queue_num, log), log, self._protected_tcp)
         if isinstance(firewall, PerFamily):  # a test's fake firewall has no conntrack to cut
-            self.grants.handshakes = HandshakeCutter(Handshakes(), log, clock())  # off the loop (cutter.py)
+            # A revoke cuts pending handshakes by their exact tuples (cutter.py); the survey reads
+            # what an earlier process let begin.
+            self.grants.handshakes = HandshakeCutter(Handshakes(), log, clock())
             self.grants.handshakes.survey()
         self.fleet_sink = FleetSink(self.sinks.consume, wall_clock)
         self.tally = TallySink() if config.metrics_port else None
