@@ -229,6 +229,10 @@ class Link:
         self._next_follow = 0.0
         self._confirmed: dict[str, dict] = {}  # what was last told of each followed revocation
         self._told: set[str] = set()  # revocation ids of the second copy already handed to the member
+        # The second copy as last checked: id -> (its bytes, the revocation). Checked every
+        # REASSERT seconds, the hash is verified again only where its bytes changed (it holds
+        # every live revocation of the fleet, up to a day's: an HMAC and a parse each).
+        self._checked: dict[str, tuple[bytes, Revoke]] = {}
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -454,12 +458,19 @@ class Link:
         wall = self.wall()
         there: dict[str, bytes] = {}
         stale = []
+        checked: dict[str, tuple[bytes, Revoke]] = {}
         for field_name, raw in client.hgetall(self.revoked_key).items():
             name = field_name.decode(errors="replace") if isinstance(field_name, bytes) else str(field_name)
             try:
-                revoke = self.signer.verify(raw)
-                if not isinstance(revoke, Revoke) or revoke.id != name or revoke.pos is None:
-                    raise Forged("not a placed revocation under its own id")
+                known = self._checked.get(name)
+                if known is not None and known[0] == raw:  # verified at an earlier check: the same bytes
+                    revoke = known[1]
+                else:
+                    entry = self.signer.verify(raw)
+                    if not isinstance(entry, Revoke) or entry.id != name or entry.pos is None:
+                        raise Forged("not a placed revocation under its own id")
+                    revoke = entry
+                checked[name] = (raw, revoke)
             except Forged as exc:
                 self._tell(Rejected(f"revocation entry {name!r}", str(exc)))
                 stale.append(field_name)
@@ -473,6 +484,7 @@ class Link:
                 self._tell(Received(revoke))
         if stale:
             client.hdel(self.revoked_key, *stale)
+        self._checked = checked  # only what is there now: bounded by the hash
         self._told &= set(there)
         missing = {
             revoke.id: self.signer.sign(revoke)

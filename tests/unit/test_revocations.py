@@ -598,3 +598,29 @@ def test_a_member_of_an_older_version_is_an_alarm_naming_it(fleet, monkeypatch):
     assert "oldie" in a.fleet.status(a.now, time.time())["alarms"]["version"]
     attacker.hdel("nfknock:members", "0ld")
     a.until(lambda _: "version" not in a.fleet.alarms, "the alarm cleared")
+
+
+def test_the_second_copy_is_verified_again_only_where_it_changed(fleet, monkeypatch):
+    """Checked every REASSERT seconds, the revocations' hash (up to a day of the fleet's
+    revocations) costs one HMAC per entry once, not at every check; a copy changed in Redis is
+    verified again (and, forged, rejected and removed)."""
+    a = fleet("a")
+    for n in range(20):
+        revoke(a, address=f"10.0.0.{n + 1}")
+    placed(a)
+    a.until(lambda _: len(a.fleet.link._checked) == 20, "read its copies back")
+    verified = []
+    real = Signer.verify
+
+    def counting(self, raw):
+        verified.append(raw)
+        return real(self, raw)
+
+    monkeypatch.setattr(Signer, "verify", counting)
+    settle(a, 0.7)  # three checks (REASSERT 0.2 here)
+    assert verified == []
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    name = next(iter(attacker.hkeys("nfknock:revoked")))
+    attacker.hset("nfknock:revoked", name, b"forged")
+    a.until(lambda _: verified, "verified the changed copy")
+    a.until(lambda _: attacker.hget("nfknock:revoked", name) != b"forged", "put its own back")
