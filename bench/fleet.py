@@ -10,6 +10,8 @@ member. Two bastions and a client on one bridge, Redis on the hub (tests/support
   engine holds the grant; the same for a revoke on A. Resolution: one status round trip (~0.2 ms).
 - First SYN: knock on A, wait 5 ms, connect to B with a timeout shorter than TCP's first
   retransmission: did B accept the very first SYN? (the issue's goal: >= 19 of 20)
+- Baseline (`bench/run.py --fleet-baseline DIR`): the propagation figures again with the members
+  run from another checkout (an older commit), in the same run, named `...baseline`.
 """
 
 from __future__ import annotations
@@ -49,8 +51,11 @@ doors:
 
 
 class FleetBench:
-    def __init__(self, figures, workdir: Path, smoke: bool, log):
+    def __init__(self, figures, workdir: Path, smoke: bool, log, tree: Path | None = None):
+        """`tree`: run the members from that checkout (a baseline), propagation only."""
         self.figures, self.workdir, self.smoke, self.log = figures, workdir, smoke, log
+        self.tree = tree
+        self.suffix = "" if tree is None else ".baseline"
         self.workdir.mkdir(parents=True)
         (self.workdir / "rules").mkdir()
         (self.workdir / "rules" / "doors.yaml").write_text(RULES)
@@ -70,8 +75,9 @@ class FleetBench:
             self.redis = redis
             services = [EchoService(lan.server(i)) for i in range(2)]
             try:
-                for mode in ("single", "fleet"):
-                    self._costs(mode)
+                if self.tree is None:
+                    for mode in ("single", "fleet"):
+                        self._costs(mode)
                 self._propagation()
             finally:
                 for service in services:
@@ -88,7 +94,10 @@ class FleetBench:
         if fleet:
             argv += ["--cluster", self.redis.url, "--cluster-key-file", str(self.key_file)]
             argv += ["--cluster-password-file", str(self.password_file), "--cluster-member", "ab"[index]]
-        process = self.lan.spawn(self.lan.server(index), nfknock_argv(*argv), stderr=subprocess.PIPE, text=True)
+        where = {} if self.tree is None else {"cwd": self.tree}  # `python -m nfknock` imports from the cwd first
+        process = self.lan.spawn(
+            self.lan.server(index), nfknock_argv(*argv), stderr=subprocess.PIPE, text=True, **where
+        )
         wait_for_line(log, "ready:", process)  # the control socket is there
         if fleet:
             wait_for_line(log, "reachable; sharing", process)
@@ -187,6 +196,8 @@ class FleetBench:
         address = self.client_a.address
         grant_ms, revoke_ms = [], []
         try:
+            pids = [process_tree(member.pid) for member in members]
+            cpu = [cpu_seconds(tree) for tree in pids]
             for _ in range(trials):
                 self._knock(self.client_a)
                 start = time.monotonic()
@@ -201,6 +212,10 @@ class FleetBench:
                         raise RuntimeError("the revocation never reached member b")
                 revoke_ms.append((time.monotonic() - start) * 1000)
                 time.sleep(0.01)
+            time.sleep(0.3)  # what the last revoke set off (acknowledgements, disk, conntrack)
+            # CPU per grant-and-revoke (all threads; the kernel's work on their behalf too): less
+            # sensitive to a loaded machine than the latencies above.
+            per_cycle = [(cpu_seconds(tree) - before) / trials * 1000 for tree, before in zip(pids, cpu, strict=True)]
             first = 0
             runs = 5 if self.smoke else 20
             for _ in range(runs):
@@ -214,12 +229,16 @@ class FleetBench:
             for index, process in enumerate(members):
                 self._stop(index, process)
         for name, values in (("grant", grant_ms), ("revoke", revoke_ms)):
-            self.figures.add(f"fleet.{name}_propagation.median", statistics.median(values), "ms")
-            self.figures.add(f"fleet.{name}_propagation.max", max(values), "ms")
-        self.figures.add("fleet.first_syn_on_other_member", first, f"of {runs}")
+            self.figures.add(f"fleet.{name}_propagation.median{self.suffix}", statistics.median(values), "ms")
+            self.figures.add(f"fleet.{name}_propagation.max{self.suffix}", max(values), "ms")
+        for name, value in zip(("a", "b"), per_cycle, strict=True):
+            self.figures.add(f"fleet.cpu_per_grant_and_revoke.{name}{self.suffix}", value, "ms")
+        self.figures.add(f"fleet.first_syn_on_other_member{self.suffix}", first, f"of {runs}")
+        which = "" if self.tree is None else f" (baseline: members run from {self.tree})"
         self.log(
-            f"fleet propagation over {trials}: grant median {statistics.median(grant_ms):.2f} ms, max "
+            f"fleet propagation{which} over {trials}: grant median {statistics.median(grant_ms):.2f} ms, max "
             f"{max(grant_ms):.2f} ms; revoke median {statistics.median(revoke_ms):.2f} ms, "
-            f"max {max(revoke_ms):.2f} ms; "
+            f"max {max(revoke_ms):.2f} ms; CPU per grant and revoke {per_cycle[0]:.1f} ms (a), "
+            f"{per_cycle[1]:.1f} ms (b); "
             f"SYN to the other member 5 ms after the knock accepted first time in {first}/{runs}"
         )

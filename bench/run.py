@@ -145,6 +145,7 @@ class Bench:
         self.iptables = "iptables"  # the flavour nfknock picks by default (--firewall auto)
         self.pinned: tuple[int, int] | None = None  # one_core: (the sender's CPU, the host's CPU)
         self.flood_sources = 1_000_000  # first_step_set: spoofed sources that fill the set
+        self.fleet_baseline: Path | None = None  # fleet: a checkout whose members run as the baseline
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -792,6 +793,10 @@ class Bench:
             log("fleet: skipped (no redis-server/redis-cli: run scripts/setup.sh)")
             return
         for run in range(self.repeat):
+            if self.fleet_baseline is not None:  # interleaved: both see the same load
+                FleetBench(
+                    self.figures, self.workdir / f"fleet{run}-baseline", self.smoke, log, self.fleet_baseline
+                ).run()
             FleetBench(self.figures, self.workdir / f"fleet{run}", self.smoke, log).run()
 
     def knock_flood(self) -> None:
@@ -1154,6 +1159,10 @@ def render(report: dict) -> str:
         s = f[name]
         return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}..{fmt.format(s['max'])})"
 
+    def baseline(name, fmt="{:.2f}"):
+        """The same figure measured with --fleet-baseline's checkout, in the same run."""
+        return f"{fig(name + '.baseline', fmt)} (baseline checkout)" if name + ".baseline" in f else ""
+
     def rat(name):
         s = r[name]
         return f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
@@ -1339,11 +1348,17 @@ def render(report: dict) -> str:
             f"{fig('fleet.knock_to_connect.single', '{:.2f}')} (single host) | | |",
             f"| fleet: grant reaches the other member, ms (median; max of 100) | "
             f"{fig('fleet.grant_propagation.median', '{:.2f}')}; "
-            f"{fig('fleet.grant_propagation.max', '{:.2f}')} | | | |",
+            f"{fig('fleet.grant_propagation.max', '{:.2f}')} | "
+            f"{baseline('fleet.grant_propagation.median')} | | <= 5 ms |",
             f"| fleet: revoke reaches the other member, ms (median; max of 100) | "
             f"{fig('fleet.revoke_propagation.median', '{:.2f}')}; "
-            f"{fig('fleet.revoke_propagation.max', '{:.2f}')} | | "
+            f"{fig('fleet.revoke_propagation.max', '{:.2f}')} | {baseline('fleet.revoke_propagation.median')} | "
             f"| < 100 ms |",
+            f"| fleet: CPU per grant and revoke, ms, member a; b | "
+            f"{fig('fleet.cpu_per_grant_and_revoke.a', '{:.1f}')}; "
+            f"{fig('fleet.cpu_per_grant_and_revoke.b', '{:.1f}')} | "
+            f"{baseline('fleet.cpu_per_grant_and_revoke.a', '{:.1f}')}; "
+            f"{baseline('fleet.cpu_per_grant_and_revoke.b', '{:.1f}')} | | |",
             f"| fleet: SYN to member B 5 ms after the knock on A, accepted first time | "
             f"{fig('fleet.first_syn_on_other_member')} of {f['fleet.first_syn_on_other_member']['unit'][3:]} | | "
             f"| >= 19/20 |",
@@ -1427,6 +1442,12 @@ def main(argv=None) -> int:
         "--merge", metavar="REPORT_JSON", nargs="+", help="merge these reports' figures into OUT/report.json (no run)"
     )
     parser.add_argument("--readme", action="store_true", help="write OUT/report.md into README.md's generated block")
+    parser.add_argument(
+        "--fleet-baseline",
+        metavar="DIR",
+        help="fleet: also run the propagation with members from this checkout (an older commit: "
+        "git worktree add DIR COMMIT), interleaved with this one, as its baseline",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.render:
@@ -1460,6 +1481,7 @@ def main(argv=None) -> int:
     try:
         with Sandbox(clients_wanted=2) as box:
             bench = Bench(box, workdir, args.smoke, repeat)
+            bench.fleet_baseline = Path(args.fleet_baseline).resolve() if args.fleet_baseline else None
             for name in args.only or MEASUREMENTS:
                 getattr(bench, name)()
     finally:

@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workers(doctor)
     _add_pass_mark(doctor)
     _add_json(doctor, '"ok", "exit_code", "errors", "findings" (level ok/warn/fail, text), "counts"')
+    doctor.add_argument("--cluster", metavar="URL", help="also check the fleet's Redis deployment (redis://...)")
+    doctor.add_argument("--cluster-password-file", metavar="FILE", help="Redis AUTH password (mode 0600)")
     doctor.set_defaults(func=cmd_doctor)
 
     export = verbs.add_parser(
@@ -661,7 +663,14 @@ def _diagnose(args) -> list:
     from .tools.doctor import diagnose
 
     _check_queues(args)
-    return diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
+    if args.cluster_password_file and not args.cluster:
+        raise UsageError("--cluster-password-file needs --cluster URL")
+    findings = diagnose(Path(args.rules), args.queue_num, args.firewall, pass_mark=args.pass_mark, workers=args.workers)
+    if args.cluster:
+        from .tools.doctor import check_redis, gather_redis
+
+        findings += check_redis(gather_redis(args.cluster, args.cluster_password_file))
+    return findings
 
 
 def _doctor_exit(findings) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from ..errors import NfknockError
 
 SUBDIR = "used"
+MAX_RECORD = 4096  # bytes of a record kept in its file (records are digests and door names)
 
 
 class ReplayClaims:
@@ -50,6 +51,9 @@ class ReplayClaims:
         fresh = self.directory / f".{path.name}.{os.getpid()}"
         descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
+            # The record itself (not secret: a digest or a door's counter), so that a fleet member
+            # can put it back in Redis after a restart when Redis lost it (`live`).
+            os.write(descriptor, record.encode()[:MAX_RECORD])
             os.utime(descriptor, (expires, expires))
             if durable:
                 os.fsync(descriptor)  # the expiry (the file's inode) before the name that points to it
@@ -101,6 +105,29 @@ class ReplayClaims:
                 except FileNotFoundError:
                     pass
         return removed
+
+
+def live_records(claims: ReplayClaims, wall: float, limit: int = 65536) -> dict[str, float]:
+    """The records claimed in `claims` that are still live, with their expiries: what every
+    worker of this daemon used before, for the fleet to put back in Redis when Redis lost it
+    (fleet/link.py hold_records). A file whose content is not the record its name says (written
+    by a version that kept no content, or changed) is left out: it still refuses locally."""
+    found: dict[str, float] = {}
+    with os.scandir(claims.directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or len(found) >= limit:
+                continue
+            try:
+                expires = entry.stat(follow_symlinks=False).st_mtime
+                if expires <= wall or not entry.is_file(follow_symlinks=False):
+                    continue
+                with open(entry.path, "rb") as file:
+                    record = file.read(MAX_RECORD + 1)
+            except OSError:
+                continue
+            if record and hashlib.sha256(record).hexdigest() == entry.name:
+                found[record.decode(errors="replace")] = expires
+    return found
 
 
 def open_claims(directory: Path) -> ReplayClaims:

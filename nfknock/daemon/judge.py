@@ -16,7 +16,9 @@ from ..firewall.backend import Firewall, PerFamily
 from ..firewall.granted import GrantedSets
 from ..firewall.handshakes import Handshakes
 from . import control, metrics
+from .claims import live_records
 from .config import DaemonConfig
+from .cutter import HandshakeCutter
 from .logs import RateLimit, log_events
 from .loop import Loop
 from .sinks import ClaimsSink, FleetSink, GrantedSink, LogSink, ReplayStoreSink, Sinks, TallySink
@@ -56,7 +58,9 @@ class Judge:
         self.sinks = Sinks()
         self.grants = GrantedSink(self.engine, GrantedSets(config.queue_num, log), log, self._protected_tcp)
         if isinstance(firewall, PerFamily):  # a test's fake firewall has no conntrack to cut
-            self.grants.handshakes = Handshakes()
+            # A revoke cuts pending handshakes by their exact tuples (cutter.py); the survey reads
+            # what an earlier process let begin.
+            self.grants.handshakes = HandshakeCutter(Handshakes(), log, clock())
         self.fleet_sink = FleetSink(self.sinks.consume, wall_clock)
         self.tally = TallySink() if config.metrics_port else None
         last_word = claims is None and config.fleet is None
@@ -77,6 +81,12 @@ class Judge:
         self.verdicts = Verdicts(self.engine, self.sinks, clock, wall_clock, config.pass_mark, log)
         self.on_packet = self.verdicts.on_packet
         self.reporter = Reporter()
+
+    def survey_handshakes(self) -> None:
+        """Read the pending handshakes an earlier process let begin (cutter.py); once the server
+        extra is known to be there, before the queues are bound."""
+        if self.grants.handshakes is not None:
+            self.grants.handshakes.survey()
 
     # What control.py, metrics.py and the tests read of a daemon.
     @property
@@ -174,6 +184,8 @@ class Judge:
             self.fleet = FleetMember(
                 self.config.fleet, self.engine, self.log, wake, wall=self.wall_clock, state_dir=self.config.state_dir
             )
+            if self.claims is not None:  # what the workers used before a restart: put back if Redis loses it
+                self.fleet.link.hold_records(live_records(self.claims, self.wall_clock()))
             self.fleet.start()
 
     def fleet_step(self, now: float) -> None:

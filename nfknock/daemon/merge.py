@@ -31,7 +31,33 @@ def merge_status(answers: list[dict[str, Any]]) -> dict[str, Any]:
             total.update(answer[field])
         merged[field] = dict(total)
     merged["workers"] = len(answers)
+    if merged.get("fleet"):
+        merged["fleet"] = dict(
+            merged["fleet"], revokes=merge_revokes([answer.get("fleet") or {} for answer in answers])
+        )
     return merged
+
+
+def merge_revokes(fleets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each worker follows who confirmed the operator's revocation (one id for all workers,
+    workers.py): a member confirmed in any worker's view is confirmed (its acknowledgements
+    are in Redis for all to read; a worker cut off just did not read them), and missing only
+    where no worker saw it confirm."""
+    rows: dict[str, dict[str, Any]] = {}
+    for fleet in fleets:
+        for row in fleet.get("revokes", []):
+            known = rows.setdefault(row["id"], {"id": row["id"], "confirmed": set(), "missing": {}})
+            known["confirmed"] |= set(row["confirmed"])
+            for member, ago in row["missing"].items():
+                known["missing"][member] = min(ago, known["missing"].get(member, ago))
+    return [
+        {
+            "id": row["id"],
+            "confirmed": sorted(row["confirmed"]),
+            "missing": {member: ago for member, ago in row["missing"].items() if member not in row["confirmed"]},
+        }
+        for row in rows.values()
+    ]
 
 
 def merge_snapshots(snapshots: list[metrics.Snapshot]) -> metrics.Snapshot:

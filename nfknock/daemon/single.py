@@ -90,6 +90,7 @@ class Single(Judge):
         require_for_run(self.config.metrics_port, self.firewall.name)
         if self.config.fleet is not None:
             require("redis", FLEET, "--cluster")
+        self.survey_handshakes()
         # Rules left by an earlier run may still mark packets until ours replace them: keep to
         # what their mark bits mean (first_steps.py), before any queue is bound.
         plan = self.reloader.start(self.scaffold.marks_installed())

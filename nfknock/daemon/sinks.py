@@ -28,10 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..doors.engine import Engine
-from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, GrantsRevoked, Recorded
+from ..doors.events import ClaimNeeded, ConnectionAccepted, DoorClosed, DoorOpened, GrantsRevoked, Recorded
 from ..errors import FirewallError
 from ..firewall.granted import GrantedSets
-from ..firewall.handshakes import Handshakes
+from .cutter import HandshakeCutter
 from .logs import RateLimit, log_events
 from .metrics import tally
 from .store import ReplayStore
@@ -73,7 +73,7 @@ class GrantedSink:
         self.granted = granted
         self.log = log
         self.protected = protected  # the TCP ports the doors protect now; None: no real conntrack
-        self.handshakes: Handshakes | None = None  # only with real firewall rules (not a test's fake)
+        self.handshakes: HandshakeCutter | None = None  # only with real firewall rules (not a test's fake)
 
     def __call__(self, events: tuple, now: float) -> tuple:
         """Route first, decide after: a grant, or an SPA packet or rotating sequence that now waits
@@ -82,7 +82,11 @@ class GrantedSink:
         a grant that ended (a close sequence, a revocation) leaves it."""
         for event in events:
             kind = type(event)
-            if kind is DoorOpened:
+            if kind is ConnectionAccepted:  # its handshake may need cutting at a revoke (cutter.py)
+                # (not one to a gateway door's destination: the cut covers this host's protected ports)
+                if self.handshakes is not None and not event.forwarded:
+                    self.handshakes.accepted(event.src, now, event.dst, event.sport, event.port)
+            elif kind is DoorOpened:
                 self.granted.add_now(event.src, self.engine.grant_left(event.src, now))
             elif kind is ClaimNeeded:
                 self.granted.add_now(event.src, max(event.seconds, self.engine.grant_left(event.src, now)))
@@ -100,14 +104,14 @@ class GrantedSink:
             self.granted.add(src, left)
         else:
             self.granted.remove(src)
-            self._cut_handshakes(src)
+            self._cut_handshakes(src, now)
 
-    def _cut_handshakes(self, src: str) -> None:
+    def _cut_handshakes(self, src: str, now: float) -> None:
         """No new connection once a grant is gone, not even one whose SYN was accepted before."""
         if self.handshakes is None:
             return
         try:
-            cut = self.handshakes.cut(src, self.protected())
+            cut = self.handshakes.cut(src, self.protected(), now)
         except FirewallError as exc:
             self.log.warning("%s: a handshake it started during its grant may still complete", exc)
             return

@@ -59,6 +59,7 @@ class Worker(Judge):
 
     def run(self, bound: Callable[[], None]) -> None:
         """Its queues, its loop; the supervisor does the rest."""
+        self.survey_handshakes()
         queues = bind_queues(self.config, self.loop.callback(self.on_packet))
 
         def body() -> None:

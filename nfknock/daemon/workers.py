@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import pickle
+import secrets
 import signal
 import socket
 import tempfile
@@ -247,6 +248,11 @@ class WorkerPool:
             return self._ask(("control", request), [owner])[0]
         if request["cmd"] == "status":
             return self._status(request)
+        if request["cmd"] == "revoke":
+            # One revocation for the fleet, however many workers publish it (each in case another
+            # is cut off from Redis): the others apply and confirm one id, which `nfknock revoke`
+            # follows in every worker's status (merge.py).
+            request = {**request, "fleet_revoke_id": secrets.token_hex(8)}
         answers = self._ask(("control", request))
         for answer in answers:
             if "error" in answer:

@@ -539,7 +539,9 @@ class Engine:
             # holds the ports the packet asked for; a knock grant (None) all of the door's.
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or (packet.proto, packet.dport) in grant[1][0]):
-                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, port),))
+                return Decision(
+                    _ACCEPT, (ConnectionAccepted(packet.src, state.name, port, dst=packet.dst, sport=packet.sport),)
+                )
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, port),))
@@ -557,7 +559,10 @@ class Engine:
         for state in doors:
             grant = state.grants.live(packet.src, now)
             if grant is not None and (grant[1] is None or key in grant[1].dests):
-                return Decision(_ACCEPT, (ConnectionAccepted(packet.src, state.name, where, True),))
+                return Decision(
+                    _ACCEPT,
+                    (ConnectionAccepted(packet.src, state.name, where, True, dst=packet.dst, sport=packet.sport),),
+                )
         if self.pending and self.pending.get(packet.src, 0.0) > now:
             return _HOLD_NOTHING
         return Decision(_DROP, (ConnectionRefused(packet.src, where),))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -125,6 +125,10 @@ class ConnectionAccepted:
     door: str
     port: str  # "22/tcp"; forwarded: the destination, "10.0.0.5:22/tcp"
     forwarded: bool = False  # to a destination behind this host (a gateway door)
+    # The connection's own address and port: a revoke cuts its handshake by this exact conntrack
+    # tuple (daemon/cutter.py) instead of dumping the whole table. Not part of what it means.
+    dst: str = field(default="", compare=False)
+    sport: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,11 @@ def fleet_config(
     return FleetConfig(url, key, password or None, name, member, offline, tuple(older))
 
 
+def read_password(path: str | None) -> str | None:
+    """--cluster-password-file's password (None without one); UsageError if the file is unsafe."""
+    return (_read_secret(path, "--cluster-password-file").strip() or None) if path else None
+
+
 def _read_secret(path: str, option: str) -> str:
     reason = why_unsafe(path, secret=True)
     if reason:

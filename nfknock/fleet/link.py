@@ -41,7 +41,8 @@ from urllib.parse import urlsplit
 
 from ..doors.events import ClaimNeeded
 from ..errors import UsageError
-from .records import MAX_GRANT_SECONDS, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
+from .deployment import ERROR, OK, read_facts, risks
+from .records import MAX_GRANT_SECONDS, PROTOCOL, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
 STREAM_LENGTH = 10000  # entries kept in the stream (approximately): the catch-up horizon
@@ -58,8 +59,8 @@ WATCH_EVERY = 0.1
 MAX_WATCHED = 4
 MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which claims are refused
 MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
-SAFE_POLICIES = ("noeviction",)
 RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
+SETTLE_MARGIN = 1.0  # a joining member's first check of the second copy this long after REASSERT (Settled)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,14 @@ class Answer:
 @dataclass(frozen=True)
 class Received:
     entry: Entry
+    pos: str = ""  # its stream id ("" from the second copy)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """Every member that keeps a revocation has had a turn to put its second copy back since
+    this member joined, and this member has read the copies since: grants issued before it
+    joined may be applied now (member.py)."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +196,7 @@ class Alarm:
 
 _Job = _Publish | _Claim | _Record | _Ack
 
-Message = Answer | Received | Rejected | LinkState | Placed | Alarm | Confirmed
+Message = Answer | Received | Rejected | LinkState | Placed | Alarm | Confirmed | Settled
 
 
 class Link:
@@ -218,7 +227,12 @@ class Link:
         self._watching: dict[str, float] = {}  # our revocation id -> until when we follow its confirmations
         self.watch: set[str] = set()  # revocation ids an operator waits on (`nfknock revoke`)
         self._next_follow = 0.0
+        self._confirmed: dict[str, dict] = {}  # what was last told of each followed revocation
         self._told: set[str] = set()  # revocation ids of the second copy already handed to the member
+        # The second copy as last checked: id -> (its bytes, the revocation). Checked every
+        # REASSERT seconds, the hash is verified again only where its bytes changed (it holds
+        # every live revocation of the fleet, up to a day's: an HMAC and a parse each).
+        self._checked: dict[str, tuple[bytes, Revoke]] = {}
         self.local_grants = 0  # reported in our presence; set by the member
         self._jobs: deque[_Job] = deque()
         self._cond = threading.Condition()
@@ -238,6 +252,11 @@ class Link:
         self._held: dict[str, tuple[bytes, float]] = {}  # claim name -> (signed claim, expires)
         self.reasserted = 0  # claims put back after Redis lost them
         self._recovering_until = 0.0  # monotonic: claims are not asked before (the others put theirs back)
+        self._said: dict[str, str] = {}  # deployment risks logged: what -> text
+        self.joined_at: str | None = None  # the newest stream id when the reader first connected
+        self._connected_first: float | None = None  # monotonic: the writer's first connection
+        self.settled = False  # Settled was told
+        self.older: dict[str, str] = {}  # instance -> member, of members speaking an older protocol
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -315,6 +334,8 @@ class Link:
                     continue
                 delay = RETRY_FIRST
                 self._set_connected(True)
+                if self._connected_first is None:
+                    self._connected_first = time.monotonic()
                 next_beat = next_check = 0.0
                 try:
                     self._check_deployment(client)
@@ -398,6 +419,7 @@ class Link:
         for revoke_id, until in list(self._watching.items()):
             if now > until:
                 del self._watching[revoke_id]
+                self._confirmed.pop(revoke_id, None)
                 continue
             by = {}
             for raw in client.hgetall(f"{self.config.name}:acks:{revoke_id}").values():
@@ -406,7 +428,15 @@ class Link:
                 except Forged:
                     continue  # says nothing: only what verifies counts as confirmed
                 by[instance] = member
-            self._tell(Confirmed(revoke_id, by))
+            if by != self._confirmed.get(revoke_id):  # the loop is woken for news only
+                self._confirmed[revoke_id] = by
+                self._tell(Confirmed(revoke_id, by))
+            # Every instance of another member listed (stale ones too: they may come back) has
+            # confirmed: nothing more to learn (the status keeps the last rows).
+            others = {instance for instance, row in self.known.items() if row[0] != self.config.member}
+            if others and others <= set(by):
+                del self._watching[revoke_id]
+                self._confirmed.pop(revoke_id, None)
 
     def _seen(self, pos: str) -> None:
         if stream_order(pos) > stream_order(self.last_seen):
@@ -414,16 +444,33 @@ class Link:
 
     def _reassert(self, client) -> None:
         """The revocations' second copy: learn the ones missed, put back the ones missing, and
-        remove what is over or does not verify (the hash stays bounded)."""
+        remove what is over or does not verify (the hash stays bounded). The first read that
+        starts REASSERT + SETTLE_MARGIN after this member connected settles it: every member
+        keeping a revocation had its turn to put a deleted copy back by then."""
+        started = time.monotonic()
+        self._reassert_once(client)
+        joined = self._connected_first
+        if not self.settled and joined is not None and started >= joined + REASSERT + SETTLE_MARGIN:
+            self.settled = True
+            self._tell(Settled())
+
+    def _reassert_once(self, client) -> None:
         wall = self.wall()
         there: dict[str, bytes] = {}
         stale = []
+        checked: dict[str, tuple[bytes, Revoke]] = {}
         for field_name, raw in client.hgetall(self.revoked_key).items():
             name = field_name.decode(errors="replace") if isinstance(field_name, bytes) else str(field_name)
             try:
-                revoke = self.signer.verify(raw)
-                if not isinstance(revoke, Revoke) or revoke.id != name or revoke.pos is None:
-                    raise Forged("not a placed revocation under its own id")
+                known = self._checked.get(name)
+                if known is not None and known[0] == raw:  # verified at an earlier check: the same bytes
+                    revoke = known[1]
+                else:
+                    entry = self.signer.verify(raw)
+                    if not isinstance(entry, Revoke) or entry.id != name or entry.pos is None:
+                        raise Forged("not a placed revocation under its own id")
+                    revoke = entry
+                checked[name] = (raw, revoke)
             except Forged as exc:
                 self._tell(Rejected(f"revocation entry {name!r}", str(exc)))
                 stale.append(field_name)
@@ -437,6 +484,7 @@ class Link:
                 self._tell(Received(revoke))
         if stale:
             client.hdel(self.revoked_key, *stale)
+        self._checked = checked  # only what is there now: bounded by the hash
         self._told &= set(there)
         missing = {
             revoke.id: self.signer.sign(revoke)
@@ -519,18 +567,23 @@ class Link:
     # -- what Redis may have lost --------------------------------------------------------------
 
     def _check_deployment(self, client) -> None:
-        """Say once per connection what the Redis deployment risks (an evicting policy)."""
-        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "unknown")
-        self.policy = policy.decode() if isinstance(policy, bytes) else str(policy)
-        if self.policy not in SAFE_POLICIES:
-            self._tell(
-                Alarm(
-                    "evicting",
-                    f"Redis's maxmemory-policy is {self.policy}: it may evict replay claims; members notice "
-                    "evictions and put their claims back, but a packet may open twice in between "
-                    "(set maxmemory-policy noeviction)",
-                )
-            )
+        """Say what the Redis deployment risks (deployment.py, the judgement doctor gives too): an
+        evicting policy is an alarm at each connection; no password or weak persistence is said
+        once per run (and whenever it changes)."""
+        anonymous = None
+        if self.config.password:
+            try:
+                anonymous = self._connect(replace(self.config, password=None))
+            except Exception:  # noqa: BLE001 - cannot tell; said as unknown
+                anonymous = None
+        facts = read_facts(client, anonymous, bool(self.config.password))
+        self.policy = facts.policy or "unknown"
+        for risk in risks(facts):
+            if risk.what == "evicting" and risk.level == ERROR:
+                self._tell(Alarm("evicting", risk.text))
+            elif risk.level != OK and self._said.get(risk.what) != risk.text:
+                self._said[risk.what] = risk.text
+                self.log.log(logging.ERROR if risk.level == ERROR else logging.WARNING, "fleet: %s", risk.text)
 
     def _check_epoch(self, client) -> None:
         """Is this still the Redis data we trusted? If not, put our live claims back first."""
@@ -624,10 +677,11 @@ class Link:
         members: dict[str, tuple[str, float, int]] = {}
         known: dict[str, tuple[str, float]] = {}
         stale = []
+        older: dict[str, str] = {}
         for instance, raw in client.hgetall(self.members_key).items():
             key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
             try:
-                member, said_instance, seen, grants = self.signer.verify_presence(raw)
+                member, said_instance, seen, grants, protocol = self.signer.verify_presence(raw)
             except Forged as exc:
                 self._tell(Rejected(f"member entry {key!r}", str(exc)))
                 stale.append(instance)
@@ -638,9 +692,30 @@ class Link:
                 known[key] = (member, seen)
                 if wall - seen <= SEEN_RECENTLY:
                     members[key] = (member, seen, grants)
+                    if protocol < PROTOCOL:
+                        older[key] = member
         if stale:
             client.hdel(self.members_key, *stale)
         self.members, self.known = members, known
+        self._check_versions(older)
+
+    def _check_versions(self, older: dict[str, str]) -> None:
+        """A member of an older nfknock in the fleet: it ignores revocations' order (base, pos),
+        so it may reopen what was revoked, and it confirms nothing. Said at error (and in status,
+        metrics) while it is seen; the fleet is not refused, since this member cannot stop it."""
+        if older and set(older.values()) != set(self.older.values()):
+            names = ", ".join(sorted(set(older.values())))
+            self._tell(
+                Alarm(
+                    "version",
+                    f"member(s) {names} run an older nfknock (fleet protocol 1, this member speaks {PROTOCOL}): "
+                    "they apply grants whatever was revoked since and keep no revocations, so a door revoked "
+                    "fleet-wide may open again there; upgrade them (do not mix versions in one fleet)",
+                )
+            )
+        elif not older and self.older:
+            self._tell(Alarm("version", "no member of an older nfknock is seen any more", cleared=True))
+        self.older = older
 
     def _pause(self, seconds: float) -> None:
         """Wait before reconnecting, answering claims that come meanwhile at once."""
@@ -699,11 +774,16 @@ class Link:
     def _resume_from(self, client, last_id: str) -> str:
         """Where to read on (re)connection: after the last entry seen, unless the stream now
         ends before it (Redis restarted without its data, and its clock is behind ours): then
-        from its start. Entries of a restarted Redis carry later ids, so they are read anyway."""
+        from its start. Entries of a restarted Redis carry later ids, so they are read anyway.
+        The first time, what is there already is what this member catches up on (joined_at)."""
         newest = client.xrevrange(self.stream, count=1)
         if not newest:
+            if self.joined_at is None:
+                self.joined_at = "0-0"
             return "0-0"
         newest_id = newest[0][0].decode() if isinstance(newest[0][0], bytes) else str(newest[0][0])
+        if self.joined_at is None:
+            self.joined_at = newest_id
         return last_id if _order(newest_id) >= _order(last_id) else "0-0"
 
     def _read_revocations(self, client) -> None:
@@ -733,7 +813,7 @@ class Link:
         if isinstance(entry, Revoke) and entry.pos is None:
             entry = replace(entry, pos=entry_id)  # its place: where Redis put it
         self.received += 1
-        self._tell(Received(entry))
+        self._tell(Received(entry, entry_id))
 
 
 class _Failed(Exception):

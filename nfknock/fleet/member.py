@@ -30,8 +30,8 @@ from typing import Any
 from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
 from ..doors.rules import SpaDoor
-from .link import Alarm, Answer, Confirmed, FleetConfig, Link, LinkState, Placed, Received, Rejected
-from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds
+from .link import Alarm, Answer, Confirmed, FleetConfig, Link, LinkState, Placed, Received, Rejected, Settled
+from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds, stream_order
 from .revocations import SUBDIR, Revocations
 
 MAX_APPLIED = 65536  # ids of entries applied, remembered until they are useless
@@ -71,6 +71,11 @@ class FleetMember:
         self.detail = "connecting"
         self._unknown_doors: set[str] = set()
         self._next_count = 0.0
+        # Grants that were in the stream before this member joined wait for Settled: someone may
+        # have deleted the revocation that covers them (stream entry and second copy) moments
+        # before, and the members keeping it put the copy back within REASSERT (link.py).
+        self._catching_up: list[Grant] = []
+        self._settled = False  # Settled handled (not the link's flag: messages before it come first)
 
     def start(self) -> None:
         self.log.info(
@@ -128,7 +133,8 @@ class FleetMember:
             return
         if request["cmd"] == "revoke":
             address, key = request.get("address"), request.get("key")
-            revoke = Revoke(_id(), self.member, self.instance, address, request["door"], wall, key)
+            revoke_id = request.get("fleet_revoke_id") or _id()  # the same in every worker (workers.py)
+            revoke = Revoke(revoke_id, self.member, self.instance, address, request["door"], wall, key)
             self.link.watch.add(revoke.id)
             self._revoke(revoke)
             self.confirmations[revoke.id] = {}
@@ -180,7 +186,16 @@ class FleetMember:
                 events += self._answered(message, now)
                 touched.add(message.claim.src)
             elif isinstance(message, Received):
+                if isinstance(message.entry, Grant) and self._before_joining(message):
+                    if len(self._catching_up) < MAX_APPLIED:
+                        self._catching_up.append(message.entry)
+                    continue
                 touched |= self._apply(message.entry, now, wall)
+            elif isinstance(message, Settled):
+                self._settled = True
+                held, self._catching_up = self._catching_up, []
+                for grant in held:  # each checked against every revocation known by now
+                    touched |= self._apply(grant, now, wall)
             elif isinstance(message, Rejected):
                 self._rejected(message)
             elif isinstance(message, LinkState):
@@ -205,12 +220,25 @@ class FleetMember:
             self.link.local_grants = len(self.engine.grants(now)) - len(self.origins)
         return events, touched
 
+    def _before_joining(self, message: Received) -> bool:
+        """A grant read while catching up on what the stream held when this member joined."""
+        joined = self.link.joined_at
+        if self._settled or joined is None or not message.pos:
+            return False
+        return stream_order(message.pos) <= stream_order(joined)
+
     def _revokes(self, wall: float) -> list[dict[str, Any]]:
         """Our recent revocations: which members confirmed them, which did not (cut off, or
         stale: the door may still be open there)."""
         rows = []
+        live: dict[str, set[str]] = {}  # member -> its instances seen lately (a member's workers)
+        for instance, (member, _seen, _grants) in self.link.members.items():
+            live.setdefault(member, set()).add(instance)
         for revoke_id, by in self.confirmations.items():
-            confirmed = set(by.values()) - {self.member}  # (our own workers read it too)
+            # A member with workers is confirmed once every worker seen lately applied it: the
+            # one that holds the source's grant may be the one cut off (our own workers revoked
+            # it from the control request, they do not count).
+            confirmed = {member for member in set(by.values()) - {self.member} if live.get(member, set()) <= set(by)}
             missing: dict[str, float] = {}
             for instance, (member, seen) in self.link.known.items():
                 if member != self.member and instance not in by and member not in confirmed:

@@ -36,6 +36,11 @@ from cryptography.hazmat.primitives import hashes, hmac
 
 from ..errors import UsageError
 
+# What members write and expect of each other. 1: before issue 23 (grants without `base`,
+# revocations without `pos`: such a member applies a grant whatever was revoked after it was
+# issued, and does not keep revocations); 2: ordered revocations, kept, confirmed. Members say
+# theirs in their presence entry; a member seeing an older one raises an alarm naming it.
+PROTOCOL = 2
 MIN_KEY_BYTES = 32
 MAX_GRANT_SECONDS = 86400.0
 MAX_ENTRY_BYTES = 2048
@@ -291,9 +296,12 @@ class Signer:
     # -- members (who is there) ------------------------------------------------------------
 
     def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:
-        return self._seal("presence", {"member": member, "instance": instance, "seen": seen, "grants": grants})
+        payload = {"member": member, "instance": instance, "seen": seen, "grants": grants, "v": PROTOCOL}
+        return self._seal("presence", payload)
 
-    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int]:
+    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int, int]:
+        """(member, instance, seen, grants, protocol): a presence without "v" is a member from
+        before PROTOCOL 2 (it says nothing of its version, and ignores base and pos)."""
         payload = self._open("presence", raw)
         try:
             return (
@@ -301,6 +309,7 @@ class Signer:
                 _text(payload["instance"]),
                 _number(payload["seen"]),
                 int(payload["grants"]),
+                int(payload.get("v", 1)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None

@@ -34,6 +34,12 @@ class Revocations:
         self.signer, self.log, self.directory = signer, log, directory
         self.entries: dict[str, Revoke] = {}  # revocation id -> the revocation (with its place)
         self._by: dict[str, set[str]] = {}  # its source, or "key:" + its key -> revocation ids
+        # What `covering` looks at, so that applying a grant costs the same however often its
+        # source was revoked (a close sequence per session is a revocation each, kept a day):
+        # per (source or key, door) the placed revocation with the latest place (it covers
+        # whatever an earlier one covers), and the unplaced ones (they cover everything).
+        self._newest: dict[tuple[str, str | None], Revoke] = {}
+        self._unplaced: dict[str, set[str]] = {}
         self._writes: queue.SimpleQueue[tuple[str, Revoke | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         if directory is not None:
@@ -62,7 +68,12 @@ class Revocations:
     def _drop(self, revoke_id: str) -> None:
         gone = self.entries.pop(revoke_id, None)
         if gone is not None:
-            self._by.get(gone.src or f"key:{gone.key}", set()).discard(revoke_id)
+            index = _index(gone)
+            self._by.get(index, set()).discard(revoke_id)
+            self._unplaced.get(index, set()).discard(revoke_id)
+            newest = self._newest.get((index, gone.door))
+            if newest is not None and newest.id == revoke_id:
+                self._find_newest(index, gone.door)
         self._queue(revoke_id, None)
 
     def _queue(self, revoke_id: str, revoke: Revoke | None) -> None:
@@ -93,15 +104,40 @@ class Revocations:
     def covering(self, grant: Grant) -> Revoke | None:
         """A revocation that ends `grant` (issued before it), if this member has seen one."""
         for index in (grant.src, f"key:{grant.key}"):
-            for revoke_id in self._by.get(index, ()):
+            for revoke_id in self._unplaced.get(index, ()):
                 revoke = self.entries[revoke_id]
                 if revoke.covers(grant):
                     return revoke
+            for door in (grant.door, None):
+                newest = self._newest.get((index, door))
+                if newest is not None and newest.covers(grant):
+                    return newest
         return None
 
     def _keep(self, revoke: Revoke) -> None:
+        index = _index(revoke)
         self.entries[revoke.id] = revoke
-        self._by.setdefault(revoke.src or f"key:{revoke.key}", set()).add(revoke.id)
+        self._by.setdefault(index, set()).add(revoke.id)
+        if revoke.pos is None:
+            self._unplaced.setdefault(index, set()).add(revoke.id)
+            return
+        self._unplaced.get(index, set()).discard(revoke.id)
+        newest = self._newest.get((index, revoke.door))
+        if newest is not None and newest.id == revoke.id:
+            self._find_newest(index, revoke.door)  # its place changed (an earlier one was seen)
+        elif newest is None or stream_order(revoke.pos) > stream_order(newest.pos or "0-0"):
+            self._newest[(index, revoke.door)] = revoke
+
+    def _find_newest(self, index: str, door: str | None) -> None:
+        placed = [
+            revoke
+            for revoke in (self.entries[revoke_id] for revoke_id in self._by.get(index, ()))
+            if revoke.door == door and revoke.pos is not None
+        ]
+        if placed:
+            self._newest[(index, door)] = max(placed, key=lambda revoke: stream_order(revoke.pos or "0-0"))
+        else:
+            self._newest.pop((index, door), None)
 
     def add(self, revoke: Revoke) -> bool:
         """Keep `revoke` (durably when there is a state directory); True if it is new here. A
@@ -186,3 +222,7 @@ class Revocations:
                 self.directory,
                 exc.strerror or exc,
             )
+
+
+def _index(revoke: Revoke) -> str:
+    return revoke.src or f"key:{revoke.key}"

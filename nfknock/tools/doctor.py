@@ -20,6 +20,7 @@ import stat
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..daemon.stats import QUEUE_PROC, parse_queue_table
 from ..doors.first_steps import MarkHistory, decide
@@ -609,6 +610,44 @@ def _secret_files(door) -> list[Path]:
         except OSError:
             pass  # the rules check reports an unreadable keys_dir
     return [path for path in files if path is not None]
+
+
+def check_redis(facts: Any) -> list[Finding]:
+    """The fleet's Redis deployment (fleet/deployment.py judges, the member's start log says the
+    same): `facts` is a RedisFacts, or a string saying why Redis could not be asked."""
+    from ..fleet.deployment import ERROR, OK, risks
+
+    if isinstance(facts, str):
+        return [Finding(FAIL, f"fleet: {facts}")]
+    level = {OK: OK, ERROR: FAIL}
+    return [Finding(level.get(risk.level, WARN), f"fleet: {risk.text}") for risk in risks(facts)]
+
+
+def gather_redis(url: str, password_file: str | None) -> Any:
+    """Ask the Redis at `url` about its deployment: a RedisFacts, or why it cannot be asked."""
+    from dataclasses import replace
+
+    from ..errors import UsageError
+    from ..fleet.config import read_password
+    from ..fleet.deployment import read_facts
+    from ..fleet.link import FleetConfig, _reason, _redis_client, check_url
+
+    try:
+        check_url(url)
+        password = read_password(password_file)
+    except UsageError as exc:
+        return str(exc)
+    config = FleetConfig(url, b"", password)
+    try:
+        client = _redis_client(config)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - whatever stops it is the finding
+        return f"cannot reach Redis at {config.where} ({_reason(exc)})"
+    try:
+        anonymous = _redis_client(replace(config, password=None)) if config.password else None
+        return read_facts(client, anonymous, bool(config.password))
+    finally:
+        client.close()
 
 
 def diagnose(

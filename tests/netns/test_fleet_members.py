@@ -17,7 +17,7 @@ from conftest import Server, connect
 
 from nfknock.doors.spa import generate_keys
 from nfknock.firewall.shards import queues, shard_of
-from support.sandbox import EchoService, Lan, RedisServer, entered, queue_counters
+from support.sandbox import EchoService, Lan, RedisServer, entered, nfknock_argv, queue_counters
 
 SEQUENCE = ("40000", "50000", "60000")
 
@@ -425,3 +425,74 @@ def test_the_first_syn_behind_an_spa_packet_waits_for_the_fleets_answer(lan, fle
         gate.touch()
         sock.close()
     assert "10.198.0.101: spaSSH: OPEN SESAME" in a.log_text()
+
+
+# -- issue 23, what was left: workers, doctor ----------------------------------------------------
+
+
+def test_a_member_with_workers_puts_back_what_it_used_before_a_restart_when_redis_loses_it(lan, fleet, tmp_path):
+    """a (2 workers) used a packet, then restarted: its workers hold nothing of it in memory, only
+    the claims directory on disk does. Redis then restarts empty: a puts the claim back from the
+    directory, so the captured packet sent to b is a replay there."""
+    a, b = fleet(0, "--workers", "2"), fleet(1)
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0
+    b.wait_log("revoked on fleet member a")
+    a.stop()
+    a = fleet(0, "--workers", "2")
+    fleet.redis.kill()
+    fleet.redis.start()
+    assert "put back" in a.wait_log("Redis lost the fleet's data")
+    b.wait_log("Redis lost the fleet's data")
+    time.sleep(6)  # RECOVERY: every live member has put its claims back
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    assert "spaSSH: OPEN SESAME" not in b.log_text()
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+
+
+def test_revoke_on_a_member_with_workers_is_one_revocation_every_worker_follows(lan, fleet):
+    """a's two workers publish the operator's revocation under one id: b applies it once and the
+    answer names b as confirmed, whichever worker's view is read."""
+    a, b = fleet(0, "--workers", "2"), fleet(1, "--workers", "2")
+    knock(lan, lan.client(0, server=0))
+    b.wait_log("10.198.0.101: openSSH: open, granted on fleet member a")
+    answer = ctl(a, "revoke", "10.198.0.101")
+    assert answer.returncode == 0, answer.stderr
+    assert "fleet: confirmed by b" in answer.stdout and "NOT confirmed" not in answer.stdout
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    time.sleep(2.5)  # b's second copy check (REASSERT) has read what Redis keeps
+    assert status(b)["fleet"]["revocations"] == 1
+    revoked = fleet.redis.cli("HLEN", "nfknock:revoked").stdout.strip()
+    assert revoked == "1"
+
+
+def test_doctor_says_what_the_redis_deployment_risks(lan, fleet, tmp_path):
+    """The same judgement as the start log: no persistence (the test Redis), an evicting policy,
+    a Redis that answers without the password; never the password itself."""
+    rules = tmp_path / "doctor-rules.yaml"
+    rules.write_text(SEED_RULES.format(keys=tmp_path / "spa.keys"))
+    password_file = tmp_path / "redis.password"
+
+    def doctor(password=True):
+        argv = ["doctor", "--rules", str(rules), "--cluster", fleet.redis.url]
+        argv += ["--cluster-password-file", str(password_file)] if password else []
+        result = lan.run(lan.server(0), nfknock_argv(*argv))
+        assert fleet.redis.password not in result.stdout + result.stderr
+        return [line for line in result.stdout.splitlines() if "fleet:" in line], result.returncode
+
+    lines, _ = doctor()
+    assert any(line.startswith("ok") and "refuses connections without the password" in line for line in lines)
+    assert any(line.startswith("warn") and "restart loses every claim" in line for line in lines)
+    assert any(line.startswith("ok") and "noeviction" in line for line in lines)
+    fleet.redis.cli("CONFIG", "SET", "maxmemory-policy", "volatile-lru")  # (persistence would write to the cwd)
+    lines, code = doctor()
+    assert any(line.startswith("FAIL") and "maxmemory-policy is volatile-lru" in line for line in lines)
+    assert code == 1
+    lines, _ = doctor(password=False)  # the password is needed: doctor cannot even ask
+    assert any(line.startswith("FAIL") and "cannot reach Redis" in line for line in lines)
+    fleet.redis.cli("CONFIG", "SET", "requirepass", "")  # anyone who reaches it may write now
+    lines, _ = doctor(password=False)
+    assert any(line.startswith("FAIL") and "answers without a password" in line for line in lines)

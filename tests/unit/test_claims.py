@@ -89,3 +89,20 @@ def test_a_claim_is_on_disk_before_it_is_answered(tmp_path, monkeypatch):
     synced.clear()
     assert claims.claim("spa:seeded", expires=1100.0, wall=1000.0, durable=False)
     assert synced == []
+
+
+def test_the_live_records_can_be_read_back_for_the_fleet_to_put_back(tmp_path):
+    """What the workers used is kept with its record (not only its digest), so that a fleet
+    member restarted can put it back in Redis; an expired claim, or a file of an earlier version
+    (empty) or changed by hand, is left out."""
+    from nfknock.daemon.claims import ReplayClaims, live_records
+
+    claims = ReplayClaims(tmp_path / "used")
+    claims.claim("spa:digest-1", expires=2000.0, wall=1000.0)
+    claims.claim("rotating:door:42", expires=1500.0, wall=1000.0)
+    claims.claim("spa:over", expires=1100.0, wall=1000.0)
+    claims.claim("spa:changed", expires=3000.0, wall=1000.0)
+    (tmp_path / "used" / ("0" * 64)).write_bytes(b"")  # an earlier version's claim: no content
+    changed = next(p for p in (tmp_path / "used").iterdir() if p.read_bytes() == b"spa:changed")
+    changed.write_bytes(b"spa:forged")
+    assert live_records(claims, wall=1200.0) == {"spa:digest-1": 2000.0, "rotating:door:42": 1500.0}

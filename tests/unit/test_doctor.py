@@ -352,3 +352,15 @@ def test_a_chain_of_the_other_flavour_that_queues_to_nobody_names_its_queues_and
     assert "never reach nfknock on --queue-num 20 (queues 20-21)" in theirs.text
     assert "'nfknock down --firewall legacy'" in theirs.text
     assert ours.level == OK  # the chosen flavour's chain: 'nfknock run' replaces it
+
+
+def test_the_fleets_redis_deployment_gets_a_line_per_risk():
+    from nfknock.fleet.deployment import RedisFacts
+    from nfknock.tools.doctor import check_redis
+
+    lines = check_redis(RedisFacts(True, True, "", "no", "everysec", "allkeys-lru"))
+    assert [line.level for line in lines] == [FAIL, WARN, FAIL]
+    assert "answers without a password" in lines[0].text and "allkeys-lru" in lines[2].text
+    assert "restart loses every claim" in lines[1].text
+    (unreachable,) = check_redis("cannot reach Redis at redis://10.0.0.1:6379/0 (ConnectionError)")
+    assert unreachable.level == FAIL and "cannot reach Redis" in unreachable.text

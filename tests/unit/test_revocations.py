@@ -480,3 +480,147 @@ def test_the_alarms_reach_the_metrics(fleet, spa, monkeypatch):
     assert families["nfknock_fleet_clock_skew_seconds"].samples[0].value < -60
     a.fleet.link.wall = time.time
     a.until(lambda _: "clock" not in a.fleet.alarms, "cleared it once the clock is back")
+
+
+def _brute_covering(kept, grant):
+    return [revoke for revoke in kept if revoke.covers(grant)]
+
+
+def test_whether_a_grant_is_revoked_is_answered_without_scanning_every_revocation_of_its_source(monkeypatch):
+    """A source revoked 2,000 times (a close sequence per session, each kept a day): applying a
+    grant looks at a few revocations, not all of them, and gives the answer a full scan gives,
+    also after revocations seen again with an earlier place, unplaced ones, and sweeps."""
+    import random
+
+    from nfknock.fleet import records
+
+    rng = random.Random(23)
+    kept = Revocations(Signer(KEY, "nfknock"), LOG)
+    for n in range(2000):
+        door = rng.choice(["openSSH", "spaSSH", None])
+        src, key = (ALICE, None) if rng.random() < 0.8 else (None, rng.choice(["alice", "bob"]))
+        pos = f"{1000 + rng.randrange(5000)}-{rng.randrange(3)}"
+        if n in (7, 1500):  # ours, not yet placed: covers every grant of bob's key on spaSSH
+            src, key, door, pos = None, "bob", "spaSSH", None
+        kept.add(Revoke(f"r{n}", "a", "i", src, door, 1000.0 + n, key, pos))
+    truth = dict(kept.entries)
+    for revoke_id in rng.sample(sorted(truth), 300):  # seen again, sometimes with an earlier place
+        known = truth[revoke_id]
+        if known.pos is not None:
+            earlier = f"{records.stream_order(known.pos)[0] - rng.randrange(50)}-0"
+            kept.add(Revoke(known.id, "a", "i", known.src, known.door, known.at, known.key, earlier))
+    kept.sweep(1000.0 + 500 + records.MAX_GRANT_SECONDS)  # the first 500 are over
+    calls = 0
+    real = Revoke.covers
+
+    def counting(self, grant):
+        nonlocal calls
+        calls += 1
+        return real(self, grant)
+
+    grants = [
+        Grant(f"g{n}", "b", "j", ALICE, rng.choice(["openSSH", "spaSSH"]), 9e9, None, key, base)
+        for n in range(300)
+        for key, base in [(rng.choice([None, "alice", "bob"]), f"{5000 + rng.randrange(2000)}-{rng.randrange(3)}")]
+    ]
+    answers = []
+    monkeypatch.setattr(Revoke, "covers", counting)
+    for grant in grants:
+        calls = 0
+        answers.append(kept.covering(grant) is not None)
+        assert calls <= 6, calls  # the newest per (source or key, door), and the one unplaced
+    monkeypatch.setattr(Revoke, "covers", real)
+    assert answers == [bool(_brute_covering(kept.entries.values(), grant)) for grant in grants]
+    assert 0 < sum(answers) < len(answers)
+
+
+def test_a_member_with_workers_confirms_a_revocation_once_every_worker_applied_it(fleet, monkeypatch):
+    """b runs two workers (two instances of one member); the one cut off from Redis may hold the
+    source's grant: b is not named as confirmed until both applied the revocation."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 0.2)
+    a, b0, b1 = fleet("a"), fleet("b"), fleet("b")
+    a.until(lambda _: len(a.fleet.link.members) == 3, "saw both of b's workers")
+    cut(b1)
+    revoke(a, address=ALICE)
+    b0.until(lambda _: any(r.src == ALICE for r in b0.fleet.revocations.entries.values()), "b0 applied it")
+    settle(a, 1.0)  # b0's acknowledgement is in
+    (row,) = a.fleet.status(a.now, time.time())["revokes"]
+    assert row["confirmed"] == [] and "b" in row["missing"]
+    mend(b1)
+    b1.until(lambda _: any(r.src == ALICE for r in b1.fleet.revocations.entries.values()), "b1 applied it")
+    a.until(lambda _: a.fleet.status(a.now, time.time())["revokes"][0]["confirmed"] == ["b"], "confirmed by b")
+    assert a.fleet.status(a.now, time.time())["revokes"][0]["missing"] == {}
+
+
+def test_a_member_joining_right_after_a_revocation_was_deleted_does_not_apply_the_grant(fleet, monkeypatch):
+    """The join window: someone with the Redis password deletes the revocation's stream entry and
+    its second copy, and c joins before a (which keeps it) puts the copy back. c holds the grants
+    it catches up on until every member had its turn to put copies back and c read them again:
+    it never opens, and a grant issued after the revocation still opens there."""
+    monkeypatch.setattr(link_module, "REASSERT", 1.0)  # a puts the copy back within a second
+    a, b = fleet("a"), fleet("b")
+    knock(a)
+    b.until(lambda result: ALICE in result[1], "got the grant")
+    revoke(a, address=ALICE)
+    placed(a)
+    b.until(lambda _: not opens(b), "got the revocation")
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    signer = Signer(KEY, "nfknock")
+    for entry_id, fields in attacker.xrange("nfknock:stream"):
+        if isinstance(signer.verify(fields[b"e"]), Revoke):
+            attacker.xdel("nfknock:stream", entry_id)
+    attacker.delete("nfknock:revoked")
+    c = fleet("c")
+    end = time.monotonic() + 3.5  # past c's settling (REASSERT + its margin, then a read)
+    while time.monotonic() < end:
+        a.step()
+        assert not opens(c)
+        time.sleep(0.02)
+    c.until(
+        lambda _: c.fleet.link.settled and any(r.src == ALICE for r in c.fleet.revocations.entries.values()), "kept"
+    )
+    assert not opens(c)
+    knock(a)  # a new grant, issued after the revocation: applied at once
+    c.until(lambda _: opens(c), "the new grant")
+
+
+def test_a_member_of_an_older_version_is_an_alarm_naming_it(fleet, monkeypatch):
+    """Members before protocol 2 ignore the revocations' order: mixing is said at error, in
+    status (and the metrics' alarm), naming the old member, until it is gone."""
+    monkeypatch.setattr(link_module, "HEARTBEAT", 0.2)
+    a = fleet("a")
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    old = Signer(KEY, "nfknock")._seal(
+        "presence", {"member": "oldie", "instance": "0ld", "seen": time.time(), "grants": 0}
+    )
+    attacker.hset("nfknock:members", "0ld", old)
+    a.until(lambda _: "version" in a.fleet.alarms, "the alarm")
+    assert "oldie" in a.fleet.status(a.now, time.time())["alarms"]["version"]
+    attacker.hdel("nfknock:members", "0ld")
+    a.until(lambda _: "version" not in a.fleet.alarms, "the alarm cleared")
+
+
+def test_the_second_copy_is_verified_again_only_where_it_changed(fleet, monkeypatch):
+    """Checked every REASSERT seconds, the revocations' hash (up to a day of the fleet's
+    revocations) costs one HMAC per entry once, not at every check; a copy changed in Redis is
+    verified again (and, forged, rejected and removed)."""
+    a = fleet("a")
+    for n in range(20):
+        revoke(a, address=f"10.0.0.{n + 1}")
+    placed(a)
+    a.until(lambda _: len(a.fleet.link._checked) == 20, "read its copies back")
+    verified = []
+    real = Signer.verify
+
+    def counting(self, raw):
+        verified.append(raw)
+        return real(self, raw)
+
+    monkeypatch.setattr(Signer, "verify", counting)
+    settle(a, 0.7)  # three checks (REASSERT 0.2 here)
+    assert verified == []
+    attacker = fakeredis.FakeRedis(server=fleet.server)
+    name = next(iter(attacker.hkeys("nfknock:revoked")))
+    attacker.hset("nfknock:revoked", name, b"forged")
+    a.until(lambda _: verified, "verified the changed copy")
+    a.until(lambda _: attacker.hget("nfknock:revoked", name) != b"forged", "put its own back")

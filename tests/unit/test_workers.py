@@ -137,3 +137,14 @@ def test_a_worker_that_leaves_a_ping_unanswered_is_named_until_it_answers_again(
     finally:
         pool.workers = []
         pool._remove_private()
+
+
+def test_revoke_confirmations_are_every_workers_not_worker_0s():
+    """Each worker follows the operator's revocation (one id for all); worker 0 cut off from
+    Redis sees nobody confirm, worker 1 sees b and c: the daemon's status says b and c."""
+    from nfknock.daemon.merge import merge_revokes
+
+    cut_off = {"revokes": [{"id": "r1", "confirmed": [], "missing": {"b": 1.0, "c": 1.5}}]}
+    reading = {"revokes": [{"id": "r1", "confirmed": ["b", "c"], "missing": {"d": 40.0}}]}
+    (row,) = merge_revokes([cut_off, reading])
+    assert row == {"id": "r1", "confirmed": ["b", "c"], "missing": {"d": 40.0}}
