@@ -48,6 +48,7 @@ if [ "${NFKNOCK_BUILD_DEPS:-yes}" != no ]; then
   if [ ${#missing[@]} -gt 0 ]; then
     echo "build-deb: installing build dependencies: ${missing[*]}"
     [ "$(id -u)" -eq 0 ] || { echo "build-deb: need root to install: ${missing[*]}" >&2; exit 1; }
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 fi
@@ -109,7 +110,12 @@ echo "build-deb: wheels from requirements/deb.lock (hashes checked)"
 bpip=("$work/build/bin/python" -m pip -q)
 "${bpip[@]}" install --require-hashes --no-deps -r requirements/build.lock
 "${bpip[@]}" download --require-hashes --no-deps -r requirements/deb.lock -d "$work/downloads"
-"${bpip[@]}" wheel --no-cache-dir --no-index --find-links "$work/downloads" --no-build-isolation --no-deps \
+# The compiled modules must not depend on where pip unpacked the sdist (a random directory, here
+# under $work, which the package is checked not to name): no debug information (strip removes it
+# anyway, but the build id is a hash over it) and no build path in __FILE__.
+mkdir -p "$work/tmp"
+TMPDIR="$work/tmp" CFLAGS="-g0 -ffile-prefix-map=$work=." \
+  "${bpip[@]}" wheel --no-cache-dir --no-index --find-links "$work/downloads" --no-build-isolation --no-deps \
   --require-hashes -r requirements/deb.lock -w "$work/wheels"
 "${bpip[@]}" wheel --no-cache-dir --no-index --no-build-isolation --no-deps "$src" -w "$work/wheels"
 
@@ -325,6 +331,9 @@ dpkg-deb --root-owner-group --threads-max=1 -Zxz --build "$root" "$deb" >/dev/nu
 echo "build-deb: $deb ($(du -h "$deb" | cut -f1), sha256 $(sha256sum "$deb" | cut -c1-16)); Depends: $depends"
 # No error and no warning (overrides in deploy/debian/lintian-overrides each say why).
 lintian --fail-on error,warning "$deb" >"$work/lintian.log" 2>&1 || status=$?
-grep -v "^running with root privileges" "$work/lintian.log" || true
-[ "${status:-0}" -eq 0 ] || { echo "build-deb: lintian reports errors or warnings (above)" >&2; exit 1; }
+if [ "${status:-0}" -ne 0 ]; then
+  grep -v "^running with root privileges" "$work/lintian.log" >&2 || true
+  echo "build-deb: lintian reports errors or warnings (above)" >&2
+  exit 1
+fi
 echo "build-deb: lintian reports no error and no warning"
