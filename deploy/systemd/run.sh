@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The Debian package under systemd, end to end (run by .ci/run, as root): builds the package twice
-# (this version and a higher one, for the upgrade), boots Debian 12 with systemd as PID 1 in a
+# The Debian package under systemd, end to end (run by .ci/run, as root): builds the package three
+# times (this version, a higher one for the upgrade, and this version again: the same bytes, or
+# the build is not reproducible; each build runs lintian), boots Debian 12 with systemd as PID 1 in a
 # container, and runs deploy/systemd/checks.sh in it: apt install, start (Type=notify), the chain
 # once per family, reload, kill -9, a real knock from a network namespace, upgrade with port 22
 # probed throughout, stop, remove, purge, the journal. The container has no network (--network
@@ -41,6 +42,24 @@ version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' nfknock/__init__.py)
 echo "systemd: building nfknock $version and $version+ci1 (the upgrade)"
 DIST="$work/old" bash scripts/build-deb.sh | grep '^build-deb: /'
 DIST="$work/new" DEB_VERSION="$version+ci1" bash scripts/build-deb.sh | grep '^build-deb: /'
+# Reproducible: the same commit built again (another build directory, wheels built anew) gives
+# the same .deb, byte for byte; else the files that differ are named.
+DIST="$work/again" bash scripts/build-deb.sh | grep '^build-deb: /'
+deb="nfknock_${version}_$(dpkg --print-architecture).deb"
+first=$(sha256sum < "$work/old/$deb" | cut -d' ' -f1) again=$(sha256sum < "$work/again/$deb" | cut -d' ' -f1)
+if [ "$first" != "$again" ]; then
+  for build in old again; do
+    mkdir -p "$work/x-$build/DEBIAN"
+    dpkg-deb -x "$work/$build/$deb" "$work/x-$build"
+    dpkg-deb -e "$work/$build/$deb" "$work/x-$build/DEBIAN"
+    dpkg-deb -c "$work/$build/$deb" > "$work/x-$build.list"
+  done
+  diff -r -q "$work/x-old" "$work/x-again" >&2 || true
+  diff "$work/x-old.list" "$work/x-again.list" | head -20 >&2 || true
+  echo "systemd: FAIL: two builds of one commit differ: $deb $first vs $again" >&2
+  exit 1
+fi
+echo "systemd: ok: two builds of one commit are the same .deb (sha256 $first)"
 
 bash deploy/docker/base-image.sh
 docker build -q -t "$IMAGE" -f deploy/systemd/Dockerfile deploy/systemd >/dev/null
