@@ -203,7 +203,6 @@ sed 's|/usr/local/bin/nfknock|/usr/bin/nfknock|g' deploy/nfknock.service > "$roo
 grep -q '^ExecStart=.*/usr/bin/nfknock run' "$root/lib/systemd/system/nfknock.service" \
   || { echo "build-deb: the unit does not run /usr/bin/nfknock" >&2; exit 1; }
 chmod 0644 "$root/lib/systemd/system/nfknock.service"
-install -D -m 0644 deploy/modules-load.d/nfknock.conf "$root/usr/lib/modules-load.d/nfknock.conf"  # the unit has no CAP_SYS_MODULE
 install -m 0644 deploy/nfknock.default "$root/etc/default/nfknock"
 install -d -m 0700 "$root/etc/nfknock" "$root/etc/nfknock/rules"
 { printf '%s\n' \
@@ -211,8 +210,9 @@ install -d -m 0700 "$root/etc/nfknock" "$root/etc/nfknock/rules"
     "# this one), then: cp ssh.yaml.example ssh.yaml; nfknock check; systemctl start nfknock"
   cat rules/ssh.yaml; } > "$root/etc/nfknock/rules/ssh.yaml.example"
 chmod 0600 "$root/etc/nfknock/rules/ssh.yaml.example"
-for doc in README.md SECURITY.md docs/*.md; do
-  [ -f "$doc" ] && gzip -9n < "$doc" > "$root/usr/share/doc/nfknock/$(basename "$doc").gz"
+install -d -m 0755 "$root/usr/share/doc/nfknock/docs"
+for doc in README.md SECURITY.md docs/*.md; do   # docs/ kept as a folder: README links to docs/X.md
+  [ -f "$doc" ] && gzip -9n < "$doc" > "$root/usr/share/doc/nfknock/$doc.gz"
 done
 for example in deploy/monitoring/*; do
   [ -f "$example" ] && install -m 0644 "$example" "$root/usr/share/doc/nfknock/examples/"

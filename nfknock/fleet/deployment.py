@@ -2,7 +2,7 @@
 maxmemory-policy. One judgement (`risks`, pure) for the two places that say it: the member's
 start (link.py, logged once per connection) and `nfknock doctor --cluster URL`.
 
-Why each matters (README "Fleet mode", docs/fleet-guarantees.md):
+Why each matters (docs/fleet.md, "Check the Redis deployment"):
 - No password: whoever reaches Redis can delete the fleet's entries, claims and members hash.
   Nothing they write opens a door (entries are signed with the fleet key), but deletions cost
   availability and, until members notice and re-assert, replay protection across members.
