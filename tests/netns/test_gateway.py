@@ -201,3 +201,42 @@ def test_with_workers_a_knock_opens_the_destination_for_the_knocker_only(server,
         knock(server.sandbox, client, *SEQUENCE)
         assert reaches(client, internal.address) and reaches(client, client.server_address, 2222), server.log_text()
     assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+
+
+WARNING = "nfknock's rules were changed"
+GATEWAY_DAMAGE = {
+    "flush FORWARD": ["-F", "FORWARD"],
+    "flush NFKNOCK-FWD": ["-F", "NFKNOCK-FWD"],
+    "flush nat": ["-t", "nat", "-F"],
+    "delete the PREROUTING jump": ["-t", "nat", "-D", "PREROUTING", "-j", "NFKNOCK-NAT"],
+}
+
+
+@pytest.mark.parametrize("operation", list(GATEWAY_DAMAGE))
+def test_a_gateway_chain_taken_away_alone_comes_back(server, internal, alice, mallory, operation):
+    """Only a gateway chain or its jump goes (ufw or docker rewriting FORWARD, `iptables -t nat
+    -F`), the main chain stays: the watcher notices it, puts it back and says so, and then a
+    stranger gets nothing new through while the knocker still does."""
+    server.write_rules(gateway_rules(internal))
+    server.start()
+    assert not reaches(mallory, internal.address)
+    knock(server.sandbox, alice, *SEQUENCE)
+    held = reach(alice, alice.server_address, 2222)
+    assert held is not None, server.log_text()
+    try:
+        tool = f"iptables-{server.flavour}"
+        server.sandbox.run(server.sandbox.server, [tool, *GATEWAY_DAMAGE[operation]], check=True)
+        line = server.wait_log(WARNING, timeout=10)
+        assert "NFKNOCK-FWD" in line or "NFKNOCK-NAT" in line, line
+        listing = server.sandbox.run(server.sandbox.server, [tool, "-S", "FORWARD"], check=True).stdout
+        assert "-A FORWARD -j NFKNOCK-FWD" in listing.splitlines()
+        nat = server.sandbox.run(server.sandbox.server, [tool, "-t", "nat", "-S"], check=True).stdout
+        assert "-A PREROUTING -j NFKNOCK-NAT" in nat.splitlines() and "DNAT" in nat
+        assert not reaches(mallory, internal.address) and not reaches(mallory, mallory.server_address, 2222)
+        assert reaches(alice, internal.address), server.log_text()
+        assert reaches(alice, alice.server_address, 2222), server.log_text()
+        held.sendall(b"ping\n")
+        assert held.recv(64) == b"ping\n"  # the established session lives on
+    finally:
+        held.close()
+    assert len([line for line in server.log_text().splitlines() if WARNING in line]) == 1
