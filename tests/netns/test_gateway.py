@@ -240,3 +240,20 @@ def test_a_gateway_chain_taken_away_alone_comes_back(server, internal, alice, ma
     finally:
         held.close()
     assert len([line for line in server.log_text().splitlines() if WARNING in line]) == 1
+
+
+def test_broken_rules_and_no_last_good_keep_the_destinations_closed(server, internal, alice, mallory):
+    """At boot, rules that do not load and no last good copy: the destinations the broken file
+    still names are closed too (routed and published), not only the host's protected ports."""
+    assert reaches(mallory, internal.address) and reaches(mallory, internal.address6, family=6)
+    broken = gateway_rules(internal).replace("7003]", "7003")  # an edit never reloaded
+    server.write_rules(broken + "    protect: [22/tcp]\n")
+    server.start(expect_ready=False)
+    assert server.process.wait(30) == 2
+    said = server.process.stderr.read()
+    assert f"{internal.address}:22/tcp" in said and "closed" in said, said
+    knock(server.sandbox, alice, *SEQUENCE)
+    for client in (alice, mallory):
+        assert not reaches(client, internal.address), server.iptables()
+        assert not reaches(client, internal.address6, family=6)
+        assert not reaches(client, client.server_address, 2222)
