@@ -260,16 +260,17 @@ class Guard:
             now = self.probe.view(family, table, chain, HOOKS[builtin])
             if before is not None and now is not None and now.table == before.table:
                 continue
+            whats = []
             if now is None or now.chain is None:
-                what = f"chain {chain} deleted"
+                whats.append(f"chain {chain} deleted")
             elif before is not None and now.chain != before.chain:
-                what = f"rules of {chain} changed"
-            elif now.jumps == 0:
-                what = f"the jump from {builtin} to {chain} deleted"
-            else:
+                whats.append(f"rules of {chain} changed")
+            if now is not None and now.chain is not None and now.jumps == 0:
+                whats.append(f"the jump from {builtin} to {chain} deleted")
+            if not whats:
                 self._gateway_baseline[(family, chain)] = now  # a change elsewhere in the table
                 continue
-            found.append(Damage(family, what, False, False, gateway=chain))
+            found.append(Damage(family, ", ".join(whats), False, False, gateway=chain))
         return found
 
     # -- repair ----------------------------------------------------------------------------
@@ -280,7 +281,11 @@ class Guard:
         main = {family: hurt for family, hurt in damage.items() if hurt.chain or hurt.jump}
         failures = self._put_back(main) if main else []
         if not failures:
-            failures = self._gateway_back()
+            # The main chain gone: what removed it (a flush, a restore) took the gateway chains
+            # too, all of them go back. Only gateway chains hurt: those alone (fewer forks).
+            hurt_chains = {(family, c) for family, hurt in damage.items() for c in hurt.gateway.split(",") if c}
+            only = None if main else hurt_chains
+            failures = self._gateway_back(only)
         recreated = False
         if failures:  # a set the rules name may be gone too: make everything again, then the rules
             try:
@@ -336,16 +341,21 @@ class Guard:
             self._baseline = self._look()
         return failures
 
-    def _gateway_back(self) -> list[str]:
-        """The gateway doors' chains (FORWARD and nat, docs/gateway.md), put back whole once the
-        main chain is: what removed that (a flush, a table restore) took them too. They are not
-        watched on their own. Failures: the slow path (_rebuild) follows."""
+    def _gateway_back(self, only: set[tuple[int, str]] | None = None) -> list[str]:
+        """The gateway doors' chains (FORWARD and nat, docs/gateway.md) put back: all of them
+        (after the main chain's repair), or `only` those (family, chain). Failures: the slow
+        path (_rebuild) follows."""
         gateway = getattr(self.plan, "gateway", None)
         apply = getattr(self.firewall, "apply_gateway", None)
         if gateway is None or gateway.empty or apply is None:
             return []
         try:
-            apply(self.plan)
+            if only is None:
+                apply(self.plan)
+            else:
+                assert self.plan is not None
+                for family, chain in sorted(only):
+                    self.firewall.apply_gateway_chain(self.plan, family, chain)
         except Exception as exc:  # noqa: BLE001 - the rebuild follows, and logs it if that fails too
             return [f"gateway chains: {exc}"]
         if self.events is not None:

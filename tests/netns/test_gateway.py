@@ -228,6 +228,7 @@ def test_a_gateway_chain_taken_away_alone_comes_back(server, internal, alice, ma
         tool = f"iptables-{server.flavour}"
         server.sandbox.run(server.sandbox.server, [tool, *GATEWAY_DAMAGE[operation]], check=True)
         line = server.wait_log(WARNING, timeout=10)
+        print(f"{server.flavour} {operation}: {line.split(WARNING, 1)[1]}")  # how long the repair took
         assert "NFKNOCK-FWD" in line or "NFKNOCK-NAT" in line, line
         listing = server.sandbox.run(server.sandbox.server, [tool, "-S", "FORWARD"], check=True).stdout
         assert "-A FORWARD -j NFKNOCK-FWD" in listing.splitlines()
