@@ -258,12 +258,15 @@ class Guard:
             if not full and before is not None and self.probe.info(family, table) == before.info:
                 continue
             now = self.probe.view(family, table, chain, HOOKS[builtin])
-            if before is not None and now is not None and now.table == before.table:
+            if before is None:  # not readable when we left it (no such table here): nothing to compare
+                self._gateway_baseline[(family, chain)] = now
+                continue
+            if now is not None and now.table == before.table:
                 continue
             whats = []
             if now is None or now.chain is None:
                 whats.append(f"chain {chain} deleted")
-            elif before is not None and now.chain != before.chain:
+            elif now.chain != before.chain:
                 whats.append(f"rules of {chain} changed")
             if now is not None and now.chain is not None and now.jumps == 0:
                 whats.append(f"the jump from {builtin} to {chain} deleted")
