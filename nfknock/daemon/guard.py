@@ -25,8 +25,18 @@ from typing import Any
 
 from ..firewall.backend import PerFamily
 from ..firewall.granted import GrantedSets
-from ..firewall.plan import CHAIN, Plan
-from ..firewall.watch import Damage, LegacyProbe, LegacyView, NftEvents, Restorer, legacy_repair, nft_repair
+from ..firewall.plan import CHAIN, FORWARD_CHAIN, NAT_CHAIN, Plan
+from ..firewall.watch import (
+    GATEWAY,
+    HOOKS,
+    Damage,
+    LegacyProbe,
+    LegacyView,
+    NftEvents,
+    Restorer,
+    legacy_repair,
+    nft_repair,
+)
 
 POLL_EVERY = 0.02  # seconds between looks at the legacy tables' headers (writers that skip the lock file)
 FULL_EVERY = 10  # every this many looks, the whole tables (a rule replaced by one of the same size)
@@ -66,6 +76,7 @@ class Guard:
         self.probe: LegacyProbe | None = probe
         self.restorers: dict[int, Restorer] = {}
         self._baseline: dict[int, LegacyView | None] = {}  # legacy: the tables as we left them
+        self._gateway_baseline: dict[tuple[int, str], LegacyView | None] = {}  # (family, gateway chain)
         self._next_poll = 0.0
         self._polls = 0
         self._retry: dict[int, Damage] = {}
@@ -110,6 +121,7 @@ class Guard:
             self._warm_up(plan)
         else:
             self._baseline = self._look()
+            self._gateway_baseline = self._gateway_look()
             self._warm_up(plan)
 
     def _warm_up(self, plan: Plan) -> None:
@@ -150,11 +162,19 @@ class Guard:
                 full = ran or self._polls % FULL_EVERY == 0
                 for family, hurt in self._legacy_damage(full).items():
                     damage.setdefault(family, []).append(hurt)
+                for hurt in self._legacy_gateway_damage(full):
+                    damage.setdefault(hurt.family, []).append(hurt)
         if self._retry_at is not None and now >= self._retry_at:
             for family, hurt in self._retry.items():
                 damage.setdefault(family, []).append(hurt)
         wanted = {family for family, specs in self.plan.items() if specs}
-        merged = {family: _merge(hurts) for family, hurts in damage.items() if family in wanted}
+        gated = self._gateway_chains()
+        damage = {
+            family: [hurt for hurt in hurts if not hurt.gateway or (family, hurt.gateway) in gated]
+            for family, hurts in damage.items()
+        }
+        wanted |= {family for family, _ in gated}
+        merged = {family: _merge(hurts) for family, hurts in damage.items() if family in wanted and hurts}
         if merged:
             self._repair(merged, by, started, now)
 
@@ -203,14 +223,72 @@ class Guard:
             found[family] = Damage(family, what, chain=chain, jump=jump)
         return found
 
+    # -- gateway chains ----------------------------------------------------------------------
+
+    def _gateway_chains(self) -> set[tuple[int, str]]:
+        """(family, chain) of each gateway chain the plan installs (docs/gateway.md)."""
+        gateway = getattr(self.plan, "gateway", None)
+        if gateway is None:
+            return set()
+        return {
+            (family, chain)
+            for chain, specs in ((FORWARD_CHAIN, gateway.forward), (NAT_CHAIN, gateway.nat))
+            for family, rules in specs.items()
+            if rules
+        }
+
+    def _gateway_look(self) -> dict[tuple[int, str], LegacyView | None]:
+        """Legacy: each gateway chain of the plan and the jumps to it, as the kernel has them."""
+        assert self.probe is not None
+        tables = {chain: (table, builtin) for (table, chain), builtin in GATEWAY.items()}
+        looks = {}
+        for family, chain in self._gateway_chains():
+            table, builtin = tables[chain]
+            looks[(family, chain)] = self.probe.view(family, table, chain, HOOKS[builtin])
+        return looks
+
+    def _legacy_gateway_damage(self, full: bool) -> list[Damage]:
+        """Legacy: the gateway chains that are gone, changed or no longer jumped to, as for the
+        main chain (`_legacy_damage`), each table's header first unless `full`."""
+        assert self.probe is not None
+        tables = {chain: (table, builtin) for (table, chain), builtin in GATEWAY.items()}
+        found = []
+        for (family, chain), before in self._gateway_baseline.items():
+            table, builtin = tables[chain]
+            if not full and before is not None and self.probe.info(family, table) == before.info:
+                continue
+            now = self.probe.view(family, table, chain, HOOKS[builtin])
+            if before is None:  # not readable when we left it (no such table here): nothing to compare
+                self._gateway_baseline[(family, chain)] = now
+                continue
+            if now is not None and now.table == before.table:
+                continue
+            whats = []
+            if now is None or now.chain is None:
+                whats.append(f"chain {chain} deleted")
+            elif now.chain != before.chain:
+                whats.append(f"rules of {chain} changed")
+            if now is not None and now.chain is not None and now.jumps == 0:
+                whats.append(f"the jump from {builtin} to {chain} deleted")
+            if not whats:
+                self._gateway_baseline[(family, chain)] = now  # a change elsewhere in the table
+                continue
+            found.append(Damage(family, ", ".join(whats), False, False, gateway=chain))
+        return found
+
     # -- repair ----------------------------------------------------------------------------
 
     def _repair(self, damage: dict[int, Damage], by: str, started: float, now: float) -> None:
         assert self.plan is not None
         self._closed_at = None
-        failures = self._put_back(damage)
+        main = {family: hurt for family, hurt in damage.items() if hurt.chain or hurt.jump}
+        failures = self._put_back(main) if main else []
         if not failures:
-            failures = self._gateway_back()
+            # The main chain gone: what removed it (a flush, a restore) took the gateway chains
+            # too, all of them go back. Only gateway chains hurt: those alone (fewer forks).
+            hurt_chains = {(family, c) for family, hurt in damage.items() for c in hurt.gateway.split(",") if c}
+            only = None if main else hurt_chains
+            failures = self._gateway_back(only)
         recreated = False
         if failures:  # a set the rules name may be gone too: make everything again, then the rules
             try:
@@ -266,22 +344,28 @@ class Guard:
             self._baseline = self._look()
         return failures
 
-    def _gateway_back(self) -> list[str]:
-        """The gateway doors' chains (FORWARD and nat, docs/gateway.md), put back whole once the
-        main chain is: what removed that (a flush, a table restore) took them too. They are not
-        watched on their own. Failures: the slow path (_rebuild) follows."""
+    def _gateway_back(self, only: set[tuple[int, str]] | None = None) -> list[str]:
+        """The gateway doors' chains (FORWARD and nat, docs/gateway.md) put back: all of them
+        (after the main chain's repair), or `only` those (family, chain). Failures: the slow
+        path (_rebuild) follows."""
         gateway = getattr(self.plan, "gateway", None)
         apply = getattr(self.firewall, "apply_gateway", None)
         if gateway is None or gateway.empty or apply is None:
             return []
         try:
-            apply(self.plan)
+            if only is None:
+                apply(self.plan)
+            else:
+                assert self.plan is not None
+                for family, chain in sorted(only):
+                    self.firewall.apply_gateway_chain(self.plan, family, chain)
         except Exception as exc:  # noqa: BLE001 - the rebuild follows, and logs it if that fails too
             return [f"gateway chains: {exc}"]
         if self.events is not None:
             self.events.discard()  # our own changes
         else:
             self._baseline = self._look()
+            self._gateway_baseline = self._gateway_look()
         return []
 
     def _rebuild(self) -> bool:
@@ -294,6 +378,7 @@ class Guard:
             self.events.discard()
         else:
             self._baseline = self._look()
+            self._gateway_baseline = self._gateway_look()
         self.refill()
         self.sets_recreated()
         return missing
@@ -303,7 +388,8 @@ def _merge(hurts: list[Damage]) -> Damage:
     """One family's damage in one line: a deleted table says it all."""
     whats = list(dict.fromkeys(hurt.what for hurt in hurts))
     whats = [what for what in whats if what.startswith("table ")] or whats
-    return Damage(hurts[0].family, ", ".join(whats), any(h.chain for h in hurts), any(h.jump for h in hurts))
+    gateway = ",".join(dict.fromkeys(hurt.gateway for hurt in hurts if hurt.gateway))
+    return Damage(hurts[0].family, ", ".join(whats), any(h.chain for h in hurts), any(h.jump for h in hurts), gateway)
 
 
 def start_guard(

@@ -11,8 +11,10 @@ doors of that copy. The next reload that loads the rules ends it.
 
 With no copy (the first start, or no --state-dir), the daemon installs rules that only close: every
 port the broken files still let us read as protected gets the scaffolding's established/sessions
-rules and a DROP, no door, no queue; then it exits 2 with the problems and what it did, one line
-each (the unit fails, which an admin sees). When not even one protected port can be read, nothing
+rules and a DROP, no door, no queue, and so does every destination behind this host that they
+still name (a gateway door's `forward` and `publish` targets: established accepted, the rest
+dropped in the FORWARD chain, no DNAT); then it exits 2 with the problems and what it did, one line
+each (the unit fails, which an admin sees). When not even one port or destination can be read, nothing
 is installed and it exits as before.
 
 The copy (`last-good.json`, 0600, written atomically in the root-only state directory) holds the
@@ -47,7 +49,9 @@ from .rulescopy import (  # noqa: F401 - re-exported: the copy's API
     FILE_NAME,
     LastGoodError,
     Store,
+    closed_gated_plan,
     closed_plan,
+    readable_destinations,
     readable_ports,
     reason_of,
     when_saved,
@@ -192,13 +196,14 @@ def starting_rules(
     # From here the start fails: the CLI prints these lines (stderr: the journal under systemd),
     # as it always printed the problems of rules that do not load; nothing is logged twice.
     ports = readable_ports(rules_path)
-    shown = ", ".join(f"{port}/{proto}" for proto, port in ports)
-    if not ports:
+    destinations = readable_destinations(rules_path)  # a gateway door's, docs/gateway.md
+    shown = ", ".join([*(f"{port}/{proto}" for proto, port in ports), *map(str, destinations)])
+    if not ports and not destinations:
         raise RulesError(
             [*error.lines, f"no last good rules ({why_not}) and no protected port readable: nothing installed"]
         )
     try:
-        close(closed_plan(ports, queue_num, pass_mark))
+        close(closed_gated_plan(ports, destinations, queue_num, pass_mark))
     except Exception as exc:  # noqa: BLE001 - said, and the start fails anyway
         raise RulesError(
             [*error.lines, f"no last good rules ({why_not}); could not install rules closing {shown}: {reason_of(exc)}"]

@@ -12,6 +12,8 @@ import re
 import shutil
 import stat
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,9 @@ import yaml
 
 from ..doors import yamlsafe
 from ..doors.first_steps import MarkHistory, decide
-from ..doors.rules import KEY_SUFFIX, Door, RotatingDoor, Ruleset, SpaDoor
+from ..doors.rules import KEY_SUFFIX, Destination, Door, RotatingDoor, Ruleset, SpaDoor
 from ..errors import RulesError
-from ..firewall.plan import Plan, scaffolding
+from ..firewall.plan import FORWARD_CHAIN, GatedPlan, GatewayPlan, Plan, RuleSpec, scaffolding, with_gateway
 from ..loading import MAX_RULES_BYTES, MAX_SECRET_BYTES, load_rules, rule_files
 from ..trust import why_unsafe
 
@@ -222,6 +224,68 @@ def readable_ports(rules_path: Path) -> tuple[tuple[str, int], ...]:
         for item in _protect_in_text(text):
             _add_port(found, item)
     return tuple(found)
+
+
+_DESTINATION = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|\b[0-9]+(?:\.[0-9]+){3}):[0-9]+(?:/[A-Za-z]+)?")
+
+
+def readable_destinations(rules_path: Path) -> tuple[Destination, ...]:
+    """Every destination behind this host (a gateway door's `forward` entries and `publish`
+    targets, docs/gateway.md) that the files at `rules_path` name, as far as they can be read,
+    as `readable_ports` reads the protected ports: from the parsed YAML, and from the `forward:`
+    and `to:` text when it does not parse. A `to:` that names no protocol is closed for tcp and
+    udp alike (its port's protocol may be unreadable): closing more is the safe side. Never
+    raises; () when nothing is read."""
+    found: dict[Destination, None] = {}
+    try:
+        files = rule_files(rules_path)
+    except RulesError:
+        return ()
+    for file in files:
+        try:
+            text = _read_text(file, MAX_RULES_BYTES)
+        except (OSError, ValueError):
+            continue
+        lines = [line.split("#", 1)[0] for line in text.splitlines()]
+        items: list[str] = []
+        for number, line in enumerate(lines):
+            if re.search(r"\bforward\s*:", line):
+                items += _DESTINATION.findall(line)
+                for following in lines[number + 1 :]:  # a block list under it
+                    if not re.match(r"^\s*-\s*\S", following):
+                        break
+                    items += _DESTINATION.findall(following)
+            for to in re.findall(r"\bto\s*:\s*[\"']?([^\s,}\"']+)", line):
+                items += _DESTINATION.findall(to)
+        for item in items:
+            protos = ("tcp", "udp") if "/" not in item else ("",)
+            for proto in protos:
+                try:
+                    found[Destination.model_validate(f"{item}/{proto}" if proto else item)] = None
+                except ValueError:
+                    continue
+    return tuple(found)
+
+
+def closed_gateway(destinations: Iterable[Destination]) -> GatewayPlan:
+    """Gateway scaffolding that only closes `destinations` (pure): their established traffic
+    accepted, everything else to them dropped, no queue, no DNAT (a published port then leads
+    nowhere), as closed_plan does for the host's own ports."""
+    forward: dict[int, list[RuleSpec]] = {4: [], 6: []}
+    for dest in dict.fromkeys(destinations):
+        address = f"{dest.host}/{32 if dest.family == 4 else 128}"
+        drop = RuleSpec("DROP", dest.proto, dest.port, chain=FORWARD_CHAIN, destination=address)
+        forward[dest.family] += [replace(drop, target="ACCEPT", ctstate="RELATED,ESTABLISHED"), drop]
+    return GatewayPlan(forward, {4: [], 6: []})
+
+
+def closed_gated_plan(
+    ports: tuple[tuple[str, int], ...], destinations: tuple[Destination, ...], queue_num: int, pass_mark: int
+) -> Plan | GatedPlan:
+    """closed_plan, carrying closed_gateway when there are destinations to close (none: a plain
+    plan, which leaves gateway chains already in the kernel, closed without a daemon, alone)."""
+    chains = closed_plan(ports, queue_num, pass_mark)
+    return with_gateway(chains, closed_gateway(destinations)) if destinations else chains
 
 
 def _protect_in_text(text: str) -> list[str]:

@@ -602,15 +602,19 @@ class Engine:
 
     # -- operator actions (the control socket) --------------------------------------------
 
-    def grant(self, src: str, door: str, seconds: float, now: float, ports=None, key: str | None = None) -> float:
+    def grant(
+        self, src: str, door: str, seconds: float, now: float, ports=None, key: str | None = None, dests=()
+    ) -> float:
         """Break-glass (or a fleet member's grant): let `src` open new connections through
         `door` for `seconds` (the table keeps deadline order, so it expires on time even before
-        older grants). A fleet member's SPA grant holds only `ports` and names the `key`."""
+        older grants). A fleet member's SPA grant holds only `ports` and `dests` (an SPA NAT
+        grant's destinations, docs/gateway.md) and names the `key`."""
         state = self._doors.get(door)
         if state is None:
             raise KeyError(door)
         until = now + seconds
-        state.grants.put(src, until, None if ports is None else SpaGrant(frozenset(ports), key or "", seconds))
+        spa = None if ports is None else SpaGrant(frozenset(ports), key or "", seconds, frozenset(dests))
+        state.grants.put(src, until, spa)
         return until
 
     def claimed(self, claim: ClaimNeeded, answer: str, now: float, detail: str = "") -> list[Event]:

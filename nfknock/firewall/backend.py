@@ -76,6 +76,14 @@ class PerFamily:
                 self._gateway(family, FORWARD_CHAIN, gateway.forward.get(family) or None)
                 self._gateway(family, NAT_CHAIN, gateway.nat.get(family) or None)
 
+    def apply_gateway_chain(self, plan: Plan, family: int, chain: str) -> None:
+        """One gateway chain of `plan` and its jump, in one family (the scaffolding watcher's
+        repair of what another program took away: the others are left as they are)."""
+        gateway = getattr(plan, "gateway", None)
+        if gateway is not None:
+            specs = (gateway.forward if chain == FORWARD_CHAIN else gateway.nat).get(family)
+            self._gateway(family, chain, specs or None)
+
     def set_runner(self) -> Callable:
         return subprocess.run
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from .nft import TOOLS, describe_failure, restore_script
-from .plan import CHAIN, RuleSpec
+from .plan import CHAIN, FORWARD_CHAIN, NAT_CHAIN, RuleSpec
 
 # -- nf_tables notifications ---------------------------------------------------------------
 
@@ -58,6 +58,12 @@ TABLE = "filter"
 RCVBUF = 8 << 20  # a flush of a large ruleset is one message per rule: room for it
 # The jump from INPUT, as a verdict attribute in a rule's expressions: NFTA_VERDICT_CHAIN "NFKNOCK".
 _JUMP_ATTR = struct.pack("=HH", 4 + len(CHAIN) + 1, 2) + CHAIN.encode() + b"\0"
+# The gateway doors' chains (docs/gateway.md): (table, chain) -> the built-in chain that jumps to it.
+GATEWAY = {("filter", FORWARD_CHAIN): "FORWARD", ("nat", NAT_CHAIN): "PREROUTING"}
+
+
+def _jump_attr(chain: str) -> bytes:
+    return struct.pack("=HH", 4 + len(chain) + 1, 2) + chain.encode() + b"\0"
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Damage:
     what: str  # for the log: "table filter deleted", "NFKNOCK flushed or altered", ...
     chain: bool  # our chain's content is gone or changed
     jump: bool  # the jump from INPUT is gone
+    gateway: str = ""  # the gateway chain (NFKNOCK-FWD, NFKNOCK-NAT) gone or changed, or whose jump is gone
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,9 @@ def parse_messages(data: bytes, own_pids: set[int]) -> tuple[list[Damage], list[
 
 
 def _damage(msg: int, family: int, attrs: dict[int, bytes]) -> Damage | None:
+    gateway = _gateway_damage(msg, family, attrs)
+    if gateway is not None:
+        return gateway
     if msg in (NFT_MSG_DELTABLE, NFT_MSG_DESTROYTABLE):
         if _text(attrs.get(1, b"")) == TABLE:
             return Damage(family, f"table {TABLE} deleted", chain=True, jump=True)
@@ -153,6 +163,28 @@ def _damage(msg: int, family: int, attrs: dict[int, bytes]) -> Damage | None:
             return Damage(family, f"rules of {CHAIN} changed", chain=True, jump=False)
         if chain == "INPUT" and msg != NFT_MSG_NEWRULE and _JUMP_ATTR in attrs.get(4, b""):
             return Damage(family, f"the jump from INPUT to {CHAIN} deleted", chain=False, jump=True)
+    return None
+
+
+def _gateway_damage(msg: int, family: int, attrs: dict[int, bytes]) -> Damage | None:
+    """A change to a gateway chain or to the jump to it: the nat table deleted, a gateway chain
+    deleted or its rules changed, the jump from FORWARD or PREROUTING deleted. (The filter
+    table's deletion is the main chain's damage, whose repair puts the gateway chains back too.)
+    Whether the plan has such a chain at all is the guard's business."""
+    table = _text(attrs.get(1, b""))
+    if msg in (NFT_MSG_DELTABLE, NFT_MSG_DESTROYTABLE):
+        return Damage(family, "table nat deleted", False, False, gateway=NAT_CHAIN) if table == "nat" else None
+    for (where, chain), builtin in GATEWAY.items():
+        if table != where:
+            continue
+        if msg in (NFT_MSG_DELCHAIN, NFT_MSG_DESTROYCHAIN) and _text(attrs.get(3, b"")) in (chain, builtin):
+            return Damage(family, f"chain {_text(attrs.get(3, b''))} deleted", False, False, gateway=chain)
+        if msg in (NFT_MSG_NEWRULE, NFT_MSG_DELRULE, NFT_MSG_DESTROYRULE):
+            name = _text(attrs.get(2, b""))
+            if name == chain:
+                return Damage(family, f"rules of {chain} changed", False, False, gateway=chain)
+            if name == builtin and msg != NFT_MSG_NEWRULE and _jump_attr(chain) in attrs.get(4, b""):
+                return Damage(family, f"the jump from {builtin} to {chain} deleted", False, False, gateway=chain)
     return None
 
 
@@ -425,6 +457,7 @@ LAYOUT = {4: (88, 90, 92, 96), 6: (140, 142, 144, 152)}
 COUNTERS = 16
 TARGET_HEADER = 32  # struct xt_entry_target: target_size, name[29], revision; then its data
 LOCAL_IN = 1  # NF_INET_LOCAL_IN: INPUT's place in hook_entry and underflow
+HOOKS = {"PREROUTING": 0, "INPUT": LOCAL_IN, "FORWARD": 2}  # NF_INET_PRE_ROUTING, ..., NF_INET_FORWARD
 LEGACY_RESTORE = {4: "iptables-legacy-restore", 6: "ip6tables-legacy-restore"}
 LOCK_FILE = os.environ.get("XTABLES_LOCKFILE", "/run/xtables.lock")
 IN_CLOSE = 0x08 | 0x10  # IN_CLOSE_WRITE | IN_CLOSE_NOWRITE
@@ -486,7 +519,7 @@ class LegacyProbe:
                 pass
         return seen
 
-    def info(self, family: int) -> bytes | None:
+    def info(self, family: int, table: str = "filter") -> bytes | None:
         """The table's header alone (where each hook's rules start and end, how many rules, how
         many bytes): one system call, ~10 us; None: no legacy filter table. Most changes change
         it; a rule replaced by one of the same size does not (`view` sees that)."""
@@ -494,25 +527,29 @@ class LegacyProbe:
         if sock is None:
             return None
         level = SOL_IP if family == 4 else SOL_IPV6
-        info = ctypes.create_string_buffer(INFO.pack(b"filter", 0, *[0] * 5, *[0] * 5, 0, 0), INFO.size)
+        info = ctypes.create_string_buffer(INFO.pack(table.encode(), 0, *[0] * 5, *[0] * 5, 0, 0), INFO.size)
         if not _getsockopt(sock.fileno(), level, SO_GET_INFO, info):
             return None
         return info.raw
 
-    def view(self, family: int) -> LegacyView | None:
-        """The table as the kernel has it now (None: no legacy filter table)."""
+    def view(
+        self, family: int, table: str = "filter", chain: str = CHAIN, hook: int | None = None
+    ) -> LegacyView | None:
+        """The table as the kernel has it now (None: no such legacy table); `chain`: whose rules
+        and jumps from the built-in chain of `hook` (LOCAL_IN: INPUT) to report."""
         sock = self._socks.get(family)
-        raw = self.info(family)
+        raw = self.info(family, table)
         if sock is None or raw is None:
             return None
         level = SOL_IP if family == 4 else SOL_IPV6
         fields = INFO.unpack(raw)
         hook_entry, underflow, size = fields[2:7], fields[7:12], fields[-1]
         entries = ctypes.create_string_buffer(ENTRIES_HEADER + size)
-        struct.pack_into("=32sI", entries, 0, b"filter", size)
+        struct.pack_into("=32sI", entries, 0, table.encode(), size)
         if not _getsockopt(sock.fileno(), level, SO_GET_ENTRIES, entries):
             return None  # the table changed between the two calls: the next look sees it
-        return read_table(family, entries.raw[ENTRIES_HEADER:], hook_entry[LOCAL_IN], underflow[LOCAL_IN], raw)
+        hook = LOCAL_IN if hook is None else hook
+        return read_table(family, entries.raw[ENTRIES_HEADER:], hook_entry[hook], underflow[hook], raw, chain)
 
     def close(self) -> None:
         for sock in self._socks.values():
@@ -522,7 +559,9 @@ class LegacyProbe:
             self._inotify = -1
 
 
-def read_table(family: int, raw: bytes, input_first: int, input_last: int, info: bytes = b"") -> LegacyView:
+def read_table(
+    family: int, raw: bytes, input_first: int, input_last: int, info: bytes = b"", name: str = CHAIN
+) -> LegacyView:
     """Walk the rules of a table (struct ipt_entry / ip6t_entry, each followed by its matches and
     its target): zero what traffic and reachability change, find our chain (its rules follow an
     ERROR target that names it, up to the next ERROR target: the next chain's head or the end)
@@ -548,7 +587,7 @@ def read_table(family: int, raw: bytes, input_first: int, input_last: int, info:
     chain: bytes | None = None
     jumps = 0
     for index, (_, chain_name, first) in enumerate(heads):
-        if chain_name == CHAIN:
+        if chain_name == name:
             end = heads[index + 1][0] if index + 1 < len(heads) else len(blob)
             chain = bytes(blob[first:end])
             jumps = sum(1 for at, verdict in verdicts if input_first <= at <= input_last and verdict == first)

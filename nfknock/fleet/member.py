@@ -156,8 +156,9 @@ class FleetMember:
         until = wall + (deadline - now)
         self.origins.pop((src, door), None)
         ports, key = (None, None) if spa is None else (spa.ports, spa.key)
+        dests = frozenset() if spa is None else spa.dests  # an SPA NAT grant's (docs/gateway.md)
         base = self.link.last_seen  # no revocation after this was known here: it came before them
-        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key, base), until)
+        self._publish(Grant(_id(), self.member, self.instance, src, door, until, ports, key, base, dests), until)
 
     def _revoke(self, revoke: Revoke) -> None:
         """Kept (and refused to every grant it covers) before it is even published."""
@@ -338,16 +339,18 @@ class FleetMember:
         seconds = grant_seconds(entry, wall)
         if seconds <= 0:
             return set()
-        ports, key = entry.ports, entry.key
+        ports, key, dests = entry.ports, entry.key, entry.dests
         held = self.engine.grant_of(entry.src, door, now)
         if held is not None:  # never narrower or shorter than what this member holds already
             held_ports = None if held[1] is None else held[1].ports
             ports = None if held_ports is None or ports is None else held_ports | ports
-            if held[0] >= now + seconds and ports == held_ports:
+            held_dests = frozenset() if held[1] is None else held[1].dests
+            dests = dests | held_dests
+            if held[0] >= now + seconds and ports == held_ports and dests == held_dests:
                 return set()
             seconds = max(seconds, held[0] - now)
             key = key or (None if held[1] is None else held[1].key)
-        self.engine.grant(entry.src, door, seconds, now, ports, key)
+        self.engine.grant(entry.src, door, seconds, now, ports, key, dests)
         self.origins[(entry.src, door)] = entry.member
         self.log.info(
             "%s: %s: open, granted on fleet member %s%s (%.0fs left)",

@@ -88,7 +88,10 @@ def parse_key(text: str, where: str) -> bytes:
 class Grant:
     """`src` may open new connections through `door` until `until` (wall-clock seconds);
     `ports`: the (proto, port)s an SPA packet asked for, None for all the door protects; `key`:
-    whose SPA key opened it."""
+    whose SPA key opened it; `dests`: the (proto, address, port)s behind this host an SPA
+    NAT-access packet asked for (docs/gateway.md), empty for all other grants. A member of an
+    older version ignores `dests` and applies `ports` alone: an SPA NAT grant's ports are
+    empty, so there it opens nothing (never more than asked for)."""
 
     id: str
     member: str
@@ -99,6 +102,7 @@ class Grant:
     ports: frozenset[tuple[str, int]] | None = None
     key: str | None = None
     base: str = "0-0"  # the newest stream id the issuer had seen: it knew of no revocation after
+    dests: frozenset[tuple[str, str, int]] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,8 @@ class Signer:
                 "key": entry.key,
                 "base": entry.base,
             }
+            if entry.dests:  # absent otherwise: a grant without destinations signs as it always did
+                payload["dests"] = sorted([proto, host, port] for proto, host, port in entry.dests)
         else:
             payload |= {"kind": "revoke", "door": entry.door, "at": entry.at, "key": entry.key}
             if entry.pos is not None:
@@ -230,7 +236,8 @@ class Signer:
                 ports = _ports(payload["ports"])
                 until = _number(payload["until"])
                 base = check_stream_id(payload.get("base", "0-0"))
-                return Grant(*ids, src, _text(payload["door"]), until, ports, key, base)
+                dests = _dests(payload.get("dests"))
+                return Grant(*ids, src, _text(payload["door"]), until, ports, key, base, dests)
             if payload["kind"] == "revoke":
                 if (src is None) == (key is None):
                     raise ValueError("a revocation names a source or a key")
@@ -330,6 +337,25 @@ def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"expected a number, got {value!r:.40}")
     return float(value)
+
+
+MAX_DESTS = 32
+
+
+def _dests(value: Any) -> frozenset[tuple[str, str, int]]:
+    """A grant's destinations: [proto, address, port] each, the address as the engine writes it."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or len(value) > MAX_DESTS:
+        raise ValueError("dests must be a short list")
+    dests = set()
+    for item in value:
+        proto, host, port = item
+        address = ipaddress.ip_address(_text(host))
+        if proto not in ("tcp", "udp") or isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"bad destination {item!r:.60}")
+        dests.add((proto, str(address), port))
+    return frozenset(dests)
 
 
 def _ports(value: Any) -> frozenset[tuple[str, int]] | None:

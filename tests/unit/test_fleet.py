@@ -3,6 +3,7 @@ the fleet's answer, and members sharing grants, revocations and claims through a
 (fakeredis; the real-kernel tests use a real redis-server)."""
 
 import base64
+import json
 import logging
 import time
 
@@ -47,6 +48,9 @@ def spa_door(monkeypatch):
 
 def packet(port, src=ALICE, proto="tcp", payload=b""):
     return Packet(src, "10.0.0.1", proto, 33333, port, 0x02 if proto == "tcp" else 0, payload)
+
+
+INNER_SSH = ("tcp", "10.0.0.5", 22)
 
 
 # -- records -------------------------------------------------------------------------------
@@ -331,6 +335,42 @@ def test_run_refuses_bad_fleet_options_in_one_line_before_touching_anything(tmp_
         assert main(["run", "--rules", rules, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and said in err[0] and "hunter2" not in err[0], err
+
+
+def test_a_grant_signs_its_destinations_only_when_it_has_some():
+    """An SPA NAT grant carries its destinations (docs/gateway.md); any other grant signs as it
+    did before destinations existed, so a member of an older version reads it as it always did,
+    and reads an NAT grant as one with no port: it opens nothing there."""
+    signer = Signer(KEY, "nfknock")
+    plain = Grant("id1", "a", "i1", ALICE, "spaSSH", WALL + 30, frozenset({("tcp", 22)}), "alice")
+    assert b"dests" not in signer.sign(plain)
+    nat = Grant("id2", "a", "i1", ALICE, "spaSSH", WALL + 30, frozenset(), "alice", dests=frozenset({INNER_SSH}))
+    raw = signer.sign(nat)
+    assert signer.verify(raw) == nat and b'"dests":[["tcp","10.0.0.5",22]]' in raw
+    for bad in ([["tcp", "10.0.0.0/8", 22]], [["icmp", "10.0.0.5", 22]], [["tcp", "10.0.0.5", 0]], "x"):
+        forged = signer._seal("entry", {**json.loads(raw.partition(b".")[2]), "dests": bad})
+        with pytest.raises(Forged):
+            signer.verify(forged)
+
+
+def test_an_spa_nat_grant_opens_its_destination_on_every_member(fleet, monkeypatch):
+    encryption, mac = generate_keys()
+    monkeypatch.setenv("FLEETNAT_KEY_BASE64", encryption)
+    monkeypatch.setenv("FLEETNAT_HMAC_KEY_BASE64", mac)
+    gateway = SpaDoor.model_validate(
+        dict(kind="spa", name="spaGW", keys_env="FLEETNAT", forward=["10.0.0.5:22/tcp", "10.0.0.6:22/tcp"])
+    )
+    load_secrets(gateway)
+    a, b = fleet("a", (gateway,)), fleet("b", (gateway,))
+    payload = encode(gateway.keyring[0].keys, ALICE, [("tcp", 22)], time.time(), nat=("10.0.0.5", 22))
+    a.handle(packet(62201, proto="udp", payload=payload))
+    opened = a.until(lambda result: result[0], "got the claim's answer")[0]
+    a.fleet.on_events(opened, a.now, time.time())
+    b.until(lambda result: ALICE in result[1], "got the grant")
+    to = Packet(ALICE, "10.0.0.5", "tcp", 33333, 22, 0x02, forwarded=True)
+    assert b.engine.handle(to, b.now).verdict is Verdict.ACCEPT  # the destination it asked for
+    assert b.engine.handle(to._replace(dst="10.0.0.6"), b.now).verdict is Verdict.DROP  # not another
+    assert b.engine.handle(packet(22), b.now).verdict is Verdict.DROP  # nor a port of the host
 
 
 def test_spa_grants_travel_with_their_key_and_a_key_revoke_reaches_every_member(fleet, spa_door):

@@ -9,7 +9,7 @@ import pytest
 from nfknock.daemon import guard as guard_module
 from nfknock.daemon.guard import RETRY_EVERY, Guard
 from nfknock.firewall.backend import PerFamily
-from nfknock.firewall.plan import RuleSpec
+from nfknock.firewall.plan import FORWARD_CHAIN, NAT_CHAIN, GatewayPlan, RuleSpec, with_gateway
 from nfknock.firewall.watch import Changes, Damage
 
 PLAN = {4: [RuleSpec("DROP", proto="tcp", dport=22)], 6: [RuleSpec("DROP", proto="tcp", dport=22)]}
@@ -148,3 +148,22 @@ def test_a_repair_that_cannot_be_done_is_an_error_and_is_retried(caplog, repairs
     guard.step([], now=1.0 + RETRY_EVERY)  # the retry, with no new event
     assert guard.restored == 1
     assert guard.sleep(5.0) == float("inf")
+
+
+def test_a_gateway_chain_hurt_alone_puts_back_that_chain_only(caplog, repairs):
+    gated = with_gateway(
+        PLAN, GatewayPlan({4: [RuleSpec("DROP", "tcp", 22, chain=FORWARD_CHAIN)], 6: []}, {4: [], 6: []})
+    )
+    guard, events, firewall = make_guard(caplog)
+    chains = []
+    firewall.apply_gateway_chain = lambda plan, family, chain: chains.append((family, chain))
+    guard.applied(gated)
+    repairs.clear()
+    hurt = Damage(4, "the jump from FORWARD to NFKNOCK-FWD deleted", False, False, gateway=FORWARD_CHAIN)
+    ignored = Damage(6, "table nat deleted", False, False, gateway=NAT_CHAIN)  # no nat chain in the plan
+    events.changes_to_report.append(Changes((hurt, ignored), "pid 7 (ufw)"))
+    guard.step([99], now=1.0)
+    assert repairs == []  # the INPUT chain is intact: not re-written
+    assert chains == [(4, FORWARD_CHAIN)]
+    assert guard.restored == 1 and guard.last == "IPv4: the jump from FORWARD to NFKNOCK-FWD deleted"
+    assert "by pid 7 (ufw)" in caplog.text

@@ -13,7 +13,9 @@ from nfknock.daemon.lastgood import (
     FILE_NAME,
     LastGood,
     Store,
+    closed_gated_plan,
     closed_plan,
+    readable_destinations,
     readable_ports,
     starting_rules,
 )
@@ -284,6 +286,37 @@ def test_the_closed_plan_only_closes():
         assert "NFQUEUE" not in targets and targets[0] == "RETURN"  # the host's own (lo) first
         drops = [(spec.proto, spec.dport) for spec in plan[family] if spec.target == "DROP"]
         assert drops == [("tcp", 22), ("udp", 53)]
+
+
+def test_readable_destinations_of_a_broken_file(tmp_path):
+    write(
+        tmp_path / "r.yaml",
+        "doors:\n  - name: gw\n    sequence: [1, 2\n"
+        '    forward: [10.0.0.5:22/tcp, "[fd00::5]:22/tcp"]  # ssh\n'
+        "    publish: [{port: 2222/tcp, to: 10.0.0.7:22/tcp}, {port: 53/udp, to: '[fd00::7]:53'}]\n"
+        "  - name: b\n    forward:\n      - 10.0.0.9:53/udp\n      - 999.1.1.1:22\n    protect: [22]\n",
+    )
+    assert [str(dest) for dest in readable_destinations(tmp_path / "r.yaml")] == [
+        "10.0.0.5:22/tcp",
+        "[fd00::5]:22/tcp",
+        "10.0.0.7:22/tcp",
+        "[fd00::7]:53/tcp",  # no protocol named: both closed
+        "[fd00::7]:53/udp",
+        "10.0.0.9:53/udp",
+    ]
+    assert readable_destinations(tmp_path / "none") == ()
+
+
+def test_the_closed_plan_closes_destinations_without_queue_or_dnat(tmp_path):
+    write(tmp_path / "r.yaml", "doors:\n  - forward: [10.0.0.5:22/tcp, '[fd00::5]:22/udp']\n")
+    plan = closed_gated_plan((("tcp", 22),), readable_destinations(tmp_path / "r.yaml"), 7, 0x40000000)
+    assert [str(spec) for spec in plan.gateway.forward[4]] == [
+        "-A NFKNOCK-FWD -d 10.0.0.5/32 -p tcp -m tcp --dport 22 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A NFKNOCK-FWD -d 10.0.0.5/32 -p tcp -m tcp --dport 22 -j DROP",
+    ]
+    assert [spec.target for spec in plan.gateway.forward[6]] == ["ACCEPT", "DROP"]
+    assert not any(plan.gateway.nat.values())
+    assert not hasattr(closed_gated_plan((("tcp", 22),), (), 7, 0), "gateway")  # leaves the chains there alone
 
 
 def test_a_failed_save_is_a_warning_not_a_stop(host, caplog):

@@ -29,8 +29,8 @@ def newgen(pid: int, name: str = "nft", portid: int = 0) -> bytes:
     return raw[:12] + struct.pack("=I", portid) + raw[16:]
 
 
-def jump_rule_expressions() -> bytes:
-    verdict = attr(1, struct.pack(">i", -3)) + attr(2, text(CHAIN))  # NFT_JUMP to our chain
+def jump_rule_expressions(chain: str = CHAIN) -> bytes:
+    verdict = attr(1, struct.pack(">i", -3)) + attr(2, text(chain))  # NFT_JUMP to our chain
     data = attr(2 | 0x8000, attr(2 | 0x8000, verdict))
     element = attr(1 | 0x8000, attr(1, text("immediate")) + attr(2 | 0x8000, data))
     return attr(4 | 0x8000, element)
@@ -44,9 +44,10 @@ def test_a_flushed_ruleset_is_the_filter_table_deleted_in_both_families():
         + newgen(4242, "nft")
     )
     found, who, open_batch, committed = parse_messages(data, set())
-    assert {(d.family, d.what, d.chain, d.jump) for d in found} == {
-        (4, "table filter deleted", True, True),
-        (6, "table filter deleted", True, True),
+    assert {(d.family, d.what, d.chain, d.jump, d.gateway) for d in found} == {
+        (4, "table filter deleted", True, True, ""),
+        (6, "table filter deleted", True, True, ""),
+        (4, "table nat deleted", False, False, "NFKNOCK-NAT"),  # a gateway door's published ports
     }
     assert who == ["pid 4242 (nft)"]
     assert not open_batch and committed == [4242]
@@ -128,3 +129,18 @@ def test_a_refill_keeps_a_jump_that_is_still_there():
     assert "-I INPUT" not in first
     (only,) = repair_script(SPECS, Damage(4, "", chain=True, jump=False), None)  # legacy: one transaction
     assert only.splitlines()[2] == f"-D INPUT -j {CHAIN}" and only.splitlines()[-2] == f"-I INPUT 1 -j {CHAIN}"
+
+
+def test_a_gateway_chain_or_its_jump_deleted_is_gateway_damage_only():
+    forward = attr(1, text("filter")), attr(2, text("FORWARD"))
+    data = (
+        message(DELRULE, IPV4, *forward, jump_rule_expressions("NFKNOCK-FWD"))
+        + message(DELRULE, IPV4, *forward, jump_rule_expressions("DOCKER-USER"))  # not ours: no damage
+        + message(DELRULE, IPV6, attr(1, text("nat")), attr(2, text("NFKNOCK-NAT")))
+        + newgen(4242, "ufw")
+    )
+    found, _, _, _ = parse_messages(data, set())
+    assert {(d.family, d.what, d.chain, d.jump, d.gateway) for d in found} == {
+        (4, "the jump from FORWARD to NFKNOCK-FWD deleted", False, False, "NFKNOCK-FWD"),
+        (6, "rules of NFKNOCK-NAT changed", False, False, "NFKNOCK-NAT"),
+    }
