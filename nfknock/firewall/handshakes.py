@@ -13,6 +13,7 @@ a session the host already has (sessions.py). Connections already established ar
 
 from __future__ import annotations
 
+import itertools
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -20,6 +21,9 @@ from typing import Any
 from ..errors import FirewallError
 
 IPS_ASSURED = 1 << 2  # include/uapi/linux/netfilter/nf_conntrack_common.h
+# A start reads at most this many pending handshakes (Handshakes.pending): a SYN flood can leave
+# hundreds of thousands, and parsing each in Python would hold the start for minutes.
+SURVEY_LIMIT = 4096
 
 
 class Handshakes:
@@ -86,37 +90,56 @@ class Handshakes:
             self.close()
             raise FirewallError(f"cannot cut {src}'s pending handshakes in conntrack: {exc}") from None
 
-    def pending(self) -> list[tuple[str, str, int, int]]:
+    def pending(self, limit: int = SURVEY_LIMIT) -> list[tuple[str, str, int, int]]:
         """Every unassured TCP entry of this namespace as (source, local address, source port,
-        local port): the handshakes an earlier process may have let begin. One dump per family."""
+        local port): the handshakes an earlier process may have let begin. One dump per family.
+
+        At most `limit` entries are read: after a SYN flood conntrack may hold hundreds of
+        thousands of them, and parsing each in Python would hold a start for minutes (knocks
+        unanswered meanwhile). Beyond it, FirewallError: the cutter then walks the table at a
+        revoke, as it does when it knows nothing."""
         try:
             from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
             table = self._open()
             found = []
             for family in (socket.AF_INET, socket.AF_INET6):
-                for entry in self._unassured(table, NFCTAttrTuple(family=family, proto=socket.IPPROTO_TCP)):
+                wanted = NFCTAttrTuple(family=family, proto=socket.IPPROTO_TCP)
+                for entry in self._unassured(table, wanted, lazy=True):
                     if not entry.status & IPS_ASSURED:
                         orig = entry.tuple_orig
                         found.append((str(orig.saddr), str(orig.daddr), int(orig.sport), int(orig.dport)))
+                        if len(found) > limit:
+                            self.close()  # the rest of the dump stays unread
+                            raise FirewallError(
+                                f"conntrack holds more than {limit} pending handshakes (a SYN flood?): "
+                                "not read at start"
+                            )
             return found
+        except FirewallError:
+            raise
         except Exception as exc:
             self.close()
             raise FirewallError(f"cannot read conntrack's pending handshakes: {exc}") from None
 
-    def _unassured(self, table: Any, wanted: Any) -> Any:
+    def _unassured(self, table: Any, wanted: Any, lazy: bool = False) -> Any:
         """The source's TCP entries, only the unassured ones when the kernel can say (5.15+:
         status filter beside the tuple filter). A busy client's finished connections (TIME_WAIT,
         assured) then stay in the kernel instead of being parsed here one by one: a revoke of a
         source with a thousand of them cost ~60 ms of CPU in Python, holding the GIL."""
         if self._status_filter:
             try:
-                return list(table._generate_with_cleanup(_dump_unassured, table.asyncore, wanted))
+                entries = table._generate_with_cleanup(_dump_unassured, table.asyncore, wanted)
+                if lazy:  # the first entry is read here, so an old kernel's refusal is caught below
+                    first = next(entries, None)
+                    return iter(()) if first is None else itertools.chain((first,), entries)
+                return list(entries)
             except Exception as exc:
                 if getattr(exc, "code", None) not in (22, 95):  # EINVAL / EOPNOTSUPP: an older kernel
                     raise
                 self._status_filter = False
-        return list(table.dump_entries(tuple_orig=wanted))
+        entries = table.dump_entries(tuple_orig=wanted)
+        return entries if lazy else list(entries)
 
     def _open(self) -> Any:
         if self._table is None:

@@ -5,6 +5,8 @@ before the survey of what an earlier process let begin)."""
 
 import logging
 
+import pytest
+
 from nfknock.daemon.cutter import WINDOW, HandshakeCutter
 from nfknock.errors import FirewallError
 
@@ -93,3 +95,29 @@ def test_without_a_survey_every_revoke_walks_the_table_until_the_window_is_over(
     cutter.cut("10.0.0.9", {22}, now=100.0 + WINDOW - 1)
     assert fake.cuts == ["10.0.0.9"]
     assert cutter.cut("10.0.0.9", {22}, now=100.0 + WINDOW + 1) == 0
+
+
+def test_the_start_reads_a_bounded_number_of_pending_handshakes():
+    """After a SYN flood conntrack may hold hundreds of thousands of unfinished entries: the
+    survey stops after its limit (the cutter then walks the table at a revoke) instead of
+    parsing them all while no knock is answered."""
+    from types import SimpleNamespace
+
+    from nfknock.firewall.handshakes import Handshakes
+
+    read = []
+
+    def flood():
+        for n in range(100_000):
+            read.append(n)
+            orig = SimpleNamespace(
+                saddr=f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", daddr="10.0.0.1", sport=1024, dport=22
+            )
+            yield SimpleNamespace(status=0, tuple_orig=orig)
+
+    handshakes = Handshakes()
+    handshakes._open = lambda: object()  # type: ignore[method-assign]
+    handshakes._unassured = lambda table, wanted, lazy=False: flood()  # type: ignore[method-assign]
+    with pytest.raises(FirewallError, match="more than 50 pending handshakes"):
+        handshakes.pending(limit=50)
+    assert len(read) == 51  # the rest of the dump is never parsed
