@@ -13,6 +13,7 @@ pytestmark = pytest.mark.parametrize("server", ["legacy", "nft"], indirect=True)
 def scaffolding(family: int = 4) -> list[str]:
     granted, first = f"nfknock-q7-v{family}", f"nfknock-q7-tcp40000-v{family}"
     sessions, recent = f"nfknock-q7-s22-v{family}", f"nfknock-q7-recent-v{family}"
+    midway = f"nfknock-q7-midway-v{family}"
     return (
         [
             "-N NFKNOCK",
@@ -52,6 +53,10 @@ def scaffolding(family: int = 4) -> list[str]:
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {first} src -j MARK --set-xmark "
             "0x10000000/0x10000000",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --del-set {first} src",
+            # a marked second step notes its source as mid-attempt: only such sources (and granted or
+            # recent ones) are queued at the later steps and tripwires (docs/floods.md)
+            "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --add-set "
+            f"{midway} src --exist --timeout 15",
             "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j SET --add-set "
             f"{recent} src --exist --timeout 3",
             "-A NFKNOCK -p tcp -m tcp --dport 50000 -m mark --mark 0x10000000/0x10000000 -j NFQUEUE --queue-num 7",
@@ -59,13 +64,27 @@ def scaffolding(family: int = 4) -> list[str]:
             "--exist --timeout 3",
             f"-A NFKNOCK -p tcp -m tcp --dport 50000 -m set --match-set {granted} src -j NFQUEUE --queue-num 7",
             "-A NFKNOCK -p tcp -m tcp --dport 50000 -j DROP",
-            f"-A NFKNOCK -p tcp -m tcp --dport 60000 -j SET --add-set {recent} src --exist --timeout 3",
-            "-A NFKNOCK -p tcp -m tcp --dport 60000 -j NFQUEUE --queue-num 7",
         ]
         + [
+            rule
+            for gate, limit in ((granted, ""), (midway, ""), (recent, "-m limit --limit 100/sec --limit-burst 200 "))
+            for rule in (
+                f"-A NFKNOCK -p tcp -m tcp --dport 60000 -m set --match-set {gate} src {limit}-j SET --add-set "
+                f"{recent} src --exist --timeout 3",
+                f"-A NFKNOCK -p tcp -m tcp --dport 60000 -m set --match-set {gate} src {limit}-j NFQUEUE --queue-num 7",
+            )
+        ]
+        + ["-A NFKNOCK -p tcp -m tcp --dport 60000 -j DROP"]
+        + [
             f"-A NFKNOCK -p tcp -m tcp --dport {step - 16}:{step + 16} --tcp-flags FIN,SYN,RST,ACK SYN "
-            "-m conntrack --ctstate NEW -j NFQUEUE --queue-num 7"
+            f"-m conntrack --ctstate NEW {match}-j NFQUEUE --queue-num 7"
             for step in (40000, 50000, 60000)
+            for match in (
+                f"-m set --match-set {granted} src ",
+                f"-m set --match-set {midway} src ",
+                f"-m set --match-set {recent} src -m limit --limit 100/sec --limit-burst 200 ",
+                "-m limit --limit 50/sec --limit-burst 100 ",  # strangers' tripwire hits, bounded
+            )
         ]
     )
 
