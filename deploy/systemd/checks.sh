@@ -68,7 +68,7 @@ ok "sshd answers the client before nfknock is installed"
 cp "$old_deb" "$new_deb" /tmp/ && chmod 0644 /tmp/*.deb
 old=/tmp/$(basename "$old_deb") new=/tmp/$(basename "$new_deb")
 out=$(DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$old" 2>&1) || { echo "$out"; fail "apt install $old"; }
-echo "$out" | grep -q "nfknock: not started: no rules in /etc/nfknock/rules" || { echo "$out"; fail "postinst did not say why it did not start"; }
+grep -q "nfknock: not started: no rules in /etc/nfknock/rules" <<<"$out" || { echo "$out"; fail "postinst did not say why it did not start"; }
 for pkg in iptables ipset libnetfilter-queue1; do installed "$pkg" || fail "Depends did not bring $pkg"; done
 ok "apt installed $(basename "$old") and its Depends (iptables ipset libnetfilter-queue1)"
 # It carries its interpreter: no python3 on the host, and none in Depends that a release upgrade
@@ -80,11 +80,11 @@ ok "nfknock runs on the python it carries; Depends names no python3"
 # The checks' own probes (probe.py, watch.py, sniff.py) use Debian's python3: installed for them.
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 >/dev/null 2>&1 || fail "apt install python3 (for the probes)"
 sim=$(apt-get -s remove python3 python3-minimal "python3.$(python3 -c 'import sys; print(sys.version_info[1])')-minimal" 2>&1)
-echo "$sim" | grep -q '^Remv nfknock' && { echo "$sim"; fail "removing Debian's python3 would remove nfknock"; }
+grep -q "^Remv nfknock" <<<"$sim" && { echo "$sim"; fail "removing Debian's python3 would remove nfknock"; }
 ok "removing Debian's python3 (as a release upgrade replaces it) leaves nfknock installed (apt-get -s)"
 [ "$(command -v nfknock)" = /usr/bin/nfknock ] || fail "nfknock is not /usr/bin/nfknock on PATH"
 nfknock --version | grep -q '^nfknock ' || fail "nfknock --version"
-zcat /usr/share/man/man8/nfknock.8.gz | grep -q '^\.SS nfknock run' || fail "no nfknock(8)"
+grep -q '^\.SS nfknock run' <<<"$(zcat /usr/share/man/man8/nfknock.8.gz)" || fail "no nfknock(8)"  # no pipe: grep -q would SIGPIPE zcat under pipefail
 [ "$(stat -c %a /etc/nfknock)" = 700 ] && [ "$(stat -c %a /etc/nfknock/rules)" = 700 ] && [ "$(stat -c %a /var/lib/nfknock)" = 700 ] \
   || fail "/etc/nfknock, its rules and /var/lib/nfknock must be 0700"
 [ -f /etc/nfknock/rules/ssh.yaml.example ] && [ -f /etc/default/nfknock ] || fail "example rules or /etc/default/nfknock missing"
@@ -267,8 +267,8 @@ expect_chain_once "no last good rules: the ports of the broken file closed"
 expect_port closed "a host that never knocked, after a boot with a broken rules file and no last good rules"
 ok "no last good rules: the unit fails ($(prop ActiveState)/$(prop Result)), 22/tcp closed"
 # The journal: the daemon's own identifier, and priorities journalctl can filter on.
-journalctl -t nfknock -p err -o cat --no-pager | grep -q "do not load" || fail "journalctl -t nfknock -p err: no 'do not load' line"
-if journalctl -t nfknock -p warning -o cat --no-pager | grep -q "ready: pid"; then fail "an info line ('ready') at warning priority"; fi
+grep -q "do not load" <<<"$(journalctl -t nfknock -p err -o cat --no-pager)" || fail "journalctl -t nfknock -p err: no 'do not load' line"
+if grep -q "ready: pid" <<<"$(journalctl -t nfknock -p warning -o cat --no-pager)"; then fail "an info line ('ready') at warning priority"; fi
 ok "journalctl -t nfknock -p err shows why the rules do not load; info lines stay at info"
 cp /tmp/ssh.yaml.good /etc/nfknock/rules/ssh.yaml
 systemctl reset-failed nfknock 2>/dev/null || true
@@ -282,15 +282,15 @@ systemctl stop nfknock
 expect_chain_once "after stop (fail closed)"
 expect_port closed "after systemctl stop"
 journal=$(journalctl -u nfknock --no-pager)
-echo "$journal" | grep -q "ready: pid" || fail "journalctl -u nfknock shows no 'ready' line"
-if echo "$journal" | grep -q "Traceback"; then echo "$journal" | grep -B2 -A20 Traceback; fail "a traceback in the journal"; fi
+grep -q "ready: pid" <<<"$journal" || fail "journalctl -u nfknock shows no 'ready' line"
+if grep -q "Traceback" <<<"$journal"; then echo "$journal" | grep -B2 -A20 Traceback; fail "a traceback in the journal"; fi
 ok "journalctl -u nfknock: $(echo "$journal" | wc -l) lines, no traceback"
 
 # --- remove (as apt's resolver does in a release upgrade) leaves the rules and says so; purge removes
 # everything: config, state, last good rules and the rules a removal left --------------------------
 out=$(DEBIAN_FRONTEND=noninteractive apt-get remove -y nfknock 2>&1) || { echo "$out"; fail "apt remove"; }
 echo "$out" | grep "^nfknock:" || true
-echo "$out" | grep -q "nfknock's firewall rules STAY IN PLACE" || { echo "$out"; fail "remove did not say the rules stay"; }
+grep -q "nfknock's firewall rules STAY IN PLACE" <<<"$out" || { echo "$out"; fail "remove did not say the rules stay"; }
 expect_chain_once "after apt remove"
 expect_port closed "after apt remove (nothing opens it now)"
 [ -f /etc/nfknock/rules/ssh.yaml ] && [ -f /var/lib/nfknock/replay.json ] && [ -f /var/lib/nfknock/last-good.json ] \
