@@ -1143,6 +1143,10 @@ def ratio(report: dict, name: str, over: str, base: str) -> None:
     figures = report["figures"]
     runs_over, runs_base = figures[over]["runs"], figures[base]["runs"]
     pairs = [a / b for a, b in zip(runs_over, runs_base, strict=True) if b]
+    if not pairs:
+        # Every baseline run measured 0 (CPU time is counted in clock ticks): no ratio to give.
+        report["ratios"].pop(name, None)
+        return
     report["ratios"][name] = {
         "median": statistics.median(pairs),
         "min": min(pairs),
@@ -1164,6 +1168,8 @@ def render(report: dict) -> str:
         return f"{fig(name + '.baseline', fmt)} (baseline checkout)" if name + ".baseline" in f else ""
 
     def rat(name):
+        if name not in r:
+            return "— (baseline 0)"
         s = r[name]
         return f"{s['median']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
 

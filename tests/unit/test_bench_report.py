@@ -94,6 +94,22 @@ def test_no_ratio_between_figures_of_different_runs(run, report_mod):
     assert "established" not in mixed["ratios"]
 
 
+def test_a_baseline_measured_as_zero_gives_no_ratio_and_still_renders(run, report_mod):
+    # CPU time comes in clock ticks: a short run of cheap SYNs can measure 0 us on the single host.
+    report = one_run(
+        report_mod, "2026-12-03", {"fleet.cpu_per_syn.fleet": [100.0], "fleet.cpu_per_syn.single": [0.0]}
+    )
+    report["ratios"] = {}
+    run.add_ratios(report)
+    assert "fleet.cpu_per_syn" not in report["ratios"]
+    full = committed(run)
+    full["figures"]["fleet.cpu_per_syn.single"]["runs"] = [0.0]
+    full["ratios"] = {}
+    run.add_ratios(full)
+    assert "| fleet: CPU per SYN of a granted client, us |" in run.render(full)
+    assert "— (baseline 0)" in run.render(full)
+
+
 def test_the_block_is_replaced_whole(report_mod):
     text = f"intro\n{report_mod.BEGIN}\nold figures\n{report_mod.END}\nafter\n"
     replaced = report_mod.with_block(text, "new table\n")
