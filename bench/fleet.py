@@ -57,7 +57,7 @@ class FleetBench:
         self.tree = tree
         self.suffix = "" if tree is None else ".baseline"
         self.workdir.mkdir(parents=True)
-        (self.workdir / "rules").mkdir()
+        (self.workdir / "rules").mkdir(mode=0o700)
         (self.workdir / "rules" / "doors.yaml").write_text(RULES)
         self.key_file = self.workdir / "fleet.key"
         self.key_file.write_text(base64.b64encode(secrets.token_bytes(48)).decode())

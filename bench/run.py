@@ -139,7 +139,7 @@ class Bench:
         self.alice, self.bob = box.clients[0], box.clients[1]
         self.figures = Figures()
         self.rules = workdir / "rules"
-        self.rules.mkdir()
+        self.rules.mkdir(mode=0o700)  # whatever the umask: rules others may write to are warned about
         (self.rules / "doors.yaml").write_text(RULES)
         self.daemon_log = workdir / "nfknock.log"
         self.iptables = "iptables"  # the flavour nfknock picks by default (--firewall auto)

@@ -49,7 +49,9 @@ class SpaFlood:
         self.bench, self.sender, self.log = bench, sender, log
         self.box, self.alice, self.figures = bench.box, bench.alice, bench.figures
         self.workdir = bench.workdir / "spa_flood"
-        self.workdir.mkdir(exist_ok=True)
+        # 0700 whatever the umask: nfknock refuses keys under a directory others may write to
+        self.workdir.mkdir(mode=0o700, exist_ok=True)
+        self.workdir.chmod(0o700)
         self.trials = 4 if bench.smoke else 10
 
     def run(self, run: int) -> None:
@@ -151,6 +153,10 @@ class SpaFlood:
                     control.call(sock, {"cmd": "revoke", "address": self.alice.address})
                 still = flood.poll() is None
                 self.figures.add(f"spa_flood.{kind}.keys{count}.{who}", ok, f"of {self.trials}")
+                if not ok:  # say why, or the figure is a riddle
+                    self.log(
+                        "  the daemon's log ends:\n" + "".join(self.bench.daemon_log.read_text().splitlines(True)[-15:])
+                    )
                 self.log(
                     f"SPA flood run {run + 1}, {kind} junk, {count} key(s), {who} client: {ok}/{self.trials} got in"
                     f"{'' if still else ' (the flood ended early)'}"
@@ -171,7 +177,7 @@ class SpaFlood:
 
     def fwknopd(self, run: int, count: int, kind: str, payloads, pairs) -> None:
         directory = self.workdir / f"fwknopd{count}"
-        directory.mkdir(exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
         access = directory / "access.conf"
         access.write_text(
             "".join(
