@@ -141,7 +141,7 @@ class ReplayStoreSink:
         self.store, self.engine, self.granted, self.sinks, self.log = store, engine, granted, sinks, log
         self.last_word = last_word  # no claims directory and no fleet: this sink grants
         self.writer = DurableWriter(lambda entries: self.store.save(entries), wake)
-        self.waiting: list[tuple[int, ClaimNeeded]] = []
+        self.waiting: list[tuple[int, ClaimNeeded, Recorded | None]] = []
 
     def __call__(self, events: tuple, now: float) -> tuple:
         if not any(type(event) is Recorded for event in events):
@@ -150,22 +150,33 @@ class ReplayStoreSink:
         claims = [event for event in events if type(event) is ClaimNeeded]
         if not claims:
             return events  # records of refused packets: nothing waits for them
-        self.waiting += [(generation, claim) for claim in claims]
-        return tuple(event for event in events if type(event) is not ClaimNeeded)
+        # A claim's own record waits with it: passed on alone, the claims directory would write it
+        # as used (`ClaimsSink._record`), and the claim coming after would find it taken.
+        held = {claim.record for claim in claims}
+        records = {event.key: event for event in events if type(event) is Recorded and event.key in held}
+        self.waiting += [(generation, claim, records.get(claim.record)) for claim in claims]
+        return tuple(
+            event
+            for event in events
+            if type(event) is not ClaimNeeded and not (type(event) is Recorded and event.key in held)
+        )
 
     def step(self, now: float) -> None:
         """The loop's hook: answer the claims whose record is now durable (or failed)."""
         for generation, error in self.writer.finished():
             detail = ""
-            ready = [claim for wanted, claim in self.waiting if wanted <= generation]
-            self.waiting = [(wanted, claim) for wanted, claim in self.waiting if wanted > generation]
+            ready = [(claim, record) for wanted, claim, record in self.waiting if wanted <= generation]
+            self.waiting = [entry for entry in self.waiting if entry[0] > generation]
             if error is not None:
                 detail = f"cannot write the replay cache {self.store.path}: {getattr(error, 'strerror', None) or error}"
                 self.log.error("%s (a restart would forget what was used)", detail)
-            for claim in ready:
-                if error is None and not self.last_word:
-                    self.sinks.consume_after(self, (claim,), now)
-                    continue
+            for claim, record in ready:
+                if not self.last_word:
+                    if error is None:
+                        self.sinks.consume_after(self, (record, claim) if record else (claim,), now)
+                        continue
+                    if record is not None:  # refused here, still used for the other workers
+                        self.sinks.consume_after(self, (record,), now)
                 follow = self.engine.claimed(claim, "ours" if error is None else "unrecorded", now, detail)
                 if follow:
                     self.sinks.consume(follow, now)

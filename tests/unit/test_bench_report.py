@@ -96,9 +96,7 @@ def test_no_ratio_between_figures_of_different_runs(run, report_mod):
 
 def test_a_baseline_measured_as_zero_gives_no_ratio_and_still_renders(run, report_mod):
     # CPU time comes in clock ticks: a short run of cheap SYNs can measure 0 us on the single host.
-    report = one_run(
-        report_mod, "2026-12-03", {"fleet.cpu_per_syn.fleet": [100.0], "fleet.cpu_per_syn.single": [0.0]}
-    )
+    report = one_run(report_mod, "2026-12-03", {"fleet.cpu_per_syn.fleet": [100.0], "fleet.cpu_per_syn.single": [0.0]})
     report["ratios"] = {}
     run.add_ratios(report)
     assert "fleet.cpu_per_syn" not in report["ratios"]

@@ -476,6 +476,30 @@ def spa(tmp_path, monkeypatch):
     return daemon, lambda: udp(62201, encode(keys, "10.0.0.2", [("tcp", 22)], time.time()))
 
 
+def test_a_single_process_after_a_run_with_workers_opens_for_a_fresh_spa_packet(spa, tmp_path):
+    """The records a workers run left are honoured, and a packet nobody used still opens: its own
+    record must not be mistaken for someone else's (it was, and every SPA packet was refused)."""
+    from nfknock.daemon.claims import SUBDIR, ReplayClaims
+
+    make, packet = spa
+    ReplayClaims(tmp_path / "state" / SUBDIR)  # what a run with --workers leaves
+
+    def judge(daemon, wire):
+        verdict = journal.judge(daemon, wire)
+        assert daemon.store_sink.writer.wait_idle()
+        daemon.settle(daemon.clock())
+        return verdict
+
+    daemon = journalled(make(), journal := Journal())
+    assert daemon.claims is not None
+    wire = packet()
+    assert judge(daemon, wire) == "drop"  # the SPA packet itself
+    assert judge(daemon, syn(22)) == "accept"
+    restarted = journalled(make(), journal)  # the same bytes after a restart: a replay, as before
+    judge(restarted, wire)
+    assert judge(restarted, syn(22)) == "drop"
+
+
 def test_a_knock_grant_is_in_the_kernels_set_before_the_next_packet_is_judged(daemon):
     """The client's SYN right behind its last knock must find its source in the granted set (it
     then reaches the grant queue, out of a SYN flood's way), not wait for the end of the turn."""
