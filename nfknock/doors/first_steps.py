@@ -56,6 +56,10 @@ from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
 Key = tuple[str, int]
 MAX_GROUPS = 32
 MARK_BITS = 4  # groups that can share one second port (each marks its own bit of the packet mark)
+# The bit of Packet.first_seen that says "the kernel saw this source knock a current first step
+# of the rotating door of this port range" (later_steps.py; its own mark value, MarkBits.rotating,
+# never one of a group's, so no history is needed for it: its meaning is fixed).
+ROTATING_BIT = MARK_BITS
 
 
 @dataclass(frozen=True)
