@@ -20,11 +20,18 @@ def otp(server, client):
 
 def test_otp_sequence_opens_once_and_yesterdays_never(rotating, alice, bob):
     rotating.start()
-    # the range is queued for its current steps (a set of ports the daemon refreshes: later_steps.py)
+    # the range's current first steps are recorded in a set of sources, the other current steps
+    # queued from a source the kernel marked (sets of ports the daemon refreshes: later_steps.py)
+    rules = rotating.iptables()
     assert any(
-        "--dport 20000:29999 -m set --match-set nfknock-q7-rtcp20000-v4 dst -j NFQUEUE" in rule
-        for rule in rotating.iptables()
-    )
+        "--dport 20000:29999 --tcp-flags SYN,ACK SYN -m set --match-set nfknock-q7-rftcp20000-v4 dst "
+        "-j SET --add-set nfknock-q7-tcp20000-v4 src" in rule
+        for rule in rules
+    ), rules
+    assert any(
+        "-m mark --mark 0x1000000/0x1000000 -m set --match-set nfknock-q7-rtcp20000-v4 dst -j NFQUEUE" in rule
+        for rule in rules
+    ), rules
     ports = otp(rotating, alice)
     assert len(ports) == 3
     knock(rotating.sandbox, alice, *ports)
@@ -68,10 +75,12 @@ def test_a_flood_at_the_range_stays_in_the_kernel_but_for_the_current_steps(rota
     from support.sandbox import SynFlood, queue_counters
 
     rotating.start()
-    listed = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", "nfknock-q7-rtcp20000-v4"]).stdout
+    steps = set()
+    for name in ("nfknock-q7-rftcp20000-v4", "nfknock-q7-rtcp20000-v4"):  # first steps, the others
+        listed = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", name]).stdout
+        steps |= {int(port) for port in listed.split("Members:")[1].split() if port.isdigit() and int(port) >= 20000}
     ports = otp(rotating, alice)
-    assert all(f"\n{port} timeout" in listed for port in ports), listed
-    steps = {int(port) for port in listed.split("Members:")[1].split() if port.isdigit() and int(port) >= 20000}
+    assert {int(port) for port in ports} <= steps, steps
     before = queue_counters(rotating.sandbox.server, 7).id_sequence
     spoofed = 0
     for port in range(20000, 30000, 7):  # a walk over the range from spoofed sources
@@ -82,4 +91,31 @@ def test_a_flood_at_the_range_stays_in_the_kernel_but_for_the_current_steps(rota
     knock(rotating.sandbox, alice, *ports)
     rotating.wait_log("10.199.1.2: rotSSH: OPEN SESAME")
     assert connect(alice).connected
-    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 3, spoofed  # alice's three knocks
+    # alice's second and third knocks: her first is recorded in the kernel, never queued
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 2, spoofed
+
+
+def test_a_strangers_knock_on_the_current_first_step_never_reaches_the_queue(rotating, alice, bob, mallory):
+    """Goal 4 of issue 24: the current first step is recorded in the kernel (a set of sources),
+    never queued; the second step is queued only, marked, from a source the kernel recorded. A
+    flood at the first step costs the daemon nothing, a source that skips the first step does
+    not open, and the client knocking the current sequence does."""
+    from support.sandbox import SynFlood, queue_counters
+
+    rotating.start()
+    ports = otp(rotating, alice)
+    before = queue_counters(rotating.sandbox.server, 7).id_sequence
+    flood = SynFlood(mallory.namespace, mallory.server_address, int(ports[0]))
+    spoofed = flood.send(0x0B000000, 300)
+    flood.close()
+    recorded = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", "-t", "nfknock-q7-tcp20000-v4"]).stdout
+    assert f"Number of entries: {spoofed}" in recorded, recorded  # each spoofed source, in the kernel
+    knock(rotating.sandbox, bob, *ports[1:])  # only the second and third steps
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 0  # none of it was queued
+    assert not connect(bob, timeout=1).connected  # (its SYN to 22 is queued, and refused)
+    before = queue_counters(rotating.sandbox.server, 7).id_sequence
+    knock(rotating.sandbox, alice, *ports)
+    rotating.wait_log("10.199.1.2: rotSSH: OPEN SESAME")
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 2  # her second and third
+    assert connect(alice).connected
+    assert "10.199.2.2: rotSSH" not in rotating.log_text()  # bob's knocks never reached the daemon
