@@ -73,17 +73,17 @@ def kernel_ports(rotate, door: str, wall: float, margin: float = 2.0) -> dict[in
 
 
 def kernel_steps(rotate, door: str, wall: float, margin: float = 2.0) -> tuple[dict[int, int], dict[int, int]]:
-    """`kernel_ports` split for a door whose first steps the kernel records (later_steps.py):
-    (the first steps, every other step), each port with its whole seconds. A port that is the
-    first step of one window and a later step of another is in both."""
+    """For a door whose first steps the kernel records (later_steps.py): the first steps and the
+    second steps of the windows `kernel_ports` covers, each port with its whole seconds. The
+    later steps need no set: only a source mid-attempt gets past them. A port that is the first
+    step of one window and the second of another is in both."""
     proto, first, last = rotate.range
     current = window_of(wall, rotate.window)
     firsts: dict[int, int] = {}
-    others: dict[int, int] = {}
+    seconds: dict[int, int] = {}
     for index in (current - 1, current, current + 1):
-        seconds = math.ceil((index + 2) * rotate.window - wall + margin)
+        until = math.ceil((index + 2) * rotate.window - wall + margin)
         ports = derive(rotate.secret, door, index, rotate.length, first, last)
-        for into, some in ((firsts, ports[:1]), (others, ports[1:])):
-            for port in some:
-                into[port] = max(into.get(port, 0), seconds)
-    return firsts, others
+        for into, port in ((firsts, ports[0]), (seconds, ports[1])):
+            into[port] = max(into.get(port, 0), until)
+    return firsts, seconds

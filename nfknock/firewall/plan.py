@@ -407,7 +407,7 @@ class SetName:
       seq_timeout (later_steps.py): `nfknock-q0-midway-v4`;
     - rotation: the current steps of the rotating doors of one port range (`key`: its protocol
       and first port; later_steps.py, rotation_sets.py), port numbers: `nfknock-q0-rtcp20000-v4`;
-      where the kernel records the range's first steps, only the second and later steps;
+      where the kernel records the range's first steps, only the second steps;
     - rotation-first: the current first steps of the rotating door of one port range whose
       first steps the kernel records (later_steps.py), port numbers: `nfknock-q0-rftcp20000-v4`.
       The sources that knocked one are in the first-step set keyed by the range's first port
@@ -556,21 +556,22 @@ def _rotating_first_rules(
     """A gated rotating range whose door's current first steps the kernel records (later_steps.py),
     like a knock door's (`_first_step_rules`): a stranger's knock on a current first step only
     lands in the range's first-step set (for the door's seq_timeout) and is dropped; a knock on a
-    current second or later step is queued, marked with MarkBits.rotating, only from a source in
-    that set (and the mark spends the element: single use), which enters the midway set with it;
+    current second step is queued, marked with MarkBits.rotating, only from a source in that set
+    (and the mark spends the element: single use), which enters the midway set with it; a later
+    step is queued only for a source mid-attempt, as any other port of the range;
     any knock on the range by a source in that set takes it out again first (a wrong knock, or a
     repeated first step that puts it back), as a knock there would have reset the attempt in the
     daemon. Sources granted, mid-attempt or (a bucket) recent are queued as before, unmarked.
 
     One set match per rule, so "a second step from a source in the set" is two rules: the mark
-    says "in the set" (`started`), the queue rule matches the mark and the later-steps set; the
+    says "in the set" (`started`), the queue rule matches the mark and the second-steps set; the
     mark is cleared again on whatever is not queued as a second step."""
     proto, first, last = span
     seq_timeout, tcp_flags = first_step
     ports = (first, last)
     mark = MarkBits(pass_mark).rotating
     clear = MarkBits(pass_mark).field | mark
-    laters = rotation_set(queue_num, family, span)  # second and later steps
+    seconds = rotation_set(queue_num, family, span)  # the current second steps
     firsts = rotation_first_set(queue_num, family, span)
     started = first_step_set(queue_num, family, (proto, first))
     midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
@@ -585,8 +586,8 @@ def _rotating_first_rules(
         RuleSpec(
             "SET", proto, ports, tcp_flags=flags, match_set=firsts, match_dirs="dst", add_set=(started, seq_timeout)
         ),
-        RuleSpec("SET", proto, ports, mark=mark, match_set=laters, match_dirs="dst", add_set=(midway, timeout)),
-        replace(queue, mark=mark, match_set=laters, match_dirs="dst"),
+        RuleSpec("SET", proto, ports, mark=mark, match_set=seconds, match_dirs="dst", add_set=(midway, timeout)),
+        replace(queue, mark=mark, match_set=seconds, match_dirs="dst"),
         RuleSpec("MARK", proto, ports, set_mark=(0, mark)),
         replace(queue, match_set=midway),
         RuleSpec("DROP", proto, ports, match_set=firsts, match_dirs="dst"),

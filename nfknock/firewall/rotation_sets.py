@@ -65,8 +65,9 @@ class RotationSets:
     """Keeps the rotation sets of an applied plan filled with the current steps.
 
     Where the plan records a range's first steps (a `rotation-first` set beside its `rotation`
-    set, later_steps.py), the first steps go to the one and the other steps to the other; else
-    every step goes to the `rotation` set. When what a set is for changes (a door of its range
+    set, later_steps.py), the first steps go to the one and the second steps to the other (a
+    later step is queued only for a source mid-attempt, as any port of the range); else every
+    step goes to the `rotation` set. When what a set is for changes (a door of its range
     changed, came or went, or its first steps moved into or out of the kernel: a reload), the set
     is flushed and written anew in the same `ipset restore`, so no port of an old sequence stays
     in it (fail closed: a step missing for an instant is dropped by the kernel)."""
@@ -98,8 +99,8 @@ class RotationSets:
                 if not anew and self.written.get((name, door.name)) == window:
                     continue
                 if split:
-                    firsts, others = kernel_steps(door.rotate, door.name, wall)
-                    ports = firsts if fields.kind == "rotation-first" else others
+                    firsts, seconds = kernel_steps(door.rotate, door.name, wall)
+                    ports = firsts if fields.kind == "rotation-first" else seconds
                 else:
                     ports = kernel_ports(door.rotate, door.name, wall)
                 lines += [f"add {name} {port} timeout {seconds} -exist" for port, seconds in sorted(ports.items())]

@@ -75,12 +75,15 @@ def test_a_flood_at_the_range_stays_in_the_kernel_but_for_the_current_steps(rota
     from support.sandbox import SynFlood, queue_counters
 
     rotating.start()
-    steps = set()
-    for name in ("nfknock-q7-rftcp20000-v4", "nfknock-q7-rtcp20000-v4"):  # first steps, the others
-        listed = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", name]).stdout
-        steps |= {int(port) for port in listed.split("Members:")[1].split() if port.isdigit() and int(port) >= 20000}
+    listed = {}
+    for name in ("nfknock-q7-rftcp20000-v4", "nfknock-q7-rtcp20000-v4"):  # first steps, second steps
+        text = rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", name]).stdout
+        listed[name] = {
+            int(port) for port in text.split("Members:")[1].split() if port.isdigit() and int(port) >= 20000
+        }
     ports = otp(rotating, alice)
-    assert {int(port) for port in ports} <= steps, steps
+    assert int(ports[0]) in listed["nfknock-q7-rftcp20000-v4"] and int(ports[1]) in listed["nfknock-q7-rtcp20000-v4"]
+    steps = set().union(*listed.values())  # a later step is in no set: only a source mid-attempt passes
     before = queue_counters(rotating.sandbox.server, 7).id_sequence
     spoofed = 0
     for port in range(20000, 30000, 7):  # a walk over the range from spoofed sources
@@ -119,3 +122,29 @@ def test_a_strangers_knock_on_the_current_first_step_never_reaches_the_queue(rot
     assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 2  # her second and third
     assert connect(alice).connected
     assert "10.199.2.2: rotSSH" not in rotating.log_text()  # bob's knocks never reached the daemon
+
+
+def test_over_ipv6_the_first_step_is_recorded_and_the_sequence_opens(rotating, alice, bob):
+    """The same in the other family: the IPv6 sets, the same mark."""
+    from support.sandbox import queue_counters
+
+    rotating.start()
+    ports = otp(rotating, alice)
+    before = queue_counters(rotating.sandbox.server, 7).id_sequence
+
+    def recorded():
+        return rotating.sandbox.run(rotating.sandbox.server, ["ipset", "list", "nfknock-q7-tcp20000-v6"]).stdout
+
+    result = rotating.sandbox.run(bob.namespace, ["knock", "-6", bob.server_address6, ports[0]])
+    assert result.returncode == 0, result.stderr
+    assert bob.address6 in recorded()
+    result = rotating.sandbox.run(bob.namespace, ["knock", "-6", bob.server_address6, ports[2]])
+    assert result.returncode == 0, result.stderr  # the third step, not the second: forgotten, as a reset
+    assert bob.address6 not in recorded()
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 0
+    result = rotating.sandbox.run(alice.namespace, ["knock", "-6", alice.server_address6, *ports])
+    assert result.returncode == 0, result.stderr
+    rotating.wait_log(f"{alice.address6}: rotSSH: OPEN SESAME")
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 2
+    assert connect(alice, family=6).connected
+    assert not connect(bob, family=6, timeout=1).connected

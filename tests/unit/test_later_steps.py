@@ -173,7 +173,7 @@ def test_a_rotating_door_alone_in_its_range_has_its_current_first_steps_recorded
     specs = [s for s in fresh_scaffolding(doors, 0) if s.dport == span and s.add_set != noting_recent]
     marks = MarkBits()
     mark, started = marks.rotating, "nfknock-q0-tcp20000-v4"
-    laters, firsts = "nfknock-q0-rtcp20000-v4", "nfknock-q0-rftcp20000-v4"
+    seconds, firsts = "nfknock-q0-rtcp20000-v4", "nfknock-q0-rftcp20000-v4"
     flags = iptables_flags(doors[0].tcp_flags)  # the door's (a knock client's SYN)
     queue = RuleSpec("NFQUEUE", "tcp", span, queue_num=0)
     assert specs == [
@@ -183,9 +183,9 @@ def test_a_rotating_door_alone_in_its_range_has_its_current_first_steps_recorded
         RuleSpec("SET", "tcp", span, tcp_flags=flags, del_set=started),
         RuleSpec("SET", "tcp", span, tcp_flags=flags, match_set=firsts, match_dirs="dst", add_set=(started, 10)),
         RuleSpec(
-            "SET", "tcp", span, mark=mark, match_set=laters, match_dirs="dst", add_set=("nfknock-q0-midway-v4", 10)
+            "SET", "tcp", span, mark=mark, match_set=seconds, match_dirs="dst", add_set=("nfknock-q0-midway-v4", 10)
         ),
-        replace(queue, mark=mark, match_set=laters, match_dirs="dst"),
+        replace(queue, mark=mark, match_set=seconds, match_dirs="dst"),
         RuleSpec("MARK", "tcp", span, set_mark=(0, mark)),
         replace(queue, match_set="nfknock-q0-midway-v4"),
         RuleSpec("DROP", "tcp", span, match_set=firsts, match_dirs="dst"),
