@@ -148,3 +148,67 @@ def test_over_ipv6_the_first_step_is_recorded_and_the_sequence_opens(rotating, a
     assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 2
     assert connect(alice, family=6).connected
     assert not connect(bob, family=6, timeout=1).connected
+
+
+def members(server, name):
+    text = server.sandbox.run(server.sandbox.server, ["ipset", "list", name]).stdout
+    return {int(line.split()[0]) for line in text.split("Members:")[1].splitlines() if line.strip()}
+
+
+def eventually(check, timeout=10.0, what=lambda: ""):
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"not within the time: {what()}"
+        time.sleep(0.1)
+
+
+def test_a_reload_rewrites_the_first_steps_and_gives_the_range_back_when_a_second_door_shares_it(
+    rotating, alice, bob, tmp_path
+):
+    """A new secret: the old sequence's first step leaves the kernel's set, the new one opens.
+    A second door in the range: the kernel no longer records first steps there (whose would
+    it be?), its steps are queued for everyone again, and both doors open."""
+    import base64
+    import signal
+
+    from support.sandbox import queue_counters
+
+    rotating.start()
+    old = otp(rotating, alice)
+    (tmp_path / "rot.key").write_text(base64.b64encode(b"n" * 32).decode() + "\n")
+    rotating.process.send_signal(signal.SIGHUP)
+    rotating.wait_log("reloaded")
+    new = otp(rotating, alice)
+    assert new != old
+    eventually(
+        lambda: (
+            members(rotating, "nfknock-q7-rftcp20000-v4")
+            == {derive(b"n" * 32, "rotSSH", window_of(time.time(), 60) + d, 3, 20000, 29999)[0] for d in (-1, 0, 1)}
+        ),
+        what=lambda: (old, new, members(rotating, "nfknock-q7-rftcp20000-v4"), rotating.log_text()),
+    )
+    knock(rotating.sandbox, bob, *old)  # the old secret's sequence: its first step is not recorded
+    assert not connect(bob, timeout=1).connected
+    knock(rotating.sandbox, alice, *new)
+    rotating.wait_log("10.199.1.2: rotSSH: OPEN SESAME")
+    assert connect(alice).connected
+
+    rules = (rotating.rules / "doors.yaml").read_text() + (
+        f"  - name: rotTwo\n    rotate: {{secret_file: {tmp_path / 'rot.key'}, window: 60s, ports: 20000-29999}}\n"
+        "    protect: [2222/tcp]\n"
+    )
+    rotating.write_rules(rules)
+    rotating.process.send_signal(signal.SIGHUP)
+    rotating.wait_log("reloaded", after=1)
+    assert not any("rftcp20000" in rule for rule in rotating.iptables())
+    two = rotating.sandbox.run(
+        bob.namespace, nfknock_argv("otp", "--door", "rotTwo", "--rules", str(rotating.rules))
+    ).stdout.split()
+    eventually(
+        lambda: {int(p) for p in new + two} <= members(rotating, "nfknock-q7-rtcp20000-v4"),
+        what=lambda: (new, two, members(rotating, "nfknock-q7-rtcp20000-v4"), rotating.log_text()),
+    )
+    before = queue_counters(rotating.sandbox.server, 7).id_sequence
+    knock(rotating.sandbox, bob, *two)
+    rotating.wait_log("10.199.2.2: rotTwo: OPEN SESAME")
+    assert queue_counters(rotating.sandbox.server, 7).id_sequence - before == 3  # every step queued again
