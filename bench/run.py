@@ -960,17 +960,21 @@ class Bench:
                         self._stop_knockd(knockd)
                     self.figures.add(f"later_flood.{target}.knockd.ok", ok, f"of {trials}")
                     log(f"{target} flood run {run + 1}, knockd: {ok}/{trials} got in")
-            self._rotating_first_flood(trials)
+            self._rotating_first_flood(trials, "rotating_first")
+            self._rotating_first_flood(trials, "rotating_shared")
         finally:
             rules.write_text(saved)
             service.close()
 
-    def _rotating_first_flood(self, trials: int) -> None:
+    def _rotating_first_flood(self, trials: int, label: str) -> None:
         """Goal 4: the same flood at a rotating door's current first step (the kernel records it,
         later_steps.py rotating_first_steps). A window opens the door once (a sequence is used
         once), so every trial waits for a fresh 5 s window, aims the flood at its first step and
         knocks 1 s into it: `nfknock knock --door rotBench` and the stock `knock` with each of
-        the window's steps 3 times (no knockd figure: knockd has no rotating doors)."""
+        the window's steps 3 times (no knockd figure: knockd has no rotating doors). The
+        baseline in the same run ("rotating_shared"): a second rotating door shares the range,
+        so the kernel records no first step there and queues the current steps for everyone,
+        as it did for every rotating door before."""
         secret, window = b"b" * 32, 5.0
         key = self.workdir / "rot.key"
         key.write_text(base64.b64encode(secret).decode() + "\n")
@@ -980,6 +984,12 @@ class Bench:
             "doors:\n  - name: rotBench\n"
             f"    rotate: {{secret_file: {key}, window: {window:g}s, ports: 20000-29999}}\n"
             "    protect: [22/tcp]\n    open_for: 1s\n"
+            + (
+                f"  - name: rotOther\n    rotate: {{secret_file: {key}, window: 1h, ports: 20000-29999}}\n"
+                "    protect: [2222/tcp]\n"
+                if label == "rotating_shared"
+                else ""
+            )
         )
         address = self.alice.server_address
         try:
@@ -1017,14 +1027,14 @@ class Bench:
                                 queued + ids1 - ids0 + full1 - full0,
                                 arrived + rx1 - rx0,
                             )
-                        self.figures.add(f"later_flood.rotating_first.{who}.ok", ok, f"of {trials}")
-                        log(f"rotating first step flood run {run + 1}, {who}: {ok}/{trials} got in")
+                        self.figures.add(f"later_flood.{label}.{who}.ok", ok, f"of {trials}")
+                        log(f"{label} flood run {run + 1}, {who}: {ok}/{trials} got in")
                 finally:
                     self.stop(daemon)
-                self.figures.add("later_flood.rotating_first.queued", queued / took, "packets/s")
-                self.figures.add("later_flood.rotating_first.arrived", arrived / took, "packets/s")
+                self.figures.add(f"later_flood.{label}.queued", queued / took, "packets/s")
+                self.figures.add(f"later_flood.{label}.arrived", arrived / took, "packets/s")
                 log(
-                    f"rotating first step flood run {run + 1}: {queued / took:,.0f}/s reached the queue of "
+                    f"{label} flood run {run + 1}: {queued / took:,.0f}/s reached the queue of "
                     f"{arrived / took:,.0f}/s arriving"
                 )
         finally:
@@ -1372,13 +1382,16 @@ def render(report: dict) -> str:
                 f"| the same flood: packets/s reaching nfknock's queue | {fig(f'later_flood.{target}.queued')} | "
                 f"{fig(f'later_flood.{target}.arrived')} (arriving on the link) | | |",
             ]
-    if "later_flood.rotating_first.nfknock.ok" in f:
+    if "later_flood.rotating_first.nfknock.ok" in f and "later_flood.rotating_shared.nfknock.ok" in f:
         lines += [
             "| flood at a rotating door's current first step, 100k spoofed sources on the client's link: knock "
             f"then connect, successes | {fig('later_flood.rotating_first.nfknock.ok')} (nfknock knock, defaults); "
-            f"{fig('later_flood.rotating_first.stock_x3.ok')} (stock knock, each step 3 times) | (knockd has no "
+            f"{fig('later_flood.rotating_first.stock_x3.ok')} (stock knock, each step 3 times) | "
+            f"{fig('later_flood.rotating_shared.nfknock.ok')}; {fig('later_flood.rotating_shared.stock_x3.ok')} "
+            "(the same, a second door sharing the range: steps queued for everyone, as before; knockd has no "
             "rotating doors) | | >= 9/10, stock >= 8/10 |",
             f"| the same flood: packets/s reaching nfknock's queue | {fig('later_flood.rotating_first.queued')} | "
+            f"{fig('later_flood.rotating_shared.queued')} (range shared) of "
             f"{fig('later_flood.rotating_first.arrived')} (arriving on the link) | | |",
         ]
     if "later_rate.kernel" in f:
