@@ -18,7 +18,8 @@ A set element is state that expires by itself, not a rule; nothing in the kernel
 A door qualifies when the kernel can tell its first two steps apart from everything else:
 
 - a knock door (fixed sequence) of two steps or more; rotating doors change their ports every
-  window and SPA doors need the whole packet, so they stay in the daemon;
+  window (the kernel records their current first steps in per-range sets the daemon refreshes,
+  with a mark bit of their own: later_steps.py) and SPA doors need the whole packet;
 - its first port is used by no door except as the first step of such doors (which then share
   one set, a *group*) or as a step of a close sequence, and all doors of the group want the same
   TCP flags; its second port is used only as the second step of doors the kernel serves (its

@@ -45,6 +45,18 @@ granted or recent, and the rest is dropped (the engine ignores a stranger's knoc
 current sequence). A flood at random ports of the range, not knowing the secret, then stays in
 the kernel but for the few current steps it happens to hit. A range is gated only when rotating
 doors of exactly that range are its only users (`rotating_ranges`).
+
+A flood at the current first step, though, still reached the daemon (an attacker who knows
+today's first port: every client of the door does). So where one rotating door is its range's
+only user (`rotating_first_steps`), its current first steps are recorded in the kernel as a knock
+door's are (first_steps.py): the first steps of those windows are a port set of their own, a
+knock there only adds the source to the range's first-step set and is dropped; the port set of
+current steps holds only the second steps, queued marked (MarkBits.rotating, firewall/plan.py)
+from a source in the first-step set, which the mark spends and which enters the midway set; a
+later step needs the midway set like any port of the range. The engine takes a marked second step
+of the current or previous window as that window's first step done (sequence.py, KERNEL). With
+several doors in one range, one first-step set could not say whose first step was knocked (one
+door's first port would stand for another's), so their steps stay queued for everyone.
 """
 
 from __future__ import annotations
