@@ -13,6 +13,7 @@ briefly: it proves the harness works, its figures mean little.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -33,6 +34,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]  # this checkout's nfknock, and 
 from report import BEGIN, END, commit_of, merge, provenance, stamp, with_block  # noqa: E402
 from spa_flood import render_rows as spa_flood_rows  # noqa: E402
 
+from nfknock.doors.rotation import derive, window_of  # noqa: E402
 from nfknock.firewall.plan import first_step_set  # noqa: E402
 from nfknock.firewall.shards import queues  # noqa: E402
 from support.sandbox import (  # noqa: E402
@@ -958,9 +960,86 @@ class Bench:
                         self._stop_knockd(knockd)
                     self.figures.add(f"later_flood.{target}.knockd.ok", ok, f"of {trials}")
                     log(f"{target} flood run {run + 1}, knockd: {ok}/{trials} got in")
+            self._rotating_first_flood(trials, "rotating_first")
+            self._rotating_first_flood(trials, "rotating_shared")
         finally:
             rules.write_text(saved)
             service.close()
+
+    def _rotating_first_flood(self, trials: int, label: str) -> None:
+        """Goal 4: the same flood at a rotating door's current first step (the kernel records it,
+        later_steps.py rotating_first_steps). A window opens the door once (a sequence is used
+        once), so every trial waits for a fresh 5 s window, aims the flood at its first step and
+        knocks 1 s into it: `nfknock knock --door rotBench` and the stock `knock` with each of
+        the window's steps 3 times (no knockd figure: knockd has no rotating doors). The
+        baseline in the same run ("rotating_shared"): a second rotating door shares the range,
+        so the kernel records no first step there and queues the current steps for everyone,
+        as it did for every rotating door before."""
+        secret, window = b"b" * 32, 5.0
+        key = self.workdir / "rot.key"
+        key.write_text(base64.b64encode(secret).decode() + "\n")
+        key.chmod(0o600)
+        door = self.rules / "rotating.yaml"
+        door.write_text(
+            "doors:\n  - name: rotBench\n"
+            f"    rotate: {{secret_file: {key}, window: {window:g}s, ports: 20000-29999}}\n"
+            "    protect: [22/tcp]\n    open_for: 1s\n"
+            + (
+                f"  - name: rotOther\n    rotate: {{secret_file: {key}, window: 1h, ports: 20000-29999}}\n"
+                "    protect: [2222/tcp]\n"
+                if label == "rotating_shared"
+                else ""
+            )
+        )
+        address = self.alice.server_address
+        try:
+            for run in range(self.repeat):
+                daemon = self.start_nfknock("--max-sources", "50000")
+                took = queued = arrived = 0.0
+                try:
+                    for who in ("nfknock", "stock_x3"):
+                        ok = 0
+                        for _ in range(trials):
+                            time.sleep(window - time.time() % window + 0.1)  # a fresh window
+                            ports = [
+                                str(p)
+                                for p in derive(secret, "rotBench", window_of(time.time(), window), 3, 20000, 29999)
+                            ]
+                            argv = (
+                                nfknock_argv("knock", address, "--door", "rotBench", "--rules", str(self.rules))
+                                if who == "nfknock"
+                                else ["knock", address, *[p for p in ports for _ in range(3)]]
+                            )
+                            flood = self._client_link_flood(int(ports[0]))
+                            try:
+                                time.sleep(1.0)
+                                t0, (ids0, _, full0), rx0 = time.monotonic(), self.queue_counters(), self._rx_packets()
+                                self.box.run(self.alice.namespace, argv, cwd=REPO)
+                                ok += connect(self.alice, timeout=2).connected
+                                t1, (ids1, _, full1), rx1 = time.monotonic(), self.queue_counters(), self._rx_packets()
+                                if flood.poll() is not None:
+                                    raise RuntimeError("later_flood: the flood ended before the trial did")
+                            finally:
+                                flood.kill()
+                                flood.wait(10)
+                            took, queued, arrived = (
+                                took + t1 - t0,
+                                queued + ids1 - ids0 + full1 - full0,
+                                arrived + rx1 - rx0,
+                            )
+                        self.figures.add(f"later_flood.{label}.{who}.ok", ok, f"of {trials}")
+                        log(f"{label} flood run {run + 1}, {who}: {ok}/{trials} got in")
+                finally:
+                    self.stop(daemon)
+                self.figures.add(f"later_flood.{label}.queued", queued / took, "packets/s")
+                self.figures.add(f"later_flood.{label}.arrived", arrived / took, "packets/s")
+                log(
+                    f"{label} flood run {run + 1}: {queued / took:,.0f}/s reached the queue of "
+                    f"{arrived / took:,.0f}/s arriving"
+                )
+        finally:
+            door.unlink()
+            key.unlink()
 
     def _client_link_flood(self, port: int) -> subprocess.Popen:
         """The C sender at full rate from 100k spoofed sources at `port`, from alice's namespace:
@@ -1303,6 +1382,18 @@ def render(report: dict) -> str:
                 f"| the same flood: packets/s reaching nfknock's queue | {fig(f'later_flood.{target}.queued')} | "
                 f"{fig(f'later_flood.{target}.arrived')} (arriving on the link) | | |",
             ]
+    if "later_flood.rotating_first.nfknock.ok" in f and "later_flood.rotating_shared.nfknock.ok" in f:
+        lines += [
+            "| flood at a rotating door's current first step, 100k spoofed sources on the client's link: knock "
+            f"then connect, successes | {fig('later_flood.rotating_first.nfknock.ok')} (nfknock knock, defaults); "
+            f"{fig('later_flood.rotating_first.stock_x3.ok')} (stock knock, each step 3 times) | "
+            f"{fig('later_flood.rotating_shared.nfknock.ok')}; {fig('later_flood.rotating_shared.stock_x3.ok')} "
+            "(the same, a second door sharing the range: steps queued for everyone, as before; knockd has no "
+            "rotating doors) | | >= 9/10, stock >= 8/10 |",
+            f"| the same flood: packets/s reaching nfknock's queue | {fig('later_flood.rotating_first.queued')} | "
+            f"{fig('later_flood.rotating_shared.queued')} (range shared) of "
+            f"{fig('later_flood.rotating_first.arrived')} (arriving on the link) | | |",
+        ]
     if "later_rate.kernel" in f:
         lines += [
             f"| decided/s, TCP flood at the third step (60000), 100k sources | {fig('later_rate.kernel')} (kernel "

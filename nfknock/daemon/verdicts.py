@@ -14,7 +14,7 @@ from collections.abc import Callable
 from ..doors.engine import Engine, Verdict
 from ..doors.packet import parse
 from ..errors import PacketError
-from ..firewall.plan import first_step_marks
+from ..firewall.plan import MarkBits, first_step_marks
 from .sinks import Sinks
 
 _ACCEPT, _DROP, _PASS, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS, Verdict.HOLD  # enum access is slow
@@ -35,7 +35,8 @@ class Verdicts:
     ):
         self.engine, self.sinks, self.clock, self.wall_clock, self.log = engine, sinks, clock, wall_clock, log
         self.pass_mark = pass_mark
-        self.first_seen_marks = first_step_marks(pass_mark)
+        # Bit i of Packet.first_seen: the knock doors' group bits, then the rotating doors' (ROTATING_BIT).
+        self.first_seen_marks = (*first_step_marks(pass_mark), MarkBits(pass_mark).rotating)
         self.first_seen_field = sum(self.first_seen_marks)
         self.unparsable: dict[str, int] = {}
         self.errors = 0

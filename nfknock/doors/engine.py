@@ -63,7 +63,7 @@ from enum import Enum
 from typing import NamedTuple
 
 from ..errors import SpaError
-from . import rotation
+from . import later_steps, rotation
 from .events import (
     ClaimNeeded,
     ConnectionAccepted,
@@ -79,7 +79,7 @@ from .events import (
     SequenceReused,
     SpaRefused,
 )
-from .first_steps import FirstSteps, require
+from .first_steps import ROTATING_BIT, FirstSteps, require
 from .lockout import Lockouts
 from .packet import Packet
 from .replay import ReplayCache
@@ -229,7 +229,7 @@ class _KnockDoorState(_DoorState):
         # The kernel marks a second step only from a source whose first step it recorded and
         # that knocked no other port of the door since (first_steps.py).
         # A bit is the door's only on its own second port (bits are distinct per second port).
-        first_seen = bool(packet.first_seen & self.first_bit) and key == self.sequences[0].second
+        first_seen = bool(packet.first_seen & self.first_bit) and any(key == seq.second for seq in self.sequences)
         ordered = self.sequences
         if first_seen and src not in ordered[0].attempts and self.first is not None:
             # The first step the kernel saw would have ended a close attempt, as a knock does.
@@ -273,6 +273,16 @@ class _RotatingDoorState(_KnockDoorState):
         self.replays = replays
         self.rotate = door.rotate
 
+    def first_in_kernel(self, bit: int | None) -> None:
+        """Whether the kernel records this door's current first steps (later_steps.py), and the
+        bit of Packet.first_seen that says it saw one (ROTATING_BIT); None: the daemon sees them.
+        Then a marked second step of the current or the previous window is taken as that
+        window's first step done (sequence.py, phase KERNEL); `first` stays None (no close
+        sequence to end)."""
+        self.first_bit = 0 if bit is None else 1 << bit
+        for seq in self.sequences:
+            seq.second = seq.steps[1] if bit is not None else None
+
     def knock(self, packet: Packet, key: Key, now: float, wall: float | None, events: list[Event]) -> None:
         if wall is None:
             return  # no wall-clock time, no window: nothing can match
@@ -293,6 +303,7 @@ class _RotatingDoorState(_KnockDoorState):
             if index not in keep:
                 steps = rotation.steps_of(rotate.secret, self.name, index, rotate.length, proto, first, last)
                 keep[index] = self._compile(_OPEN, steps, self.pools, window=index)
+                keep[index].second = steps[1] if self.first_bit else None
         self.sequences = [keep[index] for index in windows]
 
     def complete(self, seq: KnockSequence, src: str, now: float, events: list[Event]) -> None:
@@ -414,9 +425,12 @@ class Engine:
         """Take these first steps as the kernel's, with these mark bits: the firewall's plan was
         made with the same value (the daemon decides it once, first_steps.decide)."""
         in_kernel = {name: group.bit for group in require(first_steps).groups for name in group.doors}
+        rotating = later_steps.rotating_doors_in_kernel(tuple(state.door for state in self._doors.values()))
         for state in self._doors.values():
             if type(state) is _KnockDoorState:
                 state.first_in_kernel(in_kernel.get(state.name))
+            elif type(state) is _RotatingDoorState:
+                state.first_in_kernel(ROTATING_BIT if state.name in rotating else None)
         if hasattr(self, "_routes"):
             self._route_strangers()
 

@@ -18,7 +18,8 @@ A set element is state that expires by itself, not a rule; nothing in the kernel
 A door qualifies when the kernel can tell its first two steps apart from everything else:
 
 - a knock door (fixed sequence) of two steps or more; rotating doors change their ports every
-  window and SPA doors need the whole packet, so they stay in the daemon;
+  window (the kernel records their current first steps in per-range sets the daemon refreshes,
+  with a mark bit of their own: later_steps.py) and SPA doors need the whole packet;
 - its first port is used by no door except as the first step of such doors (which then share
   one set, a *group*) or as a step of a close sequence, and all doors of the group want the same
   TCP flags; its second port is used only as the second step of doors the kernel serves (its
@@ -56,6 +57,10 @@ from .rules import Door, KnockDoor, RotatingDoor, SpaDoor, TcpFlags
 Key = tuple[str, int]
 MAX_GROUPS = 32
 MARK_BITS = 4  # groups that can share one second port (each marks its own bit of the packet mark)
+# The bit of Packet.first_seen that says "the kernel saw this source knock a current first step
+# of the rotating door of this port range" (later_steps.py; its own mark value, MarkBits.rotating,
+# never one of a group's, so no history is needed for it: its meaning is fixed).
+ROTATING_BIT = MARK_BITS
 
 
 @dataclass(frozen=True)

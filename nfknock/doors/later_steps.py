@@ -45,6 +45,18 @@ granted or recent, and the rest is dropped (the engine ignores a stranger's knoc
 current sequence). A flood at random ports of the range, not knowing the secret, then stays in
 the kernel but for the few current steps it happens to hit. A range is gated only when rotating
 doors of exactly that range are its only users (`rotating_ranges`).
+
+A flood at the current first step, though, still reached the daemon (an attacker who knows
+today's first port: every client of the door does). So where one rotating door is its range's
+only user (`rotating_first_steps`), its current first steps are recorded in the kernel as a knock
+door's are (first_steps.py): the first steps of those windows are a port set of their own, a
+knock there only adds the source to the range's first-step set and is dropped; the port set of
+current steps holds only the second steps, queued marked (MarkBits.rotating, firewall/plan.py)
+from a source in the first-step set, which the mark spends and which enters the midway set; a
+later step needs the midway set like any port of the range. The engine takes a marked second step
+of the current or previous window as that window's first step done (sequence.py, KERNEL). With
+several doors in one range, one first-step set could not say whose first step was knocked (one
+door's first port would stand for another's), so their steps stay queued for everyone.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 
 from .first_steps import FirstSteps, require
-from .rules import Door, KnockDoor, RotatingDoor
+from .rules import Door, KnockDoor, RotatingDoor, TcpFlags
 
 Key = tuple[str, int]
 Range = tuple[str, int, int]
@@ -70,6 +82,9 @@ class LaterSteps:
     tripwires: tuple[Range, ...] = ()
     feeding: tuple[tuple[Key, int], ...] = ()
     rotating: tuple[tuple[Range, int], ...] = ()  # rotating doors' ranges, with the midway timeout
+    # Those of them whose door's current first steps the kernel records, with the door's
+    # seq_timeout (whole seconds) and TCP flags (`rotating_first_steps`).
+    rotating_first: tuple[tuple[Range, tuple[int, TcpFlags | None]], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.ports or self.tripwires or self.rotating)
@@ -105,14 +120,45 @@ def rotating_ranges(doors: tuple[Door, ...]) -> tuple[tuple[Range, int], ...]:
     return tuple(gated)
 
 
+def rotating_first_steps(doors: tuple[Door, ...]) -> tuple[tuple[Range, tuple[int, TcpFlags | None]], ...]:
+    """The gated rotating ranges (`rotating_ranges`) whose current first steps the kernel records
+    too, as a knock door's first step (first_steps.py), with their door's seq_timeout (whole
+    seconds) and TCP flags: those with exactly one rotating door. With several, one set of
+    sources that knocked a first step would let one door's first step stand for another's (the
+    mark cannot say whose), so their current steps stay queued for everyone."""
+    owners: dict[Range, list[RotatingDoor]] = {}
+    for door in doors:
+        if isinstance(door, RotatingDoor):
+            owners.setdefault(door.rotate.range, []).append(door)
+    found = []
+    for span, _ in rotating_ranges(doors):
+        if len(owners[span]) == 1:
+            door = owners[span][0]
+            found.append((span, (max(1, math.ceil(door.seq_timeout)), door.tcp_flags)))
+    return tuple(found)
+
+
+def rotating_doors_in_kernel(doors: tuple[Door, ...]) -> frozenset[str]:
+    """The rotating doors whose current first steps the kernel records in some family (the
+    engine takes a marked second step of theirs as the first step done): `rotating_first_steps`
+    over the doors of each family, as the plan decides it (firewall/plan.py scaffolding)."""
+    names: set[str] = set()
+    for family in (4, 6):
+        listening = tuple(door for door in doors if family in door.families)
+        spans = {span for span, _ in rotating_first_steps(listening)}
+        names |= {d.name for d in listening if isinstance(d, RotatingDoor) and d.rotate.range in spans}
+    return frozenset(names)
+
+
 def decide(doors: tuple[Door, ...], first_steps: FirstSteps, family: int) -> LaterSteps:
     """The later steps and tripwire ranges the kernel gates for `family`, among `doors` (the
     doors that listen on that family: see the module's docstring)."""
     groups = [group for group in require(first_steps).groups if family in group.families]
     kernel = {name for group in groups for name in group.doors}
     rotating = rotating_ranges(doors)
+    rotating_first = rotating_first_steps(doors)
     if not kernel:
-        return LaterSteps(rotating=rotating)
+        return LaterSteps(rotating=rotating, rotating_first=rotating_first)
     allowed: set[Key] = set()  # ports a kernel door uses as a later or close step
     forbidden: set[Key] = set()  # ports some door needs queued for everyone
     for door in doors:
@@ -143,9 +189,9 @@ def decide(doors: tuple[Door, ...], first_steps: FirstSteps, family: int) -> Lat
             owners.setdefault(span, set()).add(door.name in kernel)
     tripwires = tuple(span for span, kinds in owners.items() if kinds == {True})
     if not ports and not tripwires:
-        return LaterSteps(rotating=rotating)
+        return LaterSteps(rotating=rotating, rotating_first=rotating_first)
     # Only a door of three steps or more has an attempt after its second step (which completes
     # a two-step door); the other groups' second steps add nothing to the midway set.
     long = {door.name for door in doors if isinstance(door, KnockDoor) and len(door.sequence) > 2}
     feeding = tuple((group.first, group.timeout) for group in groups if group.doors & long)
-    return LaterSteps(ports, tripwires, feeding, rotating)
+    return LaterSteps(ports, tripwires, feeding, rotating, rotating_first)

@@ -70,3 +70,20 @@ def kernel_ports(rotate, door: str, wall: float, margin: float = 2.0) -> dict[in
         for port in derive(rotate.secret, door, index, rotate.length, first, last):
             ports[port] = max(ports.get(port, 0), seconds)
     return ports
+
+
+def kernel_steps(rotate, door: str, wall: float, margin: float = 2.0) -> tuple[dict[int, int], dict[int, int]]:
+    """For a door whose first steps the kernel records (later_steps.py): the first steps and the
+    second steps of the windows `kernel_ports` covers, each port with its whole seconds. The
+    later steps need no set: only a source mid-attempt gets past them. A port that is the first
+    step of one window and the second of another is in both."""
+    proto, first, last = rotate.range
+    current = window_of(wall, rotate.window)
+    firsts: dict[int, int] = {}
+    seconds: dict[int, int] = {}
+    for index in (current - 1, current, current + 1):
+        until = math.ceil((index + 2) * rotate.window - wall + margin)
+        ports = derive(rotate.secret, door, index, rotate.length, first, last)
+        for into, port in ((firsts, ports[0]), (seconds, ports[1])):
+            into[port] = max(into.get(port, 0), until)
+    return firsts, seconds

@@ -194,6 +194,18 @@ class MarkBits:
         values = self.values
         return values.index(value) if value in values else None
 
+    @property
+    def rotating(self) -> int:
+        """The one mark value saying "the kernel saw this source knock a current first step of
+        the rotating door of this port range" (later_steps.py), on a second step in that range.
+        Never one of `values`, so no knock door's group can take it: the next bit after them,
+        below the pass mark when there is room, else above it."""
+        if self.pass_mark >> (MARK_BITS + 1):
+            return self.pass_mark >> (MARK_BITS + 1)
+        if self.pass_mark >> MARK_BITS:  # the four fit below, the fifth does not
+            return self.pass_mark << 1
+        return self.pass_mark << (MARK_BITS + 1)
+
 
 def first_step_marks(pass_mark: int = PASS_MARK) -> tuple[int, ...]:
     """The mark values saying "the kernel saw this source's first step", in bit index order."""
@@ -375,7 +387,7 @@ def _forgetting_rules(
     return forget
 
 
-SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway", "rotation")
+SET_KINDS = ("granted", "first-step", "sessions", "recent", "midway", "rotation", "rotation-first")
 
 
 @dataclass(frozen=True)
@@ -394,7 +406,12 @@ class SetName:
     - midway: sources whose second step of a door the kernel records was queued, for the door's
       seq_timeout (later_steps.py): `nfknock-q0-midway-v4`;
     - rotation: the current steps of the rotating doors of one port range (`key`: its protocol
-      and first port; later_steps.py, rotation_sets.py), port numbers: `nfknock-q0-rtcp20000-v4`."""
+      and first port; later_steps.py, rotation_sets.py), port numbers: `nfknock-q0-rtcp20000-v4`;
+      where the kernel records the range's first steps, only the second steps;
+    - rotation-first: the current first steps of the rotating door of one port range whose
+      first steps the kernel records (later_steps.py), port numbers: `nfknock-q0-rftcp20000-v4`.
+      The sources that knocked one are in the first-step set keyed by the range's first port
+      (`nfknock-q0-tcp20000-v4`: no knock door's first step can lie in a gated range)."""
 
     kind: str
     queue_num: int
@@ -402,7 +419,7 @@ class SetName:
     key: tuple[str, int] | None = None  # first-step: the first port; sessions: the protected port
 
     def __post_init__(self) -> None:
-        keyed = self.kind in ("first-step", "sessions", "rotation")
+        keyed = self.kind in ("first-step", "sessions", "rotation", "rotation-first")
         if (
             self.kind not in SET_KINDS
             or self.family not in (4, 6)
@@ -421,6 +438,7 @@ class SetName:
             "recent": "recent-",
             "midway": "midway-",
             "rotation": f"r{self.key[0]}{self.key[1]}-" if self.key else "",
+            "rotation-first": f"rf{self.key[0]}{self.key[1]}-" if self.key else "",
         }[self.kind]
         return f"{SET_PREFIX}q{self.queue_num}-{middle}v{self.family}"
 
@@ -431,12 +449,13 @@ class SetName:
         found = _SET_NAME.fullmatch(name)
         if found is None:
             return None
-        queue, proto, first, session, rproto, rfirst, recent, family = found.groups()
+        queue, proto, first, session, firsts, rproto, rfirst, recent, family = found.groups()
         if recent == "midway":
             return cls("midway", int(queue), int(family))
         if rproto is not None:
             try:
-                return cls("rotation", int(queue), int(family), (rproto, int(rfirst)))
+                kind = "rotation-first" if firsts else "rotation"
+                return cls(kind, int(queue), int(family), (rproto, int(rfirst)))
             except ValueError:
                 return None
         try:
@@ -451,7 +470,7 @@ class SetName:
 
 _NUMBER = r"(0|[1-9][0-9]{0,4})"  # as str(int) writes it: a name has one spelling
 _SET_NAME = re.compile(
-    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|r(tcp|udp){_NUMBER}-|(recent|midway)-)?v([46])"
+    rf"{re.escape(SET_PREFIX)}q{_NUMBER}-(?:(tcp|udp){_NUMBER}-|s{_NUMBER}-|r(f?)(tcp|udp){_NUMBER}-|(recent|midway)-)?v([46])"
 )
 
 
@@ -489,18 +508,31 @@ def rotation_set(queue_num: int, family: int, span: tuple[str, int, int]) -> str
     return str(SetName("rotation", queue_num, family, (span[0], span[1])))
 
 
+def rotation_first_set(queue_num: int, family: int, span: tuple[str, int, int]) -> str:
+    """The ipset of the current first steps of the rotating door of port range `span` whose
+    first steps the kernel records (port numbers, later_steps.py; filled by rotation_sets.py)."""
+    return str(SetName("rotation-first", queue_num, family, (span[0], span[1])))
+
+
 def _rotating_rules(
-    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str
+    gated: later_steps.LaterSteps, queue_num: int, family: int, granted: str, pass_mark: int = PASS_MARK
 ) -> dict[tuple[str, int, int], list[RuleSpec]]:
     """The rules of the rotating ranges the kernel gates (later_steps.py): a packet to a current
     step is queued and its source is mid-attempt from then on; any other port of the range only
-    from a source in the granted, midway or (a bucket of its own) recent set; the rest is dropped."""
+    from a source in the granted, midway or (a bucket of its own) recent set; the rest is dropped.
+    Where the kernel records the range's first steps, see `_rotating_first_rules`."""
     midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    first_in_kernel = dict(gated.rotating_first)
     rules = {}
     for span, timeout in gated.rotating:
         proto, first, last = span
         steps = rotation_set(queue_num, family, span)
         whole = RuleSpec("NFQUEUE", proto, (first, last), queue_num=queue_num)
+        if span in first_in_kernel:
+            rules[span] = _rotating_first_rules(
+                span, timeout, first_in_kernel[span], queue_num, family, granted, pass_mark
+            )
+            continue
         rules[span] = [
             replace(whole, match_set=granted),
             RuleSpec("SET", proto, (first, last), match_set=steps, match_dirs="dst", add_set=(midway, timeout)),
@@ -510,6 +542,58 @@ def _rotating_rules(
             RuleSpec("DROP", proto, (first, last)),
         ]
     return rules
+
+
+def _rotating_first_rules(
+    span: tuple[str, int, int],
+    timeout: int,
+    first_step: tuple[int, TcpFlags | None],
+    queue_num: int,
+    family: int,
+    granted: str,
+    pass_mark: int,
+) -> list[RuleSpec]:
+    """A gated rotating range whose door's current first steps the kernel records (later_steps.py),
+    like a knock door's (`_first_step_rules`): a stranger's knock on a current first step only
+    lands in the range's first-step set (for the door's seq_timeout) and is dropped; a knock on a
+    current second step is queued, marked with MarkBits.rotating, only from a source in that set
+    (and the mark spends the element: single use), which enters the midway set with it; a later
+    step is queued only for a source mid-attempt, as any other port of the range;
+    any knock on the range by a source in that set takes it out again first (a wrong knock, or a
+    repeated first step that puts it back), as a knock there would have reset the attempt in the
+    daemon. Sources granted, mid-attempt or (a bucket) recent are queued as before, unmarked.
+
+    One set match per rule, so "a second step from a source in the set" is two rules: the mark
+    says "in the set" (`started`), the queue rule matches the mark and the second-steps set; the
+    mark is cleared again on whatever is not queued as a second step."""
+    proto, first, last = span
+    seq_timeout, tcp_flags = first_step
+    ports = (first, last)
+    mark = MarkBits(pass_mark).rotating
+    clear = MarkBits(pass_mark).field | mark
+    seconds = rotation_set(queue_num, family, span)  # the current second steps
+    firsts = rotation_first_set(queue_num, family, span)
+    started = first_step_set(queue_num, family, (proto, first))
+    midway, recent = midway_set(queue_num, family), recent_set(queue_num, family)
+    flags = iptables_flags(tcp_flags) if tcp_flags is not None and proto == "tcp" else None
+    queue = RuleSpec("NFQUEUE", proto, ports, queue_num=queue_num)
+    return [
+        # All of them, whoever set them: on this range they are ours (MarkBits).
+        RuleSpec("MARK", proto, ports, set_mark=(0, clear)),
+        replace(queue, match_set=granted),
+        RuleSpec("MARK", proto, ports, match_set=started, set_mark=(mark, mark)),
+        RuleSpec("SET", proto, ports, tcp_flags=flags, del_set=started),
+        RuleSpec(
+            "SET", proto, ports, tcp_flags=flags, match_set=firsts, match_dirs="dst", add_set=(started, seq_timeout)
+        ),
+        RuleSpec("SET", proto, ports, mark=mark, match_set=seconds, match_dirs="dst", add_set=(midway, timeout)),
+        replace(queue, mark=mark, match_set=seconds, match_dirs="dst"),
+        RuleSpec("MARK", proto, ports, set_mark=(0, mark)),
+        replace(queue, match_set=midway),
+        RuleSpec("DROP", proto, ports, match_set=firsts, match_dirs="dst"),
+        replace(queue, match_set=recent, limit=RECENT_LIMIT),
+        RuleSpec("DROP", proto, ports),
+    ]
 
 
 def _later_step_rules(
@@ -620,7 +704,7 @@ def scaffolding(
     gated = later_steps.decide(doors, first_steps, family)
     midway = {first: (midway_set(queue_num, family), timeout) for first, timeout in gated.feeding}
     later, gated_tripwires = _later_step_rules(gated, queue_num, family, granted)
-    rotating = _rotating_rules(gated, queue_num, family, granted)
+    rotating = _rotating_rules(gated, queue_num, family, granted, pass_mark)
     in_kernel = {**later, **_first_step_rules(groups, queue_num, pass_mark, family, granted, midway)}
     forget = _forgetting_rules(groups, doors, queue_num, family)
     protected = dict.fromkeys(p.key for door in doors for p in door.protect)

@@ -16,13 +16,14 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 
-from ..doors.rotation import kernel_ports, window_of
+from ..doors.rotation import kernel_ports, kernel_steps, window_of
 from ..doors.rules import Door, RotatingDoor
 from ..errors import FirewallError
 from .granted import _headers, _restore
 from .plan import Plan, SetName
 
 SWEEP = 3  # the set's own timeout: only paces the kernel's collection of expired ports
+ROTATION_KINDS = ("rotation", "rotation-first")
 
 
 def rotation_sets(plan: Plan) -> dict[str, tuple[int, int]]:
@@ -32,7 +33,7 @@ def rotation_sets(plan: Plan) -> dict[str, tuple[int, int]]:
         for spec in specs:
             name = spec.match_set
             fields = SetName.parse(name) if name else None
-            if name and fields is not None and fields.kind == "rotation" and isinstance(spec.dport, tuple):
+            if name and fields is not None and fields.kind in ROTATION_KINDS and isinstance(spec.dport, tuple):
                 found[name] = spec.dport
     return found
 
@@ -61,33 +62,55 @@ def create_rotation_sets(plan: Plan, runner: Callable = subprocess.run) -> None:
 
 
 class RotationSets:
-    """Keeps the rotation sets of an applied plan filled with the current steps."""
+    """Keeps the rotation sets of an applied plan filled with the current steps.
+
+    Where the plan records a range's first steps (a `rotation-first` set beside its `rotation`
+    set, later_steps.py), the first steps go to the one and the second steps to the other (a
+    later step is queued only for a source mid-attempt, as any port of the range); else every
+    step goes to the `rotation` set. When what a set is for changes (a door of its range
+    changed, came or went, or its first steps moved into or out of the kernel: a reload), the set
+    is flushed and written anew in the same `ipset restore`, so no port of an old sequence stays
+    in it (fail closed: a step missing for an instant is dropped by the kernel)."""
 
     def __init__(self, runner: Callable = subprocess.run):
         self.runner = runner
         self.written: dict[tuple[str, str], int] = {}  # (set, door) -> the window last written
+        self.meant: dict[str, tuple] = {}  # set -> what it holds the steps of (see sync)
 
     def sync(self, plan: Plan, doors: tuple[Door, ...], wall: float) -> int:
         """Add the current steps of every rotating door whose range has a set in `plan`, where
         its window changed since the last write; returns how many ports were written. Raises
         FirewallError naming what could not be written (the next sync tries again)."""
-        lines, done = [], {}
-        for name in rotation_sets(plan):
+        lines: list[str] = []
+        done: dict[tuple[str, str], int] = {}
+        meant: dict[str, tuple] = {}
+        names = rotation_sets(plan)
+        for name in names:
             fields = SetName.parse(name)
             assert fields is not None and fields.key is not None  # rotation_sets parsed it
-            for door in doors:
-                if not isinstance(door, RotatingDoor) or door.rotate.range[:2] != fields.key:
-                    continue
+            split = str(SetName("rotation-first", fields.queue_num, fields.family, fields.key)) in names
+            members = [d for d in doors if isinstance(d, RotatingDoor) and d.rotate.range[:2] == fields.key]
+            meant[name] = (split, tuple((door.name, door.rotate) for door in members))
+            anew = self.meant.get(name) != meant[name]
+            if anew and name in self.meant:
+                lines.append(f"flush {name}")
+            for door in members:
                 window = window_of(wall, door.rotate.window)
-                if self.written.get((name, door.name)) == window:
+                if not anew and self.written.get((name, door.name)) == window:
                     continue
-                ports = kernel_ports(door.rotate, door.name, wall)
+                if split:
+                    firsts, seconds = kernel_steps(door.rotate, door.name, wall)
+                    ports = firsts if fields.kind == "rotation-first" else seconds
+                else:
+                    ports = kernel_ports(door.rotate, door.name, wall)
                 lines += [f"add {name} {port} timeout {seconds} -exist" for port, seconds in sorted(ports.items())]
                 done[(name, door.name)] = window
         if not lines:
+            self.meant = meant
             return 0
         error = _restore(self.runner, lines)
         if error:
             raise FirewallError(f"cannot write the rotating doors' current steps: {error}")
         self.written.update(done)
-        return len(lines)
+        self.meant = meant
+        return sum(1 for line in lines if line.startswith("add "))

@@ -1,11 +1,13 @@
 """Which later steps and tripwire ports the kernel keeps strangers away from (later_steps.py),
 and the rules that do it (plan.py). No root needed."""
 
+from dataclasses import replace
+
 import pytest
 
-from nfknock.doors.later_steps import LaterSteps, decide
+from nfknock.doors.later_steps import LaterSteps, decide, rotating_doors_in_kernel
 from nfknock.doors.rules import parse_door
-from nfknock.firewall.plan import RECENT_LIMIT, TRIPWIRE_LIMIT, RuleSpec, SetName, midway_set
+from nfknock.firewall.plan import RECENT_LIMIT, TRIPWIRE_LIMIT, MarkBits, RuleSpec, SetName, iptables_flags, midway_set
 from support.decisions import fresh, fresh_plan, fresh_scaffolding
 
 
@@ -142,8 +144,10 @@ def rotating(name="rot", ports="20000-20999", **fields):
 
 
 def test_a_rotating_range_queues_its_current_steps_and_sources_mid_attempt_and_drops_the_rest(monkeypatch):
+    """Doors sharing a range: their current steps stay queued for everyone (rotating_first_steps)."""
     monkeypatch.setenv("S", "c2VjcmV0")
-    specs = rules_for([rotating(seq_timeout="9.5s")], (20000, 20999))
+    doors = [rotating(seq_timeout="9.5s"), rotating(name="rot2", seq_timeout="9.5s")]
+    specs = rules_for(doors, (20000, 20999))
     whole = RuleSpec("NFQUEUE", "tcp", (20000, 20999), queue_num=0)
     assert specs == [
         RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-v4"}),
@@ -152,12 +156,63 @@ def test_a_rotating_range_queues_its_current_steps_and_sources_mid_attempt_and_d
         RuleSpec(**{**whole.__dict__, "match_set": "nfknock-q0-recent-v4", "limit": RECENT_LIMIT}),
         RuleSpec("DROP", "tcp", (20000, 20999)),
     ]
-    entering = [
-        s for s in fresh_scaffolding((rotating(seq_timeout="9.5s"),), 0) if s.add_set and "midway" in s.add_set[0]
-    ]
+    entering = [s for s in fresh_scaffolding(tuple(doors), 0) if s.add_set and "midway" in s.add_set[0]]
     assert [(s.match_set, s.match_dirs, s.add_set) for s in entering] == [
         ("nfknock-q0-rtcp20000-v4", "dst", ("nfknock-q0-midway-v4", 10))
     ]
+    assert gated(doors).rotating_first == () and rotating_doors_in_kernel(tuple(doors)) == frozenset()
+
+
+def test_a_rotating_door_alone_in_its_range_has_its_current_first_steps_recorded_by_the_kernel(monkeypatch):
+    """Goal 4 of issue 24: a stranger's knock on a current first step only lands in a set; a
+    second or later step is queued, marked, only from a source in it (and spends it)."""
+    monkeypatch.setenv("S", "c2VjcmV0")
+    doors = (rotating(seq_timeout="9.5s"),)
+    span = (20000, 20999)
+    noting_recent = ("nfknock-q0-recent-v4", 3)  # before each queue rule (plan._noting_recent)
+    specs = [s for s in fresh_scaffolding(doors, 0) if s.dport == span and s.add_set != noting_recent]
+    marks = MarkBits()
+    mark, started = marks.rotating, "nfknock-q0-tcp20000-v4"
+    seconds, firsts = "nfknock-q0-rtcp20000-v4", "nfknock-q0-rftcp20000-v4"
+    flags = iptables_flags(doors[0].tcp_flags)  # the door's (a knock client's SYN)
+    queue = RuleSpec("NFQUEUE", "tcp", span, queue_num=0)
+    assert specs == [
+        RuleSpec("MARK", "tcp", span, set_mark=(0, marks.field | mark)),
+        replace(queue, match_set="nfknock-q0-v4"),
+        RuleSpec("MARK", "tcp", span, match_set=started, set_mark=(mark, mark)),
+        RuleSpec("SET", "tcp", span, tcp_flags=flags, del_set=started),
+        RuleSpec("SET", "tcp", span, tcp_flags=flags, match_set=firsts, match_dirs="dst", add_set=(started, 10)),
+        RuleSpec(
+            "SET", "tcp", span, mark=mark, match_set=seconds, match_dirs="dst", add_set=("nfknock-q0-midway-v4", 10)
+        ),
+        replace(queue, mark=mark, match_set=seconds, match_dirs="dst"),
+        RuleSpec("MARK", "tcp", span, set_mark=(0, mark)),
+        replace(queue, match_set="nfknock-q0-midway-v4"),
+        RuleSpec("DROP", "tcp", span, match_set=firsts, match_dirs="dst"),
+        replace(queue, match_set="nfknock-q0-recent-v4", limit=RECENT_LIMIT),
+        RuleSpec("DROP", "tcp", span),
+    ]
+    assert gated(doors).rotating_first == ((("tcp", 20000, 20999), (10, doors[0].tcp_flags)),)
+    assert rotating_doors_in_kernel(doors) == {"rot"}
+    assert SetName.parse(firsts) == SetName("rotation-first", 0, 4, ("tcp", 20000))
+    assert str(SetName.parse("nfknock-q65535-rfudp65535-v6")) == "nfknock-q65535-rfudp65535-v6"
+
+
+def test_a_rotating_door_in_a_family_where_its_range_is_shared_is_still_in_the_kernel_in_the_other(monkeypatch):
+    """The engine takes a marked second step if the kernel may mark it in any family."""
+    monkeypatch.setenv("S", "c2VjcmV0")
+    doors = (rotating(), rotating(name="rot6", family="ipv6"))
+    assert gated([d for d in doors if 4 in d.families]).rotating_first != ()
+    assert gated([d for d in doors if 6 in d.families], family=6).rotating_first == ()
+    assert rotating_doors_in_kernel(doors) == {"rot"}
+
+
+def test_the_rotating_mark_is_none_of_the_first_step_bits_nor_the_pass_mark():
+    for pass_mark in (0x20000000, 0x80000000, 1, 0x8, 0x10, 0x20, 0x40):
+        marks = MarkBits(pass_mark)
+        assert 0 < marks.rotating < 1 << 32 and marks.rotating & (marks.rotating - 1) == 0
+        assert marks.rotating not in (*marks.values, pass_mark) and marks.bit(marks.rotating) is None
+    assert MarkBits().rotating == 0x01000000
 
 
 @pytest.mark.parametrize(

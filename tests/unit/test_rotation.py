@@ -7,6 +7,7 @@ import pytest
 
 from nfknock.doors.engine import Verdict
 from nfknock.doors.events import DoorOpened, SequenceReused
+from nfknock.doors.first_steps import ROTATING_BIT
 from nfknock.doors.packet import Packet
 from nfknock.doors.rotation import derive, window_of
 from nfknock.doors.rules import RotatingDoor
@@ -140,3 +141,65 @@ def test_the_kernel_gets_the_steps_of_the_windows_that_open_the_door_now_and_nex
     accepted = {p for i in (w - 1, w, w + 1) for p in derive(SECRET, "rot", i, 3, 20000, 20999)}
     assert set(ports) == accepted
     assert not (set(derive(SECRET, "rot", w - 2, 3, 20000, 20999)) - accepted) & set(ports)
+
+
+# -- first steps the kernel records (later_steps.py rotating_first_steps) -----------------------
+
+ROTATING = 1 << ROTATING_BIT  # Packet.first_seen as verdicts.py reads the rotating mark
+
+
+def knock_at(engine, port, at, src="10.0.0.2", seen=0):
+    return engine.handle(Packet(src, "10.0.0.1", "tcp", 1, port, 0x02, first_seen=seen), 100.0 + at, WALL + at).events
+
+
+def test_a_second_step_the_kernel_marked_counts_the_first_step_as_done(door):
+    """The kernel recorded the first step and never queued it: the marked second step and the
+    third open the door, as the client's three knocks did."""
+    engine = fresh_engine((door,))
+    first, second, third = sequence(door, window_of(WALL, 60))
+    knock_at(engine, second, 1, seen=ROTATING)
+    assert isinstance(knock_at(engine, third, 1.1)[-1], DoorOpened)
+
+
+def test_a_second_step_without_the_mark_opens_nothing(door):
+    """A source that did only the second and third steps (its first was never recorded)."""
+    engine = fresh_engine((door,))
+    _, second, third = sequence(door, window_of(WALL, 60))
+    knock_at(engine, second, 1)
+    assert not any(isinstance(e, DoorOpened) for e in knock_at(engine, third, 1.1))
+    # nor does a mark of a knock door's group (bits 0..MARK_BITS-1)
+    knock_at(engine, second, 2, src="10.0.0.3", seen=(1 << ROTATING_BIT) - 1)
+    assert not any(isinstance(e, DoorOpened) for e in knock_at(engine, third, 2.1, src="10.0.0.3"))
+
+
+def test_the_mark_counts_only_on_a_second_step(door):
+    engine = fresh_engine((door,))
+    first, second, third = sequence(door, window_of(WALL, 60))
+    knock_at(engine, third, 1, seen=ROTATING)  # marked, but not a second step: no attempt
+    assert not any(isinstance(e, DoorOpened) for e in knock_at(engine, third, 1.1))
+
+
+def test_a_first_step_recorded_in_the_last_moment_of_a_window_goes_on_in_the_next(door):
+    """The kernel's first step of window w, the second and third arriving in window w + 1: the
+    engine still accepts window w's sequence (the previous window), so the marked second step
+    of w counts."""
+    engine = fresh_engine((door,))
+    w = window_of(WALL, 60)
+    _, second, third = sequence(door, w)
+    knock_at(engine, second, 60.2, seen=ROTATING)  # w + 1 began at 60
+    assert isinstance(knock_at(engine, third, 60.3)[-1], DoorOpened)
+
+
+def test_a_rotating_door_sharing_its_range_takes_no_mark(door, monkeypatch):
+    """Two doors of one range: the kernel queues their steps for everyone and marks nothing, so
+    a mark (another rule's) is not read as a first step (later_steps.rotating_first_steps)."""
+    other = RotatingDoor.model_validate(
+        dict(name="rot2", protect=["23/tcp"], rotate={"secret_env": "ROT_SECRET", "ports": "20000-20999"})
+    )
+    load_secrets(other)
+    engine = fresh_engine((door, other))
+    _, second, third = sequence(door, window_of(WALL, 60))
+    knock_at(engine, second, 1, seen=ROTATING)
+    assert not any(isinstance(e, DoorOpened) for e in knock_at(engine, third, 1.1))
+    # the daemon still sees first steps itself there
+    assert isinstance(knock_all(engine, sequence(door, window_of(WALL, 60)), 2, src="10.0.0.5")[-1], DoorOpened)
