@@ -281,6 +281,7 @@ class Link:
         self._seq = 0  # entries this writer numbered (each appended entry's `n`)
         self._seqs: dict[str, int] = {}  # instance -> the highest number read of its entries (reader)
         self._there: set[str] = set()  # held claims known to have been in Redis (a later absence: deleted)
+        self._appended: dict[str, float] = {}  # records whose used entry this member appended -> expiry
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -429,6 +430,24 @@ class Link:
         names = tuple(self.signer.claim_names(record))
         return self._numbered(Used(stamp.id, self.config.member, self.instance, names, expires), stamp)
 
+    def _append_used(self, pipe, record: str, expires: float, stamp: _Stamp) -> bool:
+        """Queue the used entry of `record` on `pipe`, unless this member appended it already: a
+        single process with a replay store tells the fleet of a record while it writes it
+        (sinks.py), then claims it."""
+        if record in self._appended:
+            return False
+        pipe.xadd(self.stream, self._used(record, expires, stamp), maxlen=STREAM_LENGTH, approximate=True)
+        return True
+
+    def _appended_now(self, appended: bool, record: str, expires: float) -> None:
+        """Once Redis took it (a retry appends it again, under the same number)."""
+        if not appended:
+            return
+        wall = self.wall()
+        while self._appended and (len(self._appended) >= MAX_HELD or next(iter(self._appended.values())) < wall):
+            del self._appended[next(iter(self._appended))]
+        self._appended[record] = expires
+
     def _xadd(self, client, entry: Entry, stamp: _Stamp) -> None:
         if isinstance(entry, Grant) and stream_order(self._written) > stream_order(entry.base):
             # Our own revocations published before it (the jobs are in order) came before it.
@@ -553,10 +572,9 @@ class Link:
         pipe = client.pipeline(transaction=False)
         for name, value in zip(names, signed, strict=True):
             pipe.set(name, value, nx=True, px=milliseconds)
-        pipe.xadd(
-            self.stream, self._used(claim.record, claim.expires, job.stamp), maxlen=STREAM_LENGTH, approximate=True
-        )
+        appended = self._append_used(pipe, claim.record, claim.expires, job.stamp)
         done = pipe.execute()
+        self._appended_now(appended, claim.record, claim.expires)
         other = None  # who else holds it, under any of the fleet's keys
         for index, name in enumerate(names):
             found = (
@@ -594,13 +612,16 @@ class Link:
         """A claim nobody waits for: if another member holds it already, it is used either way."""
         mine = Claim(self.config.member, self.instance, job.expires)
         milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
+        names = self.signer.claim_names(job.record)
+        signed = [self.signer.sign_claim(job.record, mine, index) for index in range(len(names))]
         pipe = client.pipeline(transaction=False)
-        for index, name in enumerate(self.signer.claim_names(job.record)):
-            signed = self.signer.sign_claim(job.record, mine, index)
-            pipe.set(name, signed, nx=True, px=milliseconds)
-            self._hold(name, signed, job.expires + CLAIM_MARGIN)
-        pipe.xadd(self.stream, self._used(job.record, job.expires, job.stamp), maxlen=STREAM_LENGTH, approximate=True)
+        for name, value in zip(names, signed, strict=True):
+            pipe.set(name, value, nx=True, px=milliseconds)
+        appended = self._append_used(pipe, job.record, job.expires, job.stamp)
         pipe.execute()
+        self._appended_now(appended, job.record, job.expires)
+        for name, value in zip(names, signed, strict=True):
+            self._hold(name, value, job.expires + CLAIM_MARGIN)
 
     def hold_records(self, records: dict[str, float]) -> None:
         """Records this member keeps on disk (its replay cache, from before a restart): put back

@@ -39,7 +39,7 @@ class UsedElsewhere:
     def __init__(self, signer: Signer, log: logging.Logger, directory: Path | None = None):
         self.signer, self.log, self.directory = signer, log, directory
         self.entries: dict[str, tuple[Used, float]] = {}  # entry id -> (the entry, kept until)
-        self._names: dict[str, str] = {}  # claim name -> entry id
+        self._names: dict[str, list[str]] = {}  # claim name -> ids of the entries naming it, first first
         self.dropped = 0  # live entries forgotten because the store was full
         self._writes: queue.SimpleQueue[tuple[str, Used | None]] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
@@ -57,11 +57,10 @@ class UsedElsewhere:
         """The member that used the record claimed under any of `names`, if one did (and it is
         not over)."""
         for name in names:
-            entry_id = self._names.get(name)
-            if entry_id is not None:
+            for entry_id in self._names.get(name, ()):
                 used, until = self.entries[entry_id]
                 if until >= wall:
-                    return used.member
+                    return used.member  # the first to say so (others may have refused a copy)
         return None
 
     def add(self, used: Used, wall: float) -> bool:
@@ -89,14 +88,17 @@ class UsedElsewhere:
     def _keep(self, used: Used, until: float) -> None:
         self.entries[used.id] = (used, until)
         for name in used.names:
-            self._names[name] = used.id
+            self._names.setdefault(name, []).append(used.id)
 
     def _drop(self, entry_id: str) -> None:
         gone = self.entries.pop(entry_id, None)
         if gone is not None:
             for name in gone[0].names:
-                if self._names.get(name) == entry_id:
-                    del self._names[name]
+                ids = self._names.get(name, [])
+                if entry_id in ids:
+                    ids.remove(entry_id)
+                if not ids:
+                    self._names.pop(name, None)
         self._queue(entry_id, None)
 
     def sweep(self, wall: float) -> int:
@@ -110,6 +112,7 @@ class UsedElsewhere:
         if self.directory is None:
             return 0
         bad = 0
+        found: list[tuple[Used, float]] = []
         for path in sorted(self.directory.iterdir()):
             if path.name.startswith("."):
                 continue
@@ -125,7 +128,10 @@ class UsedElsewhere:
             until = min(used.expires, wall + MAX_LIFE) + CLAIM_MARGIN
             if until < wall:
                 path.unlink(missing_ok=True)
-            elif used.id not in self.entries and len(self.entries) < MAX_USED:
+            else:
+                found.append((used, until))
+        for used, until in sorted(found, key=lambda item: item[0].expires):  # the first user first
+            if used.id not in self.entries and len(self.entries) < MAX_USED:
                 self._keep(used, until)
         if bad:
             self.log.warning(

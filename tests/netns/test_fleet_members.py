@@ -496,3 +496,79 @@ def test_doctor_says_what_the_redis_deployment_risks(lan, fleet, tmp_path):
     fleet.redis.cli("CONFIG", "SET", "requirepass", "")  # anyone who reaches it may write now
     lines, _ = doctor(password=False)
     assert any(line.startswith("FAIL") and "answers without a password" in line for line in lines)
+
+
+def _claims(fleet) -> list[str]:
+    """The fleet's replay claims in Redis, as anyone with the Redis password lists them."""
+    return fleet.redis.cli("--scan", "--pattern", "nfknock:used:*").stdout.split()
+
+
+def _used_entries(fleet) -> list[str]:
+    """Stream ids of the used entries (their body is signed, not secret: JSON after the tag)."""
+    lines = fleet.redis.cli("XRANGE", "nfknock:stream", "-", "+").stdout.splitlines()
+    return [lines[n - 2] for n, line in enumerate(lines) if '"kind":"used"' in line and n >= 2]
+
+
+def test_a_claim_deleted_by_hand_reopens_nothing_on_any_member(lan, fleet, tmp_path):
+    """Someone with the Redis password (not the fleet key) deletes the claim of a packet a just
+    accepted: a puts it back at its next heartbeat and says so; with a down, the claim deleted
+    again, the captured packet sent to b is a replay all the same (b keeps the used entry it read
+    from the stream); and c, restarted after the used entry too was deleted (XDEL), still refuses
+    it (its own copy, on disk)."""
+    a, b, c = fleet(0), fleet(1), fleet(2)
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    for member in (b, c):  # the used entry comes before the grant in the stream
+        member.wait_log("10.198.0.101: spaSSH: open, granted on fleet member a")
+    claims = _claims(fleet)
+    assert claims and fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))
+    assert "put back" in a.wait_log("live claim(s) of this member were gone from Redis before their time")
+    assert _claims(fleet) == claims
+    assert "claims deleted" in status(a)["fleet"]["alarms"]
+    a.stop()  # nobody puts the claim back now
+    assert fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))
+    assert ctl(b, "revoke", "10.198.0.101").returncode == 0  # closed on b and c
+    c.wait_log("10.198.0.101: revoked on fleet member b")
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())  # the captured packet, to b
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    assert status(b)["fleet"]["used_elsewhere"] == 1
+    c.stop()
+    used = _used_entries(fleet)  # a's, and b's of the copy it refused (told to the fleet)
+    assert len(used) == 2 and fleet.redis.cli("XDEL", "nfknock:stream", *used).stdout.strip() == "2"
+    c = fleet(2)
+    assert "2 record(s) used on other members kept from before" in c.log_text()
+    send_udp(lan.client(0, server=2), saved.read_text().strip().encode())
+    assert "replay (used on member a)" in c.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+    assert "OPEN SESAME" not in b.log_text() + c.log_text()
+
+
+def test_entries_deleted_from_the_stream_while_a_member_was_down_are_noticed(lan, fleet, tmp_path):
+    """c is down while someone deletes a's used entry (XDEL) and its claim; a is gone too, so
+    the claim stays deleted. c starts, sees a skip in a's numbered entries, says so at error
+    level, and with --cluster-offline refuse refuses SPA packets until every record that could
+    have been in the deleted entries is over."""
+    a, b = fleet(0), fleet(1)
+    knock(lan, lan.client(1, server=0))  # a's first entry
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)  # its used entry, then its grant
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    b.wait_log("10.198.0.101: spaSSH: open, granted on fleet member a")
+    a.stop()
+    assert ctl(b, "revoke", "10.198.0.101").returncode == 0
+    (used,) = _used_entries(fleet)
+    assert fleet.redis.cli("XDEL", "nfknock:stream", used).stdout.strip() == "1"
+    claims = _claims(fleet)
+    assert claims and fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))
+    c = fleet(2, "--cluster-offline", "refuse")
+    line = c.wait_log("stream entry of member a")
+    assert "missing before" in line and "XDEL" in line
+    assert "stream gap" in status(c)["fleet"]["alarms"]
+    send_udp(lan.client(0, server=2), saved.read_text().strip().encode())
+    line = c.wait_log("SPA packet refused")
+    assert "fleet unreachable (entries were deleted from the fleet's stream" in line
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())  # b read it before the XDEL
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
