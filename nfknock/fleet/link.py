@@ -618,10 +618,11 @@ class Link:
         for name, value in zip(names, signed, strict=True):
             pipe.set(name, value, nx=True, px=milliseconds)
         appended = self._append_used(pipe, job.record, job.expires, job.stamp)
-        pipe.execute()
+        done = pipe.execute()
         self._appended_now(appended, job.record, job.expires)
-        for name, value in zip(names, signed, strict=True):
-            self._hold(name, value, job.expires + CLAIM_MARGIN)
+        for index, (name, value) in enumerate(zip(names, signed, strict=True)):
+            # Held by another member already: it ends when theirs does, not a deletion.
+            self._hold(name, value, job.expires + CLAIM_MARGIN, there=bool(done[index]))
 
     def hold_records(self, records: dict[str, float]) -> None:
         """Records this member keeps on disk (its replay cache, from before a restart): put back

@@ -208,3 +208,19 @@ def test_without_a_skip_nothing_is_alarmed_and_claims_are_asked(fleet, spa_door)
     c.handle(pkt)
     assert isinstance(c.until(lambda result: result[0], "answered")[0][0], DoorOpened)
     assert "stream gap" not in c.fleet.alarms
+
+
+def test_a_claim_another_member_held_that_ends_is_put_back_without_an_alarm(fleet, spa_door):
+    """b is told of a record a claimed (a copy b refused after its HMAC): a's claim ending is no
+    deletion; b puts its own in place, quietly."""
+    a, b = fleet("a", (spa_door,)), fleet("b", (spa_door,))
+    used_once(a, b, spa_door)
+    client = redis(fleet)
+    claims = sorted(client.scan_iter("nfknock:used:*"))
+    (record,) = a.engine.replays.snapshot()
+    b.fleet.link.record(record, time.time() + 120)
+    a.until(lambda _: len(a.fleet.used) == 1, "read b's used entry")  # b's SET NX found a's claim
+    a.fleet.stop()  # a puts back nothing now
+    client.delete(*claims)  # as when a's claim ends before b's would
+    b.until(lambda _: sorted(client.scan_iter("nfknock:used:*")) == claims, "put its claim in place")
+    assert "claims deleted" not in b.fleet.alarms
