@@ -67,6 +67,7 @@ MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost th
 RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
 SETTLE_MARGIN = 1.0  # a joining member's first check of the second copy this long after REASSERT (Settled)
 MAX_SEQUENCES = 4096  # instances whose entry numbers a reader follows (the most recent ones)
+LAGGING = 15.0  # seconds a member's last entries may stay unread before they count as deleted
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,9 @@ class Link:
         self.settled = False  # Settled was told
         self.older: dict[str, str] = {}  # instance -> member, of members speaking an older protocol
         self._seq = 0  # entries this writer numbered (each appended entry's `n`)
+        self._done_seq = 0  # the number of the last entry Redis took (said in our presence)
+        # instance -> (a last number it announced, monotonic when, alarmed): see _check_last
+        self._lagging: dict[str, tuple[int, float, bool]] = {}
         self._seqs: dict[str, int] = {}  # instance -> the highest number read of its entries (reader)
         self._there: set[str] = set()  # held claims known to have been in Redis (a later absence: deleted)
         self._appended: dict[str, float] = {}  # records whose used entry this member appended -> expiry
@@ -439,10 +443,11 @@ class Link:
         pipe.xadd(self.stream, self._used(record, expires, stamp), maxlen=STREAM_LENGTH, approximate=True)
         return True
 
-    def _appended_now(self, appended: bool, record: str, expires: float) -> None:
+    def _appended_now(self, appended: bool, record: str, expires: float, stamp: _Stamp) -> None:
         """Once Redis took it (a retry appends it again, under the same number)."""
         if not appended:
             return
+        self._done_seq = max(self._done_seq, stamp.seq)
         wall = self.wall()
         while self._appended and (len(self._appended) >= MAX_HELD or next(iter(self._appended.values())) < wall):
             del self._appended[next(iter(self._appended))]
@@ -454,6 +459,7 @@ class Link:
             entry = replace(entry, base=self._written)
         fields = self._numbered(entry, stamp)
         added = client.xadd(self.stream, fields, maxlen=STREAM_LENGTH, approximate=True)
+        self._done_seq = max(self._done_seq, stamp.seq)
         pos = added.decode() if isinstance(added, bytes) else str(added)
         self._written = pos
         self._seen(pos)
@@ -574,7 +580,7 @@ class Link:
             pipe.set(name, value, nx=True, px=milliseconds)
         appended = self._append_used(pipe, claim.record, claim.expires, job.stamp)
         done = pipe.execute()
-        self._appended_now(appended, claim.record, claim.expires)
+        self._appended_now(appended, claim.record, claim.expires, job.stamp)
         other = None  # who else holds it, under any of the fleet's keys
         for index, name in enumerate(names):
             found = (
@@ -619,7 +625,7 @@ class Link:
             pipe.set(name, value, nx=True, px=milliseconds)
         appended = self._append_used(pipe, job.record, job.expires, job.stamp)
         done = pipe.execute()
-        self._appended_now(appended, job.record, job.expires)
+        self._appended_now(appended, job.record, job.expires, job.stamp)
         for index, (name, value) in enumerate(zip(names, signed, strict=True)):
             # Held by another member already: it ends when theirs does, not a deletion.
             self._hold(name, value, job.expires + CLAIM_MARGIN, there=bool(done[index]))
@@ -784,7 +790,7 @@ class Link:
         client.hset(
             self.members_key,
             self.instance,
-            self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants),
+            self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants, self._done_seq),
         )
         members: dict[str, tuple[str, float, int]] = {}
         known: dict[str, tuple[str, float]] = {}
@@ -793,7 +799,7 @@ class Link:
         for instance, raw in client.hgetall(self.members_key).items():
             key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
             try:
-                member, said_instance, seen, grants, protocol = self.signer.verify_presence(raw)
+                member, said_instance, seen, grants, protocol, last = self.signer.verify_presence(raw)
             except Forged as exc:
                 self._tell(Rejected(f"member entry {key!r}", str(exc)))
                 stale.append(instance)
@@ -804,12 +810,42 @@ class Link:
                 known[key] = (member, seen)
                 if wall - seen <= SEEN_RECENTLY:
                     members[key] = (member, seen, grants)
+                    if key != self.instance:
+                        self._check_last(key, member, last)
                     if protocol < PROTOCOL:
                         older[key] = member
         if stale:
             client.hdel(self.members_key, *stale)
         self.members, self.known = members, known
         self._check_versions(older)
+
+    def _check_last(self, instance: str, member: str, last: int) -> None:
+        """A member's presence says the number of its last entry in the stream. When the reader
+        has read some of its entries, but not up to a number announced LAGGING seconds ago, the
+        entries after what it read were deleted: a skip the reader cannot see itself, nothing of
+        that member follows them. A member none of whose entries this one read is not judged
+        (they may have been trimmed before it joined)."""
+        read = self._seqs.get(instance, 0)  # the reader's (a thread of its own: at worst late)
+        if read == 0 or read >= last:
+            self._lagging.pop(instance, None)
+            return
+        now = time.monotonic()
+        noticed = self._lagging.get(instance)
+        if noticed is None or read >= noticed[0]:  # what was announced before is read: watch the new
+            self._lagging[instance] = (last, now, False)
+            return
+        target, since, said = noticed
+        if not said and now - since >= LAGGING:
+            self._lagging[instance] = (target, since, True)  # said once
+            self._tell(
+                Alarm(
+                    "stream gap",
+                    f"the last {target - read} stream entr{'y' if target - read == 1 else 'ies'} of member {member} "
+                    f"(numbers {read + 1}..{target}) are not in the stream although it appended them: deleted by "
+                    "someone with the Redis password (XDEL), or trimmed before this member read them; a used packet "
+                    "whose claim was deleted too could open here",
+                )
+            )
 
     def _check_versions(self, older: dict[str, str]) -> None:
         """A member of an older nfknock in the fleet: it ignores revocations' order (base, pos),

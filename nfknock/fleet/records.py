@@ -358,21 +358,28 @@ class Signer:
 
     # -- members (who is there) ------------------------------------------------------------
 
-    def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:
-        payload = {"member": member, "instance": instance, "seen": seen, "grants": grants, "v": PROTOCOL}
+    def sign_presence(self, member: str, instance: str, seen: float, grants: int, last: int = 0) -> bytes:
+        """`last`: the number of the last entry this instance appended to the stream (sign_seq),
+        so that readers notice its last entries deleted too (link.py)."""
+        payload = {"member": member, "instance": instance, "seen": seen, "grants": grants, "v": PROTOCOL, "last": last}
         return self._seal("presence", payload)
 
-    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int, int]:
-        """(member, instance, seen, grants, protocol): a presence without "v" is a member from
-        before PROTOCOL 2 (it says nothing of its version, and ignores base and pos)."""
+    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int, int, int]:
+        """(member, instance, seen, grants, protocol, last): a presence without "v" is a member
+        from before PROTOCOL 2 (it says nothing of its version, and ignores base and pos);
+        without "last" (before 3), 0."""
         payload = self._open("presence", raw)
         try:
+            last = payload.get("last", 0)
+            if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+                raise ValueError(f"bad last entry number {last!r:.40}")
             return (
                 _text(payload["member"]),
                 _text(payload["instance"]),
                 _number(payload["seen"]),
                 int(payload["grants"]),
                 int(payload.get("v", 1)),
+                last,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None

@@ -170,7 +170,7 @@ def test_a_member_puts_back_its_claims_that_were_deleted_and_says_so(fleet, spa_
 def test_a_members_entries_are_numbered_one_after_the_other(fleet, spa_door):
     a, b = fleet("a", (spa_door,)), fleet("b", (spa_door,))
     used_once(a, b, spa_door)  # a's used entry, then its grant
-    b.until(lambda result: ALICE in result[1], "got the grant")
+    a.until(lambda _: len(redis(fleet).xrange("nfknock:stream")) == 2, "published the grant")
     signer = Signer(KEY, "nfknock")
     numbers = []
     for _, fields in redis(fleet).xrange("nfknock:stream"):
@@ -224,3 +224,39 @@ def test_a_claim_another_member_held_that_ends_is_put_back_without_an_alarm(flee
     client.delete(*claims)  # as when a's claim ends before b's would
     b.until(lambda _: sorted(client.scan_iter("nfknock:used:*")) == claims, "put its claim in place")
     assert "claims deleted" not in b.fleet.alarms
+
+
+def test_a_members_last_entries_deleted_are_seen_from_its_presence(fleet, spa_door, monkeypatch):
+    """Nothing of a follows its deleted entries (no skip to see): its presence says the number
+    of its last entry, and one still unread after LAGGING seconds is an alarm."""
+    from nfknock.fleet import link
+
+    monkeypatch.setattr(link, "LAGGING", 0.5)
+    signer = Signer(KEY, "nfknock")
+    client = redis(fleet)
+    for seq in (1, 2):  # a appended 1..4; 3 and 4 were deleted (XDEL)
+        entry = Used(f"u{seq}", "a", "ia", names(signer, f"r{seq}"), time.time() + 120)
+        client.xadd("nfknock:stream", {"e": signer.sign(entry), "n": signer.sign_seq("ia", seq, entry.id)})
+    client.hset("nfknock:members", "ia", signer.sign_presence("a", "ia", time.time() + 8, 0, 4))
+    c = fleet("c", (spa_door,), offline="refuse")
+    c.until(lambda _: "stream gap" in c.fleet.alarms, "saw the last entries missing")
+    assert "the last 2 stream entries of member a (numbers 3..4)" in c.fleet.alarms["stream gap"]
+
+
+def test_a_member_whose_last_entries_are_read_is_no_alarm(fleet, spa_door, monkeypatch):
+    from nfknock.fleet import link
+
+    monkeypatch.setattr(link, "LAGGING", 0.5)
+    signer = Signer(KEY, "nfknock")
+    client = redis(fleet)
+    for seq in (1, 2):
+        entry = Used(f"u{seq}", "a", "ia", names(signer, f"r{seq}"), time.time() + 120)
+        client.xadd("nfknock:stream", {"e": signer.sign(entry), "n": signer.sign_seq("ia", seq, entry.id)})
+    client.hset("nfknock:members", "ia", signer.sign_presence("a", "ia", time.time() + 8, 0, 2))
+    c = fleet("c", (spa_door,), offline="refuse")
+    c.until(lambda _: len(c.fleet.used) == 2, "read both")
+    end = time.monotonic() + 5  # two heartbeats and more than LAGGING
+    while time.monotonic() < end:
+        c.step()
+        time.sleep(0.05)
+    assert "stream gap" not in c.fleet.alarms
