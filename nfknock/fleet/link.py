@@ -12,7 +12,10 @@ from its start.
 What Redis holds (all under the fleet's name, so two fleets can share one Redis):
   NAME:stream         grants and revocations, signed (records.py), trimmed to ~STREAM_LENGTH
   NAME:used:<hmac>    one key per replay record used, SET NX with an expiry (the claim); also
-                      for an SPA packet a member refused after its HMAC (told, not asked)
+                      for an SPA packet a member refused after its HMAC (told, not asked). In the
+                      same pipeline a signed `used` entry goes on the stream: every member keeps
+                      those (used.py), so a claim deleted by hand reopens nothing; and every
+                      heartbeat puts back this member's live claims that are gone before their time
   NAME:members        instance -> signed presence (who is there, seen when)
   NAME:epoch          a signed marker, set once by the first member: when it is gone or another,
                       Redis lost data (restarted without it, evicted it, failed over to a
@@ -23,6 +26,8 @@ What Redis holds (all under the fleet's name, so two fleets can share one Redis)
                       every REASSERT seconds; each member puts back what it keeps
                       (revocations.py) when it is missing, so a trimmed stream or a writer
                       without the fleet key deleting an entry (XDEL, HDEL) undoes no revocation
+Every entry this member appends carries a signed sequence number of its own (`n`): a reader that
+sees one skip raises an alarm (entries deleted from the stream, or trimmed before it read them).
 Answers and entries come back through `inbox`; `wake` tells the loop to look.
 """
 
@@ -42,7 +47,7 @@ from urllib.parse import urlsplit
 from ..doors.events import ClaimNeeded
 from ..errors import UsageError
 from .deployment import ERROR, OK, read_facts, risks
-from .records import MAX_GRANT_SECONDS, PROTOCOL, Claim, Entry, Forged, Grant, Revoke, Signer, stream_order
+from .records import MAX_GRANT_SECONDS, PROTOCOL, Claim, Entry, Forged, Grant, Revoke, Signer, Used, stream_order
 
 MAX_BACKLOG = 4096  # jobs waiting for Redis; more push the oldest publish out (counted)
 STREAM_LENGTH = 10000  # entries kept in the stream (approximately): the catch-up horizon
@@ -61,6 +66,8 @@ MAX_SKEW = 30.0  # seconds between this member's clock and Redis's beyond which 
 MAX_HELD = 65536  # live claims this member keeps to put back when Redis lost them
 RECOVERY = 2 * HEARTBEAT + 1.0  # after a loss: every live member has put its claims back by then
 SETTLE_MARGIN = 1.0  # a joining member's first check of the second copy this long after REASSERT (Settled)
+MAX_SEQUENCES = 4096  # instances whose entry numbers a reader follows (the most recent ones)
+LAGGING = 15.0  # seconds a member's last entries may stay unread before they count as deleted
 
 
 @dataclass(frozen=True)
@@ -149,16 +156,30 @@ class LinkState:
     detail: str = ""
 
 
+class _Stamp:
+    """What a job appends to the stream is numbered (and a used entry named) at its first try and
+    keeps both across retries: a retry that Redis had already done shows as the same entry twice
+    (applied once), never as a skip that readers would take for a deletion."""
+
+    __slots__ = ("seq", "id")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.id = ""
+
+
 @dataclass(frozen=True)
 class _Publish:
     entry: Entry
     expires: float  # wall clock after which publishing it is pointless
+    stamp: _Stamp = field(default_factory=_Stamp, compare=False)
 
 
 @dataclass(frozen=True)
 class _Claim:
     claim: ClaimNeeded
     late: bool = False  # used while Redis was unreachable: recorded afterwards, nobody waits
+    stamp: _Stamp = field(default_factory=_Stamp, compare=False)
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,7 @@ class _Record:
 
     record: str
     expires: float
+    stamp: _Stamp = field(default_factory=_Stamp, compare=False)
 
 
 @dataclass(frozen=True)
@@ -257,6 +279,13 @@ class Link:
         self._connected_first: float | None = None  # monotonic: the writer's first connection
         self.settled = False  # Settled was told
         self.older: dict[str, str] = {}  # instance -> member, of members speaking an older protocol
+        self._seq = 0  # entries this writer numbered (each appended entry's `n`)
+        self._done_seq = 0  # the number of the last entry Redis took (said in our presence)
+        # instance -> (a last number it announced, monotonic when, alarmed): see _check_last
+        self._lagging: dict[str, tuple[int, float, bool]] = {}
+        self._seqs: dict[str, int] = {}  # instance -> the highest number read of its entries (reader)
+        self._there: set[str] = set()  # held claims known to have been in Redis (a later absence: deleted)
+        self._appended: dict[str, float] = {}  # records whose used entry this member appended -> expiry
 
     # -- the loop's side (never blocks) ------------------------------------------------------
 
@@ -379,7 +408,7 @@ class Link:
             try:
                 if isinstance(job, _Publish):
                     if job.expires > wall:
-                        self._xadd(client, job.entry)
+                        self._xadd(client, job.entry, job.stamp)
                 elif isinstance(job, _Record):
                     if job.expires > wall:
                         self._record(client, job, wall)
@@ -392,11 +421,45 @@ class Link:
             except Exception as exc:  # noqa: BLE001 - the connection's failure, whatever it is
                 raise _Failed(jobs[at:], _reason(exc)) from None
 
-    def _xadd(self, client, entry: Entry) -> None:
+    def _numbered(self, entry: Entry, stamp: _Stamp) -> dict[str, bytes]:
+        """The stream fields of `entry`: itself and its signed sequence number."""
+        if not stamp.seq:
+            self._seq += 1
+            stamp.seq = self._seq
+        return {"e": self.signer.sign(entry), "n": self.signer.sign_seq(self.instance, stamp.seq, entry.id)}
+
+    def _used(self, record: str, expires: float, stamp: _Stamp) -> dict[str, bytes]:
+        """The stream fields of the `used` entry of `record` (used.py), named once per job."""
+        stamp.id = stamp.id or secrets.token_hex(8)
+        names = tuple(self.signer.claim_names(record))
+        return self._numbered(Used(stamp.id, self.config.member, self.instance, names, expires), stamp)
+
+    def _append_used(self, pipe, record: str, expires: float, stamp: _Stamp) -> bool:
+        """Queue the used entry of `record` on `pipe`, unless this member appended it already: a
+        single process with a replay store tells the fleet of a record while it writes it
+        (sinks.py), then claims it."""
+        if record in self._appended:
+            return False
+        pipe.xadd(self.stream, self._used(record, expires, stamp), maxlen=STREAM_LENGTH, approximate=True)
+        return True
+
+    def _appended_now(self, appended: bool, record: str, expires: float, stamp: _Stamp) -> None:
+        """Once Redis took it (a retry appends it again, under the same number)."""
+        if not appended:
+            return
+        self._done_seq = max(self._done_seq, stamp.seq)
+        wall = self.wall()
+        while self._appended and (len(self._appended) >= MAX_HELD or next(iter(self._appended.values())) < wall):
+            del self._appended[next(iter(self._appended))]
+        self._appended[record] = expires
+
+    def _xadd(self, client, entry: Entry, stamp: _Stamp) -> None:
         if isinstance(entry, Grant) and stream_order(self._written) > stream_order(entry.base):
             # Our own revocations published before it (the jobs are in order) came before it.
             entry = replace(entry, base=self._written)
-        added = client.xadd(self.stream, {"e": self.signer.sign(entry)}, maxlen=STREAM_LENGTH, approximate=True)
+        fields = self._numbered(entry, stamp)
+        added = client.xadd(self.stream, fields, maxlen=STREAM_LENGTH, approximate=True)
+        self._done_seq = max(self._done_seq, stamp.seq)
         pos = added.decode() if isinstance(added, bytes) else str(added)
         self._written = pos
         self._seen(pos)
@@ -508,9 +571,23 @@ class Link:
             return
         mine = Claim(self.config.member, self.instance, claim.expires)
         milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
+        names = self.signer.claim_names(claim.record)
+        signed = [self.signer.sign_claim(claim.record, mine, index) for index in range(len(names))]
+        # One round trip: the claim under each key's name, and the used entry every member keeps
+        # (used.py; appended whoever wins: the record is used either way).
+        pipe = client.pipeline(transaction=False)
+        for name, value in zip(names, signed, strict=True):
+            pipe.set(name, value, nx=True, px=milliseconds)
+        appended = self._append_used(pipe, claim.record, claim.expires, job.stamp)
+        done = pipe.execute()
+        self._appended_now(appended, claim.record, claim.expires, job.stamp)
         other = None  # who else holds it, under any of the fleet's keys
-        for index, name in enumerate(self.signer.claim_names(claim.record)):
-            found = self._claim_one(client, claim.record, index, name, mine, milliseconds)
+        for index, name in enumerate(names):
+            found = (
+                None if done[index] else self._holder(client, claim.record, index, name, signed[index], milliseconds)
+            )
+            if found is None:
+                self._hold(name, signed[index], mine.expires + CLAIM_MARGIN)
             other = other or found
         if other is None:  # ours (or our own earlier try got through)
             if not job.late:
@@ -522,18 +599,13 @@ class Link:
         else:
             self._tell(Answer(claim, "taken", by=other, detail=f"used on member {other}"))
 
-    def _claim_one(self, client, record: str, index: int, name: str, mine: Claim, milliseconds: int) -> str | None:
-        """Claim `record` under one key's name: None if it is ours now, else who holds it ("" if
-        nobody we can verify: the name is keyed with the fleet key, so someone wrote exactly there
-        without it)."""
-        signed = self.signer.sign_claim(record, mine, index)
-        if client.set(name, signed, nx=True, px=milliseconds):
-            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
-            return None
+    def _holder(self, client, record: str, index: int, name: str, signed: bytes, milliseconds: int) -> str | None:
+        """Who holds `record` under one key's name, our SET NX having found it taken: None if it
+        is ours after all, else who ("" if nobody we can verify: the name is keyed with the
+        fleet key, so someone wrote exactly there without it)."""
         raw = client.get(name)
         if raw is None:  # expired between the two commands: nobody holds it now
             client.set(name, signed, nx=True, px=milliseconds)
-            self._hold(name, signed, mine.expires + CLAIM_MARGIN)
             return None
         try:
             holder = self.signer.verify_claim(record, raw, index)
@@ -546,10 +618,17 @@ class Link:
         """A claim nobody waits for: if another member holds it already, it is used either way."""
         mine = Claim(self.config.member, self.instance, job.expires)
         milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
-        for index, name in enumerate(self.signer.claim_names(job.record)):
-            signed = self.signer.sign_claim(job.record, mine, index)
-            client.set(name, signed, nx=True, px=milliseconds)
-            self._hold(name, signed, job.expires + CLAIM_MARGIN)
+        names = self.signer.claim_names(job.record)
+        signed = [self.signer.sign_claim(job.record, mine, index) for index in range(len(names))]
+        pipe = client.pipeline(transaction=False)
+        for name, value in zip(names, signed, strict=True):
+            pipe.set(name, value, nx=True, px=milliseconds)
+        appended = self._append_used(pipe, job.record, job.expires, job.stamp)
+        done = pipe.execute()
+        self._appended_now(appended, job.record, job.expires, job.stamp)
+        for index, (name, value) in enumerate(zip(names, signed, strict=True)):
+            # Held by another member already: it ends when theirs does, not a deletion.
+            self._hold(name, value, job.expires + CLAIM_MARGIN, there=bool(done[index]))
 
     def hold_records(self, records: dict[str, float]) -> None:
         """Records this member keeps on disk (its replay cache, from before a restart): put back
@@ -557,12 +636,18 @@ class Link:
         for record, expires in records.items():
             mine = Claim(self.config.member, self.instance, expires)
             for index, name in enumerate(self.signer.claim_names(record)):
-                self._hold(name, self.signer.sign_claim(record, mine, index), expires + CLAIM_MARGIN)
+                self._hold(name, self.signer.sign_claim(record, mine, index), expires + CLAIM_MARGIN, there=False)
 
-    def _hold(self, name: str, signed: bytes, expires: float) -> None:
+    def _hold(self, name: str, signed: bytes, expires: float, there: bool = True) -> None:
+        """Keep a live claim of ours to put back; `there`: it is in Redis now (its absence later,
+        before its time, means someone deleted it)."""
         if len(self._held) >= MAX_HELD:
-            self._held.pop(next(iter(self._held)))
+            oldest = next(iter(self._held))
+            del self._held[oldest]
+            self._there.discard(oldest)
         self._held[name] = (signed, expires)
+        if there:
+            self._there.add(name)
 
     # -- what Redis may have lost --------------------------------------------------------------
 
@@ -631,7 +716,39 @@ class Link:
         for name, (signed, expires) in list(self._held.items()):
             client.set(name, signed, nx=True, px=max(1000, int((expires - wall) * 1000)))
         self.reasserted += len(self._held)
+        self._there = set(self._held)
         return len(self._held)
+
+    def _check_claims(self, client) -> None:
+        """Every heartbeat: this member's live claims that are gone from Redis before their time
+        are put back (one pipeline of SET NX); those known to have been there were deleted by
+        someone with the Redis password (or evicted without INFO saying so): an alarm. Between a
+        deletion and this check, the used entries on the stream (used.py) still refuse the packet
+        on every member that read them."""
+        wall = self.wall()
+        for name in [name for name, (_, expires) in self._held.items() if expires <= wall]:
+            del self._held[name]
+        self._there &= set(self._held)
+        if not self._held:
+            return
+        names = list(self._held)
+        pipe = client.pipeline(transaction=False)
+        for name in names:
+            signed, expires = self._held[name]
+            pipe.set(name, signed, nx=True, px=max(1000, int((expires - wall) * 1000)))
+        back = [name for name, done in zip(names, pipe.execute(), strict=True) if done]
+        deleted = [name for name in back if name in self._there]
+        self._there.update(names)
+        self.reasserted += len(back)
+        if deleted:
+            self._tell(
+                Alarm(
+                    "claims deleted",
+                    f"{len(deleted)} live claim(s) of this member were gone from Redis before their time (deleted "
+                    "by someone with the Redis password, or evicted): put back; members that read the used "
+                    "entries refuse those packets anyway",
+                )
+            )
 
     def _check_evictions(self, client) -> None:
         evicted = int(client.info("stats").get("evicted_keys", 0))
@@ -668,11 +785,12 @@ class Link:
             self._check_evictions(client)
         except Exception:  # noqa: BLE001 - INFO may be refused (ACL)
             pass
+        self._check_claims(client)
         wall = self.wall()
         client.hset(
             self.members_key,
             self.instance,
-            self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants),
+            self.signer.sign_presence(self.config.member, self.instance, wall, self.local_grants, self._done_seq),
         )
         members: dict[str, tuple[str, float, int]] = {}
         known: dict[str, tuple[str, float]] = {}
@@ -681,7 +799,7 @@ class Link:
         for instance, raw in client.hgetall(self.members_key).items():
             key = instance.decode(errors="replace") if isinstance(instance, bytes) else str(instance)
             try:
-                member, said_instance, seen, grants, protocol = self.signer.verify_presence(raw)
+                member, said_instance, seen, grants, protocol, last = self.signer.verify_presence(raw)
             except Forged as exc:
                 self._tell(Rejected(f"member entry {key!r}", str(exc)))
                 stale.append(instance)
@@ -692,12 +810,42 @@ class Link:
                 known[key] = (member, seen)
                 if wall - seen <= SEEN_RECENTLY:
                     members[key] = (member, seen, grants)
+                    if key != self.instance:
+                        self._check_last(key, member, last)
                     if protocol < PROTOCOL:
                         older[key] = member
         if stale:
             client.hdel(self.members_key, *stale)
         self.members, self.known = members, known
         self._check_versions(older)
+
+    def _check_last(self, instance: str, member: str, last: int) -> None:
+        """A member's presence says the number of its last entry in the stream. When the reader
+        has read some of its entries, but not up to a number announced LAGGING seconds ago, the
+        entries after what it read were deleted: a skip the reader cannot see itself, nothing of
+        that member follows them. A member none of whose entries this one read is not judged
+        (they may have been trimmed before it joined)."""
+        read = self._seqs.get(instance, 0)  # the reader's (a thread of its own: at worst late)
+        if read == 0 or read >= last:
+            self._lagging.pop(instance, None)
+            return
+        now = time.monotonic()
+        noticed = self._lagging.get(instance)
+        if noticed is None or read >= noticed[0]:  # what was announced before is read: watch the new
+            self._lagging[instance] = (last, now, False)
+            return
+        target, since, said = noticed
+        if not said and now - since >= LAGGING:
+            self._lagging[instance] = (target, since, True)  # said once
+            self._tell(
+                Alarm(
+                    "stream gap",
+                    f"the last {target - read} stream entr{'y' if target - read == 1 else 'ies'} of member {member} "
+                    f"(numbers {read + 1}..{target}) are not in the stream although it appended them: deleted by "
+                    "someone with the Redis password (XDEL), or trimmed before this member read them; a used packet "
+                    "whose claim was deleted too could open here",
+                )
+            )
 
     def _check_versions(self, older: dict[str, str]) -> None:
         """A member of an older nfknock in the fleet: it ignores revocations' order (base, pos),
@@ -708,9 +856,11 @@ class Link:
             self._tell(
                 Alarm(
                     "version",
-                    f"member(s) {names} run an older nfknock (fleet protocol 1, this member speaks {PROTOCOL}): "
-                    "they apply grants whatever was revoked since and keep no revocations, so a door revoked "
-                    "fleet-wide may open again there; upgrade them (do not mix versions in one fleet)",
+                    f"member(s) {names} run an older nfknock (an older fleet protocol, this member speaks {PROTOCOL}): "
+                    "those of protocol 1 apply grants whatever was revoked since and keep no revocations, so a door "
+                    "revoked fleet-wide may open again there; those of protocol 2 keep no used records of other "
+                    "members, so a used packet whose claim is deleted from Redis may open there; upgrade them (do "
+                    "not mix versions in one fleet)",
                 )
             )
         elif not older and self.older:
@@ -808,12 +958,48 @@ class Link:
             return
         if entry.instance == self.instance:
             return  # our own
+        self._follow_numbers(entry_id, fields, entry)
         if isinstance(entry, Grant) and entry.until <= self.wall():
             return  # over already (catching up on old entries)
+        if isinstance(entry, Used) and entry.expires + CLAIM_MARGIN <= self.wall():
+            return
         if isinstance(entry, Revoke) and entry.pos is None:
             entry = replace(entry, pos=entry_id)  # its place: where Redis put it
         self.received += 1
         self._tell(Received(entry, entry_id))
+
+    def _follow_numbers(self, entry_id: str, fields: dict, entry: Entry) -> None:
+        """An instance's entries are numbered 1, 2, 3...: a number skipped since the last one read
+        means entries were deleted from the stream (XDEL, by someone with the Redis password: a
+        used entry and its claim deleted together would let a used packet open here), or trimmed
+        before this member read them. Either way this member cannot tell what it missed: an
+        alarm (member.py answers claims per --cluster-offline for a while). Entries without a
+        number (an older member) are not followed."""
+        raw = fields.get(b"n", fields.get("n"))
+        if raw is None:
+            return
+        try:
+            instance, seq = self.signer.verify_seq(raw, entry.id)
+            if instance != entry.instance:
+                raise Forged("the sequence number of another member")
+        except Forged as exc:
+            self._tell(Rejected(f"stream entry {entry_id}", str(exc)))
+            return
+        last = self._seqs.pop(instance, None)  # re-inserted: the most recent instances stay
+        if last is not None and seq > last + 1:
+            missing = seq - last - 1
+            self._tell(
+                Alarm(
+                    "stream gap",
+                    f"{missing} stream entr{'y' if missing == 1 else 'ies'} of member {entry.member} "
+                    f"(numbers {last + 1}..{seq - 1}) missing before {entry_id}: deleted by someone with the Redis "
+                    "password (XDEL), or trimmed before this member read them; a used packet whose claim was "
+                    "deleted too could open here",
+                )
+            )
+        self._seqs[instance] = max(seq, last or 0)
+        while len(self._seqs) > MAX_SEQUENCES:
+            del self._seqs[next(iter(self._seqs))]
 
 
 class _Failed(Exception):

@@ -14,6 +14,12 @@ A revocation is never undone (records.py says how they are ordered): every revoc
 issues or reads is kept (revocations.py, durably under --state-dir) until what it covers is over,
 and a grant from the fleet is applied only if none of them covers it and its SPA key is still on
 the door here. A key that leaves a door at a reload is published as a revocation of that key.
+
+A used packet opens at most once in the fleet: besides its claim in Redis, every member keeps the
+used entries other members append to the stream (used.py, durably) and refuses a packet found
+there before it asks Redis, so a claim deleted by hand reopens nothing. When the stream shows that
+entries were deleted (a skipped number, link.py), this member cannot tell what it missed: for
+as long as a replay record lives, claims follow --cluster-offline (refuse: refused).
 """
 
 from __future__ import annotations
@@ -29,10 +35,24 @@ from typing import Any
 
 from ..doors.events import ClaimNeeded, DoorClosed, DoorOpened, Event, GrantsRevoked, Recorded
 from ..doors.replay import ReplayCache
-from ..doors.rules import SpaDoor
-from .link import Alarm, Answer, Confirmed, FleetConfig, Link, LinkState, Placed, Received, Rejected, Settled
-from .records import MAX_GRANT_SECONDS, Grant, Revoke, Signer, grant_seconds, stream_order
+from ..doors.rules import RotatingDoor, SpaDoor
+from .link import (
+    CLAIM_MARGIN,
+    Alarm,
+    Answer,
+    Confirmed,
+    FleetConfig,
+    Link,
+    LinkState,
+    Placed,
+    Received,
+    Rejected,
+    Settled,
+)
+from .records import MAX_GRANT_SECONDS, Entry, Grant, Revoke, Signer, Used, grant_seconds, stream_order
 from .revocations import SUBDIR, Revocations
+from .used import SUBDIR as USED_SUBDIR
+from .used import UsedElsewhere
 
 MAX_APPLIED = 65536  # ids of entries applied, remembered until they are useless
 REJECTED_LOGGED = 10  # the first unauthenticated entries are logged one by one, then every 100th
@@ -61,6 +81,8 @@ class FleetMember:
         self.applied = ReplayCache(MAX_APPLIED)
         self.revocations = Revocations(self.signer, log, None if state_dir is None else Path(state_dir) / SUBDIR)
         self.link.revocations = lambda: list(self.revocations.entries.values())
+        self.used = UsedElsewhere(self.signer, log, None if state_dir is None else Path(state_dir) / USED_SUBDIR)
+        self._doubt_until = 0.0  # wall: entries were deleted from the stream; claims follow the offline policy
         self._next_sweep = 0.0
         self.alarms: dict[str, str] = {}  # what -> the last thing said about it (status)
         self.confirmations: dict[str, dict[str, str]] = {}  # our recent revocations: id -> {instance: member}
@@ -88,6 +110,8 @@ class FleetMember:
         wall = self.link.wall()
         if self.revocations.load(wall):
             self.log.info("fleet: %d revocation(s) kept from before apply", len(self.revocations))
+        if self.used.load(wall):
+            self.log.info("fleet: %d record(s) used on other members kept from before", len(self.used))
         for revoke in list(self.revocations.entries.values()):
             self.applied.record(revoke.id, revoke.at + MAX_GRANT_SECONDS)
             if revoke.pos is None:  # issued, never placed in the stream: the others still need it
@@ -99,6 +123,7 @@ class FleetMember:
     def stop(self) -> None:
         self.link.stop()
         self.revocations.flush()
+        self.used.flush()
 
     # -- after the engine decided -----------------------------------------------------------
 
@@ -121,7 +146,18 @@ class FleetMember:
                 # for members that restart or join and read the stream again.
                 self._revoke(Revoke(_id(), self.member, self.instance, None, event.door, wall, event.key))
             elif isinstance(event, ClaimNeeded):
-                if self.link.connected:
+                by = self.used.holder(self.signer.claim_names(event.record), wall)
+                if by is not None:  # read from the stream: refused whatever Redis says of its claim
+                    self.claims_refused += 1
+                    follow += self.engine.claimed(event, "taken", now, f"used on member {by}")
+                elif wall < self._doubt_until and self.config.offline == "refuse":
+                    follow += self._refuse(
+                        event,
+                        now,
+                        "entries were deleted from the fleet's stream: cannot tell whether another "
+                        "member used it (--cluster-offline refuse)",
+                    )
+                elif self.link.connected:
                     self.link.claim(event)
                 else:
                     follow += self._unreachable(event, now)
@@ -212,14 +248,41 @@ class FleetMember:
             elif isinstance(message, Alarm):
                 self.alarms[message.what] = message.detail
                 self.log.error("fleet: %s", message.detail)
+                if message.what == "stream gap":
+                    self._doubt(wall)
+        if self._doubt_until and wall >= self._doubt_until:
+            self._doubt_until = 0.0
+            self.alarms.pop("stream gap", None)
+            self.log.warning(
+                "fleet: what was deleted from the stream can no longer open anything (its records are over)"
+            )
         if wall >= self._next_sweep:
             self._next_sweep = wall + 60.0
             self.revocations.sweep(wall)
+            self.used.sweep(wall)
         if wall >= self._next_count:  # for our presence entry; not every turn (it walks the grants)
             self._next_count = wall + 2.0
             self._prune(now)
             self.link.local_grants = len(self.engine.grants(now)) - len(self.origins)
         return events, touched
+
+    def _doubt(self, wall: float) -> None:
+        """Entries were deleted from the stream (a used entry among them, perhaps): until every
+        record that could have been in them is over, claims follow --cluster-offline."""
+        life = 0.0
+        for door in self.engine.doors.values():
+            if isinstance(door, SpaDoor):
+                life = max(life, door.max_age)
+            elif isinstance(door, RotatingDoor):
+                life = max(life, 2 * door.rotate.window)
+        self._doubt_until = max(self._doubt_until, wall + life + CLAIM_MARGIN)
+        self.log.error(
+            "fleet: for the next %.0fs SPA and rotating doors %s",
+            life + CLAIM_MARGIN,
+            "are refused (--cluster-offline refuse)"
+            if self.config.offline == "refuse"
+            else "are checked against this member's records and Redis's claims only (--cluster-offline accept)",
+        )
 
     def _before_joining(self, message: Received) -> bool:
         """A grant read while catching up on what the stream held when this member joined."""
@@ -287,8 +350,11 @@ class FleetMember:
             self.log.warning("%s: %s: sequence not honoured: %s", claim.src, claim.door, detail)
         return events
 
-    def _apply(self, entry: Grant | Revoke, now: float, wall: float) -> set[str]:
+    def _apply(self, entry: Entry, now: float, wall: float) -> set[str]:
         """Apply another member's entry; returns the sources whose grants changed here."""
+        if isinstance(entry, Used):
+            self.used.add(entry, wall)  # refused here from now on, whatever happens to its claim
+            return set()
         if isinstance(entry, Revoke):
             self.revocations.add(entry)  # kept whatever else happens: it may come before its grant
         if entry.id in self.applied:
@@ -448,6 +514,7 @@ class FleetMember:
             "alarms": dict(self.alarms),
             "revokes": self._revokes(wall),
             "claims_refused": self.claims_refused,
+            "used_elsewhere": len(self.used),
         }
 
 

@@ -20,6 +20,12 @@ member had seen (read or written) when it granted. A revocation covers every mat
 whose base is before its place: whatever its issuer knew, it did not know of the revocation, so
 the grant was issued before it, however late it reached Redis (a member cut off publishes late).
 Members' wall clocks order nothing.
+
+Used records (issue 23): a member that claims a replay record also appends a `Used` entry to the
+stream, naming the claim (its keyed names, never the record) and when it is over; every member
+keeps those (used.py), so a packet used on A is refused on B even when someone with the Redis
+password deleted A's claim. Each entry a member appends carries a signed sequence number of its
+instance (`sign_seq`): a reader that sees one skip knows entries were deleted from the stream.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from ..errors import UsageError
 
 # What members write and expect of each other. 1: before issue 23 (grants without `base`,
 # revocations without `pos`: such a member applies a grant whatever was revoked after it was
-# issued, and does not keep revocations); 2: ordered revocations, kept, confirmed. Members say
-# theirs in their presence entry; a member seeing an older one raises an alarm naming it.
-PROTOCOL = 2
+# issued, and does not keep revocations); 2: ordered revocations, kept, confirmed; 3: used
+# records on the stream, numbered entries (an older member ignores both: a packet used elsewhere
+# whose claim was deleted opens there). Members say theirs in their presence entry; a member
+# seeing an older one raises an alarm naming it.
+PROTOCOL = 3
 MIN_KEY_BYTES = 32
 MAX_GRANT_SECONDS = 86400.0
 MAX_ENTRY_BYTES = 2048
@@ -131,7 +139,19 @@ class Revoke:
         return self.pos is None or stream_order(grant.base) < stream_order(self.pos)
 
 
-Entry = Grant | Revoke
+@dataclass(frozen=True)
+class Used:
+    """Replay records used on `member` until `expires` (its wall clock): `names` are the claim
+    names (claim_names, one per key of the issuer), never the record itself."""
+
+    id: str
+    member: str
+    instance: str
+    names: tuple[str, ...]
+    expires: float
+
+
+Entry = Grant | Revoke | Used
 
 
 def stream_order(entry_id: str) -> tuple[int, int]:
@@ -205,6 +225,9 @@ class Signer:
     # -- grants and revocations (the stream) -------------------------------------------------
 
     def sign(self, entry: Entry) -> bytes:
+        if isinstance(entry, Used):
+            used = {"kind": "used", "names": list(entry.names), "expires": entry.expires}
+            return self._seal("entry", {"id": entry.id, "member": entry.member, "instance": entry.instance} | used)
         payload: dict[str, Any] = {"id": entry.id, "member": entry.member, "instance": entry.instance, "src": entry.src}
         if isinstance(entry, Grant):
             payload |= {
@@ -228,6 +251,8 @@ class Signer:
         payload = self._open("entry", raw)
         try:
             ids = (_text(payload["id"]), _text(payload["member"]), _text(payload["instance"]))
+            if payload["kind"] == "used":
+                return Used(*ids, self._names(payload["names"]), _number(payload["expires"]))
             src = None if payload["src"] is None else str(ipaddress.ip_address(_text(payload["src"])))
             key = None if payload.get("key") is None else _text(payload["key"])
             if payload["kind"] == "grant":
@@ -247,6 +272,37 @@ class Signer:
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
         raise Forged(f"signed but of unknown kind {payload.get('kind')!r}")
+
+    def _names(self, value: Any) -> tuple[str, ...]:
+        """A used entry's claim names: this fleet's, as claim_name writes them, a few."""
+        prefix = f"{self.fleet}:used:"
+        if not isinstance(value, list) or not 0 < len(value) <= MAX_KEYS:
+            raise ValueError("names must be a short list")
+        for name in value:
+            tail = _text(name)[len(prefix) :]
+            if not name.startswith(prefix) or len(tail) != 40 or any(c not in "0123456789abcdef" for c in tail):
+                raise ValueError(f"not a claim name of this fleet: {name!r:.60}")
+        return tuple(value)
+
+    # -- the sequence numbers of a member's stream entries ---------------------------------
+
+    def sign_seq(self, instance: str, seq: int, entry_id: str) -> bytes:
+        """Entry `entry_id` is the `seq`th that `instance` appended (bound to the entry: a number
+        cannot be moved to another one)."""
+        return self._seal("seq", {"instance": instance, "seq": seq, "entry": entry_id})
+
+    def verify_seq(self, raw: bytes | str, entry_id: str) -> tuple[str, int]:
+        """(instance, seq) of the entry `entry_id`, or Forged."""
+        payload = self._open("seq", raw)
+        try:
+            if payload["entry"] != entry_id:
+                raise Forged("the sequence number of another entry")
+            seq = payload["seq"]
+            if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+                raise ValueError(f"bad sequence number {seq!r:.40}")
+            return _text(payload["instance"]), seq
+        except (KeyError, TypeError, ValueError) as exc:
+            raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None
 
     # -- replay claims ---------------------------------------------------------------------
 
@@ -302,21 +358,28 @@ class Signer:
 
     # -- members (who is there) ------------------------------------------------------------
 
-    def sign_presence(self, member: str, instance: str, seen: float, grants: int) -> bytes:
-        payload = {"member": member, "instance": instance, "seen": seen, "grants": grants, "v": PROTOCOL}
+    def sign_presence(self, member: str, instance: str, seen: float, grants: int, last: int = 0) -> bytes:
+        """`last`: the number of the last entry this instance appended to the stream (sign_seq),
+        so that readers notice its last entries deleted too (link.py)."""
+        payload = {"member": member, "instance": instance, "seen": seen, "grants": grants, "v": PROTOCOL, "last": last}
         return self._seal("presence", payload)
 
-    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int, int]:
-        """(member, instance, seen, grants, protocol): a presence without "v" is a member from
-        before PROTOCOL 2 (it says nothing of its version, and ignores base and pos)."""
+    def verify_presence(self, raw: bytes | str) -> tuple[str, str, float, int, int, int]:
+        """(member, instance, seen, grants, protocol, last): a presence without "v" is a member
+        from before PROTOCOL 2 (it says nothing of its version, and ignores base and pos);
+        without "last" (before 3), 0."""
         payload = self._open("presence", raw)
         try:
+            last = payload.get("last", 0)
+            if isinstance(last, bool) or not isinstance(last, int) or last < 0:
+                raise ValueError(f"bad last entry number {last!r:.40}")
             return (
                 _text(payload["member"]),
                 _text(payload["instance"]),
                 _number(payload["seen"]),
                 int(payload["grants"]),
                 int(payload.get("v", 1)),
+                last,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise Forged(f"signed but malformed ({type(exc).__name__}: {exc})") from None

@@ -496,3 +496,85 @@ def test_doctor_says_what_the_redis_deployment_risks(lan, fleet, tmp_path):
     fleet.redis.cli("CONFIG", "SET", "requirepass", "")  # anyone who reaches it may write now
     lines, _ = doctor(password=False)
     assert any(line.startswith("FAIL") and "answers without a password" in line for line in lines)
+
+
+def _claims(fleet) -> list[str]:
+    """The fleet's replay claims in Redis, as anyone with the Redis password lists them."""
+    return fleet.redis.cli("--scan", "--pattern", "nfknock:used:*").stdout.split()
+
+
+def _used_entries(fleet) -> list[str]:
+    """Stream ids of the used entries (their body is signed, not secret: JSON after the tag)."""
+    lines = fleet.redis.cli("XRANGE", "nfknock:stream", "-", "+").stdout.splitlines()
+    return [lines[n - 2] for n, line in enumerate(lines) if '"kind":"used"' in line and n >= 2]
+
+
+def test_a_claim_deleted_by_hand_reopens_nothing_on_any_member(lan, fleet, tmp_path):
+    """Someone with the Redis password (not the fleet key) deletes the claim of a packet right
+    after a accepted it: the captured packet sent to b is a replay all the same (b keeps the used
+    entry it read from the stream). Deleted again, the claim is put back at the next heartbeat
+    of a member holding it (a, or b, which told the fleet of the copy it refused), said at error
+    level. c, restarted after the claims and the used entries were deleted (XDEL), still refuses
+    the packet (its own copy, on disk)."""
+    a, b, c = fleet(0), fleet(1), fleet(2)
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    claims = _claims(fleet)
+    assert claims and fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))
+    assert ctl(a, "revoke", "10.198.0.101").returncode == 0  # closed everywhere again
+    for member in (b, c):
+        member.wait_log("10.198.0.101: revoked on fleet member a")
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())  # the captured packet, to b
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=1), timeout=1).connected
+    assert status(b)["fleet"]["used_elsewhere"] == 1
+    assert fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))  # b's claim of the copy, too
+    end = time.monotonic() + 10
+    while not set(claims) <= set(_claims(fleet)) and time.monotonic() < end:
+        time.sleep(0.1)
+    assert set(claims) <= set(_claims(fleet))
+    said = "live claim(s) of this member were gone from Redis before their time"
+    while said not in a.log_text() + b.log_text() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert said in a.log_text() + b.log_text()
+    assert any("claims deleted" in status(member)["fleet"]["alarms"] for member in (a, b))
+    c.stop()
+    fleet.redis.cli("DEL", *claims)
+    used = _used_entries(fleet)  # a's, and b's of the copy it refused (told to the fleet)
+    assert len(used) == 2 and fleet.redis.cli("XDEL", "nfknock:stream", *used).stdout.strip() == "2"
+    c = fleet(2)
+    assert "2 record(s) used on other members kept from before" in c.log_text()
+    send_udp(lan.client(0, server=2), saved.read_text().strip().encode())
+    assert "replay (used on member a)" in c.wait_log("SPA packet refused")
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+    assert "OPEN SESAME" not in b.log_text() + c.log_text()
+
+
+def test_entries_deleted_from_the_stream_while_a_member_was_down_are_noticed(lan, fleet, tmp_path):
+    """c is down while someone deletes a's used entry (XDEL) and its claim; a is gone too, so
+    the claim stays deleted. c starts, sees a skip in a's numbered entries, says so at error
+    level, and with --cluster-offline refuse refuses SPA packets until every record that could
+    have been in the deleted entries is over."""
+    a, b = fleet(0), fleet(1)
+    knock(lan, lan.client(1, server=0))  # a's first entry
+    saved = tmp_path / "packet"
+    fwknop(lan, lan.client(0, server=0), fleet.spa, save=saved)  # its used entry, then its grant
+    a.wait_log("10.198.0.101: spaSSH: OPEN SESAME")
+    b.wait_log("10.198.0.101: spaSSH: open, granted on fleet member a")
+    a.stop()
+    assert ctl(b, "revoke", "10.198.0.101").returncode == 0
+    (used,) = _used_entries(fleet)
+    assert fleet.redis.cli("XDEL", "nfknock:stream", used).stdout.strip() == "1"
+    claims = _claims(fleet)
+    assert claims and fleet.redis.cli("DEL", *claims).stdout.strip() == str(len(claims))
+    c = fleet(2, "--cluster-offline", "refuse")
+    line = c.wait_log("stream entry of member a")
+    assert "missing before" in line and "XDEL" in line
+    assert "stream gap" in status(c)["fleet"]["alarms"]
+    send_udp(lan.client(0, server=2), saved.read_text().strip().encode())
+    line = c.wait_log("SPA packet refused")
+    assert "fleet unreachable (entries were deleted from the fleet's stream" in line
+    assert not connect(lan.client(0, server=2), timeout=1).connected
+    send_udp(lan.client(0, server=1), saved.read_text().strip().encode())  # b read it before the XDEL
+    assert "replay (used on member a)" in b.wait_log("SPA packet refused")
