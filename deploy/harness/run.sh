@@ -20,7 +20,10 @@ modprobe -q xt_NFQUEUE 2>/dev/null || true
 modprobe -q nf_conntrack 2>/dev/null || true
 bash deploy/docker/base-image.sh
 rm -rf deploy/docker/wheels
-.venv/bin/python -m pip wheel -q --disable-pip-version-check -w deploy/docker/wheels '.[server,metrics,fleet]' >/dev/null
+# The dependencies exactly as the .deb has them (requirements/deb.lock, hashes checked), then nfknock.
+.venv/bin/python -m pip wheel -q --disable-pip-version-check --require-hashes --no-deps \
+  -r requirements/deb.lock -w deploy/docker/wheels >/dev/null
+.venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps -w deploy/docker/wheels . >/dev/null
 generated=deploy/harness/generated
 rm -rf "$generated" && install -d -m 0700 "$generated" "$generated/rules"
 (umask 077 && .venv/bin/nfknock keygen > "$generated/spa.keys")  # nfknock run trusts only 0600 key files
