@@ -6,8 +6,11 @@ member. Two bastions and a client on one bridge, Redis on the hub (tests/support
   are coarse) per 3-step knock, and per SYN of a granted client opening connections one at a
   time (with that rate); Redis commands counted during a spoofed SYN flood at the protected port
   (the SYN path must never reach Redis).
-- Propagation: knock on A (SYNs sent from this process), then ask B's control socket until B's
-  engine holds the grant; the same for a revoke on A. Resolution: one status round trip (~0.2 ms).
+- Propagation: knock on A (SYNs sent from this process), then read B's kernel set of granted
+  sources over netlink until the source is in it (what routes the client's SYN at B; B's engine
+  is then checked to hold the grant); the same for a revoke on A, until the source left B's set.
+  Each look costs tens of microseconds; asking B's control socket instead cost B's own loop a
+  millisecond or more per look, and the figures measured that too.
 - First SYN: knock on A, wait 5 ms, connect to B with a timeout shorter than TCP's first
   retransmission: did B accept the very first SYN? (the issue's goal: >= 19 of 20)
 - Baseline (`bench/run.py --fleet-baseline DIR`): the propagation figures again with the members
@@ -195,19 +198,32 @@ class FleetBench:
         members = [self._start(0, True), self._start(1, True)]
         address = self.client_a.address
         grant_ms, revoke_ms = [], []
+        # The probe: member b's kernel set of granted sources, read over netlink (tens of us), not
+        # b's status over its control socket (a millisecond or more of b's own loop per look, which
+        # the figure measured too). The set is what routes the client's SYN at b: when the source
+        # is in it, b has applied the grant.
+        from pyroute2 import IPSet  # type: ignore[import-untyped]
+
+        from nfknock.firewall.plan import granted_set
+
+        with entered(self.lan.server(1)):
+            probe = IPSet()
+        in_b = granted_set(QUEUE, 4)
         try:
             pids = [process_tree(member.pid) for member in members]
             cpu = [cpu_seconds(tree) for tree in pids]
             for _ in range(trials):
                 self._knock(self.client_a)
                 start = time.monotonic()
-                while not self._has_grant(1, address):
+                while not probe.test(in_b, address):
                     if time.monotonic() - start > 5:
                         raise RuntimeError("the grant never reached member b")
                 grant_ms.append((time.monotonic() - start) * 1000)
+                if not self._has_grant(1, address):
+                    raise RuntimeError("member b's kernel set holds a source its daemon has no grant for")
                 call(self._socket(0), {"cmd": "revoke", "address": address, "door": None})
                 start = time.monotonic()
-                while self._has_grant(1, address):
+                while probe.test(in_b, address):
                     if time.monotonic() - start > 5:
                         raise RuntimeError("the revocation never reached member b")
                 revoke_ms.append((time.monotonic() - start) * 1000)
@@ -226,6 +242,7 @@ class FleetBench:
                 while self._has_grant(1, address) or self._has_grant(0, address):
                     time.sleep(0.005)
         finally:
+            probe.close()
             for index, process in enumerate(members):
                 self._stop(index, process)
         for name, values in (("grant", grant_ms), ("revoke", revoke_ms)):

@@ -1443,11 +1443,11 @@ def render(report: dict) -> str:
             f"{fig('fleet.redis_calls_during_syn_flood')} (heartbeats) | | | none per SYN |",
             f"| fleet: knock to connect on the same member, ms | {fig('fleet.knock_to_connect.fleet', '{:.2f}')} | "
             f"{fig('fleet.knock_to_connect.single', '{:.2f}')} (single host) | | |",
-            f"| fleet: grant reaches the other member, ms (median; max of 100) | "
+            f"| fleet: grant reaches the other member (its kernel set), ms (median; max of 100) | "
             f"{fig('fleet.grant_propagation.median', '{:.2f}')}; "
             f"{fig('fleet.grant_propagation.max', '{:.2f}')} | "
             f"{baseline('fleet.grant_propagation.median')} | | <= 5 ms |",
-            f"| fleet: revoke reaches the other member, ms (median; max of 100) | "
+            f"| fleet: revoke reaches the other member (its kernel set), ms (median; max of 100) | "
             f"{fig('fleet.revoke_propagation.median', '{:.2f}')}; "
             f"{fig('fleet.revoke_propagation.max', '{:.2f}')} | {baseline('fleet.revoke_propagation.median')} | "
             f"| < 100 ms |",
