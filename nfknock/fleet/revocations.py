@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 from .records import MAX_GRANT_SECONDS, Forged, Grant, Revoke, Signer, stream_order
+from .signed_files import write_signed
 
 SUBDIR = "fleet-revoked"
 MAX_REVOCATIONS = 65536  # only members (the fleet key) can make one; a bound all the same
@@ -204,17 +204,9 @@ class Revocations:
         return self.directory / hashlib.sha256(revoke_id.encode()).hexdigest()[:40]
 
     def _write_file(self, path: Path, revoke: Revoke) -> None:
-        fresh = path.with_name(f".{path.name}.{os.getpid()}")
         try:
-            descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(descriptor, self.signer.sign(revoke))
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            os.replace(fresh, path)
+            write_signed(path, self.signer.sign(revoke))
         except OSError as exc:
-            fresh.unlink(missing_ok=True)
             # Kept in memory: this run still refuses what it covers; a restart might not.
             self.log.error(
                 "fleet: cannot keep revocation %s in %s: %s (a restart may forget it)",

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 from pathlib import Path
 
 from .link import CLAIM_MARGIN  # kept beyond an entry's expiry, as its claim is: members' clocks differ
 from .records import MAX_GRANT_SECONDS, Forged, Signer, Used
+from .signed_files import write_signed
 
 SUBDIR = "fleet-used"
 MAX_USED = 65536  # live entries kept; only fleet-key holders can make one, a bound all the same
@@ -169,17 +169,9 @@ class UsedElsewhere:
                 self._write_file(path, used)
 
     def _write_file(self, path: Path, used: Used) -> None:
-        fresh = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
         try:
-            descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                os.write(descriptor, self.signer.sign(used))
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            os.replace(fresh, path)
+            write_signed(path, self.signer.sign(used))
         except OSError as exc:
-            fresh.unlink(missing_ok=True)
             # Kept in memory: this run still refuses it; a restart might not.
             self.log.error(
                 "fleet: cannot keep a used record in %s: %s (a restart may forget it)",
