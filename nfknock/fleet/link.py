@@ -569,18 +569,7 @@ class Link:
                 Answer(claim, "unreachable", detail="Redis lost its data; members are putting their claims back")
             )
             return
-        mine = Claim(self.config.member, self.instance, claim.expires)
-        milliseconds = max(1000, int((claim.expires - wall + CLAIM_MARGIN) * 1000))
-        names = self.signer.claim_names(claim.record)
-        signed = [self.signer.sign_claim(claim.record, mine, index) for index in range(len(names))]
-        # One round trip: the claim under each key's name, and the used entry every member keeps
-        # (used.py; appended whoever wins: the record is used either way).
-        pipe = client.pipeline(transaction=False)
-        for name, value in zip(names, signed, strict=True):
-            pipe.set(name, value, nx=True, px=milliseconds)
-        appended = self._append_used(pipe, claim.record, claim.expires, job.stamp)
-        done = pipe.execute()
-        self._appended_now(appended, claim.record, claim.expires, job.stamp)
+        mine, milliseconds, names, signed, done = self._set_claims(client, claim.record, claim.expires, job.stamp, wall)
         other = None  # who else holds it, under any of the fleet's keys
         for index, name in enumerate(names):
             found = (
@@ -599,6 +588,22 @@ class Link:
         else:
             self._tell(Answer(claim, "taken", by=other, detail=f"used on member {other}"))
 
+    def _set_claims(self, client, record: str, expires: float, stamp: _Stamp, wall: float):
+        """One round trip: the claim under each of the fleet keys' names (SET NX), and the used
+        entry every member keeps (used.py; appended whoever wins: the record is used either way).
+        Returns our claim, its lifetime in ms, the names, our signed values and SET's answers."""
+        mine = Claim(self.config.member, self.instance, expires)
+        milliseconds = max(1000, int((expires - wall + CLAIM_MARGIN) * 1000))
+        names = self.signer.claim_names(record)
+        signed = [self.signer.sign_claim(record, mine, index) for index in range(len(names))]
+        pipe = client.pipeline(transaction=False)
+        for name, value in zip(names, signed, strict=True):
+            pipe.set(name, value, nx=True, px=milliseconds)
+        appended = self._append_used(pipe, record, expires, stamp)
+        done = pipe.execute()
+        self._appended_now(appended, record, expires, stamp)
+        return mine, milliseconds, names, signed, done
+
     def _holder(self, client, record: str, index: int, name: str, signed: bytes, milliseconds: int) -> str | None:
         """Who holds `record` under one key's name, our SET NX having found it taken: None if it
         is ours after all, else who ("" if nobody we can verify: the name is keyed with the
@@ -616,16 +621,7 @@ class Link:
 
     def _record(self, client, job: _Record, wall: float) -> None:
         """A claim nobody waits for: if another member holds it already, it is used either way."""
-        mine = Claim(self.config.member, self.instance, job.expires)
-        milliseconds = max(1000, int((job.expires - wall + CLAIM_MARGIN) * 1000))
-        names = self.signer.claim_names(job.record)
-        signed = [self.signer.sign_claim(job.record, mine, index) for index in range(len(names))]
-        pipe = client.pipeline(transaction=False)
-        for name, value in zip(names, signed, strict=True):
-            pipe.set(name, value, nx=True, px=milliseconds)
-        appended = self._append_used(pipe, job.record, job.expires, job.stamp)
-        done = pipe.execute()
-        self._appended_now(appended, job.record, job.expires, job.stamp)
+        _, _, names, signed, done = self._set_claims(client, job.record, job.expires, job.stamp, wall)
         for index, (name, value) in enumerate(zip(names, signed, strict=True)):
             # Held by another member already: it ends when theirs does, not a deletion.
             self._hold(name, value, job.expires + CLAIM_MARGIN, there=bool(done[index]))
