@@ -19,6 +19,7 @@ from . import control, metrics
 from .claims import live_records
 from .config import DaemonConfig
 from .cutter import HandshakeCutter
+from .drops import DeferredDrops
 from .logs import RateLimit, log_events
 from .loop import Loop
 from .sinks import ClaimsSink, FleetSink, GrantedSink, LogSink, ReplayStoreSink, Sinks, TallySink
@@ -141,6 +142,7 @@ class Judge:
     def hook_into(self, loop: Loop) -> None:
         """What every judging loop does each turn, in this order (a role adds its own around)."""
         loop.deadline = self.engine.next_deadline
+        loop.drops = self.verdicts.drops = DeferredDrops(self.log)  # a flood's drops, one message a turn
         loop.hooks.append(lambda now: self.granted.flush())  # after the packets that were waiting: granted.py
 
     def settle(self, now: float) -> None:

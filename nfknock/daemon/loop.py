@@ -14,11 +14,12 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import NfknockError, QueueError
 from .config import CLOSED, DaemonConfig, DaemonFailed, sd_notify
+from .drops import DeferredDrops
 
 BATCH = 256  # packets handled before signals, timers and control requests are looked at again
 MAX_SLEEP = 1.0
@@ -54,6 +55,7 @@ class Loop:
         self.timers: list[Callable[[float], float]] = []  # seconds until each wants a turn without a wake-up
         self.readers: list[Callable[[], list[int]]] = []  # fds a role waits on besides the queues
         self.deadline: Callable[[], float | None] = lambda: None  # the engine's next timer
+        self.drops: DeferredDrops | None = None  # the judge's deferred drops, sent after each queue's run
         self._budget = 0
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -102,10 +104,13 @@ class Loop:
             self._wake_r.close()
             self._wake_w.close()
 
-    def run(self, queues: list) -> None:
+    def run(self, queues: list, numbers: Sequence[int] = ()) -> None:
         """Turn until a stop. The grant queue first, every time round: its packets are the ones
-        users wait for."""
+        users wait for. `numbers`: the queues' numbers, which a batch verdict names (drops.py);
+        without them every drop is sent on its own."""
         served = [(queue.get_fd(), queue) for queue in reversed(queues)]
+        batched = dict(zip([fd for fd, _ in reversed(served)], numbers, strict=False))
+        drops = self.drops if len(batched) == len(served) else None
         wake_r = self._wake_r
         assert wake_r is not None  # guarded made it
         while not self.stopping:
@@ -120,10 +125,15 @@ class Loop:
             for fd, queue in served:
                 if fd in readable:
                     self._budget = BATCH
+                    if drops is not None:
+                        drops.serve(fd, batched[fd])
                     try:
                         queue.run(block=False)
                     except _YieldLoop:
                         pass
+                    finally:
+                        if drops is not None:
+                            drops.flush()  # before anything else: the packets wait in the kernel's queue
             if wake_r.fileno() in readable:
                 _drain(wake_r)
             now = self.clock()
