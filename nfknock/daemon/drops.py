@@ -57,13 +57,17 @@ class DeferredDrops:
         self.fd = -1
         self.head = b""  # the batch message up to the id, for the current queue
         self.pending: list = []  # the deferred packets, in the order (and id order) they came
+        self.heads: dict[int, bytes] = {}  # queue number -> its message up to the id
         self.batches = 0  # batch verdicts sent (a figure for the tests and the bench)
         self.failures = 0
 
     def serve(self, fd: int, queue_num: int) -> None:
         """The loop is about to run the queue `queue_num`, read on `fd`."""
         self.fd = fd
-        self.head = batch_message(queue_num, NF_DROP, 0)[: _LENGTH - _ID.size]
+        head = self.heads.get(queue_num)
+        if head is None:
+            head = self.heads[queue_num] = batch_message(queue_num, NF_DROP, 0)[: _LENGTH - _ID.size]
+        self.head = head
 
     def flush(self) -> None:
         """The queue's run is over: its deferred drops in one message; none deferred until the
