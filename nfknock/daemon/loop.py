@@ -55,6 +55,7 @@ class Loop:
         self.timers: list[Callable[[float], float]] = []  # seconds until each wants a turn without a wake-up
         self.readers: list[Callable[[], list[int]]] = []  # fds a role waits on besides the queues
         self.deadline: Callable[[], float | None] = lambda: None  # the engine's next timer
+        self.turn_deadline: float | None = None  # what `deadline` said at the top of this turn
         self.drops: DeferredDrops | None = None  # the judge's deferred drops, sent after each queue's run
         self._budget = 0
         self._wake_r: socket.socket | None = None
@@ -114,7 +115,7 @@ class Loop:
         wake_r = self._wake_r
         assert wake_r is not None  # guarded made it
         while not self.stopping:
-            deadline = self.deadline()
+            deadline = self.turn_deadline = self.deadline()
             now = self.clock()
             sleep = MAX_SLEEP if deadline is None else min(MAX_SLEEP, max(0.0, deadline - now))
             sleep = min([sleep, *(timer(now) for timer in self.timers)])

@@ -793,3 +793,27 @@ def test_no_batch_verdict_covers_a_held_connection(tmp_path, spa_keys):
     assert wire.last_ids == [spa.id] and spa.id < held.id
     worker.verdicts.drop_held()
     assert held.verdicts == ["drop"]
+
+
+def test_in_a_loop_a_grant_ends_on_the_first_turn_past_its_deadline(tmp_path, caplog):
+    """Judge.expire takes the deadline the loop read at the top of the turn instead of walking
+    the engine's tables again: a grant still ends (and says so) on the first turn past it."""
+    from nfknock.daemon.loop import Loop
+
+    (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
+    now = [1000.0]
+    log = logging.getLogger("test-nfknock")
+    daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=log, clock=lambda: now[0])
+    loop = Loop(daemon.clock, log)
+    daemon.hook_into(loop)
+    for port in (40000, 50000, 60000):
+        assert verdicts(daemon, syn(port)) == ["drop"]
+    with caplog.at_level(logging.INFO, logger="test-nfknock"):
+        for now[0] in (1010.0, 1029.0, 1031.0):  # the grant: 30 s from 1000 + three clock ticks
+            loop.turn_deadline = daemon.engine.next_deadline()  # as Loop.run, before its select
+            daemon.expire(now[0])
+            if now[0] < 1031:
+                assert "command timeout" not in caplog.text
+                assert verdicts(daemon, syn(22)) == ["accept"]
+    assert "10.0.0.2: openSSH: command timeout (open_for over, new connections refused)" in caplog.text
+    assert daemon.engine.grants(now[0]) == []
