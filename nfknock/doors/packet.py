@@ -64,6 +64,11 @@ class Packet(NamedTuple):
     forwarded: bool = False  # queued on the FORWARD hook: for a destination behind this host (gateway doors)
 
 
+# Every field in order, without the Python-level __new__ a NamedTuple's constructor runs (a
+# tenth of the fast path); test_packet.py checks the result against dpkt's, field by field.
+_new = tuple.__new__
+
+
 def parse(data: bytes) -> Packet:
     """Parse an IPv4 packet as handed over by NFQUEUE (no link-layer header)."""
     if len(data) >= 20:
@@ -74,27 +79,39 @@ def parse(data: bytes) -> Packet:
                 sport, dport, off_flags = _TCP.unpack_from(data, ihl)
                 offset = (off_flags >> 12) << 2
                 if offset >= 20 and ihl + offset <= total:
-                    return Packet(
-                        _DOTTED[s1] + _DOTTED[s2] + _DOTTED[s3] + _OCTET[s4],
-                        _destination(dst),
-                        "tcp",
-                        sport,
-                        dport,
-                        off_flags & 0x1FF,
-                        data[ihl + offset : total],
-                        bool(frag & 0x2000),
+                    return _new(
+                        Packet,
+                        (
+                            _DOTTED[s1] + _DOTTED[s2] + _DOTTED[s3] + _OCTET[s4],
+                            _DESTINATIONS.get(dst) or _destination(dst),
+                            "tcp",
+                            sport,
+                            dport,
+                            off_flags & 0x1FF,
+                            data[ihl + offset : total],
+                            bool(frag & 0x2000),
+                            4,
+                            0,
+                            False,
+                        ),
                     )
             elif proto == IPPROTO_UDP and ihl + 8 <= total:
                 sport, dport = _PORTS.unpack_from(data, ihl)
-                return Packet(
-                    _DOTTED[s1] + _DOTTED[s2] + _DOTTED[s3] + _OCTET[s4],
-                    _destination(dst),
-                    "udp",
-                    sport,
-                    dport,
-                    0,
-                    data[ihl + 8 : total],
-                    bool(frag & 0x2000),
+                return _new(
+                    Packet,
+                    (
+                        _DOTTED[s1] + _DOTTED[s2] + _DOTTED[s3] + _OCTET[s4],
+                        _DESTINATIONS.get(dst) or _destination(dst),
+                        "udp",
+                        sport,
+                        dport,
+                        0,
+                        data[ihl + 8 : total],
+                        bool(frag & 0x2000),
+                        4,
+                        0,
+                        False,
+                    ),
                 )
     return parse_with_dpkt(data)
 
