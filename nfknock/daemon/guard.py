@@ -167,6 +167,8 @@ class Guard:
         if self._retry_at is not None and now >= self._retry_at:
             for family, hurt in self._retry.items():
                 damage.setdefault(family, []).append(hurt)
+        if not damage:
+            return  # the usual turn (the loop calls this every turn): nothing to repair
         wanted = {family for family, specs in self.plan.items() if specs}
         gated = self._gateway_chains()
         damage = {

@@ -19,6 +19,7 @@ from . import control, metrics
 from .claims import live_records
 from .config import DaemonConfig
 from .cutter import HandshakeCutter
+from .drops import DeferredDrops
 from .logs import RateLimit, log_events
 from .loop import Loop
 from .sinks import ClaimsSink, FleetSink, GrantedSink, LogSink, ReplayStoreSink, Sinks, TallySink
@@ -81,6 +82,9 @@ class Judge:
         self.verdicts = Verdicts(self.engine, self.sinks, clock, wall_clock, config.pass_mark, log)
         self.on_packet = self.verdicts.on_packet
         self.reporter = Reporter()
+        # When the engine next has something to expire; in a loop, what the loop read at the top
+        # of the turn (hook_into): asking the engine again costs a walk over every table, each turn.
+        self.turn_deadline: Callable[[], float | None] = self.engine.next_deadline
 
     def survey_handshakes(self) -> None:
         """Read the pending handshakes an earlier process let begin (cutter.py); once the server
@@ -141,6 +145,8 @@ class Judge:
     def hook_into(self, loop: Loop) -> None:
         """What every judging loop does each turn, in this order (a role adds its own around)."""
         loop.deadline = self.engine.next_deadline
+        self.turn_deadline = lambda: loop.turn_deadline
+        loop.drops = self.verdicts.drops = DeferredDrops(self.log)  # a flood's drops, one message a turn
         loop.hooks.append(lambda now: self.granted.flush())  # after the packets that were waiting: granted.py
 
     def settle(self, now: float) -> None:
@@ -151,7 +157,10 @@ class Judge:
         self.verdicts.release(now)
 
     def expire(self, now: float) -> None:
-        deadline = self.engine.next_deadline()
+        """Whatever ran out, after the turn's packets. The turn's deadline is as good as a fresh
+        one: what its packets added ends later than now (lifetimes are seconds); what they removed
+        at most makes `engine.expire` find nothing."""
+        deadline = self.turn_deadline()
         if deadline is not None and now >= deadline:
             log_events(self.log, self.engine.expire(now), self.log_limit, now)
 

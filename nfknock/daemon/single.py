@@ -114,7 +114,7 @@ class Single(Judge):
             if ready is not None:
                 ready()
             self._hook_into(self.loop)
-            self.loop.run(queues)
+            self.loop.run(queues, self.config.queues)
             self.log.info("nfknock stopped by a signal; %s", CLOSED)
 
         shutdown = [self.front.close, self.log_totals, self.close, self.scaffold.close] + [

@@ -15,6 +15,7 @@ from ..doors.engine import Engine, Verdict
 from ..doors.packet import parse
 from ..errors import PacketError
 from ..firewall.plan import MarkBits, first_step_marks
+from .drops import DeferredDrops
 from .sinks import Sinks
 
 _ACCEPT, _DROP, _PASS, _HOLD = Verdict.ACCEPT, Verdict.DROP, Verdict.PASS, Verdict.HOLD  # enum access is slow
@@ -46,6 +47,9 @@ class Verdicts:
         # callback returned (the kernel keeps it meanwhile).
         self.held: dict[str, list] = {}
         self._held_count = 0
+        # Drops given as one batch verdict per queue and turn (drops.py), while the loop runs a
+        # queue (`drops.fd >= 0`) and nothing is held; None: each drop at once (tests, tools).
+        self.drops: DeferredDrops | None = None
 
     def on_packet(self, queued) -> None:
         verdict = _DROP
@@ -83,6 +87,8 @@ class Verdicts:
                     elif verdict is _PASS:
                         queued.set_mark(queued.get_mark() | self.pass_mark)
                         queued.repeat()  # back to the top of INPUT; our chain returns marked packets
+                    elif (drops := self.drops) is not None and drops.fd >= 0 and not self.held:
+                        drops.pending.append(queued)  # dropped with the rest at the turn's end
                     else:
                         queued.drop()
                 except Exception:

@@ -77,7 +77,7 @@ class Worker(Judge):
                 self.settle,
                 Every(STATS_EVERY, lambda now: self.report_counters()),
             ]
-            self.loop.run(queues)
+            self.loop.run(queues, self.config.queues)
 
         shutdown = [self.log_totals, self.close] + [queue.unbind for queue in queues]
         self.loop.guarded(body, shutdown, hup=False)

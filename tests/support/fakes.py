@@ -47,3 +47,29 @@ class Queued:
 
     def drop(self):
         self.verdicts.append("drop")
+
+
+class Numbered(Queued):
+    """A queued packet with the kernel's id (netfilterqueue's Packet.id), for batch verdicts."""
+
+    def __init__(self, payload, id, mark=0):
+        super().__init__(payload, mark)
+        self.id = id
+
+
+class Wire:
+    """Stands in for os.write on a queue's netlink socket (daemon/drops.py): keeps what was sent."""
+
+    def __init__(self, fails=False):
+        self.sent, self.fails = [], fails
+
+    def __call__(self, fd, message):
+        if self.fails:
+            raise OSError(105, "No buffer space available")
+        self.sent.append((fd, message))
+        return len(message)
+
+    @property
+    def last_ids(self):
+        """The id each batch verdict named (its last four bytes, big-endian)."""
+        return [int.from_bytes(message[-4:], "big") for _, message in self.sent]

@@ -13,7 +13,7 @@ from nfknock.errors import PacketError
 from nfknock.firewall.plan import PASS_MARK, RuleSpec, scaffolding
 from nfknock.loading import load_rules
 from support.decisions import fresh
-from support.fakes import FakeFirewall, Queued
+from support.fakes import FakeFirewall, Numbered, Queued, Wire
 
 SEED = load_rules(__import__("pathlib").Path(__file__).resolve().parents[2] / "rules")
 
@@ -760,3 +760,84 @@ def test_held_connections_are_dropped_at_a_stop(tmp_path, spa_keys):
     assert [q.verdicts for q in held[8:]] == [["drop"]] * 4  # beyond HELD_PER_SOURCE: refused at once
     worker.verdicts.drop_held()
     assert all(q.verdicts == ["drop"] for q in held)
+
+
+def test_while_the_loop_runs_a_queue_its_drops_wait_for_one_batch_and_accepts_do_not(daemon):
+    """daemon/drops.py: the drops of a turn leave as one batch verdict naming the last of them;
+    an accept leaves at once; each packet gets exactly one verdict."""
+    from nfknock.daemon.drops import DeferredDrops
+    from nfknock.doors.engine import Verdict
+
+    wire = Wire()
+    drops = daemon.verdicts.drops = DeferredDrops(logging.getLogger("test-nfknock"), write=wire)
+    ids = iter(range(100, 200))
+    drops.serve(41, 7)
+    stranger = Numbered(syn(22, src="10.9.9.9"), next(ids))
+    knocks = [Numbered(syn(port), next(ids)) for port in (40000, 50000, 60000)]
+    client = Numbered(syn(22), next(ids))
+    for queued in [stranger, *knocks, client]:
+        daemon.on_packet(queued)
+    assert client.verdicts == ["accept"]
+    assert stranger.verdicts == [] and [k.verdicts for k in knocks] == [[]] * 3  # in the kernel's queue still
+    drops.flush()
+    assert wire.last_ids == [knocks[-1].id]  # the four drops, in one message
+    assert daemon.handled[Verdict.DROP] == 4 and daemon.handled[Verdict.ACCEPT] == 1
+    late = Numbered(syn(22, src="10.9.9.8"), next(ids))  # outside a queue's run: at once
+    daemon.on_packet(late)
+    assert late.verdicts == ["drop"] and len(wire.sent) == 1
+
+
+def test_without_a_loop_every_drop_is_given_at_once(daemon):
+    assert daemon.verdicts.drops is None  # until a loop's hook_into
+    assert verdicts(daemon, syn(22, src="10.9.9.9")) == ["drop"]
+
+
+def test_no_batch_verdict_covers_a_held_connection(tmp_path, spa_keys):
+    """A batch drops every packet queued up to the id it names: while a SYN waits for its claim,
+    drops are given one by one, and a batch sent later names only ids below the held one."""
+    import time
+
+    from nfknock.daemon.claims import ReplayClaims
+    from nfknock.daemon.drops import DeferredDrops
+    from nfknock.doors.spa import encode
+
+    worker = spa_worker(tmp_path, ReplayClaims(tmp_path / "used"), 0, fleet=HeardByTheFleet())
+    wire = Wire()
+    drops = worker.verdicts.drops = DeferredDrops(logging.getLogger("test-nfknock"), write=wire)
+    ids = iter(range(1, 100))
+    drops.serve(41, 7)
+    before = Numbered(syn(22, src="10.9.9.9"), next(ids))
+    spa = Numbered(spa_udp(encode(spa_keys, "10.0.0.2", [("tcp", 22)], time.time()), "10.0.0.2"), next(ids))
+    held = Numbered(syn(22, src="10.0.0.2"), next(ids))
+    after = Numbered(syn(22, src="10.9.9.8"), next(ids))
+    for queued in (before, spa, held, after):
+        worker.on_packet(queued)
+    assert held.verdicts == [] and after.verdicts == ["drop"]  # held; the stranger after it: at once
+    drops.flush()
+    assert wire.last_ids == [spa.id] and spa.id < held.id
+    worker.verdicts.drop_held()
+    assert held.verdicts == ["drop"]
+
+
+def test_in_a_loop_a_grant_ends_on_the_first_turn_past_its_deadline(tmp_path, caplog):
+    """Judge.expire takes the deadline the loop read at the top of the turn instead of walking
+    the engine's tables again: a grant still ends (and says so) on the first turn past it."""
+    from nfknock.daemon.loop import Loop
+
+    (tmp_path / "ssh.yaml").write_text((SEED.origin["openSSH"]).read_text())
+    now = [1000.0]
+    log = logging.getLogger("test-nfknock")
+    daemon = Daemon(DaemonConfig(tmp_path), FakeFirewall(), logger=log, clock=lambda: now[0])
+    loop = Loop(daemon.clock, log)
+    daemon.hook_into(loop)
+    for port in (40000, 50000, 60000):
+        assert verdicts(daemon, syn(port)) == ["drop"]
+    with caplog.at_level(logging.INFO, logger="test-nfknock"):
+        for now[0] in (1010.0, 1029.0, 1031.0):  # the grant: 30 s from 1000 + three clock ticks
+            loop.turn_deadline = daemon.engine.next_deadline()  # as Loop.run, before its select
+            daemon.expire(now[0])
+            if now[0] < 1031:
+                assert "command timeout" not in caplog.text
+                assert verdicts(daemon, syn(22)) == ["accept"]
+    assert "10.0.0.2: openSSH: command timeout (open_for over, new connections refused)" in caplog.text
+    assert daemon.engine.grants(now[0]) == []

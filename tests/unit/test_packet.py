@@ -219,6 +219,27 @@ def test_fast_path_equals_dpkt_on_mangled_packets(data, changes, cut):
 
 
 @settings(max_examples=2000, deadline=None)
+@given(shapes, st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4))
+def test_fast_path_writes_any_source_and_destination_as_dpkt_and_inet_ntoa_do(data, src, dst):
+    """The fast path writes addresses from tables and a cache of destinations, not inet_ntoa."""
+    data = data[:12] + src + dst + data[20:]
+    assert outcome(parse, data) == outcome(parse_with_dpkt, data)
+    packet = outcome(parse, data)
+    if isinstance(packet, Packet):
+        assert (packet.src, packet.dst) == (socket.inet_ntoa(src), socket.inet_ntoa(dst))
+
+
+def test_many_destinations_never_grow_the_cache_without_bound():
+    from nfknock.doors import packet as module
+
+    for n in range(3 * module._DESTINATIONS_MAX):
+        data = bytearray(well_formed("udp", 7000, 0, b"", b"", b"x", 0))
+        data[16:20] = n.to_bytes(4, "big")
+        assert parse(bytes(data)).dst == socket.inet_ntoa(n.to_bytes(4, "big"))
+    assert len(module._DESTINATIONS) <= module._DESTINATIONS_MAX
+
+
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=80))
 def test_fast_path_equals_dpkt_on_random_bytes(data):
     assert outcome(parse, data) == outcome(parse_with_dpkt, data)
