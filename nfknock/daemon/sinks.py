@@ -171,12 +171,11 @@ class ReplayStoreSink:
                 detail = f"cannot write the replay cache {self.store.path}: {getattr(error, 'strerror', None) or error}"
                 self.log.error("%s (a restart would forget what was used)", detail)
             for claim, record in ready:
-                if not self.last_word:
-                    if error is None:
-                        self.sinks.consume_after(self, (record, claim) if record else (claim,), now)
-                        continue
-                    if record is not None:  # refused here, still used for the other workers
-                        self.sinks.consume_after(self, (record,), now)
+                if error is None and not self.last_word:
+                    self.sinks.consume_after(self, (record, claim) if record else (claim,), now)
+                    continue
+                if record is not None:  # on to the log, and (refused here) still used for the other workers
+                    self.sinks.consume_after(self, (record,), now)
                 follow = self.engine.claimed(claim, "ours" if error is None else "unrecorded", now, detail)
                 if follow:
                     self.sinks.consume(follow, now)
